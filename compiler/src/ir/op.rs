@@ -1,0 +1,762 @@
+//! The op set of the tensor IR, the scalar semantics of its elementwise ops,
+//! and type inference (which doubles as validation of a graph read from disk).
+
+use super::types::{numel, DType, Scalar, Shape, TensorType};
+use num_traits::Float;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use thiserror::Error;
+
+/// Elementwise unary float ops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum UnaryOp {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Tanh,
+    Sigmoid,
+    Silu,
+    Abs,
+    Sign,
+    Recip,
+    Sin,
+    Cos,
+}
+
+impl UnaryOp {
+    pub const ALL: [UnaryOp; 13] = [
+        UnaryOp::Neg,
+        UnaryOp::Exp,
+        UnaryOp::Log,
+        UnaryOp::Sqrt,
+        UnaryOp::Rsqrt,
+        UnaryOp::Tanh,
+        UnaryOp::Sigmoid,
+        UnaryOp::Silu,
+        UnaryOp::Abs,
+        UnaryOp::Sign,
+        UnaryOp::Recip,
+        UnaryOp::Sin,
+        UnaryOp::Cos,
+    ];
+
+    /// The reference semantics of the op on one element.
+    #[inline]
+    pub fn apply<T: Float>(self, x: T) -> T {
+        match self {
+            UnaryOp::Neg => -x,
+            UnaryOp::Exp => x.exp(),
+            UnaryOp::Log => x.ln(),
+            UnaryOp::Sqrt => x.sqrt(),
+            UnaryOp::Rsqrt => x.sqrt().recip(),
+            UnaryOp::Tanh => x.tanh(),
+            UnaryOp::Sigmoid => sigmoid(x),
+            UnaryOp::Silu => x * sigmoid(x),
+            UnaryOp::Abs => x.abs(),
+            UnaryOp::Sign => {
+                if x > T::zero() {
+                    T::one()
+                } else if x < T::zero() {
+                    -T::one()
+                } else {
+                    x // keeps 0, -0 and NaN
+                }
+            }
+            UnaryOp::Recip => x.recip(),
+            UnaryOp::Sin => x.sin(),
+            UnaryOp::Cos => x.cos(),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            UnaryOp::Neg => "neg",
+            UnaryOp::Exp => "exp",
+            UnaryOp::Log => "log",
+            UnaryOp::Sqrt => "sqrt",
+            UnaryOp::Rsqrt => "rsqrt",
+            UnaryOp::Tanh => "tanh",
+            UnaryOp::Sigmoid => "sigmoid",
+            UnaryOp::Silu => "silu",
+            UnaryOp::Abs => "abs",
+            UnaryOp::Sign => "sign",
+            UnaryOp::Recip => "recip",
+            UnaryOp::Sin => "sin",
+            UnaryOp::Cos => "cos",
+        }
+    }
+}
+
+/// Numerically stable logistic function.
+#[inline]
+fn sigmoid<T: Float>(x: T) -> T {
+    if x >= T::zero() {
+        T::one() / (T::one() + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (T::one() + e)
+    }
+}
+
+/// Elementwise binary float ops (operands of identical type; broadcasting
+/// is an explicit `broadcast` op).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+    Pow,
+}
+
+impl BinaryOp {
+    pub const ALL: [BinaryOp; 7] = [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Max,
+        BinaryOp::Min,
+        BinaryOp::Pow,
+    ];
+
+    #[inline]
+    pub fn apply<T: Float>(self, a: T, b: T) -> T {
+        match self {
+            BinaryOp::Add => a + b,
+            BinaryOp::Sub => a - b,
+            BinaryOp::Mul => a * b,
+            BinaryOp::Div => a / b,
+            // NaN-propagating, and `a` on ties (the side the VJP credits).
+            BinaryOp::Max => {
+                if a.is_nan() || a >= b {
+                    a
+                } else {
+                    b
+                }
+            }
+            BinaryOp::Min => {
+                if a.is_nan() || a <= b {
+                    a
+                } else {
+                    b
+                }
+            }
+            BinaryOp::Pow => a.powf(b),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+            BinaryOp::Max => "max",
+            BinaryOp::Min => "min",
+            BinaryOp::Pow => "pow",
+        }
+    }
+}
+
+/// Elementwise comparisons; the result has dtype `bool`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CompareOp {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+}
+
+impl CompareOp {
+    pub const ALL: [CompareOp; 6] = [
+        CompareOp::Lt,
+        CompareOp::Le,
+        CompareOp::Gt,
+        CompareOp::Ge,
+        CompareOp::Eq,
+        CompareOp::Ne,
+    ];
+
+    #[inline]
+    pub fn apply<T: PartialOrd>(self, a: T, b: T) -> bool {
+        match self {
+            CompareOp::Lt => a < b,
+            CompareOp::Le => a <= b,
+            CompareOp::Gt => a > b,
+            CompareOp::Ge => a >= b,
+            CompareOp::Eq => a == b,
+            CompareOp::Ne => a != b,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CompareOp::Lt => "lt",
+            CompareOp::Le => "le",
+            CompareOp::Gt => "gt",
+            CompareOp::Ge => "ge",
+            CompareOp::Eq => "eq",
+            CompareOp::Ne => "ne",
+        }
+    }
+}
+
+/// Reductions over a set of axes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ReduceKind {
+    Sum,
+    Max,
+    Mean,
+}
+
+impl ReduceKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReduceKind::Sum => "sum",
+            ReduceKind::Max => "max",
+            ReduceKind::Mean => "mean",
+        }
+    }
+}
+
+/// One operation of the IR. Every attribute that decides the result type is
+/// part of the op, so `infer_type(op, operand types)` is the whole typing rule.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Op {
+    /// A graph input (parameter or data), bound by name at execution.
+    Input {
+        name: String,
+        ty: TensorType,
+    },
+    /// A tensor filled with one value.
+    Full {
+        value: Scalar,
+        ty: TensorType,
+    },
+    /// A tensor given element by element (row-major).
+    Literal {
+        values: Vec<Scalar>,
+        ty: TensorType,
+    },
+    /// `out[i_0, …] = i_axis`.
+    Iota {
+        axis: usize,
+        ty: TensorType,
+    },
+    Unary(UnaryOp),
+    Binary(BinaryOp),
+    Compare(CompareOp),
+    /// `select(cond: bool, a, b)`: `a` where cond, else `b`.
+    Select,
+    /// Clamp to `[min, max]`.
+    Clamp {
+        min: Scalar,
+        max: Scalar,
+    },
+    Reduce {
+        kind: ReduceKind,
+        axes: Vec<usize>,
+        keepdim: bool,
+    },
+    /// `[…, m, k] × […, k, n] → […, m, n]` with equal leading (batch) axes.
+    MatMul,
+    /// NumPy broadcasting (right-aligned; extents equal or 1) to `shape`.
+    Broadcast {
+        shape: Shape,
+    },
+    Reshape {
+        shape: Shape,
+    },
+    /// `out.shape[i] = in.shape[perm[i]]`.
+    Permute {
+        perm: Vec<usize>,
+    },
+    /// `in[start[i]..end[i]]` on every axis.
+    Slice {
+        start: Vec<usize>,
+        end: Vec<usize>,
+    },
+    /// Concatenation of all operands along `axis`.
+    Concat {
+        axis: usize,
+    },
+    /// Constant padding: `lo[i]` before and `hi[i]` after axis i.
+    Pad {
+        lo: Vec<usize>,
+        hi: Vec<usize>,
+        value: Scalar,
+    },
+    /// `take_along_axis(x, idx)`: `out[…, j, …] = x[…, idx[…, j, …], …]`
+    /// on `axis`; idx (i32) has x's rank and x's extents off `axis`.
+    TakeAlongAxis {
+        axis: usize,
+    },
+    /// `scatter_add(base, idx, upd)`: base with `upd[…, j, …]` added at
+    /// `[…, idx[…, j, …], …]` on `axis` (the VJP of `TakeAlongAxis`).
+    ScatterAdd {
+        axis: usize,
+    },
+    /// Row lookup `gather(table [V, …], ids [S…]) → [S…, …]` (embedding).
+    Gather,
+    /// `scatter_add_rows(ids [S…], upd [S…, …]) → [rows, …]`, rows summed
+    /// by id (the VJP of `Gather`).
+    ScatterAddRows {
+        rows: usize,
+    },
+    /// `one_hot(ids [S…]) → [S…, depth]` of the given float dtype.
+    OneHot {
+        depth: usize,
+        dtype: DType,
+    },
+    Cast {
+        to: DType,
+    },
+    /// Identity whose gradient is zero.
+    StopGradient,
+}
+
+/// A node's operands or attributes do not fit its op.
+#[derive(Debug, Error, Clone, PartialEq)]
+#[error("{op}: {message}")]
+pub struct TypeError {
+    pub op: String,
+    pub message: String,
+}
+
+impl Op {
+    /// Short lower-case name, as printed.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Full { .. } => "full",
+            Op::Literal { .. } => "literal",
+            Op::Iota { .. } => "iota",
+            Op::Unary(u) => u.name(),
+            Op::Binary(b) => b.name(),
+            Op::Compare(c) => c.name(),
+            Op::Select => "select",
+            Op::Clamp { .. } => "clamp",
+            Op::Reduce { kind, .. } => match kind {
+                ReduceKind::Sum => "reduce_sum",
+                ReduceKind::Max => "reduce_max",
+                ReduceKind::Mean => "reduce_mean",
+            },
+            Op::MatMul => "matmul",
+            Op::Broadcast { .. } => "broadcast",
+            Op::Reshape { .. } => "reshape",
+            Op::Permute { .. } => "permute",
+            Op::Slice { .. } => "slice",
+            Op::Concat { .. } => "concat",
+            Op::Pad { .. } => "pad",
+            Op::TakeAlongAxis { .. } => "take_along_axis",
+            Op::ScatterAdd { .. } => "scatter_add",
+            Op::Gather => "gather",
+            Op::ScatterAddRows { .. } => "scatter_add_rows",
+            Op::OneHot { .. } => "one_hot",
+            Op::Cast { .. } => "cast",
+            Op::StopGradient => "stop_gradient",
+        }
+    }
+
+    /// Elementwise ops: output element i depends only on input elements i.
+    pub fn is_elementwise(&self) -> bool {
+        matches!(
+            self,
+            Op::Unary(_)
+                | Op::Binary(_)
+                | Op::Compare(_)
+                | Op::Select
+                | Op::Clamp { .. }
+                | Op::Cast { .. }
+                | Op::StopGradient
+        )
+    }
+
+    /// Ops with no operands.
+    pub fn is_source(&self) -> bool {
+        matches!(
+            self,
+            Op::Input { .. } | Op::Full { .. } | Op::Literal { .. } | Op::Iota { .. }
+        )
+    }
+
+    /// Attributes as printed between brackets (empty when there are none).
+    pub fn attrs(&self) -> String {
+        fn list(v: &[usize]) -> String {
+            v.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+        match self {
+            Op::Input { name, .. } => format!("\"{name}\""),
+            Op::Full { value, .. } => value.to_string(),
+            Op::Literal { values, .. } => {
+                let shown: Vec<String> = values.iter().take(8).map(|v| v.to_string()).collect();
+                let more = if values.len() > 8 { ", …" } else { "" };
+                format!("{}{more}", shown.join(", "))
+            }
+            Op::Iota { axis, .. } => format!("axis={axis}"),
+            Op::Clamp { min, max } => format!("{min}, {max}"),
+            Op::Reduce { axes, keepdim, .. } => {
+                format!(
+                    "axes=[{}]{}",
+                    list(axes),
+                    if *keepdim { ", keepdim" } else { "" }
+                )
+            }
+            Op::Broadcast { shape } | Op::Reshape { shape } => format!("[{}]", list(shape)),
+            Op::Permute { perm } => format!("[{}]", list(perm)),
+            Op::Slice { start, end } => {
+                let r: Vec<String> = start
+                    .iter()
+                    .zip(end)
+                    .map(|(s, e)| format!("{s}:{e}"))
+                    .collect();
+                r.join(",")
+            }
+            Op::Concat { axis } | Op::TakeAlongAxis { axis } | Op::ScatterAdd { axis } => {
+                format!("axis={axis}")
+            }
+            Op::Pad { lo, hi, value } => format!("lo=[{}], hi=[{}], {value}", list(lo), list(hi)),
+            Op::ScatterAddRows { rows } => format!("rows={rows}"),
+            Op::OneHot { depth, dtype } => format!("depth={depth}, {dtype}"),
+            Op::Cast { to } => to.to_string(),
+            _ => String::new(),
+        }
+    }
+
+    /// The result type of this op applied to operands of the given types,
+    /// or why the operands do not fit.
+    pub fn infer_type(&self, inputs: &[&TensorType]) -> Result<TensorType, TypeError> {
+        let err = |message: String| TypeError {
+            op: self.name().to_string(),
+            message,
+        };
+        let arity = |n: usize| -> Result<(), TypeError> {
+            if inputs.len() == n {
+                Ok(())
+            } else {
+                Err(err(format!("expects {n} operand(s), got {}", inputs.len())))
+            }
+        };
+        let float = |t: &TensorType, what: &str| -> Result<(), TypeError> {
+            if t.dtype.is_float() {
+                Ok(())
+            } else {
+                Err(err(format!("{what} must be f32 or f64, got {t}")))
+            }
+        };
+        let axis_ok = |axis: usize, rank: usize| -> Result<(), TypeError> {
+            if axis < rank {
+                Ok(())
+            } else {
+                Err(err(format!("axis {axis} out of range for rank {rank}")))
+            }
+        };
+        match self {
+            Op::Input { ty, .. } | Op::Full { ty, .. } => {
+                arity(0)?;
+                Ok(ty.clone())
+            }
+            Op::Literal { values, ty } => {
+                arity(0)?;
+                if values.len() != ty.numel() {
+                    return Err(err(format!("{} values for type {ty}", values.len())));
+                }
+                Ok(ty.clone())
+            }
+            Op::Iota { axis, ty } => {
+                arity(0)?;
+                axis_ok(*axis, ty.rank())?;
+                if ty.dtype == DType::Bool {
+                    return Err(err("iota cannot be bool".into()));
+                }
+                Ok(ty.clone())
+            }
+            Op::Unary(_) | Op::Clamp { .. } => {
+                arity(1)?;
+                float(inputs[0], "operand")?;
+                Ok(inputs[0].clone())
+            }
+            Op::Binary(_) => {
+                arity(2)?;
+                float(inputs[0], "lhs")?;
+                if inputs[0] != inputs[1] {
+                    return Err(err(format!(
+                        "operand types differ: {} vs {}",
+                        inputs[0], inputs[1]
+                    )));
+                }
+                Ok(inputs[0].clone())
+            }
+            Op::Compare(_) => {
+                arity(2)?;
+                if inputs[0] != inputs[1] {
+                    return Err(err(format!(
+                        "operand types differ: {} vs {}",
+                        inputs[0], inputs[1]
+                    )));
+                }
+                Ok(TensorType::new(DType::Bool, inputs[0].shape.clone()))
+            }
+            Op::Select => {
+                arity(3)?;
+                if inputs[0].dtype != DType::Bool || inputs[0].shape != inputs[1].shape {
+                    return Err(err(format!(
+                        "condition must be bool with the shape of the branches, got {}",
+                        inputs[0]
+                    )));
+                }
+                if inputs[1] != inputs[2] {
+                    return Err(err(format!(
+                        "branch types differ: {} vs {}",
+                        inputs[1], inputs[2]
+                    )));
+                }
+                Ok(inputs[1].clone())
+            }
+            Op::Reduce { axes, keepdim, .. } => {
+                arity(1)?;
+                float(inputs[0], "operand")?;
+                let r = inputs[0].rank();
+                for (i, &a) in axes.iter().enumerate() {
+                    axis_ok(a, r)?;
+                    if axes[..i].contains(&a) {
+                        return Err(err(format!("axis {a} repeated")));
+                    }
+                }
+                let mut shape = Vec::new();
+                for (i, &d) in inputs[0].shape.iter().enumerate() {
+                    if axes.contains(&i) {
+                        if *keepdim {
+                            shape.push(1);
+                        }
+                    } else {
+                        shape.push(d);
+                    }
+                }
+                Ok(TensorType::new(inputs[0].dtype, shape))
+            }
+            Op::MatMul => {
+                arity(2)?;
+                let (a, b) = (inputs[0], inputs[1]);
+                float(a, "lhs")?;
+                if a.dtype != b.dtype {
+                    return Err(err(format!("dtypes differ: {a} vs {b}")));
+                }
+                if a.rank() < 2 || a.rank() != b.rank() {
+                    return Err(err(format!(
+                        "needs operands of equal rank ≥ 2, got {a} and {b}"
+                    )));
+                }
+                let r = a.rank();
+                if a.shape[..r - 2] != b.shape[..r - 2] || a.shape[r - 1] != b.shape[r - 2] {
+                    return Err(err(format!("shapes do not chain: {a} × {b}")));
+                }
+                let mut shape = a.shape[..r - 1].to_vec();
+                shape.push(b.shape[r - 1]);
+                Ok(TensorType::new(a.dtype, shape))
+            }
+            Op::Broadcast { shape } => {
+                arity(1)?;
+                let s = &inputs[0].shape;
+                if s.len() > shape.len() {
+                    return Err(err(format!(
+                        "cannot broadcast {} to rank {}",
+                        inputs[0],
+                        shape.len()
+                    )));
+                }
+                let off = shape.len() - s.len();
+                for (i, &d) in s.iter().enumerate() {
+                    if d != 1 && d != shape[off + i] {
+                        return Err(err(format!(
+                            "cannot broadcast {} to {:?}: axis {i} has extent {d}",
+                            inputs[0], shape
+                        )));
+                    }
+                }
+                Ok(TensorType::new(inputs[0].dtype, shape.clone()))
+            }
+            Op::Reshape { shape } => {
+                arity(1)?;
+                if numel(shape) != inputs[0].numel() {
+                    return Err(err(format!("cannot reshape {} to {:?}", inputs[0], shape)));
+                }
+                Ok(TensorType::new(inputs[0].dtype, shape.clone()))
+            }
+            Op::Permute { perm } => {
+                arity(1)?;
+                let r = inputs[0].rank();
+                let mut seen = vec![false; r];
+                if perm.len() != r {
+                    return Err(err(format!("permutation {perm:?} for rank {r}")));
+                }
+                for &p in perm {
+                    if p >= r || seen[p] {
+                        return Err(err(format!("{perm:?} is not a permutation of 0..{r}")));
+                    }
+                    seen[p] = true;
+                }
+                let shape = perm.iter().map(|&p| inputs[0].shape[p]).collect::<Vec<_>>();
+                Ok(TensorType::new(inputs[0].dtype, shape))
+            }
+            Op::Slice { start, end } => {
+                arity(1)?;
+                let s = &inputs[0].shape;
+                if start.len() != s.len() || end.len() != s.len() {
+                    return Err(err(format!(
+                        "bounds of rank {} for {}",
+                        start.len(),
+                        inputs[0]
+                    )));
+                }
+                let mut shape = Vec::with_capacity(s.len());
+                for i in 0..s.len() {
+                    if start[i] > end[i] || end[i] > s[i] {
+                        return Err(err(format!(
+                            "axis {i}: {}..{} out of 0..{}",
+                            start[i], end[i], s[i]
+                        )));
+                    }
+                    shape.push(end[i] - start[i]);
+                }
+                Ok(TensorType::new(inputs[0].dtype, shape))
+            }
+            Op::Concat { axis } => {
+                if inputs.is_empty() {
+                    return Err(err("needs at least one operand".into()));
+                }
+                let first = inputs[0];
+                axis_ok(*axis, first.rank())?;
+                let mut shape = first.shape.clone();
+                shape[*axis] = 0;
+                for t in inputs {
+                    let compatible = t.dtype == first.dtype
+                        && t.rank() == first.rank()
+                        && (0..t.rank()).all(|i| i == *axis || t.shape[i] == first.shape[i]);
+                    if !compatible {
+                        return Err(err(format!(
+                            "cannot concatenate {t} with {first} on axis {axis}"
+                        )));
+                    }
+                    shape[*axis] += t.shape[*axis];
+                }
+                Ok(TensorType::new(first.dtype, shape))
+            }
+            Op::Pad { lo, hi, .. } => {
+                arity(1)?;
+                let s = &inputs[0].shape;
+                if lo.len() != s.len() || hi.len() != s.len() {
+                    return Err(err(format!(
+                        "padding of rank {} for {}",
+                        lo.len(),
+                        inputs[0]
+                    )));
+                }
+                let shape = (0..s.len())
+                    .map(|i| lo[i] + s[i] + hi[i])
+                    .collect::<Vec<_>>();
+                Ok(TensorType::new(inputs[0].dtype, shape))
+            }
+            Op::TakeAlongAxis { axis } => {
+                arity(2)?;
+                let (x, idx) = (inputs[0], inputs[1]);
+                axis_ok(*axis, x.rank())?;
+                check_index_like(x, idx, *axis).map_err(err)?;
+                Ok(TensorType::new(x.dtype, idx.shape.clone()))
+            }
+            Op::ScatterAdd { axis } => {
+                arity(3)?;
+                let (base, idx, upd) = (inputs[0], inputs[1], inputs[2]);
+                float(base, "base")?;
+                axis_ok(*axis, base.rank())?;
+                check_index_like(base, idx, *axis).map_err(err)?;
+                if upd.dtype != base.dtype || upd.shape != idx.shape {
+                    return Err(err(format!(
+                        "updates {upd} must have base's dtype and the index shape {idx}"
+                    )));
+                }
+                Ok(base.clone())
+            }
+            Op::Gather => {
+                arity(2)?;
+                let (table, ids) = (inputs[0], inputs[1]);
+                if table.rank() < 1 || ids.dtype != DType::I32 {
+                    return Err(err(format!(
+                        "needs a table of rank ≥ 1 and i32 ids, got {table} and {ids}"
+                    )));
+                }
+                let mut shape = ids.shape.clone();
+                shape.extend_from_slice(&table.shape[1..]);
+                Ok(TensorType::new(table.dtype, shape))
+            }
+            Op::ScatterAddRows { rows } => {
+                arity(2)?;
+                let (ids, upd) = (inputs[0], inputs[1]);
+                float(upd, "updates")?;
+                if ids.dtype != DType::I32 || !upd.shape.starts_with(&ids.shape) {
+                    return Err(err(format!(
+                        "needs i32 ids whose shape prefixes the updates', got {ids} and {upd}"
+                    )));
+                }
+                let mut shape = vec![*rows];
+                shape.extend_from_slice(&upd.shape[ids.rank()..]);
+                Ok(TensorType::new(upd.dtype, shape))
+            }
+            Op::OneHot { depth, dtype } => {
+                arity(1)?;
+                if inputs[0].dtype != DType::I32 || !dtype.is_float() {
+                    return Err(err(format!(
+                        "needs i32 ids and a float result type, got {} → {dtype}",
+                        inputs[0]
+                    )));
+                }
+                let mut shape = inputs[0].shape.clone();
+                shape.push(*depth);
+                Ok(TensorType::new(*dtype, shape))
+            }
+            Op::Cast { to } => {
+                arity(1)?;
+                Ok(TensorType::new(*to, inputs[0].shape.clone()))
+            }
+            Op::StopGradient => {
+                arity(1)?;
+                Ok(inputs[0].clone())
+            }
+        }
+    }
+}
+
+/// `idx` must be i32 with `x`'s rank and `x`'s extents on every axis but `axis`.
+fn check_index_like(x: &TensorType, idx: &TensorType, axis: usize) -> Result<(), String> {
+    let ok = idx.dtype == DType::I32
+        && idx.rank() == x.rank()
+        && (0..x.rank()).all(|i| i == axis || idx.shape[i] == x.shape[i]);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "index must be i32 with the extents of {x} off axis {axis}, got {idx}"
+        ))
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let a = self.attrs();
+        if a.is_empty() {
+            f.write_str(self.name())
+        } else {
+            write!(f, "{}[{a}]", self.name())
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! coopc compiler: the tensor IR, reverse-mode autodiff as an IR → IR pass,
+//! and the optimisation passes. No device code lives here.
+
+pub mod ir;
+
+pub use ir::{DType, Graph, NodeId, Op, TensorType};
