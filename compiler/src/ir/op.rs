@@ -89,6 +89,18 @@ impl UnaryOp {
     }
 }
 
+/// Clamp of one element to `[lo, hi]`; NaN stays NaN.
+#[inline]
+pub fn clamp_value<T: Float>(x: T, lo: T, hi: T) -> T {
+    if x < lo {
+        lo
+    } else if x > hi {
+        hi
+    } else {
+        x
+    }
+}
+
 /// Numerically stable logistic function.
 #[inline]
 fn sigmoid<T: Float>(x: T) -> T {

@@ -1,0 +1,409 @@
+//! Reverse-mode automatic differentiation as an IR → IR transformation.
+//!
+//! `vjp` appends to the graph the nodes that compute a vector-Jacobian
+//! product. Every rule below is written with ordinary IR ops, so the result
+//! is again a plain graph and can be differentiated in turn: gradients of
+//! gradients, Hessian-vector products and mixed second derivatives come from
+//! applying the same function twice.
+
+use crate::ir::{BinaryOp, CompareOp, Graph, NodeId, Op, ReduceKind, UnaryOp};
+use crate::passes::Pass;
+use std::collections::{HashMap, HashSet};
+
+/// Nodes whose value depends differentiably on any of `wrt`: float-typed
+/// descendants of `wrt`, not passing through `stop_gradient` or through ops
+/// whose result carries no derivative (comparisons, casts to integers, …).
+fn differentiable_descendants(g: &Graph, wrt: &[NodeId], order: &[NodeId]) -> HashSet<NodeId> {
+    let mut dep: HashSet<NodeId> = wrt
+        .iter()
+        .copied()
+        .filter(|&w| g.ty(w).dtype.is_float())
+        .collect();
+    for &id in order {
+        if dep.contains(&id) || !g.ty(id).dtype.is_float() {
+            continue;
+        }
+        let blocks = matches!(g.op(id), Op::StopGradient | Op::OneHot { .. });
+        if !blocks && g.inputs(id).iter().any(|i| dep.contains(i)) {
+            dep.insert(id);
+        }
+    }
+    dep
+}
+
+/// Ancestors of `ys`, including `ys`.
+fn ancestors(g: &Graph, ys: &[NodeId]) -> HashSet<NodeId> {
+    let mut seen: HashSet<NodeId> = HashSet::new();
+    let mut stack: Vec<NodeId> = ys.to_vec();
+    while let Some(n) = stack.pop() {
+        if seen.insert(n) {
+            stack.extend(g.inputs(n));
+        }
+    }
+    seen
+}
+
+/// Adds nodes computing `Σ_j seeds[j] · ∂ys[j]/∂wrt[i]` for each `wrt[i]`
+/// and returns them (in the order of `wrt`). `seeds[j]` has the type of
+/// `ys[j]`. A `wrt` node the outputs do not depend on gets a zero constant.
+pub fn vjp(g: &mut Graph, ys: &[NodeId], seeds: &[NodeId], wrt: &[NodeId]) -> Vec<NodeId> {
+    assert_eq!(ys.len(), seeds.len(), "one seed per output");
+    let order = g.topo_order();
+    let dep = differentiable_descendants(g, wrt, &order);
+    let anc = ancestors(g, ys);
+    let mut ct: HashMap<NodeId, NodeId> = HashMap::new();
+    for (&y, &s) in ys.iter().zip(seeds) {
+        assert_eq!(g.ty(y), g.ty(s), "seed type must match its output");
+        if dep.contains(&y) {
+            accumulate(g, &mut ct, y, s);
+        }
+    }
+    for &id in order.iter().rev() {
+        if !anc.contains(&id) || !dep.contains(&id) {
+            continue;
+        }
+        let Some(&gout) = ct.get(&id) else { continue };
+        let inputs = g.inputs(id);
+        let needs: Vec<bool> = inputs.iter().map(|i| dep.contains(i)).collect();
+        if !needs.iter().any(|&b| b) {
+            continue;
+        }
+        for (slot, c) in input_cotangents(g, id, &inputs, &needs, gout) {
+            accumulate(g, &mut ct, inputs[slot], c);
+        }
+    }
+    wrt.iter()
+        .map(|&w| match ct.get(&w) {
+            Some(&c) => c,
+            None => g.full_like(0.0, w),
+        })
+        .collect()
+}
+
+/// Gradient of a one-element output `y` (seed 1) with respect to `wrt`.
+pub fn grad(g: &mut Graph, y: NodeId, wrt: &[NodeId]) -> Vec<NodeId> {
+    assert_eq!(
+        g.ty(y).numel(),
+        1,
+        "grad needs a one-element output; use vjp"
+    );
+    let seed = g.full_like(1.0, y);
+    vjp(g, &[y], &[seed], wrt)
+}
+
+fn accumulate(g: &mut Graph, ct: &mut HashMap<NodeId, NodeId>, node: NodeId, c: NodeId) {
+    let c = match ct.get(&node) {
+        Some(&prev) => g.add(prev, c),
+        None => c,
+    };
+    ct.insert(node, c);
+}
+
+/// The cotangent contribution of node `id` (cotangent `gout`) to each operand
+/// slot that needs one.
+fn input_cotangents(
+    g: &mut Graph,
+    id: NodeId,
+    inputs: &[NodeId],
+    needs: &[bool],
+    gout: NodeId,
+) -> Vec<(usize, NodeId)> {
+    let op = g.op(id).clone();
+    let out = id;
+    let x = inputs.first().copied().unwrap_or(id);
+    let mut res = Vec::new();
+    let in_shape = |g: &Graph, i: usize| g.ty(inputs[i]).shape.clone();
+    match op {
+        Op::Unary(u) => {
+            let c = match u {
+                UnaryOp::Neg => Some(g.neg(gout)),
+                UnaryOp::Exp => Some(g.mul(gout, out)),
+                UnaryOp::Log => Some(g.div(gout, x)),
+                UnaryOp::Sqrt => {
+                    let two_out = g.scale(out, 2.0);
+                    Some(g.div(gout, two_out))
+                }
+                UnaryOp::Rsqrt => {
+                    // d/dx x^(-1/2) = -1/2 · x^(-1/2) / x
+                    let r = g.div(out, x);
+                    let r = g.scale(r, -0.5);
+                    Some(g.mul(gout, r))
+                }
+                UnaryOp::Tanh => {
+                    let sq = g.mul(out, out);
+                    let one = g.full_like(1.0, out);
+                    let d = g.sub(one, sq);
+                    Some(g.mul(gout, d))
+                }
+                UnaryOp::Sigmoid => {
+                    let one = g.full_like(1.0, out);
+                    let om = g.sub(one, out);
+                    let d = g.mul(out, om);
+                    Some(g.mul(gout, d))
+                }
+                UnaryOp::Silu => {
+                    // silu' = s · (1 + x · (1 − s)), s = sigmoid(x)
+                    let s = g.sigmoid(x);
+                    let one = g.full_like(1.0, x);
+                    let om = g.sub(one, s);
+                    let xom = g.mul(x, om);
+                    let one2 = g.full_like(1.0, x);
+                    let t = g.add(one2, xom);
+                    let d = g.mul(s, t);
+                    Some(g.mul(gout, d))
+                }
+                UnaryOp::Abs => {
+                    let s = g.unary(UnaryOp::Sign, x);
+                    Some(g.mul(gout, s))
+                }
+                UnaryOp::Sign => None,
+                UnaryOp::Recip => {
+                    let sq = g.mul(out, out);
+                    let t = g.mul(gout, sq);
+                    Some(g.neg(t))
+                }
+                UnaryOp::Sin => {
+                    let c = g.unary(UnaryOp::Cos, x);
+                    Some(g.mul(gout, c))
+                }
+                UnaryOp::Cos => {
+                    let s = g.unary(UnaryOp::Sin, x);
+                    let t = g.mul(gout, s);
+                    Some(g.neg(t))
+                }
+            };
+            if let Some(c) = c {
+                res.push((0, c));
+            }
+        }
+        Op::Binary(b) => {
+            let (a, bb) = (inputs[0], inputs[1]);
+            match b {
+                BinaryOp::Add => {
+                    res.push((0, gout));
+                    res.push((1, gout));
+                }
+                BinaryOp::Sub => {
+                    res.push((0, gout));
+                    if needs[1] {
+                        res.push((1, g.neg(gout)));
+                    }
+                }
+                BinaryOp::Mul => {
+                    if needs[0] {
+                        res.push((0, g.mul(gout, bb)));
+                    }
+                    if needs[1] {
+                        res.push((1, g.mul(gout, a)));
+                    }
+                }
+                BinaryOp::Div => {
+                    if needs[0] {
+                        res.push((0, g.div(gout, bb)));
+                    }
+                    if needs[1] {
+                        let t = g.mul(gout, out);
+                        let t = g.div(t, bb);
+                        res.push((1, g.neg(t)));
+                    }
+                }
+                BinaryOp::Max | BinaryOp::Min => {
+                    // The forward op returns `a` on ties; so does the credit.
+                    let cmp = if b == BinaryOp::Max {
+                        CompareOp::Ge
+                    } else {
+                        CompareOp::Le
+                    };
+                    let mask = g.compare(cmp, a, bb);
+                    let zero = g.full_like(0.0, gout);
+                    if needs[0] {
+                        res.push((0, g.select(mask, gout, zero)));
+                    }
+                    if needs[1] {
+                        res.push((1, g.select(mask, zero, gout)));
+                    }
+                }
+                BinaryOp::Pow => {
+                    if needs[0] {
+                        // b · a^(b−1)
+                        let one = g.full_like(1.0, bb);
+                        let bm1 = g.sub(bb, one);
+                        let p = g.pow(a, bm1);
+                        let d = g.mul(bb, p);
+                        res.push((0, g.mul(gout, d)));
+                    }
+                    if needs[1] {
+                        // a^b · ln a
+                        let l = g.log(a);
+                        let d = g.mul(out, l);
+                        res.push((1, g.mul(gout, d)));
+                    }
+                }
+            }
+        }
+        Op::Select => {
+            let cond = inputs[0];
+            let zero = g.full_like(0.0, gout);
+            if needs[1] {
+                res.push((1, g.select(cond, gout, zero)));
+            }
+            if needs[2] {
+                res.push((2, g.select(cond, zero, gout)));
+            }
+        }
+        Op::Clamp { min, max } => {
+            // Passes the gradient where min ≤ x ≤ max (as PyTorch does).
+            let lo = g.full_like(min.get(), x);
+            let hi = g.full_like(max.get(), x);
+            let below = g.compare(CompareOp::Lt, x, lo);
+            let above = g.compare(CompareOp::Gt, x, hi);
+            let zero = g.full_like(0.0, gout);
+            let t = g.select(above, zero, gout);
+            res.push((0, g.select(below, zero, t)));
+        }
+        Op::Reduce {
+            kind,
+            axes,
+            keepdim: _,
+        } => {
+            let shape = in_shape(g, 0);
+            let keep: Vec<usize> = shape
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
+                .collect();
+            let gk = g.reshape(gout, keep.clone());
+            match kind {
+                ReduceKind::Sum => res.push((0, g.broadcast(gk, shape))),
+                ReduceKind::Mean => {
+                    let count: usize = axes.iter().map(|&a| shape[a]).product();
+                    let b = g.broadcast(gk, shape);
+                    res.push((0, g.scale(b, 1.0 / count as f64)));
+                }
+                ReduceKind::Max => {
+                    // Split evenly between tied maxima.
+                    let mk = g.reshape(out, keep.clone());
+                    let mb = g.broadcast(mk, shape.clone());
+                    let hit = g.compare(CompareOp::Eq, x, mb);
+                    let mask = g.cast(hit, g.ty(x).dtype);
+                    let cnt = g.sum(mask, &axes, true);
+                    let share = g.div(gk, cnt);
+                    let sb = g.broadcast(share, shape);
+                    res.push((0, g.mul(sb, mask)));
+                }
+            }
+        }
+        Op::MatMul => {
+            let (a, b) = (inputs[0], inputs[1]);
+            if needs[0] {
+                let bt = g.transpose(b);
+                res.push((0, g.matmul(gout, bt)));
+            }
+            if needs[1] {
+                let at = g.transpose(a);
+                res.push((1, g.matmul(at, gout)));
+            }
+        }
+        Op::Broadcast { .. } => {
+            let s = in_shape(g, 0);
+            res.push((0, g.unbroadcast(gout, &s)));
+        }
+        Op::Reshape { .. } => {
+            let s = in_shape(g, 0);
+            res.push((0, g.reshape(gout, s)));
+        }
+        Op::Permute { perm } => {
+            let mut inv = vec![0; perm.len()];
+            for (i, &p) in perm.iter().enumerate() {
+                inv[p] = i;
+            }
+            res.push((0, g.permute(gout, &inv)));
+        }
+        Op::Slice { start, end } => {
+            let s = in_shape(g, 0);
+            let hi: Vec<usize> = s.iter().zip(&end).map(|(&d, &e)| d - e).collect();
+            res.push((0, g.pad(gout, &start, &hi, 0.0)));
+        }
+        Op::Pad { lo, .. } => {
+            let s = in_shape(g, 0);
+            let end: Vec<usize> = lo.iter().zip(&s).map(|(&l, &d)| l + d).collect();
+            res.push((0, g.slice(gout, &lo, &end)));
+        }
+        Op::Concat { axis } => {
+            let mut off = 0;
+            for (slot, &i) in inputs.iter().enumerate() {
+                let len = g.ty(i).shape[axis];
+                if needs[slot] {
+                    res.push((slot, g.slice_axis(gout, axis, off, off + len)));
+                }
+                off += len;
+            }
+        }
+        Op::TakeAlongAxis { axis } => {
+            let zero = g.full_like(0.0, x);
+            res.push((0, g.scatter_add(zero, inputs[1], gout, axis)));
+        }
+        Op::ScatterAdd { axis } => {
+            if needs[0] {
+                res.push((0, gout));
+            }
+            if needs[2] {
+                res.push((2, g.take_along_axis(gout, inputs[1], axis)));
+            }
+        }
+        Op::Gather => {
+            let rows = g.ty(inputs[0]).shape[0];
+            res.push((0, g.scatter_add_rows(inputs[1], gout, rows)));
+        }
+        Op::ScatterAddRows { .. } => {
+            res.push((1, g.gather(gout, inputs[0])));
+        }
+        Op::Cast { .. } => {
+            let dt = g.ty(x).dtype;
+            if dt.is_float() {
+                res.push((0, g.cast(gout, dt)));
+            }
+        }
+        Op::StopGradient
+        | Op::Compare(_)
+        | Op::OneHot { .. }
+        | Op::Input { .. }
+        | Op::Full { .. }
+        | Op::Literal { .. }
+        | Op::Iota { .. } => {}
+    }
+    res.retain(|&(slot, _)| needs[slot]);
+    res
+}
+
+/// Autodiff as a pass: adds outputs `grad.<input name>` holding the gradient
+/// of the one-element output `of` with respect to the named inputs.
+#[derive(Clone, Debug)]
+pub struct Gradient {
+    pub of: String,
+    pub wrt: Vec<String>,
+}
+
+impl Pass for Gradient {
+    fn name(&self) -> &'static str {
+        "gradient"
+    }
+
+    fn run(&self, g: &mut Graph) -> bool {
+        let Some(y) = g.output(&self.of) else {
+            return false;
+        };
+        let by_name = g.inputs_by_name();
+        let wrt: Vec<(String, NodeId)> = self
+            .wrt
+            .iter()
+            .filter_map(|n| by_name.get(n).map(|&id| (n.clone(), id)))
+            .collect();
+        let ids: Vec<NodeId> = wrt.iter().map(|(_, id)| *id).collect();
+        let grads = grad(g, y, &ids);
+        for ((name, _), gid) in wrt.iter().zip(grads) {
+            g.set_output(format!("grad.{name}"), gid);
+        }
+        !wrt.is_empty()
+    }
+}
