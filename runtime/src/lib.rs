@@ -1,1 +1,15 @@
-//! placeholder
+//! coopc runtime: the CPU reference executor. It runs a tensor graph of the
+//! IR on host tensors and defines the numerical semantics every device
+//! backend is checked against.
+
+pub mod cpu;
+pub mod error;
+pub mod exec;
+pub mod tensor;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::ExecError;
+pub use exec::{execute, execute_nodes};
+pub use tensor::{Buffer, Element, HostTensor};

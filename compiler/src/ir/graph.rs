@@ -569,6 +569,7 @@ impl Graph {
         if shape == target {
             return x;
         }
+        assert!(target.len() <= shape.len(), "unbroadcast to a higher rank");
         let off = shape.len() - target.len();
         let mut axes: Vec<usize> = (0..off).collect();
         for (i, &d) in target.iter().enumerate() {

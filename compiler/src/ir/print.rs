@@ -1,15 +1,15 @@
 //! Human-readable text form and Graphviz DOT export of a graph. Nodes are
-//! numbered `%0, %1, …` in topological order, so the text is stable under
-//! node removal and deterministic for snapshot tests.
+//! listed in topological order and named `%i` by their node index, the
+//! number error messages use too.
 
 use super::graph::{Graph, NodeId};
 use std::collections::HashMap;
 use std::fmt::Write;
 
-/// Display numbers: node → position in topological order.
+/// Topological order, and node → displayed number (its index).
 fn numbering(g: &Graph) -> (Vec<NodeId>, HashMap<NodeId, usize>) {
     let order = g.topo_order();
-    let num = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    let num = order.iter().map(|&id| (id, id.index())).collect();
     (order, num)
 }
 
@@ -28,14 +28,12 @@ pub fn to_text(g: &Graph) -> String {
             .iter()
             .map(|i| format!("%{}", num[i]))
             .collect();
-        let _ = writeln!(
-            s,
-            "  %{}: {} = {}({})",
-            num[&id],
-            node.ty,
-            node.op,
-            args.join(", ")
-        );
+        let call = if args.is_empty() {
+            String::new()
+        } else {
+            format!("({})", args.join(", "))
+        };
+        let _ = writeln!(s, "  %{}: {} = {}{call}", num[&id], node.ty, node.op);
     }
     let outs: Vec<String> = g
         .outputs()

@@ -6,6 +6,7 @@
 //!   reductions give a `full`;
 //! - small `literal`/`full` mixes under elementwise ops give a `literal`;
 //! - `select` with a constant condition becomes the chosen branch.
+//!
 //! Index-taking ops (gather, take_along_axis, …) are left to run time, so an
 //! out-of-range index is still reported there.
 

@@ -68,7 +68,8 @@ impl Pipeline {
             let changed: Vec<&'static str> = self
                 .passes
                 .iter()
-                .filter_map(|p| p.run(g).then(|| p.name()))
+                .filter(|p| p.run(g))
+                .map(|p| p.name())
                 .collect();
             if changed.is_empty() {
                 break;

@@ -1,0 +1,385 @@
+//! The reference executor: runs a validated graph on host tensors, node by
+//! node in topological order, with the semantics documented on `Op`. Only
+//! the nodes the requested results depend on are evaluated, and each
+//! intermediate buffer is dropped right after its last use.
+
+use crate::cpu::index::IndexError;
+use crate::cpu::{elementwise, index, matmul, movement, reduce};
+use crate::error::ExecError;
+use crate::tensor::{Buffer, Element, HostTensor};
+use coopc_compiler::ir::{numel, DType, Graph, NodeId, Op};
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+/// Runs `graph` and returns its outputs (`graph.outputs()`), in order, by
+/// name.
+///
+/// Inputs are bound to `Op::Input` nodes by name; names the graph does not
+/// use are ignored, and an input the outputs do not depend on need not be
+/// given.
+pub fn execute(
+    graph: &Graph,
+    inputs: &HashMap<String, HostTensor>,
+) -> Result<Vec<(String, HostTensor)>, ExecError> {
+    let nodes: Vec<NodeId> = graph.outputs().iter().map(|&(_, id)| id).collect();
+    let values = execute_nodes(graph, inputs, &nodes)?;
+    Ok(graph
+        .outputs()
+        .iter()
+        .map(|(name, _)| name.clone())
+        .zip(values)
+        .collect())
+}
+
+/// Runs the part of `graph` that `nodes` depend on and returns the value of
+/// each of `nodes`, in order (a node may be listed more than once).
+pub fn execute_nodes(
+    graph: &Graph,
+    inputs: &HashMap<String, HostTensor>,
+    nodes: &[NodeId],
+) -> Result<Vec<HostTensor>, ExecError> {
+    graph.validate()?;
+    if let Some(&id) = nodes.iter().find(|&&id| !graph.contains(id)) {
+        return Err(ExecError::UnknownNode { node: id.index() });
+    }
+    let plan = Plan::new(graph, nodes);
+
+    // Node index → value. Graph inputs are borrowed, everything else owned.
+    let mut values: Vec<Option<Cow<'_, HostTensor>>> = (0..plan.bound).map(|_| None).collect();
+    for (step, &id) in plan.order.iter().enumerate() {
+        let operands = &plan.operands[step];
+        let value = match graph.op(id) {
+            Op::Input { name, ty } => {
+                let t = inputs.get(name).ok_or_else(|| ExecError::MissingInput {
+                    name: name.clone(),
+                    expected: ty.clone(),
+                })?;
+                if t.dtype() != ty.dtype || t.shape != ty.shape || t.data.len() != ty.numel() {
+                    let mut got = t.ty().to_string();
+                    if t.data.len() != t.numel() {
+                        got += &format!(" holding {} elements", t.data.len());
+                    }
+                    return Err(ExecError::InputMismatch {
+                        name: name.clone(),
+                        expected: ty.clone(),
+                        got,
+                    });
+                }
+                Cow::Borrowed(t)
+            }
+            // Pure relabelings: reuse the operand's buffer when this is its
+            // last use.
+            Op::Reshape { .. } | Op::StopGradient if plan.dies_at(operands[0], step) => {
+                let mut t = values[operands[0].index()]
+                    .take()
+                    .ok_or_else(|| missing_operand(graph, id))?
+                    .into_owned();
+                t.shape = graph.ty(id).shape.clone();
+                Cow::Owned(t)
+            }
+            _ => {
+                let args = operands
+                    .iter()
+                    .map(|o| values[o.index()].as_deref())
+                    .collect::<Option<Vec<&HostTensor>>>()
+                    .ok_or_else(|| missing_operand(graph, id))?;
+                Cow::Owned(eval(graph, id, &args)?)
+            }
+        };
+        values[id.index()] = Some(value);
+        for &o in operands {
+            if plan.dies_at(o, step) {
+                values[o.index()] = None;
+            }
+        }
+    }
+
+    // Hand out the requested values, moving each on its last mention.
+    let mut mentions: HashMap<NodeId, usize> = HashMap::new();
+    for &id in nodes {
+        *mentions.entry(id).or_default() += 1;
+    }
+    let mut out = Vec::with_capacity(nodes.len());
+    for &id in nodes {
+        let left = mentions.entry(id).or_default();
+        *left -= 1;
+        let slot = &mut values[id.index()];
+        let t = if *left == 0 {
+            slot.take().map(Cow::into_owned)
+        } else {
+            slot.as_deref().cloned()
+        };
+        out.push(t.ok_or_else(|| missing_operand(graph, id))?);
+    }
+    Ok(out)
+}
+
+/// What to evaluate, in which order, and when each value can be dropped.
+struct Plan {
+    /// One past the largest node index.
+    bound: usize,
+    /// The needed nodes in topological order.
+    order: Vec<NodeId>,
+    /// Operands (in slot order) of `order[step]`.
+    operands: Vec<Vec<NodeId>>,
+    /// Node index → the step of its last use, `usize::MAX` when unused.
+    last_use: Vec<usize>,
+    /// Node index → requested by the caller (never dropped).
+    requested: Vec<bool>,
+}
+
+impl Plan {
+    fn new(graph: &Graph, nodes: &[NodeId]) -> Plan {
+        let bound = graph.node_ids().map(|id| id.index() + 1).max().unwrap_or(0);
+        let mut requested = vec![false; bound];
+        let mut needed = vec![false; bound];
+        let mut stack: Vec<NodeId> = Vec::new();
+        for &id in nodes {
+            requested[id.index()] = true;
+            if !needed[id.index()] {
+                needed[id.index()] = true;
+                stack.push(id);
+            }
+        }
+        while let Some(id) = stack.pop() {
+            for o in graph.inputs(id) {
+                if !needed[o.index()] {
+                    needed[o.index()] = true;
+                    stack.push(o);
+                }
+            }
+        }
+        let order: Vec<NodeId> = graph
+            .topo_order()
+            .into_iter()
+            .filter(|id| needed[id.index()])
+            .collect();
+        let operands: Vec<Vec<NodeId>> = order.iter().map(|&id| graph.inputs(id)).collect();
+        let mut last_use = vec![usize::MAX; bound];
+        for (step, ops) in operands.iter().enumerate() {
+            for o in ops {
+                last_use[o.index()] = step;
+            }
+        }
+        Plan {
+            bound,
+            order,
+            operands,
+            last_use,
+            requested,
+        }
+    }
+
+    /// Whether the value of `id` is no longer needed after `step`.
+    fn dies_at(&self, id: NodeId, step: usize) -> bool {
+        self.last_use[id.index()] == step && !self.requested[id.index()]
+    }
+}
+
+fn missing_operand(graph: &Graph, id: NodeId) -> ExecError {
+    ExecError::Unsupported {
+        node: id.index(),
+        op: graph.op(id).name(),
+        message: "an operand value is missing (executor bug)".into(),
+    }
+}
+
+/// The node being evaluated, for error messages.
+struct Cx {
+    node: usize,
+    op: &'static str,
+}
+
+impl Cx {
+    /// The elements of an operand as `T`.
+    fn view<'t, T: Element>(&self, t: &'t HostTensor) -> Result<&'t [T], ExecError> {
+        T::view(&t.data).ok_or_else(|| ExecError::Unsupported {
+            node: self.node,
+            op: self.op,
+            message: format!("expected a {} operand, got {}", T::DTYPE, t.dtype()),
+        })
+    }
+
+    fn unsupported(&self, dtype: DType) -> ExecError {
+        ExecError::Unsupported {
+            node: self.node,
+            op: self.op,
+            message: format!("element type {dtype} is not supported"),
+        }
+    }
+
+    fn index(&self, e: IndexError) -> ExecError {
+        ExecError::IndexOutOfRange {
+            node: self.node,
+            op: self.op,
+            index: e.index,
+            bound: e.bound,
+        }
+    }
+}
+
+/// Evaluates `body` with `$T` bound to the Rust type of the dtype.
+macro_rules! any_dtype {
+    ($dtype:expr, |$T:ident| $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            DType::I32 => {
+                type $T = i32;
+                $body
+            }
+            DType::Bool => {
+                type $T = bool;
+                $body
+            }
+        }
+    };
+}
+
+/// As `any_dtype`, for ops defined on floats only; other dtypes are an error.
+macro_rules! float_dtype {
+    ($dtype:expr, $cx:expr, |$T:ident| $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            other => return Err($cx.unsupported(other)),
+        }
+    };
+}
+
+/// Computes the value of node `id` from its operand values (in slot order).
+fn eval(graph: &Graph, id: NodeId, args: &[&HostTensor]) -> Result<HostTensor, ExecError> {
+    let node = graph.node(id);
+    let cx = Cx {
+        node: id.index(),
+        op: node.op.name(),
+    };
+    let data: Buffer = match &node.op {
+        Op::Input { .. } => return Err(missing_operand(graph, id)),
+        Op::Reshape { .. } | Op::StopGradient => args[0].data.clone(),
+        Op::Full { value, ty } => any_dtype!(ty.dtype, |T| {
+            T::into_buffer(vec![T::from_f64_as(value.get()); ty.numel()])
+        }),
+        Op::Literal { values, ty } => any_dtype!(ty.dtype, |T| {
+            T::into_buffer(values.iter().map(|v| T::from_f64_as(v.get())).collect())
+        }),
+        Op::Iota { axis, ty } => any_dtype!(ty.dtype, |T| {
+            T::into_buffer(elementwise::iota::<T>(&ty.shape, *axis))
+        }),
+        Op::Unary(u) => float_dtype!(args[0].dtype(), cx, |T| {
+            T::into_buffer(elementwise::unary(*u, cx.view::<T>(args[0])?))
+        }),
+        Op::Binary(b) => float_dtype!(args[0].dtype(), cx, |T| {
+            let (x, y) = (cx.view::<T>(args[0])?, cx.view::<T>(args[1])?);
+            T::into_buffer(elementwise::binary(*b, x, y))
+        }),
+        Op::Compare(c) => any_dtype!(args[0].dtype(), |T| {
+            let (x, y) = (cx.view::<T>(args[0])?, cx.view::<T>(args[1])?);
+            Buffer::Bool(elementwise::compare(*c, x, y))
+        }),
+        Op::Select => any_dtype!(args[1].dtype(), |T| {
+            let cond = cx.view::<bool>(args[0])?;
+            let (a, b) = (cx.view::<T>(args[1])?, cx.view::<T>(args[2])?);
+            T::into_buffer(elementwise::select(cond, a, b))
+        }),
+        Op::Clamp { min, max } => float_dtype!(args[0].dtype(), cx, |T| {
+            let (lo, hi) = (T::from_f64_as(min.get()), T::from_f64_as(max.get()));
+            T::into_buffer(elementwise::clamp(cx.view::<T>(args[0])?, lo, hi))
+        }),
+        Op::Cast { to } => any_dtype!(args[0].dtype(), |S| {
+            let x = cx.view::<S>(args[0])?;
+            any_dtype!(*to, |D| D::into_buffer(elementwise::cast::<S, D>(x)))
+        }),
+        Op::Reduce { kind, axes, .. } => float_dtype!(args[0].dtype(), cx, |T| {
+            let x = cx.view::<T>(args[0])?;
+            T::into_buffer(reduce::reduce(*kind, x, &args[0].shape, axes))
+        }),
+        Op::MatMul => float_dtype!(args[0].dtype(), cx, |T| {
+            let (a, b) = (args[0], args[1]);
+            let r = a.rank();
+            let (m, k, n) = (a.shape[r - 2], a.shape[r - 1], b.shape[r - 1]);
+            let batch = numel(&a.shape[..r - 2]);
+            let (x, y) = (cx.view::<T>(a)?, cx.view::<T>(b)?);
+            T::into_buffer(matmul::matmul(x, y, batch, m, k, n))
+        }),
+        Op::Broadcast { shape } => any_dtype!(args[0].dtype(), |T| {
+            let x = cx.view::<T>(args[0])?;
+            T::into_buffer(movement::broadcast(x, &args[0].shape, shape))
+        }),
+        Op::Permute { perm } => any_dtype!(args[0].dtype(), |T| {
+            let x = cx.view::<T>(args[0])?;
+            T::into_buffer(movement::permute(x, &args[0].shape, perm))
+        }),
+        Op::Slice { start, end } => any_dtype!(args[0].dtype(), |T| {
+            let x = cx.view::<T>(args[0])?;
+            T::into_buffer(movement::slice(x, &args[0].shape, start, end))
+        }),
+        Op::Concat { axis } => any_dtype!(args[0].dtype(), |T| {
+            let parts = args
+                .iter()
+                .map(|t| Ok((cx.view::<T>(t)?, &t.shape[..])))
+                .collect::<Result<Vec<(&[T], &[usize])>, ExecError>>()?;
+            T::into_buffer(movement::concat(&parts, *axis))
+        }),
+        Op::Pad { lo, hi, value } => any_dtype!(args[0].dtype(), |T| {
+            let x = cx.view::<T>(args[0])?;
+            let v = T::from_f64_as(value.get());
+            T::into_buffer(movement::pad(x, &args[0].shape, lo, hi, v))
+        }),
+        Op::TakeAlongAxis { axis } => any_dtype!(args[0].dtype(), |T| {
+            let (x, idx) = (args[0], args[1]);
+            let out = index::take_along_axis(
+                cx.view::<T>(x)?,
+                &x.shape,
+                cx.view::<i32>(idx)?,
+                &idx.shape,
+                *axis,
+            );
+            T::into_buffer(out.map_err(|e| cx.index(e))?)
+        }),
+        Op::ScatterAdd { axis } => float_dtype!(args[0].dtype(), cx, |T| {
+            let (base, idx, upd) = (args[0], args[1], args[2]);
+            let out = index::scatter_add(
+                cx.view::<T>(base)?,
+                &base.shape,
+                cx.view::<i32>(idx)?,
+                &idx.shape,
+                cx.view::<T>(upd)?,
+                *axis,
+            );
+            T::into_buffer(out.map_err(|e| cx.index(e))?)
+        }),
+        Op::Gather => any_dtype!(args[0].dtype(), |T| {
+            let (table, ids) = (args[0], args[1]);
+            let out = index::gather(cx.view::<T>(table)?, table.shape[0], cx.view::<i32>(ids)?);
+            T::into_buffer(out.map_err(|e| cx.index(e))?)
+        }),
+        Op::ScatterAddRows { rows } => float_dtype!(args[1].dtype(), cx, |T| {
+            let (ids, upd) = (args[0], args[1]);
+            let row = numel(&upd.shape[ids.rank()..]);
+            let out = index::scatter_add_rows(cx.view::<i32>(ids)?, cx.view::<T>(upd)?, *rows, row);
+            T::into_buffer(out.map_err(|e| cx.index(e))?)
+        }),
+        Op::OneHot { depth, dtype } => float_dtype!(*dtype, cx, |T| {
+            T::into_buffer(index::one_hot::<T>(cx.view::<i32>(args[0])?, *depth))
+        }),
+    };
+    debug_assert_eq!(data.len(), node.ty.numel(), "node %{} ({})", cx.node, cx.op);
+    debug_assert_eq!(data.dtype(), node.ty.dtype, "node %{} ({})", cx.node, cx.op);
+    Ok(HostTensor {
+        shape: node.ty.shape.clone(),
+        data,
+    })
+}

@@ -1,0 +1,348 @@
+//! Host tensors: a dense row-major buffer of one of the IR's element types
+//! plus a shape. These are the values the CPU executor consumes and produces.
+
+use crate::error::ExecError;
+use coopc_compiler::ir::{numel, DType, TensorType};
+use std::fmt::Debug;
+
+/// The elements of a tensor, row-major, one variant per [`DType`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Buffer {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    I32(Vec<i32>),
+    Bool(Vec<bool>),
+}
+
+impl Buffer {
+    pub fn dtype(&self) -> DType {
+        match self {
+            Buffer::F32(_) => DType::F32,
+            Buffer::F64(_) => DType::F64,
+            Buffer::I32(_) => DType::I32,
+            Buffer::Bool(_) => DType::Bool,
+        }
+    }
+
+    /// Number of elements stored.
+    pub fn len(&self) -> usize {
+        match self {
+            Buffer::F32(v) => v.len(),
+            Buffer::F64(v) => v.len(),
+            Buffer::I32(v) => v.len(),
+            Buffer::Bool(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `n` elements of `dtype`, all zero (`false` for bool).
+    pub fn zeros(dtype: DType, n: usize) -> Buffer {
+        match dtype {
+            DType::F32 => Buffer::F32(vec![0.0; n]),
+            DType::F64 => Buffer::F64(vec![0.0; n]),
+            DType::I32 => Buffer::I32(vec![0; n]),
+            DType::Bool => Buffer::Bool(vec![false; n]),
+        }
+    }
+
+    /// Every element converted to f64 (exact for all four types; bool → 0/1).
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        match self {
+            Buffer::F32(v) => v.iter().map(|&x| x.to_f64_exact()).collect(),
+            Buffer::F64(v) => v.clone(),
+            Buffer::I32(v) => v.iter().map(|&x| x.to_f64_exact()).collect(),
+            Buffer::Bool(v) => v.iter().map(|&x| x.to_f64_exact()).collect(),
+        }
+    }
+}
+
+/// A Rust type that can be the element of a [`Buffer`]: `f32`, `f64`, `i32`
+/// or `bool`. Lets data-movement kernels be written once, generically.
+pub trait Element: Copy + Default + PartialOrd + Send + Sync + Debug + 'static {
+    const DTYPE: DType;
+
+    /// Conversion from f64 with Rust `as` semantics (float → i32 truncates
+    /// toward zero and saturates, NaN → 0); to bool: `v != 0`.
+    fn from_f64_as(v: f64) -> Self;
+
+    /// Exact widening to f64 (bool → 0 or 1).
+    fn to_f64_exact(self) -> f64;
+
+    /// The elements of `b` when it holds this type.
+    fn view(b: &Buffer) -> Option<&[Self]>;
+
+    /// Wraps a vector in the matching `Buffer` variant.
+    fn into_buffer(v: Vec<Self>) -> Buffer;
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    #[inline]
+    fn from_f64_as(v: f64) -> Self {
+        v as f32
+    }
+    #[inline]
+    fn to_f64_exact(self) -> f64 {
+        self as f64
+    }
+    fn view(b: &Buffer) -> Option<&[Self]> {
+        match b {
+            Buffer::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn into_buffer(v: Vec<Self>) -> Buffer {
+        Buffer::F32(v)
+    }
+}
+
+impl Element for f64 {
+    const DTYPE: DType = DType::F64;
+    #[inline]
+    fn from_f64_as(v: f64) -> Self {
+        v
+    }
+    #[inline]
+    fn to_f64_exact(self) -> f64 {
+        self
+    }
+    fn view(b: &Buffer) -> Option<&[Self]> {
+        match b {
+            Buffer::F64(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn into_buffer(v: Vec<Self>) -> Buffer {
+        Buffer::F64(v)
+    }
+}
+
+impl Element for i32 {
+    const DTYPE: DType = DType::I32;
+    #[inline]
+    fn from_f64_as(v: f64) -> Self {
+        v as i32
+    }
+    #[inline]
+    fn to_f64_exact(self) -> f64 {
+        self as f64
+    }
+    fn view(b: &Buffer) -> Option<&[Self]> {
+        match b {
+            Buffer::I32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn into_buffer(v: Vec<Self>) -> Buffer {
+        Buffer::I32(v)
+    }
+}
+
+impl Element for bool {
+    const DTYPE: DType = DType::Bool;
+    #[inline]
+    fn from_f64_as(v: f64) -> Self {
+        v != 0.0
+    }
+    #[inline]
+    fn to_f64_exact(self) -> f64 {
+        if self {
+            1.0
+        } else {
+            0.0
+        }
+    }
+    fn view(b: &Buffer) -> Option<&[Self]> {
+        match b {
+            Buffer::Bool(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn into_buffer(v: Vec<Self>) -> Buffer {
+        Buffer::Bool(v)
+    }
+}
+
+/// A dense tensor in host memory: `data` holds `numel(shape)` elements in
+/// row-major order.
+///
+/// The fields are public; [`HostTensor::new`] checks that they agree, and the
+/// executor re-checks every tensor bound to a graph input.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Buffer,
+}
+
+impl HostTensor {
+    /// A tensor from a shape and a buffer, or an error when the buffer length
+    /// is not the element count of the shape.
+    pub fn new(shape: impl Into<Vec<usize>>, data: Buffer) -> Result<Self, ExecError> {
+        let shape = shape.into();
+        let n = numel(&shape);
+        if data.len() != n {
+            return Err(ExecError::BufferLength {
+                dtype: data.dtype(),
+                shape,
+                len: data.len(),
+                numel: n,
+            });
+        }
+        Ok(HostTensor { shape, data })
+    }
+
+    /// A tensor of any element type. The length is checked in debug builds
+    /// only; use [`HostTensor::new`] for a checked construction.
+    pub fn from_vec<T: Element>(shape: impl Into<Vec<usize>>, data: Vec<T>) -> Self {
+        let shape = shape.into();
+        debug_assert_eq!(
+            data.len(),
+            numel(&shape),
+            "buffer of {} elements for shape {:?}",
+            data.len(),
+            shape
+        );
+        HostTensor {
+            shape,
+            data: T::into_buffer(data),
+        }
+    }
+
+    /// An f32 tensor (length checked in debug builds).
+    pub fn f32(shape: impl Into<Vec<usize>>, data: Vec<f32>) -> Self {
+        Self::from_vec(shape, data)
+    }
+
+    /// An f64 tensor (length checked in debug builds).
+    pub fn f64(shape: impl Into<Vec<usize>>, data: Vec<f64>) -> Self {
+        Self::from_vec(shape, data)
+    }
+
+    /// An i32 tensor (length checked in debug builds).
+    pub fn i32(shape: impl Into<Vec<usize>>, data: Vec<i32>) -> Self {
+        Self::from_vec(shape, data)
+    }
+
+    /// A bool tensor (length checked in debug builds).
+    pub fn bool(shape: impl Into<Vec<usize>>, data: Vec<bool>) -> Self {
+        Self::from_vec(shape, data)
+    }
+
+    /// A tensor of `dtype` from f64 values, converted as by `as` (bool:
+    /// `value != 0`), or an error when the value count does not fit `shape`.
+    pub fn from_f64(
+        dtype: DType,
+        shape: impl Into<Vec<usize>>,
+        values: &[f64],
+    ) -> Result<Self, ExecError> {
+        fn conv<T: Element>(values: &[f64]) -> Buffer {
+            T::into_buffer(values.iter().map(|&v| T::from_f64_as(v)).collect())
+        }
+        let data = match dtype {
+            DType::F32 => conv::<f32>(values),
+            DType::F64 => conv::<f64>(values),
+            DType::I32 => conv::<i32>(values),
+            DType::Bool => conv::<bool>(values),
+        };
+        Self::new(shape, data)
+    }
+
+    /// A tensor of the given type, all zero.
+    pub fn zeros(ty: &TensorType) -> Self {
+        HostTensor {
+            shape: ty.shape.clone(),
+            data: Buffer::zeros(ty.dtype, ty.numel()),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+
+    /// Element count of the shape (1 for rank 0).
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    /// The IR type of this tensor.
+    pub fn ty(&self) -> TensorType {
+        TensorType::new(self.dtype(), self.shape.clone())
+    }
+
+    /// The elements as a slice of `T`, when `T` is the element type.
+    pub fn as_slice<T: Element>(&self) -> Option<&[T]> {
+        T::view(&self.data)
+    }
+
+    /// Every element converted to f64 (bool → 0/1).
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        self.data.to_f64_vec()
+    }
+
+    /// The value of a tensor with exactly one element (rank 0, or any shape
+    /// of extent 1 everywhere), as f64.
+    pub fn scalar_f64(&self) -> Result<f64, ExecError> {
+        let not_scalar = || ExecError::NotScalar {
+            shape: self.shape.clone(),
+        };
+        if self.numel() != 1 || self.data.len() != 1 {
+            return Err(not_scalar());
+        }
+        Ok(match &self.data {
+            Buffer::F32(v) => v[0].to_f64_exact(),
+            Buffer::F64(v) => v[0],
+            Buffer::I32(v) => v[0].to_f64_exact(),
+            Buffer::Bool(v) => v[0].to_f64_exact(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_checks_length() {
+        assert!(HostTensor::new(vec![2, 3], Buffer::F32(vec![0.0; 6])).is_ok());
+        let e = HostTensor::new(vec![2, 3], Buffer::I32(vec![0; 5])).unwrap_err();
+        assert!(matches!(
+            e,
+            ExecError::BufferLength {
+                len: 5,
+                numel: 6,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn from_f64_converts_like_as() {
+        let v = [2.7, -2.7, 0.0, f64::NAN];
+        let t = HostTensor::from_f64(DType::I32, vec![4], &v).unwrap();
+        assert_eq!(t.data, Buffer::I32(vec![2, -2, 0, 0]));
+        let t = HostTensor::from_f64(DType::Bool, vec![4], &v).unwrap();
+        assert_eq!(t.data, Buffer::Bool(vec![true, true, false, true]));
+        assert!(HostTensor::from_f64(DType::F64, vec![3], &v).is_err());
+        let t = HostTensor::from_f64(DType::F32, vec![2, 2], &v).unwrap();
+        assert_eq!(t.ty(), TensorType::new(DType::F32, vec![2, 2]));
+        assert_eq!(t.numel(), 4);
+    }
+
+    #[test]
+    fn to_f64_and_scalar() {
+        let t = HostTensor::bool(vec![3], vec![true, false, true]);
+        assert_eq!(t.to_f64_vec(), vec![1.0, 0.0, 1.0]);
+        assert!(matches!(t.scalar_f64(), Err(ExecError::NotScalar { .. })));
+        let s = HostTensor::i32(Vec::<usize>::new(), vec![-7]);
+        assert_eq!(s.scalar_f64().unwrap(), -7.0);
+        let s = HostTensor::f32(vec![1, 1], vec![0.5]);
+        assert_eq!(s.scalar_f64().unwrap(), 0.5);
+    }
+}

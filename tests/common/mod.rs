@@ -1,0 +1,213 @@
+//! Shared helpers for the integration tests: seeded random data, evaluation
+//! through the CPU executor, and finite-difference gradient checks.
+#![allow(dead_code)]
+
+use coopc_compiler::autodiff::{grad, vjp};
+use coopc_compiler::ir::{DType, Graph, NodeId};
+use coopc_runtime::{execute_nodes, HostTensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+
+pub type Inputs = HashMap<String, HostTensor>;
+
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+pub fn uniform(rng: &mut StdRng, n: usize, lo: f64, hi: f64) -> Vec<f64> {
+    (0..n).map(|_| rng.gen_range(lo..hi)).collect()
+}
+
+/// Values in ±[lo, hi]: bounded away from zero.
+pub fn away_from_zero(rng: &mut StdRng, n: usize, lo: f64, hi: f64) -> Vec<f64> {
+    (0..n)
+        .map(|_| {
+            let v = rng.gen_range(lo..hi);
+            if rng.gen_bool(0.5) {
+                v
+            } else {
+                -v
+            }
+        })
+        .collect()
+}
+
+pub fn random_shape(rng: &mut StdRng, min_rank: usize, max_rank: usize) -> Vec<usize> {
+    let r = rng.gen_range(min_rank..=max_rank);
+    (0..r).map(|_| rng.gen_range(1..=4)).collect()
+}
+
+pub fn f64_tensor(shape: &[usize], values: &[f64]) -> HostTensor {
+    HostTensor::from_f64(DType::F64, shape.to_vec(), values).expect("tensor")
+}
+
+/// Values of the given nodes, as f64.
+pub fn eval(g: &Graph, inputs: &Inputs, nodes: &[NodeId]) -> Vec<Vec<f64>> {
+    execute_nodes(g, inputs, nodes)
+        .unwrap_or_else(|e| panic!("execution failed: {e}"))
+        .iter()
+        .map(|t| t.to_f64_vec())
+        .collect()
+}
+
+pub fn norm(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+/// ‖a − b‖ / max(‖b‖, floor): relative error with a floor for near-zero references.
+pub fn rel_err(a: &[f64], b: &[f64], floor: f64) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    norm(&d) / norm(b).max(floor)
+}
+
+/// A differentiable input of a gradient check: its name and initial value.
+pub struct Var {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub value: Vec<f64>,
+}
+
+impl Var {
+    pub fn new(name: &str, shape: &[usize], value: Vec<f64>) -> Self {
+        assert_eq!(value.len(), shape.iter().product::<usize>());
+        Var {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            value,
+        }
+    }
+}
+
+fn bind(vars: &[Var], extra: &Inputs) -> Inputs {
+    let mut m = extra.clone();
+    for v in vars {
+        m.insert(v.name.clone(), f64_tensor(&v.shape, &v.value));
+    }
+    m
+}
+
+/// Central finite-difference gradient of the scalar node `loss` with respect
+/// to every element of every var.
+pub fn fd_grad(g: &Graph, loss: NodeId, vars: &[Var], extra: &Inputs, h: f64) -> Vec<Vec<f64>> {
+    let mut out = Vec::new();
+    for (vi, v) in vars.iter().enumerate() {
+        let mut gv = Vec::with_capacity(v.value.len());
+        for j in 0..v.value.len() {
+            let at = |delta: f64| {
+                let mut inputs = bind(vars, extra);
+                let mut val = vars[vi].value.clone();
+                val[j] += delta;
+                inputs.insert(v.name.clone(), f64_tensor(&v.shape, &val));
+                eval(g, &inputs, &[loss])[0][0]
+            };
+            gv.push((at(h) - at(-h)) / (2.0 * h));
+        }
+        out.push(gv);
+    }
+    out
+}
+
+/// Builds `L = Σ out · R` (R a fixed random cotangent) around `build`, and
+/// checks autodiff's gradient of L with respect to every var against
+/// central finite differences, and — with `second_order` — the
+/// Hessian-vector product (autodiff applied to its own output) against
+/// finite differences of the gradient. Returns the worst relative errors.
+pub fn check_op<F>(
+    seed: u64,
+    vars: &[Var],
+    extra: &Inputs,
+    second_order: bool,
+    build: F,
+) -> (f64, f64)
+where
+    F: Fn(&mut Graph, &[NodeId]) -> NodeId,
+{
+    let mut r = rng(seed ^ 0x5eed);
+    let mut g = Graph::new();
+    let xs: Vec<NodeId> = vars
+        .iter()
+        .map(|v| g.input(&v.name, DType::F64, v.shape.clone()))
+        .collect();
+    let out = build(&mut g, &xs);
+    let shape = g.ty(out).shape.clone();
+    let cot_val = uniform(&mut r, shape.iter().product(), -1.0, 1.0);
+    let cot = g.input("__cotangent", DType::F64, shape.clone());
+    let prod = g.mul(out, cot);
+    let loss = g.sum_all(prod);
+    let grads = grad(&mut g, loss, &xs);
+    let mut extra = extra.clone();
+    extra.insert("__cotangent".into(), f64_tensor(&shape, &cot_val));
+
+    let inputs = bind(vars, &extra);
+    let ad = eval(&g, &inputs, &grads);
+    let fd = fd_grad(&g, loss, vars, &extra, 1e-5);
+    let mut worst1: f64 = 0.0;
+    for (i, (a, f)) in ad.iter().zip(&fd).enumerate() {
+        let e = rel_err(a, f, 1e-3);
+        assert!(
+            e < 1e-6,
+            "first-order VJP mismatch for `{}`: rel err {e:e}\n autodiff {a:?}\n finite-d {f:?}",
+            vars[i].name
+        );
+        worst1 = worst1.max(e);
+    }
+    if !second_order {
+        return (worst1, 0.0);
+    }
+    // Hessian-vector product: gradient of Σ_i <grad_i, v_i>.
+    let vs: Vec<Vec<f64>> = vars
+        .iter()
+        .map(|v| uniform(&mut r, v.value.len(), -1.0, 1.0))
+        .collect();
+    let v_nodes: Vec<NodeId> = vars
+        .iter()
+        .map(|v| g.input(format!("__v.{}", v.name), DType::F64, v.shape.clone()))
+        .collect();
+    let seeds: Vec<NodeId> = v_nodes.clone();
+    let hvp = vjp(&mut g, &grads, &seeds, &xs);
+    for (v, val) in vars.iter().zip(&vs) {
+        extra.insert(format!("__v.{}", v.name), f64_tensor(&v.shape, val));
+    }
+    let inputs = bind(vars, &extra);
+    let hv = eval(&g, &inputs, &hvp);
+    // Finite differences of the gradient along v.
+    let h = 1e-5;
+    let shifted = |sign: f64| -> Vec<Vec<f64>> {
+        let moved: Vec<Var> = vars
+            .iter()
+            .zip(&vs)
+            .map(|(x, d)| {
+                Var::new(
+                    &x.name,
+                    &x.shape,
+                    x.value
+                        .iter()
+                        .zip(d)
+                        .map(|(a, b)| a + sign * h * b)
+                        .collect(),
+                )
+            })
+            .collect();
+        eval(&g, &bind(&moved, &extra), &grads)
+    };
+    let (gp, gm) = (shifted(1.0), shifted(-1.0));
+    let mut worst2: f64 = 0.0;
+    for i in 0..vars.len() {
+        let fdh: Vec<f64> = gp[i]
+            .iter()
+            .zip(&gm[i])
+            .map(|(a, b)| (a - b) / (2.0 * h))
+            .collect();
+        let e = rel_err(&hv[i], &fdh, 1e-3);
+        assert!(
+            e < 1e-6,
+            "second-order (HVP) mismatch for `{}`: rel err {e:e}\n autodiff {:?}\n finite-d {fdh:?}",
+            vars[i].name,
+            hv[i]
+        );
+        worst2 = worst2.max(e);
+    }
+    (worst1, worst2)
+}

@@ -1,0 +1,350 @@
+//! Every IR op's vector-Jacobian product (and the VJP of that VJP) checked
+//! against central finite differences in f64, on random shapes and inputs.
+
+mod common;
+
+use common::*;
+use coopc_compiler::autodiff::grad;
+use coopc_compiler::ir::{BinaryOp, CompareOp, DType, Graph, NodeId, ReduceKind, UnaryOp};
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+const SEEDS: [u64; 4] = [1, 2, 3, 4];
+
+fn no_extra() -> Inputs {
+    Inputs::new()
+}
+
+/// Input values in a domain where the unary op is smooth.
+fn unary_domain(op: UnaryOp, r: &mut rand::rngs::StdRng, n: usize) -> Vec<f64> {
+    match op {
+        UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Rsqrt => uniform(r, n, 0.3, 2.0),
+        UnaryOp::Recip | UnaryOp::Abs | UnaryOp::Sign => away_from_zero(r, n, 0.3, 2.0),
+        _ => uniform(r, n, -2.0, 2.0),
+    }
+}
+
+#[test]
+fn unary_ops_vjp_match_finite_differences() {
+    for op in UnaryOp::ALL {
+        for seed in SEEDS {
+            let mut r = rng(seed);
+            let shape = random_shape(&mut r, 0, 3);
+            let n = shape.iter().product();
+            let vars = [Var::new("x", &shape, unary_domain(op, &mut r, n))];
+            check_op(seed, &vars, &no_extra(), true, |g, x| g.unary(op, x[0]));
+        }
+    }
+}
+
+#[test]
+fn binary_ops_vjp_match_finite_differences() {
+    for op in BinaryOp::ALL {
+        for seed in SEEDS {
+            let mut r = rng(seed + 100);
+            let shape = random_shape(&mut r, 0, 3);
+            let n: usize = shape.iter().product();
+            let (a, b) = match op {
+                BinaryOp::Div => (
+                    uniform(&mut r, n, -2.0, 2.0),
+                    away_from_zero(&mut r, n, 0.5, 2.0),
+                ),
+                BinaryOp::Pow => (uniform(&mut r, n, 0.5, 2.0), uniform(&mut r, n, -1.5, 1.5)),
+                BinaryOp::Max | BinaryOp::Min => {
+                    // b sits at least 0.1 away from a, so no tie is crossed.
+                    let a = uniform(&mut r, n, -2.0, 2.0);
+                    let off = away_from_zero(&mut r, n, 0.1, 1.0);
+                    let b = a.iter().zip(&off).map(|(x, o)| x + o).collect();
+                    (a, b)
+                }
+                _ => (uniform(&mut r, n, -2.0, 2.0), uniform(&mut r, n, -2.0, 2.0)),
+            };
+            let vars = [Var::new("a", &shape, a), Var::new("b", &shape, b)];
+            check_op(seed, &vars, &no_extra(), true, |g, x| {
+                g.binary(op, x[0], x[1])
+            });
+            // The same operand on both sides accumulates both contributions.
+            if op != BinaryOp::Pow {
+                let vars = [Var::new("a", &shape, vars[0].value.clone())];
+                if matches!(op, BinaryOp::Max | BinaryOp::Min | BinaryOp::Sub) {
+                    continue; // x∘x is a tie or constant: not informative
+                }
+                check_op(seed, &vars, &no_extra(), true, |g, x| {
+                    g.binary(op, x[0], x[0])
+                });
+            }
+        }
+    }
+}
+
+#[test]
+fn compare_and_select_vjp_match_finite_differences() {
+    for cmp in CompareOp::ALL {
+        for seed in SEEDS {
+            let mut r = rng(seed + 200);
+            let shape = random_shape(&mut r, 1, 3);
+            let n: usize = shape.iter().product();
+            let a = uniform(&mut r, n, -2.0, 2.0);
+            let off = away_from_zero(&mut r, n, 0.1, 1.0);
+            let b: Vec<f64> = a.iter().zip(&off).map(|(x, o)| x + o).collect();
+            let vars = [Var::new("a", &shape, a), Var::new("b", &shape, b)];
+            // select(a cmp b, a·a, sin(b)): the mask itself carries no gradient.
+            // No element is within 0.1 of a tie, so finite differences never
+            // cross the discontinuity.
+            check_op(seed, &vars, &no_extra(), true, |g, x| {
+                let c = g.compare(cmp, x[0], x[1]);
+                let sq = g.mul(x[0], x[0]);
+                let s = g.unary(UnaryOp::Sin, x[1]);
+                g.select(c, sq, s)
+            });
+            // a cmp a: every element tied, and it stays tied under perturbation.
+            check_op(seed, &vars, &no_extra(), true, |g, x| {
+                let c = g.compare(cmp, x[0], x[0]);
+                let sq = g.mul(x[0], x[1]);
+                let s = g.unary(UnaryOp::Sin, x[1]);
+                g.select(c, sq, s)
+            });
+        }
+    }
+}
+
+#[test]
+fn clamp_vjp_matches_finite_differences() {
+    for seed in SEEDS {
+        let mut r = rng(seed + 300);
+        let shape = random_shape(&mut r, 1, 3);
+        let n: usize = shape.iter().product();
+        // Values away from the bounds ±0.5 by at least 0.05.
+        let x: Vec<f64> = (0..n)
+            .map(|_| loop {
+                let v: f64 = r.gen_range(-1.5..1.5);
+                if (v.abs() - 0.5).abs() > 0.05 {
+                    break v;
+                }
+            })
+            .collect();
+        let vars = [Var::new("x", &shape, x)];
+        check_op(seed, &vars, &no_extra(), true, |g, x| {
+            let c = g.clamp(x[0], -0.5, 0.5);
+            g.mul(c, x[0])
+        });
+    }
+}
+
+#[test]
+fn reduce_ops_vjp_match_finite_differences() {
+    for kind in [ReduceKind::Sum, ReduceKind::Mean, ReduceKind::Max] {
+        for seed in SEEDS {
+            let mut r = rng(seed + 400);
+            let shape = random_shape(&mut r, 1, 4);
+            let rank = shape.len();
+            let mut axes: Vec<usize> = (0..rank).collect();
+            axes.shuffle(&mut r);
+            axes.truncate(r.gen_range(1..=rank));
+            let keepdim = r.gen_bool(0.5);
+            let n: usize = shape.iter().product();
+            let vars = [Var::new("x", &shape, uniform(&mut r, n, -2.0, 2.0))];
+            check_op(seed, &vars, &no_extra(), true, |g, x| {
+                // A nonlinear use of the reduction, so the second order is non-trivial.
+                let t = g.reduce(kind, x[0], &axes, keepdim);
+                let s = g.unary(UnaryOp::Sin, t);
+                g.mul(s, t)
+            });
+        }
+    }
+}
+
+#[test]
+fn matmul_vjp_matches_finite_differences() {
+    for seed in SEEDS {
+        let mut r = rng(seed + 500);
+        let batch: Vec<usize> = random_shape(&mut r, 0, 2);
+        let (m, k, n) = (r.gen_range(1..5), r.gen_range(1..5), r.gen_range(1..5));
+        let sa: Vec<usize> = batch.iter().copied().chain([m, k]).collect();
+        let sb: Vec<usize> = batch.iter().copied().chain([k, n]).collect();
+        let va = uniform(&mut r, sa.iter().product(), -1.0, 1.0);
+        let vb = uniform(&mut r, sb.iter().product(), -1.0, 1.0);
+        let vars = [Var::new("a", &sa, va), Var::new("b", &sb, vb)];
+        check_op(seed, &vars, &no_extra(), true, |g, x| g.matmul(x[0], x[1]));
+    }
+}
+
+#[test]
+fn data_movement_vjps_match_finite_differences() {
+    for seed in SEEDS {
+        let mut r = rng(seed + 600);
+        // broadcast [3,1] → [2,3,4]
+        let vars = [Var::new("x", &[3, 1], uniform(&mut r, 3, -1.0, 1.0))];
+        check_op(seed, &vars, &no_extra(), true, |g, x| {
+            let b = g.broadcast(x[0], vec![2, 3, 4]);
+            g.mul(b, b)
+        });
+        // reshape
+        let shape = random_shape(&mut r, 1, 3);
+        let n: usize = shape.iter().product();
+        let vars = [Var::new("x", &shape, uniform(&mut r, n, -1.0, 1.0))];
+        check_op(seed, &vars, &no_extra(), true, |g, x| {
+            let y = g.reshape(x[0], vec![n]);
+            g.mul(y, y)
+        });
+        // permute
+        let shape = random_shape(&mut r, 2, 4);
+        let n: usize = shape.iter().product();
+        let mut perm: Vec<usize> = (0..shape.len()).collect();
+        perm.shuffle(&mut r);
+        let vars = [Var::new("x", &shape, uniform(&mut r, n, -1.0, 1.0))];
+        check_op(seed, &vars, &no_extra(), true, |g, x| {
+            let p = g.permute(x[0], &perm);
+            g.unary(UnaryOp::Tanh, p)
+        });
+        // slice
+        let shape: Vec<usize> = (0..3).map(|_| r.gen_range(2..5)).collect();
+        let start: Vec<usize> = shape.iter().map(|&d| r.gen_range(0..d)).collect();
+        let end: Vec<usize> = shape
+            .iter()
+            .zip(&start)
+            .map(|(&d, &s)| r.gen_range(s + 1..=d))
+            .collect();
+        let n: usize = shape.iter().product();
+        let vars = [Var::new("x", &shape, uniform(&mut r, n, -1.0, 1.0))];
+        check_op(seed, &vars, &no_extra(), true, |g, x| {
+            let s = g.slice(x[0], &start, &end);
+            g.mul(s, s)
+        });
+        // pad
+        let lo: Vec<usize> = (0..3).map(|_| r.gen_range(0..3)).collect();
+        let hi: Vec<usize> = (0..3).map(|_| r.gen_range(0..3)).collect();
+        check_op(seed, &vars, &no_extra(), true, |g, x| {
+            let p = g.pad(x[0], &lo, &hi, 0.7);
+            g.mul(p, p)
+        });
+        // concat of three along a random axis
+        let axis = r.gen_range(0..2);
+        let mut vars = Vec::new();
+        for name in ["a", "b", "c"] {
+            let mut s = vec![2, 3];
+            s[axis] = r.gen_range(1..4);
+            let n = s[0] * s[1];
+            vars.push(Var::new(name, &s, uniform(&mut r, n, -1.0, 1.0)));
+        }
+        check_op(seed, &vars, &no_extra(), true, |g, x| {
+            let c = g.concat(&[x[0], x[1], x[2]], axis);
+            g.mul(c, c)
+        });
+    }
+}
+
+#[test]
+fn index_ops_vjp_match_finite_differences() {
+    for seed in SEEDS {
+        let mut r = rng(seed + 700);
+        // take_along_axis on axis 1: x [3, 5], idx [3, 4] (repeats allowed)
+        let idx: Vec<f64> = (0..12).map(|_| r.gen_range(0..5) as f64).collect();
+        let vars = [Var::new("x", &[3, 5], uniform(&mut r, 15, -1.0, 1.0))];
+        check_op(seed, &vars, &no_extra(), true, |g, x| {
+            let i = g.literal(&idx, DType::I32, vec![3, 4]);
+            let t = g.take_along_axis(x[0], i, 1);
+            g.mul(t, t)
+        });
+        // scatter_add on axis 0: base [4, 3], idx/upd [5, 3]
+        let sidx: Vec<f64> = (0..15).map(|_| r.gen_range(0..4) as f64).collect();
+        let vars = [
+            Var::new("base", &[4, 3], uniform(&mut r, 12, -1.0, 1.0)),
+            Var::new("upd", &[5, 3], uniform(&mut r, 15, -1.0, 1.0)),
+        ];
+        check_op(seed, &vars, &no_extra(), true, |g, x| {
+            let i = g.literal(&sidx, DType::I32, vec![5, 3]);
+            let s = g.scatter_add(x[0], i, x[1], 0);
+            g.mul(s, s)
+        });
+        // gather rows (embedding lookup): table [6, 4], ids [2, 3]
+        let ids: Vec<f64> = (0..6).map(|_| r.gen_range(0..6) as f64).collect();
+        let vars = [Var::new("table", &[6, 4], uniform(&mut r, 24, -1.0, 1.0))];
+        check_op(seed, &vars, &no_extra(), true, |g, x| {
+            let i = g.literal(&ids, DType::I32, vec![2, 3]);
+            let e = g.gather(x[0], i);
+            g.mul(e, e)
+        });
+        // scatter_add_rows: ids [2, 3], upd [2, 3, 4] → [5, 4]
+        let rid: Vec<f64> = (0..6).map(|_| r.gen_range(0..5) as f64).collect();
+        let vars = [Var::new("upd", &[2, 3, 4], uniform(&mut r, 24, -1.0, 1.0))];
+        check_op(seed, &vars, &no_extra(), true, |g, x| {
+            let i = g.literal(&rid, DType::I32, vec![2, 3]);
+            let s = g.scatter_add_rows(i, x[0], 5);
+            g.mul(s, s)
+        });
+        // one_hot (no gradient itself) used as a mask: one_hot(ids) · x
+        let oh: Vec<f64> = (0..4).map(|_| r.gen_range(0..3) as f64).collect();
+        let vars = [Var::new("x", &[4, 3], uniform(&mut r, 12, -1.0, 1.0))];
+        check_op(seed, &vars, &no_extra(), true, |g, x| {
+            let i = g.literal(&oh, DType::I32, vec![4]);
+            let m = g.one_hot(i, 3, DType::F64);
+            let y = g.mul(m, x[0]);
+            g.mul(y, x[0])
+        });
+        // iota as data: x · iota
+        check_op(seed, &vars, &no_extra(), true, |g, x| {
+            let io = g.iota(1, DType::F64, vec![4, 3]);
+            let y = g.mul(io, x[0]);
+            g.mul(y, x[0])
+        });
+    }
+}
+
+/// Gradient of a scalar built from one input, evaluated at `x`.
+fn grad_at(build: impl Fn(&mut Graph, NodeId) -> NodeId, shape: &[usize], x: &[f64]) -> Vec<f64> {
+    let mut g = Graph::new();
+    let xi = g.input("x", DType::F64, shape.to_vec());
+    let y = build(&mut g, xi);
+    let l = g.sum_all(y);
+    let gr = grad(&mut g, l, &[xi]);
+    let mut inputs = Inputs::new();
+    inputs.insert("x".into(), f64_tensor(shape, x));
+    eval(&g, &inputs, &gr).remove(0)
+}
+
+#[test]
+fn stop_gradient_blocks_exactly_its_operand() {
+    let mut r = rng(800);
+    let x = uniform(&mut r, 6, -1.0, 1.0);
+    // d/dx Σ sg(x)·x = sg(x) = x, not 2x.
+    let gx = grad_at(
+        |g, x| {
+            let s = g.stop_gradient(x);
+            g.mul(s, x)
+        },
+        &[2, 3],
+        &x,
+    );
+    assert!(rel_err(&gx, &x, 1e-9) < 1e-12, "{gx:?} vs {x:?}");
+}
+
+#[test]
+fn cast_vjp_is_the_cast_back() {
+    let mut r = rng(900);
+    let x = uniform(&mut r, 6, -1.0, 1.0);
+    // Through f32 and back: d/dx Σ cast(cast(x, f32)², f64) = 2x up to f32 rounding.
+    let gx = grad_at(
+        |g, x| {
+            let h = g.cast(x, DType::F32);
+            let sq = g.mul(h, h);
+            g.cast(sq, DType::F64)
+        },
+        &[6],
+        &x,
+    );
+    let want: Vec<f64> = x.iter().map(|v| 2.0 * v).collect();
+    assert!(rel_err(&gx, &want, 1e-9) < 1e-6, "{gx:?} vs {want:?}");
+    // To an integer type nothing flows.
+    let gz = grad_at(
+        |g, x| {
+            let i = g.cast(x, DType::I32);
+            let f = g.cast(i, DType::F64);
+            g.mul(f, x)
+        },
+        &[6],
+        &x,
+    );
+    let trunc: Vec<f64> = x.iter().map(|v| v.trunc()).collect();
+    assert_eq!(gz, trunc);
+}
