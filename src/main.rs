@@ -181,7 +181,10 @@ fn demo(emit: Option<Emit>, dtype: DType, hidden: usize, optimise: bool) -> Resu
         let (label, value) = if v.len() == 1 {
             (name.clone(), v[0])
         } else {
-            (format!("‖{name}‖"), v.iter().map(|x| x * x).sum::<f64>().sqrt())
+            (
+                format!("‖{name}‖"),
+                v.iter().map(|x| x * x).sum::<f64>().sqrt(),
+            )
         };
         println!("  {label:<12} = {value:.9}");
     }

@@ -4,5 +4,6 @@
 pub mod autodiff;
 pub mod ir;
 pub mod passes;
+pub mod spec;
 
 pub use ir::{DType, Graph, NodeId, Op, TensorType};
