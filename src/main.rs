@@ -1,7 +1,11 @@
-//! The `coopc` command line. For now it offers `demo`, which builds a small
-//! model loss as IR, differentiates it twice (gradient and Hessian-vector
-//! product), runs the pass pipeline and evaluates everything on the CPU
-//! executor. `compile`, `grad` and `run` arrive with the pipeline frontend.
+//! The `coopc` command line: `check`, `compile`, `inspect`, `grad`, and
+//! `demo` (a small model loss differentiated twice, optimised and run on the
+//! CPU executor).
+
+mod cli_check;
+mod cli_compile;
+mod cli_grad;
+mod cli_inspect;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -10,6 +14,7 @@ use coopc_compiler::ir::{to_dot, to_text, DType, Graph, NodeId};
 use coopc_compiler::passes::Pipeline;
 use coopc_runtime::{execute, HostTensor};
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -25,6 +30,33 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Validate a pipeline.toml (exit 2 with diagnostics when it is invalid).
+    Check { pipeline: PathBuf },
+    /// Lower a pipeline into a plan: the fused meta-step and the log-prob program.
+    Compile {
+        pipeline: PathBuf,
+        /// Where to write the plan.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Also print the meta-step program (ir, dot) or every program's schedule.
+        #[arg(long, value_enum)]
+        emit: Option<cli_compile::Emit>,
+    },
+    /// Describe a compiled plan: programs, op counts, buffer bytes, peak memory.
+    Inspect { plan: PathBuf },
+    /// One meta-step on fixed data (CPU executor): lower gradient, hypergradient, losses, θ_K.
+    Grad {
+        pipeline: PathBuf,
+        /// θ by Hugging Face names, w by PEFT names, optional shadow.* tensors.
+        #[arg(long)]
+        params: PathBuf,
+        /// sft.* and rl.* tensors, optionally per step (step0., step1., …).
+        #[arg(long)]
+        batch: PathBuf,
+        /// Output safetensors: lower.*, hyper.*, loss.*, theta_K.*.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Differentiate a small MLP loss twice, optimise the graph and run it on the CPU executor.
     Demo {
         /// Print the optimised graph as text or Graphviz DOT instead of the summary.
@@ -193,7 +225,20 @@ fn demo(emit: Option<Emit>, dtype: DType, hidden: usize, optimise: bool) -> Resu
 
 fn main() {
     let cli = Cli::parse();
-    let result = match cli.command {
+    let code = match cli.command {
+        Command::Check { pipeline } => cli_check::check(&pipeline),
+        Command::Inspect { plan } => cli_inspect::inspect(&plan),
+        Command::Compile {
+            pipeline,
+            output,
+            emit,
+        } => user_result(cli_compile::run(&pipeline, output.as_deref(), emit)),
+        Command::Grad {
+            pipeline,
+            params,
+            batch,
+            out,
+        } => user_result(cli_grad::run(&pipeline, &params, &batch, &out)),
         Command::Demo {
             emit,
             dtype,
@@ -204,11 +249,30 @@ fn main() {
                 DemoDType::F32 => DType::F32,
                 DemoDType::F64 => DType::F64,
             };
-            demo(emit, dt, hidden, !no_optimise)
+            match demo(emit, dt, hidden, !no_optimise) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    1
+                }
+            }
         }
     };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    std::process::exit(code);
+}
+
+/// Exit code 2 for bad input, with the message on stderr.
+fn user_result(r: Result<(), cli_grad::UserError>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            let msg = e.0.trim_end();
+            if msg.starts_with("error") {
+                eprintln!("{msg}");
+            } else {
+                eprintln!("error: {msg}");
+            }
+            2
+        }
     }
 }

@@ -179,6 +179,12 @@ fn data_movement_vjps_match_finite_differences() {
             let b = g.broadcast(x[0], vec![2, 3, 4]);
             g.mul(b, b)
         });
+        // barrier: an identity the passes keep
+        let vars = [Var::new("x", &[2, 3], uniform(&mut r, 6, -1.0, 1.0))];
+        check_op(seed, &vars, &no_extra(), true, |g, x| {
+            let b = g.barrier(x[0], 7);
+            g.mul(b, b)
+        });
         // reshape
         let shape = random_shape(&mut r, 1, 3);
         let n: usize = shape.iter().product();

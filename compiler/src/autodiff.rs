@@ -358,6 +358,7 @@ fn input_cotangents(
         Op::ScatterAddRows { .. } => {
             res.push((1, g.gather(gout, inputs[0])));
         }
+        Op::Barrier { .. } => res.push((0, gout)),
         Op::Cast { .. } => {
             let dt = g.ty(x).dtype;
             if dt.is_float() {

@@ -2,8 +2,14 @@
 //! and the optimisation passes. No device code lives here.
 
 pub mod autodiff;
+pub mod frontend;
 pub mod ir;
+pub mod losses;
+pub mod lowering;
+pub mod model;
 pub mod passes;
+pub mod plan;
+pub mod schedule;
 pub mod spec;
 
 pub use ir::{DType, Graph, NodeId, Op, TensorType};

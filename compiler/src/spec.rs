@@ -18,6 +18,28 @@ pub struct PipelineSpec {
     pub backend: BackendSpec,
 }
 
+impl PipelineSpec {
+    /// The λ of L_low = (1−λ) L_SFT + λ L_RL at meta-step `step` for this
+    /// method: BRIDGE and `mix` follow `bilevel.lambda`; `rl_zero` is 1;
+    /// `sft` is 0; `cold_start` is 0 for `sft.cold_start_steps` steps, then 1;
+    /// `alternating` is 0 on even steps and 1 on odd ones.
+    pub fn lambda_at(&self, step: usize) -> f64 {
+        match self.bilevel.method {
+            Method::Bridge | Method::Mix => self.bilevel.lambda.at(step, self.train.steps),
+            Method::RlZero => 1.0,
+            Method::Sft => 0.0,
+            Method::ColdStart => {
+                if step < self.sft.cold_start_steps {
+                    0.0
+                } else {
+                    1.0
+                }
+            }
+            Method::Alternating => (step % 2) as f64,
+        }
+    }
+}
+
 /// Llama/Qwen2-style decoder.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
@@ -274,6 +296,16 @@ pub enum HypergradKind {
     Truncated,
     /// Second-order products by central differences, step eps / ‖v‖.
     FiniteDifference { eps: f64 },
+}
+
+impl HypergradKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            HypergradKind::FirstOrder => "first_order",
+            HypergradKind::Truncated => "truncated",
+            HypergradKind::FiniteDifference { .. } => "finite_difference",
+        }
+    }
 }
 
 /// How the upper level's gradient is formed, over `unroll` lower steps.

@@ -69,7 +69,9 @@ pub fn execute_nodes(
             }
             // Pure relabelings: reuse the operand's buffer when this is its
             // last use.
-            Op::Reshape { .. } | Op::StopGradient if plan.dies_at(operands[0], step) => {
+            Op::Reshape { .. } | Op::StopGradient | Op::Barrier { .. }
+                if plan.dies_at(operands[0], step) =>
+            {
                 let mut t = values[operands[0].index()]
                     .take()
                     .ok_or_else(|| missing_operand(graph, id))?
@@ -268,7 +270,7 @@ fn eval(graph: &Graph, id: NodeId, args: &[&HostTensor]) -> Result<HostTensor, E
     };
     let data: Buffer = match &node.op {
         Op::Input { .. } => return Err(missing_operand(graph, id)),
-        Op::Reshape { .. } | Op::StopGradient => args[0].data.clone(),
+        Op::Reshape { .. } | Op::StopGradient | Op::Barrier { .. } => args[0].data.clone(),
         Op::Full { value, ty } => any_dtype!(ty.dtype, |T| {
             T::into_buffer(vec![T::from_f64_as(value.get()); ty.numel()])
         }),

@@ -5,6 +5,7 @@
 pub mod cpu;
 pub mod error;
 pub mod exec;
+pub mod safetensors_io;
 pub mod tensor;
 
 #[cfg(test)]
@@ -12,4 +13,8 @@ mod tests;
 
 pub use error::ExecError;
 pub use exec::{execute, execute_nodes};
+pub use safetensors_io::{
+    read_tensors, reject_unexpected, take_all_exact, take_exact, write_tensors, TensorFileError,
+    TensorProblem,
+};
 pub use tensor::{Buffer, Element, HostTensor};

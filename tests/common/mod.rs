@@ -211,3 +211,83 @@ where
     }
     (worst1, worst2)
 }
+
+/// A small, fully specified pipeline for tests that do not read TOML.
+pub fn tiny_spec() -> coopc_compiler::spec::PipelineSpec {
+    use coopc_compiler::spec::*;
+    PipelineSpec {
+        model: ModelSpec {
+            vocab_size: 11,
+            d_model: 8,
+            n_layers: 1,
+            n_heads: 2,
+            n_kv_heads: 1,
+            d_ff: 12,
+            max_seq: 8,
+            rope_theta: 10000.0,
+            rms_eps: 1e-6,
+            tie_embeddings: true,
+            qkv_bias: false,
+        },
+        lora: LoraSpec {
+            rank: 2,
+            alpha: 4.0,
+            targets: Projection::ALL.to_vec(),
+        },
+        task: TaskSpec {
+            kind: TaskKind::Addition,
+            tokenizer: None,
+            sft_file: None,
+            rl_file: None,
+            eval_file: None,
+            reward_correct: 1.0,
+            reward_wrong: -1.0,
+        },
+        rl: RlSpec {
+            group_size: 2,
+            prompts_per_step: 1,
+            clip_low: 0.2,
+            clip_high: 0.28,
+            kl_coef: 0.0,
+            advantage: Advantage::GroupStd,
+            loss_agg: LossAgg::TokenMean,
+            max_new_tokens: 4,
+            temperature: 1.0,
+            top_p: 1.0,
+        },
+        sft: SftSpec {
+            batch_size: 2,
+            cold_start_steps: 1,
+        },
+        bilevel: BilevelSpec {
+            method: Method::Bridge,
+            lambda: Lambda::Constant(0.4),
+            shadow: ShadowMode::Persistent,
+            hypergradient: HypergradSpec {
+                kind: HypergradKind::Truncated,
+                unroll: 2,
+                backprop: 2,
+            },
+        },
+        optim: OptimSpecs {
+            lower: OptimSpec {
+                kind: OptimKind::Sgd,
+                lr: 0.5,
+            },
+            upper: OptimSpec {
+                kind: OptimKind::Sgd,
+                lr: 0.1,
+            },
+        },
+        train: TrainSpec {
+            steps: 2,
+            seed: 0,
+            eval_every: 1,
+            seq_len: 6,
+        },
+        backend: BackendSpec {
+            kind: BackendKind::Cpu,
+            dtype: Precision::F64,
+        },
+    }
+}

@@ -562,6 +562,11 @@ impl Graph {
         self.add_op(Op::StopGradient, &[x])
     }
 
+    /// An identity no pass merges or removes (see `Op::Barrier`).
+    pub fn barrier(&mut self, x: NodeId, tag: u32) -> NodeId {
+        self.add_op(Op::Barrier { tag }, &[x])
+    }
+
     /// Sum of `x` over the axes that `broadcast` would expand to reach
     /// `shape` from `target`: the adjoint of broadcasting `target` → x's shape.
     pub fn unbroadcast(&mut self, x: NodeId, target: &[usize]) -> NodeId {

@@ -332,6 +332,13 @@ pub enum Op {
     },
     /// Identity whose gradient is zero.
     StopGradient,
+    /// Identity that passes ops through unchanged but is never merged or
+    /// removed by a pass: two barriers with different tags are different
+    /// values to CSE. The memory planner uses it to make a recomputed copy
+    /// of a subgraph stay a copy.
+    Barrier {
+        tag: u32,
+    },
 }
 
 /// A node's operands or attributes do not fit its op.
@@ -374,6 +381,7 @@ impl Op {
             Op::OneHot { .. } => "one_hot",
             Op::Cast { .. } => "cast",
             Op::StopGradient => "stop_gradient",
+            Op::Barrier { .. } => "barrier",
         }
     }
 
@@ -441,6 +449,7 @@ impl Op {
             Op::ScatterAddRows { rows } => format!("rows={rows}"),
             Op::OneHot { depth, dtype } => format!("depth={depth}, {dtype}"),
             Op::Cast { to } => to.to_string(),
+            Op::Barrier { tag } => format!("tag={tag}"),
             _ => String::new(),
         }
     }
@@ -740,7 +749,7 @@ impl Op {
                 arity(1)?;
                 Ok(TensorType::new(*to, inputs[0].shape.clone()))
             }
-            Op::StopGradient => {
+            Op::StopGradient | Op::Barrier { .. } => {
                 arity(1)?;
                 Ok(inputs[0].clone())
             }

@@ -1,0 +1,1600 @@
+//! The `pipeline.toml` frontend: parses a pipeline description into the typed
+//! [`PipelineSpec`], applying defaults and validating every key, and reports
+//! each problem as a [`Diagnostic`] that points at its line and column.
+//!
+//! The schema (sections, keys, defaults and allowed ranges) is documented in
+//! `docs/pipeline.md`; this file is its executable form.
+
+use crate::spec::{
+    Advantage, BackendKind, BackendSpec, BilevelSpec, HypergradKind, HypergradSpec, Lambda,
+    LoraSpec, LossAgg, Method, ModelSpec, OptimKind, OptimSpec, OptimSpecs, PipelineSpec,
+    Precision, Projection, RlSpec, SftSpec, ShadowMode, TaskKind, TaskSpec, TrainSpec,
+};
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use toml_edit::{ImDocument, Item, TableLike, Value};
+
+// ---------------------------------------------------------------------------
+// Diagnostics
+// ---------------------------------------------------------------------------
+
+/// One problem found in a pipeline description.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// What is wrong, in one sentence.
+    pub message: String,
+    /// The dotted key path the problem is about (`lora.rank`), when there is one.
+    pub path: Option<String>,
+    /// Byte range in the source that the problem points at.
+    pub span: Option<Range<usize>>,
+    /// How to fix it, when that can be said.
+    pub help: Option<String>,
+}
+
+impl Diagnostic {
+    /// A diagnostic with a message and nothing else.
+    pub fn error(message: impl Into<String>) -> Self {
+        Diagnostic {
+            message: message.into(),
+            path: None,
+            span: None,
+            help: None,
+        }
+    }
+
+    fn with_path(mut self, path: impl Into<String>) -> Self {
+        self.path = Some(path.into());
+        self
+    }
+
+    fn with_span(mut self, span: Option<Range<usize>>) -> Self {
+        self.span = span;
+        self
+    }
+
+    fn with_help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
+}
+
+/// All problems found in one pipeline description, in source order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Diagnostics(pub Vec<Diagnostic>);
+
+impl Diagnostics {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, Diagnostic> {
+        self.0.iter()
+    }
+
+    /// Whether some diagnostic is about the key `path` (e.g. `lora.rank`).
+    pub fn mentions(&self, path: &str) -> bool {
+        self.0.iter().any(|d| d.path.as_deref() == Some(path))
+    }
+
+    /// Plain-text rendering in the style of rustc: message, `file:line:column`,
+    /// the source line with the offending span underlined, and the help.
+    /// Deterministic and free of colour codes.
+    pub fn render(&self, file_name: &str, source: &str) -> String {
+        let mut out = String::new();
+        for d in &self.0 {
+            render_one(&mut out, d, file_name, source);
+            out.push('\n');
+        }
+        let n = self.0.len();
+        out.push_str(&format!(
+            "found {n} error{} in {file_name}\n",
+            if n == 1 { "" } else { "s" }
+        ));
+        out
+    }
+}
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            f.write_str(&d.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Diagnostics {}
+
+impl IntoIterator for Diagnostics {
+    type Item = Diagnostic;
+    type IntoIter = std::vec::IntoIter<Diagnostic>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset`, the line's text
+/// without its terminator, and the byte offset where that line starts.
+fn locate(source: &str, offset: usize) -> (usize, usize, &str, usize) {
+    let mut offset = offset.min(source.len());
+    while !source.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let line_start = source[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = source[offset..]
+        .find('\n')
+        .map_or(source.len(), |i| offset + i);
+    let line_no = source[..line_start].matches('\n').count() + 1;
+    let column = source[line_start..offset].chars().count() + 1;
+    let text = source[line_start..line_end].trim_end_matches('\r');
+    (line_no, column, text, line_start)
+}
+
+fn render_one(out: &mut String, d: &Diagnostic, file_name: &str, source: &str) {
+    out.push_str("error: ");
+    out.push_str(&d.message);
+    out.push('\n');
+    match &d.span {
+        Some(span) => {
+            let (line_no, column, text, line_start) = locate(source, span.start);
+            let width = line_no.to_string().len();
+            let pad = " ".repeat(width);
+            out.push_str(&format!("{pad}--> {file_name}:{line_no}:{column}\n"));
+            out.push_str(&format!("{pad} |\n"));
+            out.push_str(&format!("{line_no} | {text}\n"));
+            // Underline from the span's start to its end, or to the end of
+            // the line when the span runs on; always at least one caret.
+            // Tabs are kept so the carets line up under the text.
+            let indent: String = text
+                .chars()
+                .take(column - 1)
+                .map(|c| if c == '\t' { '\t' } else { ' ' })
+                .collect();
+            let end_in_line = span.end.saturating_sub(line_start);
+            let underlined = text
+                .char_indices()
+                .skip(column - 1)
+                .take_while(|(b, _)| *b < end_in_line)
+                .count()
+                .max(1);
+            out.push_str(&format!(
+                "{pad} | {indent}{} here\n",
+                "^".repeat(underlined)
+            ));
+            if let Some(help) = &d.help {
+                out.push_str(&format!("{pad} = help: {help}\n"));
+            }
+        }
+        None => {
+            out.push_str(&format!(" --> {file_name}\n"));
+            if let Some(help) = &d.help {
+                out.push_str(&format!("  = help: {help}\n"));
+            }
+        }
+    }
+}
+
+/// Why a pipeline file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    /// The file is missing, unreadable or not UTF-8.
+    #[error("cannot read pipeline `{}`: {reason}", path.display())]
+    Read {
+        path: PathBuf,
+        reason: String,
+        #[source]
+        error: std::io::Error,
+    },
+    /// The file was read but does not describe a valid pipeline.
+    #[error("invalid pipeline `{}`: {diagnostics}", path.display())]
+    Invalid {
+        path: PathBuf,
+        text: String,
+        diagnostics: Diagnostics,
+    },
+}
+
+impl FrontendError {
+    /// The error as a person reads it: rendered diagnostics for an invalid
+    /// pipeline, a one-line message for an unreadable file.
+    pub fn render(&self) -> String {
+        match self {
+            FrontendError::Read { .. } => format!("error: {self}\n"),
+            FrontendError::Invalid {
+                path,
+                text,
+                diagnostics,
+            } => diagnostics.render(&path.display().to_string(), text),
+        }
+    }
+}
+
+/// Reads and parses a pipeline file; returns its text along with the spec.
+pub fn load_pipeline(path: &Path) -> Result<(String, PipelineSpec), FrontendError> {
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        let reason = match error.kind() {
+            std::io::ErrorKind::NotFound => "no such file".to_string(),
+            std::io::ErrorKind::InvalidData => "the file is not valid UTF-8 text".to_string(),
+            _ if path.is_dir() => "it is a directory, not a file".to_string(),
+            _ => error.to_string(),
+        };
+        FrontendError::Read {
+            path: path.to_path_buf(),
+            reason,
+            error,
+        }
+    })?;
+    match parse_pipeline(&text) {
+        Ok(spec) => Ok((text, spec)),
+        Err(diagnostics) => Err(FrontendError::Invalid {
+            path: path.to_path_buf(),
+            text,
+            diagnostics,
+        }),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Schema
+// ---------------------------------------------------------------------------
+
+/// The sections of a pipeline and the keys each accepts.
+const SECTIONS: &[(&str, &[&str])] = &[
+    ("model", MODEL_KEYS),
+    ("lora", LORA_KEYS),
+    ("task", TASK_KEYS),
+    ("rl", RL_KEYS),
+    ("sft", SFT_KEYS),
+    ("bilevel", BILEVEL_KEYS),
+    ("optim", &["lower", "upper"]),
+    ("train", TRAIN_KEYS),
+    ("backend", BACKEND_KEYS),
+];
+const MODEL_KEYS: &[&str] = &[
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "d_ff",
+    "max_seq",
+    "rope_theta",
+    "rms_eps",
+    "tie_embeddings",
+    "qkv_bias",
+];
+const LORA_KEYS: &[&str] = &["rank", "alpha", "targets"];
+const TASK_KEYS: &[&str] = &[
+    "kind",
+    "tokenizer",
+    "sft_file",
+    "rl_file",
+    "eval_file",
+    "reward_correct",
+    "reward_wrong",
+];
+const RL_KEYS: &[&str] = &[
+    "group_size",
+    "prompts_per_step",
+    "clip_low",
+    "clip_high",
+    "kl_coef",
+    "advantage",
+    "loss_agg",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+];
+const SFT_KEYS: &[&str] = &["batch_size", "cold_start_steps"];
+const BILEVEL_KEYS: &[&str] = &["method", "lambda", "shadow", "hypergradient"];
+const HYPERGRAD_KEYS: &[&str] = &["kind", "unroll", "backprop", "eps"];
+const LAMBDA_KEYS: &[&str] = &["start", "end"];
+const OPTIM_KEYS: &[&str] = &[
+    "kind",
+    "lr",
+    "momentum",
+    "beta1",
+    "beta2",
+    "eps",
+    "weight_decay",
+];
+const TRAIN_KEYS: &[&str] = &["steps", "seed", "eval_every", "seq_len"];
+const BACKEND_KEYS: &[&str] = &["kind", "dtype"];
+
+/// The model keys without a default.
+const MODEL_REQUIRED: &[&str] = &["d_model", "n_layers", "n_heads", "d_ff", "max_seq"];
+
+const TASK_KINDS: &[(&str, TaskKind)] = &[
+    ("addition", TaskKind::Addition),
+    ("countdown", TaskKind::Countdown),
+    ("jsonl", TaskKind::Jsonl),
+];
+const ADVANTAGES: &[(&str, Advantage)] = &[
+    ("group_std", Advantage::GroupStd),
+    ("group_mean", Advantage::GroupMean),
+];
+const LOSS_AGGS: &[(&str, LossAgg)] = &[
+    ("token_mean", LossAgg::TokenMean),
+    ("seq_mean", LossAgg::SeqMean),
+];
+const METHODS: &[(&str, Method)] = &[
+    ("bridge", Method::Bridge),
+    ("rl_zero", Method::RlZero),
+    ("sft", Method::Sft),
+    ("cold_start", Method::ColdStart),
+    ("mix", Method::Mix),
+    ("alternating", Method::Alternating),
+];
+const SHADOWS: &[(&str, ShadowMode)] = &[
+    ("persistent", ShadowMode::Persistent),
+    ("one_step", ShadowMode::OneStep),
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HypergradChoice {
+    FirstOrder,
+    Truncated,
+    FiniteDifference,
+}
+const HYPERGRADS: &[(&str, HypergradChoice)] = &[
+    ("first_order", HypergradChoice::FirstOrder),
+    ("truncated", HypergradChoice::Truncated),
+    ("finite_difference", HypergradChoice::FiniteDifference),
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OptimChoice {
+    Sgd,
+    Momentum,
+    AdamW,
+}
+const OPTIMS: &[(&str, OptimChoice)] = &[
+    ("sgd", OptimChoice::Sgd),
+    ("momentum", OptimChoice::Momentum),
+    ("adamw", OptimChoice::AdamW),
+];
+const BACKENDS: &[(&str, BackendKind)] = &[
+    ("auto", BackendKind::Auto),
+    ("cpu", BackendKind::Cpu),
+    ("cuda", BackendKind::Cuda),
+    ("wgpu", BackendKind::Wgpu),
+];
+const DTYPES: &[(&str, Precision)] = &[("f32", Precision::F32), ("f64", Precision::F64)];
+
+/// Vocabulary size of a task's built-in character tokenizer (`None` for
+/// `jsonl`, which brings its own data and needs `model.vocab_size`).
+pub fn builtin_vocab_size(kind: TaskKind) -> Option<usize> {
+    match kind {
+        TaskKind::Addition => Some(24),
+        TaskKind::Countdown => Some(32),
+        TaskKind::Jsonl => None,
+    }
+}
+
+/// Default LoRA rank when `[lora]` gives none.
+pub const DEFAULT_LORA_RANK: usize = 8;
+
+// ---------------------------------------------------------------------------
+// Reading the document
+// ---------------------------------------------------------------------------
+
+/// A value read from the document, with the span it came from.
+#[derive(Clone, Debug)]
+struct Field<T> {
+    value: T,
+    span: Option<Range<usize>>,
+}
+
+/// A table of the document (a `[section]`, a dotted or an inline table)
+/// under its dotted path; `table` is `None` for an absent optional section.
+#[derive(Clone)]
+struct Section<'a> {
+    path: String,
+    table: Option<&'a dyn TableLike>,
+    span: Option<Range<usize>>,
+}
+
+impl<'a> Section<'a> {
+    fn absent(path: &str) -> Self {
+        Section {
+            path: path.to_string(),
+            table: None,
+            span: None,
+        }
+    }
+
+    fn key_path(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    /// The item under `key` and the best span for it (value, else key,
+    /// else the table).
+    fn get(&self, key: &str) -> Option<(&'a Item, Option<Range<usize>>)> {
+        let (k, item) = self.table?.get_key_value(key)?;
+        if item.is_none() {
+            return None;
+        }
+        let span = item
+            .span()
+            .or_else(|| k.span())
+            .or_else(|| self.span.clone());
+        Some((item, span))
+    }
+
+    /// The span of the key itself, else of the table.
+    fn key_span(&self, key: &str) -> Option<Range<usize>> {
+        self.table
+            .and_then(|t| t.key(key))
+            .and_then(|k| k.span())
+            .or_else(|| self.span.clone())
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+}
+
+/// What kind of TOML value an item is, for "found …" in messages.
+fn describe(item: &Item) -> String {
+    match item {
+        Item::None => "nothing".to_string(),
+        Item::Table(_) => "a table".to_string(),
+        Item::ArrayOfTables(_) => "an array of tables".to_string(),
+        Item::Value(v) => match v {
+            Value::String(s) => format!("the string {:?}", s.value()),
+            Value::Integer(i) => format!("the integer {}", i.value()),
+            Value::Float(f) => format!("the float {:?}", f.value()),
+            Value::Boolean(b) => format!("the boolean {}", b.value()),
+            Value::Datetime(_) => "a date-time".to_string(),
+            Value::Array(_) => "an array".to_string(),
+            Value::InlineTable(_) => "a table".to_string(),
+        },
+    }
+}
+
+/// Optimal-string-alignment distance (edits, with adjacent swaps).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
+}
+
+/// The known name closest to `given`, when it is close enough to be a typo.
+fn closest<'k>(given: &str, known: &[&'k str]) -> Option<&'k str> {
+    let given_lower = given.to_lowercase();
+    let limit = (given.chars().count() / 3).max(1);
+    known
+        .iter()
+        .map(|k| (edit_distance(&given_lower, k), *k))
+        .filter(|(d, k)| {
+            *d <= limit
+                || (given_lower.len() >= 3
+                    && (k.starts_with(&given_lower) || given_lower.starts_with(k)))
+        })
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+fn quoted_list(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("\"{n}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn plain_list(names: &[&str]) -> String {
+    names.join(", ")
+}
+
+/// Collects diagnostics while the document is read.
+struct Checker<'s> {
+    source: &'s str,
+    diags: Vec<Diagnostic>,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, path: &str, span: Option<Range<usize>>, message: String) {
+        self.diags
+            .push(Diagnostic::error(message).with_path(path).with_span(span));
+    }
+
+    fn error_help(
+        &mut self,
+        path: &str,
+        span: Option<Range<usize>>,
+        message: String,
+        help: String,
+    ) {
+        self.diags.push(
+            Diagnostic::error(message)
+                .with_path(path)
+                .with_span(span)
+                .with_help(help),
+        );
+    }
+
+    fn wrong_type(&mut self, sec: &Section, key: &str, expected: &str) {
+        if let Some((item, span)) = sec.get(key) {
+            let path = sec.key_path(key);
+            let found = describe(item);
+            self.error(
+                &path,
+                span,
+                format!("`{path}` must be {expected}, found {found}"),
+            );
+        }
+    }
+
+    /// Reports every key of `sec` that is not in `known`.
+    fn unknown_keys(&mut self, sec: &Section, known: &[&str]) {
+        let Some(table) = sec.table else { return };
+        for (key, item) in table.iter() {
+            if item.is_none() || known.contains(&key) {
+                continue;
+            }
+            let path = sec.key_path(key);
+            let span = sec.key_span(key);
+            let is_section = matches!(item, Item::Table(t) if !t.is_dotted());
+            let message = if is_section {
+                format!("unknown section `[{path}]`")
+            } else {
+                format!("unknown key `{path}`")
+            };
+            let help = match closest(key, known) {
+                Some(k) if is_section => format!("did you mean `[{}]`?", sec.key_path(k)),
+                Some(k) => format!("did you mean `{k}`?"),
+                None => format!("[{}] accepts: {}", sec.path, plain_list(known)),
+            };
+            self.error_help(&path, span, message, help);
+        }
+    }
+
+    /// A sub-table (`[a.b]`, `a.b.c = ..` or `b = { .. }`) of `sec`; an absent
+    /// section when the key is missing or is not a table (reported).
+    fn table<'a>(&mut self, sec: &Section<'a>, key: &str) -> Section<'a> {
+        let path = sec.key_path(key);
+        match sec.get(key) {
+            None => Section::absent(&path),
+            Some((item, span)) => match item.as_table_like() {
+                Some(table) => Section {
+                    path,
+                    table: Some(table),
+                    span,
+                },
+                None => {
+                    self.wrong_type(sec, key, "a table");
+                    Section::absent(&path)
+                }
+            },
+        }
+    }
+
+    fn usize(&mut self, sec: &Section, key: &str) -> Option<Field<usize>> {
+        let (item, span) = sec.get(key)?;
+        match item.as_integer() {
+            Some(v) if v >= 0 => match usize::try_from(v) {
+                Ok(value) => Some(Field { value, span }),
+                Err(_) => {
+                    let path = sec.key_path(key);
+                    self.error(&path, span, format!("`{path}` is too large, found {v}"));
+                    None
+                }
+            },
+            Some(v) => {
+                let path = sec.key_path(key);
+                self.error(
+                    &path,
+                    span,
+                    format!("`{path}` must be a non-negative integer, found {v}"),
+                );
+                None
+            }
+            None => {
+                self.wrong_type(sec, key, "an integer");
+                None
+            }
+        }
+    }
+
+    fn usize_or(&mut self, sec: &Section, key: &str, default: usize) -> Field<usize> {
+        self.usize(sec, key).unwrap_or(Field {
+            value: default,
+            span: None,
+        })
+    }
+
+    /// A finite number; integers are accepted as numbers.
+    fn float(&mut self, sec: &Section, key: &str) -> Option<Field<f64>> {
+        let (item, span) = sec.get(key)?;
+        let value = match item {
+            Item::Value(Value::Float(f)) => *f.value(),
+            Item::Value(Value::Integer(i)) => *i.value() as f64,
+            _ => {
+                self.wrong_type(sec, key, "a number");
+                return None;
+            }
+        };
+        if !value.is_finite() {
+            let path = sec.key_path(key);
+            self.error(
+                &path,
+                span,
+                format!("`{path}` must be a finite number, found {value}"),
+            );
+            return None;
+        }
+        Some(Field { value, span })
+    }
+
+    fn float_or(&mut self, sec: &Section, key: &str, default: f64) -> Field<f64> {
+        self.float(sec, key).unwrap_or(Field {
+            value: default,
+            span: None,
+        })
+    }
+
+    fn bool_or(&mut self, sec: &Section, key: &str, default: bool) -> bool {
+        let Some((item, _)) = sec.get(key) else {
+            return default;
+        };
+        match item.as_bool() {
+            Some(v) => v,
+            None => {
+                self.wrong_type(sec, key, "a boolean (true or false)");
+                default
+            }
+        }
+    }
+
+    fn string(&mut self, sec: &Section, key: &str) -> Option<Field<String>> {
+        let (item, span) = sec.get(key)?;
+        match item.as_str() {
+            Some("") => {
+                let path = sec.key_path(key);
+                self.error(&path, span, format!("`{path}` must not be empty"));
+                None
+            }
+            Some(s) => Some(Field {
+                value: s.to_string(),
+                span,
+            }),
+            None => {
+                self.wrong_type(sec, key, "a string");
+                None
+            }
+        }
+    }
+
+    /// One of a fixed set of strings.
+    fn choice<T: Copy>(
+        &mut self,
+        sec: &Section,
+        key: &str,
+        options: &[(&str, T)],
+    ) -> Option<Field<T>> {
+        let (item, span) = sec.get(key)?;
+        let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+        let path = sec.key_path(key);
+        let Some(given) = item.as_str() else {
+            self.wrong_type(sec, key, &format!("one of {}", quoted_list(&names)));
+            return None;
+        };
+        if let Some((_, v)) = options.iter().find(|(n, _)| *n == given) {
+            return Some(Field { value: *v, span });
+        }
+        let message = format!(
+            "`{path}` must be one of {}, found {given:?}",
+            quoted_list(&names)
+        );
+        match closest(given, &names) {
+            Some(n) => self.error_help(&path, span, message, format!("did you mean \"{n}\"?")),
+            None => self.error(&path, span, message),
+        }
+        None
+    }
+
+    fn choice_or<T: Copy>(
+        &mut self,
+        sec: &Section,
+        key: &str,
+        options: &[(&str, T)],
+        default: T,
+    ) -> Field<T> {
+        self.choice(sec, key, options).unwrap_or(Field {
+            value: default,
+            span: None,
+        })
+    }
+
+    /// Reports `field` unless `ok`; the message reads "`path` must <rule>, found <value>".
+    fn check<T: fmt::Debug>(
+        &mut self,
+        sec: &Section,
+        key: &str,
+        field: &Field<T>,
+        ok: bool,
+        rule: &str,
+    ) -> bool {
+        if !ok {
+            let path = sec.key_path(key);
+            // Quote the value as written when it was written.
+            let found = field
+                .span
+                .as_ref()
+                .and_then(|s| self.source.get(s.clone()))
+                .map_or_else(|| format!("{:?}", field.value), |s| s.trim().to_string());
+            let span = field.span.clone().or_else(|| sec.key_span(key));
+            self.error(&path, span, format!("`{path}` must {rule}, found {found}"));
+        }
+        ok
+    }
+
+    fn at_least_one(&mut self, sec: &Section, key: &str, field: &Field<usize>) -> bool {
+        self.check(sec, key, field, field.value >= 1, "be at least 1")
+    }
+
+    /// Reports a required key that is absent.
+    fn missing(&mut self, sec: &Section, key: &str, why: &str, example: &str) {
+        let path = sec.key_path(key);
+        self.error_help(
+            &path,
+            sec.span.clone(),
+            format!("missing key `{path}`{why}"),
+            format!("add `{key} = {example}` to [{}]", sec.path),
+        );
+    }
+
+    /// Reports a key that is present although it does not apply.
+    fn not_applicable(&mut self, sec: &Section, key: &str, why: &str, help: &str) {
+        let path = sec.key_path(key);
+        self.error_help(
+            &path,
+            sec.key_span(key),
+            format!("`{path}` does not apply {why}"),
+            help.to_string(),
+        );
+    }
+}
+
+/// Parses and validates a `pipeline.toml`; on failure returns every problem
+/// found (a TOML syntax error stops at that error).
+pub fn parse_pipeline(source: &str) -> Result<PipelineSpec, Diagnostics> {
+    let doc = match ImDocument::parse(source) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let mut lines = e.message().trim().lines();
+            let first = lines.next().unwrap_or("invalid TOML").trim().to_string();
+            let rest: Vec<&str> = lines.map(str::trim).filter(|l| !l.is_empty()).collect();
+            let mut d =
+                Diagnostic::error(format!("TOML syntax error: {first}")).with_span(e.span());
+            if !rest.is_empty() {
+                d = d.with_help(rest.join("; "));
+            }
+            return Err(Diagnostics(vec![d]));
+        }
+    };
+    let root = Section {
+        path: String::new(),
+        table: Some(doc.as_table() as &dyn TableLike),
+        span: None,
+    };
+    let mut c = Checker {
+        source,
+        diags: Vec::new(),
+    };
+    let spec = read_pipeline(&mut c, &root);
+    let mut diags = c.diags;
+    // Source order; diagnostics without a place last, stable otherwise.
+    diags.sort_by_key(|d| d.span.as_ref().map_or(usize::MAX, |s| s.start));
+    match spec {
+        Some(spec) if diags.is_empty() => Ok(spec),
+        _ => {
+            if diags.is_empty() {
+                diags.push(Diagnostic::error("the pipeline could not be read"));
+            }
+            Err(Diagnostics(diags))
+        }
+    }
+}
+
+fn read_pipeline(c: &mut Checker, root: &Section) -> Option<PipelineSpec> {
+    // Top level: only known sections.
+    let section_names: Vec<&str> = SECTIONS.iter().map(|(n, _)| *n).collect();
+    if let Some(table) = root.table {
+        for (key, item) in table.iter() {
+            if item.is_none() || section_names.contains(&key) {
+                continue;
+            }
+            let span = root.key_span(key);
+            if item.is_table_like() {
+                let help = match closest(key, &section_names) {
+                    Some(n) => format!("did you mean `[{n}]`?"),
+                    None => format!("the sections are: {}", plain_list(&section_names)),
+                };
+                c.error_help(key, span, format!("unknown section `[{key}]`"), help);
+            } else {
+                let owners: Vec<String> = SECTIONS
+                    .iter()
+                    .filter(|(_, keys)| keys.contains(&key))
+                    .map(|(s, _)| format!("[{s}]"))
+                    .collect();
+                let help = if owners.is_empty() {
+                    format!(
+                        "keys belong in one of the sections: {}",
+                        plain_list(&section_names)
+                    )
+                } else {
+                    format!("`{key}` belongs under {}", owners.join(" or "))
+                };
+                c.error_help(
+                    key,
+                    span,
+                    format!("key `{key}` is outside any section"),
+                    help,
+                );
+            }
+        }
+    }
+
+    let model_sec = c.table(root, "model");
+    let lora_sec = c.table(root, "lora");
+    let task_sec = c.table(root, "task");
+    let rl_sec = c.table(root, "rl");
+    let sft_sec = c.table(root, "sft");
+    let bilevel_sec = c.table(root, "bilevel");
+    let optim_sec = c.table(root, "optim");
+    let train_sec = c.table(root, "train");
+    let backend_sec = c.table(root, "backend");
+
+    let task = read_task(c, &task_sec);
+    let model = read_model(c, &model_sec, root, &task);
+    let train = read_train(c, &train_sec, model.as_ref());
+    let rl = read_rl(c, &rl_sec, &train);
+    let sft = read_sft(c, &sft_sec, &train);
+    let bilevel = read_bilevel(c, &bilevel_sec);
+    let lora = read_lora(c, &lora_sec, bilevel.method);
+    let optim = read_optims(c, &optim_sec);
+    let backend = read_backend(c, &backend_sec);
+
+    Some(PipelineSpec {
+        model: model?,
+        lora,
+        task,
+        rl,
+        sft,
+        bilevel,
+        optim,
+        train: train.spec,
+        backend,
+    })
+}
+
+fn read_task(c: &mut Checker, sec: &Section) -> TaskSpec {
+    c.unknown_keys(sec, TASK_KEYS);
+    let kind = c.choice_or(sec, "kind", TASK_KINDS, TaskKind::Addition);
+    let tokenizer = c.string(sec, "tokenizer").map(|f| f.value);
+    let sft_file = c.string(sec, "sft_file").map(|f| f.value);
+    let rl_file = c.string(sec, "rl_file").map(|f| f.value);
+    let eval_file = c.string(sec, "eval_file").map(|f| f.value);
+    if kind.value == TaskKind::Jsonl {
+        for key in ["sft_file", "rl_file"] {
+            if !sec.has(key) {
+                let path = sec.key_path(key);
+                c.error_help(
+                    &path,
+                    kind.span.clone(),
+                    format!("missing key `{path}`: kind = \"jsonl\" reads its data from files"),
+                    format!(
+                        "add `{key} = \"data/{}.jsonl\"` to [task]",
+                        key.trim_end_matches("_file")
+                    ),
+                );
+            }
+        }
+    } else {
+        for key in ["sft_file", "rl_file", "eval_file"] {
+            if sec.has(key) {
+                c.not_applicable(
+                    sec,
+                    key,
+                    &format!("to kind = \"{}\"", kind.value.name()),
+                    "built-in tasks generate their own data; data files need kind = \"jsonl\"",
+                );
+            }
+        }
+    }
+    let reward_correct = c.float_or(sec, "reward_correct", 1.0);
+    let reward_wrong = c.float_or(sec, "reward_wrong", -1.0);
+    if reward_correct.value <= reward_wrong.value {
+        let (key, field) = if reward_correct.span.is_some() {
+            ("reward_correct", &reward_correct)
+        } else {
+            ("reward_wrong", &reward_wrong)
+        };
+        c.check(
+            sec,
+            key,
+            field,
+            false,
+            "leave `task.reward_correct` greater than `task.reward_wrong`",
+        );
+    }
+    TaskSpec {
+        kind: kind.value,
+        tokenizer,
+        sft_file,
+        rl_file,
+        eval_file,
+        reward_correct: reward_correct.value,
+        reward_wrong: reward_wrong.value,
+    }
+}
+
+fn read_model(
+    c: &mut Checker,
+    sec: &Section,
+    root: &Section,
+    task: &TaskSpec,
+) -> Option<ModelSpec> {
+    if sec.table.is_none() {
+        if !root.has("model") {
+            c.diags.push(
+                Diagnostic::error("missing section `[model]`")
+                    .with_path("model")
+                    .with_help(format!(
+                        "every pipeline describes its model: add a [model] section with {}",
+                        plain_list(MODEL_REQUIRED)
+                    )),
+            );
+        }
+        return None;
+    }
+    c.unknown_keys(sec, MODEL_KEYS);
+
+    let mut required = Vec::new();
+    for key in MODEL_REQUIRED {
+        let field = match c.usize(sec, key) {
+            Some(f) => {
+                if c.at_least_one(sec, key, &f) {
+                    Some(f)
+                } else {
+                    None
+                }
+            }
+            None => {
+                if !sec.has(key) {
+                    c.missing(sec, key, "", "<integer>");
+                }
+                None
+            }
+        };
+        required.push(field);
+    }
+    let [d_model, n_layers, n_heads, d_ff, max_seq]: [Option<Field<usize>>; 5] =
+        required.try_into().ok()?;
+
+    let builtin = if task.tokenizer.is_none() {
+        builtin_vocab_size(task.kind)
+    } else {
+        None
+    };
+    let vocab_size = match c.usize(sec, "vocab_size") {
+        Some(f) => {
+            let mut ok = c.at_least_one(sec, "vocab_size", &f);
+            if let (true, Some(b)) = (ok, builtin) {
+                ok = c.check(
+                    sec,
+                    "vocab_size",
+                    &f,
+                    f.value >= b,
+                    &format!(
+                        "be at least {b}, the size of the built-in {} vocabulary",
+                        task.kind.name()
+                    ),
+                );
+            }
+            ok.then_some(f.value)
+        }
+        None if sec.has("vocab_size") => None,
+        None => match builtin {
+            Some(b) => Some(b),
+            None => {
+                let why = if task.kind == TaskKind::Jsonl {
+                    ": task kind \"jsonl\" has no built-in vocabulary"
+                } else {
+                    ": a custom `task.tokenizer` is used"
+                };
+                c.missing(sec, "vocab_size", why, "<tokenizer vocabulary size>");
+                None
+            }
+        },
+    };
+
+    let n_kv_heads = match c.usize(sec, "n_kv_heads") {
+        Some(f) => c.at_least_one(sec, "n_kv_heads", &f).then_some(f),
+        None => n_heads.clone().map(|f| Field {
+            value: f.value,
+            span: None,
+        }),
+    };
+    if let (Some(d), Some(h)) = (&d_model, &n_heads) {
+        if d.value % h.value != 0 {
+            let path = sec.key_path("n_heads");
+            c.error(
+                &path,
+                h.span.clone(),
+                format!(
+                    "`{path}` ({}) must divide `model.d_model` ({})",
+                    h.value, d.value
+                ),
+            );
+        } else if (d.value / h.value) % 2 != 0 {
+            let path = sec.key_path("n_heads");
+            c.error_help(
+                &path,
+                h.span.clone(),
+                format!(
+                    "the head dimension d_model / n_heads = {} / {} = {} must be even",
+                    d.value,
+                    h.value,
+                    d.value / h.value
+                ),
+                "RoPE rotates pairs of dimensions, so each head needs an even width".to_string(),
+            );
+        }
+    }
+    if let (Some(h), Some(kv)) = (&n_heads, &n_kv_heads) {
+        if h.value % kv.value != 0 {
+            let path = sec.key_path("n_kv_heads");
+            c.error(
+                &path,
+                kv.span.clone(),
+                format!(
+                    "`{path}` ({}) must divide `model.n_heads` ({})",
+                    kv.value, h.value
+                ),
+            );
+        }
+    }
+    let rope_theta = c.float_or(sec, "rope_theta", 10000.0);
+    c.check(
+        sec,
+        "rope_theta",
+        &rope_theta,
+        rope_theta.value > 0.0,
+        "be positive",
+    );
+    let rms_eps = c.float_or(sec, "rms_eps", 1e-6);
+    c.check(sec, "rms_eps", &rms_eps, rms_eps.value > 0.0, "be positive");
+    let tie_embeddings = c.bool_or(sec, "tie_embeddings", true);
+    let qkv_bias = c.bool_or(sec, "qkv_bias", false);
+
+    Some(ModelSpec {
+        vocab_size: vocab_size?,
+        d_model: d_model?.value,
+        n_layers: n_layers?.value,
+        n_heads: n_heads?.value,
+        n_kv_heads: n_kv_heads?.value,
+        d_ff: d_ff?.value,
+        max_seq: max_seq?.value,
+        rope_theta: rope_theta.value,
+        rms_eps: rms_eps.value,
+        tie_embeddings,
+        qkv_bias,
+    })
+}
+
+fn read_lora(c: &mut Checker, sec: &Section, method: Method) -> LoraSpec {
+    c.unknown_keys(sec, LORA_KEYS);
+    let rank = c.usize_or(sec, "rank", DEFAULT_LORA_RANK);
+    c.at_least_one(sec, "rank", &rank);
+    // The default 2 * rank is checked through `rank`.
+    let alpha = c.float_or(sec, "alpha", 2.0 * rank.value as f64);
+    if alpha.span.is_some() {
+        c.check(sec, "alpha", &alpha, alpha.value > 0.0, "be positive");
+    }
+
+    let names: Vec<&str> = Projection::ALL.iter().map(|p| p.name()).collect();
+    let targets = match sec.get("targets") {
+        None => Projection::ALL.to_vec(),
+        Some((item, span)) => match item.as_array() {
+            None => {
+                c.wrong_type(sec, "targets", "an array of projection names");
+                Projection::ALL.to_vec()
+            }
+            Some(array) => {
+                let path = sec.key_path("targets");
+                let mut targets = Vec::new();
+                for value in array.iter() {
+                    let vspan = value.span();
+                    let Some(name) = value.as_str() else {
+                        c.error(
+                            &path,
+                            vspan,
+                            format!(
+                                "`{path}` entries must be strings, found {}",
+                                describe(&Item::Value(value.clone()))
+                            ),
+                        );
+                        continue;
+                    };
+                    match Projection::from_name(name) {
+                        Some(p) if targets.contains(&p) => c.error_help(
+                            &path,
+                            vspan,
+                            format!("`{path}` names \"{name}\" twice"),
+                            "remove the duplicate".to_string(),
+                        ),
+                        Some(p) => targets.push(p),
+                        None => {
+                            let message = format!(
+                                "`{path}` entry {name:?} is not one of {}",
+                                quoted_list(&names)
+                            );
+                            match closest(name, &names) {
+                                Some(n) => c.error_help(
+                                    &path,
+                                    vspan,
+                                    message,
+                                    format!("did you mean \"{n}\"?"),
+                                ),
+                                None => c.error(&path, vspan, message),
+                            }
+                        }
+                    }
+                }
+                if array.is_empty() && method.updates_adapter() {
+                    c.error_help(
+                        &path,
+                        span,
+                        format!("`{path}` must name at least one projection"),
+                        "method \"bridge\" trains the LoRA adapter, so it needs targets"
+                            .to_string(),
+                    );
+                }
+                targets
+            }
+        },
+    };
+    LoraSpec {
+        rank: rank.value,
+        alpha: alpha.value,
+        targets,
+    }
+}
+
+/// `[train]` plus what other sections need from it.
+struct Train {
+    spec: TrainSpec,
+    seq_len_span: Option<Range<usize>>,
+    /// Whether `spec.seq_len` is a checked value other checks can rely on.
+    seq_len_known: bool,
+}
+
+fn read_train(c: &mut Checker, sec: &Section, model: Option<&ModelSpec>) -> Train {
+    c.unknown_keys(sec, TRAIN_KEYS);
+    let steps = c.usize_or(sec, "steps", 100);
+    c.at_least_one(sec, "steps", &steps);
+    let seed = c.usize_or(sec, "seed", 0);
+    let eval_every = c.usize_or(sec, "eval_every", 10);
+    let max_seq = model.map(|m| m.max_seq);
+    let seq_len = c.usize_or(sec, "seq_len", max_seq.unwrap_or(1));
+    let mut seq_len_known = max_seq.is_some() && c.at_least_one(sec, "seq_len", &seq_len);
+    if seq_len_known {
+        if let Some(max_seq) = max_seq {
+            seq_len_known = c.check(
+                sec,
+                "seq_len",
+                &seq_len,
+                seq_len.value <= max_seq,
+                &format!("be at most `model.max_seq` ({max_seq})"),
+            );
+        }
+    }
+    Train {
+        spec: TrainSpec {
+            steps: steps.value,
+            seed: seed.value as u64,
+            eval_every: eval_every.value,
+            seq_len: seq_len.value,
+        },
+        seq_len_span: seq_len.span,
+        seq_len_known,
+    }
+}
+
+fn read_rl(c: &mut Checker, sec: &Section, train: &Train) -> RlSpec {
+    c.unknown_keys(sec, RL_KEYS);
+    let advantage = c.choice_or(sec, "advantage", ADVANTAGES, Advantage::GroupStd);
+    let group_size = c.usize_or(sec, "group_size", 8);
+    if c.at_least_one(sec, "group_size", &group_size)
+        && advantage.value == Advantage::GroupStd
+        && group_size.value < 2
+    {
+        let path = sec.key_path("group_size");
+        c.error_help(
+            &path,
+            group_size.span.clone(),
+            format!(
+                "`{path}` must be at least 2 with advantage = \"group_std\", found {}",
+                group_size.value
+            ),
+            "a group's standard deviation needs two or more completions".to_string(),
+        );
+    }
+    let prompts = c.usize_or(sec, "prompts_per_step", 16);
+    c.at_least_one(sec, "prompts_per_step", &prompts);
+    let clip_low = c.float_or(sec, "clip_low", 0.2);
+    c.check(
+        sec,
+        "clip_low",
+        &clip_low,
+        (0.0..1.0).contains(&clip_low.value),
+        "be in [0, 1)",
+    );
+    let clip_high = c.float_or(sec, "clip_high", 0.28);
+    c.check(
+        sec,
+        "clip_high",
+        &clip_high,
+        clip_high.value >= 0.0,
+        "be at least 0",
+    );
+    let kl_coef = c.float_or(sec, "kl_coef", 0.0);
+    c.check(
+        sec,
+        "kl_coef",
+        &kl_coef,
+        kl_coef.value >= 0.0,
+        "be at least 0",
+    );
+    let loss_agg = c.choice_or(sec, "loss_agg", LOSS_AGGS, LossAgg::TokenMean);
+    // 32, but leave at least half of a short sequence to the prompt.
+    let default_max_new = if train.seq_len_known {
+        (train.spec.seq_len / 2).clamp(1, 32)
+    } else {
+        32
+    };
+    let max_new = c.usize_or(sec, "max_new_tokens", default_max_new);
+    if c.at_least_one(sec, "max_new_tokens", &max_new)
+        && train.seq_len_known
+        && max_new.value >= train.spec.seq_len
+    {
+        let path = sec.key_path("max_new_tokens");
+        let seq_len = train.spec.seq_len;
+        let span = max_new.span.clone().or_else(|| train.seq_len_span.clone());
+        c.error_help(
+            &path,
+            span,
+            format!(
+                "`{path}` ({}) must be less than `train.seq_len` ({seq_len})",
+                max_new.value
+            ),
+            format!(
+                "a rollout is prompt + completion within train.seq_len tokens; set `max_new_tokens` to at most {} in [rl]",
+                seq_len.saturating_sub(1).max(1)
+            ),
+        );
+    }
+    let temperature = c.float_or(sec, "temperature", 1.0);
+    c.check(
+        sec,
+        "temperature",
+        &temperature,
+        temperature.value > 0.0,
+        "be positive",
+    );
+    let top_p = c.float_or(sec, "top_p", 1.0);
+    c.check(
+        sec,
+        "top_p",
+        &top_p,
+        top_p.value > 0.0 && top_p.value <= 1.0,
+        "be in (0, 1]",
+    );
+    RlSpec {
+        group_size: group_size.value,
+        prompts_per_step: prompts.value,
+        clip_low: clip_low.value,
+        clip_high: clip_high.value,
+        kl_coef: kl_coef.value,
+        advantage: advantage.value,
+        loss_agg: loss_agg.value,
+        max_new_tokens: max_new.value,
+        temperature: temperature.value,
+        top_p: top_p.value,
+    }
+}
+
+fn read_sft(c: &mut Checker, sec: &Section, train: &Train) -> SftSpec {
+    c.unknown_keys(sec, SFT_KEYS);
+    let batch_size = c.usize_or(sec, "batch_size", 16);
+    c.at_least_one(sec, "batch_size", &batch_size);
+    let steps = train.spec.steps;
+    let cold = c.usize_or(sec, "cold_start_steps", steps / 2);
+    c.check(
+        sec,
+        "cold_start_steps",
+        &cold,
+        cold.value <= steps,
+        &format!("be at most `train.steps` ({steps})"),
+    );
+    SftSpec {
+        batch_size: batch_size.value,
+        cold_start_steps: cold.value,
+    }
+}
+
+fn read_lambda(c: &mut Checker, sec: &Section) -> Lambda {
+    let Some((item, span)) = sec.get("lambda") else {
+        return Lambda::Constant(0.5);
+    };
+    let unit = |c: &mut Checker, s: &Section, key: &str, f: &Field<f64>| {
+        c.check(s, key, f, (0.0..=1.0).contains(&f.value), "be in [0, 1]")
+    };
+    if let Some(table) = item.as_table_like() {
+        let lsec = Section {
+            path: sec.key_path("lambda"),
+            table: Some(table),
+            span,
+        };
+        c.unknown_keys(&lsec, LAMBDA_KEYS);
+        let mut ends = [0.5, 0.5];
+        for (i, key) in LAMBDA_KEYS.iter().enumerate() {
+            match c.float(&lsec, key) {
+                Some(f) => {
+                    unit(c, &lsec, key, &f);
+                    ends[i] = f.value;
+                }
+                None if !lsec.has(key) => c.missing(&lsec, key, "", "<number in [0, 1]>"),
+                None => {}
+            }
+        }
+        return Lambda::Linear {
+            start: ends[0],
+            end: ends[1],
+        };
+    }
+    match item.as_value() {
+        Some(Value::Float(_) | Value::Integer(_)) => match c.float(sec, "lambda") {
+            Some(f) => {
+                unit(c, sec, "lambda", &f);
+                Lambda::Constant(f.value)
+            }
+            None => Lambda::Constant(0.5),
+        },
+        _ => {
+            c.wrong_type(
+                sec,
+                "lambda",
+                "a number or a table { start = .., end = .. }",
+            );
+            Lambda::Constant(0.5)
+        }
+    }
+}
+
+fn read_bilevel(c: &mut Checker, sec: &Section) -> BilevelSpec {
+    c.unknown_keys(sec, BILEVEL_KEYS);
+    let method = c.choice_or(sec, "method", METHODS, Method::Bridge);
+    let lambda = read_lambda(c, sec);
+    let shadow = c.choice_or(sec, "shadow", SHADOWS, ShadowMode::Persistent);
+    let hg = c.table(sec, "hypergradient");
+    let hypergradient = read_hypergradient(c, &hg);
+    BilevelSpec {
+        method: method.value,
+        lambda,
+        shadow: shadow.value,
+        hypergradient,
+    }
+}
+
+fn read_hypergradient(c: &mut Checker, sec: &Section) -> HypergradSpec {
+    c.unknown_keys(sec, HYPERGRAD_KEYS);
+    let kind = c.choice_or(sec, "kind", HYPERGRADS, HypergradChoice::FirstOrder);
+    let unroll = c.usize_or(sec, "unroll", 1);
+    let unroll_ok = c.at_least_one(sec, "unroll", &unroll);
+    let kind_name = HYPERGRADS
+        .iter()
+        .find(|(_, k)| *k == kind.value)
+        .map_or("", |(n, _)| *n);
+    let backprop = match kind.value {
+        HypergradChoice::FirstOrder => {
+            let b = c.usize_or(sec, "backprop", 0);
+            let path = sec.key_path("backprop");
+            if b.value != 0 {
+                c.error_help(
+                    &path,
+                    b.span.clone(),
+                    format!(
+                        "`{path}` must be 0 or absent with kind = \"first_order\", found {}",
+                        b.value
+                    ),
+                    "first_order differentiates through no lower step; use kind = \"truncated\" to backpropagate through T steps".to_string(),
+                );
+            }
+            0
+        }
+        HypergradChoice::Truncated | HypergradChoice::FiniteDifference => {
+            let b = c.usize_or(sec, "backprop", unroll.value);
+            if unroll_ok {
+                c.check(
+                    sec,
+                    "backprop",
+                    &b,
+                    b.value <= unroll.value,
+                    &format!("be at most `{}` ({})", sec.key_path("unroll"), unroll.value),
+                );
+            }
+            b.value
+        }
+    };
+    let kind = match kind.value {
+        HypergradChoice::FirstOrder => HypergradKind::FirstOrder,
+        HypergradChoice::Truncated => HypergradKind::Truncated,
+        HypergradChoice::FiniteDifference => {
+            let eps = c.float_or(sec, "eps", 1e-2);
+            c.check(sec, "eps", &eps, eps.value > 0.0, "be positive");
+            HypergradKind::FiniteDifference { eps: eps.value }
+        }
+    };
+    if !matches!(kind, HypergradKind::FiniteDifference { .. }) && sec.has("eps") {
+        c.not_applicable(
+            sec,
+            "eps",
+            &format!("to kind = \"{kind_name}\""),
+            "`eps` is the step of kind = \"finite_difference\"",
+        );
+    }
+    HypergradSpec {
+        kind,
+        unroll: unroll.value,
+        backprop,
+    }
+}
+
+fn read_optims(c: &mut Checker, sec: &Section) -> OptimSpecs {
+    c.unknown_keys(sec, &["lower", "upper"]);
+    let lower = c.table(sec, "lower");
+    let upper = c.table(sec, "upper");
+    OptimSpecs {
+        lower: read_optim(c, &lower, 3e-4),
+        upper: read_optim(c, &upper, 1e-3),
+    }
+}
+
+fn read_optim(c: &mut Checker, sec: &Section, default_lr: f64) -> OptimSpec {
+    c.unknown_keys(sec, OPTIM_KEYS);
+    let kind = c.choice_or(sec, "kind", OPTIMS, OptimChoice::AdamW);
+    let lr = c.float_or(sec, "lr", default_lr);
+    c.check(sec, "lr", &lr, lr.value > 0.0, "be positive");
+
+    let (kind_name, own): (&str, &[&str]) = match kind.value {
+        OptimChoice::Sgd => ("sgd", &[]),
+        OptimChoice::Momentum => ("momentum", &["momentum"]),
+        OptimChoice::AdamW => ("adamw", &["beta1", "beta2", "eps", "weight_decay"]),
+    };
+    for key in ["momentum", "beta1", "beta2", "eps", "weight_decay"] {
+        if sec.has(key) && !own.contains(&key) {
+            let owner = if key == "momentum" {
+                "momentum"
+            } else {
+                "adamw"
+            };
+            c.not_applicable(
+                sec,
+                key,
+                &format!("to kind = \"{kind_name}\""),
+                &format!("`{key}` is a setting of kind = \"{owner}\""),
+            );
+        }
+    }
+    let unit = |c: &mut Checker, key: &str, default: f64| {
+        let f = c.float_or(sec, key, default);
+        c.check(sec, key, &f, (0.0..1.0).contains(&f.value), "be in [0, 1)");
+        f.value
+    };
+    let kind = match kind.value {
+        OptimChoice::Sgd => OptimKind::Sgd,
+        OptimChoice::Momentum => OptimKind::Momentum {
+            momentum: unit(c, "momentum", 0.9),
+        },
+        OptimChoice::AdamW => {
+            let beta1 = unit(c, "beta1", 0.9);
+            let beta2 = unit(c, "beta2", 0.999);
+            let eps = c.float_or(sec, "eps", 1e-8);
+            c.check(sec, "eps", &eps, eps.value > 0.0, "be positive");
+            let wd = c.float_or(sec, "weight_decay", 0.0);
+            c.check(sec, "weight_decay", &wd, wd.value >= 0.0, "be at least 0");
+            OptimKind::AdamW {
+                beta1,
+                beta2,
+                eps: eps.value,
+                weight_decay: wd.value,
+            }
+        }
+    };
+    OptimSpec { kind, lr: lr.value }
+}
+
+fn read_backend(c: &mut Checker, sec: &Section) -> BackendSpec {
+    c.unknown_keys(sec, BACKEND_KEYS);
+    let kind = c.choice_or(sec, "kind", BACKENDS, BackendKind::Auto);
+    let dtype = c.choice_or(sec, "dtype", DTYPES, Precision::F32);
+    BackendSpec {
+        kind: kind.value,
+        dtype: dtype.value,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closest_suggests_near_names_only() {
+        assert_eq!(closest("n_head", MODEL_KEYS), Some("n_heads"));
+        assert_eq!(closest("trian", &["train", "task"]), Some("train"));
+        assert_eq!(closest("zzzz", MODEL_KEYS), None);
+    }
+
+    #[test]
+    fn locate_counts_lines_and_characters() {
+        let src = "a = 1\nλb = 2\n";
+        assert_eq!(locate(src, 0), (1, 1, "a = 1", 0));
+        // `b` is the second character of line 2 although λ takes two bytes.
+        let (line, column, text, start) = locate(src, 8);
+        assert_eq!((line, column, text, start), (2, 2, "λb = 2", 6));
+        assert_eq!(locate(src, src.len()).0, 3);
+    }
+
+    #[test]
+    #[allow(clippy::reversed_empty_ranges)] // deliberately inverted spans
+    fn render_keeps_tabs_and_tolerates_any_span() {
+        let src = "[lora]\n\trank = 0\n";
+        let d =
+            |span: Range<usize>| Diagnostics(vec![Diagnostic::error("bad").with_span(Some(span))]);
+        let text = d(15..16).render("p.toml", src);
+        assert!(
+            text.contains("2 | \trank = 0\n  | \t       ^ here\n"),
+            "{text}"
+        );
+        // Reversed, out-of-range and mid-character spans render without panicking.
+        for span in [5..1, 100..200, 0..1000, 8..8] {
+            let text = d(span).render("p.toml", "a = \"é\"\n");
+            assert!(text.contains("^ here"), "{text}");
+        }
+    }
+}

@@ -1,0 +1,941 @@
+//! Bilevel lowering: the BRIDGE meta-step (and the baselines, which are the
+//! same machinery with parts switched off) as one IR graph.
+//!
+//! Per meta-step (DESIGN §1): K lower steps `θ ← OptLower(θ, ∇θ L_low)`,
+//! K shadow steps `θ̂ ← OptLower(θ̂, ∇θ̂ L_RL)`, then the hypergradient h of
+//! `L_up = (1−λ) L_SFT(θ_K, w) + λ [L_RL(θ_K, w) − L_RL(θ̂_K, w)]` and the
+//! upper update `w ← OptUpper(w, h)`.
+//!
+//! Every lower step's loss is built on `stop_gradient(θ_k)`, so autodiff
+//! never differentiates through the unrolled loop by itself; the
+//! hypergradient is formed by an explicit adjoint recurrence over the last T
+//! steps (DESIGN §1, "truncated"), whose second-order products ∂²L/∂θ∂θ·u
+//! and ∂²L/∂w∂θ·u come either from autodiff applied to the step's gradient
+//! nodes (`truncated`) or from central differences of first-order gradients
+//! (`finite_difference`). For AdamW the preconditioner is frozen: the
+//! adjoint treats 1/(√v̂ + ε) as a constant.
+//!
+//! Graph interface (names):
+//! - inputs: θ by HF name; w by PEFT name; `shadow.<θ>` (persistent shadow);
+//!   optimiser state `opt.{lower,shadow,upper}.{momentum_buffer,exp_avg,exp_avg_sq}.<param>`
+//!   and `opt.{lower,shadow,upper}.step` (AdamW step count, a scalar);
+//!   batches `step{k}.sft.{input_ids,loss_mask}`,
+//!   `step{k}.rl.{input_ids,loss_mask,advantages,old_logprobs[,ref_logprobs]}`;
+//!   `lambda` (a scalar).
+//! - outputs: `loss.sft`, `loss.rl` (θ_0, step 0's batch), `lower.<θ>`
+//!   (∇θ L_low there), `theta_K.<θ>`, `next.<state input>` for every
+//!   optimiser and shadow state, and for BRIDGE `loss.up`, `hyper.<w>`,
+//!   `next.<w>`.
+
+use crate::autodiff::{grad, vjp};
+use crate::ir::{DType, Graph, NodeId, Shape};
+use crate::losses::{grpo_loss, sft_loss, RlBatch};
+use crate::model::{lora_shapes, theta_shapes, Decoder, Params};
+use crate::passes::Pipeline;
+use crate::schedule::{human_bytes, schedule};
+use crate::spec::{
+    HypergradKind, Method, OptimKind, OptimSpec, PipelineSpec, Precision, ShadowMode,
+};
+
+/// Static batch shapes of one compiled meta-step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchShapes {
+    pub sft_batch: usize,
+    pub rl_batch: usize,
+    pub seq_len: usize,
+}
+
+impl BatchShapes {
+    /// The shapes the pipeline's `[sft]`, `[rl]` and `[train]` sections give.
+    pub fn from_spec(spec: &PipelineSpec) -> Self {
+        BatchShapes {
+            sft_batch: spec.sft.batch_size,
+            rl_batch: spec.rl.batch_size(),
+            seq_len: spec.train.seq_len,
+        }
+    }
+}
+
+/// The lowered meta-step and a description of its interface.
+pub struct MetaStep {
+    pub graph: Graph,
+    pub theta: Vec<(String, Shape)>,
+    pub lora: Vec<(String, Shape)>,
+    /// Decisions worth reporting (memory plan, approximations).
+    pub notes: Vec<String>,
+}
+
+pub fn float_dtype(p: Precision) -> DType {
+    match p {
+        Precision::F32 => DType::F32,
+        Precision::F64 => DType::F64,
+    }
+}
+
+/// One step's data as graph inputs.
+struct StepBatch {
+    sft_ids: NodeId,
+    sft_mask: NodeId,
+    rl: RlBatch,
+}
+
+fn batch_inputs(
+    g: &mut Graph,
+    spec: &PipelineSpec,
+    shapes: BatchShapes,
+    dt: DType,
+    k: usize,
+) -> StepBatch {
+    let (bs, br, t) = (shapes.sft_batch, shapes.rl_batch, shapes.seq_len);
+    let p = format!("step{k}.");
+    StepBatch {
+        sft_ids: g.input(format!("{p}sft.input_ids"), DType::I32, vec![bs, t]),
+        sft_mask: g.input(format!("{p}sft.loss_mask"), dt, vec![bs, t]),
+        rl: RlBatch {
+            input_ids: g.input(format!("{p}rl.input_ids"), DType::I32, vec![br, t]),
+            loss_mask: g.input(format!("{p}rl.loss_mask"), dt, vec![br, t]),
+            advantages: g.input(format!("{p}rl.advantages"), dt, vec![br]),
+            old_logprobs: g.input(format!("{p}rl.old_logprobs"), dt, vec![br, t]),
+            ref_logprobs: (spec.rl.kl_coef > 0.0)
+                .then(|| g.input(format!("{p}rl.ref_logprobs"), dt, vec![br, t])),
+        },
+    }
+}
+
+/// The losses of the meta-step, as functions of parameter nodes.
+struct Objective<'a> {
+    spec: &'a PipelineSpec,
+    decoder: Decoder<'a>,
+    batches: Vec<StepBatch>,
+    lambda: NodeId,
+}
+
+struct LowerLosses {
+    total: NodeId,
+    sft: NodeId,
+    rl: NodeId,
+}
+
+impl Objective<'_> {
+    fn sft(&self, g: &mut Graph, theta: &Params, w: &Params, k: usize) -> NodeId {
+        let b = &self.batches[k];
+        let lp = self.decoder.token_logprobs(g, theta, w, b.sft_ids);
+        sft_loss(g, lp, b.sft_mask)
+    }
+
+    fn rl(&self, g: &mut Graph, theta: &Params, w: &Params, k: usize) -> NodeId {
+        let b = &self.batches[k];
+        let lp = self.decoder.token_logprobs(g, theta, w, b.rl.input_ids);
+        grpo_loss(g, &self.spec.rl, lp, &b.rl)
+    }
+
+    /// (1−λ) L_SFT + λ L_RL on step k's batch.
+    fn lower(&self, g: &mut Graph, theta: &Params, w: &Params, k: usize) -> LowerLosses {
+        let sft = self.sft(g, theta, w, k);
+        let rl = self.rl(g, theta, w, k);
+        let one = g.full_like(1.0, self.lambda);
+        let oml = g.sub(one, self.lambda);
+        let a = g.mul(oml, sft);
+        let b = g.mul(self.lambda, rl);
+        LowerLosses {
+            total: g.add(a, b),
+            sft,
+            rl,
+        }
+    }
+}
+
+/// An optimiser's state for a list of parameters.
+struct OptState {
+    /// Per-parameter buffers by PyTorch state name (momentum_buffer, exp_avg, exp_avg_sq).
+    buffers: Vec<(&'static str, Vec<NodeId>)>,
+    /// AdamW's step count (a scalar), before this meta-step.
+    step: Option<NodeId>,
+}
+
+fn state_names(kind: OptimKind) -> &'static [&'static str] {
+    match kind {
+        OptimKind::Sgd => &[],
+        OptimKind::Momentum { .. } => &["momentum_buffer"],
+        OptimKind::AdamW { .. } => &["exp_avg", "exp_avg_sq"],
+    }
+}
+
+/// Declares the optimiser state of `params` as inputs `{prefix}.{state}.{param}`.
+fn state_inputs(
+    g: &mut Graph,
+    kind: OptimKind,
+    prefix: &str,
+    params: &[(String, Shape)],
+    dt: DType,
+) -> OptState {
+    let buffers = state_names(kind)
+        .iter()
+        .map(|&s| {
+            let nodes = params
+                .iter()
+                .map(|(n, shape)| g.input(format!("{prefix}.{s}.{n}"), dt, shape.clone()))
+                .collect();
+            (s, nodes)
+        })
+        .collect();
+    let step = matches!(kind, OptimKind::AdamW { .. })
+        .then(|| g.input(format!("{prefix}.step"), dt, vec![]));
+    OptState { buffers, step }
+}
+
+/// A fresh (zero) optimiser state.
+fn zero_state(g: &mut Graph, kind: OptimKind, params: &[NodeId]) -> OptState {
+    let buffers = state_names(kind)
+        .iter()
+        .map(|&s| (s, params.iter().map(|&p| g.full_like(0.0, p)).collect()))
+        .collect();
+    let step = match (kind, params.first()) {
+        (OptimKind::AdamW { .. }, Some(&p)) => {
+            let dt = g.ty(p).dtype;
+            Some(g.full(0.0, dt, vec![]))
+        }
+        _ => None,
+    };
+    OptState { buffers, step }
+}
+
+impl OptState {
+    fn buffer(&self, name: &str) -> &[NodeId] {
+        &self
+            .buffers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .expect("optimiser buffer")
+            .1
+    }
+}
+
+/// What the adjoint of one optimiser step needs (coefficients held constant).
+enum StepAdjoint {
+    Sgd {
+        lr: f64,
+    },
+    Momentum {
+        lr: f64,
+        mu: f64,
+    },
+    /// θ' = (1 − lr·wd) θ − D ⊙ m', m' = β1 m + (1 − β1) g, D frozen.
+    AdamW {
+        decay: f64,
+        beta1: f64,
+        d: Vec<NodeId>,
+    },
+}
+
+/// One optimiser step; returns new params, new state and the adjoint data.
+fn opt_step(
+    g: &mut Graph,
+    opt: OptimSpec,
+    params: &[NodeId],
+    grads: &[NodeId],
+    state: &OptState,
+) -> (Vec<NodeId>, OptState, StepAdjoint) {
+    let lr = opt.lr;
+    match opt.kind {
+        OptimKind::Sgd => {
+            let new = params
+                .iter()
+                .zip(grads)
+                .map(|(&p, &gr)| {
+                    let s = g.scale(gr, lr);
+                    g.sub(p, s)
+                })
+                .collect();
+            (
+                new,
+                OptState {
+                    buffers: vec![],
+                    step: None,
+                },
+                StepAdjoint::Sgd { lr },
+            )
+        }
+        OptimKind::Momentum { momentum } => {
+            let mut new = Vec::new();
+            let mut bufs = Vec::new();
+            for ((&p, &gr), &b) in params
+                .iter()
+                .zip(grads)
+                .zip(state.buffer("momentum_buffer"))
+            {
+                let mb = g.scale(b, momentum);
+                let b2 = g.add(mb, gr);
+                let s = g.scale(b2, lr);
+                new.push(g.sub(p, s));
+                bufs.push(b2);
+            }
+            let st = OptState {
+                buffers: vec![("momentum_buffer", bufs)],
+                step: None,
+            };
+            (new, st, StepAdjoint::Momentum { lr, mu: momentum })
+        }
+        OptimKind::AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } => {
+            let step0 = state.step.expect("adamw step count");
+            let one = g.full_like(1.0, step0);
+            let t = g.add(step0, one);
+            // Bias corrections 1 − β^t.
+            let b1 = g.full_like(beta1, t);
+            let b2 = g.full_like(beta2, t);
+            let p1 = g.pow(b1, t);
+            let p2 = g.pow(b2, t);
+            let one = g.full_like(1.0, t);
+            let c1 = g.sub(one, p1);
+            let c2 = g.sub(one, p2);
+            let (mut new, mut ms, mut vs, mut ds) = (vec![], vec![], vec![], vec![]);
+            for (((&p, &gr), &m), &v) in params
+                .iter()
+                .zip(grads)
+                .zip(state.buffer("exp_avg"))
+                .zip(state.buffer("exp_avg_sq"))
+            {
+                let shape = g.ty(p).shape.clone();
+                let m1 = g.scale(m, beta1);
+                let gm = g.scale(gr, 1.0 - beta1);
+                let m2 = g.add(m1, gm);
+                let v1 = g.scale(v, beta2);
+                let g2 = g.mul(gr, gr);
+                let g2 = g.scale(g2, 1.0 - beta2);
+                let v2 = g.add(v1, g2);
+                // D = lr / (c1 · (sqrt(v2 / c2) + eps)), frozen in the adjoint.
+                let c2b = g.broadcast(c2, shape.clone());
+                let vhat = g.div(v2, c2b);
+                let den = g.sqrt(vhat);
+                let epsn = g.full_like(eps, den);
+                let den = g.add(den, epsn);
+                let c1b = g.broadcast(c1, shape.clone());
+                let den = g.mul(den, c1b);
+                let lrn = g.full_like(lr, den);
+                let d = g.div(lrn, den);
+                let d = g.stop_gradient(d);
+                let decayed = if weight_decay != 0.0 {
+                    g.scale(p, 1.0 - lr * weight_decay)
+                } else {
+                    p
+                };
+                let upd = g.mul(d, m2);
+                new.push(g.sub(decayed, upd));
+                ms.push(m2);
+                vs.push(v2);
+                ds.push(d);
+            }
+            let st = OptState {
+                buffers: vec![("exp_avg", ms), ("exp_avg_sq", vs)],
+                step: Some(t),
+            };
+            let adj = StepAdjoint::AdamW {
+                decay: 1.0 - lr * weight_decay,
+                beta1,
+                d: ds,
+            };
+            (new, st, adj)
+        }
+    }
+}
+
+/// One differentiated step of a chain (lower or shadow), kept for the adjoint.
+struct StepRecord {
+    /// stop_gradient(θ_k): the point the step's gradient was taken at.
+    theta_in: Vec<NodeId>,
+    /// ∇θ of the step's loss at theta_in.
+    grads: Vec<NodeId>,
+    adjoint: StepAdjoint,
+}
+
+/// Which loss a chain minimises.
+#[derive(Clone, Copy, PartialEq)]
+enum Chain {
+    Lower,
+    Shadow,
+}
+
+fn add_opt(g: &mut Graph, a: Option<NodeId>, b: NodeId) -> NodeId {
+    match a {
+        Some(a) => g.add(a, b),
+        None => b,
+    }
+}
+
+/// Σ over tensors of Σ x² → sqrt: the 2-norm of all tensors concatenated.
+fn global_norm(g: &mut Graph, xs: &[NodeId]) -> NodeId {
+    let mut total: Option<NodeId> = None;
+    for &x in xs {
+        let sq = g.mul(x, x);
+        let s = g.sum_all(sq);
+        total = Some(add_opt(g, total, s));
+    }
+    let total = total.expect("at least one tensor");
+    g.sqrt(total)
+}
+
+/// The end of an unrolled chain.
+struct Unrolled {
+    theta: Vec<NodeId>,
+    state: OptState,
+    records: Vec<StepRecord>,
+    /// Lower chain: step 0's losses and gradient.
+    first: Option<(LowerLosses, Vec<NodeId>)>,
+}
+
+struct Lowering<'a> {
+    obj: Objective<'a>,
+    /// Put `stop_gradient` on each iterate before taking its loss.
+    detach: bool,
+    /// Exact second-order products recompute the step's forward pass.
+    recompute: bool,
+    theta_names: Vec<String>,
+    w_names: Vec<String>,
+    w: Vec<NodeId>,
+}
+
+impl Lowering<'_> {
+    fn detach(&self, g: &mut Graph, xs: &[NodeId]) -> Vec<NodeId> {
+        if self.detach {
+            xs.iter().map(|&t| g.stop_gradient(t)).collect()
+        } else {
+            xs.to_vec()
+        }
+    }
+
+    fn params(names: &[String], nodes: &[NodeId]) -> Params {
+        names.iter().cloned().zip(nodes.iter().copied()).collect()
+    }
+
+    fn chain_loss(&self, g: &mut Graph, chain: Chain, theta: &[NodeId], k: usize) -> NodeId {
+        let tp = Self::params(&self.theta_names, theta);
+        let wp = Self::params(&self.w_names, &self.w);
+        match chain {
+            Chain::Lower => self.obj.lower(g, &tp, &wp, k).total,
+            Chain::Shadow => self.obj.rl(g, &tp, &wp, k),
+        }
+    }
+
+    /// Runs K steps of a chain from `theta0`, recording the last `record` steps.
+    #[allow(clippy::too_many_arguments)]
+    fn unroll(
+        &self,
+        g: &mut Graph,
+        chain: Chain,
+        opt: OptimSpec,
+        theta0: &[NodeId],
+        state0: OptState,
+        k_steps: usize,
+        record: usize,
+    ) -> Unrolled {
+        let mut theta = theta0.to_vec();
+        let mut state = state0;
+        let mut records = Vec::new();
+        let mut first = None;
+        for k in 0..k_steps {
+            let theta_in = self.detach(g, &theta);
+            let tp = Self::params(&self.theta_names, &theta_in);
+            let wp = Self::params(&self.w_names, &self.w);
+            let (loss, parts) = match chain {
+                Chain::Lower => {
+                    let l = self.obj.lower(g, &tp, &wp, k);
+                    (l.total, Some(l))
+                }
+                Chain::Shadow => (self.obj.rl(g, &tp, &wp, k), None),
+            };
+            let grads = grad(g, loss, &theta_in);
+            if k == 0 {
+                first = parts.map(|l| (l, grads.clone()));
+            }
+            let (new, st, adjoint) = opt_step(g, opt, &theta, &grads, &state);
+            if k + record >= k_steps {
+                records.push(StepRecord {
+                    theta_in,
+                    grads,
+                    adjoint,
+                });
+            }
+            theta = new;
+            state = st;
+        }
+        Unrolled {
+            theta,
+            state,
+            records,
+            first,
+        }
+    }
+
+    /// (∂²L/∂θ∂θ · u, ∂²L/∂w∂θ · u) for step k of a chain at the recorded point.
+    fn second_order(
+        &self,
+        g: &mut Graph,
+        chain: Chain,
+        rec: &StepRecord,
+        k: usize,
+        u: &[NodeId],
+        kind: HypergradKind,
+    ) -> (Vec<NodeId>, Vec<NodeId>) {
+        let n = self.theta_names.len();
+        match kind {
+            HypergradKind::FiniteDifference { eps } => {
+                let norm = global_norm(g, u);
+                let tiny = g.full_like(1e-30, norm);
+                let norm = g.max(norm, tiny);
+                let e = g.full_like(eps, norm);
+                let step = g.div(e, norm);
+                let at = |g: &mut Graph, sign: f64| {
+                    let moved: Vec<NodeId> = rec
+                        .theta_in
+                        .iter()
+                        .zip(u)
+                        .map(|(&t, &d)| {
+                            let shape = g.ty(t).shape.clone();
+                            let sb = g.broadcast(step, shape);
+                            let delta = g.mul(sb, d);
+                            let delta = g.scale(delta, sign);
+                            // The perturbed point is data: ∇w below must not
+                            // follow u's own dependence on w.
+                            let moved = g.add(t, delta);
+                            g.stop_gradient(moved)
+                        })
+                        .collect();
+                    let loss = self.chain_loss(g, chain, &moved, k);
+                    let mut wrt = moved.clone();
+                    wrt.extend(&self.w);
+                    grad(g, loss, &wrt)
+                };
+                let plus = at(g, 1.0);
+                let minus = at(g, -1.0);
+                let two_step = g.scale(step, 2.0);
+                let diffs: Vec<NodeId> = plus
+                    .iter()
+                    .zip(&minus)
+                    .map(|(&p, &m)| {
+                        let d = g.sub(p, m);
+                        let shape = g.ty(d).shape.clone();
+                        let den = g.broadcast(two_step, shape);
+                        g.div(d, den)
+                    })
+                    .collect();
+                (diffs[..n].to_vec(), diffs[n..].to_vec())
+            }
+            _ => {
+                let (at, grads) = if self.recompute {
+                    // A distinct copy of θ_k, so the step is rebuilt rather
+                    // than merged back into the forward unroll by CSE.
+                    let tag = 1 + k as u32 + if chain == Chain::Shadow { 1 << 16 } else { 0 };
+                    let at: Vec<NodeId> = rec.theta_in.iter().map(|&t| g.barrier(t, tag)).collect();
+                    let loss = self.chain_loss(g, chain, &at, k);
+                    let grads = grad(g, loss, &at);
+                    (at, grads)
+                } else {
+                    (rec.theta_in.clone(), rec.grads.clone())
+                };
+                let mut wrt = at;
+                wrt.extend(&self.w);
+                let prods = vjp(g, &grads, u, &wrt);
+                (prods[..n].to_vec(), prods[n..].to_vec())
+            }
+        }
+    }
+
+    /// Adds the chain's contribution to the hypergradient, running the adjoint
+    /// recurrence from v = ∂L_up/∂θ_K back over the recorded steps.
+    #[allow(clippy::too_many_arguments)]
+    fn adjoint(
+        &self,
+        g: &mut Graph,
+        chain: Chain,
+        records: &[StepRecord],
+        k_steps: usize,
+        v_final: Vec<NodeId>,
+        kind: HypergradKind,
+        h: &mut [NodeId],
+    ) {
+        let mut v = v_final;
+        // Cotangent of the optimiser buffer that carries gradients (momentum
+        // buffer / exp_avg); zero at θ_K.
+        let mut vbuf: Option<Vec<NodeId>> = None;
+        for (i, rec) in records.iter().enumerate().rev() {
+            let k = k_steps - records.len() + i;
+            let (u, next_vbuf, v_theta): (Vec<NodeId>, Option<Vec<NodeId>>, Vec<NodeId>) =
+                match &rec.adjoint {
+                    StepAdjoint::Sgd { lr } => {
+                        let u = v.iter().map(|&x| g.scale(x, -lr)).collect();
+                        (u, None, v.clone())
+                    }
+                    StepAdjoint::Momentum { lr, mu } => {
+                        let ub: Vec<NodeId> = v
+                            .iter()
+                            .enumerate()
+                            .map(|(j, &x)| {
+                                let t = g.scale(x, -lr);
+                                match &vbuf {
+                                    Some(b) => g.add(b[j], t),
+                                    None => t,
+                                }
+                            })
+                            .collect();
+                        let nb = ub.iter().map(|&x| g.scale(x, *mu)).collect();
+                        (ub, Some(nb), v.clone())
+                    }
+                    StepAdjoint::AdamW { decay, beta1, d } => {
+                        let um: Vec<NodeId> = v
+                            .iter()
+                            .enumerate()
+                            .map(|(j, &x)| {
+                                let dx = g.mul(d[j], x);
+                                let t = g.neg(dx);
+                                match &vbuf {
+                                    Some(b) => g.add(b[j], t),
+                                    None => t,
+                                }
+                            })
+                            .collect();
+                        let u = um.iter().map(|&x| g.scale(x, 1.0 - beta1)).collect();
+                        let nb = um.iter().map(|&x| g.scale(x, *beta1)).collect();
+                        let vt = if *decay != 1.0 {
+                            v.iter().map(|&x| g.scale(x, *decay)).collect()
+                        } else {
+                            v.clone()
+                        };
+                        (u, Some(nb), vt)
+                    }
+                };
+            let (h_theta, h_w) = self.second_order(g, chain, rec, k, &u, kind);
+            v = v_theta
+                .iter()
+                .zip(&h_theta)
+                .map(|(&a, &b)| g.add(a, b))
+                .collect();
+            for (hj, &c) in h.iter_mut().zip(&h_w) {
+                *hj = g.add(*hj, c);
+            }
+            vbuf = next_vbuf;
+        }
+    }
+}
+
+/// How the exact second-order products of `truncated` get the activations
+/// of the inner steps they differentiate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryPlan {
+    /// Reuse the forward unroll's activations: they stay alive until the
+    /// adjoint sweep reaches their step.
+    Keep,
+    /// Recompute each differentiated step's forward pass in the adjoint
+    /// sweep (behind a `barrier`, so CSE keeps the copy); only the iterates
+    /// θ_k stay alive.
+    Recompute,
+}
+
+/// Options of the lowering; `Default` is what `lower_meta_step` uses.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LowerOptions {
+    /// Leave the iterates differentiable (no `stop_gradient` between steps),
+    /// so plain autodiff of `loss.up` with respect to w gives the exact
+    /// hypergradient through all K steps (AdamW's preconditioner frozen) —
+    /// an independent reference for the adjoint recurrence.
+    pub differentiable_unroll: bool,
+    /// Force a memory plan; `None` lets the compiler pick the one with the
+    /// smaller estimated peak.
+    pub memory: Option<MemoryPlan>,
+}
+
+/// Lowers the meta-step of `spec` for batches of the given shapes, choosing
+/// the memory plan, and runs the standard pass pipeline on it.
+pub fn lower_meta_step(spec: &PipelineSpec, shapes: BatchShapes) -> MetaStep {
+    lower_meta_step_with(spec, shapes, LowerOptions::default())
+}
+
+/// As `lower_meta_step`, with options.
+pub fn lower_meta_step_with(
+    spec: &PipelineSpec,
+    shapes: BatchShapes,
+    opts: LowerOptions,
+) -> MetaStep {
+    let truncated = spec.bilevel.method == Method::Bridge
+        && spec.bilevel.hypergradient.kind == HypergradKind::Truncated
+        && spec.bilevel.hypergradient.backprop > 0
+        && !opts.differentiable_unroll;
+    let optimised = |plan: MemoryPlan| {
+        let mut ms = build_meta_step(spec, shapes, opts.differentiable_unroll, plan);
+        Pipeline::standard().run(&mut ms.graph);
+        let peak = schedule(&ms.graph).peak_bytes;
+        (ms, peak)
+    };
+    if !truncated {
+        return optimised(MemoryPlan::Keep).0;
+    }
+    match opts.memory {
+        Some(plan) => {
+            let (mut ms, peak) = optimised(plan);
+            ms.notes.push(format!(
+                "memory plan: {plan:?} (requested), estimated peak {}",
+                human_bytes(peak)
+            ));
+            ms
+        }
+        None => {
+            let (keep, keep_peak) = optimised(MemoryPlan::Keep);
+            let (re, re_peak) = optimised(MemoryPlan::Recompute);
+            let (mut ms, choice) = if re_peak < keep_peak {
+                (
+                    re,
+                    "recompute each differentiated step's activations in the adjoint sweep",
+                )
+            } else {
+                (keep, "keep the forward activations for the adjoint sweep")
+            };
+            ms.notes.push(format!(
+                "memory plan: {choice} (estimated peak {} when kept, {} when recomputed)",
+                human_bytes(keep_peak),
+                human_bytes(re_peak)
+            ));
+            ms
+        }
+    }
+}
+
+fn build_meta_step(
+    spec: &PipelineSpec,
+    shapes: BatchShapes,
+    differentiable_unroll: bool,
+    memory: MemoryPlan,
+) -> MetaStep {
+    let dt = float_dtype(spec.backend.dtype);
+    let theta_spec = theta_shapes(&spec.model);
+    let lora_spec = lora_shapes(&spec.model, &spec.lora);
+    let hg = spec.bilevel.hypergradient;
+    let k_steps = hg.unroll.max(1);
+    let bridge = spec.bilevel.method == Method::Bridge;
+    let mut notes = Vec::new();
+    let mut g = Graph::new();
+
+    let theta0: Vec<NodeId> = theta_spec
+        .iter()
+        .map(|(n, s)| g.input(n.clone(), dt, s.clone()))
+        .collect();
+    let w: Vec<NodeId> = lora_spec
+        .iter()
+        .map(|(n, s)| g.input(n.clone(), dt, s.clone()))
+        .collect();
+    let lambda = g.input("lambda", dt, vec![]);
+    let batches = (0..k_steps)
+        .map(|k| batch_inputs(&mut g, spec, shapes, dt, k))
+        .collect();
+    let low = Lowering {
+        obj: Objective {
+            spec,
+            decoder: Decoder {
+                model: &spec.model,
+                lora: &spec.lora,
+                dtype: dt,
+            },
+            batches,
+            lambda,
+        },
+        detach: !differentiable_unroll,
+        recompute: memory == MemoryPlan::Recompute,
+        theta_names: theta_spec.iter().map(|(n, _)| n.clone()).collect(),
+        w_names: lora_spec.iter().map(|(n, _)| n.clone()).collect(),
+        w: w.clone(),
+    };
+    let lower_opt = spec.optim.lower;
+    let backprop = match hg.kind {
+        _ if !bridge => 0,
+        HypergradKind::FirstOrder => 0,
+        _ => hg.backprop.min(k_steps),
+    };
+
+    // Lower chain.
+    let lower_state = state_inputs(&mut g, lower_opt.kind, "opt.lower", &theta_spec, dt);
+    let lower_state_names: Vec<(&'static str, Vec<NodeId>)> = lower_state.buffers.clone();
+    let lower_step_in = lower_state.step;
+    let Unrolled {
+        theta: theta_k,
+        state: lower_next,
+        records: lower_records,
+        first,
+    } = low.unroll(
+        &mut g,
+        Chain::Lower,
+        lower_opt,
+        &theta0,
+        lower_state,
+        k_steps,
+        backprop,
+    );
+    let (first_losses, first_grads) = first.expect("at least one lower step");
+    g.set_output("loss.sft", first_losses.sft);
+    g.set_output("loss.rl", first_losses.rl);
+    for (name, &gr) in low.theta_names.iter().zip(&first_grads) {
+        g.set_output(format!("lower.{name}"), gr);
+    }
+    for (name, &t) in low.theta_names.iter().zip(&theta_k) {
+        g.set_output(format!("theta_K.{name}"), t);
+    }
+    set_state_outputs(
+        &mut g,
+        "opt.lower",
+        &low.theta_names,
+        &lower_state_names,
+        lower_step_in,
+        &lower_next,
+    );
+
+    if bridge {
+        // Shadow chain.
+        let (shadow0, shadow_state) = match spec.bilevel.shadow {
+            ShadowMode::Persistent => {
+                let s0: Vec<NodeId> = theta_spec
+                    .iter()
+                    .map(|(n, s)| g.input(format!("shadow.{n}"), dt, s.clone()))
+                    .collect();
+                let st = state_inputs(&mut g, lower_opt.kind, "opt.shadow", &theta_spec, dt);
+                (s0, st)
+            }
+            ShadowMode::OneStep => {
+                let st = zero_state(&mut g, lower_opt.kind, &theta0);
+                (theta0.clone(), st)
+            }
+        };
+        let shadow_state_names = shadow_state.buffers.clone();
+        let shadow_step_in = shadow_state.step;
+        let Unrolled {
+            theta: shadow_k,
+            state: shadow_next,
+            records: shadow_records,
+            ..
+        } = low.unroll(
+            &mut g,
+            Chain::Shadow,
+            lower_opt,
+            &shadow0,
+            shadow_state,
+            k_steps,
+            backprop,
+        );
+        if spec.bilevel.shadow == ShadowMode::Persistent {
+            for (name, &t) in low.theta_names.iter().zip(&shadow_k) {
+                g.set_output(format!("next.shadow.{name}"), t);
+            }
+            set_state_outputs(
+                &mut g,
+                "opt.shadow",
+                &low.theta_names,
+                &shadow_state_names,
+                shadow_step_in,
+                &shadow_next,
+            );
+        }
+
+        // Upper objective at θ_K, θ̂_K on the last step's batch.
+        let last = k_steps - 1;
+        let tk_in = low.detach(&mut g, &theta_k);
+        let sk_in = low.detach(&mut g, &shadow_k);
+        let tp = Lowering::params(&low.theta_names, &tk_in);
+        let sp = Lowering::params(&low.theta_names, &sk_in);
+        let wp = Lowering::params(&low.w_names, &w);
+        let at_theta = low.obj.lower(&mut g, &tp, &wp, last).total;
+        let rl_shadow = low.obj.rl(&mut g, &sp, &wp, last);
+        let lr = g.mul(lambda, rl_shadow);
+        let l_up = g.sub(at_theta, lr);
+        g.set_output("loss.up", l_up);
+        let mut wrt = tk_in.clone();
+        wrt.extend(&sk_in);
+        wrt.extend(&w);
+        let n = theta_k.len();
+        let d = grad(&mut g, l_up, &wrt);
+        let (v_theta, v_shadow, mut h) =
+            (d[..n].to_vec(), d[n..2 * n].to_vec(), d[2 * n..].to_vec());
+        if backprop > 0 && low.detach {
+            low.adjoint(
+                &mut g,
+                Chain::Lower,
+                &lower_records,
+                k_steps,
+                v_theta,
+                hg.kind,
+                &mut h,
+            );
+            low.adjoint(
+                &mut g,
+                Chain::Shadow,
+                &shadow_records,
+                k_steps,
+                v_shadow,
+                hg.kind,
+                &mut h,
+            );
+        }
+        for (name, &hj) in low.w_names.iter().zip(&h) {
+            g.set_output(format!("hyper.{name}"), hj);
+        }
+        // Upper update.
+        let upper = spec.optim.upper;
+        let upper_state = state_inputs(&mut g, upper.kind, "opt.upper", &lora_spec, dt);
+        let upper_names = upper_state.buffers.clone();
+        let upper_step_in = upper_state.step;
+        let (w_next, upper_next, _) = opt_step(&mut g, upper, &w, &h, &upper_state);
+        for (name, &x) in low.w_names.iter().zip(&w_next) {
+            g.set_output(format!("next.{name}"), x);
+        }
+        set_state_outputs(
+            &mut g,
+            "opt.upper",
+            &low.w_names,
+            &upper_names,
+            upper_step_in,
+            &upper_next,
+        );
+        notes.push(match hg.kind {
+            HypergradKind::FirstOrder => "hypergradient: first_order (θ, θ̂ held fixed)".to_string(),
+            HypergradKind::Truncated => {
+                format!("hypergradient: truncated through the last {backprop} of {k_steps} lower and shadow steps")
+            }
+            HypergradKind::FiniteDifference { eps } => format!(
+                "hypergradient: finite differences (eps {eps}) through the last {backprop} of {k_steps} steps; \
+                 the perturbed gradients recompute their activations"
+            ),
+        });
+        if matches!(lower_opt.kind, OptimKind::AdamW { .. }) && backprop > 0 {
+            notes.push("AdamW lower optimiser: the hypergradient treats the preconditioner 1/(sqrt(v̂)+eps) as constant".into());
+        }
+    } else {
+        notes.push(format!(
+            "method {}: lower steps only (no shadow, adapter frozen)",
+            spec.bilevel.method.name()
+        ));
+    }
+    MetaStep {
+        graph: g,
+        theta: theta_spec,
+        lora: lora_spec,
+        notes,
+    }
+}
+
+fn set_state_outputs(
+    g: &mut Graph,
+    prefix: &str,
+    names: &[String],
+    inputs: &[(&'static str, Vec<NodeId>)],
+    step_in: Option<NodeId>,
+    next: &OptState,
+) {
+    for (state, _) in inputs {
+        for (name, &x) in names.iter().zip(next.buffer(state)) {
+            g.set_output(format!("next.{prefix}.{state}.{name}"), x);
+        }
+    }
+    if let (Some(_), Some(t)) = (step_in, next.step) {
+        g.set_output(format!("next.{prefix}.step"), t);
+    }
+}

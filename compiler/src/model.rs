@@ -1,0 +1,310 @@
+//! The policy as IR: a Llama/Qwen2-style decoder with LoRA adapters, built
+//! from parameter nodes named as Hugging Face (θ) and PEFT (w) name them,
+//! producing per-token log-probabilities of a batch of token ids.
+
+use crate::ir::{CompareOp, DType, Graph, NodeId, Shape};
+use crate::spec::{LoraSpec, ModelSpec, Projection};
+use std::collections::BTreeMap;
+
+/// Parameter nodes by name.
+pub type Params = BTreeMap<String, NodeId>;
+
+/// Prefix PEFT puts before the base model's module path in adapter files.
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// `model.layers.{i}.{self_attn|mlp}.{proj}`.
+pub fn module_path(layer: usize, p: Projection) -> String {
+    format!("model.layers.{layer}.{}.{}", p.block(), p.name())
+}
+
+/// (out, in) extents of a projection's weight.
+fn proj_dims(m: &ModelSpec, p: Projection) -> (usize, usize) {
+    let hd = m.head_dim();
+    match p {
+        Projection::QProj => (m.n_heads * hd, m.d_model),
+        Projection::KProj | Projection::VProj => (m.n_kv_heads * hd, m.d_model),
+        Projection::OProj => (m.d_model, m.n_heads * hd),
+        Projection::GateProj | Projection::UpProj => (m.d_ff, m.d_model),
+        Projection::DownProj => (m.d_model, m.d_ff),
+    }
+}
+
+/// θ: every base-model tensor, by Hugging Face name, in a canonical order.
+pub fn theta_shapes(m: &ModelSpec) -> Vec<(String, Shape)> {
+    let mut v = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![m.vocab_size, m.d_model],
+    )];
+    for i in 0..m.n_layers {
+        v.push((
+            format!("model.layers.{i}.input_layernorm.weight"),
+            vec![m.d_model],
+        ));
+        for p in Projection::ALL {
+            let (o, inp) = proj_dims(m, p);
+            v.push((format!("{}.weight", module_path(i, p)), vec![o, inp]));
+            if m.qkv_bias && matches!(p, Projection::QProj | Projection::KProj | Projection::VProj)
+            {
+                v.push((format!("{}.bias", module_path(i, p)), vec![o]));
+            }
+        }
+        v.push((
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+            vec![m.d_model],
+        ));
+    }
+    v.push(("model.norm.weight".to_string(), vec![m.d_model]));
+    if !m.tie_embeddings {
+        v.push(("lm_head.weight".to_string(), vec![m.vocab_size, m.d_model]));
+    }
+    v
+}
+
+/// Total elements of a list of parameter shapes.
+pub fn parameter_count(shapes: &[(String, Shape)]) -> usize {
+    shapes
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum()
+}
+
+/// PEFT name of a LoRA matrix: `base_model.model.<module>.lora_{A|B}.weight`.
+pub fn lora_name(layer: usize, p: Projection, which: char) -> String {
+    format!("{PEFT_PREFIX}{}.lora_{which}.weight", module_path(layer, p))
+}
+
+/// w: LoRA A [rank, in] and B [out, rank] of every target, by PEFT name.
+pub fn lora_shapes(m: &ModelSpec, l: &LoraSpec) -> Vec<(String, Shape)> {
+    let mut v = Vec::new();
+    for i in 0..m.n_layers {
+        for p in Projection::ALL {
+            if l.targets.contains(&p) {
+                let (o, inp) = proj_dims(m, p);
+                v.push((lora_name(i, p, 'A'), vec![l.rank, inp]));
+                v.push((lora_name(i, p, 'B'), vec![o, l.rank]));
+            }
+        }
+    }
+    v
+}
+
+/// Builds the decoder over given parameter nodes.
+pub struct Decoder<'a> {
+    pub model: &'a ModelSpec,
+    pub lora: &'a LoraSpec,
+    pub dtype: DType,
+}
+
+impl Decoder<'_> {
+    fn p(&self, params: &Params, name: &str) -> NodeId {
+        *params
+            .get(name)
+            .unwrap_or_else(|| panic!("parameter `{name}` not provided to the decoder"))
+    }
+
+    /// `x Wᵀ (+ b) + s · (x Aᵀ) Bᵀ` on the last axis of x.
+    fn linear(
+        &self,
+        g: &mut Graph,
+        x: NodeId,
+        theta: &Params,
+        w: &Params,
+        layer: usize,
+        p: Projection,
+    ) -> NodeId {
+        let path = module_path(layer, p);
+        let weight = self.p(theta, &format!("{path}.weight"));
+        let mut y = matmul_t(g, x, weight);
+        if let Some(&b) = theta.get(&format!("{path}.bias")) {
+            let shape = g.ty(y).shape.clone();
+            let bb = g.broadcast(b, shape);
+            y = g.add(y, bb);
+        }
+        if self.lora.targets.contains(&p) {
+            let a = self.p(w, &lora_name(layer, p, 'A'));
+            let b = self.p(w, &lora_name(layer, p, 'B'));
+            let xa = matmul_t(g, x, a);
+            let xab = matmul_t(g, xa, b);
+            let xab = g.scale(xab, self.lora.scale());
+            y = g.add(y, xab);
+        }
+        y
+    }
+
+    /// RMSNorm over the last axis: x / sqrt(mean(x²) + eps) · g.
+    fn rms_norm(&self, g: &mut Graph, x: NodeId, weight: NodeId) -> NodeId {
+        let shape = g.ty(x).shape.clone();
+        let last = shape.len() - 1;
+        let sq = g.mul(x, x);
+        let ms = g.mean(sq, &[last], true);
+        let eps = g.full_like(self.model.rms_eps, ms);
+        let ms = g.add(ms, eps);
+        let r = g.rsqrt(ms);
+        let rb = g.broadcast(r, shape.clone());
+        let xn = g.mul(x, rb);
+        let wb = g.broadcast(weight, shape);
+        g.mul(xn, wb)
+    }
+
+    /// cos and sin tables [T, head_dim] of HF Llama's rotate-half RoPE.
+    fn rope_tables(&self, g: &mut Graph, t: usize) -> (NodeId, NodeId) {
+        let hd = self.model.head_dim();
+        let half = hd / 2;
+        let mut cos = Vec::with_capacity(t * hd);
+        let mut sin = Vec::with_capacity(t * hd);
+        for pos in 0..t {
+            for j in 0..hd {
+                let i = j % half;
+                let inv_freq = 1.0 / self.model.rope_theta.powf((2 * i) as f64 / hd as f64);
+                let a = pos as f64 * inv_freq;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        (
+            g.literal(&cos, self.dtype, vec![t, hd]),
+            g.literal(&sin, self.dtype, vec![t, hd]),
+        )
+    }
+
+    /// x·cos + rotate_half(x)·sin for x [B, H, T, hd].
+    fn rope(&self, g: &mut Graph, x: NodeId, cos: NodeId, sin: NodeId) -> NodeId {
+        let shape = g.ty(x).shape.clone();
+        let hd = shape[3];
+        let x1 = g.slice_axis(x, 3, 0, hd / 2);
+        let x2 = g.slice_axis(x, 3, hd / 2, hd);
+        let nx2 = g.neg(x2);
+        let rot = g.concat(&[nx2, x1], 3);
+        let cb = g.broadcast(cos, shape.clone());
+        let sb = g.broadcast(sin, shape);
+        let a = g.mul(x, cb);
+        let b = g.mul(rot, sb);
+        g.add(a, b)
+    }
+
+    /// [B, T, n·hd] → [B, n, T, hd].
+    fn split_heads(&self, g: &mut Graph, x: NodeId, n: usize) -> NodeId {
+        let s = g.ty(x).shape.clone();
+        let hd = self.model.head_dim();
+        let r = g.reshape(x, vec![s[0], s[1], n, hd]);
+        g.permute(r, &[0, 2, 1, 3])
+    }
+
+    /// [B, KV, T, hd] → [B, H, T, hd], query head h reading kv head h / (H / KV).
+    fn repeat_kv(&self, g: &mut Graph, x: NodeId) -> NodeId {
+        let (h, kv) = (self.model.n_heads, self.model.n_kv_heads);
+        if h == kv {
+            return x;
+        }
+        let s = g.ty(x).shape.clone();
+        let e = g.reshape(x, vec![s[0], kv, 1, s[2], s[3]]);
+        let e = g.broadcast(e, vec![s[0], kv, h / kv, s[2], s[3]]);
+        g.reshape(e, vec![s[0], h, s[2], s[3]])
+    }
+
+    /// Causal softmax attention of q [B,H,T,hd] over k, v [B,H,T,hd].
+    fn attention(&self, g: &mut Graph, q: NodeId, k: NodeId, v: NodeId) -> NodeId {
+        let s = g.ty(q).shape.clone();
+        let (b, h, t, hd) = (s[0], s[1], s[2], s[3]);
+        let kt = g.transpose(k);
+        let scores = g.matmul(q, kt);
+        let scores = g.scale(scores, 1.0 / (hd as f64).sqrt());
+        let row = g.iota(0, DType::I32, vec![t, t]);
+        let col = g.iota(1, DType::I32, vec![t, t]);
+        let allowed = g.compare(CompareOp::Le, col, row);
+        let allowed = g.broadcast(allowed, vec![b, h, t, t]);
+        let masked = g.full(f64::NEG_INFINITY, self.dtype, vec![b, h, t, t]);
+        let scores = g.select(allowed, scores, masked);
+        let m = g.reduce_max(scores, &[3], true);
+        let m = g.stop_gradient(m);
+        let mb = g.broadcast(m, vec![b, h, t, t]);
+        let z = g.sub(scores, mb);
+        let e = g.exp(z);
+        let den = g.sum(e, &[3], true);
+        let den = g.broadcast(den, vec![b, h, t, t]);
+        let p = g.div(e, den);
+        g.matmul(p, v)
+    }
+
+    /// Final hidden states [B, T, d_model] (after the last RMSNorm) for ids [B, T].
+    pub fn hidden(&self, g: &mut Graph, theta: &Params, w: &Params, ids: NodeId) -> NodeId {
+        let m = self.model;
+        let s = g.ty(ids).shape.clone();
+        let (b, t) = (s[0], s[1]);
+        let embed = self.p(theta, "model.embed_tokens.weight");
+        let mut x = g.gather(embed, ids);
+        let (cos, sin) = self.rope_tables(g, t);
+        for i in 0..m.n_layers {
+            let ln1 = self.p(theta, &format!("model.layers.{i}.input_layernorm.weight"));
+            let hn = self.rms_norm(g, x, ln1);
+            let q = self.linear(g, hn, theta, w, i, Projection::QProj);
+            let k = self.linear(g, hn, theta, w, i, Projection::KProj);
+            let v = self.linear(g, hn, theta, w, i, Projection::VProj);
+            let q = self.split_heads(g, q, m.n_heads);
+            let k = self.split_heads(g, k, m.n_kv_heads);
+            let v = self.split_heads(g, v, m.n_kv_heads);
+            let q = self.rope(g, q, cos, sin);
+            let k = self.rope(g, k, cos, sin);
+            let k = self.repeat_kv(g, k);
+            let v = self.repeat_kv(g, v);
+            let a = self.attention(g, q, k, v);
+            let a = g.permute(a, &[0, 2, 1, 3]);
+            let a = g.reshape(a, vec![b, t, m.n_heads * m.head_dim()]);
+            let o = self.linear(g, a, theta, w, i, Projection::OProj);
+            x = g.add(x, o);
+            let ln2 = self.p(
+                theta,
+                &format!("model.layers.{i}.post_attention_layernorm.weight"),
+            );
+            let hn = self.rms_norm(g, x, ln2);
+            let gate = self.linear(g, hn, theta, w, i, Projection::GateProj);
+            let up = self.linear(g, hn, theta, w, i, Projection::UpProj);
+            let act = g.silu(gate);
+            let act = g.mul(act, up);
+            let down = self.linear(g, act, theta, w, i, Projection::DownProj);
+            x = g.add(x, down);
+        }
+        let norm = self.p(theta, "model.norm.weight");
+        self.rms_norm(g, x, norm)
+    }
+
+    /// Logits [B, T, vocab] for ids [B, T].
+    pub fn logits(&self, g: &mut Graph, theta: &Params, w: &Params, ids: NodeId) -> NodeId {
+        let h = self.hidden(g, theta, w, ids);
+        let head = match theta.get("lm_head.weight") {
+            Some(&hw) => hw,
+            None => self.p(theta, "model.embed_tokens.weight"),
+        };
+        matmul_t(g, h, head)
+    }
+
+    /// Token log-probabilities [B, T]: entry t is log π(ids[t] | ids[<t]),
+    /// from the logits at position t − 1; entry 0 is 0.
+    pub fn token_logprobs(&self, g: &mut Graph, theta: &Params, w: &Params, ids: NodeId) -> NodeId {
+        let s = g.ty(ids).shape.clone();
+        let (b, t) = (s[0], s[1]);
+        let logits = self.logits(g, theta, w, ids);
+        let v = self.model.vocab_size;
+        let prev = g.slice(logits, &[0, 0, 0], &[b, t - 1, v]);
+        let lp = g.log_softmax(prev);
+        let next = g.slice(ids, &[0, 1], &[b, t]);
+        let next = g.reshape(next, vec![b, t - 1, 1]);
+        let picked = g.take_along_axis(lp, next, 2);
+        let picked = g.reshape(picked, vec![b, t - 1]);
+        g.pad(picked, &[0, 1], &[0, 0], 0.0)
+    }
+}
+
+/// `x Wᵀ` over the last axis of x (any rank ≥ 2) for W [out, in].
+pub fn matmul_t(g: &mut Graph, x: NodeId, w: NodeId) -> NodeId {
+    let xs = g.ty(x).shape.clone();
+    let ws = g.ty(w).shape.clone();
+    let inner = *xs.last().expect("rank ≥ 1");
+    let rows: usize = xs[..xs.len() - 1].iter().product();
+    let x2 = g.reshape(x, vec![rows, inner]);
+    let wt = g.transpose(w);
+    let y = g.matmul(x2, wt);
+    let mut out = xs[..xs.len() - 1].to_vec();
+    out.push(ws[0]);
+    g.reshape(y, out)
+}

@@ -1,0 +1,143 @@
+//! `coopc compile`: pipeline.toml → lowered, optimised, scheduled programs →
+//! a plan file; optionally prints the meta-step as IR, DOT or its schedule.
+
+use crate::cli_grad::UserError;
+use coopc_compiler::ir::{to_dot, to_text, DType, Graph};
+use coopc_compiler::lowering::{float_dtype, lower_meta_step, BatchShapes};
+use coopc_compiler::model::{lora_shapes, theta_shapes, Decoder, Params};
+use coopc_compiler::passes::Pipeline;
+use coopc_compiler::plan::{pipeline_hash, Plan, Program};
+use coopc_compiler::schedule::{human_bytes, schedule};
+use coopc_compiler::spec::PipelineSpec;
+use std::path::Path;
+use std::time::Instant;
+
+/// What `--emit` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Emit {
+    /// The meta-step program as text IR.
+    Ir,
+    /// The meta-step program as Graphviz DOT.
+    Dot,
+    /// Every program's schedule and memory estimate.
+    Schedule,
+}
+
+/// Log-probs of a batch of ids [rl_batch, seq_len] under (θ, w): the program
+/// that scores rollouts (π_old, π_ref) and held-out sequences.
+fn logprobs_program(spec: &PipelineSpec, shapes: BatchShapes) -> Graph {
+    let dt = float_dtype(spec.backend.dtype);
+    let mut g = Graph::new();
+    let declare = |g: &mut Graph, v: Vec<(String, Vec<usize>)>| -> Params {
+        v.into_iter()
+            .map(|(n, s)| {
+                let id = g.input(n.clone(), dt, s);
+                (n, id)
+            })
+            .collect()
+    };
+    let theta = declare(&mut g, theta_shapes(&spec.model));
+    let w = declare(&mut g, lora_shapes(&spec.model, &spec.lora));
+    let ids = g.input(
+        "input_ids",
+        DType::I32,
+        vec![shapes.rl_batch, shapes.seq_len],
+    );
+    let dec = Decoder {
+        model: &spec.model,
+        lora: &spec.lora,
+        dtype: dt,
+    };
+    let lp = dec.token_logprobs(&mut g, &theta, &w, ids);
+    g.set_output("logprobs", lp);
+    g
+}
+
+/// Lowers and optimises every program of a pipeline.
+pub fn build_plan(source: &str, spec: PipelineSpec) -> Plan {
+    let shapes = BatchShapes::from_spec(&spec);
+    // The lowering runs the pass pipeline on the meta-step itself (its
+    // memory plan is chosen on optimised graphs).
+    let ms = lower_meta_step(&spec, shapes);
+    let mut logprobs = logprobs_program(&spec, shapes);
+    Pipeline::standard().run(&mut logprobs);
+    Plan {
+        spec,
+        pipeline_hash: pipeline_hash(source),
+        programs: vec![
+            Program::new("meta_step", ms.graph),
+            Program::new("logprobs", logprobs),
+        ],
+        notes: ms.notes,
+    }
+}
+
+pub fn run(pipeline: &Path, out: Option<&Path>, emit: Option<Emit>) -> Result<(), UserError> {
+    let t0 = Instant::now();
+    let (source, spec) =
+        coopc_compiler::frontend::load_pipeline(pipeline).map_err(|e| UserError(e.render()))?;
+    let plan = build_plan(&source, spec);
+    let elapsed = t0.elapsed();
+    let meta = &plan.programs[0];
+    match emit {
+        Some(Emit::Ir) => print!("{}", to_text(&meta.graph)),
+        Some(Emit::Dot) => print!("{}", to_dot(&meta.graph)),
+        Some(Emit::Schedule) => {
+            for p in &plan.programs {
+                let s = schedule(&p.graph);
+                println!(
+                    "program {} — {} steps, peak {} (inputs {}, outputs {}), {:.3} GFLOP",
+                    p.name,
+                    s.order.len(),
+                    human_bytes(s.peak_bytes),
+                    human_bytes(s.input_bytes),
+                    human_bytes(s.output_bytes),
+                    s.flops as f64 / 1e9
+                );
+                for (i, id) in s.order.iter().enumerate() {
+                    let n = p.graph.node(*id);
+                    println!(
+                        "  {i:>6}  %{:<6} {:<40} {}",
+                        id.index(),
+                        n.op.to_string(),
+                        n.ty
+                    );
+                }
+            }
+        }
+        None => {}
+    }
+    if let Some(out) = out {
+        plan.write(out)?;
+    }
+    let summary = format!(
+        "compiled {} ({}, {} hypergradient) in {:.2?}: {}",
+        pipeline.display(),
+        plan.spec.bilevel.method.name(),
+        plan.spec.bilevel.hypergradient.kind.name(),
+        elapsed,
+        plan.programs
+            .iter()
+            .map(|p| format!(
+                "{} {} nodes, peak {}",
+                p.name,
+                p.graph.node_count(),
+                human_bytes(p.peak_bytes)
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    // With --emit the program text owns stdout.
+    if emit.is_some() {
+        eprintln!("{summary}");
+    } else {
+        println!("{summary}");
+        for n in &plan.notes {
+            println!("  note: {n}");
+        }
+        if let Some(out) = out {
+            println!("  plan written to {}", out.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,301 @@
+//! `coopc grad`: one meta-step on fixed data on the CPU executor, writing the
+//! lower gradient, the hypergradient, the losses and θ_K to safetensors — for
+//! checking coopc against other frameworks. File conventions: README / docs.
+
+use coopc_compiler::ir::{DType, Graph, TensorType};
+use coopc_compiler::lowering::{float_dtype, lower_meta_step, BatchShapes};
+use coopc_compiler::passes::Pipeline;
+use coopc_compiler::spec::{PipelineSpec, ShadowMode};
+use coopc_runtime::safetensors_io::{read_tensors, reject_unexpected, take_exact, write_tensors};
+use coopc_runtime::{execute, HostTensor};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Instant;
+
+/// A user-facing failure: the message names what is wrong and where.
+#[derive(Debug)]
+pub struct UserError(pub String);
+
+impl<E: std::fmt::Display> From<E> for UserError {
+    fn from(e: E) -> Self {
+        UserError(e.to_string())
+    }
+}
+
+/// Batch keys of one step (without the `step{k}.` prefix), with their role.
+fn batch_keys(spec: &PipelineSpec) -> Vec<&'static str> {
+    let mut keys = vec![
+        "sft.input_ids",
+        "sft.loss_mask",
+        "rl.input_ids",
+        "rl.loss_mask",
+        "rl.advantages",
+        "rl.old_logprobs",
+    ];
+    if spec.rl.kl_coef > 0.0 {
+        keys.push("rl.ref_logprobs");
+    }
+    keys
+}
+
+fn shape_of(
+    t: &BTreeMap<String, HostTensor>,
+    key: &str,
+    file: &str,
+) -> Result<Vec<usize>, UserError> {
+    let x = t
+        .get(key)
+        .ok_or_else(|| UserError(format!("{file}: missing tensor `{key}`")))?;
+    if x.shape.len() != 2 {
+        return Err(UserError(format!(
+            "{file}: `{key}` must be [batch, seq], got shape {:?}",
+            x.shape
+        )));
+    }
+    Ok(x.shape.clone())
+}
+
+/// Reads the batch file into graph inputs `step{k}.…` for k < K, checking
+/// names, shapes, token ranges and the mask convention.
+pub fn load_batch(
+    spec: &PipelineSpec,
+    path: &Path,
+    dt: DType,
+) -> Result<(BatchShapes, HashMap<String, HostTensor>), UserError> {
+    let file = path.display().to_string();
+    let mut tensors = read_tensors(path)?;
+    let k_steps = spec.bilevel.hypergradient.unroll.max(1);
+    let keys = batch_keys(spec);
+    let prefixed = tensors.keys().any(|k| {
+        k.strip_prefix("step")
+            .and_then(|r| r.split_once('.'))
+            .is_some_and(|(n, _)| n.parse::<usize>().is_ok())
+    });
+    // Unprefixed keys serve every step; with step prefixes they are ignored.
+    let source = |k: usize, key: &str| {
+        if prefixed {
+            format!("step{k}.{key}")
+        } else {
+            key.to_string()
+        }
+    };
+    if prefixed {
+        for key in [
+            "sft.input_ids",
+            "sft.loss_mask",
+            "rl.input_ids",
+            "rl.loss_mask",
+            "rl.advantages",
+            "rl.old_logprobs",
+            "rl.ref_logprobs",
+        ] {
+            tensors.remove(key);
+        }
+    }
+    let (sft, rl) = (
+        shape_of(&tensors, &source(0, "sft.input_ids"), &file)?,
+        shape_of(&tensors, &source(0, "rl.input_ids"), &file)?,
+    );
+    if sft[1] != rl[1] {
+        return Err(UserError(format!(
+            "{file}: sft.input_ids has {} positions but rl.input_ids has {}; both batches must share one sequence length",
+            sft[1], rl[1]
+        )));
+    }
+    let shapes = BatchShapes {
+        sft_batch: sft[0],
+        rl_batch: rl[0],
+        seq_len: sft[1],
+    };
+    if shapes.seq_len > spec.model.max_seq || shapes.seq_len < 2 {
+        return Err(UserError(format!(
+            "{file}: sequences of {} tokens; the model takes 2 to model.max_seq = {}",
+            shapes.seq_len, spec.model.max_seq
+        )));
+    }
+    let (bs, br, t) = (shapes.sft_batch, shapes.rl_batch, shapes.seq_len);
+    let expected_type = |key: &str| -> TensorType {
+        match key {
+            "sft.input_ids" => TensorType::new(DType::I32, vec![bs, t]),
+            "sft.loss_mask" => TensorType::new(dt, vec![bs, t]),
+            "rl.input_ids" => TensorType::new(DType::I32, vec![br, t]),
+            "rl.advantages" => TensorType::new(dt, vec![br]),
+            _ => TensorType::new(dt, vec![br, t]),
+        }
+    };
+    let mut expected = Vec::new();
+    for k in 0..if prefixed { k_steps } else { 1 } {
+        for key in &keys {
+            expected.push((source(k, key), expected_type(key)));
+        }
+    }
+    let mut taken = take_exact(&mut tensors, &expected, &format!("batch file {file}"))?;
+    if spec.rl.kl_coef == 0.0 {
+        // Read only when kl_coef > 0.
+        tensors.retain(|k, _| !k.ends_with("rl.ref_logprobs"));
+    }
+    reject_unexpected(&tensors, &format!("batch file {file}"))?;
+    let vocab = spec.model.vocab_size;
+    for (name, x) in &taken {
+        if name.ends_with("input_ids") {
+            if let Some(bad) = x
+                .to_f64_vec()
+                .into_iter()
+                .find(|&v| v < 0.0 || v >= vocab as f64)
+            {
+                return Err(UserError(format!(
+                    "{file}: `{name}` holds token id {bad}, outside the vocabulary 0..{vocab}"
+                )));
+            }
+        }
+        if name.ends_with("loss_mask") {
+            let v = x.to_f64_vec();
+            let rows = x.shape[0];
+            if (0..rows).any(|i| v[i * t] != 0.0) {
+                return Err(UserError(format!(
+                    "{file}: `{name}`[:, 0] must be 0 — position 0 has no log-probability (DESIGN: logits at t−1 predict token t)"
+                )));
+            }
+            if v.iter().all(|&m| m == 0.0) {
+                return Err(UserError(format!(
+                    "{file}: `{name}` selects no response token"
+                )));
+            }
+        }
+    }
+    let mut inputs = HashMap::new();
+    for k in 0..k_steps {
+        for key in &keys {
+            let src = source(k, key);
+            let x = if prefixed {
+                taken.remove(&src)
+            } else {
+                taken.get(&src).cloned()
+            };
+            let x = x.ok_or_else(|| UserError(format!("{file}: missing tensor `{src}`")))?;
+            inputs.insert(format!("step{k}.{key}"), x);
+        }
+    }
+    Ok((shapes, inputs))
+}
+
+/// Reads θ, w and optional `shadow.*` tensors (strict names and shapes).
+fn load_params(
+    spec: &PipelineSpec,
+    path: &Path,
+    theta: &[(String, Vec<usize>)],
+    lora: &[(String, Vec<usize>)],
+    dt: DType,
+) -> Result<(HashMap<String, HostTensor>, bool), UserError> {
+    let file = path.display().to_string();
+    let what = format!("parameter file {file}");
+    let mut tensors = read_tensors(path)?;
+    let typed = |v: &[(String, Vec<usize>)], prefix: &str| -> Vec<(String, TensorType)> {
+        v.iter()
+            .map(|(n, s)| (format!("{prefix}{n}"), TensorType::new(dt, s.clone())))
+            .collect()
+    };
+    let mut expected = typed(theta, "");
+    expected.extend(typed(lora, ""));
+    let has_shadow = tensors.keys().any(|k| k.starts_with("shadow."));
+    if has_shadow {
+        expected.extend(typed(theta, "shadow."));
+    }
+    let taken = take_exact(&mut tensors, &expected, &what)?;
+    reject_unexpected(&tensors, &what)?;
+    if has_shadow && spec.bilevel.shadow == ShadowMode::OneStep {
+        eprintln!("note: bilevel.shadow = \"one_step\" starts θ̂ from θ; the shadow.* tensors of {file} are not used");
+    }
+    Ok((taken.into_iter().collect(), has_shadow))
+}
+
+/// Zero optimiser state (and AdamW step 0) for every `opt.*` input.
+fn fresh_state(g: &Graph, inputs: &mut HashMap<String, HostTensor>) {
+    for id in g.node_ids() {
+        if let coopc_compiler::ir::Op::Input { name, ty } = g.op(id) {
+            if name.starts_with("opt.") {
+                inputs.insert(name.clone(), HostTensor::zeros(ty));
+            }
+        }
+    }
+}
+
+pub fn run(pipeline: &Path, params: &Path, batch: &Path, out: &Path) -> Result<(), UserError> {
+    let t0 = Instant::now();
+    let (_, spec) =
+        coopc_compiler::frontend::load_pipeline(pipeline).map_err(|e| UserError(e.render()))?;
+    let dt = float_dtype(spec.backend.dtype);
+    let (shapes, mut inputs) = load_batch(&spec, batch, dt)?;
+    let ms = lower_meta_step(&spec, shapes);
+    let (params_in, has_shadow) = load_params(&spec, params, &ms.theta, &ms.lora, dt)?;
+    inputs.extend(params_in);
+    if !has_shadow {
+        for (n, _) in &ms.theta {
+            inputs.insert(format!("shadow.{n}"), inputs[n].clone());
+        }
+    }
+    let lambda = spec.lambda_at(0);
+    inputs.insert(
+        "lambda".into(),
+        HostTensor::from_f64(dt, vec![], &[lambda])?,
+    );
+    let mut g = ms.graph;
+    fresh_state(&g, &mut inputs);
+    let keep: Vec<(String, coopc_compiler::NodeId)> = g
+        .outputs()
+        .iter()
+        .filter(|(n, _)| {
+            n.starts_with("lower.")
+                || n.starts_with("hyper.")
+                || n.starts_with("loss.")
+                || n.starts_with("theta_K.")
+        })
+        .cloned()
+        .collect();
+    g.clear_outputs();
+    for (n, id) in keep {
+        g.set_output(n, id);
+    }
+    Pipeline::standard().run(&mut g);
+    let compiled = t0.elapsed();
+    let results = execute(&g, &inputs)?;
+    let mut tensors = BTreeMap::new();
+    for (name, t) in results {
+        tensors.insert(name, t);
+    }
+    write_tensors(out, &tensors)?;
+    let scalar = |k: &str| tensors.get(k).map(|t| t.to_f64_vec()[0]);
+    println!(
+        "coopc grad: {} · {} hypergradient, K = {} · λ = {lambda}",
+        spec.bilevel.method.name(),
+        spec.bilevel.hypergradient.kind.name(),
+        spec.bilevel.hypergradient.unroll
+    );
+    for k in ["loss.sft", "loss.rl", "loss.up"] {
+        if let Some(v) = scalar(k) {
+            println!("  {k:<9} = {v:.9}");
+        }
+    }
+    let norm = |prefix: &str| -> f64 {
+        tensors
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .flat_map(|(_, t)| t.to_f64_vec())
+            .map(|x| x * x)
+            .sum::<f64>()
+            .sqrt()
+    };
+    println!("  ‖lower‖   = {:.9}", norm("lower."));
+    if spec.bilevel.method.updates_adapter() {
+        println!("  ‖hyper‖   = {:.9}", norm("hyper."));
+    }
+    println!(
+        "  {} tensors written to {} (graph {} nodes; build {:.2?}, total {:.2?})",
+        tensors.len(),
+        out.display(),
+        g.node_count(),
+        compiled,
+        t0.elapsed()
+    );
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! The command line end to end: `compile` → plan file → `inspect`, a
+//! refused corrupt plan, and `grad` on the tiny example (outputs, values
+//! against the in-process lowering, and errors for bad inputs).
+
+mod common;
+
+use common::*;
+use coopc_compiler::frontend::load_pipeline;
+use coopc_compiler::ir::{to_text, DType};
+use coopc_compiler::lowering::{lower_meta_step, BatchShapes};
+use coopc_compiler::plan::Plan;
+use coopc_runtime::safetensors_io::{read_tensors, write_tensors};
+use coopc_runtime::{execute, HostTensor};
+use rand::Rng;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn coopc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_coopc"))
+        .args(args)
+        .output()
+        .expect("run coopc")
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("coopc-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name)
+}
+
+#[test]
+fn compile_writes_a_plan_that_reads_back_identically_and_inspects() {
+    let dir = tmpdir("plan");
+    let plan_path = dir.join("tiny.plan");
+    let out = coopc(&[
+        "compile",
+        example("tiny.toml").to_str().unwrap(),
+        "-o",
+        plan_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan = Plan::read(&plan_path).expect("plan reads back");
+    // Same schedule and graphs as compiling again in process.
+    let (source, spec) = load_pipeline(&example("tiny.toml")).unwrap();
+    plan.check_fresh(&source).expect("fresh");
+    let again = coopc_compiler::plan::pipeline_hash(&source);
+    assert_eq!(plan.pipeline_hash, again);
+    let meta = plan.program("meta_step").expect("meta_step program");
+    let shapes = BatchShapes::from_spec(&spec);
+    let mut g = lower_meta_step(&spec, shapes).graph;
+    coopc_compiler::passes::Pipeline::standard().run(&mut g);
+    assert_eq!(to_text(&meta.graph), to_text(&g));
+    assert_eq!(meta.schedule, coopc_compiler::schedule::schedule(&g).order);
+
+    let out = coopc(&["inspect", plan_path.to_str().unwrap()]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("meta_step") && text.contains("logprobs"),
+        "{text}"
+    );
+
+    // One flipped byte in the payload: refused, exit 2, never a panic.
+    let mut bytes = std::fs::read(&plan_path).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    let bad = dir.join("bad.plan");
+    std::fs::write(&bad, &bytes).unwrap();
+    let out = coopc(&["inspect", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.plan"), "{err}");
+    // Truncated.
+    std::fs::write(&bad, &bytes[..bytes.len() / 3]).unwrap();
+    let out = coopc(&["inspect", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn compile_of_the_addition_example_succeeds() {
+    let out = coopc(&["compile", example("addition.toml").to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("meta_step"));
+}
+
+/// Random θ, w and a K-step batch for the tiny example, written to files.
+fn grad_inputs(dir: &Path, seed: u64) -> (PathBuf, PathBuf, HashMap<String, HostTensor>) {
+    let (_, spec) = load_pipeline(&example("tiny.toml")).unwrap();
+    let shapes = BatchShapes::from_spec(&spec);
+    let ms = lower_meta_step(&spec, shapes);
+    let mut r = rng(seed);
+    let mut params = BTreeMap::new();
+    for (n, s) in ms.theta.iter().chain(&ms.lora) {
+        let k: usize = s.iter().product();
+        params.insert(n.clone(), f64_tensor(s, &uniform(&mut r, k, -0.5, 0.5)));
+    }
+    let (bs, br, t) = (shapes.sft_batch, shapes.rl_batch, shapes.seq_len);
+    let v = spec.model.vocab_size;
+    let ids = |r: &mut rand::rngs::StdRng, b: usize| {
+        let x: Vec<f64> = (0..b * t).map(|_| r.gen_range(0..v) as f64).collect();
+        HostTensor::from_f64(DType::I32, vec![b, t], &x).unwrap()
+    };
+    let mask = |b: usize| {
+        let x: Vec<f64> = (0..b * t)
+            .map(|i| if i % t >= t / 2 { 1.0 } else { 0.0 })
+            .collect();
+        f64_tensor(&[b, t], &x)
+    };
+    let mut batch = BTreeMap::new();
+    batch.insert("sft.input_ids".to_string(), ids(&mut r, bs));
+    batch.insert("sft.loss_mask".to_string(), mask(bs));
+    batch.insert("rl.input_ids".to_string(), ids(&mut r, br));
+    batch.insert("rl.loss_mask".to_string(), mask(br));
+    batch.insert(
+        "rl.advantages".to_string(),
+        f64_tensor(&[br], &away_from_zero(&mut r, br, 0.5, 1.0)),
+    );
+    batch.insert(
+        "rl.old_logprobs".to_string(),
+        f64_tensor(&[br, t], &uniform(&mut r, br * t, -3.0, -2.0)),
+    );
+    let p = dir.join("params.safetensors");
+    let b = dir.join("batch.safetensors");
+    write_tensors(&p, &params).unwrap();
+    write_tensors(&b, &batch).unwrap();
+    // The same inputs as the meta-step graph names them.
+    let mut inputs: HashMap<String, HostTensor> = params.clone().into_iter().collect();
+    for (n, _) in &ms.theta {
+        inputs.insert(format!("shadow.{n}"), params[n].clone());
+    }
+    for k in 0..spec.bilevel.hypergradient.unroll {
+        for (n, x) in &batch {
+            inputs.insert(format!("step{k}.{n}"), x.clone());
+        }
+    }
+    (p, b, inputs)
+}
+
+#[test]
+fn grad_writes_every_documented_output_and_matches_the_lowering() {
+    let dir = tmpdir("grad");
+    let (p, b, mut inputs) = grad_inputs(&dir, 7);
+    let g_path = dir.join("g.safetensors");
+    let out = coopc(&[
+        "grad",
+        example("tiny.toml").to_str().unwrap(),
+        "--params",
+        p.to_str().unwrap(),
+        "--batch",
+        b.to_str().unwrap(),
+        "--out",
+        g_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = read_tensors(&g_path).unwrap();
+    let (_, spec) = load_pipeline(&example("tiny.toml")).unwrap();
+    let ms = lower_meta_step(&spec, BatchShapes::from_spec(&spec));
+    for (n, _) in &ms.theta {
+        assert!(got.contains_key(&format!("lower.{n}")), "lower.{n}");
+        assert!(got.contains_key(&format!("theta_K.{n}")), "theta_K.{n}");
+    }
+    for (n, _) in &ms.lora {
+        assert!(got.contains_key(&format!("hyper.{n}")), "hyper.{n}");
+    }
+    for k in ["loss.sft", "loss.rl", "loss.up"] {
+        assert!(got[k].shape.is_empty(), "{k} is a scalar");
+    }
+    // Same numbers as running the lowered graph directly (fresh optimiser state).
+    inputs.insert("lambda".into(), f64_tensor(&[], &[spec.lambda_at(0)]));
+    for id in ms.graph.node_ids() {
+        if let coopc_compiler::ir::Op::Input { name, ty } = ms.graph.op(id) {
+            if name.starts_with("opt.") {
+                inputs.insert(name.clone(), HostTensor::zeros(ty));
+            }
+        }
+    }
+    let want: HashMap<String, HostTensor> =
+        execute(&ms.graph, &inputs).unwrap().into_iter().collect();
+    for (name, t) in &got {
+        let e = rel_err(&t.to_f64_vec(), &want[name].to_f64_vec(), 1e-12);
+        assert!(e < 1e-10, "{name}: rel err {e:e}");
+    }
+}
+
+#[test]
+fn grad_refuses_bad_inputs_with_exit_2_and_a_named_problem() {
+    let dir = tmpdir("grad-bad");
+    let (p, b, _) = grad_inputs(&dir, 8);
+    let run = |params: &Path, batch: &Path| {
+        coopc(&[
+            "grad",
+            example("tiny.toml").to_str().unwrap(),
+            "--params",
+            params.to_str().unwrap(),
+            "--batch",
+            batch.to_str().unwrap(),
+            "--out",
+            dir.join("g.safetensors").to_str().unwrap(),
+        ])
+    };
+    // A missing parameter tensor is named.
+    let mut params = read_tensors(&p).unwrap();
+    params.remove("model.norm.weight");
+    let p2 = dir.join("p2.safetensors");
+    write_tensors(&p2, &params).unwrap();
+    let out = run(&p2, &b);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("model.norm.weight"));
+    // A loss mask that selects position 0.
+    let mut batch = read_tensors(&b).unwrap();
+    let m = batch.get_mut("sft.loss_mask").unwrap();
+    let mut v = m.to_f64_vec();
+    v[0] = 1.0;
+    *m = f64_tensor(&m.shape.clone(), &v);
+    let b2 = dir.join("b2.safetensors");
+    write_tensors(&b2, &batch).unwrap();
+    let out = run(&p, &b2);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sft.loss_mask"));
+    // A missing file.
+    let out = run(&dir.join("nope.safetensors"), &b);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.safetensors"));
+}

@@ -1,0 +1,430 @@
+//! The `pipeline.toml` frontend: the shipped examples parse to the expected
+//! spec, defaults are applied, and every malformed pipeline under
+//! `tests/fixtures/bad/` is rejected with exactly one diagnostic whose
+//! rendering (message, line:column, underline, help) is snapshot-tested.
+
+use coopc_compiler::frontend::{load_pipeline, parse_pipeline, FrontendError};
+use coopc_compiler::spec::{
+    Advantage, BackendKind, HypergradKind, Lambda, LossAgg, Method, OptimKind, Precision,
+    Projection, ShadowMode, TaskKind,
+};
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("reading {rel}: {e}"))
+}
+
+const MINIMAL: &str = "[model]
+d_model = 64
+n_layers = 2
+n_heads = 4
+d_ff = 128
+max_seq = 64
+";
+
+// ---------------------------------------------------------------------------
+// Malformed pipelines: one snapshot per fixture.
+// ---------------------------------------------------------------------------
+
+/// Renders the diagnostics of `tests/fixtures/bad/<name>.toml`, checking that
+/// the pipeline is rejected with exactly one problem.
+fn render_bad(name: &str) -> String {
+    let file = format!("{name}.toml");
+    let source = read(&format!("tests/fixtures/bad/{file}"));
+    let diags = match parse_pipeline(&source) {
+        Ok(spec) => panic!("{file} was accepted: {spec:?}"),
+        Err(d) => d,
+    };
+    assert_eq!(
+        diags.len(),
+        1,
+        "{file} should have exactly one problem:\n{}",
+        diags.render(&file, &source)
+    );
+    diags.render(&file, &source)
+}
+
+macro_rules! bad_fixtures {
+    ($($name:ident),* $(,)?) => {
+        const BAD_FIXTURES: &[&str] = &[$(stringify!($name)),*];
+        $(
+            #[test]
+            fn $name() {
+                let name = stringify!($name);
+                let rendered = render_bad(name);
+                insta::with_settings!(
+                    {
+                        description => format!("tests/fixtures/bad/{name}.toml"),
+                        omit_expression => true,
+                    },
+                    { insta::assert_snapshot!(name, rendered) }
+                );
+            }
+        )*
+    };
+}
+
+mod bad {
+    use super::*;
+
+    bad_fixtures!(
+        syntax_error,
+        duplicate_key,
+        unknown_key,
+        unknown_section,
+        key_outside_section,
+        wrong_type,
+        missing_model,
+        missing_model_key,
+        rank_zero,
+        clip_low_too_large,
+        heads_not_dividing_d_model,
+        kv_heads_not_dividing_heads,
+        odd_head_dim,
+        backprop_exceeds_unroll,
+        first_order_with_backprop,
+        lambda_out_of_range,
+        lambda_schedule_out_of_range,
+        bad_method,
+        finite_difference_eps_zero,
+        negative_lr,
+        optimiser_key_wrong_kind,
+        seq_len_exceeds_max_seq,
+        duplicate_lora_target,
+        group_size_one,
+        jsonl_without_files,
+        top_p_zero,
+        max_new_tokens_fill_sequence,
+    );
+
+    #[test]
+    fn every_bad_fixture_has_a_snapshot_test() {
+        let mut on_disk: Vec<String> = std::fs::read_dir(root().join("tests/fixtures/bad"))
+            .expect("fixture folder")
+            .map(|e| e.expect("fixture entry").path())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+            .collect();
+        on_disk.sort();
+        let mut tested: Vec<String> = BAD_FIXTURES.iter().map(|s| s.to_string()).collect();
+        tested.sort();
+        assert_eq!(on_disk, tested);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Valid pipelines
+// ---------------------------------------------------------------------------
+
+#[test]
+fn addition_example_parses_to_the_expected_spec() {
+    let (_, spec) = load_pipeline(&root().join("examples/addition.toml")).expect("valid");
+    let m = &spec.model;
+    assert_eq!(
+        (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads),
+        (24, 128, 2, 4, 4)
+    );
+    assert_eq!((m.d_ff, m.max_seq, m.head_dim()), (384, 64, 32));
+    assert_eq!(spec.lora.rank, 8);
+    assert_eq!(spec.lora.alpha, 16.0);
+    assert_eq!(spec.lora.targets, Projection::ALL.to_vec());
+    assert_eq!(spec.task.kind, TaskKind::Addition);
+    assert_eq!(spec.bilevel.method, Method::Bridge);
+    assert_eq!(
+        spec.bilevel.lambda,
+        Lambda::Linear {
+            start: 0.2,
+            end: 0.8
+        }
+    );
+    assert_eq!(spec.bilevel.shadow, ShadowMode::Persistent);
+    let hg = spec.bilevel.hypergradient;
+    assert_eq!(
+        (hg.kind, hg.unroll, hg.backprop),
+        (HypergradKind::Truncated, 2, 2)
+    );
+    assert!(matches!(spec.optim.lower.kind, OptimKind::AdamW { .. }));
+    assert_eq!(spec.optim.lower.lr, 3e-4);
+    assert!(matches!(spec.optim.upper.kind, OptimKind::AdamW { .. }));
+    assert_eq!(spec.optim.upper.lr, 1e-3);
+    assert_eq!(spec.rl.batch_size(), 128);
+    assert_eq!(spec.train.seq_len, 64);
+    assert_eq!(spec.sft.cold_start_steps, 100);
+}
+
+#[test]
+fn tiny_example_parses_to_the_expected_spec() {
+    let (_, spec) = load_pipeline(&root().join("examples/tiny.toml")).expect("valid");
+    let m = &spec.model;
+    assert_eq!(
+        (
+            m.d_model,
+            m.n_layers,
+            m.n_heads,
+            m.n_kv_heads,
+            m.d_ff,
+            m.max_seq
+        ),
+        (16, 1, 2, 1, 32, 16)
+    );
+    assert_eq!(m.head_dim(), 8);
+    assert_eq!((spec.lora.rank, spec.lora.alpha), (2, 4.0));
+    assert_eq!((spec.rl.group_size, spec.rl.prompts_per_step), (2, 2));
+    assert_eq!(spec.sft.batch_size, 2);
+    assert_eq!(spec.train.seq_len, 8);
+    assert_eq!(spec.bilevel.lambda, Lambda::Constant(0.5));
+    let hg = spec.bilevel.hypergradient;
+    assert_eq!(
+        (hg.kind, hg.unroll, hg.backprop),
+        (HypergradKind::Truncated, 2, 2)
+    );
+    assert_eq!(spec.optim.lower.kind, OptimKind::Sgd);
+    assert_eq!(spec.optim.lower.lr, 0.1);
+    assert_eq!(spec.backend.kind, BackendKind::Cpu);
+    assert_eq!(spec.backend.dtype, Precision::F64);
+}
+
+#[test]
+fn defaults_fill_every_optional_section() {
+    let spec = parse_pipeline(MINIMAL).expect("valid");
+    let m = &spec.model;
+    assert_eq!(m.vocab_size, 24, "built-in addition vocabulary");
+    assert_eq!(m.n_kv_heads, 4, "n_kv_heads defaults to n_heads");
+    assert_eq!((m.rope_theta, m.rms_eps), (10000.0, 1e-6));
+    assert!(m.tie_embeddings && !m.qkv_bias);
+    assert_eq!((spec.lora.rank, spec.lora.alpha), (8, 16.0));
+    assert_eq!(spec.lora.targets, Projection::ALL.to_vec());
+    let t = &spec.task;
+    assert_eq!(t.kind, TaskKind::Addition);
+    assert!(t.tokenizer.is_none() && t.sft_file.is_none() && t.rl_file.is_none());
+    assert_eq!((t.reward_correct, t.reward_wrong), (1.0, -1.0));
+    let rl = &spec.rl;
+    assert_eq!((rl.group_size, rl.prompts_per_step), (8, 16));
+    assert_eq!((rl.clip_low, rl.clip_high, rl.kl_coef), (0.2, 0.28, 0.0));
+    assert_eq!(rl.advantage, Advantage::GroupStd);
+    assert_eq!(rl.loss_agg, LossAgg::TokenMean);
+    assert_eq!(rl.max_new_tokens, 32);
+    assert_eq!((rl.temperature, rl.top_p), (1.0, 1.0));
+    assert_eq!((spec.sft.batch_size, spec.sft.cold_start_steps), (16, 50));
+    let b = &spec.bilevel;
+    assert_eq!(b.method, Method::Bridge);
+    assert_eq!(b.lambda, Lambda::Constant(0.5));
+    assert_eq!(b.shadow, ShadowMode::Persistent);
+    assert_eq!(
+        (
+            b.hypergradient.kind,
+            b.hypergradient.unroll,
+            b.hypergradient.backprop
+        ),
+        (HypergradKind::FirstOrder, 1, 0)
+    );
+    let adamw = OptimKind::AdamW {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    assert_eq!((spec.optim.lower.kind, spec.optim.lower.lr), (adamw, 3e-4));
+    assert_eq!((spec.optim.upper.kind, spec.optim.upper.lr), (adamw, 1e-3));
+    let tr = &spec.train;
+    assert_eq!(
+        (tr.steps, tr.seed, tr.eval_every, tr.seq_len),
+        (100, 0, 10, 64)
+    );
+    assert_eq!(spec.backend.kind, BackendKind::Auto);
+    assert_eq!(spec.backend.dtype, Precision::F32);
+}
+
+#[test]
+fn derived_defaults_follow_the_keys_they_depend_on() {
+    let src = format!(
+        "{MINIMAL}\n[lora]\nrank = 3\n[train]\nsteps = 7\nseq_len = 20\n\
+         [task]\nkind = \"countdown\"\n\
+         [bilevel.hypergradient]\nkind = \"finite_difference\"\nunroll = 3\n\
+         [optim.upper]\nkind = \"momentum\"\n"
+    );
+    let spec = parse_pipeline(&src).expect("valid");
+    assert_eq!(spec.model.vocab_size, 32, "built-in countdown vocabulary");
+    assert_eq!(spec.lora.alpha, 6.0, "alpha = 2 * rank");
+    assert_eq!(spec.sft.cold_start_steps, 3, "steps / 2");
+    assert_eq!(spec.rl.max_new_tokens, 10, "half of a short seq_len");
+    let hg = spec.bilevel.hypergradient;
+    assert_eq!(hg.kind, HypergradKind::FiniteDifference { eps: 1e-2 });
+    assert_eq!(hg.backprop, 3, "backprop defaults to unroll");
+    assert_eq!(spec.optim.upper.kind, OptimKind::Momentum { momentum: 0.9 });
+    assert_eq!(spec.optim.upper.lr, 1e-3);
+}
+
+#[test]
+fn dotted_keys_and_subtables_mean_the_same_as_sections() {
+    let dotted = "model.d_model = 64\nmodel.n_layers = 2\nmodel.n_heads = 4\n\
+                  model.d_ff = 128\nmodel.max_seq = 64\n\
+                  bilevel.hypergradient.kind = \"truncated\"\n\
+                  bilevel.hypergradient.unroll = 2\n\
+                  optim.lower = { kind = \"sgd\", lr = 0.5 }\n";
+    let sections = format!(
+        "{MINIMAL}[bilevel]\nhypergradient = {{ kind = \"truncated\", unroll = 2 }}\n\
+         [optim.lower]\nkind = \"sgd\"\nlr = 0.5\n"
+    );
+    assert_eq!(
+        parse_pipeline(dotted).expect("dotted form"),
+        parse_pipeline(&sections).expect("section form")
+    );
+}
+
+#[test]
+fn jsonl_task_reads_its_files_and_vocabulary() {
+    let src = format!(
+        "{MINIMAL}vocab_size = 1000\n[task]\nkind = \"jsonl\"\nsft_file = \"sft.jsonl\"\n\
+         rl_file = \"rl.jsonl\"\neval_file = \"eval.jsonl\"\ntokenizer = \"tokenizer.json\"\n"
+    );
+    let spec = parse_pipeline(&src).expect("valid");
+    assert_eq!(spec.model.vocab_size, 1000);
+    assert_eq!(spec.task.sft_file.as_deref(), Some("sft.jsonl"));
+    assert_eq!(spec.task.rl_file.as_deref(), Some("rl.jsonl"));
+    assert_eq!(spec.task.eval_file.as_deref(), Some("eval.jsonl"));
+    assert_eq!(spec.task.tokenizer.as_deref(), Some("tokenizer.json"));
+
+    let without_vocab = src.replace("vocab_size = 1000\n", "");
+    let diags = parse_pipeline(&without_vocab).unwrap_err();
+    assert!(diags.mentions("model.vocab_size"), "{diags}");
+}
+
+// ---------------------------------------------------------------------------
+// Reporting
+// ---------------------------------------------------------------------------
+
+#[test]
+fn all_problems_are_reported_in_source_order() {
+    let src = format!(
+        "{MINIMAL}n_kv_heads = 3\n[lora]\nrank = 0\n[rl]\nclip_low = 2.0\ntop_q = 0.9\n\
+         [optim.lower]\nkind = \"sgd\"\nlr = -1\nmomentum = 0.9\n[sft]\nbatch_size = \"4\"\n"
+    );
+    let diags = parse_pipeline(&src).unwrap_err();
+    let paths: Vec<&str> = diags.iter().filter_map(|d| d.path.as_deref()).collect();
+    assert_eq!(
+        paths,
+        [
+            "model.n_kv_heads",
+            "lora.rank",
+            "rl.clip_low",
+            "rl.top_q",
+            "optim.lower.lr",
+            "optim.lower.momentum",
+            "sft.batch_size",
+        ]
+    );
+    assert!(diags.iter().all(|d| d.span.is_some()));
+    let rendered = diags.render("p.toml", &src);
+    assert!(rendered.contains(" --> p.toml:9:8\n"), "{rendered}");
+    assert!(
+        rendered.ends_with("found 7 errors in p.toml\n"),
+        "{rendered}"
+    );
+}
+
+#[test]
+fn spans_point_at_the_offending_value() {
+    let src = format!("{MINIMAL}[lora]\nrank = 0\n");
+    let diags = parse_pipeline(&src).unwrap_err();
+    let span = diags.iter().next().and_then(|d| d.span.clone()).unwrap();
+    assert_eq!(&src[span], "0");
+}
+
+#[test]
+fn columns_count_characters_not_bytes() {
+    // `é` takes two bytes but is one column: 5 is the 17th character.
+    let src = format!("{MINIMAL}[lora]\ntargets = [\"é\", 5]\n");
+    let rendered = parse_pipeline(&src).unwrap_err().render("p.toml", &src);
+    assert!(rendered.contains("p.toml:8:12\n"), "{rendered}");
+    assert!(rendered.contains("p.toml:8:17\n"), "{rendered}");
+    assert!(
+        rendered.contains("\n  |                 ^ here\n"),
+        "{rendered}"
+    );
+}
+
+#[test]
+fn unreadable_files_are_reported_by_name() {
+    let missing = Path::new("tests/fixtures/no_such_pipeline.toml");
+    match load_pipeline(missing) {
+        Err(e @ FrontendError::Read { .. }) => {
+            let text = e.render();
+            assert!(text.contains("no_such_pipeline.toml"), "{text}");
+            assert!(text.contains("no such file"), "{text}");
+        }
+        other => panic!("expected a read error, got {other:?}"),
+    }
+    match load_pipeline(&root().join("tests/fixtures")) {
+        Err(FrontendError::Read { reason, .. }) => assert!(reason.contains("directory")),
+        other => panic!("expected a read error, got {other:?}"),
+    }
+}
+
+#[test]
+fn invalid_files_render_with_their_path() {
+    let path = root().join("tests/fixtures/bad/rank_zero.toml");
+    let err = load_pipeline(&path).unwrap_err();
+    assert!(matches!(err, FrontendError::Invalid { .. }));
+    let text = err.render();
+    assert!(text.contains("rank_zero.toml:10:8"), "{text}");
+}
+
+#[test]
+fn no_input_makes_the_frontend_panic() {
+    // Every prefix of the examples and of each bad fixture, and each with one
+    // character replaced by a TOML metacharacter: parsing and rendering must
+    // return, whatever they say.
+    let mut sources = vec![read("examples/addition.toml"), read("examples/tiny.toml")];
+    for name in std::fs::read_dir(root().join("tests/fixtures/bad")).unwrap() {
+        sources.push(std::fs::read_to_string(name.unwrap().path()).unwrap());
+    }
+    let mut inputs = Vec::new();
+    for src in &sources {
+        for (i, _) in src.char_indices() {
+            inputs.push(src[..i].to_string());
+            for c in ['"', '[', '=', '\n', '-', 'é'] {
+                let mut s = src.clone();
+                let len = s[i..].chars().next().map_or(0, char::len_utf8);
+                s.replace_range(i..i + len, &c.to_string());
+                inputs.push(s);
+            }
+        }
+    }
+    for input in &inputs {
+        if let Err(d) = parse_pipeline(input) {
+            assert!(!d.is_empty());
+            let _ = d.render("x.toml", input);
+        }
+    }
+}
+
+#[test]
+fn the_reference_examples_are_valid_pipelines() {
+    let doc = read("docs/pipeline.md");
+    let blocks: Vec<&str> = doc
+        .split("```toml\n")
+        .skip(1)
+        .map(|rest| rest.split("```").next().unwrap_or(""))
+        .collect();
+    assert_eq!(blocks.len(), 2);
+    for block in blocks {
+        if let Err(d) = parse_pipeline(block) {
+            panic!("{}", d.render("docs/pipeline.md", block));
+        }
+    }
+    // The full example spells out the defaults of examples/addition.toml.
+    let full = doc
+        .split("```toml\n")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    let (_, addition) = load_pipeline(&root().join("examples/addition.toml")).unwrap();
+    assert_eq!(parse_pipeline(full).unwrap(), addition);
+}
