@@ -54,7 +54,7 @@ fn logprobs_program(spec: &PipelineSpec, shapes: BatchShapes) -> Graph {
 }
 
 /// Lowers and optimises every program of a pipeline.
-pub fn build_plan(source: &str, spec: PipelineSpec) -> Plan {
+pub fn build_plan(source: &str, path: &Path, spec: PipelineSpec) -> Plan {
     let shapes = BatchShapes::from_spec(&spec);
     // The lowering runs the pass pipeline on the meta-step itself (its
     // memory plan is chosen on optimised graphs).
@@ -64,6 +64,7 @@ pub fn build_plan(source: &str, spec: PipelineSpec) -> Plan {
     Plan {
         spec,
         pipeline_hash: pipeline_hash(source),
+        pipeline_path: path.display().to_string(),
         programs: vec![
             Program::new("meta_step", ms.graph),
             Program::new("logprobs", logprobs),
@@ -76,7 +77,7 @@ pub fn run(pipeline: &Path, out: Option<&Path>, emit: Option<Emit>) -> Result<()
     let t0 = Instant::now();
     let (source, spec) =
         coopc_compiler::frontend::load_pipeline(pipeline).map_err(|e| UserError(e.render()))?;
-    let plan = build_plan(&source, spec);
+    let plan = build_plan(&source, pipeline, spec);
     let elapsed = t0.elapsed();
     let meta = &plan.programs[0];
     match emit {

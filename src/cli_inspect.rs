@@ -39,6 +39,16 @@ pub fn report(plan: &Plan, path: &Path) -> String {
     let _ = writeln!(s, "plan           {}", path.display());
     let _ = writeln!(s, "format         version {PLAN_FORMAT_VERSION}");
     let _ = writeln!(s, "pipeline hash  {}", plan.pipeline_hash);
+    if !plan.pipeline_path.is_empty() {
+        let status = match plan.check_source() {
+            Ok(()) if Path::new(&plan.pipeline_path).exists() => {
+                "unchanged since compile".to_string()
+            }
+            Ok(()) => "no longer on disk; the plan carries its specification".to_string(),
+            Err(_) => "CHANGED since compile: the plan is stale, recompile it".to_string(),
+        };
+        let _ = writeln!(s, "pipeline       {} ({status})", plan.pipeline_path);
+    }
     let _ = writeln!(s, "method         {}", method(spec));
     let _ = writeln!(
         s,
@@ -338,6 +348,7 @@ mod tests {
         Plan {
             spec: spec(),
             pipeline_hash: pipeline_hash("pipeline"),
+            pipeline_path: String::new(),
             programs: vec![Program::new("meta_step", g)],
             notes: vec!["nothing recomputed".into()],
         }

@@ -89,6 +89,37 @@ fn compile_writes_a_plan_that_reads_back_identically_and_inspects() {
 }
 
 #[test]
+fn a_plan_whose_pipeline_changed_is_refused_as_stale() {
+    let dir = tmpdir("stale");
+    let pipeline = dir.join("p.toml");
+    std::fs::copy(example("tiny.toml"), &pipeline).unwrap();
+    let plan_path = dir.join("p.plan");
+    let out = coopc(&[
+        "compile",
+        pipeline.to_str().unwrap(),
+        "-o",
+        plan_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Plan::load(&plan_path).expect("fresh plan loads");
+    let text = std::fs::read_to_string(&pipeline).unwrap();
+    std::fs::write(&pipeline, text.replace("lr = 0.1", "lr = 0.2")).unwrap();
+    let err = Plan::load(&plan_path)
+        .expect_err("stale plan refused")
+        .to_string();
+    assert!(err.contains("stale") && err.contains("p.toml"), "{err}");
+    let out = coopc(&["inspect", plan_path.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("CHANGED since compile"));
+    // Once the pipeline file is gone the plan stands alone.
+    std::fs::remove_file(&pipeline).unwrap();
+    Plan::load(&plan_path).expect("self-contained plan loads");
+}
+
+#[test]
 fn compile_of_the_addition_example_succeeds() {
     let out = coopc(&["compile", example("addition.toml").to_str().unwrap()]);
     assert!(

@@ -73,6 +73,10 @@ pub struct Plan {
     pub spec: PipelineSpec,
     /// sha256 (hex) of the pipeline source text, see [`pipeline_hash`].
     pub pipeline_hash: String,
+    /// The pipeline file the plan was compiled from, as given to `compile`
+    /// (empty when compiled from text alone).
+    #[serde(default)]
+    pub pipeline_path: String,
     pub programs: Vec<Program>,
     /// Decisions the compiler made that a user may want to know about
     /// (memory planning, recomputation, fallbacks).
@@ -213,6 +217,35 @@ impl Plan {
             }
         }
         Ok(())
+    }
+
+    /// Reads a plan and refuses it when the pipeline file it was compiled
+    /// from still exists but has changed since (see [`Plan::check_source`]).
+    pub fn load(path: &Path) -> Result<Plan, PlanError> {
+        let plan = Plan::read(path)?;
+        plan.check_source()?;
+        Ok(plan)
+    }
+
+    /// Compares the recorded pipeline file with the plan's hash. A file that
+    /// is gone is not an error: the plan carries its whole specification.
+    pub fn check_source(&self) -> Result<(), PlanError> {
+        if self.pipeline_path.is_empty() {
+            return Ok(());
+        }
+        match std::fs::read_to_string(&self.pipeline_path) {
+            Ok(text) => self.check_fresh(&text).map_err(|e| match e {
+                PlanError::Stale {
+                    plan_hash,
+                    pipeline_hash,
+                } => PlanError::Stale {
+                    plan_hash,
+                    pipeline_hash: format!("{pipeline_hash} (file {})", self.pipeline_path),
+                },
+                other => other,
+            }),
+            Err(_) => Ok(()),
+        }
     }
 
     /// Refuses a plan compiled from a pipeline text other than `source`.
@@ -501,6 +534,7 @@ mod tests {
         Plan {
             spec: spec(),
             pipeline_hash: pipeline_hash(source),
+            pipeline_path: String::new(),
             programs: vec![
                 Program::new("meta_step", graph()),
                 Program::new("forward", {
