@@ -25,7 +25,7 @@ pub enum Emit {
 
 /// Log-probs of a batch of ids [rl_batch, seq_len] under (θ, w): the program
 /// that scores rollouts (π_old, π_ref) and held-out sequences.
-fn logprobs_program(spec: &PipelineSpec, shapes: BatchShapes) -> Graph {
+pub fn logprobs_program(spec: &PipelineSpec, shapes: BatchShapes) -> Graph {
     let dt = float_dtype(spec.backend.dtype);
     let mut g = Graph::new();
     let declare = |g: &mut Graph, v: Vec<(String, Vec<usize>)>| -> Params {

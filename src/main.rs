@@ -5,6 +5,7 @@
 mod cli_check;
 mod cli_compile;
 mod cli_grad;
+mod cli_init;
 mod cli_inspect;
 
 use anyhow::{Context, Result};
@@ -44,6 +45,18 @@ enum Command {
     },
     /// Describe a compiled plan: programs, op counts, buffer bytes, peak memory.
     Inspect { plan: PathBuf },
+    /// Write initial parameters (HF/PEFT initialisation) and optionally a synthetic batch.
+    Init {
+        pipeline: PathBuf,
+        /// Output safetensors of θ and w.
+        #[arg(long)]
+        params: PathBuf,
+        /// Also write a synthetic batch of the pipeline's shapes (for `grad`).
+        #[arg(long)]
+        batch: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// One meta-step on fixed data (CPU executor): lower gradient, hypergradient, losses, θ_K.
     Grad {
         pipeline: PathBuf,
@@ -233,6 +246,12 @@ fn main() {
             output,
             emit,
         } => user_result(cli_compile::run(&pipeline, output.as_deref(), emit)),
+        Command::Init {
+            pipeline,
+            params,
+            batch,
+            seed,
+        } => user_result(cli_init::run(&pipeline, &params, batch.as_deref(), seed)),
         Command::Grad {
             pipeline,
             params,

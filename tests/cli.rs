@@ -234,6 +234,62 @@ fn grad_writes_every_documented_output_and_matches_the_lowering() {
 }
 
 #[test]
+fn init_writes_params_and_a_batch_that_grad_accepts() {
+    let dir = tmpdir("init");
+    let (p, b, g) = (
+        dir.join("p.safetensors"),
+        dir.join("b.safetensors"),
+        dir.join("g.safetensors"),
+    );
+    let s = |x: &PathBuf| x.to_str().unwrap().to_string();
+    let tiny = s(&example("tiny.toml"));
+    let out = coopc(&[
+        "init",
+        &tiny,
+        "--params",
+        &s(&p),
+        "--batch",
+        &s(&b),
+        "--seed",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = coopc(&[
+        "grad",
+        &tiny,
+        "--params",
+        &s(&p),
+        "--batch",
+        &s(&b),
+        "--out",
+        &s(&g),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = read_tensors(&g).unwrap();
+    // π_old is the initial policy, so every ratio is 1 and the loss is −mean A·mask.
+    let lsft = got["loss.sft"].to_f64_vec()[0];
+    assert!(lsft.is_finite() && lsft > 0.0);
+    let hyper_norm: f64 = got
+        .iter()
+        .filter(|(n, _)| n.starts_with("hyper."))
+        .flat_map(|(_, t)| t.to_f64_vec())
+        .map(|x| x * x)
+        .sum();
+    assert!(
+        hyper_norm > 0.0,
+        "B = 0 at init, but A's gradient through B's update is not"
+    );
+}
+
+#[test]
 fn grad_refuses_bad_inputs_with_exit_2_and_a_named_problem() {
     let dir = tmpdir("grad-bad");
     let (p, b, _) = grad_inputs(&dir, 8);

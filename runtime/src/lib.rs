@@ -5,6 +5,7 @@
 pub mod cpu;
 pub mod error;
 pub mod exec;
+pub mod init;
 pub mod safetensors_io;
 pub mod tensor;
 
