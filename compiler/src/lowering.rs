@@ -25,7 +25,8 @@
 //! - outputs: `loss.sft`, `loss.rl` (θ_0, step 0's batch), `lower.<θ>`
 //!   (∇θ L_low there), `theta_K.<θ>`, `next.<state input>` for every
 //!   optimiser and shadow state, and for BRIDGE `loss.up`, `hyper.<w>`,
-//!   `next.<w>`.
+//!   `next.<w>` and `gain` = L_RL(θ̂_K, w) − L_RL(θ_K, w), the cooperative
+//!   gain on the last step's batch.
 
 use crate::autodiff::{grad, vjp};
 use crate::ir::{DType, Graph, NodeId, Shape};
@@ -843,11 +844,14 @@ fn build_meta_step(
         let tp = Lowering::params(&low.theta_names, &tk_in);
         let sp = Lowering::params(&low.theta_names, &sk_in);
         let wp = Lowering::params(&low.w_names, &w);
-        let at_theta = low.obj.lower(&mut g, &tp, &wp, last).total;
+        let at_theta = low.obj.lower(&mut g, &tp, &wp, last);
         let rl_shadow = low.obj.rl(&mut g, &sp, &wp, last);
         let lr = g.mul(lambda, rl_shadow);
-        let l_up = g.sub(at_theta, lr);
+        let l_up = g.sub(at_theta.total, lr);
         g.set_output("loss.up", l_up);
+        // J_RL(θ_K, w) − J_RL(θ̂_K, w): what joint training gained over RL alone.
+        let gain = g.sub(rl_shadow, at_theta.rl);
+        g.set_output("gain", gain);
         let mut wrt = tk_in.clone();
         wrt.extend(&sk_in);
         wrt.extend(&w);

@@ -2,6 +2,7 @@
 //! IR on host tensors and defines the numerical semantics every device
 //! backend is checked against.
 
+pub mod checkpoint;
 pub mod cpu;
 pub mod error;
 pub mod exec;
