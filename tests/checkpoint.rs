@@ -67,7 +67,7 @@ fn merged_weights_compute_the_adapted_model() {
     let st = state(0, 3);
     let merged = merge_lora(&spec, &st.tensors);
     let mut g = coopc_compiler::ir::Graph::new();
-    let mut declare = |g: &mut coopc_compiler::ir::Graph,
+    let declare = |g: &mut coopc_compiler::ir::Graph,
                        names: &[(String, Vec<usize>)],
                        prefix: &str|
      -> Params {
