@@ -2,6 +2,7 @@
 //! and the optimisation passes. No device code lives here.
 
 pub mod autodiff;
+pub mod decode;
 pub mod frontend;
 pub mod ir;
 pub mod losses;

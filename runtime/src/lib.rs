@@ -8,6 +8,7 @@ pub mod error;
 pub mod exec;
 pub mod init;
 pub mod safetensors_io;
+pub mod sampler;
 pub mod tensor;
 
 #[cfg(test)]

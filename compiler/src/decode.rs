@@ -1,0 +1,411 @@
+//! The policy's autoregressive decode step as IR: one token per row at a
+//! shared position, attending over a key/value cache that the step reads as
+//! inputs and returns, with the new position written, as outputs. It
+//! computes the same function as [`Decoder::logits`] at that position, with
+//! the same op order, so the two agree to rounding.
+
+use crate::ir::{CompareOp, DType, Graph, NodeId};
+use crate::model::{lora_name, lora_shapes, matmul_t, module_path, theta_shapes, Decoder, Params};
+use crate::passes::Pipeline;
+use crate::spec::{LoraSpec, ModelSpec, Projection};
+
+/// Input: the token at position `pos` of each row, i32 `[batch]`.
+pub const IDS_INPUT: &str = "ids";
+/// Input: the shared position of this step, i32 `[1]`.
+pub const POS_INPUT: &str = "pos";
+/// Output: next-token logits after position `pos`, `[batch, vocab]`.
+pub const LOGITS_OUTPUT: &str = "logits";
+
+/// Name of the cache input of layer `layer`: `cache.{layer}.k` or `.v`.
+pub fn cache_input(layer: usize, which: char) -> String {
+    format!("cache.{layer}.{which}")
+}
+
+/// Name of the updated cache output: `next.cache.{layer}.k` or `.v`.
+pub fn cache_output(layer: usize, which: char) -> String {
+    format!("next.{}", cache_input(layer, which))
+}
+
+/// Shape of every cache tensor: `[batch, n_kv_heads, max_len, head_dim]`.
+/// Keys are stored after RoPE.
+pub fn cache_shape(model: &ModelSpec, batch: usize, max_len: usize) -> Vec<usize> {
+    vec![batch, model.n_kv_heads, max_len, model.head_dim()]
+}
+
+/// Adds θ (HF names) and w (PEFT names) as inputs of `dtype`.
+fn parameter_inputs(
+    g: &mut Graph,
+    model: &ModelSpec,
+    lora: &LoraSpec,
+    dtype: DType,
+) -> (Params, Params) {
+    let mut theta = Params::new();
+    for (name, shape) in theta_shapes(model) {
+        let id = g.input(name.clone(), dtype, shape);
+        theta.insert(name, id);
+    }
+    let mut w = Params::new();
+    for (name, shape) in lora_shapes(model, lora) {
+        let id = g.input(name.clone(), dtype, shape);
+        w.insert(name, id);
+    }
+    (theta, w)
+}
+
+/// The full forward as a program: inputs θ, w and `ids` i32
+/// `[batch, seq_len]`; output `logits` `[batch, seq_len, vocab]`
+/// ([`Decoder::logits`]). The reference the decode step is checked against.
+pub fn full_logits_program(
+    model: &ModelSpec,
+    lora: &LoraSpec,
+    dtype: DType,
+    batch: usize,
+    seq_len: usize,
+) -> Graph {
+    let mut g = Graph::new();
+    let (theta, w) = parameter_inputs(&mut g, model, lora, dtype);
+    let ids = g.input(IDS_INPUT, DType::I32, vec![batch, seq_len]);
+    let dec = Decoder { model, lora, dtype };
+    let logits = dec.logits(&mut g, &theta, &w, ids);
+    g.set_output(LOGITS_OUTPUT, logits);
+    Pipeline::standard().run(&mut g);
+    g
+}
+
+/// One decode step for `batch` rows sharing position `pos`.
+///
+/// Inputs: θ and w as [`theta_shapes`] and [`lora_shapes`] name them;
+/// `ids` i32 `[batch]`, the token at position `pos` of each row; `pos` i32
+/// `[1]`, in `0..max_len`; and for each layer l the caches
+/// `cache.{l}.k` and `cache.{l}.v` of [`cache_shape`] in `dtype`, holding
+/// the rotated keys and the values of positions `0..pos` (later positions
+/// are ignored, but must be finite).
+///
+/// Outputs, in this order: `logits` `[batch, vocab]` (the logits after
+/// position `pos`), then `next.cache.{l}.k`, `next.cache.{l}.v` for each
+/// layer: the caches with position `pos` written.
+pub fn decode_step_program(
+    model: &ModelSpec,
+    lora: &LoraSpec,
+    dtype: DType,
+    batch: usize,
+    max_len: usize,
+) -> Graph {
+    assert!(
+        batch > 0 && max_len > 0,
+        "decode step of an empty batch or cache"
+    );
+    let mut g = Graph::new();
+    let (theta, w) = parameter_inputs(&mut g, model, lora, dtype);
+    let ids = g.input(IDS_INPUT, DType::I32, vec![batch]);
+    let pos = g.input(POS_INPUT, DType::I32, vec![1]);
+    let shape = cache_shape(model, batch, max_len);
+    let caches: Vec<(NodeId, NodeId)> = (0..model.n_layers)
+        .map(|l| {
+            let k = g.input(cache_input(l, 'k'), dtype, shape.clone());
+            let v = g.input(cache_input(l, 'v'), dtype, shape.clone());
+            (k, v)
+        })
+        .collect();
+    let step = DecodeStep {
+        model,
+        lora,
+        dtype,
+        batch,
+        max_len,
+    };
+    let (logits, next) = step.build(&mut g, &theta, &w, ids, pos, &caches);
+    g.set_output(LOGITS_OUTPUT, logits);
+    for (l, (k, v)) in next.into_iter().enumerate() {
+        g.set_output(cache_output(l, 'k'), k);
+        g.set_output(cache_output(l, 'v'), v);
+    }
+    Pipeline::standard().run(&mut g);
+    g
+}
+
+/// Builder of the decode step. The per-token pieces (linear, RMSNorm, RoPE,
+/// head split, GQA repeat) mirror `Decoder`'s private ones op for op.
+struct DecodeStep<'a> {
+    model: &'a ModelSpec,
+    lora: &'a LoraSpec,
+    dtype: DType,
+    batch: usize,
+    max_len: usize,
+}
+
+impl DecodeStep<'_> {
+    fn p(&self, params: &Params, name: &str) -> NodeId {
+        *params
+            .get(name)
+            .unwrap_or_else(|| panic!("parameter `{name}` not provided to the decode step"))
+    }
+
+    /// Logits `[batch, vocab]` and the updated (k, v) cache of every layer.
+    fn build(
+        &self,
+        g: &mut Graph,
+        theta: &Params,
+        w: &Params,
+        ids: NodeId,
+        pos: NodeId,
+        caches: &[(NodeId, NodeId)],
+    ) -> (NodeId, Vec<(NodeId, NodeId)>) {
+        let m = self.model;
+        let b = self.batch;
+        let embed = self.p(theta, "model.embed_tokens.weight");
+        let x = g.gather(embed, ids);
+        let mut x = g.reshape(x, vec![b, 1, m.d_model]);
+        let (cos, sin) = self.rope_at(g, pos);
+        let (at_pos, visible) = self.time_masks(g, pos);
+        let mut next = Vec::with_capacity(caches.len());
+        for (i, &(k_cache, v_cache)) in caches.iter().enumerate() {
+            let ln1 = self.p(theta, &format!("model.layers.{i}.input_layernorm.weight"));
+            let hn = self.rms_norm(g, x, ln1);
+            let q = self.linear(g, hn, theta, w, i, Projection::QProj);
+            let k = self.linear(g, hn, theta, w, i, Projection::KProj);
+            let v = self.linear(g, hn, theta, w, i, Projection::VProj);
+            let q = self.split_heads(g, q, m.n_heads);
+            let k = self.split_heads(g, k, m.n_kv_heads);
+            let v = self.split_heads(g, v, m.n_kv_heads);
+            let q = self.rope(g, q, cos, sin);
+            let k = self.rope(g, k, cos, sin);
+            let k_all = self.write_at(g, k_cache, k, at_pos);
+            let v_all = self.write_at(g, v_cache, v, at_pos);
+            next.push((k_all, v_all));
+            let k_all = self.repeat_kv(g, k_all);
+            let v_all = self.repeat_kv(g, v_all);
+            let a = self.attention(g, q, k_all, v_all, visible);
+            let a = g.permute(a, &[0, 2, 1, 3]);
+            let a = g.reshape(a, vec![b, 1, m.n_heads * m.head_dim()]);
+            let o = self.linear(g, a, theta, w, i, Projection::OProj);
+            x = g.add(x, o);
+            let ln2 = self.p(
+                theta,
+                &format!("model.layers.{i}.post_attention_layernorm.weight"),
+            );
+            let hn = self.rms_norm(g, x, ln2);
+            let gate = self.linear(g, hn, theta, w, i, Projection::GateProj);
+            let up = self.linear(g, hn, theta, w, i, Projection::UpProj);
+            let act = g.silu(gate);
+            let act = g.mul(act, up);
+            let down = self.linear(g, act, theta, w, i, Projection::DownProj);
+            x = g.add(x, down);
+        }
+        let norm = self.p(theta, "model.norm.weight");
+        let h = self.rms_norm(g, x, norm);
+        let head = match theta.get("lm_head.weight") {
+            Some(&hw) => hw,
+            None => embed,
+        };
+        let logits = matmul_t(g, h, head);
+        let logits = g.reshape(logits, vec![b, m.vocab_size]);
+        (logits, next)
+    }
+
+    /// `x Wᵀ (+ b) + s · (x Aᵀ) Bᵀ` on the last axis of x.
+    fn linear(
+        &self,
+        g: &mut Graph,
+        x: NodeId,
+        theta: &Params,
+        w: &Params,
+        layer: usize,
+        p: Projection,
+    ) -> NodeId {
+        let path = module_path(layer, p);
+        let weight = self.p(theta, &format!("{path}.weight"));
+        let mut y = matmul_t(g, x, weight);
+        if let Some(&b) = theta.get(&format!("{path}.bias")) {
+            let shape = g.ty(y).shape.clone();
+            let bb = g.broadcast(b, shape);
+            y = g.add(y, bb);
+        }
+        if self.lora.targets.contains(&p) {
+            let a = self.p(w, &lora_name(layer, p, 'A'));
+            let b = self.p(w, &lora_name(layer, p, 'B'));
+            let xa = matmul_t(g, x, a);
+            let xab = matmul_t(g, xa, b);
+            let xab = g.scale(xab, self.lora.scale());
+            y = g.add(y, xab);
+        }
+        y
+    }
+
+    /// RMSNorm over the last axis: x / sqrt(mean(x²) + eps) · g.
+    fn rms_norm(&self, g: &mut Graph, x: NodeId, weight: NodeId) -> NodeId {
+        let shape = g.ty(x).shape.clone();
+        let last = shape.len() - 1;
+        let sq = g.mul(x, x);
+        let ms = g.mean(sq, &[last], true);
+        let eps = g.full_like(self.model.rms_eps, ms);
+        let ms = g.add(ms, eps);
+        let r = g.rsqrt(ms);
+        let rb = g.broadcast(r, shape.clone());
+        let xn = g.mul(x, rb);
+        let wb = g.broadcast(weight, shape);
+        g.mul(xn, wb)
+    }
+
+    /// Rows `pos` of the rotate-half RoPE cos and sin tables, `[1, head_dim]`
+    /// each; the tables over `0..max_len` are literals computed as
+    /// `Decoder`'s are.
+    fn rope_at(&self, g: &mut Graph, pos: NodeId) -> (NodeId, NodeId) {
+        let hd = self.model.head_dim();
+        let half = hd / 2;
+        let t = self.max_len;
+        let mut cos = Vec::with_capacity(t * hd);
+        let mut sin = Vec::with_capacity(t * hd);
+        for p in 0..t {
+            for j in 0..hd {
+                let i = j % half;
+                let inv_freq = 1.0 / self.model.rope_theta.powf((2 * i) as f64 / hd as f64);
+                let a = p as f64 * inv_freq;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = g.literal(&cos, self.dtype, vec![t, hd]);
+        let sin = g.literal(&sin, self.dtype, vec![t, hd]);
+        (g.gather(cos, pos), g.gather(sin, pos))
+    }
+
+    /// x·cos + rotate_half(x)·sin for x [B, H, 1, hd].
+    fn rope(&self, g: &mut Graph, x: NodeId, cos: NodeId, sin: NodeId) -> NodeId {
+        let shape = g.ty(x).shape.clone();
+        let hd = shape[3];
+        let x1 = g.slice_axis(x, 3, 0, hd / 2);
+        let x2 = g.slice_axis(x, 3, hd / 2, hd);
+        let nx2 = g.neg(x2);
+        let rot = g.concat(&[nx2, x1], 3);
+        let cb = g.broadcast(cos, shape.clone());
+        let sb = g.broadcast(sin, shape);
+        let a = g.mul(x, cb);
+        let b = g.mul(rot, sb);
+        g.add(a, b)
+    }
+
+    /// [B, 1, n·hd] → [B, n, 1, hd].
+    fn split_heads(&self, g: &mut Graph, x: NodeId, n: usize) -> NodeId {
+        let s = g.ty(x).shape.clone();
+        let hd = self.model.head_dim();
+        let r = g.reshape(x, vec![s[0], s[1], n, hd]);
+        g.permute(r, &[0, 2, 1, 3])
+    }
+
+    /// [B, KV, L, hd] → [B, H, L, hd], query head h reading kv head h / (H / KV).
+    fn repeat_kv(&self, g: &mut Graph, x: NodeId) -> NodeId {
+        let (h, kv) = (self.model.n_heads, self.model.n_kv_heads);
+        if h == kv {
+            return x;
+        }
+        let s = g.ty(x).shape.clone();
+        let e = g.reshape(x, vec![s[0], kv, 1, s[2], s[3]]);
+        let e = g.broadcast(e, vec![s[0], kv, h / kv, s[2], s[3]]);
+        g.reshape(e, vec![s[0], h, s[2], s[3]])
+    }
+
+    /// Masks over the time axis `[max_len]`: `j == pos` (where the step
+    /// writes) and `j <= pos` (what it may attend to).
+    fn time_masks(&self, g: &mut Graph, pos: NodeId) -> (NodeId, NodeId) {
+        let l = self.max_len;
+        let j = g.iota(0, DType::I32, vec![l]);
+        let p = g.broadcast(pos, vec![l]);
+        let at = g.compare(CompareOp::Eq, j, p);
+        let visible = g.compare(CompareOp::Le, j, p);
+        (at, visible)
+    }
+
+    /// `cache` [B, KV, L, hd] with `new` [B, KV, 1, hd] at time `at` [L].
+    fn write_at(&self, g: &mut Graph, cache: NodeId, new: NodeId, at: NodeId) -> NodeId {
+        let shape = g.ty(cache).shape.clone();
+        let at = g.reshape(at, vec![self.max_len, 1]);
+        let at = g.broadcast(at, shape.clone());
+        let nb = g.broadcast(new, shape);
+        g.select(at, nb, cache)
+    }
+
+    /// Softmax attention of q [B,H,1,hd] over k, v [B,H,L,hd], restricted to
+    /// the times `visible` [L].
+    fn attention(&self, g: &mut Graph, q: NodeId, k: NodeId, v: NodeId, visible: NodeId) -> NodeId {
+        let s = g.ty(q).shape.clone();
+        let (b, h, hd) = (s[0], s[1], s[3]);
+        let l = self.max_len;
+        let kt = g.transpose(k);
+        let scores = g.matmul(q, kt);
+        let scores = g.scale(scores, 1.0 / (hd as f64).sqrt());
+        let allowed = g.reshape(visible, vec![1, l]);
+        let allowed = g.broadcast(allowed, vec![b, h, 1, l]);
+        let masked = g.full(f64::NEG_INFINITY, self.dtype, vec![b, h, 1, l]);
+        let scores = g.select(allowed, scores, masked);
+        let m = g.reduce_max(scores, &[3], true);
+        let m = g.stop_gradient(m);
+        let mb = g.broadcast(m, vec![b, h, 1, l]);
+        let z = g.sub(scores, mb);
+        let e = g.exp(z);
+        let den = g.sum(e, &[3], true);
+        let den = g.broadcast(den, vec![b, h, 1, l]);
+        let p = g.div(e, den);
+        g.matmul(p, v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frontend::parse_pipeline;
+
+    fn spec() -> crate::spec::PipelineSpec {
+        let text = "[model]\nd_model = 16\nn_layers = 2\nn_heads = 2\nn_kv_heads = 1\nd_ff = 32\nmax_seq = 16\n[lora]\nrank = 2\n";
+        parse_pipeline(text).expect("valid pipeline")
+    }
+
+    #[test]
+    fn decode_step_has_the_documented_inputs_and_outputs() {
+        let s = spec();
+        let (b, l) = (3, 10);
+        let g = decode_step_program(&s.model, &s.lora, DType::F32, b, l);
+        g.validate().expect("valid graph");
+        let inputs = g.inputs_by_name();
+        for (name, shape) in theta_shapes(&s.model)
+            .into_iter()
+            .chain(lora_shapes(&s.model, &s.lora))
+        {
+            let id = inputs[&name];
+            assert_eq!(g.ty(id).shape, shape, "{name}");
+            assert_eq!(g.ty(id).dtype, DType::F32, "{name}");
+        }
+        assert_eq!(g.ty(inputs[IDS_INPUT]).shape, vec![b]);
+        assert_eq!(g.ty(inputs[POS_INPUT]).shape, vec![1]);
+        let names: Vec<&str> = g.outputs().iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "logits",
+                "next.cache.0.k",
+                "next.cache.0.v",
+                "next.cache.1.k",
+                "next.cache.1.v"
+            ]
+        );
+        let cache = cache_shape(&s.model, b, l);
+        assert_eq!(cache, vec![b, 1, l, 8]);
+        for layer in 0..2 {
+            for which in ['k', 'v'] {
+                assert_eq!(g.ty(inputs[&cache_input(layer, which)]).shape, cache);
+                let out = g.output(&cache_output(layer, which)).expect("cache output");
+                assert_eq!(g.ty(out).shape, cache);
+            }
+        }
+        let logits = g.output(LOGITS_OUTPUT).expect("logits");
+        assert_eq!(g.ty(logits).shape, vec![b, s.model.vocab_size]);
+    }
+
+    #[test]
+    fn full_logits_program_has_sequence_logits() {
+        let s = spec();
+        let g = full_logits_program(&s.model, &s.lora, DType::F64, 2, 5);
+        let logits = g.output(LOGITS_OUTPUT).expect("logits");
+        assert_eq!(g.ty(logits).shape, vec![2, 5, s.model.vocab_size]);
+    }
+}
