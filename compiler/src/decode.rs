@@ -5,7 +5,7 @@
 //! the same op order, so the two agree to rounding.
 
 use crate::ir::{CompareOp, DType, Graph, NodeId};
-use crate::model::{lora_name, lora_shapes, matmul_t, module_path, theta_shapes, Decoder, Params};
+use crate::model::{lora_shapes, matmul_t, theta_shapes, Decoder, Params};
 use crate::passes::Pipeline;
 use crate::spec::{LoraSpec, ModelSpec, Projection};
 
@@ -108,8 +108,8 @@ pub fn decode_step_program(
         })
         .collect();
     let step = DecodeStep {
+        dec: Decoder { model, lora, dtype },
         model,
-        lora,
         dtype,
         batch,
         max_len,
@@ -124,23 +124,18 @@ pub fn decode_step_program(
     g
 }
 
-/// Builder of the decode step. The per-token pieces (linear, RMSNorm, RoPE,
-/// head split, GQA repeat) mirror `Decoder`'s private ones op for op.
+/// Builder of the decode step, on `Decoder`'s per-token pieces (linear,
+/// RMSNorm, RoPE, head split, GQA repeat).
 struct DecodeStep<'a> {
+    /// The full-sequence builder whose per-token pieces the step reuses.
+    dec: Decoder<'a>,
     model: &'a ModelSpec,
-    lora: &'a LoraSpec,
     dtype: DType,
     batch: usize,
     max_len: usize,
 }
 
 impl DecodeStep<'_> {
-    fn p(&self, params: &Params, name: &str) -> NodeId {
-        *params
-            .get(name)
-            .unwrap_or_else(|| panic!("parameter `{name}` not provided to the decode step"))
-    }
-
     /// Logits `[batch, vocab]` and the updated (k, v) cache of every layer.
     fn build(
         &self,
@@ -153,47 +148,49 @@ impl DecodeStep<'_> {
     ) -> (NodeId, Vec<(NodeId, NodeId)>) {
         let m = self.model;
         let b = self.batch;
-        let embed = self.p(theta, "model.embed_tokens.weight");
+        let embed = self.dec.p(theta, "model.embed_tokens.weight");
         let x = g.gather(embed, ids);
         let mut x = g.reshape(x, vec![b, 1, m.d_model]);
         let (cos, sin) = self.rope_at(g, pos);
         let (at_pos, visible) = self.time_masks(g, pos);
         let mut next = Vec::with_capacity(caches.len());
         for (i, &(k_cache, v_cache)) in caches.iter().enumerate() {
-            let ln1 = self.p(theta, &format!("model.layers.{i}.input_layernorm.weight"));
-            let hn = self.rms_norm(g, x, ln1);
-            let q = self.linear(g, hn, theta, w, i, Projection::QProj);
-            let k = self.linear(g, hn, theta, w, i, Projection::KProj);
-            let v = self.linear(g, hn, theta, w, i, Projection::VProj);
-            let q = self.split_heads(g, q, m.n_heads);
-            let k = self.split_heads(g, k, m.n_kv_heads);
-            let v = self.split_heads(g, v, m.n_kv_heads);
-            let q = self.rope(g, q, cos, sin);
-            let k = self.rope(g, k, cos, sin);
+            let ln1 = self
+                .dec
+                .p(theta, &format!("model.layers.{i}.input_layernorm.weight"));
+            let hn = self.dec.rms_norm(g, x, ln1);
+            let q = self.dec.linear(g, hn, theta, w, i, Projection::QProj);
+            let k = self.dec.linear(g, hn, theta, w, i, Projection::KProj);
+            let v = self.dec.linear(g, hn, theta, w, i, Projection::VProj);
+            let q = self.dec.split_heads(g, q, m.n_heads);
+            let k = self.dec.split_heads(g, k, m.n_kv_heads);
+            let v = self.dec.split_heads(g, v, m.n_kv_heads);
+            let q = self.dec.rope(g, q, cos, sin);
+            let k = self.dec.rope(g, k, cos, sin);
             let k_all = self.write_at(g, k_cache, k, at_pos);
             let v_all = self.write_at(g, v_cache, v, at_pos);
             next.push((k_all, v_all));
-            let k_all = self.repeat_kv(g, k_all);
-            let v_all = self.repeat_kv(g, v_all);
+            let k_all = self.dec.repeat_kv(g, k_all);
+            let v_all = self.dec.repeat_kv(g, v_all);
             let a = self.attention(g, q, k_all, v_all, visible);
             let a = g.permute(a, &[0, 2, 1, 3]);
             let a = g.reshape(a, vec![b, 1, m.n_heads * m.head_dim()]);
-            let o = self.linear(g, a, theta, w, i, Projection::OProj);
+            let o = self.dec.linear(g, a, theta, w, i, Projection::OProj);
             x = g.add(x, o);
-            let ln2 = self.p(
+            let ln2 = self.dec.p(
                 theta,
                 &format!("model.layers.{i}.post_attention_layernorm.weight"),
             );
-            let hn = self.rms_norm(g, x, ln2);
-            let gate = self.linear(g, hn, theta, w, i, Projection::GateProj);
-            let up = self.linear(g, hn, theta, w, i, Projection::UpProj);
+            let hn = self.dec.rms_norm(g, x, ln2);
+            let gate = self.dec.linear(g, hn, theta, w, i, Projection::GateProj);
+            let up = self.dec.linear(g, hn, theta, w, i, Projection::UpProj);
             let act = g.silu(gate);
             let act = g.mul(act, up);
-            let down = self.linear(g, act, theta, w, i, Projection::DownProj);
+            let down = self.dec.linear(g, act, theta, w, i, Projection::DownProj);
             x = g.add(x, down);
         }
-        let norm = self.p(theta, "model.norm.weight");
-        let h = self.rms_norm(g, x, norm);
+        let norm = self.dec.p(theta, "model.norm.weight");
+        let h = self.dec.rms_norm(g, x, norm);
         let head = match theta.get("lm_head.weight") {
             Some(&hw) => hw,
             None => embed,
@@ -203,106 +200,16 @@ impl DecodeStep<'_> {
         (logits, next)
     }
 
-    /// `x Wᵀ (+ b) + s · (x Aᵀ) Bᵀ` on the last axis of x.
-    fn linear(
-        &self,
-        g: &mut Graph,
-        x: NodeId,
-        theta: &Params,
-        w: &Params,
-        layer: usize,
-        p: Projection,
-    ) -> NodeId {
-        let path = module_path(layer, p);
-        let weight = self.p(theta, &format!("{path}.weight"));
-        let mut y = matmul_t(g, x, weight);
-        if let Some(&b) = theta.get(&format!("{path}.bias")) {
-            let shape = g.ty(y).shape.clone();
-            let bb = g.broadcast(b, shape);
-            y = g.add(y, bb);
-        }
-        if self.lora.targets.contains(&p) {
-            let a = self.p(w, &lora_name(layer, p, 'A'));
-            let b = self.p(w, &lora_name(layer, p, 'B'));
-            let xa = matmul_t(g, x, a);
-            let xab = matmul_t(g, xa, b);
-            let xab = g.scale(xab, self.lora.scale());
-            y = g.add(y, xab);
-        }
-        y
-    }
-
-    /// RMSNorm over the last axis: x / sqrt(mean(x²) + eps) · g.
-    fn rms_norm(&self, g: &mut Graph, x: NodeId, weight: NodeId) -> NodeId {
-        let shape = g.ty(x).shape.clone();
-        let last = shape.len() - 1;
-        let sq = g.mul(x, x);
-        let ms = g.mean(sq, &[last], true);
-        let eps = g.full_like(self.model.rms_eps, ms);
-        let ms = g.add(ms, eps);
-        let r = g.rsqrt(ms);
-        let rb = g.broadcast(r, shape.clone());
-        let xn = g.mul(x, rb);
-        let wb = g.broadcast(weight, shape);
-        g.mul(xn, wb)
-    }
-
     /// Rows `pos` of the rotate-half RoPE cos and sin tables, `[1, head_dim]`
     /// each; the tables over `0..max_len` are literals computed as
     /// `Decoder`'s are.
     fn rope_at(&self, g: &mut Graph, pos: NodeId) -> (NodeId, NodeId) {
         let hd = self.model.head_dim();
-        let half = hd / 2;
         let t = self.max_len;
-        let mut cos = Vec::with_capacity(t * hd);
-        let mut sin = Vec::with_capacity(t * hd);
-        for p in 0..t {
-            for j in 0..hd {
-                let i = j % half;
-                let inv_freq = 1.0 / self.model.rope_theta.powf((2 * i) as f64 / hd as f64);
-                let a = p as f64 * inv_freq;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
+        let (cos, sin) = self.dec.rope_values(t);
         let cos = g.literal(&cos, self.dtype, vec![t, hd]);
         let sin = g.literal(&sin, self.dtype, vec![t, hd]);
         (g.gather(cos, pos), g.gather(sin, pos))
-    }
-
-    /// x·cos + rotate_half(x)·sin for x [B, H, 1, hd].
-    fn rope(&self, g: &mut Graph, x: NodeId, cos: NodeId, sin: NodeId) -> NodeId {
-        let shape = g.ty(x).shape.clone();
-        let hd = shape[3];
-        let x1 = g.slice_axis(x, 3, 0, hd / 2);
-        let x2 = g.slice_axis(x, 3, hd / 2, hd);
-        let nx2 = g.neg(x2);
-        let rot = g.concat(&[nx2, x1], 3);
-        let cb = g.broadcast(cos, shape.clone());
-        let sb = g.broadcast(sin, shape);
-        let a = g.mul(x, cb);
-        let b = g.mul(rot, sb);
-        g.add(a, b)
-    }
-
-    /// [B, 1, n·hd] → [B, n, 1, hd].
-    fn split_heads(&self, g: &mut Graph, x: NodeId, n: usize) -> NodeId {
-        let s = g.ty(x).shape.clone();
-        let hd = self.model.head_dim();
-        let r = g.reshape(x, vec![s[0], s[1], n, hd]);
-        g.permute(r, &[0, 2, 1, 3])
-    }
-
-    /// [B, KV, L, hd] → [B, H, L, hd], query head h reading kv head h / (H / KV).
-    fn repeat_kv(&self, g: &mut Graph, x: NodeId) -> NodeId {
-        let (h, kv) = (self.model.n_heads, self.model.n_kv_heads);
-        if h == kv {
-            return x;
-        }
-        let s = g.ty(x).shape.clone();
-        let e = g.reshape(x, vec![s[0], kv, 1, s[2], s[3]]);
-        let e = g.broadcast(e, vec![s[0], kv, h / kv, s[2], s[3]]);
-        g.reshape(e, vec![s[0], h, s[2], s[3]])
     }
 
     /// Masks over the time axis `[max_len]`: `j == pos` (where the step

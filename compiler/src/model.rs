@@ -96,14 +96,14 @@ pub struct Decoder<'a> {
 }
 
 impl Decoder<'_> {
-    fn p(&self, params: &Params, name: &str) -> NodeId {
+    pub(crate) fn p(&self, params: &Params, name: &str) -> NodeId {
         *params
             .get(name)
             .unwrap_or_else(|| panic!("parameter `{name}` not provided to the decoder"))
     }
 
     /// `x Wᵀ (+ b) + s · (x Aᵀ) Bᵀ` on the last axis of x.
-    fn linear(
+    pub(crate) fn linear(
         &self,
         g: &mut Graph,
         x: NodeId,
@@ -132,7 +132,7 @@ impl Decoder<'_> {
     }
 
     /// RMSNorm over the last axis: x / sqrt(mean(x²) + eps) · g.
-    fn rms_norm(&self, g: &mut Graph, x: NodeId, weight: NodeId) -> NodeId {
+    pub(crate) fn rms_norm(&self, g: &mut Graph, x: NodeId, weight: NodeId) -> NodeId {
         let shape = g.ty(x).shape.clone();
         let last = shape.len() - 1;
         let sq = g.mul(x, x);
@@ -146,8 +146,9 @@ impl Decoder<'_> {
         g.mul(xn, wb)
     }
 
-    /// cos and sin tables [T, head_dim] of HF Llama's rotate-half RoPE.
-    fn rope_tables(&self, g: &mut Graph, t: usize) -> (NodeId, NodeId) {
+    /// Values of the cos and sin tables [t, head_dim] of HF Llama's
+    /// rotate-half RoPE, row-major.
+    pub(crate) fn rope_values(&self, t: usize) -> (Vec<f64>, Vec<f64>) {
         let hd = self.model.head_dim();
         let half = hd / 2;
         let mut cos = Vec::with_capacity(t * hd);
@@ -161,6 +162,13 @@ impl Decoder<'_> {
                 sin.push(a.sin());
             }
         }
+        (cos, sin)
+    }
+
+    /// cos and sin tables [T, head_dim] as literals.
+    fn rope_tables(&self, g: &mut Graph, t: usize) -> (NodeId, NodeId) {
+        let hd = self.model.head_dim();
+        let (cos, sin) = self.rope_values(t);
         (
             g.literal(&cos, self.dtype, vec![t, hd]),
             g.literal(&sin, self.dtype, vec![t, hd]),
@@ -168,7 +176,7 @@ impl Decoder<'_> {
     }
 
     /// x·cos + rotate_half(x)·sin for x [B, H, T, hd].
-    fn rope(&self, g: &mut Graph, x: NodeId, cos: NodeId, sin: NodeId) -> NodeId {
+    pub(crate) fn rope(&self, g: &mut Graph, x: NodeId, cos: NodeId, sin: NodeId) -> NodeId {
         let shape = g.ty(x).shape.clone();
         let hd = shape[3];
         let x1 = g.slice_axis(x, 3, 0, hd / 2);
@@ -183,7 +191,7 @@ impl Decoder<'_> {
     }
 
     /// [B, T, n·hd] → [B, n, T, hd].
-    fn split_heads(&self, g: &mut Graph, x: NodeId, n: usize) -> NodeId {
+    pub(crate) fn split_heads(&self, g: &mut Graph, x: NodeId, n: usize) -> NodeId {
         let s = g.ty(x).shape.clone();
         let hd = self.model.head_dim();
         let r = g.reshape(x, vec![s[0], s[1], n, hd]);
@@ -191,7 +199,7 @@ impl Decoder<'_> {
     }
 
     /// [B, KV, T, hd] → [B, H, T, hd], query head h reading kv head h / (H / KV).
-    fn repeat_kv(&self, g: &mut Graph, x: NodeId) -> NodeId {
+    pub(crate) fn repeat_kv(&self, g: &mut Graph, x: NodeId) -> NodeId {
         let (h, kv) = (self.model.n_heads, self.model.n_kv_heads);
         if h == kv {
             return x;
