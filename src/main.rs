@@ -7,6 +7,7 @@ mod cli_compile;
 mod cli_grad;
 mod cli_init;
 mod cli_inspect;
+mod cli_run;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -31,6 +32,44 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train: sample, score and run meta-steps, writing metrics and checkpoints.
+    Run {
+        /// A pipeline.toml (compiled first) or a .plan from `coopc compile`.
+        pipeline: Option<PathBuf>,
+        /// Override bilevel.method.
+        #[arg(long, value_enum)]
+        method: Option<MethodArg>,
+        /// Override train.steps.
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Override train.seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Override backend.kind.
+        #[arg(long, value_enum)]
+        backend: Option<BackendArg>,
+        /// Run folder (default runs/<pipeline>-<method>-s<seed>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue the run in DIR from its latest checkpoint.
+        #[arg(long, value_name = "DIR")]
+        resume: Option<PathBuf>,
+        /// Held-out problems per evaluation.
+        #[arg(long, default_value_t = 100)]
+        eval_limit: usize,
+        /// No progress bar.
+        #[arg(long, short)]
+        quiet: bool,
+        /// Stop after this many meta-steps (with a checkpoint), as if interrupted.
+        #[arg(long, value_name = "N")]
+        stop_after: Option<usize>,
+    },
+    /// Held-out accuracy of a run's latest checkpoint.
+    Eval {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        eval_limit: usize,
+    },
     /// Validate a pipeline.toml (exit 2 with diagnostics when it is invalid).
     Check { pipeline: PathBuf },
     /// Lower a pipeline into a plan: the fused meta-step and the log-prob program.
@@ -85,6 +124,51 @@ enum Command {
         #[arg(long)]
         no_optimise: bool,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+#[value(rename_all = "snake_case")]
+enum MethodArg {
+    Bridge,
+    RlZero,
+    Sft,
+    ColdStart,
+    Mix,
+    Alternating,
+}
+
+impl From<MethodArg> for coopc_compiler::spec::Method {
+    fn from(m: MethodArg) -> Self {
+        use coopc_compiler::spec::Method;
+        match m {
+            MethodArg::Bridge => Method::Bridge,
+            MethodArg::RlZero => Method::RlZero,
+            MethodArg::Sft => Method::Sft,
+            MethodArg::ColdStart => Method::ColdStart,
+            MethodArg::Mix => Method::Mix,
+            MethodArg::Alternating => Method::Alternating,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Auto,
+    Cpu,
+    Cuda,
+    Wgpu,
+}
+
+impl From<BackendArg> for coopc_compiler::spec::BackendKind {
+    fn from(b: BackendArg) -> Self {
+        use coopc_compiler::spec::BackendKind;
+        match b {
+            BackendArg::Auto => BackendKind::Auto,
+            BackendArg::Cpu => BackendKind::Cpu,
+            BackendArg::Cuda => BackendKind::Cuda,
+            BackendArg::Wgpu => BackendKind::Wgpu,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -239,6 +323,37 @@ fn demo(emit: Option<Emit>, dtype: DType, hidden: usize, optimise: bool) -> Resu
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
+        Command::Run {
+            pipeline,
+            method,
+            steps,
+            seed,
+            backend,
+            out,
+            resume,
+            eval_limit,
+            quiet,
+            stop_after,
+        } => {
+            let ov = cli_run::Overrides {
+                method: method.map(Into::into),
+                steps,
+                seed,
+                backend: backend.map(Into::into),
+            };
+            user_result(cli_run::run(
+                pipeline.as_deref(),
+                resume.as_deref(),
+                out.as_deref(),
+                ov,
+                cli_run::RunFlags {
+                    eval_limit,
+                    quiet,
+                    stop_after,
+                },
+            ))
+        }
+        Command::Eval { dir, eval_limit } => user_result(cli_run::eval(&dir, eval_limit)),
         Command::Check { pipeline } => cli_check::check(&pipeline),
         Command::Inspect { plan } => cli_inspect::inspect(&plan),
         Command::Compile {

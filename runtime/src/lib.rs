@@ -9,7 +9,9 @@ pub mod exec;
 pub mod init;
 pub mod safetensors_io;
 pub mod sampler;
+pub mod tasks;
 pub mod tensor;
+pub mod train;
 
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,550 @@
+//! The training loop: per meta-step, SFT demonstrations and RL rollouts
+//! (sampled from the current policy, scored by the task's verifier) become
+//! the K step batches of the compiled meta-step, which is run on the CPU
+//! executor; metrics go to `metrics.jsonl`, evaluations on the held-out set
+//! happen every `train.eval_every` steps, and checkpoints are written so that
+//! `--resume` continues bit-exactly.
+
+use crate::checkpoint::{self, CheckpointError, TrainState};
+use crate::error::ExecError;
+use crate::exec::execute;
+use crate::init::init_params;
+use crate::sampler::{Generation, SampleError, Sampler, SamplingConfig};
+use crate::tasks::{build_task, check_vocab, Problem, Task, TaskError};
+use crate::tensor::HostTensor;
+use coopc_compiler::ir::{DType, Graph, Op};
+use coopc_compiler::spec::{Advantage, Method, PipelineSpec, Precision};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    #[error(transparent)]
+    Task(#[from] TaskError),
+    #[error("sampling: {0}")]
+    Sample(#[from] SampleError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{0}")]
+    Io(String),
+    #[error(
+        "meta-step {step}: {what} is {value}; stopping ({checkpoint}) — \
+         lower optim.lower.lr / optim.upper.lr or check the data"
+    )]
+    NonFinite {
+        step: usize,
+        what: String,
+        value: f64,
+        checkpoint: String,
+    },
+}
+
+/// The two programs the loop runs (compiled from the pipeline).
+pub struct Programs {
+    pub meta_step: Graph,
+    /// Log-probs of `input_ids` [rl batch, seq_len] under (θ, w).
+    pub logprobs: Graph,
+}
+
+/// How to run.
+pub struct RunOptions {
+    pub out_dir: PathBuf,
+    /// Continue from the latest checkpoint in `out_dir`.
+    pub resume: bool,
+    /// Draw an indicatif progress bar on stderr.
+    pub progress: bool,
+    /// At most this many held-out problems per evaluation.
+    pub eval_limit: usize,
+    /// Stop (with a checkpoint) once this many meta-steps are done, as if
+    /// interrupted; `--resume` continues to `train.steps`.
+    pub stop_after: Option<usize>,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Metrics {
+    pub step: usize,
+    pub method: String,
+    pub lambda: f64,
+    /// Mean reward of the step's rollouts (null on steps without rollouts).
+    pub reward_mean: Option<f64>,
+    /// Fraction of rollouts the verifier accepted.
+    pub accuracy: Option<f64>,
+    pub sft_loss: f64,
+    pub rl_loss: Option<f64>,
+    /// Mean k3 estimate of KL(π_θ ‖ π_ref) over response tokens (kl_coef > 0).
+    pub kl: Option<f64>,
+    /// L_RL(θ̂_K) − L_RL(θ_K) (BRIDGE).
+    pub coop_gain: Option<f64>,
+    pub response_len: Option<f64>,
+    pub step_time_s: f64,
+    pub wall_time_s: f64,
+    pub eval_accuracy: Option<f64>,
+}
+
+impl Metrics {
+    /// The fields that must agree between a resumed and an uninterrupted run.
+    pub fn without_timing(&self) -> Metrics {
+        Metrics {
+            step_time_s: 0.0,
+            wall_time_s: 0.0,
+            ..self.clone()
+        }
+    }
+}
+
+fn float_dtype(p: Precision) -> DType {
+    match p {
+        Precision::F32 => DType::F32,
+        Precision::F64 => DType::F64,
+    }
+}
+
+/// The per-step random stream: a pure function of (seed, step, purpose), so
+/// a resumed run draws exactly what the uninterrupted one did.
+fn step_rng(seed: u64, step: usize, purpose: u64) -> StdRng {
+    let mut z = seed
+        ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ purpose.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    StdRng::seed_from_u64(z ^ (z >> 31))
+}
+
+/// Token sequences packed into [rows, T] ids and a response mask.
+struct Packed {
+    ids: Vec<i32>,
+    mask: Vec<f64>,
+}
+
+/// Packs (full sequence, response start, response length) rows, padding with `pad`.
+fn pack(rows: &[(Vec<i32>, usize, usize)], t: usize, pad: i32) -> Packed {
+    let mut ids = vec![pad; rows.len() * t];
+    let mut mask = vec![0.0; rows.len() * t];
+    for (r, (seq, start, len)) in rows.iter().enumerate() {
+        for (j, &tok) in seq.iter().take(t).enumerate() {
+            ids[r * t + j] = tok;
+        }
+        for j in *start..(*start + *len).min(t) {
+            mask[r * t + j] = 1.0;
+        }
+    }
+    Packed { ids, mask }
+}
+
+/// Group-relative advantages of `rewards`, groups of `g` consecutive rollouts.
+pub fn advantages(rewards: &[f64], g: usize, kind: Advantage) -> Vec<f64> {
+    let mut out = vec![0.0; rewards.len()];
+    for (grp, o) in rewards.chunks(g).zip(out.chunks_mut(g)) {
+        let mean = grp.iter().sum::<f64>() / grp.len() as f64;
+        let var = grp.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / grp.len() as f64;
+        for (a, r) in o.iter_mut().zip(grp) {
+            *a = match kind {
+                Advantage::GroupStd => (r - mean) / (var.sqrt() + 1e-6),
+                Advantage::GroupMean => r - mean,
+            };
+        }
+    }
+    out
+}
+
+pub struct Trainer {
+    spec: PipelineSpec,
+    programs: Programs,
+    task: Box<dyn Task>,
+    sampler: Sampler,
+    dt: DType,
+    state: TrainState,
+    /// π_ref's parameters (the initial θ, w) when kl_coef > 0.
+    reference: Option<HashMap<String, HostTensor>>,
+    opts: RunOptions,
+}
+
+impl Trainer {
+    pub fn new(
+        spec: PipelineSpec,
+        programs: Programs,
+        opts: RunOptions,
+    ) -> Result<Trainer, TrainError> {
+        let dt = float_dtype(spec.backend.dtype);
+        let task = build_task(&spec.task, spec.train.seq_len)?;
+        check_vocab(task.as_ref(), spec.model.vocab_size)?;
+        if let Some(need) = task.max_response_tokens() {
+            if spec.rl.max_new_tokens < need {
+                return Err(TrainError::Io(format!(
+                    "rl.max_new_tokens = {} cuts responses short: the {} task needs up to {need} tokens",
+                    spec.rl.max_new_tokens,
+                    spec.task.kind.name()
+                )));
+            }
+        }
+        let sampler = Sampler::new(&spec, spec.rl.batch_size(), spec.train.seq_len);
+        let initial = Self::initial_state(&spec, &programs.meta_step, dt);
+        let reference =
+            (spec.rl.kl_coef > 0.0).then(|| Self::policy_params(&spec, &initial.tensors));
+        let state = if opts.resume {
+            checkpoint::load_latest(&opts.out_dir)?
+        } else {
+            initial
+        };
+        Ok(Trainer {
+            spec,
+            programs,
+            task,
+            sampler,
+            dt,
+            state,
+            reference,
+            opts,
+        })
+    }
+
+    /// θ, w from the seed; shadow = θ; zero optimiser state.
+    fn initial_state(spec: &PipelineSpec, meta: &Graph, dt: DType) -> TrainState {
+        let params = init_params(spec, dt, spec.train.seed);
+        let mut tensors = params.clone();
+        for id in meta.node_ids() {
+            if let Op::Input { name, ty } = meta.op(id) {
+                if let Some(base) = name.strip_prefix("shadow.") {
+                    tensors.insert(name.clone(), params[base].clone());
+                } else if name.starts_with("opt.") {
+                    tensors.insert(name.clone(), HostTensor::zeros(ty));
+                }
+            }
+        }
+        TrainState { step: 0, tensors }
+    }
+
+    /// θ and w (the policy) out of a state.
+    fn policy_params(
+        spec: &PipelineSpec,
+        tensors: &BTreeMap<String, HostTensor>,
+    ) -> HashMap<String, HostTensor> {
+        let names = coopc_compiler::model::theta_shapes(&spec.model)
+            .into_iter()
+            .chain(coopc_compiler::model::lora_shapes(&spec.model, &spec.lora))
+            .map(|(n, _)| n);
+        names
+            .filter_map(|n| tensors.get(&n).map(|t| (n, t.clone())))
+            .collect()
+    }
+
+    pub fn state(&self) -> &TrainState {
+        &self.state
+    }
+
+    fn tensor(&self, shape: Vec<usize>, v: &[f64]) -> HostTensor {
+        HostTensor::from_f64(self.dt, shape, v).expect("length matches by construction")
+    }
+
+    /// Log-probs [rows, T] of packed ids under `params`.
+    fn score(
+        &self,
+        params: &HashMap<String, HostTensor>,
+        ids: &[i32],
+    ) -> Result<Vec<f64>, TrainError> {
+        let t = self.spec.train.seq_len;
+        let rows = ids.len() / t;
+        let mut inputs = params.clone();
+        inputs.insert(
+            "input_ids".into(),
+            HostTensor::i32(vec![rows, t], ids.to_vec()),
+        );
+        Ok(execute(&self.programs.logprobs, &inputs)?
+            .remove(0)
+            .1
+            .to_f64_vec())
+    }
+
+    /// Greedy accuracy on (at most `eval_limit` of) the held-out problems.
+    pub fn evaluate(&self) -> Result<f64, TrainError> {
+        let problems: Vec<Problem> = self
+            .task
+            .eval_set()
+            .into_iter()
+            .take(self.opts.eval_limit)
+            .collect();
+        if problems.is_empty() {
+            return Ok(f64::NAN);
+        }
+        let params = Self::policy_params(&self.spec, &self.state.tensors);
+        let cfg = self.sampling(true);
+        let mut correct = 0usize;
+        let mut rng = step_rng(self.spec.train.seed, 0, 7);
+        let prompts: Vec<Vec<i32>> = problems
+            .iter()
+            .map(|p| self.task.encode_prompt(p))
+            .collect::<Result<_, _>>()?;
+        let gens = self.sampler.generate(&params, &prompts, &cfg, &mut rng)?;
+        for (p, gen) in problems.iter().zip(&gens) {
+            if self
+                .task
+                .is_correct(p, &self.task.decode_response(gen.response()))
+            {
+                correct += 1;
+            }
+        }
+        Ok(correct as f64 / problems.len() as f64)
+    }
+
+    fn sampling(&self, greedy: bool) -> SamplingConfig {
+        let tok = self.task.tokenizer();
+        SamplingConfig {
+            temperature: self.spec.rl.temperature,
+            top_p: self.spec.rl.top_p,
+            max_new_tokens: self.spec.rl.max_new_tokens,
+            stop_token: tok.eos(),
+            pad_token: tok.pad(),
+            greedy,
+        }
+    }
+
+    /// Runs meta-steps until `train.steps`, writing metrics and checkpoints.
+    pub fn run(&mut self, mut on_step: impl FnMut(&Metrics)) -> Result<Vec<Metrics>, TrainError> {
+        let metrics_path = self.opts.out_dir.join("metrics.jsonl");
+        let mut history = read_metrics(&metrics_path)?;
+        history.retain(|m| m.step < self.state.step);
+        rewrite_metrics(&metrics_path, &history)?;
+        let wall0 = Instant::now();
+        let wall_offset = history.last().map_or(0.0, |m| m.wall_time_s);
+        let total = self.spec.train.steps;
+        let mut out = Vec::new();
+        let stop = self.opts.stop_after.map_or(total, |s| s.min(total));
+        while self.state.step < stop {
+            let t0 = Instant::now();
+            let mut m = self.meta_step()?;
+            let step = m.step;
+            let every = self.spec.train.eval_every;
+            if (every > 0 && (step + 1) % every == 0) || step + 1 == total {
+                m.eval_accuracy = Some(self.evaluate()?);
+            }
+            m.step_time_s = t0.elapsed().as_secs_f64();
+            m.wall_time_s = wall_offset + wall0.elapsed().as_secs_f64();
+            append_metrics(&metrics_path, &m)?;
+            if m.eval_accuracy.is_some() || self.state.step == stop {
+                checkpoint::save(&self.opts.out_dir, &self.spec, &self.state)?;
+            }
+            on_step(&m);
+            out.push(m);
+        }
+        Ok(out)
+    }
+
+    /// One meta-step: build the K batches, run the program, adopt the new state.
+    fn meta_step(&mut self) -> Result<Metrics, TrainError> {
+        let spec = &self.spec;
+        let step = self.state.step;
+        let lambda = spec.lambda_at(step);
+        let k_steps = spec.bilevel.hypergradient.unroll.max(1);
+        let (t, bs) = (spec.train.seq_len, spec.sft.batch_size);
+        let br = spec.rl.batch_size();
+        let g = spec.rl.group_size;
+        let policy = Self::policy_params(spec, &self.state.tensors);
+        let tok = self.task.tokenizer();
+        let pad = tok.pad();
+        let mut inputs: HashMap<String, HostTensor> =
+            self.state.tensors.clone().into_iter().collect();
+        inputs.insert("lambda".into(), self.tensor(vec![], &[lambda]));
+        let needs_rollouts = lambda > 0.0 || spec.bilevel.method == Method::Bridge;
+        let (mut rewards_all, mut correct, mut lens, mut kls) =
+            (Vec::new(), 0usize, Vec::new(), Vec::new());
+        for k in 0..k_steps {
+            let mut rng = step_rng(spec.train.seed, step, 1 + k as u64);
+            // SFT demonstrations.
+            let mut rows = Vec::with_capacity(bs);
+            for _ in 0..bs {
+                let ex = self.task.sft_row(&mut rng)?;
+                rows.push((ex.tokens, ex.prompt_len, ex.response_len));
+            }
+            let sft = pack(&rows, t, pad);
+            let p = format!("step{k}.");
+            inputs.insert(
+                format!("{p}sft.input_ids"),
+                HostTensor::i32(vec![bs, t], sft.ids.clone()),
+            );
+            inputs.insert(
+                format!("{p}sft.loss_mask"),
+                self.tensor(vec![bs, t], &sft.mask),
+            );
+            // RL rollouts: G completions of each prompt from the current policy.
+            let (rl, adv, old, reference) = if needs_rollouts {
+                let problems: Vec<Problem> = (0..spec.rl.prompts_per_step)
+                    .map(|_| self.task.rl_problem(&mut rng))
+                    .collect();
+                let mut prompts = Vec::with_capacity(br);
+                for p in &problems {
+                    let enc = self.task.encode_prompt(p)?;
+                    for _ in 0..g {
+                        prompts.push(enc.clone());
+                    }
+                }
+                let gens: Vec<Generation> =
+                    self.sampler
+                        .generate(&policy, &prompts, &self.sampling(false), &mut rng)?;
+                let mut rewards = Vec::with_capacity(br);
+                let mut rows = Vec::with_capacity(br);
+                for (i, gen) in gens.iter().enumerate() {
+                    let problem = &problems[i / g];
+                    let text = self.task.decode_response(gen.response());
+                    correct += self.task.is_correct(problem, &text) as usize;
+                    rewards.push(self.task.reward(problem, &text));
+                    lens.push(gen.response_len as f64);
+                    rows.push((gen.tokens.clone(), gen.prompt_len, gen.response_len));
+                }
+                rewards_all.extend(&rewards);
+                let rl = pack(&rows, t, pad);
+                let adv = advantages(&rewards, g, spec.rl.advantage);
+                let old = self.score(&policy, &rl.ids)?;
+                let reference = match &self.reference {
+                    Some(r) => {
+                        let lp = self.score(r, &rl.ids)?;
+                        for ((o, r), m) in old.iter().zip(&lp).zip(&rl.mask) {
+                            if *m > 0.0 {
+                                let d = r - o;
+                                kls.push(d.exp() - d - 1.0);
+                            }
+                        }
+                        Some(lp)
+                    }
+                    None => None,
+                };
+                (rl, adv, old, reference)
+            } else {
+                // λ = 0 and no upper level: the RL term has weight 0, so the
+                // SFT rows stand in (zero advantages) and nothing is sampled.
+                let reps: Vec<(Vec<i32>, usize, usize)> =
+                    (0..br).map(|i| rows[i % bs].clone()).collect();
+                let rl = pack(&reps, t, pad);
+                let n = rl.ids.len();
+                (rl, vec![0.0; br], vec![0.0; n], Some(vec![0.0; n]))
+            };
+            inputs.insert(
+                format!("{p}rl.input_ids"),
+                HostTensor::i32(vec![br, t], rl.ids),
+            );
+            inputs.insert(
+                format!("{p}rl.loss_mask"),
+                self.tensor(vec![br, t], &rl.mask),
+            );
+            inputs.insert(format!("{p}rl.advantages"), self.tensor(vec![br], &adv));
+            inputs.insert(
+                format!("{p}rl.old_logprobs"),
+                self.tensor(vec![br, t], &old),
+            );
+            if let Some(r) = reference {
+                inputs.insert(format!("{p}rl.ref_logprobs"), self.tensor(vec![br, t], &r));
+            }
+        }
+        let outputs: HashMap<String, HostTensor> = execute(&self.programs.meta_step, &inputs)?
+            .into_iter()
+            .collect();
+        let scalar = |k: &str| outputs.get(k).map(|t| t.to_f64_vec()[0]);
+        let sft_loss = scalar("loss.sft").unwrap_or(f64::NAN);
+        let checks = [
+            ("loss.sft", Some(sft_loss)),
+            ("loss.rl", scalar("loss.rl")),
+            ("loss.up", scalar("loss.up")),
+        ];
+        for (what, v) in checks {
+            if let Some(v) = v {
+                if !v.is_finite() && (what != "loss.rl" || needs_rollouts) {
+                    return Err(TrainError::NonFinite {
+                        step,
+                        what: what.to_string(),
+                        value: v,
+                        checkpoint: match checkpoint::load_latest(&self.opts.out_dir) {
+                            Ok(s) => format!(
+                                "the last good checkpoint, after meta-step {}, is kept in {}",
+                                s.step,
+                                checkpoint::checkpoints_dir(&self.opts.out_dir).display()
+                            ),
+                            Err(_) => "no checkpoint was written yet".to_string(),
+                        },
+                    });
+                }
+            }
+        }
+        // Adopt the new state: θ_K, next.* for everything else.
+        let mut next = self.state.tensors.clone();
+        for (name, t) in outputs.iter() {
+            if let Some(n) = name.strip_prefix("theta_K.") {
+                next.insert(n.to_string(), t.clone());
+            } else if let Some(n) = name.strip_prefix("next.") {
+                next.insert(n.to_string(), t.clone());
+            }
+        }
+        self.state = TrainState {
+            step: step + 1,
+            tensors: next,
+        };
+        let n = rewards_all.len();
+        Ok(Metrics {
+            step,
+            method: spec.bilevel.method.name().to_string(),
+            lambda,
+            reward_mean: (n > 0).then(|| rewards_all.iter().sum::<f64>() / n as f64),
+            accuracy: (n > 0).then(|| correct as f64 / n as f64),
+            sft_loss,
+            rl_loss: if needs_rollouts {
+                scalar("loss.rl")
+            } else {
+                None
+            },
+            kl: (!kls.is_empty()).then(|| kls.iter().sum::<f64>() / kls.len() as f64),
+            coop_gain: scalar("gain"),
+            response_len: (!lens.is_empty()).then(|| lens.iter().sum::<f64>() / lens.len() as f64),
+            step_time_s: 0.0,
+            wall_time_s: 0.0,
+            eval_accuracy: None,
+        })
+    }
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Io(format!("{}: {e}", path.display()))
+}
+
+/// The metrics already written to a run's `metrics.jsonl` (none if absent).
+pub fn read_metrics(path: &Path) -> Result<Vec<Metrics>, TrainError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(path, e)),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| io_err(path, format!("line {}: {e}", i + 1)))
+        })
+        .collect()
+}
+
+fn rewrite_metrics(path: &Path, rows: &[Metrics]) -> Result<(), TrainError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    }
+    let mut text = String::new();
+    for m in rows {
+        text.push_str(&serde_json::to_string(m).map_err(|e| io_err(path, e))?);
+        text.push('\n');
+    }
+    coopc_compiler::plan::write_atomically(path, text.as_bytes()).map_err(|e| io_err(path, e))
+}
+
+fn append_metrics(path: &Path, m: &Metrics) -> Result<(), TrainError> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| io_err(path, e))?;
+    let line = serde_json::to_string(m).map_err(|e| io_err(path, e))?;
+    writeln!(f, "{line}").map_err(|e| io_err(path, e))
+}

@@ -1,0 +1,238 @@
+//! `coopc run` (train), `coopc eval` (held-out accuracy of a run's latest
+//! checkpoint): the command-line side of the training loop.
+
+use crate::cli_compile::build_plan;
+use crate::cli_grad::UserError;
+use coopc_compiler::plan::Plan;
+use coopc_compiler::spec::{BackendKind, Method, PipelineSpec};
+use coopc_runtime::train::{Metrics, Programs, RunOptions, Trainer};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Command-line overrides of pipeline keys.
+pub struct Overrides {
+    pub method: Option<Method>,
+    pub steps: Option<usize>,
+    pub seed: Option<u64>,
+    pub backend: Option<BackendKind>,
+}
+
+const SPEC_FILE: &str = "spec.json";
+
+fn programs(plan: Plan) -> Programs {
+    let mut it = plan.programs.into_iter();
+    let mut meta = None;
+    let mut lp = None;
+    for p in it.by_ref() {
+        match p.name.as_str() {
+            "meta_step" => meta = Some(p.graph),
+            "logprobs" => lp = Some(p.graph),
+            _ => {}
+        }
+    }
+    Programs {
+        meta_step: meta.expect("plans carry a meta_step program"),
+        logprobs: lp.expect("plans carry a logprobs program"),
+    }
+}
+
+/// The backend the run uses; only the CPU executor exists so far.
+fn check_backend(spec: &PipelineSpec) -> Result<&'static str, UserError> {
+    match spec.backend.kind {
+        BackendKind::Auto | BackendKind::Cpu => Ok("cpu"),
+        other => Err(UserError(format!(
+            "backend `{}` is not available: this build of coopc runs on the CPU executor only \
+             (GPU backends are not implemented yet); use --backend cpu or auto",
+            match other {
+                BackendKind::Cuda => "cuda",
+                _ => "wgpu",
+            }
+        ))),
+    }
+}
+
+fn read_spec(dir: &Path) -> Result<PipelineSpec, UserError> {
+    let path = dir.join(SPEC_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        UserError(format!(
+            "{}: {e} (is {} a coopc run folder?)",
+            path.display(),
+            dir.display()
+        ))
+    })?;
+    serde_json::from_str(&text).map_err(|e| {
+        UserError(format!(
+            "{}: not a valid run specification: {e}",
+            path.display()
+        ))
+    })
+}
+
+fn one_line(m: &Metrics) -> String {
+    let f = |x: Option<f64>| x.map_or("–".to_string(), |v| format!("{v:.3}"));
+    format!(
+        "reward {} · acc {} · sft {:.3} · rl {} · eval {}",
+        f(m.reward_mean),
+        f(m.accuracy),
+        m.sft_loss,
+        f(m.rl_loss),
+        f(m.eval_accuracy)
+    )
+}
+
+/// How `run` behaves beyond the pipeline.
+pub struct RunFlags {
+    pub eval_limit: usize,
+    pub quiet: bool,
+    pub stop_after: Option<usize>,
+}
+
+pub fn run(
+    pipeline: Option<&Path>,
+    resume: Option<&Path>,
+    out: Option<&Path>,
+    ov: Overrides,
+    flags: RunFlags,
+) -> Result<(), UserError> {
+    let RunFlags {
+        eval_limit,
+        quiet,
+        stop_after,
+    } = flags;
+    let t0 = Instant::now();
+    let (mut spec, source, plan) = match (pipeline, resume) {
+        (_, Some(dir)) => (read_spec(dir)?, None, None),
+        (Some(p), None) if p.extension().is_some_and(|e| e == "plan") => {
+            let plan = Plan::load(p)?;
+            (plan.spec.clone(), None, Some(plan))
+        }
+        (Some(p), None) => {
+            let (source, spec) =
+                coopc_compiler::frontend::load_pipeline(p).map_err(|e| UserError(e.render()))?;
+            (spec, Some(source), None)
+        }
+        (None, None) => {
+            return Err(UserError(
+                "give a pipeline (.toml or .plan) or --resume DIR".into(),
+            ))
+        }
+    };
+    if resume.is_some() && (ov.method.is_some() || ov.seed.is_some()) {
+        return Err(UserError(
+            "--resume continues a run as it was started; --method and --seed cannot change".into(),
+        ));
+    }
+    let before = spec.clone();
+    if let Some(m) = ov.method {
+        spec.bilevel.method = m;
+    }
+    if let Some(s) = ov.steps {
+        spec.train.steps = s;
+    }
+    if let Some(s) = ov.seed {
+        spec.train.seed = s;
+    }
+    if let Some(b) = ov.backend {
+        spec.backend.kind = b;
+    }
+    let backend = check_backend(&spec)?;
+    // A plan is used as compiled unless an override changed what it computes.
+    let plan = match plan {
+        Some(p) if spec.bilevel == before.bilevel => p,
+        _ => build_plan(source.as_deref().unwrap_or(""), Path::new(""), spec.clone()),
+    };
+    let dir: PathBuf = match (resume, out) {
+        (Some(d), _) => d.to_path_buf(),
+        (None, Some(o)) => o.to_path_buf(),
+        (None, None) => {
+            let stem = pipeline
+                .and_then(|p| p.file_stem())
+                .map_or("run".into(), |s| s.to_string_lossy().to_string());
+            PathBuf::from("runs").join(format!(
+                "{stem}-{}-s{}",
+                spec.bilevel.method.name(),
+                spec.train.seed
+            ))
+        }
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| UserError(format!("{}: {e}", dir.display())))?;
+    let spec_json = serde_json::to_string_pretty(&spec).map_err(|e| UserError(e.to_string()))?;
+    coopc_compiler::plan::write_atomically(&dir.join(SPEC_FILE), spec_json.as_bytes())
+        .map_err(|e| UserError(format!("{}: {e}", dir.join(SPEC_FILE).display())))?;
+    let total = spec.train.steps;
+    let opts = RunOptions {
+        out_dir: dir.clone(),
+        resume: resume.is_some(),
+        progress: !quiet,
+        eval_limit,
+        stop_after,
+    };
+    let mut trainer = Trainer::new(spec.clone(), programs(plan), opts)?;
+    let start = trainer.state().step;
+    if !quiet {
+        eprintln!(
+            "coopc run: {} on {} · {} meta-steps (from {start}) · backend {backend} · out {}",
+            spec.bilevel.method.name(),
+            spec.task.kind.name(),
+            total,
+            dir.display()
+        );
+    }
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new(total as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("valid template"),
+        );
+        b.set_position(start as u64);
+        b
+    };
+    let mut last_eval = None;
+    let metrics = trainer.run(|m| {
+        if m.eval_accuracy.is_some() {
+            last_eval = m.eval_accuracy;
+        }
+        bar.set_message(one_line(m));
+        bar.inc(1);
+    })?;
+    bar.finish();
+    let last = metrics.last();
+    println!(
+        "{} {} steps in {:.1?}: held-out accuracy {} · metrics {} · checkpoint {}",
+        spec.bilevel.method.name(),
+        metrics.len(),
+        t0.elapsed(),
+        last_eval.map_or("–".to_string(), |a| format!("{:.1}%", 100.0 * a)),
+        dir.join("metrics.jsonl").display(),
+        coopc_runtime::checkpoint::checkpoints_dir(&dir).display()
+    );
+    if let Some(m) = last {
+        println!("last step: {}", one_line(m));
+    }
+    Ok(())
+}
+
+pub fn eval(dir: &Path, eval_limit: usize) -> Result<(), UserError> {
+    let spec = read_spec(dir)?;
+    let plan = build_plan("", Path::new(""), spec.clone());
+    let opts = RunOptions {
+        out_dir: dir.to_path_buf(),
+        resume: true,
+        progress: false,
+        eval_limit,
+        stop_after: None,
+    };
+    let trainer = Trainer::new(spec, programs(plan), opts)?;
+    let acc = trainer.evaluate()?;
+    println!(
+        "{}: step {} · held-out accuracy {:.1}%",
+        dir.display(),
+        trainer.state().step,
+        100.0 * acc
+    );
+    Ok(())
+}
