@@ -68,8 +68,8 @@ fn merged_weights_compute_the_adapted_model() {
     let merged = merge_lora(&spec, &st.tensors);
     let mut g = coopc_compiler::ir::Graph::new();
     let declare = |g: &mut coopc_compiler::ir::Graph,
-                       names: &[(String, Vec<usize>)],
-                       prefix: &str|
+                   names: &[(String, Vec<usize>)],
+                   prefix: &str|
      -> Params {
         names
             .iter()
