@@ -216,7 +216,7 @@ pub fn run(
     Ok(())
 }
 
-pub fn eval(dir: &Path, eval_limit: usize) -> Result<(), UserError> {
+pub fn eval(dir: &Path, eval_limit: usize, show: usize) -> Result<(), UserError> {
     let spec = read_spec(dir)?;
     let plan = build_plan("", Path::new(""), spec.clone());
     let opts = RunOptions {
@@ -228,6 +228,23 @@ pub fn eval(dir: &Path, eval_limit: usize) -> Result<(), UserError> {
     };
     let trainer = Trainer::new(spec, programs(plan), opts)?;
     let acc = trainer.evaluate()?;
+    if show > 0 {
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+        let task = trainer.task();
+        let train: Vec<_> = (0..show).map(|_| task.rl_problem(&mut rng)).collect();
+        for (title, problems) in [("held-out", task.eval_set()), ("training (RL) distribution", train)] {
+            println!("{title} problems:");
+            for a in trainer.answer(&problems[..problems.len().min(show)])? {
+                println!(
+                    "  {} {}{}   (reference {})",
+                    if a.correct { "✓" } else { "✗" },
+                    a.prompt,
+                    a.response,
+                    a.reference
+                );
+            }
+        }
+    }
     println!(
         "{}: step {} · held-out accuracy {:.1}%",
         dir.display(),

@@ -69,6 +69,9 @@ enum Command {
         dir: PathBuf,
         #[arg(long, default_value_t = 100)]
         eval_limit: usize,
+        /// Also print this many held-out and training-distribution problems with the model's answers.
+        #[arg(long, default_value_t = 0)]
+        show: usize,
     },
     /// Validate a pipeline.toml (exit 2 with diagnostics when it is invalid).
     Check { pipeline: PathBuf },
@@ -353,7 +356,11 @@ fn main() {
                 },
             ))
         }
-        Command::Eval { dir, eval_limit } => user_result(cli_run::eval(&dir, eval_limit)),
+        Command::Eval {
+            dir,
+            eval_limit,
+            show,
+        } => user_result(cli_run::eval(&dir, eval_limit, show)),
         Command::Check { pipeline } => cli_check::check(&pipeline),
         Command::Inspect { plan } => cli_inspect::inspect(&plan),
         Command::Compile {

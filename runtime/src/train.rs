@@ -67,6 +67,15 @@ pub struct RunOptions {
     pub stop_after: Option<usize>,
 }
 
+/// A greedy answer to one problem.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Answer {
+    pub prompt: String,
+    pub reference: String,
+    pub response: String,
+    pub correct: bool,
+}
+
 /// One line of `metrics.jsonl`.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Metrics {
@@ -265,33 +274,42 @@ impl Trainer {
 
     /// Greedy accuracy on (at most `eval_limit` of) the held-out problems.
     pub fn evaluate(&self) -> Result<f64, TrainError> {
-        let problems: Vec<Problem> = self
-            .task
-            .eval_set()
-            .into_iter()
-            .take(self.opts.eval_limit)
-            .collect();
-        if problems.is_empty() {
+        let answers = self.answer(&self.task.eval_set())?;
+        if answers.is_empty() {
             return Ok(f64::NAN);
         }
+        let correct = answers.iter().filter(|a| a.correct).count();
+        Ok(correct as f64 / answers.len() as f64)
+    }
+
+    /// Greedy answers to (at most `eval_limit` of) `problems`.
+    pub fn answer(&self, problems: &[Problem]) -> Result<Vec<Answer>, TrainError> {
+        let problems = &problems[..problems.len().min(self.opts.eval_limit)];
         let params = Self::policy_params(&self.spec, &self.state.tensors);
-        let cfg = self.sampling(true);
-        let mut correct = 0usize;
-        let mut rng = step_rng(self.spec.train.seed, 0, 7);
         let prompts: Vec<Vec<i32>> = problems
             .iter()
             .map(|p| self.task.encode_prompt(p))
             .collect::<Result<_, _>>()?;
-        let gens = self.sampler.generate(&params, &prompts, &cfg, &mut rng)?;
-        for (p, gen) in problems.iter().zip(&gens) {
-            if self
-                .task
-                .is_correct(p, &self.task.decode_response(gen.response()))
-            {
-                correct += 1;
-            }
-        }
-        Ok(correct as f64 / problems.len() as f64)
+        let mut rng = step_rng(self.spec.train.seed, 0, 7);
+        let gens = self.sampler.generate(&params, &prompts, &self.sampling(true), &mut rng)?;
+        Ok(problems
+            .iter()
+            .zip(&gens)
+            .map(|(p, gen)| {
+                let response = self.task.decode_response(gen.response());
+                Answer {
+                    prompt: p.prompt.clone(),
+                    reference: p.answer.clone(),
+                    correct: self.task.is_correct(p, &response),
+                    response,
+                }
+            })
+            .collect())
+    }
+
+    /// The task the run trains on.
+    pub fn task(&self) -> &dyn Task {
+        self.task.as_ref()
     }
 
     fn sampling(&self, greedy: bool) -> SamplingConfig {
