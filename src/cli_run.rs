@@ -232,7 +232,10 @@ pub fn eval(dir: &Path, eval_limit: usize, show: usize) -> Result<(), UserError>
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
         let task = trainer.task();
         let train: Vec<_> = (0..show).map(|_| task.rl_problem(&mut rng)).collect();
-        for (title, problems) in [("held-out", task.eval_set()), ("training (RL) distribution", train)] {
+        for (title, problems) in [
+            ("held-out", task.eval_set()),
+            ("training (RL) distribution", train),
+        ] {
             println!("{title} problems:");
             for a in trainer.answer(&problems[..problems.len().min(show)])? {
                 println!(

@@ -99,6 +99,7 @@ mod bad {
         jsonl_without_files,
         top_p_zero,
         max_new_tokens_fill_sequence,
+        rl_digits_below_sft_digits,
     );
 
     #[test]

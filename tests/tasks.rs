@@ -25,6 +25,9 @@ fn spec(kind: TaskKind) -> TaskSpec {
         eval_file: None,
         reward_correct: 1.0,
         reward_wrong: -1.0,
+        sft_max_digits: 3,
+        rl_max_digits: 4,
+        eval_digits: 4,
     }
 }
 

@@ -280,6 +280,9 @@ const TASK_KEYS: &[&str] = &[
     "eval_file",
     "reward_correct",
     "reward_wrong",
+    "sft_max_digits",
+    "rl_max_digits",
+    "eval_digits",
 ];
 const RL_KEYS: &[&str] = &[
     "group_size",
@@ -951,6 +954,38 @@ fn read_task(c: &mut Checker, sec: &Section) -> TaskSpec {
             "leave `task.reward_correct` greater than `task.reward_wrong`",
         );
     }
+    let digit_keys = ["sft_max_digits", "rl_max_digits", "eval_digits"];
+    if kind.value != TaskKind::Addition {
+        for key in digit_keys {
+            if sec.has(key) {
+                c.not_applicable(
+                    sec,
+                    key,
+                    &format!("to kind = \"{}\"", kind.value.name()),
+                    "digit counts set the curriculum of kind = \"addition\"",
+                );
+            }
+        }
+    }
+    let sft_max = c.usize_or(sec, "sft_max_digits", 3);
+    let rl_max = c.usize_or(sec, "rl_max_digits", 4);
+    let eval_digits = c.usize_or(sec, "eval_digits", 4);
+    for (key, field) in digit_keys.iter().zip([&sft_max, &rl_max, &eval_digits]) {
+        c.check(
+            sec,
+            key,
+            field,
+            (1..=18).contains(&field.value),
+            "be between 1 and 18 (operands fit in 64 bits)",
+        );
+    }
+    c.check(
+        sec,
+        "rl_max_digits",
+        &rl_max,
+        rl_max.value >= sft_max.value,
+        "be at least `task.sft_max_digits` (RL extends what SFT teaches)",
+    );
     TaskSpec {
         kind: kind.value,
         tokenizer,
@@ -959,6 +994,9 @@ fn read_task(c: &mut Checker, sec: &Section) -> TaskSpec {
         eval_file,
         reward_correct: reward_correct.value,
         reward_wrong: reward_wrong.value,
+        sft_max_digits: sft_max.value,
+        rl_max_digits: rl_max.value,
+        eval_digits: eval_digits.value,
     }
 }
 

@@ -165,6 +165,12 @@ pub struct TaskSpec {
     pub eval_file: Option<String>,
     pub reward_correct: f64,
     pub reward_wrong: f64,
+    /// addition: SFT demonstrations have 1 to this many digits per operand.
+    pub sft_max_digits: usize,
+    /// addition: RL prompts have 1 to this many digits per operand.
+    pub rl_max_digits: usize,
+    /// addition: held-out problems have this many digits per operand.
+    pub eval_digits: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -291,7 +291,9 @@ impl Trainer {
             .map(|p| self.task.encode_prompt(p))
             .collect::<Result<_, _>>()?;
         let mut rng = step_rng(self.spec.train.seed, 0, 7);
-        let gens = self.sampler.generate(&params, &prompts, &self.sampling(true), &mut rng)?;
+        let gens = self
+            .sampler
+            .generate(&params, &prompts, &self.sampling(true), &mut rng)?;
         Ok(problems
             .iter()
             .zip(&gens)

@@ -228,7 +228,15 @@ pub fn build_task_in(
     }
     let rewards = Rewards::from_spec(spec);
     Ok(match spec.kind {
-        TaskKind::Addition => Box::new(Addition::new(AdditionConfig::default(), rewards, seq_len)?),
+        TaskKind::Addition => {
+            let config = AdditionConfig {
+                sft_digits: 1..=spec.sft_max_digits,
+                rl_digits: 1..=spec.rl_max_digits,
+                eval_digits: spec.eval_digits,
+                ..AdditionConfig::default()
+            };
+            Box::new(Addition::new(config, rewards, seq_len)?)
+        }
         TaskKind::Countdown => Box::new(Countdown::new(
             CountdownConfig::default(),
             rewards,
