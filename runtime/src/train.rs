@@ -291,9 +291,9 @@ impl Trainer {
             .map(|p| self.task.encode_prompt(p))
             .collect::<Result<_, _>>()?;
         let mut rng = step_rng(self.spec.train.seed, 0, 7);
-        let gens = self
-            .sampler
-            .generate(&params, &prompts, &self.sampling(true), &mut rng)?;
+        let gens =
+            self.sampler
+                .generate(&params, &prompts, &self.sampling(true, &prompts), &mut rng)?;
         Ok(problems
             .iter()
             .zip(&gens)
@@ -314,12 +314,19 @@ impl Trainer {
         self.task.as_ref()
     }
 
-    fn sampling(&self, greedy: bool) -> SamplingConfig {
+    /// Sampling settings for `prompts`: responses stop at `rl.max_new_tokens`
+    /// or where the longest prompt's sequence reaches `train.seq_len`.
+    fn sampling(&self, greedy: bool, prompts: &[Vec<i32>]) -> SamplingConfig {
         let tok = self.task.tokenizer();
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         SamplingConfig {
             temperature: self.spec.rl.temperature,
             top_p: self.spec.rl.top_p,
-            max_new_tokens: self.spec.rl.max_new_tokens,
+            max_new_tokens: self
+                .spec
+                .rl
+                .max_new_tokens
+                .min(self.spec.train.seq_len.saturating_sub(longest)),
             stop_token: tok.eos(),
             pad_token: tok.pad(),
             greedy,
@@ -405,9 +412,12 @@ impl Trainer {
                         prompts.push(enc.clone());
                     }
                 }
-                let gens: Vec<Generation> =
-                    self.sampler
-                        .generate(&policy, &prompts, &self.sampling(false), &mut rng)?;
+                let gens: Vec<Generation> = self.sampler.generate(
+                    &policy,
+                    &prompts,
+                    &self.sampling(false, &prompts),
+                    &mut rng,
+                )?;
                 let mut rewards = Vec::with_capacity(br);
                 let mut rows = Vec::with_capacity(br);
                 for (i, gen) in gens.iter().enumerate() {
