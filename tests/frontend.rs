@@ -129,7 +129,7 @@ fn addition_example_parses_to_the_expected_spec() {
         (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads),
         (24, 128, 2, 4, 4)
     );
-    assert_eq!((m.d_ff, m.max_seq, m.head_dim()), (384, 64, 32));
+    assert_eq!((m.d_ff, m.max_seq, m.head_dim()), (384, 40, 32));
     assert_eq!(spec.lora.rank, 8);
     assert_eq!(spec.lora.alpha, 16.0);
     assert_eq!(spec.lora.targets, Projection::ALL.to_vec());
@@ -146,15 +146,19 @@ fn addition_example_parses_to_the_expected_spec() {
     let hg = spec.bilevel.hypergradient;
     assert_eq!(
         (hg.kind, hg.unroll, hg.backprop),
-        (HypergradKind::Truncated, 2, 2)
+        (HypergradKind::FirstOrder, 1, 0)
     );
     assert!(matches!(spec.optim.lower.kind, OptimKind::AdamW { .. }));
-    assert_eq!(spec.optim.lower.lr, 3e-4);
+    assert_eq!(spec.optim.lower.lr, 2e-3);
     assert!(matches!(spec.optim.upper.kind, OptimKind::AdamW { .. }));
     assert_eq!(spec.optim.upper.lr, 1e-3);
-    assert_eq!(spec.rl.batch_size(), 128);
-    assert_eq!(spec.train.seq_len, 64);
-    assert_eq!(spec.sft.cold_start_steps, 100);
+    assert_eq!(spec.rl.batch_size(), 16);
+    assert_eq!(spec.train.seq_len, 40);
+    assert_eq!(spec.sft.cold_start_steps, 750);
+    assert_eq!(
+        (spec.task.sft_max_digits, spec.task.rl_max_digits, spec.task.eval_digits),
+        (2, 3, 3)
+    );
 }
 
 #[test]
