@@ -151,7 +151,7 @@ fn addition_example_parses_to_the_expected_spec() {
     assert!(matches!(spec.optim.lower.kind, OptimKind::AdamW { .. }));
     assert_eq!(spec.optim.lower.lr, 2e-3);
     assert!(matches!(spec.optim.upper.kind, OptimKind::AdamW { .. }));
-    assert_eq!(spec.optim.upper.lr, 1e-3);
+    assert_eq!(spec.optim.upper.lr, 2e-4);
     assert_eq!(spec.rl.batch_size(), 16);
     assert_eq!(spec.train.seq_len, 40);
     assert_eq!(spec.sft.cold_start_steps, 750);
