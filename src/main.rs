@@ -3,6 +3,7 @@
 //! CPU executor).
 
 mod cli_check;
+mod cli_compare;
 mod cli_compile;
 mod cli_grad;
 mod cli_init;
@@ -63,6 +64,18 @@ enum Command {
         /// Stop after this many meta-steps (with a checkpoint), as if interrupted.
         #[arg(long, value_name = "N")]
         stop_after: Option<usize>,
+    },
+    /// Plot several runs (PNG) and tabulate them (markdown on stdout).
+    Compare {
+        /// Run folders (each with metrics.jsonl).
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Where to write the figure.
+        #[arg(long, default_value = "compare.png")]
+        png: PathBuf,
+        /// Also write the markdown table here.
+        #[arg(long)]
+        markdown: Option<PathBuf>,
     },
     /// Held-out accuracy of a run's latest checkpoint.
     Eval {
@@ -361,6 +374,21 @@ fn main() {
             eval_limit,
             show,
         } => user_result(cli_run::eval(&dir, eval_limit, show)),
+        Command::Compare {
+            dirs,
+            png,
+            markdown,
+        } => match cli_compare::compare(&dirs, &png, markdown.as_deref()) {
+            Ok(table) => {
+                print!("{table}");
+                eprintln!("figure written to {}", png.display());
+                0
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                2
+            }
+        },
         Command::Check { pipeline } => cli_check::check(&pipeline),
         Command::Inspect { plan } => cli_inspect::inspect(&plan),
         Command::Compile {

@@ -156,7 +156,11 @@ fn addition_example_parses_to_the_expected_spec() {
     assert_eq!(spec.train.seq_len, 40);
     assert_eq!(spec.sft.cold_start_steps, 750);
     assert_eq!(
-        (spec.task.sft_max_digits, spec.task.rl_max_digits, spec.task.eval_digits),
+        (
+            spec.task.sft_max_digits,
+            spec.task.rl_max_digits,
+            spec.task.eval_digits
+        ),
         (2, 3, 3)
     );
 }
