@@ -127,6 +127,10 @@ pub fn run(
         spec.bilevel.method = m;
     }
     if let Some(s) = ov.steps {
+        // A cold-start switch at the default half-way point stays half-way.
+        if spec.sft.cold_start_steps == spec.train.steps / 2 {
+            spec.sft.cold_start_steps = s / 2;
+        }
         spec.train.steps = s;
     }
     if let Some(s) = ov.seed {

@@ -40,7 +40,8 @@ enum Command {
         /// Override bilevel.method.
         #[arg(long, value_enum)]
         method: Option<MethodArg>,
-        /// Override train.steps.
+        /// Override train.steps (a sft.cold_start_steps at its default, half of
+        /// train.steps, stays half).
         #[arg(long)]
         steps: Option<usize>,
         /// Override train.seed.

@@ -7,7 +7,7 @@
 //! balanced). Answers compare after whitespace is normalised, and numbers by
 //! value: `1,000`, `1000` and `1000.0` are equal.
 
-use super::tokenizer::{CharTokenizer, Tokenizer};
+use super::tokenizer::{CharTokenizer, HfTokenizer, Tokenizer};
 use super::{Example, Problem, Rewards, Task, TaskError, Verdict};
 use coopc_compiler::spec::TaskSpec;
 use rand::{Rng, RngCore};
@@ -29,14 +29,16 @@ pub struct JsonlTask {
     sft: Vec<Example>,
     rl: Vec<Problem>,
     eval: Vec<Problem>,
-    tokenizer: CharTokenizer,
+    tokenizer: Box<dyn Tokenizer>,
     rewards: Rewards,
 }
 
 impl JsonlTask {
     /// Reads `spec.sft_file`, `spec.rl_file` and (when given)
-    /// `spec.eval_file`, relative paths from `base_dir`. The character
-    /// tokenizer covers every character of the data. Fails, naming the file
+    /// `spec.eval_file`, relative paths from `base_dir`. With
+    /// `spec.tokenizer` (a Hugging Face `tokenizer.json`, relative to
+    /// `base_dir`) that tokenizer is used; otherwise a character tokenizer
+    /// covering every character of the data. Fails, naming the file
     /// and line, on malformed records, and on a demonstration that does not
     /// fit `seq_len` or a prompt that leaves no room for a response.
     pub fn load(spec: &TaskSpec, seq_len: usize, base_dir: &Path) -> Result<Self, TaskError> {
@@ -64,20 +66,26 @@ impl JsonlTask {
             }
         }
 
-        let texts = sft
-            .iter()
-            .flat_map(|r| [r.value.prompt.as_str(), r.value.response.as_str()])
-            .chain(
-                rl.iter()
-                    .chain(&eval)
-                    .flat_map(|r| [r.value.prompt.as_str(), r.value.answer.as_str()]),
-            )
-            .chain([ALWAYS]);
-        let tokenizer = CharTokenizer::from_texts("jsonl", texts)?;
+        let tokenizer: Box<dyn Tokenizer> = match &spec.tokenizer {
+            Some(t) => Box::new(HfTokenizer::from_file(&resolve(base_dir, t))?),
+            None => {
+                let texts = sft
+                    .iter()
+                    .flat_map(|r| [r.value.prompt.as_str(), r.value.response.as_str()])
+                    .chain(
+                        rl.iter()
+                            .chain(&eval)
+                            .flat_map(|r| [r.value.prompt.as_str(), r.value.answer.as_str()]),
+                    )
+                    .chain([ALWAYS]);
+                Box::new(CharTokenizer::from_texts("jsonl", texts)?)
+            }
+        };
+        let tokens = |text: &str| -> Result<usize, TaskError> { Ok(tokenizer.encode(text)?.len()) };
 
         let sft_name = sft_path.display().to_string();
         for r in &sft {
-            let len = 2 + r.value.prompt.chars().count() + r.value.response.chars().count();
+            let len = 2 + tokens(&r.value.prompt)? + tokens(&r.value.response)?;
             if len > seq_len {
                 return Err(TaskError::TooLong {
                     what: format!("{sft_name}:{}: BOS + prompt + response + EOS", r.line),
@@ -90,7 +98,7 @@ impl JsonlTask {
         for (path, records) in [(Some(&rl_path), &rl), (eval_path.as_ref(), &eval)] {
             let Some(path) = path else { continue };
             for r in records {
-                let len = 2 + r.value.prompt.chars().count();
+                let len = 2 + tokens(&r.value.prompt)?;
                 if len > seq_len {
                     return Err(TaskError::TooLong {
                         what: format!(
@@ -139,7 +147,7 @@ impl Task for JsonlTask {
     }
 
     fn tokenizer(&self) -> &dyn Tokenizer {
-        &self.tokenizer
+        self.tokenizer.as_ref()
     }
 
     fn rewards(&self) -> Rewards {

@@ -216,14 +216,11 @@ pub fn build_task_in(
     seq_len: usize,
     base_dir: &Path,
 ) -> Result<Box<dyn Task>, TaskError> {
-    if let Some(path) = &spec.tokenizer {
-        // TODO: load Hugging Face `tokenizer.json` files. The `tokenizers`
-        // crate (pure-Rust build, `fancy-regex` instead of onig) adds over a
-        // minute of build time on a 2-core machine, so it is not a
-        // dependency yet; a `Tokenizer` impl over it is all that is missing.
-        return Err(TaskError::Unsupported(format!(
-            "task.tokenizer = {path:?}: HF tokenizers are not supported yet; \
-             remove task.tokenizer to use the built-in character tokenizer"
+    if let (Some(path), false) = (&spec.tokenizer, spec.kind == TaskKind::Jsonl) {
+        return Err(TaskError::Config(format!(
+            "task.tokenizer = {path:?}: the built-in {} task has its own character vocabulary; \
+             a tokenizer file applies to kind = \"jsonl\"",
+            spec.kind.name()
         )));
     }
     let rewards = Rewards::from_spec(spec);

@@ -149,3 +149,121 @@ impl Tokenizer for CharTokenizer {
         PAD
     }
 }
+
+/// Names the end-of-sequence token has in common Hugging Face tokenizers,
+/// in order of preference.
+const EOS_NAMES: &[&str] = &[
+    "</s>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|endoftext|>",
+    "<eos>",
+    "[SEP]",
+];
+/// Names of the beginning-of-sequence token (EOS stands in when none exists,
+/// as GPT-2-style vocabularies do).
+const BOS_NAMES: &[&str] = &[
+    "<s>",
+    "<|begin_of_text|>",
+    "<bos>",
+    "[CLS]",
+    "<|endoftext|>",
+];
+/// Names of the padding token (EOS stands in when none exists).
+const PAD_NAMES: &[&str] = &["<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>"];
+
+/// A Hugging Face `tokenizer.json` (BPE, WordPiece, Unigram or WordLevel),
+/// through the `tokenizers` crate. BOS, EOS and PAD are found by their
+/// usual names (`<s>`, `</s>`, `<|endoftext|>`, `<pad>`, …).
+pub struct HfTokenizer {
+    inner: tokenizers::Tokenizer,
+    vocab: usize,
+    bos: i32,
+    eos: i32,
+    pad: i32,
+}
+
+impl HfTokenizer {
+    pub fn from_file(path: &std::path::Path) -> Result<Self, TaskError> {
+        let err = |message: String| TaskError::Io {
+            path: path.display().to_string(),
+            message,
+        };
+        if !path.exists() {
+            return Err(err("no such file (task.tokenizer)".into()));
+        }
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| err(format!("not a Hugging Face tokenizer.json: {e}")))?;
+        let find = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| inner.token_to_id(n))
+                .map(|id| id as i32)
+        };
+        let eos = find(EOS_NAMES).ok_or_else(|| {
+            err(format!(
+                "no end-of-sequence token; looked for {}",
+                EOS_NAMES.join(", ")
+            ))
+        })?;
+        let bos = find(BOS_NAMES).unwrap_or(eos);
+        let pad = find(PAD_NAMES).unwrap_or(eos);
+        let vocab = inner.get_vocab_size(true);
+        Ok(HfTokenizer {
+            inner,
+            vocab,
+            bos,
+            eos,
+            pad,
+        })
+    }
+}
+
+impl Tokenizer for HfTokenizer {
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<i32>, TaskError> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TaskError::Config(format!("tokenizer cannot encode {text:?}: {e}")))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i32).collect())
+    }
+
+    fn decode(&self, ids: &[i32]) -> String {
+        // Out-of-vocabulary ids decode to U+FFFD, like the character tokenizer's.
+        let mut out = String::new();
+        let mut run: Vec<u32> = Vec::new();
+        let flush = |run: &mut Vec<u32>, out: &mut String| {
+            if !run.is_empty() {
+                out.push_str(&self.inner.decode(run, true).unwrap_or_default());
+                run.clear();
+            }
+        };
+        for &id in ids {
+            if id >= 0 && (id as usize) < self.vocab {
+                run.push(id as u32);
+            } else {
+                flush(&mut run, &mut out);
+                out.push('\u{FFFD}');
+            }
+        }
+        flush(&mut run, &mut out);
+        out
+    }
+
+    fn bos(&self) -> i32 {
+        self.bos
+    }
+
+    fn eos(&self) -> i32 {
+        self.eos
+    }
+
+    fn pad(&self) -> i32 {
+        self.pad
+    }
+}
