@@ -27,8 +27,8 @@ cpu=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -n1)
     echo "# Addition: BRIDGE against its baselines"
     echo
     echo "Produced by \`scripts/results.sh $steps\` on $(date -u +%Y-%m-%d): $pipeline,"
-    echo "$steps meta-steps per run, seeds 1–3, held-out accuracy on 128 four-digit"
-    echo "problems (greedy decoding). Machine: $cpu, $(nproc) cores; the whole table"
+    echo "$steps meta-steps per run, seeds 1–3, held-out accuracy on the 128 held-out problems (operands of"
+    echo "task.eval_digits digits, 3 in the example; greedy decoding). Machine: $cpu, $(nproc) cores; the whole table"
     echo "took $((elapsed / 60)) min $((elapsed % 60)) s. Curves: [addition.png](addition.png)."
     echo
     cat results/addition-table.md
