@@ -818,16 +818,28 @@ fn a_tokenizer_file_applies_only_to_jsonl_tasks() {
     let err = build_task(&s, SEQ_LEN).err().unwrap();
     assert!(matches!(err, TaskError::Config(_)));
     let msg = err.to_string();
-    assert!(msg.contains("qwen/tokenizer.json") && msg.contains("jsonl"), "{msg}");
+    assert!(
+        msg.contains("qwen/tokenizer.json") && msg.contains("jsonl"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn jsonl_task_with_a_hugging_face_tokenizer() {
     let dir = temp_dir("hf");
-    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer/tokenizer.json");
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tokenizer/tokenizer.json");
     std::fs::copy(&fixture, dir.join("tokenizer.json")).unwrap();
-    write(&dir, "sft.jsonl", "{\"prompt\": \"what is two plus three ?\", \"response\": \"#### 5\"}\n");
-    write(&dir, "rl.jsonl", "{\"prompt\": \"what is three plus one ?\", \"answer\": \"4\"}\n");
+    write(
+        &dir,
+        "sft.jsonl",
+        "{\"prompt\": \"what is two plus three ?\", \"response\": \"#### 5\"}\n",
+    );
+    write(
+        &dir,
+        "rl.jsonl",
+        "{\"prompt\": \"what is three plus one ?\", \"answer\": \"4\"}\n",
+    );
     let s = TaskSpec {
         tokenizer: Some("tokenizer.json".into()),
         ..jsonl_spec(&dir, false)
@@ -836,17 +848,29 @@ fn jsonl_task_with_a_hugging_face_tokenizer() {
     let tok = task.tokenizer();
     assert_eq!(tok.vocab_size(), 14);
     assert_eq!((tok.pad(), tok.bos(), tok.eos()), (0, 1, 2));
-    assert_eq!(tok.encode("what is two plus three ?").unwrap(), vec![4, 5, 6, 7, 8, 9]);
-    assert_eq!(tok.encode("what is seven").unwrap(), vec![4, 5, 3], "unknown words map to <unk>");
+    assert_eq!(
+        tok.encode("what is two plus three ?").unwrap(),
+        vec![4, 5, 6, 7, 8, 9]
+    );
+    assert_eq!(
+        tok.encode("what is seven").unwrap(),
+        vec![4, 5, 3],
+        "unknown words map to <unk>"
+    );
     assert_eq!(tok.decode(&[10, 11]), "#### 5");
     assert_eq!(tok.decode(&[10, 99, 11]), "####\u{FFFD}5");
-    let ex = task.encode_example(&task.sft_example(&mut StdRng::seed_from_u64(1))).unwrap();
+    let ex = task
+        .encode_example(&task.sft_example(&mut StdRng::seed_from_u64(1)))
+        .unwrap();
     assert_eq!(ex.tokens, vec![1, 4, 5, 6, 7, 8, 9, 10, 11, 2]);
     assert_eq!((ex.prompt_len, ex.response_len), (7, 3));
     let p = task.rl_problem(&mut StdRng::seed_from_u64(1));
     assert!(task.is_correct(&p, &tok.decode(&[10, 12])));
     // A sequence is counted in tokens, not characters.
-    assert!(build_task_in(&s, 9, &dir).is_err(), "10 tokens do not fit 9");
+    assert!(
+        build_task_in(&s, 9, &dir).is_err(),
+        "10 tokens do not fit 9"
+    );
     // A missing tokenizer file is named.
     let missing = TaskSpec {
         tokenizer: Some("nope.json".into()),

@@ -128,8 +128,24 @@ fn a_steps_override_keeps_the_default_cold_start_switch_half_way() {
     let dir = tmpdir("cold");
     let p = pipeline(&dir, &TINY.replace("cold_start_steps = 2\n", ""));
     let out = dir.join("run");
-    run(&["run", &p, "--method", "cold_start", "--steps", "6", "--out", out.to_str().unwrap(), "--quiet", "--eval-limit", "2"]);
-    let lam: Vec<f64> = read_metrics(&out.join("metrics.jsonl")).unwrap().iter().map(|m| m.lambda).collect();
+    run(&[
+        "run",
+        &p,
+        "--method",
+        "cold_start",
+        "--steps",
+        "6",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+        "--eval-limit",
+        "2",
+    ]);
+    let lam: Vec<f64> = read_metrics(&out.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|m| m.lambda)
+        .collect();
     assert_eq!(lam, vec![0.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
 }
 
