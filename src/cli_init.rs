@@ -6,9 +6,9 @@ use crate::cli_compile::logprobs_program;
 use crate::cli_grad::UserError;
 use coopc_compiler::ir::DType;
 use coopc_compiler::lowering::{float_dtype, BatchShapes};
-use coopc_compiler::spec::Advantage;
 use coopc_runtime::init::init_params;
 use coopc_runtime::safetensors_io::write_tensors;
+use coopc_runtime::train::advantages;
 use coopc_runtime::{execute, HostTensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -57,17 +57,7 @@ pub fn run(
     let rewards: Vec<f64> = (0..br)
         .map(|_| if rng.gen_bool(0.5) { 1.0 } else { -1.0 })
         .collect();
-    let mut adv = vec![0.0; br];
-    for (grp, out) in rewards.chunks(g).zip(adv.chunks_mut(g)) {
-        let mean = grp.iter().sum::<f64>() / grp.len() as f64;
-        let std = (grp.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / grp.len() as f64).sqrt();
-        for (a, r) in out.iter_mut().zip(grp) {
-            *a = match spec.rl.advantage {
-                Advantage::GroupStd => (r - mean) / (std + 1e-6),
-                Advantage::GroupMean => r - mean,
-            };
-        }
-    }
+    let adv = advantages(&rewards, g, spec.rl.advantage);
     // π_old (and π_ref) = the initial policy: score the rollouts with it.
     let scorer = logprobs_program(&spec, shapes);
     let mut inputs: HashMap<String, HostTensor> = p.clone().into_iter().collect();

@@ -13,7 +13,8 @@ use crate::sampler::{Generation, SampleError, Sampler, SamplingConfig};
 use crate::tasks::{build_task, check_vocab, Problem, Task, TaskError};
 use crate::tensor::HostTensor;
 use coopc_compiler::ir::{DType, Graph, Op};
-use coopc_compiler::spec::{Advantage, Method, PipelineSpec, Precision};
+use coopc_compiler::lowering::float_dtype;
+use coopc_compiler::spec::{Advantage, Method, PipelineSpec};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::collections::{BTreeMap, HashMap};
@@ -106,13 +107,6 @@ impl Metrics {
             wall_time_s: 0.0,
             ..self.clone()
         }
-    }
-}
-
-fn float_dtype(p: Precision) -> DType {
-    match p {
-        Precision::F32 => DType::F32,
-        Precision::F64 => DType::F64,
     }
 }
 
