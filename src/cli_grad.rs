@@ -220,7 +220,21 @@ fn fresh_state(g: &Graph, inputs: &mut HashMap<String, HostTensor>) {
     }
 }
 
-pub fn run(pipeline: &Path, params: &Path, batch: &Path, out: &Path) -> Result<(), UserError> {
+/// Peak resident set size of this process so far (Linux `VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+pub fn run(
+    pipeline: &Path,
+    params: &Path,
+    batch: &Path,
+    out: &Path,
+    repeat: usize,
+) -> Result<(), UserError> {
     let t0 = Instant::now();
     let (_, spec) =
         coopc_compiler::frontend::load_pipeline(pipeline).map_err(|e| UserError(e.render()))?;
@@ -258,7 +272,15 @@ pub fn run(pipeline: &Path, params: &Path, batch: &Path, out: &Path) -> Result<(
     }
     Pipeline::standard().run(&mut g);
     let compiled = t0.elapsed();
-    let results = execute(&g, &inputs)?;
+    let mut results = execute(&g, &inputs)?;
+    // `--repeat N`: time N further executions of the same compiled meta-step
+    // (the first one above warms caches and allocations up).
+    let mut times = Vec::with_capacity(repeat);
+    for _ in 0..repeat {
+        let t = Instant::now();
+        results = execute(&g, &inputs)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
     let mut tensors = BTreeMap::new();
     for (name, t) in results {
         tensors.insert(name, t);
@@ -297,5 +319,18 @@ pub fn run(pipeline: &Path, params: &Path, batch: &Path, out: &Path) -> Result<(
         compiled,
         t0.elapsed()
     );
+    if !times.is_empty() {
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let peak = peak_rss_bytes()
+            .map(|b| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64))
+            .unwrap_or_else(|| "unknown".into());
+        println!(
+            "  timing: {} runs, median {:.3} ms, min {:.3} ms, peak RSS {peak}",
+            times.len(),
+            median * 1e3,
+            times[0] * 1e3
+        );
+    }
     Ok(())
 }

@@ -125,6 +125,9 @@ enum Command {
         /// Output safetensors: lower.*, hyper.*, loss.*, theta_K.*.
         #[arg(long)]
         out: PathBuf,
+        /// Execute the meta-step N more times and print the median time and peak RSS.
+        #[arg(long, default_value_t = 0)]
+        repeat: usize,
     },
     /// Differentiate a small MLP loss twice, optimise the graph and run it on the CPU executor.
     Demo {
@@ -408,7 +411,8 @@ fn main() {
             params,
             batch,
             out,
-        } => user_result(cli_grad::run(&pipeline, &params, &batch, &out)),
+            repeat,
+        } => user_result(cli_grad::run(&pipeline, &params, &batch, &out, repeat)),
         Command::Demo {
             emit,
             dtype,
