@@ -4,6 +4,7 @@
 pub mod autodiff;
 pub mod decode;
 pub mod frontend;
+pub mod fusion;
 pub mod ir;
 pub mod losses;
 pub mod lowering;

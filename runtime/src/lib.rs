@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod cpu;
 pub mod error;
 pub mod exec;
+pub mod fused;
 pub mod init;
 pub mod safetensors_io;
 pub mod sampler;

@@ -4,6 +4,9 @@
 
 use coopc_compiler::autodiff::{grad, vjp};
 use coopc_compiler::ir::{DType, Graph, NodeId};
+use coopc_compiler::lowering::{BatchShapes, MetaStep};
+use coopc_compiler::model::{Decoder, Params};
+use coopc_compiler::spec::PipelineSpec;
 use coopc_runtime::{execute_nodes, HostTensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -293,4 +296,145 @@ pub fn tiny_spec() -> coopc_compiler::spec::PipelineSpec {
             dtype: Precision::F64,
         },
     }
+}
+
+/// Random 0/1 response mask [b, t] with column 0 zero and ≥ 1 one per row.
+pub fn mask(r: &mut StdRng, b: usize, t: usize) -> Vec<f64> {
+    let mut m = vec![0.0; b * t];
+    for i in 0..b {
+        for j in 1..t {
+            m[i * t + j] = if r.gen_bool(0.7) { 1.0 } else { 0.0 };
+        }
+        m[i * t + t - 1] = 1.0;
+    }
+    m
+}
+
+pub fn ids(r: &mut StdRng, n: usize, vocab: usize) -> HostTensor {
+    let v: Vec<f64> = (0..n).map(|_| r.gen_range(0..vocab) as f64).collect();
+    HostTensor::from_f64(DType::I32, vec![n], &v).unwrap()
+}
+
+/// Log-probs of `ids` [b, t] under θ, w.
+pub fn logprobs(
+    spec: &PipelineSpec,
+    inputs: &Inputs,
+    ids: &HostTensor,
+    b: usize,
+    t: usize,
+) -> Vec<f64> {
+    let mut g = Graph::new();
+    let theta: Params = coopc_compiler::model::theta_shapes(&spec.model)
+        .into_iter()
+        .map(|(n, s)| {
+            let id = g.input(n.clone(), DType::F64, s);
+            (n, id)
+        })
+        .collect();
+    let w: Params = coopc_compiler::model::lora_shapes(&spec.model, &spec.lora)
+        .into_iter()
+        .map(|(n, s)| {
+            let id = g.input(n.clone(), DType::F64, s);
+            (n, id)
+        })
+        .collect();
+    let x = g.input("__ids", DType::I32, vec![b, t]);
+    let dec = Decoder {
+        model: &spec.model,
+        lora: &spec.lora,
+        dtype: DType::F64,
+    };
+    let lp = dec.token_logprobs(&mut g, &theta, &w, x);
+    let mut inp = inputs.clone();
+    let mut t2 = ids.clone();
+    t2.shape = vec![b, t];
+    inp.insert("__ids".into(), t2);
+    eval(&g, &inp, &[lp]).remove(0)
+}
+
+/// Random parameters, optimiser state and K batches for a meta-step.
+pub fn meta_inputs(spec: &PipelineSpec, ms: &MetaStep, seed: u64) -> Inputs {
+    let mut r = rng(seed);
+    let mut inputs = Inputs::new();
+    for (name, shape) in ms.theta.iter().chain(&ms.lora) {
+        let n: usize = shape.iter().product();
+        let vals = if name.ends_with("layernorm.weight") || name == "model.norm.weight" {
+            uniform(&mut r, n, 0.8, 1.2)
+        } else {
+            uniform(&mut r, n, -0.5, 0.5)
+        };
+        inputs.insert(name.clone(), f64_tensor(shape, &vals));
+    }
+    let sh = BatchShapes::from_spec(spec);
+    let (bs, br, t) = (sh.sft_batch, sh.rl_batch, sh.seq_len);
+    let v = spec.model.vocab_size;
+    for k in 0..spec.bilevel.hypergradient.unroll {
+        let p = format!("step{k}.");
+        let sft_ids = ids(&mut r, bs * t, v);
+        let rl_ids = ids(&mut r, br * t, v);
+        let lp = logprobs(spec, &inputs, &rl_ids, br, t);
+        let old: Vec<f64> = lp.iter().map(|x| x + r.gen_range(-0.35..0.35)).collect();
+        let reference: Vec<f64> = lp.iter().map(|x| x + r.gen_range(-0.5..0.5)).collect();
+        let mut sft_ids = sft_ids;
+        sft_ids.shape = vec![bs, t];
+        let mut rl_ids = rl_ids;
+        rl_ids.shape = vec![br, t];
+        inputs.insert(format!("{p}sft.input_ids"), sft_ids);
+        inputs.insert(
+            format!("{p}sft.loss_mask"),
+            f64_tensor(&[bs, t], &mask(&mut r, bs, t)),
+        );
+        inputs.insert(format!("{p}rl.input_ids"), rl_ids);
+        inputs.insert(
+            format!("{p}rl.loss_mask"),
+            f64_tensor(&[br, t], &mask(&mut r, br, t)),
+        );
+        inputs.insert(
+            format!("{p}rl.advantages"),
+            f64_tensor(&[br], &away_from_zero(&mut r, br, 0.3, 1.5)),
+        );
+        inputs.insert(format!("{p}rl.old_logprobs"), f64_tensor(&[br, t], &old));
+        inputs.insert(
+            format!("{p}rl.ref_logprobs"),
+            f64_tensor(&[br, t], &reference),
+        );
+    }
+    inputs.insert("lambda".into(), f64_tensor(&[], &[0.4]));
+    // Every other input (shadow and optimiser state): small random values,
+    // positive for second moments, a step count of 3.
+    for id in ms.graph.node_ids().collect::<Vec<_>>() {
+        if let coopc_compiler::ir::Op::Input { name, ty } = ms.graph.op(id) {
+            if inputs.contains_key(name) {
+                continue;
+            }
+            let n = ty.numel();
+            let vals = if name.ends_with(".step") {
+                vec![3.0]
+            } else if name.contains("exp_avg_sq") {
+                uniform(&mut r, n, 0.01, 0.05)
+            } else if let Some(base) = name.strip_prefix("shadow.") {
+                let b = inputs[base].to_f64_vec();
+                b.iter().map(|x| x + r.gen_range(-0.05..0.05)).collect()
+            } else {
+                uniform(&mut r, n, -0.05, 0.05)
+            };
+            inputs.insert(name.clone(), f64_tensor(&ty.shape, &vals));
+        }
+    }
+    inputs
+}
+
+/// `inputs` with every float tensor converted to `dtype`.
+pub fn with_float_dtype(inputs: &Inputs, dtype: DType) -> Inputs {
+    inputs
+        .iter()
+        .map(|(k, t)| {
+            let t = if t.dtype().is_float() {
+                HostTensor::from_f64(dtype, t.shape.clone(), &t.to_f64_vec()).unwrap()
+            } else {
+                t.clone()
+            };
+            (k.clone(), t)
+        })
+        .collect()
 }

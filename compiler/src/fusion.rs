@@ -1,0 +1,614 @@
+//! Kernel fusion: partitions a graph's schedule into device kernels. Chains
+//! of elementwise ops (with the broadcasts that feed them) become one
+//! *elementwise program*; a reduction absorbs the elementwise program that
+//! only it consumes (its prologue) and the elementwise ops applied to its
+//! result (its epilogue). Everything else is a kernel of its own.
+//!
+//! The program IR ([`ElemProgram`]) is small and serialisable: the GPU
+//! backend specialises one generic kernel on it (the op list is a compile-time
+//! constant of the kernel), and [`ElemProgram::eval`] is its host reference.
+
+use crate::ir::{
+    clamp_value, strides, BinaryOp, CompareOp, DType, Graph, NodeId, Op, ReduceKind, UnaryOp,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+/// A register of an elementwise program: the index of the instruction that
+/// defines it.
+pub type Reg = u32;
+
+/// How a program input is indexed from the kernel's element index.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Index {
+    /// The same linear index (the input has the kernel's shape).
+    Same,
+    /// NumPy broadcasting: the kernel's index is split by `shape` (the
+    /// kernel's shape) and recombined with `strides` (the input's strides,
+    /// 0 on broadcast axes).
+    Broadcast { shape: Vec<u32>, strides: Vec<u32> },
+}
+
+/// One instruction of an elementwise program; it defines the register with
+/// its own position. Values are floats; booleans are 0 or 1 and integers are
+/// whole numbers (the device stores every tensor as f32).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ElemInstr {
+    /// Element of program input `input`, indexed as `index` says.
+    Load {
+        input: u32,
+        index: Index,
+    },
+    /// A constant, as f64 bits.
+    Const(u64),
+    Unary(UnaryOp, Reg),
+    Binary(BinaryOp, Reg, Reg),
+    /// 1 where the comparison holds, else 0.
+    Compare(CompareOp, Reg, Reg),
+    /// `a` where `cond != 0`, else `b`.
+    Select(Reg, Reg, Reg),
+    /// Clamp to `[min, max]` (f64 bits).
+    Clamp(Reg, u64, u64),
+    /// Conversion to `dtype` with the CPU executor's semantics (to i32:
+    /// truncation toward zero, NaN → 0; to bool: `!= 0`; floats: identity).
+    Cast(DType, Reg),
+}
+
+/// A straight-line elementwise program: inputs in, `outputs` registers out.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ElemProgram {
+    pub n_inputs: u32,
+    pub instrs: Vec<ElemInstr>,
+    pub outputs: Vec<Reg>,
+}
+
+impl ElemProgram {
+    /// Evaluates the program at one element index with inputs read by `load`
+    /// (input slot, linear index in that input) — the host reference.
+    pub fn eval(&self, index: usize, load: impl Fn(u32, usize) -> f64) -> Vec<f64> {
+        let mut regs: Vec<f64> = Vec::with_capacity(self.instrs.len());
+        for ins in &self.instrs {
+            let r = |i: &Reg| regs[*i as usize];
+            let v = match ins {
+                ElemInstr::Load { input, index: ix } => load(*input, ix.map(index)),
+                ElemInstr::Const(bits) => f64::from_bits(*bits),
+                ElemInstr::Unary(op, a) => op.apply(r(a)),
+                ElemInstr::Binary(op, a, b) => op.apply(r(a), r(b)),
+                ElemInstr::Compare(op, a, b) => f64::from(u8::from(op.apply(r(a), r(b)))),
+                ElemInstr::Select(c, a, b) => {
+                    if r(c) != 0.0 {
+                        r(a)
+                    } else {
+                        r(b)
+                    }
+                }
+                ElemInstr::Clamp(a, lo, hi) => {
+                    clamp_value(r(a), f64::from_bits(*lo), f64::from_bits(*hi))
+                }
+                ElemInstr::Cast(to, a) => cast_value(*to, r(a)),
+            };
+            regs.push(v);
+        }
+        self.outputs.iter().map(|o| regs[*o as usize]).collect()
+    }
+}
+
+/// The value `v` converted to `to` and back to f64, as the CPU executor casts.
+pub fn cast_value(to: DType, v: f64) -> f64 {
+    match to {
+        DType::F32 => v as f32 as f64,
+        DType::F64 => v,
+        DType::I32 => v as i32 as f64,
+        DType::Bool => f64::from(u8::from(v != 0.0)),
+    }
+}
+
+impl Index {
+    /// The input's linear index for kernel element `i`.
+    pub fn map(&self, i: usize) -> usize {
+        match self {
+            Index::Same => i,
+            Index::Broadcast { shape, strides } => {
+                let mut rest = i;
+                let mut at = 0usize;
+                for (d, s) in shape.iter().zip(strides).rev() {
+                    let d = *d as usize;
+                    at += (rest % d) * *s as usize;
+                    rest /= d;
+                }
+                at
+            }
+        }
+    }
+}
+
+/// Where the reduced axes of a reduction lie in its (row-major) operand:
+/// output element `o` (split by `out_shape`, recombined with `out_strides`)
+/// reduces the operand elements `base(o) + Σ r_a · red_strides[a]` over the
+/// reduced index `r` split by `red_shape`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ReduceLayout {
+    pub out_shape: Vec<u32>,
+    pub out_strides: Vec<u32>,
+    pub red_shape: Vec<u32>,
+    pub red_strides: Vec<u32>,
+}
+
+impl ReduceLayout {
+    pub fn new(in_shape: &[usize], axes: &[usize]) -> ReduceLayout {
+        let st = strides(in_shape);
+        let mut l = ReduceLayout {
+            out_shape: vec![],
+            out_strides: vec![],
+            red_shape: vec![],
+            red_strides: vec![],
+        };
+        for (a, (&d, &s)) in in_shape.iter().zip(&st).enumerate() {
+            if axes.contains(&a) {
+                l.red_shape.push(d as u32);
+                l.red_strides.push(s as u32);
+            } else {
+                l.out_shape.push(d as u32);
+                l.out_strides.push(s as u32);
+            }
+        }
+        l
+    }
+
+    pub fn out_numel(&self) -> usize {
+        self.out_shape.iter().map(|&d| d as usize).product()
+    }
+
+    pub fn red_numel(&self) -> usize {
+        self.red_shape.iter().map(|&d| d as usize).product()
+    }
+
+    fn offset(shape: &[u32], strides: &[u32], i: usize) -> usize {
+        Index::Broadcast {
+            shape: shape.to_vec(),
+            strides: strides.to_vec(),
+        }
+        .map(i)
+    }
+
+    /// Operand index of output element `o`, reduced element `r`.
+    pub fn input_index(&self, o: usize, r: usize) -> usize {
+        Self::offset(&self.out_shape, &self.out_strides, o)
+            + Self::offset(&self.red_shape, &self.red_strides, r)
+    }
+}
+
+/// One device kernel of a fused schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Kernel {
+    /// An elementwise program over `numel` elements: reads `inputs` (program
+    /// input slot i = `inputs[i]`), writes program output j to `outputs[j]`.
+    Elementwise {
+        program: ElemProgram,
+        numel: usize,
+        inputs: Vec<NodeId>,
+        outputs: Vec<NodeId>,
+    },
+    /// A reduction whose operand is computed by `prologue` (output 0, over
+    /// the operand's index space, reading `prologue_inputs`) and whose
+    /// result, as input 0 of `epilogue` (over the result's index space, with
+    /// further inputs `epilogue_inputs` from slot 1), gives `outputs`.
+    Reduce {
+        kind: ReduceKind,
+        layout: ReduceLayout,
+        prologue: ElemProgram,
+        prologue_inputs: Vec<NodeId>,
+        epilogue: ElemProgram,
+        epilogue_inputs: Vec<NodeId>,
+        outputs: Vec<NodeId>,
+    },
+    /// Any other node, computed alone.
+    Node(NodeId),
+}
+
+impl Kernel {
+    /// Nodes whose values this kernel writes.
+    pub fn writes(&self) -> Vec<NodeId> {
+        match self {
+            Kernel::Elementwise { outputs, .. } | Kernel::Reduce { outputs, .. } => outputs.clone(),
+            Kernel::Node(id) => vec![*id],
+        }
+    }
+
+    /// Nodes whose values this kernel reads.
+    pub fn reads(&self, g: &Graph) -> Vec<NodeId> {
+        match self {
+            Kernel::Elementwise { inputs, .. } => inputs.clone(),
+            Kernel::Reduce {
+                prologue_inputs,
+                epilogue_inputs,
+                ..
+            } => prologue_inputs
+                .iter()
+                .chain(epilogue_inputs)
+                .copied()
+                .collect(),
+            Kernel::Node(id) => g.inputs(*id),
+        }
+    }
+}
+
+/// A graph's schedule as kernels, in an order that respects dependencies.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FusedSchedule {
+    pub kernels: Vec<Kernel>,
+    /// Scheduled nodes folded into fused kernels.
+    pub fused_nodes: usize,
+}
+
+impl FusedSchedule {
+    pub fn count(&self) -> (usize, usize, usize) {
+        let mut c = (0, 0, 0);
+        for k in &self.kernels {
+            match k {
+                Kernel::Elementwise { .. } => c.0 += 1,
+                Kernel::Reduce { .. } => c.1 += 1,
+                Kernel::Node(_) => c.2 += 1,
+            }
+        }
+        c
+    }
+}
+
+impl fmt::Display for FusedSchedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (e, r, o) = self.count();
+        write!(
+            f,
+            "{} kernels ({e} elementwise programs, {r} fused reductions, {o} other) for {} fused nodes",
+            self.kernels.len(),
+            self.fused_nodes
+        )
+    }
+}
+
+/// Ops an elementwise program can compute.
+fn fusible(op: &Op) -> bool {
+    op.is_elementwise() || matches!(op, Op::Broadcast { .. })
+}
+
+/// An open group of fusible nodes over one index space.
+struct Group {
+    numel: usize,
+    /// The reduction this group is the epilogue of, if any.
+    anchor: Option<NodeId>,
+    members: Vec<NodeId>,
+    set: HashSet<NodeId>,
+}
+
+struct Fuser<'g> {
+    g: &'g Graph,
+    order: Vec<NodeId>,
+    graph_outputs: HashSet<NodeId>,
+    users: HashMap<NodeId, Vec<NodeId>>,
+    groups: Vec<Option<Group>>,
+    group_of: HashMap<NodeId, usize>,
+    kernels: Vec<Kernel>,
+    fused_nodes: usize,
+    /// Per open reduction: the elementwise group it absorbs as prologue.
+    prologues: HashMap<NodeId, Option<Group>>,
+}
+
+/// Partitions the nodes in `order` (a dependency order of the nodes the
+/// outputs need, e.g. [`crate::schedule::schedule`]'s) into kernels.
+pub fn fuse(g: &Graph, order: &[NodeId]) -> FusedSchedule {
+    let mut users: HashMap<NodeId, Vec<NodeId>> = HashMap::new();
+    for &id in order {
+        for x in g.inputs(id) {
+            let u = users.entry(x).or_default();
+            if !u.contains(&id) {
+                u.push(id);
+            }
+        }
+    }
+    let mut f = Fuser {
+        g,
+        order: order.to_vec(),
+        graph_outputs: g.outputs().iter().map(|(_, id)| *id).collect(),
+        users,
+        groups: vec![],
+        group_of: HashMap::new(),
+        kernels: vec![],
+        fused_nodes: 0,
+        prologues: HashMap::new(),
+    };
+    f.run();
+    FusedSchedule {
+        kernels: f.kernels,
+        fused_nodes: f.fused_nodes,
+    }
+}
+
+impl Fuser<'_> {
+    fn open_group_of(&self, id: NodeId) -> Option<usize> {
+        self.group_of
+            .get(&id)
+            .copied()
+            .filter(|&gi| self.groups[gi].is_some())
+    }
+
+    fn run(&mut self) {
+        let order = std::mem::take(&mut self.order);
+        for &id in &order {
+            let op = self.g.op(id);
+            let numel = self.g.ty(id).numel();
+            // Operands of the new node that live in open groups.
+            let mut open: Vec<usize> = Vec::new();
+            for x in self.g.inputs(id) {
+                if let Some(gi) = self.open_group_of(x) {
+                    if !open.contains(&gi) {
+                        open.push(gi);
+                    }
+                }
+            }
+            if fusible(op) {
+                // A broadcast reads its operand through an index map, so the
+                // operand must be materialised (not a register of a group).
+                let joinable = !matches!(op, Op::Broadcast { .. })
+                    && open.len() == 1
+                    && self.groups[open[0]].as_ref().unwrap().numel == numel;
+                if joinable {
+                    let gi = open[0];
+                    self.add_member(gi, id);
+                } else {
+                    for gi in open {
+                        self.close(gi);
+                    }
+                    self.new_group(id, numel, None);
+                }
+            } else if let Op::Reduce { .. } = op {
+                let operand = self.g.inputs(id)[0];
+                let mut prologue = None;
+                for gi in open {
+                    let only_for_reduce = {
+                        let gr = self.groups[gi].as_ref().unwrap();
+                        gr.anchor.is_none()
+                            && gr.set.contains(&operand)
+                            && self.outputs_of(gr) == vec![operand]
+                            && self.users[&operand].len() == 1
+                            && !self.graph_outputs.contains(&operand)
+                    };
+                    if only_for_reduce {
+                        prologue = self.groups[gi].take();
+                    } else {
+                        self.close(gi);
+                    }
+                }
+                self.new_group(id, numel, Some(prologue));
+            } else {
+                for gi in open {
+                    self.close(gi);
+                }
+                self.kernels.push(Kernel::Node(id));
+            }
+        }
+        for gi in 0..self.groups.len() {
+            if self.groups[gi].is_some() {
+                self.close(gi);
+            }
+        }
+        self.order = order;
+    }
+
+    fn add_member(&mut self, gi: usize, id: NodeId) {
+        let gr = self.groups[gi].as_mut().unwrap();
+        gr.members.push(id);
+        gr.set.insert(id);
+        self.group_of.insert(id, gi);
+    }
+
+    /// Opens a group starting at `id`; for a reduction, `Some(prologue)`.
+    fn new_group(&mut self, id: NodeId, numel: usize, reduce: Option<Option<Group>>) {
+        let gi = self.groups.len();
+        let anchor = reduce.as_ref().map(|_| id);
+        self.groups.push(Some(Group {
+            numel,
+            anchor,
+            members: vec![id],
+            set: HashSet::from([id]),
+        }));
+        self.group_of.insert(id, gi);
+        if let Some(prologue) = reduce {
+            self.prologues.insert(id, prologue);
+        }
+    }
+
+    /// Members whose values are needed outside the group, in member order.
+    fn outputs_of(&self, gr: &Group) -> Vec<NodeId> {
+        gr.members
+            .iter()
+            .copied()
+            .filter(|m| {
+                self.graph_outputs.contains(m)
+                    || self
+                        .users
+                        .get(m)
+                        .is_some_and(|us| us.iter().any(|u| !gr.set.contains(u)))
+            })
+            .collect()
+    }
+
+    fn close(&mut self, gi: usize) {
+        let Some(gr) = self.groups[gi].take() else {
+            return;
+        };
+        let outputs = self.outputs_of(&gr);
+        match gr.anchor {
+            None => {
+                let (program, inputs) = self.program(&gr.members, &outputs, None);
+                self.fused_nodes += gr.members.len();
+                self.kernels.push(Kernel::Elementwise {
+                    program,
+                    numel: gr.numel,
+                    inputs,
+                    outputs,
+                });
+            }
+            Some(red) => {
+                let Op::Reduce { kind, axes, .. } = self.g.op(red).clone() else {
+                    unreachable!("anchor is a reduction")
+                };
+                let operand = self.g.inputs(red)[0];
+                let layout = ReduceLayout::new(&self.g.ty(operand).shape, &axes);
+                let (prologue, prologue_inputs) = match self.prologues.remove(&red).flatten() {
+                    Some(p) => {
+                        self.fused_nodes += p.members.len();
+                        self.program(&p.members, &[operand], None)
+                    }
+                    None => (
+                        ElemProgram {
+                            n_inputs: 1,
+                            instrs: vec![ElemInstr::Load {
+                                input: 0,
+                                index: Index::Same,
+                            }],
+                            outputs: vec![0],
+                        },
+                        vec![operand],
+                    ),
+                };
+                self.fused_nodes += gr.members.len();
+                let (epilogue, epilogue_inputs) = self.program(&gr.members, &outputs, Some(red));
+                self.kernels.push(Kernel::Reduce {
+                    kind,
+                    layout,
+                    prologue,
+                    prologue_inputs,
+                    epilogue,
+                    epilogue_inputs,
+                    outputs,
+                });
+            }
+        }
+    }
+
+    /// The program computing `members` (in order) with `outputs` written.
+    /// With `anchor`, that node is program input 0 (the reduced value).
+    fn program(
+        &self,
+        members: &[NodeId],
+        outputs: &[NodeId],
+        anchor: Option<NodeId>,
+    ) -> (ElemProgram, Vec<NodeId>) {
+        let mut p = ElemProgram {
+            n_inputs: 0,
+            instrs: vec![],
+            outputs: vec![],
+        };
+        let mut inputs: Vec<NodeId> = vec![];
+        let mut reg: HashMap<NodeId, Reg> = HashMap::new();
+        let mut loads: HashMap<(NodeId, Index), Reg> = HashMap::new();
+        let push = |p: &mut ElemProgram, ins: ElemInstr| -> Reg {
+            p.instrs.push(ins);
+            (p.instrs.len() - 1) as Reg
+        };
+        let mut load = |p: &mut ElemProgram, inputs: &mut Vec<NodeId>, x: NodeId, index: Index| {
+            if let Some(&r) = loads.get(&(x, index.clone())) {
+                return r;
+            }
+            let slot = match inputs.iter().position(|&i| i == x) {
+                Some(s) => s,
+                None => {
+                    inputs.push(x);
+                    inputs.len() - 1
+                }
+            };
+            let r = push(
+                p,
+                ElemInstr::Load {
+                    input: slot as u32,
+                    index: index.clone(),
+                },
+            );
+            loads.insert((x, index), r);
+            r
+        };
+        if let Some(a) = anchor {
+            inputs.push(a);
+            let r = load(&mut p, &mut inputs, a, Index::Same);
+            reg.insert(a, r);
+        }
+        for &m in members {
+            if Some(m) == anchor {
+                continue;
+            }
+            let ops = self.g.inputs(m);
+            let mut operand =
+                |p: &mut ElemProgram, inputs: &mut Vec<NodeId>, x: NodeId| match reg.get(&x) {
+                    Some(&r) => r,
+                    None => load(p, inputs, x, Index::Same),
+                };
+            let r = match self.g.op(m) {
+                Op::Unary(u) => {
+                    let a = operand(&mut p, &mut inputs, ops[0]);
+                    push(&mut p, ElemInstr::Unary(*u, a))
+                }
+                Op::Binary(b) => {
+                    let a = operand(&mut p, &mut inputs, ops[0]);
+                    let c = operand(&mut p, &mut inputs, ops[1]);
+                    push(&mut p, ElemInstr::Binary(*b, a, c))
+                }
+                Op::Compare(c) => {
+                    let a = operand(&mut p, &mut inputs, ops[0]);
+                    let b = operand(&mut p, &mut inputs, ops[1]);
+                    push(&mut p, ElemInstr::Compare(*c, a, b))
+                }
+                Op::Select => {
+                    let c = operand(&mut p, &mut inputs, ops[0]);
+                    let a = operand(&mut p, &mut inputs, ops[1]);
+                    let b = operand(&mut p, &mut inputs, ops[2]);
+                    push(&mut p, ElemInstr::Select(c, a, b))
+                }
+                Op::Clamp { min, max } => {
+                    let a = operand(&mut p, &mut inputs, ops[0]);
+                    push(
+                        &mut p,
+                        ElemInstr::Clamp(a, min.get().to_bits(), max.get().to_bits()),
+                    )
+                }
+                Op::Cast { to } => {
+                    let a = operand(&mut p, &mut inputs, ops[0]);
+                    push(&mut p, ElemInstr::Cast(*to, a))
+                }
+                Op::StopGradient => operand(&mut p, &mut inputs, ops[0]),
+                Op::Broadcast { shape } => {
+                    let src = &self.g.ty(ops[0]).shape;
+                    load(&mut p, &mut inputs, ops[0], broadcast_index(src, shape))
+                }
+                other => unreachable!("{} is not fusible", other.name()),
+            };
+            reg.insert(m, r);
+        }
+        p.outputs = outputs.iter().map(|o| reg[o]).collect();
+        p.n_inputs = inputs.len() as u32;
+        (p, inputs)
+    }
+}
+
+/// The index map of a NumPy broadcast of `src` to `dst`.
+pub fn broadcast_index(src: &[usize], dst: &[usize]) -> Index {
+    if src == dst {
+        return Index::Same;
+    }
+    let st = strides(src);
+    let lead = dst.len() - src.len();
+    let strides = (0..dst.len())
+        .map(|a| {
+            if a < lead || src[a - lead] == 1 {
+                0
+            } else {
+                st[a - lead] as u32
+            }
+        })
+        .collect();
+    Index::Broadcast {
+        shape: dst.iter().map(|&d| d as u32).collect(),
+        strides,
+    }
+}

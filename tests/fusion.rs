@@ -1,0 +1,159 @@
+//! The fusion pass: a fused schedule, interpreted kernel by kernel on the
+//! host, computes what the CPU executor computes — on hand-built patterns
+//! and on whole meta-step graphs (autodiff and the bilevel lowering,
+//! second-order ones included) — and it does fuse.
+
+mod common;
+
+use common::*;
+use coopc_compiler::fusion::{fuse, ElemInstr, FusedSchedule, Kernel};
+use coopc_compiler::ir::{DType, Graph, Op, ReduceKind};
+use coopc_compiler::lowering::{lower_meta_step, BatchShapes};
+use coopc_compiler::passes::Pipeline;
+use coopc_compiler::schedule::schedule;
+use coopc_compiler::spec::{HypergradKind, OptimKind, PipelineSpec};
+use coopc_runtime::execute;
+use coopc_runtime::fused::execute_fused_host;
+
+/// Fuses `g`, runs the kernels on the host and compares every output with
+/// the CPU executor. Returns the fused schedule.
+fn check_fused_equals_executor(g: &Graph, inputs: &Inputs, tol: f64) -> FusedSchedule {
+    let sched = schedule(g);
+    let fused = fuse(g, &sched.order);
+    // Every scheduled node is written by exactly one kernel or folded into one.
+    let written: usize = fused.kernels.iter().map(|k| k.writes().len()).sum();
+    assert!(written <= sched.order.len());
+    let host = execute_fused_host(g, &fused, inputs).expect("fused schedule runs");
+    let want = execute(g, inputs).expect("executor runs");
+    for ((name, id), (_, w)) in g.outputs().iter().zip(&want) {
+        let got = host
+            .get(id)
+            .unwrap_or_else(|| panic!("output {name} (%{}) is never written", id.index()));
+        let e = rel_err(got, &w.to_f64_vec(), 1e-12);
+        assert!(e <= tol, "output {name}: relative error {e:e}");
+    }
+    fused
+}
+
+#[test]
+fn log_sum_exp_becomes_two_reductions_with_prologue_and_epilogue() {
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F64, vec![5, 9]);
+    let m = g.reduce_max(x, &[1], true);
+    let bm = g.broadcast(m, vec![5, 9]);
+    let d = g.sub(x, bm);
+    let e = g.exp(d);
+    let s = g.reduce(ReduceKind::Sum, e, &[1], true);
+    let l = g.log(s);
+    let lse = g.add(l, m);
+    g.set_output("lse", lse);
+    let mut r = rng(1);
+    let inputs = Inputs::from([(
+        "x".to_string(),
+        f64_tensor(&[5, 9], &uniform(&mut r, 45, -3.0, 3.0)),
+    )]);
+    let fused = check_fused_equals_executor(&g, &inputs, 1e-12);
+    assert_eq!(fused.count(), (0, 2, 1), "{fused}"); // the input node, two reductions
+    let Kernel::Reduce {
+        prologue, epilogue, ..
+    } = &fused.kernels[2]
+    else {
+        panic!("last kernel is the sum: {:?}", fused.kernels[2]);
+    };
+    // broadcast load of m, load of x, sub, exp
+    assert_eq!(prologue.instrs.len(), 4, "{prologue:?}");
+    assert!(matches!(
+        prologue.instrs[prologue.outputs[0] as usize],
+        ElemInstr::Unary(..)
+    ));
+    // the sum, load of m, log, add
+    assert_eq!(epilogue.instrs.len(), 4, "{epilogue:?}");
+}
+
+#[test]
+fn a_value_used_twice_is_written_once_and_not_recomputed_in_a_prologue() {
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F64, vec![3, 4]);
+    let e = g.exp(x);
+    let s = g.reduce(ReduceKind::Sum, e, &[0, 1], false);
+    let t = g.tanh(e);
+    g.set_output("s", s);
+    g.set_output("t", t);
+    let mut r = rng(2);
+    let inputs = Inputs::from([(
+        "x".to_string(),
+        f64_tensor(&[3, 4], &uniform(&mut r, 12, -1.0, 1.0)),
+    )]);
+    let fused = check_fused_equals_executor(&g, &inputs, 1e-12);
+    let writers: Vec<&Kernel> = fused
+        .kernels
+        .iter()
+        .filter(|k| k.writes().contains(&e))
+        .collect();
+    assert_eq!(writers.len(), 1, "exp is written by one kernel: {fused:?}");
+    for k in &fused.kernels {
+        if let Kernel::Reduce { prologue, .. } = k {
+            assert_eq!(
+                prologue.instrs.len(),
+                1,
+                "the sum reads exp, not recomputes it"
+            );
+        }
+    }
+}
+
+#[test]
+fn graph_outputs_inside_a_group_are_written() {
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F64, vec![6]);
+    let a = g.sigmoid(x);
+    let b = g.mul(a, x);
+    let c = g.clamp(b, -0.2, 0.3);
+    g.set_output("a", a);
+    g.set_output("c", c);
+    let mut r = rng(3);
+    let inputs = Inputs::from([(
+        "x".to_string(),
+        f64_tensor(&[6], &uniform(&mut r, 6, -2.0, 2.0)),
+    )]);
+    let fused = check_fused_equals_executor(&g, &inputs, 0.0);
+    assert_eq!(fused.count(), (1, 0, 1));
+}
+
+fn meta_step_fuses_correctly(spec: &PipelineSpec, seed: u64) {
+    let ms = lower_meta_step(spec, BatchShapes::from_spec(spec));
+    let inputs = meta_inputs(spec, &ms, seed);
+    let mut g = ms.graph.clone();
+    Pipeline::standard().run(&mut g);
+    let fused = check_fused_equals_executor(&g, &inputs, 1e-9);
+    let nodes = schedule(&g).order.len();
+    let inputs_n = g
+        .node_ids()
+        .filter(|&id| matches!(g.op(id), Op::Input { .. }))
+        .count();
+    // Fusion removes a good share of the launches.
+    assert!(
+        fused.kernels.len() < (nodes - inputs_n) * 3 / 4 + inputs_n,
+        "{fused} from {nodes} nodes"
+    );
+}
+
+#[test]
+fn truncated_meta_step_with_second_order_terms_fuses_correctly() {
+    meta_step_fuses_correctly(&tiny_spec(), 11);
+}
+
+#[test]
+fn first_order_adamw_meta_step_fuses_correctly() {
+    let mut spec = tiny_spec();
+    spec.bilevel.hypergradient.kind = HypergradKind::FirstOrder;
+    spec.bilevel.hypergradient.unroll = 1;
+    spec.bilevel.hypergradient.backprop = 0;
+    spec.optim.lower.kind = OptimKind::AdamW {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
+    meta_step_fuses_correctly(&spec, 12);
+}
