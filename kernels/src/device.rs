@@ -1,0 +1,645 @@
+//! The device executor: runs a graph's fused schedule on a CubeCL runtime
+//! (CUDA or wgpu). Inputs are uploaded once per call, every kernel runs on
+//! the device, each intermediate buffer is released after its last use,
+//! and only the requested outputs are read back.
+//!
+//! Every device tensor is f32: integer ids and booleans are stored as whole
+//! numbers (exact below 2²⁴), and a graph in f64 is refused — WGSL has no
+//! f64 and the GPU path computes in f32.
+
+use crate::elementwise::elementwise_program;
+use crate::matmul::{matmul_tiled, TILE};
+use crate::movement::{
+    gather_rows, iota, one_hot, scatter_add_along, scatter_add_rows, strided_copy, take_along,
+    CopySpec,
+};
+use crate::reduce::{reduce_program, ReduceSpec};
+use coopc_compiler::fusion::{fuse, ElemInstr, ElemProgram, FusedSchedule, Kernel};
+use coopc_compiler::ir::{numel, strides, DType, Graph, NodeId, Op};
+use coopc_compiler::schedule::schedule;
+use coopc_runtime::HostTensor;
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::cell::Cell;
+use std::sync::Mutex;
+use thiserror::Error;
+
+/// Units per cube of the one-dimensional kernels.
+pub const BLOCK: u32 = 256;
+
+/// Why a graph could not run on the device.
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    #[error("the {backend} backend is not available on this machine: {reason}")]
+    Unavailable { backend: &'static str, reason: String },
+    #[error("the {backend} backend computes in f32; this graph is {dtype} (set backend.dtype = \"f32\")")]
+    Precision { backend: &'static str, dtype: DType },
+    #[error("missing input `{0}`")]
+    MissingInput(String),
+    #[error("input `{name}`: expected {expected}, got {got}")]
+    InputMismatch {
+        name: String,
+        expected: String,
+        got: String,
+    },
+    #[error("node %{node} ({op}): {message}")]
+    Unsupported {
+        node: usize,
+        op: &'static str,
+        message: String,
+    },
+    #[error("device failure: {0}")]
+    Device(String),
+}
+
+/// The first panic message of any thread since the last [`take_panic`]
+/// (CubeCL runs each device server on its own thread; a failure there
+/// reaches the caller only as a lost channel).
+static FIRST_PANIC: Mutex<Option<String>> = Mutex::new(None);
+thread_local! {
+    /// Whether this thread is inside a guarded device call.
+    static GUARDED: Cell<bool> = const { Cell::new(false) };
+}
+
+fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let payload = info.payload();
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "<non-string panic>".into());
+            let mut first = FIRST_PANIC.lock().unwrap_or_else(|e| e.into_inner());
+            if first.is_none() {
+                *first = Some(msg);
+            }
+            drop(first);
+            // Outside a guarded device call a panic is reported as usual.
+            if !GUARDED.with(Cell::get)
+                || std::env::var_os("COOPC_DEBUG_PANICS").is_some()
+            {
+                default(info);
+            }
+        }));
+    });
+}
+
+fn take_panic() -> Option<String> {
+    FIRST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+/// Runs `f`, turning a panic (on this or a device thread) into an error.
+fn guarded<T>(what: impl Fn(String) -> DeviceError, f: impl FnOnce() -> T) -> Result<T, DeviceError> {
+    install_panic_hook();
+    take_panic();
+    let outer = GUARDED.with(|g| g.replace(true));
+    let r = catch_unwind(AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(outer));
+    match r {
+        Ok(v) => Ok(v),
+        Err(_) => Err(what(take_panic().unwrap_or_else(|| "unknown failure".into()))),
+    }
+}
+
+/// A graph prepared for the device: its fused schedule and when each value
+/// is last used.
+pub struct Prepared {
+    pub fused: FusedSchedule,
+    /// Kernel index after which a node's buffer can be released.
+    last_use: HashMap<NodeId, usize>,
+    outputs: Vec<(String, NodeId)>,
+}
+
+impl Prepared {
+    pub fn new(g: &Graph) -> Prepared {
+        let sched = schedule(g);
+        let fused = fuse(g, &sched.order);
+        let mut last_use = HashMap::new();
+        for (k, kernel) in fused.kernels.iter().enumerate() {
+            for r in kernel.reads(g) {
+                last_use.insert(r, k);
+            }
+        }
+        let outputs: Vec<(String, NodeId)> = g.outputs().to_vec();
+        for (_, id) in &outputs {
+            last_use.insert(*id, usize::MAX);
+        }
+        Prepared {
+            fused,
+            last_use,
+            outputs,
+        }
+    }
+}
+
+/// A CubeCL device with the kernels of this crate.
+pub struct Device<R: Runtime> {
+    client: ComputeClient<R>,
+    backend: &'static str,
+    /// Poison every output buffer before its kernel runs (tests: an element
+    /// a kernel fails to write stays NaN).
+    pub poison: bool,
+}
+
+impl Device<cubecl::wgpu::WgpuRuntime> {
+    /// The default wgpu adapter (a GPU, or Mesa's lavapipe on the CPU).
+    pub fn wgpu() -> Result<Self, DeviceError> {
+        let client = guarded(
+            |reason| DeviceError::Unavailable {
+                backend: "wgpu",
+                reason,
+            },
+            || cubecl::wgpu::WgpuRuntime::client(&Default::default()),
+        )?;
+        Ok(Device {
+            client,
+            backend: "wgpu",
+            poison: false,
+        })
+    }
+}
+
+impl Device<cubecl::cuda::CudaRuntime> {
+    /// CUDA device 0 (needs libcuda and NVRTC at run time).
+    pub fn cuda() -> Result<Self, DeviceError> {
+        let client = guarded(
+            |reason| DeviceError::Unavailable {
+                backend: "cuda",
+                reason,
+            },
+            || cubecl::cuda::CudaRuntime::client(&cubecl::cuda::CudaDevice::new(0)),
+        )?;
+        let dev = Device {
+            client,
+            backend: "cuda",
+            poison: false,
+        };
+        // A client can exist without a working compiler: run one kernel.
+        let probe = dev.upload(&[1.0, 2.0]);
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, vec![2]);
+        let y = g.exp(x);
+        g.set_output("y", y);
+        let prepared = Prepared::new(&g);
+        let inputs = HashMap::from([("x".to_string(), HostTensor::f32(vec![2], vec![1.0, 2.0]))]);
+        drop(probe);
+        dev.execute(&g, &prepared, &inputs).map_err(|e| DeviceError::Unavailable {
+            backend: "cuda",
+            reason: e.to_string(),
+        })?;
+        Ok(dev)
+    }
+}
+
+fn cube_count(n: usize) -> CubeCount {
+    let cubes = n.div_ceil(BLOCK as usize).max(1) as u32;
+    let x = cubes.min(65_535);
+    CubeCount::Static(x, cubes.div_ceil(x), 1)
+}
+
+fn arg<R: Runtime>(h: &Handle, len: usize) -> ArrayArg<R> {
+    unsafe { ArrayArg::from_raw_parts(h.clone(), len.max(1)) }
+}
+
+impl<R: Runtime> Device<R> {
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    pub fn client(&self) -> &ComputeClient<R> {
+        &self.client
+    }
+
+    pub fn upload(&self, v: &[f32]) -> Handle {
+        let v = if v.is_empty() { &[0.0f32][..] } else { v };
+        self.client.create_from_slice(f32::as_bytes(v))
+    }
+
+    /// A buffer for `n` results (NaN-filled when poisoning).
+    pub fn output(&self, n: usize) -> Handle {
+        if self.poison {
+            self.upload(&vec![f32::NAN; n.max(1)])
+        } else {
+            self.client.empty(n.max(1) * 4)
+        }
+    }
+
+    pub fn download(&self, h: Handle, n: usize) -> Result<Vec<f32>, DeviceError> {
+        let bytes = guarded(DeviceError::Device, || self.client.read_one(h))?
+            .map_err(|e| DeviceError::Device(format!("{e:?}")))?;
+        Ok(f32::from_bytes(&bytes)[..n].to_vec())
+    }
+
+    /// Bytes the device's allocator holds now.
+    pub fn bytes_in_use(&self) -> Option<u64> {
+        self.client.memory_usage().ok().map(|m| m.bytes_in_use)
+    }
+
+    /// Runs `g` (prepared by [`Prepared::new`]) and returns its outputs by
+    /// name, converted to their graph types.
+    pub fn execute(
+        &self,
+        g: &Graph,
+        prepared: &Prepared,
+        inputs: &HashMap<String, HostTensor>,
+    ) -> Result<Vec<(String, HostTensor)>, DeviceError> {
+        let backend = self.backend;
+        guarded(DeviceError::Device, || {
+            let mut values: HashMap<NodeId, Handle> = HashMap::new();
+            for (k, kernel) in prepared.fused.kernels.iter().enumerate() {
+                for (id, h) in self.launch(g, kernel, inputs, &values)? {
+                    values.insert(id, h);
+                }
+                for r in kernel.reads(g) {
+                    if prepared.last_use.get(&r) == Some(&k) {
+                        values.remove(&r);
+                    }
+                }
+            }
+            let mut out = Vec::with_capacity(prepared.outputs.len());
+            for (name, id) in &prepared.outputs {
+                let ty = g.ty(*id);
+                let h = values.get(id).ok_or_else(|| DeviceError::Unsupported {
+                    node: id.index(),
+                    op: g.op(*id).name(),
+                    message: "output never computed".into(),
+                })?;
+                let v = self.download(h.clone(), ty.numel())?;
+                let v: Vec<f64> = v.into_iter().map(f64::from).collect();
+                let t = HostTensor::from_f64(ty.dtype, ty.shape.clone(), &v)
+                    .map_err(|e| DeviceError::Device(e.to_string()))?;
+                out.push((name.clone(), t));
+            }
+            let _ = backend;
+            Ok(out)
+        })?
+    }
+
+    /// Runs one kernel; returns the buffers it wrote.
+    pub fn launch(
+        &self,
+        g: &Graph,
+        kernel: &Kernel,
+        inputs: &HashMap<String, HostTensor>,
+        values: &HashMap<NodeId, Handle>,
+    ) -> Result<Vec<(NodeId, Handle)>, DeviceError> {
+        let get = |id: &NodeId| -> Result<Handle, DeviceError> {
+            values.get(id).cloned().ok_or_else(|| DeviceError::Unsupported {
+                node: id.index(),
+                op: g.op(*id).name(),
+                message: "operand not computed before its use".into(),
+            })
+        };
+        let len = |id: &NodeId| g.ty(*id).numel();
+        match kernel {
+            Kernel::Elementwise {
+                program,
+                numel,
+                inputs: ins,
+                outputs,
+            } => {
+                let outs: Vec<Handle> = outputs.iter().map(|_| self.output(*numel)).collect();
+                self.elementwise(program, *numel, &ins.iter().map(|i| Ok((get(i)?, len(i)))).collect::<Result<Vec<_>, DeviceError>>()?, &outs);
+                Ok(outputs.iter().copied().zip(outs).collect())
+            }
+            Kernel::Reduce {
+                kind,
+                layout,
+                prologue,
+                prologue_inputs,
+                epilogue,
+                epilogue_inputs,
+                outputs,
+            } => {
+                let (n_out, n_red) = (layout.out_numel(), layout.red_numel());
+                if n_red == 0 {
+                    return Err(DeviceError::Unsupported {
+                        node: outputs[0].index(),
+                        op: "reduce",
+                        message: "reduction over an empty axis".into(),
+                    });
+                }
+                let outs: Vec<Handle> = outputs.iter().map(|_| self.output(n_out)).collect();
+                let mut pro = SequenceArg::<R, Array<f32>>::new();
+                for i in prologue_inputs {
+                    pro.push(arg(&get(i)?, len(i)));
+                }
+                let mut epi = SequenceArg::<R, Array<f32>>::new();
+                for i in &epilogue_inputs[1..] {
+                    epi.push(arg(&get(i)?, len(i)));
+                }
+                let mut o = SequenceArg::<R, Array<f32>>::new();
+                for h in &outs {
+                    o.push(arg(h, n_out));
+                }
+                reduce_program::launch::<R>(
+                    &self.client,
+                    cube_count(n_out),
+                    CubeDim::new_1d(BLOCK),
+                    pro,
+                    epi,
+                    o,
+                    n_out as u32,
+                    n_red as u32,
+                    ReduceSpec {
+                        kind: *kind,
+                        layout: layout.clone(),
+                        prologue: prologue.clone(),
+                        epilogue: epilogue.clone(),
+                    },
+                );
+                Ok(outputs.iter().copied().zip(outs).collect())
+            }
+            Kernel::Node(id) => Ok(vec![(*id, self.node(g, *id, inputs, &get)?)]),
+        }
+    }
+
+    fn elementwise(&self, program: &ElemProgram, numel: usize, ins: &[(Handle, usize)], outs: &[Handle]) {
+        let mut i = SequenceArg::<R, Array<f32>>::new();
+        for (h, n) in ins {
+            i.push(arg(h, *n));
+        }
+        let mut o = SequenceArg::<R, Array<f32>>::new();
+        for h in outs {
+            o.push(arg(h, numel));
+        }
+        elementwise_program::launch::<R>(
+            &self.client,
+            cube_count(numel),
+            CubeDim::new_1d(BLOCK),
+            i,
+            o,
+            numel as u32,
+            program.clone(),
+        );
+    }
+
+    fn copy(&self, src: &Handle, src_len: usize, dst: &Handle, dst_len: usize, spec: CopySpec) {
+        let n: usize = spec.shape.iter().map(|&d| d as usize).product();
+        if n == 0 {
+            return;
+        }
+        strided_copy::launch::<R>(
+            &self.client,
+            cube_count(n),
+            CubeDim::new_1d(BLOCK),
+            arg(src, src_len),
+            arg(dst, dst_len),
+            n as u32,
+            spec,
+        );
+    }
+
+    fn node(
+        &self,
+        g: &Graph,
+        id: NodeId,
+        inputs: &HashMap<String, HostTensor>,
+        get: &dyn Fn(&NodeId) -> Result<Handle, DeviceError>,
+    ) -> Result<Handle, DeviceError> {
+        let ty = g.ty(id);
+        let n = ty.numel();
+        let ops = g.inputs(id);
+        let in_len = |i: usize| g.ty(ops[i]).numel();
+        let u = |v: usize| v as u32;
+        let unsupported = |message: String| DeviceError::Unsupported {
+            node: id.index(),
+            op: g.op(id).name(),
+            message,
+        };
+        if ty.dtype == DType::F64 {
+            return Err(DeviceError::Precision {
+                backend: self.backend,
+                dtype: DType::F64,
+            });
+        }
+        let out = match g.op(id) {
+            Op::Input { name, ty } => {
+                let t = inputs
+                    .get(name)
+                    .ok_or_else(|| DeviceError::MissingInput(name.clone()))?;
+                if t.shape != ty.shape || t.dtype() != ty.dtype {
+                    return Err(DeviceError::InputMismatch {
+                        name: name.clone(),
+                        expected: ty.to_string(),
+                        got: t.ty().to_string(),
+                    });
+                }
+                let v: Vec<f32> = t.to_f64_vec().into_iter().map(|x| x as f32).collect();
+                self.upload(&v)
+            }
+            Op::Full { value, .. } => {
+                let h = self.output(n);
+                let program = ElemProgram {
+                    n_inputs: 0,
+                    instrs: vec![ElemInstr::Const(value.get().to_bits())],
+                    outputs: vec![0],
+                };
+                self.elementwise(&program, n, &[], &[h.clone()]);
+                h
+            }
+            Op::Literal { values, .. } => {
+                let v: Vec<f32> = values.iter().map(|s| s.get() as f32).collect();
+                self.upload(&v)
+            }
+            Op::Iota { axis, .. } => {
+                let h = self.output(n);
+                let inner = numel(&ty.shape[axis + 1..]);
+                iota::launch::<R>(
+                    &self.client,
+                    cube_count(n),
+                    CubeDim::new_1d(BLOCK),
+                    arg(&h, n),
+                    u(n),
+                    u(ty.shape[*axis]),
+                    u(inner.max(1)),
+                );
+                h
+            }
+            // Relabelings share the operand's buffer.
+            Op::Reshape { .. } | Op::StopGradient | Op::Barrier { .. } => get(&ops[0])?,
+            Op::MatMul => {
+                let (a, b) = (g.ty(ops[0]), g.ty(ops[1]));
+                let r = a.rank();
+                let (m, k, nn) = (a.shape[r - 2], a.shape[r - 1], b.shape[r - 1]);
+                let batch = numel(&a.shape[..r - 2]);
+                let h = self.output(n);
+                let t = TILE as u32;
+                matmul_tiled::launch::<R>(
+                    &self.client,
+                    CubeCount::Static(u(nn).div_ceil(t), u(m).div_ceil(t), u(batch)),
+                    CubeDim::new_2d(t, t),
+                    arg(&get(&ops[0])?, a.numel()),
+                    arg(&get(&ops[1])?, b.numel()),
+                    arg(&h, n),
+                    u(m),
+                    u(k),
+                    u(nn),
+                    TILE,
+                );
+                h
+            }
+            Op::Permute { perm } => {
+                let src = &g.ty(ops[0]).shape;
+                let st = strides(src);
+                let h = self.output(n);
+                let spec = CopySpec {
+                    shape: ty.shape.iter().map(|&d| u(d)).collect(),
+                    src_strides: perm.iter().map(|&p| u(st[p])).collect(),
+                    src_offset: 0,
+                    dst_strides: strides(&ty.shape).into_iter().map(u).collect(),
+                    dst_offset: 0,
+                };
+                self.copy(&get(&ops[0])?, in_len(0), &h, n, spec);
+                h
+            }
+            Op::Slice { start, .. } => {
+                let st = strides(&g.ty(ops[0]).shape);
+                let h = self.output(n);
+                let spec = CopySpec {
+                    shape: ty.shape.iter().map(|&d| u(d)).collect(),
+                    src_strides: st.iter().map(|&s| u(s)).collect(),
+                    src_offset: u(start.iter().zip(&st).map(|(a, s)| a * s).sum()),
+                    dst_strides: strides(&ty.shape).into_iter().map(u).collect(),
+                    dst_offset: 0,
+                };
+                self.copy(&get(&ops[0])?, in_len(0), &h, n, spec);
+                h
+            }
+            Op::Pad { lo, value, .. } => {
+                let h = self.output(n);
+                let fill = ElemProgram {
+                    n_inputs: 0,
+                    instrs: vec![ElemInstr::Const(value.get().to_bits())],
+                    outputs: vec![0],
+                };
+                self.elementwise(&fill, n, &[], &[h.clone()]);
+                let src = &g.ty(ops[0]).shape;
+                let dst = strides(&ty.shape);
+                let spec = CopySpec {
+                    shape: src.iter().map(|&d| u(d)).collect(),
+                    src_strides: strides(src).into_iter().map(u).collect(),
+                    src_offset: 0,
+                    dst_strides: dst.iter().map(|&s| u(s)).collect(),
+                    dst_offset: u(lo.iter().zip(&dst).map(|(a, s)| a * s).sum()),
+                };
+                self.copy(&get(&ops[0])?, in_len(0), &h, n, spec);
+                h
+            }
+            Op::Concat { axis } => {
+                let h = self.output(n);
+                let dst = strides(&ty.shape);
+                let mut at = 0usize;
+                for (i, x) in ops.iter().enumerate() {
+                    let src = &g.ty(*x).shape;
+                    let spec = CopySpec {
+                        shape: src.iter().map(|&d| u(d)).collect(),
+                        src_strides: strides(src).into_iter().map(u).collect(),
+                        src_offset: 0,
+                        dst_strides: dst.iter().map(|&s| u(s)).collect(),
+                        dst_offset: u(at * dst[*axis]),
+                    };
+                    self.copy(&get(x)?, in_len(i), &h, n, spec);
+                    at += src[*axis];
+                }
+                h
+            }
+            Op::TakeAlongAxis { axis } => {
+                let xs = &g.ty(ops[0]).shape;
+                let is = &g.ty(ops[1]).shape;
+                let h = self.output(n);
+                take_along::launch::<R>(
+                    &self.client,
+                    cube_count(n),
+                    CubeDim::new_1d(BLOCK),
+                    arg(&get(&ops[0])?, in_len(0)),
+                    arg(&get(&ops[1])?, in_len(1)),
+                    arg(&h, n),
+                    u(n),
+                    u(xs[*axis]),
+                    u(is[*axis]),
+                    u(numel(&xs[axis + 1..]).max(1)),
+                );
+                h
+            }
+            Op::ScatterAdd { axis } => {
+                let xs = &g.ty(ops[0]).shape;
+                let is = &g.ty(ops[1]).shape;
+                let h = self.output(n);
+                scatter_add_along::launch::<R>(
+                    &self.client,
+                    cube_count(n),
+                    CubeDim::new_1d(BLOCK),
+                    arg(&get(&ops[0])?, in_len(0)),
+                    arg(&get(&ops[1])?, in_len(1)),
+                    arg(&get(&ops[2])?, in_len(2)),
+                    arg(&h, n),
+                    u(n),
+                    u(xs[*axis]),
+                    u(is[*axis]),
+                    u(numel(&xs[axis + 1..]).max(1)),
+                );
+                h
+            }
+            Op::Gather => {
+                let table = &g.ty(ops[0]).shape;
+                let row_len = numel(&table[1..]).max(1);
+                let h = self.output(n);
+                gather_rows::launch::<R>(
+                    &self.client,
+                    cube_count(n),
+                    CubeDim::new_1d(BLOCK),
+                    arg(&get(&ops[0])?, in_len(0)),
+                    arg(&get(&ops[1])?, in_len(1)),
+                    arg(&h, n),
+                    u(n),
+                    u(table[0]),
+                    u(row_len),
+                );
+                h
+            }
+            Op::ScatterAddRows { rows } => {
+                let n_ids = in_len(0);
+                let row_len = n / rows.max(&1);
+                let h = self.output(n);
+                scatter_add_rows::launch::<R>(
+                    &self.client,
+                    cube_count(n),
+                    CubeDim::new_1d(BLOCK),
+                    arg(&get(&ops[0])?, n_ids),
+                    arg(&get(&ops[1])?, in_len(1)),
+                    arg(&h, n),
+                    u(n),
+                    u(n_ids),
+                    u(row_len.max(1)),
+                );
+                h
+            }
+            Op::OneHot { depth, .. } => {
+                let h = self.output(n);
+                one_hot::launch::<R>(
+                    &self.client,
+                    cube_count(n),
+                    CubeDim::new_1d(BLOCK),
+                    arg(&get(&ops[0])?, in_len(0)),
+                    arg(&h, n),
+                    u(n),
+                    u(*depth),
+                );
+                h
+            }
+            other => {
+                return Err(unsupported(format!(
+                    "`{}` has no device kernel outside a fused group",
+                    other.name()
+                )))
+            }
+        };
+        Ok(out)
+    }
+}

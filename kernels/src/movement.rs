@@ -1,0 +1,174 @@
+//! Data movement and indexing kernels: strided copies (slice, permute, pad,
+//! concat, reshape), `take_along_axis` and its scatter, row gather (the
+//! embedding) and its scatter, one-hot and iota. Indices are stored as
+//! whole f32 numbers, like every device tensor; an index outside its range
+//! reads NaN (the CPU executor reports an error there).
+//!
+//! Scatters are written as gathers (each output element sums the updates
+//! aimed at it), so they are deterministic and need no float atomics, which
+//! WGSL lacks.
+
+use crate::program::expand_strided_index;
+use cubecl::prelude::*;
+
+/// Everything a strided copy is specialised on: iteration shape, and the
+/// source and destination strides and offsets (in elements).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CopySpec {
+    pub shape: Vec<u32>,
+    pub src_strides: Vec<u32>,
+    pub src_offset: u32,
+    pub dst_strides: Vec<u32>,
+    pub dst_offset: u32,
+}
+
+#[allow(unused_variables)]
+fn copy_index(i: usize, shape: Vec<u32>, strides: Vec<u32>, offset: u32) -> usize {
+    unimplemented!("device-only: expanded into the kernel")
+}
+
+mod copy_index {
+    use super::*;
+
+    pub fn expand(
+        scope: &mut Scope,
+        i: NativeExpand<usize>,
+        shape: Vec<u32>,
+        strides: Vec<u32>,
+        offset: u32,
+    ) -> NativeExpand<usize> {
+        let at = expand_strided_index(scope, i, &shape, &strides);
+        offset_by::expand(scope, at, offset)
+    }
+}
+
+#[cube]
+fn offset_by(at: usize, #[comptime] offset: u32) -> usize {
+    at + offset as usize
+}
+
+/// `dst[dst_offset + Σ i_a·dst_strides_a] = src[src_offset + Σ i_a·src_strides_a]`
+/// over the iteration shape.
+#[cube(launch)]
+pub fn strided_copy(src: &Array<f32>, dst: &mut Array<f32>, numel: u32, #[comptime] spec: CopySpec) {
+    let i = ABSOLUTE_POS;
+    if i < numel as usize {
+        let s = copy_index(
+            i,
+            spec.shape.clone(),
+            spec.src_strides.clone(),
+            spec.src_offset,
+        );
+        let d = copy_index(i, spec.shape.clone(), spec.dst_strides.clone(), spec.dst_offset);
+        dst[d] = src[s];
+    }
+}
+
+#[cube]
+fn checked(table: &Array<f32>, index: f32, row_len: usize, rows: usize, col: usize) -> f32 {
+    let inside = index >= f32::new(0.0) && index < f32::cast_from(rows);
+    let r = select(inside, u32::cast_from(index) as usize, 0usize);
+    let v = table[r * row_len + col];
+    // NaN from a run-time zero: a folded 0/0 has no WGSL literal.
+    let z = index - index;
+    select(inside, v, z / z)
+}
+
+/// `out[o, j, n] = x[o, idx[o, j, n], n]` with x `[outer, lx, inner]`,
+/// idx and out `[outer, lidx, inner]`.
+#[cube(launch)]
+pub fn take_along(x: &Array<f32>, idx: &Array<f32>, out: &mut Array<f32>, numel: u32, lx: u32, lidx: u32, inner: u32) {
+    let i = ABSOLUTE_POS;
+    if i < numel as usize {
+        let (lx, lidx, inner) = (lx as usize, lidx as usize, inner as usize);
+        let n = i % inner;
+        let o = i / (lidx * inner);
+        // x viewed as rows of one element: row = (o·lx + idx)·inner + n.
+        let v = idx[i];
+        let inside = v >= f32::new(0.0) && v < f32::cast_from(lx);
+        let r = select(inside, u32::cast_from(v) as usize, 0usize);
+        let got = x[(o * lx + r) * inner + n];
+        let z = v - v;
+        out[i] = select(inside, got, z / z);
+    }
+}
+
+/// `out = base` plus `upd[o, j, n]` added at `[o, idx[o, j, n], n]`:
+/// each output element `[o, kx, n]` sums the updates aimed at it.
+#[cube(launch)]
+pub fn scatter_add_along(
+    base: &Array<f32>,
+    idx: &Array<f32>,
+    upd: &Array<f32>,
+    out: &mut Array<f32>,
+    numel: u32,
+    lx: u32,
+    lidx: u32,
+    inner: u32,
+) {
+    let i = ABSOLUTE_POS;
+    if i < numel as usize {
+        let (lx, lidx, inner) = (lx as usize, lidx as usize, inner as usize);
+        let n = i % inner;
+        let kx = (i / inner) % lx;
+        let o = i / (lx * inner);
+        let target = f32::cast_from(kx);
+        let mut acc = base[i];
+        let mut j = (lidx * 0) as usize;
+        while j < lidx {
+            let at = (o * lidx + j) * inner + n;
+            acc += select(idx[at] == target, upd[at], f32::new(0.0));
+            j += 1;
+        }
+        out[i] = acc;
+    }
+}
+
+/// `out[s, c] = table[ids[s], c]` (rows of `row_len`).
+#[cube(launch)]
+pub fn gather_rows(table: &Array<f32>, ids: &Array<f32>, out: &mut Array<f32>, numel: u32, rows: u32, row_len: u32) {
+    let i = ABSOLUTE_POS;
+    if i < numel as usize {
+        let row_len = row_len as usize;
+        let s = i / row_len;
+        out[i] = checked(table, ids[s], row_len, rows as usize, i % row_len);
+    }
+}
+
+/// `out[r, c] = Σ_{s: ids[s] = r} upd[s, c]`.
+#[cube(launch)]
+pub fn scatter_add_rows(ids: &Array<f32>, upd: &Array<f32>, out: &mut Array<f32>, numel: u32, n_ids: u32, row_len: u32) {
+    let i = ABSOLUTE_POS;
+    if i < numel as usize {
+        let row_len = row_len as usize;
+        let target = f32::cast_from(i / row_len);
+        let c = i % row_len;
+        let mut acc = f32::cast_from(i) * f32::new(0.0);
+        let mut s = (n_ids * 0) as usize;
+        while s < n_ids as usize {
+            acc += select(ids[s] == target, upd[s * row_len + c], f32::new(0.0));
+            s += 1;
+        }
+        out[i] = acc;
+    }
+}
+
+/// `out[s, v] = (ids[s] == v)`.
+#[cube(launch)]
+pub fn one_hot(ids: &Array<f32>, out: &mut Array<f32>, numel: u32, depth: u32) {
+    let i = ABSOLUTE_POS;
+    if i < numel as usize {
+        let depth = depth as usize;
+        let v = f32::cast_from(i % depth);
+        out[i] = select(ids[i / depth] == v, f32::new(1.0), f32::new(0.0));
+    }
+}
+
+/// `out[…, j, …] = j` on an axis of `extent` with `inner` elements after it.
+#[cube(launch)]
+pub fn iota(out: &mut Array<f32>, numel: u32, extent: u32, inner: u32) {
+    let i = ABSOLUTE_POS;
+    if i < numel as usize {
+        out[i] = f32::cast_from((i / inner as usize) % extent as usize);
+    }
+}

@@ -1,0 +1,116 @@
+//! The generated reduction kernel: one unit per output element folds the
+//! reduced elements, each computed by the fused prologue program, then
+//! runs the epilogue program on the result. Specialised at compile time by
+//! [`ReduceSpec`].
+
+use crate::program::{expand_program, expand_stores, expand_strided_index};
+use coopc_compiler::fusion::{ElemProgram, ReduceLayout};
+use coopc_compiler::ir::ReduceKind;
+use cubecl::prelude::*;
+
+/// Everything a reduction kernel is specialised on.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ReduceSpec {
+    pub kind: ReduceKind,
+    pub layout: ReduceLayout,
+    pub prologue: ElemProgram,
+    pub epilogue: ElemProgram,
+}
+
+#[allow(unused_variables)]
+fn operand_at(inputs: &Sequence<Array<f32>>, o: usize, r: usize, spec: ReduceSpec) -> f32 {
+    unimplemented!("device-only: expanded into the kernel")
+}
+
+mod operand_at {
+    use super::*;
+
+    /// The prologue's value at reduced element `r` of output element `o`.
+    pub fn expand(
+        scope: &mut Scope,
+        inputs: SequenceExpand<Array<f32>>,
+        o: NativeExpand<usize>,
+        r: NativeExpand<usize>,
+        spec: ReduceSpec,
+    ) -> NativeExpand<f32> {
+        let l = &spec.layout;
+        let base = expand_strided_index(scope, o, &l.out_shape, &l.out_strides);
+        let off = expand_strided_index(scope, r, &l.red_shape, &l.red_strides);
+        let at = add_index::expand(scope, base, off);
+        let ins: Vec<_> = inputs.iter_cloned().map(Some).collect();
+        expand_program(scope, &spec.prologue, &at, &ins, &[]).remove(0)
+    }
+}
+
+#[cube]
+fn add_index(a: usize, b: usize) -> usize {
+    a + b
+}
+
+#[cube]
+fn combine(acc: f32, v: f32, #[comptime] max: bool) -> f32 {
+    if max {
+        select(acc.is_nan() || acc >= v, acc, v)
+    } else {
+        acc + v
+    }
+}
+
+#[allow(unused_variables)]
+fn finish(
+    acc: f32,
+    epilogue_inputs: &Sequence<Array<f32>>,
+    outputs: &mut Sequence<Array<f32>>,
+    o: usize,
+    spec: ReduceSpec,
+) {
+    unimplemented!("device-only: expanded into the kernel")
+}
+
+mod finish {
+    use super::*;
+
+    /// Runs the epilogue with the reduced value in slot 0 and stores.
+    pub fn expand(
+        scope: &mut Scope,
+        acc: NativeExpand<f32>,
+        epilogue_inputs: SequenceExpand<Array<f32>>,
+        outputs: SequenceExpand<Array<f32>>,
+        o: NativeExpand<usize>,
+        spec: ReduceSpec,
+    ) {
+        let mut ins: Vec<_> = vec![None];
+        ins.extend(epilogue_inputs.iter_cloned().map(Some));
+        let outs: Vec<_> = outputs.iter_cloned().collect();
+        let values = expand_program(scope, &spec.epilogue, &o, &ins, &[(0, acc)]);
+        expand_stores(scope, &outs, &o, values);
+    }
+}
+
+/// Output element `o < n_out` folds `n_red ≥ 1` prologue values.
+#[cube(launch)]
+pub fn reduce_program(
+    prologue_inputs: &Sequence<Array<f32>>,
+    epilogue_inputs: &Sequence<Array<f32>>,
+    outputs: &mut Sequence<Array<f32>>,
+    n_out: u32,
+    n_red: u32,
+    #[comptime] spec: ReduceSpec,
+) {
+    let o = ABSOLUTE_POS;
+    if o < n_out as usize {
+        let max = comptime!(spec.kind == ReduceKind::Max);
+        let mean = comptime!(spec.kind == ReduceKind::Mean);
+        let mut acc = operand_at(prologue_inputs, o, 0, spec.clone());
+        let mut r = (n_red / n_red) as usize; // 1 (n_red ≥ 1), as a run-time value
+        while r < n_red as usize {
+            let v = operand_at(prologue_inputs, o, r, spec.clone());
+            acc = combine(acc, v, max);
+            r += 1;
+        }
+        if mean {
+            acc = acc / f32::cast_from(n_red);
+        }
+        finish(acc, epilogue_inputs, outputs, o, spec);
+    }
+}
