@@ -21,6 +21,8 @@ pub enum Emit {
     Dot,
     /// Every program's schedule and memory estimate.
     Schedule,
+    /// Every program's fused GPU kernels as CUDA C++ and WGSL files in DIR.
+    Kernels,
 }
 
 /// Log-probs of a batch of ids [rl_batch, seq_len] under (θ, w): the program
@@ -73,7 +75,60 @@ pub fn build_plan(source: &str, path: &Path, spec: PipelineSpec) -> Plan {
     }
 }
 
-pub fn run(pipeline: &Path, out: Option<&Path>, emit: Option<Emit>) -> Result<(), UserError> {
+/// Writes every program's fused kernels (CUDA C++ and WGSL) under `dir`,
+/// one folder per program, with an index of which kernel runs where.
+fn emit_kernels(plan: &Plan, dir: &Path) -> Result<(), UserError> {
+    use coopc_compiler::fusion::fuse;
+    use std::fmt::Write as _;
+    let mut index = String::new();
+    for p in &plan.programs {
+        let sched = schedule(&p.graph);
+        let fused = fuse(&p.graph, &sched.order);
+        let sources =
+            coopc_kernels::source::schedule_sources(&p.graph, &fused).map_err(UserError)?;
+        let sub = dir.join(&p.name);
+        std::fs::create_dir_all(&sub)
+            .map_err(|e| UserError(format!("cannot create {}: {e}", sub.display())))?;
+        let _ = writeln!(
+            index,
+            "{}: {} scheduled nodes → {}; {} distinct kernel sources",
+            p.name,
+            sched.order.len(),
+            fused,
+            sources.len()
+        );
+        for (src, uses) in &sources {
+            for (ext, text) in [("cu", &src.cuda), ("wgsl", &src.wgsl)] {
+                let path = sub.join(format!("{}.{ext}", src.name));
+                std::fs::write(&path, text)
+                    .map_err(|e| UserError(format!("cannot write {}: {e}", path.display())))?;
+            }
+            let _ = writeln!(index, "  {:<28} launched {} time(s)", src.name, uses.len());
+        }
+    }
+    let path = dir.join("index.txt");
+    std::fs::write(&path, &index)
+        .map_err(|e| UserError(format!("cannot write {}: {e}", path.display())))?;
+    print!("{index}");
+    Ok(())
+}
+
+pub fn run(
+    pipeline: &Path,
+    out: Option<&Path>,
+    emit: Option<Emit>,
+    dir: Option<&Path>,
+) -> Result<(), UserError> {
+    if emit == Some(Emit::Kernels) && dir.is_none() {
+        return Err(UserError(
+            "`--emit kernels` needs a folder to write to: coopc compile PIPELINE --emit kernels DIR".into(),
+        ));
+    }
+    if emit != Some(Emit::Kernels) && dir.is_some() {
+        return Err(UserError(
+            "a second positional argument (DIR) is only used with `--emit kernels`".into(),
+        ));
+    }
     let t0 = Instant::now();
     let (source, spec) =
         coopc_compiler::frontend::load_pipeline(pipeline).map_err(|e| UserError(e.render()))?;
@@ -106,6 +161,7 @@ pub fn run(pipeline: &Path, out: Option<&Path>, emit: Option<Emit>) -> Result<()
                 }
             }
         }
+        Some(Emit::Kernels) => emit_kernels(&plan, dir.expect("checked above"))?,
         None => {}
     }
     if let Some(out) = out {

@@ -95,9 +95,12 @@ enum Command {
         /// Where to write the plan.
         #[arg(short, long)]
         output: Option<PathBuf>,
-        /// Also print the meta-step program (ir, dot) or every program's schedule.
+        /// Also print the meta-step program (ir, dot), every program's schedule, or write
+        /// every program's GPU kernels (kernels DIR).
         #[arg(long, value_enum)]
         emit: Option<cli_compile::Emit>,
+        /// Folder for `--emit kernels`.
+        dir: Option<PathBuf>,
     },
     /// Describe a compiled plan: programs, op counts, buffer bytes, peak memory.
     Inspect { plan: PathBuf },
@@ -399,7 +402,13 @@ fn main() {
             pipeline,
             output,
             emit,
-        } => user_result(cli_compile::run(&pipeline, output.as_deref(), emit)),
+            dir,
+        } => user_result(cli_compile::run(
+            &pipeline,
+            output.as_deref(),
+            emit,
+            dir.as_deref(),
+        )),
         Command::Init {
             pipeline,
             params,

@@ -27,7 +27,8 @@ fn on_device(g: &Graph, inputs: &Inputs) -> Vec<(String, HostTensor)> {
         d.poison = true;
         d.execute(g, &prepared, inputs)
     } else {
-        let mut d = Device::wgpu().expect("wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+        let mut d =
+            Device::wgpu().expect("wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
         d.poison = true;
         d.execute(g, &prepared, inputs)
     };
@@ -44,17 +45,31 @@ fn check(g: &Graph, inputs: &Inputs, tol: f64) {
         assert_eq!(w.shape, d.shape, "{name}");
         assert_eq!(w.dtype(), d.dtype(), "{name}");
         let (w, d) = (w.to_f64_vec(), d.to_f64_vec());
-        assert!(d.iter().all(|x| x.is_finite()), "{name}: unwritten or non-finite elements");
+        assert!(
+            d.iter().all(|x| x.is_finite()),
+            "{name}: unwritten or non-finite elements"
+        );
         let e = rel_err(&d, &w, 1e-6);
         assert!(e <= tol, "{name}: relative error {e:e} > {tol:e}");
     }
 }
 
-fn f32_input(g: &mut Graph, inputs: &mut Inputs, name: &str, shape: &[usize], lo: f64, hi: f64, seed: u64) -> coopc_compiler::NodeId {
+fn f32_input(
+    g: &mut Graph,
+    inputs: &mut Inputs,
+    name: &str,
+    shape: &[usize],
+    lo: f64,
+    hi: f64,
+    seed: u64,
+) -> coopc_compiler::NodeId {
     let mut r = rng(seed);
     let n: usize = shape.iter().product();
     let v = uniform(&mut r, n, lo, hi);
-    inputs.insert(name.into(), HostTensor::from_f64(DType::F32, shape.to_vec(), &v).unwrap());
+    inputs.insert(
+        name.into(),
+        HostTensor::from_f64(DType::F32, shape.to_vec(), &v).unwrap(),
+    );
     g.input(name, DType::F32, shape.to_vec())
 }
 
@@ -67,7 +82,11 @@ fn every_elementwise_op_in_generated_programs_matches_the_cpu() {
     let y = f32_input(&mut g, &mut inp, "y", &shape, 0.5, 2.0, 2);
     for u in UnaryOp::ALL {
         // log, sqrt, rsqrt need positive operands.
-        let operand = if matches!(u, UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Rsqrt) { y } else { x };
+        let operand = if matches!(u, UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Rsqrt) {
+            y
+        } else {
+            x
+        };
         let v = g.unary(u, operand);
         g.set_output(format!("unary.{}", u.name()), v);
     }
@@ -100,7 +119,10 @@ fn reductions_with_prologue_and_epilogue_match_the_cpu() {
     let mut g = Graph::new();
     let mut inp = Inputs::new();
     let x = f32_input(&mut g, &mut inp, "x", &[3, 5, 33], -3.0, 3.0, 3);
-    for (i, axes) in [vec![2], vec![0], vec![1], vec![0, 2], vec![0, 1, 2]].iter().enumerate() {
+    for (i, axes) in [vec![2], vec![0], vec![1], vec![0, 2], vec![0, 1, 2]]
+        .iter()
+        .enumerate()
+    {
         for kind in [ReduceKind::Sum, ReduceKind::Max, ReduceKind::Mean] {
             let v = g.reduce(kind, x, axes, false);
             g.set_output(format!("{}.{i}", kind.name()), v);

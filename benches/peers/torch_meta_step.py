@@ -473,7 +473,7 @@ def detach_state(state: dict) -> dict:
 
 
 class MetaStep:
-    def __init__(self, s: Spec, policy: Policy, compile_losses: bool):
+    def __init__(self, s: Spec, policy: Policy, compile: str | None):
         self.s = s
         self.theta_names = [n for n, _ in theta_shapes(s)]
         self.w_names = [n for n, _ in lora_shapes(s)]
@@ -484,14 +484,15 @@ class MetaStep:
             )
         self.backprop = min(s.backprop, s.unroll) if (self.bridge and s.hyper_kind == "truncated") else 0
         obj = Objective(s, policy, s.lambda0)
-        # The losses as used where only first derivatives are taken (compiled
-        # with --compile), and as used inside the differentiated inner steps,
-        # whose gradients are differentiated again (always eager: AOTAutograd
-        # has no double backward).
-        self.lower_fn = torch.compile(obj.lower) if compile_losses else obj.lower
-        self.rl_fn = torch.compile(obj.rl) if compile_losses else obj.rl
-        self.lower_fn2 = obj.lower
-        self.rl_fn2 = obj.rl
+        # The losses as used where only first derivatives are taken, and as
+        # used inside the differentiated inner steps, whose gradients are
+        # differentiated again. compile = "all" puts both through
+        # torch.compile; "outer" only the first (AOTAutograd's backward is not
+        # differentiable again).
+        self.lower_fn = torch.compile(obj.lower) if compile in ("all", "outer") else obj.lower
+        self.rl_fn = torch.compile(obj.rl) if compile in ("all", "outer") else obj.rl
+        self.lower_fn2 = torch.compile(obj.lower) if compile == "all" else obj.lower
+        self.rl_fn2 = torch.compile(obj.rl) if compile == "all" else obj.rl
 
     def unroll(self, chain: str, theta0: list, w: dict, batches: list[dict]):
         """K optimiser steps of a chain from theta0; the last T keep their graph."""
@@ -652,7 +653,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="G.safetensors to write (same names as `coopc grad`)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: the pipeline's backend.dtype")
-    ap.add_argument("--compile", action="store_true", help="run the loss functions through torch.compile")
+    ap.add_argument(
+        "--compile",
+        nargs="?",
+        const="all",
+        choices=["all", "outer"],
+        help="run the loss functions through torch.compile: all of them (default), or only those "
+        "differentiated once (`outer`; the inner steps of a truncated hypergradient stay eager)",
+    )
     ap.add_argument(
         "--attention",
         default="sdpa",
@@ -682,7 +690,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    mode = "compile" if args.compile else "eager"
+    mode = f"compile-{args.compile}" if args.compile else "eager"
     desc = (
         f"torch {torch.__version__} · {device.type} · {args.dtype or spec.dtype} · {mode} · "
         f"{threads} threads · {spec.method}"

@@ -293,6 +293,19 @@ struct Fuser<'g> {
     fused_nodes: usize,
     /// Per open reduction: the elementwise group it absorbs as prologue.
     prologues: HashMap<NodeId, Option<Group>>,
+    /// Constants (and broadcasts of constants) written to a buffer because
+    /// a kernel that cannot inline them reads them.
+    materialised: HashSet<NodeId>,
+}
+
+/// A constant fill, or a broadcast of one: inlined into programs as a
+/// constant rather than read from memory.
+fn constant_value(g: &Graph, id: NodeId) -> Option<f64> {
+    match g.op(id) {
+        Op::Full { value, .. } => Some(value.get()),
+        Op::Broadcast { .. } => constant_value(g, g.inputs(id)[0]),
+        _ => None,
+    }
 }
 
 /// Partitions the nodes in `order` (a dependency order of the nodes the
@@ -317,6 +330,7 @@ pub fn fuse(g: &Graph, order: &[NodeId]) -> FusedSchedule {
         kernels: vec![],
         fused_nodes: 0,
         prologues: HashMap::new(),
+        materialised: HashSet::new(),
     };
     f.run();
     FusedSchedule {
@@ -338,6 +352,9 @@ impl Fuser<'_> {
         for &id in &order {
             let op = self.g.op(id);
             let numel = self.g.ty(id).numel();
+            if constant_value(self.g, id).is_some() {
+                continue; // inlined where used, written only on demand
+            }
             // Operands of the new node that live in open groups.
             let mut open: Vec<usize> = Vec::new();
             for x in self.g.inputs(id) {
@@ -350,11 +367,25 @@ impl Fuser<'_> {
             if fusible(op) {
                 // A broadcast reads its operand through an index map, so the
                 // operand must be materialised (not a register of a group).
+                // Open groups never depend on each other (a group closes
+                // before anything outside it reads it), so the groups of the
+                // node's operands can merge into one.
+                let anchored = open
+                    .iter()
+                    .filter(|&&gi| self.groups[gi].as_ref().unwrap().anchor.is_some())
+                    .count();
                 let joinable = !matches!(op, Op::Broadcast { .. })
-                    && open.len() == 1
-                    && self.groups[open[0]].as_ref().unwrap().numel == numel;
+                    && !open.is_empty()
+                    && anchored <= 1
+                    && open
+                        .iter()
+                        .all(|&gi| self.groups[gi].as_ref().unwrap().numel == numel);
                 if joinable {
+                    open.sort_by_key(|&gi| self.groups[gi].as_ref().unwrap().anchor.is_none());
                     let gi = open[0];
+                    for &other in &open[1..] {
+                        self.merge(gi, other);
+                    }
                     self.add_member(gi, id);
                 } else {
                     for gi in open {
@@ -385,6 +416,9 @@ impl Fuser<'_> {
                 for gi in open {
                     self.close(gi);
                 }
+                for x in self.g.inputs(id) {
+                    self.materialise(x);
+                }
                 self.kernels.push(Kernel::Node(id));
             }
         }
@@ -393,7 +427,41 @@ impl Fuser<'_> {
                 self.close(gi);
             }
         }
+        let outputs: Vec<NodeId> = self.g.outputs().iter().map(|(_, id)| *id).collect();
+        for id in outputs {
+            self.materialise(id);
+        }
         self.order = order;
+    }
+
+    /// Writes a constant to a buffer (once) for a reader that cannot inline it.
+    fn materialise(&mut self, id: NodeId) {
+        let Some(v) = constant_value(self.g, id) else {
+            return;
+        };
+        if self.materialised.insert(id) {
+            self.kernels.push(Kernel::Elementwise {
+                program: ElemProgram {
+                    n_inputs: 0,
+                    instrs: vec![ElemInstr::Const(v.to_bits())],
+                    outputs: vec![0],
+                },
+                numel: self.g.ty(id).numel(),
+                inputs: vec![],
+                outputs: vec![id],
+            });
+        }
+    }
+
+    /// Moves the members of open group `from` into open group `into`.
+    fn merge(&mut self, into: usize, from: usize) {
+        let src = self.groups[from].take().expect("open group");
+        for m in &src.members {
+            self.group_of.insert(*m, into);
+        }
+        let dst = self.groups[into].as_mut().expect("open group");
+        dst.members.extend(src.members);
+        dst.set.extend(src.set);
     }
 
     fn add_member(&mut self, gi: usize, id: NodeId) {
@@ -460,6 +528,9 @@ impl Fuser<'_> {
                     Some(p) => {
                         self.fused_nodes += p.members.len();
                         self.program(&p.members, &[operand], None)
+                    }
+                    None if constant_value(self.g, operand).is_some() => {
+                        self.program(&[], &[operand], None)
                     }
                     None => (
                         ElemProgram {
@@ -539,10 +610,14 @@ impl Fuser<'_> {
                 continue;
             }
             let ops = self.g.inputs(m);
+            let g = self.g;
             let mut operand =
                 |p: &mut ElemProgram, inputs: &mut Vec<NodeId>, x: NodeId| match reg.get(&x) {
                     Some(&r) => r,
-                    None => load(p, inputs, x, Index::Same),
+                    None => match constant_value(g, x) {
+                        Some(v) => push(p, ElemInstr::Const(v.to_bits())),
+                        None => load(p, inputs, x, Index::Same),
+                    },
                 };
             let r = match self.g.op(m) {
                 Op::Unary(u) => {
@@ -585,7 +660,17 @@ impl Fuser<'_> {
             };
             reg.insert(m, r);
         }
-        p.outputs = outputs.iter().map(|o| reg[o]).collect();
+        let g = self.g;
+        p.outputs = outputs
+            .iter()
+            .map(|o| match reg.get(o) {
+                Some(&r) => r,
+                None => push(
+                    &mut p,
+                    ElemInstr::Const(constant_value(g, *o).expect("a constant").to_bits()),
+                ),
+            })
+            .collect();
         p.n_inputs = inputs.len() as u32;
         (p, inputs)
     }

@@ -20,9 +20,9 @@ use coopc_compiler::schedule::schedule;
 use coopc_runtime::HostTensor;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::cell::Cell;
 use std::sync::Mutex;
 use thiserror::Error;
 
@@ -33,7 +33,10 @@ pub const BLOCK: u32 = 256;
 #[derive(Debug, Error)]
 pub enum DeviceError {
     #[error("the {backend} backend is not available on this machine: {reason}")]
-    Unavailable { backend: &'static str, reason: String },
+    Unavailable {
+        backend: &'static str,
+        reason: String,
+    },
     #[error("the {backend} backend computes in f32; this graph is {dtype} (set backend.dtype = \"f32\")")]
     Precision { backend: &'static str, dtype: DType },
     #[error("missing input `{0}`")]
@@ -80,9 +83,7 @@ fn install_panic_hook() {
             }
             drop(first);
             // Outside a guarded device call a panic is reported as usual.
-            if !GUARDED.with(Cell::get)
-                || std::env::var_os("COOPC_DEBUG_PANICS").is_some()
-            {
+            if !GUARDED.with(Cell::get) || std::env::var_os("COOPC_DEBUG_PANICS").is_some() {
                 default(info);
             }
         }));
@@ -94,7 +95,10 @@ fn take_panic() -> Option<String> {
 }
 
 /// Runs `f`, turning a panic (on this or a device thread) into an error.
-fn guarded<T>(what: impl Fn(String) -> DeviceError, f: impl FnOnce() -> T) -> Result<T, DeviceError> {
+fn guarded<T>(
+    what: impl Fn(String) -> DeviceError,
+    f: impl FnOnce() -> T,
+) -> Result<T, DeviceError> {
     install_panic_hook();
     take_panic();
     let outer = GUARDED.with(|g| g.replace(true));
@@ -102,7 +106,9 @@ fn guarded<T>(what: impl Fn(String) -> DeviceError, f: impl FnOnce() -> T) -> Re
     GUARDED.with(|g| g.set(outer));
     match r {
         Ok(v) => Ok(v),
-        Err(_) => Err(what(take_panic().unwrap_or_else(|| "unknown failure".into()))),
+        Err(_) => Err(what(
+            take_panic().unwrap_or_else(|| "unknown failure".into()),
+        )),
     }
 }
 
@@ -188,10 +194,11 @@ impl Device<cubecl::cuda::CudaRuntime> {
         let prepared = Prepared::new(&g);
         let inputs = HashMap::from([("x".to_string(), HostTensor::f32(vec![2], vec![1.0, 2.0]))]);
         drop(probe);
-        dev.execute(&g, &prepared, &inputs).map_err(|e| DeviceError::Unavailable {
-            backend: "cuda",
-            reason: e.to_string(),
-        })?;
+        dev.execute(&g, &prepared, &inputs)
+            .map_err(|e| DeviceError::Unavailable {
+                backend: "cuda",
+                reason: e.to_string(),
+            })?;
         Ok(dev)
     }
 }
@@ -289,11 +296,14 @@ impl<R: Runtime> Device<R> {
         values: &HashMap<NodeId, Handle>,
     ) -> Result<Vec<(NodeId, Handle)>, DeviceError> {
         let get = |id: &NodeId| -> Result<Handle, DeviceError> {
-            values.get(id).cloned().ok_or_else(|| DeviceError::Unsupported {
-                node: id.index(),
-                op: g.op(*id).name(),
-                message: "operand not computed before its use".into(),
-            })
+            values
+                .get(id)
+                .cloned()
+                .ok_or_else(|| DeviceError::Unsupported {
+                    node: id.index(),
+                    op: g.op(*id).name(),
+                    message: "operand not computed before its use".into(),
+                })
         };
         let len = |id: &NodeId| g.ty(*id).numel();
         match kernel {
@@ -304,7 +314,14 @@ impl<R: Runtime> Device<R> {
                 outputs,
             } => {
                 let outs: Vec<Handle> = outputs.iter().map(|_| self.output(*numel)).collect();
-                self.elementwise(program, *numel, &ins.iter().map(|i| Ok((get(i)?, len(i)))).collect::<Result<Vec<_>, DeviceError>>()?, &outs);
+                self.elementwise(
+                    program,
+                    *numel,
+                    &ins.iter()
+                        .map(|i| Ok((get(i)?, len(i))))
+                        .collect::<Result<Vec<_>, DeviceError>>()?,
+                    &outs,
+                );
                 Ok(outputs.iter().copied().zip(outs).collect())
             }
             Kernel::Reduce {
@@ -359,7 +376,13 @@ impl<R: Runtime> Device<R> {
         }
     }
 
-    fn elementwise(&self, program: &ElemProgram, numel: usize, ins: &[(Handle, usize)], outs: &[Handle]) {
+    fn elementwise(
+        &self,
+        program: &ElemProgram,
+        numel: usize,
+        ins: &[(Handle, usize)],
+        outs: &[Handle],
+    ) {
         let mut i = SequenceArg::<R, Array<f32>>::new();
         for (h, n) in ins {
             i.push(arg(h, *n));

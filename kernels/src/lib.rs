@@ -7,5 +7,6 @@ pub mod device;
 pub mod elementwise;
 pub mod matmul;
 pub mod movement;
-pub mod reduce;
 pub(crate) mod program;
+pub mod reduce;
+pub mod source;

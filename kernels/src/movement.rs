@@ -50,7 +50,12 @@ fn offset_by(at: usize, #[comptime] offset: u32) -> usize {
 /// `dst[dst_offset + Σ i_a·dst_strides_a] = src[src_offset + Σ i_a·src_strides_a]`
 /// over the iteration shape.
 #[cube(launch)]
-pub fn strided_copy(src: &Array<f32>, dst: &mut Array<f32>, numel: u32, #[comptime] spec: CopySpec) {
+pub fn strided_copy(
+    src: &Array<f32>,
+    dst: &mut Array<f32>,
+    numel: u32,
+    #[comptime] spec: CopySpec,
+) {
     let i = ABSOLUTE_POS;
     if i < numel as usize {
         let s = copy_index(
@@ -59,7 +64,12 @@ pub fn strided_copy(src: &Array<f32>, dst: &mut Array<f32>, numel: u32, #[compti
             spec.src_strides.clone(),
             spec.src_offset,
         );
-        let d = copy_index(i, spec.shape.clone(), spec.dst_strides.clone(), spec.dst_offset);
+        let d = copy_index(
+            i,
+            spec.shape.clone(),
+            spec.dst_strides.clone(),
+            spec.dst_offset,
+        );
         dst[d] = src[s];
     }
 }
@@ -77,7 +87,15 @@ fn checked(table: &Array<f32>, index: f32, row_len: usize, rows: usize, col: usi
 /// `out[o, j, n] = x[o, idx[o, j, n], n]` with x `[outer, lx, inner]`,
 /// idx and out `[outer, lidx, inner]`.
 #[cube(launch)]
-pub fn take_along(x: &Array<f32>, idx: &Array<f32>, out: &mut Array<f32>, numel: u32, lx: u32, lidx: u32, inner: u32) {
+pub fn take_along(
+    x: &Array<f32>,
+    idx: &Array<f32>,
+    out: &mut Array<f32>,
+    numel: u32,
+    lx: u32,
+    lidx: u32,
+    inner: u32,
+) {
     let i = ABSOLUTE_POS;
     if i < numel as usize {
         let (lx, lidx, inner) = (lx as usize, lidx as usize, inner as usize);
@@ -126,7 +144,14 @@ pub fn scatter_add_along(
 
 /// `out[s, c] = table[ids[s], c]` (rows of `row_len`).
 #[cube(launch)]
-pub fn gather_rows(table: &Array<f32>, ids: &Array<f32>, out: &mut Array<f32>, numel: u32, rows: u32, row_len: u32) {
+pub fn gather_rows(
+    table: &Array<f32>,
+    ids: &Array<f32>,
+    out: &mut Array<f32>,
+    numel: u32,
+    rows: u32,
+    row_len: u32,
+) {
     let i = ABSOLUTE_POS;
     if i < numel as usize {
         let row_len = row_len as usize;
@@ -137,7 +162,14 @@ pub fn gather_rows(table: &Array<f32>, ids: &Array<f32>, out: &mut Array<f32>, n
 
 /// `out[r, c] = Σ_{s: ids[s] = r} upd[s, c]`.
 #[cube(launch)]
-pub fn scatter_add_rows(ids: &Array<f32>, upd: &Array<f32>, out: &mut Array<f32>, numel: u32, n_ids: u32, row_len: u32) {
+pub fn scatter_add_rows(
+    ids: &Array<f32>,
+    upd: &Array<f32>,
+    out: &mut Array<f32>,
+    numel: u32,
+    n_ids: u32,
+    row_len: u32,
+) {
     let i = ABSOLUTE_POS;
     if i < numel as usize {
         let row_len = row_len as usize;

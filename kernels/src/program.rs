@@ -210,12 +210,7 @@ fn index_add(a: usize, b: usize) -> usize {
 }
 
 /// Emits `Σ_a ((i / Π_{b>a} shape_b) mod shape_a) · strides_a`.
-pub(crate) fn expand_strided_index(
-    scope: &mut Scope,
-    i: U,
-    shape: &[u32],
-    strides: &[u32],
-) -> U {
+pub(crate) fn expand_strided_index(scope: &mut Scope, i: U, shape: &[u32], strides: &[u32]) -> U {
     let mut rest = i;
     let mut at: Option<U> = None;
     for (a, (&d, &s)) in shape.iter().zip(strides).enumerate().rev() {
@@ -240,7 +235,9 @@ pub(crate) fn expand_strided_index(
 fn expand_index(scope: &mut Scope, i: &U, index: &Index) -> U {
     match index {
         Index::Same => i.clone(),
-        Index::Broadcast { shape, strides } => expand_strided_index(scope, i.clone(), shape, strides),
+        Index::Broadcast { shape, strides } => {
+            expand_strided_index(scope, i.clone(), shape, strides)
+        }
     }
 }
 

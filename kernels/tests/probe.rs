@@ -1,5 +1,5 @@
-use cubecl::prelude::*;
 use coopc_kernels::elementwise::elementwise_program;
+use cubecl::prelude::*;
 
 #[test]
 fn probe_wgpu() {
@@ -12,7 +12,15 @@ fn probe_wgpu() {
     ins.push(unsafe { ArrayArg::from_raw_parts(xh, 100) });
     let mut outs = SequenceArg::<R, Array<f32>>::new();
     outs.push(unsafe { ArrayArg::from_raw_parts(oh.clone(), 100) });
-    elementwise_program::launch::<R>(&client, CubeCount::Static(1, 1, 1), CubeDim::new_1d(128), ins, outs, 100, 2);
+    elementwise_program::launch::<R>(
+        &client,
+        CubeCount::Static(1, 1, 1),
+        CubeDim::new_1d(128),
+        ins,
+        outs,
+        100,
+        2,
+    );
     let b = client.read_one(oh).unwrap();
     let got = f32::from_bytes(&b);
     println!("{} {}", got[50], (0.5f32.exp()).exp());

@@ -1,0 +1,323 @@
+//! Kernel source text without a device: each kernel of a fused schedule is
+//! traced into a CubeCL kernel definition and compiled to CUDA C++ (the
+//! text NVRTC receives) and to WGSL (what wgpu receives). Used by
+//! `coopc compile --emit kernels` and by the snapshot tests.
+
+use crate::device::BLOCK;
+use crate::elementwise::elementwise_program;
+use crate::matmul::{matmul_tiled, TILE};
+use crate::movement::{
+    gather_rows, iota, one_hot, scatter_add_along, scatter_add_rows, strided_copy, take_along,
+    CopySpec,
+};
+use crate::reduce::{reduce_program, ReduceSpec};
+use coopc_compiler::fusion::{ElemProgram, FusedSchedule, Kernel};
+use coopc_compiler::ir::{strides, Graph, Op};
+use cubecl::prelude::*;
+use cubecl::Compiler as _;
+use std::collections::HashMap;
+
+/// One kernel's source in both dialects.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelSource {
+    pub name: String,
+    pub cuda: String,
+    pub wgsl: String,
+}
+
+fn arrays(n: usize) -> SequenceCompilationArg<Array<f32>> {
+    (0..n)
+        .map(|_| ArrayCompilationArg { inplace: None })
+        .collect()
+}
+
+fn array() -> ArrayCompilationArg {
+    ArrayCompilationArg { inplace: None }
+}
+
+fn builder<R: Runtime>() -> KernelBuilder {
+    let mut b = KernelBuilder::default();
+    b.runtime_properties(R::target_properties());
+    AddressType::U32.register(&mut b.scope);
+    b
+}
+
+fn settings(name: &str, dim: CubeDim) -> KernelSettings {
+    KernelSettings::default()
+        .cube_dim(dim)
+        .address_type(AddressType::U32)
+        .kernel_name(name)
+}
+
+fn scalar(b: &mut KernelBuilder) -> NativeExpand<u32> {
+    <u32 as LaunchArg>::expand(&(), b)
+}
+
+/// A traced kernel: how to build its definition for a runtime.
+#[derive(Clone, Debug)]
+pub enum Traced {
+    Elementwise(ElemProgram),
+    Reduce {
+        spec: ReduceSpec,
+        n_pro: usize,
+        n_epi: usize,
+        n_out: usize,
+    },
+    Matmul,
+    Copy(CopySpec),
+    TakeAlong,
+    ScatterAddAlong,
+    GatherRows,
+    ScatterAddRows,
+    OneHot,
+    Iota,
+}
+
+impl Traced {
+    fn define<R: Runtime>(&self, name: &str) -> KernelDefinition {
+        let mut b = builder::<R>();
+        let one_d = CubeDim::new_1d(BLOCK);
+        match self {
+            Traced::Elementwise(p) => {
+                let i = <Sequence<Array<f32>> as LaunchArg>::expand(
+                    &arrays(p.n_inputs as usize),
+                    &mut b,
+                );
+                let o = <Sequence<Array<f32>> as LaunchArg>::expand_output(
+                    &arrays(p.outputs.len()),
+                    &mut b,
+                );
+                let n = scalar(&mut b);
+                elementwise_program::expand(&mut b.scope, i, o, n, p.clone());
+                b.build(settings(name, one_d))
+            }
+            Traced::Reduce {
+                spec,
+                n_pro,
+                n_epi,
+                n_out,
+            } => {
+                let p = <Sequence<Array<f32>> as LaunchArg>::expand(&arrays(*n_pro), &mut b);
+                let e = <Sequence<Array<f32>> as LaunchArg>::expand(&arrays(*n_epi), &mut b);
+                let o = <Sequence<Array<f32>> as LaunchArg>::expand_output(&arrays(*n_out), &mut b);
+                let n_o = scalar(&mut b);
+                let n_r = scalar(&mut b);
+                reduce_program::expand(&mut b.scope, p, e, o, n_o, n_r, spec.clone());
+                b.build(settings(name, one_d))
+            }
+            Traced::Matmul => {
+                let a = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
+                let bb = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
+                let o = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let (m, k, n) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
+                matmul_tiled::expand(&mut b.scope, a, bb, o, m, k, n, TILE);
+                b.build(settings(name, CubeDim::new_2d(TILE as u32, TILE as u32)))
+            }
+            Traced::Copy(spec) => {
+                let s = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
+                let d = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let n = scalar(&mut b);
+                strided_copy::expand(&mut b.scope, s, d, n, spec.clone());
+                b.build(settings(name, one_d))
+            }
+            Traced::TakeAlong | Traced::GatherRows => {
+                let x = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
+                let i = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
+                let o = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let (n, p, q) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
+                if matches!(self, Traced::TakeAlong) {
+                    let r = scalar(&mut b);
+                    take_along::expand(&mut b.scope, x, i, o, n, p, q, r);
+                } else {
+                    gather_rows::expand(&mut b.scope, x, i, o, n, p, q);
+                }
+                b.build(settings(name, one_d))
+            }
+            Traced::ScatterAddAlong => {
+                let x = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
+                let i = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
+                let u = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
+                let o = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let (n, p, q, r) = (
+                    scalar(&mut b),
+                    scalar(&mut b),
+                    scalar(&mut b),
+                    scalar(&mut b),
+                );
+                scatter_add_along::expand(&mut b.scope, x, i, u, o, n, p, q, r);
+                b.build(settings(name, one_d))
+            }
+            Traced::ScatterAddRows => {
+                let i = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
+                let u = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
+                let o = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let (n, p, q) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
+                scatter_add_rows::expand(&mut b.scope, i, u, o, n, p, q);
+                b.build(settings(name, one_d))
+            }
+            Traced::OneHot => {
+                let i = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
+                let o = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let (n, d) = (scalar(&mut b), scalar(&mut b));
+                one_hot::expand(&mut b.scope, i, o, n, d);
+                b.build(settings(name, one_d))
+            }
+            Traced::Iota => {
+                let o = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let (n, e, i) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
+                iota::expand(&mut b.scope, o, n, e, i);
+                b.build(settings(name, one_d))
+            }
+        }
+    }
+
+    /// CUDA C++ and WGSL of this kernel under `name`.
+    pub fn source(&self, name: &str) -> Result<KernelSource, String> {
+        let addr = AddressType::U32.unsigned_type();
+        let def = self.define::<cubecl::cuda::CudaRuntime>(name);
+        let mut cuda = cubecl::cuda::CudaCompiler::default();
+        let opts = cubecl_cpp::shared::CompilationOptions::default();
+        let cuda = cuda
+            .compile(def, &opts, ExecutionMode::Checked, addr)
+            .map_err(|e| format!("CUDA compile of {name}: {e:?}"))?
+            .to_string();
+        let def = self.define::<cubecl::wgpu::WgpuRuntime>(name);
+        let mut wgsl = cubecl::wgpu::WgslCompiler::default();
+        let opts = cubecl::WgpuCompilationOptions::default();
+        let wgsl = wgsl
+            .compile(def, &opts, ExecutionMode::Checked, addr)
+            .map_err(|e| format!("WGSL compile of {name}: {e:?}"))?
+            .to_string();
+        Ok(KernelSource {
+            name: name.to_string(),
+            cuda,
+            wgsl,
+        })
+    }
+}
+
+/// The traced form of one kernel of `g`'s fused schedule, or `None` for a
+/// kernel that needs no code (inputs, constants uploaded as data,
+/// relabelings that share their operand's buffer).
+pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
+    let u = |v: usize| v as u32;
+    Some(match k {
+        Kernel::Elementwise { program, .. } => {
+            ("elementwise".into(), Traced::Elementwise(program.clone()))
+        }
+        Kernel::Reduce {
+            kind,
+            layout,
+            prologue,
+            prologue_inputs,
+            epilogue,
+            epilogue_inputs,
+            outputs,
+        } => (
+            format!("reduce_{}", kind.name()),
+            Traced::Reduce {
+                spec: ReduceSpec {
+                    kind: *kind,
+                    layout: layout.clone(),
+                    prologue: prologue.clone(),
+                    epilogue: epilogue.clone(),
+                },
+                n_pro: prologue_inputs.len(),
+                n_epi: epilogue_inputs.len() - 1,
+                n_out: outputs.len(),
+            },
+        ),
+        Kernel::Node(id) => {
+            let ty = g.ty(*id);
+            let ops = g.inputs(*id);
+            match g.op(*id) {
+                Op::MatMul => ("matmul".into(), Traced::Matmul),
+                Op::Permute { perm } => {
+                    let st = strides(&g.ty(ops[0]).shape);
+                    (
+                        "permute".into(),
+                        Traced::Copy(CopySpec {
+                            shape: ty.shape.iter().map(|&d| u(d)).collect(),
+                            src_strides: perm.iter().map(|&p| u(st[p])).collect(),
+                            src_offset: 0,
+                            dst_strides: strides(&ty.shape).into_iter().map(u).collect(),
+                            dst_offset: 0,
+                        }),
+                    )
+                }
+                Op::Slice { start, .. } => {
+                    let st = strides(&g.ty(ops[0]).shape);
+                    (
+                        "slice".into(),
+                        Traced::Copy(CopySpec {
+                            shape: ty.shape.iter().map(|&d| u(d)).collect(),
+                            src_strides: st.iter().map(|&s| u(s)).collect(),
+                            src_offset: u(start.iter().zip(&st).map(|(a, s)| a * s).sum()),
+                            dst_strides: strides(&ty.shape).into_iter().map(u).collect(),
+                            dst_offset: 0,
+                        }),
+                    )
+                }
+                Op::Pad { lo, .. } => {
+                    let src = &g.ty(ops[0]).shape;
+                    let dst = strides(&ty.shape);
+                    (
+                        "pad".into(),
+                        Traced::Copy(CopySpec {
+                            shape: src.iter().map(|&d| u(d)).collect(),
+                            src_strides: strides(src).into_iter().map(u).collect(),
+                            src_offset: 0,
+                            dst_strides: dst.iter().map(|&s| u(s)).collect(),
+                            dst_offset: u(lo.iter().zip(&dst).map(|(a, s)| a * s).sum()),
+                        }),
+                    )
+                }
+                Op::Concat { .. } => {
+                    // One strided copy per operand; the first one stands for all.
+                    let src = &g.ty(ops[0]).shape;
+                    (
+                        "concat".into(),
+                        Traced::Copy(CopySpec {
+                            shape: src.iter().map(|&d| u(d)).collect(),
+                            src_strides: strides(src).into_iter().map(u).collect(),
+                            src_offset: 0,
+                            dst_strides: strides(&ty.shape).into_iter().map(u).collect(),
+                            dst_offset: 0,
+                        }),
+                    )
+                }
+                Op::TakeAlongAxis { .. } => ("take_along_axis".into(), Traced::TakeAlong),
+                Op::ScatterAdd { .. } => ("scatter_add".into(), Traced::ScatterAddAlong),
+                Op::Gather => ("gather".into(), Traced::GatherRows),
+                Op::ScatterAddRows { .. } => ("scatter_add_rows".into(), Traced::ScatterAddRows),
+                Op::OneHot { .. } => ("one_hot".into(), Traced::OneHot),
+                Op::Iota { .. } => ("iota".into(), Traced::Iota),
+                _ => return None,
+            }
+        }
+    })
+}
+
+/// Every distinct kernel of a fused schedule, numbered in launch order
+/// (`k003_elementwise`, …), with the schedule positions that use it.
+pub fn schedule_sources(
+    g: &Graph,
+    fused: &FusedSchedule,
+) -> Result<Vec<(KernelSource, Vec<usize>)>, String> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut out: Vec<(KernelSource, Vec<usize>)> = Vec::new();
+    for (pos, k) in fused.kernels.iter().enumerate() {
+        let Some((family, traced)) = trace(g, k) else {
+            continue;
+        };
+        let key = format!("{family}:{traced:?}");
+        if let Some(&i) = seen.get(&key) {
+            out[i].1.push(pos);
+            continue;
+        }
+        let name = format!("k{:03}_{family}", out.len());
+        seen.insert(key, out.len());
+        out.push((traced.source(&name)?, vec![pos]));
+    }
+    Ok(out)
+}

@@ -1,0 +1,163 @@
+//! Snapshots of the generated kernel source (CUDA C++ and WGSL, produced
+//! without a device) for each kernel family: an elementwise program with a
+//! broadcast load, a reduction with fused prologue and epilogue (the
+//! log-sum-exp of a log-softmax), the fused AdamW update (one kernel for
+//! the whole update of a parameter), the tiled matrix product and a strided
+//! copy. A change to code generation shows up as a reviewable diff.
+
+use coopc_compiler::fusion::{fuse, Kernel};
+use coopc_compiler::ir::{DType, Graph, ReduceKind};
+use coopc_compiler::schedule::schedule;
+use coopc_kernels::source::{schedule_sources, KernelSource};
+
+fn sources(g: &Graph) -> (Vec<Kernel>, Vec<KernelSource>) {
+    let fused = fuse(g, &schedule(g).order);
+    let src = schedule_sources(g, &fused).expect("kernels compile to CUDA and WGSL");
+    (fused.kernels, src.into_iter().map(|(s, _)| s).collect())
+}
+
+/// The generators declare mutable locals and shared arrays in hash order:
+/// sort each run of consecutive declarations so the snapshot is stable.
+fn stable(src: &str) -> String {
+    let is_decl = |l: &str| {
+        let l = l.trim();
+        (l.contains("l_mut_") && !l.contains('='))
+            || l.starts_with("float *shared_memory_")
+            || l.starts_with("// Shared array size")
+            || l.starts_with("var<workgroup>")
+    };
+    let mut out: Vec<String> = Vec::new();
+    let mut run: Vec<&str> = Vec::new();
+    // Shared arrays are also placed in hash order: drop their offsets.
+    let lines: Vec<String> = src
+        .lines()
+        .map(|l| match (l.find("dynamic_shared_mem["), l.rfind(']')) {
+            (Some(a), Some(b)) if l.starts_with("float *shared_memory_") && b > a => {
+                format!("{}dynamic_shared_mem[offset]{}", &l[..a], &l[b + 1..])
+            }
+            _ => l.to_string(),
+        })
+        .collect();
+    for line in &lines {
+        let line = line.as_str();
+        if is_decl(line) {
+            run.push(line);
+            continue;
+        }
+        run.sort_unstable();
+        out.extend(run.drain(..).map(String::from));
+        out.push(line.to_string());
+    }
+    run.sort_unstable();
+    out.extend(run.drain(..).map(String::from));
+    out.join("\n")
+}
+
+fn snapshot(name: &str, k: &KernelSource) {
+    insta::assert_snapshot!(format!("{name}.cu"), stable(&k.cuda));
+    insta::assert_snapshot!(format!("{name}.wgsl"), stable(&k.wgsl));
+}
+
+#[test]
+fn elementwise_program_with_broadcast_load() {
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, vec![4, 8]);
+    let b = g.input("bias", DType::F32, vec![8]);
+    let bb = g.broadcast(b, vec![4, 8]);
+    let s = g.add(x, bb);
+    let y = g.silu(s);
+    g.set_output("y", y);
+    let (kernels, src) = sources(&g);
+    assert_eq!(src.len(), 1, "one generated kernel: {kernels:?}");
+    snapshot("elementwise_silu_bias", &src[0]);
+}
+
+#[test]
+fn reduction_with_prologue_and_epilogue() {
+    let mut g = Graph::new();
+    let x = g.input("logits", DType::F32, vec![6, 24]);
+    let m = g.reduce_max(x, &[1], true);
+    let bm = g.broadcast(m, vec![6, 24]);
+    let d = g.sub(x, bm);
+    let e = g.exp(d);
+    let s = g.reduce(ReduceKind::Sum, e, &[1], true);
+    let l = g.log(s);
+    let lse = g.add(l, m);
+    g.set_output("lse", lse);
+    let (_, src) = sources(&g);
+    assert_eq!(src.len(), 2, "max, then the fused exp-sum-log");
+    snapshot("reduce_log_sum_exp", &src[1]);
+}
+
+#[test]
+fn fused_adamw_update_is_one_kernel() {
+    // PyTorch AdamW on one parameter: m, v, bias correction, decoupled decay.
+    let (lr, b1, b2, eps, wd) = (1e-3, 0.9, 0.999, 1e-8, 0.01);
+    let mut g = Graph::new();
+    let shape = vec![16, 8];
+    let p = g.input("param", DType::F32, shape.clone());
+    let grad = g.input("grad", DType::F32, shape.clone());
+    let m = g.input("exp_avg", DType::F32, shape.clone());
+    let v = g.input("exp_avg_sq", DType::F32, shape.clone());
+    let step = g.input("step", DType::F32, vec![]);
+    let m1 = g.scale(m, b1);
+    let g1 = g.scale(grad, 1.0 - b1);
+    let m_new = g.add(m1, g1);
+    let v1 = g.scale(v, b2);
+    let gg = g.mul(grad, grad);
+    let g2 = g.scale(gg, 1.0 - b2);
+    let v_new = g.add(v1, g2);
+    let one = g.full(1.0, DType::F32, vec![]);
+    let t = g.add(step, one);
+    let fb1 = g.full(b1, DType::F32, vec![]);
+    let fb2 = g.full(b2, DType::F32, vec![]);
+    let p1 = g.pow(fb1, t);
+    let p2 = g.pow(fb2, t);
+    let c1 = g.sub(one, p1);
+    let c2 = g.sub(one, p2);
+    let c1b = g.broadcast(c1, shape.clone());
+    let c2b = g.broadcast(c2, shape.clone());
+    let mhat = g.div(m_new, c1b);
+    let vhat = g.div(v_new, c2b);
+    let sq = g.sqrt(vhat);
+    let epsn = g.full(eps, DType::F32, shape.clone());
+    let den = g.add(sq, epsn);
+    let upd = g.div(mhat, den);
+    let decayed = g.scale(p, 1.0 - lr * wd);
+    let step_upd = g.scale(upd, lr);
+    let p_new = g.sub(decayed, step_upd);
+    g.set_output("param", p_new);
+    g.set_output("exp_avg", m_new);
+    g.set_output("exp_avg_sq", v_new);
+    let (kernels, src) = sources(&g);
+    let elementwise: Vec<&Kernel> = kernels
+        .iter()
+        .filter(|k| matches!(k, Kernel::Elementwise { numel: 128, .. }))
+        .collect();
+    assert_eq!(
+        elementwise.len(),
+        1,
+        "the update over the parameter is one kernel: {kernels:?}"
+    );
+    assert_eq!(
+        elementwise[0].writes().len(),
+        3,
+        "writes param, exp_avg, exp_avg_sq"
+    );
+    let last = src.last().expect("kernels");
+    snapshot("adamw_update", last);
+}
+
+#[test]
+fn tiled_matmul_and_strided_copy() {
+    let mut g = Graph::new();
+    let a = g.input("a", DType::F32, vec![2, 8, 16]);
+    let b = g.input("b", DType::F32, vec![2, 16, 4]);
+    let c = g.matmul(a, b);
+    let t = g.permute(c, &[0, 2, 1]);
+    g.set_output("t", t);
+    let (_, src) = sources(&g);
+    assert_eq!(src.len(), 2);
+    snapshot("matmul_tiled", &src[0]);
+    snapshot("permute_copy", &src[1]);
+}
