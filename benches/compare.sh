@@ -32,6 +32,7 @@ set -euo pipefail
 
 TORCH_VERSION=2.15.0
 SAFETENSORS_VERSION=0.8.0
+NUMPY_VERSION=2.4.6
 TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -57,7 +58,7 @@ venv_ok() {
     [ -x "$VENV/bin/python" ] &&
         "$VENV/bin/python" - "$TORCH_VERSION" <<'EOF' 2>/dev/null
 import sys
-import safetensors, torch
+import numpy, safetensors, torch
 sys.exit(0 if torch.__version__.split("+")[0] == sys.argv[1] else 1)
 EOF
 }
@@ -68,7 +69,7 @@ install_torch() {
         die "$PYTHON is older than 3.11 (the peer reads TOML with tomllib)"
     say "creating $VENV with torch $TORCH_VERSION"
     rm -rf "$VENV"
-    "$PYTHON" -m venv "$VENV" || die "could not create a virtual environment in $VENV"
+    "$PYTHON" -m venv "$VENV" >&2 || die "could not create a virtual environment in $VENV"
     local pip=("$VENV/bin/python" -m pip install --disable-pip-version-check --no-input)
     # The CPU-only build (~200 MB) comes from PyTorch's own index. Where only
     # PyPI is reachable, PyPI's Linux x86_64 wheel is the CUDA build: its
@@ -81,15 +82,15 @@ urllib.request.urlopen(sys.argv[1] + "/torch/", timeout=10)
 EOF
     then
         echo "installing the CPU-only build from $TORCH_CPU_INDEX" >&2
-        "${pip[@]}" "torch==$TORCH_VERSION" --index-url "$TORCH_CPU_INDEX" ||
+        "${pip[@]}" "torch==$TORCH_VERSION" --index-url "$TORCH_CPU_INDEX" >&2 ||
             die "pip could not install torch==$TORCH_VERSION from $TORCH_CPU_INDEX"
     else
         echo "$TORCH_CPU_INDEX is not reachable: installing torch from PyPI (the CUDA build and its CUDA library wheels, ~3 GB)" >&2
-        "${pip[@]}" "torch==$TORCH_VERSION" ||
+        "${pip[@]}" "torch==$TORCH_VERSION" >&2 ||
             die "pip could not install torch==$TORCH_VERSION from PyPI"
     fi
-    "${pip[@]}" "safetensors==$SAFETENSORS_VERSION" ||
-        die "pip could not install safetensors==$SAFETENSORS_VERSION"
+    "${pip[@]}" "safetensors==$SAFETENSORS_VERSION" "numpy==$NUMPY_VERSION" >&2 ||
+        die "pip could not install safetensors==$SAFETENSORS_VERSION and numpy==$NUMPY_VERSION"
     venv_ok || die "torch $TORCH_VERSION does not import in $VENV"
 }
 

@@ -5,7 +5,7 @@
 use coopc_compiler::ir::{DType, Graph, TensorType};
 use coopc_compiler::lowering::{float_dtype, lower_meta_step, BatchShapes};
 use coopc_compiler::passes::Pipeline;
-use coopc_compiler::spec::{PipelineSpec, ShadowMode};
+use coopc_compiler::spec::{BackendKind, PipelineSpec, ShadowMode};
 use coopc_runtime::safetensors_io::{read_tensors, reject_unexpected, take_exact, write_tensors};
 use coopc_runtime::{execute, HostTensor};
 use std::collections::{BTreeMap, HashMap};
@@ -228,12 +228,71 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Where `grad` executes the meta-step.
+enum Executor {
+    Cpu,
+    Wgpu(
+        coopc_kernels::device::Device<coopc_kernels::WgpuRuntime>,
+        coopc_kernels::device::Prepared,
+    ),
+    Cuda(
+        coopc_kernels::device::Device<coopc_kernels::CudaRuntime>,
+        coopc_kernels::device::Prepared,
+    ),
+}
+
+impl Executor {
+    fn new(kind: BackendKind, g: &Graph) -> Result<Self, UserError> {
+        use coopc_kernels::device::{Device, Prepared};
+        Ok(match kind {
+            BackendKind::Cpu => Executor::Cpu,
+            BackendKind::Wgpu => Executor::Wgpu(Device::wgpu()?, Prepared::new(g)),
+            BackendKind::Cuda => Executor::Cuda(Device::cuda()?, Prepared::new(g)),
+            // auto: CUDA when a device answers, else the CPU executor.
+            BackendKind::Auto => match Device::cuda() {
+                Ok(d) => Executor::Cuda(d, Prepared::new(g)),
+                Err(_) => Executor::Cpu,
+            },
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Executor::Cpu => "cpu",
+            Executor::Wgpu(..) => "wgpu",
+            Executor::Cuda(..) => "cuda",
+        }
+    }
+
+    fn execute(
+        &self,
+        g: &Graph,
+        inputs: &HashMap<String, HostTensor>,
+    ) -> Result<Vec<(String, HostTensor)>, UserError> {
+        Ok(match self {
+            Executor::Cpu => execute(g, inputs)?,
+            Executor::Wgpu(d, p) => d.execute(g, p, inputs)?,
+            Executor::Cuda(d, p) => d.execute(g, p, inputs)?,
+        })
+    }
+
+    /// Device memory held by the allocator (GPU backends).
+    fn device_bytes(&self) -> Option<u64> {
+        match self {
+            Executor::Cpu => None,
+            Executor::Wgpu(d, _) => d.bytes_in_use(),
+            Executor::Cuda(d, _) => d.bytes_in_use(),
+        }
+    }
+}
+
 pub fn run(
     pipeline: &Path,
     params: &Path,
     batch: &Path,
     out: &Path,
     repeat: usize,
+    backend: Option<BackendKind>,
 ) -> Result<(), UserError> {
     let t0 = Instant::now();
     let (_, spec) =
@@ -271,14 +330,15 @@ pub fn run(
         g.set_output(n, id);
     }
     Pipeline::standard().run(&mut g);
+    let exec = Executor::new(backend.unwrap_or(BackendKind::Cpu), &g)?;
     let compiled = t0.elapsed();
-    let mut results = execute(&g, &inputs)?;
+    let mut results = exec.execute(&g, &inputs)?;
     // `--repeat N`: time N further executions of the same compiled meta-step
     // (the first one above warms caches and allocations up).
     let mut times = Vec::with_capacity(repeat);
     for _ in 0..repeat {
         let t = Instant::now();
-        results = execute(&g, &inputs)?;
+        results = exec.execute(&g, &inputs)?;
         times.push(t.elapsed().as_secs_f64());
     }
     let mut tensors = BTreeMap::new();
@@ -288,10 +348,11 @@ pub fn run(
     write_tensors(out, &tensors)?;
     let scalar = |k: &str| tensors.get(k).map(|t| t.to_f64_vec()[0]);
     println!(
-        "coopc grad: {} · {} hypergradient, K = {} · λ = {lambda}",
+        "coopc grad: {} · {} hypergradient, K = {} · λ = {lambda} · {}",
         spec.bilevel.method.name(),
         spec.bilevel.hypergradient.kind.name(),
-        spec.bilevel.hypergradient.unroll
+        spec.bilevel.hypergradient.unroll,
+        exec.name()
     );
     for k in ["loss.sft", "loss.rl", "loss.up"] {
         if let Some(v) = scalar(k) {
@@ -325,8 +386,12 @@ pub fn run(
         let peak = peak_rss_bytes()
             .map(|b| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64))
             .unwrap_or_else(|| "unknown".into());
+        let device = exec
+            .device_bytes()
+            .map(|b| format!(", device memory in use {:.1} MiB", b as f64 / (1u64 << 20) as f64))
+            .unwrap_or_default();
         println!(
-            "  timing: {} runs, median {:.3} ms, min {:.3} ms, peak RSS {peak}",
+            "  timing: {} runs, median {:.3} ms, min {:.3} ms, peak RSS {peak}{device}",
             times.len(),
             median * 1e3,
             times[0] * 1e3

@@ -36,13 +36,14 @@ fn programs(plan: Plan) -> Programs {
     }
 }
 
-/// The backend the run uses; only the CPU executor exists so far.
+/// The backend the run uses; training runs on the CPU executor so far.
 fn check_backend(spec: &PipelineSpec) -> Result<&'static str, UserError> {
     match spec.backend.kind {
         BackendKind::Auto | BackendKind::Cpu => Ok("cpu"),
         other => Err(UserError(format!(
-            "backend `{}` is not available: this build of coopc runs on the CPU executor only \
-             (GPU backends are not implemented yet); use --backend cpu or auto",
+            "backend `{}` is not available for training yet: `coopc run` trains on the CPU \
+             executor; the GPU backends run single meta-steps (`coopc grad --backend cuda|wgpu`); \
+             use --backend cpu or auto",
             match other {
                 BackendKind::Cuda => "cuda",
                 _ => "wgpu",

@@ -131,6 +131,9 @@ enum Command {
         /// Execute the meta-step N more times and print the median time and peak RSS.
         #[arg(long, default_value_t = 0)]
         repeat: usize,
+        /// Where to execute: cpu (default), wgpu, cuda, or auto (cuda when a device answers).
+        #[arg(long, value_enum)]
+        backend: Option<BackendArg>,
     },
     /// Differentiate a small MLP loss twice, optimise the graph and run it on the CPU executor.
     Demo {
@@ -421,7 +424,15 @@ fn main() {
             batch,
             out,
             repeat,
-        } => user_result(cli_grad::run(&pipeline, &params, &batch, &out, repeat)),
+            backend,
+        } => user_result(cli_grad::run(
+            &pipeline,
+            &params,
+            &batch,
+            &out,
+            repeat,
+            backend.map(Into::into),
+        )),
         Command::Demo {
             emit,
             dtype,

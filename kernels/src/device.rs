@@ -173,6 +173,16 @@ impl Device<cubecl::wgpu::WgpuRuntime> {
 impl Device<cubecl::cuda::CudaRuntime> {
     /// CUDA device 0 (needs libcuda and NVRTC at run time).
     pub fn cuda() -> Result<Self, DeviceError> {
+        // Look for the driver first: without it CubeCL's device thread panics.
+        let found = ["libcuda.so.1", "libcuda.so"]
+            .iter()
+            .any(|name| unsafe { libloading::Library::new(name) }.is_ok());
+        if !found {
+            return Err(DeviceError::Unavailable {
+                backend: "cuda",
+                reason: "no NVIDIA driver library (libcuda.so) found".into(),
+            });
+        }
         let client = guarded(
             |reason| DeviceError::Unavailable {
                 backend: "cuda",

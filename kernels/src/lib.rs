@@ -10,3 +10,6 @@ pub mod movement;
 pub(crate) mod program;
 pub mod reduce;
 pub mod source;
+
+pub use cubecl::cuda::CudaRuntime;
+pub use cubecl::wgpu::WgpuRuntime;

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# GPU check for coopc on a CUDA machine. Needs no Rust toolchain: give it
+# release binaries built elsewhere.
+#
+#   scripts/gpu-check.sh DIR
+#
+# DIR holds `coopc` (target/release/coopc) and, optionally,
+# `device_kernels` (the test binary of tests/device_kernels.rs, from
+# `cargo test --release --test device_kernels --no-run`). Results go to
+# $OUT (default ./gpu-check-out): the CUDA kernel suite's log, the
+# emitted kernels, and a timing table of one meta-step on cuda vs the CPU.
+set -uo pipefail
+BIN_DIR=${1:?usage: scripts/gpu-check.sh DIR (with coopc and optionally device_kernels)}
+OUT=${OUT:-./gpu-check-out}
+mkdir -p "$OUT"
+COOPC="$BIN_DIR/coopc"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export PATH="/usr/local/cuda/bin:$PATH"
+export CUDA_PATH="${CUDA_PATH:-/usr/local/cuda}"
+export LD_LIBRARY_PATH="${CUDA_PATH}/targets/x86_64-linux/lib:${CUDA_PATH}/lib64:${LD_LIBRARY_PATH:-}"
+status=0
+
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not found"
+    grep -m1 "model name" /proc/cpuinfo
+} | tee "$OUT/machine.txt"
+
+# 1. The kernel suite on CUDA (every kernel against the CPU executor, and a
+#    whole truncated meta-step).
+if [ -x "$BIN_DIR/device_kernels" ]; then
+    echo "== CUDA kernel suite"
+    if (cd "$ROOT" && COOPC_TEST_CUDA=1 "$BIN_DIR/device_kernels" --test-threads=1) >"$OUT/cuda-kernels.log" 2>&1; then
+        tail -3 "$OUT/cuda-kernels.log"
+    else
+        status=1
+        tail -40 "$OUT/cuda-kernels.log"
+    fi
+fi
+
+# 2. Kernel source for the example.
+"$COOPC" compile "$ROOT/examples/addition.toml" --emit kernels "$OUT/kernels" >/dev/null || status=1
+
+# 3. One meta-step, CPU vs CUDA, same inputs; outputs compared.
+echo "== meta-step timings"
+table="$OUT/timings.md"
+echo "| pipeline | backend | median ms/meta-step | min ms | memory |" >"$table"
+echo "|---|---|---|---|---|" >>"$table"
+for p in "$ROOT"/benches/pipelines/tiny-first-order.toml "$ROOT"/benches/pipelines/tiny-truncated.toml "$ROOT"/benches/pipelines/medium-first-order.toml "$ROOT"/benches/pipelines/medium-truncated.toml; do
+    [ -f "$p" ] || continue
+    name=$(basename "$p" .toml)
+    "$COOPC" init "$p" --params "$OUT/$name.P.safetensors" --batch "$OUT/$name.B.safetensors" >/dev/null || { status=1; continue; }
+    for backend in cpu cuda; do
+        case "$name:$backend" in medium-*:cpu) continue ;; esac
+        log="$OUT/$name.$backend.log"
+        if timeout 300 "$COOPC" grad "$p" --params "$OUT/$name.P.safetensors" --batch "$OUT/$name.B.safetensors" \
+            --out "$OUT/$name.$backend.G.safetensors" --repeat 5 --backend "$backend" >"$log" 2>&1; then
+            line=$(grep "timing:" "$log")
+            med=$(echo "$line" | sed -E 's/.*median ([0-9.]+) ms.*/\1/')
+            min=$(echo "$line" | sed -E 's/.*min ([0-9.]+) ms.*/\1/')
+            mem=$(echo "$line" | sed -E 's/.*(peak RSS .*)$/\1/')
+            echo "| $name | $backend | $med | $min | $mem |" >>"$table"
+        else
+            echo "| $name | $backend | failed (see $name.$backend.log) | | |" >>"$table"
+            status=1
+        fi
+    done
+    rm -f "$OUT/$name.P.safetensors" "$OUT/$name.B.safetensors"
+done
+cat "$table"
+exit $status
