@@ -388,7 +388,12 @@ pub fn run(
             .unwrap_or_else(|| "unknown".into());
         let device = exec
             .device_bytes()
-            .map(|b| format!(", device memory in use {:.1} MiB", b as f64 / (1u64 << 20) as f64))
+            .map(|b| {
+                format!(
+                    ", device memory in use {:.1} MiB",
+                    b as f64 / (1u64 << 20) as f64
+                )
+            })
             .unwrap_or_default();
         println!(
             "  timing: {} runs, median {:.3} ms, min {:.3} ms, peak RSS {peak}{device}",
