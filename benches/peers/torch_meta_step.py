@@ -22,10 +22,21 @@ attention, SwiGLU, tied embeddings), over plain tensors so that the inner
 steps can be unrolled functionally. Semantics: DESIGN.md §1 and
 compiler/src/{model,losses,lowering}.rs.
 
-With `--repeat N` the meta-step runs once more as a warm-up and then N timed
-times; the median and minimum per meta-step and the peak memory are printed
-on a line starting with `timing:` and as JSON on a line starting with
-`result:` (what benches/compare.sh reads).
+Attention is F.scaled_dot_product_attention wherever only first derivatives
+are taken, and the explicit softmax(QKᵀ/√d + causal mask)·V inside the
+differentiated inner steps (SDPA's CPU kernel has no double backward).
+`--compile` puts every loss evaluation through torch.compile; a truncated
+hypergradient then needs the double backward of AOTAutograd's graphs, which
+PyTorch does not support: the run reports `unsupported: <reason>` (exit 3).
+`--compile outer` compiles only the losses that are differentiated once (the
+lower and shadow steps of first_order, L_up, the steps before the truncation
+window) and keeps the differentiated inner steps eager.
+
+With `--repeat N` the meta-step runs N more times after the first (warm-up)
+one; the median and minimum per meta-step, the peak memory (RSS on the CPU,
+torch.cuda.max_memory_allocated on a GPU) and the thread count are printed on
+a line starting with `timing:`, and everything as JSON on a line starting
+with `result:` (what benches/compare.sh reads).
 """
 
 from __future__ import annotations
@@ -670,6 +681,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=0, help="time N meta-steps after one warm-up")
     ap.add_argument("--threads", type=int, help="intra-op threads (default: the CPUs this process may use)")
     ap.add_argument("--label", default="", help="free text copied into the result line")
+    ap.add_argument("--dry-run", action="store_true", help="read and check the inputs, then stop")
     args = ap.parse_args(argv)
 
     threads = args.threads or len(os.sched_getaffinity(0))
@@ -698,6 +710,16 @@ def main(argv=None) -> int:
         + f", K = {spec.unroll} · λ = {spec.lambda0}"
     )
     print(f"torch_meta_step: {desc}")
+    if args.dry_run:
+        n_theta = sum(x.numel() for x in theta.values())
+        n_w = sum(x.numel() for x in w.values())
+        b0 = batches[0]
+        print(
+            f"  inputs ok: θ {n_theta:,} and w {n_w:,} parameters"
+            + (", shadow.* given" if shadow is not None else "")
+            + f"; {len(batches)} step batch(es) of SFT {list(b0['sft.input_ids'].shape)}, RL {list(b0['rl.input_ids'].shape)}"
+        )
+        return 0
 
     def sync():
         if device.type == "cuda":
