@@ -5,8 +5,11 @@
 //! the whole update of a parameter), the tiled matrix product and a strided
 //! copy. A change to code generation shows up as a reviewable diff.
 
+mod common;
+
+use common::log_sum_exp;
 use coopc_compiler::fusion::{fuse, Kernel};
-use coopc_compiler::ir::{DType, Graph, ReduceKind};
+use coopc_compiler::ir::{DType, Graph};
 use coopc_compiler::schedule::schedule;
 use coopc_kernels::source::{schedule_sources, KernelSource};
 
@@ -76,13 +79,7 @@ fn elementwise_program_with_broadcast_load() {
 fn reduction_with_prologue_and_epilogue() {
     let mut g = Graph::new();
     let x = g.input("logits", DType::F32, vec![6, 24]);
-    let m = g.reduce_max(x, &[1], true);
-    let bm = g.broadcast(m, vec![6, 24]);
-    let d = g.sub(x, bm);
-    let e = g.exp(d);
-    let s = g.reduce(ReduceKind::Sum, e, &[1], true);
-    let l = g.log(s);
-    let lse = g.add(l, m);
+    let lse = log_sum_exp(&mut g, x, 1);
     g.set_output("lse", lse);
     let (_, src) = sources(&g);
     assert_eq!(src.len(), 2, "max, then the fused exp-sum-log");

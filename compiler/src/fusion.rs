@@ -64,6 +64,15 @@ pub struct ElemProgram {
 }
 
 impl ElemProgram {
+    /// The program that writes one constant everywhere (a fill).
+    pub fn constant(v: f64) -> ElemProgram {
+        ElemProgram {
+            n_inputs: 0,
+            instrs: vec![ElemInstr::Const(v.to_bits())],
+            outputs: vec![0],
+        }
+    }
+
     /// Evaluates the program at one element index with inputs read by `load`
     /// (input slot, linear index in that input) — the host reference.
     pub fn eval(&self, index: usize, load: impl Fn(u32, usize) -> f64) -> Vec<f64> {
@@ -104,21 +113,25 @@ pub fn cast_value(to: DType, v: f64) -> f64 {
     }
 }
 
+/// `Σ_a ((i / Π_{b>a} shape_b) mod shape_a) · strides_a`: the offset of
+/// element `i` of a row-major `shape` in a layout with `strides`.
+pub fn strided_offset(shape: &[u32], strides: &[u32], i: usize) -> usize {
+    let mut rest = i;
+    let mut at = 0usize;
+    for (d, s) in shape.iter().zip(strides).rev() {
+        let d = *d as usize;
+        at += (rest % d) * *s as usize;
+        rest /= d;
+    }
+    at
+}
+
 impl Index {
     /// The input's linear index for kernel element `i`.
     pub fn map(&self, i: usize) -> usize {
         match self {
             Index::Same => i,
-            Index::Broadcast { shape, strides } => {
-                let mut rest = i;
-                let mut at = 0usize;
-                for (d, s) in shape.iter().zip(strides).rev() {
-                    let d = *d as usize;
-                    at += (rest % d) * *s as usize;
-                    rest /= d;
-                }
-                at
-            }
+            Index::Broadcast { shape, strides } => strided_offset(shape, strides, i),
         }
     }
 }
@@ -164,18 +177,10 @@ impl ReduceLayout {
         self.red_shape.iter().map(|&d| d as usize).product()
     }
 
-    fn offset(shape: &[u32], strides: &[u32], i: usize) -> usize {
-        Index::Broadcast {
-            shape: shape.to_vec(),
-            strides: strides.to_vec(),
-        }
-        .map(i)
-    }
-
     /// Operand index of output element `o`, reduced element `r`.
     pub fn input_index(&self, o: usize, r: usize) -> usize {
-        Self::offset(&self.out_shape, &self.out_strides, o)
-            + Self::offset(&self.red_shape, &self.red_strides, r)
+        strided_offset(&self.out_shape, &self.out_strides, o)
+            + strided_offset(&self.red_shape, &self.red_strides, r)
     }
 }
 
@@ -441,11 +446,7 @@ impl Fuser<'_> {
         };
         if self.materialised.insert(id) {
             self.kernels.push(Kernel::Elementwise {
-                program: ElemProgram {
-                    n_inputs: 0,
-                    instrs: vec![ElemInstr::Const(v.to_bits())],
-                    outputs: vec![0],
-                },
+                program: ElemProgram::constant(v),
                 numel: self.g.ty(id).numel(),
                 inputs: vec![],
                 outputs: vec![id],

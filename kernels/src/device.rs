@@ -14,8 +14,8 @@ use crate::movement::{
     CopySpec,
 };
 use crate::reduce::{reduce_program, ReduceSpec};
-use coopc_compiler::fusion::{fuse, ElemInstr, ElemProgram, FusedSchedule, Kernel};
-use coopc_compiler::ir::{numel, strides, DType, Graph, NodeId, Op};
+use coopc_compiler::fusion::{fuse, ElemProgram, FusedSchedule, Kernel};
+use coopc_compiler::ir::{numel, DType, Graph, NodeId, Op};
 use coopc_compiler::schedule::schedule;
 use coopc_runtime::HostTensor;
 use cubecl::prelude::*;
@@ -196,14 +196,12 @@ impl Device<cubecl::cuda::CudaRuntime> {
             poison: false,
         };
         // A client can exist without a working compiler: run one kernel.
-        let probe = dev.upload(&[1.0, 2.0]);
         let mut g = Graph::new();
         let x = g.input("x", DType::F32, vec![2]);
         let y = g.exp(x);
         g.set_output("y", y);
         let prepared = Prepared::new(&g);
         let inputs = HashMap::from([("x".to_string(), HostTensor::f32(vec![2], vec![1.0, 2.0]))]);
-        drop(probe);
         dev.execute(&g, &prepared, &inputs)
             .map_err(|e| DeviceError::Unavailable {
                 backend: "cuda",
@@ -265,7 +263,6 @@ impl<R: Runtime> Device<R> {
         prepared: &Prepared,
         inputs: &HashMap<String, HostTensor>,
     ) -> Result<Vec<(String, HostTensor)>, DeviceError> {
-        let backend = self.backend;
         guarded(DeviceError::Device, || {
             let mut values: HashMap<NodeId, Handle> = HashMap::new();
             for (k, kernel) in prepared.fused.kernels.iter().enumerate() {
@@ -292,7 +289,6 @@ impl<R: Runtime> Device<R> {
                     .map_err(|e| DeviceError::Device(e.to_string()))?;
                 out.push((name.clone(), t));
             }
-            let _ = backend;
             Ok(out)
         })?
     }
@@ -466,16 +462,6 @@ impl<R: Runtime> Device<R> {
                 let v: Vec<f32> = t.to_f64_vec().into_iter().map(|x| x as f32).collect();
                 self.upload(&v)
             }
-            Op::Full { value, .. } => {
-                let h = self.output(n);
-                let program = ElemProgram {
-                    n_inputs: 0,
-                    instrs: vec![ElemInstr::Const(value.get().to_bits())],
-                    outputs: vec![0],
-                };
-                self.elementwise(&program, n, &[], &[h.clone()]);
-                h
-            }
             Op::Literal { values, .. } => {
                 let v: Vec<f32> = values.iter().map(|s| s.get() as f32).collect();
                 self.upload(&v)
@@ -517,68 +503,19 @@ impl<R: Runtime> Device<R> {
                 );
                 h
             }
-            Op::Permute { perm } => {
-                let src = &g.ty(ops[0]).shape;
-                let st = strides(src);
+            Op::Permute { .. } | Op::Slice { .. } | Op::Pad { .. } | Op::Concat { .. } => {
                 let h = self.output(n);
-                let spec = CopySpec {
-                    shape: ty.shape.iter().map(|&d| u(d)).collect(),
-                    src_strides: perm.iter().map(|&p| u(st[p])).collect(),
-                    src_offset: 0,
-                    dst_strides: strides(&ty.shape).into_iter().map(u).collect(),
-                    dst_offset: 0,
-                };
-                self.copy(&get(&ops[0])?, in_len(0), &h, n, spec);
-                h
-            }
-            Op::Slice { start, .. } => {
-                let st = strides(&g.ty(ops[0]).shape);
-                let h = self.output(n);
-                let spec = CopySpec {
-                    shape: ty.shape.iter().map(|&d| u(d)).collect(),
-                    src_strides: st.iter().map(|&s| u(s)).collect(),
-                    src_offset: u(start.iter().zip(&st).map(|(a, s)| a * s).sum()),
-                    dst_strides: strides(&ty.shape).into_iter().map(u).collect(),
-                    dst_offset: 0,
-                };
-                self.copy(&get(&ops[0])?, in_len(0), &h, n, spec);
-                h
-            }
-            Op::Pad { lo, value, .. } => {
-                let h = self.output(n);
-                let fill = ElemProgram {
-                    n_inputs: 0,
-                    instrs: vec![ElemInstr::Const(value.get().to_bits())],
-                    outputs: vec![0],
-                };
-                self.elementwise(&fill, n, &[], &[h.clone()]);
-                let src = &g.ty(ops[0]).shape;
-                let dst = strides(&ty.shape);
-                let spec = CopySpec {
-                    shape: src.iter().map(|&d| u(d)).collect(),
-                    src_strides: strides(src).into_iter().map(u).collect(),
-                    src_offset: 0,
-                    dst_strides: dst.iter().map(|&s| u(s)).collect(),
-                    dst_offset: u(lo.iter().zip(&dst).map(|(a, s)| a * s).sum()),
-                };
-                self.copy(&get(&ops[0])?, in_len(0), &h, n, spec);
-                h
-            }
-            Op::Concat { axis } => {
-                let h = self.output(n);
-                let dst = strides(&ty.shape);
-                let mut at = 0usize;
-                for (i, x) in ops.iter().enumerate() {
-                    let src = &g.ty(*x).shape;
-                    let spec = CopySpec {
-                        shape: src.iter().map(|&d| u(d)).collect(),
-                        src_strides: strides(src).into_iter().map(u).collect(),
-                        src_offset: 0,
-                        dst_strides: dst.iter().map(|&s| u(s)).collect(),
-                        dst_offset: u(at * dst[*axis]),
-                    };
-                    self.copy(&get(x)?, in_len(i), &h, n, spec);
-                    at += src[*axis];
+                if let Op::Pad { value, .. } = g.op(id) {
+                    self.elementwise(
+                        &ElemProgram::constant(value.get()),
+                        n,
+                        &[],
+                        std::slice::from_ref(&h),
+                    );
+                }
+                let specs = CopySpec::for_node(g, id).expect("a strided-copy op");
+                for (i, spec) in specs.into_iter().enumerate() {
+                    self.copy(&get(&ops[i])?, in_len(i), &h, n, spec);
                 }
                 h
             }

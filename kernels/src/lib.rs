@@ -3,6 +3,12 @@
 //! ops, launchable on CUDA and wgpu, with their source text available
 //! without a device.
 
+// In `#[cube]` code, `x - x`, `n * 0` and `n / n` are deliberate: they give
+// run-time zeros, ones and NaNs that the kernel compiler cannot fold into
+// literals (WGSL has none for NaN, and a mutable variable must start from a
+// run-time value).
+#![allow(clippy::eq_op, clippy::erasing_op)]
+
 pub mod device;
 pub mod elementwise;
 pub mod matmul;

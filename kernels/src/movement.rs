@@ -9,6 +9,7 @@
 //! WGSL lacks.
 
 use crate::program::expand_strided_index;
+use coopc_compiler::ir::{strides, Graph, NodeId, Op};
 use cubecl::prelude::*;
 
 /// Everything a strided copy is specialised on: iteration shape, and the
@@ -20,6 +21,68 @@ pub struct CopySpec {
     pub src_offset: u32,
     pub dst_strides: Vec<u32>,
     pub dst_offset: u32,
+}
+
+impl CopySpec {
+    /// The strided copies that compute a permute, slice, pad (its interior;
+    /// the padding is a fill) or concat node (one copy per operand, in
+    /// operand order); `None` for any other op.
+    pub fn for_node(g: &Graph, id: NodeId) -> Option<Vec<CopySpec>> {
+        if !matches!(
+            g.op(id),
+            Op::Permute { .. } | Op::Slice { .. } | Op::Pad { .. } | Op::Concat { .. }
+        ) {
+            return None;
+        }
+        let u = |v: usize| v as u32;
+        let list = |v: &[usize]| v.iter().map(|&x| u(x)).collect::<Vec<u32>>();
+        let shape = &g.ty(id).shape;
+        let dst = strides(shape);
+        let ops = g.inputs(id);
+        let src = &g.ty(ops[0]).shape;
+        let st = strides(src);
+        Some(match g.op(id) {
+            Op::Permute { perm } => vec![CopySpec {
+                shape: list(shape),
+                src_strides: perm.iter().map(|&p| u(st[p])).collect(),
+                src_offset: 0,
+                dst_strides: list(&dst),
+                dst_offset: 0,
+            }],
+            Op::Slice { start, .. } => vec![CopySpec {
+                shape: list(shape),
+                src_strides: list(&st),
+                src_offset: u(start.iter().zip(&st).map(|(a, s)| a * s).sum()),
+                dst_strides: list(&dst),
+                dst_offset: 0,
+            }],
+            Op::Pad { lo, .. } => vec![CopySpec {
+                shape: list(src),
+                src_strides: list(&st),
+                src_offset: 0,
+                dst_strides: list(&dst),
+                dst_offset: u(lo.iter().zip(&dst).map(|(a, s)| a * s).sum()),
+            }],
+            Op::Concat { axis } => {
+                let mut at = 0usize;
+                ops.iter()
+                    .map(|x| {
+                        let src = &g.ty(*x).shape;
+                        let spec = CopySpec {
+                            shape: list(src),
+                            src_strides: list(&strides(src)),
+                            src_offset: 0,
+                            dst_strides: list(&dst),
+                            dst_offset: u(at * dst[*axis]),
+                        };
+                        at += src[*axis];
+                        spec
+                    })
+                    .collect()
+            }
+            _ => unreachable!("checked above"),
+        })
+    }
 }
 
 #[allow(unused_variables)]
@@ -74,11 +137,20 @@ pub fn strided_copy(
     }
 }
 
+/// `table[base + index · row_len + col]` for a whole-number `index` in
+/// `0..rows`, NaN otherwise.
 #[cube]
-fn checked(table: &Array<f32>, index: f32, row_len: usize, rows: usize, col: usize) -> f32 {
+fn checked(
+    table: &Array<f32>,
+    base: usize,
+    index: f32,
+    row_len: usize,
+    rows: usize,
+    col: usize,
+) -> f32 {
     let inside = index >= f32::new(0.0) && index < f32::cast_from(rows);
     let r = select(inside, u32::cast_from(index) as usize, 0usize);
-    let v = table[r * row_len + col];
+    let v = table[base + r * row_len + col];
     // NaN from a run-time zero: a folded 0/0 has no WGSL literal.
     let z = index - index;
     select(inside, v, z / z)
@@ -101,13 +173,8 @@ pub fn take_along(
         let (lx, lidx, inner) = (lx as usize, lidx as usize, inner as usize);
         let n = i % inner;
         let o = i / (lidx * inner);
-        // x viewed as rows of one element: row = (o·lx + idx)·inner + n.
-        let v = idx[i];
-        let inside = v >= f32::new(0.0) && v < f32::cast_from(lx);
-        let r = select(inside, u32::cast_from(v) as usize, 0usize);
-        let got = x[(o * lx + r) * inner + n];
-        let z = v - v;
-        out[i] = select(inside, got, z / z);
+        // Block o of x holds lx rows of `inner` elements.
+        out[i] = checked(x, o * lx * inner, idx[i], inner, lx, n);
     }
 }
 
@@ -132,7 +199,7 @@ pub fn scatter_add_along(
         let o = i / (lx * inner);
         let target = f32::cast_from(kx);
         let mut acc = base[i];
-        let mut j = (lidx * 0) as usize;
+        let mut j = lidx * 0;
         while j < lidx {
             let at = (o * lidx + j) * inner + n;
             acc += select(idx[at] == target, upd[at], f32::new(0.0));
@@ -156,7 +223,7 @@ pub fn gather_rows(
     if i < numel as usize {
         let row_len = row_len as usize;
         let s = i / row_len;
-        out[i] = checked(table, ids[s], row_len, rows as usize, i % row_len);
+        out[i] = checked(table, 0usize, ids[s], row_len, rows as usize, i % row_len);
     }
 }
 

@@ -109,7 +109,7 @@ pub fn reduce_program(
             r += 1;
         }
         if mean {
-            acc = acc / f32::cast_from(n_red);
+            acc /= f32::cast_from(n_red);
         }
         finish(acc, epilogue_inputs, outputs, o, spec);
     }

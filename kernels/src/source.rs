@@ -12,7 +12,7 @@ use crate::movement::{
 };
 use crate::reduce::{reduce_program, ReduceSpec};
 use coopc_compiler::fusion::{ElemProgram, FusedSchedule, Kernel};
-use coopc_compiler::ir::{strides, Graph, Op};
+use coopc_compiler::ir::{Graph, Op};
 use cubecl::prelude::*;
 use cubecl::Compiler as _;
 use std::collections::HashMap;
@@ -200,7 +200,6 @@ impl Traced {
 /// kernel that needs no code (inputs, constants uploaded as data,
 /// relabelings that share their operand's buffer).
 pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
-    let u = |v: usize| v as u32;
     Some(match k {
         Kernel::Elementwise { program, .. } => {
             ("elementwise".into(), Traced::Elementwise(program.clone()))
@@ -228,63 +227,15 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
             },
         ),
         Kernel::Node(id) => {
-            let ty = g.ty(*id);
-            let ops = g.inputs(*id);
             match g.op(*id) {
                 Op::MatMul => ("matmul".into(), Traced::Matmul),
-                Op::Permute { perm } => {
-                    let st = strides(&g.ty(ops[0]).shape);
-                    (
-                        "permute".into(),
-                        Traced::Copy(CopySpec {
-                            shape: ty.shape.iter().map(|&d| u(d)).collect(),
-                            src_strides: perm.iter().map(|&p| u(st[p])).collect(),
-                            src_offset: 0,
-                            dst_strides: strides(&ty.shape).into_iter().map(u).collect(),
-                            dst_offset: 0,
-                        }),
-                    )
-                }
-                Op::Slice { start, .. } => {
-                    let st = strides(&g.ty(ops[0]).shape);
-                    (
-                        "slice".into(),
-                        Traced::Copy(CopySpec {
-                            shape: ty.shape.iter().map(|&d| u(d)).collect(),
-                            src_strides: st.iter().map(|&s| u(s)).collect(),
-                            src_offset: u(start.iter().zip(&st).map(|(a, s)| a * s).sum()),
-                            dst_strides: strides(&ty.shape).into_iter().map(u).collect(),
-                            dst_offset: 0,
-                        }),
-                    )
-                }
-                Op::Pad { lo, .. } => {
-                    let src = &g.ty(ops[0]).shape;
-                    let dst = strides(&ty.shape);
-                    (
-                        "pad".into(),
-                        Traced::Copy(CopySpec {
-                            shape: src.iter().map(|&d| u(d)).collect(),
-                            src_strides: strides(src).into_iter().map(u).collect(),
-                            src_offset: 0,
-                            dst_strides: dst.iter().map(|&s| u(s)).collect(),
-                            dst_offset: u(lo.iter().zip(&dst).map(|(a, s)| a * s).sum()),
-                        }),
-                    )
-                }
-                Op::Concat { .. } => {
-                    // One strided copy per operand; the first one stands for all.
-                    let src = &g.ty(ops[0]).shape;
-                    (
-                        "concat".into(),
-                        Traced::Copy(CopySpec {
-                            shape: src.iter().map(|&d| u(d)).collect(),
-                            src_strides: strides(src).into_iter().map(u).collect(),
-                            src_offset: 0,
-                            dst_strides: strides(&ty.shape).into_iter().map(u).collect(),
-                            dst_offset: 0,
-                        }),
-                    )
+                // A concat is one strided copy per operand; the first stands for all.
+                op @ (Op::Permute { .. }
+                | Op::Slice { .. }
+                | Op::Pad { .. }
+                | Op::Concat { .. }) => {
+                    let spec = CopySpec::for_node(g, *id)?.swap_remove(0);
+                    (op.name().to_string(), Traced::Copy(spec))
                 }
                 Op::TakeAlongAxis { .. } => ("take_along_axis".into(), Traced::TakeAlong),
                 Op::ScatterAdd { .. } => ("scatter_add".into(), Traced::ScatterAddAlong),

@@ -438,3 +438,16 @@ pub fn with_float_dtype(inputs: &Inputs, dtype: DType) -> Inputs {
         })
         .collect()
 }
+
+/// `log Σ exp(x)` over `axis` (kept), written out as max, shifted
+/// exp-sum, log and add back: the pattern a fused reduction should absorb.
+pub fn log_sum_exp(g: &mut Graph, x: NodeId, axis: usize) -> NodeId {
+    let shape = g.ty(x).shape.clone();
+    let m = g.reduce_max(x, &[axis], true);
+    let bm = g.broadcast(m, shape);
+    let d = g.sub(x, bm);
+    let e = g.exp(d);
+    let s = g.reduce(coopc_compiler::ir::ReduceKind::Sum, e, &[axis], true);
+    let l = g.log(s);
+    g.add(l, m)
+}
