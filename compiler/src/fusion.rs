@@ -273,6 +273,11 @@ impl fmt::Display for FusedSchedule {
     }
 }
 
+/// Most buffers (inputs and outputs) one fused kernel may bind: wgpu
+/// adapters commonly allow 32 storage buffers per shader stage, and the
+/// kernel's metadata takes one more.
+pub const MAX_KERNEL_BUFFERS: usize = 24;
+
 /// Ops an elementwise program can compute.
 fn fusible(op: &Op) -> bool {
     op.is_elementwise() || matches!(op, Op::Broadcast { .. })
@@ -370,11 +375,12 @@ impl Fuser<'_> {
                 }
             }
             if fusible(op) {
-                // A broadcast reads its operand through an index map, so the
-                // operand must be materialised (not a register of a group).
                 // Open groups never depend on each other (a group closes
                 // before anything outside it reads it), so the groups of the
-                // node's operands can merge into one.
+                // node's operands can merge into one — unless the kernel
+                // would bind too many buffers. A broadcast reads its operand
+                // through an index map, so the operand must be materialised
+                // (not a register of a group): a broadcast starts a group.
                 let anchored = open
                     .iter()
                     .filter(|&&gi| self.groups[gi].as_ref().unwrap().anchor.is_some())
@@ -384,7 +390,8 @@ impl Fuser<'_> {
                     && anchored <= 1
                     && open
                         .iter()
-                        .all(|&gi| self.groups[gi].as_ref().unwrap().numel == numel);
+                        .all(|&gi| self.groups[gi].as_ref().unwrap().numel == numel)
+                    && self.buffers(&open, id) <= MAX_KERNEL_BUFFERS;
                 if joinable {
                     open.sort_by_key(|&gi| self.groups[gi].as_ref().unwrap().anchor.is_none());
                     let gi = open[0];
@@ -409,6 +416,8 @@ impl Fuser<'_> {
                             && self.outputs_of(gr) == vec![operand]
                             && self.users[&operand].len() == 1
                             && !self.graph_outputs.contains(&operand)
+                            // its inputs, and the reduction's output
+                            && self.inputs_of(&gr.members, &gr.set).len() < MAX_KERNEL_BUFFERS
                     };
                     if only_for_reduce {
                         prologue = self.groups[gi].take();
@@ -486,6 +495,54 @@ impl Fuser<'_> {
         if let Some(prologue) = reduce {
             self.prologues.insert(id, prologue);
         }
+    }
+
+    /// Nodes that members read from outside (constants are inlined; an
+    /// anchor's operand belongs to its prologue).
+    fn inputs_of(&self, members: &[NodeId], set: &HashSet<NodeId>) -> HashSet<NodeId> {
+        let mut ins = HashSet::new();
+        for &m in members {
+            if matches!(self.g.op(m), Op::Reduce { .. }) {
+                continue;
+            }
+            for x in self.g.inputs(m) {
+                if !set.contains(&x) && constant_value(self.g, x).is_none() {
+                    ins.insert(x);
+                }
+            }
+        }
+        ins
+    }
+
+    /// Buffers the kernel of `groups` merged with `extra` would bind: its
+    /// inputs (with a reduction's prologue inputs) and its outputs, counting
+    /// `extra` as an output since its users are still to come.
+    fn buffers(&self, groups: &[usize], extra: NodeId) -> usize {
+        let mut members = vec![extra];
+        let mut set = HashSet::from([extra]);
+        let mut prologue = 0;
+        for &gi in groups {
+            let gr = self.groups[gi].as_ref().expect("open group");
+            members.extend(&gr.members);
+            set.extend(&gr.set);
+            if let Some(Some(p)) = gr.anchor.and_then(|a| self.prologues.get(&a)) {
+                prologue = self.inputs_of(&p.members, &p.set).len();
+            } else if let Some(a) = gr.anchor {
+                prologue = usize::from(self.prologues.contains_key(&a));
+            }
+        }
+        let outputs = members
+            .iter()
+            .filter(|&&m| {
+                m == extra
+                    || self.graph_outputs.contains(&m)
+                    || self
+                        .users
+                        .get(&m)
+                        .is_some_and(|us| us.iter().any(|u| !set.contains(u)))
+            })
+            .count();
+        self.inputs_of(&members, &set).len() + prologue + outputs
     }
 
     /// Members whose values are needed outside the group, in member order.
