@@ -2,9 +2,8 @@
 //! a plan file; optionally prints the meta-step as IR, DOT or its schedule.
 
 use crate::cli_grad::UserError;
-use coopc_compiler::ir::{to_dot, to_text, DType, Graph};
-use coopc_compiler::lowering::{float_dtype, lower_meta_step, BatchShapes};
-use coopc_compiler::model::{lora_shapes, theta_shapes, Decoder, Params};
+use coopc_compiler::ir::{to_dot, to_text};
+use coopc_compiler::lowering::{lower_logprobs, lower_meta_step, BatchShapes};
 use coopc_compiler::passes::Pipeline;
 use coopc_compiler::plan::{pipeline_hash, Plan, Program};
 use coopc_compiler::schedule::{human_bytes, schedule};
@@ -25,43 +24,13 @@ pub enum Emit {
     Kernels,
 }
 
-/// Log-probs of a batch of ids [rl_batch, seq_len] under (θ, w): the program
-/// that scores rollouts (π_old, π_ref) and held-out sequences.
-pub fn logprobs_program(spec: &PipelineSpec, shapes: BatchShapes) -> Graph {
-    let dt = float_dtype(spec.backend.dtype);
-    let mut g = Graph::new();
-    let declare = |g: &mut Graph, v: Vec<(String, Vec<usize>)>| -> Params {
-        v.into_iter()
-            .map(|(n, s)| {
-                let id = g.input(n.clone(), dt, s);
-                (n, id)
-            })
-            .collect()
-    };
-    let theta = declare(&mut g, theta_shapes(&spec.model));
-    let w = declare(&mut g, lora_shapes(&spec.model, &spec.lora));
-    let ids = g.input(
-        "input_ids",
-        DType::I32,
-        vec![shapes.rl_batch, shapes.seq_len],
-    );
-    let dec = Decoder {
-        model: &spec.model,
-        lora: &spec.lora,
-        dtype: dt,
-    };
-    let lp = dec.token_logprobs(&mut g, &theta, &w, ids);
-    g.set_output("logprobs", lp);
-    g
-}
-
 /// Lowers and optimises every program of a pipeline.
 pub fn build_plan(source: &str, path: &Path, spec: PipelineSpec) -> Plan {
     let shapes = BatchShapes::from_spec(&spec);
     // The lowering runs the pass pipeline on the meta-step itself (its
     // memory plan is chosen on optimised graphs).
     let ms = lower_meta_step(&spec, shapes);
-    let mut logprobs = logprobs_program(&spec, shapes);
+    let mut logprobs = lower_logprobs(&spec, shapes);
     Pipeline::standard().run(&mut logprobs);
     Plan {
         spec,

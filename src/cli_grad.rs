@@ -2,12 +2,13 @@
 //! lower gradient, the hypergradient, the losses and θ_K to safetensors — for
 //! checking coopc against other frameworks. File conventions: README / docs.
 
-use coopc_compiler::ir::{DType, Graph, TensorType};
+use coopc_compiler::ir::{DType, TensorType};
 use coopc_compiler::lowering::{float_dtype, lower_meta_step, BatchShapes};
 use coopc_compiler::passes::Pipeline;
 use coopc_compiler::spec::{BackendKind, PipelineSpec, ShadowMode};
+use coopc_runtime::init::initial_state;
 use coopc_runtime::safetensors_io::{read_tensors, reject_unexpected, take_exact, write_tensors};
-use coopc_runtime::{execute, HostTensor};
+use coopc_runtime::HostTensor;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Instant;
@@ -209,81 +210,12 @@ fn load_params(
     Ok((taken.into_iter().collect(), has_shadow))
 }
 
-/// Zero optimiser state (and AdamW step 0) for every `opt.*` input.
-fn fresh_state(g: &Graph, inputs: &mut HashMap<String, HostTensor>) {
-    for id in g.node_ids() {
-        if let coopc_compiler::ir::Op::Input { name, ty } = g.op(id) {
-            if name.starts_with("opt.") {
-                inputs.insert(name.clone(), HostTensor::zeros(ty));
-            }
-        }
-    }
-}
-
 /// Peak resident set size of this process so far (Linux `VmHWM`), in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
-}
-
-/// Where `grad` executes the meta-step.
-enum Executor {
-    Cpu,
-    Wgpu(
-        coopc_kernels::device::Device<coopc_kernels::WgpuRuntime>,
-        coopc_kernels::device::Prepared,
-    ),
-    Cuda(
-        coopc_kernels::device::Device<coopc_kernels::CudaRuntime>,
-        coopc_kernels::device::Prepared,
-    ),
-}
-
-impl Executor {
-    fn new(kind: BackendKind, g: &Graph) -> Result<Self, UserError> {
-        use coopc_kernels::device::{Device, Prepared};
-        Ok(match kind {
-            BackendKind::Cpu => Executor::Cpu,
-            BackendKind::Wgpu => Executor::Wgpu(Device::wgpu()?, Prepared::new(g)),
-            BackendKind::Cuda => Executor::Cuda(Device::cuda()?, Prepared::new(g)),
-            // auto: CUDA when a device answers, else the CPU executor.
-            BackendKind::Auto => match Device::cuda() {
-                Ok(d) => Executor::Cuda(d, Prepared::new(g)),
-                Err(_) => Executor::Cpu,
-            },
-        })
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            Executor::Cpu => "cpu",
-            Executor::Wgpu(..) => "wgpu",
-            Executor::Cuda(..) => "cuda",
-        }
-    }
-
-    fn execute(
-        &self,
-        g: &Graph,
-        inputs: &HashMap<String, HostTensor>,
-    ) -> Result<Vec<(String, HostTensor)>, UserError> {
-        Ok(match self {
-            Executor::Cpu => execute(g, inputs)?,
-            Executor::Wgpu(d, p) => d.execute(g, p, inputs)?,
-            Executor::Cuda(d, p) => d.execute(g, p, inputs)?,
-        })
-    }
-
-    /// Device memory held by the allocator (GPU backends).
-    fn device_bytes(&self) -> Option<u64> {
-        match self {
-            Executor::Cpu => None,
-            Executor::Wgpu(d, _) => d.bytes_in_use(),
-            Executor::Cuda(d, _) => d.bytes_in_use(),
-        }
-    }
 }
 
 pub fn run(
@@ -302,9 +234,11 @@ pub fn run(
     let ms = lower_meta_step(&spec, shapes);
     let (params_in, has_shadow) = load_params(&spec, params, &ms.theta, &ms.lora, dt)?;
     inputs.extend(params_in);
-    if !has_shadow {
-        for (n, _) in &ms.theta {
-            inputs.insert(format!("shadow.{n}"), inputs[n].clone());
+    // θ̂ starts from θ unless P gives it; optimiser state starts at zero.
+    let start = initial_state(&ms.graph, |n| inputs.get(n).cloned());
+    for (name, t) in start {
+        if !(has_shadow && name.starts_with("shadow.")) {
+            inputs.insert(name, t);
         }
     }
     let lambda = spec.lambda_at(0);
@@ -313,7 +247,6 @@ pub fn run(
         HostTensor::from_f64(dt, vec![], &[lambda])?,
     );
     let mut g = ms.graph;
-    fresh_state(&g, &mut inputs);
     let keep: Vec<(String, coopc_compiler::NodeId)> = g
         .outputs()
         .iter()
@@ -330,15 +263,15 @@ pub fn run(
         g.set_output(n, id);
     }
     Pipeline::standard().run(&mut g);
-    let exec = Executor::new(backend.unwrap_or(BackendKind::Cpu), &g)?;
+    let exec = crate::backend::open(backend.unwrap_or(BackendKind::Cpu), spec.backend.dtype)?;
     let compiled = t0.elapsed();
-    let mut results = exec.execute(&g, &inputs)?;
+    let mut results = exec.run(&g, &inputs)?;
     // `--repeat N`: time N further executions of the same compiled meta-step
     // (the first one above warms caches and allocations up).
     let mut times = Vec::with_capacity(repeat);
     for _ in 0..repeat {
         let t = Instant::now();
-        results = exec.execute(&g, &inputs)?;
+        results = exec.run(&g, &inputs)?;
         times.push(t.elapsed().as_secs_f64());
     }
     let mut tensors = BTreeMap::new();
@@ -387,7 +320,7 @@ pub fn run(
             .map(|b| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64))
             .unwrap_or_else(|| "unknown".into());
         let device = exec
-            .device_bytes()
+            .memory_in_use()
             .map(|b| {
                 format!(
                     ", device memory in use {:.1} MiB",

@@ -36,22 +36,6 @@ fn programs(plan: Plan) -> Programs {
     }
 }
 
-/// The backend the run uses; training runs on the CPU executor so far.
-fn check_backend(spec: &PipelineSpec) -> Result<&'static str, UserError> {
-    match spec.backend.kind {
-        BackendKind::Auto | BackendKind::Cpu => Ok("cpu"),
-        other => Err(UserError(format!(
-            "backend `{}` is not available for training yet: `coopc run` trains on the CPU \
-             executor; the GPU backends run single meta-steps (`coopc grad --backend cuda|wgpu`); \
-             use --backend cpu or auto",
-            match other {
-                BackendKind::Cuda => "cuda",
-                _ => "wgpu",
-            }
-        ))),
-    }
-}
-
 fn read_spec(dir: &Path) -> Result<PipelineSpec, UserError> {
     let path = dir.join(SPEC_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| {
@@ -140,7 +124,7 @@ pub fn run(
     if let Some(b) = ov.backend {
         spec.backend.kind = b;
     }
-    let backend = check_backend(&spec)?;
+    let backend = crate::backend::open(spec.backend.kind, spec.backend.dtype)?;
     // A plan is used as compiled unless an override changed what it computes.
     let plan = match plan {
         Some(p) if spec.bilevel == before.bilevel => p,
@@ -172,14 +156,15 @@ pub fn run(
         eval_limit,
         stop_after,
     };
-    let mut trainer = Trainer::new(spec.clone(), programs(plan), opts)?;
+    let mut trainer = Trainer::new(spec.clone(), programs(plan), opts)?.with_backend(backend);
     let start = trainer.state().step;
     if !quiet {
         eprintln!(
-            "coopc run: {} on {} · {} meta-steps (from {start}) · backend {backend} · out {}",
+            "coopc run: {} on {} · {} meta-steps (from {start}) · backend {} · out {}",
             spec.bilevel.method.name(),
             spec.task.kind.name(),
             total,
+            trainer.backend_name(),
             dir.display()
         );
     }
@@ -231,7 +216,9 @@ pub fn eval(dir: &Path, eval_limit: usize, show: usize) -> Result<(), UserError>
         eval_limit,
         stop_after: None,
     };
-    let trainer = Trainer::new(spec, programs(plan), opts)?;
+    // Evaluated where the run trained (`auto`/`cpu` runs on the CPU here too).
+    let backend = crate::backend::open(spec.backend.kind, spec.backend.dtype)?;
+    let trainer = Trainer::new(spec, programs(plan), opts)?.with_backend(backend);
     let acc = trainer.evaluate()?;
     if show > 0 {
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);

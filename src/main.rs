@@ -2,6 +2,7 @@
 //! `demo` (a small model loss differentiated twice, optimised and run on the
 //! CPU executor).
 
+mod backend;
 mod cli_check;
 mod cli_compare;
 mod cli_compile;

@@ -239,3 +239,83 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
         "no metrics line for the failed step"
     );
 }
+
+/// The whole loop (sampling, scoring, meta-step, evaluation) on the GPU
+/// path — wgpu through lavapipe here, CUDA with `COOPC_TEST_CUDA=1`. The
+/// first meta-step starts from the same state, so it gives the CPU run's
+/// metrics: the same rollouts (sampling draws from the same seeds over
+/// logits equal to f32 rounding) and losses within f32 noise. Later steps
+/// start from parameters that differ by rounding, which AdamW (lr 1e-2)
+/// and sampling amplify, so they are only checked to run and stay finite.
+#[test]
+fn training_on_the_device_matches_the_cpu() {
+    let dir = tmpdir("device");
+    let p = pipeline(&dir, TINY);
+    let device = if std::env::var("COOPC_TEST_CUDA").is_ok_and(|v| v == "1") {
+        "cuda"
+    } else {
+        "wgpu"
+    };
+    let mut runs = vec![];
+    for backend in ["cpu", device] {
+        let out = dir.join(backend);
+        let o = out.to_str().unwrap();
+        run(&[
+            "run",
+            &p,
+            "--steps",
+            "2",
+            "--backend",
+            backend,
+            "--out",
+            o,
+            "-q",
+            "--eval-limit",
+            "4",
+        ]);
+        runs.push(read_metrics(&out.join("metrics.jsonl")).unwrap());
+    }
+    let (cpu, dev) = (&runs[0], &runs[1]);
+    assert_eq!(cpu.len(), 2);
+    assert_eq!(cpu.len(), dev.len());
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * a.abs().max(b.abs()).max(1.0);
+    let (c, d) = (&cpu[0], &dev[0]);
+    assert_eq!(c.reward_mean, d.reward_mean, "same rollouts");
+    assert_eq!(c.response_len, d.response_len);
+    assert!(
+        close(c.sft_loss, d.sft_loss),
+        "sft {} vs {}",
+        c.sft_loss,
+        d.sft_loss
+    );
+    let (cr, dr) = (c.rl_loss.unwrap(), d.rl_loss.unwrap());
+    assert!(close(cr, dr), "rl {cr} vs {dr}");
+    let (cg, dg) = (c.coop_gain.unwrap(), d.coop_gain.unwrap());
+    assert!(close(cg, dg), "gain {cg} vs {dg}");
+    for m in dev {
+        assert!(
+            m.sft_loss.is_finite() && m.rl_loss.unwrap().is_finite(),
+            "step {}",
+            m.step
+        );
+    }
+    assert!(
+        dev.last().unwrap().eval_accuracy.is_some(),
+        "evaluated on the device"
+    );
+    // The run folder is checkpointed as on the CPU.
+    assert!(dir.join(device).join("checkpoints/latest").exists());
+}
+
+#[test]
+fn an_f64_pipeline_on_a_gpu_backend_is_refused_clearly() {
+    let dir = tmpdir("device-f64");
+    let p = pipeline(&dir, &format!("{TINY}\n[backend]\ndtype = \"f64\"\n"));
+    let out = coopc(&["run", &p, "--backend", "wgpu", "--steps", "1", "-q"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("computes in f32") && err.contains("backend.dtype"),
+        "{err}"
+    );
+}

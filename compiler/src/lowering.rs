@@ -649,6 +649,36 @@ pub struct LowerOptions {
     pub memory: Option<MemoryPlan>,
 }
 
+/// Log-probs of a batch of ids [rl_batch, seq_len] under (θ, w): the program
+/// that scores rollouts (π_old, π_ref) and held-out sequences.
+pub fn lower_logprobs(spec: &PipelineSpec, shapes: BatchShapes) -> Graph {
+    let dt = float_dtype(spec.backend.dtype);
+    let mut g = Graph::new();
+    let declare = |g: &mut Graph, v: Vec<(String, Vec<usize>)>| -> Params {
+        v.into_iter()
+            .map(|(n, s)| {
+                let id = g.input(n.clone(), dt, s);
+                (n, id)
+            })
+            .collect()
+    };
+    let theta = declare(&mut g, theta_shapes(&spec.model));
+    let w = declare(&mut g, lora_shapes(&spec.model, &spec.lora));
+    let ids = g.input(
+        "input_ids",
+        DType::I32,
+        vec![shapes.rl_batch, shapes.seq_len],
+    );
+    let dec = Decoder {
+        model: &spec.model,
+        lora: &spec.lora,
+        dtype: dt,
+    };
+    let lp = dec.token_logprobs(&mut g, &theta, &w, ids);
+    g.set_output("logprobs", lp);
+    g
+}
+
 /// Lowers the meta-step of `spec` for batches of the given shapes, choosing
 /// the memory plan, and runs the standard pass pipeline on it.
 pub fn lower_meta_step(spec: &PipelineSpec, shapes: BatchShapes) -> MetaStep {

@@ -17,13 +17,13 @@ use crate::reduce::{reduce_program, ReduceSpec};
 use coopc_compiler::fusion::{fuse, ElemProgram, FusedSchedule, Kernel};
 use coopc_compiler::ir::{numel, DType, Graph, NodeId, Op};
 use coopc_compiler::schedule::schedule;
-use coopc_runtime::HostTensor;
+use coopc_runtime::{Backend, ExecError, HostTensor};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use thiserror::Error;
 
 /// Units per cube of the one-dimensional kernels.
@@ -150,6 +150,56 @@ pub struct Device<R: Runtime> {
     /// Poison every output buffer before its kernel runs (tests: an element
     /// a kernel fails to write stays NaN).
     pub poison: bool,
+    /// Fused schedules of the graphs run through [`Backend::run`], by
+    /// structural fingerprint.
+    prepared: Mutex<HashMap<u64, Arc<Prepared>>>,
+}
+
+/// A hash of everything that decides a graph's fused schedule: every node's
+/// op, type and operands, and the outputs.
+fn fingerprint(g: &Graph) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for id in g.node_ids() {
+        id.index().hash(&mut h);
+        g.op(id).hash(&mut h);
+        g.ty(id).hash(&mut h);
+        for x in g.inputs(id) {
+            x.index().hash(&mut h);
+        }
+    }
+    for (name, id) in g.outputs() {
+        name.hash(&mut h);
+        id.index().hash(&mut h);
+    }
+    h.finish()
+}
+
+impl<R: Runtime> Backend for Device<R> {
+    fn name(&self) -> &'static str {
+        self.backend
+    }
+
+    fn run(
+        &self,
+        graph: &Graph,
+        inputs: &HashMap<String, HostTensor>,
+    ) -> Result<Vec<(String, HostTensor)>, ExecError> {
+        let key = fingerprint(graph);
+        let prepared = {
+            let mut cache = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+            cache
+                .entry(key)
+                .or_insert_with(|| Arc::new(Prepared::new(graph)))
+                .clone()
+        };
+        self.execute(graph, &prepared, inputs)
+            .map_err(|e| ExecError::Device(format!("{} backend: {e}", self.backend)))
+    }
+
+    fn memory_in_use(&self) -> Option<u64> {
+        self.bytes_in_use()
+    }
 }
 
 impl Device<cubecl::wgpu::WgpuRuntime> {
@@ -166,6 +216,7 @@ impl Device<cubecl::wgpu::WgpuRuntime> {
             client,
             backend: "wgpu",
             poison: false,
+            prepared: Mutex::default(),
         })
     }
 }
@@ -194,6 +245,7 @@ impl Device<cubecl::cuda::CudaRuntime> {
             client,
             backend: "cuda",
             poison: false,
+            prepared: Mutex::default(),
         };
         // A client can exist without a working compiler: run one kernel.
         let mut g = Graph::new();

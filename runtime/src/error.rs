@@ -58,6 +58,10 @@ pub enum ExecError {
         message: String,
     },
 
+    /// A device backend failed (its message names the node or the cause).
+    #[error("{0}")]
+    Device(String),
+
     /// `scalar_f64` on a tensor that does not hold exactly one element.
     #[error("expected a one-element tensor, got shape {shape:?}")]
     NotScalar { shape: Vec<usize> },

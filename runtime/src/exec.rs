@@ -31,6 +31,44 @@ pub fn execute(
         .collect())
 }
 
+/// Something that runs graphs on host inputs and returns host outputs: the
+/// CPU executor, or a device backend (`coopc_kernels`). The trainer and the
+/// sampler run every program through one.
+pub trait Backend: Send + Sync {
+    /// Short name, as `--backend` spells it.
+    fn name(&self) -> &'static str;
+
+    /// Runs `graph` and returns its outputs by name, as [`execute`] does.
+    fn run(
+        &self,
+        graph: &Graph,
+        inputs: &HashMap<String, HostTensor>,
+    ) -> Result<Vec<(String, HostTensor)>, ExecError>;
+
+    /// Device memory its allocator holds now, for a device backend.
+    fn memory_in_use(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// The CPU reference executor as a [`Backend`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn run(
+        &self,
+        graph: &Graph,
+        inputs: &HashMap<String, HostTensor>,
+    ) -> Result<Vec<(String, HostTensor)>, ExecError> {
+        execute(graph, inputs)
+    }
+}
+
 /// Runs the part of `graph` that `nodes` depend on and returns the value of
 /// each of `nodes`, in order (a node may be listed more than once).
 pub fn execute_nodes(

@@ -18,7 +18,7 @@ pub mod train;
 mod tests;
 
 pub use error::ExecError;
-pub use exec::{execute, execute_nodes};
+pub use exec::{execute, execute_nodes, Backend, CpuBackend};
 pub use safetensors_io::{
     read_tensors, reject_unexpected, take_all_exact, take_exact, write_tensors, TensorFileError,
     TensorProblem,

@@ -14,16 +14,18 @@
 //! compiled batch size or on the other rows.
 
 use crate::error::ExecError;
-use crate::exec::execute;
+use crate::exec::{Backend, CpuBackend};
 use crate::tensor::HostTensor;
 use coopc_compiler::decode::{
     cache_input, cache_shape, decode_step_program, IDS_INPUT, LOGITS_OUTPUT, POS_INPUT,
 };
-use coopc_compiler::ir::{DType, Graph, Op, TensorType};
-use coopc_compiler::spec::{PipelineSpec, Precision};
+use coopc_compiler::ir::{Graph, Op, TensorType};
+use coopc_compiler::lowering::float_dtype;
+use coopc_compiler::spec::PipelineSpec;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
+use std::sync::Arc;
 use thiserror::Error;
 
 /// How tokens are chosen and when a row ends.
@@ -107,6 +109,8 @@ pub struct Sampler {
     cache: TensorType,
     /// θ and w names the program reads.
     param_names: Vec<String>,
+    /// Where each decode step runs.
+    backend: Arc<dyn Backend>,
 }
 
 impl Sampler {
@@ -116,10 +120,7 @@ impl Sampler {
     pub fn new(spec: &PipelineSpec, batch: usize, max_len: usize) -> Sampler {
         assert!(batch > 0, "a sampler needs a batch of at least one row");
         assert!(max_len > 0, "a sampler needs room for at least one token");
-        let dtype = match spec.backend.dtype {
-            Precision::F32 => DType::F32,
-            Precision::F64 => DType::F64,
-        };
+        let dtype = float_dtype(spec.backend.dtype);
         let program = decode_step_program(&spec.model, &spec.lora, dtype, batch, max_len);
         let own = |name: &str| name == IDS_INPUT || name == POS_INPUT || name.starts_with("cache.");
         let mut param_names: Vec<String> = program
@@ -138,7 +139,14 @@ impl Sampler {
             n_layers: spec.model.n_layers,
             cache: TensorType::new(dtype, cache_shape(&spec.model, batch, max_len)),
             param_names,
+            backend: Arc::new(CpuBackend),
         }
+    }
+
+    /// The same sampler running its decode steps on `backend`.
+    pub fn with_backend(mut self, backend: Arc<dyn Backend>) -> Sampler {
+        self.backend = backend;
+        self
     }
 
     /// The compiled decode step.
@@ -278,7 +286,7 @@ impl Sampler {
             );
             inputs.insert(POS_INPUT.into(), HostTensor::i32(vec![1], vec![pos as i32]));
             let mut logits = None;
-            for (name, t) in execute(&self.program, inputs)? {
+            for (name, t) in self.backend.run(&self.program, inputs)? {
                 match name.strip_prefix("next.") {
                     Some(cache) => {
                         inputs.insert(cache.to_string(), t);

@@ -7,12 +7,12 @@
 
 use crate::checkpoint::{self, CheckpointError, TrainState};
 use crate::error::ExecError;
-use crate::exec::execute;
-use crate::init::init_params;
+use crate::exec::{Backend, CpuBackend};
+use crate::init::{init_params, initial_state};
 use crate::sampler::{Generation, SampleError, Sampler, SamplingConfig};
 use crate::tasks::{build_task, check_vocab, Problem, Task, TaskError};
 use crate::tensor::HostTensor;
-use coopc_compiler::ir::{DType, Graph, Op};
+use coopc_compiler::ir::{DType, Graph};
 use coopc_compiler::lowering::float_dtype;
 use coopc_compiler::spec::{Advantage, Method, PipelineSpec};
 use rand::rngs::StdRng;
@@ -20,6 +20,7 @@ use rand::SeedableRng;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 use thiserror::Error;
 
@@ -168,6 +169,8 @@ pub struct Trainer {
     /// π_ref's parameters (the initial θ, w) when kl_coef > 0.
     reference: Option<HashMap<String, HostTensor>>,
     opts: RunOptions,
+    /// Where the programs run.
+    backend: Arc<dyn Backend>,
 }
 
 impl Trainer {
@@ -206,22 +209,28 @@ impl Trainer {
             state,
             reference,
             opts,
+            backend: Arc::new(CpuBackend),
         })
+    }
+
+    /// The same trainer running every program (meta-step, scorer, decode
+    /// step) on `backend`.
+    pub fn with_backend(mut self, backend: Arc<dyn Backend>) -> Trainer {
+        self.sampler = self.sampler.with_backend(backend.clone());
+        self.backend = backend;
+        self
+    }
+
+    /// The backend the programs run on.
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
     }
 
     /// θ, w from the seed; shadow = θ; zero optimiser state.
     fn initial_state(spec: &PipelineSpec, meta: &Graph, dt: DType) -> TrainState {
         let params = init_params(spec, dt, spec.train.seed);
-        let mut tensors = params.clone();
-        for id in meta.node_ids() {
-            if let Op::Input { name, ty } = meta.op(id) {
-                if let Some(base) = name.strip_prefix("shadow.") {
-                    tensors.insert(name.clone(), params[base].clone());
-                } else if name.starts_with("opt.") {
-                    tensors.insert(name.clone(), HostTensor::zeros(ty));
-                }
-            }
-        }
+        let mut tensors = initial_state(meta, |n| params.get(n).cloned());
+        tensors.extend(params);
         TrainState { step: 0, tensors }
     }
 
@@ -260,7 +269,9 @@ impl Trainer {
             "input_ids".into(),
             HostTensor::i32(vec![rows, t], ids.to_vec()),
         );
-        Ok(execute(&self.programs.logprobs, &inputs)?
+        Ok(self
+            .backend
+            .run(&self.programs.logprobs, &inputs)?
             .remove(0)
             .1
             .to_f64_vec())
@@ -466,7 +477,9 @@ impl Trainer {
                 inputs.insert(format!("{p}rl.ref_logprobs"), self.tensor(vec![br, t], &r));
             }
         }
-        let outputs: HashMap<String, HostTensor> = execute(&self.programs.meta_step, &inputs)?
+        let outputs: HashMap<String, HostTensor> = self
+            .backend
+            .run(&self.programs.meta_step, &inputs)?
             .into_iter()
             .collect();
         let scalar = |k: &str| outputs.get(k).map(|t| t.to_f64_vec()[0]);
