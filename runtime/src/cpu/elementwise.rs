@@ -74,12 +74,36 @@ where
     }
 }
 
+/// Runs `$body` with `$c` bound to the op as a constant, once per variant,
+/// so the per-element closure holds no `match` and the loop can vectorise;
+/// the element rule stays the op's `apply`.
+macro_rules! specialised {
+    ($op:expr, $Enum:ident, [$($v:ident),*], |$c:ident| $body:expr) => {
+        match $op {
+            $($Enum::$v => {
+                const $c: $Enum = $Enum::$v;
+                $body
+            })*
+        }
+    };
+}
+
 pub fn unary<T: Float + Send + Sync>(op: UnaryOp, x: &[T]) -> Vec<T> {
-    map1(x, |v| op.apply(v))
+    specialised!(
+        op,
+        UnaryOp,
+        [Neg, Exp, Log, Sqrt, Rsqrt, Tanh, Sigmoid, Silu, Abs, Sign, Recip, Sin, Cos],
+        |OP| map1(x, |v| OP.apply(v))
+    )
 }
 
 pub fn binary<T: Float + Send + Sync>(op: BinaryOp, a: &[T], b: &[T]) -> Vec<T> {
-    map2(a, b, |x, y| op.apply(x, y))
+    specialised!(
+        op,
+        BinaryOp,
+        [Add, Sub, Mul, Div, Max, Min, Pow],
+        |OP| map2(a, b, |x, y| OP.apply(x, y))
+    )
 }
 
 /// Comparison of any element type (bool orders `false < true`).
