@@ -1,7 +1,9 @@
 //! The execution schedule of a graph and a memory estimate along it: which
 //! nodes run, in which order, and how many buffer bytes are live at the
 //! busiest point. The liveness model is the one the CPU executor follows
-//! (`coopc_runtime::execute`), so `peak_bytes` predicts its footprint.
+//! (`coopc_runtime::execute`), so `peak_bytes` predicts its footprint — as
+//! an upper bound, since the executor also leaves out the transposes that
+//! only matrix products read (it reads their operands through strides).
 
 use crate::ir::{numel, Graph, NodeId, Op};
 use serde::{Deserialize, Serialize};

@@ -10,6 +10,7 @@ use crate::tensor::{Buffer, Element, HostTensor};
 use coopc_compiler::ir::{numel, DType, Graph, NodeId, Op};
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::time::Instant;
 
 /// Runs `graph` and returns its outputs (`graph.outputs()`), in order, by
 /// name.
@@ -81,6 +82,9 @@ pub fn execute_nodes(
         return Err(ExecError::UnknownNode { node: id.index() });
     }
     let plan = Plan::new(graph, nodes);
+    // COOPC_PROFILE=1: time spent per op kind, printed to stderr.
+    let mut profile: Option<HashMap<&'static str, (usize, f64, usize)>> =
+        std::env::var_os("COOPC_PROFILE").map(|_| HashMap::new());
 
     // Node index → value. Graph inputs are borrowed, everything else owned.
     let mut values: Vec<Option<Cow<'_, HostTensor>>> = (0..plan.bound).map(|_| None).collect();
@@ -123,7 +127,18 @@ pub fn execute_nodes(
                     .map(|o| values[o.index()].as_deref())
                     .collect::<Option<Vec<&HostTensor>>>()
                     .ok_or_else(|| missing_operand(graph, id))?;
-                Cow::Owned(eval(graph, id, &args)?)
+                let t0 = profile.is_some().then(Instant::now);
+                let v = match plan.transposed[step] {
+                    [false, false] => eval(graph, id, &args)?,
+                    [a_t, b_t] => matmul_transposed(graph, id, &args, a_t, b_t)?,
+                };
+                if let (Some(p), Some(t0)) = (profile.as_mut(), t0) {
+                    let e = p.entry(graph.op(id).name()).or_default();
+                    e.0 += 1;
+                    e.1 += t0.elapsed().as_secs_f64();
+                    e.2 += graph.ty(id).numel();
+                }
+                Cow::Owned(v)
             }
         };
         values[id.index()] = Some(value);
@@ -132,6 +147,10 @@ pub fn execute_nodes(
                 values[o.index()] = None;
             }
         }
+    }
+
+    if let Some(p) = profile {
+        print_profile(p);
     }
 
     // Hand out the requested values, moving each on its last mention.
@@ -154,6 +173,23 @@ pub fn execute_nodes(
     Ok(out)
 }
 
+/// The `COOPC_PROFILE` table: op kinds by time spent, with call counts and
+/// result elements.
+fn print_profile(p: HashMap<&'static str, (usize, f64, usize)>) {
+    let total: f64 = p.values().map(|v| v.1).sum();
+    let mut rows: Vec<_> = p.into_iter().collect();
+    rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+    eprintln!("coopc profile: {:.3} ms in ops", total * 1e3);
+    for (op, (calls, secs, elems)) in rows {
+        eprintln!(
+            "  {op:<18} {:>9.3} ms {:>5.1}%  {calls:>6} calls  {:>12} elements",
+            secs * 1e3,
+            100.0 * secs / total.max(1e-12),
+            elems
+        );
+    }
+}
+
 /// What to evaluate, in which order, and when each value can be dropped.
 struct Plan {
     /// One past the largest node index.
@@ -166,6 +202,23 @@ struct Plan {
     last_use: Vec<usize>,
     /// Node index → requested by the caller (never dropped).
     requested: Vec<bool>,
+    /// Per step of a matmul: whether its lhs / rhs operand is the buffer of
+    /// a skipped last-two-axes permute, read transposed.
+    transposed: Vec<[bool; 2]>,
+}
+
+/// Whether `id` is a permute that swaps the last two axes only.
+fn swaps_last_two(graph: &Graph, id: NodeId) -> bool {
+    match graph.op(id) {
+        Op::Permute { perm } => {
+            let r = perm.len();
+            r >= 2
+                && perm[r - 2] == r - 1
+                && perm[r - 1] == r - 2
+                && perm[..r - 2].iter().enumerate().all(|(i, &p)| i == p)
+        }
+        _ => false,
+    }
 }
 
 impl Plan {
@@ -189,12 +242,41 @@ impl Plan {
                 }
             }
         }
+        // A transpose that only matmuls read is never materialised: they
+        // read its operand's buffer through transposed strides.
+        let skipped: Vec<bool> = (0..bound)
+            .map(|i| {
+                let id = NodeId::new(i);
+                needed[i]
+                    && !requested[i]
+                    && swaps_last_two(graph, id)
+                    && graph
+                        .users(id)
+                        .iter()
+                        .filter(|u| needed[u.index()])
+                        .all(|&u| matches!(graph.op(u), Op::MatMul))
+            })
+            .collect();
         let order: Vec<NodeId> = graph
             .topo_order()
             .into_iter()
-            .filter(|id| needed[id.index()])
+            .filter(|id| needed[id.index()] && !skipped[id.index()])
             .collect();
-        let operands: Vec<Vec<NodeId>> = order.iter().map(|&id| graph.inputs(id)).collect();
+        let mut transposed = vec![[false; 2]; order.len()];
+        let operands: Vec<Vec<NodeId>> = order
+            .iter()
+            .enumerate()
+            .map(|(step, &id)| {
+                let mut ops = graph.inputs(id);
+                for (slot, o) in ops.iter_mut().enumerate() {
+                    if skipped[o.index()] {
+                        transposed[step][slot] = true;
+                        *o = graph.inputs(*o)[0];
+                    }
+                }
+                ops
+            })
+            .collect();
         let mut last_use = vec![usize::MAX; bound];
         for (step, ops) in operands.iter().enumerate() {
             for o in ops {
@@ -207,6 +289,7 @@ impl Plan {
             operands,
             last_use,
             requested,
+            transposed,
         }
     }
 
@@ -297,6 +380,31 @@ macro_rules! float_dtype {
             other => return Err($cx.unsupported(other)),
         }
     };
+}
+
+/// A matmul whose operands are given as stored: `a_t` / `b_t` mark one that
+/// is the buffer of the logical operand's last-two-axes transpose.
+fn matmul_transposed(
+    graph: &Graph,
+    id: NodeId,
+    args: &[&HostTensor],
+    a_t: bool,
+    b_t: bool,
+) -> Result<HostTensor, ExecError> {
+    let cx = Cx {
+        node: id.index(),
+        op: "matmul",
+    };
+    let out = graph.ty(id);
+    let r = out.rank();
+    let lhs = graph.ty(graph.inputs(id)[0]);
+    let (m, k, n) = (out.shape[r - 2], lhs.shape[r - 1], out.shape[r - 1]);
+    let batch = numel(&out.shape[..r - 2]);
+    let buffer = float_dtype!(args[0].dtype(), cx, |T| {
+        let (x, y) = (cx.view::<T>(args[0])?, cx.view::<T>(args[1])?);
+        T::into_buffer(matmul::matmul_t(x, a_t, y, b_t, batch, m, k, n))
+    });
+    HostTensor::new(out.shape.clone(), buffer)
 }
 
 /// Computes the value of node `id` from its operand values (in slot order).
