@@ -250,3 +250,61 @@ fn adamw_first_order_meta_step_on_the_device_matches_the_cpu() {
     // The cooperative gain is a difference of two RL losses of similar size.
     check_scaled(&g, &inputs, 1e-4, &[("gain", "loss.rl")]);
 }
+
+#[test]
+fn fused_linear_logprob_matches_log_softmax_of_the_full_logits() {
+    let (t, d, v) = (37, 48, 1000);
+    let mut r = rng(30);
+    let h = uniform(&mut r, t * d, -1.0, 1.0);
+    let w = uniform(&mut r, v * d, -0.5, 0.5);
+    let y: Vec<f64> = (0..t).map(|_| r.gen_range(0..v) as f64).collect();
+    // Reference: the [T, V] logits, log-softmax and the target column.
+    let mut g = Graph::new();
+    let hn = g.input("h", DType::F32, vec![t, d]);
+    let wn = g.input("w", DType::F32, vec![v, d]);
+    let yn = g.input("y", DType::I32, vec![t, 1]);
+    let wt = g.permute(wn, &[1, 0]);
+    let logits = g.matmul(hn, wt);
+    let ls = g.log_softmax(logits);
+    let lp = g.take_along_axis(ls, yn, 1);
+    let lse = log_sum_exp(&mut g, logits, 1);
+    g.set_output("logprob", lp);
+    g.set_output("lse", lse);
+    let inputs = Inputs::from([
+        (
+            "h".to_string(),
+            HostTensor::from_f64(DType::F32, vec![t, d], &h).unwrap(),
+        ),
+        (
+            "w".to_string(),
+            HostTensor::from_f64(DType::F32, vec![v, d], &w).unwrap(),
+        ),
+        (
+            "y".to_string(),
+            HostTensor::from_f64(DType::I32, vec![t, 1], &y).unwrap(),
+        ),
+    ]);
+    let want = execute(&g, &inputs).unwrap();
+    let f = |x: &[f64]| x.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+    let (hf, wf, yf) = (f(&h), f(&w), f(&y));
+    let cuda = std::env::var("COOPC_TEST_CUDA").is_ok_and(|v| v == "1");
+    let (lp_dev, lse_dev) = if cuda {
+        let mut dev = Device::cuda().expect("CUDA device");
+        dev.poison = true;
+        dev.linear_logprob(&hf, &wf, &yf, d)
+    } else {
+        let mut dev = Device::wgpu().expect("wgpu adapter");
+        dev.poison = true;
+        dev.linear_logprob(&hf, &wf, &yf, d)
+    }
+    .expect("device run");
+    for ((name, w), got) in want.iter().zip([lp_dev, lse_dev]) {
+        let got: Vec<f64> = got.into_iter().map(f64::from).collect();
+        assert!(
+            got.iter().all(|x| x.is_finite()),
+            "{name}: unwritten elements"
+        );
+        let e = rel_err(&got, &w.to_f64_vec(), 1e-6);
+        assert!(e <= 1e-5, "{name}: relative error {e:e}");
+    }
+}

@@ -2,8 +2,8 @@
 //! without a device) for each kernel family: an elementwise program with a
 //! broadcast load, a reduction with fused prologue and epilogue (the
 //! log-sum-exp of a log-softmax), the fused AdamW update (one kernel for
-//! the whole update of a parameter), the tiled matrix product and a strided
-//! copy. A change to code generation shows up as a reviewable diff.
+//! the whole update of a parameter), the tiled matrix product, a strided
+//! copy, and the hand-written fused linear log-prob. A change to code generation shows up as a reviewable diff.
 
 mod common;
 
@@ -11,7 +11,7 @@ use common::log_sum_exp;
 use coopc_compiler::fusion::{fuse, Kernel};
 use coopc_compiler::ir::{DType, Graph};
 use coopc_compiler::schedule::schedule;
-use coopc_kernels::source::{schedule_sources, KernelSource};
+use coopc_kernels::source::{schedule_sources, KernelSource, Traced};
 
 fn sources(g: &Graph) -> (Vec<Kernel>, Vec<KernelSource>) {
     let fused = fuse(g, &schedule(g).order);
@@ -157,4 +157,12 @@ fn tiled_matmul_and_strided_copy() {
     assert_eq!(src.len(), 2);
     snapshot("matmul_tiled", &src[0]);
     snapshot("permute_copy", &src[1]);
+}
+
+#[test]
+fn fused_linear_logprob() {
+    let src = Traced::LinearLogprob
+        .source("linear_logprob_forward")
+        .expect("compiles to CUDA and WGSL");
+    snapshot("linear_logprob_forward", &src);
 }

@@ -11,6 +11,7 @@
 
 pub mod device;
 pub mod elementwise;
+pub mod linear_logprob;
 pub mod matmul;
 pub mod movement;
 pub(crate) mod program;

@@ -5,6 +5,7 @@
 
 use crate::device::BLOCK;
 use crate::elementwise::elementwise_program;
+use crate::linear_logprob::{linear_logprob_forward, LOGPROB_BLOCK};
 use crate::matmul::{matmul_tiled, TILE};
 use crate::movement::{
     gather_rows, iota, one_hot, scatter_add_along, scatter_add_rows, strided_copy, take_along,
@@ -71,6 +72,8 @@ pub enum Traced {
     ScatterAddRows,
     OneHot,
     Iota,
+    /// The hand-written fused linear log-prob (forward).
+    LinearLogprob,
 }
 
 impl Traced {
@@ -161,6 +164,27 @@ impl Traced {
                 let (n, d) = (scalar(&mut b), scalar(&mut b));
                 one_hot::expand(&mut b.scope, i, o, n, d);
                 b.build(settings(name, one_d))
+            }
+            Traced::LinearLogprob => {
+                let h = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
+                let w = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
+                let y = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
+                let lp = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let lse = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let (t, d, v) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
+                linear_logprob_forward::expand(
+                    &mut b.scope,
+                    h,
+                    w,
+                    y,
+                    lp,
+                    lse,
+                    t,
+                    d,
+                    v,
+                    LOGPROB_BLOCK,
+                );
+                b.build(settings(name, CubeDim::new_1d(LOGPROB_BLOCK as u32)))
             }
             Traced::Iota => {
                 let o = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
