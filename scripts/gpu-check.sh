@@ -6,9 +6,13 @@
 #
 # DIR holds `coopc` (target/release/coopc) and, optionally,
 # `device_kernels` (the test binary of tests/device_kernels.rs, from
-# `cargo test --release --test device_kernels --no-run`). Results go to
-# $OUT (default ./gpu-check-out): the CUDA kernel suite's log, the
-# emitted kernels, and a timing table of one meta-step on cuda vs the CPU.
+# `cargo test --release --test device_kernels --no-run`) and `device_bench`
+# (the bench binary of benches/device.rs, from `cargo bench --bench device
+# --no-run`). Results go to $OUT (default ./gpu-check-out): the CUDA kernel
+# suite's log, the emitted kernels, a timing table of one meta-step per
+# bench pipeline on cuda vs the CPU, the fused linear log-prob bench, and
+# the metrics of a short training run of the default example on both
+# (STEPS meta-steps, default 100).
 set -uo pipefail
 BIN_DIR=${1:?usage: scripts/gpu-check.sh DIR (with coopc and optionally device_kernels)}
 OUT=${OUT:-./gpu-check-out}
@@ -41,7 +45,7 @@ fi
 # 2. Kernel source for the example.
 "$COOPC" compile "$ROOT/examples/addition.toml" --emit kernels "$OUT/kernels" >/dev/null || status=1
 
-# 3. One meta-step, CPU vs CUDA, same inputs; outputs compared.
+# 3. One meta-step, CPU vs CUDA, on the same inputs.
 echo "== meta-step timings"
 table="$OUT/timings.md"
 echo "| pipeline | backend | median ms/meta-step | min ms | memory |" >"$table"
@@ -68,4 +72,24 @@ for p in "$ROOT"/benches/pipelines/tiny-first-order.toml "$ROOT"/benches/pipelin
     rm -f "$OUT/$name.P.safetensors" "$OUT/$name.B.safetensors"
 done
 cat "$table"
+
+# 4. The fused linear log-prob bench (medium shapes, 32k and 128k vocabulary).
+if [ -x "$BIN_DIR/device_bench" ]; then
+    echo "== fused linear log-prob"
+    "$BIN_DIR/device_bench" --bench >"$OUT/linear-logprob.log" 2>&1 || status=1
+    grep -E "time:|thrpt:|GFLOP" "$OUT/linear-logprob.log"
+fi
+
+# 5. Training end to end on both backends: same seed, STEPS meta-steps.
+STEPS=${STEPS:-100}
+echo "== training, $STEPS meta-steps"
+for backend in cpu cuda; do
+    if timeout 900 "$COOPC" run "$ROOT/examples/addition.toml" --steps "$STEPS" --backend "$backend" \
+        --out "$OUT/run-$backend" -q >"$OUT/run-$backend.log" 2>&1; then
+        tail -1 "$OUT/run-$backend/metrics.jsonl" | sed "s/^/$backend: /"
+    else
+        status=1
+        tail -5 "$OUT/run-$backend.log"
+    fi
+done
 exit $status
