@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# coopc against PyTorch on the CPU: one BRIDGE meta-step on fixed data.
+# coopc against PyTorch and burn on the CPU: one BRIDGE meta-step on fixed data.
 #
 # For each bench pipeline (default: benches/pipelines/tiny-first-order.toml
 # and tiny-truncated.toml) this script
 #   1. makes inputs with `coopc init` and checks the PyTorch peer
-#      (benches/peers/torch_meta_step.py) against `coopc grad`, in f32 and f64
-#      (benches/peers/compare_grads.py: relative error per tensor);
-#   2. times `coopc grad --repeat N` against the peer in eager mode and under
-#      torch.compile, alternating the three processes over ROUNDS rounds
-#      (each process warms up once, then times N meta-steps);
+#      (benches/peers/torch_meta_step.py) and the burn peer
+#      (benches/peers/burn, first-order hypergradient only: burn has no
+#      second-order autodiff, so it reports `truncated` as unsupported)
+#      against `coopc grad`, in f32 and f64 (benches/peers/compare_grads.py:
+#      relative error per tensor);
+#   2. times `coopc grad --repeat N` against the PyTorch peer in eager mode
+#      and under torch.compile and against the burn peer, alternating the
+#      processes over ROUNDS rounds (each process warms up once, then times N
+#      meta-steps);
 #   3. prints a markdown table of the median times and peak memory, with the
 #      machine and the date.
 #
-# Runs from a clean clone: it builds coopc (`cargo build --release`) and puts
+# Runs from a clean clone: it builds coopc (`cargo build --release`) and the
+# burn peer (its own cargo workspace, benches/peers/burn/target), and puts
 # PyTorch into a virtual environment of its own (benches/.venv).
 #
 # Environment (all optional):
@@ -24,8 +29,12 @@
 #   VENV=DIR        virtual environment to use or create (default benches/.venv)
 #   PYTHON=EXE      Python that creates the environment (default python3)
 #   WORK=DIR        scratch folder (default target/bench-compare)
-#   SKIP_BUILD=1    use the existing target/release/coopc
+#   SKIP_BUILD=1    use the existing target/release/coopc and burn peer binary
 #   SKIP_COMPILE=1  leave out the torch.compile runs
+#   SKIP_BURN=1     leave out the burn peer (and its build, several minutes
+#                   clean on 2 cores)
+#   BURN_PEER=EXE   the burn peer binary (default
+#                   benches/peers/burn/target/release/coopc-burn-peer)
 #   TOL32, TOL64    agreement tolerances (default 1e-4 and 1e-8)
 
 set -euo pipefail
@@ -114,6 +123,22 @@ fi
 [ -x "$COOPC" ] || die "$COOPC does not exist (build it, or unset SKIP_BUILD)"
 COOPC_ENV=(env RAYON_NUM_THREADS="$THREADS" MATMUL_NUM_THREADS="$THREADS")
 
+# --- burn ----------------------------------------------------------------------
+
+BURN=0
+[ "${SKIP_BURN:-0}" = 1 ] || BURN=1
+BURN_PEER=${BURN_PEER:-benches/peers/burn/target/release/coopc-burn-peer}
+if [ $BURN = 1 ]; then
+    if [ "${SKIP_BUILD:-0}" != 1 ]; then
+        say "building the burn peer (cargo build --release in benches/peers/burn)"
+        cargo build --release --manifest-path benches/peers/burn/Cargo.toml >&2 ||
+            die "building the burn peer failed (SKIP_BURN=1 leaves it out)"
+    fi
+    [ -x "$BURN_PEER" ] || die "$BURN_PEER does not exist (build it, unset SKIP_BUILD, or set SKIP_BURN=1)"
+fi
+# The peer sets RAYON_NUM_THREADS and MATMUL_NUM_THREADS from --threads.
+BURN_RUN=("$BURN_PEER" --threads "$THREADS")
+
 # --- agreement -------------------------------------------------------------------
 
 mkdir -p "$WORK"
@@ -121,6 +146,22 @@ RESULTS="$WORK/results.jsonl"
 : >"$RESULTS"
 AGREEMENT="$WORK/agreement.txt"
 : >"$AGREEMENT"
+SUMMARY="$WORK/agreement-summary.txt"
+: >"$SUMMARY"
+
+# check CFG PREC PEER TOL G_PEER: compare_grads against coopc's output, with a
+# one-line summary for the report.
+check() {
+    local cfg=$1 prec=$2 peer=$3 tol=$4 g=$5 dir="$WORK/$1" out
+    echo "### $cfg, $prec, $peer (tolerance $tol)" >>"$AGREEMENT"
+    if ! out=$("${COMPARE[@]}" "$dir/G_coopc_$prec.safetensors" "$g" --params "$dir/P.safetensors" --tol "$tol"); then
+        echo "$out" | tee -a "$AGREEMENT" >&2
+        die "$cfg ($prec): the $peer peer and coopc disagree (see above)"
+    fi
+    echo "$out" | tee -a "$AGREEMENT" >&2
+    echo "$out" | grep 'compare_grads: max rel err' |
+        sed -E "s/^compare_grads: max rel err ([^ ]+) over (.*): ([^:]*)\$/- $cfg, $prec, $peer: max rel err \1 over \2 (\3)/" >>"$SUMMARY"
+}
 
 for cfg in $CONFIGS; do
     pipe="benches/pipelines/$cfg.toml"
@@ -141,11 +182,23 @@ for cfg in $CONFIGS; do
             --out "$dir/G_coopc_$prec.safetensors" >&2 || die "coopc grad $p failed"
         "${PEER[@]}" "$p" --params "$dir/P.safetensors" --batch "$dir/B.safetensors" \
             --out "$dir/G_torch_$prec.safetensors" >&2 || die "the PyTorch peer failed on $p"
-        echo "### $cfg, $prec (tolerance $tol)" >>"$AGREEMENT"
-        if ! "${COMPARE[@]}" "$dir/G_coopc_$prec.safetensors" "$dir/G_torch_$prec.safetensors" \
-            --params "$dir/P.safetensors" --tol "$tol" | tee -a "$AGREEMENT" >&2; then
-            die "$cfg ($prec): the PyTorch peer and coopc disagree (see above)"
+        check "$cfg" "$prec" torch "$tol" "$dir/G_torch_$prec.safetensors"
+        [ $BURN = 1 ] || continue
+        set +e
+        out=$("${BURN_RUN[@]}" "$p" --params "$dir/P.safetensors" --batch "$dir/B.safetensors" \
+            --out "$dir/G_burn_$prec.safetensors")
+        rc=$?
+        set -e
+        echo "$out" >&2
+        if [ $rc = 3 ]; then
+            # A hypergradient burn cannot form (no second-order autodiff).
+            reason=$(echo "$out" | grep '^unsupported: ' | sed 's/^unsupported: //')
+            echo "### $cfg, $prec, burn: unsupported: $reason" >>"$AGREEMENT"
+            echo "- $cfg, $prec, burn: unsupported ($reason)" >>"$SUMMARY"
+            continue
         fi
+        [ $rc = 0 ] || die "the burn peer failed on $p (exit $rc)"
+        check "$cfg" "$prec" burn "$tol" "$dir/G_burn_$prec.safetensors"
     done
 done
 
@@ -201,6 +254,19 @@ for round in $(seq 1 "$ROUNDS"); do
                 modes+=(compile-outer)
             fi
         done
+        [ $BURN = 1 ] || continue
+        say "round $round/$ROUNDS, $cfg: burn"
+        set +e
+        out=$("${BURN_RUN[@]}" "$pipe" "${args[@]}" --repeat "$REPEAT" 2>"$dir/burn_stderr.txt")
+        rc=$?
+        set -e
+        echo "$out" | grep -E 'timing:|unsupported:' >&2 || true
+        json=$(echo "$out" | grep '^result: ' | sed 's/^result: //' || true)
+        if [ -z "$json" ]; then
+            tail -n 20 "$dir/burn_stderr.txt" >&2
+            die "the burn peer failed on $pipe (exit $rc)"
+        fi
+        record "$cfg" burn eager "$round" "\"peer\": $json"
     done
 done
 
@@ -220,11 +286,14 @@ if ! git diff --quiet HEAD 2>/dev/null; then coopc_rev="$coopc_rev+changes"; fi
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 print()
-print("## coopc grad vs PyTorch, one meta-step on fixed data (CPU)")
+print("## coopc grad vs PyTorch" + (" and burn" if any(r["side"] == "burn" for r in rows) else "") + ", one meta-step on fixed data (CPU)")
 print()
-print("Machine: $cpu_model, $CPUS CPUs, $mem; threads: $THREADS on both sides "
-      "(coopc: RAYON_NUM_THREADS/MATMUL_NUM_THREADS, torch.set_num_threads).")
-print("Date: $(date -u '+%Y-%m-%d %H:%M UTC'). coopc $coopc_rev (release build), torch $torch_build.")
+print("Machine: $cpu_model, $CPUS CPUs, $mem; threads: $THREADS on every side "
+      "(coopc: RAYON_NUM_THREADS/MATMUL_NUM_THREADS, torch.set_num_threads, "
+      "burn peer: --threads, which sets its rayon and matrixmultiply pools).")
+print("Date: $(date -u '+%Y-%m-%d %H:%M UTC'). coopc $coopc_rev (release build), torch $torch_build"
+      + (", burn 0.21.0 (ndarray backend + autodiff, without burn-ndarray's SIMD feature, release build; "
+         "first-order hypergradient only)" if any(r["side"] == "burn" for r in rows) else "") + ".")
 print("Each figure: median over $ROUNDS alternating rounds of the per-process median of $REPEAT "
       "meta-steps after one warm-up (min over all in brackets). Peak memory: the process's peak RSS "
       "(largest over the rounds); a bare \`import torch\` reaches ${torch_floor%.*} MiB here. "
@@ -244,12 +313,13 @@ for cfg in configs:
     c_min = min(r["min_ms"] for r in c)
     c_rss = max(r["peak_mib"] for r in c)
     names = {
-        "eager": "torch eager",
-        "compile": "torch.compile",
-        "compile-outer": "torch.compile, once-differentiated losses only (inner steps eager)",
+        ("torch", "eager"): "torch eager",
+        ("torch", "compile"): "torch.compile",
+        ("torch", "compile-outer"): "torch.compile, once-differentiated losses only (inner steps eager)",
+        ("burn", "eager"): "burn (ndarray, autodiff)",
     }
-    for mode, name in names.items():
-        p = [r["peer"] for r in rows if r["config"] == cfg and r["side"] == "torch" and r["mode"] == mode]
+    for (side, mode), name in names.items():
+        p = [r["peer"] for r in rows if r["config"] == cfg and r["side"] == side and r["mode"] == mode]
         if not p:
             continue
         bad = [x for x in p if x.get("status") != "ok"]
@@ -263,10 +333,9 @@ for cfg in configs:
         print(f"| {cfg} | {name} | {fmt(c_med)} ({fmt(c_min)}) | {fmt(p_med)} ({fmt(p_min)}) | "
               f"{p_med / c_med:.2f}× | {fmt(c_rss)} | {fmt(p_rss)} | {p_rss / c_rss:.1f}× |")
 print()
-print("Agreement (coopc grad vs the peer, relative error per tensor; tolerances f32 $TOL32, f64 $TOL64):")
+print("Agreement (coopc grad vs each peer, relative error per tensor; tolerances f32 $TOL32, f64 $TOL64):")
 print()
 EOF
-grep -E '^### |compare_grads: max rel err' "$AGREEMENT" | paste - - |
-    sed -E 's/^### ([^,]+), (f[0-9]+) \(tolerance ([^)]+)\)\tcompare_grads: max rel err ([^ ]+) over (.*): ([^:]*)$/- \1, \2: max rel err \4 over \5 (\6)/'
+cat "$SUMMARY"
 echo
 echo "Raw results: $RESULTS; per-tensor agreement: $AGREEMENT"
