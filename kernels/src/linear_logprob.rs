@@ -5,6 +5,13 @@
 //! (max, Σexp) pair each, then merge the pairs in shared memory. Memory is
 //! `O(T)` whatever the vocabulary; the log-sum-exp is written too, for the
 //! backward pass.
+//!
+//! Written for correctness first: each unit computes whole dot products
+//! serially and reads rows of W with a stride of d between neighbouring
+//! units (uncoalesced). Reaching its bound (2·T·V·d FLOPs, compute-bound at
+//! these shapes) needs tiles of tokens × vocabulary staged in shared memory,
+//! as a GEMM does. The backward pass (chunked over the vocabulary) is not
+//! written yet.
 
 use crate::device::{Device, DeviceError};
 use cubecl::prelude::*;
