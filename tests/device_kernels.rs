@@ -11,6 +11,7 @@
 mod common;
 
 use common::*;
+use coopc_compiler::autodiff::grad;
 use coopc_compiler::ir::{BinaryOp, CompareOp, DType, Graph, ReduceKind, UnaryOp};
 use coopc_compiler::lowering::{lower_meta_step, BatchShapes};
 use coopc_compiler::passes::Pipeline;
@@ -257,7 +258,11 @@ fn fused_linear_logprob_matches_log_softmax_of_the_full_logits() {
     let mut r = rng(30);
     let h = uniform(&mut r, t * d, -1.0, 1.0);
     let w = uniform(&mut r, v * d, -0.5, 0.5);
-    let y: Vec<f64> = (0..t).map(|_| r.gen_range(0..v) as f64).collect();
+    // Targets repeat so that dW rows collect several tokens.
+    let y: Vec<f64> = (0..t)
+        .map(|_| r.gen_range(0..v / 50) as f64 * 50.0)
+        .collect();
+    let gv = uniform(&mut r, t, -1.0, 1.0);
     // Reference: the [T, V] logits, log-softmax and the target column.
     let mut g = Graph::new();
     let hn = g.input("h", DType::F32, vec![t, d]);
@@ -268,8 +273,15 @@ fn fused_linear_logprob_matches_log_softmax_of_the_full_logits() {
     let ls = g.log_softmax(logits);
     let lp = g.take_along_axis(ls, yn, 1);
     let lse = log_sum_exp(&mut g, logits, 1);
+    // Backward reference: the gradient of Σ_t g_t · logprob_t.
+    let gn = g.input("g", DType::F32, vec![t, 1]);
+    let weighted = g.mul(lp, gn);
+    let loss = g.sum_all(weighted);
+    let grads = grad(&mut g, loss, &[hn, wn]);
     g.set_output("logprob", lp);
     g.set_output("lse", lse);
+    g.set_output("dh", grads[0]);
+    g.set_output("dw", grads[1]);
     let inputs = Inputs::from([
         (
             "h".to_string(),
@@ -283,22 +295,34 @@ fn fused_linear_logprob_matches_log_softmax_of_the_full_logits() {
             "y".to_string(),
             HostTensor::from_f64(DType::I32, vec![t, 1], &y).unwrap(),
         ),
+        (
+            "g".to_string(),
+            HostTensor::from_f64(DType::F32, vec![t, 1], &gv).unwrap(),
+        ),
     ]);
     let want = execute(&g, &inputs).unwrap();
     let f = |x: &[f64]| x.iter().map(|&a| a as f32).collect::<Vec<f32>>();
-    let (hf, wf, yf) = (f(&h), f(&w), f(&y));
-    let cuda = std::env::var("COOPC_TEST_CUDA").is_ok_and(|v| v == "1");
-    let (lp_dev, lse_dev) = if cuda {
-        let mut dev = Device::cuda().expect("CUDA device");
+    let (hf, wf, yf, gf) = (f(&h), f(&w), f(&y), f(&gv));
+    // Forward, then backward from the forward's own lse.
+    fn run<R: cubecl::prelude::Runtime>(
+        mut dev: Device<R>,
+        (h, w, y, g): (&[f32], &[f32], &[f32], &[f32]),
+        d: usize,
+    ) -> [Vec<f32>; 4] {
         dev.poison = true;
-        dev.linear_logprob(&hf, &wf, &yf, d)
-    } else {
-        let mut dev = Device::wgpu().expect("wgpu adapter");
-        dev.poison = true;
-        dev.linear_logprob(&hf, &wf, &yf, d)
+        let (lp, lse) = dev.linear_logprob(h, w, y, d).expect("forward");
+        let (dh, dw) = dev
+            .linear_logprob_backward(h, w, y, &lse, g, d)
+            .expect("backward");
+        [lp, lse, dh, dw]
     }
-    .expect("device run");
-    for ((name, w), got) in want.iter().zip([lp_dev, lse_dev]) {
+    let args = (&hf[..], &wf[..], &yf[..], &gf[..]);
+    let got = if std::env::var("COOPC_TEST_CUDA").is_ok_and(|v| v == "1") {
+        run(Device::cuda().expect("CUDA device"), args, d)
+    } else {
+        run(Device::wgpu().expect("wgpu adapter"), args, d)
+    };
+    for ((name, w), got) in want.iter().zip(got) {
         let got: Vec<f64> = got.into_iter().map(f64::from).collect();
         assert!(
             got.iter().all(|x| x.is_finite()),

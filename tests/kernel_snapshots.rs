@@ -165,4 +165,13 @@ fn fused_linear_logprob() {
         .source("linear_logprob_forward")
         .expect("compiles to CUDA and WGSL");
     snapshot("linear_logprob_forward", &src);
+    for (weights, name) in [
+        (false, "linear_logprob_backward_h"),
+        (true, "linear_logprob_backward_w"),
+    ] {
+        let src = Traced::LinearLogprobBackward { weights }
+            .source(name)
+            .expect("compiles to CUDA and WGSL");
+        snapshot(name, &src);
+    }
 }

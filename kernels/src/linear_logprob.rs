@@ -10,8 +10,11 @@
 //! serially and reads rows of W with a stride of d between neighbouring
 //! units (uncoalesced). Reaching its bound (2·T·V·d FLOPs, compute-bound at
 //! these shapes) needs tiles of tokens × vocabulary staged in shared memory,
-//! as a GEMM does. The backward pass (chunked over the vocabulary) is not
-//! written yet.
+//! as a GEMM does.
+//!
+//! The backward pass is two kernels of the same shape, recomputing the
+//! logits chunk by chunk from `lse` instead of storing them: one cube per
+//! token for `dh`, one cube per vocabulary row for `dW`.
 
 use crate::device::{Device, DeviceError};
 use cubecl::prelude::*;
@@ -88,6 +91,137 @@ pub fn linear_logprob_forward(
     }
 }
 
+/// `dh[t] = g[t] · (W[y_t] − Σ_v p_tv W[v])` with `p_tv = exp(h[t]·W[v] −
+/// lse[t])`. One cube per token; each chunk of `block` vocabulary rows is
+/// scored into shared memory, then every unit adds the chunk's share to the
+/// columns it owns.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn linear_logprob_backward_h(
+    h: &Array<f32>,
+    w: &Array<f32>,
+    targets: &Array<f32>,
+    lse: &Array<f32>,
+    grad: &Array<f32>,
+    dh: &mut Array<f32>,
+    n_tokens: u32,
+    d: u32,
+    vocab: u32,
+    #[comptime] block: usize,
+) {
+    let t = CUBE_POS;
+    if t >= n_tokens as usize {
+        terminate!();
+    }
+    let tid = UNIT_POS as usize;
+    let d = d as usize;
+    let vocab = vocab as usize;
+    let target = u32::cast_from(targets[t]) as usize;
+    let (l, g) = (lse[t], grad[t]);
+    let mut p = SharedMemory::<f32>::new(block);
+    let zero = h[t * d] * f32::new(0.0);
+    // dh starts as g·W[y_t].
+    let mut j = tid;
+    while j < d {
+        dh[t * d + j] = g * w[target * d + j];
+        j += block;
+    }
+    let mut v0 = tid * 0usize;
+    while v0 < vocab {
+        let v = v0 + tid;
+        let mut z = zero;
+        if v < vocab {
+            let mut k = tid * 0usize;
+            while k < d {
+                z += h[t * d + k] * w[v * d + k];
+                k += 1usize;
+            }
+        }
+        p[tid] = select(v < vocab, (z - l).exp(), zero);
+        sync_cube();
+        let mut j2 = tid;
+        while j2 < d {
+            let mut acc = zero;
+            let mut c = tid * 0usize;
+            while c < block && v0 + c < vocab {
+                acc += p[c] * w[(v0 + c) * d + j2];
+                c += 1usize;
+            }
+            dh[t * d + j2] -= g * acc;
+            j2 += block;
+        }
+        sync_cube();
+        v0 += block;
+    }
+}
+
+/// `dW[v] = Σ_t g[t] · (1[y_t = v] − p_tv) · h[t]`. One cube per vocabulary
+/// row; each chunk of `block` tokens is scored into shared memory, then
+/// every unit adds the chunk's share to the columns it owns.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn linear_logprob_backward_w(
+    h: &Array<f32>,
+    w: &Array<f32>,
+    targets: &Array<f32>,
+    lse: &Array<f32>,
+    grad: &Array<f32>,
+    dw: &mut Array<f32>,
+    n_tokens: u32,
+    d: u32,
+    vocab: u32,
+    #[comptime] block: usize,
+) {
+    let v = CUBE_POS;
+    if v >= vocab as usize {
+        terminate!();
+    }
+    let tid = UNIT_POS as usize;
+    let d = d as usize;
+    let n_tokens = n_tokens as usize;
+    let mut coef = SharedMemory::<f32>::new(block);
+    let zero = w[v * d] * f32::new(0.0);
+    let mut j = tid;
+    while j < d {
+        dw[v * d + j] = zero;
+        j += block;
+    }
+    let mut t0 = tid * 0usize;
+    while t0 < n_tokens {
+        let t = t0 + tid;
+        let mut c = zero;
+        if t < n_tokens {
+            let mut z = zero;
+            let mut k = tid * 0usize;
+            while k < d {
+                z += h[t * d + k] * w[v * d + k];
+                k += 1usize;
+            }
+            let hit = select(
+                u32::cast_from(targets[t]) as usize == v,
+                f32::new(1.0),
+                zero,
+            );
+            c = grad[t] * (hit - (z - lse[t]).exp());
+        }
+        coef[tid] = c;
+        sync_cube();
+        let mut j2 = tid;
+        while j2 < d {
+            let mut acc = zero;
+            let mut r = tid * 0usize;
+            while r < block && t0 + r < n_tokens {
+                acc += coef[r] * h[(t0 + r) * d + j2];
+                r += 1usize;
+            }
+            dw[v * d + j2] += acc;
+            j2 += block;
+        }
+        sync_cube();
+        t0 += block;
+    }
+}
+
 impl<R: Runtime> Device<R> {
     /// `(logprob [T], lse [T])` of `targets` under the logits `h Wᵀ`, with
     /// `h [T, d]` and `w [V, d]` row-major and targets whole numbers in
@@ -129,5 +263,71 @@ impl<R: Runtime> Device<R> {
             LOGPROB_BLOCK,
         );
         Ok((self.download(lp, t)?, self.download(lse, t)?))
+    }
+
+    /// `(dh [T, d], dW [V, d])` of `Σ_t grad[t] · logprob[t]`, from the
+    /// forward's `lse`, by [`linear_logprob_backward_h`] and
+    /// [`linear_logprob_backward_w`].
+    pub fn linear_logprob_backward(
+        &self,
+        h: &[f32],
+        w: &[f32],
+        targets: &[f32],
+        lse: &[f32],
+        grad: &[f32],
+        d: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>), DeviceError> {
+        let t = targets.len();
+        let vocab = w.len() / d.max(1);
+        if h.len() != t * d || lse.len() != t || grad.len() != t || t == 0 || vocab == 0 {
+            return Err(DeviceError::Device(format!(
+                "linear_logprob_backward: h has {} elements, w {}, {t} targets, lse {}, grad {}, d = {d}",
+                h.len(),
+                w.len(),
+                lse.len(),
+                grad.len()
+            )));
+        }
+        let up = |x: &[f32]| self.upload(x);
+        let (hh, wh, th, lh, gh) = (up(h), up(w), up(targets), up(lse), up(grad));
+        let (dh, dw) = (self.output(t * d), self.output(vocab * d));
+        let arg = |h: &cubecl::server::Handle, n: usize| unsafe {
+            ArrayArg::<R>::from_raw_parts(h.clone(), n)
+        };
+        let grid = |n: usize| {
+            let x = (n as u32).min(65_535);
+            CubeCount::Static(x, (n as u32).div_ceil(x), 1)
+        };
+        linear_logprob_backward_h::launch::<R>(
+            self.client(),
+            grid(t),
+            CubeDim::new_1d(LOGPROB_BLOCK as u32),
+            arg(&hh, h.len()),
+            arg(&wh, w.len()),
+            arg(&th, t),
+            arg(&lh, t),
+            arg(&gh, t),
+            arg(&dh, t * d),
+            t as u32,
+            d as u32,
+            vocab as u32,
+            LOGPROB_BLOCK,
+        );
+        linear_logprob_backward_w::launch::<R>(
+            self.client(),
+            grid(vocab),
+            CubeDim::new_1d(LOGPROB_BLOCK as u32),
+            arg(&hh, h.len()),
+            arg(&wh, w.len()),
+            arg(&th, t),
+            arg(&lh, t),
+            arg(&gh, t),
+            arg(&dw, vocab * d),
+            t as u32,
+            d as u32,
+            vocab as u32,
+            LOGPROB_BLOCK,
+        );
+        Ok((self.download(dh, t * d)?, self.download(dw, vocab * d)?))
     }
 }

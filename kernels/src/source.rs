@@ -5,7 +5,9 @@
 
 use crate::device::BLOCK;
 use crate::elementwise::elementwise_program;
-use crate::linear_logprob::{linear_logprob_forward, LOGPROB_BLOCK};
+use crate::linear_logprob::{
+    linear_logprob_backward_h, linear_logprob_backward_w, linear_logprob_forward, LOGPROB_BLOCK,
+};
 use crate::matmul::{matmul_tiled, TILE};
 use crate::movement::{
     gather_rows, iota, one_hot, scatter_add_along, scatter_add_rows, strided_copy, take_along,
@@ -74,6 +76,11 @@ pub enum Traced {
     Iota,
     /// The hand-written fused linear log-prob (forward).
     LinearLogprob,
+    /// Its backward kernels: `dh` (one cube per token) and `dW` (one cube
+    /// per vocabulary row).
+    LinearLogprobBackward {
+        weights: bool,
+    },
 }
 
 impl Traced {
@@ -184,6 +191,48 @@ impl Traced {
                     v,
                     LOGPROB_BLOCK,
                 );
+                b.build(settings(name, CubeDim::new_1d(LOGPROB_BLOCK as u32)))
+            }
+            Traced::LinearLogprobBackward { weights } => {
+                let mut ins = (0..5).map(|_| <Array<f32> as LaunchArg>::expand(&array(), &mut b));
+                let (h, w, y, lse, g) = (
+                    ins.next().unwrap(),
+                    ins.next().unwrap(),
+                    ins.next().unwrap(),
+                    ins.next().unwrap(),
+                    ins.next().unwrap(),
+                );
+                let out = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let (t, d, v) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
+                if *weights {
+                    linear_logprob_backward_w::expand(
+                        &mut b.scope,
+                        h,
+                        w,
+                        y,
+                        lse,
+                        g,
+                        out,
+                        t,
+                        d,
+                        v,
+                        LOGPROB_BLOCK,
+                    );
+                } else {
+                    linear_logprob_backward_h::expand(
+                        &mut b.scope,
+                        h,
+                        w,
+                        y,
+                        lse,
+                        g,
+                        out,
+                        t,
+                        d,
+                        v,
+                        LOGPROB_BLOCK,
+                    );
+                }
                 b.build(settings(name, CubeDim::new_1d(LOGPROB_BLOCK as u32)))
             }
             Traced::Iota => {
