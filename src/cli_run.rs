@@ -157,7 +157,7 @@ pub fn run(
         stop_after,
     };
     let mut trainer = Trainer::new(spec.clone(), programs(plan), opts)?.with_backend(backend);
-    let start = trainer.state().step;
+    let start = trainer.step();
     if !quiet {
         eprintln!(
             "coopc run: {} on {} · {} meta-steps (from {start}) · backend {} · out {}",
@@ -243,7 +243,7 @@ pub fn eval(dir: &Path, eval_limit: usize, show: usize) -> Result<(), UserError>
     println!(
         "{}: step {} · held-out accuracy {:.1}%",
         dir.display(),
-        trainer.state().step,
+        trainer.step(),
         100.0 * acc
     );
     Ok(())

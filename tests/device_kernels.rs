@@ -17,8 +17,9 @@ use coopc_compiler::lowering::{lower_meta_step, BatchShapes};
 use coopc_compiler::passes::Pipeline;
 use coopc_compiler::spec::Precision;
 use coopc_kernels::device::{Device, Prepared};
-use coopc_runtime::{execute, HostTensor};
+use coopc_runtime::{execute, Backend, CpuBackend, HostTensor, Value};
 use rand::Rng;
+use std::collections::HashMap;
 
 fn on_device(g: &Graph, inputs: &Inputs) -> Vec<(String, HostTensor)> {
     let prepared = Prepared::new(g);
@@ -331,4 +332,85 @@ fn fused_linear_logprob_matches_log_softmax_of_the_full_logits() {
         let e = rel_err(&got, &w.to_f64_vec(), 1e-6);
         assert!(e <= 1e-5, "{name}: relative error {e:e}");
     }
+}
+
+/// The device as a [`Backend`]: CUDA with `COOPC_TEST_CUDA=1`, else wgpu.
+fn device_backend() -> Box<dyn Backend> {
+    if std::env::var("COOPC_TEST_CUDA").is_ok_and(|v| v == "1") {
+        Box::new(Device::cuda().expect("CUDA device"))
+    } else {
+        Box::new(Device::wgpu().expect("wgpu adapter"))
+    }
+}
+
+/// State kept between runs never crosses to the host: a value made
+/// resident once feeds run after run, outputs stay on the device unless
+/// asked for, and only what is read back is downloaded.
+#[test]
+fn resident_values_stay_on_the_device_between_runs() {
+    let d = device_backend();
+    let mut g = Graph::new();
+    let mut inp = Inputs::new();
+    let x = f32_input(&mut g, &mut inp, "x", &[64], -1.0, 1.0, 31);
+    let e = g.unary(UnaryOp::Tanh, x);
+    let y = g.binary(BinaryOp::Add, e, x);
+    g.set_output("y", y);
+    let n_bytes = 4 * 64;
+
+    let t0 = d.transfers().unwrap();
+    let xv = d.resident(Value::host(inp["x"].clone())).unwrap();
+    assert!(xv.is_resident());
+    assert_eq!(d.transfers().unwrap().since(t0).uploaded, n_bytes);
+
+    // Twice through the graph, the intermediate never leaving the device.
+    let t1 = d.transfers().unwrap();
+    let mut vals = HashMap::from([("x".to_string(), xv)]);
+    let once = d.run_values(&g, &vals, &|_| false).unwrap();
+    assert!(once[0].1.is_resident());
+    vals.insert("x".into(), once[0].1.clone());
+    let twice = d.run_values(&g, &vals, &|name| name == "y").unwrap();
+    let moved = d.transfers().unwrap().since(t1);
+    assert_eq!(moved.uploaded, 0, "resident inputs are not uploaded");
+    assert_eq!(moved.downloaded, n_bytes, "only the requested output");
+
+    let cpu_once = execute(&g, &inp).unwrap().remove(0).1;
+    let cpu_twice = execute(&g, &HashMap::from([("x".to_string(), cpu_once)]))
+        .unwrap()
+        .remove(0)
+        .1;
+    let got = twice[0].1.as_host().expect("read back").to_f64_vec();
+    assert!(rel_err(&got, &cpu_twice.to_f64_vec(), 1e-6) <= 1e-5);
+
+    // Zeros are made on the device.
+    let t2 = d.transfers().unwrap();
+    let z = d.zeros(&g.ty(x).clone()).unwrap();
+    assert_eq!(d.transfers().unwrap().since(t2).uploaded, 0);
+    assert!(d
+        .to_host(&z)
+        .unwrap()
+        .to_f64_vec()
+        .iter()
+        .all(|&v| v == 0.0));
+
+    // A resident value of the wrong type, or handed to the CPU, is an error.
+    let mut small = Graph::new();
+    let s = small.input("x", DType::F32, vec![32]);
+    let s2 = small.unary(UnaryOp::Exp, s);
+    small.set_output("y", s2);
+    let e = d
+        .run_values(&small, &vals, &|_| true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("input `x`") && e.contains("[32]"), "{e}");
+    let e = CpuBackend
+        .run_values(&g, &vals, &|_| true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lives on the") && e.contains("device"), "{e}");
+    let f64_value = Value::host(HostTensor::f64(vec![1], vec![1.0]));
+    assert!(d
+        .resident(f64_value)
+        .unwrap_err()
+        .to_string()
+        .contains("f32"));
 }

@@ -305,6 +305,23 @@ fn training_on_the_device_matches_the_cpu() {
     );
     // The run folder is checkpointed as on the CPU.
     assert!(dir.join(device).join("checkpoints/latest").exists());
+    // The state stays on the device: after the first meta-step (which
+    // uploads θ, w, shadow and the AdamW moments once), a step moves only
+    // its batches, token ids and logits — far less than the state it
+    // updates, which a host round trip would copy both ways.
+    let state = load_latest(&dir.join(device)).unwrap();
+    let state_bytes: u64 = state.tensors.values().map(|t| 4 * t.numel() as u64).sum();
+    assert!(c.bytes_to_device.is_none() && c.bytes_from_device.is_none());
+    let (up0, up1) = (d.bytes_to_device.unwrap(), dev[1].bytes_to_device.unwrap());
+    let down1 = dev[1].bytes_from_device.unwrap();
+    assert!(
+        up0 > state_bytes,
+        "step 0 uploads the state: {up0} of {state_bytes} bytes"
+    );
+    assert!(
+        up1 < state_bytes / 4 && down1 < state_bytes / 2,
+        "step 1 moved {up1} bytes up and {down1} down; the state is {state_bytes} bytes"
+    );
 }
 
 #[test]

@@ -15,14 +15,17 @@ use crate::movement::{
 };
 use crate::reduce::{reduce_program, ReduceSpec};
 use coopc_compiler::fusion::{fuse, ElemProgram, FusedSchedule, Kernel};
-use coopc_compiler::ir::{numel, DType, Graph, NodeId, Op};
+use coopc_compiler::ir::{numel, DType, Graph, NodeId, Op, TensorType};
 use coopc_compiler::schedule::schedule;
-use coopc_runtime::{Backend, ExecError, HostTensor};
+use coopc_runtime::{
+    Backend, DeviceTensor, ExecError, HostTensor, Input, Inputs, Transfers, Value,
+};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use thiserror::Error;
 
@@ -119,6 +122,9 @@ pub struct Prepared {
     /// Kernel index after which a node's buffer can be released.
     last_use: HashMap<NodeId, usize>,
     outputs: Vec<(String, NodeId)>,
+    /// Literal nodes already uploaded, so that a graph run again (every
+    /// meta-step, every decoded token) does not copy its constants again.
+    literals: Mutex<HashMap<NodeId, Handle>>,
 }
 
 impl Prepared {
@@ -139,6 +145,7 @@ impl Prepared {
             fused,
             last_use,
             outputs,
+            literals: Mutex::default(),
         }
     }
 }
@@ -153,6 +160,16 @@ pub struct Device<R: Runtime> {
     /// Fused schedules of the graphs run through [`Backend::run`], by
     /// structural fingerprint.
     prepared: Mutex<HashMap<u64, Arc<Prepared>>>,
+    /// Bytes copied host → device and device → host.
+    uploaded: AtomicU64,
+    downloaded: AtomicU64,
+}
+
+/// A device buffer behind a [`DeviceTensor`]: the handle and its element
+/// count (every device tensor is stored as f32).
+struct Resident {
+    handle: Handle,
+    numel: usize,
 }
 
 /// A hash of everything that decides a graph's fused schedule: every node's
@@ -185,16 +202,71 @@ impl<R: Runtime> Backend for Device<R> {
         graph: &Graph,
         inputs: &HashMap<String, HostTensor>,
     ) -> Result<Vec<(String, HostTensor)>, ExecError> {
-        let key = fingerprint(graph);
-        let prepared = {
-            let mut cache = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
-            cache
-                .entry(key)
-                .or_insert_with(|| Arc::new(Prepared::new(graph)))
-                .clone()
-        };
+        let prepared = self.prepared_for(graph);
         self.execute(graph, &prepared, inputs)
-            .map_err(|e| ExecError::Device(format!("{} backend: {e}", self.backend)))
+            .map_err(|e| self.exec_error(e))
+    }
+
+    fn run_values(
+        &self,
+        graph: &Graph,
+        inputs: &HashMap<String, Value>,
+        to_host: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<(String, Value)>, ExecError> {
+        let prepared = self.prepared_for(graph);
+        self.execute_values(graph, &prepared, inputs, to_host)
+            .map_err(|e| self.exec_error(e))
+    }
+
+    fn to_host(&self, value: &Value) -> Result<HostTensor, ExecError> {
+        match value {
+            Value::Host(t) => Ok((**t).clone()),
+            Value::Device(d) => self.read_back(d).map_err(|e| self.exec_error(e)),
+        }
+    }
+
+    fn resident(&self, value: Value) -> Result<Value, ExecError> {
+        let t = match value {
+            Value::Device(d) => {
+                self.unwrap_resident(&d).map_err(|e| self.exec_error(e))?;
+                return Ok(Value::Device(d));
+            }
+            Value::Host(t) => t,
+        };
+        let ty = t.ty();
+        if ty.dtype == DType::F64 {
+            return Err(self.exec_error(DeviceError::Precision {
+                backend: self.backend,
+                dtype: DType::F64,
+            }));
+        }
+        let v: Vec<f32> = t.to_f64_vec().into_iter().map(|x| x as f32).collect();
+        let handle =
+            guarded(DeviceError::Device, || self.upload(&v)).map_err(|e| self.exec_error(e))?;
+        Ok(self.wrap(ty, handle))
+    }
+
+    fn zeros(&self, ty: &TensorType) -> Result<Value, ExecError> {
+        let n = ty.numel();
+        let handle = guarded(DeviceError::Device, || {
+            let h = self.output(n);
+            self.elementwise(
+                &ElemProgram::constant(0.0),
+                n,
+                &[],
+                std::slice::from_ref(&h),
+            );
+            h
+        })
+        .map_err(|e| self.exec_error(e))?;
+        Ok(self.wrap(ty.clone(), handle))
+    }
+
+    fn transfers(&self) -> Option<Transfers> {
+        Some(Transfers {
+            uploaded: self.uploaded.load(Ordering::Relaxed),
+            downloaded: self.downloaded.load(Ordering::Relaxed),
+        })
     }
 
     fn memory_in_use(&self) -> Option<u64> {
@@ -217,6 +289,8 @@ impl Device<cubecl::wgpu::WgpuRuntime> {
             backend: "wgpu",
             poison: false,
             prepared: Mutex::default(),
+            uploaded: AtomicU64::new(0),
+            downloaded: AtomicU64::new(0),
         })
     }
 }
@@ -246,6 +320,8 @@ impl Device<cubecl::cuda::CudaRuntime> {
             backend: "cuda",
             poison: false,
             prepared: Mutex::default(),
+            uploaded: AtomicU64::new(0),
+            downloaded: AtomicU64::new(0),
         };
         // A client can exist without a working compiler: run one kernel.
         let mut g = Graph::new();
@@ -284,6 +360,8 @@ impl<R: Runtime> Device<R> {
 
     pub fn upload(&self, v: &[f32]) -> Handle {
         let v = if v.is_empty() { &[0.0f32][..] } else { v };
+        self.uploaded
+            .fetch_add(4 * v.len() as u64, Ordering::Relaxed);
         self.client.create_from_slice(f32::as_bytes(v))
     }
 
@@ -299,7 +377,59 @@ impl<R: Runtime> Device<R> {
     pub fn download(&self, h: Handle, n: usize) -> Result<Vec<f32>, DeviceError> {
         let bytes = guarded(DeviceError::Device, || self.client.read_one(h))?
             .map_err(|e| DeviceError::Device(format!("{e:?}")))?;
+        self.downloaded
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(f32::from_bytes(&bytes)[..n].to_vec())
+    }
+
+    /// The fused schedule of `graph`, prepared once per structure.
+    fn prepared_for(&self, graph: &Graph) -> Arc<Prepared> {
+        let key = fingerprint(graph);
+        let mut cache = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry(key)
+            .or_insert_with(|| Arc::new(Prepared::new(graph)))
+            .clone()
+    }
+
+    fn exec_error(&self, e: DeviceError) -> ExecError {
+        ExecError::Device(format!("{} backend: {e}", self.backend))
+    }
+
+    /// A buffer of this device as a resident value of type `ty`.
+    fn wrap(&self, ty: TensorType, handle: Handle) -> Value {
+        let numel = ty.numel();
+        Value::Device(DeviceTensor {
+            ty,
+            backend: self.backend,
+            handle: Arc::new(Resident { handle, numel }),
+        })
+    }
+
+    /// The buffer behind a resident value, if this device made it.
+    fn unwrap_resident<'a>(&self, d: &'a DeviceTensor) -> Result<&'a Resident, DeviceError> {
+        d.handle
+            .downcast_ref::<Resident>()
+            .filter(|_| d.backend == self.backend)
+            .ok_or_else(|| {
+                DeviceError::Device(format!(
+                    "a value of type {} belongs to the {} backend, not to this {} device",
+                    d.ty, d.backend, self.backend
+                ))
+            })
+    }
+
+    /// Reads a resident value back into a host tensor of its type.
+    fn read_back(&self, d: &DeviceTensor) -> Result<HostTensor, DeviceError> {
+        let r = self.unwrap_resident(d)?;
+        self.to_host_tensor(&d.ty, r.handle.clone())
+    }
+
+    fn to_host_tensor(&self, ty: &TensorType, h: Handle) -> Result<HostTensor, DeviceError> {
+        let v = self.download(h, ty.numel())?;
+        let v: Vec<f64> = v.into_iter().map(f64::from).collect();
+        HostTensor::from_f64(ty.dtype, ty.shape.clone(), &v)
+            .map_err(|e| DeviceError::Device(e.to_string()))
     }
 
     /// Bytes the device's allocator holds now.
@@ -309,16 +439,49 @@ impl<R: Runtime> Device<R> {
 
     /// Runs `g` (prepared by [`Prepared::new`]) and returns its outputs by
     /// name, converted to their graph types.
-    pub fn execute(
+    pub fn execute<I: Inputs>(
         &self,
         g: &Graph,
         prepared: &Prepared,
-        inputs: &HashMap<String, HostTensor>,
+        inputs: &I,
     ) -> Result<Vec<(String, HostTensor)>, DeviceError> {
+        self.execute_values(g, prepared, inputs, &|_| true)?
+            .into_iter()
+            .map(|(name, v)| match v {
+                Value::Host(t) => Ok((name, Arc::unwrap_or_clone(t))),
+                Value::Device(d) => Ok((name, self.read_back(&d)?)),
+            })
+            .collect()
+    }
+
+    /// Runs `g` on inputs that are host tensors or values resident on this
+    /// device. Outputs named by `to_host` are read back; the others stay on
+    /// the device as [`Value::Device`].
+    pub fn execute_values<I: Inputs>(
+        &self,
+        g: &Graph,
+        prepared: &Prepared,
+        inputs: &I,
+        to_host: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<(String, Value)>, DeviceError> {
         guarded(DeviceError::Device, || {
             let mut values: HashMap<NodeId, Handle> = HashMap::new();
             for (k, kernel) in prepared.fused.kernels.iter().enumerate() {
-                for (id, h) in self.launch(g, kernel, inputs, &values)? {
+                let produced = match kernel {
+                    Kernel::Node(id) if matches!(g.op(*id), Op::Literal { .. }) => {
+                        let mut lits = prepared.literals.lock().unwrap_or_else(|e| e.into_inner());
+                        match lits.get(id) {
+                            Some(h) => vec![(*id, h.clone())],
+                            None => {
+                                let made = self.launch(g, kernel, inputs, &values)?;
+                                lits.insert(*id, made[0].1.clone());
+                                made
+                            }
+                        }
+                    }
+                    _ => self.launch(g, kernel, inputs, &values)?,
+                };
+                for (id, h) in produced {
                     values.insert(id, h);
                 }
                 for r in kernel.reads(g) {
@@ -335,11 +498,12 @@ impl<R: Runtime> Device<R> {
                     op: g.op(*id).name(),
                     message: "output never computed".into(),
                 })?;
-                let v = self.download(h.clone(), ty.numel())?;
-                let v: Vec<f64> = v.into_iter().map(f64::from).collect();
-                let t = HostTensor::from_f64(ty.dtype, ty.shape.clone(), &v)
-                    .map_err(|e| DeviceError::Device(e.to_string()))?;
-                out.push((name.clone(), t));
+                let v = if to_host(name) {
+                    Value::host(self.to_host_tensor(ty, h.clone())?)
+                } else {
+                    self.wrap(ty.clone(), h.clone())
+                };
+                out.push((name.clone(), v));
             }
             Ok(out)
         })?
@@ -350,7 +514,7 @@ impl<R: Runtime> Device<R> {
         &self,
         g: &Graph,
         kernel: &Kernel,
-        inputs: &HashMap<String, HostTensor>,
+        inputs: &dyn Inputs,
         values: &HashMap<NodeId, Handle>,
     ) -> Result<Vec<(NodeId, Handle)>, DeviceError> {
         let get = |id: &NodeId| -> Result<Handle, DeviceError> {
@@ -480,7 +644,7 @@ impl<R: Runtime> Device<R> {
         &self,
         g: &Graph,
         id: NodeId,
-        inputs: &HashMap<String, HostTensor>,
+        inputs: &dyn Inputs,
         get: &dyn Fn(&NodeId) -> Result<Handle, DeviceError>,
     ) -> Result<Handle, DeviceError> {
         let ty = g.ty(id);
@@ -501,18 +665,32 @@ impl<R: Runtime> Device<R> {
         }
         let out = match g.op(id) {
             Op::Input { name, ty } => {
-                let t = inputs
-                    .get(name)
+                let input = inputs
+                    .input(name)
                     .ok_or_else(|| DeviceError::MissingInput(name.clone()))?;
-                if t.shape != ty.shape || t.dtype() != ty.dtype {
+                let got = match input {
+                    Input::Host(t) => t.ty(),
+                    Input::Device(d) => d.ty.clone(),
+                };
+                let whole = match input {
+                    Input::Host(t) => t.data.len() == t.numel(),
+                    Input::Device(d) => self.unwrap_resident(d)?.numel == d.ty.numel(),
+                };
+                if got != *ty || !whole {
                     return Err(DeviceError::InputMismatch {
                         name: name.clone(),
                         expected: ty.to_string(),
-                        got: t.ty().to_string(),
+                        got: got.to_string(),
                     });
                 }
-                let v: Vec<f32> = t.to_f64_vec().into_iter().map(|x| x as f32).collect();
-                self.upload(&v)
+                match input {
+                    Input::Host(t) => {
+                        let v: Vec<f32> = t.to_f64_vec().into_iter().map(|x| x as f32).collect();
+                        self.upload(&v)
+                    }
+                    // Already on the device: no copy.
+                    Input::Device(d) => self.unwrap_resident(d)?.handle.clone(),
+                }
             }
             Op::Literal { values, .. } => {
                 let v: Vec<f32> = values.iter().map(|s| s.get() as f32).collect();

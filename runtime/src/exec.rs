@@ -7,7 +7,8 @@ use crate::cpu::index::IndexError;
 use crate::cpu::{elementwise, index, matmul, movement, reduce};
 use crate::error::ExecError;
 use crate::tensor::{Buffer, Element, HostTensor};
-use coopc_compiler::ir::{numel, DType, Graph, NodeId, Op};
+use crate::value::{Input, Inputs, Transfers, Value};
+use coopc_compiler::ir::{numel, DType, Graph, NodeId, Op, TensorType};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -18,9 +19,9 @@ use std::time::Instant;
 /// Inputs are bound to `Op::Input` nodes by name; names the graph does not
 /// use are ignored, and an input the outputs do not depend on need not be
 /// given.
-pub fn execute(
+pub fn execute<I: Inputs + ?Sized>(
     graph: &Graph,
-    inputs: &HashMap<String, HostTensor>,
+    inputs: &I,
 ) -> Result<Vec<(String, HostTensor)>, ExecError> {
     let nodes: Vec<NodeId> = graph.outputs().iter().map(|&(_, id)| id).collect();
     let values = execute_nodes(graph, inputs, &nodes)?;
@@ -45,6 +46,52 @@ pub trait Backend: Send + Sync {
         graph: &Graph,
         inputs: &HashMap<String, HostTensor>,
     ) -> Result<Vec<(String, HostTensor)>, ExecError>;
+
+    /// Runs `graph` on values, some of which may already live on this
+    /// backend's device. Outputs named by `to_host` come back as host
+    /// tensors; a device backend keeps the others resident, so that state
+    /// passed from one call to the next never leaves the device.
+    fn run_values(
+        &self,
+        graph: &Graph,
+        inputs: &HashMap<String, Value>,
+        to_host: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<(String, Value)>, ExecError> {
+        let _ = to_host;
+        Ok(execute(graph, inputs)?
+            .into_iter()
+            .map(|(n, t)| (n, Value::host(t)))
+            .collect())
+    }
+
+    /// A value as a host tensor (a device value is read back).
+    fn to_host(&self, value: &Value) -> Result<HostTensor, ExecError> {
+        match value {
+            Value::Host(t) => Ok((**t).clone()),
+            Value::Device(d) => Err(ExecError::Device(format!(
+                "a value of type {} lives on the {} device, not on the {} backend",
+                d.ty,
+                d.backend,
+                self.name()
+            ))),
+        }
+    }
+
+    /// A value as this backend keeps state between calls: a device backend
+    /// copies a host value to the device (once); the CPU keeps it as is.
+    fn resident(&self, value: Value) -> Result<Value, ExecError> {
+        Ok(value)
+    }
+
+    /// A zero tensor of type `ty`, made where this backend keeps state.
+    fn zeros(&self, ty: &TensorType) -> Result<Value, ExecError> {
+        Ok(Value::host(HostTensor::zeros(ty)))
+    }
+
+    /// Bytes copied between host and device so far; `None` for the CPU.
+    fn transfers(&self) -> Option<Transfers> {
+        None
+    }
 
     /// Device memory its allocator holds now, for a device backend.
     fn memory_in_use(&self) -> Option<u64> {
@@ -72,9 +119,9 @@ impl Backend for CpuBackend {
 
 /// Runs the part of `graph` that `nodes` depend on and returns the value of
 /// each of `nodes`, in order (a node may be listed more than once).
-pub fn execute_nodes(
+pub fn execute_nodes<I: Inputs + ?Sized>(
     graph: &Graph,
-    inputs: &HashMap<String, HostTensor>,
+    inputs: &I,
     nodes: &[NodeId],
 ) -> Result<Vec<HostTensor>, ExecError> {
     graph.validate()?;
@@ -92,10 +139,21 @@ pub fn execute_nodes(
         let operands = &plan.operands[step];
         let value = match graph.op(id) {
             Op::Input { name, ty } => {
-                let t = inputs.get(name).ok_or_else(|| ExecError::MissingInput {
-                    name: name.clone(),
-                    expected: ty.clone(),
-                })?;
+                let t = match inputs.input(name) {
+                    Some(Input::Host(t)) => t,
+                    Some(Input::Device(d)) => {
+                        return Err(ExecError::Device(format!(
+                            "input `{name}` lives on the {} device; the CPU executor needs it on the host",
+                            d.backend
+                        )))
+                    }
+                    None => {
+                        return Err(ExecError::MissingInput {
+                            name: name.clone(),
+                            expected: ty.clone(),
+                        })
+                    }
+                };
                 if t.dtype() != ty.dtype || t.shape != ty.shape || t.data.len() != ty.numel() {
                     let mut got = t.ty().to_string();
                     if t.data.len() != t.numel() {

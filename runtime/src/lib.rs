@@ -13,6 +13,7 @@ pub mod sampler;
 pub mod tasks;
 pub mod tensor;
 pub mod train;
+pub mod value;
 
 #[cfg(test)]
 mod tests;
@@ -24,3 +25,4 @@ pub use safetensors_io::{
     TensorProblem,
 };
 pub use tensor::{Buffer, Element, HostTensor};
+pub use value::{DeviceTensor, Input, Inputs, Transfers, Value};

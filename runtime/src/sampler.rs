@@ -16,6 +16,7 @@
 use crate::error::ExecError;
 use crate::exec::{Backend, CpuBackend};
 use crate::tensor::HostTensor;
+use crate::value::Value;
 use coopc_compiler::decode::{
     cache_input, cache_shape, decode_step_program, IDS_INPUT, LOGITS_OUTPUT, POS_INPUT,
 };
@@ -164,11 +165,17 @@ impl Sampler {
 
     /// Generates a response for every prompt (in chunks of the compiled
     /// batch size). `params` holds θ and w by HF/PEFT name, in the sampler's
-    /// dtype; other entries are ignored. Each prompt needs
+    /// dtype (host tensors, or values already resident on the backend);
+    /// other entries are ignored. Each prompt needs
     /// `len + max_new_tokens ≤ max_len`.
-    pub fn generate(
+    ///
+    /// On a device backend the parameters are copied to the device once per
+    /// call (not at all when already resident) and the KV caches never leave
+    /// it: per decoded token only the ids and the position go up and the
+    /// logits come back.
+    pub fn generate<V: Clone + Into<Value>>(
         &self,
-        params: &HashMap<String, HostTensor>,
+        params: &HashMap<String, V>,
         prompts: &[Vec<i32>],
         cfg: &SamplingConfig,
         rng: &mut StdRng,
@@ -178,13 +185,14 @@ impl Sampler {
             .iter()
             .map(|_| StdRng::seed_from_u64(rng.gen()))
             .collect();
-        // The parameters are copied into the step's input map once per call;
-        // the caches then move from each step's outputs to the next's inputs.
-        let mut inputs: HashMap<String, HostTensor> = self
-            .param_names
-            .iter()
-            .filter_map(|n| params.get(n).map(|t| (n.clone(), t.clone())))
-            .collect();
+        // The parameters enter the step's input map once per call; the
+        // caches then move from each step's outputs to the next's inputs.
+        let mut inputs: HashMap<String, Value> = HashMap::new();
+        for n in &self.param_names {
+            if let Some(t) = params.get(n) {
+                inputs.insert(n.clone(), self.backend.resident(t.clone().into())?);
+            }
+        }
         let mut out = Vec::with_capacity(prompts.len());
         for (chunk, rngs) in prompts
             .chunks(self.batch)
@@ -248,14 +256,14 @@ impl Sampler {
     /// Generates for at most `batch` prompts; missing rows are padding.
     fn generate_chunk(
         &self,
-        inputs: &mut HashMap<String, HostTensor>,
+        inputs: &mut HashMap<String, Value>,
         prompts: &[Vec<i32>],
         cfg: &SamplingConfig,
         rngs: &mut [StdRng],
     ) -> Result<Vec<Generation>, SampleError> {
         for l in 0..self.n_layers {
             for which in ['k', 'v'] {
-                inputs.insert(cache_input(l, which), HostTensor::zeros(&self.cache));
+                inputs.insert(cache_input(l, which), self.backend.zeros(&self.cache)?);
             }
         }
         let mut rows: Vec<Generation> = prompts
@@ -282,16 +290,22 @@ impl Sampler {
             }
             inputs.insert(
                 IDS_INPUT.into(),
-                HostTensor::i32(vec![self.batch], ids.clone()),
+                Value::host(HostTensor::i32(vec![self.batch], ids.clone())),
             );
-            inputs.insert(POS_INPUT.into(), HostTensor::i32(vec![1], vec![pos as i32]));
+            inputs.insert(
+                POS_INPUT.into(),
+                Value::host(HostTensor::i32(vec![1], vec![pos as i32])),
+            );
             let mut logits = None;
-            for (name, t) in self.backend.run(&self.program, inputs)? {
+            let on_host = |name: &str| name == LOGITS_OUTPUT;
+            for (name, v) in self.backend.run_values(&self.program, inputs, &on_host)? {
                 match name.strip_prefix("next.") {
                     Some(cache) => {
-                        inputs.insert(cache.to_string(), t);
+                        inputs.insert(cache.to_string(), v);
                     }
-                    None if name == LOGITS_OUTPUT => logits = Some(t.to_f64_vec()),
+                    None if name == LOGITS_OUTPUT => {
+                        logits = Some(self.backend.to_host(&v)?.to_f64_vec())
+                    }
                     None => {}
                 }
             }

@@ -372,7 +372,7 @@ fn iota_along_axes() {
     let mut g = Graph::new();
     let a = g.iota(0, DType::F32, vec![2, 3]);
     let b = g.iota(1, DType::I32, vec![2, 3]);
-    let outs = execute_nodes(&g, &HashMap::new(), &[a, b]).unwrap();
+    let outs = execute_nodes(&g, &HashMap::<String, HostTensor>::new(), &[a, b]).unwrap();
     assert_eq!(
         outs[0],
         HostTensor::f32(vec![2, 3], vec![0., 0., 0., 1., 1., 1.])
@@ -545,7 +545,7 @@ fn missing_input_is_an_error() {
     let y = g.exp(x);
     let _ = unused;
     g.set_output("y", y);
-    let e = execute(&g, &HashMap::new()).unwrap_err();
+    let e = execute(&g, &HashMap::<String, HostTensor>::new()).unwrap_err();
     assert!(
         matches!(&e, ExecError::MissingInput { name, .. } if name == "x"),
         "{e}"
@@ -651,7 +651,7 @@ fn unknown_node_is_an_error() {
     let x = g.input("x", DType::F32, vec![2]);
     let y = g.exp(x);
     g.remove(y);
-    let e = execute_nodes(&g, &HashMap::new(), &[y]).unwrap_err();
+    let e = execute_nodes(&g, &HashMap::<String, HostTensor>::new(), &[y]).unwrap_err();
     assert_eq!(e, ExecError::UnknownNode { node: y.index() });
 }
 

@@ -12,6 +12,7 @@ use crate::init::{init_params, initial_state};
 use crate::sampler::{Generation, SampleError, Sampler, SamplingConfig};
 use crate::tasks::{build_task, check_vocab, Problem, Task, TaskError};
 use crate::tensor::HostTensor;
+use crate::value::Value;
 use coopc_compiler::ir::{DType, Graph};
 use coopc_compiler::lowering::float_dtype;
 use coopc_compiler::spec::{Advantage, Method, PipelineSpec};
@@ -98,14 +99,24 @@ pub struct Metrics {
     pub step_time_s: f64,
     pub wall_time_s: f64,
     pub eval_accuracy: Option<f64>,
+    /// Bytes the meta-step (rollouts, scoring, the step program) copied
+    /// host → device and device → host, on a device backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_to_device: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_from_device: Option<u64>,
 }
 
 impl Metrics {
-    /// The fields that must agree between a resumed and an uninterrupted run.
+    /// The fields that must agree between a resumed and an uninterrupted run
+    /// (not timings, and not transfers: a resumed run uploads its state
+    /// again).
     pub fn without_timing(&self) -> Metrics {
         Metrics {
             step_time_s: 0.0,
             wall_time_s: 0.0,
+            bytes_to_device: None,
+            bytes_from_device: None,
             ..self.clone()
         }
     }
@@ -165,9 +176,14 @@ pub struct Trainer {
     task: Box<dyn Task>,
     sampler: Sampler,
     dt: DType,
-    state: TrainState,
+    /// Meta-steps done.
+    step: usize,
+    /// θ, w, shadow and optimiser state by meta-step input name, where the
+    /// backend keeps them (resident on a device backend after the first
+    /// meta-step; read back only for checkpoints).
+    values: BTreeMap<String, Value>,
     /// π_ref's parameters (the initial θ, w) when kl_coef > 0.
-    reference: Option<HashMap<String, HostTensor>>,
+    reference: Option<HashMap<String, Value>>,
     opts: RunOptions,
     /// Where the programs run.
     backend: Arc<dyn Backend>,
@@ -193,12 +209,23 @@ impl Trainer {
         }
         let sampler = Sampler::new(&spec, spec.rl.batch_size(), spec.train.seq_len);
         let initial = Self::initial_state(&spec, &programs.meta_step, dt);
+        let initial_values = initial
+            .tensors
+            .into_iter()
+            .map(|(n, t)| (n, Value::host(t)))
+            .collect();
         let reference =
-            (spec.rl.kl_coef > 0.0).then(|| Self::policy_params(&spec, &initial.tensors));
-        let state = if opts.resume {
-            checkpoint::load_latest(&opts.out_dir)?
+            (spec.rl.kl_coef > 0.0).then(|| Self::policy_params(&spec, &initial_values));
+        let (step, values) = if opts.resume {
+            let s = checkpoint::load_latest(&opts.out_dir)?;
+            let values = s
+                .tensors
+                .into_iter()
+                .map(|(n, t)| (n, Value::host(t)))
+                .collect();
+            (s.step, values)
         } else {
-            initial
+            (initial.step, initial_values)
         };
         Ok(Trainer {
             spec,
@@ -206,7 +233,8 @@ impl Trainer {
             task,
             sampler,
             dt,
-            state,
+            step,
+            values,
             reference,
             opts,
             backend: Arc::new(CpuBackend),
@@ -237,8 +265,8 @@ impl Trainer {
     /// θ and w (the policy) out of a state.
     fn policy_params(
         spec: &PipelineSpec,
-        tensors: &BTreeMap<String, HostTensor>,
-    ) -> HashMap<String, HostTensor> {
+        tensors: &BTreeMap<String, Value>,
+    ) -> HashMap<String, Value> {
         let names = coopc_compiler::model::theta_shapes(&spec.model)
             .into_iter()
             .chain(coopc_compiler::model::lora_shapes(&spec.model, &spec.lora))
@@ -248,33 +276,61 @@ impl Trainer {
             .collect()
     }
 
-    pub fn state(&self) -> &TrainState {
-        &self.state
+    /// Meta-steps done so far.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    /// The training state as host tensors (read back from the device on a
+    /// device backend).
+    pub fn state(&self) -> Result<TrainState, TrainError> {
+        let mut tensors = BTreeMap::new();
+        for (name, v) in &self.values {
+            tensors.insert(name.clone(), self.backend.to_host(v)?);
+        }
+        Ok(TrainState {
+            step: self.step,
+            tensors,
+        })
+    }
+
+    /// Moves the state (and π_ref) to where the backend keeps it: a no-op
+    /// once resident, and on the CPU.
+    fn make_resident(&mut self) -> Result<(), TrainError> {
+        for v in self.values.values_mut() {
+            if !v.is_resident() {
+                *v = self.backend.resident(v.clone())?;
+            }
+        }
+        if let Some(r) = &mut self.reference {
+            for v in r.values_mut() {
+                if !v.is_resident() {
+                    *v = self.backend.resident(v.clone())?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn tensor(&self, shape: Vec<usize>, v: &[f64]) -> HostTensor {
         HostTensor::from_f64(self.dt, shape, v).expect("length matches by construction")
     }
 
-    /// Log-probs [rows, T] of packed ids under `params`.
-    fn score(
-        &self,
-        params: &HashMap<String, HostTensor>,
-        ids: &[i32],
-    ) -> Result<Vec<f64>, TrainError> {
+    /// Log-probs [rows, T] of packed ids under `params`, left where the
+    /// backend computed them (they feed the meta-step).
+    fn score(&self, params: &HashMap<String, Value>, ids: &[i32]) -> Result<Value, TrainError> {
         let t = self.spec.train.seq_len;
         let rows = ids.len() / t;
         let mut inputs = params.clone();
         inputs.insert(
             "input_ids".into(),
-            HostTensor::i32(vec![rows, t], ids.to_vec()),
+            Value::host(HostTensor::i32(vec![rows, t], ids.to_vec())),
         );
         Ok(self
             .backend
-            .run(&self.programs.logprobs, &inputs)?
+            .run_values(&self.programs.logprobs, &inputs, &|_| false)?
             .remove(0)
-            .1
-            .to_f64_vec())
+            .1)
     }
 
     /// Greedy accuracy on (at most `eval_limit` of) the held-out problems.
@@ -290,7 +346,7 @@ impl Trainer {
     /// Greedy answers to (at most `eval_limit` of) `problems`.
     pub fn answer(&self, problems: &[Problem]) -> Result<Vec<Answer>, TrainError> {
         let problems = &problems[..problems.len().min(self.opts.eval_limit)];
-        let params = Self::policy_params(&self.spec, &self.state.tensors);
+        let params = Self::policy_params(&self.spec, &self.values);
         let prompts: Vec<Vec<i32>> = problems
             .iter()
             .map(|p| self.task.encode_prompt(p))
@@ -342,16 +398,22 @@ impl Trainer {
     pub fn run(&mut self, mut on_step: impl FnMut(&Metrics)) -> Result<Vec<Metrics>, TrainError> {
         let metrics_path = self.opts.out_dir.join("metrics.jsonl");
         let mut history = read_metrics(&metrics_path)?;
-        history.retain(|m| m.step < self.state.step);
+        history.retain(|m| m.step < self.step);
         rewrite_metrics(&metrics_path, &history)?;
         let wall0 = Instant::now();
         let wall_offset = history.last().map_or(0.0, |m| m.wall_time_s);
         let total = self.spec.train.steps;
         let mut out = Vec::new();
         let stop = self.opts.stop_after.map_or(total, |s| s.min(total));
-        while self.state.step < stop {
+        while self.step < stop {
             let t0 = Instant::now();
+            let before = self.backend.transfers();
             let mut m = self.meta_step()?;
+            if let (Some(b), Some(a)) = (before, self.backend.transfers()) {
+                let d = a.since(b);
+                m.bytes_to_device = Some(d.uploaded);
+                m.bytes_from_device = Some(d.downloaded);
+            }
             let step = m.step;
             let every = self.spec.train.eval_every;
             if (every > 0 && (step + 1) % every == 0) || step + 1 == total {
@@ -360,8 +422,8 @@ impl Trainer {
             m.step_time_s = t0.elapsed().as_secs_f64();
             m.wall_time_s = wall_offset + wall0.elapsed().as_secs_f64();
             append_metrics(&metrics_path, &m)?;
-            if m.eval_accuracy.is_some() || self.state.step == stop {
-                checkpoint::save(&self.opts.out_dir, &self.spec, &self.state)?;
+            if m.eval_accuracy.is_some() || self.step == stop {
+                checkpoint::save(&self.opts.out_dir, &self.spec, &self.state()?)?;
             }
             on_step(&m);
             out.push(m);
@@ -371,19 +433,20 @@ impl Trainer {
 
     /// One meta-step: build the K batches, run the program, adopt the new state.
     fn meta_step(&mut self) -> Result<Metrics, TrainError> {
+        self.make_resident()?;
         let spec = &self.spec;
-        let step = self.state.step;
+        let step = self.step;
         let lambda = spec.lambda_at(step);
         let k_steps = spec.bilevel.hypergradient.unroll.max(1);
         let (t, bs) = (spec.train.seq_len, spec.sft.batch_size);
         let br = spec.rl.batch_size();
         let g = spec.rl.group_size;
-        let policy = Self::policy_params(spec, &self.state.tensors);
+        let policy = Self::policy_params(spec, &self.values);
         let tok = self.task.tokenizer();
         let pad = tok.pad();
-        let mut inputs: HashMap<String, HostTensor> =
-            self.state.tensors.clone().into_iter().collect();
-        inputs.insert("lambda".into(), self.tensor(vec![], &[lambda]));
+        let mut inputs: HashMap<String, Value> = self.values.clone().into_iter().collect();
+        let host = |t: HostTensor| Value::host(t);
+        inputs.insert("lambda".into(), host(self.tensor(vec![], &[lambda])));
         let needs_rollouts = lambda > 0.0 || spec.bilevel.method == Method::Bridge;
         let (mut rewards_all, mut correct, mut lens, mut kls) =
             (Vec::new(), 0usize, Vec::new(), Vec::new());
@@ -399,11 +462,11 @@ impl Trainer {
             let p = format!("step{k}.");
             inputs.insert(
                 format!("{p}sft.input_ids"),
-                HostTensor::i32(vec![bs, t], sft.ids.clone()),
+                host(HostTensor::i32(vec![bs, t], sft.ids.clone())),
             );
             inputs.insert(
                 format!("{p}sft.loss_mask"),
-                self.tensor(vec![bs, t], &sft.mask),
+                host(self.tensor(vec![bs, t], &sft.mask)),
             );
             // RL rollouts: G completions of each prompt from the current policy.
             let (rl, adv, old, reference) = if needs_rollouts {
@@ -440,7 +503,10 @@ impl Trainer {
                 let reference = match &self.reference {
                     Some(r) => {
                         let lp = self.score(r, &rl.ids)?;
-                        for ((o, r), m) in old.iter().zip(&lp).zip(&rl.mask) {
+                        // The KL metric reads both log-probs back.
+                        let old_h = self.backend.to_host(&old)?.to_f64_vec();
+                        let lp_h = self.backend.to_host(&lp)?.to_f64_vec();
+                        for ((o, r), m) in old_h.iter().zip(&lp_h).zip(&rl.mask) {
                             if *m > 0.0 {
                                 let d = r - o;
                                 kls.push(d.exp() - d - 1.0);
@@ -457,32 +523,40 @@ impl Trainer {
                 let reps: Vec<(Vec<i32>, usize, usize)> =
                     (0..br).map(|i| rows[i % bs].clone()).collect();
                 let rl = pack(&reps, t, pad);
-                let n = rl.ids.len();
-                (rl, vec![0.0; br], vec![0.0; n], Some(vec![0.0; n]))
+                let zeros = host(self.tensor(vec![br, t], &vec![0.0; rl.ids.len()]));
+                (rl, vec![0.0; br], zeros.clone(), Some(zeros))
             };
             inputs.insert(
                 format!("{p}rl.input_ids"),
-                HostTensor::i32(vec![br, t], rl.ids),
+                host(HostTensor::i32(vec![br, t], rl.ids)),
             );
             inputs.insert(
                 format!("{p}rl.loss_mask"),
-                self.tensor(vec![br, t], &rl.mask),
+                host(self.tensor(vec![br, t], &rl.mask)),
             );
-            inputs.insert(format!("{p}rl.advantages"), self.tensor(vec![br], &adv));
             inputs.insert(
-                format!("{p}rl.old_logprobs"),
-                self.tensor(vec![br, t], &old),
+                format!("{p}rl.advantages"),
+                host(self.tensor(vec![br], &adv)),
             );
+            inputs.insert(format!("{p}rl.old_logprobs"), old);
             if let Some(r) = reference {
-                inputs.insert(format!("{p}rl.ref_logprobs"), self.tensor(vec![br, t], &r));
+                inputs.insert(format!("{p}rl.ref_logprobs"), r);
             }
         }
-        let outputs: HashMap<String, HostTensor> = self
+        // Only the scalars the metrics need come back; the new state stays
+        // where the backend keeps it.
+        let on_host = |name: &str| METRIC_OUTPUTS.contains(&name);
+        let outputs: HashMap<String, Value> = self
             .backend
-            .run(&self.programs.meta_step, &inputs)?
+            .run_values(&self.programs.meta_step, &inputs, &on_host)?
             .into_iter()
             .collect();
-        let scalar = |k: &str| outputs.get(k).map(|t| t.to_f64_vec()[0]);
+        let scalar = |k: &str| {
+            outputs
+                .get(k)
+                .and_then(Value::as_host)
+                .map(|t| t.to_f64_vec()[0])
+        };
         let sft_loss = scalar("loss.sft").unwrap_or(f64::NAN);
         let checks = [
             ("loss.sft", Some(sft_loss)),
@@ -509,7 +583,7 @@ impl Trainer {
             }
         }
         // Adopt the new state: θ_K, next.* for everything else.
-        let mut next = self.state.tensors.clone();
+        let mut next = self.values.clone();
         for (name, t) in outputs.iter() {
             if let Some(n) = name.strip_prefix("theta_K.") {
                 next.insert(n.to_string(), t.clone());
@@ -517,10 +591,8 @@ impl Trainer {
                 next.insert(n.to_string(), t.clone());
             }
         }
-        self.state = TrainState {
-            step: step + 1,
-            tensors: next,
-        };
+        self.values = next;
+        self.step = step + 1;
         let n = rewards_all.len();
         Ok(Metrics {
             step,
@@ -540,9 +612,14 @@ impl Trainer {
             step_time_s: 0.0,
             wall_time_s: 0.0,
             eval_accuracy: None,
+            bytes_to_device: None,
+            bytes_from_device: None,
         })
     }
 }
+
+/// The meta-step outputs the metrics read on the host each step.
+const METRIC_OUTPUTS: [&str; 4] = ["loss.sft", "loss.rl", "loss.up", "gain"];
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Io(format!("{}: {e}", path.display()))
