@@ -148,6 +148,17 @@ fn reductions_with_prologue_and_epilogue_match_the_cpu() {
     // The model's log-softmax: max, then sum(exp(x − max)) fused.
     let ls = g.log_softmax(x);
     g.set_output("log_softmax", ls);
+    // Long rows (one cube per row, a partial last round of units) and
+    // many short ones (one unit per output) of the same tensor.
+    let y = f32_input(&mut g, &mut inp, "y", &[4, 1000], -5.0, 5.0, 4);
+    let ly = g.log_softmax(y);
+    g.set_output("log_softmax.long", ly);
+    for kind in [ReduceKind::Sum, ReduceKind::Max, ReduceKind::Mean] {
+        for axis in [0, 1] {
+            let v = g.reduce(kind, y, &[axis], false);
+            g.set_output(format!("{}.long{axis}", kind.name()), v);
+        }
+    }
     check(&g, &inp, 1e-4);
 }
 

@@ -1,7 +1,8 @@
 //! Snapshots of the generated kernel source (CUDA C++ and WGSL, produced
 //! without a device) for each kernel family: an elementwise program with a
 //! broadcast load, a reduction with fused prologue and epilogue (the
-//! log-sum-exp of a log-softmax), the fused AdamW update (one kernel for
+//! log-sum-exp of a log-softmax, per unit and with one cube per long
+//! row), the fused AdamW update (one kernel for
 //! the whole update of a parameter), the tiled matrix product, a strided
 //! copy, and the hand-written fused linear log-prob. A change to code generation shows up as a reviewable diff.
 
@@ -84,6 +85,20 @@ fn reduction_with_prologue_and_epilogue() {
     let (_, src) = sources(&g);
     assert_eq!(src.len(), 2, "max, then the fused exp-sum-log");
     snapshot("reduce_log_sum_exp", &src[1]);
+}
+
+#[test]
+fn long_rows_reduce_with_one_cube_per_row() {
+    // A log-sum-exp over a vocabulary-long row: units stride over the row
+    // and fold their partials in shared memory.
+    let mut g = Graph::new();
+    let x = g.input("logits", DType::F32, vec![4, 4096]);
+    let lse = log_sum_exp(&mut g, x, 1);
+    g.set_output("lse", lse);
+    let (_, src) = sources(&g);
+    assert_eq!(src.len(), 2);
+    assert!(src[1].name.ends_with("reduce_sum_rows"), "{}", src[1].name);
+    snapshot("reduce_rows_log_sum_exp", &src[1]);
 }
 
 #[test]

@@ -13,7 +13,7 @@ use crate::movement::{
     gather_rows, iota, one_hot, scatter_add_along, scatter_add_rows, strided_copy, take_along,
     CopySpec,
 };
-use crate::reduce::{reduce_program, ReduceSpec};
+use crate::reduce::{cooperative, reduce_program, reduce_program_rows, ReduceSpec};
 use coopc_compiler::fusion::{fuse, ElemProgram, FusedSchedule, Kernel};
 use coopc_compiler::ir::{numel, DType, Graph, NodeId, Op, TensorType};
 use coopc_compiler::schedule::schedule;
@@ -339,10 +339,16 @@ impl Device<cubecl::cuda::CudaRuntime> {
     }
 }
 
+/// Cubes of [`BLOCK`] units for `n` one-per-unit work items.
 fn cube_count(n: usize) -> CubeCount {
-    let cubes = n.div_ceil(BLOCK as usize).max(1) as u32;
-    let x = cubes.min(65_535);
-    CubeCount::Static(x, cubes.div_ceil(x), 1)
+    cubes(n.div_ceil(BLOCK as usize))
+}
+
+/// `n` cubes (at least one), laid out within the grid's 65,535 limit.
+pub(crate) fn cubes(n: usize) -> CubeCount {
+    let n = n.max(1) as u32;
+    let x = n.min(65_535);
+    CubeCount::Static(x, n.div_ceil(x), 1)
 }
 
 fn arg<R: Runtime>(h: &Handle, len: usize) -> ArrayArg<R> {
@@ -576,22 +582,38 @@ impl<R: Runtime> Device<R> {
                 for h in &outs {
                     o.push(arg(h, n_out));
                 }
-                reduce_program::launch::<R>(
-                    &self.client,
-                    cube_count(n_out),
-                    CubeDim::new_1d(BLOCK),
-                    pro,
-                    epi,
-                    o,
-                    n_out as u32,
-                    n_red as u32,
-                    ReduceSpec {
-                        kind: *kind,
-                        layout: layout.clone(),
-                        prologue: prologue.clone(),
-                        epilogue: epilogue.clone(),
-                    },
-                );
+                let spec = ReduceSpec {
+                    kind: *kind,
+                    layout: layout.clone(),
+                    prologue: prologue.clone(),
+                    epilogue: epilogue.clone(),
+                };
+                if cooperative(n_out, n_red) {
+                    reduce_program_rows::launch::<R>(
+                        &self.client,
+                        cubes(n_out),
+                        CubeDim::new_1d(BLOCK),
+                        pro,
+                        epi,
+                        o,
+                        n_out as u32,
+                        n_red as u32,
+                        spec,
+                        BLOCK as usize,
+                    );
+                } else {
+                    reduce_program::launch::<R>(
+                        &self.client,
+                        cube_count(n_out),
+                        CubeDim::new_1d(BLOCK),
+                        pro,
+                        epi,
+                        o,
+                        n_out as u32,
+                        n_red as u32,
+                        spec,
+                    );
+                }
                 Ok(outputs.iter().copied().zip(outs).collect())
             }
             Kernel::Node(id) => Ok(vec![(*id, self.node(g, *id, inputs, &get)?)]),

@@ -1,7 +1,12 @@
-//! The generated reduction kernel: one unit per output element folds the
-//! reduced elements, each computed by the fused prologue program, then
-//! runs the epilogue program on the result. Specialised at compile time by
-//! [`ReduceSpec`].
+//! The generated reduction kernels: the reduced elements of each output
+//! element, each computed by the fused prologue program, are folded, then
+//! the epilogue program runs on the result. Specialised at compile time by
+//! [`ReduceSpec`]. Two shapes: one unit per output element
+//! ([`reduce_program`], for many short reductions), or one cube per output
+//! element whose units stride over the reduced elements and fold their
+//! partial results in shared memory ([`reduce_program_rows`], for long
+//! reductions such as a softmax over a vocabulary, or few outputs); see
+//! [`cooperative`].
 
 use crate::program::{expand_program, expand_stores, expand_strided_index};
 use coopc_compiler::fusion::{ElemProgram, ReduceLayout};
@@ -112,5 +117,66 @@ pub fn reduce_program(
             acc /= f32::cast_from(n_red);
         }
         finish(acc, epilogue_inputs, outputs, o, spec);
+    }
+}
+
+/// Whether a reduction of `n_out` outputs over `n_red` elements each runs
+/// as [`reduce_program_rows`] (one cube per output): when rows are long,
+/// or when there are too few outputs to fill a GPU with one unit each.
+pub fn cooperative(n_out: usize, n_red: usize) -> bool {
+    n_red >= 256 || (n_red >= 32 && n_out <= 16_384)
+}
+
+/// Output element `CUBE_POS < n_out` folds `n_red ≥ 1` prologue values with
+/// `block` units (a power of two, the cube's size): unit `u` folds elements
+/// `u, u + block, …`, then the partials are folded pairwise in shared
+/// memory and unit 0 runs the epilogue. Units past `n_red` hold nothing
+/// and are never folded in, so no identity element is needed (WGSL has no
+/// −∞ literal).
+#[cube(launch)]
+pub fn reduce_program_rows(
+    prologue_inputs: &Sequence<Array<f32>>,
+    epilogue_inputs: &Sequence<Array<f32>>,
+    outputs: &mut Sequence<Array<f32>>,
+    n_out: u32,
+    n_red: u32,
+    #[comptime] spec: ReduceSpec,
+    #[comptime] block: usize,
+) {
+    let o = CUBE_POS;
+    // A whole cube takes the same branch, so its barriers stay uniform.
+    if o >= n_out as usize {
+        terminate!();
+    }
+    let max = comptime!(spec.kind == ReduceKind::Max);
+    let mean = comptime!(spec.kind == ReduceKind::Mean);
+    let tid = UNIT_POS as usize;
+    let n = n_red as usize;
+    let mut partial = SharedMemory::<f32>::new(block);
+    // Units past the end start from element 0 and are never folded in.
+    let first = select(tid < n, tid, tid * 0usize);
+    let mut acc = operand_at(prologue_inputs, o, first, spec.clone());
+    let mut r = tid + block;
+    while r < n {
+        let v = operand_at(prologue_inputs, o, r, spec.clone());
+        acc = combine(acc, v, max);
+        r += block;
+    }
+    partial[tid] = acc;
+    sync_cube();
+    let mut stride = (CUBE_DIM / 2) as usize;
+    while stride > 0usize {
+        if tid < stride && tid + stride < n {
+            partial[tid] = combine(partial[tid], partial[tid + stride], max);
+        }
+        sync_cube();
+        stride /= 2usize;
+    }
+    if tid == 0 {
+        let mut total = partial[0usize];
+        if mean {
+            total /= f32::cast_from(n_red);
+        }
+        finish(total, epilogue_inputs, outputs, o, spec);
     }
 }

@@ -13,7 +13,7 @@ use crate::movement::{
     gather_rows, iota, one_hot, scatter_add_along, scatter_add_rows, strided_copy, take_along,
     CopySpec,
 };
-use crate::reduce::{reduce_program, ReduceSpec};
+use crate::reduce::{cooperative, reduce_program, reduce_program_rows, ReduceSpec};
 use coopc_compiler::fusion::{ElemProgram, FusedSchedule, Kernel};
 use coopc_compiler::ir::{Graph, Op};
 use cubecl::prelude::*;
@@ -65,6 +65,8 @@ pub enum Traced {
         n_pro: usize,
         n_epi: usize,
         n_out: usize,
+        /// One cube per output element ([`reduce_program_rows`]).
+        rows: bool,
     },
     Matmul,
     Copy(CopySpec),
@@ -106,13 +108,28 @@ impl Traced {
                 n_pro,
                 n_epi,
                 n_out,
+                rows,
             } => {
                 let p = <Sequence<Array<f32>> as LaunchArg>::expand(&arrays(*n_pro), &mut b);
                 let e = <Sequence<Array<f32>> as LaunchArg>::expand(&arrays(*n_epi), &mut b);
                 let o = <Sequence<Array<f32>> as LaunchArg>::expand_output(&arrays(*n_out), &mut b);
                 let n_o = scalar(&mut b);
                 let n_r = scalar(&mut b);
-                reduce_program::expand(&mut b.scope, p, e, o, n_o, n_r, spec.clone());
+                if *rows {
+                    let block = BLOCK as usize;
+                    reduce_program_rows::expand(
+                        &mut b.scope,
+                        p,
+                        e,
+                        o,
+                        n_o,
+                        n_r,
+                        spec.clone(),
+                        block,
+                    );
+                } else {
+                    reduce_program::expand(&mut b.scope, p, e, o, n_o, n_r, spec.clone());
+                }
                 b.build(settings(name, one_d))
             }
             Traced::Matmul => {
@@ -286,7 +303,15 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
             epilogue_inputs,
             outputs,
         } => (
-            format!("reduce_{}", kind.name()),
+            format!(
+                "reduce_{}{}",
+                kind.name(),
+                if cooperative(layout.out_numel(), layout.red_numel()) {
+                    "_rows"
+                } else {
+                    ""
+                }
+            ),
             Traced::Reduce {
                 spec: ReduceSpec {
                     kind: *kind,
@@ -297,6 +322,7 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
                 n_pro: prologue_inputs.len(),
                 n_epi: epilogue_inputs.len() - 1,
                 n_out: outputs.len(),
+                rows: cooperative(layout.out_numel(), layout.red_numel()),
             },
         ),
         Kernel::Node(id) => {
