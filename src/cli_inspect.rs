@@ -3,10 +3,10 @@
 //! notes, and per program its size, ops, inputs and outputs, estimated peak
 //! memory and arithmetic.
 
-use coopc_compiler::ir::Op;
+use coopc_compiler::ir::{Graph, NodeId, Op};
 use coopc_compiler::model::{lora_shapes, parameter_count, theta_shapes};
 use coopc_compiler::plan::{Plan, Program, PLAN_FORMAT_VERSION};
-use coopc_compiler::schedule::{human_bytes, schedule};
+use coopc_compiler::schedule::{human_bytes, peak_live, schedule};
 use coopc_compiler::spec::{
     BackendKind, HypergradKind, Lambda, ModelSpec, OptimKind, OptimSpec, PipelineSpec, Precision,
     ShadowMode,
@@ -16,6 +16,8 @@ use std::path::Path;
 
 /// How many op kinds the per-program summary lists.
 const TOP_OPS: usize = 8;
+/// (op, type) groups listed at the peak.
+const PEAK_GROUPS: usize = 8;
 
 /// Prints the summary of the plan file at `path` and returns the process
 /// exit status: 0, or 2 (with the reason on stderr) when the plan is refused.
@@ -148,6 +150,7 @@ fn program(s: &mut String, p: &Program) {
         );
     }
     let _ = writeln!(s, "    peak memory  {peak}");
+    at_peak(s, g, &sc.order);
     let _ = writeln!(s, "    flops        {}", count(sc.flops as f64));
     let mut ops: Vec<(&String, &usize)> = sc.op_counts.iter().collect();
     ops.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
@@ -160,6 +163,41 @@ fn program(s: &mut String, p: &Program) {
         top.push(format!("(+{} more kinds)", ops.len() - TOP_OPS));
     }
     let _ = writeln!(s, "    top ops      {}", top.join(" · "));
+}
+
+/// What is live at the peak, grouped by (op, type), largest groups first.
+fn at_peak(s: &mut String, g: &Graph, order: &[NodeId]) {
+    let p = peak_live(g);
+    let what = if let Some(&id) = order.get(p.step) {
+        format!(
+            "{}, step {} of {}",
+            g.op(id).name(),
+            p.step + 1,
+            order.len()
+        )
+    } else {
+        "handing out the results".to_string()
+    };
+    let _ = writeln!(
+        s,
+        "    at the peak  {what} · {} live buffers, largest groups:",
+        p.buffers.len()
+    );
+    // (op, type) → (buffers, bytes).
+    let mut by_kind: std::collections::BTreeMap<(&str, String), (usize, usize)> =
+        Default::default();
+    for &id in &p.buffers {
+        let e = by_kind
+            .entry((g.op(id).name(), g.ty(id).to_string()))
+            .or_default();
+        e.0 += 1;
+        e.1 += g.ty(id).size_bytes();
+    }
+    let mut groups: Vec<_> = by_kind.into_iter().collect();
+    groups.sort_by(|a, b| b.1 .1.cmp(&a.1 .1).then(a.0.cmp(&b.0)));
+    for ((op, ty), (n, total)) in groups.iter().take(PEAK_GROUPS) {
+        let _ = writeln!(s, "      {:>10}  {n} × {op} {ty}", human_bytes(*total));
+    }
 }
 
 fn method(spec: &PipelineSpec) -> String {
@@ -372,6 +410,10 @@ mod tests {
             "    inputs       2 · 192 B",
             "    outputs      1 · 4 B",
             "    peak memory  224 B (estimate)",
+            "    at the peak  matmul, step 3 of 5 · 3 live buffers, largest groups:",
+            "           128 B  1 × input f32[4,8]",
+            "            64 B  1 × input f32[8,2]",
+            "            32 B  1 × matmul f32[4,2]",
             "    flops        144",
             "    top ops      input 2 · exp 1 · matmul 1 · reduce_sum 1",
         ] {

@@ -43,6 +43,37 @@ pub struct Schedule {
 /// The peak is the largest total over the steps, counted while a node's
 /// result and all its operands are live.
 pub fn schedule(g: &Graph) -> Schedule {
+    simulate(g, None).0
+}
+
+/// What is live when a schedule reaches its peak.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeakLive {
+    /// Index into `Schedule::order` of the node running at the peak
+    /// (`order.len()` when the peak is the handing out of the results).
+    pub step: usize,
+    pub bytes: usize,
+    /// Every buffer live then (inputs included), largest first.
+    pub buffers: Vec<NodeId>,
+}
+
+/// The buffers live at the peak of [`schedule`]'s liveness simulation —
+/// what to shrink to lower it.
+pub fn peak_live(g: &Graph) -> PeakLive {
+    let (sc, step, _) = simulate(g, None);
+    let (_, _, live) = simulate(g, Some(step));
+    let mut buffers = live.unwrap_or_default();
+    buffers.sort_by_key(|&id| std::cmp::Reverse(g.ty(id).size_bytes()));
+    PeakLive {
+        step,
+        bytes: sc.peak_bytes,
+        buffers,
+    }
+}
+
+/// The liveness simulation: the schedule, the step its peak is first
+/// reached, and (when `at` is given) the buffers live at step `at`.
+fn simulate(g: &Graph, at: Option<usize>) -> (Schedule, usize, Option<Vec<NodeId>>) {
     let bound = g.node_ids().map(|id| id.index() + 1).max().unwrap_or(0);
     let bytes = |id: NodeId| g.ty(id).size_bytes();
     let is_input = |id: NodeId| matches!(g.op(id), Op::Input { .. });
@@ -94,6 +125,22 @@ pub fn schedule(g: &Graph) -> Schedule {
 
     let mut live = input_bytes;
     let mut peak = live;
+    let mut peak_step = 0;
+    // Which buffers are live, kept only when asked for a snapshot.
+    let mut alive: Vec<bool> = vec![false; if at.is_some() { bound } else { 0 }];
+    if at.is_some() {
+        for &id in order.iter().filter(|&&id| is_input(id)) {
+            alive[id.index()] = true;
+        }
+    }
+    let mut snapshot: Option<Vec<NodeId>> = None;
+    let take = |alive: &[bool]| -> Vec<NodeId> {
+        order
+            .iter()
+            .copied()
+            .filter(|id| alive[id.index()])
+            .collect()
+    };
     let mut op_counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut flops: u64 = 0;
     for (step, (&id, ops)) in order.iter().zip(&operands).enumerate() {
@@ -108,17 +155,33 @@ pub fn schedule(g: &Graph) -> Schedule {
             && dies_at(ops[0], step);
         if hands_over {
             // The operand's buffer becomes this node's: nothing changes.
+            if at.is_some() {
+                alive[ops[0].index()] = false;
+                alive[id.index()] = true;
+            }
             continue;
         }
         if !is_input(id) {
             live += bytes(id);
+            if at.is_some() {
+                alive[id.index()] = true;
+            }
         }
-        peak = peak.max(live);
+        if live > peak {
+            peak = live;
+            peak_step = step;
+        }
+        if at == Some(step) {
+            snapshot = Some(take(&alive));
+        }
         let mut freed: Vec<NodeId> = Vec::with_capacity(ops.len());
         for &o in ops {
             if dies_at(o, step) && !freed.contains(&o) {
                 freed.push(o);
                 live -= bytes(o);
+                if at.is_some() {
+                    alive[o.index()] = false;
+                }
             }
         }
     }
@@ -128,16 +191,23 @@ pub fn schedule(g: &Graph) -> Schedule {
         .iter()
         .map(|(&id, &n)| (n - 1 + usize::from(is_input(id))) * bytes(id))
         .sum();
-    peak = peak.max(live + copies);
+    if live + copies > peak {
+        peak = live + copies;
+        peak_step = order.len();
+    }
+    if at == Some(order.len()) {
+        snapshot = Some(take(&alive));
+    }
 
-    Schedule {
+    let sc = Schedule {
         order,
         peak_bytes: peak,
         input_bytes,
         output_bytes,
         op_counts,
         flops,
-    }
+    };
+    (sc, peak_step, snapshot)
 }
 
 /// The rough arithmetic count of one node (see [`Schedule::flops`]).
@@ -198,6 +268,19 @@ mod tests {
         g.set_output("s", s);
         g.set_output("y", y);
         (g, [x, w, y, z, r, s, dead])
+    }
+
+    #[test]
+    fn peak_live_lists_the_buffers_at_the_peak() {
+        let (g, [x, w, y, ..]) = small();
+        let p = peak_live(&g);
+        // At the matmul both inputs and its result are live: 224 B.
+        assert_eq!(p.bytes, schedule(&g).peak_bytes);
+        assert_eq!(p.bytes, 224);
+        assert_eq!(schedule(&g).order[p.step], y);
+        assert_eq!(p.buffers, vec![x, w, y]);
+        let total: usize = p.buffers.iter().map(|&b| g.ty(b).size_bytes()).sum();
+        assert_eq!(total, p.bytes);
     }
 
     #[test]
