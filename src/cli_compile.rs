@@ -60,11 +60,12 @@ fn emit_kernels(plan: &Plan, dir: &Path) -> Result<(), UserError> {
             .map_err(|e| UserError(format!("cannot create {}: {e}", sub.display())))?;
         let _ = writeln!(
             index,
-            "{}: {} scheduled nodes → {}; {} distinct kernel sources",
+            "{}: {} scheduled nodes → {}; {} distinct kernel sources; device footprint {} (estimate)",
             p.name,
             sched.order.len(),
             fused,
-            sources.len()
+            sources.len(),
+            human_bytes(fused.device_peak_bytes(&p.graph))
         );
         for (src, uses) in &sources {
             for (ext, text) in [("cu", &src.cuda), ("wgsl", &src.wgsl)] {

@@ -259,6 +259,91 @@ impl FusedSchedule {
         }
         c
     }
+
+    /// The device executor's footprint running this schedule of `g`: the
+    /// most bytes its buffers hold at once. Every element takes 4 bytes
+    /// (the device stores f32); the inputs are held by the caller for the
+    /// whole run (resident state); a kernel's outputs are allocated when it
+    /// runs and freed after the last kernel that reads them; a reshape (or
+    /// stop-gradient, barrier) shares its operand's buffer; constants stay
+    /// (uploaded once per graph); the outputs live to the end. A lower
+    /// bound on what the allocator holds, which also rounds and pools.
+    pub fn device_peak_bytes(&self, g: &Graph) -> usize {
+        let bytes = |id: NodeId| 4 * g.ty(id).numel().max(1);
+        let mut last_use: HashMap<NodeId, usize> = HashMap::new();
+        for (k, kernel) in self.kernels.iter().enumerate() {
+            for r in kernel.reads(g) {
+                last_use.insert(r, k);
+            }
+        }
+        for (_, id) in g.outputs() {
+            last_use.insert(*id, usize::MAX);
+        }
+        // Node → buffer (an alias shares its operand's); buffer → (bytes,
+        // nodes still holding it).
+        let mut buffer_of: HashMap<NodeId, usize> = HashMap::new();
+        let mut buffers: Vec<(usize, usize)> = Vec::new();
+        let mut live = 0usize;
+        for k in &self.kernels {
+            if let Kernel::Node(id) = k {
+                if let Op::Input { .. } = g.op(*id) {
+                    live += bytes(*id);
+                    buffers.push((bytes(*id), usize::MAX));
+                    buffer_of.insert(*id, buffers.len() - 1);
+                }
+            }
+        }
+        let mut peak = live;
+        for (k, kernel) in self.kernels.iter().enumerate() {
+            for id in kernel.writes() {
+                if buffer_of.contains_key(&id) {
+                    continue; // an input, counted from the start
+                }
+                // A relabeling alone (not computed inside a fused program).
+                let alias = matches!(kernel, Kernel::Node(_))
+                    && matches!(
+                        g.op(id),
+                        Op::Reshape { .. } | Op::StopGradient | Op::Barrier { .. }
+                    );
+                let b = if alias {
+                    let b = buffer_of[&g.inputs(id)[0]];
+                    if buffers[b].1 != usize::MAX {
+                        buffers[b].1 += 1;
+                    }
+                    b
+                } else {
+                    let holders = if matches!(g.op(id), Op::Literal { .. }) {
+                        usize::MAX // cached with the prepared graph
+                    } else {
+                        1
+                    };
+                    live += bytes(id);
+                    buffers.push((bytes(id), holders));
+                    buffers.len() - 1
+                };
+                buffer_of.insert(id, b);
+            }
+            peak = peak.max(live);
+            let mut dead: Vec<NodeId> = kernel.reads(g);
+            dead.sort();
+            dead.dedup();
+            for r in dead {
+                if last_use.get(&r) != Some(&k) {
+                    continue;
+                }
+                if let Some(&b) = buffer_of.get(&r) {
+                    let (size, holders) = &mut buffers[b];
+                    if *holders != usize::MAX {
+                        *holders -= 1;
+                        if *holders == 0 {
+                            live -= *size;
+                        }
+                    }
+                }
+            }
+        }
+        peak
+    }
 }
 
 impl fmt::Display for FusedSchedule {

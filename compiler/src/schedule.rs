@@ -100,11 +100,7 @@ fn simulate(g: &Graph, at: Option<usize>) -> (Schedule, usize, Option<Vec<NodeId
             }
         }
     }
-    let order: Vec<NodeId> = g
-        .topo_order()
-        .into_iter()
-        .filter(|id| needed[id.index()])
-        .collect();
+    let order = execution_order(g, &needed);
     let operands: Vec<Vec<NodeId>> = order.iter().map(|&id| g.inputs(id)).collect();
 
     let mut last_use = vec![usize::MAX; bound];
@@ -208,6 +204,60 @@ fn simulate(g: &Graph, at: Option<usize>) -> (Schedule, usize, Option<Vec<NodeId
         flops,
     };
     (sc, peak_step, snapshot)
+}
+
+/// The order the needed nodes (`needed[index]`) run in: [`Graph::topo_order`]
+/// (operands first, ties by node index), except that nodes which make a
+/// buffer at least as large as their operands' from them cheaply — a
+/// broadcast, a transpose, a reshape, a fill, a one-hot — run just before
+/// their first user instead of as soon as they can. Autodiff builds such
+/// views of forward values while it builds the backward pass, and run
+/// eagerly they would hold their (often broadcast-enlarged) buffers from
+/// the forward pass on.
+pub fn execution_order(g: &Graph, needed: &[bool]) -> Vec<NodeId> {
+    let base: Vec<NodeId> = g
+        .topo_order()
+        .into_iter()
+        .filter(|id| needed[id.index()])
+        .collect();
+    let bound = needed.len();
+    let mut pos = vec![usize::MAX; bound];
+    for (p, &id) in base.iter().enumerate() {
+        pos[id.index()] = p;
+    }
+    // Sort key: (the step it is placed before, how far before it, its own
+    // step). Users are keyed first, so chains of views sink together.
+    let mut key: Vec<(usize, isize, usize)> = vec![(0, 0, 0); bound];
+    for &id in base.iter().rev() {
+        let p = pos[id.index()];
+        let earliest_user = g
+            .users(id)
+            .into_iter()
+            .filter(|u| needed[u.index()])
+            .map(|u| key[u.index()])
+            .min();
+        key[id.index()] = match earliest_user {
+            Some((major, minor, _)) if sinks(g.op(id)) => (major, minor - 1, p),
+            _ => (p, 0, p),
+        };
+    }
+    let mut order = base;
+    order.sort_by_key(|id| key[id.index()]);
+    order
+}
+
+/// Whether a node is computed just before its first user (see
+/// [`execution_order`]).
+fn sinks(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Broadcast { .. }
+            | Op::Permute { .. }
+            | Op::Reshape { .. }
+            | Op::Full { .. }
+            | Op::Iota { .. }
+            | Op::OneHot { .. }
+    )
 }
 
 /// The rough arithmetic count of one node (see [`Schedule::flops`]).

@@ -9,6 +9,7 @@ use crate::error::ExecError;
 use crate::tensor::{Buffer, Element, HostTensor};
 use crate::value::{Input, Inputs, Transfers, Value};
 use coopc_compiler::ir::{numel, DType, Graph, NodeId, Op, TensorType};
+use coopc_compiler::schedule::execution_order;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -315,10 +316,9 @@ impl Plan {
                         .all(|&u| matches!(graph.op(u), Op::MatMul))
             })
             .collect();
-        let order: Vec<NodeId> = graph
-            .topo_order()
+        let order: Vec<NodeId> = execution_order(graph, &needed)
             .into_iter()
-            .filter(|id| needed[id.index()] && !skipped[id.index()])
+            .filter(|id| !skipped[id.index()])
             .collect();
         let mut transposed = vec![[false; 2]; order.len()];
         let operands: Vec<Vec<NodeId>> = order
