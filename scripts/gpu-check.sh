@@ -87,6 +87,19 @@ for backend in cpu cuda; do
     if timeout 900 "$COOPC" run "$ROOT/examples/addition.toml" --steps "$STEPS" --backend "$backend" \
         --out "$OUT/run-$backend" -q >"$OUT/run-$backend.log" 2>&1; then
         tail -1 "$OUT/run-$backend/metrics.jsonl" | sed "s/^/$backend: /"
+        # Per-step wall time and host<->device traffic (device-resident state:
+        # after step 0 only batches go up, losses and decode logits come back).
+        python3 - "$OUT/run-$backend/metrics.jsonl" "$backend" <<'PY' || true
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+t = [r["step_time_s"] for r in rows[1:]] or [rows[0]["step_time_s"]]
+up = [r.get("bytes_to_device") for r in rows[1:] if r.get("bytes_to_device") is not None]
+down = [r.get("bytes_from_device") for r in rows[1:] if r.get("bytes_from_device") is not None]
+msg = f"{sys.argv[2]}: median step {statistics.median(t):.3f} s"
+if up:
+    msg += f", per step {statistics.median(up)/1e3:.1f} kB up / {statistics.median(down)/1e3:.1f} kB down"
+print(msg)
+PY
     else
         status=1
         tail -5 "$OUT/run-$backend.log"
