@@ -321,6 +321,29 @@ mod tests {
     }
 
     #[test]
+    fn views_run_just_before_their_first_user() {
+        // b = broadcast(x) is created first but only used at the end: run
+        // eagerly it would be live through the whole chain.
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, vec![1, 256]);
+        let y = g.input("y", DType::F32, vec![64, 256]);
+        let b = g.broadcast(x, vec![64, 256]);
+        let mut c = y;
+        for _ in 0..5 {
+            c = g.exp(c);
+        }
+        let out = g.add(b, c);
+        g.set_output("out", out);
+        let sc = schedule(&g);
+        let at = |id: NodeId| sc.order.iter().position(|&n| n == id).unwrap();
+        assert_eq!(at(b) + 1, at(out));
+        // The peak is the final add (b, c5 and the sum, 64 KiB each). Run
+        // eagerly, b would also be live beside x, y and the first exp.
+        let kib = 1024;
+        assert_eq!(sc.peak_bytes, 3 * 64 * kib);
+    }
+
+    #[test]
     fn peak_live_lists_the_buffers_at_the_peak() {
         let (g, [x, w, y, ..]) = small();
         let p = peak_live(&g);
