@@ -425,3 +425,78 @@ fn resident_values_stay_on_the_device_between_runs() {
         .to_string()
         .contains("f32"));
 }
+
+/// The hand-written causal attention (grouped-query: 4 query heads over 2
+/// key/value heads; 150 positions, more than one cube's worth of keys)
+/// against the model's attention graph on the CPU and its autodiff
+/// gradients, the backward run from the forward's own `lse`.
+#[test]
+fn attention_kernels_match_the_model_attention_and_its_gradients() {
+    use coopc_compiler::model::causal_attention;
+    use coopc_kernels::attention::AttentionShape;
+    let s = AttentionShape {
+        batch: 2,
+        heads: 4,
+        kv_heads: 2,
+        seq: 150,
+        head_dim: 16,
+    };
+    let qs = vec![s.batch, s.heads, s.seq, s.head_dim];
+    let kvs = vec![s.batch, s.kv_heads, s.seq, s.head_dim];
+    let mut g = Graph::new();
+    let mut inp = Inputs::new();
+    let q = f32_input(&mut g, &mut inp, "q", &qs, -1.0, 1.0, 41);
+    let k = f32_input(&mut g, &mut inp, "k", &kvs, -1.0, 1.0, 42);
+    let v = f32_input(&mut g, &mut inp, "v", &kvs, -1.0, 1.0, 43);
+    let d_o = f32_input(&mut g, &mut inp, "do", &qs, -1.0, 1.0, 44);
+    // Key/value head h / (H / H_kv) for query head h, as the model repeats them.
+    let group = s.heads / s.kv_heads;
+    let expand = |g: &mut Graph, x| {
+        let e = g.reshape(x, vec![s.batch, s.kv_heads, 1, s.seq, s.head_dim]);
+        let e = g.broadcast(e, vec![s.batch, s.kv_heads, group, s.seq, s.head_dim]);
+        g.reshape(e, qs.clone())
+    };
+    let (ke, ve) = (expand(&mut g, k), expand(&mut g, v));
+    let o = causal_attention(&mut g, q, ke, ve);
+    let weighted = g.mul(o, d_o);
+    let loss = g.sum_all(weighted);
+    let grads = grad(&mut g, loss, &[q, k, v]);
+    g.set_output("o", o);
+    g.set_output("dq", grads[0]);
+    g.set_output("dk", grads[1]);
+    g.set_output("dv", grads[2]);
+    let want = execute(&g, &inp).unwrap();
+    let f = |n: &str| -> Vec<f32> { inp[n].to_f64_vec().into_iter().map(|x| x as f32).collect() };
+    let (qf, kf, vf, df) = (f("q"), f("k"), f("v"), f("do"));
+    fn run<R: cubecl::prelude::Runtime>(
+        mut dev: Device<R>,
+        (q, k, v, d_o): (&[f32], &[f32], &[f32], &[f32]),
+        s: AttentionShape,
+    ) -> [Vec<f32>; 4] {
+        dev.poison = true;
+        // A shape the kernels cannot take is an error, not a launch.
+        let bad = AttentionShape { head_dim: 200, ..s };
+        let e = dev.attention(q, k, v, bad).unwrap_err().to_string();
+        assert!(e.contains("head_dim"), "{e}");
+        let (o, lse) = dev.attention(q, k, v, s).expect("forward");
+        let [dq, dk, dv] = dev
+            .attention_backward(q, k, v, &o, &lse, d_o, s)
+            .expect("backward");
+        [o, dq, dk, dv]
+    }
+    let args = (&qf[..], &kf[..], &vf[..], &df[..]);
+    let got = if std::env::var("COOPC_TEST_CUDA").is_ok_and(|v| v == "1") {
+        run(Device::cuda().expect("CUDA device"), args, s)
+    } else {
+        run(Device::wgpu().expect("wgpu adapter"), args, s)
+    };
+    for ((name, w), got) in want.iter().zip(got) {
+        let got: Vec<f64> = got.into_iter().map(f64::from).collect();
+        assert!(
+            got.iter().all(|x| x.is_finite()),
+            "{name}: unwritten elements"
+        );
+        let e = rel_err(&got, &w.to_f64_vec(), 1e-6);
+        assert!(e <= 1e-4, "{name}: relative error {e:e}");
+    }
+}

@@ -1,10 +1,11 @@
 //! Snapshots of the generated kernel source (CUDA C++ and WGSL, produced
 //! without a device) for each kernel family: an elementwise program with a
 //! broadcast load, a reduction with fused prologue and epilogue (the
-//! log-sum-exp of a log-softmax, per unit and with one cube per long
-//! row), the fused AdamW update (one kernel for
-//! the whole update of a parameter), the tiled matrix product, a strided
-//! copy, and the hand-written fused linear log-prob. A change to code generation shows up as a reviewable diff.
+//! log-sum-exp of a log-softmax, per unit and with one cube per long row),
+//! the fused AdamW update (one kernel for the whole update of a parameter),
+//! the tiled matrix product, a strided copy, and the hand-written kernels:
+//! the fused linear log-prob and causal attention (forward and backward).
+//! A change to code generation shows up as a reviewable diff.
 
 mod common;
 
@@ -12,7 +13,7 @@ use common::log_sum_exp;
 use coopc_compiler::fusion::{fuse, Kernel};
 use coopc_compiler::ir::{DType, Graph};
 use coopc_compiler::schedule::schedule;
-use coopc_kernels::source::{schedule_sources, KernelSource, Traced};
+use coopc_kernels::source::{schedule_sources, AttentionPart, KernelSource, Traced};
 
 fn sources(g: &Graph) -> (Vec<Kernel>, Vec<KernelSource>) {
     let fused = fuse(g, &schedule(g).order);
@@ -185,6 +186,20 @@ fn fused_linear_logprob() {
         (true, "linear_logprob_backward_w"),
     ] {
         let src = Traced::LinearLogprobBackward { weights }
+            .source(name)
+            .expect("compiles to CUDA and WGSL");
+        snapshot(name, &src);
+    }
+}
+
+#[test]
+fn causal_attention() {
+    for (part, name) in [
+        (AttentionPart::Forward, "attention_forward"),
+        (AttentionPart::BackwardQ, "attention_backward_q"),
+        (AttentionPart::BackwardKv, "attention_backward_kv"),
+    ] {
+        let src = Traced::Attention(part)
             .source(name)
             .expect("compiles to CUDA and WGSL");
         snapshot(name, &src);

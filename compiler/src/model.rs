@@ -212,26 +212,7 @@ impl Decoder<'_> {
 
     /// Causal softmax attention of q [B,H,T,hd] over k, v [B,H,T,hd].
     fn attention(&self, g: &mut Graph, q: NodeId, k: NodeId, v: NodeId) -> NodeId {
-        let s = g.ty(q).shape.clone();
-        let (b, h, t, hd) = (s[0], s[1], s[2], s[3]);
-        let kt = g.transpose(k);
-        let scores = g.matmul(q, kt);
-        let scores = g.scale(scores, 1.0 / (hd as f64).sqrt());
-        let row = g.iota(0, DType::I32, vec![t, t]);
-        let col = g.iota(1, DType::I32, vec![t, t]);
-        let allowed = g.compare(CompareOp::Le, col, row);
-        let allowed = g.broadcast(allowed, vec![b, h, t, t]);
-        let masked = g.full(f64::NEG_INFINITY, self.dtype, vec![b, h, t, t]);
-        let scores = g.select(allowed, scores, masked);
-        let m = g.reduce_max(scores, &[3], true);
-        let m = g.stop_gradient(m);
-        let mb = g.broadcast(m, vec![b, h, t, t]);
-        let z = g.sub(scores, mb);
-        let e = g.exp(z);
-        let den = g.sum(e, &[3], true);
-        let den = g.broadcast(den, vec![b, h, t, t]);
-        let p = g.div(e, den);
-        g.matmul(p, v)
+        causal_attention(g, q, k, v)
     }
 
     /// Final hidden states [B, T, d_model] (after the last RMSNorm) for ids [B, T].
@@ -301,6 +282,33 @@ impl Decoder<'_> {
         let picked = g.reshape(picked, vec![b, t - 1]);
         g.pad(picked, &[0, 1], &[0, 0], 0.0)
     }
+}
+
+/// Causal softmax attention of q [B,H,T,hd] over k, v [B,H,T,hd], as the
+/// model builds it: scores scaled by 1/√hd, keys after the query masked
+/// with −∞, a max-subtracted softmax.
+pub fn causal_attention(g: &mut Graph, q: NodeId, k: NodeId, v: NodeId) -> NodeId {
+    let s = g.ty(q).shape.clone();
+    let dtype = g.ty(q).dtype;
+    let (b, h, t, hd) = (s[0], s[1], s[2], s[3]);
+    let kt = g.transpose(k);
+    let scores = g.matmul(q, kt);
+    let scores = g.scale(scores, 1.0 / (hd as f64).sqrt());
+    let row = g.iota(0, DType::I32, vec![t, t]);
+    let col = g.iota(1, DType::I32, vec![t, t]);
+    let allowed = g.compare(CompareOp::Le, col, row);
+    let allowed = g.broadcast(allowed, vec![b, h, t, t]);
+    let masked = g.full(f64::NEG_INFINITY, dtype, vec![b, h, t, t]);
+    let scores = g.select(allowed, scores, masked);
+    let m = g.reduce_max(scores, &[3], true);
+    let m = g.stop_gradient(m);
+    let mb = g.broadcast(m, vec![b, h, t, t]);
+    let z = g.sub(scores, mb);
+    let e = g.exp(z);
+    let den = g.sum(e, &[3], true);
+    let den = g.broadcast(den, vec![b, h, t, t]);
+    let p = g.div(e, den);
+    g.matmul(p, v)
 }
 
 /// `x Wᵀ` over the last axis of x (any rank ≥ 2) for W [out, in].

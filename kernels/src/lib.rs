@@ -9,6 +9,7 @@
 // run-time value).
 #![allow(clippy::eq_op, clippy::erasing_op)]
 
+pub mod attention;
 pub mod device;
 pub mod elementwise;
 pub mod linear_logprob;

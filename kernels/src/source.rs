@@ -3,6 +3,9 @@
 //! text NVRTC receives) and to WGSL (what wgpu receives). Used by
 //! `coopc compile --emit kernels` and by the snapshot tests.
 
+use crate::attention::{
+    attention_backward_kv, attention_backward_q, attention_forward, ATTENTION_BLOCK,
+};
 use crate::device::BLOCK;
 use crate::elementwise::elementwise_program;
 use crate::linear_logprob::{
@@ -83,6 +86,17 @@ pub enum Traced {
     LinearLogprobBackward {
         weights: bool,
     },
+    /// The hand-written causal attention: forward, backward `dq`, backward
+    /// `dk, dv`.
+    Attention(AttentionPart),
+}
+
+/// Which of the attention kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionPart {
+    Forward,
+    BackwardQ,
+    BackwardKv,
 }
 
 impl Traced {
@@ -251,6 +265,52 @@ impl Traced {
                     );
                 }
                 b.build(settings(name, CubeDim::new_1d(LOGPROB_BLOCK as u32)))
+            }
+            Traced::Attention(part) => {
+                let n_in = match part {
+                    AttentionPart::Forward => 3,
+                    AttentionPart::BackwardQ => 6,
+                    AttentionPart::BackwardKv => 6,
+                };
+                let mut ins: Vec<_> = (0..n_in)
+                    .map(|_| <Array<f32> as LaunchArg>::expand(&array(), &mut b))
+                    .collect();
+                let o1 = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let o2 = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let (n, t, hd, h, kv) = (
+                    scalar(&mut b),
+                    scalar(&mut b),
+                    scalar(&mut b),
+                    scalar(&mut b),
+                    scalar(&mut b),
+                );
+                let scale = <f32 as LaunchArg>::expand(&(), &mut b);
+                let mut next = || ins.remove(0);
+                let blk = ATTENTION_BLOCK;
+                match part {
+                    AttentionPart::Forward => {
+                        let (q, k, v) = (next(), next(), next());
+                        let sc = &mut b.scope;
+                        attention_forward::expand(sc, q, k, v, o1, o2, n, t, hd, h, kv, scale, blk);
+                    }
+                    AttentionPart::BackwardQ => {
+                        let (q, k, v, o, d_o, lse) =
+                            (next(), next(), next(), next(), next(), next());
+                        let sc = &mut b.scope;
+                        attention_backward_q::expand(
+                            sc, q, k, v, o, d_o, lse, o1, o2, n, t, hd, h, kv, scale, blk,
+                        );
+                    }
+                    AttentionPart::BackwardKv => {
+                        let (q, k, v, d_o, lse, delta) =
+                            (next(), next(), next(), next(), next(), next());
+                        let sc = &mut b.scope;
+                        attention_backward_kv::expand(
+                            sc, q, k, v, d_o, lse, delta, o1, o2, n, t, hd, h, kv, scale, blk,
+                        );
+                    }
+                }
+                b.build(settings(name, CubeDim::new_1d(ATTENTION_BLOCK as u32)))
             }
             Traced::Iota => {
                 let o = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
