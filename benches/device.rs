@@ -4,9 +4,16 @@
 //! for a 32k and a 128k vocabulary (32k only on wgpu, whose bindings are
 //! limited in size), against its bound (2·T·V·d FLOPs, printed; the
 //! throughput line is FLOP/s). Its memory is the inputs plus 2·T output
-//! floats at any vocabulary: no `[T, V]` buffer exists. `scripts/gpu-check.sh` runs
+//! floats at any vocabulary: no `[T, V]` buffer exists. Then the causal
+//! attention kernels, forward and forward + backward, at the medium
+//! pipeline's shapes (batch 8, 16 heads, 512 positions, head dim 64); the
+//! throughput is the causal FLOPs a fused implementation does
+//! (`2·B·H·T(T+1)·hd` forward, 2.5× that for the backward), though these
+//! kernels compute the scores twice. Every call includes copying its
+//! inputs to the device and its results back. `scripts/gpu-check.sh` runs
 //! the compiled bench binary on a GPU machine.
 
+use coopc_kernels::attention::AttentionShape;
 use coopc_kernels::device::Device;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use cubecl::prelude::Runtime;
@@ -46,6 +53,74 @@ fn bench_on<R: Runtime>(c: &mut Criterion, dev: Device<R>, tokens: usize, vocabs
     group.finish();
 }
 
+fn attention_on<R: Runtime>(c: &mut Criterion, dev: Device<R>, s: AttentionShape) {
+    let q_len = s.batch * s.heads * s.seq * s.head_dim;
+    let kv_len = s.batch * s.kv_heads * s.seq * s.head_dim;
+    let (q, k, v) = (
+        values(q_len, 3, 1.0),
+        values(kv_len, 4, 1.0),
+        values(kv_len, 5, 1.0),
+    );
+    let d_o = values(q_len, 6, 1.0);
+    let fwd_flops =
+        2.0 * (s.batch * s.heads) as f64 * (s.seq * (s.seq + 1)) as f64 * s.head_dim as f64;
+    let mut group = c.benchmark_group(format!("attention_{}", dev.backend()));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
+    let name = format!("b{}_h{}_t{}_hd{}", s.batch, s.heads, s.seq, s.head_dim);
+    group.throughput(Throughput::Elements(fwd_flops as u64));
+    group.bench_function(format!("forward_{name}"), |b| {
+        b.iter(|| black_box(dev.attention(&q, &k, &v, s).expect("runs")))
+    });
+    let (o, lse) = dev.attention(&q, &k, &v, s).expect("runs");
+    group.throughput(Throughput::Elements((2.5 * fwd_flops) as u64));
+    group.bench_function(format!("backward_{name}"), |b| {
+        b.iter(|| {
+            black_box(
+                dev.attention_backward(&q, &k, &v, &o, &lse, &d_o, s)
+                    .expect("runs"),
+            )
+        })
+    });
+    eprintln!(
+        "attention {name}: {:.3} GFLOP forward, {:.3} GFLOP backward (causal, fused count)",
+        fwd_flops / 1e9,
+        2.5 * fwd_flops / 1e9
+    );
+    group.finish();
+}
+
+fn attention(c: &mut Criterion) {
+    let medium = AttentionShape {
+        batch: 8,
+        heads: 16,
+        kv_heads: 16,
+        seq: 512,
+        head_dim: 64,
+    };
+    match std::env::var("COOPC_BENCH_DEVICE").as_deref() {
+        Ok("wgpu") => match Device::wgpu() {
+            Ok(dev) => attention_on(
+                c,
+                dev,
+                AttentionShape {
+                    batch: 1,
+                    heads: 2,
+                    kv_heads: 2,
+                    seq: 128,
+                    ..medium
+                },
+            ),
+            Err(e) => eprintln!("skipped: {e}"),
+        },
+        _ => match Device::cuda() {
+            Ok(dev) => attention_on(c, dev, medium),
+            Err(e) => eprintln!("skipped (set COOPC_BENCH_DEVICE=wgpu to use wgpu): {e}"),
+        },
+    }
+}
+
 fn linear_logprob(c: &mut Criterion) {
     match std::env::var("COOPC_BENCH_DEVICE").as_deref() {
         Ok("wgpu") => match Device::wgpu() {
@@ -60,5 +135,5 @@ fn linear_logprob(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, linear_logprob);
+criterion_group!(benches, linear_logprob, attention);
 criterion_main!(benches);

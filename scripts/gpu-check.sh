@@ -10,9 +10,9 @@
 # (the bench binary of benches/device.rs, from `cargo bench --bench device
 # --no-run`). Results go to $OUT (default ./gpu-check-out): the CUDA kernel
 # suite's log, the emitted kernels, a timing table of one meta-step per
-# bench pipeline on cuda vs the CPU, the fused linear log-prob bench, and
-# the metrics of a short training run of the default example on both
-# (STEPS meta-steps, default 100).
+# bench pipeline on cuda vs the CPU, the fused linear log-prob and attention
+# benches, and the metrics of a short training run of the default example
+# on both (STEPS meta-steps, default 100).
 set -uo pipefail
 BIN_DIR=${1:?usage: scripts/gpu-check.sh DIR (with coopc and optionally device_kernels)}
 OUT=${OUT:-./gpu-check-out}
@@ -73,11 +73,13 @@ for p in "$ROOT"/benches/pipelines/tiny-first-order.toml "$ROOT"/benches/pipelin
 done
 cat "$table"
 
-# 4. The fused linear log-prob bench (medium shapes, 32k and 128k vocabulary).
+# 4. The hand-written kernel benches: the fused linear log-prob (medium
+# shapes, 32k and 128k vocabulary) and causal attention forward/backward
+# (batch 8, 16 heads, 512 positions, head dim 64).
 if [ -x "$BIN_DIR/device_bench" ]; then
-    echo "== fused linear log-prob"
-    "$BIN_DIR/device_bench" --bench >"$OUT/linear-logprob.log" 2>&1 || status=1
-    grep -E "time:|thrpt:|GFLOP" "$OUT/linear-logprob.log"
+    echo "== fused linear log-prob, attention"
+    "$BIN_DIR/device_bench" --bench >"$OUT/device-bench.log" 2>&1 || status=1
+    grep -E "^(linear_logprob|attention)|time:|thrpt:|GFLOP" "$OUT/device-bench.log"
 fi
 
 # 5. Training end to end on both backends: same seed, STEPS meta-steps.
