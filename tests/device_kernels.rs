@@ -174,6 +174,35 @@ fn batched_matmul_matches_the_cpu() {
     let q = f32_input(&mut g, &mut inp, "q", &[64, 33], -1.0, 1.0, 7);
     let r = g.matmul(p, q);
     g.set_output("r", r);
+    // Operands read transposed (transposes only products read are never
+    // copied), alone and together, and one transpose also read elsewhere.
+    let at = f32_input(&mut g, &mut inp, "at", &[3, 45, 17], -1.0, 1.0, 8);
+    let bt = f32_input(&mut g, &mut inp, "bt", &[3, 20, 45], -1.0, 1.0, 9);
+    let (ta, tb) = (g.transpose(at), g.transpose(bt));
+    let c_ta = g.matmul(ta, b);
+    let c_tb = g.matmul(a, tb);
+    let c_tt = g.matmul(ta, tb);
+    g.set_output("c_ta", c_ta);
+    g.set_output("c_tb", c_tb);
+    g.set_output("c_tt", c_tt);
+    let e = g.exp(tb);
+    g.set_output("exp_tb", e);
+    let fused = coopc_compiler::fusion::fuse(&g, &coopc_compiler::schedule::schedule(&g).order);
+    let reads_transposed = fused
+        .kernels
+        .iter()
+        .filter(|k| {
+            matches!(
+                k,
+                coopc_compiler::fusion::Kernel::MatMul { trans_a: true, .. }
+                    | coopc_compiler::fusion::Kernel::MatMul { trans_b: true, .. }
+            )
+        })
+        .count();
+    assert_eq!(
+        reads_transposed, 2,
+        "tb is also read by exp, so it is computed"
+    );
     check(&g, &inp, 1e-4);
 }
 

@@ -173,6 +173,18 @@ fn tiled_matmul_and_strided_copy() {
     assert_eq!(src.len(), 2);
     snapshot("matmul_tiled", &src[0]);
     snapshot("permute_copy", &src[1]);
+    // A transpose that only a matrix product reads is read through swapped
+    // strides, never copied.
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, vec![2, 8, 16]);
+    let w = g.input("w", DType::F32, vec![2, 4, 16]);
+    let wt = g.transpose(w);
+    let y = g.matmul(x, wt);
+    g.set_output("y", y);
+    let (kernels, src) = sources(&g);
+    assert_eq!(src.len(), 1, "{kernels:?}");
+    assert!(src[0].name.ends_with("matmul_tb"), "{}", src[0].name);
+    snapshot("matmul_tiled_transposed_b", &src[0]);
 }
 
 #[test]

@@ -208,6 +208,17 @@ pub enum Kernel {
         epilogue_inputs: Vec<NodeId>,
         outputs: Vec<NodeId>,
     },
+    /// The (batched) matrix product `id` of `a · b`. An operand of `id`
+    /// that is a transpose of the last two axes read only by matrix
+    /// products is not computed: `a` (or `b`) is then its source, read
+    /// with the last two axes swapped (`trans_a`, `trans_b`).
+    MatMul {
+        id: NodeId,
+        a: NodeId,
+        b: NodeId,
+        trans_a: bool,
+        trans_b: bool,
+    },
     /// Any other node, computed alone.
     Node(NodeId),
 }
@@ -217,7 +228,7 @@ impl Kernel {
     pub fn writes(&self) -> Vec<NodeId> {
         match self {
             Kernel::Elementwise { outputs, .. } | Kernel::Reduce { outputs, .. } => outputs.clone(),
-            Kernel::Node(id) => vec![*id],
+            Kernel::MatMul { id, .. } | Kernel::Node(id) => vec![*id],
         }
     }
 
@@ -234,6 +245,7 @@ impl Kernel {
                 .chain(epilogue_inputs)
                 .copied()
                 .collect(),
+            Kernel::MatMul { a, b, .. } => vec![*a, *b],
             Kernel::Node(id) => g.inputs(*id),
         }
     }
@@ -254,7 +266,7 @@ impl FusedSchedule {
             match k {
                 Kernel::Elementwise { .. } => c.0 += 1,
                 Kernel::Reduce { .. } => c.1 += 1,
-                Kernel::Node(_) => c.2 += 1,
+                Kernel::MatMul { .. } | Kernel::Node(_) => c.2 += 1,
             }
         }
         c
@@ -391,6 +403,9 @@ struct Fuser<'g> {
     /// Constants (and broadcasts of constants) written to a buffer because
     /// a kernel that cannot inline them reads them.
     materialised: HashSet<NodeId>,
+    /// Matrix transposes read only by matrix products, which read their
+    /// sources instead (see [`Kernel::MatMul`]).
+    folded: HashSet<NodeId>,
 }
 
 /// A constant fill, or a broadcast of one: inlined into programs as a
@@ -415,10 +430,23 @@ pub fn fuse(g: &Graph, order: &[NodeId]) -> FusedSchedule {
             }
         }
     }
+    let graph_outputs: HashSet<NodeId> = g.outputs().iter().map(|(_, id)| *id).collect();
+    let folded = order
+        .iter()
+        .copied()
+        .filter(|id| {
+            g.op(*id).is_matrix_transpose()
+                && !graph_outputs.contains(id)
+                && users.get(id).is_some_and(|us| {
+                    !us.is_empty() && us.iter().all(|u| matches!(g.op(*u), Op::MatMul))
+                })
+        })
+        .collect();
     let mut f = Fuser {
         g,
         order: order.to_vec(),
-        graph_outputs: g.outputs().iter().map(|(_, id)| *id).collect(),
+        graph_outputs,
+        folded,
         users,
         groups: vec![],
         group_of: HashMap::new(),
@@ -435,6 +463,22 @@ pub fn fuse(g: &Graph, order: &[NodeId]) -> FusedSchedule {
 }
 
 impl Fuser<'_> {
+    /// The values `id` reads: its operands, a folded transpose replaced by
+    /// its source.
+    fn operands(&self, id: NodeId) -> Vec<NodeId> {
+        self.g
+            .inputs(id)
+            .into_iter()
+            .map(|x| {
+                if self.folded.contains(&x) {
+                    self.g.inputs(x)[0]
+                } else {
+                    x
+                }
+            })
+            .collect()
+    }
+
     fn open_group_of(&self, id: NodeId) -> Option<usize> {
         self.group_of
             .get(&id)
@@ -450,9 +494,12 @@ impl Fuser<'_> {
             if constant_value(self.g, id).is_some() {
                 continue; // inlined where used, written only on demand
             }
+            if self.folded.contains(&id) {
+                continue; // its users read its source
+            }
             // Operands of the new node that live in open groups.
             let mut open: Vec<usize> = Vec::new();
-            for x in self.g.inputs(id) {
+            for x in self.operands(id) {
                 if let Some(gi) = self.open_group_of(x) {
                     if !open.contains(&gi) {
                         open.push(gi);
@@ -515,10 +562,22 @@ impl Fuser<'_> {
                 for gi in open {
                     self.close(gi);
                 }
-                for x in self.g.inputs(id) {
+                let operands = self.operands(id);
+                for &x in &operands {
                     self.materialise(x);
                 }
-                self.kernels.push(Kernel::Node(id));
+                if let Op::MatMul = op {
+                    let ins = self.g.inputs(id);
+                    self.kernels.push(Kernel::MatMul {
+                        id,
+                        a: operands[0],
+                        b: operands[1],
+                        trans_a: self.folded.contains(&ins[0]),
+                        trans_b: self.folded.contains(&ins[1]),
+                    });
+                } else {
+                    self.kernels.push(Kernel::Node(id));
+                }
             }
         }
         for gi in 0..self.groups.len() {

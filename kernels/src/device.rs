@@ -616,6 +616,38 @@ impl<R: Runtime> Device<R> {
                 }
                 Ok(outputs.iter().copied().zip(outs).collect())
             }
+            Kernel::MatMul {
+                id,
+                a,
+                b,
+                trans_a,
+                trans_b,
+            } => {
+                let shape = &g.ty(*id).shape;
+                let r = shape.len();
+                let (m, nn) = (shape[r - 2], shape[r - 1]);
+                let k = g.ty(g.inputs(*id)[0]).shape[r - 1];
+                let batch = numel(&shape[..r - 2]);
+                let n = g.ty(*id).numel();
+                let h = self.output(n);
+                let t = TILE as u32;
+                let u = |v: usize| v as u32;
+                matmul_tiled::launch::<R>(
+                    &self.client,
+                    CubeCount::Static(u(nn).div_ceil(t), u(m).div_ceil(t), u(batch)),
+                    CubeDim::new_2d(t, t),
+                    arg(&get(a)?, len(a)),
+                    arg(&get(b)?, len(b)),
+                    arg(&h, n),
+                    u(m),
+                    u(k),
+                    u(nn),
+                    TILE,
+                    *trans_a,
+                    *trans_b,
+                );
+                Ok(vec![(*id, h)])
+            }
             Kernel::Node(id) => Ok(vec![(*id, self.node(g, *id, inputs, &get)?)]),
         }
     }
@@ -734,27 +766,6 @@ impl<R: Runtime> Device<R> {
             }
             // Relabelings share the operand's buffer.
             Op::Reshape { .. } | Op::StopGradient | Op::Barrier { .. } => get(&ops[0])?,
-            Op::MatMul => {
-                let (a, b) = (g.ty(ops[0]), g.ty(ops[1]));
-                let r = a.rank();
-                let (m, k, nn) = (a.shape[r - 2], a.shape[r - 1], b.shape[r - 1]);
-                let batch = numel(&a.shape[..r - 2]);
-                let h = self.output(n);
-                let t = TILE as u32;
-                matmul_tiled::launch::<R>(
-                    &self.client,
-                    CubeCount::Static(u(nn).div_ceil(t), u(m).div_ceil(t), u(batch)),
-                    CubeDim::new_2d(t, t),
-                    arg(&get(&ops[0])?, a.numel()),
-                    arg(&get(&ops[1])?, b.numel()),
-                    arg(&h, n),
-                    u(m),
-                    u(k),
-                    u(nn),
-                    TILE,
-                );
-                h
-            }
             Op::Permute { .. } | Op::Slice { .. } | Op::Pad { .. } | Op::Concat { .. } => {
                 let h = self.output(n);
                 if let Op::Pad { value, .. } = g.op(id) {

@@ -1,6 +1,8 @@
 //! Batched matrix product `[B, m, k] × [B, k, n] → [B, m, n]`, tiled through
 //! shared memory: each cube computes a `TILE × TILE` block of one batch
-//! entry, staging `TILE`-wide panels of both operands.
+//! entry, staging `TILE`-wide panels of both operands. An operand can be
+//! read transposed (`a` stored `[B, k, m]`, `b` stored `[B, n, k]`), so a
+//! transpose that only feeds matrix products is never written out.
 
 use cubecl::prelude::*;
 
@@ -23,6 +25,8 @@ pub fn matmul_tiled(
     k: u32,
     n: u32,
     #[comptime] tile: usize,
+    #[comptime] trans_a: bool,
+    #[comptime] trans_b: bool,
 ) {
     let (m, k, n) = (m as usize, k as usize, n as usize);
     let t = tile;
@@ -39,9 +43,19 @@ pub fn matmul_tiled(
     let mut k0 = (UNIT_POS_X * 0) as usize;
     while k0 < k {
         let ac = k0 + tx;
-        sa[ty * t + tx] = load_or_zero(a, a_base + row * k + ac, row < m && ac < k);
+        let a_at = if trans_a {
+            a_base + ac * m + row
+        } else {
+            a_base + row * k + ac
+        };
+        sa[ty * t + tx] = load_or_zero(a, a_at, row < m && ac < k);
         let br = k0 + ty;
-        sb[ty * t + tx] = load_or_zero(b, b_base + br * n + col, br < k && col < n);
+        let b_at = if trans_b {
+            b_base + col * k + br
+        } else {
+            b_base + br * n + col
+        };
+        sb[ty * t + tx] = load_or_zero(b, b_at, br < k && col < n);
         sync_cube();
         for q in 0..t {
             acc += sa[ty * t + q] * sb[q * t + tx];

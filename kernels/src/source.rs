@@ -71,7 +71,11 @@ pub enum Traced {
         /// One cube per output element ([`reduce_program_rows`]).
         rows: bool,
     },
-    Matmul,
+    /// The tiled matrix product, reading `a` and/or `b` transposed.
+    Matmul {
+        trans_a: bool,
+        trans_b: bool,
+    },
     Copy(CopySpec),
     TakeAlong,
     ScatterAddAlong,
@@ -146,12 +150,13 @@ impl Traced {
                 }
                 b.build(settings(name, one_d))
             }
-            Traced::Matmul => {
+            Traced::Matmul { trans_a, trans_b } => {
                 let a = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
                 let bb = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
                 let o = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
                 let (m, k, n) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
-                matmul_tiled::expand(&mut b.scope, a, bb, o, m, k, n, TILE);
+                let (ta, tb) = (*trans_a, *trans_b);
+                matmul_tiled::expand(&mut b.scope, a, bb, o, m, k, n, TILE, ta, tb);
                 b.build(settings(name, CubeDim::new_2d(TILE as u32, TILE as u32)))
             }
             Traced::Copy(spec) => {
@@ -385,9 +390,23 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
                 rows: cooperative(layout.out_numel(), layout.red_numel()),
             },
         ),
+        Kernel::MatMul {
+            trans_a, trans_b, ..
+        } => (
+            match (trans_a, trans_b) {
+                (false, false) => "matmul",
+                (true, false) => "matmul_ta",
+                (false, true) => "matmul_tb",
+                (true, true) => "matmul_ta_tb",
+            }
+            .into(),
+            Traced::Matmul {
+                trans_a: *trans_a,
+                trans_b: *trans_b,
+            },
+        ),
         Kernel::Node(id) => {
             match g.op(*id) {
-                Op::MatMul => ("matmul".into(), Traced::Matmul),
                 // A concat is one strided copy per operand; the first stands for all.
                 op @ (Op::Permute { .. }
                 | Op::Slice { .. }

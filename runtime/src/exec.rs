@@ -266,20 +266,6 @@ struct Plan {
     transposed: Vec<[bool; 2]>,
 }
 
-/// Whether `id` is a permute that swaps the last two axes only.
-fn swaps_last_two(graph: &Graph, id: NodeId) -> bool {
-    match graph.op(id) {
-        Op::Permute { perm } => {
-            let r = perm.len();
-            r >= 2
-                && perm[r - 2] == r - 1
-                && perm[r - 1] == r - 2
-                && perm[..r - 2].iter().enumerate().all(|(i, &p)| i == p)
-        }
-        _ => false,
-    }
-}
-
 impl Plan {
     fn new(graph: &Graph, nodes: &[NodeId]) -> Plan {
         let bound = graph.node_ids().map(|id| id.index() + 1).max().unwrap_or(0);
@@ -308,7 +294,7 @@ impl Plan {
                 let id = NodeId::new(i);
                 needed[i]
                     && !requested[i]
-                    && swaps_last_two(graph, id)
+                    && graph.op(id).is_matrix_transpose()
                     && graph
                         .users(id)
                         .iter()

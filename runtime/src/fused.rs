@@ -94,6 +94,47 @@ pub fn run_kernel(
             }
             outputs.iter().copied().zip(outs).collect()
         }
+        Kernel::MatMul {
+            id,
+            a,
+            b,
+            trans_a,
+            trans_b,
+        } => {
+            // The product of the operands as read: a source read transposed
+            // is transposed here first.
+            let mut one = Graph::new();
+            let mut bound = HashMap::new();
+            let mut args = vec![];
+            for (i, (x, trans)) in [(a, trans_a), (b, trans_b)].into_iter().enumerate() {
+                let ty = g.ty(*x).clone();
+                let name = format!("arg{i}");
+                let t = HostTensor::from_f64(ty.dtype, ty.shape.clone(), get(x)?)?;
+                bound.insert(name.clone(), t);
+                let mut arg = one.input(name, ty.dtype, ty.shape);
+                if *trans {
+                    arg = one.transpose(arg);
+                }
+                args.push(arg);
+            }
+            let unsupported = |message: String| ExecError::Unsupported {
+                node: id.index(),
+                op: "matmul",
+                message,
+            };
+            let out = one
+                .try_add_op(Op::MatMul, &args)
+                .map_err(|e| unsupported(e.to_string()))?;
+            if one.ty(out) != g.ty(*id) {
+                return Err(unsupported(format!(
+                    "computes {} where the graph has {}",
+                    one.ty(out),
+                    g.ty(*id)
+                )));
+            }
+            let v = execute_nodes(&one, &bound, &[out])?;
+            vec![(*id, v[0].to_f64_vec())]
+        }
         Kernel::Node(id) => {
             // A one-node graph: the node's op applied to its operands' values.
             let mut one = Graph::new();

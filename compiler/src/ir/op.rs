@@ -385,6 +385,22 @@ impl Op {
         }
     }
 
+    /// A permute that swaps the last two axes and keeps the others: the
+    /// batched matrix transpose, which matrix products can read through
+    /// swapped strides instead.
+    pub fn is_matrix_transpose(&self) -> bool {
+        match self {
+            Op::Permute { perm } => {
+                let r = perm.len();
+                r >= 2
+                    && perm[r - 2] == r - 1
+                    && perm[r - 1] == r - 2
+                    && perm[..r - 2].iter().enumerate().all(|(i, &p)| i == p)
+            }
+            _ => false,
+        }
+    }
+
     /// Elementwise ops: output element i depends only on input elements i.
     pub fn is_elementwise(&self) -> bool {
         matches!(
