@@ -58,15 +58,20 @@ fn emit_kernels(plan: &Plan, dir: &Path) -> Result<(), UserError> {
         let sub = dir.join(&p.name);
         std::fs::create_dir_all(&sub)
             .map_err(|e| UserError(format!("cannot create {}: {e}", sub.display())))?;
+        let (peak, live) = fused.device_peak_live(&p.graph);
         let _ = writeln!(
             index,
-            "{}: {} scheduled nodes → {}; {} distinct kernel sources; device footprint {} (estimate)",
+            "{}: {} scheduled nodes → {}; {} distinct kernel sources; device footprint {} (estimate), largest groups then:",
             p.name,
             sched.order.len(),
             fused,
             sources.len(),
-            human_bytes(fused.device_peak_bytes(&p.graph))
+            human_bytes(peak)
         );
+        let four = |id| 4 * p.graph.ty(id).numel().max(1);
+        for line in crate::cli_inspect::buffer_groups(&p.graph, &live, four) {
+            let _ = writeln!(index, "    {line}");
+        }
         for (src, uses) in &sources {
             for (ext, text) in [("cu", &src.cuda), ("wgsl", &src.wgsl)] {
                 let path = sub.join(format!("{}.{ext}", src.name));

@@ -183,21 +183,35 @@ fn at_peak(s: &mut String, g: &Graph, order: &[NodeId]) {
         "    at the peak  {what} · {} live buffers, largest groups:",
         p.buffers.len()
     );
+    for line in buffer_groups(g, &p.buffers, |id| g.ty(id).size_bytes()) {
+        let _ = writeln!(s, "      {line}");
+    }
+}
+
+/// The largest groups of `buffers` by (op, type), as `bytes  n × op type`
+/// lines, largest first; `bytes_of` sizes one buffer.
+pub fn buffer_groups(
+    g: &Graph,
+    buffers: &[NodeId],
+    bytes_of: impl Fn(NodeId) -> usize,
+) -> Vec<String> {
     // (op, type) → (buffers, bytes).
     let mut by_kind: std::collections::BTreeMap<(&str, String), (usize, usize)> =
         Default::default();
-    for &id in &p.buffers {
+    for &id in buffers {
         let e = by_kind
             .entry((g.op(id).name(), g.ty(id).to_string()))
             .or_default();
         e.0 += 1;
-        e.1 += g.ty(id).size_bytes();
+        e.1 += bytes_of(id);
     }
     let mut groups: Vec<_> = by_kind.into_iter().collect();
     groups.sort_by(|a, b| b.1 .1.cmp(&a.1 .1).then(a.0.cmp(&b.0)));
-    for ((op, ty), (n, total)) in groups.iter().take(PEAK_GROUPS) {
-        let _ = writeln!(s, "      {:>10}  {n} × {op} {ty}", human_bytes(*total));
-    }
+    groups
+        .iter()
+        .take(PEAK_GROUPS)
+        .map(|((op, ty), (n, total))| format!("{:>10}  {n} × {op} {ty}", human_bytes(*total)))
+        .collect()
 }
 
 fn method(spec: &PipelineSpec) -> String {

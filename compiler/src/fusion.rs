@@ -281,6 +281,22 @@ impl FusedSchedule {
     /// (uploaded once per graph); the outputs live to the end. A lower
     /// bound on what the allocator holds, which also rounds and pools.
     pub fn device_peak_bytes(&self, g: &Graph) -> usize {
+        self.simulate_device(g, None).0
+    }
+
+    /// The buffers live at the device footprint's peak (each named by the
+    /// node that made it, largest first), with that footprint.
+    pub fn device_peak_live(&self, g: &Graph) -> (usize, Vec<NodeId>) {
+        let (peak, at, _) = self.simulate_device(g, None);
+        let mut live = self.simulate_device(g, Some(at)).2.unwrap_or_default();
+        live.sort_by_key(|&id| std::cmp::Reverse(g.ty(id).numel()));
+        (peak, live)
+    }
+
+    /// The footprint simulation of [`Self::device_peak_bytes`]: the peak,
+    /// the kernel index where it is first reached, and (with `at`) the
+    /// buffers live after kernel `at` allocated its outputs.
+    fn simulate_device(&self, g: &Graph, at: Option<usize>) -> (usize, usize, Option<Vec<NodeId>>) {
         let bytes = |id: NodeId| 4 * g.ty(id).numel().max(1);
         let mut last_use: HashMap<NodeId, usize> = HashMap::new();
         for (k, kernel) in self.kernels.iter().enumerate() {
@@ -292,20 +308,21 @@ impl FusedSchedule {
             last_use.insert(*id, usize::MAX);
         }
         // Node → buffer (an alias shares its operand's); buffer → (bytes,
-        // nodes still holding it).
+        // nodes still holding it, the node that made it).
         let mut buffer_of: HashMap<NodeId, usize> = HashMap::new();
-        let mut buffers: Vec<(usize, usize)> = Vec::new();
+        let mut buffers: Vec<(usize, usize, NodeId)> = Vec::new();
         let mut live = 0usize;
         for k in &self.kernels {
             if let Kernel::Node(id) = k {
                 if let Op::Input { .. } = g.op(*id) {
                     live += bytes(*id);
-                    buffers.push((bytes(*id), usize::MAX));
+                    buffers.push((bytes(*id), usize::MAX, *id));
                     buffer_of.insert(*id, buffers.len() - 1);
                 }
             }
         }
-        let mut peak = live;
+        let (mut peak, mut peak_at) = (live, 0);
+        let mut snapshot = None;
         for (k, kernel) in self.kernels.iter().enumerate() {
             for id in kernel.writes() {
                 if buffer_of.contains_key(&id) {
@@ -330,12 +347,17 @@ impl FusedSchedule {
                         1
                     };
                     live += bytes(id);
-                    buffers.push((bytes(id), holders));
+                    buffers.push((bytes(id), holders, id));
                     buffers.len() - 1
                 };
                 buffer_of.insert(id, b);
             }
-            peak = peak.max(live);
+            if live > peak {
+                (peak, peak_at) = (live, k);
+            }
+            if at == Some(k) {
+                snapshot = Some(buffers.iter().filter(|b| b.1 > 0).map(|b| b.2).collect());
+            }
             let mut dead: Vec<NodeId> = kernel.reads(g);
             dead.sort();
             dead.dedup();
@@ -344,7 +366,7 @@ impl FusedSchedule {
                     continue;
                 }
                 if let Some(&b) = buffer_of.get(&r) {
-                    let (size, holders) = &mut buffers[b];
+                    let (size, holders, _) = &mut buffers[b];
                     if *holders != usize::MAX {
                         *holders -= 1;
                         if *holders == 0 {
@@ -354,7 +376,7 @@ impl FusedSchedule {
                 }
             }
         }
-        peak
+        (peak, peak_at, snapshot)
     }
 }
 
