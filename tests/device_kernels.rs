@@ -529,3 +529,81 @@ fn attention_kernels_match_the_model_attention_and_its_gradients() {
         assert!(e <= 1e-4, "{name}: relative error {e:e}");
     }
 }
+
+/// Tokens drawn on the device equal the CPU sampler's (`choose_token`) for
+/// the same uniform draws: greedy (ties to the lowest index), full
+/// softmax, top-p nuclei, top-1, over vocabularies shorter and longer than
+/// a cube, with tied and negligible logits; a non-finite row is refused.
+#[test]
+fn device_sampling_matches_the_cpu_sampler() {
+    use coopc_runtime::sampler::{choose_token, SamplingConfig};
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+    let d = device_backend();
+    let mut r = rng(50);
+    for (case, &(vocab, rows)) in [(5usize, 40usize), (300, 24), (1000, 8)].iter().enumerate() {
+        let mut logits = uniform(&mut r, rows * vocab, -4.0, 4.0);
+        for row in 0..rows {
+            let x = &mut logits[row * vocab..(row + 1) * vocab];
+            // Ties (including for the maximum) and tokens of negligible mass.
+            x[vocab - 1] = x[0];
+            if row % 3 == 0 {
+                x[1] = x.iter().copied().fold(f64::MIN, f64::max);
+            }
+            if vocab > 4 {
+                x[2] = -60.0;
+            }
+        }
+        // Round to f32 first: the device holds f32 logits.
+        let logits: Vec<f64> = logits.iter().map(|&v| v as f32 as f64).collect();
+        let t = HostTensor::from_f64(DType::F32, vec![rows, vocab], &logits).unwrap();
+        let value = d.resident(Value::host(t)).unwrap();
+        for (temperature, top_p, greedy) in [
+            (1.0, 1.0, true),
+            (1.0, 1.0, false),
+            (0.7, 0.9, false),
+            (1.3, 0.5, false),
+            (1.0, 0.0, false),
+        ] {
+            let cfg = SamplingConfig {
+                temperature,
+                top_p,
+                max_new_tokens: 1,
+                stop_token: -1,
+                pad_token: 0,
+                greedy,
+            };
+            let seeds: Vec<StdRng> = (0..rows)
+                .map(|row| StdRng::seed_from_u64((case * 1000 + row) as u64))
+                .collect();
+            let draws: Vec<f64> = seeds
+                .iter()
+                .map(|s| if greedy { 0.0 } else { s.clone().gen::<f64>() })
+                .collect();
+            let got = d
+                .sample_tokens(&value, &draws, temperature, top_p, greedy)
+                .unwrap();
+            for row in 0..rows {
+                let mut rng_row = seeds[row].clone();
+                let want =
+                    choose_token(&logits[row * vocab..(row + 1) * vocab], &cfg, &mut rng_row);
+                assert_eq!(
+                    got[row], want,
+                    "vocab {vocab}, row {row}, T {temperature}, top_p {top_p}, greedy {greedy}"
+                );
+            }
+        }
+    }
+    // A non-finite logit: no token for that row, the others sampled.
+    let t = HostTensor::f32(vec![2, 3], vec![0.0, f32::NAN, 1.0, 0.5, 2.0, 0.1]);
+    let got = d
+        .sample_tokens(&Value::host(t), &[0.5, 0.5], 1.0, 1.0, true)
+        .unwrap();
+    assert_eq!(got, vec![None, Some(1)]);
+    // The CPU backend draws tokens on the host: it has no device sampler.
+    let host_logits = Value::host(HostTensor::f32(vec![1, 3], vec![0.0; 3]));
+    assert!(!CpuBackend.samples_tokens());
+    assert!(CpuBackend
+        .sample_tokens(&host_logits, &[0.5], 1.0, 1.0, true)
+        .is_err());
+}

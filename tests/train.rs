@@ -307,8 +307,10 @@ fn training_on_the_device_matches_the_cpu() {
     assert!(dir.join(device).join("checkpoints/latest").exists());
     // The state stays on the device: after the first meta-step (which
     // uploads θ, w, shadow and the AdamW moments once), a step moves only
-    // its batches, token ids and logits — far less than the state it
-    // updates, which a host round trip would copy both ways.
+    // its batches and per decoded token the ids and draws up, the chosen
+    // tokens and the losses down — far less than the state it updates,
+    // which a host round trip would copy both ways (and the logits, which
+    // host sampling would read back).
     let state = load_latest(&dir.join(device)).unwrap();
     let state_bytes: u64 = state.tensors.values().map(|t| 4 * t.numel() as u64).sum();
     assert!(c.bytes_to_device.is_none() && c.bytes_from_device.is_none());
@@ -319,7 +321,7 @@ fn training_on_the_device_matches_the_cpu() {
         "step 0 uploads the state: {up0} of {state_bytes} bytes"
     );
     assert!(
-        up1 < state_bytes / 4 && down1 < state_bytes / 2,
+        up1 < state_bytes / 4 && down1 < state_bytes / 20,
         "step 1 moved {up1} bytes up and {down1} down; the state is {state_bytes} bytes"
     );
 }

@@ -262,6 +262,56 @@ impl<R: Runtime> Backend for Device<R> {
         Ok(self.wrap(ty.clone(), handle))
     }
 
+    fn samples_tokens(&self) -> bool {
+        true
+    }
+
+    fn sample_tokens(
+        &self,
+        logits: &Value,
+        draws: &[f64],
+        temperature: f64,
+        top_p: f64,
+        greedy: bool,
+    ) -> Result<Vec<Option<i32>>, ExecError> {
+        let resident;
+        let handle = match logits {
+            Value::Device(d) => {
+                resident = self.unwrap_resident(d).map_err(|e| self.exec_error(e))?;
+                resident.handle.clone()
+            }
+            Value::Host(t) => {
+                let v: Vec<f32> = t.to_f64_vec().into_iter().map(|x| x as f32).collect();
+                guarded(DeviceError::Device, || self.upload(&v)).map_err(|e| self.exec_error(e))?
+            }
+        };
+        let ty = logits.ty();
+        if ty.rank() != 2 {
+            return Err(self.exec_error(DeviceError::Device(format!(
+                "sampling needs [rows, vocab] logits, got {ty}"
+            ))));
+        }
+        let (rows, vocab) = (ty.shape[0], ty.shape[1]);
+        let draws: Vec<f32> = draws.iter().map(|&u| u as f32).collect();
+        let tokens = guarded(DeviceError::Device, || {
+            self.sample_rows(
+                &handle,
+                rows,
+                vocab,
+                &draws,
+                temperature as f32,
+                top_p as f32,
+                greedy,
+            )
+        })
+        .and_then(|r| r)
+        .map_err(|e| self.exec_error(e))?;
+        Ok(tokens
+            .into_iter()
+            .map(|t| (t != crate::sample::NON_FINITE).then_some(t))
+            .collect())
+    }
+
     fn transfers(&self) -> Option<Transfers> {
         Some(Transfers {
             uploaded: self.uploaded.load(Ordering::Relaxed),

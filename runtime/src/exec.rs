@@ -89,6 +89,32 @@ pub trait Backend: Send + Sync {
         Ok(Value::host(HostTensor::zeros(ty)))
     }
 
+    /// Whether [`Backend::sample_tokens`] draws tokens where the logits
+    /// are (a device backend), so the sampler need not read them back.
+    fn samples_tokens(&self) -> bool {
+        false
+    }
+
+    /// One token per row of `logits` (`[rows, vocab]`, held by this
+    /// backend) by the rule of `sampler::choose_token`, with `draws[r]` the
+    /// row's uniform number in [0, 1) (unused when greedy); `None` for a row
+    /// with a non-finite logit. Only backends whose
+    /// [`Backend::samples_tokens`] is true implement it.
+    fn sample_tokens(
+        &self,
+        logits: &Value,
+        draws: &[f64],
+        temperature: f64,
+        top_p: f64,
+        greedy: bool,
+    ) -> Result<Vec<Option<i32>>, ExecError> {
+        let _ = (logits, draws, temperature, top_p, greedy);
+        Err(ExecError::Device(format!(
+            "the {} backend draws tokens on the host",
+            self.name()
+        )))
+    }
+
     /// Bytes copied between host and device so far; `None` for the CPU.
     fn transfers(&self) -> Option<Transfers> {
         None

@@ -296,31 +296,58 @@ impl Sampler {
                 POS_INPUT.into(),
                 Value::host(HostTensor::i32(vec![1], vec![pos as i32])),
             );
+            // A device backend draws the tokens where the logits are: they
+            // never come back, only one token per row does.
+            let on_device = self.backend.samples_tokens();
             let mut logits = None;
-            let on_host = |name: &str| name == LOGITS_OUTPUT;
+            let on_host = |name: &str| name == LOGITS_OUTPUT && !on_device;
             for (name, v) in self.backend.run_values(&self.program, inputs, &on_host)? {
                 match name.strip_prefix("next.") {
                     Some(cache) => {
                         inputs.insert(cache.to_string(), v);
                     }
-                    None if name == LOGITS_OUTPUT => {
-                        logits = Some(self.backend.to_host(&v)?.to_f64_vec())
-                    }
+                    None if name == LOGITS_OUTPUT => logits = Some(v),
                     None => {}
                 }
             }
             let logits = logits.expect("the decode step outputs logits");
+            let sampling = |r: usize, row: &Generation| !done[r] && pos + 1 >= row.prompt_len;
+            let tokens: Vec<Option<i32>> = if on_device {
+                // One uniform per sampling row, from its own stream, as
+                // `choose_token` would draw it.
+                let mut draws = vec![0.0; self.batch];
+                for (r, row) in rows.iter().enumerate() {
+                    if sampling(r, row) && !cfg.greedy {
+                        draws[r] = rngs[r].gen::<f64>();
+                    }
+                }
+                self.backend.sample_tokens(
+                    &logits,
+                    &draws,
+                    cfg.temperature,
+                    cfg.top_p,
+                    cfg.greedy,
+                )?
+            } else {
+                let logits = self.backend.to_host(&logits)?.to_f64_vec();
+                rows.iter()
+                    .enumerate()
+                    .map(|(r, row)| {
+                        sampling(r, row).then(|| {
+                            let row_logits = &logits[r * self.vocab..(r + 1) * self.vocab];
+                            choose_token(row_logits, cfg, &mut rngs[r])
+                        })?
+                    })
+                    .collect()
+            };
             for (r, row) in rows.iter_mut().enumerate() {
                 if done[r] || pos + 1 < row.prompt_len {
                     continue;
                 }
-                let row_logits = &logits[r * self.vocab..(r + 1) * self.vocab];
-                let token = choose_token(row_logits, cfg, &mut rngs[r]).ok_or(
-                    SampleError::NonFiniteLogits {
-                        row: r,
-                        position: pos,
-                    },
-                )?;
+                let token = tokens[r].ok_or(SampleError::NonFiniteLogits {
+                    row: r,
+                    position: pos,
+                })?;
                 row.tokens.push(token);
                 row.response_len += 1;
                 if token == cfg.stop_token {
