@@ -176,3 +176,42 @@ fn device_peak_follows_kernel_liveness() {
     let fused2 = fuse(&g2, &schedule(&g2).order);
     assert_eq!(fused2.device_peak_bytes(&g2), 128 + 64 + 64 + 64);
 }
+
+/// A broadcast read by several kernels is never written out: each reader's
+/// program loads its source through the broadcast's index map.
+#[test]
+fn broadcasts_are_recomputed_by_their_readers() {
+    let mut g = Graph::new();
+    let mut inputs = Inputs::new();
+    let mut r = rng(9);
+    let mut input = |g: &mut Graph, name: &str, shape: Vec<usize>| {
+        let n = shape.iter().product();
+        inputs.insert(
+            name.to_string(),
+            coopc_runtime::HostTensor::from_f64(
+                DType::F32,
+                shape.clone(),
+                &uniform(&mut r, n, -1.0, 1.0),
+            )
+            .unwrap(),
+        );
+        g.input(name, DType::F32, shape)
+    };
+    let x = input(&mut g, "x", vec![4, 1]);
+    let a = input(&mut g, "a", vec![4, 3]);
+    let w = input(&mut g, "w", vec![3, 8]);
+    let b = g.broadcast(x, vec![4, 8]);
+    let e = g.exp(b);
+    let s = g.reduce(ReduceKind::Sum, b, &[1], false);
+    let q = g.matmul(a, w);
+    let y = g.add(b, q);
+    g.set_output("e", e);
+    g.set_output("s", s);
+    g.set_output("y", y);
+    let fused = check_fused_equals_executor(&g, &inputs, 1e-6);
+    assert!(
+        fused.kernels.iter().all(|k| !k.writes().contains(&b)),
+        "{:?}",
+        fused.kernels
+    );
+}

@@ -717,13 +717,40 @@ impl Fuser<'_> {
             .iter()
             .copied()
             .filter(|m| {
+                let inlined = self.inlined_broadcast(*m).is_some();
+                // A reader outside the group needs the value written, unless
+                // it recomputes the broadcast from its source.
+                let needs_buffer =
+                    |u: &NodeId| !(gr.set.contains(u) || inlined && self.inlines(*u));
                 self.graph_outputs.contains(m)
                     || self
                         .users
                         .get(m)
-                        .is_some_and(|us| us.iter().any(|u| !gr.set.contains(u)))
+                        .is_some_and(|us| us.iter().any(needs_buffer))
             })
             .collect()
+    }
+
+    /// For a broadcast of a non-constant value: its source and the index
+    /// map. A program that reads the broadcast loads the source through
+    /// that map instead, so the broadcast itself is never written out for
+    /// such readers (its source is in memory: a broadcast starts a group,
+    /// which reads its operand from memory).
+    fn inlined_broadcast(&self, x: NodeId) -> Option<(NodeId, Index)> {
+        match self.g.op(x) {
+            Op::Broadcast { shape } if constant_value(self.g, x).is_none() => {
+                let src = self.g.inputs(x)[0];
+                Some((src, broadcast_index(&self.g.ty(src).shape, shape)))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether `u` reads its operands through a generated program (so it
+    /// can load a broadcast's source itself).
+    fn inlines(&self, u: NodeId) -> bool {
+        let op = self.g.op(u);
+        op.is_elementwise() || matches!(op, Op::Reduce { .. })
     }
 
     fn close(&mut self, gi: usize) {
@@ -732,6 +759,11 @@ impl Fuser<'_> {
         };
         let outputs = self.outputs_of(&gr);
         match gr.anchor {
+            None if outputs.is_empty() => {
+                // Only broadcasts that every reader recomputes from their
+                // sources: nothing to write.
+                self.fused_nodes += gr.members.len();
+            }
             None => {
                 let (program, inputs) = self.program(&gr.members, &outputs, None);
                 self.fused_nodes += gr.members.len();
@@ -753,7 +785,9 @@ impl Fuser<'_> {
                         self.fused_nodes += p.members.len();
                         self.program(&p.members, &[operand], None)
                     }
-                    None if constant_value(self.g, operand).is_some() => {
+                    None if constant_value(self.g, operand).is_some()
+                        || self.inlined_broadcast(operand).is_some() =>
+                    {
                         self.program(&[], &[operand], None)
                     }
                     None => (
@@ -838,9 +872,10 @@ impl Fuser<'_> {
             let mut operand =
                 |p: &mut ElemProgram, inputs: &mut Vec<NodeId>, x: NodeId| match reg.get(&x) {
                     Some(&r) => r,
-                    None => match constant_value(g, x) {
-                        Some(v) => push(p, ElemInstr::Const(v.to_bits())),
-                        None => load(p, inputs, x, Index::Same),
+                    None => match (constant_value(g, x), self.inlined_broadcast(x)) {
+                        (Some(v), _) => push(p, ElemInstr::Const(v.to_bits())),
+                        (None, Some((src, index))) => load(p, inputs, src, index),
+                        (None, None) => load(p, inputs, x, Index::Same),
                     },
                 };
             let r = match self.g.op(m) {
@@ -889,10 +924,13 @@ impl Fuser<'_> {
             .iter()
             .map(|o| match reg.get(o) {
                 Some(&r) => r,
-                None => push(
-                    &mut p,
-                    ElemInstr::Const(constant_value(g, *o).expect("a constant").to_bits()),
-                ),
+                None => match self.inlined_broadcast(*o) {
+                    Some((src, index)) => load(&mut p, &mut inputs, src, index),
+                    None => push(
+                        &mut p,
+                        ElemInstr::Const(constant_value(g, *o).expect("a constant").to_bits()),
+                    ),
+                },
             })
             .collect();
         p.n_inputs = inputs.len() as u32;
