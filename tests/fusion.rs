@@ -215,3 +215,68 @@ fn broadcasts_are_recomputed_by_their_readers() {
         fused.kernels
     );
 }
+
+/// The GRPO token loss (ratio, clip, min, k3 KL, masked token mean) and its
+/// gradient with respect to the log-probs fuse into a few kernels: the
+/// loss is reductions whose prologues compute every token's term, the
+/// gradient elementwise programs.
+#[test]
+fn grpo_token_loss_and_its_gradient_fuse_into_few_kernels() {
+    use coopc_compiler::autodiff::grad;
+    use coopc_compiler::losses::{aggregate, grpo_token_loss, RlBatch};
+    use coopc_compiler::spec::LossAgg;
+    let (b, t) = (4, 24);
+    let mut rl = tiny_spec().rl;
+    rl.kl_coef = 0.05;
+    let mut g = Graph::new();
+    let mut inputs = Inputs::new();
+    let mut r = rng(12);
+    let mut input = |g: &mut Graph, name: &str, shape: Vec<usize>, lo: f64, hi: f64| {
+        let n = shape.iter().product();
+        let mut v = uniform(&mut r, n, lo, hi);
+        if name == "mask" {
+            v.iter_mut()
+                .for_each(|x| *x = if *x > 0.3 { 1.0 } else { 0.0 });
+        }
+        inputs.insert(
+            name.to_string(),
+            coopc_runtime::HostTensor::from_f64(DType::F64, shape.clone(), &v).unwrap(),
+        );
+        g.input(name, DType::F64, shape)
+    };
+    let logp = input(&mut g, "logp", vec![b, t], -3.0, -0.1);
+    let batch = RlBatch {
+        input_ids: logp, // unused by the loss
+        loss_mask: input(&mut g, "mask", vec![b, t], 0.0, 1.0),
+        advantages: input(&mut g, "adv", vec![b], -1.0, 1.0),
+        old_logprobs: input(&mut g, "old", vec![b, t], -3.0, -0.1),
+        ref_logprobs: Some(input(&mut g, "ref", vec![b, t], -3.0, -0.1)),
+    };
+    let per_token = grpo_token_loss(&mut g, &rl, logp, &batch);
+    let loss = aggregate(&mut g, LossAgg::TokenMean, per_token, batch.loss_mask);
+    let dlogp = grad(&mut g, loss, &[logp])[0];
+    g.set_output("loss", loss);
+    g.set_output("dlogp", dlogp);
+    Pipeline::standard().run(&mut g);
+    let nodes = schedule(&g).order.len();
+    let fused = check_fused_equals_executor(&g, &inputs, 1e-12);
+    // Inputs and relabelings launch nothing.
+    let launches = fused
+        .kernels
+        .iter()
+        .filter(|k| match k {
+            Kernel::Node(id) => !matches!(
+                g.op(*id),
+                Op::Input { .. } | Op::Reshape { .. } | Op::StopGradient
+            ),
+            _ => true,
+        })
+        .count();
+    // One program for every token's term, the two sums of the token mean
+    // and their quotient, one program for the gradient.
+    assert!(
+        launches <= 6,
+        "{nodes} nodes became {launches} kernels: {:?}",
+        fused.kernels
+    );
+}
