@@ -90,7 +90,8 @@ for backend in cpu cuda; do
         --out "$OUT/run-$backend" -q >"$OUT/run-$backend.log" 2>&1; then
         tail -1 "$OUT/run-$backend/metrics.jsonl" | sed "s/^/$backend: /"
         # Per-step wall time and host<->device traffic (device-resident state:
-        # after step 0 only batches go up, losses and decode logits come back).
+        # after step 0 only batches, token ids and draws go up; sampled tokens
+        # and losses come back).
         python3 - "$OUT/run-$backend/metrics.jsonl" "$backend" <<'PY' || true
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]

@@ -453,6 +453,13 @@ fn resident_values_stay_on_the_device_between_runs() {
         .unwrap_err()
         .to_string()
         .contains("f32"));
+    // A value resident on another device (of the same backend) is refused.
+    let other = device_backend();
+    let e = other
+        .run_values(&g, &vals, &|_| true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("another"), "{e}");
 }
 
 /// The hand-written causal attention (grouped-query: 4 query heads over 2
@@ -594,12 +601,40 @@ fn device_sampling_matches_the_cpu_sampler() {
             }
         }
     }
-    // A non-finite logit: no token for that row, the others sampled.
-    let t = HostTensor::f32(vec![2, 3], vec![0.0, f32::NAN, 1.0, 0.5, 2.0, 0.1]);
-    let got = d
-        .sample_tokens(&Value::host(t), &[0.5, 0.5], 1.0, 1.0, true)
-        .unwrap();
-    assert_eq!(got, vec![None, Some(1)]);
+    // A non-finite logit anywhere in a row (the first included): no token
+    // for that row, the others sampled, greedy or not.
+    let t = HostTensor::f32(
+        vec![4, 3],
+        vec![
+            0.0,
+            f32::NAN,
+            1.0,
+            f32::NAN,
+            0.5,
+            0.2,
+            f32::INFINITY,
+            0.0,
+            0.0,
+            0.5,
+            2.0,
+            0.1,
+        ],
+    );
+    let rows = Value::host(t);
+    for (top_p, greedy) in [(1.0, true), (1.0, false), (0.9, false)] {
+        let got = d
+            .sample_tokens(&rows, &[0.5; 4], 1.0, top_p, greedy)
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![None, None, None, Some(1)],
+            "top_p {top_p}, greedy {greedy}"
+        );
+    }
+    // A temperature that is not a positive f32 is refused, not sampled.
+    assert!(d
+        .sample_tokens(&rows, &[0.5; 4], 1e-60, 1.0, false)
+        .is_err());
     // The CPU backend draws tokens on the host: it has no device sampler.
     let host_logits = Value::host(HostTensor::f32(vec![1, 3], vec![0.0; 3]));
     assert!(!CpuBackend.samples_tokens());

@@ -275,10 +275,11 @@ impl FusedSchedule {
     /// The device executor's footprint running this schedule of `g`: the
     /// most bytes its buffers hold at once. Every element takes 4 bytes
     /// (the device stores f32); the inputs are held by the caller for the
-    /// whole run (resident state); a kernel's outputs are allocated when it
-    /// runs and freed after the last kernel that reads them; a reshape (or
-    /// stop-gradient, barrier) shares its operand's buffer; constants stay
-    /// (uploaded once per graph); the outputs live to the end. A lower
+    /// whole run (resident state); constants are live throughout too (kept
+    /// with the prepared graph after its first run); a kernel's outputs are
+    /// allocated when it runs and freed after the last kernel that reads
+    /// them; a reshape (or stop-gradient, barrier) shares its operand's
+    /// buffer; the outputs live to the end. A lower
     /// bound on what the allocator holds, which also rounds and pools.
     pub fn device_peak_bytes(&self, g: &Graph) -> usize {
         self.simulate_device(g, None).0
@@ -312,9 +313,11 @@ impl FusedSchedule {
         let mut buffer_of: HashMap<NodeId, usize> = HashMap::new();
         let mut buffers: Vec<(usize, usize, NodeId)> = Vec::new();
         let mut live = 0usize;
+        // Inputs, and constants (cached with the prepared graph, so live
+        // from the start on every run after the first).
         for k in &self.kernels {
             if let Kernel::Node(id) = k {
-                if let Op::Input { .. } = g.op(*id) {
+                if let Op::Input { .. } | Op::Literal { .. } = g.op(*id) {
                     live += bytes(*id);
                     buffers.push((bytes(*id), usize::MAX, *id));
                     buffer_of.insert(*id, buffers.len() - 1);
@@ -341,13 +344,8 @@ impl FusedSchedule {
                     }
                     b
                 } else {
-                    let holders = if matches!(g.op(id), Op::Literal { .. }) {
-                        usize::MAX // cached with the prepared graph
-                    } else {
-                        1
-                    };
                     live += bytes(id);
-                    buffers.push((bytes(id), holders, id));
+                    buffers.push((bytes(id), 1, id));
                     buffers.len() - 1
                 };
                 buffer_of.insert(id, b);

@@ -52,6 +52,9 @@ pub struct PeakLive {
     /// Index into `Schedule::order` of the node running at the peak
     /// (`order.len()` when the peak is the handing out of the results).
     pub step: usize,
+    /// The peak; when it is the handing out of the results, this also
+    /// counts the copies made of outputs named twice or that are inputs,
+    /// which `buffers` does not list.
     pub bytes: usize,
     /// Every buffer live then (inputs included), largest first.
     pub buffers: Vec<NodeId>,

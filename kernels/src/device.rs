@@ -163,13 +163,20 @@ pub struct Device<R: Runtime> {
     /// Bytes copied host → device and device → host.
     uploaded: AtomicU64,
     downloaded: AtomicU64,
+    /// Distinguishes this device's resident values from another's.
+    id: u64,
 }
+
+/// Source of [`Device`] ids.
+static NEXT_DEVICE_ID: AtomicU64 = AtomicU64::new(0);
 
 /// A device buffer behind a [`DeviceTensor`]: the handle and its element
 /// count (every device tensor is stored as f32).
 struct Resident {
     handle: Handle,
     numel: usize,
+    /// The [`Device`] whose client made the buffer.
+    device: u64,
 }
 
 /// A hash of everything that decides a graph's fused schedule: every node's
@@ -341,6 +348,7 @@ impl Device<cubecl::wgpu::WgpuRuntime> {
             prepared: Mutex::default(),
             uploaded: AtomicU64::new(0),
             downloaded: AtomicU64::new(0),
+            id: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
 }
@@ -372,6 +380,7 @@ impl Device<cubecl::cuda::CudaRuntime> {
             prepared: Mutex::default(),
             uploaded: AtomicU64::new(0),
             downloaded: AtomicU64::new(0),
+            id: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed),
         };
         // A client can exist without a working compiler: run one kernel.
         let mut g = Graph::new();
@@ -458,7 +467,11 @@ impl<R: Runtime> Device<R> {
         Value::Device(DeviceTensor {
             ty,
             backend: self.backend,
-            handle: Arc::new(Resident { handle, numel }),
+            handle: Arc::new(Resident {
+                handle,
+                numel,
+                device: self.id,
+            }),
         })
     }
 
@@ -466,10 +479,10 @@ impl<R: Runtime> Device<R> {
     fn unwrap_resident<'a>(&self, d: &'a DeviceTensor) -> Result<&'a Resident, DeviceError> {
         d.handle
             .downcast_ref::<Resident>()
-            .filter(|_| d.backend == self.backend)
+            .filter(|r| d.backend == self.backend && r.device == self.id)
             .ok_or_else(|| {
                 DeviceError::Device(format!(
-                    "a value of type {} belongs to the {} backend, not to this {} device",
+                    "a value of type {} belongs to another {} device, not to this {} device",
                     d.ty, d.backend, self.backend
                 ))
             })

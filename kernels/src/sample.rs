@@ -10,10 +10,11 @@
 //! within rounding of a boundary between two tokens can pick the other.
 //!
 //! Two kernels, one cube per row: [`sample_prepare`] checks the row is
-//! finite, takes the argmax (greedy) or writes the probabilities;
-//! [`sample_pick`] ranks every token against the row (`O(V²/block)`
-//! work per row: simple, and fast for small vocabularies; a radix select
-//! would make it `O(V)`) and picks the token.
+//! finite, takes the argmax (greedy) or writes the probabilities; then
+//! [`sample_pick_ordered`] (top_p ≥ 1: index order, `O(V)` per row) or
+//! [`sample_pick`] (a nucleus: ranks every token against the row,
+//! `O(V²/block)` per row — simple, and fast for small vocabularies; a
+//! radix select would make it `O(V)`) picks the token.
 
 use crate::device::{cubes, Device, DeviceError};
 use cubecl::prelude::*;
@@ -27,7 +28,7 @@ pub const NON_FINITE: i32 = -1;
 
 #[cube]
 fn finite(x: f32) -> bool {
-    !x.is_nan() && x < f32::new(3.0e38) && x > f32::new(-3.0e38)
+    !x.is_nan() && x <= f32::new(f32::MAX) && x >= f32::new(-f32::MAX)
 }
 
 /// Per row: `tokens[r] = −1` if a logit is not finite; else with `greedy`
@@ -55,7 +56,8 @@ pub fn sample_prepare(
     let mut best_v = SharedMemory::<f32>::new(block);
     let mut best_i = SharedMemory::<u32>::new(block);
     let mut bad = SharedMemory::<u32>::new(block);
-    let zero = logits[base] * f32::new(0.0);
+    // A run-time zero that no logit (possibly NaN) can taint.
+    let zero = f32::cast_from(UNIT_POS * 0u32);
     // Per unit: its largest logit (lowest index on ties), whether it saw a
     // non-finite one.
     let mut bv = zero - f32::new(3.0e38);
@@ -133,8 +135,10 @@ pub fn sample_prepare(
     }
 }
 
-/// Per row not marked non-finite by [`sample_prepare`]: the nucleus is the
-/// tokens whose mass before them is below `top_p` (the first always);
+/// Per row not marked non-finite by [`sample_prepare`], for `top_p < 1`:
+/// the nucleus is the tokens whose mass before them (in the order of
+/// decreasing probability, ties by index) is below `top_p` (the first
+/// always);
 /// the token is the first (in order) kept one with positive probability
 /// whose running mass exceeds `draws[r] · nucleus mass`, or the last kept
 /// one when rounding leaves none.
@@ -147,7 +151,6 @@ pub fn sample_pick(
     n_rows: u32,
     vocab: u32,
     top_p: f32,
-    #[comptime] nucleus: bool,
     #[comptime] block: usize,
 ) {
     let r = CUBE_POS;
@@ -157,13 +160,14 @@ pub fn sample_pick(
     let tid = UNIT_POS as usize;
     let v = vocab as usize;
     let base = r * v;
-    let flagged = tokens[r] < f32::new(0.0);
+    // Marked by `sample_prepare` (−1), or NaN if anything went wrong there.
+    let flagged = tokens[r] < f32::new(0.0) || tokens[r].is_nan();
     let mut sums = SharedMemory::<f32>::new(block);
     let mut first = SharedMemory::<u32>::new(block);
     let mut first_tok = SharedMemory::<u32>::new(block);
     let mut last = SharedMemory::<u32>::new(block);
     let mut last_tok = SharedMemory::<u32>::new(block);
-    let zero = probs[base] * f32::new(0.0);
+    let zero = f32::cast_from(UNIT_POS * 0u32);
     // The nucleus mass.
     let mut kept_mass = zero;
     let mut i = tid;
@@ -175,11 +179,7 @@ pub fn sample_pick(
         let mut j = i * 0usize;
         while j < v {
             let pj = probs[base + j];
-            let before = if nucleus {
-                pj > pi || (pj == pi && j < i)
-            } else {
-                j < i
-            };
+            let before = pj > pi || (pj == pi && j < i);
             if before {
                 rank += 1u32;
                 mass += pj;
@@ -217,11 +217,7 @@ pub fn sample_pick(
         let mut j = k * 0usize;
         while j < v {
             let pj = probs[base + j];
-            let before = if nucleus {
-                pj > p || (pj == p && j < k)
-            } else {
-                j < k
-            };
+            let before = pj > p || (pj == p && j < k);
             if before {
                 rank += 1u32;
                 mass += pj;
@@ -267,6 +263,83 @@ pub fn sample_pick(
     }
 }
 
+/// Per row not marked non-finite by [`sample_prepare`], for `top_p ≥ 1`:
+/// the whole vocabulary in index order, so the first token with positive
+/// probability whose running mass exceeds `draws[r] · Σp`, or the last
+/// token when rounding leaves none. Each unit scans a contiguous chunk;
+/// the chunks' masses are combined in shared memory (`O(V)` per row).
+#[cube(launch)]
+pub fn sample_pick_ordered(
+    probs: &Array<f32>,
+    draws: &Array<f32>,
+    tokens: &mut Array<f32>,
+    n_rows: u32,
+    vocab: u32,
+    #[comptime] block: usize,
+) {
+    let r = CUBE_POS;
+    if r >= n_rows as usize {
+        terminate!();
+    }
+    let tid = UNIT_POS as usize;
+    let v = vocab as usize;
+    let base = r * v;
+    let flagged = tokens[r] < f32::new(0.0) || tokens[r].is_nan();
+    let mut part = SharedMemory::<f32>::new(block);
+    let mut found = SharedMemory::<u32>::new(block);
+    let zero = f32::cast_from(UNIT_POS * 0u32);
+    let chunk = v.div_ceil(block);
+    let lo = min(tid * chunk, v);
+    let hi = min(lo + chunk, v);
+    let mut s = zero;
+    let mut i = lo;
+    while i < hi {
+        s += probs[base + i];
+        i += 1usize;
+    }
+    part[tid] = s;
+    sync_cube();
+    // The mass of the chunks before this one, and of all of them.
+    let mut before = zero;
+    let mut total = zero;
+    let mut u = tid * 0usize;
+    while u < block {
+        let x = part[u];
+        if u < tid {
+            before += x;
+        }
+        total += x;
+        u += 1usize;
+    }
+    let target = draws[r] * total;
+    let none = v as u32;
+    let mut f = none;
+    let mut mass = before;
+    let mut k = lo;
+    while k < hi {
+        let p = probs[base + k];
+        if f == none && p > zero && target < mass + p {
+            f = k as u32;
+        }
+        mass += p;
+        k += 1usize;
+    }
+    found[tid] = f;
+    sync_cube();
+    let mut st = (CUBE_DIM / 2) as usize;
+    while st > 0usize {
+        if tid < st {
+            found[tid] = min(found[tid], found[tid + st]);
+        }
+        sync_cube();
+        st /= 2usize;
+    }
+    if tid == 0 && !flagged {
+        let chosen = select(found[0usize] != none, found[0usize], none - 1u32);
+        tokens[r] = f32::cast_from(chosen);
+    }
+}
+
 impl<R: Runtime> Device<R> {
     /// One token per row of `logits` (`rows × vocab` f32 on this device):
     /// [`NON_FINITE`] for a row with a non-finite logit. `draws` holds one
@@ -288,6 +361,12 @@ impl<R: Runtime> Device<R> {
                 draws.len()
             )));
         }
+        let usable = temperature.is_normal() && temperature > 0.0;
+        if !greedy && !usable {
+            return Err(DeviceError::Device(format!(
+                "sampling temperature {temperature} is not a positive normal f32"
+            )));
+        }
         let arg = |h: &Handle, n: usize| unsafe { ArrayArg::<R>::from_raw_parts(h.clone(), n) };
         let n = rows * vocab;
         let probs = self.output(n);
@@ -307,24 +386,42 @@ impl<R: Runtime> Device<R> {
         );
         if !greedy {
             let d = self.upload(draws);
-            sample_pick::launch::<R>(
-                self.client(),
-                cubes(rows),
-                CubeDim::new_1d(SAMPLE_BLOCK as u32),
-                arg(&probs, n),
-                arg(&d, rows),
-                arg(&tokens, rows),
-                rows as u32,
-                vocab as u32,
-                top_p,
-                top_p < 1.0,
-                SAMPLE_BLOCK,
-            );
+            let (count, dim) = (cubes(rows), CubeDim::new_1d(SAMPLE_BLOCK as u32));
+            let (p, dr, t) = (arg(&probs, n), arg(&d, rows), arg(&tokens, rows));
+            let (rows_u, vocab_u) = (rows as u32, vocab as u32);
+            if top_p < 1.0 {
+                sample_pick::launch::<R>(
+                    self.client(),
+                    count,
+                    dim,
+                    p,
+                    dr,
+                    t,
+                    rows_u,
+                    vocab_u,
+                    top_p,
+                    SAMPLE_BLOCK,
+                );
+            } else {
+                sample_pick_ordered::launch::<R>(
+                    self.client(),
+                    count,
+                    dim,
+                    p,
+                    dr,
+                    t,
+                    rows_u,
+                    vocab_u,
+                    SAMPLE_BLOCK,
+                );
+            }
         }
+        // Anything but a whole number ≥ 0 (the −1 mark, or a NaN) is a row
+        // with a non-finite logit.
         Ok(self
             .download(tokens, rows)?
             .into_iter()
-            .map(|t| t as i32)
+            .map(|t| if t >= 0.0 { t as i32 } else { NON_FINITE })
             .collect())
     }
 }
