@@ -11,8 +11,9 @@
 # --no-run`). Results go to $OUT (default ./gpu-check-out): the CUDA kernel
 # suite's log, the emitted kernels, a timing table of one meta-step per
 # bench pipeline on cuda vs the CPU, the fused linear log-prob and attention
-# benches, and the metrics of a short training run of the default example
-# on both (STEPS meta-steps, default 100).
+# benches, the metrics of a short training run of the default example on
+# both (STEPS meta-steps, default 100), and last the medium pipelines on
+# CUDA (MEDIUM=0 skips them; MEDIUM_REPEAT, MEDIUM_TIMEOUT).
 set -uo pipefail
 BIN_DIR=${1:?usage: scripts/gpu-check.sh DIR (with coopc and optionally device_kernels)}
 OUT=${OUT:-./gpu-check-out}
@@ -45,31 +46,37 @@ fi
 # 2. Kernel source for the example.
 "$COOPC" compile "$ROOT/examples/addition.toml" --emit kernels "$OUT/kernels" >/dev/null || status=1
 
-# 3. One meta-step, CPU vs CUDA, on the same inputs.
-echo "== meta-step timings"
+# 3. One meta-step, CPU vs CUDA, on the same inputs: the tiny pipelines here,
+#    the medium ones (CUDA only, MEDIUM_REPEAT runs, default 2) last, as they
+#    take longest (MEDIUM=0 skips them).
 table="$OUT/timings.md"
 echo "| pipeline | backend | median ms/meta-step | min ms | memory |" >"$table"
 echo "|---|---|---|---|---|" >>"$table"
-for p in "$ROOT"/benches/pipelines/tiny-first-order.toml "$ROOT"/benches/pipelines/tiny-truncated.toml "$ROOT"/benches/pipelines/medium-first-order.toml "$ROOT"/benches/pipelines/medium-truncated.toml; do
-    [ -f "$p" ] || continue
+time_pipeline() { # PIPELINE REPEAT TIMEOUT_S
+    local p=$1 repeat=$2 limit=$3 name backend log line med min mem
+    [ -f "$p" ] || return 0
     name=$(basename "$p" .toml)
-    "$COOPC" init "$p" --params "$OUT/$name.P.safetensors" --batch "$OUT/$name.B.safetensors" >/dev/null || { status=1; continue; }
+    "$COOPC" init "$p" --params "$OUT/$name.P.safetensors" --batch "$OUT/$name.B.safetensors" >/dev/null || { status=1; return 0; }
     for backend in cpu cuda; do
         case "$name:$backend" in medium-*:cpu) continue ;; esac
         log="$OUT/$name.$backend.log"
-        if timeout 300 "$COOPC" grad "$p" --params "$OUT/$name.P.safetensors" --batch "$OUT/$name.B.safetensors" \
-            --out "$OUT/$name.$backend.G.safetensors" --repeat 5 --backend "$backend" >"$log" 2>&1; then
+        if timeout "$limit" "$COOPC" grad "$p" --params "$OUT/$name.P.safetensors" --batch "$OUT/$name.B.safetensors" \
+            --out "$OUT/$name.$backend.G.safetensors" --repeat "$repeat" --backend "$backend" >"$log" 2>&1; then
             line=$(grep "timing:" "$log")
             med=$(echo "$line" | sed -E 's/.*median ([0-9.]+) ms.*/\1/')
             min=$(echo "$line" | sed -E 's/.*min ([0-9.]+) ms.*/\1/')
             mem=$(echo "$line" | sed -E 's/.*(peak RSS .*)$/\1/')
             echo "| $name | $backend | $med | $min | $mem |" >>"$table"
         else
-            echo "| $name | $backend | failed (see $name.$backend.log) | | |" >>"$table"
+            echo "| $name | $backend | failed or over ${limit}s (see $name.$backend.log) | | |" >>"$table"
             status=1
         fi
     done
-    rm -f "$OUT/$name.P.safetensors" "$OUT/$name.B.safetensors"
+    rm -f "$OUT/$name.P.safetensors" "$OUT/$name.B.safetensors" "$OUT/$name".*.G.safetensors
+}
+echo "== meta-step timings (tiny)"
+for p in "$ROOT"/benches/pipelines/tiny-first-order.toml "$ROOT"/benches/pipelines/tiny-truncated.toml; do
+    time_pipeline "$p" 5 300
 done
 cat "$table"
 
@@ -108,4 +115,13 @@ PY
         tail -5 "$OUT/run-$backend.log"
     fi
 done
+
+# 6. The medium pipelines on CUDA (d_model 1024, 8 layers, vocab 32k).
+if [ "${MEDIUM:-1}" != 0 ]; then
+    echo "== meta-step timings (medium, CUDA)"
+    for p in "$ROOT"/benches/pipelines/medium-first-order.toml "$ROOT"/benches/pipelines/medium-truncated.toml; do
+        time_pipeline "$p" "${MEDIUM_REPEAT:-2}" "${MEDIUM_TIMEOUT:-300}"
+    done
+    cat "$table"
+fi
 exit $status
