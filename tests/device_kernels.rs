@@ -269,6 +269,28 @@ fn truncated_meta_step_on_the_device_matches_the_cpu() {
     check(&g, &inputs, 1e-4);
 }
 
+/// The log-prob scorer on the device, whose logits the fused linear
+/// log-prob kernel replaces (scored positions a prefix of each sequence).
+#[test]
+fn scorer_with_the_fused_linear_logprob_matches_the_cpu() {
+    use coopc_compiler::lowering::lower_logprobs;
+    let mut spec = tiny_spec();
+    spec.backend.dtype = Precision::F32;
+    let shapes = BatchShapes::from_spec(&spec);
+    let ms = lower_meta_step(&spec, shapes);
+    let mut inputs = with_float_dtype(&meta_inputs(&spec, &ms, 22), DType::F32);
+    let ids = inputs["step0.rl.input_ids"].clone();
+    inputs.insert("input_ids".into(), ids);
+    let mut g = lower_logprobs(&spec, shapes);
+    Pipeline::standard().run(&mut g);
+    let fused = coopc_compiler::fusion::fuse(&g, &coopc_compiler::schedule::schedule(&g).order);
+    assert!(fused
+        .kernels
+        .iter()
+        .any(|k| matches!(k, coopc_compiler::fusion::Kernel::LinearLogprob { .. })));
+    check(&g, &inputs, 1e-4);
+}
+
 #[test]
 fn adamw_first_order_meta_step_on_the_device_matches_the_cpu() {
     use coopc_compiler::spec::{HypergradKind, OptimKind};

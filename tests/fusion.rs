@@ -280,3 +280,37 @@ fn grpo_token_loss_and_its_gradient_fuse_into_few_kernels() {
         fused.kernels
     );
 }
+
+/// The log-prob scorer never materialises its logits: matmul → slice →
+/// log-softmax → take-along-axis becomes one fused linear log-prob kernel,
+/// equal to the executor's result; no kernel writes a vocabulary-wide
+/// buffer.
+#[test]
+fn scorer_logits_become_one_fused_linear_logprob() {
+    use coopc_compiler::lowering::lower_logprobs;
+    let spec = tiny_spec();
+    let shapes = BatchShapes::from_spec(&spec);
+    let ms = lower_meta_step(&spec, shapes);
+    let mut inputs = meta_inputs(&spec, &ms, 21);
+    let ids = inputs["step0.rl.input_ids"].clone();
+    inputs.insert("input_ids".into(), ids);
+    let mut g = lower_logprobs(&spec, shapes);
+    Pipeline::standard().run(&mut g);
+    let fused = check_fused_equals_executor(&g, &inputs, 1e-9);
+    let fused_lp = fused
+        .kernels
+        .iter()
+        .filter(|k| matches!(k, Kernel::LinearLogprob { .. }))
+        .count();
+    assert_eq!(fused_lp, 1, "{fused}");
+    let vocab = spec.model.vocab_size;
+    for k in &fused.kernels {
+        for id in k.writes() {
+            let ty = g.ty(id);
+            assert!(
+                ty.shape.last() != Some(&vocab) || matches!(g.op(id), Op::Input { .. }),
+                "{k:?} writes {ty}"
+            );
+        }
+    }
+}

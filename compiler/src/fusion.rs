@@ -219,6 +219,20 @@ pub enum Kernel {
         trans_a: bool,
         trans_b: bool,
     },
+    /// The fused linear log-prob: `id` (the log-probs of `targets`, one
+    /// per row) of the logits `h · wᵀ` that a matched subgraph
+    /// (matmul → [slice] → log-softmax → take-along-axis) would have
+    /// materialised, without them. `h [rows_in, d]`, `w [vocab, d]`;
+    /// output row `t` reads row `(t / seq_out) · seq_in + t % seq_out` of
+    /// `h`.
+    LinearLogprob {
+        id: NodeId,
+        h: NodeId,
+        w: NodeId,
+        targets: NodeId,
+        seq_out: usize,
+        seq_in: usize,
+    },
     /// Any other node, computed alone.
     Node(NodeId),
 }
@@ -228,7 +242,9 @@ impl Kernel {
     pub fn writes(&self) -> Vec<NodeId> {
         match self {
             Kernel::Elementwise { outputs, .. } | Kernel::Reduce { outputs, .. } => outputs.clone(),
-            Kernel::MatMul { id, .. } | Kernel::Node(id) => vec![*id],
+            Kernel::MatMul { id, .. } | Kernel::LinearLogprob { id, .. } | Kernel::Node(id) => {
+                vec![*id]
+            }
         }
     }
 
@@ -246,6 +262,7 @@ impl Kernel {
                 .copied()
                 .collect(),
             Kernel::MatMul { a, b, .. } => vec![*a, *b],
+            Kernel::LinearLogprob { h, w, targets, .. } => vec![*h, *w, *targets],
             Kernel::Node(id) => g.inputs(*id),
         }
     }
@@ -266,7 +283,7 @@ impl FusedSchedule {
             match k {
                 Kernel::Elementwise { .. } => c.0 += 1,
                 Kernel::Reduce { .. } => c.1 += 1,
-                Kernel::MatMul { .. } | Kernel::Node(_) => c.2 += 1,
+                Kernel::MatMul { .. } | Kernel::LinearLogprob { .. } | Kernel::Node(_) => c.2 += 1,
             }
         }
         c
@@ -426,6 +443,10 @@ struct Fuser<'g> {
     /// Matrix transposes read only by matrix products, which read their
     /// sources instead (see [`Kernel::MatMul`]).
     folded: HashSet<NodeId>,
+    /// Fused linear log-probs by their take-along-axis node, and the nodes
+    /// they absorb (never computed).
+    linear_logprobs: HashMap<NodeId, Kernel>,
+    absorbed: HashSet<NodeId>,
 }
 
 /// A constant fill, or a broadcast of one: inlined into programs as a
@@ -462,11 +483,21 @@ pub fn fuse(g: &Graph, order: &[NodeId]) -> FusedSchedule {
                 })
         })
         .collect();
+    let mut linear_logprobs = HashMap::new();
+    let mut absorbed = HashSet::new();
+    for &id in order {
+        if let Some((kernel, inner)) = match_linear_logprob(g, id, &users, &graph_outputs) {
+            linear_logprobs.insert(id, kernel);
+            absorbed.extend(inner);
+        }
+    }
     let mut f = Fuser {
         g,
         order: order.to_vec(),
         graph_outputs,
         folded,
+        linear_logprobs,
+        absorbed,
         users,
         groups: vec![],
         group_of: HashMap::new(),
@@ -480,6 +511,133 @@ pub fn fuse(g: &Graph, order: &[NodeId]) -> FusedSchedule {
         kernels: f.kernels,
         fused_nodes: f.fused_nodes,
     }
+}
+
+/// Matches the log-probs of `take` = take_along_axis(log_softmax(X),
+/// targets) over the last axis, where X is the logits `h · wᵀ` (a matmul of
+/// `h [N, d]` and the transpose of `w [V, d]`, reshaped to `[B, T, V]` or
+/// not, optionally sliced to the first `T'` positions of each sequence) and
+/// the log-softmax is the one `Graph::log_softmax` builds. Every node in
+/// between must be read only inside the pattern and not be an output.
+/// Returns the fused kernel and the nodes it absorbs.
+fn match_linear_logprob(
+    g: &Graph,
+    take: NodeId,
+    users: &HashMap<NodeId, Vec<NodeId>>,
+    outputs: &HashSet<NodeId>,
+) -> Option<(Kernel, Vec<NodeId>)> {
+    let Op::TakeAlongAxis { axis } = g.op(take) else {
+        return None;
+    };
+    let rank = g.ty(take).rank();
+    let [l, targets] = g.inputs(take)[..] else {
+        return None;
+    };
+    if *axis + 1 != rank || g.ty(targets).shape.last() != Some(&1) {
+        return None;
+    }
+    let last = rank - 1;
+    let op_is = |id: NodeId, f: &dyn Fn(&Op) -> bool| f(g.op(id));
+    let ins = |id: NodeId| g.inputs(id);
+    let reduce_last = |id: NodeId, want: ReduceKind| matches!(g.op(id), Op::Reduce { kind, axes, keepdim: true } if *kind == want && axes[..] == [last]);
+    // l = z − broadcast(log(sum(exp(z)))), z = x − broadcast(max(x)).
+    if !op_is(l, &|o| matches!(o, Op::Binary(BinaryOp::Sub))) {
+        return None;
+    }
+    let [z, lb] = ins(l)[..] else { return None };
+    let ls = *ins(lb).first()?;
+    let s_ = *ins(ls).first()?;
+    let e = *ins(s_).first()?;
+    let ok = op_is(lb, &|o| matches!(o, Op::Broadcast { .. }))
+        && op_is(ls, &|o| matches!(o, Op::Unary(UnaryOp::Log)))
+        && reduce_last(s_, ReduceKind::Sum)
+        && op_is(e, &|o| matches!(o, Op::Unary(UnaryOp::Exp)))
+        && ins(e)[..] == [z]
+        && op_is(z, &|o| matches!(o, Op::Binary(BinaryOp::Sub)));
+    if !ok {
+        return None;
+    }
+    let [x, mb] = ins(z)[..] else { return None };
+    let mut m = *ins(mb).first()?;
+    let mut inner = vec![l, lb, ls, s_, e, z, mb];
+    if !op_is(mb, &|o| matches!(o, Op::Broadcast { .. })) {
+        return None;
+    }
+    if let Op::StopGradient = g.op(m) {
+        inner.push(m);
+        m = ins(m)[0];
+    }
+    if !reduce_last(m, ReduceKind::Max) || ins(m)[..] != [x] {
+        return None;
+    }
+    inner.extend([m, x]);
+    // x = [slice of the first positions of] [reshape of] matmul(h, wᵀ).
+    let xs = g.ty(x).shape.clone();
+    let (mut logits, mut sliced_from) = (x, None);
+    if let Op::Slice { start, end } = g.op(x) {
+        let src = ins(x)[0];
+        let ss = &g.ty(src).shape;
+        let prefix = rank >= 3
+            && start.iter().all(|&v| v == 0)
+            && (0..rank).all(|a| a == rank - 2 || end[a] == ss[a]);
+        if !prefix {
+            return None;
+        }
+        logits = src;
+        sliced_from = Some(ss[rank - 2]);
+        inner.push(src);
+    }
+    let mut mm = logits;
+    if let Op::Reshape { .. } = g.op(logits) {
+        mm = ins(logits)[0];
+        inner.push(mm);
+    }
+    let vocab_last = |id: NodeId| g.ty(id).shape.last().copied();
+    if !matches!(g.op(mm), Op::MatMul)
+        || g.ty(mm).rank() != 2
+        || vocab_last(mm) != vocab_last(logits)
+    {
+        return None;
+    }
+    let [h, wt] = ins(mm)[..] else { return None };
+    if !g.op(wt).is_matrix_transpose() || g.ty(wt).rank() != 2 {
+        return None;
+    }
+    let w = ins(wt)[0];
+    inner.push(wt);
+    // Without a slice every row is scored.
+    let (seq_out, seq_in) = match sliced_from {
+        Some(t) => (xs[rank - 2], t),
+        None => (g.ty(mm).shape[0], g.ty(mm).shape[0]),
+    };
+    let f32_like = |id: NodeId| matches!(g.ty(id).dtype, DType::F32 | DType::F64);
+    if !f32_like(h) || !f32_like(w) || g.ty(take).dtype != g.ty(h).dtype {
+        return None;
+    }
+    inner.sort();
+    inner.dedup();
+    // Nothing in between is read from outside or is an output.
+    let inside: HashSet<NodeId> = inner.iter().copied().chain([take]).collect();
+    let sealed = inner.iter().all(|n| {
+        !outputs.contains(n)
+            && users
+                .get(n)
+                .is_some_and(|us| us.iter().all(|u| inside.contains(u)))
+    });
+    if !sealed {
+        return None;
+    }
+    Some((
+        Kernel::LinearLogprob {
+            id: take,
+            h,
+            w,
+            targets,
+            seq_out,
+            seq_in,
+        },
+        inner,
+    ))
 }
 
 impl Fuser<'_> {
@@ -514,8 +672,18 @@ impl Fuser<'_> {
             if constant_value(self.g, id).is_some() {
                 continue; // inlined where used, written only on demand
             }
-            if self.folded.contains(&id) {
-                continue; // its users read its source
+            if self.folded.contains(&id) || self.absorbed.contains(&id) {
+                continue; // its users read its source, or a fused kernel computes it
+            }
+            if let Some(kernel) = self.linear_logprobs.get(&id).cloned() {
+                for x in kernel.reads(self.g) {
+                    if let Some(gi) = self.open_group_of(x) {
+                        self.close(gi);
+                    }
+                    self.materialise(x);
+                }
+                self.kernels.push(kernel);
+                continue;
             }
             // Operands of the new node that live in open groups.
             let mut open: Vec<usize> = Vec::new();

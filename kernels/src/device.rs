@@ -8,6 +8,7 @@
 //! f64 and the GPU path computes in f32.
 
 use crate::elementwise::elementwise_program;
+use crate::linear_logprob::{linear_logprob_forward, LOGPROB_BLOCK};
 use crate::matmul::{matmul_tiled, TILE};
 use crate::movement::{
     gather_rows, iota, one_hot, scatter_add_along, scatter_add_rows, strided_copy, take_along,
@@ -710,6 +711,36 @@ impl<R: Runtime> Device<R> {
                     *trans_b,
                 );
                 Ok(vec![(*id, h)])
+            }
+            Kernel::LinearLogprob {
+                id,
+                h,
+                w,
+                targets,
+                seq_out,
+                seq_in,
+            } => {
+                let n = g.ty(*id).numel();
+                let (vocab, d) = (g.ty(*w).shape[0], g.ty(*w).shape[1]);
+                let (out, lse) = (self.output(n), self.output(n));
+                let u = |v: usize| v as u32;
+                linear_logprob_forward::launch::<R>(
+                    &self.client,
+                    cubes(n),
+                    CubeDim::new_1d(LOGPROB_BLOCK as u32),
+                    arg(&get(h)?, len(h)),
+                    arg(&get(w)?, len(w)),
+                    arg(&get(targets)?, len(targets)),
+                    arg(&out, n),
+                    arg(&lse, n),
+                    u(n),
+                    u(d),
+                    u(vocab),
+                    u(*seq_out),
+                    u(*seq_in),
+                    LOGPROB_BLOCK,
+                );
+                Ok(vec![(*id, out)])
             }
             Kernel::Node(id) => Ok(vec![(*id, self.node(g, *id, inputs, &get)?)]),
         }

@@ -23,7 +23,10 @@ use cubecl::prelude::*;
 pub const LOGPROB_BLOCK: usize = 256;
 
 /// Launch with one cube per token and `CubeDim(block)`; `block` a power of
-/// two. Targets are whole numbers in `0..vocab`.
+/// two. Targets are whole numbers in `0..vocab`. Token `t` reads row
+/// `(t / seq_out) · seq_in + t % seq_out` of `h` (sequences of `seq_in`
+/// hidden states of which the first `seq_out` are scored; `seq_out =
+/// seq_in` for all of them).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn linear_logprob_forward(
@@ -35,6 +38,8 @@ pub fn linear_logprob_forward(
     n_tokens: u32,
     d: u32,
     vocab: u32,
+    seq_out: u32,
+    seq_in: u32,
     #[comptime] block: usize,
 ) {
     let t = CUBE_POS;
@@ -46,12 +51,15 @@ pub fn linear_logprob_forward(
     let d = d as usize;
     let vocab = vocab as usize;
     let target = u32::cast_from(targets[t]) as usize;
+    // Token t's row of h: rows come in sequences of `seq_in`, of which the
+    // first `seq_out` are scored (all of them when the two are equal).
+    let h0 = ((t / seq_out as usize) * seq_in as usize + t % seq_out as usize) * d;
     let mut maxes = SharedMemory::<f32>::new(block);
     let mut sums = SharedMemory::<f32>::new(block);
     let mut target_logit = SharedMemory::<f32>::new(1usize);
     // Run-time constants (WGSL has no literal for −∞; mutable variables
     // must start from run-time values).
-    let zero = h[t * d] * f32::new(0.0);
+    let zero = h[h0] * f32::new(0.0);
     let mut m = zero - f32::new(3.0e38);
     let mut s = zero;
     let mut v = tid;
@@ -59,7 +67,7 @@ pub fn linear_logprob_forward(
         let mut z = zero;
         let mut j = tid * 0usize;
         while j < d {
-            z += h[t * d + j] * w[v * d + j];
+            z += h[h0 + j] * w[v * d + j];
             j += 1usize;
         }
         if v == target {
@@ -260,6 +268,8 @@ impl<R: Runtime> Device<R> {
             t as u32,
             d as u32,
             vocab as u32,
+            t as u32,
+            t as u32,
             LOGPROB_BLOCK,
         );
         Ok((self.download(lp, t)?, self.download(lse, t)?))

@@ -215,6 +215,7 @@ impl Traced {
                 let lp = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
                 let lse = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
                 let (t, d, v) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
+                let (so, si) = (scalar(&mut b), scalar(&mut b));
                 linear_logprob_forward::expand(
                     &mut b.scope,
                     h,
@@ -225,6 +226,8 @@ impl Traced {
                     t,
                     d,
                     v,
+                    so,
+                    si,
                     LOGPROB_BLOCK,
                 );
                 b.build(settings(name, CubeDim::new_1d(LOGPROB_BLOCK as u32)))
@@ -405,6 +408,7 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
                 trans_b: *trans_b,
             },
         ),
+        Kernel::LinearLogprob { .. } => ("linear_logprob".into(), Traced::LinearLogprob),
         Kernel::Node(id) => {
             match g.op(*id) {
                 // A concat is one strided copy per operand; the first stands for all.

@@ -135,6 +135,44 @@ pub fn run_kernel(
             let v = execute_nodes(&one, &bound, &[out])?;
             vec![(*id, v[0].to_f64_vec())]
         }
+        Kernel::LinearLogprob {
+            id,
+            h,
+            w,
+            targets,
+            seq_out,
+            seq_in,
+        } => {
+            // log_softmax(h wᵀ)[target] row by row, in f64.
+            let (hv, wv, tv) = (get(h)?, get(w)?, get(targets)?);
+            let (vocab, d) = (g.ty(*w).shape[0], g.ty(*w).shape[1]);
+            let n = g.ty(*id).numel();
+            let mut out = Vec::with_capacity(n);
+            let mut z = vec![0.0; vocab];
+            for (t, &target) in tv.iter().enumerate().take(n) {
+                let row = (t / seq_out) * seq_in + t % seq_out;
+                let hr = &hv[row * d..(row + 1) * d];
+                for (v, zv) in z.iter_mut().enumerate() {
+                    *zv = hr
+                        .iter()
+                        .zip(&wv[v * d..(v + 1) * d])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                }
+                if !(target >= 0.0 && target < vocab as f64) {
+                    return Err(ExecError::IndexOutOfRange {
+                        node: id.index(),
+                        op: "take_along_axis",
+                        index: target as i64,
+                        bound: vocab,
+                    });
+                }
+                let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let lse = m + z.iter().map(|&v| (v - m).exp()).sum::<f64>().ln();
+                out.push((z[target as usize] - m) - (lse - m));
+            }
+            vec![(*id, out)]
+        }
         Kernel::Node(id) => {
             // A one-node graph: the node's op applied to its operands' values.
             let mut one = Graph::new();
