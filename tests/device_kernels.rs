@@ -270,7 +270,8 @@ fn truncated_meta_step_on_the_device_matches_the_cpu() {
 }
 
 /// The log-prob scorer on the device, whose logits the fused linear
-/// log-prob kernel replaces (scored positions a prefix of each sequence).
+/// log-prob kernel replaces (scored positions a prefix of each sequence)
+/// and whose attention the attention kernel does (grouped-query).
 #[test]
 fn scorer_with_the_fused_linear_logprob_matches_the_cpu() {
     use coopc_compiler::lowering::lower_logprobs;
@@ -284,10 +285,15 @@ fn scorer_with_the_fused_linear_logprob_matches_the_cpu() {
     let mut g = lower_logprobs(&spec, shapes);
     Pipeline::standard().run(&mut g);
     let fused = coopc_compiler::fusion::fuse(&g, &coopc_compiler::schedule::schedule(&g).order);
+    use coopc_compiler::fusion::Kernel;
     assert!(fused
         .kernels
         .iter()
-        .any(|k| matches!(k, coopc_compiler::fusion::Kernel::LinearLogprob { .. })));
+        .any(|k| matches!(k, Kernel::LinearLogprob { .. })));
+    assert!(fused
+        .kernels
+        .iter()
+        .any(|k| matches!(k, Kernel::Attention { kv_heads: 1, .. })));
     check(&g, &inputs, 1e-4);
 }
 

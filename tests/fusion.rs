@@ -281,12 +281,13 @@ fn grpo_token_loss_and_its_gradient_fuse_into_few_kernels() {
     );
 }
 
-/// The log-prob scorer never materialises its logits: matmul → slice →
-/// log-softmax → take-along-axis becomes one fused linear log-prob kernel,
-/// equal to the executor's result; no kernel writes a vocabulary-wide
-/// buffer.
+/// The log-prob scorer never materialises its logits or attention scores:
+/// matmul → slice → log-softmax → take-along-axis becomes one fused linear
+/// log-prob kernel and each causal attention the attention kernel, equal
+/// to the executor's result; no kernel writes a vocabulary-wide or
+/// `[T, T]` buffer.
 #[test]
-fn scorer_logits_become_one_fused_linear_logprob() {
+fn scorer_logits_and_attention_become_fused_kernels() {
     use coopc_compiler::lowering::lower_logprobs;
     let spec = tiny_spec();
     let shapes = BatchShapes::from_spec(&spec);
@@ -303,12 +304,25 @@ fn scorer_logits_become_one_fused_linear_logprob() {
         .filter(|k| matches!(k, Kernel::LinearLogprob { .. }))
         .count();
     assert_eq!(fused_lp, 1, "{fused}");
-    let vocab = spec.model.vocab_size;
+    // Each layer's attention is the attention kernel, reading the key and
+    // value heads unexpanded (grouped-query: 2 query heads over 1).
+    let attention: Vec<usize> = fused
+        .kernels
+        .iter()
+        .filter_map(|k| match k {
+            Kernel::Attention { kv_heads, .. } => Some(*kv_heads),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(attention, vec![spec.model.n_kv_heads; spec.model.n_layers]);
+    // No kernel writes vocabulary-wide logits or [T, T] scores.
+    let (vocab, t) = (spec.model.vocab_size, shapes.seq_len);
     for k in &fused.kernels {
         for id in k.writes() {
             let ty = g.ty(id);
+            let wide = ty.shape.last() == Some(&vocab) || ty.shape.ends_with(&[t, t]);
             assert!(
-                ty.shape.last() != Some(&vocab) || matches!(g.op(id), Op::Input { .. }),
+                !wide || matches!(g.op(id), Op::Input { .. }),
                 "{k:?} writes {ty}"
             );
         }

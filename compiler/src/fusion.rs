@@ -233,6 +233,18 @@ pub enum Kernel {
         seq_out: usize,
         seq_in: usize,
     },
+    /// Causal softmax attention `id` of `q [B, H, T, hd]` over `k, v
+    /// [B, H_kv, T, hd]` (query head h reads key/value head h / (H / H_kv)),
+    /// scores scaled by 1/√hd, in place of the matched subgraph
+    /// (`model::causal_attention`, with `repeat_kv`'s expansion) that would
+    /// have materialised the `[B, H, T, T]` scores and probabilities.
+    Attention {
+        id: NodeId,
+        q: NodeId,
+        k: NodeId,
+        v: NodeId,
+        kv_heads: usize,
+    },
     /// Any other node, computed alone.
     Node(NodeId),
 }
@@ -242,9 +254,10 @@ impl Kernel {
     pub fn writes(&self) -> Vec<NodeId> {
         match self {
             Kernel::Elementwise { outputs, .. } | Kernel::Reduce { outputs, .. } => outputs.clone(),
-            Kernel::MatMul { id, .. } | Kernel::LinearLogprob { id, .. } | Kernel::Node(id) => {
-                vec![*id]
-            }
+            Kernel::MatMul { id, .. }
+            | Kernel::LinearLogprob { id, .. }
+            | Kernel::Attention { id, .. }
+            | Kernel::Node(id) => vec![*id],
         }
     }
 
@@ -263,6 +276,7 @@ impl Kernel {
                 .collect(),
             Kernel::MatMul { a, b, .. } => vec![*a, *b],
             Kernel::LinearLogprob { h, w, targets, .. } => vec![*h, *w, *targets],
+            Kernel::Attention { q, k, v, .. } => vec![*q, *k, *v],
             Kernel::Node(id) => g.inputs(*id),
         }
     }
@@ -283,7 +297,10 @@ impl FusedSchedule {
             match k {
                 Kernel::Elementwise { .. } => c.0 += 1,
                 Kernel::Reduce { .. } => c.1 += 1,
-                Kernel::MatMul { .. } | Kernel::LinearLogprob { .. } | Kernel::Node(_) => c.2 += 1,
+                Kernel::MatMul { .. }
+                | Kernel::LinearLogprob { .. }
+                | Kernel::Attention { .. }
+                | Kernel::Node(_) => c.2 += 1,
             }
         }
         c
@@ -443,7 +460,8 @@ struct Fuser<'g> {
     /// Matrix transposes read only by matrix products, which read their
     /// sources instead (see [`Kernel::MatMul`]).
     folded: HashSet<NodeId>,
-    /// Fused linear log-probs by their take-along-axis node, and the nodes
+    /// Hand-written kernels put in place of matched subgraphs (the fused
+    /// linear log-prob, attention) by the node they compute, and the nodes
     /// they absorb (never computed).
     linear_logprobs: HashMap<NodeId, Kernel>,
     absorbed: HashSet<NodeId>,
@@ -486,9 +504,28 @@ pub fn fuse(g: &Graph, order: &[NodeId]) -> FusedSchedule {
     let mut linear_logprobs = HashMap::new();
     let mut absorbed = HashSet::new();
     for &id in order {
-        if let Some((kernel, inner)) = match_linear_logprob(g, id, &users, &graph_outputs) {
+        let matched = match_linear_logprob(g, id, &users, &graph_outputs)
+            .or_else(|| match_attention(g, id, &users, &graph_outputs));
+        if let Some((kernel, inner)) = matched {
             linear_logprobs.insert(id, kernel);
             absorbed.extend(inner);
+        }
+    }
+    // What only absorbed nodes read (a matched pattern's masks and
+    // constants) is not computed either; what the fused kernels read is.
+    let kept: HashSet<NodeId> = linear_logprobs
+        .values()
+        .flat_map(|k: &Kernel| k.reads(g))
+        .collect();
+    for &id in order.iter().rev() {
+        let dead = !graph_outputs.contains(&id)
+            && !linear_logprobs.contains_key(&id)
+            && !kept.contains(&id)
+            && users
+                .get(&id)
+                .is_some_and(|us| !us.is_empty() && us.iter().all(|u| absorbed.contains(u)));
+        if dead {
+            absorbed.insert(id);
         }
     }
     let mut f = Fuser {
@@ -635,6 +672,173 @@ fn match_linear_logprob(
             targets,
             seq_out,
             seq_in,
+        },
+        inner,
+    ))
+}
+
+/// The largest head dimension the attention kernel takes (its cube size).
+pub const MAX_ATTENTION_HEAD_DIM: usize = 128;
+
+/// Whether `id` is a constant equal to `want` (to 1e-12 relative).
+fn constant_is(g: &Graph, id: NodeId, want: f64) -> bool {
+    constant_value(g, id)
+        .is_some_and(|v| v == want || (v - want).abs() <= 1e-12 * want.abs().max(1.0))
+}
+
+/// Whether `mask` is the causal mask `col ≤ row` over `[T, T]`,
+/// broadcast: `le(iota(axis 1), iota(axis 0))` or `ge(iota 0, iota 1)`.
+fn is_causal_mask(g: &Graph, mask: NodeId) -> bool {
+    let Op::Broadcast { .. } = g.op(mask) else {
+        return false;
+    };
+    let c = g.inputs(mask)[0];
+    let iota_axis = |id: NodeId| match g.op(id) {
+        Op::Iota { axis, .. } if g.ty(id).rank() == 2 => Some(*axis),
+        _ => None,
+    };
+    let ops = g.inputs(c);
+    match g.op(c) {
+        Op::Compare(CompareOp::Le) => iota_axis(ops[0]) == Some(1) && iota_axis(ops[1]) == Some(0),
+        Op::Compare(CompareOp::Ge) => iota_axis(ops[0]) == Some(0) && iota_axis(ops[1]) == Some(1),
+        _ => false,
+    }
+}
+
+/// Matches `model::causal_attention`: `out = matmul(P, V)` with `P` the
+/// max-subtracted softmax over the last axis of `select(causal mask, (Q ·
+/// Kᵀ) · 1/√hd, −∞)`. Keys and values expanded by `repeat_kv` (reshape →
+/// broadcast → reshape of `[B, H_kv, T, hd]`) are read unexpanded when the
+/// expansion has no other reader. Returns the fused kernel and the nodes it
+/// absorbs (the masks and constants, shared between layers, are not).
+fn match_attention(
+    g: &Graph,
+    out: NodeId,
+    users: &HashMap<NodeId, Vec<NodeId>>,
+    outputs: &HashSet<NodeId>,
+) -> Option<(Kernel, Vec<NodeId>)> {
+    if !matches!(g.op(out), Op::MatMul) || g.ty(out).rank() != 4 {
+        return None;
+    }
+    let ins = |id: NodeId| g.inputs(id);
+    let [p, vx] = ins(out)[..] else { return None };
+    let qs = g.ty(out).shape.clone();
+    let (t, hd) = (qs[2], qs[3]);
+    let reduce_last = |id: NodeId, want: ReduceKind| matches!(g.op(id), Op::Reduce { kind, axes, keepdim: true } if *kind == want && axes[..] == [3]);
+    let is = |id: NodeId, f: &dyn Fn(&Op) -> bool| f(g.op(id));
+    // p = e / broadcast(sum(e)), e = exp(z), z = s2 − broadcast(max(s2)).
+    if !is(p, &|o| matches!(o, Op::Binary(BinaryOp::Div))) {
+        return None;
+    }
+    let [e, db] = ins(p)[..] else { return None };
+    let den = *ins(db).first()?;
+    let ok = is(db, &|o| matches!(o, Op::Broadcast { .. }))
+        && reduce_last(den, ReduceKind::Sum)
+        && ins(den)[..] == [e]
+        && is(e, &|o| matches!(o, Op::Unary(UnaryOp::Exp)));
+    if !ok {
+        return None;
+    }
+    let z = ins(e)[0];
+    if !is(z, &|o| matches!(o, Op::Binary(BinaryOp::Sub))) {
+        return None;
+    }
+    let [s2, mb] = ins(z)[..] else { return None };
+    if !is(mb, &|o| matches!(o, Op::Broadcast { .. })) {
+        return None;
+    }
+    let mut inner = vec![p, db, den, e, z, mb];
+    let mut m = ins(mb)[0];
+    if let Op::StopGradient = g.op(m) {
+        inner.push(m);
+        m = ins(m)[0];
+    }
+    if !reduce_last(m, ReduceKind::Max) || ins(m)[..] != [s2] {
+        return None;
+    }
+    inner.extend([m, s2]);
+    // s2 = select(causal, sc, −∞), sc = qk · 1/√hd, qk = q · kᵀ.
+    let [mask, sc, neg] = ins(s2)[..] else {
+        return None;
+    };
+    if !matches!(g.op(s2), Op::Select)
+        || !is_causal_mask(g, mask)
+        || !constant_is(g, neg, f64::NEG_INFINITY)
+        || !is(sc, &|o| matches!(o, Op::Binary(BinaryOp::Mul)))
+    {
+        return None;
+    }
+    let [qk, scale] = ins(sc)[..] else {
+        return None;
+    };
+    if !constant_is(g, scale, 1.0 / (hd as f64).sqrt()) || !matches!(g.op(qk), Op::MatMul) {
+        return None;
+    }
+    let [q, kt] = ins(qk)[..] else { return None };
+    if !g.op(kt).is_matrix_transpose() {
+        return None;
+    }
+    let kx = ins(kt)[0];
+    inner.extend([sc, qk, kt]);
+    let shape_ok = g.ty(q).shape == qs && g.ty(kx).shape == qs && g.ty(vx).shape == qs;
+    let dtype_ok = [q, kx, vx]
+        .iter()
+        .all(|&x| matches!(g.ty(x).dtype, DType::F32 | DType::F64));
+    if !shape_ok || !dtype_ok || t == 0 || hd == 0 || hd > MAX_ATTENTION_HEAD_DIM {
+        return None;
+    }
+    let inside: HashSet<NodeId> = inner.iter().copied().chain([out]).collect();
+    let sealed = |nodes: &[NodeId], inside: &HashSet<NodeId>| {
+        nodes.iter().all(|n| {
+            !outputs.contains(n)
+                && users
+                    .get(n)
+                    .is_some_and(|us| us.iter().all(|u| inside.contains(u)))
+        })
+    };
+    if !sealed(&inner, &inside) {
+        return None;
+    }
+    // repeat_kv: reshape(broadcast(reshape(x [B, H_kv, T, hd]))).
+    let unexpand = |x: NodeId| -> Option<(NodeId, [NodeId; 2])> {
+        let b = *ins(x).first()?;
+        let r = *ins(b).first()?;
+        let src = *ins(r).first()?;
+        let chain = matches!(g.op(x), Op::Reshape { .. })
+            && matches!(g.op(b), Op::Broadcast { .. })
+            && matches!(g.op(r), Op::Reshape { .. });
+        let ss = &g.ty(src).shape;
+        let grouped = ss.len() == 4
+            && ss[0] == qs[0]
+            && ss[2] == t
+            && ss[3] == hd
+            && ss[1] > 0
+            && qs[1].is_multiple_of(ss[1])
+            && g.ty(r).shape[..] == [qs[0], ss[1], 1, t, hd]
+            && g.ty(b).shape[..] == [qs[0], ss[1], qs[1] / ss[1], t, hd];
+        (chain && grouped).then_some((src, [x, b]))
+    };
+    let (mut k, mut v, mut kv_heads) = (kx, vx, qs[1]);
+    if let (Some((ks, ke)), Some((vs, ve))) = (unexpand(kx), unexpand(vx)) {
+        let mut all = inner.clone();
+        all.extend(ke.iter().chain(&ve).copied());
+        let reshapes = [ins(ke[1])[0], ins(ve[1])[0]];
+        all.extend(reshapes);
+        let inside2: HashSet<NodeId> = all.iter().copied().chain([out]).collect();
+        if g.ty(ks).shape[1] == g.ty(vs).shape[1] && sealed(&all[inner.len()..], &inside2) {
+            (k, v, kv_heads) = (ks, vs, g.ty(ks).shape[1]);
+            inner = all;
+        }
+    }
+    inner.sort();
+    inner.dedup();
+    Some((
+        Kernel::Attention {
+            id: out,
+            q,
+            k,
+            v,
+            kv_heads,
         },
         inner,
     ))

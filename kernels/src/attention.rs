@@ -31,6 +31,9 @@ use cubecl::prelude::*;
 /// Units per cube; the head dimension must not exceed it.
 pub const ATTENTION_BLOCK: usize = 128;
 
+// The fusion pass only puts attention in graphs with head dims it takes.
+const _: () = assert!(coopc_compiler::fusion::MAX_ATTENTION_HEAD_DIM <= ATTENTION_BLOCK);
+
 /// The key/value row of query row `c` (`c` over `[B, H, T]`): its first
 /// element, `((b · H_kv + h / group) · T) · hd`.
 #[cube]

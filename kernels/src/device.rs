@@ -7,6 +7,7 @@
 //! numbers (exact below 2²⁴), and a graph in f64 is refused — WGSL has no
 //! f64 and the GPU path computes in f32.
 
+use crate::attention::{attention_forward, ATTENTION_BLOCK};
 use crate::elementwise::elementwise_program;
 use crate::linear_logprob::{linear_logprob_forward, LOGPROB_BLOCK};
 use crate::matmul::{matmul_tiled, TILE};
@@ -739,6 +740,38 @@ impl<R: Runtime> Device<R> {
                     u(*seq_out),
                     u(*seq_in),
                     LOGPROB_BLOCK,
+                );
+                Ok(vec![(*id, out)])
+            }
+            Kernel::Attention {
+                id,
+                q,
+                k,
+                v,
+                kv_heads,
+            } => {
+                let s = &g.ty(*id).shape;
+                let (heads, t, hd) = (s[1], s[2], s[3]);
+                let n = g.ty(*id).numel();
+                let rows = n / hd.max(1);
+                let (out, lse) = (self.output(n), self.output(rows));
+                let u = |v: usize| v as u32;
+                attention_forward::launch::<R>(
+                    &self.client,
+                    cubes(rows),
+                    CubeDim::new_1d(ATTENTION_BLOCK as u32),
+                    arg(&get(q)?, len(q)),
+                    arg(&get(k)?, len(k)),
+                    arg(&get(v)?, len(v)),
+                    arg(&out, n),
+                    arg(&lse, rows),
+                    u(rows),
+                    u(t),
+                    u(hd),
+                    u(heads),
+                    u(*kv_heads),
+                    1.0 / (hd as f32).sqrt(),
+                    ATTENTION_BLOCK,
                 );
                 Ok(vec![(*id, out)])
             }

@@ -409,6 +409,10 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
             },
         ),
         Kernel::LinearLogprob { .. } => ("linear_logprob".into(), Traced::LinearLogprob),
+        Kernel::Attention { .. } => (
+            "attention".into(),
+            Traced::Attention(AttentionPart::Forward),
+        ),
         Kernel::Node(id) => {
             match g.op(*id) {
                 // A concat is one strided copy per operand; the first stands for all.

@@ -173,6 +173,46 @@ pub fn run_kernel(
             }
             vec![(*id, out)]
         }
+        Kernel::Attention {
+            id,
+            q,
+            k,
+            v,
+            kv_heads,
+        } => {
+            // softmax(q kᵀ / √hd + causal) v, row by row, in f64.
+            let (qv, kv, vv) = (get(q)?, get(k)?, get(v)?);
+            let s = &g.ty(*id).shape;
+            let (b, heads, t, hd) = (s[0], s[1], s[2], s[3]);
+            let group = heads / kv_heads.max(&1);
+            let scale = 1.0 / (hd as f64).sqrt();
+            let mut out = vec![0.0; b * heads * t * hd];
+            let mut p = vec![0.0; t];
+            for bh in 0..b * heads {
+                let kv0 = ((bh / heads) * kv_heads + (bh % heads) / group) * t * hd;
+                for i in 0..t {
+                    let qi = &qv[(bh * t + i) * hd..(bh * t + i + 1) * hd];
+                    for (j, pj) in p.iter_mut().enumerate().take(i + 1) {
+                        let kj = &kv[kv0 + j * hd..kv0 + (j + 1) * hd];
+                        *pj = scale * qi.iter().zip(kj).map(|(a, c)| a * c).sum::<f64>();
+                    }
+                    let m = p[..=i].iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let mut sum = 0.0;
+                    for pj in &mut p[..=i] {
+                        *pj = (*pj - m).exp();
+                        sum += *pj;
+                    }
+                    let o = &mut out[(bh * t + i) * hd..(bh * t + i + 1) * hd];
+                    for (j, pj) in p[..=i].iter().enumerate() {
+                        let vj = &vv[kv0 + j * hd..kv0 + (j + 1) * hd];
+                        for (od, vd) in o.iter_mut().zip(vj) {
+                            *od += pj / sum * vd;
+                        }
+                    }
+                }
+            }
+            vec![(*id, out)]
+        }
         Kernel::Node(id) => {
             // A one-node graph: the node's op applied to its operands' values.
             let mut one = Graph::new();
