@@ -670,3 +670,40 @@ fn device_sampling_matches_the_cpu_sampler() {
         .sample_tokens(&host_logits, &[0.5], 1.0, 1.0, true)
         .is_err());
 }
+
+/// A target outside the vocabulary gives NaN from the fused linear
+/// log-prob in a graph (as a checked gather does), and is refused by the
+/// kernel's direct entry point.
+#[test]
+fn fused_linear_logprob_out_of_range_targets_are_nan_or_refused() {
+    let (n, d, v) = (3, 4, 5);
+    let mut g = Graph::new();
+    let mut inp = Inputs::new();
+    let h = f32_input(&mut g, &mut inp, "h", &[n, d], -1.0, 1.0, 61);
+    let w = f32_input(&mut g, &mut inp, "w", &[v, d], -1.0, 1.0, 62);
+    let y = g.input("y", DType::I32, vec![n, 1]);
+    inp.insert("y".into(), HostTensor::i32(vec![n, 1], vec![1, 9, 4]));
+    let wt = g.transpose(w);
+    let logits = g.matmul(h, wt);
+    let ls = g.log_softmax(logits);
+    let lp = g.take_along_axis(ls, y, 1);
+    g.set_output("lp", lp);
+    let got = on_device(&g, &inp).remove(0).1.to_f64_vec();
+    assert!(
+        got[0].is_finite() && got[1].is_nan() && got[2].is_finite(),
+        "{got:?}"
+    );
+    let f = |x: &HostTensor| -> Vec<f32> { x.to_f64_vec().into_iter().map(|v| v as f32).collect() };
+    let (hf, wf) = (f(&inp["h"]), f(&inp["w"]));
+    let e = if std::env::var("COOPC_TEST_CUDA").is_ok_and(|v| v == "1") {
+        let dev = Device::cuda().expect("CUDA device");
+        dev.linear_logprob(&hf, &wf, &[1.0, 9.0, 4.0], d)
+            .map(|_| ())
+    } else {
+        let dev = Device::wgpu().expect("wgpu adapter");
+        dev.linear_logprob(&hf, &wf, &[1.0, 9.0, 4.0], d)
+            .map(|_| ())
+    };
+    let e = e.unwrap_err().to_string();
+    assert!(e.contains("target 1 is 9"), "{e}");
+}

@@ -328,3 +328,41 @@ fn scorer_logits_and_attention_become_fused_kernels() {
         }
     }
 }
+
+/// A fused linear log-prob whose hidden states are a transpose that only
+/// the absorbed logits product read: the transpose is computed for the
+/// kernel, not folded away.
+#[test]
+fn a_transposed_input_of_a_fused_linear_logprob_is_computed() {
+    let (n, d, v) = (5, 4, 7);
+    let mut g = Graph::new();
+    let mut r = rng(33);
+    let xt = g.input("xt", DType::F64, vec![d, n]);
+    let w = g.input("w", DType::F64, vec![v, d]);
+    let y = g.input("y", DType::I32, vec![n, 1]);
+    let h = g.transpose(xt);
+    let wt = g.transpose(w);
+    let logits = g.matmul(h, wt);
+    let ls = g.log_softmax(logits);
+    let lp = g.take_along_axis(ls, y, 1);
+    g.set_output("lp", lp);
+    let inputs = Inputs::from([
+        (
+            "xt".to_string(),
+            f64_tensor(&[d, n], &uniform(&mut r, d * n, -1.0, 1.0)),
+        ),
+        (
+            "w".to_string(),
+            f64_tensor(&[v, d], &uniform(&mut r, v * d, -1.0, 1.0)),
+        ),
+        (
+            "y".to_string(),
+            coopc_runtime::HostTensor::i32(vec![n, 1], vec![0, 6, 3, 3, 1]),
+        ),
+    ]);
+    let fused = check_fused_equals_executor(&g, &inputs, 1e-12);
+    assert!(fused
+        .kernels
+        .iter()
+        .any(|k| matches!(k, Kernel::LinearLogprob { h: hh, .. } if *hh == h)));
+}

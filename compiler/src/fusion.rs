@@ -463,7 +463,7 @@ struct Fuser<'g> {
     /// Hand-written kernels put in place of matched subgraphs (the fused
     /// linear log-prob, attention) by the node they compute, and the nodes
     /// they absorb (never computed).
-    linear_logprobs: HashMap<NodeId, Kernel>,
+    replaced: HashMap<NodeId, Kernel>,
     absorbed: HashSet<NodeId>,
 }
 
@@ -490,7 +490,7 @@ pub fn fuse(g: &Graph, order: &[NodeId]) -> FusedSchedule {
         }
     }
     let graph_outputs: HashSet<NodeId> = g.outputs().iter().map(|(_, id)| *id).collect();
-    let folded = order
+    let mut folded: HashSet<NodeId> = order
         .iter()
         .copied()
         .filter(|id| {
@@ -501,25 +501,27 @@ pub fn fuse(g: &Graph, order: &[NodeId]) -> FusedSchedule {
                 })
         })
         .collect();
-    let mut linear_logprobs = HashMap::new();
+    let mut replaced = HashMap::new();
     let mut absorbed = HashSet::new();
     for &id in order {
         let matched = match_linear_logprob(g, id, &users, &graph_outputs)
             .or_else(|| match_attention(g, id, &users, &graph_outputs));
         if let Some((kernel, inner)) = matched {
-            linear_logprobs.insert(id, kernel);
+            replaced.insert(id, kernel);
             absorbed.extend(inner);
         }
     }
     // What only absorbed nodes read (a matched pattern's masks and
     // constants) is not computed either; what the fused kernels read is.
-    let kept: HashSet<NodeId> = linear_logprobs
+    let kept: HashSet<NodeId> = replaced
         .values()
         .flat_map(|k: &Kernel| k.reads(g))
         .collect();
+    // A transpose a replacing kernel reads is computed, not folded.
+    folded.retain(|x| !kept.contains(x));
     for &id in order.iter().rev() {
         let dead = !graph_outputs.contains(&id)
-            && !linear_logprobs.contains_key(&id)
+            && !replaced.contains_key(&id)
             && !kept.contains(&id)
             && users
                 .get(&id)
@@ -533,7 +535,7 @@ pub fn fuse(g: &Graph, order: &[NodeId]) -> FusedSchedule {
         order: order.to_vec(),
         graph_outputs,
         folded,
-        linear_logprobs,
+        replaced,
         absorbed,
         users,
         groups: vec![],
@@ -688,11 +690,14 @@ fn constant_is(g: &Graph, id: NodeId, want: f64) -> bool {
 
 /// Whether `mask` is the causal mask `col ≤ row` over `[T, T]`,
 /// broadcast: `le(iota(axis 1), iota(axis 0))` or `ge(iota 0, iota 1)`.
-fn is_causal_mask(g: &Graph, mask: NodeId) -> bool {
+fn is_causal_mask(g: &Graph, mask: NodeId, t: usize) -> bool {
     let Op::Broadcast { .. } = g.op(mask) else {
         return false;
     };
     let c = g.inputs(mask)[0];
+    if g.ty(c).shape[..] != [t, t] {
+        return false;
+    }
     let iota_axis = |id: NodeId| match g.op(id) {
         Op::Iota { axis, .. } if g.ty(id).rank() == 2 => Some(*axis),
         _ => None,
@@ -762,7 +767,7 @@ fn match_attention(
         return None;
     };
     if !matches!(g.op(s2), Op::Select)
-        || !is_causal_mask(g, mask)
+        || !is_causal_mask(g, mask, t)
         || !constant_is(g, neg, f64::NEG_INFINITY)
         || !is(sc, &|o| matches!(o, Op::Binary(BinaryOp::Mul)))
     {
@@ -879,7 +884,7 @@ impl Fuser<'_> {
             if self.folded.contains(&id) || self.absorbed.contains(&id) {
                 continue; // its users read its source, or a fused kernel computes it
             }
-            if let Some(kernel) = self.linear_logprobs.get(&id).cloned() {
+            if let Some(kernel) = self.replaced.get(&id).cloned() {
                 for x in kernel.reads(self.g) {
                     if let Some(gi) = self.open_group_of(x) {
                         self.close(gi);

@@ -22,8 +22,9 @@
 //!
 //! Written for correctness first: dot products are serial per unit and
 //! nothing is staged in tiles; memory is O(B·H·T) beyond the operands.
-//! Graphs do not use these kernels yet (the model's attention is fused from
-//! primitives).
+//! The fusion pass puts the forward kernel in place of the model's
+//! attention where the scores have no other reader (`Kernel::Attention`);
+//! the backward kernels are not used by graphs yet.
 
 use crate::device::{cubes, Device, DeviceError};
 use cubecl::prelude::*;

@@ -50,7 +50,10 @@ pub fn linear_logprob_forward(
     let tid = UNIT_POS as usize;
     let d = d as usize;
     let vocab = vocab as usize;
-    let target = u32::cast_from(targets[t]) as usize;
+    // A target outside 0..vocab gives NaN, as a checked gather does.
+    let tf = targets[t];
+    let inside = tf >= f32::new(0.0) && tf < f32::cast_from(vocab as u32);
+    let target = u32::cast_from(select(inside, tf, f32::new(0.0))) as usize;
     // Token t's row of h: rows come in sequences of `seq_in`, of which the
     // first `seq_out` are scored (all of them when the two are equal).
     let h0 = ((t / seq_out as usize) * seq_in as usize + t % seq_out as usize) * d;
@@ -95,7 +98,7 @@ pub fn linear_logprob_forward(
     if tid == 0 {
         let l = maxes[0usize] + sums[0usize].ln();
         lse[t] = l;
-        logprob[t] = target_logit[0usize] - l;
+        logprob[t] = select(inside, target_logit[0usize] - l, zero / zero);
     }
 }
 
@@ -230,6 +233,18 @@ pub fn linear_logprob_backward_w(
     }
 }
 
+/// Every target a whole number in `0..vocab`.
+fn check_targets(what: &str, targets: &[f32], vocab: usize) -> Result<(), DeviceError> {
+    let token = |y: f32| y >= 0.0 && y < vocab as f32 && y.fract() == 0.0;
+    match targets.iter().position(|&y| !token(y)) {
+        Some(i) => Err(DeviceError::Device(format!(
+            "{what}: target {i} is {}, not a token id in 0..{vocab}",
+            targets[i]
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl<R: Runtime> Device<R> {
     /// `(logprob [T], lse [T])` of `targets` under the logits `h Wᵀ`, with
     /// `h [T, d]` and `w [V, d]` row-major and targets whole numbers in
@@ -250,6 +265,7 @@ impl<R: Runtime> Device<R> {
                 w.len()
             )));
         }
+        check_targets("linear_logprob", targets, vocab)?;
         let (hh, wh, th) = (self.upload(h), self.upload(w), self.upload(targets));
         let (lp, lse) = (self.output(t), self.output(t));
         let x = (t as u32).min(65_535);
@@ -298,6 +314,7 @@ impl<R: Runtime> Device<R> {
                 grad.len()
             )));
         }
+        check_targets("linear_logprob_backward", targets, vocab)?;
         let up = |x: &[f32]| self.upload(x);
         let (hh, wh, th, lh, gh) = (up(h), up(w), up(targets), up(lse), up(grad));
         let (dh, dw) = (self.output(t * d), self.output(vocab * d));
