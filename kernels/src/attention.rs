@@ -26,7 +26,8 @@
 //! attention where the scores have no other reader (`Kernel::Attention`);
 //! the backward kernels are not used by graphs yet.
 
-use crate::device::{cubes, Device, DeviceError};
+use crate::device::{arg, cubes, Device, DeviceError};
+use crate::linear_logprob::cube_log_sum_exp;
 use cubecl::prelude::*;
 
 /// Units per cube; the head dimension must not exceed it.
@@ -99,21 +100,7 @@ pub fn attention_forward(
         m = mn;
         j += block;
     }
-    maxes[tid] = m;
-    sums[tid] = s;
-    sync_cube();
-    let mut stride = (CUBE_DIM / 2) as usize;
-    while stride > 0usize {
-        if tid < stride {
-            let (m1, m2) = (maxes[tid], maxes[tid + stride]);
-            let mn = max(m1, m2);
-            sums[tid] = sums[tid] * (m1 - mn).exp() + sums[tid + stride] * (m2 - mn).exp();
-            maxes[tid] = mn;
-        }
-        sync_cube();
-        stride /= 2usize;
-    }
-    let l = maxes[0usize] + sums[0usize].ln();
+    let l = cube_log_sum_exp(m, s, &mut maxes, &mut sums, tid);
     let mut acc = zero;
     let mut j0 = tid * 0usize;
     while j0 <= i {
@@ -346,9 +333,6 @@ impl<R: Runtime> Device<R> {
         )?;
         let (qh, kh, vh) = (self.upload(q), self.upload(k), self.upload(v));
         let (oh, lh) = (self.output(s.q_len()), self.output(s.rows()));
-        let arg = |h: &cubecl::server::Handle, n: usize| unsafe {
-            ArrayArg::<R>::from_raw_parts(h.clone(), n)
-        };
         attention_forward::launch::<R>(
             self.client(),
             cubes(s.rows()),
@@ -397,9 +381,6 @@ impl<R: Runtime> Device<R> {
         let (qh, kh, vh, oh, lh, gh) = (up(q), up(k), up(v), up(o), up(lse), up(d_o));
         let (dq, delta) = (self.output(s.q_len()), self.output(s.rows()));
         let (dk, dv) = (self.output(s.kv_len()), self.output(s.kv_len()));
-        let arg = |h: &cubecl::server::Handle, n: usize| unsafe {
-            ArrayArg::<R>::from_raw_parts(h.clone(), n)
-        };
         let (ql, kl, rows) = (s.q_len(), s.kv_len(), s.rows());
         attention_backward_q::launch::<R>(
             self.client(),

@@ -249,9 +249,8 @@ impl<R: Runtime> Backend for Device<R> {
                 dtype: DType::F64,
             }));
         }
-        let v: Vec<f32> = t.to_f64_vec().into_iter().map(|x| x as f32).collect();
-        let handle =
-            guarded(DeviceError::Device, || self.upload(&v)).map_err(|e| self.exec_error(e))?;
+        let handle = guarded(DeviceError::Device, || self.upload_host(&t))
+            .map_err(|e| self.exec_error(e))?;
         Ok(self.wrap(ty, handle))
     }
 
@@ -289,10 +288,8 @@ impl<R: Runtime> Backend for Device<R> {
                 resident = self.unwrap_resident(d).map_err(|e| self.exec_error(e))?;
                 resident.handle.clone()
             }
-            Value::Host(t) => {
-                let v: Vec<f32> = t.to_f64_vec().into_iter().map(|x| x as f32).collect();
-                guarded(DeviceError::Device, || self.upload(&v)).map_err(|e| self.exec_error(e))?
-            }
+            Value::Host(t) => guarded(DeviceError::Device, || self.upload_host(t))
+                .map_err(|e| self.exec_error(e))?,
         };
         let ty = logits.ty();
         if ty.rank() != 2 {
@@ -412,7 +409,8 @@ pub(crate) fn cubes(n: usize) -> CubeCount {
     CubeCount::Static(x, n.div_ceil(x), 1)
 }
 
-fn arg<R: Runtime>(h: &Handle, len: usize) -> ArrayArg<R> {
+/// A launch argument for buffer `h` of `len` elements.
+pub(crate) fn arg<R: Runtime>(h: &Handle, len: usize) -> ArrayArg<R> {
     unsafe { ArrayArg::from_raw_parts(h.clone(), len.max(1)) }
 }
 
@@ -430,6 +428,12 @@ impl<R: Runtime> Device<R> {
         self.uploaded
             .fetch_add(4 * v.len() as u64, Ordering::Relaxed);
         self.client.create_from_slice(f32::as_bytes(v))
+    }
+
+    /// A host tensor's elements as f32 (ids and booleans as whole numbers).
+    pub fn upload_host(&self, t: &HostTensor) -> Handle {
+        let v: Vec<f32> = t.to_f64_vec().into_iter().map(|x| x as f32).collect();
+        self.upload(&v)
     }
 
     /// A buffer for `n` results (NaN-filled when poisoning).
@@ -865,10 +869,7 @@ impl<R: Runtime> Device<R> {
                     });
                 }
                 match input {
-                    Input::Host(t) => {
-                        let v: Vec<f32> = t.to_f64_vec().into_iter().map(|x| x as f32).collect();
-                        self.upload(&v)
-                    }
+                    Input::Host(t) => self.upload_host(t),
                     // Already on the device: no copy.
                     Input::Device(d) => self.unwrap_resident(d)?.handle.clone(),
                 }

@@ -16,11 +16,39 @@
 //! logits chunk by chunk from `lse` instead of storing them: one cube per
 //! token for `dh`, one cube per vocabulary row for `dW`.
 
-use crate::device::{Device, DeviceError};
+use crate::device::{arg, cubes, Device, DeviceError};
 use cubecl::prelude::*;
 
 /// Units per cube.
 pub const LOGPROB_BLOCK: usize = 256;
+
+/// The log-sum-exp over a cube of each unit's online `(max m, Σ exp(x −
+/// m))` pair: the pairs are merged pairwise in `maxes`/`sums` (shared,
+/// one slot per unit); every unit gets the result.
+#[cube]
+pub(crate) fn cube_log_sum_exp(
+    m: f32,
+    s: f32,
+    maxes: &mut SharedMemory<f32>,
+    sums: &mut SharedMemory<f32>,
+    tid: usize,
+) -> f32 {
+    maxes[tid] = m;
+    sums[tid] = s;
+    sync_cube();
+    let mut stride = (CUBE_DIM / 2) as usize;
+    while stride > 0usize {
+        if tid < stride {
+            let (m1, m2) = (maxes[tid], maxes[tid + stride]);
+            let mn = max(m1, m2);
+            sums[tid] = sums[tid] * (m1 - mn).exp() + sums[tid + stride] * (m2 - mn).exp();
+            maxes[tid] = mn;
+        }
+        sync_cube();
+        stride /= 2usize;
+    }
+    maxes[0usize] + sums[0usize].ln()
+}
 
 /// Launch with one cube per token and `CubeDim(block)`; `block` a power of
 /// two. Targets are whole numbers in `0..vocab`. Token `t` reads row
@@ -81,22 +109,8 @@ pub fn linear_logprob_forward(
         m = mn;
         v += block;
     }
-    maxes[tid] = m;
-    sums[tid] = s;
-    sync_cube();
-    let mut stride = (CUBE_DIM / 2) as usize;
-    while stride > 0usize {
-        if tid < stride {
-            let (m1, m2) = (maxes[tid], maxes[tid + stride]);
-            let mn = max(m1, m2);
-            sums[tid] = sums[tid] * (m1 - mn).exp() + sums[tid + stride] * (m2 - mn).exp();
-            maxes[tid] = mn;
-        }
-        sync_cube();
-        stride /= 2usize;
-    }
+    let l = cube_log_sum_exp(m, s, &mut maxes, &mut sums, tid);
     if tid == 0 {
-        let l = maxes[0usize] + sums[0usize].ln();
         lse[t] = l;
         logprob[t] = select(inside, target_logit[0usize] - l, zero / zero);
     }
@@ -268,13 +282,9 @@ impl<R: Runtime> Device<R> {
         check_targets("linear_logprob", targets, vocab)?;
         let (hh, wh, th) = (self.upload(h), self.upload(w), self.upload(targets));
         let (lp, lse) = (self.output(t), self.output(t));
-        let x = (t as u32).min(65_535);
-        let arg = |h: &cubecl::server::Handle, n: usize| unsafe {
-            ArrayArg::<R>::from_raw_parts(h.clone(), n)
-        };
         linear_logprob_forward::launch::<R>(
             self.client(),
-            CubeCount::Static(x, (t as u32).div_ceil(x), 1),
+            cubes(t),
             CubeDim::new_1d(LOGPROB_BLOCK as u32),
             arg(&hh, h.len()),
             arg(&wh, w.len()),
@@ -318,16 +328,9 @@ impl<R: Runtime> Device<R> {
         let up = |x: &[f32]| self.upload(x);
         let (hh, wh, th, lh, gh) = (up(h), up(w), up(targets), up(lse), up(grad));
         let (dh, dw) = (self.output(t * d), self.output(vocab * d));
-        let arg = |h: &cubecl::server::Handle, n: usize| unsafe {
-            ArrayArg::<R>::from_raw_parts(h.clone(), n)
-        };
-        let grid = |n: usize| {
-            let x = (n as u32).min(65_535);
-            CubeCount::Static(x, (n as u32).div_ceil(x), 1)
-        };
         linear_logprob_backward_h::launch::<R>(
             self.client(),
-            grid(t),
+            cubes(t),
             CubeDim::new_1d(LOGPROB_BLOCK as u32),
             arg(&hh, h.len()),
             arg(&wh, w.len()),
@@ -342,7 +345,7 @@ impl<R: Runtime> Device<R> {
         );
         linear_logprob_backward_w::launch::<R>(
             self.client(),
-            grid(vocab),
+            cubes(vocab),
             CubeDim::new_1d(LOGPROB_BLOCK as u32),
             arg(&hh, h.len()),
             arg(&wh, w.len()),

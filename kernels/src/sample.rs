@@ -16,7 +16,7 @@
 //! `O(V²/block)` per row — simple, and fast for small vocabularies; a
 //! radix select would make it `O(V)`) picks the token.
 
-use crate::device::{cubes, Device, DeviceError};
+use crate::device::{arg, cubes, Device, DeviceError};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
@@ -367,7 +367,6 @@ impl<R: Runtime> Device<R> {
                 "sampling temperature {temperature} is not a positive normal f32"
             )));
         }
-        let arg = |h: &Handle, n: usize| unsafe { ArrayArg::<R>::from_raw_parts(h.clone(), n) };
         let n = rows * vocab;
         let probs = self.output(n);
         let tokens = self.output(rows);
