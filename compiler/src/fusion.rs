@@ -552,6 +552,55 @@ pub fn fuse(g: &Graph, order: &[NodeId]) -> FusedSchedule {
     }
 }
 
+/// Whether `id` reduces its operand with `kind` over `axis` alone,
+/// keeping the axis.
+fn reduces_over(g: &Graph, id: NodeId, kind: ReduceKind, axis: usize) -> bool {
+    matches!(g.op(id), Op::Reduce { kind: k, axes, keepdim: true } if *k == kind && axes[..] == [axis])
+}
+
+/// Matches `z = x − broadcast([stop_gradient] max(x))` with the max over
+/// `axis` (the shift of a softmax): `x` and the nodes between it and `z`
+/// (`z` included, `x` not).
+fn max_subtracted(g: &Graph, z: NodeId, axis: usize) -> Option<(NodeId, Vec<NodeId>)> {
+    if !matches!(g.op(z), Op::Binary(BinaryOp::Sub)) {
+        return None;
+    }
+    let [x, mb] = g.inputs(z)[..] else {
+        return None;
+    };
+    if !matches!(g.op(mb), Op::Broadcast { .. }) {
+        return None;
+    }
+    let mut nodes = vec![z, mb];
+    let mut m = g.inputs(mb)[0];
+    if let Op::StopGradient = g.op(m) {
+        nodes.push(m);
+        m = g.inputs(m)[0];
+    }
+    if !reduces_over(g, m, ReduceKind::Max, axis) || g.inputs(m)[..] != [x] {
+        return None;
+    }
+    nodes.push(m);
+    Some((x, nodes))
+}
+
+/// Whether every one of `nodes` is read only by nodes in `inside` and is
+/// not a graph output (so a kernel replacing them all changes nothing
+/// else).
+fn sealed(
+    nodes: &[NodeId],
+    inside: &HashSet<NodeId>,
+    users: &HashMap<NodeId, Vec<NodeId>>,
+    outputs: &HashSet<NodeId>,
+) -> bool {
+    nodes.iter().all(|n| {
+        !outputs.contains(n)
+            && users
+                .get(n)
+                .is_some_and(|us| us.iter().all(|u| inside.contains(u)))
+    })
+}
+
 /// Matches the log-probs of `take` = take_along_axis(log_softmax(X),
 /// targets) over the last axis, where X is the logits `h · wᵀ` (a matmul of
 /// `h [N, d]` and the transpose of `w [V, d]`, reshaped to `[B, T, V]` or
@@ -578,7 +627,6 @@ fn match_linear_logprob(
     let last = rank - 1;
     let op_is = |id: NodeId, f: &dyn Fn(&Op) -> bool| f(g.op(id));
     let ins = |id: NodeId| g.inputs(id);
-    let reduce_last = |id: NodeId, want: ReduceKind| matches!(g.op(id), Op::Reduce { kind, axes, keepdim: true } if *kind == want && axes[..] == [last]);
     // l = z − broadcast(log(sum(exp(z)))), z = x − broadcast(max(x)).
     if !op_is(l, &|o| matches!(o, Op::Binary(BinaryOp::Sub))) {
         return None;
@@ -589,27 +637,15 @@ fn match_linear_logprob(
     let e = *ins(s_).first()?;
     let ok = op_is(lb, &|o| matches!(o, Op::Broadcast { .. }))
         && op_is(ls, &|o| matches!(o, Op::Unary(UnaryOp::Log)))
-        && reduce_last(s_, ReduceKind::Sum)
+        && reduces_over(g, s_, ReduceKind::Sum, last)
         && op_is(e, &|o| matches!(o, Op::Unary(UnaryOp::Exp)))
-        && ins(e)[..] == [z]
-        && op_is(z, &|o| matches!(o, Op::Binary(BinaryOp::Sub)));
+        && ins(e)[..] == [z];
     if !ok {
         return None;
     }
-    let [x, mb] = ins(z)[..] else { return None };
-    let mut m = *ins(mb).first()?;
-    let mut inner = vec![l, lb, ls, s_, e, z, mb];
-    if !op_is(mb, &|o| matches!(o, Op::Broadcast { .. })) {
-        return None;
-    }
-    if let Op::StopGradient = g.op(m) {
-        inner.push(m);
-        m = ins(m)[0];
-    }
-    if !reduce_last(m, ReduceKind::Max) || ins(m)[..] != [x] {
-        return None;
-    }
-    inner.extend([m, x]);
+    let (x, shift) = max_subtracted(g, z, last)?;
+    let mut inner = vec![l, lb, ls, s_, e, x];
+    inner.extend(shift);
     // x = [slice of the first positions of] [reshape of] matmul(h, wᵀ).
     let xs = g.ty(x).shape.clone();
     let (mut logits, mut sliced_from) = (x, None);
@@ -657,13 +693,7 @@ fn match_linear_logprob(
     inner.dedup();
     // Nothing in between is read from outside or is an output.
     let inside: HashSet<NodeId> = inner.iter().copied().chain([take]).collect();
-    let sealed = inner.iter().all(|n| {
-        !outputs.contains(n)
-            && users
-                .get(n)
-                .is_some_and(|us| us.iter().all(|u| inside.contains(u)))
-    });
-    if !sealed {
+    if !sealed(&inner, &inside, users, outputs) {
         return None;
     }
     Some((
@@ -729,7 +759,6 @@ fn match_attention(
     let [p, vx] = ins(out)[..] else { return None };
     let qs = g.ty(out).shape.clone();
     let (t, hd) = (qs[2], qs[3]);
-    let reduce_last = |id: NodeId, want: ReduceKind| matches!(g.op(id), Op::Reduce { kind, axes, keepdim: true } if *kind == want && axes[..] == [3]);
     let is = |id: NodeId, f: &dyn Fn(&Op) -> bool| f(g.op(id));
     // p = e / broadcast(sum(e)), e = exp(z), z = s2 − broadcast(max(s2)).
     if !is(p, &|o| matches!(o, Op::Binary(BinaryOp::Div))) {
@@ -738,30 +767,15 @@ fn match_attention(
     let [e, db] = ins(p)[..] else { return None };
     let den = *ins(db).first()?;
     let ok = is(db, &|o| matches!(o, Op::Broadcast { .. }))
-        && reduce_last(den, ReduceKind::Sum)
+        && reduces_over(g, den, ReduceKind::Sum, 3)
         && ins(den)[..] == [e]
         && is(e, &|o| matches!(o, Op::Unary(UnaryOp::Exp)));
     if !ok {
         return None;
     }
-    let z = ins(e)[0];
-    if !is(z, &|o| matches!(o, Op::Binary(BinaryOp::Sub))) {
-        return None;
-    }
-    let [s2, mb] = ins(z)[..] else { return None };
-    if !is(mb, &|o| matches!(o, Op::Broadcast { .. })) {
-        return None;
-    }
-    let mut inner = vec![p, db, den, e, z, mb];
-    let mut m = ins(mb)[0];
-    if let Op::StopGradient = g.op(m) {
-        inner.push(m);
-        m = ins(m)[0];
-    }
-    if !reduce_last(m, ReduceKind::Max) || ins(m)[..] != [s2] {
-        return None;
-    }
-    inner.extend([m, s2]);
+    let (s2, shift) = max_subtracted(g, ins(e)[0], 3)?;
+    let mut inner = vec![p, db, den, e, s2];
+    inner.extend(shift);
     // s2 = select(causal, sc, −∞), sc = qk · 1/√hd, qk = q · kᵀ.
     let [mask, sc, neg] = ins(s2)[..] else {
         return None;
@@ -793,15 +807,7 @@ fn match_attention(
         return None;
     }
     let inside: HashSet<NodeId> = inner.iter().copied().chain([out]).collect();
-    let sealed = |nodes: &[NodeId], inside: &HashSet<NodeId>| {
-        nodes.iter().all(|n| {
-            !outputs.contains(n)
-                && users
-                    .get(n)
-                    .is_some_and(|us| us.iter().all(|u| inside.contains(u)))
-        })
-    };
-    if !sealed(&inner, &inside) {
+    if !sealed(&inner, &inside, users, outputs) {
         return None;
     }
     // repeat_kv: reshape(broadcast(reshape(x [B, H_kv, T, hd]))).
@@ -830,7 +836,9 @@ fn match_attention(
         let reshapes = [ins(ke[1])[0], ins(ve[1])[0]];
         all.extend(reshapes);
         let inside2: HashSet<NodeId> = all.iter().copied().chain([out]).collect();
-        if g.ty(ks).shape[1] == g.ty(vs).shape[1] && sealed(&all[inner.len()..], &inside2) {
+        if g.ty(ks).shape[1] == g.ty(vs).shape[1]
+            && sealed(&all[inner.len()..], &inside2, users, outputs)
+        {
             (k, v, kv_heads) = (ks, vs, g.ty(ks).shape[1]);
             inner = all;
         }
