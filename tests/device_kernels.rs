@@ -21,20 +21,50 @@ use coopc_runtime::{execute, Backend, CpuBackend, HostTensor, Value};
 use rand::Rng;
 use std::collections::HashMap;
 
+/// Whether the suite runs on CUDA (`COOPC_TEST_CUDA=1`) instead of wgpu.
+fn cuda_requested() -> bool {
+    std::env::var("COOPC_TEST_CUDA").is_ok_and(|v| v == "1")
+}
+
+/// Evaluates `$body` with `$dev` bound to the tested device (CUDA or
+/// wgpu, which are different types), poisoning its output buffers.
+macro_rules! with_device {
+    (|$dev:ident| $body:expr) => {
+        if cuda_requested() {
+            let mut $dev = Device::cuda().expect("CUDA device");
+            $dev.poison = true;
+            $body
+        } else {
+            let mut $dev =
+                Device::wgpu().expect("wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+            $dev.poison = true;
+            $body
+        }
+    };
+}
+
 fn on_device(g: &Graph, inputs: &Inputs) -> Vec<(String, HostTensor)> {
     let prepared = Prepared::new(g);
-    let cuda = std::env::var("COOPC_TEST_CUDA").is_ok_and(|v| v == "1");
-    let result = if cuda {
-        let mut d = Device::cuda().expect("CUDA device");
-        d.poison = true;
-        d.execute(g, &prepared, inputs)
-    } else {
-        let mut d =
-            Device::wgpu().expect("wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
-        d.poison = true;
-        d.execute(g, &prepared, inputs)
-    };
-    result.expect("device run")
+    with_device!(|d| d.execute(g, &prepared, inputs)).expect("device run")
+}
+
+/// A tensor's elements as f32, as the device takes them.
+fn f32s(t: &HostTensor) -> Vec<f32> {
+    t.to_f64_vec().into_iter().map(|x| x as f32).collect()
+}
+
+/// Kernel results against the CPU executor's outputs, in order: every
+/// element written and finite, each within `tol` relative error.
+fn check_results(want: &[(String, HostTensor)], got: impl IntoIterator<Item = Vec<f32>>, tol: f64) {
+    for ((name, w), got) in want.iter().zip(got) {
+        let got: Vec<f64> = got.into_iter().map(f64::from).collect();
+        assert!(
+            got.iter().all(|x| x.is_finite()),
+            "{name}: unwritten elements"
+        );
+        let e = rel_err(&got, &w.to_f64_vec(), 1e-6);
+        assert!(e <= tol, "{name}: relative error {e:e}");
+    }
 }
 
 /// Device outputs against the CPU executor's, each within `tol` relative
@@ -370,41 +400,21 @@ fn fused_linear_logprob_matches_log_softmax_of_the_full_logits() {
         ),
     ]);
     let want = execute(&g, &inputs).unwrap();
-    let f = |x: &[f64]| x.iter().map(|&a| a as f32).collect::<Vec<f32>>();
-    let (hf, wf, yf, gf) = (f(&h), f(&w), f(&y), f(&gv));
+    let [hf, wf, yf, gf] = ["h", "w", "y", "g"].map(|n| f32s(&inputs[n]));
     // Forward, then backward from the forward's own lse.
-    fn run<R: cubecl::prelude::Runtime>(
-        mut dev: Device<R>,
-        (h, w, y, g): (&[f32], &[f32], &[f32], &[f32]),
-        d: usize,
-    ) -> [Vec<f32>; 4] {
-        dev.poison = true;
-        let (lp, lse) = dev.linear_logprob(h, w, y, d).expect("forward");
+    let got = with_device!(|dev| {
+        let (lp, lse) = dev.linear_logprob(&hf, &wf, &yf, d).expect("forward");
         let (dh, dw) = dev
-            .linear_logprob_backward(h, w, y, &lse, g, d)
+            .linear_logprob_backward(&hf, &wf, &yf, &lse, &gf, d)
             .expect("backward");
         [lp, lse, dh, dw]
-    }
-    let args = (&hf[..], &wf[..], &yf[..], &gf[..]);
-    let got = if std::env::var("COOPC_TEST_CUDA").is_ok_and(|v| v == "1") {
-        run(Device::cuda().expect("CUDA device"), args, d)
-    } else {
-        run(Device::wgpu().expect("wgpu adapter"), args, d)
-    };
-    for ((name, w), got) in want.iter().zip(got) {
-        let got: Vec<f64> = got.into_iter().map(f64::from).collect();
-        assert!(
-            got.iter().all(|x| x.is_finite()),
-            "{name}: unwritten elements"
-        );
-        let e = rel_err(&got, &w.to_f64_vec(), 1e-6);
-        assert!(e <= 1e-5, "{name}: relative error {e:e}");
-    }
+    });
+    check_results(&want, got, 1e-5);
 }
 
 /// The device as a [`Backend`]: CUDA with `COOPC_TEST_CUDA=1`, else wgpu.
 fn device_backend() -> Box<dyn Backend> {
-    if std::env::var("COOPC_TEST_CUDA").is_ok_and(|v| v == "1") {
+    if cuda_requested() {
         Box::new(Device::cuda().expect("CUDA device"))
     } else {
         Box::new(Device::wgpu().expect("wgpu adapter"))
@@ -530,39 +540,19 @@ fn attention_kernels_match_the_model_attention_and_its_gradients() {
     g.set_output("dk", grads[1]);
     g.set_output("dv", grads[2]);
     let want = execute(&g, &inp).unwrap();
-    let f = |n: &str| -> Vec<f32> { inp[n].to_f64_vec().into_iter().map(|x| x as f32).collect() };
-    let (qf, kf, vf, df) = (f("q"), f("k"), f("v"), f("do"));
-    fn run<R: cubecl::prelude::Runtime>(
-        mut dev: Device<R>,
-        (q, k, v, d_o): (&[f32], &[f32], &[f32], &[f32]),
-        s: AttentionShape,
-    ) -> [Vec<f32>; 4] {
-        dev.poison = true;
+    let [qf, kf, vf, df] = ["q", "k", "v", "do"].map(|n| f32s(&inp[n]));
+    let got = with_device!(|dev| {
         // A shape the kernels cannot take is an error, not a launch.
         let bad = AttentionShape { head_dim: 200, ..s };
-        let e = dev.attention(q, k, v, bad).unwrap_err().to_string();
+        let e = dev.attention(&qf, &kf, &vf, bad).unwrap_err().to_string();
         assert!(e.contains("head_dim"), "{e}");
-        let (o, lse) = dev.attention(q, k, v, s).expect("forward");
+        let (o, lse) = dev.attention(&qf, &kf, &vf, s).expect("forward");
         let [dq, dk, dv] = dev
-            .attention_backward(q, k, v, &o, &lse, d_o, s)
+            .attention_backward(&qf, &kf, &vf, &o, &lse, &df, s)
             .expect("backward");
         [o, dq, dk, dv]
-    }
-    let args = (&qf[..], &kf[..], &vf[..], &df[..]);
-    let got = if std::env::var("COOPC_TEST_CUDA").is_ok_and(|v| v == "1") {
-        run(Device::cuda().expect("CUDA device"), args, s)
-    } else {
-        run(Device::wgpu().expect("wgpu adapter"), args, s)
-    };
-    for ((name, w), got) in want.iter().zip(got) {
-        let got: Vec<f64> = got.into_iter().map(f64::from).collect();
-        assert!(
-            got.iter().all(|x| x.is_finite()),
-            "{name}: unwritten elements"
-        );
-        let e = rel_err(&got, &w.to_f64_vec(), 1e-6);
-        assert!(e <= 1e-4, "{name}: relative error {e:e}");
-    }
+    });
+    check_results(&want, got, 1e-4);
 }
 
 /// Tokens drawn on the device equal the CPU sampler's (`choose_token`) for
@@ -693,17 +683,10 @@ fn fused_linear_logprob_out_of_range_targets_are_nan_or_refused() {
         got[0].is_finite() && got[1].is_nan() && got[2].is_finite(),
         "{got:?}"
     );
-    let f = |x: &HostTensor| -> Vec<f32> { x.to_f64_vec().into_iter().map(|v| v as f32).collect() };
-    let (hf, wf) = (f(&inp["h"]), f(&inp["w"]));
-    let e = if std::env::var("COOPC_TEST_CUDA").is_ok_and(|v| v == "1") {
-        let dev = Device::cuda().expect("CUDA device");
-        dev.linear_logprob(&hf, &wf, &[1.0, 9.0, 4.0], d)
-            .map(|_| ())
-    } else {
-        let dev = Device::wgpu().expect("wgpu adapter");
-        dev.linear_logprob(&hf, &wf, &[1.0, 9.0, 4.0], d)
-            .map(|_| ())
-    };
+    let (hf, wf) = (f32s(&inp["h"]), f32s(&inp["w"]));
+    let e = with_device!(|dev| dev
+        .linear_logprob(&hf, &wf, &[1.0, 9.0, 4.0], d)
+        .map(|_| ()));
     let e = e.unwrap_err().to_string();
     assert!(e.contains("target 1 is 9"), "{e}");
 }
