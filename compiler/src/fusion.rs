@@ -306,6 +306,21 @@ impl FusedSchedule {
         c
     }
 
+    /// The index of the last kernel reading each value of `g` — after it
+    /// the value's buffer can be freed — and `usize::MAX` for the outputs.
+    pub fn last_uses(&self, g: &Graph) -> HashMap<NodeId, usize> {
+        let mut last_use = HashMap::new();
+        for (k, kernel) in self.kernels.iter().enumerate() {
+            for r in kernel.reads(g) {
+                last_use.insert(r, k);
+            }
+        }
+        for (_, id) in g.outputs() {
+            last_use.insert(*id, usize::MAX);
+        }
+        last_use
+    }
+
     /// The device executor's footprint running this schedule of `g`: the
     /// most bytes its buffers hold at once. Every element takes 4 bytes
     /// (the device stores f32); the inputs are held by the caller for the
@@ -333,15 +348,7 @@ impl FusedSchedule {
     /// buffers live after kernel `at` allocated its outputs.
     fn simulate_device(&self, g: &Graph, at: Option<usize>) -> (usize, usize, Option<Vec<NodeId>>) {
         let bytes = |id: NodeId| 4 * g.ty(id).numel().max(1);
-        let mut last_use: HashMap<NodeId, usize> = HashMap::new();
-        for (k, kernel) in self.kernels.iter().enumerate() {
-            for r in kernel.reads(g) {
-                last_use.insert(r, k);
-            }
-        }
-        for (_, id) in g.outputs() {
-            last_use.insert(*id, usize::MAX);
-        }
+        let last_use = self.last_uses(g);
         // Node → buffer (an alias shares its operand's); buffer → (bytes,
         // nodes still holding it, the node that made it).
         let mut buffer_of: HashMap<NodeId, usize> = HashMap::new();

@@ -133,20 +133,10 @@ impl Prepared {
     pub fn new(g: &Graph) -> Prepared {
         let sched = schedule(g);
         let fused = fuse(g, &sched.order);
-        let mut last_use = HashMap::new();
-        for (k, kernel) in fused.kernels.iter().enumerate() {
-            for r in kernel.reads(g) {
-                last_use.insert(r, k);
-            }
-        }
-        let outputs: Vec<(String, NodeId)> = g.outputs().to_vec();
-        for (_, id) in &outputs {
-            last_use.insert(*id, usize::MAX);
-        }
         Prepared {
+            last_use: fused.last_uses(g),
             fused,
-            last_use,
-            outputs,
+            outputs: g.outputs().to_vec(),
             literals: Mutex::default(),
         }
     }

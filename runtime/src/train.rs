@@ -297,16 +297,10 @@ impl Trainer {
     /// Moves the state (and π_ref) to where the backend keeps it: a no-op
     /// once resident, and on the CPU.
     fn make_resident(&mut self) -> Result<(), TrainError> {
-        for v in self.values.values_mut() {
+        let reference = self.reference.iter_mut().flat_map(|r| r.values_mut());
+        for v in self.values.values_mut().chain(reference) {
             if !v.is_resident() {
                 *v = self.backend.resident(v.clone())?;
-            }
-        }
-        if let Some(r) = &mut self.reference {
-            for v in r.values_mut() {
-                if !v.is_resident() {
-                    *v = self.backend.resident(v.clone())?;
-                }
             }
         }
         Ok(())
