@@ -7,12 +7,13 @@
 
 use crate::ir::{numel, Graph, NodeId, Op};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 /// The order a graph's needed nodes run in, and what running them costs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Schedule {
-    /// The nodes the outputs depend on, in `Graph::topo_order` order.
+    /// The nodes the outputs depend on, in [`execution_order`].
     pub order: Vec<NodeId>,
     /// Most buffer bytes live at once (inputs included), see [`schedule`].
     pub peak_bytes: usize,
@@ -209,8 +210,9 @@ fn simulate(g: &Graph, at: Option<usize>) -> (Schedule, usize, Option<Vec<NodeId
     (sc, peak_step, snapshot)
 }
 
-/// The order the needed nodes (`needed[index]`) run in: [`Graph::topo_order`]
-/// (operands first, ties by node index), except that nodes which make a
+/// The order the needed nodes (`needed[index]`) run in: creation order
+/// (see `creation_order`: operands first, then whichever node's earliest
+/// consumer was created first), except that nodes which make a
 /// buffer at least as large as their operands' from them cheaply — a
 /// broadcast, a transpose, a reshape, a fill, a one-hot — run just before
 /// their first user instead of as soon as they can. Autodiff builds such
@@ -218,11 +220,7 @@ fn simulate(g: &Graph, at: Option<usize>) -> (Schedule, usize, Option<Vec<NodeId
 /// eagerly they would hold their (often broadcast-enlarged) buffers from
 /// the forward pass on.
 pub fn execution_order(g: &Graph, needed: &[bool]) -> Vec<NodeId> {
-    let base: Vec<NodeId> = g
-        .topo_order()
-        .into_iter()
-        .filter(|id| needed[id.index()])
-        .collect();
+    let base = creation_order(g, needed);
     let bound = needed.len();
     let mut pos = vec![usize::MAX; bound];
     for (p, &id) in base.iter().enumerate() {
@@ -246,6 +244,66 @@ pub fn execution_order(g: &Graph, needed: &[bool]) -> Vec<NodeId> {
     }
     let mut order = base;
     order.sort_by_key(|id| key[id.index()]);
+    order
+}
+
+/// The needed nodes in an order that follows their creation: operands
+/// first, and among the nodes whose operands are done, the one whose
+/// earliest consumer was created first (its own index when smaller).
+/// Plain index order is not enough: a pass that rewrites a node creates
+/// its replacement (or a constant it needs) at the end of the graph, and
+/// index order would hold back everything downstream of that replacement
+/// — a whole backward pass, with the forward activations it reads — until
+/// the rest of the graph has run.
+fn creation_order(g: &Graph, needed: &[bool]) -> Vec<NodeId> {
+    let topo: Vec<NodeId> = g
+        .topo_order()
+        .into_iter()
+        .filter(|id| needed[id.index()])
+        .collect();
+    let bound = needed.len();
+    let mut prio = vec![usize::MAX; bound];
+    let mut indeg = vec![0usize; bound];
+    for &id in topo.iter().rev() {
+        let earliest_user = g
+            .users(id)
+            .into_iter()
+            .filter(|u| needed[u.index()])
+            .map(|u| prio[u.index()])
+            .min()
+            .unwrap_or(usize::MAX);
+        prio[id.index()] = id.index().min(earliest_user);
+        let mut ins = g.inputs(id);
+        ins.sort();
+        ins.dedup();
+        indeg[id.index()] = ins.len();
+    }
+    let mut ready: BinaryHeap<Reverse<(usize, usize)>> = topo
+        .iter()
+        .filter(|id| indeg[id.index()] == 0)
+        .map(|id| Reverse((prio[id.index()], id.index())))
+        .collect();
+    let mut order = Vec::with_capacity(topo.len());
+    while let Some(Reverse((_, i))) = ready.pop() {
+        let id = NodeId::new(i);
+        order.push(id);
+        let mut users = g.users(id);
+        users.sort();
+        users.dedup();
+        for u in users {
+            if needed[u.index()] {
+                indeg[u.index()] -= 1;
+                if indeg[u.index()] == 0 {
+                    ready.push(Reverse((prio[u.index()], u.index())));
+                }
+            }
+        }
+    }
+    debug_assert_eq!(
+        order.len(),
+        topo.len(),
+        "needed nodes form a closed subgraph"
+    );
     order
 }
 
