@@ -555,6 +555,40 @@ fn attention_kernels_match_the_model_attention_and_its_gradients() {
     check_results(&want, got, 1e-4);
 }
 
+/// The attention ops of the IR (`causal_attention` and the three
+/// `causal_attention_grad`s, grouped-query, 150 positions) through the
+/// device executor against the CPU executor; the attention is one fused
+/// kernel, each gradient its own launches.
+#[test]
+fn attention_ops_match_the_cpu_executor() {
+    use coopc_compiler::fusion::{fuse, Kernel};
+    use coopc_compiler::ir::AttentionOperand;
+    use coopc_compiler::schedule::schedule;
+    let qs = [2, 4, 150, 16];
+    let kvs = [2, 2, 150, 16];
+    let mut g = Graph::new();
+    let mut inp = Inputs::new();
+    let q = f32_input(&mut g, &mut inp, "q", &qs, -1.0, 1.0, 61);
+    let k = f32_input(&mut g, &mut inp, "k", &kvs, -1.0, 1.0, 62);
+    let v = f32_input(&mut g, &mut inp, "v", &kvs, -1.0, 1.0, 63);
+    let d_o = f32_input(&mut g, &mut inp, "do", &qs, -1.0, 1.0, 64);
+    let o = g.causal_attention(q, k, v);
+    g.set_output("o", o);
+    for wrt in AttentionOperand::ALL {
+        let d = g.causal_attention_grad(wrt, [q, k, v, o], d_o);
+        g.set_output(format!("d{}", wrt.name()), d);
+    }
+    let fused = fuse(&g, &schedule(&g).order);
+    assert!(
+        fused
+            .kernels
+            .iter()
+            .any(|k| matches!(k, Kernel::Attention { id, .. } if *id == o)),
+        "the attention op runs as the attention kernel"
+    );
+    check(&g, &inp, 1e-4);
+}
+
 /// Tokens drawn on the device equal the CPU sampler's (`choose_token`) for
 /// the same uniform draws: greedy (ties to the lowest index), full
 /// softmax, top-p nuclei, top-1, over vocabularies shorter and longer than

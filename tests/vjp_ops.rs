@@ -354,3 +354,85 @@ fn cast_vjp_is_the_cast_back() {
     let trunc: Vec<f64> = x.iter().map(|v| v.trunc()).collect();
     assert_eq!(gz, trunc);
 }
+
+/// Random causal attention operands: q [B, H, T, hd], k, v [B, H_kv, T, hd].
+fn attention_vars(r: &mut rand::rngs::StdRng) -> Vec<Var> {
+    let (b, kv, group) = (r.gen_range(1..3), r.gen_range(1..3), r.gen_range(1..3));
+    let (t, hd) = (r.gen_range(1..5), r.gen_range(1..4));
+    let sq = vec![b, kv * group, t, hd];
+    let skv = vec![b, kv, t, hd];
+    let mut var = |name: &str, s: &Vec<usize>| {
+        let n = s.iter().product();
+        Var::new(name, s, uniform(r, n, -1.5, 1.5))
+    };
+    vec![
+        var("q", &sq),
+        var("k", &skv),
+        var("v", &skv),
+        var("o", &sq),
+        var("do", &sq),
+    ]
+}
+
+#[test]
+fn causal_attention_matches_its_reference_expression() {
+    use coopc_compiler::attention::{reference_attention, reference_grad};
+    use coopc_compiler::ir::AttentionOperand;
+    for seed in SEEDS {
+        let vars = attention_vars(&mut rng(seed + 900));
+        let mut g = Graph::new();
+        let x: Vec<NodeId> = vars
+            .iter()
+            .map(|v| g.input(&v.name, DType::F64, v.shape.clone()))
+            .collect();
+        let qkvo = [x[0], x[1], x[2], x[3]];
+        let mut pairs = vec![(
+            g.causal_attention(x[0], x[1], x[2]),
+            reference_attention(&mut g, x[0], x[1], x[2]),
+        )];
+        for wrt in AttentionOperand::ALL {
+            pairs.push((
+                g.causal_attention_grad(wrt, qkvo, x[4]),
+                reference_grad(&mut g, wrt, qkvo, x[4]),
+            ));
+        }
+        let nodes: Vec<NodeId> = pairs.iter().flat_map(|&(a, b)| [a, b]).collect();
+        let vals = eval(&g, &bind(&vars, &no_extra()), &nodes);
+        for (i, pair) in vals.chunks(2).enumerate() {
+            let e = rel_err(&pair[0], &pair[1], 1e-3);
+            assert!(
+                e < 1e-12,
+                "seed {seed}, value {i}: op and reference differ by {e:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn causal_attention_vjp_matches_finite_differences() {
+    for seed in SEEDS {
+        let vars = attention_vars(&mut rng(seed + 1000));
+        check_op(seed, &vars[..3], &no_extra(), true, |g, x| {
+            g.causal_attention(x[0], x[1], x[2])
+        });
+        // Keys and values the same node: both slots' gradients add up.
+        if vars[0].shape == vars[1].shape {
+            check_op(seed, &vars[..2], &no_extra(), true, |g, x| {
+                g.causal_attention(x[0], x[1], x[1])
+            });
+        }
+    }
+}
+
+#[test]
+fn causal_attention_grad_vjp_matches_finite_differences() {
+    use coopc_compiler::ir::AttentionOperand;
+    for seed in SEEDS {
+        let vars = attention_vars(&mut rng(seed + 1100));
+        for wrt in AttentionOperand::ALL {
+            check_op(seed, &vars, &no_extra(), true, |g, x| {
+                g.causal_attention_grad(wrt, [x[0], x[1], x[2], x[3]], x[4])
+            });
+        }
+    }
+}

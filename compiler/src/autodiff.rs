@@ -6,7 +6,7 @@
 //! gradients, Hessian-vector products and mixed second derivatives come from
 //! applying the same function twice.
 
-use crate::ir::{BinaryOp, CompareOp, Graph, NodeId, Op, ReduceKind, UnaryOp};
+use crate::ir::{AttentionOperand, BinaryOp, CompareOp, Graph, NodeId, Op, ReduceKind, UnaryOp};
 use crate::passes::Pass;
 use std::collections::{HashMap, HashSet};
 
@@ -78,6 +78,63 @@ pub fn vjp(g: &mut Graph, ys: &[NodeId], seeds: &[NodeId], wrt: &[NodeId]) -> Ve
             None => g.full_like(0.0, w),
         })
         .collect()
+}
+
+/// Reverse mode over the part of the graph between `leaves` and `y` only:
+/// the leaves are treated as independent variables, whatever they depend
+/// on and whatever depends on them. Returns each leaf's cotangent (`None`
+/// when `y` does not depend on it). Used to differentiate a subgraph built
+/// for one node's derivative rule.
+fn vjp_between(g: &mut Graph, y: NodeId, seed: NodeId, leaves: &[NodeId]) -> Vec<Option<NodeId>> {
+    let is_leaf = |n: &NodeId| leaves.contains(n);
+    // Post-order from y, not entering the leaves: a topological order of
+    // the subgraph.
+    let mut order = Vec::new();
+    let mut seen = HashSet::new();
+    let mut stack = vec![(y, false)];
+    while let Some((n, expanded)) = stack.pop() {
+        if expanded {
+            order.push(n);
+            continue;
+        }
+        if !seen.insert(n) {
+            continue;
+        }
+        stack.push((n, true));
+        if !is_leaf(&n) {
+            for i in g.inputs(n) {
+                if !seen.contains(&i) {
+                    stack.push((i, false));
+                }
+            }
+        }
+    }
+    let mut dep: HashSet<NodeId> = HashSet::new();
+    for &n in &order {
+        if !g.ty(n).dtype.is_float() {
+            continue;
+        }
+        let blocks = matches!(g.op(n), Op::StopGradient | Op::OneHot { .. });
+        if is_leaf(&n) || (!blocks && g.inputs(n).iter().any(|i| dep.contains(i))) {
+            dep.insert(n);
+        }
+    }
+    let mut ct: HashMap<NodeId, NodeId> = HashMap::new();
+    if dep.contains(&y) {
+        accumulate(g, &mut ct, y, seed);
+    }
+    for &n in order.iter().rev() {
+        if is_leaf(&n) || !dep.contains(&n) {
+            continue;
+        }
+        let Some(&gout) = ct.get(&n) else { continue };
+        let inputs = g.inputs(n);
+        let needs: Vec<bool> = inputs.iter().map(|i| dep.contains(i)).collect();
+        for (slot, c) in input_cotangents(g, n, &inputs, &needs, gout) {
+            accumulate(g, &mut ct, inputs[slot], c);
+        }
+    }
+    leaves.iter().map(|l| ct.get(l).copied()).collect()
 }
 
 /// Gradient of a one-element output `y` (seed 1) with respect to `wrt`.
@@ -357,6 +414,30 @@ fn input_cotangents(
         }
         Op::ScatterAddRows { .. } => {
             res.push((1, g.gather(gout, inputs[0])));
+        }
+        Op::CausalAttention => {
+            let qkvo = [inputs[0], inputs[1], inputs[2], out];
+            for wrt in AttentionOperand::ALL {
+                if needs[wrt.slot()] {
+                    res.push((wrt.slot(), g.causal_attention_grad(wrt, qkvo, gout)));
+                }
+            }
+        }
+        Op::CausalAttentionGrad { wrt } => {
+            // Differentiate the same computation written with ordinary ops,
+            // built here so its [T, T] values live only while this node's
+            // cotangents are computed.
+            let qkvo = [inputs[0], inputs[1], inputs[2], inputs[3]];
+            let r = crate::attention::reference_grad(g, wrt, qkvo, inputs[4]);
+            let cts = vjp_between(g, r, gout, inputs);
+            for (slot, c) in cts.into_iter().enumerate() {
+                // An operand named twice gets its total cotangent once.
+                if let Some(c) = c {
+                    if !inputs[..slot].contains(&inputs[slot]) {
+                        res.push((slot, c));
+                    }
+                }
+            }
         }
         Op::Barrier { .. } => res.push((0, gout)),
         Op::Cast { .. } => {

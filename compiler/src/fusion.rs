@@ -235,9 +235,10 @@ pub enum Kernel {
     },
     /// Causal softmax attention `id` of `q [B, H, T, hd]` over `k, v
     /// [B, H_kv, T, hd]` (query head h reads key/value head h / (H / H_kv)),
-    /// scores scaled by 1/√hd, in place of the matched subgraph
-    /// (`model::causal_attention`, with `repeat_kv`'s expansion) that would
-    /// have materialised the `[B, H, T, T]` scores and probabilities.
+    /// scores scaled by 1/√hd: an `Op::CausalAttention`, or a matched
+    /// subgraph (`model::causal_attention`, with `repeat_kv`'s expansion)
+    /// that would have materialised the `[B, H, T, T]` scores and
+    /// probabilities.
     Attention {
         id: NodeId,
         q: NodeId,
@@ -511,6 +512,23 @@ pub fn fuse(g: &Graph, order: &[NodeId]) -> FusedSchedule {
     let mut replaced = HashMap::new();
     let mut absorbed = HashSet::new();
     for &id in order {
+        if let Op::CausalAttention = g.op(id) {
+            let [q, k, v] = g.inputs(id)[..] else {
+                unreachable!("validated arity")
+            };
+            let kv_heads = g.ty(k).shape[1];
+            replaced.insert(
+                id,
+                Kernel::Attention {
+                    id,
+                    q,
+                    k,
+                    v,
+                    kv_heads,
+                },
+            );
+            continue;
+        }
         let matched = match_linear_logprob(g, id, &users, &graph_outputs)
             .or_else(|| match_attention(g, id, &users, &graph_outputs));
         if let Some((kernel, inner)) = matched {

@@ -1,6 +1,7 @@
 //! coopc compiler: the tensor IR, reverse-mode autodiff as an IR → IR pass,
 //! and the optimisation passes. No device code lives here.
 
+pub mod attention;
 pub mod autodiff;
 pub mod decode;
 pub mod frontend;

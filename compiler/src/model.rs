@@ -2,7 +2,7 @@
 //! from parameter nodes named as Hugging Face (θ) and PEFT (w) name them,
 //! producing per-token log-probabilities of a batch of token ids.
 
-use crate::ir::{CompareOp, DType, Graph, NodeId, Shape};
+use crate::ir::{DType, Graph, NodeId, Shape};
 use crate::spec::{LoraSpec, ModelSpec, Projection};
 use std::collections::BTreeMap;
 
@@ -210,11 +210,6 @@ impl Decoder<'_> {
         g.reshape(e, vec![s[0], h, s[2], s[3]])
     }
 
-    /// Causal softmax attention of q [B,H,T,hd] over k, v [B,H,T,hd].
-    fn attention(&self, g: &mut Graph, q: NodeId, k: NodeId, v: NodeId) -> NodeId {
-        causal_attention(g, q, k, v)
-    }
-
     /// Final hidden states [B, T, d_model] (after the last RMSNorm) for ids [B, T].
     pub fn hidden(&self, g: &mut Graph, theta: &Params, w: &Params, ids: NodeId) -> NodeId {
         let m = self.model;
@@ -234,9 +229,7 @@ impl Decoder<'_> {
             let v = self.split_heads(g, v, m.n_kv_heads);
             let q = self.rope(g, q, cos, sin);
             let k = self.rope(g, k, cos, sin);
-            let k = self.repeat_kv(g, k);
-            let v = self.repeat_kv(g, v);
-            let a = self.attention(g, q, k, v);
+            let a = g.causal_attention(q, k, v);
             let a = g.permute(a, &[0, 2, 1, 3]);
             let a = g.reshape(a, vec![b, t, m.n_heads * m.head_dim()]);
             let o = self.linear(g, a, theta, w, i, Projection::OProj);
@@ -284,30 +277,11 @@ impl Decoder<'_> {
     }
 }
 
-/// Causal softmax attention of q [B,H,T,hd] over k, v [B,H,T,hd], as the
-/// model builds it: scores scaled by 1/√hd, keys after the query masked
-/// with −∞, a max-subtracted softmax.
+/// Causal softmax attention of q [B,H,T,hd] over k, v [B,H,T,hd] written
+/// with ordinary ops (see `attention::causal_probs`): the pattern the
+/// fusion pass recognises in graphs that spell attention out.
 pub fn causal_attention(g: &mut Graph, q: NodeId, k: NodeId, v: NodeId) -> NodeId {
-    let s = g.ty(q).shape.clone();
-    let dtype = g.ty(q).dtype;
-    let (b, h, t, hd) = (s[0], s[1], s[2], s[3]);
-    let kt = g.transpose(k);
-    let scores = g.matmul(q, kt);
-    let scores = g.scale(scores, 1.0 / (hd as f64).sqrt());
-    let row = g.iota(0, DType::I32, vec![t, t]);
-    let col = g.iota(1, DType::I32, vec![t, t]);
-    let allowed = g.compare(CompareOp::Le, col, row);
-    let allowed = g.broadcast(allowed, vec![b, h, t, t]);
-    let masked = g.full(f64::NEG_INFINITY, dtype, vec![b, h, t, t]);
-    let scores = g.select(allowed, scores, masked);
-    let m = g.reduce_max(scores, &[3], true);
-    let m = g.stop_gradient(m);
-    let mb = g.broadcast(m, vec![b, h, t, t]);
-    let z = g.sub(scores, mb);
-    let e = g.exp(z);
-    let den = g.sum(e, &[3], true);
-    let den = g.broadcast(den, vec![b, h, t, t]);
-    let p = g.div(e, den);
+    let p = crate::attention::causal_probs(g, q, k);
     g.matmul(p, v)
 }
 

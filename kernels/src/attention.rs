@@ -29,6 +29,7 @@
 use crate::device::{arg, cubes, Device, DeviceError};
 use crate::linear_logprob::cube_log_sum_exp;
 use cubecl::prelude::*;
+use cubecl::server::Handle;
 
 /// Units per cube; the head dimension must not exceed it.
 pub const ATTENTION_BLOCK: usize = 128;
@@ -314,7 +315,109 @@ impl AttentionShape {
     }
 }
 
+impl AttentionShape {
+    /// The shape of an attention of `q [B, H, T, hd]` over key/value heads
+    /// `kv_heads`.
+    pub fn of(q: &[usize], kv_heads: usize) -> AttentionShape {
+        AttentionShape {
+            batch: q[0],
+            heads: q[1],
+            kv_heads,
+            seq: q[2],
+            head_dim: q[3],
+        }
+    }
+}
+
 impl<R: Runtime> Device<R> {
+    /// Launches [`attention_forward`] on device buffers: `(o, lse)`.
+    pub(crate) fn launch_attention(
+        &self,
+        [q, k, v]: [&Handle; 3],
+        s: AttentionShape,
+    ) -> Result<(Handle, Handle), DeviceError> {
+        s.check("attention", &[])?;
+        let (ql, kl, rows) = (s.q_len(), s.kv_len(), s.rows());
+        let (o, lse) = (self.output(ql), self.output(rows));
+        attention_forward::launch::<R>(
+            self.client(),
+            cubes(rows),
+            CubeDim::new_1d(ATTENTION_BLOCK as u32),
+            arg(q, ql),
+            arg(k, kl),
+            arg(v, kl),
+            arg(&o, ql),
+            arg(&lse, rows),
+            rows as u32,
+            s.seq as u32,
+            s.head_dim as u32,
+            s.heads as u32,
+            s.kv_heads as u32,
+            s.scale(),
+            ATTENTION_BLOCK,
+        );
+        Ok((o, lse))
+    }
+
+    /// Launches [`attention_backward_q`] then, when `kv`, also
+    /// [`attention_backward_kv`]: `(dq, Some((dk, dv)))`.
+    pub(crate) fn launch_attention_backward(
+        &self,
+        [q, k, v, o, lse, d_o]: [&Handle; 6],
+        s: AttentionShape,
+        kv: bool,
+    ) -> Result<(Handle, Option<(Handle, Handle)>), DeviceError> {
+        s.check("attention_backward", &[])?;
+        let (ql, kl, rows) = (s.q_len(), s.kv_len(), s.rows());
+        let (dq, delta) = (self.output(ql), self.output(rows));
+        attention_backward_q::launch::<R>(
+            self.client(),
+            cubes(rows),
+            CubeDim::new_1d(ATTENTION_BLOCK as u32),
+            arg(q, ql),
+            arg(k, kl),
+            arg(v, kl),
+            arg(o, ql),
+            arg(d_o, ql),
+            arg(lse, rows),
+            arg(&dq, ql),
+            arg(&delta, rows),
+            rows as u32,
+            s.seq as u32,
+            s.head_dim as u32,
+            s.heads as u32,
+            s.kv_heads as u32,
+            s.scale(),
+            ATTENTION_BLOCK,
+        );
+        if !kv {
+            return Ok((dq, None));
+        }
+        let (dk, dv) = (self.output(kl), self.output(kl));
+        let kv_rows = s.batch * s.kv_heads * s.seq;
+        attention_backward_kv::launch::<R>(
+            self.client(),
+            cubes(kv_rows),
+            CubeDim::new_1d(ATTENTION_BLOCK as u32),
+            arg(q, ql),
+            arg(k, kl),
+            arg(v, kl),
+            arg(d_o, ql),
+            arg(lse, rows),
+            arg(&delta, rows),
+            arg(&dk, kl),
+            arg(&dv, kl),
+            kv_rows as u32,
+            s.seq as u32,
+            s.head_dim as u32,
+            s.heads as u32,
+            s.kv_heads as u32,
+            s.scale(),
+            ATTENTION_BLOCK,
+        );
+        Ok((dq, Some((dk, dv))))
+    }
+
     /// `(o, lse)` of causal attention, by [`attention_forward`].
     pub fn attention(
         &self,
@@ -332,24 +435,7 @@ impl<R: Runtime> Device<R> {
             ],
         )?;
         let (qh, kh, vh) = (self.upload(q), self.upload(k), self.upload(v));
-        let (oh, lh) = (self.output(s.q_len()), self.output(s.rows()));
-        attention_forward::launch::<R>(
-            self.client(),
-            cubes(s.rows()),
-            CubeDim::new_1d(ATTENTION_BLOCK as u32),
-            arg(&qh, s.q_len()),
-            arg(&kh, s.kv_len()),
-            arg(&vh, s.kv_len()),
-            arg(&oh, s.q_len()),
-            arg(&lh, s.rows()),
-            s.rows() as u32,
-            s.seq as u32,
-            s.head_dim as u32,
-            s.heads as u32,
-            s.kv_heads as u32,
-            s.scale(),
-            ATTENTION_BLOCK,
-        );
+        let (oh, lh) = self.launch_attention([&qh, &kh, &vh], s)?;
         Ok((self.download(oh, s.q_len())?, self.download(lh, s.rows())?))
     }
 
@@ -379,50 +465,9 @@ impl<R: Runtime> Device<R> {
         )?;
         let up = |x: &[f32]| self.upload(x);
         let (qh, kh, vh, oh, lh, gh) = (up(q), up(k), up(v), up(o), up(lse), up(d_o));
-        let (dq, delta) = (self.output(s.q_len()), self.output(s.rows()));
-        let (dk, dv) = (self.output(s.kv_len()), self.output(s.kv_len()));
-        let (ql, kl, rows) = (s.q_len(), s.kv_len(), s.rows());
-        attention_backward_q::launch::<R>(
-            self.client(),
-            cubes(rows),
-            CubeDim::new_1d(ATTENTION_BLOCK as u32),
-            arg(&qh, ql),
-            arg(&kh, kl),
-            arg(&vh, kl),
-            arg(&oh, ql),
-            arg(&gh, ql),
-            arg(&lh, rows),
-            arg(&dq, ql),
-            arg(&delta, rows),
-            rows as u32,
-            s.seq as u32,
-            s.head_dim as u32,
-            s.heads as u32,
-            s.kv_heads as u32,
-            s.scale(),
-            ATTENTION_BLOCK,
-        );
-        let kv_rows = s.batch * s.kv_heads * s.seq;
-        attention_backward_kv::launch::<R>(
-            self.client(),
-            cubes(kv_rows),
-            CubeDim::new_1d(ATTENTION_BLOCK as u32),
-            arg(&qh, ql),
-            arg(&kh, kl),
-            arg(&vh, kl),
-            arg(&gh, ql),
-            arg(&lh, rows),
-            arg(&delta, rows),
-            arg(&dk, kl),
-            arg(&dv, kl),
-            kv_rows as u32,
-            s.seq as u32,
-            s.head_dim as u32,
-            s.heads as u32,
-            s.kv_heads as u32,
-            s.scale(),
-            ATTENTION_BLOCK,
-        );
+        let (dq, dkv) = self.launch_attention_backward([&qh, &kh, &vh, &oh, &lh, &gh], s, true)?;
+        let (dk, dv) = dkv.expect("requested");
+        let (ql, kl) = (s.q_len(), s.kv_len());
         Ok([
             self.download(dq, ql)?,
             self.download(dk, kl)?,

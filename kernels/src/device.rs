@@ -7,7 +7,7 @@
 //! numbers (exact below 2²⁴), and a graph in f64 is refused — WGSL has no
 //! f64 and the GPU path computes in f32.
 
-use crate::attention::{attention_forward, ATTENTION_BLOCK};
+use crate::attention::AttentionShape;
 use crate::elementwise::elementwise_program;
 use crate::linear_logprob::{linear_logprob_forward, LOGPROB_BLOCK};
 use crate::matmul::{matmul_tiled, TILE};
@@ -17,7 +17,7 @@ use crate::movement::{
 };
 use crate::reduce::{cooperative, reduce_program, reduce_program_rows, ReduceSpec};
 use coopc_compiler::fusion::{fuse, ElemProgram, FusedSchedule, Kernel};
-use coopc_compiler::ir::{numel, DType, Graph, NodeId, Op, TensorType};
+use coopc_compiler::ir::{numel, AttentionOperand, DType, Graph, NodeId, Op, TensorType};
 use coopc_compiler::schedule::schedule;
 use coopc_runtime::{
     Backend, DeviceTensor, ExecError, HostTensor, Input, Inputs, Transfers, Value,
@@ -744,30 +744,9 @@ impl<R: Runtime> Device<R> {
                 v,
                 kv_heads,
             } => {
-                let s = &g.ty(*id).shape;
-                let (heads, t, hd) = (s[1], s[2], s[3]);
-                let n = g.ty(*id).numel();
-                let rows = n / hd.max(1);
-                let (out, lse) = (self.output(n), self.output(rows));
-                let u = |v: usize| v as u32;
-                attention_forward::launch::<R>(
-                    &self.client,
-                    cubes(rows),
-                    CubeDim::new_1d(ATTENTION_BLOCK as u32),
-                    arg(&get(q)?, len(q)),
-                    arg(&get(k)?, len(k)),
-                    arg(&get(v)?, len(v)),
-                    arg(&out, n),
-                    arg(&lse, rows),
-                    u(rows),
-                    u(t),
-                    u(hd),
-                    u(heads),
-                    u(*kv_heads),
-                    1.0 / (hd as f32).sqrt(),
-                    ATTENTION_BLOCK,
-                );
-                Ok(vec![(*id, out)])
+                let shape = AttentionShape::of(&g.ty(*id).shape, *kv_heads);
+                let (o, _) = self.launch_attention([&get(q)?, &get(k)?, &get(v)?], shape)?;
+                Ok(vec![(*id, o)])
             }
             Kernel::Node(id) => Ok(vec![(*id, self.node(g, *id, inputs, &get)?)]),
         }
@@ -970,6 +949,24 @@ impl<R: Runtime> Device<R> {
                     u(row_len.max(1)),
                 );
                 h
+            }
+            Op::CausalAttention | Op::CausalAttentionGrad { .. } => {
+                let shape = AttentionShape::of(&g.ty(ops[0]).shape, g.ty(ops[1]).shape[1]);
+                let (q, k, v) = (get(&ops[0])?, get(&ops[1])?, get(&ops[2])?);
+                let (o, lse) = self.launch_attention([&q, &k, &v], shape)?;
+                let Op::CausalAttentionGrad { wrt } = g.op(id) else {
+                    return Ok(o);
+                };
+                // The forward ran for its log-sum-exp; `o` is the graph's.
+                let (o, d_o) = (get(&ops[3])?, get(&ops[4])?);
+                let kv = *wrt != AttentionOperand::Q;
+                let (dq, dkv) =
+                    self.launch_attention_backward([&q, &k, &v, &o, &lse, &d_o], shape, kv)?;
+                match (wrt, dkv) {
+                    (AttentionOperand::K, Some((dk, _))) => dk,
+                    (AttentionOperand::V, Some((_, dv))) => dv,
+                    _ => dq,
+                }
             }
             Op::OneHot { depth, .. } => {
                 let h = self.output(n);

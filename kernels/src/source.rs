@@ -18,7 +18,7 @@ use crate::movement::{
 };
 use crate::reduce::{cooperative, reduce_program, reduce_program_rows, ReduceSpec};
 use coopc_compiler::fusion::{ElemProgram, FusedSchedule, Kernel};
-use coopc_compiler::ir::{Graph, Op};
+use coopc_compiler::ir::{AttentionOperand, Graph, Op};
 use cubecl::prelude::*;
 use cubecl::Compiler as _;
 use std::collections::HashMap;
@@ -429,6 +429,19 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
                 Op::ScatterAddRows { .. } => ("scatter_add_rows".into(), Traced::ScatterAddRows),
                 Op::OneHot { .. } => ("one_hot".into(), Traced::OneHot),
                 Op::Iota { .. } => ("iota".into(), Traced::Iota),
+                // It also runs the forward kernel for the log-sum-exp (and
+                // the dq kernel for dk, dv's row sums), listed where the
+                // schedule's attention forward is.
+                Op::CausalAttentionGrad { wrt } => match wrt {
+                    AttentionOperand::Q => (
+                        "attention_backward_q".into(),
+                        Traced::Attention(AttentionPart::BackwardQ),
+                    ),
+                    _ => (
+                        "attention_backward_kv".into(),
+                        Traced::Attention(AttentionPart::BackwardKv),
+                    ),
+                },
                 _ => return None,
             }
         }

@@ -4,7 +4,7 @@
 //! intermediate buffer is dropped right after its last use.
 
 use crate::cpu::index::IndexError;
-use crate::cpu::{elementwise, index, matmul, movement, reduce};
+use crate::cpu::{attention, elementwise, index, matmul, movement, reduce};
 use crate::error::ExecError;
 use crate::tensor::{Buffer, Element, HostTensor};
 use crate::value::{Input, Inputs, Transfers, Value};
@@ -589,6 +589,20 @@ fn eval(graph: &Graph, id: NodeId, args: &[&HostTensor]) -> Result<HostTensor, E
             let row = numel(&upd.shape[ids.rank()..]);
             let out = index::scatter_add_rows(cx.view::<i32>(ids)?, cx.view::<T>(upd)?, *rows, row);
             T::into_buffer(out.map_err(|e| cx.index(e))?)
+        }),
+        Op::CausalAttention => float_dtype!(args[0].dtype(), cx, |T| {
+            let dims = attention::Dims::of(&args[0].shape, &args[1].shape);
+            let (q, k, v) = (
+                cx.view::<T>(args[0])?,
+                cx.view::<T>(args[1])?,
+                cx.view::<T>(args[2])?,
+            );
+            T::into_buffer(attention::forward(&dims, q, k, v))
+        }),
+        Op::CausalAttentionGrad { wrt } => float_dtype!(args[0].dtype(), cx, |T| {
+            let dims = attention::Dims::of(&args[0].shape, &args[1].shape);
+            let [q, k, v, o, d_o] = [0, 1, 2, 3, 4].map(|i| cx.view::<T>(args[i]));
+            T::into_buffer(attention::grad(&dims, *wrt, [q?, k?, v?, o?, d_o?]))
         }),
         Op::OneHot { depth, dtype } => float_dtype!(*dtype, cx, |T| {
             T::into_buffer(index::one_hot::<T>(cx.view::<i32>(args[0])?, *depth))

@@ -83,7 +83,7 @@ impl Var {
     }
 }
 
-fn bind(vars: &[Var], extra: &Inputs) -> Inputs {
+pub fn bind(vars: &[Var], extra: &Inputs) -> Inputs {
     let mut m = extra.clone();
     for v in vars {
         m.insert(v.name.clone(), f64_tensor(&v.shape, &v.value));

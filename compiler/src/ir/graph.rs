@@ -2,7 +2,7 @@
 //! `a → b` with weight `i` says "a is operand i of b", plus named outputs.
 //! Builder methods add nodes and check types as they go.
 
-use super::op::{BinaryOp, CompareOp, Op, ReduceKind, TypeError, UnaryOp};
+use super::op::{AttentionOperand, BinaryOp, CompareOp, Op, ReduceKind, TypeError, UnaryOp};
 use super::types::{DType, Scalar, Shape, TensorType};
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 use petgraph::visit::{EdgeRef, NodeIndexable};
@@ -549,6 +549,24 @@ impl Graph {
 
     pub fn one_hot(&mut self, ids: NodeId, depth: usize, dtype: DType) -> NodeId {
         self.add_op(Op::OneHot { depth, dtype }, &[ids])
+    }
+
+    /// Causal softmax attention of q [B, H, T, hd] over k, v [B, H_kv, T, hd]
+    /// (see `Op::CausalAttention`).
+    pub fn causal_attention(&mut self, q: NodeId, k: NodeId, v: NodeId) -> NodeId {
+        self.add_op(Op::CausalAttention, &[q, k, v])
+    }
+
+    /// The gradient of `Σ do ∘ causal_attention(q, k, v)` with respect to
+    /// `wrt`, where `o` is that attention's value.
+    pub fn causal_attention_grad(
+        &mut self,
+        wrt: AttentionOperand,
+        qkvo: [NodeId; 4],
+        d_o: NodeId,
+    ) -> NodeId {
+        let [q, k, v, o] = qkvo;
+        self.add_op(Op::CausalAttentionGrad { wrt }, &[q, k, v, o, d_o])
     }
 
     pub fn cast(&mut self, x: NodeId, to: DType) -> NodeId {

@@ -6,6 +6,8 @@ mod print;
 mod types;
 
 pub use graph::{Graph, GraphError, Node, NodeId};
-pub use op::{clamp_value, BinaryOp, CompareOp, Op, ReduceKind, TypeError, UnaryOp};
+pub use op::{
+    clamp_value, AttentionOperand, BinaryOp, CompareOp, Op, ReduceKind, TypeError, UnaryOp,
+};
 pub use print::{to_dot, to_text};
 pub use types::{numel, strides, DType, Scalar, Shape, TensorType};

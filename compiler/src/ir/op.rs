@@ -220,6 +220,35 @@ impl CompareOp {
     }
 }
 
+/// Which operand of a causal attention a gradient is taken for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AttentionOperand {
+    Q,
+    K,
+    V,
+}
+
+impl AttentionOperand {
+    pub const ALL: [AttentionOperand; 3] = [
+        AttentionOperand::Q,
+        AttentionOperand::K,
+        AttentionOperand::V,
+    ];
+
+    /// Operand slot of `CausalAttention` (q 0, k 1, v 2).
+    pub fn slot(self) -> usize {
+        self as usize
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionOperand::Q => "q",
+            AttentionOperand::K => "k",
+            AttentionOperand::V => "v",
+        }
+    }
+}
+
 /// Reductions over a set of axes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ReduceKind {
@@ -330,6 +359,20 @@ pub enum Op {
     Cast {
         to: DType,
     },
+    /// Causal softmax attention `softmax(q kᵀ / √hd + mask) v` of
+    /// `q [B, H, T, hd]` over `k, v [B, H_kv, T, hd]`, where the mask
+    /// hides the keys after each query and query head h reads key/value
+    /// head h / (H / H_kv) (grouped-query attention). The `[T, T]` scores
+    /// are not a value of the graph: executors compute them row by row.
+    CausalAttention,
+    /// The gradient of `Σ do ∘ o` for `o = causal_attention(q, k, v)`
+    /// with respect to one operand, from operands `(q, k, v, o, do)`: the
+    /// backward pass of `CausalAttention`, which recomputes the
+    /// probabilities instead of reading stored ones. Its own gradient is
+    /// that of the same computation written with ordinary ops.
+    CausalAttentionGrad {
+        wrt: AttentionOperand,
+    },
     /// Identity whose gradient is zero.
     StopGradient,
     /// Identity that passes ops through unchanged but is never merged or
@@ -380,6 +423,8 @@ impl Op {
             Op::ScatterAddRows { .. } => "scatter_add_rows",
             Op::OneHot { .. } => "one_hot",
             Op::Cast { .. } => "cast",
+            Op::CausalAttention => "causal_attention",
+            Op::CausalAttentionGrad { .. } => "causal_attention_grad",
             Op::StopGradient => "stop_gradient",
             Op::Barrier { .. } => "barrier",
         }
@@ -466,6 +511,7 @@ impl Op {
             Op::OneHot { depth, dtype } => format!("depth={depth}, {dtype}"),
             Op::Cast { to } => to.to_string(),
             Op::Barrier { tag } => format!("tag={tag}"),
+            Op::CausalAttentionGrad { wrt } => format!("wrt={}", wrt.name()),
             _ => String::new(),
         }
     }
@@ -769,7 +815,45 @@ impl Op {
                 arity(1)?;
                 Ok(inputs[0].clone())
             }
+            Op::CausalAttention => {
+                arity(3)?;
+                check_attention(inputs[0], inputs[1], inputs[2]).map_err(err)?;
+                Ok(inputs[0].clone())
+            }
+            Op::CausalAttentionGrad { wrt } => {
+                arity(5)?;
+                let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
+                check_attention(q, k, v).map_err(err)?;
+                for (name, t) in [("o", inputs[3]), ("do", inputs[4])] {
+                    if t != q {
+                        return Err(err(format!("`{name}` {t} must have q's type {q}")));
+                    }
+                }
+                Ok(inputs[wrt.slot()].clone())
+            }
         }
+    }
+}
+
+/// Operands of a causal attention: float q [B, H, T, hd] and k, v
+/// [B, H_kv, T, hd] of q's dtype, with H a multiple of H_kv.
+fn check_attention(q: &TensorType, k: &TensorType, v: &TensorType) -> Result<(), String> {
+    let ok = q.dtype.is_float()
+        && q.rank() == 4
+        && k == v
+        && k.dtype == q.dtype
+        && k.rank() == 4
+        && k.shape[0] == q.shape[0]
+        && k.shape[2] == q.shape[2]
+        && k.shape[3] == q.shape[3]
+        && k.shape[1] > 0
+        && q.shape[1].is_multiple_of(k.shape[1]);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "needs float q [B, H, T, hd] and k, v [B, H_kv, T, hd] of its dtype with H a multiple of H_kv, got {q}, {k}, {v}"
+        ))
     }
 }
 

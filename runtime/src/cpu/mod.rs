@@ -5,6 +5,7 @@
 //! output element with the same sequence of operations as the serial path,
 //! so results are bitwise identical whatever the number of threads.
 
+pub mod attention;
 pub mod elementwise;
 pub mod index;
 pub mod matmul;
