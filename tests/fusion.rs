@@ -366,3 +366,90 @@ fn a_transposed_input_of_a_fused_linear_logprob_is_computed() {
         .iter()
         .any(|k| matches!(k, Kernel::LinearLogprob { h: hh, .. } if *hh == h)));
 }
+
+/// The meta-step holds the activations of one loss term at a time: each
+/// term's forward pass (SFT batch, RL batch) is differentiated — to second
+/// order in the adjoint sweep — before the next term's forward pass runs,
+/// and attention keeps no `[T, T]` value outside the second-order products.
+#[test]
+fn loss_terms_are_differentiated_one_at_a_time() {
+    use coopc_compiler::lowering::{lower_meta_step_with, LowerOptions, MemoryPlan};
+    use std::collections::HashSet;
+    let mut spec = tiny_spec();
+    // SFT batch 3, RL batch 2: an activation's leading axis names its term.
+    spec.sft.batch_size = 3;
+    // …and no parameter has 2·T or 3·T rows.
+    spec.model.d_ff = 16;
+    let t = spec.train.seq_len;
+    let heads = spec.model.n_heads;
+    let opts = LowerOptions {
+        memory: Some(MemoryPlan::Recompute),
+        ..Default::default()
+    };
+    let ms = lower_meta_step_with(&spec, BatchShapes::from_spec(&spec), opts);
+    let g = &ms.graph;
+    let order = schedule(g).order;
+    let params: HashSet<String> = ms
+        .theta
+        .iter()
+        .chain(&ms.lora)
+        .flat_map(|(n, _)| [n.clone(), format!("shadow.{n}")])
+        .collect();
+    // Nodes computed from the parameters, in schedule order.
+    let mut from_params = HashSet::new();
+    for &id in &order {
+        let param = matches!(g.op(id), Op::Input { name, .. } if params.contains(name));
+        if param || g.inputs(id).iter().any(|i| from_params.contains(i)) {
+            from_params.insert(id);
+        }
+    }
+    let term_of = |id| {
+        let s = &g.ty(id).shape;
+        if !from_params.contains(&id) || s.len() < 2 || matches!(g.op(id), Op::Input { .. }) {
+            return None;
+        }
+        let per_sequence = [t, t - 1, heads].contains(&s[1]);
+        match s[0] {
+            3 if per_sequence => Some(0),
+            n if n == 3 * t => Some(0),
+            2 if per_sequence => Some(1),
+            n if n == 2 * t => Some(1),
+            _ => None,
+        }
+    };
+    let pos: std::collections::HashMap<_, _> =
+        order.iter().enumerate().map(|(p, &id)| (id, p)).collect();
+    // Live activations of each term after each step.
+    let mut live = vec![[0i64; 2]; order.len() + 1];
+    for &id in &order {
+        let Some(term) = term_of(id) else { continue };
+        let last = g.users(id).iter().filter_map(|u| pos.get(u)).max().copied();
+        let last = last.unwrap_or(order.len());
+        live[pos[&id]][term] += 1;
+        live[last][term] -= 1;
+    }
+    let mut now = [0i64; 2];
+    let mut seen = [false; 2];
+    for (p, d) in live.iter().enumerate() {
+        now = [now[0] + d[0], now[1] + d[1]];
+        seen = [seen[0] || now[0] > 0, seen[1] || now[1] > 0];
+        assert!(
+            now[0] == 0 || now[1] == 0,
+            "step {p} of {}: SFT and RL activations live at once",
+            order.len()
+        );
+    }
+    assert_eq!(seen, [true, true], "activations of both terms were found");
+    // No [T, T] value outside the second-order products (which recompute
+    // one layer's probabilities as the adjoint sweep reaches it).
+    let first_order = {
+        let mut s = spec.clone();
+        s.bilevel.hypergradient.kind = HypergradKind::FirstOrder;
+        lower_meta_step(&s, BatchShapes::from_spec(&s)).graph
+    };
+    let square = first_order
+        .node_ids()
+        .filter(|&id| first_order.ty(id).shape.ends_with(&[t, t]))
+        .count();
+    assert_eq!(square, 0, "a first-order meta-step stores no [T, T] value");
+}

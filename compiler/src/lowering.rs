@@ -112,7 +112,6 @@ struct Objective<'a> {
 }
 
 struct LowerLosses {
-    total: NodeId,
     sft: NodeId,
     rl: NodeId,
 }
@@ -130,19 +129,41 @@ impl Objective<'_> {
         grpo_loss(g, &self.spec.rl, lp, &b.rl)
     }
 
-    /// (1−λ) L_SFT + λ L_RL on step k's batch.
-    fn lower(&self, g: &mut Graph, theta: &Params, w: &Params, k: usize) -> LowerLosses {
-        let sft = self.sft(g, theta, w, k);
-        let rl = self.rl(g, theta, w, k);
-        let one = g.full_like(1.0, self.lambda);
-        let oml = g.sub(one, self.lambda);
-        let a = g.mul(oml, sft);
-        let b = g.mul(self.lambda, rl);
-        LowerLosses {
-            total: g.add(a, b),
-            sft,
-            rl,
+    /// Term `i` of the lower loss (1−λ) L_SFT + λ L_RL on step k's batch:
+    /// `(weighted term, loss)` with i = 0 the SFT and i = 1 the RL loss.
+    fn lower_term(
+        &self,
+        g: &mut Graph,
+        theta: &Params,
+        w: &Params,
+        k: usize,
+        i: usize,
+    ) -> (NodeId, NodeId) {
+        if i == 0 {
+            let sft = self.sft(g, theta, w, k);
+            let one = g.full_like(1.0, self.lambda);
+            let oml = g.sub(one, self.lambda);
+            (g.mul(oml, sft), sft)
+        } else {
+            let rl = self.rl(g, theta, w, k);
+            (g.mul(self.lambda, rl), rl)
         }
+    }
+}
+
+/// Number of terms of a chain's loss (see `Lowering::chain_term`).
+fn chain_terms(chain: Chain) -> usize {
+    match chain {
+        Chain::Lower => 2,
+        Chain::Shadow => 1,
+    }
+}
+
+/// Σ of equally long lists of nodes, elementwise.
+fn add_lists(g: &mut Graph, acc: Option<Vec<NodeId>>, xs: Vec<NodeId>) -> Vec<NodeId> {
+    match acc {
+        None => xs,
+        Some(a) => a.iter().zip(&xs).map(|(&p, &q)| g.add(p, q)).collect(),
     }
 }
 
@@ -413,13 +434,39 @@ impl Lowering<'_> {
         names.iter().cloned().zip(nodes.iter().copied()).collect()
     }
 
-    fn chain_loss(&self, g: &mut Graph, chain: Chain, theta: &[NodeId], k: usize) -> NodeId {
+    /// Term `i` of a chain's loss at θ on step k's batch, `(weighted term,
+    /// loss)`: the lower chain's loss is (1−λ) L_SFT + λ L_RL, the
+    /// shadow's L_RL. Its gradient is the sum of the terms' gradients, and
+    /// building each term's forward pass and its derivatives before the
+    /// next term's forward means only one term's activations are alive at
+    /// a time.
+    fn chain_term(
+        &self,
+        g: &mut Graph,
+        chain: Chain,
+        theta: &[NodeId],
+        k: usize,
+        i: usize,
+    ) -> (NodeId, NodeId) {
         let tp = Self::params(&self.theta_names, theta);
         let wp = Self::params(&self.w_names, &self.w);
         match chain {
-            Chain::Lower => self.obj.lower(g, &tp, &wp, k).total,
-            Chain::Shadow => self.obj.rl(g, &tp, &wp, k),
+            Chain::Lower => self.obj.lower_term(g, &tp, &wp, k, i),
+            Chain::Shadow => {
+                let rl = self.obj.rl(g, &tp, &wp, k);
+                (rl, rl)
+            }
         }
+    }
+
+    /// A chain's loss at θ (the sum of its terms).
+    fn chain_loss(&self, g: &mut Graph, chain: Chain, theta: &[NodeId], k: usize) -> NodeId {
+        let mut total = None;
+        for i in 0..chain_terms(chain) {
+            let (t, _) = self.chain_term(g, chain, theta, k, i);
+            total = Some(add_opt(g, total, t));
+        }
+        total.expect("a chain has a term")
     }
 
     /// Runs K steps of a chain from `theta0`, recording the last `record` steps.
@@ -440,18 +487,21 @@ impl Lowering<'_> {
         let mut first = None;
         for k in 0..k_steps {
             let theta_in = self.detach(g, &theta);
-            let tp = Self::params(&self.theta_names, &theta_in);
-            let wp = Self::params(&self.w_names, &self.w);
-            let (loss, parts) = match chain {
-                Chain::Lower => {
-                    let l = self.obj.lower(g, &tp, &wp, k);
-                    (l.total, Some(l))
-                }
-                Chain::Shadow => (self.obj.rl(g, &tp, &wp, k), None),
-            };
-            let grads = grad(g, loss, &theta_in);
-            if k == 0 {
-                first = parts.map(|l| (l, grads.clone()));
+            // Each term's forward pass and gradient in turn.
+            let (mut grads, mut losses) = (None, vec![]);
+            for i in 0..chain_terms(chain) {
+                let (term, loss) = self.chain_term(g, chain, &theta_in, k, i);
+                let gr = grad(g, term, &theta_in);
+                grads = Some(add_lists(g, grads, gr));
+                losses.push(loss);
+            }
+            let grads = grads.expect("a chain has a term");
+            if k == 0 && chain == Chain::Lower {
+                let parts = LowerLosses {
+                    sft: losses[0],
+                    rl: losses[1],
+                };
+                first = Some((parts, grads.clone()));
             }
             let (new, st, adjoint) = opt_step(g, opt, &theta, &grads, &state);
             if k + record >= k_steps {
@@ -527,20 +577,29 @@ impl Lowering<'_> {
                 (diffs[..n].to_vec(), diffs[n..].to_vec())
             }
             _ => {
-                let (at, grads) = if self.recompute {
+                let prods = if self.recompute {
                     // A distinct copy of θ_k, so the step is rebuilt rather
-                    // than merged back into the forward unroll by CSE.
+                    // than merged back into the forward unroll by CSE; each
+                    // loss term's forward pass, gradient and second-order
+                    // product in turn, so one term's activations are alive
+                    // at a time.
                     let tag = 1 + k as u32 + if chain == Chain::Shadow { 1 << 16 } else { 0 };
                     let at: Vec<NodeId> = rec.theta_in.iter().map(|&t| g.barrier(t, tag)).collect();
-                    let loss = self.chain_loss(g, chain, &at, k);
-                    let grads = grad(g, loss, &at);
-                    (at, grads)
+                    let mut wrt = at.clone();
+                    wrt.extend(&self.w);
+                    let mut prods = None;
+                    for i in 0..chain_terms(chain) {
+                        let (term, _) = self.chain_term(g, chain, &at, k, i);
+                        let grads = grad(g, term, &at);
+                        let p = vjp(g, &grads, u, &wrt);
+                        prods = Some(add_lists(g, prods, p));
+                    }
+                    prods.expect("a chain has a term")
                 } else {
-                    (rec.theta_in.clone(), rec.grads.clone())
+                    let mut wrt = rec.theta_in.clone();
+                    wrt.extend(&self.w);
+                    vjp(g, &rec.grads, u, &wrt)
                 };
-                let mut wrt = at;
-                wrt.extend(&self.w);
-                let prods = vjp(g, &grads, u, &wrt);
                 (prods[..n].to_vec(), prods[n..].to_vec())
             }
         }
@@ -874,19 +933,28 @@ fn build_meta_step(
         let tp = Lowering::params(&low.theta_names, &tk_in);
         let sp = Lowering::params(&low.theta_names, &sk_in);
         let wp = Lowering::params(&low.w_names, &w);
-        let at_theta = low.obj.lower(&mut g, &tp, &wp, last);
-        let rl_shadow = low.obj.rl(&mut g, &sp, &wp, last);
-        let lr = g.mul(lambda, rl_shadow);
-        let l_up = g.sub(at_theta.total, lr);
-        g.set_output("loss.up", l_up);
-        // J_RL(θ_K, w) − J_RL(θ̂_K, w): what joint training gained over RL alone.
-        let gain = g.sub(rl_shadow, at_theta.rl);
-        g.set_output("gain", gain);
         let mut wrt = tk_in.clone();
         wrt.extend(&sk_in);
         wrt.extend(&w);
+        // L_up = (1−λ) L_SFT(θ_K) + λ L_RL(θ_K) − λ L_RL(θ̂_K), each term's
+        // forward pass and gradient in turn.
+        let (a, _) = low.obj.lower_term(&mut g, &tp, &wp, last, 0);
+        let mut d = grad(&mut g, a, &wrt);
+        let (b, rl_theta) = low.obj.lower_term(&mut g, &tp, &wp, last, 1);
+        let db = grad(&mut g, b, &wrt);
+        d = add_lists(&mut g, Some(d), db);
+        let rl_shadow = low.obj.rl(&mut g, &sp, &wp, last);
+        let lr = g.mul(lambda, rl_shadow);
+        let c = g.neg(lr);
+        let dc = grad(&mut g, c, &wrt);
+        d = add_lists(&mut g, Some(d), dc);
+        let ab = g.add(a, b);
+        let l_up = g.add(ab, c);
+        g.set_output("loss.up", l_up);
+        // J_RL(θ_K, w) − J_RL(θ̂_K, w): what joint training gained over RL alone.
+        let gain = g.sub(rl_shadow, rl_theta);
+        g.set_output("gain", gain);
         let n = theta_k.len();
-        let d = grad(&mut g, l_up, &wrt);
         let (v_theta, v_shadow, mut h) =
             (d[..n].to_vec(), d[n..2 * n].to_vec(), d[2 * n..].to_vec());
         if backprop > 0 && low.detach {
