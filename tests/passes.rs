@@ -286,6 +286,44 @@ fn cse_merges_identical_and_commuted_expressions() {
 }
 
 #[test]
+fn cse_keeps_large_fills_that_a_non_elementwise_op_reads_apart() {
+    use coopc_compiler::passes::UNSHARED_FILL;
+    let (rows, cols) = (UNSHARED_FILL / 64 + 1, 64);
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, vec![rows, cols]);
+    let idx = g.input("idx", DType::I32, vec![rows, 1]);
+    let upd = g.input("upd", DType::F32, vec![rows, 1]);
+    // Two scatter bases: each must be written out, so they stay apart
+    // (shared, one buffer would live from the first scatter to the last).
+    let z1 = g.full(0.0, DType::F32, vec![rows, cols]);
+    let s1 = g.scatter_add(z1, idx, upd, 1);
+    let e = g.exp(s1);
+    let z2 = g.full(0.0, DType::F32, vec![rows, cols]);
+    let s2 = g.scatter_add(z2, idx, upd, 1);
+    // Two elementwise readers of the same fill: inlined, so merged (and
+    // their users with them).
+    let c1 = g.full(2.0, DType::F32, vec![rows, cols]);
+    let m1 = g.mul(x, c1);
+    let c2 = g.full(2.0, DType::F32, vec![rows, cols]);
+    let m2 = g.mul(x, c2);
+    let out = g.add(e, s2);
+    let out = g.add(out, m1);
+    let out = g.add(out, m2);
+    g.set_output("out", out);
+    assert!(CommonSubexpressions.run(&mut g));
+    DeadCode.run(&mut g);
+    let fills = |g: &Graph, v: f64| {
+        count(
+            g,
+            |op| matches!(op, Op::Full { value, .. } if value.get() == v),
+        )
+    };
+    assert_eq!(fills(&g, 0.0), 2);
+    assert_eq!(fills(&g, 2.0), 1);
+    assert_eq!(count(&g, |op| matches!(op, Op::Binary(BinaryOp::Mul))), 1);
+}
+
+#[test]
 fn constant_fold_evaluates_constant_subgraphs_in_the_node_type() {
     let mut g = Graph::new();
     let x = g.input("x", DType::F32, vec![2, 3]);

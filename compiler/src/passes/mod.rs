@@ -7,7 +7,7 @@ mod dce;
 mod fold;
 mod simplify;
 
-pub use cse::CommonSubexpressions;
+pub use cse::{CommonSubexpressions, UNSHARED_FILL};
 pub use dce::DeadCode;
 pub use fold::ConstantFold;
 pub use simplify::AlgebraicSimplify;
