@@ -22,9 +22,10 @@
 //!
 //! Written for correctness first: dot products are serial per unit and
 //! nothing is staged in tiles; memory is O(B·H·T) beyond the operands.
-//! The fusion pass puts the forward kernel in place of the model's
-//! attention where the scores have no other reader (`Kernel::Attention`);
-//! the backward kernels are not used by graphs yet.
+//! The device executor runs the IR's `causal_attention` op (and a matched
+//! attention subgraph whose scores have no other reader) with the forward
+//! kernel (`Kernel::Attention`), and each `causal_attention_grad` op with
+//! the forward (for the log-sum-exp) and the backward kernels.
 
 use crate::device::{arg, cubes, Device, DeviceError};
 use crate::linear_logprob::cube_log_sum_exp;
