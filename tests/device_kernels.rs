@@ -555,6 +555,62 @@ fn attention_kernels_match_the_model_attention_and_its_gradients() {
     check_results(&want, got, 1e-4);
 }
 
+/// The linear log-prob ops of the IR (`linear_logprob` and its two
+/// `linear_logprob_grad`s; a vocabulary longer than a cube, repeated
+/// targets) through the device executor against the CPU executor; the
+/// log-prob is the fused kernel, each gradient its own launches. A target
+/// outside the vocabulary makes its row NaN on the device (and is an
+/// error on the CPU).
+#[test]
+fn linear_logprob_ops_match_the_cpu_executor() {
+    use coopc_compiler::fusion::{fuse, Kernel};
+    use coopc_compiler::ir::LogprobOperand;
+    use coopc_compiler::schedule::schedule;
+    let (n, d, v) = (37, 24, 300);
+    let mut g = Graph::new();
+    let mut inp = Inputs::new();
+    let h = f32_input(&mut g, &mut inp, "h", &[n, d], -1.0, 1.0, 71);
+    let w = f32_input(&mut g, &mut inp, "w", &[v, d], -1.0, 1.0, 72);
+    let gr = f32_input(&mut g, &mut inp, "g", &[n], -1.0, 1.0, 73);
+    let mut r = rng(74);
+    let mut targets: Vec<f64> = (0..n)
+        .map(|_| r.gen_range(0..v / 30) as f64 * 30.0)
+        .collect();
+    let y = g.input("y", DType::I32, vec![n]);
+    let tensor = |t: &[f64]| HostTensor::from_f64(DType::I32, vec![n], t).unwrap();
+    inp.insert("y".into(), tensor(&targets));
+    let lp = g.linear_logprob(h, w, y);
+    g.set_output("logprob", lp);
+    for wrt in [LogprobOperand::Hidden, LogprobOperand::Weight] {
+        let d = g.linear_logprob_grad(wrt, [h, w, y], gr);
+        g.set_output(format!("d{}", wrt.name()), d);
+    }
+    let fused = fuse(&g, &schedule(&g).order);
+    assert!(
+        fused
+            .kernels
+            .iter()
+            .any(|k| matches!(k, Kernel::LinearLogprob { id, .. } if *id == lp)),
+        "the log-prob op runs as the fused kernel"
+    );
+    check(&g, &inp, 1e-4);
+    // One target out of range: NaN rows on the device, an error on the CPU.
+    targets[5] = v as f64;
+    inp.insert("y".into(), tensor(&targets));
+    assert!(
+        execute(&g, &inp).is_err(),
+        "the CPU executor refuses the target"
+    );
+    let got = on_device(&g, &inp);
+    let value = |name: &str| got.iter().find(|(n, _)| n == name).unwrap().1.to_f64_vec();
+    assert!(value("logprob")[5].is_nan() && value("logprob")[4].is_finite());
+    assert!(value("dh")[5 * d].is_nan() && value("dh")[4 * d].is_finite());
+    assert!(
+        value("dw").iter().all(|x| x.is_nan()),
+        "every dW row reads token 5"
+    );
+}
+
 /// The attention ops of the IR (`causal_attention` and the three
 /// `causal_attention_grad`s, grouped-query, 150 positions) through the
 /// device executor against the CPU executor; the attention is one fused

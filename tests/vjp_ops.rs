@@ -436,3 +436,110 @@ fn causal_attention_grad_vjp_matches_finite_differences() {
         }
     }
 }
+
+/// Random linear log-prob operands: h [N, d], w [V, d], g [N], and targets
+/// in 0..V (repeats allowed).
+fn logprob_case(r: &mut rand::rngs::StdRng) -> (Vec<Var>, Vec<f64>) {
+    let (n, d, v) = (r.gen_range(1..6), r.gen_range(1..5), r.gen_range(2..7));
+    let targets = (0..n).map(|_| r.gen_range(0..v) as f64).collect();
+    let vars = vec![
+        Var::new("h", &[n, d], uniform(r, n * d, -1.5, 1.5)),
+        Var::new("w", &[v, d], uniform(r, v * d, -1.5, 1.5)),
+        Var::new("g", &[n], uniform(r, n, -1.0, 1.0)),
+    ];
+    (vars, targets)
+}
+
+#[test]
+fn linear_logprob_matches_its_reference_expression() {
+    use coopc_compiler::ir::LogprobOperand;
+    use coopc_compiler::linear_logprob::{reference_grad, reference_logprob};
+    for seed in SEEDS {
+        let (vars, targets) = logprob_case(&mut rng(seed + 1200));
+        let mut g = Graph::new();
+        let x: Vec<NodeId> = vars
+            .iter()
+            .map(|v| g.input(&v.name, DType::F64, v.shape.clone()))
+            .collect();
+        let y = g.literal(&targets, DType::I32, vec![targets.len()]);
+        let hwt = [x[0], x[1], y];
+        let mut nodes = vec![
+            g.linear_logprob(x[0], x[1], y),
+            reference_logprob(&mut g, x[0], x[1], y),
+        ];
+        for wrt in [LogprobOperand::Hidden, LogprobOperand::Weight] {
+            nodes.push(g.linear_logprob_grad(wrt, hwt, x[2]));
+            nodes.push(reference_grad(&mut g, wrt, hwt, x[2]));
+        }
+        let vals = eval(&g, &bind(&vars, &no_extra()), &nodes);
+        for (i, pair) in vals.chunks(2).enumerate() {
+            let e = rel_err(&pair[0], &pair[1], 1e-3);
+            assert!(
+                e < 1e-12,
+                "seed {seed}, value {i}: op and reference differ by {e:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn linear_logprob_vjp_matches_finite_differences() {
+    use coopc_compiler::ir::LogprobOperand;
+    for seed in SEEDS {
+        let (vars, targets) = logprob_case(&mut rng(seed + 1300));
+        let n = targets.len();
+        check_op(seed, &vars[..2], &no_extra(), true, |g, x| {
+            let y = g.literal(&targets, DType::I32, vec![n]);
+            g.linear_logprob(x[0], x[1], y)
+        });
+        for wrt in [LogprobOperand::Hidden, LogprobOperand::Weight] {
+            check_op(seed, &vars, &no_extra(), true, |g, x| {
+                let y = g.literal(&targets, DType::I32, vec![n]);
+                g.linear_logprob_grad(wrt, [x[0], x[1], y], x[2])
+            });
+        }
+    }
+}
+
+/// The second-derivative rule of `linear_logprob_grad` differentiates row
+/// blocks of h one at a time on large vocabularies; blocks of 2 rows give
+/// the cotangents of the whole-at-once rule.
+#[test]
+fn linear_logprob_grad_rule_by_row_blocks_equals_the_whole() {
+    use coopc_compiler::autodiff::linear_logprob_grad_vjp;
+    use coopc_compiler::ir::LogprobOperand;
+    let mut r = rng(1400);
+    let (n, d, v) = (7, 3, 5);
+    let targets: Vec<f64> = (0..n).map(|_| r.gen_range(0..v) as f64).collect();
+    let vars = [
+        Var::new("h", &[n, d], uniform(&mut r, n * d, -1.5, 1.5)),
+        Var::new("w", &[v, d], uniform(&mut r, v * d, -1.5, 1.5)),
+        Var::new("g", &[n], uniform(&mut r, n, -1.0, 1.0)),
+        Var::new("sh", &[n, d], uniform(&mut r, n * d, -1.0, 1.0)),
+        Var::new("sw", &[v, d], uniform(&mut r, v * d, -1.0, 1.0)),
+    ];
+    for (wrt, seed) in [(LogprobOperand::Hidden, 3), (LogprobOperand::Weight, 4)] {
+        let mut g = Graph::new();
+        let x: Vec<NodeId> = vars
+            .iter()
+            .map(|v| g.input(&v.name, DType::F64, v.shape.clone()))
+            .collect();
+        let y = g.literal(&targets, DType::I32, vec![n]);
+        let inputs = [x[0], x[1], y, x[2]];
+        let mut nodes = vec![];
+        for rows in [n, 2] {
+            let mut res = linear_logprob_grad_vjp(&mut g, wrt, &inputs, x[seed], rows);
+            res.sort_by_key(|&(slot, _)| slot);
+            assert_eq!(res.iter().map(|p| p.0).collect::<Vec<_>>(), [0, 1, 3]);
+            nodes.extend(res.into_iter().map(|p| p.1));
+        }
+        let vals = eval(&g, &bind(&vars, &no_extra()), &nodes);
+        for slot in 0..3 {
+            let e = rel_err(&vals[slot], &vals[3 + slot], 1e-3);
+            assert!(
+                e < 1e-12,
+                "{wrt:?} slot {slot}: blocks and whole differ by {e:e}"
+            );
+        }
+    }
+}

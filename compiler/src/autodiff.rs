@@ -6,7 +6,9 @@
 //! gradients, Hessian-vector products and mixed second derivatives come from
 //! applying the same function twice.
 
-use crate::ir::{AttentionOperand, BinaryOp, CompareOp, Graph, NodeId, Op, ReduceKind, UnaryOp};
+use crate::ir::{
+    AttentionOperand, BinaryOp, CompareOp, Graph, LogprobOperand, NodeId, Op, ReduceKind, UnaryOp,
+};
 use crate::passes::Pass;
 use std::collections::{HashMap, HashSet};
 
@@ -135,6 +137,91 @@ fn vjp_between(g: &mut Graph, y: NodeId, seed: NodeId, leaves: &[NodeId]) -> Vec
         }
     }
     leaves.iter().map(|l| ct.get(l).copied()).collect()
+}
+
+/// The cotangents of a node's operand slots when its value is `r`, a
+/// subgraph built from the operands for the node's derivative rule and
+/// seeded with `gout`; an operand named twice gets its total once.
+fn operand_cotangents(
+    g: &mut Graph,
+    r: NodeId,
+    gout: NodeId,
+    inputs: &[NodeId],
+) -> Vec<(usize, NodeId)> {
+    let cts = vjp_between(g, r, gout, inputs);
+    cts.into_iter()
+        .enumerate()
+        .filter(|&(slot, _)| !inputs[..slot].contains(&inputs[slot]))
+        .filter_map(|(slot, c)| c.map(|c| (slot, c)))
+        .collect()
+}
+
+/// Barrier tags of the row blocks of `linear_logprob_grad_vjp` (distinct
+/// from the memory plan's step tags).
+const LOGPROB_BLOCK_TAG: u32 = 1 << 24;
+
+/// The cotangents of the operand slots of `linear_logprob_grad(wrt, h, w,
+/// targets, g)` (operands `inputs`, cotangent `gout`): the same
+/// computation written with ordinary ops, differentiated `rows` rows of h
+/// at a time, so at most `[rows, V]` of its logit-sized values are alive at
+/// once; the row blocks' cotangents are concatenated (h, g) and added (w).
+/// The derivative rule of `Op::LinearLogprobGrad`, with `rows` from
+/// `linear_logprob::expansion_rows`.
+pub fn linear_logprob_grad_vjp(
+    g: &mut Graph,
+    wrt: LogprobOperand,
+    inputs: &[NodeId],
+    gout: NodeId,
+    rows: usize,
+) -> Vec<(usize, NodeId)> {
+    use crate::linear_logprob::reference_grad;
+    let [h, w, y, gr] = inputs[..] else {
+        panic!("linear_logprob_grad takes four operands")
+    };
+    let n = g.ty(h).shape[0];
+    if rows >= n {
+        let r = reference_grad(g, wrt, [h, w, y], gr);
+        return operand_cotangents(g, r, gout, inputs);
+    }
+    let (mut dh, mut dg, mut dw) = (vec![], vec![], None);
+    for r0 in (0..n).step_by(rows.max(1)) {
+        let r1 = (r0 + rows).min(n);
+        // Behind a barrier per operand, so that CSE does not share a
+        // block's logits between the h and the w rule (the two run at
+        // different points of the adjoint sweep; shared, every block's
+        // logits would be alive in between).
+        let hc = g.slice_axis(h, 0, r0, r1);
+        let hc = g.barrier(hc, LOGPROB_BLOCK_TAG + wrt.slot() as u32);
+        let yc = g.slice_axis(y, 0, r0, r1);
+        let gc = g.slice_axis(gr, 0, r0, r1);
+        let r = reference_grad(g, wrt, [hc, w, yc], gc);
+        let seed = match wrt {
+            LogprobOperand::Hidden => g.slice_axis(gout, 0, r0, r1),
+            LogprobOperand::Weight => gout,
+        };
+        let cts = vjp_between(g, r, seed, &[hc, w, gc]);
+        let or_zero =
+            |g: &mut Graph, c: Option<NodeId>, like| c.unwrap_or_else(|| g.full_like(0.0, like));
+        dh.push(or_zero(g, cts[0], hc));
+        dg.push(or_zero(g, cts[2], gc));
+        if let Some(c) = cts[1] {
+            // Summed block by block: the barrier ends each partial sum's
+            // elementwise group, so the fusion pass does not make the
+            // whole sum one kernel that holds every block's term.
+            dw = Some(match dw {
+                Some(a) => {
+                    let s = g.add(a, c);
+                    g.barrier(s, 0)
+                }
+                None => c,
+            });
+        }
+    }
+    let mut res = vec![(0, g.concat(&dh, 0)), (3, g.concat(&dg, 0))];
+    if let Some(c) = dw {
+        res.push((1, c));
+    }
+    res
 }
 
 /// Gradient of a one-element output `y` (seed 1) with respect to `wrt`.
@@ -423,21 +510,26 @@ fn input_cotangents(
                 }
             }
         }
+        Op::LinearLogprob => {
+            let hwt = [inputs[0], inputs[1], inputs[2]];
+            for wrt in [LogprobOperand::Hidden, LogprobOperand::Weight] {
+                if needs[wrt.slot()] {
+                    res.push((wrt.slot(), g.linear_logprob_grad(wrt, hwt, gout)));
+                }
+            }
+        }
+        Op::LinearLogprobGrad { wrt } => {
+            let [h, w] = [inputs[0], inputs[1]];
+            let rows = crate::linear_logprob::expansion_rows(&g.ty(h).shape, &g.ty(w).shape);
+            res.extend(linear_logprob_grad_vjp(g, wrt, inputs, gout, rows));
+        }
         Op::CausalAttentionGrad { wrt } => {
             // Differentiate the same computation written with ordinary ops,
             // built here so its [T, T] values live only while this node's
             // cotangents are computed.
             let qkvo = [inputs[0], inputs[1], inputs[2], inputs[3]];
             let r = crate::attention::reference_grad(g, wrt, qkvo, inputs[4]);
-            let cts = vjp_between(g, r, gout, inputs);
-            for (slot, c) in cts.into_iter().enumerate() {
-                // An operand named twice gets its total cotangent once.
-                if let Some(c) = c {
-                    if !inputs[..slot].contains(&inputs[slot]) {
-                        res.push((slot, c));
-                    }
-                }
-            }
+            res.extend(operand_cotangents(g, r, gout, inputs));
         }
         Op::Barrier { .. } => res.push((0, gout)),
         Op::Cast { .. } => {

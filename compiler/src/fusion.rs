@@ -220,9 +220,10 @@ pub enum Kernel {
         trans_b: bool,
     },
     /// The fused linear log-prob: `id` (the log-probs of `targets`, one
-    /// per row) of the logits `h · wᵀ` that a matched subgraph
-    /// (matmul → [slice] → log-softmax → take-along-axis) would have
-    /// materialised, without them. `h [rows_in, d]`, `w [vocab, d]`;
+    /// per row) of the logits `h · wᵀ`, without them: an
+    /// `Op::LinearLogprob`, or a matched subgraph (matmul → [slice] →
+    /// log-softmax → take-along-axis) that would have materialised them.
+    /// `h [rows_in, d]`, `w [vocab, d]`;
     /// output row `t` reads row `(t / seq_out) · seq_in + t % seq_out` of
     /// `h`.
     LinearLogprob {
@@ -512,6 +513,24 @@ pub fn fuse(g: &Graph, order: &[NodeId]) -> FusedSchedule {
     let mut replaced = HashMap::new();
     let mut absorbed = HashSet::new();
     for &id in order {
+        if let Op::LinearLogprob = g.op(id) {
+            let [h, w, targets] = g.inputs(id)[..] else {
+                unreachable!("validated arity")
+            };
+            let rows = g.ty(h).shape[0];
+            replaced.insert(
+                id,
+                Kernel::LinearLogprob {
+                    id,
+                    h,
+                    w,
+                    targets,
+                    seq_out: rows,
+                    seq_in: rows,
+                },
+            );
+            continue;
+        }
         if let Op::CausalAttention = g.op(id) {
             let [q, k, v] = g.inputs(id)[..] else {
                 unreachable!("validated arity")

@@ -7,6 +7,7 @@ pub mod decode;
 pub mod frontend;
 pub mod fusion;
 pub mod ir;
+pub mod linear_logprob;
 pub mod losses;
 pub mod lowering;
 pub mod model;

@@ -253,25 +253,32 @@ impl Decoder<'_> {
     /// Logits [B, T, vocab] for ids [B, T].
     pub fn logits(&self, g: &mut Graph, theta: &Params, w: &Params, ids: NodeId) -> NodeId {
         let h = self.hidden(g, theta, w, ids);
-        let head = match theta.get("lm_head.weight") {
-            Some(&hw) => hw,
-            None => self.p(theta, "model.embed_tokens.weight"),
-        };
+        let head = self.head(theta);
         matmul_t(g, h, head)
     }
 
+    /// The LM head: `lm_head.weight`, or the embedding when tied.
+    fn head(&self, theta: &Params) -> NodeId {
+        match theta.get("lm_head.weight") {
+            Some(&hw) => hw,
+            None => self.p(theta, "model.embed_tokens.weight"),
+        }
+    }
+
     /// Token log-probabilities [B, T]: entry t is log π(ids[t] | ids[<t]),
-    /// from the logits at position t − 1; entry 0 is 0.
+    /// from the hidden state at position t − 1 (one `linear_logprob`, so
+    /// the [B, T, vocab] logits are never a value); entry 0 is 0.
     pub fn token_logprobs(&self, g: &mut Graph, theta: &Params, w: &Params, ids: NodeId) -> NodeId {
         let s = g.ty(ids).shape.clone();
         let (b, t) = (s[0], s[1]);
-        let logits = self.logits(g, theta, w, ids);
-        let v = self.model.vocab_size;
-        let prev = g.slice(logits, &[0, 0, 0], &[b, t - 1, v]);
-        let lp = g.log_softmax(prev);
+        let h = self.hidden(g, theta, w, ids);
+        let d = self.model.d_model;
+        let prev = g.slice(h, &[0, 0, 0], &[b, t - 1, d]);
+        let prev = g.reshape(prev, vec![b * (t - 1), d]);
         let next = g.slice(ids, &[0, 1], &[b, t]);
-        let next = g.reshape(next, vec![b, t - 1, 1]);
-        let picked = g.take_along_axis(lp, next, 2);
+        let next = g.reshape(next, vec![b * (t - 1)]);
+        let head = self.head(theta);
+        let picked = g.linear_logprob(prev, head, next);
         let picked = g.reshape(picked, vec![b, t - 1]);
         g.pad(picked, &[0, 1], &[0, 0], 0.0)
     }

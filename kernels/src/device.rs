@@ -9,7 +9,7 @@
 
 use crate::attention::AttentionShape;
 use crate::elementwise::elementwise_program;
-use crate::linear_logprob::{linear_logprob_forward, LOGPROB_BLOCK};
+use crate::linear_logprob::LogprobShape;
 use crate::matmul::{matmul_tiled, TILE};
 use crate::movement::{
     gather_rows, iota, one_hot, scatter_add_along, scatter_add_rows, strided_copy, take_along,
@@ -17,7 +17,9 @@ use crate::movement::{
 };
 use crate::reduce::{cooperative, reduce_program, reduce_program_rows, ReduceSpec};
 use coopc_compiler::fusion::{fuse, ElemProgram, FusedSchedule, Kernel};
-use coopc_compiler::ir::{numel, AttentionOperand, DType, Graph, NodeId, Op, TensorType};
+use coopc_compiler::ir::{
+    numel, AttentionOperand, DType, Graph, LogprobOperand, NodeId, Op, TensorType,
+};
 use coopc_compiler::schedule::schedule;
 use coopc_runtime::{
     Backend, DeviceTensor, ExecError, HostTensor, Input, Inputs, Transfers, Value,
@@ -715,26 +717,16 @@ impl<R: Runtime> Device<R> {
                 seq_out,
                 seq_in,
             } => {
-                let n = g.ty(*id).numel();
                 let (vocab, d) = (g.ty(*w).shape[0], g.ty(*w).shape[1]);
-                let (out, lse) = (self.output(n), self.output(n));
-                let u = |v: usize| v as u32;
-                linear_logprob_forward::launch::<R>(
-                    &self.client,
-                    cubes(n),
-                    CubeDim::new_1d(LOGPROB_BLOCK as u32),
-                    arg(&get(h)?, len(h)),
-                    arg(&get(w)?, len(w)),
-                    arg(&get(targets)?, len(targets)),
-                    arg(&out, n),
-                    arg(&lse, n),
-                    u(n),
-                    u(d),
-                    u(vocab),
-                    u(*seq_out),
-                    u(*seq_in),
-                    LOGPROB_BLOCK,
-                );
+                let shape = LogprobShape {
+                    n: g.ty(*id).numel(),
+                    d,
+                    vocab,
+                    seq_out: *seq_out,
+                    seq_in: *seq_in,
+                };
+                let ops = [&get(h)?, &get(w)?, &get(targets)?];
+                let (out, _) = self.launch_linear_logprob(ops, len(h), shape);
                 Ok(vec![(*id, out)])
             }
             Kernel::Attention {
@@ -949,6 +941,25 @@ impl<R: Runtime> Device<R> {
                     u(row_len.max(1)),
                 );
                 h
+            }
+            Op::LinearLogprob | Op::LinearLogprobGrad { .. } => {
+                let (rows, d) = (g.ty(ops[0]).shape[0], g.ty(ops[0]).shape[1]);
+                let shape = LogprobShape {
+                    n: rows,
+                    d,
+                    vocab: g.ty(ops[1]).shape[0],
+                    seq_out: rows,
+                    seq_in: rows,
+                };
+                let (h, w, y) = (get(&ops[0])?, get(&ops[1])?, get(&ops[2])?);
+                let (lp, lse) = self.launch_linear_logprob([&h, &w, &y], rows * d, shape);
+                let Op::LinearLogprobGrad { wrt } = g.op(id) else {
+                    return Ok(lp);
+                };
+                // The forward ran for its log-sum-exp.
+                let weights = *wrt == LogprobOperand::Weight;
+                let ops = [&h, &w, &y, &lse, &get(&ops[3])?];
+                self.launch_linear_logprob_backward(ops, shape, weights)
             }
             Op::CausalAttention | Op::CausalAttentionGrad { .. } => {
                 let shape = AttentionShape::of(&g.ty(ops[0]).shape, g.ty(ops[1]).shape[1]);

@@ -15,9 +15,15 @@
 //! The backward pass is two kernels of the same shape, recomputing the
 //! logits chunk by chunk from `lse` instead of storing them: one cube per
 //! token for `dh`, one cube per vocabulary row for `dW`.
+//!
+//! The device executor runs the IR's `linear_logprob` op (and a matched
+//! log-softmax-of-logits subgraph) with the forward kernel, and each
+//! `linear_logprob_grad` op with the forward (for the log-sum-exp) and one
+//! backward kernel. A target outside `0..V` makes its row NaN.
 
 use crate::device::{arg, cubes, Device, DeviceError};
 use cubecl::prelude::*;
+use cubecl::server::Handle;
 
 /// Units per cube.
 pub const LOGPROB_BLOCK: usize = 256;
@@ -141,10 +147,13 @@ pub fn linear_logprob_backward_h(
     let tid = UNIT_POS as usize;
     let d = d as usize;
     let vocab = vocab as usize;
-    let target = u32::cast_from(targets[t]) as usize;
-    let (l, g) = (lse[t], grad[t]);
-    let mut p = SharedMemory::<f32>::new(block);
+    // A target outside 0..vocab makes the row NaN, as in the forward.
+    let tf = targets[t];
+    let inside = tf >= f32::new(0.0) && tf < f32::cast_from(vocab as u32);
+    let target = u32::cast_from(select(inside, tf, f32::new(0.0))) as usize;
     let zero = h[t * d] * f32::new(0.0);
+    let (l, g) = (lse[t], select(inside, grad[t], zero / zero));
+    let mut p = SharedMemory::<f32>::new(block);
     // dh starts as g·W[y_t].
     let mut j = tid;
     while j < d {
@@ -222,12 +231,13 @@ pub fn linear_logprob_backward_w(
                 z += h[t * d + k] * w[v * d + k];
                 k += 1usize;
             }
-            let hit = select(
-                u32::cast_from(targets[t]) as usize == v,
-                f32::new(1.0),
-                zero,
-            );
-            c = grad[t] * (hit - (z - lse[t]).exp());
+            // A target outside 0..vocab makes its token's share NaN.
+            let tf = targets[t];
+            let inside = tf >= f32::new(0.0) && tf < f32::cast_from(vocab);
+            let target = u32::cast_from(select(inside, tf, f32::new(0.0))) as usize;
+            let hit = select(target == v, f32::new(1.0), zero);
+            let gt = select(inside, grad[t], zero / zero);
+            c = gt * (hit - (z - lse[t]).exp());
         }
         coef[tid] = c;
         sync_cube();
@@ -259,7 +269,96 @@ fn check_targets(what: &str, targets: &[f32], vocab: usize) -> Result<(), Device
     }
 }
 
+/// Sizes of one linear log-prob: `n` scored rows, `d` features, `vocab`
+/// rows of `w`; scored row `t` reads row `(t / seq_out) · seq_in + t %
+/// seq_out` of `h` (`seq_out = seq_in = n`: row t).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LogprobShape {
+    pub n: usize,
+    pub d: usize,
+    pub vocab: usize,
+    pub seq_out: usize,
+    pub seq_in: usize,
+}
+
 impl<R: Runtime> Device<R> {
+    /// Launches [`linear_logprob_forward`] on device buffers (`h`'s length
+    /// `h_len`): `(logprob, lse)`.
+    pub(crate) fn launch_linear_logprob(
+        &self,
+        [h, w, targets]: [&Handle; 3],
+        h_len: usize,
+        s: LogprobShape,
+    ) -> (Handle, Handle) {
+        let (out, lse) = (self.output(s.n), self.output(s.n));
+        linear_logprob_forward::launch::<R>(
+            self.client(),
+            cubes(s.n),
+            CubeDim::new_1d(LOGPROB_BLOCK as u32),
+            arg(h, h_len),
+            arg(w, s.vocab * s.d),
+            arg(targets, s.n),
+            arg(&out, s.n),
+            arg(&lse, s.n),
+            s.n as u32,
+            s.d as u32,
+            s.vocab as u32,
+            s.seq_out as u32,
+            s.seq_in as u32,
+            LOGPROB_BLOCK,
+        );
+        (out, lse)
+    }
+
+    /// Launches [`linear_logprob_backward_w`] (`weights`) or
+    /// [`linear_logprob_backward_h`] on device buffers, `h` being `[n, d]`.
+    pub(crate) fn launch_linear_logprob_backward(
+        &self,
+        [h, w, targets, lse, grad]: [&Handle; 5],
+        s: LogprobShape,
+        weights: bool,
+    ) -> Handle {
+        let (n, d, vocab) = (s.n, s.d, s.vocab);
+        let a = |x: &Handle, len: usize| arg::<R>(x, len);
+        if weights {
+            let dw = self.output(vocab * d);
+            linear_logprob_backward_w::launch::<R>(
+                self.client(),
+                cubes(vocab),
+                CubeDim::new_1d(LOGPROB_BLOCK as u32),
+                a(h, n * d),
+                a(w, vocab * d),
+                a(targets, n),
+                a(lse, n),
+                a(grad, n),
+                a(&dw, vocab * d),
+                n as u32,
+                d as u32,
+                vocab as u32,
+                LOGPROB_BLOCK,
+            );
+            dw
+        } else {
+            let dh = self.output(n * d);
+            linear_logprob_backward_h::launch::<R>(
+                self.client(),
+                cubes(n),
+                CubeDim::new_1d(LOGPROB_BLOCK as u32),
+                a(h, n * d),
+                a(w, vocab * d),
+                a(targets, n),
+                a(lse, n),
+                a(grad, n),
+                a(&dh, n * d),
+                n as u32,
+                d as u32,
+                vocab as u32,
+                LOGPROB_BLOCK,
+            );
+            dh
+        }
+    }
+
     /// `(logprob [T], lse [T])` of `targets` under the logits `h Wᵀ`, with
     /// `h [T, d]` and `w [V, d]` row-major and targets whole numbers in
     /// `0..V`, computed by [`linear_logprob_forward`].
@@ -281,23 +380,14 @@ impl<R: Runtime> Device<R> {
         }
         check_targets("linear_logprob", targets, vocab)?;
         let (hh, wh, th) = (self.upload(h), self.upload(w), self.upload(targets));
-        let (lp, lse) = (self.output(t), self.output(t));
-        linear_logprob_forward::launch::<R>(
-            self.client(),
-            cubes(t),
-            CubeDim::new_1d(LOGPROB_BLOCK as u32),
-            arg(&hh, h.len()),
-            arg(&wh, w.len()),
-            arg(&th, t),
-            arg(&lp, t),
-            arg(&lse, t),
-            t as u32,
-            d as u32,
-            vocab as u32,
-            t as u32,
-            t as u32,
-            LOGPROB_BLOCK,
-        );
+        let shape = LogprobShape {
+            n: t,
+            d,
+            vocab,
+            seq_out: t,
+            seq_in: t,
+        };
+        let (lp, lse) = self.launch_linear_logprob([&hh, &wh, &th], h.len(), shape);
         Ok((self.download(lp, t)?, self.download(lse, t)?))
     }
 
@@ -327,37 +417,16 @@ impl<R: Runtime> Device<R> {
         check_targets("linear_logprob_backward", targets, vocab)?;
         let up = |x: &[f32]| self.upload(x);
         let (hh, wh, th, lh, gh) = (up(h), up(w), up(targets), up(lse), up(grad));
-        let (dh, dw) = (self.output(t * d), self.output(vocab * d));
-        linear_logprob_backward_h::launch::<R>(
-            self.client(),
-            cubes(t),
-            CubeDim::new_1d(LOGPROB_BLOCK as u32),
-            arg(&hh, h.len()),
-            arg(&wh, w.len()),
-            arg(&th, t),
-            arg(&lh, t),
-            arg(&gh, t),
-            arg(&dh, t * d),
-            t as u32,
-            d as u32,
-            vocab as u32,
-            LOGPROB_BLOCK,
-        );
-        linear_logprob_backward_w::launch::<R>(
-            self.client(),
-            cubes(vocab),
-            CubeDim::new_1d(LOGPROB_BLOCK as u32),
-            arg(&hh, h.len()),
-            arg(&wh, w.len()),
-            arg(&th, t),
-            arg(&lh, t),
-            arg(&gh, t),
-            arg(&dw, vocab * d),
-            t as u32,
-            d as u32,
-            vocab as u32,
-            LOGPROB_BLOCK,
-        );
+        let shape = LogprobShape {
+            n: t,
+            d,
+            vocab,
+            seq_out: t,
+            seq_in: t,
+        };
+        let ops = [&hh, &wh, &th, &lh, &gh];
+        let dh = self.launch_linear_logprob_backward(ops, shape, false);
+        let dw = self.launch_linear_logprob_backward(ops, shape, true);
         Ok((self.download(dh, t * d)?, self.download(dw, vocab * d)?))
     }
 }

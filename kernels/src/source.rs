@@ -18,7 +18,7 @@ use crate::movement::{
 };
 use crate::reduce::{cooperative, reduce_program, reduce_program_rows, ReduceSpec};
 use coopc_compiler::fusion::{ElemProgram, FusedSchedule, Kernel};
-use coopc_compiler::ir::{AttentionOperand, Graph, Op};
+use coopc_compiler::ir::{AttentionOperand, Graph, LogprobOperand, Op};
 use cubecl::prelude::*;
 use cubecl::Compiler as _;
 use std::collections::HashMap;
@@ -432,6 +432,16 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
                 // It also runs the forward kernel for the log-sum-exp (and
                 // the dq kernel for dk, dv's row sums), listed where the
                 // schedule's attention forward is.
+                // It also runs the forward kernel for the log-sum-exp.
+                Op::LinearLogprobGrad { wrt } => {
+                    let weights = *wrt == LogprobOperand::Weight;
+                    let name = if weights {
+                        "linear_logprob_backward_w"
+                    } else {
+                        "linear_logprob_backward_h"
+                    };
+                    (name.into(), Traced::LinearLogprobBackward { weights })
+                }
                 Op::CausalAttentionGrad { wrt } => match wrt {
                     AttentionOperand::Q => (
                         "attention_backward_q".into(),

@@ -4,7 +4,7 @@
 //! intermediate buffer is dropped right after its last use.
 
 use crate::cpu::index::IndexError;
-use crate::cpu::{attention, elementwise, index, matmul, movement, reduce};
+use crate::cpu::{attention, elementwise, index, linear_logprob, matmul, movement, reduce};
 use crate::error::ExecError;
 use crate::tensor::{Buffer, Element, HostTensor};
 use crate::value::{Input, Inputs, Transfers, Value};
@@ -603,6 +603,21 @@ fn eval(graph: &Graph, id: NodeId, args: &[&HostTensor]) -> Result<HostTensor, E
             let dims = attention::Dims::of(&args[0].shape, &args[1].shape);
             let [q, k, v, o, d_o] = [0, 1, 2, 3, 4].map(|i| cx.view::<T>(args[i]));
             T::into_buffer(attention::grad(&dims, *wrt, [q?, k?, v?, o?, d_o?]))
+        }),
+        Op::LinearLogprob => float_dtype!(args[0].dtype(), cx, |T| {
+            let (h, w, y) = (
+                cx.view::<T>(args[0])?,
+                cx.view::<T>(args[1])?,
+                cx.view::<i32>(args[2])?,
+            );
+            let out = linear_logprob::forward(h, w, y, args[0].shape[1]);
+            T::into_buffer(out.map_err(|e| cx.index(e))?)
+        }),
+        Op::LinearLogprobGrad { wrt } => float_dtype!(args[0].dtype(), cx, |T| {
+            let [h, w, g] = [0, 1, 3].map(|i| cx.view::<T>(args[i]));
+            let y = cx.view::<i32>(args[2])?;
+            let out = linear_logprob::grad(*wrt, [h?, w?, g?], y, args[0].shape[1]);
+            T::into_buffer(out.map_err(|e| cx.index(e))?)
         }),
         Op::OneHot { depth, dtype } => float_dtype!(*dtype, cx, |T| {
             T::into_buffer(index::one_hot::<T>(cx.view::<i32>(args[0])?, *depth))

@@ -2,7 +2,9 @@
 //! `a → b` with weight `i` says "a is operand i of b", plus named outputs.
 //! Builder methods add nodes and check types as they go.
 
-use super::op::{AttentionOperand, BinaryOp, CompareOp, Op, ReduceKind, TypeError, UnaryOp};
+use super::op::{
+    AttentionOperand, BinaryOp, CompareOp, LogprobOperand, Op, ReduceKind, TypeError, UnaryOp,
+};
 use super::types::{DType, Scalar, Shape, TensorType};
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 use petgraph::visit::{EdgeRef, NodeIndexable};
@@ -567,6 +569,23 @@ impl Graph {
     ) -> NodeId {
         let [q, k, v, o] = qkvo;
         self.add_op(Op::CausalAttentionGrad { wrt }, &[q, k, v, o, d_o])
+    }
+
+    /// Each row's log-probability of its target under the logits `h wᵀ`
+    /// (see `Op::LinearLogprob`).
+    pub fn linear_logprob(&mut self, h: NodeId, w: NodeId, targets: NodeId) -> NodeId {
+        self.add_op(Op::LinearLogprob, &[h, w, targets])
+    }
+
+    /// The gradient of `Σ g ∘ linear_logprob(h, w, targets)` with respect
+    /// to `wrt`.
+    pub fn linear_logprob_grad(
+        &mut self,
+        wrt: LogprobOperand,
+        [h, w, targets]: [NodeId; 3],
+        g: NodeId,
+    ) -> NodeId {
+        self.add_op(Op::LinearLogprobGrad { wrt }, &[h, w, targets, g])
     }
 
     pub fn cast(&mut self, x: NodeId, to: DType) -> NodeId {

@@ -249,6 +249,29 @@ impl AttentionOperand {
     }
 }
 
+/// Which operand of a linear log-prob a gradient is taken for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LogprobOperand {
+    /// The hidden states `h`.
+    Hidden,
+    /// The output projection `w`.
+    Weight,
+}
+
+impl LogprobOperand {
+    /// Operand slot of `LinearLogprob` (h 0, w 1).
+    pub fn slot(self) -> usize {
+        self as usize
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LogprobOperand::Hidden => "h",
+            LogprobOperand::Weight => "w",
+        }
+    }
+}
+
 /// Reductions over a set of axes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ReduceKind {
@@ -373,6 +396,20 @@ pub enum Op {
     CausalAttentionGrad {
         wrt: AttentionOperand,
     },
+    /// `log softmax(h wᵀ)[t, targets[t]]` for hidden states `h [N, d]`, an
+    /// output projection `w [V, d]` and i32 `targets [N]`: each row's
+    /// log-probability of its target under the logits, which are not a
+    /// value of the graph (executors compute them a block of rows at a
+    /// time). A target outside `0..V` is an error, as in `take_along_axis`.
+    LinearLogprob,
+    /// The gradient of `Σ_t g[t] · linear_logprob(h, w, targets)[t]` with
+    /// respect to `h` or `w`, from operands `(h, w, targets, g)`:
+    /// `dh[t] = g[t] (w[y_t] − Σ_v p_tv w[v])`, `dw[v] = Σ_t g[t] (1[y_t =
+    /// v] − p_tv) h[t]`, the probabilities recomputed. Its own gradient is
+    /// that of the same computation written with ordinary ops.
+    LinearLogprobGrad {
+        wrt: LogprobOperand,
+    },
     /// Identity whose gradient is zero.
     StopGradient,
     /// Identity that passes ops through unchanged but is never merged or
@@ -424,6 +461,8 @@ impl Op {
             Op::OneHot { .. } => "one_hot",
             Op::Cast { .. } => "cast",
             Op::CausalAttention => "causal_attention",
+            Op::LinearLogprob => "linear_logprob",
+            Op::LinearLogprobGrad { .. } => "linear_logprob_grad",
             Op::CausalAttentionGrad { .. } => "causal_attention_grad",
             Op::StopGradient => "stop_gradient",
             Op::Barrier { .. } => "barrier",
@@ -512,6 +551,7 @@ impl Op {
             Op::Cast { to } => to.to_string(),
             Op::Barrier { tag } => format!("tag={tag}"),
             Op::CausalAttentionGrad { wrt } => format!("wrt={}", wrt.name()),
+            Op::LinearLogprobGrad { wrt } => format!("wrt={}", wrt.name()),
             _ => String::new(),
         }
     }
@@ -820,6 +860,23 @@ impl Op {
                 check_attention(inputs[0], inputs[1], inputs[2]).map_err(err)?;
                 Ok(inputs[0].clone())
             }
+            Op::LinearLogprob => {
+                arity(3)?;
+                check_logprob(inputs[0], inputs[1], inputs[2]).map_err(err)?;
+                Ok(TensorType::new(inputs[0].dtype, vec![inputs[0].shape[0]]))
+            }
+            Op::LinearLogprobGrad { wrt } => {
+                arity(4)?;
+                let (h, g) = (inputs[0], inputs[3]);
+                check_logprob(h, inputs[1], inputs[2]).map_err(err)?;
+                if g.dtype != h.dtype || g.shape[..] != h.shape[..1] {
+                    return Err(err(format!(
+                        "`g` {g} must be one {} per row of h {h}",
+                        h.dtype
+                    )));
+                }
+                Ok(inputs[wrt.slot()].clone())
+            }
             Op::CausalAttentionGrad { wrt } => {
                 arity(5)?;
                 let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
@@ -832,6 +889,26 @@ impl Op {
                 Ok(inputs[wrt.slot()].clone())
             }
         }
+    }
+}
+
+/// Operands of a linear log-prob: float h [N, d], w [V, d] of its dtype
+/// and i32 targets [N].
+fn check_logprob(h: &TensorType, w: &TensorType, targets: &TensorType) -> Result<(), String> {
+    let ok = h.dtype.is_float()
+        && h.rank() == 2
+        && w.rank() == 2
+        && w.dtype == h.dtype
+        && w.shape[1] == h.shape[1]
+        && w.shape[0] > 0
+        && targets.dtype == DType::I32
+        && targets.shape[..] == h.shape[..1];
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "needs float h [N, d], w [V, d] of its dtype and i32 targets [N], got {h}, {w}, {targets}"
+        ))
     }
 }
 

@@ -14,7 +14,7 @@ pub struct IndexError {
 }
 
 /// The first index (in position order) outside `0..bound`.
-fn check(idx: &[i32], bound: usize) -> Result<(), IndexError> {
+pub(crate) fn check(idx: &[i32], bound: usize) -> Result<(), IndexError> {
     match idx.iter().find(|&&i| i < 0 || i as usize >= bound) {
         Some(&i) => Err(IndexError {
             index: i as i64,

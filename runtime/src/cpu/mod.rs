@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod elementwise;
 pub mod index;
+pub mod linear_logprob;
 pub mod matmul;
 pub mod movement;
 pub mod reduce;

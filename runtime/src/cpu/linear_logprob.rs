@@ -1,0 +1,91 @@
+//! The linear log-prob `log softmax(h wᵀ)[t, y_t]` and its gradients, a
+//! block of rows at a time: each block's logits `[rows, V]` are made by the
+//! GEMM in scratch memory and reduced at once, so the whole `[N, V]` is
+//! never held. `h` is `[N, d]`, `w` `[V, d]`, targets `[N]`, all row-major.
+
+use super::index::{check, IndexError};
+use super::matmul::{matmul_t, Gemm};
+use crate::tensor::Element;
+use coopc_compiler::ir::{BinaryOp, LogprobOperand};
+
+/// Rows per block: about 2²⁰ logits of scratch.
+fn block_rows(n: usize, v: usize) -> usize {
+    ((1 << 20) / v.max(1)).clamp(1, n.max(1))
+}
+
+/// The log-probabilities `[rows, V]` of one block of rows of `h`.
+fn log_probs<T: Gemm + Element>(h: &[T], w: &[T], rows: usize, d: usize, v: usize) -> Vec<T> {
+    let mut z = matmul_t(h, false, w, true, 1, rows, d, v);
+    for row in z.chunks_mut(v) {
+        let m = row
+            .iter()
+            .fold(T::neg_infinity(), |a, &x| BinaryOp::Max.apply(a, x));
+        let lse = m + row.iter().fold(T::zero(), |a, &x| a + (x - m).exp()).ln();
+        for x in row {
+            *x = *x - lse;
+        }
+    }
+    z
+}
+
+/// Each row's log-probability of its target.
+pub fn forward<T: Gemm + Element>(
+    h: &[T],
+    w: &[T],
+    targets: &[i32],
+    d: usize,
+) -> Result<Vec<T>, IndexError> {
+    let (n, v) = (targets.len(), w.len() / d.max(1));
+    check(targets, v)?;
+    let b = block_rows(n, v);
+    let mut out = Vec::with_capacity(n);
+    for r0 in (0..n).step_by(b) {
+        let rows = b.min(n - r0);
+        let lp = log_probs(&h[r0 * d..(r0 + rows) * d], w, rows, d, v);
+        for (i, &y) in targets[r0..r0 + rows].iter().enumerate() {
+            out.push(lp[i * v + y as usize]);
+        }
+    }
+    Ok(out)
+}
+
+/// The gradient of `Σ_t g[t] · logprob[t]` with respect to `h` (`[N, d]`)
+/// or `w` (`[V, d]`): with `C = g ∘ (onehot(y) − softmax(h wᵀ))`, `C w` or
+/// `Cᵀ h`, block by block (the blocks' `w` gradients added in order).
+pub fn grad<T: Gemm + Element>(
+    wrt: LogprobOperand,
+    [h, w, g]: [&[T]; 3],
+    targets: &[i32],
+    d: usize,
+) -> Result<Vec<T>, IndexError> {
+    let (n, v) = (targets.len(), w.len() / d.max(1));
+    check(targets, v)?;
+    let b = block_rows(n, v);
+    let mut out = vec![T::zero(); if wrt == LogprobOperand::Hidden { n } else { v } * d];
+    for r0 in (0..n).step_by(b) {
+        let rows = b.min(n - r0);
+        let hb = &h[r0 * d..(r0 + rows) * d];
+        let mut c = log_probs(hb, w, rows, d, v);
+        for (i, row) in c.chunks_mut(v).enumerate() {
+            let gt = g[r0 + i];
+            for x in row.iter_mut() {
+                *x = -(gt * x.exp());
+            }
+            let y = targets[r0 + i] as usize;
+            row[y] = row[y] + gt;
+        }
+        match wrt {
+            LogprobOperand::Hidden => {
+                let dh = matmul_t(&c, false, w, false, 1, rows, v, d);
+                out[r0 * d..(r0 + rows) * d].copy_from_slice(&dh);
+            }
+            LogprobOperand::Weight => {
+                let dw = matmul_t(&c, true, hb, false, 1, v, rows, d);
+                for (o, x) in out.iter_mut().zip(dw) {
+                    *o = *o + x;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
