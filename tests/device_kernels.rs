@@ -558,7 +558,7 @@ fn attention_kernels_match_the_model_attention_and_its_gradients() {
 /// The linear log-prob ops of the IR (`linear_logprob` and its two
 /// `linear_logprob_grad`s; a vocabulary longer than a cube, repeated
 /// targets) through the device executor against the CPU executor; the
-/// log-prob is the fused kernel, each gradient its own launches. A target
+/// log-prob is the fused kernel, and its gradients share one forward. A target
 /// outside the vocabulary makes its row NaN on the device (and is an
 /// error on the CPU).
 #[test]
@@ -593,6 +593,15 @@ fn linear_logprob_ops_match_the_cpu_executor() {
             .any(|k| matches!(k, Kernel::LinearLogprob { id, .. } if *id == lp)),
         "the log-prob op runs as the fused kernel"
     );
+    let grads: Vec<usize> = fused
+        .kernels
+        .iter()
+        .filter_map(|k| match k {
+            Kernel::LogprobGrads { grads, .. } => Some(grads.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(grads, [2], "the two gradients share one forward launch");
     check(&g, &inp, 1e-4);
     // One target out of range: NaN rows on the device, an error on the CPU.
     targets[5] = v as f64;
@@ -614,7 +623,7 @@ fn linear_logprob_ops_match_the_cpu_executor() {
 /// The attention ops of the IR (`causal_attention` and the three
 /// `causal_attention_grad`s, grouped-query, 150 positions) through the
 /// device executor against the CPU executor; the attention is one fused
-/// kernel, each gradient its own launches.
+/// kernel, and its three gradients share one set of launches.
 #[test]
 fn attention_ops_match_the_cpu_executor() {
     use coopc_compiler::fusion::{fuse, Kernel};
@@ -642,6 +651,15 @@ fn attention_ops_match_the_cpu_executor() {
             .any(|k| matches!(k, Kernel::Attention { id, .. } if *id == o)),
         "the attention op runs as the attention kernel"
     );
+    let grads: Vec<usize> = fused
+        .kernels
+        .iter()
+        .filter_map(|k| match k {
+            Kernel::AttentionGrads { grads, .. } => Some(grads.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(grads, [3], "the three gradients share one set of launches");
     check(&g, &inp, 1e-4);
 }
 

@@ -9,7 +9,8 @@
 //! constant of the kernel), and [`ElemProgram::eval`] is its host reference.
 
 use crate::ir::{
-    clamp_value, strides, BinaryOp, CompareOp, DType, Graph, NodeId, Op, ReduceKind, UnaryOp,
+    clamp_value, strides, AttentionOperand, BinaryOp, CompareOp, DType, Graph, LogprobOperand,
+    NodeId, Op, ReduceKind, UnaryOp,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -247,6 +248,22 @@ pub enum Kernel {
         v: NodeId,
         kv_heads: usize,
     },
+    /// The `causal_attention_grad` nodes `grads` (one per operand asked
+    /// for) that share their operands `inputs` (q, k, v, o, do): one
+    /// forward pass for the per-row log-sum-exp, then the backward kernels
+    /// (dq, and dk with dv), shared by all of them.
+    AttentionGrads {
+        inputs: [NodeId; 5],
+        grads: Vec<(AttentionOperand, NodeId)>,
+        kv_heads: usize,
+    },
+    /// The `linear_logprob_grad` nodes `grads` that share their operands
+    /// `inputs` (h, w, targets, g): one forward pass for the log-sum-exp,
+    /// then one backward kernel per gradient.
+    LogprobGrads {
+        inputs: [NodeId; 4],
+        grads: Vec<(LogprobOperand, NodeId)>,
+    },
     /// Any other node, computed alone.
     Node(NodeId),
 }
@@ -260,6 +277,8 @@ impl Kernel {
             | Kernel::LinearLogprob { id, .. }
             | Kernel::Attention { id, .. }
             | Kernel::Node(id) => vec![*id],
+            Kernel::AttentionGrads { grads, .. } => grads.iter().map(|g| g.1).collect(),
+            Kernel::LogprobGrads { grads, .. } => grads.iter().map(|g| g.1).collect(),
         }
     }
 
@@ -279,6 +298,8 @@ impl Kernel {
             Kernel::MatMul { a, b, .. } => vec![*a, *b],
             Kernel::LinearLogprob { h, w, targets, .. } => vec![*h, *w, *targets],
             Kernel::Attention { q, k, v, .. } => vec![*q, *k, *v],
+            Kernel::AttentionGrads { inputs, .. } => inputs.to_vec(),
+            Kernel::LogprobGrads { inputs, .. } => inputs.to_vec(),
             Kernel::Node(id) => g.inputs(*id),
         }
     }
@@ -302,6 +323,8 @@ impl FusedSchedule {
                 Kernel::MatMul { .. }
                 | Kernel::LinearLogprob { .. }
                 | Kernel::Attention { .. }
+                | Kernel::AttentionGrads { .. }
+                | Kernel::LogprobGrads { .. }
                 | Kernel::Node(_) => c.2 += 1,
             }
         }
@@ -512,6 +535,7 @@ pub fn fuse(g: &Graph, order: &[NodeId]) -> FusedSchedule {
         .collect();
     let mut replaced = HashMap::new();
     let mut absorbed = HashSet::new();
+    group_gradients(g, order, &mut replaced, &mut absorbed);
     for &id in order {
         if let Op::LinearLogprob = g.op(id) {
             let [h, w, targets] = g.inputs(id)[..] else {
@@ -593,6 +617,59 @@ pub fn fuse(g: &Graph, order: &[NodeId]) -> FusedSchedule {
     FusedSchedule {
         kernels: f.kernels,
         fused_nodes: f.fused_nodes,
+    }
+}
+
+/// Puts one `Kernel::AttentionGrads` (`Kernel::LogprobGrads`) in place of
+/// the `causal_attention_grad` (`linear_logprob_grad`) nodes that share
+/// their operands, at the first of them in `order`; the others are
+/// absorbed (the kernel writes them too).
+fn group_gradients(
+    g: &Graph,
+    order: &[NodeId],
+    replaced: &mut HashMap<NodeId, Kernel>,
+    absorbed: &mut HashSet<NodeId>,
+) {
+    let mut first: HashMap<Vec<NodeId>, NodeId> = HashMap::new();
+    for &id in order {
+        let inputs = g.inputs(id);
+        let kernel = match g.op(id) {
+            Op::CausalAttentionGrad { wrt } => Kernel::AttentionGrads {
+                inputs: inputs[..].try_into().expect("validated arity"),
+                grads: vec![(*wrt, id)],
+                kv_heads: g.ty(inputs[1]).shape[1],
+            },
+            Op::LinearLogprobGrad { wrt } => Kernel::LogprobGrads {
+                inputs: inputs[..].try_into().expect("validated arity"),
+                grads: vec![(*wrt, id)],
+            },
+            _ => continue,
+        };
+        match first.get(&inputs) {
+            None => {
+                first.insert(inputs, id);
+                replaced.insert(id, kernel);
+            }
+            Some(lead) => {
+                let more = kernel.writes()[0];
+                match (replaced.get_mut(lead), kernel) {
+                    (
+                        Some(Kernel::AttentionGrads { grads, .. }),
+                        Kernel::AttentionGrads { grads: g2, .. },
+                    ) => grads.extend(g2),
+                    (
+                        Some(Kernel::LogprobGrads { grads, .. }),
+                        Kernel::LogprobGrads { grads: g2, .. },
+                    ) => grads.extend(g2),
+                    // Same operands, other op family: a kernel of its own.
+                    (_, kernel) => {
+                        replaced.insert(more, kernel);
+                        continue;
+                    }
+                }
+                absorbed.insert(more);
+            }
+        }
     }
 }
 

@@ -740,6 +740,53 @@ impl<R: Runtime> Device<R> {
                 let (o, _) = self.launch_attention([&get(q)?, &get(k)?, &get(v)?], shape)?;
                 Ok(vec![(*id, o)])
             }
+            Kernel::AttentionGrads {
+                inputs: ops,
+                grads,
+                kv_heads,
+            } => {
+                let shape = AttentionShape::of(&g.ty(ops[0]).shape, *kv_heads);
+                let [q, k, v, o, d_o] = [0, 1, 2, 3, 4].map(|i| get(&ops[i]));
+                let (q, k, v, o, d_o) = (q?, k?, v?, o?, d_o?);
+                // The forward runs for its log-sum-exp; `o` is the graph's.
+                let (_, lse) = self.launch_attention([&q, &k, &v], shape)?;
+                let kv = grads.iter().any(|(w, _)| *w != AttentionOperand::Q);
+                let (dq, dkv) =
+                    self.launch_attention_backward([&q, &k, &v, &o, &lse, &d_o], shape, kv)?;
+                Ok(grads
+                    .iter()
+                    .map(|&(wrt, id)| {
+                        let h = match (wrt, &dkv) {
+                            (AttentionOperand::K, Some((dk, _))) => dk.clone(),
+                            (AttentionOperand::V, Some((_, dv))) => dv.clone(),
+                            _ => dq.clone(),
+                        };
+                        (id, h)
+                    })
+                    .collect())
+            }
+            Kernel::LogprobGrads { inputs: ops, grads } => {
+                let (rows, d) = (g.ty(ops[0]).shape[0], g.ty(ops[0]).shape[1]);
+                let shape = LogprobShape {
+                    n: rows,
+                    d,
+                    vocab: g.ty(ops[1]).shape[0],
+                    seq_out: rows,
+                    seq_in: rows,
+                };
+                let [h, w, y, gr] = [0, 1, 2, 3].map(|i| get(&ops[i]));
+                let (h, w, y, gr) = (h?, w?, y?, gr?);
+                // The forward runs for its log-sum-exp.
+                let (_, lse) = self.launch_linear_logprob([&h, &w, &y], rows * d, shape);
+                Ok(grads
+                    .iter()
+                    .map(|&(wrt, id)| {
+                        let weights = wrt == LogprobOperand::Weight;
+                        let ops = [&h, &w, &y, &lse, &gr];
+                        (id, self.launch_linear_logprob_backward(ops, shape, weights))
+                    })
+                    .collect())
+            }
             Kernel::Node(id) => Ok(vec![(*id, self.node(g, *id, inputs, &get)?)]),
         }
     }
@@ -941,43 +988,6 @@ impl<R: Runtime> Device<R> {
                     u(row_len.max(1)),
                 );
                 h
-            }
-            Op::LinearLogprob | Op::LinearLogprobGrad { .. } => {
-                let (rows, d) = (g.ty(ops[0]).shape[0], g.ty(ops[0]).shape[1]);
-                let shape = LogprobShape {
-                    n: rows,
-                    d,
-                    vocab: g.ty(ops[1]).shape[0],
-                    seq_out: rows,
-                    seq_in: rows,
-                };
-                let (h, w, y) = (get(&ops[0])?, get(&ops[1])?, get(&ops[2])?);
-                let (lp, lse) = self.launch_linear_logprob([&h, &w, &y], rows * d, shape);
-                let Op::LinearLogprobGrad { wrt } = g.op(id) else {
-                    return Ok(lp);
-                };
-                // The forward ran for its log-sum-exp.
-                let weights = *wrt == LogprobOperand::Weight;
-                let ops = [&h, &w, &y, &lse, &get(&ops[3])?];
-                self.launch_linear_logprob_backward(ops, shape, weights)
-            }
-            Op::CausalAttention | Op::CausalAttentionGrad { .. } => {
-                let shape = AttentionShape::of(&g.ty(ops[0]).shape, g.ty(ops[1]).shape[1]);
-                let (q, k, v) = (get(&ops[0])?, get(&ops[1])?, get(&ops[2])?);
-                let (o, lse) = self.launch_attention([&q, &k, &v], shape)?;
-                let Op::CausalAttentionGrad { wrt } = g.op(id) else {
-                    return Ok(o);
-                };
-                // The forward ran for its log-sum-exp; `o` is the graph's.
-                let (o, d_o) = (get(&ops[3])?, get(&ops[4])?);
-                let kv = *wrt != AttentionOperand::Q;
-                let (dq, dkv) =
-                    self.launch_attention_backward([&q, &k, &v, &o, &lse, &d_o], shape, kv)?;
-                match (wrt, dkv) {
-                    (AttentionOperand::K, Some((dk, _))) => dk,
-                    (AttentionOperand::V, Some((_, dv))) => dv,
-                    _ => dq,
-                }
             }
             Op::OneHot { depth, .. } => {
                 let h = self.output(n);

@@ -413,6 +413,32 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
             "attention".into(),
             Traced::Attention(AttentionPart::Forward),
         ),
+        // These also run the forward kernel (for the log-sum-exp), listed
+        // where the schedule's forward is; the attention's dk/dv also the
+        // dq kernel (for the rows' delta), and two log-prob gradients two
+        // backward kernels.
+        Kernel::AttentionGrads { grads, .. } => {
+            if grads.iter().any(|(w, _)| *w != AttentionOperand::Q) {
+                (
+                    "attention_backward_kv".into(),
+                    Traced::Attention(AttentionPart::BackwardKv),
+                )
+            } else {
+                (
+                    "attention_backward_q".into(),
+                    Traced::Attention(AttentionPart::BackwardQ),
+                )
+            }
+        }
+        Kernel::LogprobGrads { grads, .. } => {
+            let weights = grads.iter().any(|(w, _)| *w == LogprobOperand::Weight);
+            let name = if weights {
+                "linear_logprob_backward_w"
+            } else {
+                "linear_logprob_backward_h"
+            };
+            (name.into(), Traced::LinearLogprobBackward { weights })
+        }
         Kernel::Node(id) => {
             match g.op(*id) {
                 // A concat is one strided copy per operand; the first stands for all.
@@ -432,26 +458,6 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
                 // It also runs the forward kernel for the log-sum-exp (and
                 // the dq kernel for dk, dv's row sums), listed where the
                 // schedule's attention forward is.
-                // It also runs the forward kernel for the log-sum-exp.
-                Op::LinearLogprobGrad { wrt } => {
-                    let weights = *wrt == LogprobOperand::Weight;
-                    let name = if weights {
-                        "linear_logprob_backward_w"
-                    } else {
-                        "linear_logprob_backward_h"
-                    };
-                    (name.into(), Traced::LinearLogprobBackward { weights })
-                }
-                Op::CausalAttentionGrad { wrt } => match wrt {
-                    AttentionOperand::Q => (
-                        "attention_backward_q".into(),
-                        Traced::Attention(AttentionPart::BackwardQ),
-                    ),
-                    _ => (
-                        "attention_backward_kv".into(),
-                        Traced::Attention(AttentionPart::BackwardKv),
-                    ),
-                },
                 _ => return None,
             }
         }

@@ -213,8 +213,36 @@ pub fn run_kernel(
             }
             vec![(*id, out)]
         }
-        Kernel::Node(id) => {
-            // A one-node graph: the node's op applied to its operands' values.
+        // Each gradient as its own node: the reference the shared device
+        // launches are checked against.
+        Kernel::AttentionGrads { grads, .. } => grads
+            .iter()
+            .map(|&(_, id)| Ok((id, node_value(g, id, inputs, values)?)))
+            .collect::<Result<_, ExecError>>()?,
+        Kernel::LogprobGrads { grads, .. } => grads
+            .iter()
+            .map(|&(_, id)| Ok((id, node_value(g, id, inputs, values)?)))
+            .collect::<Result<_, ExecError>>()?,
+        Kernel::Node(id) => vec![(*id, node_value(g, *id, inputs, values)?)],
+    })
+}
+
+/// Node `id`'s op applied to its operands' values (a one-node graph run by
+/// the CPU executor), or an input's value.
+fn node_value(
+    g: &Graph,
+    id: NodeId,
+    inputs: &HashMap<String, HostTensor>,
+    values: &HashMap<NodeId, Vec<f64>>,
+) -> Result<Vec<f64>, ExecError> {
+    let get = |id: &NodeId| -> Result<&Vec<f64>, ExecError> {
+        values
+            .get(id)
+            .ok_or(ExecError::UnknownNode { node: id.index() })
+    };
+    let id = &id;
+    {
+        {
             let mut one = Graph::new();
             let mut bound = HashMap::new();
             let mut args = vec![];
@@ -231,7 +259,7 @@ pub fn run_kernel(
                         name: name.clone(),
                         expected: ty.clone(),
                     })?;
-                    return Ok(vec![(*id, t.to_f64_vec())]);
+                    return Ok(t.to_f64_vec());
                 }
                 op => op.clone(),
             };
@@ -243,7 +271,7 @@ pub fn run_kernel(
                     message: e.to_string(),
                 })?;
             let v = execute_nodes(&one, &bound, &[out])?;
-            vec![(*id, v[0].to_f64_vec())]
+            Ok(v[0].to_f64_vec())
         }
-    })
+    }
 }
