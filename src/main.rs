@@ -347,7 +347,21 @@ fn demo(emit: Option<Emit>, dtype: DType, hidden: usize, optimise: bool) -> Resu
     Ok(())
 }
 
+/// Output into a closed pipe (`coopc inspect PLAN | head`) ends the
+/// process quietly, as it does for other command-line tools, instead of a
+/// panic in `println!` (Rust ignores SIGPIPE by default).
+#[cfg(unix)]
+fn default_sigpipe() {
+    // SAFETY: restoring a signal's default disposition at the start of
+    // `main`, before any other thread exists, has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() {
+    #[cfg(unix)]
+    default_sigpipe();
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run {

@@ -88,6 +88,26 @@ fn compile_writes_a_plan_that_reads_back_identically_and_inspects() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// Output into a closed pipe (`coopc compile … | head -1`) ends the
+/// process without a panic.
+#[test]
+fn output_into_a_closed_pipe_is_not_a_panic() {
+    let dir = tmpdir("pipe");
+    let plan = dir.join("a.plan");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_coopc"))
+        .args(["compile", example("addition.toml").to_str().unwrap(), "-o"])
+        .arg(&plan)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run coopc");
+    // Close the reading end before coopc writes its first line.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait for coopc");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 #[test]
 fn a_plan_whose_pipeline_changed_is_refused_as_stale() {
     let dir = tmpdir("stale");
