@@ -200,14 +200,7 @@ impl Decoder<'_> {
 
     /// [B, KV, T, hd] → [B, H, T, hd], query head h reading kv head h / (H / KV).
     pub(crate) fn repeat_kv(&self, g: &mut Graph, x: NodeId) -> NodeId {
-        let (h, kv) = (self.model.n_heads, self.model.n_kv_heads);
-        if h == kv {
-            return x;
-        }
-        let s = g.ty(x).shape.clone();
-        let e = g.reshape(x, vec![s[0], kv, 1, s[2], s[3]]);
-        let e = g.broadcast(e, vec![s[0], kv, h / kv, s[2], s[3]]);
-        g.reshape(e, vec![s[0], h, s[2], s[3]])
+        crate::attention::expand_kv(g, x, self.model.n_heads)
     }
 
     /// Final hidden states [B, T, d_model] (after the last RMSNorm) for ids [B, T].
