@@ -274,6 +274,16 @@ pub fn run(
         results = exec.run(&g, &inputs)?;
         times.push(t.elapsed().as_secs_f64());
     }
+    // One more run on a device, recording the most device memory in use.
+    let peak_memory = if repeat > 0 && exec.memory_peak().is_some() {
+        exec.track_memory(true);
+        exec.run(&g, &inputs)?;
+        let peak = exec.memory_peak();
+        exec.track_memory(false);
+        peak
+    } else {
+        None
+    };
     let mut tensors = BTreeMap::new();
     for (name, t) in results {
         tensors.insert(name, t);
@@ -319,11 +329,10 @@ pub fn run(
         let peak = peak_rss_bytes()
             .map(|b| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64))
             .unwrap_or_else(|| "unknown".into());
-        let device = exec
-            .memory_in_use()
+        let device = peak_memory
             .map(|b| {
                 format!(
-                    ", device memory in use {:.1} MiB",
+                    ", device memory peak {:.1} MiB (buffers in use after any kernel, one more run)",
                     b as f64 / (1u64 << 20) as f64
                 )
             })

@@ -421,6 +421,46 @@ fn device_backend() -> Box<dyn Backend> {
     }
 }
 
+/// The device memory peak a run records covers the buffers live at once:
+/// x (4 MiB, uploaded) and e = exp(x) (4 MiB) both exist when the sum
+/// reads e; a second input-sized value is never needed.
+#[test]
+fn the_device_memory_peak_counts_the_live_buffers() {
+    let d = device_backend();
+    let n = 1 << 20;
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, vec![n]);
+    let e = g.exp(x);
+    // Read e by something that is not fused with it, so it is written.
+    let s = g.sum(e, &[0], false);
+    let y = g.mul(e, e);
+    let t = g.sum(y, &[0], false);
+    let out = g.add(s, t);
+    g.set_output("out", out);
+    let mut r = rng(80);
+    let inputs = Inputs::from([(
+        "x".to_string(),
+        HostTensor::from_f64(DType::F32, vec![n], &uniform(&mut r, n, -1.0, 1.0)).unwrap(),
+    )]);
+    d.run(&g, &inputs).unwrap();
+    d.track_memory(true);
+    d.run(&g, &inputs).unwrap();
+    let peak = d.memory_peak().expect("a device backend reports it");
+    d.track_memory(false);
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    assert!(
+        mib(peak) >= 8.0,
+        "x and exp(x) are live together: {:.2} MiB",
+        mib(peak)
+    );
+    assert!(
+        mib(peak) < 32.0,
+        "nothing else of that size: {:.2} MiB",
+        mib(peak)
+    );
+    assert_eq!(CpuBackend.memory_peak(), None);
+}
+
 /// State kept between runs never crosses to the host: a value made
 /// resident once feeds run after run, outputs stay on the device unless
 /// asked for, and only what is read back is downloaded.

@@ -29,7 +29,7 @@ use cubecl::server::Handle;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use thiserror::Error;
 
@@ -159,6 +159,10 @@ pub struct Device<R: Runtime> {
     downloaded: AtomicU64,
     /// Distinguishes this device's resident values from another's.
     id: u64,
+    /// Whether [`Backend::track_memory`] is on, and the most bytes in use
+    /// after any kernel since it was turned on.
+    tracking: AtomicBool,
+    peak_in_use: AtomicU64,
 }
 
 /// Source of [`Device`] ids.
@@ -317,8 +321,18 @@ impl<R: Runtime> Backend for Device<R> {
         })
     }
 
-    fn memory_in_use(&self) -> Option<u64> {
-        self.bytes_in_use()
+    fn track_memory(&self, on: bool) {
+        let now = if on {
+            self.bytes_in_use().unwrap_or(0)
+        } else {
+            0
+        };
+        self.peak_in_use.store(now, Ordering::Relaxed);
+        self.tracking.store(on, Ordering::Relaxed);
+    }
+
+    fn memory_peak(&self) -> Option<u64> {
+        Some(self.peak_in_use.load(Ordering::Relaxed))
     }
 }
 
@@ -340,6 +354,8 @@ impl Device<cubecl::wgpu::WgpuRuntime> {
             uploaded: AtomicU64::new(0),
             downloaded: AtomicU64::new(0),
             id: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed),
+            tracking: AtomicBool::new(false),
+            peak_in_use: AtomicU64::new(0),
         })
     }
 }
@@ -372,6 +388,8 @@ impl Device<cubecl::cuda::CudaRuntime> {
             uploaded: AtomicU64::new(0),
             downloaded: AtomicU64::new(0),
             id: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed),
+            tracking: AtomicBool::new(false),
+            peak_in_use: AtomicU64::new(0),
         };
         // A client can exist without a working compiler: run one kernel.
         let mut g = Graph::new();
@@ -550,6 +568,10 @@ impl<R: Runtime> Device<R> {
                 };
                 for (id, h) in produced {
                     values.insert(id, h);
+                }
+                if self.tracking.load(Ordering::Relaxed) {
+                    let used = self.bytes_in_use().unwrap_or(0);
+                    self.peak_in_use.fetch_max(used, Ordering::Relaxed);
                 }
                 for r in kernel.reads(g) {
                     if prepared.last_use.get(&r) == Some(&k) {

@@ -120,8 +120,15 @@ pub trait Backend: Send + Sync {
         None
     }
 
-    /// Device memory its allocator holds now, for a device backend.
-    fn memory_in_use(&self) -> Option<u64> {
+    /// Starts (or stops) recording the most device memory in use: a
+    /// device backend samples its allocator after every kernel while on.
+    fn track_memory(&self, on: bool) {
+        let _ = on;
+    }
+
+    /// The most bytes of device buffers in use at once since
+    /// [`Backend::track_memory`] turned recording on; `None` for the CPU.
+    fn memory_peak(&self) -> Option<u64> {
         None
     }
 }
