@@ -23,7 +23,8 @@ pub struct Schedule {
     pub output_bytes: usize,
     /// Scheduled nodes by op name (`Op::name`).
     pub op_counts: BTreeMap<String, usize>,
-    /// Rough arithmetic count: `2·m·n·k·batch` per matmul, one per result
+    /// Rough arithmetic count: `2·m·n·k·batch` per matmul (and per product
+    /// an attention or linear log-prob op computes inside), one per result
     /// element of an arithmetic elementwise op, one per operand element of a
     /// reduction, one per update element of a scatter; data movement is free.
     pub flops: u64,
@@ -352,6 +353,17 @@ fn op_flops(g: &Graph, id: NodeId) -> u64 {
                 3
             }
         }
+        // The logits h·wᵀ (2·N·V·d); a gradient recomputes them and takes
+        // one more product of the same size.
+        Op::LinearLogprob | Op::LinearLogprobGrad { .. } => {
+            let (h, w) = (&g.ty(g.inputs(id)[0]).shape, &g.ty(g.inputs(id)[1]).shape);
+            let per = 2 * (h[0] * w[0] * h[1]) as u64;
+            per * if matches!(g.op(id), Op::LinearLogprob) {
+                1
+            } else {
+                2
+            }
+        }
         _ => 0,
     }
 }
@@ -451,6 +463,26 @@ mod tests {
         let at = |id: NodeId| sc.order.iter().position(|&n| n == id).unwrap();
         assert!(at(m) < at(first_exp), "{:?}", sc.order);
         assert_eq!(sc.peak_bytes, schedule(&build(false).0).peak_bytes);
+    }
+
+    #[test]
+    fn fused_ops_count_the_products_they_compute() {
+        use crate::ir::{AttentionOperand, LogprobOperand};
+        let mut g = Graph::new();
+        let q = g.input("q", DType::F32, vec![1, 2, 3, 4]);
+        let kv = g.input("kv", DType::F32, vec![1, 1, 3, 4]);
+        let o = g.causal_attention(q, kv, kv);
+        let dq = g.causal_attention_grad(AttentionOperand::Q, [q, kv, kv, o], o);
+        let h = g.input("h", DType::F32, vec![3, 4]);
+        let w = g.input("w", DType::F32, vec![5, 4]);
+        let y = g.input("y", DType::I32, vec![3]);
+        let lp = g.linear_logprob(h, w, y);
+        let dw = g.linear_logprob_grad(LogprobOperand::Weight, [h, w, y], lp);
+        g.set_output("dq", dq);
+        g.set_output("dw", dw);
+        // Attention: 2·B·H·T²·hd = 144 per product, 2 forward, 3 gradient;
+        // log-prob: 2·N·V·d = 120, 1 forward, 2 gradient.
+        assert_eq!(schedule(&g).flops, 144 * 5 + 120 * 3);
     }
 
     #[test]
