@@ -177,6 +177,27 @@ fn device_peak_follows_kernel_liveness() {
     assert_eq!(fused2.device_peak_bytes(&g2), 128 + 64 + 64 + 64);
 }
 
+/// The attention gradients' launches use scratch buffers besides their
+/// outputs (the forward's output and log-sum-exp, the rows' delta, the
+/// gradients no node asked for), which count while they run.
+#[test]
+fn device_peak_counts_the_scratch_of_gradient_kernels() {
+    use coopc_compiler::ir::AttentionOperand;
+    let mut g = Graph::new();
+    let q = g.input("q", DType::F32, vec![1, 2, 8, 4]); // 256 B, 16 rows
+    let kv = g.input("kv", DType::F32, vec![1, 1, 8, 4]); // 128 B
+    let d_o = g.input("do", DType::F32, vec![1, 2, 8, 4]); // 256 B
+    let o = g.causal_attention(q, kv, kv); // 256 B, scratch: lse 64 B
+    let dk = g.causal_attention_grad(AttentionOperand::K, [q, kv, kv, o], d_o); // 128 B
+    g.set_output("dk", dk);
+    let fused = fuse(&g, &schedule(&g).order);
+    let inputs = 256 + 128 + 256;
+    // At the gradient: o and dk, and the scratch: the forward's o and lse,
+    // delta, dq and the unasked dv.
+    let scratch = 256 + 64 + 64 + 256 + 128;
+    assert_eq!(fused.device_peak_bytes(&g), inputs + 256 + 128 + scratch);
+}
+
 /// A broadcast read by several kernels is never written out: each reader's
 /// program loads its source through the broadcast's index map.
 #[test]

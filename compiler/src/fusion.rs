@@ -282,6 +282,38 @@ impl Kernel {
         }
     }
 
+    /// Bytes of device buffers the kernel's launches use besides what it
+    /// reads and writes, freed when it ends (f32): the per-row log-sum-exp
+    /// of the attention and log-prob kernels, and for their gradients the
+    /// forward's discarded output, the rows' delta, and the sibling
+    /// gradients the backward kernels compute but no node asked for.
+    pub fn scratch_bytes(&self, g: &Graph) -> usize {
+        let n = |id: &NodeId| g.ty(*id).numel();
+        let elems = match self {
+            Kernel::Attention { q, .. } => n(q) / g.ty(*q).shape[3].max(1),
+            Kernel::LinearLogprob { id, .. } => n(id),
+            Kernel::AttentionGrads { inputs, grads, .. } => {
+                let [q, k] = [&inputs[0], &inputs[1]];
+                let rows = n(q) / g.ty(*q).shape[3].max(1);
+                let asked = |w| grads.iter().any(|(x, _)| *x == w);
+                let kv = asked(AttentionOperand::K) || asked(AttentionOperand::V);
+                // o and lse of the forward, delta; dq unless asked; dk or dv
+                // when only the other is asked.
+                n(q) + 2 * rows
+                    + if asked(AttentionOperand::Q) { 0 } else { n(q) }
+                    + if kv && !(asked(AttentionOperand::K) && asked(AttentionOperand::V)) {
+                        n(k)
+                    } else {
+                        0
+                    }
+            }
+            // The forward's log-probs and log-sum-exp.
+            Kernel::LogprobGrads { inputs, .. } => 2 * g.ty(inputs[0]).shape[0],
+            _ => 0,
+        };
+        4 * elems
+    }
+
     /// Nodes whose values this kernel reads.
     pub fn reads(&self, g: &Graph) -> Vec<NodeId> {
         match self {
@@ -353,8 +385,9 @@ impl FusedSchedule {
     /// with the prepared graph after its first run); a kernel's outputs are
     /// allocated when it runs and freed after the last kernel that reads
     /// them; a reshape (or stop-gradient, barrier) shares its operand's
-    /// buffer; the outputs live to the end. A lower
-    /// bound on what the allocator holds, which also rounds and pools.
+    /// buffer; the outputs live to the end; a kernel's scratch buffers
+    /// ([`Kernel::scratch_bytes`]) count while it runs. A lower bound on
+    /// what the allocator holds, which also rounds and pools.
     pub fn device_peak_bytes(&self, g: &Graph) -> usize {
         self.simulate_device(g, None).0
     }
@@ -416,8 +449,8 @@ impl FusedSchedule {
                 };
                 buffer_of.insert(id, b);
             }
-            if live > peak {
-                (peak, peak_at) = (live, k);
+            if live + kernel.scratch_bytes(g) > peak {
+                (peak, peak_at) = (live + kernel.scratch_bytes(g), k);
             }
             if at == Some(k) {
                 snapshot = Some(buffers.iter().filter(|b| b.1 > 0).map(|b| b.2).collect());
