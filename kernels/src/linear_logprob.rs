@@ -1,66 +1,101 @@
 //! Fused linear log-prob, forward: `logprob[t] = h[t]·W[y_t] − logsumexp_v
 //! h[t]·W[v]` for hidden states `h [T, d]`, an LM head `W [V, d]` and
-//! targets `y [T]`, without ever materialising the `[T, V]` logits. One cube
-//! per token: its units stride over the vocabulary keeping an online
-//! (max, Σexp) pair each, then merge the pairs in shared memory. Memory is
-//! `O(T)` whatever the vocabulary; the log-sum-exp is written too, for the
-//! backward pass.
+//! targets `y [T]`, without ever materialising the `[T, V]` logits; and its
+//! backward, `dh` and `dW` of `Σ_t g[t] · logprob[t]`, recomputing the
+//! logits from the forward's per-token log-sum-exp.
 //!
-//! Written for correctness first: each unit computes whole dot products
-//! serially and reads rows of W with a stride of d between neighbouring
-//! units (uncoalesced). Reaching its bound (2·T·V·d FLOPs, compute-bound at
-//! these shapes) needs tiles of tokens × vocabulary staged in shared memory,
-//! as a GEMM does.
+//! All three kernels walk the `[T, V]` logits in `TILE × TILE` tiles, each
+//! computed as a tiled matrix product (`TILE`-wide panels of h and W staged
+//! in shared memory, as `matmul_tiled` does), so a row of W is read once
+//! per `TILE` tokens and a row of h once per `TILE` vocabulary rows:
 //!
-//! The backward pass is two kernels of the same shape, recomputing the
-//! logits chunk by chunk from `lse` instead of storing them: one cube per
-//! token for `dh`, one cube per vocabulary row for `dW`.
+//! - forward: a cube per `TILE` tokens sweeps the vocabulary tile by tile,
+//!   folding each tile's logits into an online (max, Σexp) per token;
+//! - backward `dh`: a cube per `TILE` tokens sweeps the vocabulary, turns
+//!   each tile into `C = g (1[v = y] − p)` and adds `C · W[tile]` to its
+//!   rows of dh;
+//! - backward `dW`: a cube per `TILE` vocabulary rows sweeps the tokens and
+//!   adds `Cᵀ · h[tile]` to its rows of dW.
+//!
+//! Memory is `O(T)` beyond the operands whatever the vocabulary. Written
+//! for correctness first: `TILE` is 16 and each unit computes one logit of
+//! a tile (no register blocking), so the kernels run at about the rate of
+//! the tiled matmul, not of a tuned GEMM.
 //!
 //! The device executor runs the IR's `linear_logprob` op (and a matched
 //! log-softmax-of-logits subgraph) with the forward kernel, and each
 //! `linear_logprob_grad` op with the forward (for the log-sum-exp) and one
 //! backward kernel. A target outside `0..V` makes its row NaN.
 
-use crate::device::{arg, cubes, Device, DeviceError};
+use crate::device::{arg, Device, DeviceError};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-/// Units per cube.
-pub const LOGPROB_BLOCK: usize = 256;
+/// Tile edge: cubes are `TILE × TILE` units.
+pub const LOGPROB_TILE: usize = 16;
 
-/// The log-sum-exp over a cube of each unit's online `(max m, Σ exp(x −
-/// m))` pair: the pairs are merged pairwise in `maxes`/`sums` (shared,
-/// one slot per unit); every unit gets the result.
+/// `a[at]` when `inside`, else 0 (`at` is not read then).
 #[cube]
-pub(crate) fn cube_log_sum_exp(
-    m: f32,
-    s: f32,
-    maxes: &mut SharedMemory<f32>,
-    sums: &mut SharedMemory<f32>,
-    tid: usize,
-) -> f32 {
-    maxes[tid] = m;
-    sums[tid] = s;
-    sync_cube();
-    let mut stride = (CUBE_DIM / 2) as usize;
-    while stride > 0usize {
-        if tid < stride {
-            let (m1, m2) = (maxes[tid], maxes[tid + stride]);
-            let mn = max(m1, m2);
-            sums[tid] = sums[tid] * (m1 - mn).exp() + sums[tid + stride] * (m2 - mn).exp();
-            maxes[tid] = mn;
-        }
-        sync_cube();
-        stride /= 2usize;
-    }
-    maxes[0usize] + sums[0usize].ln()
+fn load_or_zero(a: &Array<f32>, at: usize, inside: bool) -> f32 {
+    let v = a[select(inside, at, 0usize)];
+    select(inside, v, f32::new(0.0))
 }
 
-/// Launch with one cube per token and `CubeDim(block)`; `block` a power of
-/// two. Targets are whole numbers in `0..vocab`. Token `t` reads row
-/// `(t / seq_out) · seq_in + t % seq_out` of `h` (sequences of `seq_in`
-/// hidden states of which the first `seq_out` are scored; `seq_out =
-/// seq_in` for all of them).
+/// `Σ_k x[xr + k] · w[wr + k]` over `k < d` for this unit: the logit of
+/// row `xr / d` of x (unit row `ty`) and row `wr / d` of w (unit column
+/// `tx`), through `tile`-wide panels staged in `sx` and `sw`. Every unit of
+/// the cube must call it (it synchronises); `x_ok` / `w_ok` say whether
+/// the unit's rows exist.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn tile_logit(
+    x: &Array<f32>,
+    x_row: usize,
+    x_ok: bool,
+    w: &Array<f32>,
+    w_row: usize,
+    w_ok: bool,
+    d: usize,
+    sx: &mut SharedMemory<f32>,
+    sw: &mut SharedMemory<f32>,
+    #[comptime] tile: usize,
+) -> f32 {
+    let tx = UNIT_POS_X as usize;
+    let ty = UNIT_POS_Y as usize;
+    let mut acc = f32::cast_from(UNIT_POS_X) * f32::new(0.0);
+    let mut k0 = (UNIT_POS_X * 0) as usize;
+    while k0 < d {
+        let kc = k0 + tx;
+        // sx: row ty of x's panel; sw: row ty of w's panel (read as
+        // column tx below).
+        sx[ty * tile + tx] = load_or_zero(x, x_row + kc, x_ok && kc < d);
+        sw[ty * tile + tx] = load_or_zero(w, w_row + kc, w_ok && kc < d);
+        sync_cube();
+        for q in 0..tile {
+            acc += sx[ty * tile + q] * sw[tx * tile + q];
+        }
+        sync_cube();
+        k0 += tile;
+    }
+    acc
+}
+
+/// Whether a target (stored as f32) is a token id in `0..vocab`, and that
+/// id (0 when it is not).
+#[cube]
+fn target_id(y: f32, vocab: usize) -> (bool, usize) {
+    let inside = y >= f32::new(0.0) && y < f32::cast_from(vocab as u32);
+    (
+        inside,
+        u32::cast_from(select(inside, y, f32::new(0.0))) as usize,
+    )
+}
+
+/// Launch with `CubeDim(tile, tile)` and `ceil(T / tile)` cubes. Unit
+/// `(ty, tx)` scores token `tile · cube + ty` against vocabulary column
+/// `tx` of each tile. Token `t` reads row `(t / seq_out) · seq_in + t %
+/// seq_out` of `h` (sequences of `seq_in` hidden states of which the first
+/// `seq_out` are scored; `seq_out = seq_in` for all of them).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn linear_logprob_forward(
@@ -74,58 +109,67 @@ pub fn linear_logprob_forward(
     vocab: u32,
     seq_out: u32,
     seq_in: u32,
-    #[comptime] block: usize,
+    #[comptime] tile: usize,
 ) {
-    let t = CUBE_POS;
-    // A whole cube takes the same branch, so its barriers stay uniform.
-    if t >= n_tokens as usize {
-        terminate!();
-    }
-    let tid = UNIT_POS as usize;
-    let d = d as usize;
-    let vocab = vocab as usize;
-    // A target outside 0..vocab gives NaN, as a checked gather does.
-    let tf = targets[t];
-    let inside = tf >= f32::new(0.0) && tf < f32::cast_from(vocab as u32);
-    let target = u32::cast_from(select(inside, tf, f32::new(0.0))) as usize;
-    // Token t's row of h: rows come in sequences of `seq_in`, of which the
-    // first `seq_out` are scored (all of them when the two are equal).
-    let h0 = ((t / seq_out as usize) * seq_in as usize + t % seq_out as usize) * d;
-    let mut maxes = SharedMemory::<f32>::new(block);
-    let mut sums = SharedMemory::<f32>::new(block);
-    let mut target_logit = SharedMemory::<f32>::new(1usize);
-    // Run-time constants (WGSL has no literal for −∞; mutable variables
-    // must start from run-time values).
-    let zero = h[h0] * f32::new(0.0);
-    let mut m = zero - f32::new(3.0e38);
+    let tx = UNIT_POS_X as usize;
+    let ty = UNIT_POS_Y as usize;
+    let (n, d, vocab) = (n_tokens as usize, d as usize, vocab as usize);
+    let tok = CUBE_POS_X as usize * tile + ty;
+    let tok_ok = tok < n;
+    let tc = select(tok_ok, tok, 0usize);
+    let h_row = ((tc / seq_out as usize) * seq_in as usize + tc % seq_out as usize) * d;
+    let (inside, target) = target_id(targets[tc], vocab);
+    let mut sx = SharedMemory::<f32>::new(tile * tile);
+    let mut sw = SharedMemory::<f32>::new(tile * tile);
+    let mut sz = SharedMemory::<f32>::new(tile * tile);
+    let mut target_logit = SharedMemory::<f32>::new(tile);
+    // Run-time constants (WGSL has no literal for −∞).
+    let zero = f32::cast_from(UNIT_POS_X) * f32::new(0.0);
+    let lowest = zero - f32::new(3.0e38);
+    let mut m = lowest;
     let mut s = zero;
-    let mut v = tid;
-    while v < vocab {
-        let mut z = zero;
-        let mut j = tid * 0usize;
-        while j < d {
-            z += h[h0 + j] * w[v * d + j];
-            j += 1usize;
-        }
+    let mut v0 = (UNIT_POS_X * 0) as usize;
+    while v0 < vocab {
+        let w_row = v0 + ty;
+        let z = tile_logit(
+            h,
+            h_row,
+            tok_ok,
+            w,
+            w_row * d,
+            w_row < vocab,
+            d,
+            &mut sx,
+            &mut sw,
+            tile,
+        );
+        let v = v0 + tx;
+        sz[ty * tile + tx] = select(v < vocab, z, lowest);
         if v == target {
-            target_logit[0usize] = z;
+            target_logit[ty] = z;
         }
-        let mn = max(m, z);
-        s = s * (m - mn).exp() + (z - mn).exp();
-        m = mn;
-        v += block;
+        sync_cube();
+        if tx == 0 {
+            for q in 0..tile {
+                let zq = sz[ty * tile + q];
+                let mn = max(m, zq);
+                s = s * (m - mn).exp() + (zq - mn).exp();
+                m = mn;
+            }
+        }
+        sync_cube();
+        v0 += tile;
     }
-    let l = cube_log_sum_exp(m, s, &mut maxes, &mut sums, tid);
-    if tid == 0 {
-        lse[t] = l;
-        logprob[t] = select(inside, target_logit[0usize] - l, zero / zero);
+    if tx == 0 && tok_ok {
+        let l = m + s.ln();
+        lse[tok] = l;
+        logprob[tok] = select(inside, target_logit[ty] - l, zero / zero);
     }
 }
 
-/// `dh[t] = g[t] · (W[y_t] − Σ_v p_tv W[v])` with `p_tv = exp(h[t]·W[v] −
-/// lse[t])`. One cube per token; each chunk of `block` vocabulary rows is
-/// scored into shared memory, then every unit adds the chunk's share to the
-/// columns it owns.
+/// `dh[t] = Σ_v C[t, v] · W[v]` with `C = g[t] (1[v = y_t] − exp(h[t]·W[v]
+/// − lse[t]))`. Launch as [`linear_logprob_forward`]; `h` is `[T, d]`.
+/// Unit `(ty, tx)` owns columns `tx, tx + tile, …` of token `ty`'s row.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn linear_logprob_backward_h(
@@ -138,60 +182,68 @@ pub fn linear_logprob_backward_h(
     n_tokens: u32,
     d: u32,
     vocab: u32,
-    #[comptime] block: usize,
+    #[comptime] tile: usize,
 ) {
-    let t = CUBE_POS;
-    if t >= n_tokens as usize {
-        terminate!();
-    }
-    let tid = UNIT_POS as usize;
-    let d = d as usize;
-    let vocab = vocab as usize;
+    let tx = UNIT_POS_X as usize;
+    let ty = UNIT_POS_Y as usize;
+    let (n, d, vocab) = (n_tokens as usize, d as usize, vocab as usize);
+    let tok = CUBE_POS_X as usize * tile + ty;
+    let tok_ok = tok < n;
+    let tc = select(tok_ok, tok, 0usize);
+    let (inside, target) = target_id(targets[tc], vocab);
+    let zero = f32::cast_from(UNIT_POS_X) * f32::new(0.0);
     // A target outside 0..vocab makes the row NaN, as in the forward.
-    let tf = targets[t];
-    let inside = tf >= f32::new(0.0) && tf < f32::cast_from(vocab as u32);
-    let target = u32::cast_from(select(inside, tf, f32::new(0.0))) as usize;
-    let zero = h[t * d] * f32::new(0.0);
-    let (l, g) = (lse[t], select(inside, grad[t], zero / zero));
-    let mut p = SharedMemory::<f32>::new(block);
-    // dh starts as g·W[y_t].
-    let mut j = tid;
+    let (l, g) = (lse[tc], select(inside, grad[tc], zero / zero));
+    let mut sx = SharedMemory::<f32>::new(tile * tile);
+    let mut sw = SharedMemory::<f32>::new(tile * tile);
+    let mut sc = SharedMemory::<f32>::new(tile * tile);
+    let mut j = tx;
     while j < d {
-        dh[t * d + j] = g * w[target * d + j];
-        j += block;
-    }
-    let mut v0 = tid * 0usize;
-    while v0 < vocab {
-        let v = v0 + tid;
-        let mut z = zero;
-        if v < vocab {
-            let mut k = tid * 0usize;
-            while k < d {
-                z += h[t * d + k] * w[v * d + k];
-                k += 1usize;
-            }
+        if tok_ok {
+            dh[tok * d + j] = zero;
         }
-        p[tid] = select(v < vocab, (z - l).exp(), zero);
+        j += tile;
+    }
+    let mut v0 = (UNIT_POS_X * 0) as usize;
+    while v0 < vocab {
+        let w_row = v0 + ty;
+        let z = tile_logit(
+            h,
+            tc * d,
+            tok_ok,
+            w,
+            w_row * d,
+            w_row < vocab,
+            d,
+            &mut sx,
+            &mut sw,
+            tile,
+        );
+        let v = v0 + tx;
+        let hit = select(v == target, f32::new(1.0), zero);
+        sc[ty * tile + tx] = select(v < vocab, g * (hit - (z - l).exp()), zero);
         sync_cube();
-        let mut j2 = tid;
+        let mut j2 = tx;
         while j2 < d {
             let mut acc = zero;
-            let mut c = tid * 0usize;
-            while c < block && v0 + c < vocab {
-                acc += p[c] * w[(v0 + c) * d + j2];
-                c += 1usize;
+            for c in 0..tile {
+                let vc = v0 + c;
+                acc += sc[ty * tile + c] * load_or_zero(w, vc * d + j2, vc < vocab);
             }
-            dh[t * d + j2] -= g * acc;
-            j2 += block;
+            if tok_ok {
+                dh[tok * d + j2] += acc;
+            }
+            j2 += tile;
         }
         sync_cube();
-        v0 += block;
+        v0 += tile;
     }
 }
 
-/// `dW[v] = Σ_t g[t] · (1[y_t = v] − p_tv) · h[t]`. One cube per vocabulary
-/// row; each chunk of `block` tokens is scored into shared memory, then
-/// every unit adds the chunk's share to the columns it owns.
+/// `dW[v] = Σ_t C[t, v] · h[t]` (C as in [`linear_logprob_backward_h`]).
+/// Launch with `CubeDim(tile, tile)` and `ceil(V / tile)` cubes; unit
+/// `(ty, tx)` scores vocabulary row `tile · cube + ty` against token `tx`
+/// of each tile of tokens and owns columns `tx, tx + tile, …` of its row.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn linear_logprob_backward_w(
@@ -204,57 +256,70 @@ pub fn linear_logprob_backward_w(
     n_tokens: u32,
     d: u32,
     vocab: u32,
-    #[comptime] block: usize,
+    #[comptime] tile: usize,
 ) {
-    let v = CUBE_POS;
-    if v >= vocab as usize {
-        terminate!();
-    }
-    let tid = UNIT_POS as usize;
-    let d = d as usize;
-    let n_tokens = n_tokens as usize;
-    let mut coef = SharedMemory::<f32>::new(block);
-    let zero = w[v * d] * f32::new(0.0);
-    let mut j = tid;
+    let tx = UNIT_POS_X as usize;
+    let ty = UNIT_POS_Y as usize;
+    let (n, d, vocab) = (n_tokens as usize, d as usize, vocab as usize);
+    let v = CUBE_POS_X as usize * tile + ty;
+    let v_ok = v < vocab;
+    let vc = select(v_ok, v, 0usize);
+    let zero = f32::cast_from(UNIT_POS_X) * f32::new(0.0);
+    let mut sx = SharedMemory::<f32>::new(tile * tile);
+    let mut sw = SharedMemory::<f32>::new(tile * tile);
+    let mut sc = SharedMemory::<f32>::new(tile * tile);
+    let mut j = tx;
     while j < d {
-        dw[v * d + j] = zero;
-        j += block;
-    }
-    let mut t0 = tid * 0usize;
-    while t0 < n_tokens {
-        let t = t0 + tid;
-        let mut c = zero;
-        if t < n_tokens {
-            let mut z = zero;
-            let mut k = tid * 0usize;
-            while k < d {
-                z += h[t * d + k] * w[v * d + k];
-                k += 1usize;
-            }
-            // A target outside 0..vocab makes its token's share NaN.
-            let tf = targets[t];
-            let inside = tf >= f32::new(0.0) && tf < f32::cast_from(vocab);
-            let target = u32::cast_from(select(inside, tf, f32::new(0.0))) as usize;
-            let hit = select(target == v, f32::new(1.0), zero);
-            let gt = select(inside, grad[t], zero / zero);
-            c = gt * (hit - (z - lse[t]).exp());
+        if v_ok {
+            dw[v * d + j] = zero;
         }
-        coef[tid] = c;
+        j += tile;
+    }
+    let mut t0 = (UNIT_POS_X * 0) as usize;
+    while t0 < n {
+        // Row ty of the h panel is token t0 + ty; the logit of unit
+        // (ty, tx) is W[v] · h[t0 + tx].
+        let h_row = t0 + ty;
+        let z = tile_logit(
+            w,
+            vc * d,
+            v_ok,
+            h,
+            h_row * d,
+            h_row < n,
+            d,
+            &mut sx,
+            &mut sw,
+            tile,
+        );
+        let tok = t0 + tx;
+        let tk = select(tok < n, tok, 0usize);
+        let (inside, target) = target_id(targets[tk], vocab);
+        // A target outside 0..vocab makes its token's share NaN.
+        let g = select(inside, grad[tk], zero / zero);
+        let hit = select(target == v, f32::new(1.0), zero);
+        sc[ty * tile + tx] = select(tok < n, g * (hit - (z - lse[tk]).exp()), zero);
         sync_cube();
-        let mut j2 = tid;
+        let mut j2 = tx;
         while j2 < d {
             let mut acc = zero;
-            let mut r = tid * 0usize;
-            while r < block && t0 + r < n_tokens {
-                acc += coef[r] * h[(t0 + r) * d + j2];
-                r += 1usize;
+            for c in 0..tile {
+                let tq = t0 + c;
+                acc += sc[ty * tile + c] * load_or_zero(h, tq * d + j2, tq < n);
             }
-            dw[v * d + j2] += acc;
-            j2 += block;
+            if v_ok {
+                dw[v * d + j2] += acc;
+            }
+            j2 += tile;
         }
         sync_cube();
-        t0 += block;
+        t0 += tile;
     }
+}
+
+/// One cube per `LOGPROB_TILE` rows.
+fn tiles(rows: usize) -> CubeCount {
+    CubeCount::Static((rows.div_ceil(LOGPROB_TILE)) as u32, 1, 1)
 }
 
 /// Every target a whole number in `0..vocab`.
@@ -293,8 +358,8 @@ impl<R: Runtime> Device<R> {
         let (out, lse) = (self.output(s.n), self.output(s.n));
         linear_logprob_forward::launch::<R>(
             self.client(),
-            cubes(s.n),
-            CubeDim::new_1d(LOGPROB_BLOCK as u32),
+            tiles(s.n),
+            CubeDim::new_2d(LOGPROB_TILE as u32, LOGPROB_TILE as u32),
             arg(h, h_len),
             arg(w, s.vocab * s.d),
             arg(targets, s.n),
@@ -305,7 +370,7 @@ impl<R: Runtime> Device<R> {
             s.vocab as u32,
             s.seq_out as u32,
             s.seq_in as u32,
-            LOGPROB_BLOCK,
+            LOGPROB_TILE,
         );
         (out, lse)
     }
@@ -324,8 +389,8 @@ impl<R: Runtime> Device<R> {
             let dw = self.output(vocab * d);
             linear_logprob_backward_w::launch::<R>(
                 self.client(),
-                cubes(vocab),
-                CubeDim::new_1d(LOGPROB_BLOCK as u32),
+                tiles(vocab),
+                CubeDim::new_2d(LOGPROB_TILE as u32, LOGPROB_TILE as u32),
                 a(h, n * d),
                 a(w, vocab * d),
                 a(targets, n),
@@ -335,15 +400,15 @@ impl<R: Runtime> Device<R> {
                 n as u32,
                 d as u32,
                 vocab as u32,
-                LOGPROB_BLOCK,
+                LOGPROB_TILE,
             );
             dw
         } else {
             let dh = self.output(n * d);
             linear_logprob_backward_h::launch::<R>(
                 self.client(),
-                cubes(n),
-                CubeDim::new_1d(LOGPROB_BLOCK as u32),
+                tiles(n),
+                CubeDim::new_2d(LOGPROB_TILE as u32, LOGPROB_TILE as u32),
                 a(h, n * d),
                 a(w, vocab * d),
                 a(targets, n),
@@ -353,7 +418,7 @@ impl<R: Runtime> Device<R> {
                 n as u32,
                 d as u32,
                 vocab as u32,
-                LOGPROB_BLOCK,
+                LOGPROB_TILE,
             );
             dh
         }

@@ -9,7 +9,7 @@ use crate::attention::{
 use crate::device::BLOCK;
 use crate::elementwise::elementwise_program;
 use crate::linear_logprob::{
-    linear_logprob_backward_h, linear_logprob_backward_w, linear_logprob_forward, LOGPROB_BLOCK,
+    linear_logprob_backward_h, linear_logprob_backward_w, linear_logprob_forward, LOGPROB_TILE,
 };
 use crate::matmul::{matmul_tiled, TILE};
 use crate::movement::{
@@ -228,9 +228,12 @@ impl Traced {
                     v,
                     so,
                     si,
-                    LOGPROB_BLOCK,
+                    LOGPROB_TILE,
                 );
-                b.build(settings(name, CubeDim::new_1d(LOGPROB_BLOCK as u32)))
+                b.build(settings(
+                    name,
+                    CubeDim::new_2d(LOGPROB_TILE as u32, LOGPROB_TILE as u32),
+                ))
             }
             Traced::LinearLogprobBackward { weights } => {
                 let mut ins = (0..5).map(|_| <Array<f32> as LaunchArg>::expand(&array(), &mut b));
@@ -255,7 +258,7 @@ impl Traced {
                         t,
                         d,
                         v,
-                        LOGPROB_BLOCK,
+                        LOGPROB_TILE,
                     );
                 } else {
                     linear_logprob_backward_h::expand(
@@ -269,10 +272,13 @@ impl Traced {
                         t,
                         d,
                         v,
-                        LOGPROB_BLOCK,
+                        LOGPROB_TILE,
                     );
                 }
-                b.build(settings(name, CubeDim::new_1d(LOGPROB_BLOCK as u32)))
+                b.build(settings(
+                    name,
+                    CubeDim::new_2d(LOGPROB_TILE as u32, LOGPROB_TILE as u32),
+                ))
             }
             Traced::Attention(part) => {
                 let n_in = match part {
