@@ -10,7 +10,9 @@
 # (the bench binary of benches/device.rs, from `cargo bench --bench device
 # --no-run`). Results go to $OUT (default ./gpu-check-out): the CUDA kernel
 # suite's log, the emitted kernels, a timing table of one meta-step per
-# bench pipeline on cuda vs the CPU, the fused linear log-prob and attention
+# bench pipeline on cuda vs the CPU (with the process's peak RSS and, on
+# cuda, the device memory peak of one extra run — the medium truncated
+# pipeline's is what the 24 GB target is about), the fused linear log-prob and attention
 # benches, the metrics of a short training run of the default example on
 # both (STEPS meta-steps, default 100), and last the medium pipelines on
 # CUDA (MEDIUM=0 skips them; MEDIUM_REPEAT, MEDIUM_TIMEOUT).
