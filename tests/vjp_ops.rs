@@ -543,3 +543,25 @@ fn linear_logprob_grad_rule_by_row_blocks_equals_the_whole() {
         }
     }
 }
+
+#[test]
+fn linear_logprob_refuses_operands_that_do_not_fit() {
+    use coopc_compiler::ir::Op;
+    let mut g = Graph::new();
+    let h = g.input("h", DType::F32, vec![3, 4]);
+    let w = g.input("w", DType::F32, vec![5, 4]);
+    let y = g.input("y", DType::I32, vec![3]);
+    let h0 = g.input("h0", DType::F32, vec![3, 0]);
+    let w0 = g.input("w0", DType::F32, vec![5, 0]);
+    let w3 = g.input("w3", DType::F32, vec![5, 3]);
+    let yf = g.input("yf", DType::F32, vec![3]);
+    assert!(g.try_add_op(Op::LinearLogprob, &[h, w, y]).is_ok());
+    for (what, ops) in [
+        ("no features", [h0, w0, y]),
+        ("feature sizes differ", [h, w3, y]),
+        ("float targets", [h, w, yf]),
+    ] {
+        let e = g.try_add_op(Op::LinearLogprob, &ops).unwrap_err();
+        assert!(e.to_string().contains("linear_logprob"), "{what}: {e}");
+    }
+}

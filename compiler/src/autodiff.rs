@@ -186,14 +186,16 @@ pub fn linear_logprob_grad_vjp(
     let (mut dh, mut dg, mut dw) = (vec![], vec![], None);
     for r0 in (0..n).step_by(rows.max(1)) {
         let r1 = (r0 + rows).min(n);
-        // Behind a barrier per operand, so that CSE does not share a
-        // block's logits between the h and the w rule (the two run at
+        // Behind barriers per operand, so that CSE does not share a
+        // block's logit-sized values between the h and the w rule (the two run at
         // different points of the adjoint sweep; shared, every block's
         // logits would be alive in between).
+        let tag = LOGPROB_BLOCK_TAG + wrt.slot() as u32;
         let hc = g.slice_axis(h, 0, r0, r1);
-        let hc = g.barrier(hc, LOGPROB_BLOCK_TAG + wrt.slot() as u32);
+        let hc = g.barrier(hc, tag);
         let yc = g.slice_axis(y, 0, r0, r1);
         let gc = g.slice_axis(gr, 0, r0, r1);
+        let gc = g.barrier(gc, tag);
         let r = reference_grad(g, wrt, [hc, w, yc], gc);
         let seed = match wrt {
             LogprobOperand::Hidden => g.slice_axis(gout, 0, r0, r1),

@@ -900,6 +900,7 @@ fn check_logprob(h: &TensorType, w: &TensorType, targets: &TensorType) -> Result
         && w.rank() == 2
         && w.dtype == h.dtype
         && w.shape[1] == h.shape[1]
+        && h.shape[1] > 0
         && w.shape[0] > 0
         && targets.dtype == DType::I32
         && targets.shape[..] == h.shape[..1];
@@ -907,7 +908,7 @@ fn check_logprob(h: &TensorType, w: &TensorType, targets: &TensorType) -> Result
         Ok(())
     } else {
         Err(format!(
-            "needs float h [N, d], w [V, d] of its dtype and i32 targets [N], got {h}, {w}, {targets}"
+            "needs float h [N, d], w [V, d] of its dtype (d, V ≥ 1) and i32 targets [N], got {h}, {w}, {targets}"
         ))
     }
 }
