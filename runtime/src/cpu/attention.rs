@@ -1,16 +1,18 @@
-//! Causal softmax attention and its gradients, row by row: the `[T, T]`
-//! probabilities are recomputed from each query row's log-sum-exp where
-//! they are needed and never stored. Layouts (row-major): `q, o, do` are
+//! Causal softmax attention and its gradients, one head at a time: a
+//! head's `[T, T]` probabilities are recomputed by the GEMM into scratch
+//! memory where they are needed and freed with the head, so no
+//! `[B, H, T, T]` buffer ever exists. Layouts (row-major): `q, o, do` are
 //! `[B, H, T, hd]`, `k, v` are `[B, H_kv, T, hd]`; query head `h` reads
 //! key/value head `h / (H / H_kv)`.
 //!
-//! Every output row is computed by one task with a fixed sequence of
-//! operations, so results do not depend on the number of threads.
+//! Heads run in parallel, each output head computed by one task with a
+//! fixed sequence of operations, so results do not depend on the number of
+//! threads.
 
-use super::{for_chunks, PAR_GRAIN, PAR_MIN_ELEMS};
+use super::for_chunks;
+use super::matmul::{matmul_t, Gemm};
 use crate::tensor::Element;
-use coopc_compiler::ir::AttentionOperand;
-use num_traits::Float;
+use coopc_compiler::ir::{AttentionOperand, BinaryOp};
 
 /// Sizes of one attention.
 #[derive(Clone, Copy, Debug)]
@@ -38,155 +40,128 @@ impl Dims {
         self.heads / self.kv_heads.max(1)
     }
 
-    /// First element of query row `r` (over `[B, H, T]`).
-    fn q_row(&self, r: usize) -> usize {
-        r * self.head_dim
+    /// Elements of one head's `[T, hd]` block.
+    fn head_len(&self) -> usize {
+        self.seq * self.head_dim
     }
 
-    /// First element of key/value row `j` of the head that query row `r`
-    /// (over `[B, H, T]`) reads.
-    fn kv_row(&self, r: usize, j: usize) -> usize {
-        let bh = r / self.seq;
-        let kvh = (bh / self.heads) * self.kv_heads + (bh % self.heads) / self.group();
-        (kvh * self.seq + j) * self.head_dim
+    /// Query head `qh` (over `[B, H]`) as a slice of `x` (`[B, H, T, hd]`).
+    fn q_head<'a, T>(&self, x: &'a [T], qh: usize) -> &'a [T] {
+        &x[qh * self.head_len()..(qh + 1) * self.head_len()]
     }
 
-    fn scale<T: Float>(&self) -> T {
+    /// The key/value head query head `qh` reads, as a slice of `x`
+    /// (`[B, H_kv, T, hd]`).
+    fn kv_of<'a, T>(&self, x: &'a [T], qh: usize) -> &'a [T] {
+        let kvh = (qh / self.heads) * self.kv_heads + (qh % self.heads) / self.group();
+        &x[kvh * self.head_len()..(kvh + 1) * self.head_len()]
+    }
+
+    fn scale<T: Gemm>(&self) -> T {
         T::one() / T::from(self.head_dim).unwrap().sqrt()
     }
-
-    /// Rows per parallel task for work `per_row` elements per row, and
-    /// whether to split at all.
-    fn tasks(&self, rows: usize, per_row: usize) -> (usize, bool) {
-        let chunk = (PAR_GRAIN / per_row.max(1)).max(1) * self.head_dim;
-        (chunk, rows * per_row >= PAR_MIN_ELEMS)
-    }
 }
 
-fn dot<T: Float>(a: &[T], b: &[T]) -> T {
-    a.iter().zip(b).fold(T::zero(), |s, (&x, &y)| s + x * y)
-}
-
-/// The scaled scores of query row `r` against keys `0..=i` into `s`, and
-/// the row's log-sum-exp.
-fn scores<T: Float>(d: &Dims, q: &[T], k: &[T], r: usize, s: &mut Vec<T>) -> T {
-    let i = r % d.seq;
-    let hd = d.head_dim;
-    let qi = &q[d.q_row(r)..d.q_row(r) + hd];
+/// The causal softmax probabilities `[T, T]` of one head: `softmax(q kᵀ /
+/// √hd)` over the keys `j ≤ i` of each row (0 after it).
+fn probs<T: Gemm + Element>(d: &Dims, q: &[T], k: &[T]) -> Vec<T> {
+    let (t, hd) = (d.seq, d.head_dim);
+    let mut p = matmul_t(q, false, k, true, 1, t, hd, t);
     let scale = d.scale::<T>();
-    s.clear();
-    let mut m = T::neg_infinity();
-    for j in 0..=i {
-        let kj = &k[d.kv_row(r, j)..d.kv_row(r, j) + hd];
-        let z = dot(qi, kj) * scale;
-        m = if z > m || z.is_nan() { z } else { m };
-        s.push(z);
+    for (i, row) in p.chunks_mut(t).enumerate() {
+        let m = row[..=i]
+            .iter()
+            .fold(T::neg_infinity(), |a, &x| BinaryOp::Max.apply(a, x * scale));
+        let mut sum = T::zero();
+        for x in &mut row[..=i] {
+            *x = (*x * scale - m).exp();
+            sum = sum + *x;
+        }
+        for x in &mut row[..=i] {
+            *x = *x / sum;
+        }
+        for x in &mut row[i + 1..] {
+            *x = T::zero();
+        }
     }
-    let sum = s.iter().fold(T::zero(), |a, &z| a + (z - m).exp());
-    m + sum.ln()
+    p
+}
+
+/// `dS = P ∘ (do vᵀ − rowsum(do ∘ o)) / √hd` of one head (`[T, T]`).
+fn score_grads<T: Gemm + Element>(d: &Dims, p: &[T], v: &[T], o: &[T], d_o: &[T]) -> Vec<T> {
+    let (t, hd) = (d.seq, d.head_dim);
+    let mut ds = matmul_t(d_o, false, v, true, 1, t, hd, t);
+    let scale = d.scale::<T>();
+    for (i, row) in ds.chunks_mut(t).enumerate() {
+        let (oi, doi) = (&o[i * hd..(i + 1) * hd], &d_o[i * hd..(i + 1) * hd]);
+        let delta = oi.iter().zip(doi).fold(T::zero(), |a, (&x, &y)| a + x * y);
+        for (x, &pij) in row.iter_mut().zip(&p[i * t..(i + 1) * t]) {
+            *x = pij * (*x - delta) * scale;
+        }
+    }
+    ds
 }
 
 /// `softmax(q kᵀ / √hd + causal) v`.
-pub fn forward<T: Float + Element>(d: &Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
-    let hd = d.head_dim;
-    let rows = d.batch * d.heads * d.seq;
-    let mut out = vec![T::zero(); rows * hd];
-    let (chunk, par) = d.tasks(rows, d.seq * hd);
-    for_chunks(&mut out, chunk, par, |start, part| {
-        let mut s = Vec::with_capacity(d.seq);
-        for (n, o) in part.chunks_mut(hd).enumerate() {
-            let r = start / hd + n;
-            let lse = scores(d, q, k, r, &mut s);
-            for (j, &z) in s.iter().enumerate() {
-                let p = (z - lse).exp();
-                let vj = &v[d.kv_row(r, j)..d.kv_row(r, j) + hd];
-                for (od, &vd) in o.iter_mut().zip(vj) {
-                    *od = *od + p * vd;
-                }
-            }
+pub fn forward<T: Gemm + Element>(d: &Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+    let (t, hd) = (d.seq, d.head_dim);
+    let mut out = vec![T::zero(); d.batch * d.heads * d.head_len()];
+    let work = d.batch * d.heads * t * t * hd;
+    for_chunks(&mut out, d.head_len(), work > 1 << 15, |start, part| {
+        for (n, o) in part.chunks_mut(d.head_len().max(1)).enumerate() {
+            let qh = start / d.head_len().max(1) + n;
+            let p = probs(d, d.q_head(q, qh), d.kv_of(k, qh));
+            o.copy_from_slice(&matmul_t(&p, false, d.kv_of(v, qh), false, 1, t, t, hd));
         }
     });
     out
 }
 
 /// The gradient of `Σ do ∘ o` (`o` the forward's value) with respect to
-/// `wrt`: `dS = P ∘ (do vᵀ − rowsum(do ∘ o)) / √hd`, `dq = dS k`, `dk =
-/// dSᵀ q`, `dv = Pᵀ do`, key and value rows summed over the query heads of
-/// their group.
-pub fn grad<T: Float + Element>(
+/// `wrt`: with `dS` as in `score_grads`, `dq = dS k`, `dk = dSᵀ q`, `dv =
+/// Pᵀ do`, key and value heads summed over the query heads of their group.
+pub fn grad<T: Gemm + Element>(
     d: &Dims,
     wrt: AttentionOperand,
     [q, k, v, o, d_o]: [&[T]; 5],
 ) -> Vec<T> {
-    let hd = d.head_dim;
-    let rows = d.batch * d.heads * d.seq;
-    let scale = d.scale::<T>();
-    let delta = |r: usize| {
-        dot(
-            &d_o[d.q_row(r)..d.q_row(r) + hd],
-            &o[d.q_row(r)..d.q_row(r) + hd],
-        )
-    };
+    let (t, hd, hl) = (d.seq, d.head_dim, d.head_len().max(1));
+    let work = d.batch * d.heads * t * t * hd;
+    let par = work > 1 << 15;
     if wrt == AttentionOperand::Q {
-        let mut dq = vec![T::zero(); rows * hd];
-        let (chunk, par) = d.tasks(rows, 2 * d.seq * hd);
-        for_chunks(&mut dq, chunk, par, |start, part| {
-            let mut s = Vec::with_capacity(d.seq);
-            for (n, out) in part.chunks_mut(hd).enumerate() {
-                let r = start / hd + n;
-                let lse = scores(d, q, k, r, &mut s);
-                let dr = delta(r);
-                let doi = &d_o[d.q_row(r)..d.q_row(r) + hd];
-                for (j, &z) in s.iter().enumerate() {
-                    let kv = d.kv_row(r, j);
-                    let ds = (z - lse).exp() * (dot(doi, &v[kv..kv + hd]) - dr) * scale;
-                    for (od, &kd) in out.iter_mut().zip(&k[kv..kv + hd]) {
-                        *od = *od + ds * kd;
-                    }
-                }
+        let mut dq = vec![T::zero(); d.batch * d.heads * d.head_len()];
+        for_chunks(&mut dq, d.head_len(), par, |start, part| {
+            for (n, out) in part.chunks_mut(hl).enumerate() {
+                let qh = start / hl + n;
+                let (kh, vh) = (d.kv_of(k, qh), d.kv_of(v, qh));
+                let p = probs(d, d.q_head(q, qh), kh);
+                let ds = score_grads(d, &p, vh, d.q_head(o, qh), d.q_head(d_o, qh));
+                out.copy_from_slice(&matmul_t(&ds, false, kh, false, 1, t, t, hd));
             }
         });
         return dq;
     }
-    // Key/value rows: every query row's log-sum-exp (and, for dk, its
-    // delta) first, then one task per key/value row over the queries
-    // i ≥ j of every head of its group.
-    let mut lse = vec![T::zero(); rows];
-    let (chunk, par) = d.tasks(rows, d.seq * hd);
-    for_chunks(&mut lse, (chunk / hd).max(1), par, |start, part| {
-        let mut s = Vec::with_capacity(d.seq);
-        for (n, l) in part.iter_mut().enumerate() {
-            *l = scores(d, q, k, start + n, &mut s);
-        }
-    });
-    let deltas: Vec<T> = if wrt == AttentionOperand::K {
-        (0..rows).map(delta).collect()
-    } else {
-        Vec::new()
-    };
-    let kv_rows = d.batch * d.kv_heads * d.seq;
-    let mut out = vec![T::zero(); kv_rows * hd];
-    let (chunk, par) = d.tasks(kv_rows, 2 * d.group() * d.seq * hd);
-    for_chunks(&mut out, chunk, par, |start, part| {
-        for (n, acc) in part.chunks_mut(hd).enumerate() {
-            let c = start / hd + n;
-            let (bkv, j) = (c / d.seq, c % d.seq);
-            let (b, kvh) = (bkv / d.kv_heads, bkv % d.kv_heads);
-            let kj = &k[c * hd..(c + 1) * hd];
-            let vj = &v[c * hd..(c + 1) * hd];
-            for h in kvh * d.group()..(kvh + 1) * d.group() {
-                for i in j..d.seq {
-                    let r = (b * d.heads + h) * d.seq + i;
-                    let qi = &q[d.q_row(r)..d.q_row(r) + hd];
-                    let doi = &d_o[d.q_row(r)..d.q_row(r) + hd];
-                    let p = (dot(qi, kj) * scale - lse[r]).exp();
-                    let (w, src) = match wrt {
-                        AttentionOperand::V => (p, doi),
-                        _ => (p * (dot(doi, vj) - deltas[r]) * scale, qi),
-                    };
-                    for (a, &x) in acc.iter_mut().zip(src) {
-                        *a = *a + w * x;
+    // One task per key/value head, over the query heads of its group.
+    let mut out = vec![T::zero(); d.batch * d.kv_heads * d.head_len()];
+    for_chunks(&mut out, d.head_len(), par, |start, part| {
+        for (n, acc) in part.chunks_mut(hl).enumerate() {
+            let kvh = start / hl + n;
+            let (b, kv) = (kvh / d.kv_heads, kvh % d.kv_heads);
+            for qh in (0..d.group()).map(|g| b * d.heads + kv * d.group() + g) {
+                let (qq, kh) = (d.q_head(q, qh), d.kv_of(k, qh));
+                let p = probs(d, qq, kh);
+                let add = match wrt {
+                    AttentionOperand::V => {
+                        matmul_t(&p, true, d.q_head(d_o, qh), false, 1, t, t, hd)
                     }
+                    _ => {
+                        let (vh, oh) = (d.kv_of(v, qh), d.q_head(o, qh));
+                        let ds = score_grads(d, &p, vh, oh, d.q_head(d_o, qh));
+                        matmul_t(&ds, true, qq, false, 1, t, t, hd)
+                    }
+                };
+                for (a, x) in acc.iter_mut().zip(add) {
+                    *a = *a + x;
                 }
             }
         }
