@@ -135,6 +135,26 @@ pub fn sample_prepare(
     }
 }
 
+/// Token `i`'s place in the sampling order of row `base` (descending
+/// probability, ties to the lower index): how many tokens come before it,
+/// and their mass. `zero` is a run-time 0.
+#[cube]
+fn rank_and_mass(probs: &Array<f32>, base: usize, v: usize, i: usize, zero: f32) -> (u32, f32) {
+    let pi = probs[base + i];
+    let mut rank = 0u32 * (i as u32);
+    let mut mass = zero;
+    let mut j = i * 0usize;
+    while j < v {
+        let pj = probs[base + j];
+        if pj > pi || (pj == pi && j < i) {
+            rank += 1u32;
+            mass += pj;
+        }
+        j += 1usize;
+    }
+    (rank, mass)
+}
+
 /// Per row not marked non-finite by [`sample_prepare`], for `top_p < 1`:
 /// the nucleus is the tokens whose mass before them (in the order of
 /// decreasing probability, ties by index) is below `top_p` (the first
@@ -173,19 +193,7 @@ pub fn sample_pick(
     let mut i = tid;
     while i < v {
         let pi = probs[base + i];
-        // Token i's place in the order: how many come before it, and their mass.
-        let mut rank = 0u32 * (i as u32);
-        let mut mass = zero;
-        let mut j = i * 0usize;
-        while j < v {
-            let pj = probs[base + j];
-            let before = pj > pi || (pj == pi && j < i);
-            if before {
-                rank += 1u32;
-                mass += pj;
-            }
-            j += 1usize;
-        }
+        let (rank, mass) = rank_and_mass(probs, base, v, i, zero);
         if rank == 0u32 || mass < top_p {
             kept_mass += pi;
         }
@@ -212,18 +220,7 @@ pub fn sample_pick(
     let mut k = tid;
     while k < v {
         let p = probs[base + k];
-        let mut rank = 0u32 * (k as u32);
-        let mut mass = zero;
-        let mut j = k * 0usize;
-        while j < v {
-            let pj = probs[base + j];
-            let before = pj > p || (pj == p && j < k);
-            if before {
-                rank += 1u32;
-                mass += pj;
-            }
-            j += 1usize;
-        }
+        let (rank, mass) = rank_and_mass(probs, base, v, k, zero);
         if rank == 0u32 || mass < top_p {
             if p > zero && target < mass + p && (f == none || rank < f) {
                 f = rank;
