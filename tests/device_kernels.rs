@@ -270,6 +270,14 @@ fn index_ops_match_the_cpu() {
     let upd = f32_input(&mut g, &mut inp, "upd", &[2, 7, 6], -1.0, 1.0, 12);
     let rows = g.scatter_add_rows(ids_n, upd, 11);
     g.set_output("scatter_add_rows", rows);
+    // More ids than a cube scans at once and rows longer than a cube, with
+    // rows no id names.
+    let many: Vec<i32> = (0..600).map(|_| r.gen_range(0..40)).collect();
+    inp.insert("many".into(), HostTensor::i32(vec![600], many));
+    let many_n = g.input("many", DType::I32, vec![600]);
+    let wide = f32_input(&mut g, &mut inp, "wide", &[600, 300], -1.0, 1.0, 15);
+    let rows2 = g.scatter_add_rows(many_n, wide, 45);
+    g.set_output("scatter_add_rows_wide", rows2);
     let oh = g.one_hot(ids_n, 11, DType::F32);
     g.set_output("one_hot", oh);
     let logits = f32_input(&mut g, &mut inp, "logits", &[2, 7, 11], -1.0, 1.0, 13);

@@ -1000,14 +1000,15 @@ impl<R: Runtime> Device<R> {
                 let h = self.output(n);
                 scatter_add_rows::launch::<R>(
                     &self.client,
-                    cube_count(n),
+                    cubes(*rows),
                     CubeDim::new_1d(BLOCK),
                     arg(&get(&ops[0])?, n_ids),
                     arg(&get(&ops[1])?, in_len(1)),
                     arg(&h, n),
-                    u(n),
+                    u(*rows),
                     u(n_ids),
                     u(row_len.max(1)),
+                    BLOCK as usize,
                 );
                 h
             }

@@ -227,28 +227,58 @@ pub fn gather_rows(
     }
 }
 
-/// `out[r, c] = Σ_{s: ids[s] = r} upd[s, c]`.
+/// `out[r, c] = Σ_{s: ids[s] = r} upd[s, c]`, summed in order of s.
+/// Launch with one cube per output row and `CubeDim(block)`: the cube
+/// scans the ids `block` at a time, flagging the matches in shared
+/// memory, and adds the flagged update rows to its row, each unit over
+/// the columns `tid, tid + block, …`. An update row is read only by the
+/// row it lands in, so the work is `O(rows · ids + ids · row_len)`.
 #[cube(launch)]
 pub fn scatter_add_rows(
     ids: &Array<f32>,
     upd: &Array<f32>,
     out: &mut Array<f32>,
-    numel: u32,
+    n_rows: u32,
     n_ids: u32,
     row_len: u32,
+    #[comptime] block: usize,
 ) {
-    let i = ABSOLUTE_POS;
-    if i < numel as usize {
-        let row_len = row_len as usize;
-        let target = f32::cast_from(i / row_len);
-        let c = i % row_len;
-        let mut acc = f32::cast_from(i) * f32::new(0.0);
-        let mut s = (n_ids * 0) as usize;
-        while s < n_ids as usize {
-            acc += select(ids[s] == target, upd[s * row_len + c], f32::new(0.0));
-            s += 1;
+    let r = CUBE_POS;
+    // A whole cube takes the same branch, so its barriers stay uniform.
+    if r >= n_rows as usize {
+        terminate!();
+    }
+    let tid = UNIT_POS as usize;
+    let (n_ids, row_len) = (n_ids as usize, row_len as usize);
+    let target = f32::cast_from(r as u32);
+    let zero = f32::cast_from(UNIT_POS) * f32::new(0.0);
+    let mut hit = SharedMemory::<u32>::new(block);
+    let mut c = tid;
+    while c < row_len {
+        out[r * row_len + c] = zero;
+        c += block;
+    }
+    let mut s0 = tid * 0usize;
+    while s0 < n_ids {
+        let s = s0 + tid;
+        let id = ids[select(s < n_ids, s, 0usize)];
+        hit[tid] = select(s < n_ids && id == target, 1u32, 0u32);
+        sync_cube();
+        let mut c2 = tid;
+        while c2 < row_len {
+            let mut acc = zero;
+            let mut q = tid * 0usize;
+            while q < block {
+                if hit[q] == 1u32 {
+                    acc += upd[(s0 + q) * row_len + c2];
+                }
+                q += 1usize;
+            }
+            out[r * row_len + c2] += acc;
+            c2 += block;
         }
-        out[i] = acc;
+        sync_cube();
+        s0 += block;
     }
 }
 

@@ -198,7 +198,7 @@ impl Traced {
                 let u = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
                 let o = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
                 let (n, p, q) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
-                scatter_add_rows::expand(&mut b.scope, i, u, o, n, p, q);
+                scatter_add_rows::expand(&mut b.scope, i, u, o, n, p, q, BLOCK as usize);
                 b.build(settings(name, one_d))
             }
             Traced::OneHot => {
