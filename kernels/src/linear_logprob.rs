@@ -91,6 +91,54 @@ fn target_id(y: f32, vocab: usize) -> (bool, usize) {
     )
 }
 
+/// Zeroes this unit's columns `tx, tx + tile, …` of the `d`-long row of
+/// `out` starting at `row` (when `ok`).
+#[cube]
+fn zero_columns(out: &mut Array<f32>, row: usize, ok: bool, d: usize, #[comptime] tile: usize) {
+    let zero = f32::cast_from(UNIT_POS_X) * f32::new(0.0);
+    let mut j = UNIT_POS_X as usize;
+    while j < d {
+        if ok {
+            out[row + j] = zero;
+        }
+        j += tile;
+    }
+}
+
+/// Adds `Σ_c c_tile[ty, c] · src[first + c]` to this unit's columns of the
+/// `d`-long row of `out` starting at `row` (when `ok`): the product of a
+/// `tile × tile` coefficient tile (in shared memory) with the `tile` rows
+/// of `src` (`[rows, d]`) from row `first`, rows past `rows` read as 0.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn add_tile_product(
+    out: &mut Array<f32>,
+    row: usize,
+    ok: bool,
+    coef: &SharedMemory<f32>,
+    src: &Array<f32>,
+    first: usize,
+    rows: usize,
+    d: usize,
+    #[comptime] tile: usize,
+) {
+    let ty = UNIT_POS_Y as usize;
+    // A run-time zero (mutable variables must start from run-time values).
+    let zero = f32::cast_from(UNIT_POS_X) * f32::new(0.0);
+    let mut j = UNIT_POS_X as usize;
+    while j < d {
+        let mut acc = zero;
+        for c in 0..tile {
+            let r = first + c;
+            acc += coef[ty * tile + c] * load_or_zero(src, r * d + j, r < rows);
+        }
+        if ok {
+            out[row + j] += acc;
+        }
+        j += tile;
+    }
+}
+
 /// Launch with `CubeDim(tile, tile)` and `ceil(T / tile)` cubes. Unit
 /// `(ty, tx)` scores token `tile · cube + ty` against vocabulary column
 /// `tx` of each tile. Token `t` reads row `(t / seq_out) · seq_in + t %
@@ -197,13 +245,7 @@ pub fn linear_logprob_backward_h(
     let mut sx = SharedMemory::<f32>::new(tile * tile);
     let mut sw = SharedMemory::<f32>::new(tile * tile);
     let mut sc = SharedMemory::<f32>::new(tile * tile);
-    let mut j = tx;
-    while j < d {
-        if tok_ok {
-            dh[tok * d + j] = zero;
-        }
-        j += tile;
-    }
+    zero_columns(dh, tok * d, tok_ok, d, tile);
     let mut v0 = (UNIT_POS_X * 0) as usize;
     while v0 < vocab {
         let w_row = v0 + ty;
@@ -223,18 +265,7 @@ pub fn linear_logprob_backward_h(
         let hit = select(v == target, f32::new(1.0), zero);
         sc[ty * tile + tx] = select(v < vocab, g * (hit - (z - l).exp()), zero);
         sync_cube();
-        let mut j2 = tx;
-        while j2 < d {
-            let mut acc = zero;
-            for c in 0..tile {
-                let vc = v0 + c;
-                acc += sc[ty * tile + c] * load_or_zero(w, vc * d + j2, vc < vocab);
-            }
-            if tok_ok {
-                dh[tok * d + j2] += acc;
-            }
-            j2 += tile;
-        }
+        add_tile_product(dh, tok * d, tok_ok, &sc, w, v0, vocab, d, tile);
         sync_cube();
         v0 += tile;
     }
@@ -268,13 +299,7 @@ pub fn linear_logprob_backward_w(
     let mut sx = SharedMemory::<f32>::new(tile * tile);
     let mut sw = SharedMemory::<f32>::new(tile * tile);
     let mut sc = SharedMemory::<f32>::new(tile * tile);
-    let mut j = tx;
-    while j < d {
-        if v_ok {
-            dw[v * d + j] = zero;
-        }
-        j += tile;
-    }
+    zero_columns(dw, v * d, v_ok, d, tile);
     let mut t0 = (UNIT_POS_X * 0) as usize;
     while t0 < n {
         // Row ty of the h panel is token t0 + ty; the logit of unit
@@ -300,18 +325,7 @@ pub fn linear_logprob_backward_w(
         let hit = select(target == v, f32::new(1.0), zero);
         sc[ty * tile + tx] = select(tok < n, g * (hit - (z - lse[tk]).exp()), zero);
         sync_cube();
-        let mut j2 = tx;
-        while j2 < d {
-            let mut acc = zero;
-            for c in 0..tile {
-                let tq = t0 + c;
-                acc += sc[ty * tile + c] * load_or_zero(h, tq * d + j2, tq < n);
-            }
-            if v_ok {
-                dw[v * d + j2] += acc;
-            }
-            j2 += tile;
-        }
+        add_tile_product(dw, v * d, v_ok, &sc, h, t0, n, d, tile);
         sync_cube();
         t0 += tile;
     }
