@@ -113,17 +113,7 @@ pub fn sample_prepare(
             s += (logits[base + j] / temperature - mt).exp();
             j += block;
         }
-        best_v[tid] = s;
-        sync_cube();
-        let mut st = (CUBE_DIM / 2) as usize;
-        while st > 0usize {
-            if tid < st {
-                best_v[tid] = best_v[tid] + best_v[tid + st];
-            }
-            sync_cube();
-            st /= 2usize;
-        }
-        let total = best_v[0usize];
+        let total = cube_sum(s, &mut best_v, tid);
         let mut k = tid;
         while k < v {
             probs[base + k] = (logits[base + k] / temperature - mt).exp() / total;
@@ -133,6 +123,30 @@ pub fn sample_prepare(
             tokens[r] = select(is_bad, flag, zero);
         }
     }
+}
+
+/// The sum over the cube of each unit's `x`, by a tree in `shared` (one
+/// slot per unit); every unit gets it.
+#[cube]
+fn cube_sum(x: f32, shared: &mut SharedMemory<f32>, tid: usize) -> f32 {
+    shared[tid] = x;
+    sync_cube();
+    let mut stride = (CUBE_DIM / 2) as usize;
+    while stride > 0usize {
+        if tid < stride {
+            shared[tid] = shared[tid] + shared[tid + stride];
+        }
+        sync_cube();
+        stride /= 2usize;
+    }
+    shared[0usize]
+}
+
+/// Whether `sample_prepare` marked a row's token slot as non-finite (−1),
+/// or left NaN there because something went wrong.
+#[cube]
+fn flagged(token: f32) -> bool {
+    token < f32::new(0.0) || token.is_nan()
 }
 
 /// Token `i`'s place in the sampling order of row `base` (descending
@@ -180,8 +194,7 @@ pub fn sample_pick(
     let tid = UNIT_POS as usize;
     let v = vocab as usize;
     let base = r * v;
-    // Marked by `sample_prepare` (−1), or NaN if anything went wrong there.
-    let flagged = tokens[r] < f32::new(0.0) || tokens[r].is_nan();
+    let flagged = flagged(tokens[r]);
     let mut sums = SharedMemory::<f32>::new(block);
     let mut first = SharedMemory::<u32>::new(block);
     let mut first_tok = SharedMemory::<u32>::new(block);
@@ -199,17 +212,7 @@ pub fn sample_pick(
         }
         i += block;
     }
-    sums[tid] = kept_mass;
-    sync_cube();
-    let mut stride = (CUBE_DIM / 2) as usize;
-    while stride > 0usize {
-        if tid < stride {
-            sums[tid] = sums[tid] + sums[tid + stride];
-        }
-        sync_cube();
-        stride /= 2usize;
-    }
-    let target = draws[r] * sums[0usize];
+    let target = draws[r] * cube_sum(kept_mass, &mut sums, tid);
     // The first kept token whose running mass passes the target, and the
     // last kept token (ranks: `vocab` for none; 0 is a real rank for last).
     let none = v as u32;
@@ -281,7 +284,7 @@ pub fn sample_pick_ordered(
     let tid = UNIT_POS as usize;
     let v = vocab as usize;
     let base = r * v;
-    let flagged = tokens[r] < f32::new(0.0) || tokens[r].is_nan();
+    let flagged = flagged(tokens[r]);
     let mut part = SharedMemory::<f32>::new(block);
     let mut found = SharedMemory::<u32>::new(block);
     let zero = f32::cast_from(UNIT_POS * 0u32);
