@@ -570,39 +570,8 @@ pub fn fuse(g: &Graph, order: &[NodeId]) -> FusedSchedule {
     let mut absorbed = HashSet::new();
     group_gradients(g, order, &mut replaced, &mut absorbed);
     for &id in order {
-        if let Op::LinearLogprob = g.op(id) {
-            let [h, w, targets] = g.inputs(id)[..] else {
-                unreachable!("validated arity")
-            };
-            let rows = g.ty(h).shape[0];
-            replaced.insert(
-                id,
-                Kernel::LinearLogprob {
-                    id,
-                    h,
-                    w,
-                    targets,
-                    seq_out: rows,
-                    seq_in: rows,
-                },
-            );
-            continue;
-        }
-        if let Op::CausalAttention = g.op(id) {
-            let [q, k, v] = g.inputs(id)[..] else {
-                unreachable!("validated arity")
-            };
-            let kv_heads = g.ty(k).shape[1];
-            replaced.insert(
-                id,
-                Kernel::Attention {
-                    id,
-                    q,
-                    k,
-                    v,
-                    kv_heads,
-                },
-            );
+        if let Some(kernel) = op_kernel(g, id) {
+            replaced.insert(id, kernel);
             continue;
         }
         let matched = match_linear_logprob(g, id, &users, &graph_outputs)
@@ -650,6 +619,33 @@ pub fn fuse(g: &Graph, order: &[NodeId]) -> FusedSchedule {
     FusedSchedule {
         kernels: f.kernels,
         fused_nodes: f.fused_nodes,
+    }
+}
+
+/// The hand-written kernel that computes an IR op by itself: the linear
+/// log-prob and the causal attention.
+fn op_kernel(g: &Graph, id: NodeId) -> Option<Kernel> {
+    let ins = g.inputs(id);
+    match g.op(id) {
+        Op::LinearLogprob => {
+            let rows = g.ty(ins[0]).shape[0];
+            Some(Kernel::LinearLogprob {
+                id,
+                h: ins[0],
+                w: ins[1],
+                targets: ins[2],
+                seq_out: rows,
+                seq_in: rows,
+            })
+        }
+        Op::CausalAttention => Some(Kernel::Attention {
+            id,
+            q: ins[0],
+            k: ins[1],
+            v: ins[2],
+            kv_heads: g.ty(ins[1]).shape[1],
+        }),
+        _ => None,
     }
 }
 
