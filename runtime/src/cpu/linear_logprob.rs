@@ -13,19 +13,34 @@ fn block_rows(n: usize, v: usize) -> usize {
     ((1 << 20) / v.max(1)).clamp(1, n.max(1))
 }
 
-/// The log-probabilities `[rows, V]` of one block of rows of `h`.
-fn log_probs<T: Gemm + Element>(h: &[T], w: &[T], rows: usize, d: usize, v: usize) -> Vec<T> {
-    let mut z = matmul_t(h, false, w, true, 1, rows, d, v);
-    for row in z.chunks_mut(v) {
-        let m = row
-            .iter()
-            .fold(T::neg_infinity(), |a, &x| BinaryOp::Max.apply(a, x));
-        let lse = m + row.iter().fold(T::zero(), |a, &x| a + (x - m).exp()).ln();
-        for x in row {
-            *x = *x - lse;
+/// Checks the targets against the vocabulary of `w`, then calls `f(r0,
+/// rows, lp)` for each block of rows `r0..r0 + rows` of `h` in order, with
+/// `lp` the block's log-probabilities `[rows, V]`.
+fn for_each_block<T: Gemm + Element>(
+    h: &[T],
+    w: &[T],
+    targets: &[i32],
+    d: usize,
+    mut f: impl FnMut(usize, usize, Vec<T>),
+) -> Result<(), IndexError> {
+    let (n, v) = (targets.len(), w.len() / d.max(1));
+    check(targets, v)?;
+    let b = block_rows(n, v);
+    for r0 in (0..n).step_by(b) {
+        let rows = b.min(n - r0);
+        let mut z = matmul_t(&h[r0 * d..(r0 + rows) * d], false, w, true, 1, rows, d, v);
+        for row in z.chunks_mut(v) {
+            let m = row
+                .iter()
+                .fold(T::neg_infinity(), |a, &x| BinaryOp::Max.apply(a, x));
+            let lse = m + row.iter().fold(T::zero(), |a, &x| a + (x - m).exp()).ln();
+            for x in row {
+                *x = *x - lse;
+            }
         }
+        f(r0, rows, z);
     }
-    z
+    Ok(())
 }
 
 /// Each row's log-probability of its target.
@@ -35,17 +50,13 @@ pub fn forward<T: Gemm + Element>(
     targets: &[i32],
     d: usize,
 ) -> Result<Vec<T>, IndexError> {
-    let (n, v) = (targets.len(), w.len() / d.max(1));
-    check(targets, v)?;
-    let b = block_rows(n, v);
-    let mut out = Vec::with_capacity(n);
-    for r0 in (0..n).step_by(b) {
-        let rows = b.min(n - r0);
-        let lp = log_probs(&h[r0 * d..(r0 + rows) * d], w, rows, d, v);
+    let v = w.len() / d.max(1);
+    let mut out = Vec::with_capacity(targets.len());
+    for_each_block(h, w, targets, d, |r0, rows, lp| {
         for (i, &y) in targets[r0..r0 + rows].iter().enumerate() {
             out.push(lp[i * v + y as usize]);
         }
-    }
+    })?;
     Ok(out)
 }
 
@@ -59,13 +70,8 @@ pub fn grad<T: Gemm + Element>(
     d: usize,
 ) -> Result<Vec<T>, IndexError> {
     let (n, v) = (targets.len(), w.len() / d.max(1));
-    check(targets, v)?;
-    let b = block_rows(n, v);
     let mut out = vec![T::zero(); if wrt == LogprobOperand::Hidden { n } else { v } * d];
-    for r0 in (0..n).step_by(b) {
-        let rows = b.min(n - r0);
-        let hb = &h[r0 * d..(r0 + rows) * d];
-        let mut c = log_probs(hb, w, rows, d, v);
+    for_each_block(h, w, targets, d, |r0, rows, mut c| {
         for (i, row) in c.chunks_mut(v).enumerate() {
             let gt = g[r0 + i];
             for x in row.iter_mut() {
@@ -80,12 +86,13 @@ pub fn grad<T: Gemm + Element>(
                 out[r0 * d..(r0 + rows) * d].copy_from_slice(&dh);
             }
             LogprobOperand::Weight => {
+                let hb = &h[r0 * d..(r0 + rows) * d];
                 let dw = matmul_t(&c, true, hb, false, 1, v, rows, d);
                 for (o, x) in out.iter_mut().zip(dw) {
                     *o = *o + x;
                 }
             }
         }
-    }
+    })?;
     Ok(out)
 }
