@@ -355,6 +355,27 @@ fn cast_vjp_is_the_cast_back() {
     assert_eq!(gz, trunc);
 }
 
+/// Builds pairs of nodes from f64 inputs bound to `vars` and checks that
+/// the two values of each pair agree to 1e-12 (relative, floor 1e-3).
+fn assert_pairs_agree(
+    what: &str,
+    vars: &[Var],
+    build: impl FnOnce(&mut Graph, &[NodeId]) -> Vec<(NodeId, NodeId)>,
+) {
+    let mut g = Graph::new();
+    let x: Vec<NodeId> = vars
+        .iter()
+        .map(|v| g.input(&v.name, DType::F64, v.shape.clone()))
+        .collect();
+    let pairs = build(&mut g, &x);
+    let nodes: Vec<NodeId> = pairs.iter().flat_map(|&(a, b)| [a, b]).collect();
+    let vals = eval(&g, &bind(vars, &no_extra()), &nodes);
+    for (i, pair) in vals.chunks(2).enumerate() {
+        let e = rel_err(&pair[0], &pair[1], 1e-3);
+        assert!(e < 1e-12, "{what}, value {i}: the two differ by {e:e}");
+    }
+}
+
 /// Random causal attention operands: q [B, H, T, hd], k, v [B, H_kv, T, hd].
 fn attention_vars(r: &mut rand::rngs::StdRng) -> Vec<Var> {
     let (b, kv, group) = (r.gen_range(1..3), r.gen_range(1..3), r.gen_range(1..3));
@@ -380,31 +401,20 @@ fn causal_attention_matches_its_reference_expression() {
     use coopc_compiler::ir::AttentionOperand;
     for seed in SEEDS {
         let vars = attention_vars(&mut rng(seed + 900));
-        let mut g = Graph::new();
-        let x: Vec<NodeId> = vars
-            .iter()
-            .map(|v| g.input(&v.name, DType::F64, v.shape.clone()))
-            .collect();
-        let qkvo = [x[0], x[1], x[2], x[3]];
-        let mut pairs = vec![(
-            g.causal_attention(x[0], x[1], x[2]),
-            reference_attention(&mut g, x[0], x[1], x[2]),
-        )];
-        for wrt in AttentionOperand::ALL {
-            pairs.push((
-                g.causal_attention_grad(wrt, qkvo, x[4]),
-                reference_grad(&mut g, wrt, qkvo, x[4]),
-            ));
-        }
-        let nodes: Vec<NodeId> = pairs.iter().flat_map(|&(a, b)| [a, b]).collect();
-        let vals = eval(&g, &bind(&vars, &no_extra()), &nodes);
-        for (i, pair) in vals.chunks(2).enumerate() {
-            let e = rel_err(&pair[0], &pair[1], 1e-3);
-            assert!(
-                e < 1e-12,
-                "seed {seed}, value {i}: op and reference differ by {e:e}"
-            );
-        }
+        assert_pairs_agree(&format!("seed {seed}"), &vars, |g, x| {
+            let qkvo = [x[0], x[1], x[2], x[3]];
+            let mut pairs = vec![(
+                g.causal_attention(x[0], x[1], x[2]),
+                reference_attention(g, x[0], x[1], x[2]),
+            )];
+            for wrt in AttentionOperand::ALL {
+                pairs.push((
+                    g.causal_attention_grad(wrt, qkvo, x[4]),
+                    reference_grad(g, wrt, qkvo, x[4]),
+                ));
+            }
+            pairs
+        });
     }
 }
 
@@ -456,29 +466,21 @@ fn linear_logprob_matches_its_reference_expression() {
     use coopc_compiler::linear_logprob::{reference_grad, reference_logprob};
     for seed in SEEDS {
         let (vars, targets) = logprob_case(&mut rng(seed + 1200));
-        let mut g = Graph::new();
-        let x: Vec<NodeId> = vars
-            .iter()
-            .map(|v| g.input(&v.name, DType::F64, v.shape.clone()))
-            .collect();
-        let y = g.literal(&targets, DType::I32, vec![targets.len()]);
-        let hwt = [x[0], x[1], y];
-        let mut nodes = vec![
-            g.linear_logprob(x[0], x[1], y),
-            reference_logprob(&mut g, x[0], x[1], y),
-        ];
-        for wrt in [LogprobOperand::Hidden, LogprobOperand::Weight] {
-            nodes.push(g.linear_logprob_grad(wrt, hwt, x[2]));
-            nodes.push(reference_grad(&mut g, wrt, hwt, x[2]));
-        }
-        let vals = eval(&g, &bind(&vars, &no_extra()), &nodes);
-        for (i, pair) in vals.chunks(2).enumerate() {
-            let e = rel_err(&pair[0], &pair[1], 1e-3);
-            assert!(
-                e < 1e-12,
-                "seed {seed}, value {i}: op and reference differ by {e:e}"
-            );
-        }
+        assert_pairs_agree(&format!("seed {seed}"), &vars, |g, x| {
+            let y = g.literal(&targets, DType::I32, vec![targets.len()]);
+            let hwt = [x[0], x[1], y];
+            let mut pairs = vec![(
+                g.linear_logprob(x[0], x[1], y),
+                reference_logprob(g, x[0], x[1], y),
+            )];
+            for wrt in [LogprobOperand::Hidden, LogprobOperand::Weight] {
+                pairs.push((
+                    g.linear_logprob_grad(wrt, hwt, x[2]),
+                    reference_grad(g, wrt, hwt, x[2]),
+                ));
+            }
+            pairs
+        });
     }
 }
 
@@ -519,28 +521,17 @@ fn linear_logprob_grad_rule_by_row_blocks_equals_the_whole() {
         Var::new("sw", &[v, d], uniform(&mut r, v * d, -1.0, 1.0)),
     ];
     for (wrt, seed) in [(LogprobOperand::Hidden, 3), (LogprobOperand::Weight, 4)] {
-        let mut g = Graph::new();
-        let x: Vec<NodeId> = vars
-            .iter()
-            .map(|v| g.input(&v.name, DType::F64, v.shape.clone()))
-            .collect();
-        let y = g.literal(&targets, DType::I32, vec![n]);
-        let inputs = [x[0], x[1], y, x[2]];
-        let mut nodes = vec![];
-        for rows in [n, 2] {
-            let mut res = linear_logprob_grad_vjp(&mut g, wrt, &inputs, x[seed], rows);
-            res.sort_by_key(|&(slot, _)| slot);
-            assert_eq!(res.iter().map(|p| p.0).collect::<Vec<_>>(), [0, 1, 3]);
-            nodes.extend(res.into_iter().map(|p| p.1));
-        }
-        let vals = eval(&g, &bind(&vars, &no_extra()), &nodes);
-        for slot in 0..3 {
-            let e = rel_err(&vals[slot], &vals[3 + slot], 1e-3);
-            assert!(
-                e < 1e-12,
-                "{wrt:?} slot {slot}: blocks and whole differ by {e:e}"
-            );
-        }
+        assert_pairs_agree(&format!("{wrt:?}: blocks and whole"), &vars, |g, x| {
+            let y = g.literal(&targets, DType::I32, vec![n]);
+            let inputs = [x[0], x[1], y, x[2]];
+            let [whole, blocks] = [n, 2].map(|rows| {
+                let mut res = linear_logprob_grad_vjp(g, wrt, &inputs, x[seed], rows);
+                res.sort_by_key(|&(slot, _)| slot);
+                assert_eq!(res.iter().map(|p| p.0).collect::<Vec<_>>(), [0, 1, 3]);
+                res
+            });
+            whole.iter().zip(&blocks).map(|(a, b)| (a.1, b.1)).collect()
+        });
     }
 }
 
