@@ -449,8 +449,9 @@ impl FusedSchedule {
                 };
                 buffer_of.insert(id, b);
             }
-            if live + kernel.scratch_bytes(g) > peak {
-                (peak, peak_at) = (live + kernel.scratch_bytes(g), k);
+            let running = live + kernel.scratch_bytes(g);
+            if running > peak {
+                (peak, peak_at) = (running, k);
             }
             if at == Some(k) {
                 snapshot = Some(buffers.iter().filter(|b| b.1 > 0).map(|b| b.2).collect());
