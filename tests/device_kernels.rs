@@ -297,6 +297,43 @@ fn index_ops_match_the_cpu() {
 }
 
 #[test]
+fn rope_kernels_match_the_cpu() {
+    let mut g = Graph::new();
+    let mut inp = Inputs::new();
+    // Several cubes of elements; a one-position table (the decode step).
+    for (i, (xs, t, hd)) in [(vec![3, 4, 37, 64], 37, 64), (vec![2, 3, 1, 8], 1, 8)]
+        .into_iter()
+        .enumerate()
+    {
+        let seed = 40 + 4 * i as u64;
+        let x = f32_input(&mut g, &mut inp, &format!("x{i}"), &xs, -1.0, 1.0, seed);
+        let c = f32_input(
+            &mut g,
+            &mut inp,
+            &format!("c{i}"),
+            &[t, hd],
+            -1.0,
+            1.0,
+            seed + 1,
+        );
+        let s = f32_input(
+            &mut g,
+            &mut inp,
+            &format!("s{i}"),
+            &[t, hd],
+            -1.0,
+            1.0,
+            seed + 2,
+        );
+        for transpose in [false, true] {
+            let y = g.rope(x, c, s, transpose);
+            g.set_output(format!("rope{i}_{transpose}"), y);
+        }
+    }
+    check(&g, &inp, 1e-6);
+}
+
+#[test]
 fn truncated_meta_step_on_the_device_matches_the_cpu() {
     let mut spec = tiny_spec();
     spec.backend.dtype = Precision::F32;

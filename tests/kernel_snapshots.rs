@@ -4,7 +4,8 @@
 //! log-sum-exp of a log-softmax, per unit and with one cube per long row),
 //! the fused AdamW update (one kernel for the whole update of a parameter),
 //! the tiled matrix product, a strided copy, and the hand-written kernels:
-//! the fused linear log-prob and causal attention (forward and backward).
+//! the fused linear log-prob, causal attention (forward and backward) and
+//! the rotary embedding (and its transpose).
 //! A change to code generation shows up as a reviewable diff.
 
 mod common;
@@ -215,5 +216,29 @@ fn causal_attention() {
             .source(name)
             .expect("compiles to CUDA and WGSL");
         snapshot(name, &src);
+    }
+}
+
+#[test]
+fn rotary_embedding() {
+    // The model's RoPE is one `rope` kernel; its gradient the transposed one.
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, vec![2, 4, 8, 16]);
+    let c = g.input("cos", DType::F32, vec![8, 16]);
+    let s = g.input("sin", DType::F32, vec![8, 16]);
+    let y = g.rope(x, c, s, false);
+    g.set_output("y", y);
+    let back = g.rope(y, c, s, true);
+    g.set_output("back", back);
+    let (kernels, src) = sources(&g);
+    let ropes = kernels
+        .iter()
+        .filter(|k| matches!(k, Kernel::Node(id) if g.op(*id).name() == "rope"))
+        .count();
+    assert_eq!(ropes, 2, "{kernels:?}");
+    let names: Vec<&str> = src.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(names, ["k000_rope", "k001_rope_transpose"]);
+    for (k, name) in src.iter().zip(["rope", "rope_transpose"]) {
+        snapshot(name, k);
     }
 }

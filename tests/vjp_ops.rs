@@ -556,3 +556,133 @@ fn linear_logprob_refuses_operands_that_do_not_fit() {
         assert!(e.to_string().contains("linear_logprob"), "{what}: {e}");
     }
 }
+
+/// Random rotary embedding operands: x [.., T, hd] (rank 2 to 4, hd even)
+/// and tables cos, sin [T, hd].
+fn rope_vars(r: &mut rand::rngs::StdRng) -> Vec<Var> {
+    let (t, hd) = (r.gen_range(1..4), 2 * r.gen_range(1..4));
+    let lead: Vec<usize> = (0..r.gen_range(0..3)).map(|_| r.gen_range(1..3)).collect();
+    let xs: Vec<usize> = lead.iter().copied().chain([t, hd]).collect();
+    let n = xs.iter().product();
+    vec![
+        Var::new("x", &xs, uniform(r, n, -1.5, 1.5)),
+        Var::new("cos", &[t, hd], uniform(r, t * hd, -1.0, 1.0)),
+        Var::new("sin", &[t, hd], uniform(r, t * hd, -1.0, 1.0)),
+    ]
+}
+
+#[test]
+fn rope_matches_its_reference_expression() {
+    use coopc_compiler::rope::reference_rope;
+    for seed in SEEDS {
+        let vars = rope_vars(&mut rng(seed + 1500));
+        assert_pairs_agree(&format!("seed {seed}"), &vars, |g, x| {
+            [false, true]
+                .map(|t| {
+                    (
+                        g.rope(x[0], x[1], x[2], t),
+                        reference_rope(g, x[0], x[1], x[2], t),
+                    )
+                })
+                .to_vec()
+        });
+    }
+}
+
+#[test]
+fn rope_transpose_is_the_adjoint_and_inverts_rope_tables() {
+    // <rope(x), u> == <x, ropeᵀ(u)> for any tables; with RoPE's tables
+    // (cos² + sin² = 1, equal halves) the transpose undoes the rotation.
+    for seed in SEEDS {
+        let mut r = rng(seed + 1600);
+        let mut vars = rope_vars(&mut r);
+        let n = vars[0].value.len();
+        vars.push(Var::new(
+            "u",
+            &vars[0].shape.clone(),
+            uniform(&mut r, n, -1.0, 1.0),
+        ));
+        let mut g = Graph::new();
+        let x: Vec<NodeId> = vars
+            .iter()
+            .map(|v| g.input(&v.name, DType::F64, v.shape.clone()))
+            .collect();
+        let fx = g.rope(x[0], x[1], x[2], false);
+        let tu = g.rope(x[3], x[1], x[2], true);
+        let lhs = g.mul(fx, x[3]);
+        let lhs = g.sum_all(lhs);
+        let rhs = g.mul(x[0], tu);
+        let rhs = g.sum_all(rhs);
+        let v = eval(&g, &bind(&vars, &no_extra()), &[lhs, rhs]);
+        assert!(
+            (v[0][0] - v[1][0]).abs() < 1e-12 * (1.0 + v[0][0].abs()),
+            "{v:?}"
+        );
+
+        let (t, hd) = (vars[1].shape[0], vars[1].shape[1]);
+        let angle: Vec<f64> = (0..t * hd)
+            .map(|i| (i / hd) as f64 * 0.7 + (i % (hd / 2)) as f64)
+            .collect();
+        let mut g = Graph::new();
+        let xi = g.input("x", DType::F64, vars[0].shape.clone());
+        let c = g.literal(
+            &angle.iter().map(|a| a.cos()).collect::<Vec<_>>(),
+            DType::F64,
+            vec![t, hd],
+        );
+        let s = g.literal(
+            &angle.iter().map(|a| a.sin()).collect::<Vec<_>>(),
+            DType::F64,
+            vec![t, hd],
+        );
+        let y = g.rope(xi, c, s, false);
+        let back = g.rope(y, c, s, true);
+        let v = eval(&g, &bind(&vars[..1], &no_extra()), &[back]);
+        assert!(rel_err(&v[0], &vars[0].value, 1e-3) < 1e-12, "seed {seed}");
+    }
+}
+
+#[test]
+fn rope_vjp_matches_finite_differences() {
+    for seed in SEEDS {
+        let vars = rope_vars(&mut rng(seed + 1700));
+        for transpose in [false, true] {
+            // With respect to x alone (the transposed op) and with the
+            // tables too (ordinary ops), first and second order.
+            let tables = bind(&vars[1..], &no_extra());
+            check_op(seed, &vars[..1], &tables, true, |g, x| {
+                let c = g.input("cos", DType::F64, vars[1].shape.clone());
+                let s = g.input("sin", DType::F64, vars[2].shape.clone());
+                g.rope(x[0], c, s, transpose)
+            });
+            check_op(seed, &vars, &no_extra(), true, |g, x| {
+                g.rope(x[0], x[1], x[2], transpose)
+            });
+        }
+    }
+}
+
+#[test]
+fn rope_refuses_operands_that_do_not_fit() {
+    use coopc_compiler::ir::Op;
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, vec![2, 3, 4]);
+    let t = g.input("t", DType::F32, vec![3, 4]);
+    let x5 = g.input("x5", DType::F32, vec![2, 3, 5]);
+    let t5 = g.input("t5", DType::F32, vec![3, 5]);
+    let t2 = g.input("t2", DType::F32, vec![2, 4]);
+    let t64 = g.input("t64", DType::F64, vec![3, 4]);
+    assert!(g
+        .try_add_op(Op::Rope { transpose: false }, &[x, t, t])
+        .is_ok());
+    for (what, ops) in [
+        ("odd head dim", [x5, t5, t5]),
+        ("table rows differ", [x, t2, t]),
+        ("table dtype differs", [x, t, t64]),
+    ] {
+        let e = g
+            .try_add_op(Op::Rope { transpose: true }, &ops)
+            .unwrap_err();
+        assert!(e.to_string().contains("rope"), "{what}: {e}");
+    }
+}

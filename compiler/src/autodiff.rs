@@ -533,6 +533,17 @@ fn input_cotangents(
             let r = crate::attention::reference_grad(g, wrt, qkvo, inputs[4]);
             res.extend(operand_cotangents(g, r, gout, inputs));
         }
+        Op::Rope { transpose } => {
+            let [x, c, s] = [inputs[0], inputs[1], inputs[2]];
+            if needs[1] || needs[2] {
+                // The tables' gradients (sums over the leading axes) from
+                // the op written with ordinary ops.
+                let r = crate::rope::reference_rope(g, x, c, s, transpose);
+                res.extend(operand_cotangents(g, r, gout, inputs));
+            } else {
+                res.push((0, g.rope(gout, c, s, !transpose)));
+            }
+        }
         Op::Barrier { .. } => res.push((0, gout)),
         Op::Cast { .. } => {
             let dt = g.ty(x).dtype;

@@ -175,19 +175,9 @@ impl Decoder<'_> {
         )
     }
 
-    /// x·cos + rotate_half(x)·sin for x [B, H, T, hd].
+    /// x·cos + rotate_half(x)·sin for x [B, H, T, hd] (`Op::Rope`).
     pub(crate) fn rope(&self, g: &mut Graph, x: NodeId, cos: NodeId, sin: NodeId) -> NodeId {
-        let shape = g.ty(x).shape.clone();
-        let hd = shape[3];
-        let x1 = g.slice_axis(x, 3, 0, hd / 2);
-        let x2 = g.slice_axis(x, 3, hd / 2, hd);
-        let nx2 = g.neg(x2);
-        let rot = g.concat(&[nx2, x1], 3);
-        let cb = g.broadcast(cos, shape.clone());
-        let sb = g.broadcast(sin, shape);
-        let a = g.mul(x, cb);
-        let b = g.mul(rot, sb);
-        g.add(a, b)
+        g.rope(x, cos, sin, false)
     }
 
     /// [B, T, n·hd] → [B, n, T, hd].

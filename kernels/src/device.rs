@@ -16,6 +16,7 @@ use crate::movement::{
     CopySpec,
 };
 use crate::reduce::{cooperative, reduce_program, reduce_program_rows, ReduceSpec};
+use crate::rope::rope;
 use coopc_compiler::fusion::{fuse, ElemProgram, FusedSchedule, Kernel};
 use coopc_compiler::ir::{
     numel, AttentionOperand, DType, Graph, LogprobOperand, NodeId, Op, TensorType,
@@ -1009,6 +1010,24 @@ impl<R: Runtime> Device<R> {
                     u(n_ids),
                     u(row_len.max(1)),
                     BLOCK as usize,
+                );
+                h
+            }
+            Op::Rope { transpose } => {
+                let table = &g.ty(ops[1]).shape;
+                let h = self.output(n);
+                rope::launch::<R>(
+                    &self.client,
+                    cube_count(n),
+                    CubeDim::new_1d(BLOCK),
+                    arg(&get(&ops[0])?, in_len(0)),
+                    arg(&get(&ops[1])?, in_len(1)),
+                    arg(&get(&ops[2])?, in_len(2)),
+                    arg(&h, n),
+                    u(n),
+                    u(table[0]),
+                    u(table[1]),
+                    *transpose,
                 );
                 h
             }

@@ -17,6 +17,7 @@ use crate::movement::{
     CopySpec,
 };
 use crate::reduce::{cooperative, reduce_program, reduce_program_rows, ReduceSpec};
+use crate::rope::rope;
 use coopc_compiler::fusion::{ElemProgram, FusedSchedule, Kernel};
 use coopc_compiler::ir::{AttentionOperand, Graph, LogprobOperand, Op};
 use cubecl::prelude::*;
@@ -83,6 +84,10 @@ pub enum Traced {
     ScatterAddRows,
     OneHot,
     Iota,
+    /// The hand-written rotary embedding, or its transpose.
+    Rope {
+        transpose: bool,
+    },
     /// The hand-written fused linear log-prob (forward).
     LinearLogprob,
     /// Its backward kernels: `dh` (one cube per token) and `dW` (one cube
@@ -164,6 +169,15 @@ impl Traced {
                 let d = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
                 let n = scalar(&mut b);
                 strided_copy::expand(&mut b.scope, s, d, n, spec.clone());
+                b.build(settings(name, one_d))
+            }
+            Traced::Rope { transpose } => {
+                let x = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
+                let c = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
+                let s = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
+                let o = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let (n, t, hd) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
+                rope::expand(&mut b.scope, x, c, s, o, n, t, hd, *transpose);
                 b.build(settings(name, one_d))
             }
             Traced::TakeAlong | Traced::GatherRows => {
@@ -461,6 +475,12 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
                 Op::ScatterAddRows { .. } => ("scatter_add_rows".into(), Traced::ScatterAddRows),
                 Op::OneHot { .. } => ("one_hot".into(), Traced::OneHot),
                 Op::Iota { .. } => ("iota".into(), Traced::Iota),
+                Op::Rope { transpose } => (
+                    if *transpose { "rope_transpose" } else { "rope" }.into(),
+                    Traced::Rope {
+                        transpose: *transpose,
+                    },
+                ),
                 // It also runs the forward kernel for the log-sum-exp (and
                 // the dq kernel for dk, dv's row sums), listed where the
                 // schedule's attention forward is.

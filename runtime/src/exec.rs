@@ -4,7 +4,7 @@
 //! intermediate buffer is dropped right after its last use.
 
 use crate::cpu::index::IndexError;
-use crate::cpu::{attention, elementwise, index, linear_logprob, matmul, movement, reduce};
+use crate::cpu::{attention, elementwise, index, linear_logprob, matmul, movement, reduce, rope};
 use crate::error::ExecError;
 use crate::tensor::{Buffer, Element, HostTensor};
 use crate::value::{Input, Inputs, Transfers, Value};
@@ -625,6 +625,11 @@ fn eval(graph: &Graph, id: NodeId, args: &[&HostTensor]) -> Result<HostTensor, E
             let y = cx.view::<i32>(args[2])?;
             let out = linear_logprob::grad(*wrt, [h?, w?, g?], y, args[0].shape[1]);
             T::into_buffer(out.map_err(|e| cx.index(e))?)
+        }),
+        Op::Rope { transpose } => float_dtype!(args[0].dtype(), cx, |T| {
+            let [x, c, s] = [0, 1, 2].map(|i| cx.view::<T>(args[i]));
+            let t = args[1].shape[0];
+            T::into_buffer(rope::rope(x?, c?, s?, t, *transpose))
         }),
         Op::OneHot { depth, dtype } => float_dtype!(*dtype, cx, |T| {
             T::into_buffer(index::one_hot::<T>(cx.view::<i32>(args[0])?, *depth))

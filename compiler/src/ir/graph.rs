@@ -571,6 +571,12 @@ impl Graph {
         self.add_op(Op::CausalAttentionGrad { wrt }, &[q, k, v, o, d_o])
     }
 
+    /// Rotary embedding of `x [..., T, hd]` by `cos, sin [T, hd]`, or its
+    /// transpose (see `Op::Rope`).
+    pub fn rope(&mut self, x: NodeId, cos: NodeId, sin: NodeId, transpose: bool) -> NodeId {
+        self.add_op(Op::Rope { transpose }, &[x, cos, sin])
+    }
+
     /// Each row's log-probability of its target under the logits `h wᵀ`
     /// (see `Op::LinearLogprob`).
     pub fn linear_logprob(&mut self, h: NodeId, w: NodeId, targets: NodeId) -> NodeId {

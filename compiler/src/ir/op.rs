@@ -410,6 +410,16 @@ pub enum Op {
     LinearLogprobGrad {
         wrt: LogprobOperand,
     },
+    /// Rotate-half rotary position embedding of `x [..., T, hd]` (`hd`
+    /// even, `h = hd / 2`) by tables `cos, sin [T, hd]`: `y = x ∘ cos +
+    /// rot(x) ∘ sin` with `rot(x) = [−x[h..], x[..h]]` along the last axis.
+    /// `transpose` applies the transposed map, `y = x ∘ cos + rotᵀ(x ∘ sin)`
+    /// with `rotᵀ(u) = [u[h..], −u[..h]]`: the op's gradient with respect
+    /// to `x` (and the inverse rotation when `sin` has equal halves, as
+    /// RoPE's tables do).
+    Rope {
+        transpose: bool,
+    },
     /// Identity whose gradient is zero.
     StopGradient,
     /// Identity that passes ops through unchanged but is never merged or
@@ -463,6 +473,7 @@ impl Op {
             Op::CausalAttention => "causal_attention",
             Op::LinearLogprob => "linear_logprob",
             Op::LinearLogprobGrad { .. } => "linear_logprob_grad",
+            Op::Rope { .. } => "rope",
             Op::CausalAttentionGrad { .. } => "causal_attention_grad",
             Op::StopGradient => "stop_gradient",
             Op::Barrier { .. } => "barrier",
@@ -552,6 +563,7 @@ impl Op {
             Op::Barrier { tag } => format!("tag={tag}"),
             Op::CausalAttentionGrad { wrt } => format!("wrt={}", wrt.name()),
             Op::LinearLogprobGrad { wrt } => format!("wrt={}", wrt.name()),
+            Op::Rope { transpose: true } => "transpose".into(),
             _ => String::new(),
         }
     }
@@ -877,6 +889,11 @@ impl Op {
                 }
                 Ok(inputs[wrt.slot()].clone())
             }
+            Op::Rope { .. } => {
+                arity(3)?;
+                check_rope(inputs[0], inputs[1], inputs[2]).map_err(err)?;
+                Ok(inputs[0].clone())
+            }
             Op::CausalAttentionGrad { wrt } => {
                 arity(5)?;
                 let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
@@ -889,6 +906,25 @@ impl Op {
                 Ok(inputs[wrt.slot()].clone())
             }
         }
+    }
+}
+
+/// Operands of a rotary embedding: float x [..., T, hd] with hd even and
+/// tables cos, sin [T, hd] of its dtype.
+fn check_rope(x: &TensorType, cos: &TensorType, sin: &TensorType) -> Result<(), String> {
+    let r = x.rank();
+    let ok = x.dtype.is_float()
+        && r >= 2
+        && x.shape[r - 1].is_multiple_of(2)
+        && [cos, sin]
+            .iter()
+            .all(|t| t.dtype == x.dtype && t.shape[..] == x.shape[r - 2..]);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "needs float x [..., T, hd] with hd even and cos, sin [T, hd] of its dtype, got x {x}, cos {cos}, sin {sin}"
+        ))
     }
 }
 
