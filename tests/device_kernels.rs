@@ -334,6 +334,37 @@ fn rope_kernels_match_the_cpu() {
 }
 
 #[test]
+fn rms_norm_kernels_match_the_cpu() {
+    use coopc_compiler::ir::NormOperand;
+    let mut g = Graph::new();
+    let mut inp = Inputs::new();
+    // Rows longer than a cube, a gain over more columns than one `dw`
+    // cube takes; one short row (the decode step).
+    for (i, xs) in [vec![3, 37, 700], vec![1, 1, 24]].into_iter().enumerate() {
+        let d = xs[2];
+        let seed = 60 + 4 * i as u64;
+        let x = f32_input(&mut g, &mut inp, &format!("x{i}"), &xs, -2.0, 2.0, seed);
+        let w = f32_input(&mut g, &mut inp, &format!("w{i}"), &[d], 0.5, 1.5, seed + 1);
+        let dy = f32_input(
+            &mut g,
+            &mut inp,
+            &format!("dy{i}"),
+            &xs,
+            -1.0,
+            1.0,
+            seed + 2,
+        );
+        let y = g.rms_norm(x, w, 1e-5);
+        g.set_output(format!("rms_norm{i}"), y);
+        for wrt in [NormOperand::Input, NormOperand::Weight] {
+            let gr = g.rms_norm_grad(wrt, [x, w], dy, 1e-5);
+            g.set_output(format!("rms_norm{i}_d{}", wrt.name()), gr);
+        }
+    }
+    check(&g, &inp, 1e-5);
+}
+
+#[test]
 fn truncated_meta_step_on_the_device_matches_the_cpu() {
     let mut spec = tiny_spec();
     spec.backend.dtype = Precision::F32;

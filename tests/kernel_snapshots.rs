@@ -5,7 +5,8 @@
 //! the fused AdamW update (one kernel for the whole update of a parameter),
 //! the tiled matrix product, a strided copy, and the hand-written kernels:
 //! the fused linear log-prob, causal attention (forward and backward) and
-//! the rotary embedding (and its transpose).
+//! the rotary embedding (and its transpose) and RMSNorm (forward, `dx`,
+//! `dw`).
 //! A change to code generation shows up as a reviewable diff.
 
 mod common;
@@ -14,7 +15,7 @@ use common::log_sum_exp;
 use coopc_compiler::fusion::{fuse, Kernel};
 use coopc_compiler::ir::{DType, Graph};
 use coopc_compiler::schedule::schedule;
-use coopc_kernels::source::{schedule_sources, AttentionPart, KernelSource, Traced};
+use coopc_kernels::source::{schedule_sources, AttentionPart, KernelSource, NormPart, Traced};
 
 fn sources(g: &Graph) -> (Vec<Kernel>, Vec<KernelSource>) {
     let fused = fuse(g, &schedule(g).order);
@@ -240,5 +241,19 @@ fn rotary_embedding() {
     assert_eq!(names, ["k000_rope", "k001_rope_transpose"]);
     for (k, name) in src.iter().zip(["rope", "rope_transpose"]) {
         snapshot(name, k);
+    }
+}
+
+#[test]
+fn rms_norm() {
+    for (part, name) in [
+        (NormPart::Forward, "rms_norm_forward"),
+        (NormPart::BackwardX, "rms_norm_backward_x"),
+        (NormPart::BackwardW, "rms_norm_backward_w"),
+    ] {
+        let src = Traced::RmsNorm(part)
+            .source(name)
+            .expect("compiles to CUDA and WGSL");
+        snapshot(name, &src);
     }
 }

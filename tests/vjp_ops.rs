@@ -686,3 +686,83 @@ fn rope_refuses_operands_that_do_not_fit() {
         assert!(e.to_string().contains("rope"), "{what}: {e}");
     }
 }
+
+/// Random RMSNorm operands: x [.., d] (rank 1 to 3), w [d], dy like x.
+fn norm_vars(r: &mut rand::rngs::StdRng) -> Vec<Var> {
+    let d = r.gen_range(1..6);
+    let lead: Vec<usize> = (0..r.gen_range(0..3)).map(|_| r.gen_range(1..4)).collect();
+    let xs: Vec<usize> = lead.iter().copied().chain([d]).collect();
+    let n = xs.iter().product();
+    vec![
+        Var::new("x", &xs, uniform(r, n, -1.5, 1.5)),
+        Var::new("w", &[d], uniform(r, d, -1.5, 1.5)),
+        Var::new("dy", &xs, uniform(r, n, -1.0, 1.0)),
+    ]
+}
+
+#[test]
+fn rms_norm_matches_its_reference_expression() {
+    use coopc_compiler::ir::NormOperand;
+    use coopc_compiler::rms_norm::{reference_grad, reference_norm};
+    for seed in SEEDS {
+        let vars = norm_vars(&mut rng(seed + 1800));
+        let eps = [1e-6, 0.3][seed as usize % 2];
+        assert_pairs_agree(&format!("seed {seed}"), &vars, |g, x| {
+            let mut pairs = vec![(
+                g.rms_norm(x[0], x[1], eps),
+                reference_norm(g, x[0], x[1], eps),
+            )];
+            for wrt in [NormOperand::Input, NormOperand::Weight] {
+                pairs.push((
+                    g.rms_norm_grad(wrt, [x[0], x[1]], x[2], eps),
+                    reference_grad(g, wrt, [x[0], x[1]], x[2], eps),
+                ));
+            }
+            pairs
+        });
+    }
+}
+
+#[test]
+fn rms_norm_vjp_matches_finite_differences() {
+    use coopc_compiler::ir::NormOperand;
+    for seed in SEEDS {
+        let vars = norm_vars(&mut rng(seed + 1900));
+        check_op(seed, &vars[..2], &no_extra(), true, |g, x| {
+            g.rms_norm(x[0], x[1], 1e-3)
+        });
+        for wrt in [NormOperand::Input, NormOperand::Weight] {
+            check_op(seed, &vars, &no_extra(), true, |g, x| {
+                g.rms_norm_grad(wrt, [x[0], x[1]], x[2], 1e-3)
+            });
+        }
+    }
+}
+
+#[test]
+fn rms_norm_refuses_operands_that_do_not_fit() {
+    use coopc_compiler::ir::{NormOperand, Op, Scalar};
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, vec![2, 3, 4]);
+    let w = g.input("w", DType::F32, vec![4]);
+    let w3 = g.input("w3", DType::F32, vec![3]);
+    let w64 = g.input("w64", DType::F64, vec![4]);
+    let x0 = g.input("x0", DType::F32, vec![2, 0]);
+    let w0 = g.input("w0", DType::F32, vec![0]);
+    let dy = g.input("dy", DType::F32, vec![2, 3, 5]);
+    let eps = Scalar(1e-6);
+    assert!(g.try_add_op(Op::RmsNorm { eps }, &[x, w]).is_ok());
+    for (what, ops) in [
+        ("gain size", [x, w3]),
+        ("gain dtype", [x, w64]),
+        ("no features", [x0, w0]),
+    ] {
+        let e = g.try_add_op(Op::RmsNorm { eps }, &ops).unwrap_err();
+        assert!(e.to_string().contains("rms_norm"), "{what}: {e}");
+    }
+    let wrt = NormOperand::Input;
+    let e = g
+        .try_add_op(Op::RmsNormGrad { wrt, eps }, &[x, w, dy])
+        .unwrap_err();
+    assert!(e.to_string().contains("dy"), "{e}");
+}

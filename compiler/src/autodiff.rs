@@ -7,7 +7,8 @@
 //! applying the same function twice.
 
 use crate::ir::{
-    AttentionOperand, BinaryOp, CompareOp, Graph, LogprobOperand, NodeId, Op, ReduceKind, UnaryOp,
+    AttentionOperand, BinaryOp, CompareOp, Graph, LogprobOperand, NodeId, NormOperand, Op,
+    ReduceKind, UnaryOp,
 };
 use crate::passes::Pass;
 use std::collections::{HashMap, HashSet};
@@ -531,6 +532,19 @@ fn input_cotangents(
             // cotangents are computed.
             let qkvo = [inputs[0], inputs[1], inputs[2], inputs[3]];
             let r = crate::attention::reference_grad(g, wrt, qkvo, inputs[4]);
+            res.extend(operand_cotangents(g, r, gout, inputs));
+        }
+        Op::RmsNorm { eps } => {
+            let xw = [inputs[0], inputs[1]];
+            for wrt in [NormOperand::Input, NormOperand::Weight] {
+                if needs[wrt.slot()] {
+                    res.push((wrt.slot(), g.rms_norm_grad(wrt, xw, gout, eps.get())));
+                }
+            }
+        }
+        Op::RmsNormGrad { wrt, eps } => {
+            let xw = [inputs[0], inputs[1]];
+            let r = crate::rms_norm::reference_grad(g, wrt, xw, inputs[2], eps.get());
             res.extend(operand_cotangents(g, r, gout, inputs));
         }
         Op::Rope { transpose } => {

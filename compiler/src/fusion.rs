@@ -10,7 +10,7 @@
 
 use crate::ir::{
     clamp_value, strides, AttentionOperand, BinaryOp, CompareOp, DType, Graph, LogprobOperand,
-    NodeId, Op, ReduceKind, UnaryOp,
+    NodeId, NormOperand, Op, ReduceKind, UnaryOp,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -286,7 +286,8 @@ impl Kernel {
     /// reads and writes, freed when it ends (f32): the per-row log-sum-exp
     /// of the attention and log-prob kernels, and for their gradients the
     /// forward's discarded output, the rows' delta, and the sibling
-    /// gradients the backward kernels compute but no node asked for.
+    /// gradients the backward kernels compute but no node asked for; the
+    /// per-row 1/rms of an RMSNorm gain's gradient.
     pub fn scratch_bytes(&self, g: &Graph) -> usize {
         let n = |id: &NodeId| g.ty(*id).numel();
         let elems = match self {
@@ -309,6 +310,14 @@ impl Kernel {
             }
             // The forward's log-probs and log-sum-exp.
             Kernel::LogprobGrads { inputs, .. } => 2 * g.ty(inputs[0]).shape[0],
+            // Each row's 1/rms, for the gain's gradient.
+            Kernel::Node(id) => match g.op(*id) {
+                Op::RmsNormGrad {
+                    wrt: NormOperand::Weight,
+                    ..
+                } => n(&g.inputs(*id)[0]) / n(id).max(1),
+                _ => 0,
+            },
             _ => 0,
         };
         4 * elems

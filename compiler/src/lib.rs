@@ -13,6 +13,7 @@ pub mod lowering;
 pub mod model;
 pub mod passes;
 pub mod plan;
+pub mod rms_norm;
 pub mod rope;
 pub mod schedule;
 pub mod spec;

@@ -131,19 +131,10 @@ impl Decoder<'_> {
         y
     }
 
-    /// RMSNorm over the last axis: x / sqrt(mean(x²) + eps) · g.
+    /// RMSNorm over the last axis: x / sqrt(mean(x²) + eps) · g
+    /// (`Op::RmsNorm`).
     pub(crate) fn rms_norm(&self, g: &mut Graph, x: NodeId, weight: NodeId) -> NodeId {
-        let shape = g.ty(x).shape.clone();
-        let last = shape.len() - 1;
-        let sq = g.mul(x, x);
-        let ms = g.mean(sq, &[last], true);
-        let eps = g.full_like(self.model.rms_eps, ms);
-        let ms = g.add(ms, eps);
-        let r = g.rsqrt(ms);
-        let rb = g.broadcast(r, shape.clone());
-        let xn = g.mul(x, rb);
-        let wb = g.broadcast(weight, shape);
-        g.mul(xn, wb)
+        g.rms_norm(x, weight, self.model.rms_eps)
     }
 
     /// Values of the cos and sin tables [t, head_dim] of HF Llama's

@@ -16,10 +16,14 @@ use crate::movement::{
     CopySpec,
 };
 use crate::reduce::{cooperative, reduce_program, reduce_program_rows, ReduceSpec};
+use crate::rms_norm::{
+    rms_norm_backward_w, rms_norm_backward_x, rms_norm_forward, rms_norm_inv_rms, NORM_BLOCK,
+    NORM_COLS, NORM_LANES,
+};
 use crate::rope::rope;
 use coopc_compiler::fusion::{fuse, ElemProgram, FusedSchedule, Kernel};
 use coopc_compiler::ir::{
-    numel, AttentionOperand, DType, Graph, LogprobOperand, NodeId, Op, TensorType,
+    numel, AttentionOperand, DType, Graph, LogprobOperand, NodeId, NormOperand, Op, TensorType,
 };
 use coopc_compiler::schedule::schedule;
 use coopc_runtime::{
@@ -1011,6 +1015,75 @@ impl<R: Runtime> Device<R> {
                     u(row_len.max(1)),
                     BLOCK as usize,
                 );
+                h
+            }
+            Op::RmsNorm { eps } => {
+                let d = g.ty(ops[1]).numel();
+                let rows = n / d;
+                let h = self.output(n);
+                rms_norm_forward::launch::<R>(
+                    &self.client,
+                    cubes(rows),
+                    CubeDim::new_1d(NORM_BLOCK as u32),
+                    arg(&get(&ops[0])?, n),
+                    arg(&get(&ops[1])?, d),
+                    arg(&h, n),
+                    u(rows),
+                    u(d),
+                    eps.get() as f32,
+                    NORM_BLOCK,
+                );
+                h
+            }
+            Op::RmsNormGrad { wrt, eps } => {
+                let (d, len) = (g.ty(ops[1]).numel(), in_len(0));
+                let rows = len / d;
+                let eps = eps.get() as f32;
+                let [x, w, dy] = [0, 1, 2].map(|i| get(&ops[i]));
+                let (x, w, dy) = (x?, w?, dy?);
+                let h = self.output(n);
+                match wrt {
+                    NormOperand::Input => rms_norm_backward_x::launch::<R>(
+                        &self.client,
+                        cubes(rows),
+                        CubeDim::new_1d(NORM_BLOCK as u32),
+                        arg(&x, len),
+                        arg(&w, d),
+                        arg(&dy, len),
+                        arg(&h, n),
+                        u(rows),
+                        u(d),
+                        eps,
+                        NORM_BLOCK,
+                    ),
+                    NormOperand::Weight => {
+                        let r = self.output(rows);
+                        rms_norm_inv_rms::launch::<R>(
+                            &self.client,
+                            cubes(rows),
+                            CubeDim::new_1d(NORM_BLOCK as u32),
+                            arg(&x, len),
+                            arg(&r, rows),
+                            u(rows),
+                            u(d),
+                            eps,
+                            NORM_BLOCK,
+                        );
+                        rms_norm_backward_w::launch::<R>(
+                            &self.client,
+                            cubes(d.div_ceil(NORM_COLS)),
+                            CubeDim::new_2d(NORM_COLS as u32, NORM_LANES as u32),
+                            arg(&x, len),
+                            arg(&dy, len),
+                            arg(&r, rows),
+                            arg(&h, n),
+                            u(rows),
+                            u(d),
+                            NORM_COLS,
+                            NORM_LANES,
+                        );
+                    }
+                }
                 h
             }
             Op::Rope { transpose } => {

@@ -17,6 +17,7 @@ pub mod matmul;
 pub mod movement;
 pub(crate) mod program;
 pub mod reduce;
+pub mod rms_norm;
 pub mod rope;
 pub mod sample;
 pub mod source;

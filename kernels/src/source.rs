@@ -17,9 +17,13 @@ use crate::movement::{
     CopySpec,
 };
 use crate::reduce::{cooperative, reduce_program, reduce_program_rows, ReduceSpec};
+use crate::rms_norm::{
+    rms_norm_backward_w, rms_norm_backward_x, rms_norm_forward, rms_norm_inv_rms, NORM_BLOCK,
+    NORM_COLS, NORM_LANES,
+};
 use crate::rope::rope;
 use coopc_compiler::fusion::{ElemProgram, FusedSchedule, Kernel};
-use coopc_compiler::ir::{AttentionOperand, Graph, LogprobOperand, Op};
+use coopc_compiler::ir::{AttentionOperand, Graph, LogprobOperand, NormOperand, Op};
 use cubecl::prelude::*;
 use cubecl::Compiler as _;
 use std::collections::HashMap;
@@ -84,6 +88,8 @@ pub enum Traced {
     ScatterAddRows,
     OneHot,
     Iota,
+    /// The hand-written RMSNorm kernels.
+    RmsNorm(NormPart),
     /// The hand-written rotary embedding, or its transpose.
     Rope {
         transpose: bool,
@@ -98,6 +104,16 @@ pub enum Traced {
     /// The hand-written causal attention: forward, backward `dq`, backward
     /// `dk, dv`.
     Attention(AttentionPart),
+}
+
+/// Which of the RMSNorm kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormPart {
+    Forward,
+    BackwardX,
+    /// Each row's `1 / rms`, launched before `BackwardW`.
+    InvRms,
+    BackwardW,
 }
 
 /// Which of the attention kernels.
@@ -170,6 +186,42 @@ impl Traced {
                 let n = scalar(&mut b);
                 strided_copy::expand(&mut b.scope, s, d, n, spec.clone());
                 b.build(settings(name, one_d))
+            }
+            Traced::RmsNorm(part) => {
+                let n_in = match part {
+                    NormPart::Forward => 2,
+                    NormPart::BackwardX | NormPart::BackwardW => 3,
+                    NormPart::InvRms => 1,
+                };
+                let mut i = (0..n_in)
+                    .map(|_| <Array<f32> as LaunchArg>::expand(&array(), &mut b))
+                    .collect::<Vec<_>>()
+                    .into_iter();
+                let mut next = || i.next().expect("operand");
+                let o = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let (rows, d) = (scalar(&mut b), scalar(&mut b));
+                let dim = if *part == NormPart::BackwardW {
+                    let sc = &mut b.scope;
+                    let (x, dy, r) = (next(), next(), next());
+                    rms_norm_backward_w::expand(sc, x, dy, r, o, rows, d, NORM_COLS, NORM_LANES);
+                    CubeDim::new_2d(NORM_COLS as u32, NORM_LANES as u32)
+                } else {
+                    let eps = <f32 as LaunchArg>::expand(&(), &mut b);
+                    let sc = &mut b.scope;
+                    match part {
+                        NormPart::Forward => {
+                            let (x, w) = (next(), next());
+                            rms_norm_forward::expand(sc, x, w, o, rows, d, eps, NORM_BLOCK)
+                        }
+                        NormPart::BackwardX => {
+                            let (x, w, dy) = (next(), next(), next());
+                            rms_norm_backward_x::expand(sc, x, w, dy, o, rows, d, eps, NORM_BLOCK)
+                        }
+                        _ => rms_norm_inv_rms::expand(sc, next(), o, rows, d, eps, NORM_BLOCK),
+                    }
+                    CubeDim::new_1d(NORM_BLOCK as u32)
+                };
+                b.build(settings(name, dim))
             }
             Traced::Rope { transpose } => {
                 let x = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
@@ -351,6 +403,21 @@ impl Traced {
 
     /// CUDA C++ and WGSL of this kernel under `name`.
     pub fn source(&self, name: &str) -> Result<KernelSource, String> {
+        // A kernel launched just before this one that no other schedule
+        // entry stands for: its source comes first.
+        if let Traced::RmsNorm(NormPart::BackwardW) = self {
+            let first = Traced::RmsNorm(NormPart::InvRms).source(&format!("{name}_inv_rms"))?;
+            let own = self.single_source(name)?;
+            return Ok(KernelSource {
+                name: name.to_string(),
+                cuda: format!("{}\n{}", first.cuda, own.cuda),
+                wgsl: format!("{}\n{}", first.wgsl, own.wgsl),
+            });
+        }
+        self.single_source(name)
+    }
+
+    fn single_source(&self, name: &str) -> Result<KernelSource, String> {
         let addr = AddressType::U32.unsigned_type();
         let def = self.define::<cubecl::cuda::CudaRuntime>(name);
         let mut cuda = cubecl::cuda::CudaCompiler::default();
@@ -475,6 +542,17 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
                 Op::ScatterAddRows { .. } => ("scatter_add_rows".into(), Traced::ScatterAddRows),
                 Op::OneHot { .. } => ("one_hot".into(), Traced::OneHot),
                 Op::Iota { .. } => ("iota".into(), Traced::Iota),
+                Op::RmsNorm { .. } => ("rms_norm".into(), Traced::RmsNorm(NormPart::Forward)),
+                Op::RmsNormGrad { wrt, .. } => match wrt {
+                    NormOperand::Input => (
+                        "rms_norm_backward_x".into(),
+                        Traced::RmsNorm(NormPart::BackwardX),
+                    ),
+                    NormOperand::Weight => (
+                        "rms_norm_backward_w".into(),
+                        Traced::RmsNorm(NormPart::BackwardW),
+                    ),
+                },
                 Op::Rope { transpose } => (
                     if *transpose { "rope_transpose" } else { "rope" }.into(),
                     Traced::Rope {

@@ -4,7 +4,9 @@
 //! intermediate buffer is dropped right after its last use.
 
 use crate::cpu::index::IndexError;
-use crate::cpu::{attention, elementwise, index, linear_logprob, matmul, movement, reduce, rope};
+use crate::cpu::{
+    attention, elementwise, index, linear_logprob, matmul, movement, reduce, rms_norm, rope,
+};
 use crate::error::ExecError;
 use crate::tensor::{Buffer, Element, HostTensor};
 use crate::value::{Input, Inputs, Transfers, Value};
@@ -625,6 +627,14 @@ fn eval(graph: &Graph, id: NodeId, args: &[&HostTensor]) -> Result<HostTensor, E
             let y = cx.view::<i32>(args[2])?;
             let out = linear_logprob::grad(*wrt, [h?, w?, g?], y, args[0].shape[1]);
             T::into_buffer(out.map_err(|e| cx.index(e))?)
+        }),
+        Op::RmsNorm { eps } => float_dtype!(args[0].dtype(), cx, |T| {
+            let (x, w) = (cx.view::<T>(args[0])?, cx.view::<T>(args[1])?);
+            T::into_buffer(rms_norm::forward(x, w, eps.get()))
+        }),
+        Op::RmsNormGrad { wrt, eps } => float_dtype!(args[0].dtype(), cx, |T| {
+            let [x, w, dy] = [0, 1, 2].map(|i| cx.view::<T>(args[i]));
+            T::into_buffer(rms_norm::grad(*wrt, x?, w?, dy?, eps.get()))
         }),
         Op::Rope { transpose } => float_dtype!(args[0].dtype(), cx, |T| {
             let [x, c, s] = [0, 1, 2].map(|i| cx.view::<T>(args[i]));

@@ -3,7 +3,8 @@
 //! Builder methods add nodes and check types as they go.
 
 use super::op::{
-    AttentionOperand, BinaryOp, CompareOp, LogprobOperand, Op, ReduceKind, TypeError, UnaryOp,
+    AttentionOperand, BinaryOp, CompareOp, LogprobOperand, NormOperand, Op, ReduceKind, TypeError,
+    UnaryOp,
 };
 use super::types::{DType, Scalar, Shape, TensorType};
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
@@ -569,6 +570,24 @@ impl Graph {
     ) -> NodeId {
         let [q, k, v, o] = qkvo;
         self.add_op(Op::CausalAttentionGrad { wrt }, &[q, k, v, o, d_o])
+    }
+
+    /// RMSNorm of `x [..., d]` over its last axis with gain `w [d]` (see
+    /// `Op::RmsNorm`).
+    pub fn rms_norm(&mut self, x: NodeId, w: NodeId, eps: f64) -> NodeId {
+        self.add_op(Op::RmsNorm { eps: Scalar(eps) }, &[x, w])
+    }
+
+    /// The gradient of `Σ dy ∘ rms_norm(x, w)` with respect to `wrt`.
+    pub fn rms_norm_grad(
+        &mut self,
+        wrt: NormOperand,
+        [x, w]: [NodeId; 2],
+        dy: NodeId,
+        eps: f64,
+    ) -> NodeId {
+        let eps = Scalar(eps);
+        self.add_op(Op::RmsNormGrad { wrt, eps }, &[x, w, dy])
     }
 
     /// Rotary embedding of `x [..., T, hd]` by `cos, sin [T, hd]`, or its

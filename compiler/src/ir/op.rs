@@ -272,6 +272,29 @@ impl LogprobOperand {
     }
 }
 
+/// Which operand of an RMSNorm a gradient is taken for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum NormOperand {
+    /// The normalised values `x`.
+    Input,
+    /// The per-feature gain `w`.
+    Weight,
+}
+
+impl NormOperand {
+    /// Operand slot of `RmsNorm` (x 0, w 1).
+    pub fn slot(self) -> usize {
+        self as usize
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NormOperand::Input => "x",
+            NormOperand::Weight => "w",
+        }
+    }
+}
+
 /// Reductions over a set of axes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ReduceKind {
@@ -410,6 +433,20 @@ pub enum Op {
     LinearLogprobGrad {
         wrt: LogprobOperand,
     },
+    /// RMSNorm over the last axis of `x [..., d]` with gain `w [d]`: `y =
+    /// x · r · w`, `r = 1 / √(mean(x²) + eps)` per row. Executors compute
+    /// `r` on the fly; it is not a value of the graph.
+    RmsNorm {
+        eps: Scalar,
+    },
+    /// The gradient of `Σ dy ∘ rms_norm(x, w)` with respect to `x` or `w`,
+    /// from operands `(x, w, dy)`: `dx = r (dy ∘ w) − x r³ Σ(dy ∘ w ∘ x) /
+    /// d` per row, `dw = Σ_rows dy ∘ x · r`, with `r` recomputed. Its own
+    /// gradient is that of the same computation written with ordinary ops.
+    RmsNormGrad {
+        wrt: NormOperand,
+        eps: Scalar,
+    },
     /// Rotate-half rotary position embedding of `x [..., T, hd]` (`hd`
     /// even, `h = hd / 2`) by tables `cos, sin [T, hd]`: `y = x ∘ cos +
     /// rot(x) ∘ sin` with `rot(x) = [−x[h..], x[..h]]` along the last axis.
@@ -474,6 +511,8 @@ impl Op {
             Op::LinearLogprob => "linear_logprob",
             Op::LinearLogprobGrad { .. } => "linear_logprob_grad",
             Op::Rope { .. } => "rope",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::RmsNormGrad { .. } => "rms_norm_grad",
             Op::CausalAttentionGrad { .. } => "causal_attention_grad",
             Op::StopGradient => "stop_gradient",
             Op::Barrier { .. } => "barrier",
@@ -564,6 +603,8 @@ impl Op {
             Op::CausalAttentionGrad { wrt } => format!("wrt={}", wrt.name()),
             Op::LinearLogprobGrad { wrt } => format!("wrt={}", wrt.name()),
             Op::Rope { transpose: true } => "transpose".into(),
+            Op::RmsNorm { eps } => format!("eps={}", eps.get()),
+            Op::RmsNormGrad { wrt, eps } => format!("wrt={}, eps={}", wrt.name(), eps.get()),
             _ => String::new(),
         }
     }
@@ -889,6 +930,20 @@ impl Op {
                 }
                 Ok(inputs[wrt.slot()].clone())
             }
+            Op::RmsNorm { .. } => {
+                arity(2)?;
+                check_norm(inputs[0], inputs[1]).map_err(err)?;
+                Ok(inputs[0].clone())
+            }
+            Op::RmsNormGrad { wrt, .. } => {
+                arity(3)?;
+                let (x, dy) = (inputs[0], inputs[2]);
+                check_norm(x, inputs[1]).map_err(err)?;
+                if dy != x {
+                    return Err(err(format!("`dy` {dy} must have x's type {x}")));
+                }
+                Ok(inputs[wrt.slot()].clone())
+            }
             Op::Rope { .. } => {
                 arity(3)?;
                 check_rope(inputs[0], inputs[1], inputs[2]).map_err(err)?;
@@ -906,6 +961,22 @@ impl Op {
                 Ok(inputs[wrt.slot()].clone())
             }
         }
+    }
+}
+
+/// Operands of an RMSNorm: float x [..., d] (d ≥ 1) and w [d] of its dtype.
+fn check_norm(x: &TensorType, w: &TensorType) -> Result<(), String> {
+    let ok = x.dtype.is_float()
+        && x.rank() >= 1
+        && x.shape[x.rank() - 1] > 0
+        && w.dtype == x.dtype
+        && w.shape[..] == x.shape[x.rank() - 1..];
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "needs float x [..., d] with d ≥ 1 and w [d] of its dtype, got x {x}, w {w}"
+        ))
     }
 }
 

@@ -12,6 +12,7 @@ pub mod linear_logprob;
 pub mod matmul;
 pub mod movement;
 pub mod reduce;
+pub mod rms_norm;
 pub mod rope;
 
 use rayon::prelude::*;
