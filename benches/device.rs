@@ -10,11 +10,15 @@
 //! throughput is the causal FLOPs a fused implementation does
 //! (`2·B·H·T(T+1)·hd` forward, 2.5× that for the backward), though these
 //! kernels compute the scores twice. Every call includes copying its
-//! inputs to the device and its results back. `scripts/gpu-check.sh` runs
-//! the compiled bench binary on a GPU machine.
+//! inputs to the device and its results back. Last, the matrix product at
+//! the medium MLP's shape (`[4096, 1024] × [1024, 2816]`, operands
+//! resident, each call waits for the kernel), register-blocked kernel
+//! against the plain 16 × 16 tiling; the throughput is 2·m·k·n FLOP/s.
+//! `scripts/gpu-check.sh` runs the compiled bench binary on a GPU machine.
 
 use coopc_kernels::attention::AttentionShape;
 use coopc_kernels::device::Device;
+use coopc_kernels::matmul::MatmulShape;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use cubecl::prelude::Runtime;
 use std::hint::black_box;
@@ -135,5 +139,46 @@ fn linear_logprob(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, linear_logprob, attention);
+fn matmul_on<R: Runtime>(c: &mut Criterion, dev: Device<R>, [m, k, n]: [usize; 3]) {
+    let a = dev.upload(&values(m * k, 7, 1.0));
+    let b = dev.upload(&values(k * n, 8, 1.0));
+    let shape = MatmulShape {
+        batch: 1,
+        m,
+        k,
+        n,
+        trans_a: false,
+        trans_b: false,
+    };
+    let mut group = c.benchmark_group(format!("matmul_{}", dev.backend()));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5));
+    group.throughput(Throughput::Elements((2 * m * k * n) as u64));
+    for (name, blocked) in [("blocked", true), ("tiled", false)] {
+        group.bench_function(format!("{name}_{m}x{k}x{n}"), |bch| {
+            bch.iter(|| {
+                let out = dev.launch_matmul(&a, &b, shape, blocked);
+                dev.wait().expect("runs");
+                black_box(out)
+            })
+        });
+    }
+    group.finish();
+}
+
+fn matmul(c: &mut Criterion) {
+    match std::env::var("COOPC_BENCH_DEVICE").as_deref() {
+        Ok("wgpu") => match Device::wgpu() {
+            Ok(dev) => matmul_on(c, dev, [256, 256, 256]),
+            Err(e) => eprintln!("skipped: {e}"),
+        },
+        _ => match Device::cuda() {
+            Ok(dev) => matmul_on(c, dev, [4096, 1024, 2816]),
+            Err(e) => eprintln!("skipped (set COOPC_BENCH_DEVICE=wgpu to use wgpu): {e}"),
+        },
+    }
+}
+
+criterion_group!(benches, linear_logprob, attention, matmul);
 criterion_main!(benches);

@@ -237,6 +237,36 @@ fn batched_matmul_matches_the_cpu() {
 }
 
 #[test]
+fn register_blocked_matmul_matches_the_cpu() {
+    use coopc_kernels::matmul::use_blocked;
+    let mut g = Graph::new();
+    let mut inp = Inputs::new();
+    // Blocks cut by every edge (100 = 64 + 36 rows, 130 = 2·64 + 2
+    // columns, k = 70 not a multiple of the panel depth), each operand
+    // read straight and transposed; an exact 64 × 64 block.
+    let (m, k, n) = (100, 70, 130);
+    assert!(use_blocked(m, n) && use_blocked(64, 64) && !use_blocked(m, 16));
+    let a = f32_input(&mut g, &mut inp, "a", &[2, m, k], -1.0, 1.0, 21);
+    let b = f32_input(&mut g, &mut inp, "b", &[2, k, n], -1.0, 1.0, 22);
+    let at = f32_input(&mut g, &mut inp, "at", &[2, k, m], -1.0, 1.0, 23);
+    let bt = f32_input(&mut g, &mut inp, "bt", &[2, n, k], -1.0, 1.0, 24);
+    let (ta, tb) = (g.transpose(at), g.transpose(bt));
+    for (name, x, y) in [
+        ("c", a, b),
+        ("c_ta", ta, b),
+        ("c_tb", a, tb),
+        ("c_tt", ta, tb),
+    ] {
+        let c = g.matmul(x, y);
+        g.set_output(name, c);
+    }
+    let sq = f32_input(&mut g, &mut inp, "sq", &[64, 64], -1.0, 1.0, 25);
+    let c = g.matmul(sq, sq);
+    g.set_output("square", c);
+    check(&g, &inp, 1e-5);
+}
+
+#[test]
 fn movement_ops_match_the_cpu() {
     let mut g = Graph::new();
     let mut inp = Inputs::new();

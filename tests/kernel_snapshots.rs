@@ -3,10 +3,10 @@
 //! broadcast load, a reduction with fused prologue and epilogue (the
 //! log-sum-exp of a log-softmax, per unit and with one cube per long row),
 //! the fused AdamW update (one kernel for the whole update of a parameter),
-//! the tiled matrix product, a strided copy, and the hand-written kernels:
-//! the fused linear log-prob, causal attention (forward and backward) and
-//! the rotary embedding (and its transpose) and RMSNorm (forward, `dx`,
-//! `dw`).
+//! the tiled and the register-blocked matrix products, a strided copy, and
+//! the hand-written kernels: the fused linear log-prob, causal attention
+//! (forward and backward), the rotary embedding (and its transpose) and
+//! RMSNorm (forward, `dx`, `dw`).
 //! A change to code generation shows up as a reviewable diff.
 
 mod common;
@@ -187,6 +187,18 @@ fn tiled_matmul_and_strided_copy() {
     assert_eq!(src.len(), 1, "{kernels:?}");
     assert!(src[0].name.ends_with("matmul_tb"), "{}", src[0].name);
     snapshot("matmul_tiled_transposed_b", &src[0]);
+    // Products of at least 64 rows and columns run the register-blocked
+    // kernel; one whose first operand is a transpose reads it so.
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, vec![96, 128]);
+    let w = g.input("w", DType::F32, vec![96, 80]);
+    let xt = g.transpose(x);
+    let y = g.matmul(xt, w);
+    g.set_output("y", y);
+    let (kernels, src) = sources(&g);
+    assert_eq!(src.len(), 1, "{kernels:?}");
+    assert!(src[0].name.ends_with("matmul_blocked_ta"), "{}", src[0].name);
+    snapshot("matmul_blocked_transposed_a", &src[0]);
 }
 
 #[test]

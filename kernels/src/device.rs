@@ -10,7 +10,7 @@
 use crate::attention::AttentionShape;
 use crate::elementwise::elementwise_program;
 use crate::linear_logprob::LogprobShape;
-use crate::matmul::{matmul_tiled, TILE};
+use crate::matmul::{use_blocked, MatmulShape};
 use crate::movement::{
     gather_rows, iota, one_hot, scatter_add_along, scatter_add_rows, strided_copy, take_along,
     CopySpec,
@@ -716,25 +716,16 @@ impl<R: Runtime> Device<R> {
                 let (m, nn) = (shape[r - 2], shape[r - 1]);
                 let k = g.ty(g.inputs(*id)[0]).shape[r - 1];
                 let batch = numel(&shape[..r - 2]);
-                let n = g.ty(*id).numel();
-                let h = self.output(n);
-                let t = TILE as u32;
-                let u = |v: usize| v as u32;
-                matmul_tiled::launch::<R>(
-                    &self.client,
-                    CubeCount::Static(u(nn).div_ceil(t), u(m).div_ceil(t), u(batch)),
-                    CubeDim::new_2d(t, t),
-                    arg(&get(a)?, len(a)),
-                    arg(&get(b)?, len(b)),
-                    arg(&h, n),
-                    u(m),
-                    u(k),
-                    u(nn),
-                    TILE,
-                    *trans_a,
-                    *trans_b,
-                );
-                Ok(vec![(*id, h)])
+                let shape = MatmulShape {
+                    batch,
+                    m,
+                    k,
+                    n: nn,
+                    trans_a: *trans_a,
+                    trans_b: *trans_b,
+                };
+                let out = self.launch_matmul(&get(a)?, &get(b)?, shape, use_blocked(m, nn));
+                Ok(vec![(*id, out)])
             }
             Kernel::LinearLogprob {
                 id,

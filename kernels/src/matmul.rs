@@ -1,10 +1,19 @@
 //! Batched matrix product `[B, m, k] × [B, k, n] → [B, m, n]`, tiled through
-//! shared memory: each cube computes a `TILE × TILE` block of one batch
-//! entry, staging `TILE`-wide panels of both operands. An operand can be
-//! read transposed (`a` stored `[B, k, m]`, `b` stored `[B, n, k]`), so a
-//! transpose that only feeds matrix products is never written out.
+//! shared memory. An operand can be read transposed (`a` stored `[B, k,
+//! m]`, `b` stored `[B, n, k]`), so a transpose that only feeds matrix
+//! products is never written out.
+//!
+//! - [`matmul_blocked`] (both `m` and `n` at least [`BLOCK_MN`]): each cube
+//!   computes a `64 × 64` block with `16 × 16` units, each unit a `4 × 4`
+//!   register tile (rows `ty + 16 i`, columns `tx + 16 j`), staging
+//!   `64 × 16` panels of both operands in shared memory: 16 products per 8
+//!   shared-memory reads, where one logit per unit does one per two.
+//! - [`matmul_tiled`] (the thin products: LoRA's rank-r factors, a single
+//!   row): each cube a `TILE × TILE` block, one output per unit.
 
+use crate::device::{arg, Device, DeviceError};
 use cubecl::prelude::*;
+use cubecl::server::Handle;
 
 pub const TILE: usize = 16;
 
@@ -65,5 +74,188 @@ pub fn matmul_tiled(
     }
     if row < m && col < n {
         out[batch * m * n + row * n + col] = acc;
+    }
+}
+
+/// Rows and columns of a [`matmul_blocked`] cube's block.
+pub const BLOCK_MN: usize = 64;
+/// Depth of the panels it stages per step.
+pub const BLOCK_K: usize = 16;
+/// Outputs per unit along each axis (`BLOCK_MN / 16`).
+const REG: usize = 4;
+/// Row stride of the staged panels (one word of padding against bank
+/// conflicts when a warp stores a panel column).
+const PANEL: usize = BLOCK_MN + 1;
+
+/// Whether an `m × n` product runs [`matmul_blocked`] (else
+/// [`matmul_tiled`]).
+pub fn use_blocked(m: usize, n: usize) -> bool {
+    m >= BLOCK_MN && n >= BLOCK_MN
+}
+
+/// Launch with `CubeDim(16, 16)` and
+/// `CubeCount(ceil(n / 64), ceil(m / 64), B)`.
+#[cube(launch)]
+pub fn matmul_blocked(
+    a: &Array<f32>,
+    b: &Array<f32>,
+    out: &mut Array<f32>,
+    m: u32,
+    k: u32,
+    n: u32,
+    #[comptime] trans_a: bool,
+    #[comptime] trans_b: bool,
+) {
+    let (m, k, n) = (m as usize, k as usize, n as usize);
+    let batch = CUBE_POS_Z as usize;
+    let tx = UNIT_POS_X as usize;
+    let ty = UNIT_POS_Y as usize;
+    let tid = ty * 16 + tx;
+    let row0 = CUBE_POS_Y as usize * BLOCK_MN;
+    let col0 = CUBE_POS_X as usize * BLOCK_MN;
+    // Panels [BLOCK_K][PANEL]: sa[q][r] = a[row0 + r, k0 + q], sb[q][c] =
+    // b[k0 + q, col0 + c].
+    let mut sa = SharedMemory::<f32>::new(BLOCK_K * PANEL);
+    let mut sb = SharedMemory::<f32>::new(BLOCK_K * PANEL);
+    let a_base = batch * m * k;
+    let b_base = batch * k * n;
+    let zero = f32::cast_from(UNIT_POS_X) * f32::new(0.0);
+    let mut acc = Array::<f32>::new(REG * REG);
+    #[unroll]
+    for i in 0..REG * REG {
+        acc[i] = zero;
+    }
+    let mut af = Array::<f32>::new(REG);
+    let mut bf = Array::<f32>::new(REG);
+    let mut k0 = (UNIT_POS_X * 0) as usize;
+    while k0 < k {
+        // Each unit stages 4 of a panel's 1024 elements, consecutive
+        // units reading consecutive addresses of the operand.
+        #[unroll]
+        for p in 0..REG {
+            let e = tid + p * 256;
+            let (r, q) = if trans_a {
+                (e % BLOCK_MN, e / BLOCK_MN)
+            } else {
+                (e / BLOCK_K, e % BLOCK_K)
+            };
+            let (gr, gq) = (row0 + r, k0 + q);
+            let at = if trans_a {
+                a_base + gq * m + gr
+            } else {
+                a_base + gr * k + gq
+            };
+            sa[q * PANEL + r] = load_or_zero(a, at, gr < m && gq < k);
+            let (c, q2) = if trans_b {
+                (e / BLOCK_K, e % BLOCK_K)
+            } else {
+                (e % BLOCK_MN, e / BLOCK_MN)
+            };
+            let (gc, gq2) = (col0 + c, k0 + q2);
+            let bt = if trans_b {
+                b_base + gc * k + gq2
+            } else {
+                b_base + gq2 * n + gc
+            };
+            sb[q2 * PANEL + c] = load_or_zero(b, bt, gq2 < k && gc < n);
+        }
+        sync_cube();
+        #[unroll]
+        for q in 0..BLOCK_K {
+            #[unroll]
+            for i in 0..REG {
+                af[i] = sa[q * PANEL + ty + 16 * i];
+                bf[i] = sb[q * PANEL + tx + 16 * i];
+            }
+            #[unroll]
+            for i in 0..REG {
+                #[unroll]
+                for j in 0..REG {
+                    acc[i * REG + j] += af[i] * bf[j];
+                }
+            }
+        }
+        sync_cube();
+        k0 += BLOCK_K;
+    }
+    #[unroll]
+    for i in 0..REG {
+        #[unroll]
+        for j in 0..REG {
+            let (r, c) = (row0 + ty + 16 * i, col0 + tx + 16 * j);
+            if r < m && c < n {
+                out[batch * m * n + r * n + c] = acc[i * REG + j];
+            }
+        }
+    }
+}
+
+/// A batched product's sizes: `batch` products of `[m, k] × [k, n]`, the
+/// operands stored transposed where `trans_a` / `trans_b` say.
+#[derive(Clone, Copy, Debug)]
+pub struct MatmulShape {
+    pub batch: usize,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+}
+
+impl<R: Runtime> Device<R> {
+    /// Launches the product of the resident operands `a` and `b` with
+    /// [`matmul_blocked`] (`blocked`) or [`matmul_tiled`]; returns its
+    /// output buffer without waiting for it.
+    pub fn launch_matmul(&self, a: &Handle, b: &Handle, s: MatmulShape, blocked: bool) -> Handle {
+        let u = |v: usize| v as u32;
+        let (a_len, b_len, n) = (
+            s.batch * s.m * s.k,
+            s.batch * s.k * s.n,
+            s.batch * s.m * s.n,
+        );
+        let out = self.output(n);
+        let (args, size) = (
+            (arg(a, a_len), arg(b, b_len), arg(&out, n)),
+            (u(s.m), u(s.k), u(s.n)),
+        );
+        if blocked {
+            let t = BLOCK_MN as u32;
+            matmul_blocked::launch::<R>(
+                self.client(),
+                CubeCount::Static(u(s.n).div_ceil(t), u(s.m).div_ceil(t), u(s.batch)),
+                CubeDim::new_2d(16, 16),
+                args.0,
+                args.1,
+                args.2,
+                size.0,
+                size.1,
+                size.2,
+                s.trans_a,
+                s.trans_b,
+            );
+        } else {
+            let t = TILE as u32;
+            matmul_tiled::launch::<R>(
+                self.client(),
+                CubeCount::Static(u(s.n).div_ceil(t), u(s.m).div_ceil(t), u(s.batch)),
+                CubeDim::new_2d(t, t),
+                args.0,
+                args.1,
+                args.2,
+                size.0,
+                size.1,
+                size.2,
+                TILE,
+                s.trans_a,
+                s.trans_b,
+            );
+        }
+        out
+    }
+
+    /// Waits until every launched kernel has finished.
+    pub fn wait(&self) -> Result<(), DeviceError> {
+        cubecl::future::block_on(self.client().sync())
+            .map_err(|e| DeviceError::Device(format!("{e:?}")))
     }
 }

@@ -11,7 +11,7 @@ use crate::elementwise::elementwise_program;
 use crate::linear_logprob::{
     linear_logprob_backward_h, linear_logprob_backward_w, linear_logprob_forward, LOGPROB_TILE,
 };
-use crate::matmul::{matmul_tiled, TILE};
+use crate::matmul::{matmul_blocked, matmul_tiled, use_blocked, TILE};
 use crate::movement::{
     gather_rows, iota, one_hot, scatter_add_along, scatter_add_rows, strided_copy, take_along,
     CopySpec,
@@ -80,6 +80,8 @@ pub enum Traced {
     Matmul {
         trans_a: bool,
         trans_b: bool,
+        /// The register-blocked kernel (`matmul::use_blocked`).
+        blocked: bool,
     },
     Copy(CopySpec),
     TakeAlong,
@@ -171,14 +173,23 @@ impl Traced {
                 }
                 b.build(settings(name, one_d))
             }
-            Traced::Matmul { trans_a, trans_b } => {
+            Traced::Matmul {
+                trans_a,
+                trans_b,
+                blocked,
+            } => {
                 let a = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
                 let bb = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
                 let o = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
                 let (m, k, n) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
                 let (ta, tb) = (*trans_a, *trans_b);
-                matmul_tiled::expand(&mut b.scope, a, bb, o, m, k, n, TILE, ta, tb);
-                b.build(settings(name, CubeDim::new_2d(TILE as u32, TILE as u32)))
+                if *blocked {
+                    matmul_blocked::expand(&mut b.scope, a, bb, o, m, k, n, ta, tb);
+                    b.build(settings(name, CubeDim::new_2d(16, 16)))
+                } else {
+                    matmul_tiled::expand(&mut b.scope, a, bb, o, m, k, n, TILE, ta, tb);
+                    b.build(settings(name, CubeDim::new_2d(TILE as u32, TILE as u32)))
+                }
             }
             Traced::Copy(spec) => {
                 let s = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
@@ -481,20 +492,31 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
             },
         ),
         Kernel::MatMul {
-            trans_a, trans_b, ..
-        } => (
-            match (trans_a, trans_b) {
-                (false, false) => "matmul",
-                (true, false) => "matmul_ta",
-                (false, true) => "matmul_tb",
-                (true, true) => "matmul_ta_tb",
-            }
-            .into(),
-            Traced::Matmul {
-                trans_a: *trans_a,
-                trans_b: *trans_b,
-            },
-        ),
+            id,
+            trans_a,
+            trans_b,
+            ..
+        } => {
+            let s = &g.ty(*id).shape;
+            let blocked = use_blocked(s[s.len() - 2], s[s.len() - 1]);
+            (
+                format!(
+                    "matmul{}{}",
+                    if blocked { "_blocked" } else { "" },
+                    match (trans_a, trans_b) {
+                        (false, false) => "",
+                        (true, false) => "_ta",
+                        (false, true) => "_tb",
+                        (true, true) => "_ta_tb",
+                    }
+                ),
+                Traced::Matmul {
+                    trans_a: *trans_a,
+                    trans_b: *trans_b,
+                    blocked,
+                },
+            )
+        }
         Kernel::LinearLogprob { .. } => ("linear_logprob".into(), Traced::LinearLogprob),
         Kernel::Attention { .. } => (
             "attention".into(),
