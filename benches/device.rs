@@ -8,8 +8,8 @@
 //! attention kernels, forward and forward + backward, at the medium
 //! pipeline's shapes (batch 8, 16 heads, 512 positions, head dim 64); the
 //! throughput is the causal FLOPs a fused implementation does
-//! (`2·B·H·T(T+1)·hd` forward, 2.5× that for the backward), though these
-//! kernels compute the scores twice. Every call includes copying its
+//! (`2·B·H·T(T+1)·hd` forward, 2.5× that for the backward; the backward
+//! kernels recompute the scores, once for `dq` and once for `dk, dv`). Every call includes copying its
 //! inputs to the device and its results back. Last, the matrix product at
 //! the medium MLP's shape (`[4096, 1024] × [1024, 2816]`, operands
 //! resident, each call waits for the kernel), register-blocked kernel

@@ -652,23 +652,41 @@ fn resident_values_stay_on_the_device_between_runs() {
 /// gradients, the backward run from the forward's own `lse`.
 #[test]
 fn attention_kernels_match_the_model_attention_and_its_gradients() {
+    use coopc_kernels::attention::AttentionShape;
+    // Query tiles cut by the sequence end (150, 33, 17, 5 positions), the
+    // largest head dim, an odd one, a sequence shorter than a key tile, and
+    // 1, 2 and 4 query heads per key/value head.
+    for (i, (batch, heads, kv_heads, seq, head_dim)) in [
+        (2, 4, 2, 150, 16),
+        (1, 2, 1, 5, 128),
+        (1, 3, 3, 33, 7),
+        (1, 4, 1, 17, 64),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let s = AttentionShape {
+            batch,
+            heads,
+            kv_heads,
+            seq,
+            head_dim,
+        };
+        attention_case(s, 41 + 10 * i as u64);
+    }
+}
+
+fn attention_case(s: coopc_kernels::attention::AttentionShape, seed: u64) {
     use coopc_compiler::model::causal_attention;
     use coopc_kernels::attention::AttentionShape;
-    let s = AttentionShape {
-        batch: 2,
-        heads: 4,
-        kv_heads: 2,
-        seq: 150,
-        head_dim: 16,
-    };
     let qs = vec![s.batch, s.heads, s.seq, s.head_dim];
     let kvs = vec![s.batch, s.kv_heads, s.seq, s.head_dim];
     let mut g = Graph::new();
     let mut inp = Inputs::new();
-    let q = f32_input(&mut g, &mut inp, "q", &qs, -1.0, 1.0, 41);
-    let k = f32_input(&mut g, &mut inp, "k", &kvs, -1.0, 1.0, 42);
-    let v = f32_input(&mut g, &mut inp, "v", &kvs, -1.0, 1.0, 43);
-    let d_o = f32_input(&mut g, &mut inp, "do", &qs, -1.0, 1.0, 44);
+    let q = f32_input(&mut g, &mut inp, "q", &qs, -1.0, 1.0, seed);
+    let k = f32_input(&mut g, &mut inp, "k", &kvs, -1.0, 1.0, seed + 1);
+    let v = f32_input(&mut g, &mut inp, "v", &kvs, -1.0, 1.0, seed + 2);
+    let d_o = f32_input(&mut g, &mut inp, "do", &qs, -1.0, 1.0, seed + 3);
     // Key/value head h / (H / H_kv) for query head h, as the model repeats them.
     let group = s.heads / s.kv_heads;
     let expand = |g: &mut Graph, x| {

@@ -197,7 +197,11 @@ fn tiled_matmul_and_strided_copy() {
     g.set_output("y", y);
     let (kernels, src) = sources(&g);
     assert_eq!(src.len(), 1, "{kernels:?}");
-    assert!(src[0].name.ends_with("matmul_blocked_ta"), "{}", src[0].name);
+    assert!(
+        src[0].name.ends_with("matmul_blocked_ta"),
+        "{}",
+        src[0].name
+    );
     snapshot("matmul_blocked_transposed_a", &src[0]);
 }
 

@@ -2,26 +2,30 @@
 //! `[T, T]` probabilities: forward `o = softmax(q kᵀ · scale + causal) v`
 //! with its per-row log-sum-exp, and the backward pass, which recomputes
 //! the probabilities from that log-sum-exp (the flash-attention recurrence,
-//! without its tiling). Grouped-query attention: query head `h` of `H`
-//! reads key/value head `h / (H / H_kv)`.
+//! tiled). Grouped-query attention: query head `h` of `H` reads key/value
+//! head `h / (H / H_kv)`.
 //!
 //! Layouts (row-major): `q, o, do, dq` are `[B, H, T, hd]`; `k, v, dk, dv`
-//! are `[B, H_kv, T, hd]`; `lse` and `delta` are `[B, H, T]`. Every cube
-//! has `block` units and `hd ≤ block`.
+//! are `[B, H_kv, T, hd]`; `lse` and `delta` are `[B, H, T]`; `hd ≤
+//! ATTENTION_BLOCK`. Every cube has `TILE_Q × TILE_K` (16 × 8) units and
+//! stages `[rows, hd]` tiles of its operands in shared memory (≤ 26 KB),
+//! so a key/value row is read from memory once per 16 query rows (and a
+//! query row once per 8 keys in the `dk, dv` kernel).
 //!
-//! - forward: one cube per query row; pass 1 folds an online (max, Σexp)
-//!   per unit over the keys `j ≤ i` and merges them in shared memory; pass
-//!   2 scores the keys chunk by chunk into shared memory and each unit
-//!   accumulates one output column. Scores are computed twice.
-//! - backward `dq` (also writes `delta_i = do_i · o_i`): one cube per query
-//!   row, `ds_ij = p_ij (do_i · v_j − delta_i)` chunk by chunk, `dq_i =
-//!   scale Σ_j ds_ij k_j`.
-//! - backward `dk, dv`: one cube per key row, over the queries `i ≥ j` of
-//!   every query head of its group: `dv_j = Σ_i p_ij do_i`, `dk_j = scale
-//!   Σ_i ds_ij q_i`.
+//! - forward: one cube per 16 query rows of a head; per tile of 8 keys
+//!   `j ≤ i`, each unit scores one (row, key) pair, the row's running max
+//!   and sum are rescaled (online softmax), and each unit accumulates its
+//!   row's output columns `x, x + 8, …` in registers. Scores are computed
+//!   once.
+//! - backward `dq` (also writes `delta_i = do_i · o_i`): the same cubes;
+//!   per key tile `ds_ij = p_ij (do_i · v_j − delta_i)`, `dq_i = scale
+//!   Σ_j ds_ij k_j`.
+//! - backward `dk, dv`: one cube per 8 keys of a key/value head, over the
+//!   query tiles with rows `i ≥ j` of every query head of its group:
+//!   `dv_j = Σ_i p_ij do_i`, `dk_j = scale Σ_i ds_ij q_i`.
 //!
-//! Written for correctness first: dot products are serial per unit and
-//! nothing is staged in tiles; memory is O(B·H·T) beyond the operands.
+//! Dot products of a (row, key) pair are serial per unit over `hd`, read
+//! from shared memory; memory is O(B·H·T) beyond the operands.
 //! The device executor runs the IR's `causal_attention` op (and a matched
 //! attention subgraph whose scores have no other reader) with the forward
 //! kernel (`Kernel::Attention`), and each `causal_attention_grad` op with
@@ -59,34 +63,85 @@ pub(crate) fn cube_log_sum_exp(
     maxes[0usize] + sums[0usize].ln()
 }
 
-/// Units per cube; the head dimension must not exceed it.
+/// The largest head dimension the kernels take (the row length of their
+/// shared-memory tiles).
 pub const ATTENTION_BLOCK: usize = 128;
 
 // The fusion pass only puts attention in graphs with head dims it takes.
 const _: () = assert!(coopc_compiler::fusion::MAX_ATTENTION_HEAD_DIM <= ATTENTION_BLOCK);
 
-/// The key/value row of query row `c` (`c` over `[B, H, T]`): its first
-/// element, `((b · H_kv + h / group) · T) · hd`.
+/// Query rows per tile.
+pub const TILE_Q: usize = 16;
+/// Key rows per tile.
+pub const TILE_K: usize = 8;
+/// Row stride of a staged `[rows, hd]` tile: one word of padding, so the
+/// units of a warp reading one column of different rows hit different
+/// banks.
+const ROW: usize = ATTENTION_BLOCK + 1;
+/// Row stride of a `[TILE_Q, TILE_K]` tile of scores.
+const SROW: usize = TILE_K + 1;
+/// Units per cube: one per (query row, key) of a tile pair.
+const UNITS: usize = TILE_Q * TILE_K;
+
+/// Copies rows `r0..r0 + rows` of the `[t, hd]` matrix at `base` into
+/// `tile` (stride [`ROW`]), zeros for rows at or past `t`; the cube's
+/// units share the elements.
 #[cube]
-fn kv_base(c: usize, t: usize, hd: usize, heads: usize, kv_heads: usize) -> usize {
-    let bh = c / t;
-    let kv_row = (bh / heads) * kv_heads + (bh % heads) / (heads / kv_heads);
-    kv_row * t * hd
+#[allow(clippy::too_many_arguments)]
+fn stage(
+    x: &Array<f32>,
+    base: usize,
+    r0: usize,
+    t: usize,
+    hd: usize,
+    tile: &mut SharedMemory<f32>,
+    tid: usize,
+    #[comptime] rows: usize,
+) {
+    let mut e = tid;
+    while e < rows * hd {
+        let (r, d) = (e / hd, e % hd);
+        let inside = r0 + r < t;
+        let v = x[select(inside, base + (r0 + r) * hd + d, base)];
+        tile[r * ROW + d] = select(inside, v, f32::new(0.0));
+        e += UNITS;
+    }
 }
 
-/// `a[a0..a0+n] · b[b0..b0+n]`, serially.
+/// `Σ_d a[ra, d] · b[rb, d]` of two staged tiles.
 #[cube]
-fn dot(a: &Array<f32>, a0: usize, b: &Array<f32>, b0: usize, n: usize, zero: f32) -> f32 {
+fn tile_dot(
+    a: &SharedMemory<f32>,
+    ra: usize,
+    b: &SharedMemory<f32>,
+    rb: usize,
+    hd: usize,
+    zero: f32,
+) -> f32 {
     let mut z = zero;
-    let mut d = n * 0usize;
-    while d < n {
-        z += a[a0 + d] * b[b0 + d];
+    let mut d = hd * 0usize;
+    while d < hd {
+        z += a[ra * ROW + d] * b[rb * ROW + d];
         d += 1usize;
     }
     z
 }
 
-/// Launch with one cube per query row (`n_rows = B·H·T` cubes).
+/// The first element of the key/value matrix `[t, hd]` that query head
+/// `bh` (over `[B, H]`) reads: kv head `h / (H / H_kv)` of its batch row.
+#[cube]
+fn kv_base(bh: usize, t: usize, hd: usize, heads: usize, kv_heads: usize) -> usize {
+    let kv_row = (bh / heads) * kv_heads + (bh % heads) / (heads / kv_heads);
+    kv_row * t * hd
+}
+
+/// Large negative stand-in for −∞ (WGSL has no infinite literal).
+const NEG: f32 = -3.0e38;
+
+/// Launch with `CubeDim(TILE_K, TILE_Q)` and one cube per `TILE_Q` query
+/// rows of a head (`B·H·⌈T / TILE_Q⌉` cubes). Unit `(x, y)` scores query
+/// row `y` of the tile against key `x` of each key tile, and accumulates
+/// output columns `x, x + TILE_K, …` of row `y`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
@@ -95,70 +150,100 @@ pub fn attention_forward(
     v: &Array<f32>,
     o: &mut Array<f32>,
     lse: &mut Array<f32>,
-    n_rows: u32,
+    n_heads_total: u32,
     t: u32,
     hd: u32,
     n_heads: u32,
     n_kv_heads: u32,
     scale: f32,
-    #[comptime] block: usize,
 ) {
-    let c = CUBE_POS;
+    let (t, hd) = (t as usize, hd as usize);
+    let blocks = t.div_ceil(TILE_Q);
+    let bh = CUBE_POS / blocks;
     // A whole cube takes the same branch, so its barriers stay uniform.
-    if c >= n_rows as usize {
+    if bh >= n_heads_total as usize {
         terminate!();
     }
+    let i0 = (CUBE_POS % blocks) * TILE_Q;
+    let (x, y) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
     let tid = UNIT_POS as usize;
-    let (t, hd) = (t as usize, hd as usize);
-    let i = c % t;
-    let kv0 = kv_base(c, t, hd, n_heads as usize, n_kv_heads as usize);
-    let q0 = c * hd;
-    let mut maxes = SharedMemory::<f32>::new(block);
-    let mut sums = SharedMemory::<f32>::new(block);
-    let mut p = SharedMemory::<f32>::new(block);
-    // Run-time constants (WGSL has no literal for −∞; mutable variables
-    // must start from run-time values).
-    let zero = q[q0] * f32::new(0.0);
-    let mut m = zero - f32::new(3.0e38);
-    let mut s = zero;
-    let mut j = tid;
-    while j <= i {
-        let z = dot(q, q0, k, kv0 + j * hd, hd, zero) * scale;
-        let mn = max(m, z);
-        s = s * (m - mn).exp() + (z - mn).exp();
-        m = mn;
-        j += block;
+    let q0 = bh * t * hd;
+    let kv0 = kv_base(bh, t, hd, n_heads as usize, n_kv_heads as usize);
+    let mut sq = SharedMemory::<f32>::new(TILE_Q * ROW);
+    let mut sk = SharedMemory::<f32>::new(TILE_K * ROW);
+    let mut sv = SharedMemory::<f32>::new(TILE_K * ROW);
+    let mut sp = SharedMemory::<f32>::new(TILE_Q * SROW);
+    // Run-time constants (mutable variables must start from run-time values).
+    let zero = f32::cast_from(UNIT_POS) * f32::new(0.0);
+    let mut acc = Array::<f32>::new(ATTENTION_BLOCK / TILE_K);
+    #[unroll]
+    for u in 0..ATTENTION_BLOCK / TILE_K {
+        acc[u] = zero;
     }
-    let l = cube_log_sum_exp(m, s, &mut maxes, &mut sums, tid);
-    let mut acc = zero;
+    stage(q, q0, i0, t, hd, &mut sq, tid, TILE_Q);
+    let i = i0 + y;
+    let mut m = zero + NEG;
+    let mut l = zero;
+    let last = select(i0 + TILE_Q < t, i0 + TILE_Q, t);
     let mut j0 = tid * 0usize;
-    while j0 <= i {
-        let jj = j0 + tid;
-        let mut e = zero;
-        if jj <= i {
-            e = (dot(q, q0, k, kv0 + jj * hd, hd, zero) * scale - l).exp();
-        }
-        p[tid] = e;
+    while j0 < last {
+        stage(k, kv0, j0, t, hd, &mut sk, tid, TILE_K);
+        stage(v, kv0, j0, t, hd, &mut sv, tid, TILE_K);
         sync_cube();
-        if tid < hd {
-            let mut cc = tid * 0usize;
-            while cc < block && j0 + cc <= i {
-                acc += p[cc] * v[kv0 + (j0 + cc) * hd + tid];
-                cc += 1usize;
+        let j = j0 + x;
+        let z = tile_dot(&sq, y, &sk, x, hd, zero) * scale;
+        sp[y * SROW + x] = select(j <= i && i < t, z, zero + NEG);
+        sync_cube();
+        let mut mb = zero + NEG;
+        #[unroll]
+        for c in 0..TILE_K {
+            mb = max(mb, sp[y * SROW + c]);
+        }
+        let mn = max(m, mb);
+        let pr = (sp[y * SROW + x] - mn).exp();
+        sync_cube();
+        sp[y * SROW + x] = pr;
+        sync_cube();
+        let alpha = (m - mn).exp();
+        let mut rs = zero;
+        #[unroll]
+        for c in 0..TILE_K {
+            rs += sp[y * SROW + c];
+        }
+        l = l * alpha + rs;
+        m = mn;
+        #[unroll]
+        for u in 0..ATTENTION_BLOCK / TILE_K {
+            let d = x + u * TILE_K;
+            if d < hd {
+                let mut a = acc[u] * alpha;
+                #[unroll]
+                for c in 0..TILE_K {
+                    a += sp[y * SROW + c] * sv[c * ROW + d];
+                }
+                acc[u] = a;
             }
         }
         sync_cube();
-        j0 += block;
+        j0 += TILE_K;
     }
-    if tid < hd {
-        o[q0 + tid] = acc;
-    }
-    if tid == 0 {
-        lse[c] = l;
+    if i < t {
+        #[unroll]
+        for u in 0..ATTENTION_BLOCK / TILE_K {
+            let d = x + u * TILE_K;
+            if d < hd {
+                o[q0 + i * hd + d] = acc[u] / l;
+            }
+        }
+        if x == 0usize {
+            lse[bh * t + i] = m + l.ln();
+        }
     }
 }
 
-/// `dq` and `delta = rowsum(do ∘ o)`; one cube per query row.
+/// `dq` and `delta = rowsum(do ∘ o)`, with the cubes and units of
+/// [`attention_forward`]: `ds_ij = p_ij (do_i · v_j − delta_i)`, `dq_i =
+/// scale Σ_j ds_ij k_j`, the probabilities recomputed from `lse`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_q(
@@ -170,58 +255,106 @@ pub fn attention_backward_q(
     lse: &Array<f32>,
     dq: &mut Array<f32>,
     delta: &mut Array<f32>,
-    n_rows: u32,
+    n_heads_total: u32,
     t: u32,
     hd: u32,
     n_heads: u32,
     n_kv_heads: u32,
     scale: f32,
-    #[comptime] block: usize,
 ) {
-    let c = CUBE_POS;
-    if c >= n_rows as usize {
+    let (t, hd) = (t as usize, hd as usize);
+    let blocks = t.div_ceil(TILE_Q);
+    let bh = CUBE_POS / blocks;
+    if bh >= n_heads_total as usize {
         terminate!();
     }
+    let i0 = (CUBE_POS % blocks) * TILE_Q;
+    let (x, y) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
     let tid = UNIT_POS as usize;
-    let (t, hd) = (t as usize, hd as usize);
-    let i = c % t;
-    let kv0 = kv_base(c, t, hd, n_heads as usize, n_kv_heads as usize);
-    let q0 = c * hd;
-    let zero = q[q0] * f32::new(0.0);
-    let dd = dot(d_o, q0, o, q0, hd, zero);
-    let l = lse[c];
-    let mut ds = SharedMemory::<f32>::new(block);
-    let mut acc = zero;
+    let q0 = bh * t * hd;
+    let kv0 = kv_base(bh, t, hd, n_heads as usize, n_kv_heads as usize);
+    let mut sq = SharedMemory::<f32>::new(TILE_Q * ROW);
+    let mut sdo = SharedMemory::<f32>::new(TILE_Q * ROW);
+    let mut sk = SharedMemory::<f32>::new(TILE_K * ROW);
+    let mut sv = SharedMemory::<f32>::new(TILE_K * ROW);
+    let mut sds = SharedMemory::<f32>::new(TILE_Q * SROW);
+    let zero = f32::cast_from(UNIT_POS) * f32::new(0.0);
+    let mut acc = Array::<f32>::new(ATTENTION_BLOCK / TILE_K);
+    #[unroll]
+    for u in 0..ATTENTION_BLOCK / TILE_K {
+        acc[u] = zero;
+    }
+    stage(q, q0, i0, t, hd, &mut sq, tid, TILE_Q);
+    stage(d_o, q0, i0, t, hd, &mut sdo, tid, TILE_Q);
+    let i = i0 + y;
+    let ic = select(i < t, i, 0usize);
+    let row = bh * t + ic;
+    // delta_i: each unit sums its columns of do_i ∘ o_i, the row's units
+    // add their parts in shared memory.
+    let mut part = zero;
+    let mut d0 = x;
+    while d0 < hd {
+        part += d_o[q0 + ic * hd + d0] * o[q0 + ic * hd + d0];
+        d0 += TILE_K;
+    }
+    sds[y * SROW + x] = part;
+    sync_cube();
+    let mut dd = zero;
+    #[unroll]
+    for c in 0..TILE_K {
+        dd += sds[y * SROW + c];
+    }
+    let l = lse[row];
+    sync_cube();
+    let last = select(i0 + TILE_Q < t, i0 + TILE_Q, t);
     let mut j0 = tid * 0usize;
-    while j0 <= i {
-        let j = j0 + tid;
-        let mut x = zero;
-        if j <= i {
-            let pr = (dot(q, q0, k, kv0 + j * hd, hd, zero) * scale - l).exp();
-            x = pr * (dot(d_o, q0, v, kv0 + j * hd, hd, zero) - dd);
-        }
-        ds[tid] = x;
+    while j0 < last {
+        stage(k, kv0, j0, t, hd, &mut sk, tid, TILE_K);
+        stage(v, kv0, j0, t, hd, &mut sv, tid, TILE_K);
         sync_cube();
-        if tid < hd {
-            let mut cc = tid * 0usize;
-            while cc < block && j0 + cc <= i {
-                acc += ds[cc] * k[kv0 + (j0 + cc) * hd + tid];
-                cc += 1usize;
+        let j = j0 + x;
+        let mut ds = zero;
+        if j <= i && i < t {
+            let pr = (tile_dot(&sq, y, &sk, x, hd, zero) * scale - l).exp();
+            ds = pr * (tile_dot(&sdo, y, &sv, x, hd, zero) - dd);
+        }
+        sds[y * SROW + x] = ds;
+        sync_cube();
+        #[unroll]
+        for u in 0..ATTENTION_BLOCK / TILE_K {
+            let d = x + u * TILE_K;
+            if d < hd {
+                let mut a = acc[u];
+                #[unroll]
+                for c in 0..TILE_K {
+                    a += sds[y * SROW + c] * sk[c * ROW + d];
+                }
+                acc[u] = a;
             }
         }
         sync_cube();
-        j0 += block;
+        j0 += TILE_K;
     }
-    if tid < hd {
-        dq[q0 + tid] = acc * scale;
-    }
-    if tid == 0 {
-        delta[c] = dd;
+    if i < t {
+        #[unroll]
+        for u in 0..ATTENTION_BLOCK / TILE_K {
+            let d = x + u * TILE_K;
+            if d < hd {
+                dq[q0 + i * hd + d] = acc[u] * scale;
+            }
+        }
+        if x == 0usize {
+            delta[row] = dd;
+        }
     }
 }
 
-/// `dk`, `dv`; one cube per key/value row (`B·H_kv·T` cubes), after
-/// [`attention_backward_q`] wrote `delta`.
+/// `dk`, `dv`, after [`attention_backward_q`] wrote `delta`: one cube per
+/// `TILE_K` keys of a key/value head (`B·H_kv·⌈T / TILE_K⌉` cubes), over
+/// the query tiles that can see them in every query head of its group.
+/// Unit `(x, y)` scores query `y` of a tile against key `x`; then unit
+/// `tid` accumulates columns `tid % TILE_Q + TILE_Q u` of key `tid /
+/// TILE_Q`: `dv_j = Σ_i p_ij do_i`, `dk_j = scale Σ_i ds_ij q_i`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_kv(
@@ -233,65 +366,95 @@ pub fn attention_backward_kv(
     delta: &Array<f32>,
     dk: &mut Array<f32>,
     dv: &mut Array<f32>,
-    n_kv_rows: u32,
+    n_kv_heads_total: u32,
     t: u32,
     hd: u32,
     n_heads: u32,
     n_kv_heads: u32,
     scale: f32,
-    #[comptime] block: usize,
 ) {
-    let c = CUBE_POS;
-    if c >= n_kv_rows as usize {
-        terminate!();
-    }
-    let tid = UNIT_POS as usize;
     let (t, hd) = (t as usize, hd as usize);
     let (heads, kv_heads) = (n_heads as usize, n_kv_heads as usize);
     let group = heads / kv_heads;
-    let j = c % t;
-    let bkv = c / t;
-    let k0 = c * hd;
-    let zero = k[k0] * f32::new(0.0);
-    let mut pp = SharedMemory::<f32>::new(block);
-    let mut ds = SharedMemory::<f32>::new(block);
-    let mut acc_k = zero;
-    let mut acc_v = zero;
+    let blocks = t.div_ceil(TILE_K);
+    let bkv = CUBE_POS / blocks;
+    if bkv >= n_kv_heads_total as usize {
+        terminate!();
+    }
+    let j0 = (CUBE_POS % blocks) * TILE_K;
+    let (x, y) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
+    let tid = UNIT_POS as usize;
+    let (kc, kx) = (tid / TILE_Q, tid % TILE_Q);
+    let k0 = bkv * t * hd;
+    let mut sk = SharedMemory::<f32>::new(TILE_K * ROW);
+    let mut sv = SharedMemory::<f32>::new(TILE_K * ROW);
+    let mut sq = SharedMemory::<f32>::new(TILE_Q * ROW);
+    let mut sdo = SharedMemory::<f32>::new(TILE_Q * ROW);
+    let mut sp = SharedMemory::<f32>::new(TILE_Q * SROW);
+    let mut sds = SharedMemory::<f32>::new(TILE_Q * SROW);
+    let zero = f32::cast_from(UNIT_POS) * f32::new(0.0);
+    let mut acc_k = Array::<f32>::new(ATTENTION_BLOCK / TILE_Q);
+    let mut acc_v = Array::<f32>::new(ATTENTION_BLOCK / TILE_Q);
+    #[unroll]
+    for u in 0..ATTENTION_BLOCK / TILE_Q {
+        acc_k[u] = zero;
+        acc_v[u] = zero;
+    }
+    stage(k, k0, j0, t, hd, &mut sk, tid, TILE_K);
+    stage(v, k0, j0, t, hd, &mut sv, tid, TILE_K);
+    let j = j0 + x;
     let mut g = tid * 0usize;
     while g < group {
         // Query head of this kv head's group, in the same batch row.
         let bh = (bkv / kv_heads) * heads + (bkv % kv_heads) * group + g;
-        let qrow = bh * t;
-        let mut i0 = j;
+        let q0 = bh * t * hd;
+        // The first query tile holding a row i ≥ j0.
+        let mut i0 = (j0 / TILE_Q) * TILE_Q;
         while i0 < t {
-            let i = i0 + tid;
-            let mut a = zero;
-            let mut x = zero;
-            if i < t {
-                let base = (qrow + i) * hd;
-                a = (dot(q, base, k, k0, hd, zero) * scale - lse[qrow + i]).exp();
-                x = a * (dot(d_o, base, v, k0, hd, zero) - delta[qrow + i]);
-            }
-            pp[tid] = a;
-            ds[tid] = x;
+            stage(q, q0, i0, t, hd, &mut sq, tid, TILE_Q);
+            stage(d_o, q0, i0, t, hd, &mut sdo, tid, TILE_Q);
             sync_cube();
-            if tid < hd {
-                let mut cc = tid * 0usize;
-                while cc < block && i0 + cc < t {
-                    let at = (qrow + i0 + cc) * hd + tid;
-                    acc_v += pp[cc] * d_o[at];
-                    acc_k += ds[cc] * q[at];
-                    cc += 1usize;
+            let i = i0 + y;
+            let mut pr = zero;
+            let mut ds = zero;
+            if j <= i && i < t {
+                let row = bh * t + i;
+                pr = (tile_dot(&sq, y, &sk, x, hd, zero) * scale - lse[row]).exp();
+                ds = pr * (tile_dot(&sdo, y, &sv, x, hd, zero) - delta[row]);
+            }
+            sp[y * SROW + x] = pr;
+            sds[y * SROW + x] = ds;
+            sync_cube();
+            #[unroll]
+            for u in 0..ATTENTION_BLOCK / TILE_Q {
+                let d = kx + u * TILE_Q;
+                if d < hd {
+                    let mut av = acc_v[u];
+                    let mut ak = acc_k[u];
+                    #[unroll]
+                    for r in 0..TILE_Q {
+                        av += sp[r * SROW + kc] * sdo[r * ROW + d];
+                        ak += sds[r * SROW + kc] * sq[r * ROW + d];
+                    }
+                    acc_v[u] = av;
+                    acc_k[u] = ak;
                 }
             }
             sync_cube();
-            i0 += block;
+            i0 += TILE_Q;
         }
         g += 1usize;
     }
-    if tid < hd {
-        dk[k0 + tid] = acc_k * scale;
-        dv[k0 + tid] = acc_v;
+    if j0 + kc < t {
+        let at = k0 + (j0 + kc) * hd;
+        #[unroll]
+        for u in 0..ATTENTION_BLOCK / TILE_Q {
+            let d = kx + u * TILE_Q;
+            if d < hd {
+                dk[at + d] = acc_k[u] * scale;
+                dv[at + d] = acc_v[u];
+            }
+        }
     }
 }
 
@@ -367,22 +530,22 @@ impl<R: Runtime> Device<R> {
         s.check("attention", &[])?;
         let (ql, kl, rows) = (s.q_len(), s.kv_len(), s.rows());
         let (o, lse) = (self.output(ql), self.output(rows));
+        let heads = s.batch * s.heads;
         attention_forward::launch::<R>(
             self.client(),
-            cubes(rows),
-            CubeDim::new_1d(ATTENTION_BLOCK as u32),
+            cubes(heads * s.seq.div_ceil(TILE_Q)),
+            CubeDim::new_2d(TILE_K as u32, TILE_Q as u32),
             arg(q, ql),
             arg(k, kl),
             arg(v, kl),
             arg(&o, ql),
             arg(&lse, rows),
-            rows as u32,
+            heads as u32,
             s.seq as u32,
             s.head_dim as u32,
             s.heads as u32,
             s.kv_heads as u32,
             s.scale(),
-            ATTENTION_BLOCK,
         );
         Ok((o, lse))
     }
@@ -398,10 +561,11 @@ impl<R: Runtime> Device<R> {
         s.check("attention_backward", &[])?;
         let (ql, kl, rows) = (s.q_len(), s.kv_len(), s.rows());
         let (dq, delta) = (self.output(ql), self.output(rows));
+        let heads = s.batch * s.heads;
         attention_backward_q::launch::<R>(
             self.client(),
-            cubes(rows),
-            CubeDim::new_1d(ATTENTION_BLOCK as u32),
+            cubes(heads * s.seq.div_ceil(TILE_Q)),
+            CubeDim::new_2d(TILE_K as u32, TILE_Q as u32),
             arg(q, ql),
             arg(k, kl),
             arg(v, kl),
@@ -410,23 +574,22 @@ impl<R: Runtime> Device<R> {
             arg(lse, rows),
             arg(&dq, ql),
             arg(&delta, rows),
-            rows as u32,
+            heads as u32,
             s.seq as u32,
             s.head_dim as u32,
             s.heads as u32,
             s.kv_heads as u32,
             s.scale(),
-            ATTENTION_BLOCK,
         );
         if !kv {
             return Ok((dq, None));
         }
         let (dk, dv) = (self.output(kl), self.output(kl));
-        let kv_rows = s.batch * s.kv_heads * s.seq;
+        let kv_heads = s.batch * s.kv_heads;
         attention_backward_kv::launch::<R>(
             self.client(),
-            cubes(kv_rows),
-            CubeDim::new_1d(ATTENTION_BLOCK as u32),
+            cubes(kv_heads * s.seq.div_ceil(TILE_K)),
+            CubeDim::new_2d(TILE_K as u32, TILE_Q as u32),
             arg(q, ql),
             arg(k, kl),
             arg(v, kl),
@@ -435,13 +598,12 @@ impl<R: Runtime> Device<R> {
             arg(&delta, rows),
             arg(&dk, kl),
             arg(&dv, kl),
-            kv_rows as u32,
+            kv_heads as u32,
             s.seq as u32,
             s.head_dim as u32,
             s.heads as u32,
             s.kv_heads as u32,
             s.scale(),
-            ATTENTION_BLOCK,
         );
         Ok((dq, Some((dk, dv))))
     }

@@ -4,7 +4,7 @@
 //! `coopc compile --emit kernels` and by the snapshot tests.
 
 use crate::attention::{
-    attention_backward_kv, attention_backward_q, attention_forward, ATTENTION_BLOCK,
+    attention_backward_kv, attention_backward_q, attention_forward, TILE_K, TILE_Q,
 };
 use crate::device::BLOCK;
 use crate::elementwise::elementwise_program;
@@ -377,19 +377,18 @@ impl Traced {
                 );
                 let scale = <f32 as LaunchArg>::expand(&(), &mut b);
                 let mut next = || ins.remove(0);
-                let blk = ATTENTION_BLOCK;
                 match part {
                     AttentionPart::Forward => {
                         let (q, k, v) = (next(), next(), next());
                         let sc = &mut b.scope;
-                        attention_forward::expand(sc, q, k, v, o1, o2, n, t, hd, h, kv, scale, blk);
+                        attention_forward::expand(sc, q, k, v, o1, o2, n, t, hd, h, kv, scale);
                     }
                     AttentionPart::BackwardQ => {
                         let (q, k, v, o, d_o, lse) =
                             (next(), next(), next(), next(), next(), next());
                         let sc = &mut b.scope;
                         attention_backward_q::expand(
-                            sc, q, k, v, o, d_o, lse, o1, o2, n, t, hd, h, kv, scale, blk,
+                            sc, q, k, v, o, d_o, lse, o1, o2, n, t, hd, h, kv, scale,
                         );
                     }
                     AttentionPart::BackwardKv => {
@@ -397,11 +396,14 @@ impl Traced {
                             (next(), next(), next(), next(), next(), next());
                         let sc = &mut b.scope;
                         attention_backward_kv::expand(
-                            sc, q, k, v, d_o, lse, delta, o1, o2, n, t, hd, h, kv, scale, blk,
+                            sc, q, k, v, d_o, lse, delta, o1, o2, n, t, hd, h, kv, scale,
                         );
                     }
                 }
-                b.build(settings(name, CubeDim::new_1d(ATTENTION_BLOCK as u32)))
+                b.build(settings(
+                    name,
+                    CubeDim::new_2d(TILE_K as u32, TILE_Q as u32),
+                ))
             }
             Traced::Iota => {
                 let o = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
