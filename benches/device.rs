@@ -3,7 +3,8 @@
 //! the fused linear log-prob at the "medium" shapes (4,096 tokens, d 1,024)
 //! for a 32k and a 128k vocabulary (32k only on wgpu, whose bindings are
 //! limited in size), against its bound (2·T·V·d FLOPs, printed; the
-//! throughput line is FLOP/s). Its memory is the inputs plus 2·T output
+//! throughput line is FLOP/s), forward and both gradients (3× the
+//! forward's FLOPs: the logits recomputed, then dh and dW products). Its memory is the inputs plus 2·T output
 //! floats at any vocabulary: no `[T, V]` buffer exists. Then the causal
 //! attention kernels, forward and forward + backward, at the medium
 //! pipeline's shapes (batch 8, 16 heads, 512 positions, head dim 64); the
@@ -16,6 +17,7 @@
 //! against the plain 16 × 16 tiling; the throughput is 2·m·k·n FLOP/s.
 //! `scripts/gpu-check.sh` runs the compiled bench binary on a GPU machine.
 
+use coopc_compiler::linear_logprob::device_chunk;
 use coopc_kernels::attention::AttentionShape;
 use coopc_kernels::device::Device;
 use coopc_kernels::matmul::MatmulShape;
@@ -47,6 +49,20 @@ fn bench_on<R: Runtime>(c: &mut Criterion, dev: Device<R>, tokens: usize, vocabs
         group.throughput(Throughput::Elements(flops as u64));
         group.bench_function(format!("t{tokens}_d{d}_v{vocab}"), |b| {
             b.iter(|| black_box(dev.linear_logprob(&h, &w, &targets, d).expect("runs")))
+        });
+        // Both gradients: the logits recomputed once (2·T·V·d) and two
+        // products of the same size.
+        let (_, lse) = dev.linear_logprob(&h, &w, &targets, d).expect("runs");
+        let g = values(tokens, 9, 1.0);
+        let chunk = device_chunk(tokens, vocab);
+        group.throughput(Throughput::Elements(3 * flops as u64));
+        group.bench_function(format!("backward_t{tokens}_d{d}_v{vocab}"), |b| {
+            b.iter(|| {
+                black_box(
+                    dev.linear_logprob_backward(&h, &w, &targets, &lse, &g, d, chunk)
+                        .expect("runs"),
+                )
+            })
         });
         eprintln!(
             "linear_logprob t{tokens} v{vocab}: {:.3} GFLOP per call; inputs {:.1} MiB",

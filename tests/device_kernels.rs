@@ -459,7 +459,7 @@ fn adamw_first_order_meta_step_on_the_device_matches_the_cpu() {
 
 #[test]
 fn fused_linear_logprob_matches_log_softmax_of_the_full_logits() {
-    let (t, d, v) = (37, 48, 1000);
+    let (t, d, v) = (70, 80, 1000);
     let mut r = rng(30);
     let h = uniform(&mut r, t * d, -1.0, 1.0);
     let w = uniform(&mut r, v * d, -0.5, 0.5);
@@ -507,15 +507,20 @@ fn fused_linear_logprob_matches_log_softmax_of_the_full_logits() {
     ]);
     let want = execute(&g, &inputs).unwrap();
     let [hf, wf, yf, gf] = ["h", "w", "y", "g"].map(|n| f32s(&inputs[n]));
-    // Forward, then backward from the forward's own lse.
-    let got = with_device!(|dev| {
-        let (lp, lse) = dev.linear_logprob(&hf, &wf, &yf, d).expect("forward");
-        let (dh, dw) = dev
-            .linear_logprob_backward(&hf, &wf, &yf, &lse, &gf, d)
-            .expect("backward");
-        [lp, lse, dh, dw]
-    });
-    check_results(&want, got, 1e-5);
+    // Forward, then backward from the forward's own lse: the whole
+    // vocabulary at once (the executor's chunk at this size), and in
+    // chunks of 64 and 300 rows (the last ones partial), dh summed over
+    // the chunks.
+    for chunk in [coopc_compiler::linear_logprob::device_chunk(t, v), 64, 300] {
+        let got = with_device!(|dev| {
+            let (lp, lse) = dev.linear_logprob(&hf, &wf, &yf, d).expect("forward");
+            let (dh, dw) = dev
+                .linear_logprob_backward(&hf, &wf, &yf, &lse, &gf, d, chunk)
+                .expect("backward");
+            [lp, lse, dh, dw]
+        });
+        check_results(&want, got, 1e-5);
+    }
 }
 
 /// The device as a [`Backend`]: CUDA with `COOPC_TEST_CUDA=1`, else wgpu.

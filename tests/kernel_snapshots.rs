@@ -211,15 +211,26 @@ fn fused_linear_logprob() {
         .source("linear_logprob_forward")
         .expect("compiles to CUDA and WGSL");
     snapshot("linear_logprob_forward", &src);
-    for (weights, name) in [
-        (false, "linear_logprob_backward_h"),
-        (true, "linear_logprob_backward_w"),
-    ] {
-        let src = Traced::LinearLogprobBackward { weights }
-            .source(name)
-            .expect("compiles to CUDA and WGSL");
-        snapshot(name, &src);
+    // The gradients: a chunk's coefficients, then dh += C · W[chunk]
+    // (storing for the first chunk) and dW[chunk] = Cᵀ · h.
+    let src = Traced::LogprobGradients {
+        dh: Some(true),
+        dh_chunks: true,
+        dw: Some(true),
     }
+    .source("linear_logprob_backward_hw")
+    .expect("compiles to CUDA and WGSL");
+    for part in ["_coefficients", "_dh", "_dh_add", "_dw"] {
+        let kernel = format!("linear_logprob_backward_hw{part} ");
+        assert!(
+            src.cuda.contains(&kernel),
+            "no `{kernel}` in the CUDA source"
+        );
+    }
+    let coefficients = Traced::LogprobCoefficients
+        .source("linear_logprob_coefficients")
+        .expect("compiles to CUDA and WGSL");
+    snapshot("linear_logprob_coefficients", &coefficients);
 }
 
 #[test]

@@ -285,8 +285,9 @@ impl Kernel {
     /// Bytes of device buffers the kernel's launches use besides what it
     /// reads and writes, freed when it ends (f32): the per-row log-sum-exp
     /// of the attention and log-prob kernels, and for their gradients the
-    /// forward's discarded output, the rows' delta, and the sibling
-    /// gradients the backward kernels compute but no node asked for; the
+    /// forward's discarded output, the rows' delta, the sibling gradients
+    /// the backward kernels compute but no node asked for, and a chunk of
+    /// the log-prob gradients' coefficients `[N, chunk]`; the
     /// per-row 1/rms of an RMSNorm gain's gradient.
     pub fn scratch_bytes(&self, g: &Graph) -> usize {
         let n = |id: &NodeId| g.ty(*id).numel();
@@ -308,8 +309,12 @@ impl Kernel {
                         0
                     }
             }
-            // The forward's log-probs and log-sum-exp.
-            Kernel::LogprobGrads { inputs, .. } => 2 * g.ty(inputs[0]).shape[0],
+            // The forward's log-probs and log-sum-exp, one chunk of the
+            // coefficients.
+            Kernel::LogprobGrads { inputs, .. } => {
+                let (n, vocab) = (g.ty(inputs[0]).shape[0], g.ty(inputs[1]).shape[0]);
+                2 * n + n * crate::linear_logprob::device_chunk(n, vocab)
+            }
             // Each row's 1/rms, for the gain's gradient.
             Kernel::Node(id) => match g.op(*id) {
                 Op::RmsNormGrad {

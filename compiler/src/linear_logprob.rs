@@ -13,6 +13,18 @@ use crate::ir::{Graph, LogprobOperand, NodeId};
 /// per row block: 2²⁴, 64 MiB in f32.
 pub const EXPANSION_LOGITS: usize = 1 << 24;
 
+/// Elements of the coefficient chunk `[N, chunk]` the device's log-prob
+/// gradients hold at once (64 MiB in f32).
+pub const DEVICE_CHUNK_ELEMS: usize = 1 << 24;
+
+/// Vocabulary rows per chunk of the device's log-prob gradients for `n`
+/// tokens and `vocab` rows: a multiple of 64 (at least 64) with `n ·
+/// chunk ≤ DEVICE_CHUNK_ELEMS` where possible, at most `vocab`.
+pub fn device_chunk(n: usize, vocab: usize) -> usize {
+    let c = (DEVICE_CHUNK_ELEMS / n.max(1)) / 64 * 64;
+    c.max(64).min(vocab.max(1))
+}
+
 /// Rows of h per block when autodiff expands a `LinearLogprobGrad` of h
 /// `[N, d]` and w `[V, d]` (see `autodiff::linear_logprob_grad_vjp`).
 pub fn expansion_rows(h: &[usize], w: &[usize]) -> usize {

@@ -25,6 +25,7 @@ use coopc_compiler::fusion::{fuse, ElemProgram, FusedSchedule, Kernel};
 use coopc_compiler::ir::{
     numel, AttentionOperand, DType, Graph, LogprobOperand, NodeId, NormOperand, Op, TensorType,
 };
+use coopc_compiler::linear_logprob::device_chunk;
 use coopc_compiler::schedule::schedule;
 use coopc_runtime::{
     Backend, DeviceTensor, ExecError, HostTensor, Input, Inputs, Transfers, Value,
@@ -796,12 +797,20 @@ impl<R: Runtime> Device<R> {
                 let (h, w, y, gr) = (h?, w?, y?, gr?);
                 // The forward runs for its log-sum-exp.
                 let (_, lse) = self.launch_linear_logprob([&h, &w, &y], rows * d, shape);
+                // One pass over the vocabulary serves both gradients.
+                let asked = |o| grads.iter().any(|&(wrt, _)| wrt == o);
+                let want = [asked(LogprobOperand::Hidden), asked(LogprobOperand::Weight)];
+                let ops = [&h, &w, &y, &lse, &gr];
+                let chunk = device_chunk(rows, shape.vocab);
+                let [dh, dw] = self.launch_linear_logprob_backward(ops, shape, want, chunk);
                 Ok(grads
                     .iter()
                     .map(|&(wrt, id)| {
-                        let weights = wrt == LogprobOperand::Weight;
-                        let ops = [&h, &w, &y, &lse, &gr];
-                        (id, self.launch_linear_logprob_backward(ops, shape, weights))
+                        let out = match wrt {
+                            LogprobOperand::Hidden => dh.clone(),
+                            LogprobOperand::Weight => dw.clone(),
+                        };
+                        (id, out.expect("computed when asked"))
                     })
                     .collect())
             }

@@ -4,30 +4,29 @@
 //! backward, `dh` and `dW` of `Σ_t g[t] · logprob[t]`, recomputing the
 //! logits from the forward's per-token log-sum-exp.
 //!
-//! All three kernels walk the `[T, V]` logits in `TILE × TILE` tiles, each
-//! computed as a tiled matrix product (`TILE`-wide panels of h and W staged
-//! in shared memory, as `matmul_tiled` does), so a row of W is read once
-//! per `TILE` tokens and a row of h once per `TILE` vocabulary rows:
-//!
-//! - forward: a cube per `TILE` tokens sweeps the vocabulary tile by tile,
-//!   folding each tile's logits into an online (max, Σexp) per token;
-//! - backward `dh`: a cube per `TILE` tokens sweeps the vocabulary, turns
-//!   each tile into `C = g (1[v = y] − p)` and adds `C · W[tile]` to its
-//!   rows of dh;
-//! - backward `dW`: a cube per `TILE` vocabulary rows sweeps the tokens and
-//!   adds `Cᵀ · h[tile]` to its rows of dW.
-//!
-//! Memory is `O(T)` beyond the operands whatever the vocabulary. Written
-//! for correctness first: `TILE` is 16 and each unit computes one logit of
-//! a tile (no register blocking), so the kernels run at about the rate of
-//! the tiled matmul, not of a tuned GEMM.
+//! - forward: a cube per `TILE` (16) tokens sweeps the vocabulary in
+//!   `TILE × TILE` tiles of logits, each computed as a tiled matrix product
+//!   (`TILE`-wide panels of h and W staged in shared memory, one logit per
+//!   unit), folding each tile into an online (max, Σexp) per token; memory
+//!   `O(T)` beyond the operands.
+//! - backward: a chunk of the vocabulary at a time
+//!   (`linear_logprob::device_chunk` rows, `T · chunk ≤ 2²⁴` where it can),
+//!   [`linear_logprob_coefficients`] computes the chunk's logits with the
+//!   register-blocked product of `matmul` (64 × 64 per cube, 4 × 4 per
+//!   unit) and turns them into `C = g (1[v = y] − p)` in its epilogue; then
+//!   two matrix products take the gradients from the same `C`: `dh += C ·
+//!   W[chunk]` and `dW[chunk] = Cᵀ · h`. The logits are recomputed once for
+//!   both gradients; the scratch is one chunk of `C`, the same for any
+//!   vocabulary.
 //!
 //! The device executor runs the IR's `linear_logprob` op (and a matched
-//! log-softmax-of-logits subgraph) with the forward kernel, and each
-//! `linear_logprob_grad` op with the forward (for the log-sum-exp) and one
-//! backward kernel. A target outside `0..V` makes its row NaN.
+//! log-softmax-of-logits subgraph) with the forward kernel, and the
+//! `linear_logprob_grad` ops of one log-prob with the forward (for the
+//! log-sum-exp) and one pass of the backward. A target outside `0..V`
+//! makes its row NaN (and, through `Cᵀ · h`, every row of dW).
 
 use crate::device::{arg, Device, DeviceError};
+use crate::matmul::{blocked_product, use_blocked, MatmulShape, BLOCK_MN, REG};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
@@ -89,54 +88,6 @@ fn target_id(y: f32, vocab: usize) -> (bool, usize) {
         inside,
         u32::cast_from(select(inside, y, f32::new(0.0))) as usize,
     )
-}
-
-/// Zeroes this unit's columns `tx, tx + tile, …` of the `d`-long row of
-/// `out` starting at `row` (when `ok`).
-#[cube]
-fn zero_columns(out: &mut Array<f32>, row: usize, ok: bool, d: usize, #[comptime] tile: usize) {
-    let zero = f32::cast_from(UNIT_POS_X) * f32::new(0.0);
-    let mut j = UNIT_POS_X as usize;
-    while j < d {
-        if ok {
-            out[row + j] = zero;
-        }
-        j += tile;
-    }
-}
-
-/// Adds `Σ_c c_tile[ty, c] · src[first + c]` to this unit's columns of the
-/// `d`-long row of `out` starting at `row` (when `ok`): the product of a
-/// `tile × tile` coefficient tile (in shared memory) with the `tile` rows
-/// of `src` (`[rows, d]`) from row `first`, rows past `rows` read as 0.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn add_tile_product(
-    out: &mut Array<f32>,
-    row: usize,
-    ok: bool,
-    coef: &SharedMemory<f32>,
-    src: &Array<f32>,
-    first: usize,
-    rows: usize,
-    d: usize,
-    #[comptime] tile: usize,
-) {
-    let ty = UNIT_POS_Y as usize;
-    // A run-time zero (mutable variables must start from run-time values).
-    let zero = f32::cast_from(UNIT_POS_X) * f32::new(0.0);
-    let mut j = UNIT_POS_X as usize;
-    while j < d {
-        let mut acc = zero;
-        for c in 0..tile {
-            let r = first + c;
-            acc += coef[ty * tile + c] * load_or_zero(src, r * d + j, r < rows);
-        }
-        if ok {
-            out[row + j] += acc;
-        }
-        j += tile;
-    }
 }
 
 /// Launch with `CubeDim(tile, tile)` and `ceil(T / tile)` cubes. Unit
@@ -215,119 +166,68 @@ pub fn linear_logprob_forward(
     }
 }
 
-/// `dh[t] = Σ_v C[t, v] · W[v]` with `C = g[t] (1[v = y_t] − exp(h[t]·W[v]
-/// − lse[t]))`. Launch as [`linear_logprob_forward`]; `h` is `[T, d]`.
-/// Unit `(ty, tx)` owns columns `tx, tx + tile, …` of token `ty`'s row.
+/// One chunk of the gradients' coefficients, `c[t, cc] = g[t] (1[v =
+/// y_t] − exp(h[t]·W[v] − lse[t]))` for `v = v0 + cc < v0 + vc`, into `c
+/// [T, vc]`: the logits of the chunk by the register-blocked product
+/// (`matmul::blocked_product`), the coefficients in its epilogue. Launch
+/// with `CubeDim(16, 16)` and `CubeCount(ceil(vc / 64), ceil(T / 64))`. A
+/// target outside `0..vocab` makes its row NaN.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-pub fn linear_logprob_backward_h(
+pub fn linear_logprob_coefficients(
     h: &Array<f32>,
     w: &Array<f32>,
     targets: &Array<f32>,
     lse: &Array<f32>,
     grad: &Array<f32>,
-    dh: &mut Array<f32>,
+    c: &mut Array<f32>,
     n_tokens: u32,
     d: u32,
     vocab: u32,
-    #[comptime] tile: usize,
+    v0: u32,
+    vc: u32,
 ) {
-    let tx = UNIT_POS_X as usize;
-    let ty = UNIT_POS_Y as usize;
-    let (n, d, vocab) = (n_tokens as usize, d as usize, vocab as usize);
-    let tok = CUBE_POS_X as usize * tile + ty;
-    let tok_ok = tok < n;
-    let tc = select(tok_ok, tok, 0usize);
-    let (inside, target) = target_id(targets[tc], vocab);
+    let (n, d, vocab, v0, vc) = (
+        n_tokens as usize,
+        d as usize,
+        vocab as usize,
+        v0 as usize,
+        vc as usize,
+    );
+    let (tx, ty) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
+    let row0 = CUBE_POS_Y as usize * BLOCK_MN;
+    let col0 = CUBE_POS_X as usize * BLOCK_MN;
+    let mut acc = Array::<f32>::new(REG * REG);
+    blocked_product(
+        h,
+        0usize,
+        w,
+        v0 * d,
+        n,
+        d,
+        vc,
+        row0,
+        col0,
+        &mut acc,
+        false,
+        true,
+    );
     let zero = f32::cast_from(UNIT_POS_X) * f32::new(0.0);
-    // A target outside 0..vocab makes the row NaN, as in the forward.
-    let (l, g) = (lse[tc], select(inside, grad[tc], zero / zero));
-    let mut sx = SharedMemory::<f32>::new(tile * tile);
-    let mut sw = SharedMemory::<f32>::new(tile * tile);
-    let mut sc = SharedMemory::<f32>::new(tile * tile);
-    zero_columns(dh, tok * d, tok_ok, d, tile);
-    let mut v0 = (UNIT_POS_X * 0) as usize;
-    while v0 < vocab {
-        let w_row = v0 + ty;
-        let z = tile_logit(
-            h,
-            tc * d,
-            tok_ok,
-            w,
-            w_row * d,
-            w_row < vocab,
-            d,
-            &mut sx,
-            &mut sw,
-            tile,
-        );
-        let v = v0 + tx;
-        let hit = select(v == target, f32::new(1.0), zero);
-        sc[ty * tile + tx] = select(v < vocab, g * (hit - (z - l).exp()), zero);
-        sync_cube();
-        add_tile_product(dh, tok * d, tok_ok, &sc, w, v0, vocab, d, tile);
-        sync_cube();
-        v0 += tile;
-    }
-}
-
-/// `dW[v] = Σ_t C[t, v] · h[t]` (C as in [`linear_logprob_backward_h`]).
-/// Launch with `CubeDim(tile, tile)` and `ceil(V / tile)` cubes; unit
-/// `(ty, tx)` scores vocabulary row `tile · cube + ty` against token `tx`
-/// of each tile of tokens and owns columns `tx, tx + tile, …` of its row.
-#[cube(launch)]
-#[allow(clippy::too_many_arguments)]
-pub fn linear_logprob_backward_w(
-    h: &Array<f32>,
-    w: &Array<f32>,
-    targets: &Array<f32>,
-    lse: &Array<f32>,
-    grad: &Array<f32>,
-    dw: &mut Array<f32>,
-    n_tokens: u32,
-    d: u32,
-    vocab: u32,
-    #[comptime] tile: usize,
-) {
-    let tx = UNIT_POS_X as usize;
-    let ty = UNIT_POS_Y as usize;
-    let (n, d, vocab) = (n_tokens as usize, d as usize, vocab as usize);
-    let v = CUBE_POS_X as usize * tile + ty;
-    let v_ok = v < vocab;
-    let vc = select(v_ok, v, 0usize);
-    let zero = f32::cast_from(UNIT_POS_X) * f32::new(0.0);
-    let mut sx = SharedMemory::<f32>::new(tile * tile);
-    let mut sw = SharedMemory::<f32>::new(tile * tile);
-    let mut sc = SharedMemory::<f32>::new(tile * tile);
-    zero_columns(dw, v * d, v_ok, d, tile);
-    let mut t0 = (UNIT_POS_X * 0) as usize;
-    while t0 < n {
-        // Row ty of the h panel is token t0 + ty; the logit of unit
-        // (ty, tx) is W[v] · h[t0 + tx].
-        let h_row = t0 + ty;
-        let z = tile_logit(
-            w,
-            vc * d,
-            v_ok,
-            h,
-            h_row * d,
-            h_row < n,
-            d,
-            &mut sx,
-            &mut sw,
-            tile,
-        );
-        let tok = t0 + tx;
-        let tk = select(tok < n, tok, 0usize);
-        let (inside, target) = target_id(targets[tk], vocab);
-        // A target outside 0..vocab makes its token's share NaN.
-        let g = select(inside, grad[tk], zero / zero);
-        let hit = select(target == v, f32::new(1.0), zero);
-        sc[ty * tile + tx] = select(tok < n, g * (hit - (z - lse[tk]).exp()), zero);
-        sync_cube();
-        add_tile_product(dw, v * d, v_ok, &sc, h, t0, n, d, tile);
-        sync_cube();
-        t0 += tile;
+    #[unroll]
+    for i in 0..REG {
+        let t = row0 + ty + 16 * i;
+        let tc = select(t < n, t, 0usize);
+        let (inside, target) = target_id(targets[tc], vocab);
+        let g = select(inside, grad[tc], zero / zero);
+        let l = lse[tc];
+        #[unroll]
+        for j in 0..REG {
+            let cc = col0 + tx + 16 * j;
+            if t < n && cc < vc {
+                let hit = select(v0 + cc == target, f32::new(1.0), zero);
+                c[t * vc + cc] = g * (hit - (acc[i * REG + j] - l).exp());
+            }
+        }
     }
 }
 
@@ -389,53 +289,75 @@ impl<R: Runtime> Device<R> {
         (out, lse)
     }
 
-    /// Launches [`linear_logprob_backward_w`] (`weights`) or
-    /// [`linear_logprob_backward_h`] on device buffers, `h` being `[n, d]`.
+    /// The gradients `(dh, dW)` of `Σ_t grad[t] · logprob[t]` that
+    /// `want` asks for (`[dh, dW]`), from the forward's `lse`, a chunk of
+    /// the vocabulary at a time: [`linear_logprob_coefficients`] writes the
+    /// chunk's coefficients `C [T, chunk]` (the only vocabulary-sized
+    /// scratch, `device_chunk` rows), then matrix products add `C ·
+    /// W[chunk]` to dh and write `Cᵀ · h` into the chunk's rows of dW.
     pub(crate) fn launch_linear_logprob_backward(
         &self,
         [h, w, targets, lse, grad]: [&Handle; 5],
         s: LogprobShape,
-        weights: bool,
-    ) -> Handle {
+        want: [bool; 2],
+        chunk: usize,
+    ) -> [Option<Handle>; 2] {
         let (n, d, vocab) = (s.n, s.d, s.vocab);
-        let a = |x: &Handle, len: usize| arg::<R>(x, len);
-        if weights {
-            let dw = self.output(vocab * d);
-            linear_logprob_backward_w::launch::<R>(
+        let chunk = chunk.clamp(1, vocab.max(1));
+        let c = self.output(n * chunk);
+        let dh = want[0].then(|| self.output(n * d));
+        let dw = want[1].then(|| self.output(vocab * d));
+        let u = |v: usize| v as u32;
+        let mut v0 = 0;
+        while v0 < vocab {
+            let vc = chunk.min(vocab - v0);
+            linear_logprob_coefficients::launch::<R>(
                 self.client(),
-                tiles(vocab),
-                CubeDim::new_2d(LOGPROB_TILE as u32, LOGPROB_TILE as u32),
-                a(h, n * d),
-                a(w, vocab * d),
-                a(targets, n),
-                a(lse, n),
-                a(grad, n),
-                a(&dw, vocab * d),
-                n as u32,
-                d as u32,
-                vocab as u32,
-                LOGPROB_TILE,
+                CubeCount::Static(u(vc).div_ceil(64), u(n).div_ceil(64), 1),
+                CubeDim::new_2d(16, 16),
+                arg(h, n * d),
+                arg(w, vocab * d),
+                arg(targets, n),
+                arg(lse, n),
+                arg(grad, n),
+                arg(&c, n * chunk),
+                u(n),
+                u(d),
+                u(vocab),
+                u(v0),
+                u(vc),
             );
-            dw
-        } else {
-            let dh = self.output(n * d);
-            linear_logprob_backward_h::launch::<R>(
-                self.client(),
-                tiles(n),
-                CubeDim::new_2d(LOGPROB_TILE as u32, LOGPROB_TILE as u32),
-                a(h, n * d),
-                a(w, vocab * d),
-                a(targets, n),
-                a(lse, n),
-                a(grad, n),
-                a(&dh, n * d),
-                n as u32,
-                d as u32,
-                vocab as u32,
-                LOGPROB_TILE,
-            );
-            dh
+            if let Some(dh) = &dh {
+                // dh (+)= C [n, vc] · W[v0..v0 + vc] [vc, d].
+                let shape = MatmulShape {
+                    batch: 1,
+                    m: n,
+                    k: vc,
+                    n: d,
+                    trans_a: false,
+                    trans_b: false,
+                };
+                let ops = [(&c, n * chunk), (w, vocab * d), (dh, n * d)];
+                let blocked = use_blocked(n, d);
+                self.launch_matmul_into(ops, shape, [0, v0 * d, 0], v0 > 0, blocked);
+            }
+            if let Some(dw) = &dw {
+                // dW[v0..v0 + vc] = Cᵀ [vc, n] · h [n, d].
+                let shape = MatmulShape {
+                    batch: 1,
+                    m: vc,
+                    k: n,
+                    n: d,
+                    trans_a: true,
+                    trans_b: false,
+                };
+                let ops = [(&c, n * chunk), (h, n * d), (dw, vocab * d)];
+                let blocked = use_blocked(vc, d);
+                self.launch_matmul_into(ops, shape, [0, 0, v0 * d], false, blocked);
+            }
+            v0 += vc;
         }
+        [dh, dw]
     }
 
     /// `(logprob [T], lse [T])` of `targets` under the logits `h Wᵀ`, with
@@ -471,8 +393,10 @@ impl<R: Runtime> Device<R> {
     }
 
     /// `(dh [T, d], dW [V, d])` of `Σ_t grad[t] · logprob[t]`, from the
-    /// forward's `lse`, by [`linear_logprob_backward_h`] and
-    /// [`linear_logprob_backward_w`].
+    /// forward's `lse`, by [`Device::launch_linear_logprob_backward`] in
+    /// chunks of `chunk` vocabulary rows (the executor's choice is
+    /// `linear_logprob::device_chunk`).
+    #[allow(clippy::too_many_arguments)]
     pub fn linear_logprob_backward(
         &self,
         h: &[f32],
@@ -481,6 +405,7 @@ impl<R: Runtime> Device<R> {
         lse: &[f32],
         grad: &[f32],
         d: usize,
+        chunk: usize,
     ) -> Result<(Vec<f32>, Vec<f32>), DeviceError> {
         let t = targets.len();
         let vocab = w.len() / d.max(1);
@@ -504,8 +429,8 @@ impl<R: Runtime> Device<R> {
             seq_in: t,
         };
         let ops = [&hh, &wh, &th, &lh, &gh];
-        let dh = self.launch_linear_logprob_backward(ops, shape, false);
-        let dw = self.launch_linear_logprob_backward(ops, shape, true);
+        let [dh, dw] = self.launch_linear_logprob_backward(ops, shape, [true, true], chunk);
+        let (dh, dw) = (dh.expect("asked"), dw.expect("asked"));
         Ok((self.download(dh, t * d)?, self.download(dw, vocab * d)?))
     }
 }

@@ -24,8 +24,11 @@ fn load_or_zero(a: &Array<f32>, at: usize, inside: bool) -> f32 {
 }
 
 /// Launch with `CubeDim(TILE, TILE)` and
-/// `CubeCount(ceil(n / TILE), ceil(m / TILE), B)`.
+/// `CubeCount(ceil(n / TILE), ceil(m / TILE), B)`. The operands and the
+/// result start at elements `a_off`, `b_off`, `out_off` of their buffers; with
+/// `accumulate` the product is added to `out` instead of stored.
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 pub fn matmul_tiled(
     a: &Array<f32>,
     b: &Array<f32>,
@@ -33,9 +36,13 @@ pub fn matmul_tiled(
     m: u32,
     k: u32,
     n: u32,
+    a_off: u32,
+    b_off: u32,
+    out_off: u32,
     #[comptime] tile: usize,
     #[comptime] trans_a: bool,
     #[comptime] trans_b: bool,
+    #[comptime] accumulate: bool,
 ) {
     let (m, k, n) = (m as usize, k as usize, n as usize);
     let t = tile;
@@ -46,8 +53,8 @@ pub fn matmul_tiled(
     let col = CUBE_POS_X as usize * t + tx;
     let mut sa = SharedMemory::<f32>::new(tile * tile);
     let mut sb = SharedMemory::<f32>::new(tile * tile);
-    let a_base = batch * m * k;
-    let b_base = batch * k * n;
+    let a_base = a_off as usize + batch * m * k;
+    let b_base = b_off as usize + batch * k * n;
     let mut acc = f32::cast_from(UNIT_POS_X) * f32::new(0.0);
     let mut k0 = (UNIT_POS_X * 0) as usize;
     while k0 < k {
@@ -73,7 +80,12 @@ pub fn matmul_tiled(
         k0 += t;
     }
     if row < m && col < n {
-        out[batch * m * n + row * n + col] = acc;
+        let at = out_off as usize + batch * m * n + row * n + col;
+        if accumulate {
+            out[at] += acc;
+        } else {
+            out[at] = acc;
+        }
     }
 }
 
@@ -82,45 +94,41 @@ pub const BLOCK_MN: usize = 64;
 /// Depth of the panels it stages per step.
 pub const BLOCK_K: usize = 16;
 /// Outputs per unit along each axis (`BLOCK_MN / 16`).
-const REG: usize = 4;
+pub(crate) const REG: usize = 4;
 /// Row stride of the staged panels (one word of padding against bank
 /// conflicts when a warp stores a panel column).
 const PANEL: usize = BLOCK_MN + 1;
 
-/// Whether an `m × n` product runs [`matmul_blocked`] (else
-/// [`matmul_tiled`]).
-pub fn use_blocked(m: usize, n: usize) -> bool {
-    m >= BLOCK_MN && n >= BLOCK_MN
-}
-
-/// Launch with `CubeDim(16, 16)` and
-/// `CubeCount(ceil(n / 64), ceil(m / 64), B)`.
-#[cube(launch)]
-pub fn matmul_blocked(
+/// The `4 × 4` register tile of this unit (rows `row0 + ty + 16 i`,
+/// columns `col0 + tx + 16 j`, at `acc[4 i + j]`) of the product of `a`
+/// (`[m, k]`, or stored `[k, m]` with `trans_a`, from `a_base`) and `b`
+/// (`[k, n]`, or stored `[n, k]` with `trans_b`, from `b_base`), through
+/// 16-deep shared-memory panels. A cube of `16 × 16` units computes the
+/// `64 × 64` block at `(row0, col0)`; every unit must call it.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn blocked_product(
     a: &Array<f32>,
+    a_base: usize,
     b: &Array<f32>,
-    out: &mut Array<f32>,
-    m: u32,
-    k: u32,
-    n: u32,
+    b_base: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    row0: usize,
+    col0: usize,
+    acc: &mut Array<f32>,
     #[comptime] trans_a: bool,
     #[comptime] trans_b: bool,
 ) {
-    let (m, k, n) = (m as usize, k as usize, n as usize);
-    let batch = CUBE_POS_Z as usize;
     let tx = UNIT_POS_X as usize;
     let ty = UNIT_POS_Y as usize;
     let tid = ty * 16 + tx;
-    let row0 = CUBE_POS_Y as usize * BLOCK_MN;
-    let col0 = CUBE_POS_X as usize * BLOCK_MN;
     // Panels [BLOCK_K][PANEL]: sa[q][r] = a[row0 + r, k0 + q], sb[q][c] =
     // b[k0 + q, col0 + c].
     let mut sa = SharedMemory::<f32>::new(BLOCK_K * PANEL);
     let mut sb = SharedMemory::<f32>::new(BLOCK_K * PANEL);
-    let a_base = batch * m * k;
-    let b_base = batch * k * n;
     let zero = f32::cast_from(UNIT_POS_X) * f32::new(0.0);
-    let mut acc = Array::<f32>::new(REG * REG);
     #[unroll]
     for i in 0..REG * REG {
         acc[i] = zero;
@@ -178,13 +186,56 @@ pub fn matmul_blocked(
         sync_cube();
         k0 += BLOCK_K;
     }
+}
+
+/// Whether an `m × n` product runs [`matmul_blocked`] (else
+/// [`matmul_tiled`]).
+pub fn use_blocked(m: usize, n: usize) -> bool {
+    m >= BLOCK_MN && n >= BLOCK_MN
+}
+
+/// Launch with `CubeDim(16, 16)` and
+/// `CubeCount(ceil(n / 64), ceil(m / 64), B)`; offsets and `accumulate` as
+/// for [`matmul_tiled`].
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_blocked(
+    a: &Array<f32>,
+    b: &Array<f32>,
+    out: &mut Array<f32>,
+    m: u32,
+    k: u32,
+    n: u32,
+    a_off: u32,
+    b_off: u32,
+    out_off: u32,
+    #[comptime] trans_a: bool,
+    #[comptime] trans_b: bool,
+    #[comptime] accumulate: bool,
+) {
+    let (m, k, n) = (m as usize, k as usize, n as usize);
+    let batch = CUBE_POS_Z as usize;
+    let (tx, ty) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
+    let row0 = CUBE_POS_Y as usize * BLOCK_MN;
+    let col0 = CUBE_POS_X as usize * BLOCK_MN;
+    let a_base = a_off as usize + batch * m * k;
+    let b_base = b_off as usize + batch * k * n;
+    let mut acc = Array::<f32>::new(REG * REG);
+    blocked_product(
+        a, a_base, b, b_base, m, k, n, row0, col0, &mut acc, trans_a, trans_b,
+    );
     #[unroll]
     for i in 0..REG {
         #[unroll]
         for j in 0..REG {
             let (r, c) = (row0 + ty + 16 * i, col0 + tx + 16 * j);
             if r < m && c < n {
-                out[batch * m * n + r * n + c] = acc[i * REG + j];
+                let at = out_off as usize + batch * m * n + r * n + c;
+                if accumulate {
+                    out[at] += acc[i * REG + j];
+                } else {
+                    out[at] = acc[i * REG + j];
+                }
             }
         }
     }
@@ -204,20 +255,40 @@ pub struct MatmulShape {
 
 impl<R: Runtime> Device<R> {
     /// Launches the product of the resident operands `a` and `b` with
-    /// [`matmul_blocked`] (`blocked`) or [`matmul_tiled`]; returns its
-    /// output buffer without waiting for it.
+    /// [`matmul_blocked`] (`blocked`) or [`matmul_tiled`] into a new
+    /// buffer, which it returns without waiting for the kernel.
     pub fn launch_matmul(&self, a: &Handle, b: &Handle, s: MatmulShape, blocked: bool) -> Handle {
-        let u = |v: usize| v as u32;
-        let (a_len, b_len, n) = (
+        let out = self.output(s.batch * s.m * s.n);
+        let lens = [
             s.batch * s.m * s.k,
             s.batch * s.k * s.n,
             s.batch * s.m * s.n,
+        ];
+        self.launch_matmul_into(
+            [(a, lens[0]), (b, lens[1]), (&out, lens[2])],
+            s,
+            [0; 3],
+            false,
+            blocked,
         );
-        let out = self.output(n);
-        let (args, size) = (
-            (arg(a, a_len), arg(b, b_len), arg(&out, n)),
-            (u(s.m), u(s.k), u(s.n)),
-        );
+        out
+    }
+
+    /// Launches the product of `a` and `b` (each a buffer and its length)
+    /// into `out`, the three starting at element `offsets` of their
+    /// buffers; with `accumulate` it is added to what `out` holds there.
+    pub(crate) fn launch_matmul_into(
+        &self,
+        [(a, a_len), (b, b_len), (out, out_len)]: [(&Handle, usize); 3],
+        s: MatmulShape,
+        offsets: [usize; 3],
+        accumulate: bool,
+        blocked: bool,
+    ) {
+        let u = |v: usize| v as u32;
+        let [ao, bo, oo] = offsets.map(u);
+        let args = (arg(a, a_len), arg(b, b_len), arg(out, out_len));
+        let size = (u(s.m), u(s.k), u(s.n));
         if blocked {
             let t = BLOCK_MN as u32;
             matmul_blocked::launch::<R>(
@@ -230,8 +301,12 @@ impl<R: Runtime> Device<R> {
                 size.0,
                 size.1,
                 size.2,
+                ao,
+                bo,
+                oo,
                 s.trans_a,
                 s.trans_b,
+                accumulate,
             );
         } else {
             let t = TILE as u32;
@@ -245,12 +320,15 @@ impl<R: Runtime> Device<R> {
                 size.0,
                 size.1,
                 size.2,
+                ao,
+                bo,
+                oo,
                 TILE,
                 s.trans_a,
                 s.trans_b,
+                accumulate,
             );
         }
-        out
     }
 
     /// Waits until every launched kernel has finished.

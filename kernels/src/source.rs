@@ -8,9 +8,7 @@ use crate::attention::{
 };
 use crate::device::BLOCK;
 use crate::elementwise::elementwise_program;
-use crate::linear_logprob::{
-    linear_logprob_backward_h, linear_logprob_backward_w, linear_logprob_forward, LOGPROB_TILE,
-};
+use crate::linear_logprob::{linear_logprob_coefficients, linear_logprob_forward, LOGPROB_TILE};
 use crate::matmul::{matmul_blocked, matmul_tiled, use_blocked, TILE};
 use crate::movement::{
     gather_rows, iota, one_hot, scatter_add_along, scatter_add_rows, strided_copy, take_along,
@@ -24,6 +22,7 @@ use crate::rms_norm::{
 use crate::rope::rope;
 use coopc_compiler::fusion::{ElemProgram, FusedSchedule, Kernel};
 use coopc_compiler::ir::{AttentionOperand, Graph, LogprobOperand, NormOperand, Op};
+use coopc_compiler::linear_logprob::device_chunk;
 use cubecl::prelude::*;
 use cubecl::Compiler as _;
 use std::collections::HashMap;
@@ -82,6 +81,8 @@ pub enum Traced {
         trans_b: bool,
         /// The register-blocked kernel (`matmul::use_blocked`).
         blocked: bool,
+        /// Adds the product to the output instead of storing it.
+        accumulate: bool,
     },
     Copy(CopySpec),
     TakeAlong,
@@ -98,10 +99,15 @@ pub enum Traced {
     },
     /// The hand-written fused linear log-prob (forward).
     LinearLogprob,
-    /// Its backward kernels: `dh` (one cube per token) and `dW` (one cube
-    /// per vocabulary row).
-    LinearLogprobBackward {
-        weights: bool,
+    /// The coefficients of one vocabulary chunk of its gradients.
+    LogprobCoefficients,
+    /// Its gradients: the coefficient kernel, then the products for `dh`
+    /// (`Some(blocked)`; storing for the first chunk, accumulating for the
+    /// others when `dh_chunks > 1`) and `dW` (`Some(blocked)`).
+    LogprobGradients {
+        dh: Option<bool>,
+        dh_chunks: bool,
+        dw: Option<bool>,
     },
     /// The hand-written causal attention: forward, backward `dq`, backward
     /// `dk, dv`.
@@ -177,17 +183,35 @@ impl Traced {
                 trans_a,
                 trans_b,
                 blocked,
+                accumulate,
             } => {
                 let a = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
                 let bb = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
                 let o = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
                 let (m, k, n) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
+                let (ao, bo, oo) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
                 let (ta, tb) = (*trans_a, *trans_b);
+                let sc = &mut b.scope;
                 if *blocked {
-                    matmul_blocked::expand(&mut b.scope, a, bb, o, m, k, n, ta, tb);
+                    matmul_blocked::expand(sc, a, bb, o, m, k, n, ao, bo, oo, ta, tb, *accumulate);
                     b.build(settings(name, CubeDim::new_2d(16, 16)))
                 } else {
-                    matmul_tiled::expand(&mut b.scope, a, bb, o, m, k, n, TILE, ta, tb);
+                    matmul_tiled::expand(
+                        sc,
+                        a,
+                        bb,
+                        o,
+                        m,
+                        k,
+                        n,
+                        ao,
+                        bo,
+                        oo,
+                        TILE,
+                        ta,
+                        tb,
+                        *accumulate,
+                    );
                     b.build(settings(name, CubeDim::new_2d(TILE as u32, TILE as u32)))
                 }
             }
@@ -312,51 +336,18 @@ impl Traced {
                     CubeDim::new_2d(LOGPROB_TILE as u32, LOGPROB_TILE as u32),
                 ))
             }
-            Traced::LinearLogprobBackward { weights } => {
+            Traced::LogprobCoefficients => {
                 let mut ins = (0..5).map(|_| <Array<f32> as LaunchArg>::expand(&array(), &mut b));
-                let (h, w, y, lse, g) = (
-                    ins.next().unwrap(),
-                    ins.next().unwrap(),
-                    ins.next().unwrap(),
-                    ins.next().unwrap(),
-                    ins.next().unwrap(),
-                );
+                let mut next = || ins.next().expect("operand");
+                let (h, w, y, lse, g) = (next(), next(), next(), next(), next());
                 let out = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
                 let (t, d, v) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
-                if *weights {
-                    linear_logprob_backward_w::expand(
-                        &mut b.scope,
-                        h,
-                        w,
-                        y,
-                        lse,
-                        g,
-                        out,
-                        t,
-                        d,
-                        v,
-                        LOGPROB_TILE,
-                    );
-                } else {
-                    linear_logprob_backward_h::expand(
-                        &mut b.scope,
-                        h,
-                        w,
-                        y,
-                        lse,
-                        g,
-                        out,
-                        t,
-                        d,
-                        v,
-                        LOGPROB_TILE,
-                    );
-                }
-                b.build(settings(
-                    name,
-                    CubeDim::new_2d(LOGPROB_TILE as u32, LOGPROB_TILE as u32),
-                ))
+                let (v0, vc) = (scalar(&mut b), scalar(&mut b));
+                let sc = &mut b.scope;
+                linear_logprob_coefficients::expand(sc, h, w, y, lse, g, out, t, d, v, v0, vc);
+                b.build(settings(name, CubeDim::new_2d(16, 16)))
             }
+            Traced::LogprobGradients { .. } => unreachable!("defined by its parts"),
             Traced::Attention(part) => {
                 let n_in = match part {
                     AttentionPart::Forward => 3,
@@ -416,18 +407,56 @@ impl Traced {
 
     /// CUDA C++ and WGSL of this kernel under `name`.
     pub fn source(&self, name: &str) -> Result<KernelSource, String> {
-        // A kernel launched just before this one that no other schedule
-        // entry stands for: its source comes first.
-        if let Traced::RmsNorm(NormPart::BackwardW) = self {
-            let first = Traced::RmsNorm(NormPart::InvRms).source(&format!("{name}_inv_rms"))?;
-            let own = self.single_source(name)?;
-            return Ok(KernelSource {
-                name: name.to_string(),
-                cuda: format!("{}\n{}", first.cuda, own.cuda),
-                wgsl: format!("{}\n{}", first.wgsl, own.wgsl),
-            });
+        let parts = self.parts();
+        if parts.is_empty() {
+            return self.single_source(name);
         }
-        self.single_source(name)
+        let mut all = KernelSource {
+            name: name.to_string(),
+            cuda: String::new(),
+            wgsl: String::new(),
+        };
+        for (suffix, part) in parts {
+            let src = part.single_source(&format!("{name}{suffix}"))?;
+            for (to, from) in [(&mut all.cuda, src.cuda), (&mut all.wgsl, src.wgsl)] {
+                if !to.is_empty() {
+                    to.push('\n');
+                }
+                to.push_str(&from);
+            }
+        }
+        Ok(all)
+    }
+
+    /// The kernels, in launch order, of a traced kernel that launches
+    /// several (with a suffix for each name); empty for a single kernel.
+    fn parts(&self) -> Vec<(&'static str, Traced)> {
+        let product = |trans_a, blocked, accumulate| Traced::Matmul {
+            trans_a,
+            trans_b: false,
+            blocked,
+            accumulate,
+        };
+        match self {
+            Traced::RmsNorm(NormPart::BackwardW) => vec![
+                ("_inv_rms", Traced::RmsNorm(NormPart::InvRms)),
+                ("", self.clone()),
+            ],
+            Traced::LogprobGradients { dh, dh_chunks, dw } => {
+                let mut parts = vec![("_coefficients", Traced::LogprobCoefficients)];
+                if let Some(blocked) = *dh {
+                    parts.push(("_dh", product(false, blocked, false)));
+                    if *dh_chunks {
+                        parts.push(("_dh_add", product(false, blocked, true)));
+                    }
+                }
+                if let Some(blocked) = *dw {
+                    parts.push(("_dw", product(true, blocked, false)));
+                }
+                parts
+            }
+            _ => Vec::new(),
+        }
     }
 
     fn single_source(&self, name: &str) -> Result<KernelSource, String> {
@@ -516,6 +545,7 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
                     trans_a: *trans_a,
                     trans_b: *trans_b,
                     blocked,
+                    accumulate: false,
                 },
             )
         }
@@ -541,14 +571,25 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
                 )
             }
         }
-        Kernel::LogprobGrads { grads, .. } => {
-            let weights = grads.iter().any(|(w, _)| *w == LogprobOperand::Weight);
-            let name = if weights {
-                "linear_logprob_backward_w"
-            } else {
-                "linear_logprob_backward_h"
+        Kernel::LogprobGrads { inputs, grads } => {
+            let (n, d) = (g.ty(inputs[0]).shape[0], g.ty(inputs[0]).shape[1]);
+            let vocab = g.ty(inputs[1]).shape[0];
+            let chunk = device_chunk(n, vocab);
+            let asked = |o| grads.iter().any(|&(wrt, _)| wrt == o);
+            let (h, w) = (asked(LogprobOperand::Hidden), asked(LogprobOperand::Weight));
+            let name = match (h, w) {
+                (true, true) => "linear_logprob_backward_hw",
+                (true, false) => "linear_logprob_backward_h",
+                _ => "linear_logprob_backward_w",
             };
-            (name.into(), Traced::LinearLogprobBackward { weights })
+            (
+                name.into(),
+                Traced::LogprobGradients {
+                    dh: h.then(|| use_blocked(n, d)),
+                    dh_chunks: vocab > chunk,
+                    dw: w.then(|| use_blocked(chunk.min(vocab), d)),
+                },
+            )
         }
         Kernel::Node(id) => {
             match g.op(*id) {
