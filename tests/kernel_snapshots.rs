@@ -211,6 +211,19 @@ fn fused_linear_logprob() {
         .source("linear_logprob_forward")
         .expect("compiles to CUDA and WGSL");
     snapshot("linear_logprob_forward", &src);
+    // Tokens that are rows of h: the register-blocked forward over spans
+    // of the vocabulary, then the merge of the spans.
+    let src = Traced::LinearLogprobSplit
+        .source("linear_logprob")
+        .expect("compiles to CUDA and WGSL");
+    for part in ["", "_merge"] {
+        let kernel = format!("linear_logprob{part} (");
+        assert!(
+            src.cuda.contains(&kernel),
+            "no `{kernel}` in the CUDA source"
+        );
+    }
+    snapshot("linear_logprob_forward_blocked", &src);
     // The gradients: a chunk's coefficients, then dh += C · W[chunk]
     // (storing for the first chunk) and dW[chunk] = Cᵀ · h.
     let src = Traced::LogprobGradients {
@@ -220,7 +233,14 @@ fn fused_linear_logprob() {
     }
     .source("linear_logprob_backward_hw")
     .expect("compiles to CUDA and WGSL");
-    for part in ["_coefficients", "_dh", "_dh_add", "_dw"] {
+    for part in [
+        "_forward",
+        "_merge",
+        "_coefficients",
+        "_dh",
+        "_dh_add",
+        "_dw",
+    ] {
         let kernel = format!("linear_logprob_backward_hw{part} ");
         assert!(
             src.cuda.contains(&kernel),

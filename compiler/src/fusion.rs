@@ -293,7 +293,22 @@ impl Kernel {
         let n = |id: &NodeId| g.ty(*id).numel();
         let elems = match self {
             Kernel::Attention { q, .. } => n(q) / g.ty(*q).shape[3].max(1),
-            Kernel::LinearLogprob { id, .. } => n(id),
+            // The log-sum-exp; the split forward's partials and target logits.
+            Kernel::LinearLogprob {
+                id,
+                w,
+                seq_out,
+                seq_in,
+                ..
+            } => {
+                let split = if seq_out == seq_in {
+                    let splits = crate::linear_logprob::forward_splits(n(id), g.ty(*w).shape[0]).1;
+                    (2 * splits + 1) * n(id)
+                } else {
+                    0
+                };
+                n(id) + split
+            }
             Kernel::AttentionGrads { inputs, grads, .. } => {
                 let [q, k] = [&inputs[0], &inputs[1]];
                 let rows = n(q) / g.ty(*q).shape[3].max(1);
@@ -309,11 +324,12 @@ impl Kernel {
                         0
                     }
             }
-            // The forward's log-probs and log-sum-exp, one chunk of the
-            // coefficients.
+            // The forward's log-probs, log-sum-exp, partials and target
+            // logits; one chunk of the coefficients.
             Kernel::LogprobGrads { inputs, .. } => {
                 let (n, vocab) = (g.ty(inputs[0]).shape[0], g.ty(inputs[1]).shape[0]);
-                2 * n + n * crate::linear_logprob::device_chunk(n, vocab)
+                let splits = crate::linear_logprob::forward_splits(n, vocab).1;
+                (2 * splits + 3) * n + n * crate::linear_logprob::device_chunk(n, vocab)
             }
             // Each row's 1/rms, for the gain's gradient.
             Kernel::Node(id) => match g.op(*id) {

@@ -25,6 +25,18 @@ pub fn device_chunk(n: usize, vocab: usize) -> usize {
     c.max(64).min(vocab.max(1))
 }
 
+/// Vocabulary rows per split of the device's register-blocked log-prob
+/// forward for `n` tokens: the vocabulary is cut into spans of a multiple
+/// of 64 rows so that about 256 cubes (64 tokens × one span each) run at
+/// once; returns `(span, splits)`. Its scratch is `2 · splits · n` floats.
+pub fn forward_splits(n: usize, vocab: usize) -> (usize, usize) {
+    let token_blocks = n.div_ceil(64).max(1);
+    let tiles = vocab.div_ceil(64).max(1);
+    let want = 256usize.div_ceil(token_blocks).clamp(1, tiles);
+    let span = tiles.div_ceil(want) * 64;
+    (span, vocab.max(1).div_ceil(span))
+}
+
 /// Rows of h per block when autodiff expands a `LinearLogprobGrad` of h
 /// `[N, d]` and w `[V, d]` (see `autodiff::linear_logprob_grad_vjp`).
 pub fn expansion_rows(h: &[usize], w: &[usize]) -> usize {

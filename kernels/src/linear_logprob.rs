@@ -4,11 +4,16 @@
 //! backward, `dh` and `dW` of `Σ_t g[t] · logprob[t]`, recomputing the
 //! logits from the forward's per-token log-sum-exp.
 //!
-//! - forward: a cube per `TILE` (16) tokens sweeps the vocabulary in
-//!   `TILE × TILE` tiles of logits, each computed as a tiled matrix product
-//!   (`TILE`-wide panels of h and W staged in shared memory, one logit per
-//!   unit), folding each tile into an online (max, Σexp) per token; memory
-//!   `O(T)` beyond the operands.
+//! - forward, tokens the rows of h ([`linear_logprob_forward_blocked`]):
+//!   the vocabulary is cut into spans (`linear_logprob::forward_splits`,
+//!   about 256 cubes in all); a cube takes 64 tokens × one span, computes
+//!   64 × 64 tiles of logits with the register-blocked product of `matmul`
+//!   and folds them into an online (max, Σexp) per token and unit, merged
+//!   over its units at the end; [`linear_logprob_merge`] combines the
+//!   spans. Memory `O(T · spans)` beyond the operands.
+//! - forward of a matched subgraph whose tokens skip rows of h
+//!   ([`linear_logprob_forward`]): a cube per `TILE` (16) tokens sweeps the
+//!   vocabulary in `TILE × TILE` tiles, one logit per unit.
 //! - backward: a chunk of the vocabulary at a time
 //!   (`linear_logprob::device_chunk` rows, `T · chunk ≤ 2²⁴` where it can),
 //!   [`linear_logprob_coefficients`] computes the chunk's logits with the
@@ -25,8 +30,9 @@
 //! log-sum-exp) and one pass of the backward. A target outside `0..V`
 //! makes its row NaN (and, through `Cᵀ · h`, every row of dW).
 
-use crate::device::{arg, Device, DeviceError};
+use crate::device::{arg, cubes, Device, DeviceError};
 use crate::matmul::{blocked_product, use_blocked, MatmulShape, BLOCK_MN, REG};
+use coopc_compiler::linear_logprob::forward_splits;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
@@ -166,6 +172,163 @@ pub fn linear_logprob_forward(
     }
 }
 
+/// Partial log-sum-exps of a span of the vocabulary for 64 tokens: the
+/// logits by the register-blocked product (`matmul::blocked_product`), 64
+/// vocabulary rows at a time, folded into an online (max, Σexp) per token
+/// and unit, merged over the cube's units at the end into `part_m`,
+/// `part_s` (`[splits, T]`, split = cube x). The unit that meets a
+/// token's target writes its logit to `target_logit[t]`. Launch with
+/// `CubeDim(16, 16)` and `CubeCount(splits, ceil(T / 64))`; `span` a
+/// multiple of 64 (see `linear_logprob::forward_splits`); `h` rows are the
+/// tokens.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn linear_logprob_forward_blocked(
+    h: &Array<f32>,
+    w: &Array<f32>,
+    targets: &Array<f32>,
+    part_m: &mut Array<f32>,
+    part_s: &mut Array<f32>,
+    target_logit: &mut Array<f32>,
+    n_tokens: u32,
+    d: u32,
+    vocab: u32,
+    span: u32,
+) {
+    let (n, d, vocab) = (n_tokens as usize, d as usize, vocab as usize);
+    let (tx, ty) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
+    let split = CUBE_POS_X as usize;
+    let row0 = CUBE_POS_Y as usize * BLOCK_MN;
+    let begin = split * span as usize;
+    let end = select(begin + span as usize <= vocab, begin + span as usize, vocab);
+    let zero = f32::cast_from(UNIT_POS_X) * f32::new(0.0);
+    let lowest = zero - f32::new(3.0e38);
+    let mut m = Array::<f32>::new(REG);
+    let mut s = Array::<f32>::new(REG);
+    let mut tgt = Array::<u32>::new(REG);
+    #[unroll]
+    for i in 0..REG {
+        m[i] = lowest;
+        s[i] = zero;
+        let t = row0 + ty + 16 * i;
+        let (_, target) = target_id(targets[select(t < n, t, 0usize)], vocab);
+        tgt[i] = target as u32;
+    }
+    let mut acc = Array::<f32>::new(REG * REG);
+    let mut v0 = begin;
+    while v0 < end {
+        let cols = end - v0;
+        blocked_product(
+            h,
+            0usize,
+            w,
+            v0 * d,
+            n,
+            d,
+            cols,
+            row0,
+            0usize,
+            &mut acc,
+            false,
+            true,
+        );
+        #[unroll]
+        for i in 0..REG {
+            let t = row0 + ty + 16 * i;
+            // This unit's columns of the tile: one rescale per tile.
+            let mut mx = m[i];
+            #[unroll]
+            for j in 0..REG {
+                if tx + 16 * j < cols {
+                    mx = max(mx, acc[i * REG + j]);
+                }
+            }
+            let mut sum = s[i] * (m[i] - mx).exp();
+            #[unroll]
+            for j in 0..REG {
+                let c = tx + 16 * j;
+                if c < cols {
+                    let z = acc[i * REG + j];
+                    sum += (z - mx).exp();
+                    if t < n && v0 + c == tgt[i] as usize {
+                        target_logit[t] = z;
+                    }
+                }
+            }
+            m[i] = mx;
+            s[i] = sum;
+        }
+        v0 += BLOCK_MN;
+    }
+    // Merge the 16 units of each token row.
+    let mut sm = SharedMemory::<f32>::new(BLOCK_MN * 16);
+    let mut ss = SharedMemory::<f32>::new(BLOCK_MN * 16);
+    #[unroll]
+    for i in 0..REG {
+        let r = ty + 16 * i;
+        sm[r * 16 + tx] = m[i];
+        ss[r * 16 + tx] = s[i];
+    }
+    sync_cube();
+    let tid = ty * 16 + tx;
+    if tid < BLOCK_MN {
+        let t = row0 + tid;
+        let mut mm = lowest;
+        #[unroll]
+        for q in 0..16 {
+            mm = max(mm, sm[tid * 16 + q]);
+        }
+        let mut sum = zero;
+        #[unroll]
+        for q in 0..16 {
+            sum += ss[tid * 16 + q] * (sm[tid * 16 + q] - mm).exp();
+        }
+        if t < n {
+            part_m[split * n + t] = mm;
+            part_s[split * n + t] = sum;
+        }
+    }
+}
+
+/// `lse[t]` from the splits' partial (max, Σexp) and `logprob[t] =
+/// target_logit[t] − lse[t]` (NaN for a target outside `0..vocab`); one
+/// unit per token.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn linear_logprob_merge(
+    targets: &Array<f32>,
+    part_m: &Array<f32>,
+    part_s: &Array<f32>,
+    target_logit: &Array<f32>,
+    logprob: &mut Array<f32>,
+    lse: &mut Array<f32>,
+    n_tokens: u32,
+    vocab: u32,
+    splits: u32,
+) {
+    let t = ABSOLUTE_POS;
+    let n = n_tokens as usize;
+    if t < n {
+        let zero = f32::cast_from(UNIT_POS_X) * f32::new(0.0);
+        let mut mm = zero - f32::new(3.0e38);
+        let mut k = t * 0usize;
+        while k < splits as usize {
+            mm = max(mm, part_m[k * n + t]);
+            k += 1usize;
+        }
+        let mut sum = zero;
+        let mut k2 = t * 0usize;
+        while k2 < splits as usize {
+            sum += part_s[k2 * n + t] * (part_m[k2 * n + t] - mm).exp();
+            k2 += 1usize;
+        }
+        let l = mm + sum.ln();
+        let (inside, _) = target_id(targets[t], vocab as usize);
+        lse[t] = l;
+        logprob[t] = select(inside, target_logit[t] - l, zero / zero);
+    }
+}
+
 /// One chunk of the gradients' coefficients, `c[t, cc] = g[t] (1[v =
 /// y_t] − exp(h[t]·W[v] − lse[t]))` for `v = v0 + cc < v0 + vc`, into `c
 /// [T, vc]`: the logits of the chunk by the register-blocked product
@@ -270,6 +433,45 @@ impl<R: Runtime> Device<R> {
         s: LogprobShape,
     ) -> (Handle, Handle) {
         let (out, lse) = (self.output(s.n), self.output(s.n));
+        if s.seq_out == s.seq_in {
+            let (n, u) = (s.n, |v: usize| v as u32);
+            let (span, splits) = forward_splits(n, s.vocab);
+            let (pm, ps, tl) = (
+                self.output(splits * n),
+                self.output(splits * n),
+                self.output(n),
+            );
+            linear_logprob_forward_blocked::launch::<R>(
+                self.client(),
+                CubeCount::Static(u(splits), u(n).div_ceil(64), 1),
+                CubeDim::new_2d(16, 16),
+                arg(h, h_len),
+                arg(w, s.vocab * s.d),
+                arg(targets, n),
+                arg(&pm, splits * n),
+                arg(&ps, splits * n),
+                arg(&tl, n),
+                u(n),
+                u(s.d),
+                u(s.vocab),
+                u(span),
+            );
+            linear_logprob_merge::launch::<R>(
+                self.client(),
+                cubes(n.div_ceil(256)),
+                CubeDim::new_1d(256),
+                arg(targets, n),
+                arg(&pm, splits * n),
+                arg(&ps, splits * n),
+                arg(&tl, n),
+                arg(&out, n),
+                arg(&lse, n),
+                u(n),
+                u(s.vocab),
+                u(splits),
+            );
+            return (out, lse);
+        }
         linear_logprob_forward::launch::<R>(
             self.client(),
             tiles(s.n),

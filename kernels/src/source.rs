@@ -8,7 +8,10 @@ use crate::attention::{
 };
 use crate::device::BLOCK;
 use crate::elementwise::elementwise_program;
-use crate::linear_logprob::{linear_logprob_coefficients, linear_logprob_forward, LOGPROB_TILE};
+use crate::linear_logprob::{
+    linear_logprob_coefficients, linear_logprob_forward, linear_logprob_forward_blocked,
+    linear_logprob_merge, LOGPROB_TILE,
+};
 use crate::matmul::{matmul_blocked, matmul_tiled, use_blocked, TILE};
 use crate::movement::{
     gather_rows, iota, one_hot, scatter_add_along, scatter_add_rows, strided_copy, take_along,
@@ -99,6 +102,14 @@ pub enum Traced {
     },
     /// The hand-written fused linear log-prob (forward).
     LinearLogprob,
+    /// The register-blocked forward over one span of the vocabulary
+    /// (partial log-sum-exps).
+    LogprobForwardBlocked,
+    /// The merge of the spans' partials into log-probs.
+    LogprobMerge,
+    /// The forward of a log-prob whose tokens are rows of h: the blocked
+    /// forward and the merge.
+    LinearLogprobSplit,
     /// The coefficients of one vocabulary chunk of its gradients.
     LogprobCoefficients,
     /// Its gradients: the coefficient kernel, then the products for `dh`
@@ -347,7 +358,33 @@ impl Traced {
                 linear_logprob_coefficients::expand(sc, h, w, y, lse, g, out, t, d, v, v0, vc);
                 b.build(settings(name, CubeDim::new_2d(16, 16)))
             }
-            Traced::LogprobGradients { .. } => unreachable!("defined by its parts"),
+            Traced::LogprobForwardBlocked => {
+                let mut ins = (0..3).map(|_| <Array<f32> as LaunchArg>::expand(&array(), &mut b));
+                let mut next = || ins.next().expect("operand");
+                let (h, w, y) = (next(), next(), next());
+                let mut outs =
+                    (0..3).map(|_| <Array<f32> as LaunchArg>::expand_output(&array(), &mut b));
+                let mut out = || outs.next().expect("output");
+                let (pm, ps, tl) = (out(), out(), out());
+                let (t, d, v) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
+                let span = scalar(&mut b);
+                let sc = &mut b.scope;
+                linear_logprob_forward_blocked::expand(sc, h, w, y, pm, ps, tl, t, d, v, span);
+                b.build(settings(name, CubeDim::new_2d(16, 16)))
+            }
+            Traced::LogprobMerge => {
+                let mut ins = (0..4).map(|_| <Array<f32> as LaunchArg>::expand(&array(), &mut b));
+                let mut next = || ins.next().expect("operand");
+                let (y, pm, ps, tl) = (next(), next(), next(), next());
+                let lp = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let lse = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let (t, v, k) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
+                linear_logprob_merge::expand(&mut b.scope, y, pm, ps, tl, lp, lse, t, v, k);
+                b.build(settings(name, CubeDim::new_1d(256)))
+            }
+            Traced::LinearLogprobSplit | Traced::LogprobGradients { .. } => {
+                unreachable!("defined by its parts")
+            }
             Traced::Attention(part) => {
                 let n_in = match part {
                     AttentionPart::Forward => 3,
@@ -442,8 +479,17 @@ impl Traced {
                 ("_inv_rms", Traced::RmsNorm(NormPart::InvRms)),
                 ("", self.clone()),
             ],
+            Traced::LinearLogprobSplit => vec![
+                ("", Traced::LogprobForwardBlocked),
+                ("_merge", Traced::LogprobMerge),
+            ],
             Traced::LogprobGradients { dh, dh_chunks, dw } => {
-                let mut parts = vec![("_coefficients", Traced::LogprobCoefficients)];
+                // The forward runs first, for the log-sum-exp.
+                let mut parts = vec![
+                    ("_forward", Traced::LogprobForwardBlocked),
+                    ("_merge", Traced::LogprobMerge),
+                    ("_coefficients", Traced::LogprobCoefficients),
+                ];
                 if let Some(blocked) = *dh {
                     parts.push(("_dh", product(false, blocked, false)));
                     if *dh_chunks {
@@ -549,7 +595,16 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
                 },
             )
         }
-        Kernel::LinearLogprob { .. } => ("linear_logprob".into(), Traced::LinearLogprob),
+        Kernel::LinearLogprob {
+            seq_out, seq_in, ..
+        } => (
+            "linear_logprob".into(),
+            if seq_out == seq_in {
+                Traced::LinearLogprobSplit
+            } else {
+                Traced::LinearLogprob
+            },
+        ),
         Kernel::Attention { .. } => (
             "attention".into(),
             Traced::Attention(AttentionPart::Forward),
