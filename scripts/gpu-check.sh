@@ -12,8 +12,8 @@
 # suite's log, the emitted kernels, a timing table of one meta-step per
 # bench pipeline on cuda vs the CPU (with the process's peak RSS and, on
 # cuda, the device memory peak of one extra run — the medium truncated
-# pipeline's is what the 24 GB target is about), the fused linear log-prob and attention
-# benches, the metrics of a short training run of the default example on
+# pipeline's is what the 24 GB target is about), the fused linear log-prob,
+# attention and matmul benches, the metrics of a short training run of the default example on
 # both (STEPS meta-steps, default 100), and last the medium pipelines on
 # CUDA (MEDIUM=0 skips them; MEDIUM_REPEAT, MEDIUM_TIMEOUT).
 set -uo pipefail
@@ -82,13 +82,15 @@ for p in "$ROOT"/benches/pipelines/tiny-first-order.toml "$ROOT"/benches/pipelin
 done
 cat "$table"
 
-# 4. The hand-written kernel benches: the fused linear log-prob (medium
-# shapes, 32k and 128k vocabulary) and causal attention forward/backward
-# (batch 8, 16 heads, 512 positions, head dim 64).
+# 4. The hand-written kernel benches: the fused linear log-prob forward
+# and gradients (medium shapes, 32k and 128k vocabulary), causal attention
+# forward/backward (batch 8, 16 heads, 512 positions, head dim 64), and the
+# register-blocked matmul against the 16 x 16 tiling ([4096, 1024] x
+# [1024, 2816]); throughputs are FLOP/s.
 if [ -x "$BIN_DIR/device_bench" ]; then
-    echo "== fused linear log-prob, attention"
+    echo "== fused linear log-prob, attention, matmul"
     "$BIN_DIR/device_bench" --bench >"$OUT/device-bench.log" 2>&1 || status=1
-    grep -E "^(linear_logprob|attention)|time:|thrpt:|GFLOP" "$OUT/device-bench.log"
+    grep -E "^(linear_logprob|attention|matmul)|time:|thrpt:|GFLOP" "$OUT/device-bench.log"
 fi
 
 # 5. Training end to end on both backends: same seed, STEPS meta-steps.
