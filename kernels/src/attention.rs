@@ -135,6 +135,14 @@ fn kv_base(bh: usize, t: usize, hd: usize, heads: usize, kv_heads: usize) -> usi
     kv_row * t * hd
 }
 
+/// The head (over `[B, H]` or `[B, H_kv]`) and first row of this cube's
+/// tile of `tile` rows, cubes numbered head-major over `⌈t / tile⌉` tiles.
+#[cube]
+fn tile_origin(t: usize, #[comptime] tile: usize) -> (usize, usize) {
+    let blocks = t.div_ceil(tile);
+    (CUBE_POS / blocks, (CUBE_POS % blocks) * tile)
+}
+
 /// Large negative stand-in for −∞ (WGSL has no infinite literal).
 const NEG: f32 = -3.0e38;
 
@@ -158,13 +166,11 @@ pub fn attention_forward(
     scale: f32,
 ) {
     let (t, hd) = (t as usize, hd as usize);
-    let blocks = t.div_ceil(TILE_Q);
-    let bh = CUBE_POS / blocks;
+    let (bh, i0) = tile_origin(t, TILE_Q);
     // A whole cube takes the same branch, so its barriers stay uniform.
     if bh >= n_heads_total as usize {
         terminate!();
     }
-    let i0 = (CUBE_POS % blocks) * TILE_Q;
     let (x, y) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
     let tid = UNIT_POS as usize;
     let q0 = bh * t * hd;
@@ -263,12 +269,10 @@ pub fn attention_backward_q(
     scale: f32,
 ) {
     let (t, hd) = (t as usize, hd as usize);
-    let blocks = t.div_ceil(TILE_Q);
-    let bh = CUBE_POS / blocks;
+    let (bh, i0) = tile_origin(t, TILE_Q);
     if bh >= n_heads_total as usize {
         terminate!();
     }
-    let i0 = (CUBE_POS % blocks) * TILE_Q;
     let (x, y) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
     let tid = UNIT_POS as usize;
     let q0 = bh * t * hd;
@@ -376,12 +380,10 @@ pub fn attention_backward_kv(
     let (t, hd) = (t as usize, hd as usize);
     let (heads, kv_heads) = (n_heads as usize, n_kv_heads as usize);
     let group = heads / kv_heads;
-    let blocks = t.div_ceil(TILE_K);
-    let bkv = CUBE_POS / blocks;
+    let (bkv, j0) = tile_origin(t, TILE_K);
     if bkv >= n_kv_heads_total as usize {
         terminate!();
     }
-    let j0 = (CUBE_POS % blocks) * TILE_K;
     let (x, y) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
     let tid = UNIT_POS as usize;
     let (kc, kx) = (tid / TILE_Q, tid % TILE_Q);

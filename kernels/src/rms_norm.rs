@@ -13,6 +13,7 @@
 //!   sums rows `l, l + NORM_LANES, …` of its column (reads coalesced along
 //!   the row), and the lanes' partial sums are added in shared memory.
 
+use crate::sample::cube_sum;
 use cubecl::prelude::*;
 
 /// Units per cube of the row kernels.
@@ -21,25 +22,6 @@ pub const NORM_BLOCK: usize = 256;
 pub const NORM_COLS: usize = 32;
 /// Lanes of rows per cube of the `dw` kernel.
 pub const NORM_LANES: usize = 8;
-
-/// The sum over a cube of each unit's `x` (shared memory one slot per
-/// unit); every unit gets it, and `shared` may be reused on return.
-#[cube]
-fn cube_total(x: f32, shared: &mut SharedMemory<f32>, tid: usize) -> f32 {
-    shared[tid] = x;
-    sync_cube();
-    let mut stride = (CUBE_DIM / 2) as usize;
-    while stride > 0usize {
-        if tid < stride {
-            shared[tid] = shared[tid] + shared[tid + stride];
-        }
-        sync_cube();
-        stride /= 2usize;
-    }
-    let total = shared[0usize];
-    sync_cube();
-    total
-}
 
 /// `1 / √(Σ_j x[base + j]² / d + eps)` over the cube's row.
 #[cube]
@@ -59,7 +41,7 @@ fn row_inv_rms(
         ss += v * v;
         j += block;
     }
-    let total = cube_total(ss, shared, tid);
+    let total = cube_sum(ss, shared, tid);
     let mean = total / f32::cast_from(d as u32);
     f32::new(1.0) / (mean + eps).sqrt()
 }
@@ -120,7 +102,7 @@ pub fn rms_norm_backward_x(
         dot += dy[base + j] * w[j] * x[base + j];
         j += block;
     }
-    let dot = cube_total(dot, &mut shared, tid);
+    let dot = cube_sum(dot, &mut shared, tid);
     let c = r * r * r * dot / f32::cast_from(d as u32);
     let mut j2 = tid;
     while j2 < d {

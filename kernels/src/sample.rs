@@ -126,9 +126,10 @@ pub fn sample_prepare(
 }
 
 /// The sum over the cube of each unit's `x`, by a tree in `shared` (one
-/// slot per unit); every unit gets it.
+/// slot per unit); every unit gets it, and `shared` may be reused on
+/// return. Every unit of the cube must call it.
 #[cube]
-fn cube_sum(x: f32, shared: &mut SharedMemory<f32>, tid: usize) -> f32 {
+pub(crate) fn cube_sum(x: f32, shared: &mut SharedMemory<f32>, tid: usize) -> f32 {
     shared[tid] = x;
     sync_cube();
     let mut stride = (CUBE_DIM / 2) as usize;
@@ -139,7 +140,9 @@ fn cube_sum(x: f32, shared: &mut SharedMemory<f32>, tid: usize) -> f32 {
         sync_cube();
         stride /= 2usize;
     }
-    shared[0usize]
+    let total = shared[0usize];
+    sync_cube();
+    total
 }
 
 /// Whether `sample_prepare` marked a row's token slot as non-finite (−1),
