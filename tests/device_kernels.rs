@@ -835,7 +835,8 @@ fn attention_ops_match_the_cpu_executor() {
 /// Tokens drawn on the device equal the CPU sampler's (`choose_token`) for
 /// the same uniform draws: greedy (ties to the lowest index), full
 /// softmax, top-p nuclei, top-1, over vocabularies shorter and longer than
-/// a cube, with tied and negligible logits; a non-finite row is refused.
+/// a cube up to 32k, with tied (rows of a few distinct values among them)
+/// and negligible logits; a non-finite row is refused.
 #[test]
 fn device_sampling_matches_the_cpu_sampler() {
     use coopc_runtime::sampler::{choose_token, SamplingConfig};
@@ -843,7 +844,8 @@ fn device_sampling_matches_the_cpu_sampler() {
     use rand::SeedableRng;
     let d = device_backend();
     let mut r = rng(50);
-    for (case, &(vocab, rows)) in [(5usize, 40usize), (300, 24), (1000, 8)].iter().enumerate() {
+    let cases = [(5usize, 40usize), (300, 24), (1000, 8), (32_000, 4)];
+    for (case, &(vocab, rows)) in cases.iter().enumerate() {
         let mut logits = uniform(&mut r, rows * vocab, -4.0, 4.0);
         for row in 0..rows {
             let x = &mut logits[row * vocab..(row + 1) * vocab];
@@ -851,6 +853,10 @@ fn device_sampling_matches_the_cpu_sampler() {
             x[vocab - 1] = x[0];
             if row % 3 == 0 {
                 x[1] = x.iter().copied().fold(f64::MIN, f64::max);
+            }
+            // Rows of a few distinct values: long runs of tied tokens.
+            if row % 4 == 1 {
+                x.iter_mut().for_each(|v| *v = v.round());
             }
             if vocab > 4 {
                 x[2] = -60.0;

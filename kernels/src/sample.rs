@@ -12,9 +12,9 @@
 //! Two kernels, one cube per row: [`sample_prepare`] checks the row is
 //! finite, takes the argmax (greedy) or writes the probabilities; then
 //! [`sample_pick_ordered`] (top_p ≥ 1: index order, `O(V)` per row) or
-//! [`sample_pick`] (a nucleus: ranks every token against the row,
-//! `O(V²/block)` per row — simple, and fast for small vocabularies; a
-//! radix select would make it `O(V)`) picks the token.
+//! [`sample_pick`] (a nucleus: thresholds found by bisection over the
+//! probabilities' bits, about 32 passes over the row, no sort) picks the
+//! token.
 
 use crate::device::{arg, cubes, Device, DeviceError};
 use cubecl::prelude::*;
@@ -152,35 +152,91 @@ fn flagged(token: f32) -> bool {
     token < f32::new(0.0) || token.is_nan()
 }
 
-/// Token `i`'s place in the sampling order of row `base` (descending
-/// probability, ties to the lower index): how many tokens come before it,
-/// and their mass. `zero` is a run-time 0.
+/// The maximum over the cube of each unit's `x` (as [`cube_sum`]).
 #[cube]
-fn rank_and_mass(probs: &Array<f32>, base: usize, v: usize, i: usize, zero: f32) -> (u32, f32) {
-    let pi = probs[base + i];
-    let mut rank = 0u32 * (i as u32);
-    let mut mass = zero;
-    let mut j = i * 0usize;
-    while j < v {
-        let pj = probs[base + j];
-        if pj > pi || (pj == pi && j < i) {
-            rank += 1u32;
-            mass += pj;
+fn cube_max(x: f32, shared: &mut SharedMemory<f32>, tid: usize) -> f32 {
+    shared[tid] = x;
+    sync_cube();
+    let mut stride = (CUBE_DIM / 2) as usize;
+    while stride > 0usize {
+        if tid < stride {
+            shared[tid] = max(shared[tid], shared[tid + stride]);
         }
-        j += 1usize;
+        sync_cube();
+        stride /= 2usize;
     }
-    (rank, mass)
+    let m = shared[0usize];
+    sync_cube();
+    m
 }
 
-/// Per row not marked non-finite by [`sample_prepare`], for `top_p < 1`:
-/// the nucleus is the tokens whose mass before them (in the order of
-/// decreasing probability, ties by index) is below `top_p` (the first
-/// always);
-/// the token is the first (in order) kept one with positive probability
-/// whose running mass exceeds `draws[r] · nucleus mass`, or the last kept
-/// one when rounding leaves none.
-#[cube(launch)]
+/// The mass of the row's probabilities above `x` (`p > x`, or `p ≥ x`
+/// with `inclusive`), for every unit of the cube.
+#[cube]
 #[allow(clippy::too_many_arguments)]
+fn mass_above(
+    probs: &Array<f32>,
+    base: usize,
+    v: usize,
+    x: f32,
+    shared: &mut SharedMemory<f32>,
+    tid: usize,
+    #[comptime] inclusive: bool,
+    #[comptime] block: usize,
+) -> f32 {
+    let mut s = f32::cast_from(UNIT_POS * 0u32);
+    let mut i = tid;
+    while i < v {
+        let p = probs[base + i];
+        let inside = if inclusive { p >= x } else { p > x };
+        if inside {
+            s += p;
+        }
+        i += block;
+    }
+    cube_sum(s, shared, tid)
+}
+
+/// How many of the row's probabilities equal `y`, for every unit.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn count_equal(
+    probs: &Array<f32>,
+    base: usize,
+    v: usize,
+    y: f32,
+    shared: &mut SharedMemory<f32>,
+    tid: usize,
+    #[comptime] block: usize,
+) -> f32 {
+    let mut c = f32::cast_from(UNIT_POS * 0u32);
+    let mut i = tid;
+    while i < v {
+        if probs[base + i] == y {
+            c += f32::new(1.0);
+        }
+        i += block;
+    }
+    cube_sum(c, shared, tid)
+}
+
+/// Per row not marked non-finite by [`sample_prepare`], for `top_p < 1`,
+/// in the order of decreasing probability (ties by index): the nucleus
+/// is the tokens whose mass before them is below `top_p` (the first
+/// always), and the token is the first kept one whose running mass
+/// exceeds `draws[r] · nucleus mass` — or the last kept one when rounding
+/// (or a zero probability) leaves none.
+///
+/// No sort: with `G(x)` the mass of the probabilities above `x`, the
+/// nucleus is every token above `v* = min{x : G(x) < top_p}` and the first
+/// `c` tokens (by index) equal to `v*`, `c` the ties for which `G(v*) + q
+/// v* < top_p`; the chosen token's probability `y` is the largest with
+/// `G(y) + ties(y) · y > target`, and among the ties of `y` it is the one
+/// of rank `⌊(target − G(y)) / y⌋`. Each threshold is a bisection over the
+/// bits of non-negative f32 (ordered as the numbers are), each step one
+/// pass over the row: `O(32 · V / block)` per unit.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments, unused_assignments)]
 pub fn sample_pick(
     probs: &Array<f32>,
     draws: &Array<f32>,
@@ -199,70 +255,130 @@ pub fn sample_pick(
     let base = r * v;
     let flagged = flagged(tokens[r]);
     let mut sums = SharedMemory::<f32>::new(block);
-    let mut first = SharedMemory::<u32>::new(block);
-    let mut first_tok = SharedMemory::<u32>::new(block);
-    let mut last = SharedMemory::<u32>::new(block);
-    let mut last_tok = SharedMemory::<u32>::new(block);
     let zero = f32::cast_from(UNIT_POS * 0u32);
-    // The nucleus mass.
-    let mut kept_mass = zero;
+    let one = zero + f32::new(1.0);
+    // The largest probability.
+    let mut pm = zero;
     let mut i = tid;
     while i < v {
-        let pi = probs[base + i];
-        let (rank, mass) = rank_and_mass(probs, base, v, i, zero);
-        if rank == 0u32 || mass < top_p {
-            kept_mass += pi;
-        }
+        pm = max(pm, probs[base + i]);
         i += block;
     }
-    let target = draws[r] * cube_sum(kept_mass, &mut sums, tid);
-    // The first kept token whose running mass passes the target, and the
-    // last kept token (ranks: `vocab` for none; 0 is a real rank for last).
-    let none = v as u32;
-    let mut f = none;
-    let mut ft = none;
-    let mut l = none;
-    let mut lt = none;
-    let mut k = tid;
-    while k < v {
-        let p = probs[base + k];
-        let (rank, mass) = rank_and_mass(probs, base, v, k, zero);
-        if rank == 0u32 || mass < top_p {
-            if p > zero && target < mass + p && (f == none || rank < f) {
-                f = rank;
-                ft = k as u32;
-            }
-            if l == none || rank > l {
-                l = rank;
-                lt = k as u32;
+    let pmax = cube_max(pm, &mut sums, tid);
+    // v*: the smallest x with G(x) < top_p (pmax when top_p ≤ 0: the first
+    // token is always kept).
+    let mut lo = 0u32 * (tid as u32);
+    let mut hi = u32::reinterpret(pmax);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2u32;
+        let g = mass_above(
+            probs,
+            base,
+            v,
+            f32::reinterpret(mid),
+            &mut sums,
+            tid,
+            false,
+            block,
+        );
+        if g < top_p {
+            hi = mid;
+        } else {
+            lo = mid + 1u32;
+        }
+    }
+    let vstar = f32::reinterpret(lo);
+    let g_star = mass_above(probs, base, v, vstar, &mut sums, tid, false, block);
+    let ties_star = count_equal(probs, base, v, vstar, &mut sums, tid, block);
+    // Ties kept: q < (top_p − G(v*)) / v*, at least one.
+    let c = clamp((top_p - g_star) / vstar, one, ties_star);
+    let c = select(c > c.floor(), c.floor() + one, c);
+    let c = min(c, ties_star);
+    let target = draws[r] * (g_star + c * vstar);
+    // The chosen token's probability y and its rank among y's ties.
+    let mut y = vstar;
+    let mut q = zero;
+    if target < g_star {
+        // Above v*: the largest x with G(x) + ties · x = Σ_{p ≥ x} p > target.
+        let mut a = u32::reinterpret(vstar) + 1u32;
+        let mut b = u32::reinterpret(pmax);
+        while a < b {
+            let mid = a + (b - a).div_ceil(2u32);
+            let h = mass_above(
+                probs,
+                base,
+                v,
+                f32::reinterpret(mid),
+                &mut sums,
+                tid,
+                true,
+                block,
+            );
+            if h > target {
+                a = mid;
+            } else {
+                b = mid - 1u32;
             }
         }
-        k += block;
+        y = f32::reinterpret(a);
+        let g_y = mass_above(probs, base, v, y, &mut sums, tid, false, block);
+        let ties_y = count_equal(probs, base, v, y, &mut sums, tid, block);
+        q = clamp(((target - g_y) / y).floor(), zero, ties_y - one);
+    } else {
+        // Among the kept ties of v* (the last one when v* is 0 or rounding
+        // overshoots).
+        let k = select(vstar > zero, ((target - g_star) / vstar).floor(), c - one);
+        q = clamp(k, zero, c - one);
     }
-    first[tid] = f;
-    first_tok[tid] = ft;
-    last[tid] = l;
-    last_tok[tid] = lt;
+    // The token: the tie of y of rank q in index order. Each unit counts
+    // the ties in a contiguous chunk; the chunks before it give its first
+    // rank.
+    let mut part = SharedMemory::<f32>::new(block);
+    let mut found = SharedMemory::<u32>::new(block);
+    let chunk = v.div_ceil(block);
+    let start = min(tid * chunk, v);
+    let end = min(start + chunk, v);
+    let mut n_here = zero;
+    let mut j = start;
+    while j < end {
+        if probs[base + j] == y {
+            n_here += one;
+        }
+        j += 1usize;
+    }
+    part[tid] = n_here;
+    sync_cube();
+    let mut before = zero;
+    let mut w = tid * 0usize;
+    while w < tid {
+        before += part[w];
+        w += 1usize;
+    }
+    let none = v as u32;
+    let mut f = none;
+    let mut rank = before;
+    let mut k2 = start;
+    while k2 < end {
+        if probs[base + k2] == y {
+            if rank == q {
+                f = k2 as u32;
+            }
+            rank += one;
+        }
+        k2 += 1usize;
+    }
+    found[tid] = f;
     sync_cube();
     let mut st = (CUBE_DIM / 2) as usize;
     while st > 0usize {
         if tid < st {
-            let (f2, l2) = (first[tid + st], last[tid + st]);
-            if f2 != none && (first[tid] == none || f2 < first[tid]) {
-                first[tid] = f2;
-                first_tok[tid] = first_tok[tid + st];
-            }
-            if l2 != none && (last[tid] == none || l2 > last[tid]) {
-                last[tid] = l2;
-                last_tok[tid] = last_tok[tid + st];
-            }
+            found[tid] = min(found[tid], found[tid + st]);
         }
         sync_cube();
         st /= 2usize;
     }
     if tid == 0 && !flagged {
-        let chosen = select(first[0usize] != none, first_tok[0usize], last_tok[0usize]);
-        tokens[r] = f32::cast_from(chosen);
+        tokens[r] = f32::cast_from(found[0usize]);
     }
 }
 
