@@ -724,6 +724,21 @@ fn attention_case(s: coopc_kernels::attention::AttentionShape, seed: u64) {
     check_results(&want, got, 1e-4);
 }
 
+/// In `g`'s fused schedule: whether some kernel is the op's own (`own`),
+/// and the sizes of the gradient groups (`group` of each kernel).
+fn op_kernel_and_grad_groups(
+    g: &Graph,
+    own: impl Fn(&coopc_compiler::fusion::Kernel) -> bool,
+    group: impl Fn(&coopc_compiler::fusion::Kernel) -> Option<usize>,
+) -> (bool, Vec<usize>) {
+    let order = coopc_compiler::schedule::schedule(g).order;
+    let kernels = coopc_compiler::fusion::fuse(g, &order).kernels;
+    (
+        kernels.iter().any(own),
+        kernels.iter().filter_map(group).collect(),
+    )
+}
+
 /// The linear log-prob ops of the IR (`linear_logprob` and its two
 /// `linear_logprob_grad`s; a vocabulary longer than a cube, repeated
 /// targets) through the device executor against the CPU executor; the
@@ -732,9 +747,8 @@ fn attention_case(s: coopc_kernels::attention::AttentionShape, seed: u64) {
 /// error on the CPU).
 #[test]
 fn linear_logprob_ops_match_the_cpu_executor() {
-    use coopc_compiler::fusion::{fuse, Kernel};
+    use coopc_compiler::fusion::Kernel;
     use coopc_compiler::ir::LogprobOperand;
-    use coopc_compiler::schedule::schedule;
     let (n, d, v) = (37, 24, 300);
     let mut g = Graph::new();
     let mut inp = Inputs::new();
@@ -754,22 +768,15 @@ fn linear_logprob_ops_match_the_cpu_executor() {
         let d = g.linear_logprob_grad(wrt, [h, w, y], gr);
         g.set_output(format!("d{}", wrt.name()), d);
     }
-    let fused = fuse(&g, &schedule(&g).order);
-    assert!(
-        fused
-            .kernels
-            .iter()
-            .any(|k| matches!(k, Kernel::LinearLogprob { id, .. } if *id == lp)),
-        "the log-prob op runs as the fused kernel"
-    );
-    let grads: Vec<usize> = fused
-        .kernels
-        .iter()
-        .filter_map(|k| match k {
+    let (own, grads) = op_kernel_and_grad_groups(
+        &g,
+        |k| matches!(k, Kernel::LinearLogprob { id, .. } if *id == lp),
+        |k| match k {
             Kernel::LogprobGrads { grads, .. } => Some(grads.len()),
             _ => None,
-        })
-        .collect();
+        },
+    );
+    assert!(own, "the log-prob op runs as the fused kernel");
     assert_eq!(grads, [2], "the two gradients share one forward launch");
     check(&g, &inp, 1e-4);
     // One target out of range: NaN rows on the device, an error on the CPU.
@@ -795,9 +802,8 @@ fn linear_logprob_ops_match_the_cpu_executor() {
 /// kernel, and its three gradients share one set of launches.
 #[test]
 fn attention_ops_match_the_cpu_executor() {
-    use coopc_compiler::fusion::{fuse, Kernel};
+    use coopc_compiler::fusion::Kernel;
     use coopc_compiler::ir::AttentionOperand;
-    use coopc_compiler::schedule::schedule;
     let qs = [2, 4, 150, 16];
     let kvs = [2, 2, 150, 16];
     let mut g = Graph::new();
@@ -812,22 +818,15 @@ fn attention_ops_match_the_cpu_executor() {
         let d = g.causal_attention_grad(wrt, [q, k, v, o], d_o);
         g.set_output(format!("d{}", wrt.name()), d);
     }
-    let fused = fuse(&g, &schedule(&g).order);
-    assert!(
-        fused
-            .kernels
-            .iter()
-            .any(|k| matches!(k, Kernel::Attention { id, .. } if *id == o)),
-        "the attention op runs as the attention kernel"
-    );
-    let grads: Vec<usize> = fused
-        .kernels
-        .iter()
-        .filter_map(|k| match k {
+    let (own, grads) = op_kernel_and_grad_groups(
+        &g,
+        |k| matches!(k, Kernel::Attention { id, .. } if *id == o),
+        |k| match k {
             Kernel::AttentionGrads { grads, .. } => Some(grads.len()),
             _ => None,
-        })
-        .collect();
+        },
+    );
+    assert!(own, "the attention op runs as the attention kernel");
     assert_eq!(grads, [3], "the three gradients share one set of launches");
     check(&g, &inp, 1e-4);
 }
