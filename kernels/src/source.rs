@@ -66,6 +66,10 @@ fn scalar(b: &mut KernelBuilder) -> NativeExpand<u32> {
     <u32 as LaunchArg>::expand(&(), b)
 }
 
+/// The line that starts each kernel of a source holding several (each a
+/// compilation unit of its own), followed by the kernel's name.
+pub const PART_MARK: &str = "// coopc: kernel ";
+
 /// A traced kernel: how to build its definition for a runtime.
 #[derive(Clone, Debug)]
 pub enum Traced {
@@ -454,11 +458,14 @@ impl Traced {
             wgsl: String::new(),
         };
         for (suffix, part) in parts {
-            let src = part.single_source(&format!("{name}{suffix}"))?;
+            let part_name = format!("{name}{suffix}");
+            let src = part.single_source(&part_name)?;
             for (to, from) in [(&mut all.cuda, src.cuda), (&mut all.wgsl, src.wgsl)] {
                 if !to.is_empty() {
                     to.push('\n');
                 }
+                // Each part is compiled on its own at launch.
+                to.push_str(&format!("{PART_MARK}{part_name}\n"));
                 to.push_str(&from);
             }
         }
