@@ -100,6 +100,7 @@ mod bad {
         top_p_zero,
         max_new_tokens_fill_sequence,
         rl_digits_below_sft_digits,
+        memory_budget_zero,
     );
 
     #[test]

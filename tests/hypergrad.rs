@@ -277,3 +277,43 @@ fn finite_difference_agrees_with_truncated_one_step() {
         );
     }
 }
+
+/// A memory budget the kept activations fit makes the compiler keep them
+/// (no recomputation in the adjoint sweep); one they do not fit leaves the
+/// smaller-peak choice, here recomputation.
+#[test]
+fn a_memory_budget_that_fits_keeps_the_activations() {
+    use coopc_compiler::schedule::schedule;
+    let spec = tiny_spec();
+    let forced = |plan| {
+        let opts = LowerOptions {
+            differentiable_unroll: false,
+            memory: Some(plan),
+        };
+        let g = lower_meta_step_with(&spec, shapes(&spec), opts).graph;
+        (g.node_count(), schedule(&g).peak_bytes as u64)
+    };
+    let (keep_nodes, keep_peak) = forced(MemoryPlan::Keep);
+    let (re_nodes, re_peak) = forced(MemoryPlan::Recompute);
+    assert!(
+        re_peak < keep_peak && re_nodes > keep_nodes,
+        "the tiny spec recomputes without a budget"
+    );
+    let plan_with = |budget: Option<u64>| {
+        let s = with(tiny_spec(), |s| s.backend.memory_budget = budget);
+        let ms = lower_meta_step(&s, shapes(&s));
+        let note = ms
+            .notes
+            .iter()
+            .find(|n| n.starts_with("memory plan"))
+            .cloned();
+        (ms.graph.node_count(), note.expect("the plan is noted"))
+    };
+    let (n, note) = plan_with(None);
+    assert_eq!(n, re_nodes, "{note}");
+    let (n, note) = plan_with(Some(keep_peak));
+    assert_eq!(n, keep_nodes, "{note}");
+    assert!(note.contains("within the budget"), "{note}");
+    let (n, note) = plan_with(Some(keep_peak - 1));
+    assert_eq!(n, re_nodes, "{note}");
+}

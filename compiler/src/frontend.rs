@@ -310,7 +310,7 @@ const OPTIM_KEYS: &[&str] = &[
     "weight_decay",
 ];
 const TRAIN_KEYS: &[&str] = &["steps", "seed", "eval_every", "seq_len"];
-const BACKEND_KEYS: &[&str] = &["kind", "dtype"];
+const BACKEND_KEYS: &[&str] = &["kind", "dtype", "memory_budget_gib"];
 
 /// The model keys without a default.
 const MODEL_REQUIRED: &[&str] = &["d_model", "n_layers", "n_heads", "d_ff", "max_seq"];
@@ -1591,9 +1591,21 @@ fn read_backend(c: &mut Checker, sec: &Section) -> BackendSpec {
     c.unknown_keys(sec, BACKEND_KEYS);
     let kind = c.choice_or(sec, "kind", BACKENDS, BackendKind::Auto);
     let dtype = c.choice_or(sec, "dtype", DTYPES, Precision::F32);
+    let memory_budget = c.float(sec, "memory_budget_gib").and_then(|gib| {
+        let ok = gib.value > 0.0 && gib.value < 1e9;
+        c.check(
+            sec,
+            "memory_budget_gib",
+            &gib,
+            ok,
+            "be a positive number of GiB",
+        )
+        .then_some((gib.value * (1u64 << 30) as f64) as u64)
+    });
     BackendSpec {
         kind: kind.value,
         dtype: dtype.value,
+        memory_budget,
     }
 }
 

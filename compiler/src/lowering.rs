@@ -774,6 +774,19 @@ pub fn lower_meta_step_with(
         }
         None => {
             let (keep, keep_peak) = optimised(MemoryPlan::Keep);
+            if let Some(budget) = spec
+                .backend
+                .memory_budget
+                .filter(|&b| keep_peak as u64 <= b)
+            {
+                let mut ms = keep;
+                ms.notes.push(format!(
+                    "memory plan: keep the forward activations for the adjoint sweep (estimated peak {}, within the budget of {})",
+                    human_bytes(keep_peak),
+                    human_bytes(budget as usize)
+                ));
+                return ms;
+            }
             let (re, re_peak) = optimised(MemoryPlan::Recompute);
             let (mut ms, choice) = if re_peak < keep_peak {
                 (

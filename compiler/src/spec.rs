@@ -391,4 +391,10 @@ pub enum Precision {
 pub struct BackendSpec {
     pub kind: BackendKind,
     pub dtype: Precision,
+    /// Memory the compiled programs may plan for, in bytes
+    /// (`memory_budget_gib`): a truncated hypergradient keeps the forward
+    /// activations for its adjoint sweep (no recomputation) when that fits;
+    /// `None` picks the plan with the smaller estimated peak.
+    #[serde(default)]
+    pub memory_budget: Option<u64>,
 }
