@@ -120,10 +120,12 @@ PY
     fi
 done
 
-# 6. The medium pipelines on CUDA (d_model 1024, 8 layers, vocab 32k).
+# 6. The medium pipelines on CUDA (d_model 1024, 8 layers, vocab 32k); the
+#    truncated one also with the activations kept (memory budget 70 GiB).
 if [ "${MEDIUM:-1}" != 0 ]; then
     echo "== meta-step timings (medium, CUDA)"
-    for p in "$ROOT"/benches/pipelines/medium-first-order.toml "$ROOT"/benches/pipelines/medium-truncated.toml; do
+    for p in "$ROOT"/benches/pipelines/medium-first-order.toml "$ROOT"/benches/pipelines/medium-truncated.toml \
+        "$ROOT"/benches/pipelines/medium-truncated-keep.toml; do
         time_pipeline "$p" "${MEDIUM_REPEAT:-2}" "${MEDIUM_TIMEOUT:-300}"
     done
     cat "$table"
