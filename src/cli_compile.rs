@@ -50,26 +50,40 @@ fn emit_kernels(plan: &Plan, dir: &Path) -> Result<(), UserError> {
     use coopc_compiler::fusion::fuse;
     use std::fmt::Write as _;
     let mut index = String::new();
-    for p in &plan.programs {
-        let sched = schedule(&p.graph);
-        let fused = fuse(&p.graph, &sched.order);
-        let sources =
-            coopc_kernels::source::schedule_sources(&p.graph, &fused).map_err(UserError)?;
-        let sub = dir.join(&p.name);
+    // The plan's programs, and the decode step training samples rollouts
+    // with (built at run time for the RL batch and the sequence length).
+    let spec = &plan.spec;
+    let decode = coopc_compiler::decode::decode_step_program(
+        &spec.model,
+        &spec.lora,
+        coopc_compiler::lowering::float_dtype(spec.backend.dtype),
+        spec.rl.batch_size(),
+        spec.train.seq_len,
+    );
+    let programs = plan
+        .programs
+        .iter()
+        .map(|p| (p.name.as_str(), &p.graph))
+        .chain([("decode_step", &decode)]);
+    for (name, graph) in programs {
+        let sched = schedule(graph);
+        let fused = fuse(graph, &sched.order);
+        let sources = coopc_kernels::source::schedule_sources(graph, &fused).map_err(UserError)?;
+        let sub = dir.join(name);
         std::fs::create_dir_all(&sub)
             .map_err(|e| UserError(format!("cannot create {}: {e}", sub.display())))?;
-        let (peak, live) = fused.device_peak_live(&p.graph);
+        let (peak, live) = fused.device_peak_live(graph);
         let _ = writeln!(
             index,
             "{}: {} scheduled nodes → {}; {} distinct kernel sources; device footprint {} (estimate), largest groups then:",
-            p.name,
+            name,
             sched.order.len(),
             fused,
             sources.len(),
             human_bytes(peak)
         );
-        let four = |id| 4 * p.graph.ty(id).numel().max(1);
-        for line in crate::cli_inspect::buffer_groups(&p.graph, &live, four) {
+        let four = |id| 4 * graph.ty(id).numel().max(1);
+        for line in crate::cli_inspect::buffer_groups(graph, &live, four) {
             let _ = writeln!(index, "    {line}");
         }
         for (src, uses) in &sources {

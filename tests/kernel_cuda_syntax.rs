@@ -1,5 +1,6 @@
 //! The generated CUDA C++ of every kernel of the default example's
-//! programs and of the medium truncated bench pipeline's (d_model 1024,
+//! programs (meta-step, scorer, decode step) and of the medium truncated
+//! bench pipeline's (d_model 1024,
 //! vocabulary 32k: the register-blocked and chunked variants), checked for syntax and types by a host C++ compiler (`g++
 //! -fsyntax-only`) against a header that declares the CUDA built-ins the
 //! kernels use. NVRTC compiles the same text on a GPU machine; this catches
@@ -102,6 +103,14 @@ fn generated_cuda_passes_a_host_compiler_syntax_check() {
         let shapes = BatchShapes::from_spec(&spec);
         graphs.push(lower_meta_step(&spec, shapes).graph);
         graphs.push(lower_logprobs(&spec, shapes));
+        let dtype = coopc_compiler::lowering::float_dtype(spec.backend.dtype);
+        graphs.push(coopc_compiler::decode::decode_step_program(
+            &spec.model,
+            &spec.lora,
+            dtype,
+            spec.rl.batch_size(),
+            spec.train.seq_len,
+        ));
     }
     let dir = std::env::temp_dir().join(format!("coopc-cuda-syntax-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
