@@ -95,6 +95,21 @@ fn emit_kernels(plan: &Plan, dir: &Path) -> Result<(), UserError> {
             let _ = writeln!(index, "  {:<28} launched {} time(s)", src.name, uses.len());
         }
     }
+    // The sampler's kernels, which take the decode step's logits to tokens
+    // on the device.
+    use coopc_kernels::source::{SamplePart, Traced};
+    let _ = writeln!(index, "sampling (after each decode step, on the device):");
+    for part in SamplePart::ALL {
+        let src = Traced::Sample(part)
+            .source(part.name())
+            .map_err(UserError)?;
+        for (ext, text) in [("cu", &src.cuda), ("wgsl", &src.wgsl)] {
+            let path = dir.join("decode_step").join(format!("{}.{ext}", src.name));
+            std::fs::write(&path, text)
+                .map_err(|e| UserError(format!("cannot write {}: {e}", path.display())))?;
+        }
+        let _ = writeln!(index, "  {}", src.name);
+    }
     let path = dir.join("index.txt");
     std::fs::write(&path, &index)
         .map_err(|e| UserError(format!("cannot write {}: {e}", path.display())))?;

@@ -1,5 +1,6 @@
 //! The generated CUDA C++ of every kernel of the default example's
-//! programs (meta-step, scorer, decode step) and of the medium truncated
+//! programs (meta-step, scorer, decode step, and the sampler's kernels)
+//! and of the medium truncated
 //! bench pipeline's (d_model 1024,
 //! vocabulary 32k: the register-blocked and chunked variants), checked for syntax and types by a host C++ compiler (`g++
 //! -fsyntax-only`) against a header that declares the CUDA built-ins the
@@ -132,6 +133,16 @@ fn generated_cuda_passes_a_host_compiler_syntax_check() {
                     failures.push(e);
                 }
             }
+        }
+    }
+    // The sampler's kernels, launched outside any program's schedule.
+    for part in coopc_kernels::source::SamplePart::ALL {
+        let src = coopc_kernels::source::Traced::Sample(part)
+            .source(part.name())
+            .expect("the sampler compiles to CUDA");
+        checked += 1;
+        if let Err(e) = check_unit(&dir, &src.name, &src.cuda) {
+            failures.push(e);
         }
     }
     std::fs::remove_dir_all(&dir).ok();

@@ -5,8 +5,8 @@
 //! the fused AdamW update (one kernel for the whole update of a parameter),
 //! the tiled and the register-blocked matrix products, a strided copy, and
 //! the hand-written kernels: the fused linear log-prob, causal attention
-//! (forward and backward), the rotary embedding (and its transpose) and
-//! RMSNorm (forward, `dx`, `dw`).
+//! (forward and backward), the rotary embedding (and its transpose),
+//! RMSNorm (forward, `dx`, `dw`) and the top-p token sampler.
 //! A change to code generation shows up as a reviewable diff.
 
 mod common;
@@ -303,4 +303,14 @@ fn rms_norm() {
             .expect("compiles to CUDA and WGSL");
         snapshot(name, &src);
     }
+}
+
+#[test]
+fn top_p_sampler() {
+    use coopc_kernels::source::SamplePart;
+    let part = SamplePart::Pick;
+    let src = Traced::Sample(part)
+        .source(part.name())
+        .expect("compiles to CUDA and WGSL");
+    snapshot("sample_pick_top_p", &src);
 }

@@ -23,6 +23,7 @@ use crate::rms_norm::{
     NORM_COLS, NORM_LANES,
 };
 use crate::rope::rope;
+use crate::sample::{sample_pick, sample_pick_ordered, sample_prepare, SAMPLE_BLOCK};
 use coopc_compiler::fusion::{ElemProgram, FusedSchedule, Kernel};
 use coopc_compiler::ir::{AttentionOperand, Graph, LogprobOperand, NormOperand, Op};
 use coopc_compiler::linear_logprob::device_chunk;
@@ -100,6 +101,9 @@ pub enum Traced {
     Iota,
     /// The hand-written RMSNorm kernels.
     RmsNorm(NormPart),
+    /// The token sampler's kernels (launched by `Device::sample_rows`, not
+    /// by a program's schedule).
+    Sample(SamplePart),
     /// The hand-written rotary embedding, or its transpose.
     Rope {
         transpose: bool,
@@ -127,6 +131,35 @@ pub enum Traced {
     /// The hand-written causal attention: forward, backward `dq`, backward
     /// `dk, dv`.
     Attention(AttentionPart),
+}
+
+/// Which of the sampler's kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SamplePart {
+    /// The row check and argmax (`greedy`) or softmax.
+    Prepare { greedy: bool },
+    /// A top-p nucleus pick.
+    Pick,
+    /// A pick over the whole vocabulary in index order.
+    PickOrdered,
+}
+
+impl SamplePart {
+    pub const ALL: [SamplePart; 4] = [
+        SamplePart::Prepare { greedy: true },
+        SamplePart::Prepare { greedy: false },
+        SamplePart::Pick,
+        SamplePart::PickOrdered,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SamplePart::Prepare { greedy: true } => "sample_greedy",
+            SamplePart::Prepare { greedy: false } => "sample_softmax",
+            SamplePart::Pick => "sample_pick_top_p",
+            SamplePart::PickOrdered => "sample_pick",
+        }
+    }
 }
 
 /// Which of the RMSNorm kernels.
@@ -272,6 +305,43 @@ impl Traced {
                     CubeDim::new_1d(NORM_BLOCK as u32)
                 };
                 b.build(settings(name, dim))
+            }
+            Traced::Sample(part) => {
+                let n_in = match part {
+                    SamplePart::Prepare { .. } => 1,
+                    _ => 2,
+                };
+                let mut ins = (0..n_in)
+                    .map(|_| <Array<f32> as LaunchArg>::expand(&array(), &mut b))
+                    .collect::<Vec<_>>()
+                    .into_iter();
+                let mut next = || ins.next().expect("operand");
+                let blk = SAMPLE_BLOCK;
+                match *part {
+                    SamplePart::Prepare { greedy } => {
+                        let logits = next();
+                        let probs = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                        let tok = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                        let (rows, v) = (scalar(&mut b), scalar(&mut b));
+                        let temp = <f32 as LaunchArg>::expand(&(), &mut b);
+                        let sc = &mut b.scope;
+                        sample_prepare::expand(sc, logits, probs, tok, rows, v, temp, greedy, blk);
+                    }
+                    SamplePart::Pick | SamplePart::PickOrdered => {
+                        let (probs, draws) = (next(), next());
+                        let tok = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                        let (rows, v) = (scalar(&mut b), scalar(&mut b));
+                        if *part == SamplePart::Pick {
+                            let top_p = <f32 as LaunchArg>::expand(&(), &mut b);
+                            let sc = &mut b.scope;
+                            sample_pick::expand(sc, probs, draws, tok, rows, v, top_p, blk);
+                        } else {
+                            let sc = &mut b.scope;
+                            sample_pick_ordered::expand(sc, probs, draws, tok, rows, v, blk);
+                        }
+                    }
+                }
+                b.build(settings(name, CubeDim::new_1d(SAMPLE_BLOCK as u32)))
             }
             Traced::Rope { transpose } => {
                 let x = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
