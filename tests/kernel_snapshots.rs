@@ -26,10 +26,15 @@ fn sources(g: &Graph) -> (Vec<Kernel>, Vec<KernelSource>) {
 /// The generators declare mutable locals and shared arrays in hash order:
 /// sort each run of consecutive declarations so the snapshot is stable.
 fn stable(src: &str) -> String {
+    // `float *shared_memory_3 = …`, `uint32 *shared_memory_7 = …`.
+    let is_shared = |l: &str| {
+        l.split_once(' ')
+            .is_some_and(|(_, rest)| rest.starts_with("*shared_memory_"))
+    };
     let is_decl = |l: &str| {
         let l = l.trim();
         (l.contains("l_mut_") && !l.contains('='))
-            || l.starts_with("float *shared_memory_")
+            || is_shared(l)
             || l.starts_with("// Shared array size")
             || l.starts_with("var<workgroup>")
     };
@@ -39,7 +44,7 @@ fn stable(src: &str) -> String {
     let lines: Vec<String> = src
         .lines()
         .map(|l| match (l.find("dynamic_shared_mem["), l.rfind(']')) {
-            (Some(a), Some(b)) if l.starts_with("float *shared_memory_") && b > a => {
+            (Some(a), Some(b)) if is_shared(l) && b > a => {
                 format!("{}dynamic_shared_mem[offset]{}", &l[..a], &l[b + 1..])
             }
             _ => l.to_string(),
