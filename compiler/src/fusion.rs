@@ -284,11 +284,12 @@ impl Kernel {
 
     /// Bytes of device buffers the kernel's launches use besides what it
     /// reads and writes, freed when it ends (f32): the per-row log-sum-exp
-    /// of the attention and log-prob kernels, and for their gradients the
-    /// forward's discarded output, the rows' delta, the sibling gradients
-    /// the backward kernels compute but no node asked for, and a chunk of
-    /// the log-prob gradients' coefficients `[N, chunk]`; the
-    /// per-row 1/rms of an RMSNorm gain's gradient.
+    /// of the attention and log-prob kernels (and the split log-prob
+    /// forward's partials), and for their gradients the rows' delta, the
+    /// sibling gradients the backward kernels compute but no node asked
+    /// for, the log-prob forward's discarded log-probs and a chunk of the
+    /// gradients' coefficients `[N, chunk]`; the per-row 1/rms of an
+    /// RMSNorm gain's gradient.
     pub fn scratch_bytes(&self, g: &Graph) -> usize {
         let n = |id: &NodeId| g.ty(*id).numel();
         let elems = match self {
@@ -314,9 +315,9 @@ impl Kernel {
                 let rows = n(q) / g.ty(*q).shape[3].max(1);
                 let asked = |w| grads.iter().any(|(x, _)| *x == w);
                 let kv = asked(AttentionOperand::K) || asked(AttentionOperand::V);
-                // o and lse of the forward, delta; dq unless asked; dk or dv
-                // when only the other is asked.
-                n(q) + 2 * rows
+                // lse of the forward, delta; dq unless asked; dk or dv when
+                // only the other is asked.
+                2 * rows
                     + if asked(AttentionOperand::Q) { 0 } else { n(q) }
                     + if kv && !(asked(AttentionOperand::K) && asked(AttentionOperand::V)) {
                         n(k)

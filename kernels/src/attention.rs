@@ -150,6 +150,8 @@ const NEG: f32 = -3.0e38;
 /// rows of a head (`B·H·⌈T / TILE_Q⌉` cubes). Unit `(x, y)` scores query
 /// row `y` of the tile against key `x` of each key tile, and accumulates
 /// output columns `x, x + TILE_K, …` of row `y`.
+/// Without `with_output` it writes only `lse` (`o` is not touched, `v`
+/// not read): what the backward kernels need from a forward.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
@@ -164,6 +166,7 @@ pub fn attention_forward(
     n_heads: u32,
     n_kv_heads: u32,
     scale: f32,
+    #[comptime] with_output: bool,
 ) {
     let (t, hd) = (t as usize, hd as usize);
     let (bh, i0) = tile_origin(t, TILE_Q);
@@ -194,7 +197,9 @@ pub fn attention_forward(
     let mut j0 = tid * 0usize;
     while j0 < last {
         stage(k, kv0, j0, t, hd, &mut sk, tid, TILE_K);
-        stage(v, kv0, j0, t, hd, &mut sv, tid, TILE_K);
+        if with_output {
+            stage(v, kv0, j0, t, hd, &mut sv, tid, TILE_K);
+        }
         sync_cube();
         let j = j0 + x;
         let z = tile_dot(&sq, y, &sk, x, hd, zero) * scale;
@@ -218,27 +223,31 @@ pub fn attention_forward(
         }
         l = l * alpha + rs;
         m = mn;
-        #[unroll]
-        for u in 0..ATTENTION_BLOCK / TILE_K {
-            let d = x + u * TILE_K;
-            if d < hd {
-                let mut a = acc[u] * alpha;
-                #[unroll]
-                for c in 0..TILE_K {
-                    a += sp[y * SROW + c] * sv[c * ROW + d];
+        if with_output {
+            #[unroll]
+            for u in 0..ATTENTION_BLOCK / TILE_K {
+                let d = x + u * TILE_K;
+                if d < hd {
+                    let mut a = acc[u] * alpha;
+                    #[unroll]
+                    for c in 0..TILE_K {
+                        a += sp[y * SROW + c] * sv[c * ROW + d];
+                    }
+                    acc[u] = a;
                 }
-                acc[u] = a;
             }
         }
         sync_cube();
         j0 += TILE_K;
     }
     if i < t {
-        #[unroll]
-        for u in 0..ATTENTION_BLOCK / TILE_K {
-            let d = x + u * TILE_K;
-            if d < hd {
-                o[q0 + i * hd + d] = acc[u] / l;
+        if with_output {
+            #[unroll]
+            for u in 0..ATTENTION_BLOCK / TILE_K {
+                let d = x + u * TILE_K;
+                if d < hd {
+                    o[q0 + i * hd + d] = acc[u] / l;
+                }
             }
         }
         if x == 0usize {
@@ -530,8 +539,33 @@ impl<R: Runtime> Device<R> {
         s: AttentionShape,
     ) -> Result<(Handle, Handle), DeviceError> {
         s.check("attention", &[])?;
-        let (ql, kl, rows) = (s.q_len(), s.kv_len(), s.rows());
+        let (ql, rows) = (s.q_len(), s.rows());
         let (o, lse) = (self.output(ql), self.output(rows));
+        self.launch_attention_forward([q, k, v], [(&o, ql), (&lse, rows)], s, true);
+        Ok((o, lse))
+    }
+
+    /// Launches [`attention_forward`] for the per-row log-sum-exp alone
+    /// (what the backward kernels need): `lse`.
+    pub(crate) fn launch_attention_lse(
+        &self,
+        [q, k, v]: [&Handle; 3],
+        s: AttentionShape,
+    ) -> Result<Handle, DeviceError> {
+        s.check("attention", &[])?;
+        let (lse, unused) = (self.output(s.rows()), self.output(1));
+        self.launch_attention_forward([q, k, v], [(&unused, 1), (&lse, s.rows())], s, false);
+        Ok(lse)
+    }
+
+    fn launch_attention_forward(
+        &self,
+        [q, k, v]: [&Handle; 3],
+        [(o, o_len), (lse, rows)]: [(&Handle, usize); 2],
+        s: AttentionShape,
+        with_output: bool,
+    ) {
+        let (ql, kl) = (s.q_len(), s.kv_len());
         let heads = s.batch * s.heads;
         attention_forward::launch::<R>(
             self.client(),
@@ -540,16 +574,16 @@ impl<R: Runtime> Device<R> {
             arg(q, ql),
             arg(k, kl),
             arg(v, kl),
-            arg(&o, ql),
-            arg(&lse, rows),
+            arg(o, o_len),
+            arg(lse, rows),
             heads as u32,
             s.seq as u32,
             s.head_dim as u32,
             s.heads as u32,
             s.kv_heads as u32,
             s.scale(),
+            with_output,
         );
-        Ok((o, lse))
     }
 
     /// Launches [`attention_backward_q`] then, when `kv`, also

@@ -767,8 +767,8 @@ impl<R: Runtime> Device<R> {
                 let shape = AttentionShape::of(&g.ty(ops[0]).shape, *kv_heads);
                 let [q, k, v, o, d_o] = [0, 1, 2, 3, 4].map(|i| get(&ops[i]));
                 let (q, k, v, o, d_o) = (q?, k?, v?, o?, d_o?);
-                // The forward runs for its log-sum-exp; `o` is the graph's.
-                let (_, lse) = self.launch_attention([&q, &k, &v], shape)?;
+                // The log-sum-exp pass (no output); `o` is the graph's.
+                let lse = self.launch_attention_lse([&q, &k, &v], shape)?;
                 let kv = grads.iter().any(|(w, _)| *w != AttentionOperand::Q);
                 let (dq, dkv) =
                     self.launch_attention_backward([&q, &k, &v, &o, &lse, &d_o], shape, kv)?;

@@ -131,6 +131,11 @@ pub enum Traced {
     /// The hand-written causal attention: forward, backward `dq`, backward
     /// `dk, dv`.
     Attention(AttentionPart),
+    /// An attention's gradients: the log-sum-exp pass, `dq` and, with
+    /// `kv`, `dk, dv`.
+    AttentionGrads {
+        kv: bool,
+    },
 }
 
 /// Which of the sampler's kernels.
@@ -176,6 +181,8 @@ pub enum NormPart {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionPart {
     Forward,
+    /// The forward for the per-row log-sum-exp alone.
+    LogSumExp,
     BackwardQ,
     BackwardKv,
 }
@@ -456,12 +463,14 @@ impl Traced {
                 linear_logprob_merge::expand(&mut b.scope, y, pm, ps, tl, lp, lse, t, v, k);
                 b.build(settings(name, CubeDim::new_1d(256)))
             }
-            Traced::LinearLogprobSplit | Traced::LogprobGradients { .. } => {
+            Traced::LinearLogprobSplit
+            | Traced::LogprobGradients { .. }
+            | Traced::AttentionGrads { .. } => {
                 unreachable!("defined by its parts")
             }
             Traced::Attention(part) => {
                 let n_in = match part {
-                    AttentionPart::Forward => 3,
+                    AttentionPart::Forward | AttentionPart::LogSumExp => 3,
                     AttentionPart::BackwardQ => 6,
                     AttentionPart::BackwardKv => 6,
                 };
@@ -480,10 +489,11 @@ impl Traced {
                 let scale = <f32 as LaunchArg>::expand(&(), &mut b);
                 let mut next = || ins.remove(0);
                 match part {
-                    AttentionPart::Forward => {
+                    AttentionPart::Forward | AttentionPart::LogSumExp => {
                         let (q, k, v) = (next(), next(), next());
                         let sc = &mut b.scope;
-                        attention_forward::expand(sc, q, k, v, o1, o2, n, t, hd, h, kv, scale);
+                        let out = *part == AttentionPart::Forward;
+                        attention_forward::expand(sc, q, k, v, o1, o2, n, t, hd, h, kv, scale, out);
                     }
                     AttentionPart::BackwardQ => {
                         let (q, k, v, o, d_o, lse) =
@@ -556,6 +566,16 @@ impl Traced {
                 ("_inv_rms", Traced::RmsNorm(NormPart::InvRms)),
                 ("", self.clone()),
             ],
+            Traced::AttentionGrads { kv } => {
+                let mut parts = vec![
+                    ("_lse", Traced::Attention(AttentionPart::LogSumExp)),
+                    ("_dq", Traced::Attention(AttentionPart::BackwardQ)),
+                ];
+                if *kv {
+                    parts.push(("_dkv", Traced::Attention(AttentionPart::BackwardKv)));
+                }
+                parts
+            }
             Traced::LinearLogprobSplit => vec![
                 ("", Traced::LogprobForwardBlocked),
                 ("_merge", Traced::LogprobMerge),
@@ -686,22 +706,16 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
             "attention".into(),
             Traced::Attention(AttentionPart::Forward),
         ),
-        // These also run the forward kernel (for the log-sum-exp), listed
-        // where the schedule's forward is; the attention's dk/dv also the
-        // dq kernel (for the rows' delta), and two log-prob gradients two
-        // backward kernels.
+        // The log-sum-exp pass, dq (with the rows' delta) and, for dk or dv,
+        // the key-side kernel.
         Kernel::AttentionGrads { grads, .. } => {
-            if grads.iter().any(|(w, _)| *w != AttentionOperand::Q) {
-                (
-                    "attention_backward_kv".into(),
-                    Traced::Attention(AttentionPart::BackwardKv),
-                )
+            let kv = grads.iter().any(|(w, _)| *w != AttentionOperand::Q);
+            let name = if kv {
+                "attention_backward_kv"
             } else {
-                (
-                    "attention_backward_q".into(),
-                    Traced::Attention(AttentionPart::BackwardQ),
-                )
-            }
+                "attention_backward_q"
+            };
+            (name.into(), Traced::AttentionGrads { kv })
         }
         Kernel::LogprobGrads { inputs, grads } => {
             let (n, d) = (g.ty(inputs[0]).shape[0], g.ty(inputs[0]).shape[1]);
