@@ -29,7 +29,8 @@
 //! The device executor runs the IR's `causal_attention` op (and a matched
 //! attention subgraph whose scores have no other reader) with the forward
 //! kernel (`Kernel::Attention`), and each `causal_attention_grad` op with
-//! the forward (for the log-sum-exp) and the backward kernels.
+//! the forward without its output (for the log-sum-exp) and the backward
+//! kernels.
 
 use crate::device::{arg, cubes, Device, DeviceError};
 use cubecl::prelude::*;
