@@ -871,6 +871,9 @@ fn device_sampling_matches_the_cpu_sampler() {
             (0.7, 0.9, false),
             (1.3, 0.5, false),
             (1.0, 0.0, false),
+            // The largest top_p below 1: rounding may leave the whole
+            // row's mass short of it (every token kept).
+            (1.0, f64::from(1.0f32 - f32::EPSILON / 2.0), false),
         ] {
             let cfg = SamplingConfig {
                 temperature,

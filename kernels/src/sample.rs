@@ -257,17 +257,22 @@ pub fn sample_pick(
     let mut sums = SharedMemory::<f32>::new(block);
     let zero = f32::cast_from(UNIT_POS * 0u32);
     let one = zero + f32::new(1.0);
-    // The largest probability.
+    // The largest and the smallest probability.
     let mut pm = zero;
+    let mut pn = one;
     let mut i = tid;
     while i < v {
-        pm = max(pm, probs[base + i]);
+        let p = probs[base + i];
+        pm = max(pm, p);
+        pn = min(pn, p);
         i += block;
     }
     let pmax = cube_max(pm, &mut sums, tid);
-    // v*: the smallest x with G(x) < top_p (pmax when top_p ≤ 0: the first
-    // token is always kept).
-    let mut lo = 0u32 * (tid as u32);
+    let pmin = zero - cube_max(zero - pn, &mut sums, tid);
+    // v*: the smallest x in [pmin, pmax] with G(x) < top_p — a probability
+    // of the row: pmax when top_p ≤ 0 (the first token is always kept),
+    // pmin when rounding leaves the whole row's mass below top_p (all kept).
+    let mut lo = u32::reinterpret(pmin);
     let mut hi = u32::reinterpret(pmax);
     while lo < hi {
         let mid = lo + (hi - lo) / 2u32;
