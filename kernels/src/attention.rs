@@ -36,34 +36,6 @@ use crate::device::{arg, cubes, Device, DeviceError};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-/// The log-sum-exp over a cube of each unit's online `(max m, Σ exp(x −
-/// m))` pair: the pairs are merged pairwise in `maxes`/`sums` (shared,
-/// one slot per unit); every unit gets the result.
-#[cube]
-pub(crate) fn cube_log_sum_exp(
-    m: f32,
-    s: f32,
-    maxes: &mut SharedMemory<f32>,
-    sums: &mut SharedMemory<f32>,
-    tid: usize,
-) -> f32 {
-    maxes[tid] = m;
-    sums[tid] = s;
-    sync_cube();
-    let mut stride = (CUBE_DIM / 2) as usize;
-    while stride > 0usize {
-        if tid < stride {
-            let (m1, m2) = (maxes[tid], maxes[tid + stride]);
-            let mn = max(m1, m2);
-            sums[tid] = sums[tid] * (m1 - mn).exp() + sums[tid + stride] * (m2 - mn).exp();
-            maxes[tid] = mn;
-        }
-        sync_cube();
-        stride /= 2usize;
-    }
-    maxes[0usize] + sums[0usize].ln()
-}
-
 /// The largest head dimension the kernels take (the row length of their
 /// shared-memory tiles).
 pub const ATTENTION_BLOCK: usize = 128;

@@ -31,20 +31,13 @@
 //! makes its row NaN (and, through `Cᵀ · h`, every row of dW).
 
 use crate::device::{arg, cubes, Device, DeviceError};
-use crate::matmul::{blocked_product, use_blocked, MatmulShape, BLOCK_MN, REG};
+use crate::matmul::{blocked_product, load_or_zero, use_blocked, MatmulShape, BLOCK_MN, REG};
 use coopc_compiler::linear_logprob::forward_splits;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 /// Tile edge: cubes are `TILE × TILE` units.
 pub const LOGPROB_TILE: usize = 16;
-
-/// `a[at]` when `inside`, else 0 (`at` is not read then).
-#[cube]
-fn load_or_zero(a: &Array<f32>, at: usize, inside: bool) -> f32 {
-    let v = a[select(inside, at, 0usize)];
-    select(inside, v, f32::new(0.0))
-}
 
 /// `Σ_k x[xr + k] · w[wr + k]` over `k < d` for this unit: the logit of
 /// row `xr / d` of x (unit row `ty`) and row `wr / d` of w (unit column

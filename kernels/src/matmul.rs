@@ -17,8 +17,9 @@ use cubecl::server::Handle;
 
 pub const TILE: usize = 16;
 
+/// `a[at]` when `inside`, else 0 (`at` is not read then).
 #[cube]
-fn load_or_zero(a: &Array<f32>, at: usize, inside: bool) -> f32 {
+pub(crate) fn load_or_zero(a: &Array<f32>, at: usize, inside: bool) -> f32 {
     let v = a[select(inside, at, 0usize)];
     select(inside, v, f32::new(0.0))
 }

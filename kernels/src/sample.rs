@@ -125,17 +125,23 @@ pub fn sample_prepare(
     }
 }
 
-/// The sum over the cube of each unit's `x`, by a tree in `shared` (one
-/// slot per unit); every unit gets it, and `shared` may be reused on
-/// return. Every unit of the cube must call it.
+/// The sum (or with `take_max` the maximum) over the cube of each unit's
+/// `x`, by a tree in `shared` (one slot per unit); every unit gets it, and
+/// `shared` may be reused on return. Every unit of the cube must call it.
 #[cube]
-pub(crate) fn cube_sum(x: f32, shared: &mut SharedMemory<f32>, tid: usize) -> f32 {
+fn cube_fold(
+    x: f32,
+    shared: &mut SharedMemory<f32>,
+    tid: usize,
+    #[comptime] take_max: bool,
+) -> f32 {
     shared[tid] = x;
     sync_cube();
     let mut stride = (CUBE_DIM / 2) as usize;
     while stride > 0usize {
         if tid < stride {
-            shared[tid] = shared[tid] + shared[tid + stride];
+            let (a, b) = (shared[tid], shared[tid + stride]);
+            shared[tid] = if take_max { max(a, b) } else { a + b };
         }
         sync_cube();
         stride /= 2usize;
@@ -145,29 +151,40 @@ pub(crate) fn cube_sum(x: f32, shared: &mut SharedMemory<f32>, tid: usize) -> f3
     total
 }
 
-/// Whether `sample_prepare` marked a row's token slot as non-finite (−1),
-/// or left NaN there because something went wrong.
+/// The sum over the cube of each unit's `x` (see [`cube_fold`]).
 #[cube]
-fn flagged(token: f32) -> bool {
-    token < f32::new(0.0) || token.is_nan()
+pub(crate) fn cube_sum(x: f32, shared: &mut SharedMemory<f32>, tid: usize) -> f32 {
+    cube_fold(x, shared, tid, false)
 }
 
-/// The maximum over the cube of each unit's `x` (as [`cube_sum`]).
+/// The maximum over the cube of each unit's `x` (see [`cube_fold`]).
 #[cube]
 fn cube_max(x: f32, shared: &mut SharedMemory<f32>, tid: usize) -> f32 {
+    cube_fold(x, shared, tid, true)
+}
+
+/// The smallest of the cube's units' `x`, by a tree in `shared` (one slot
+/// per unit); every unit gets it. Every unit of the cube must call it.
+#[cube]
+fn cube_min_u32(x: u32, shared: &mut SharedMemory<u32>, tid: usize) -> u32 {
     shared[tid] = x;
     sync_cube();
     let mut stride = (CUBE_DIM / 2) as usize;
     while stride > 0usize {
         if tid < stride {
-            shared[tid] = max(shared[tid], shared[tid + stride]);
+            shared[tid] = min(shared[tid], shared[tid + stride]);
         }
         sync_cube();
         stride /= 2usize;
     }
-    let m = shared[0usize];
-    sync_cube();
-    m
+    shared[0usize]
+}
+
+/// Whether `sample_prepare` marked a row's token slot as non-finite (−1),
+/// or left NaN there because something went wrong.
+#[cube]
+fn flagged(token: f32) -> bool {
+    token < f32::new(0.0) || token.is_nan()
 }
 
 /// The mass of the row's probabilities above `x` (`p > x`, or `p ≥ x`
@@ -372,18 +389,9 @@ pub fn sample_pick(
         }
         k2 += 1usize;
     }
-    found[tid] = f;
-    sync_cube();
-    let mut st = (CUBE_DIM / 2) as usize;
-    while st > 0usize {
-        if tid < st {
-            found[tid] = min(found[tid], found[tid + st]);
-        }
-        sync_cube();
-        st /= 2usize;
-    }
+    let first = cube_min_u32(f, &mut found, tid);
     if tid == 0 && !flagged {
-        tokens[r] = f32::cast_from(found[0usize]);
+        tokens[r] = f32::cast_from(first);
     }
 }
 
@@ -448,18 +456,9 @@ pub fn sample_pick_ordered(
         mass += p;
         k += 1usize;
     }
-    found[tid] = f;
-    sync_cube();
-    let mut st = (CUBE_DIM / 2) as usize;
-    while st > 0usize {
-        if tid < st {
-            found[tid] = min(found[tid], found[tid + st]);
-        }
-        sync_cube();
-        st /= 2usize;
-    }
+    let first = cube_min_u32(f, &mut found, tid);
     if tid == 0 && !flagged {
-        let chosen = select(found[0usize] != none, found[0usize], none - 1u32);
+        let chosen = select(first != none, first, none - 1u32);
         tokens[r] = f32::cast_from(chosen);
     }
 }
