@@ -46,6 +46,16 @@ pub fn build_plan(source: &str, path: &Path, spec: PipelineSpec) -> Plan {
 
 /// Writes every program's fused kernels (CUDA C++ and WGSL) under `dir`,
 /// one folder per program, with an index of which kernel runs where.
+/// Writes a kernel's CUDA C++ and WGSL as `DIR/<name>.cu` and `.wgsl`.
+fn write_source(dir: &Path, src: &coopc_kernels::source::KernelSource) -> Result<(), UserError> {
+    for (ext, text) in [("cu", &src.cuda), ("wgsl", &src.wgsl)] {
+        let path = dir.join(format!("{}.{ext}", src.name));
+        std::fs::write(&path, text)
+            .map_err(|e| UserError(format!("cannot write {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
 fn emit_kernels(plan: &Plan, dir: &Path) -> Result<(), UserError> {
     use coopc_compiler::fusion::fuse;
     use std::fmt::Write as _;
@@ -87,11 +97,7 @@ fn emit_kernels(plan: &Plan, dir: &Path) -> Result<(), UserError> {
             let _ = writeln!(index, "    {line}");
         }
         for (src, uses) in &sources {
-            for (ext, text) in [("cu", &src.cuda), ("wgsl", &src.wgsl)] {
-                let path = sub.join(format!("{}.{ext}", src.name));
-                std::fs::write(&path, text)
-                    .map_err(|e| UserError(format!("cannot write {}: {e}", path.display())))?;
-            }
+            write_source(&sub, src)?;
             let _ = writeln!(index, "  {:<28} launched {} time(s)", src.name, uses.len());
         }
     }
@@ -103,11 +109,7 @@ fn emit_kernels(plan: &Plan, dir: &Path) -> Result<(), UserError> {
         let src = Traced::Sample(part)
             .source(part.name())
             .map_err(UserError)?;
-        for (ext, text) in [("cu", &src.cuda), ("wgsl", &src.wgsl)] {
-            let path = dir.join("decode_step").join(format!("{}.{ext}", src.name));
-            std::fs::write(&path, text)
-                .map_err(|e| UserError(format!("cannot write {}: {e}", path.display())))?;
-        }
+        write_source(&dir.join("decode_step"), &src)?;
         let _ = writeln!(index, "  {}", src.name);
     }
     let path = dir.join("index.txt");
