@@ -404,6 +404,14 @@ fn check_targets(what: &str, targets: &[f32], vocab: usize) -> Result<(), Device
     }
 }
 
+/// Whether the gradients' products run the register-blocked matmul:
+/// `(dh, dW)` for `n` tokens, `d` features and chunks of `chunk`
+/// vocabulary rows. The last chunk may be shorter; it runs the same kernel
+/// (the blocked kernel masks the rows past its end).
+pub(crate) fn blocked_products(n: usize, d: usize, chunk: usize) -> (bool, bool) {
+    (use_blocked(n, d), use_blocked(chunk, d))
+}
+
 /// Sizes of one linear log-prob: `n` scored rows, `d` features, `vocab`
 /// rows of `w`; scored row `t` reads row `(t / seq_out) · seq_in + t %
 /// seq_out` of `h` (`seq_out = seq_in = n`: row t).
@@ -499,6 +507,7 @@ impl<R: Runtime> Device<R> {
     ) -> [Option<Handle>; 2] {
         let (n, d, vocab) = (s.n, s.d, s.vocab);
         let chunk = chunk.clamp(1, vocab.max(1));
+        let (dh_blocked, dw_blocked) = blocked_products(n, d, chunk);
         let c = self.output(n * chunk);
         let dh = want[0].then(|| self.output(n * d));
         let dw = want[1].then(|| self.output(vocab * d));
@@ -533,8 +542,7 @@ impl<R: Runtime> Device<R> {
                     trans_b: false,
                 };
                 let ops = [(&c, n * chunk), (w, vocab * d), (dh, n * d)];
-                let blocked = use_blocked(n, d);
-                self.launch_matmul_into(ops, shape, [0, v0 * d, 0], v0 > 0, blocked);
+                self.launch_matmul_into(ops, shape, [0, v0 * d, 0], v0 > 0, dh_blocked);
             }
             if let Some(dw) = &dw {
                 // dW[v0..v0 + vc] = Cᵀ [vc, n] · h [n, d].
@@ -547,8 +555,7 @@ impl<R: Runtime> Device<R> {
                     trans_b: false,
                 };
                 let ops = [(&c, n * chunk), (h, n * d), (dw, vocab * d)];
-                let blocked = use_blocked(vc, d);
-                self.launch_matmul_into(ops, shape, [0, 0, v0 * d], false, blocked);
+                self.launch_matmul_into(ops, shape, [0, 0, v0 * d], false, dw_blocked);
             }
             v0 += vc;
         }

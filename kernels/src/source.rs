@@ -9,8 +9,8 @@ use crate::attention::{
 use crate::device::BLOCK;
 use crate::elementwise::elementwise_program;
 use crate::linear_logprob::{
-    linear_logprob_coefficients, linear_logprob_forward, linear_logprob_forward_blocked,
-    linear_logprob_merge, LOGPROB_TILE,
+    blocked_products, linear_logprob_coefficients, linear_logprob_forward,
+    linear_logprob_forward_blocked, linear_logprob_merge, LOGPROB_TILE,
 };
 use crate::matmul::{matmul_blocked, matmul_tiled, use_blocked, TILE};
 use crate::movement::{
@@ -721,6 +721,7 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
             let (n, d) = (g.ty(inputs[0]).shape[0], g.ty(inputs[0]).shape[1]);
             let vocab = g.ty(inputs[1]).shape[0];
             let chunk = device_chunk(n, vocab);
+            let blocked = blocked_products(n, d, chunk.min(vocab));
             let asked = |o| grads.iter().any(|&(wrt, _)| wrt == o);
             let (h, w) = (asked(LogprobOperand::Hidden), asked(LogprobOperand::Weight));
             let name = match (h, w) {
@@ -731,9 +732,9 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
             (
                 name.into(),
                 Traced::LogprobGradients {
-                    dh: h.then(|| use_blocked(n, d)),
+                    dh: h.then_some(blocked.0),
                     dh_chunks: vocab > chunk,
-                    dw: w.then(|| use_blocked(chunk.min(vocab), d)),
+                    dw: w.then_some(blocked.1),
                 },
             )
         }
