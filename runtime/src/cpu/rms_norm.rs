@@ -2,7 +2,7 @@
 //! last axis of `x [rows, d]` with gain `w [d]`; each row's `r = 1 /
 //! √(mean(x²) + eps)` is recomputed, never read from the graph.
 
-use super::{for_chunks, PAR_MIN_ELEMS};
+use super::{for_chunks, rows_per_task, PAR_MIN_ELEMS};
 use coopc_compiler::ir::NormOperand;
 use num_traits::Float;
 
@@ -13,11 +13,6 @@ fn inv_rms<T: Float>(row: &[T], eps: T) -> T {
     (ss / n + eps).sqrt().recip()
 }
 
-/// Rows of `x` per parallel task.
-fn chunk_rows(d: usize) -> usize {
-    (PAR_MIN_ELEMS / d.max(1)).max(1)
-}
-
 /// `y = x · r · w` row by row.
 pub fn forward<T: Float + Send + Sync>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let d = w.len();
@@ -25,7 +20,7 @@ pub fn forward<T: Float + Send + Sync>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
     for_chunks(
         &mut out,
-        chunk_rows(d) * d,
+        rows_per_task(d) * d,
         x.len() >= PAR_MIN_ELEMS,
         |start, chunk| {
             for (i, y) in chunk.chunks_mut(d).enumerate() {
@@ -57,7 +52,7 @@ pub fn grad<T: Float + Send + Sync>(
         NormOperand::Input => {
             let inv_d = T::from(d).unwrap().recip();
             let mut out = vec![T::zero(); x.len()];
-            for_chunks(&mut out, chunk_rows(d) * d, parallel, |start, chunk| {
+            for_chunks(&mut out, rows_per_task(d) * d, parallel, |start, chunk| {
                 for (i, dx) in chunk.chunks_mut(d).enumerate() {
                     let o = start + i * d;
                     let (xr, dyr) = (&x[o..o + d], &dy[o..o + d]);
@@ -74,7 +69,7 @@ pub fn grad<T: Float + Send + Sync>(
         NormOperand::Weight => {
             let rows = x.len() / d.max(1);
             let mut r = vec![T::zero(); rows];
-            for_chunks(&mut r, chunk_rows(d), parallel, |start, chunk| {
+            for_chunks(&mut r, rows_per_task(d), parallel, |start, chunk| {
                 for (i, ri) in chunk.iter_mut().enumerate() {
                     let o = (start + i) * d;
                     *ri = inv_rms(&x[o..o + d], eps);

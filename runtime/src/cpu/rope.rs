@@ -1,7 +1,7 @@
 //! Rotate-half rotary position embedding (`Op::Rope`) and its transpose,
 //! over rows of `x [..., T, hd]` with tables `cos, sin [T, hd]`.
 
-use super::{for_chunks, PAR_MIN_ELEMS};
+use super::{for_chunks, rows_per_task, PAR_MIN_ELEMS};
 use num_traits::Float;
 
 /// `x ∘ cos + rot(x) ∘ sin`, or with `transpose` `x ∘ cos + rotᵀ(x ∘ sin)`,
@@ -21,7 +21,7 @@ pub fn rope<T: Float + Send + Sync>(
     if hd == 0 {
         return out;
     }
-    let rows_per_chunk = (PAR_MIN_ELEMS / hd).max(1);
+    let rows_per_chunk = rows_per_task(hd);
     for_chunks(
         &mut out,
         rows_per_chunk * hd,
