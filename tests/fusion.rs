@@ -474,3 +474,92 @@ fn loss_terms_are_differentiated_one_at_a_time() {
         .count();
     assert_eq!(square, 0, "a first-order meta-step stores no [T, T] value");
 }
+
+/// An optimiser step is one hand-written kernel that computes the gradient
+/// from its producers (a fused prologue) and writes every value asked for;
+/// it writes the gradient too when something else reads it.
+#[test]
+fn optimiser_step_fuses_the_gradient_as_its_prologue() {
+    use coopc_compiler::ir::{StepOut, StepRule};
+    let rule = StepRule::AdamW {
+        lr: 1e-2.into(),
+        beta1: 0.9.into(),
+        beta2: 0.999.into(),
+        eps: 1e-8.into(),
+        weight_decay: 0.1.into(),
+    };
+    let shape = vec![4, 6];
+    let mut r = rng(40);
+    for grad_is_output in [false, true] {
+        let mut g = Graph::new();
+        let mut inputs = Inputs::new();
+        let mut input = |g: &mut Graph, name: &str, shape: Vec<usize>, lo, hi| {
+            let n = shape.iter().product();
+            inputs.insert(name.into(), f64_tensor(&shape, &uniform(&mut r, n, lo, hi)));
+            g.input(name, DType::F64, shape)
+        };
+        let p = input(&mut g, "p", shape.clone(), -1.0, 1.0);
+        let ga = input(&mut g, "ga", shape.clone(), -1.0, 1.0);
+        let gb = input(&mut g, "gb", shape.clone(), -1.0, 1.0);
+        let m = input(&mut g, "m", shape.clone(), -0.3, 0.3);
+        let v = input(&mut g, "v", shape.clone(), 0.01, 0.2);
+        let t = input(&mut g, "t", vec![], 1.0, 5.0);
+        // (1 − λ) g_a + λ g_b with λ a run-time scalar.
+        let lam = input(&mut g, "lambda", vec![], 0.0, 1.0);
+        let one = g.full(1.0, DType::F64, vec![]);
+        let keep = g.sub(one, lam);
+        let kb = g.broadcast(keep, shape.clone());
+        let lb = g.broadcast(lam, shape.clone());
+        let a = g.mul(ga, kb);
+        let b = g.mul(gb, lb);
+        let grad = g.add(a, b);
+        if grad_is_output {
+            g.set_output("grad", grad);
+        }
+        let outs = g.optim_steps(rule, &[p, grad, m, v, t]);
+        // D is not read: not computed.
+        for (&o, id) in rule.outputs().iter().zip(&outs[..3]) {
+            g.set_output(o.name(), *id);
+        }
+        let fused = check_fused_equals_executor(&g, &inputs, 1e-12);
+        let steps: Vec<&Kernel> = fused
+            .kernels
+            .iter()
+            .filter(|k| matches!(k, Kernel::OptimStep { .. }))
+            .collect();
+        assert_eq!(
+            steps.len(),
+            1,
+            "one kernel for the step: {:?}",
+            fused.kernels
+        );
+        let Kernel::OptimStep {
+            prologue_inputs,
+            outputs,
+            gradient,
+            ..
+        } = steps[0]
+        else {
+            unreachable!()
+        };
+        // g_a, g_b and the scalars λ, 1 − λ (read through broadcasts).
+        assert!(
+            prologue_inputs.contains(&ga)
+                && prologue_inputs.contains(&gb)
+                && prologue_inputs.contains(&lam)
+                && !prologue_inputs.contains(&grad),
+            "the gradient's producers are read, not the gradient: {prologue_inputs:?}"
+        );
+        let asked: Vec<StepOut> = outputs.iter().map(|o| o.0).collect();
+        assert_eq!(asked, [StepOut::Param, StepOut::ExpAvg, StepOut::ExpAvgSq]);
+        assert_eq!(*gradient, grad_is_output.then_some(grad));
+        assert!(
+            !fused
+                .kernels
+                .iter()
+                .any(|k| matches!(k, Kernel::Elementwise { numel: 24, .. })),
+            "no kernel of its own for the gradient: {:?}",
+            fused.kernels
+        );
+    }
+}

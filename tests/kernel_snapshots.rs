@@ -2,11 +2,11 @@
 //! without a device) for each kernel family: an elementwise program with a
 //! broadcast load, a reduction with fused prologue and epilogue (the
 //! log-sum-exp of a log-softmax, per unit and with one cube per long row),
-//! the fused AdamW update (one kernel for the whole update of a parameter),
 //! the tiled and the register-blocked matrix products, a strided copy, and
 //! the hand-written kernels: the fused linear log-prob, causal attention
 //! (forward and backward), the rotary embedding (and its transpose),
-//! RMSNorm (forward, `dx`, `dw`) and the top-p token sampler.
+//! RMSNorm (forward, `dx`, `dw`), the optimiser steps (AdamW with its
+//! gradient fused in, momentum, SGD) and the top-p token sampler.
 //! A change to code generation shows up as a reviewable diff.
 
 mod common;
@@ -110,62 +110,72 @@ fn long_rows_reduce_with_one_cube_per_row() {
 }
 
 #[test]
-fn fused_adamw_update_is_one_kernel() {
-    // PyTorch AdamW on one parameter: m, v, bias correction, decoupled decay.
-    let (lr, b1, b2, eps, wd) = (1e-3, 0.9, 0.999, 1e-8, 0.01);
+fn optimiser_steps_are_hand_written_kernels() {
+    use coopc_compiler::ir::{StepOut, StepRule};
+    // PyTorch AdamW on one parameter (m, v, bias correction, decoupled
+    // decay), its gradient (1 − λ) g_sft + λ g_rl fused in as prologue; then
+    // SGD with momentum and plain SGD on a loaded gradient.
+    let adamw = StepRule::AdamW {
+        lr: 1e-3.into(),
+        beta1: 0.9.into(),
+        beta2: 0.999.into(),
+        eps: 1e-8.into(),
+        weight_decay: 0.01.into(),
+    };
+    let momentum = StepRule::Momentum {
+        lr: 1e-2.into(),
+        mu: 0.9.into(),
+    };
+    let sgd = StepRule::Sgd { lr: 1e-2.into() };
     let mut g = Graph::new();
     let shape = vec![16, 8];
-    let p = g.input("param", DType::F32, shape.clone());
-    let grad = g.input("grad", DType::F32, shape.clone());
-    let m = g.input("exp_avg", DType::F32, shape.clone());
-    let v = g.input("exp_avg_sq", DType::F32, shape.clone());
+    let f = |g: &mut Graph, name: &str| g.input(name, DType::F32, shape.clone());
+    let (p, g_sft, g_rl, m, v) = (
+        f(&mut g, "param"),
+        f(&mut g, "g_sft"),
+        f(&mut g, "g_rl"),
+        f(&mut g, "exp_avg"),
+        f(&mut g, "exp_avg_sq"),
+    );
     let step = g.input("step", DType::F32, vec![]);
-    let m1 = g.scale(m, b1);
-    let g1 = g.scale(grad, 1.0 - b1);
-    let m_new = g.add(m1, g1);
-    let v1 = g.scale(v, b2);
-    let gg = g.mul(grad, grad);
-    let g2 = g.scale(gg, 1.0 - b2);
-    let v_new = g.add(v1, g2);
-    let one = g.full(1.0, DType::F32, vec![]);
-    let t = g.add(step, one);
-    let fb1 = g.full(b1, DType::F32, vec![]);
-    let fb2 = g.full(b2, DType::F32, vec![]);
-    let p1 = g.pow(fb1, t);
-    let p2 = g.pow(fb2, t);
-    let c1 = g.sub(one, p1);
-    let c2 = g.sub(one, p2);
-    let c1b = g.broadcast(c1, shape.clone());
-    let c2b = g.broadcast(c2, shape.clone());
-    let mhat = g.div(m_new, c1b);
-    let vhat = g.div(v_new, c2b);
-    let sq = g.sqrt(vhat);
-    let epsn = g.full(eps, DType::F32, shape.clone());
-    let den = g.add(sq, epsn);
-    let upd = g.div(mhat, den);
-    let decayed = g.scale(p, 1.0 - lr * wd);
-    let step_upd = g.scale(upd, lr);
-    let p_new = g.sub(decayed, step_upd);
-    g.set_output("param", p_new);
-    g.set_output("exp_avg", m_new);
-    g.set_output("exp_avg_sq", v_new);
-    let (kernels, src) = sources(&g);
-    let elementwise: Vec<&Kernel> = kernels
+    let a = g.scale(g_sft, 0.4);
+    let b = g.scale(g_rl, 0.6);
+    let grad = g.add(a, b);
+    let outs = g.optim_steps(adamw, &[p, grad, m, v, step]);
+    for (o, id) in adamw.outputs().iter().zip(&outs[..3]) {
+        g.set_output(format!("adamw.{}", o.name()), *id);
+    }
+    for (o, id) in momentum
+        .outputs()
         .iter()
-        .filter(|k| matches!(k, Kernel::Elementwise { numel: 128, .. }))
+        .zip(g.optim_steps(momentum, &[p, g_sft, m]))
+    {
+        g.set_output(format!("momentum.{}", o.name()), id);
+    }
+    let p2 = g.optim_step(sgd, StepOut::Param, &[p, g_rl]);
+    g.set_output("sgd.param", p2);
+    let (kernels, src) = sources(&g);
+    // The inputs, then one kernel per step.
+    let steps: Vec<&Kernel> = kernels
+        .iter()
+        .filter(|k| !matches!(k, Kernel::Node(_)))
         .collect();
-    assert_eq!(
-        elementwise.len(),
-        1,
-        "the update over the parameter is one kernel: {kernels:?}"
-    );
-    assert_eq!(
-        elementwise[0].writes().len(),
-        3,
-        "writes param, exp_avg, exp_avg_sq"
-    );
-    let last = src.last().expect("kernels");
-    snapshot("adamw_update", last);
+    assert_eq!(steps.len(), 3, "{kernels:?}");
+    let names: Vec<&str> = src.iter().map(|s| &s.name[5..]).collect();
+    assert_eq!(names, ["adamw_step", "momentum_step", "sgd_step"]);
+    let Kernel::OptimStep {
+        outputs,
+        prologue_inputs,
+        ..
+    } = steps[0]
+    else {
+        panic!("{kernels:?}")
+    };
+    assert_eq!(outputs.len(), 3, "writes param, exp_avg, exp_avg_sq");
+    assert_eq!(prologue_inputs, &[g_sft, g_rl], "computes the gradient");
+    for (s, name) in src.iter().zip(&names) {
+        snapshot(name, s);
+    }
 }
 
 #[test]

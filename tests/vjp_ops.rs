@@ -766,3 +766,244 @@ fn rms_norm_refuses_operands_that_do_not_fit() {
         .unwrap_err();
     assert!(e.to_string().contains("dy"), "{e}");
 }
+
+/// The three optimiser rules with PyTorch-like hyperparameters (AdamW with
+/// and without weight decay).
+fn step_rules() -> Vec<coopc_compiler::ir::StepRule> {
+    use coopc_compiler::ir::StepRule;
+    let s = |v: f64| v.into();
+    vec![
+        StepRule::Sgd { lr: s(0.1) },
+        StepRule::Momentum {
+            lr: s(0.05),
+            mu: s(0.9),
+        },
+        StepRule::AdamW {
+            lr: s(1e-2),
+            beta1: s(0.9),
+            beta2: s(0.999),
+            eps: s(1e-8),
+            weight_decay: s(0.0),
+        },
+        StepRule::AdamW {
+            lr: s(3e-3),
+            beta1: s(0.8),
+            beta2: s(0.95),
+            eps: s(1e-3),
+            weight_decay: s(0.1),
+        },
+    ]
+}
+
+/// Random operands of one step of `rule`: θ, g and the state of a random
+/// shape (second moments positive), AdamW's step count a whole number.
+fn step_vars(r: &mut rand::rngs::StdRng, rule: coopc_compiler::ir::StepRule) -> Vec<Var> {
+    let shape = random_shape(r, 0, 3);
+    let n: usize = shape.iter().product();
+    let mut vars = vec![
+        Var::new("p", &shape, uniform(r, n, -1.5, 1.5)),
+        Var::new("g", &shape, uniform(r, n, -1.0, 1.0)),
+    ];
+    if rule.arity() >= 3 {
+        vars.push(Var::new("m", &shape, uniform(r, n, -0.5, 0.5)));
+    }
+    if rule.arity() == 5 {
+        vars.push(Var::new("v", &shape, uniform(r, n, 0.01, 0.5)));
+        let t = r.gen_range(1..6) as f64;
+        vars.push(Var::new("t", &[], vec![t]));
+    }
+    vars
+}
+
+#[test]
+fn optim_step_matches_its_reference_expression() {
+    use coopc_compiler::optim::reference_step;
+    for seed in SEEDS {
+        for (i, rule) in step_rules().into_iter().enumerate() {
+            let vars = step_vars(&mut rng(seed * 10 + i as u64 + 2000), rule);
+            assert_pairs_agree(&format!("seed {seed}, {}", rule.name()), &vars, |g, x| {
+                rule.outputs()
+                    .iter()
+                    .map(|&out| (g.optim_step(rule, out, x), reference_step(g, rule, out, x)))
+                    .collect()
+            });
+        }
+    }
+}
+
+#[test]
+fn optim_step_matches_pytorch_formulas() {
+    use coopc_compiler::ir::{StepOut, StepRule};
+    // One element, values written out as torch.optim computes them.
+    let (p, gr, m, v, t) = (0.7, -0.3, 0.2, 0.05, 3.0);
+    let (lr, b1, b2, eps, wd) = (1e-2, 0.9, 0.999, 1e-8, 0.1);
+    let m2: f64 = b1 * m + (1.0 - b1) * gr;
+    let v2: f64 = b2 * v + (1.0 - b2) * gr * gr;
+    let c1 = 1.0 - b1.powf(t);
+    let c2 = 1.0 - b2.powf(t);
+    let want_p = p * (1.0 - lr * wd) - lr * (m2 / c1) / ((v2 / c2).sqrt() + eps);
+    let rule = StepRule::AdamW {
+        lr: lr.into(),
+        beta1: b1.into(),
+        beta2: b2.into(),
+        eps: eps.into(),
+        weight_decay: wd.into(),
+    };
+    let vars = [("p", p), ("g", gr), ("m", m), ("v", v)]
+        .map(|(n, x)| Var::new(n, &[1], vec![x]))
+        .into_iter()
+        .chain([Var::new("t", &[], vec![t])])
+        .collect::<Vec<_>>();
+    let mut g = Graph::new();
+    let x: Vec<NodeId> = vars
+        .iter()
+        .map(|v| g.input(&v.name, DType::F64, v.shape.clone()))
+        .collect();
+    let outs = g.optim_steps(rule, &x);
+    let got = eval(&g, &bind(&vars, &no_extra()), &outs);
+    for (what, got, want) in [
+        ("param", got[0][0], want_p),
+        ("exp_avg", got[1][0], m2),
+        ("exp_avg_sq", got[2][0], v2),
+    ] {
+        assert!((got - want).abs() < 1e-14, "{what}: {got} vs {want}");
+    }
+    // Momentum: b' = μ b + g, θ' = θ − lr b'; SGD: θ − lr g.
+    let mom = StepRule::Momentum {
+        lr: 0.1.into(),
+        mu: 0.9.into(),
+    };
+    let sgd = StepRule::Sgd { lr: 0.1.into() };
+    let mut g = Graph::new();
+    let x: Vec<NodeId> = vars[..3]
+        .iter()
+        .map(|v| g.input(&v.name, DType::F64, v.shape.clone()))
+        .collect();
+    let outs = [
+        g.optim_step(mom, StepOut::Param, &x),
+        g.optim_step(mom, StepOut::MomentumBuffer, &x),
+        g.optim_step(sgd, StepOut::Param, &x[..2]),
+    ];
+    let got = eval(&g, &bind(&vars[..3], &no_extra()), &outs);
+    let b2 = 0.9 * m + gr;
+    for (got, want) in [
+        (got[0][0], p - 0.1 * b2),
+        (got[1][0], b2),
+        (got[2][0], p - 0.1 * gr),
+    ] {
+        assert!((got - want).abs() < 1e-15, "{got} vs {want}");
+    }
+}
+
+#[test]
+fn optim_step_vjp_matches_finite_differences() {
+    use coopc_compiler::ir::StepOut;
+    for seed in SEEDS {
+        for (i, rule) in step_rules().into_iter().enumerate() {
+            let vars = step_vars(&mut rng(seed * 10 + i as u64 + 2100), rule);
+            // AdamW's θ' and D hold D constant: checked below instead.
+            for &out in rule.outputs() {
+                if matches!(out, StepOut::Param | StepOut::Precond) && rule.arity() == 5 {
+                    continue;
+                }
+                check_op(seed, &vars, &no_extra(), true, |g, x| {
+                    g.optim_step(rule, out, x)
+                });
+            }
+        }
+    }
+}
+
+#[test]
+fn adamw_step_vjp_holds_the_step_size_constant() {
+    use coopc_compiler::ir::StepOut;
+    // ∂θ'/∂θ = 1 − lr·wd, ∂θ'/∂g = −D (1 − β1), ∂θ'/∂m = −D β1, nothing
+    // through v, t or D itself.
+    for seed in SEEDS {
+        let rule = step_rules()[3];
+        let vars = step_vars(&mut rng(seed + 2200), rule);
+        let mut g = Graph::new();
+        let x: Vec<NodeId> = vars
+            .iter()
+            .map(|v| g.input(&v.name, DType::F64, v.shape.clone()))
+            .collect();
+        let p2 = g.optim_step(rule, StepOut::Param, &x);
+        let d = g.optim_step(rule, StepOut::Precond, &x);
+        let loss = g.sum_all(p2);
+        let grads = grad(&mut g, loss, &x);
+        let dl = g.sum_all(d);
+        let dgrads = grad(&mut g, dl, &x);
+        let mut nodes = vec![d];
+        nodes.extend(&grads);
+        nodes.extend(&dgrads);
+        let vals = eval(&g, &bind(&vars, &no_extra()), &nodes);
+        let dv = &vals[0];
+        let (lr, wd, b1) = (3e-3, 0.1, 0.8);
+        let want = [
+            dv.iter().map(|_| 1.0 - lr * wd).collect::<Vec<_>>(),
+            dv.iter().map(|d| -d * (1.0 - b1)).collect(),
+            dv.iter().map(|d| -d * b1).collect(),
+            dv.iter().map(|_| 0.0).collect(),
+            vec![0.0],
+        ];
+        for (i, w) in want.iter().enumerate() {
+            let e = rel_err(&vals[1 + i], w, 1e-3);
+            assert!(e < 1e-12, "seed {seed}, ∂θ'/∂{}: {e:e}", vars[i].name);
+            assert!(vals[6 + i].iter().all(|&z| z == 0.0), "D is constant");
+        }
+    }
+}
+
+#[test]
+fn optim_step_refuses_operands_that_do_not_fit() {
+    use coopc_compiler::ir::{Op, StepOut};
+    let rules = step_rules();
+    let mut g = Graph::new();
+    let p = g.input("p", DType::F32, vec![3, 4]);
+    let gr = g.input("g", DType::F32, vec![3, 4]);
+    let g5 = g.input("g5", DType::F32, vec![3, 5]);
+    let g64 = g.input("g64", DType::F64, vec![3, 4]);
+    let t = g.input("t", DType::F32, vec![]);
+    let t1 = g.input("t1", DType::F32, vec![1]);
+    let ids = g.input("ids", DType::I32, vec![3, 4]);
+    let step = |rule, out| Op::OptimStep { rule, out };
+    assert!(g
+        .try_add_op(step(rules[0], StepOut::Param), &[p, gr])
+        .is_ok());
+    for (what, op, ops) in [
+        (
+            "state of sgd",
+            step(rules[0], StepOut::MomentumBuffer),
+            vec![p, gr],
+        ),
+        ("arity", step(rules[1], StepOut::Param), vec![p, gr]),
+        (
+            "gradient shape",
+            step(rules[0], StepOut::Param),
+            vec![p, g5],
+        ),
+        (
+            "gradient dtype",
+            step(rules[0], StepOut::Param),
+            vec![p, g64],
+        ),
+        (
+            "integer parameter",
+            step(rules[0], StepOut::Param),
+            vec![ids, ids],
+        ),
+        (
+            "step count shape",
+            step(rules[2], StepOut::Param),
+            vec![p, gr, gr, gr, t1],
+        ),
+        (
+            "buffer shape",
+            step(rules[2], StepOut::Param),
+            vec![p, gr, g5, gr, t],
+        ),
+    ] {
+        let e = g.try_add_op(op, &ops).unwrap_err();
+        assert!(e.to_string().contains("optim_step"), "{what}: {e}");
+    }
+}

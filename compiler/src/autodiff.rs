@@ -558,6 +558,10 @@ fn input_cotangents(
                 res.push((0, g.rope(gout, c, s, !transpose)));
             }
         }
+        Op::OptimStep { rule, out } => {
+            let r = crate::optim::reference_step(g, rule, out, inputs);
+            res.extend(operand_cotangents(g, r, gout, inputs));
+        }
         Op::Barrier { .. } => res.push((0, gout)),
         Op::Cast { .. } => {
             let dt = g.ty(x).dtype;

@@ -10,7 +10,7 @@
 
 use crate::ir::{
     clamp_value, strides, AttentionOperand, BinaryOp, CompareOp, DType, Graph, LogprobOperand,
-    NodeId, NormOperand, Op, ReduceKind, UnaryOp,
+    NodeId, NormOperand, Op, ReduceKind, StepOut, StepRule, UnaryOp,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -65,6 +65,18 @@ pub struct ElemProgram {
 }
 
 impl ElemProgram {
+    /// The program that loads input 0 (at the kernel's index).
+    pub fn load() -> ElemProgram {
+        ElemProgram {
+            n_inputs: 1,
+            instrs: vec![ElemInstr::Load {
+                input: 0,
+                index: Index::Same,
+            }],
+            outputs: vec![0],
+        }
+    }
+
     /// The program that writes one constant everywhere (a fill).
     pub fn constant(v: f64) -> ElemProgram {
         ElemProgram {
@@ -264,6 +276,24 @@ pub enum Kernel {
         inputs: [NodeId; 4],
         grads: Vec<(LogprobOperand, NodeId)>,
     },
+    /// One optimiser step on one parameter: the `optim_step` nodes
+    /// `outputs` (one per value asked for) that share their operands
+    /// `(θ, g, state…)`. The gradient `g` is output 0 of `prologue` (over
+    /// the parameter's `numel` elements, reading `prologue_inputs`): the
+    /// elementwise group that computes it when nothing else reads that
+    /// group's values, else a load of `g`; the kernel also writes `g` as
+    /// `gradient` when the group is fused and something else reads `g`
+    /// (a graph output). `state` is the other operands in order (θ, the
+    /// state buffers, AdamW's step count).
+    OptimStep {
+        rule: StepRule,
+        numel: usize,
+        prologue: ElemProgram,
+        prologue_inputs: Vec<NodeId>,
+        state: Vec<NodeId>,
+        outputs: Vec<(StepOut, NodeId)>,
+        gradient: Option<NodeId>,
+    },
     /// Any other node, computed alone.
     Node(NodeId),
 }
@@ -279,6 +309,9 @@ impl Kernel {
             | Kernel::Node(id) => vec![*id],
             Kernel::AttentionGrads { grads, .. } => grads.iter().map(|g| g.1).collect(),
             Kernel::LogprobGrads { grads, .. } => grads.iter().map(|g| g.1).collect(),
+            Kernel::OptimStep {
+                outputs, gradient, ..
+            } => outputs.iter().map(|o| o.1).chain(*gradient).collect(),
         }
     }
 
@@ -363,6 +396,11 @@ impl Kernel {
             Kernel::Attention { q, k, v, .. } => vec![*q, *k, *v],
             Kernel::AttentionGrads { inputs, .. } => inputs.to_vec(),
             Kernel::LogprobGrads { inputs, .. } => inputs.to_vec(),
+            Kernel::OptimStep {
+                prologue_inputs,
+                state,
+                ..
+            } => prologue_inputs.iter().chain(state).copied().collect(),
             Kernel::Node(id) => g.inputs(*id),
         }
     }
@@ -388,6 +426,7 @@ impl FusedSchedule {
                 | Kernel::Attention { .. }
                 | Kernel::AttentionGrads { .. }
                 | Kernel::LogprobGrads { .. }
+                | Kernel::OptimStep { .. }
                 | Kernel::Node(_) => c.2 += 1,
             }
         }
@@ -681,10 +720,12 @@ fn op_kernel(g: &Graph, id: NodeId) -> Option<Kernel> {
     }
 }
 
-/// Puts one `Kernel::AttentionGrads` (`Kernel::LogprobGrads`) in place of
-/// the `causal_attention_grad` (`linear_logprob_grad`) nodes that share
-/// their operands, at the first of them in `order`; the others are
-/// absorbed (the kernel writes them too).
+/// Puts one `Kernel::AttentionGrads` (`Kernel::LogprobGrads`,
+/// `Kernel::OptimStep`) in place of the `causal_attention_grad`
+/// (`linear_logprob_grad`, `optim_step`) nodes that share their operands,
+/// at the first of them in `order`; the others are absorbed (the kernel
+/// writes them too). An optimiser step's gradient is loaded until the
+/// fuser gives it a prologue.
 fn group_gradients(
     g: &Graph,
     order: &[NodeId],
@@ -704,6 +745,15 @@ fn group_gradients(
                 inputs: inputs[..].try_into().expect("validated arity"),
                 grads: vec![(*wrt, id)],
             },
+            Op::OptimStep { rule, out } => Kernel::OptimStep {
+                rule: *rule,
+                numel: g.ty(id).numel(),
+                prologue: ElemProgram::load(),
+                prologue_inputs: vec![inputs[1]],
+                state: [&inputs[..1], &inputs[2..]].concat(),
+                outputs: vec![(*out, id)],
+                gradient: None,
+            },
             _ => continue,
         };
         match first.get(&inputs) {
@@ -722,6 +772,14 @@ fn group_gradients(
                         Some(Kernel::LogprobGrads { grads, .. }),
                         Kernel::LogprobGrads { grads: g2, .. },
                     ) => grads.extend(g2),
+                    (
+                        Some(Kernel::OptimStep { rule, outputs, .. }),
+                        Kernel::OptimStep {
+                            rule: r2,
+                            outputs: o2,
+                            ..
+                        },
+                    ) if *rule == r2 => outputs.extend(o2),
                     // Same operands, other op family: a kernel of its own.
                     (_, kernel) => {
                         replaced.insert(more, kernel);
@@ -1074,7 +1132,8 @@ impl Fuser<'_> {
             if self.folded.contains(&id) || self.absorbed.contains(&id) {
                 continue; // its users read its source, or a fused kernel computes it
             }
-            if let Some(kernel) = self.replaced.get(&id).cloned() {
+            if let Some(mut kernel) = self.replaced.get(&id).cloned() {
+                self.step_prologue(&mut kernel);
                 for x in kernel.reads(self.g) {
                     if let Some(gi) = self.open_group_of(x) {
                         self.close(gi);
@@ -1093,7 +1152,12 @@ impl Fuser<'_> {
                     }
                 }
             }
-            if fusible(op) {
+            if matches!(op, Op::StopGradient) && open.is_empty() {
+                // Of a value in memory: a relabeling that shares its buffer.
+                let x = self.g.inputs(id)[0];
+                self.materialise(x);
+                self.kernels.push(Kernel::Node(id));
+            } else if fusible(op) {
                 // Open groups never depend on each other (a group closes
                 // before anything outside it reads it), so the groups of the
                 // node's operands can merge into one — unless the kernel
@@ -1177,6 +1241,49 @@ impl Fuser<'_> {
             self.materialise(id);
         }
         self.order = order;
+    }
+
+    /// Gives an optimiser step the open elementwise group that computes its
+    /// gradient as prologue, when nothing outside the group reads its
+    /// other values; the step then also writes the gradient if something
+    /// else reads it. A constant or an inlined broadcast gradient is
+    /// computed in the prologue too.
+    fn step_prologue(&mut self, kernel: &mut Kernel) {
+        let Kernel::OptimStep {
+            numel,
+            prologue,
+            prologue_inputs,
+            state,
+            outputs,
+            gradient,
+            ..
+        } = kernel
+        else {
+            return;
+        };
+        let grad = prologue_inputs[0];
+        if constant_value(self.g, grad).is_some() || self.inlined_broadcast(grad).is_some() {
+            (*prologue, *prologue_inputs) = self.program(&[], &[grad], None);
+            return;
+        }
+        let Some(gi) = self.open_group_of(grad) else {
+            return;
+        };
+        let written: HashSet<NodeId> = outputs.iter().map(|o| o.1).collect();
+        let gr = self.groups[gi].as_ref().expect("open group");
+        let read_elsewhere = self.graph_outputs.contains(&grad)
+            || self.users[&grad].iter().any(|u| !written.contains(u));
+        let fits = self.inputs_of(&gr.members, &gr.set).len()
+            + state.len()
+            + outputs.len()
+            + usize::from(read_elsewhere)
+            <= MAX_KERNEL_BUFFERS;
+        if gr.anchor.is_none() && gr.numel == *numel && self.outputs_of(gr) == [grad] && fits {
+            let gr = self.groups[gi].take().expect("open group");
+            self.fused_nodes += gr.members.len();
+            (*prologue, *prologue_inputs) = self.program(&gr.members, &[grad], None);
+            *gradient = read_elsewhere.then_some(grad);
+        }
     }
 
     /// Writes a constant to a buffer (once) for a reader that cannot inline it.
@@ -1355,17 +1462,7 @@ impl Fuser<'_> {
                     {
                         self.program(&[], &[operand], None)
                     }
-                    None => (
-                        ElemProgram {
-                            n_inputs: 1,
-                            instrs: vec![ElemInstr::Load {
-                                input: 0,
-                                index: Index::Same,
-                            }],
-                            outputs: vec![0],
-                        },
-                        vec![operand],
-                    ),
+                    None => (ElemProgram::load(), vec![operand]),
                 };
                 self.fused_nodes += gr.members.len();
                 let (epilogue, epilogue_inputs) = self.program(&gr.members, &outputs, Some(red));

@@ -11,6 +11,7 @@ pub mod linear_logprob;
 pub mod losses;
 pub mod lowering;
 pub mod model;
+pub mod optim;
 pub mod passes;
 pub mod plan;
 pub mod rms_norm;

@@ -29,7 +29,7 @@
 //!   gain on the last step's batch.
 
 use crate::autodiff::{grad, vjp};
-use crate::ir::{DType, Graph, NodeId, Shape};
+use crate::ir::{DType, Graph, NodeId, Shape, StepOut, StepRule};
 use crate::losses::{grpo_loss, sft_loss, RlBatch};
 use crate::model::{lora_shapes, theta_shapes, Decoder, Params};
 use crate::passes::Pipeline;
@@ -259,15 +259,14 @@ fn opt_step(
     state: &OptState,
 ) -> (Vec<NodeId>, OptState, StepAdjoint) {
     let lr = opt.lr;
+    let state_ops = |i: usize| -> Vec<NodeId> { state.buffers.iter().map(|(_, b)| b[i]).collect() };
     match opt.kind {
         OptimKind::Sgd => {
+            let rule = StepRule::Sgd { lr: lr.into() };
             let new = params
                 .iter()
                 .zip(grads)
-                .map(|(&p, &gr)| {
-                    let s = g.scale(gr, lr);
-                    g.sub(p, s)
-                })
+                .map(|(&p, &gr)| g.optim_step(rule, StepOut::Param, &[p, gr]))
                 .collect();
             (
                 new,
@@ -279,18 +278,17 @@ fn opt_step(
             )
         }
         OptimKind::Momentum { momentum } => {
-            let mut new = Vec::new();
-            let mut bufs = Vec::new();
-            for ((&p, &gr), &b) in params
-                .iter()
-                .zip(grads)
-                .zip(state.buffer("momentum_buffer"))
-            {
-                let mb = g.scale(b, momentum);
-                let b2 = g.add(mb, gr);
-                let s = g.scale(b2, lr);
-                new.push(g.sub(p, s));
-                bufs.push(b2);
+            let rule = StepRule::Momentum {
+                lr: lr.into(),
+                mu: momentum.into(),
+            };
+            let (mut new, mut bufs) = (vec![], vec![]);
+            for (i, (&p, &gr)) in params.iter().zip(grads).enumerate() {
+                let mut ops = vec![p, gr];
+                ops.extend(state_ops(i));
+                let outs = g.optim_steps(rule, &ops);
+                new.push(outs[0]);
+                bufs.push(outs[1]);
             }
             let st = OptState {
                 buffers: vec![("momentum_buffer", bufs)],
@@ -307,50 +305,24 @@ fn opt_step(
             let step0 = state.step.expect("adamw step count");
             let one = g.full_like(1.0, step0);
             let t = g.add(step0, one);
-            // Bias corrections 1 − β^t.
-            let b1 = g.full_like(beta1, t);
-            let b2 = g.full_like(beta2, t);
-            let p1 = g.pow(b1, t);
-            let p2 = g.pow(b2, t);
-            let one = g.full_like(1.0, t);
-            let c1 = g.sub(one, p1);
-            let c2 = g.sub(one, p2);
+            let rule = StepRule::AdamW {
+                lr: lr.into(),
+                beta1: beta1.into(),
+                beta2: beta2.into(),
+                eps: eps.into(),
+                weight_decay: weight_decay.into(),
+            };
             let (mut new, mut ms, mut vs, mut ds) = (vec![], vec![], vec![], vec![]);
-            for (((&p, &gr), &m), &v) in params
-                .iter()
-                .zip(grads)
-                .zip(state.buffer("exp_avg"))
-                .zip(state.buffer("exp_avg_sq"))
-            {
-                let shape = g.ty(p).shape.clone();
-                let m1 = g.scale(m, beta1);
-                let gm = g.scale(gr, 1.0 - beta1);
-                let m2 = g.add(m1, gm);
-                let v1 = g.scale(v, beta2);
-                let g2 = g.mul(gr, gr);
-                let g2 = g.scale(g2, 1.0 - beta2);
-                let v2 = g.add(v1, g2);
-                // D = lr / (c1 · (sqrt(v2 / c2) + eps)), frozen in the adjoint.
-                let c2b = g.broadcast(c2, shape.clone());
-                let vhat = g.div(v2, c2b);
-                let den = g.sqrt(vhat);
-                let epsn = g.full_like(eps, den);
-                let den = g.add(den, epsn);
-                let c1b = g.broadcast(c1, shape.clone());
-                let den = g.mul(den, c1b);
-                let lrn = g.full_like(lr, den);
-                let d = g.div(lrn, den);
-                let d = g.stop_gradient(d);
-                let decayed = if weight_decay != 0.0 {
-                    g.scale(p, 1.0 - lr * weight_decay)
-                } else {
-                    p
-                };
-                let upd = g.mul(d, m2);
-                new.push(g.sub(decayed, upd));
-                ms.push(m2);
-                vs.push(v2);
-                ds.push(d);
+            for (i, (&p, &gr)) in params.iter().zip(grads).enumerate() {
+                let mut ops = vec![p, gr];
+                ops.extend(state_ops(i));
+                ops.push(t);
+                // θ', m', v' and the step size D, frozen in the adjoint.
+                let outs = g.optim_steps(rule, &ops);
+                new.push(outs[0]);
+                ms.push(outs[1]);
+                vs.push(outs[2]);
+                ds.push(outs[3]);
             }
             let st = OptState {
                 buffers: vec![("exp_avg", ms), ("exp_avg_sq", vs)],

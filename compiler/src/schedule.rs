@@ -338,6 +338,8 @@ fn op_flops(g: &Graph, id: NodeId) -> u64 {
                 .saturating_mul(batch)
         }
         Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Select | Op::Clamp { .. } => out,
+        // A few operations per element for each value of the step.
+        Op::OptimStep { .. } => out,
         Op::Reduce { .. } => g.ty(g.inputs(id)[0]).numel() as u64,
         Op::ScatterAdd { .. } => g.ty(g.inputs(id)[2]).numel() as u64,
         Op::ScatterAddRows { .. } => g.ty(g.inputs(id)[1]).numel() as u64,

@@ -15,6 +15,7 @@ use crate::movement::{
     gather_rows, iota, one_hot, scatter_add_along, scatter_add_rows, strided_copy, take_along,
     CopySpec,
 };
+use crate::optim::{adamw_step, momentum_step, sgd_step, StepSpec};
 use crate::reduce::{cooperative, reduce_program, reduce_program_rows, ReduceSpec};
 use crate::rms_norm::{
     rms_norm_backward_w, rms_norm_backward_x, rms_norm_forward, rms_norm_inv_rms, NORM_BLOCK,
@@ -23,7 +24,8 @@ use crate::rms_norm::{
 use crate::rope::rope;
 use coopc_compiler::fusion::{fuse, ElemProgram, FusedSchedule, Kernel};
 use coopc_compiler::ir::{
-    numel, AttentionOperand, DType, Graph, LogprobOperand, NodeId, NormOperand, Op, TensorType,
+    numel, AttentionOperand, DType, Graph, LogprobOperand, NodeId, NormOperand, Op, Scalar,
+    StepRule, TensorType,
 };
 use coopc_compiler::linear_logprob::device_chunk;
 use coopc_compiler::schedule::schedule;
@@ -814,7 +816,97 @@ impl<R: Runtime> Device<R> {
                     })
                     .collect())
             }
+            Kernel::OptimStep {
+                rule,
+                numel,
+                prologue_inputs,
+                state,
+                ..
+            } => {
+                let spec = StepSpec::of(kernel).expect("a step kernel");
+                let grad = prologue_inputs
+                    .iter()
+                    .map(|i| Ok((get(i)?, len(i))))
+                    .collect::<Result<Vec<_>, DeviceError>>()?;
+                let state = state
+                    .iter()
+                    .map(|i| Ok((get(i)?, len(i))))
+                    .collect::<Result<Vec<_>, DeviceError>>()?;
+                let written = kernel.writes();
+                let outs: Vec<Handle> = written.iter().map(|_| self.output(*numel)).collect();
+                self.launch_optim_step(*rule, spec, *numel, &grad, &state, &outs);
+                Ok(written.into_iter().zip(outs).collect())
+            }
             Kernel::Node(id) => Ok(vec![(*id, self.node(g, *id, inputs, &get)?)]),
+        }
+    }
+
+    /// One optimiser step over `numel` elements: the gradient from `grad`
+    /// by `spec.prologue`, then the rule on `state` (θ, buffers, step
+    /// count), writing `outs` (`spec.writes`).
+    fn launch_optim_step(
+        &self,
+        rule: StepRule,
+        spec: StepSpec,
+        numel: usize,
+        grad: &[(Handle, usize)],
+        state: &[(Handle, usize)],
+        outs: &[Handle],
+    ) {
+        let mut gi = SequenceArg::<R, Array<f32>>::new();
+        for (h, n) in grad {
+            gi.push(arg(h, *n));
+        }
+        let mut o = SequenceArg::<R, Array<f32>>::new();
+        for h in outs {
+            o.push(arg(h, numel));
+        }
+        let st = |i: usize| arg::<R>(&state[i].0, state[i].1);
+        let (count, dim, n) = (cube_count(numel), CubeDim::new_1d(BLOCK), numel as u32);
+        let f = |x: Scalar| x.get() as f32;
+        match rule {
+            StepRule::Sgd { lr } => {
+                sgd_step::launch::<R>(&self.client, count, dim, gi, st(0), o, n, f(lr), spec)
+            }
+            StepRule::Momentum { lr, mu } => momentum_step::launch::<R>(
+                &self.client,
+                count,
+                dim,
+                gi,
+                st(0),
+                st(1),
+                o,
+                n,
+                f(lr),
+                f(mu),
+                spec,
+            ),
+            StepRule::AdamW {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => adamw_step::launch::<R>(
+                &self.client,
+                count,
+                dim,
+                gi,
+                st(0),
+                st(1),
+                st(2),
+                st(3),
+                o,
+                n,
+                f(lr),
+                f(beta1),
+                (1.0 - beta1.get()) as f32,
+                f(beta2),
+                (1.0 - beta2.get()) as f32,
+                f(eps),
+                (1.0 - lr.get() * weight_decay.get()) as f32,
+                spec,
+            ),
         }
     }
 

@@ -15,6 +15,7 @@ pub mod elementwise;
 pub mod linear_logprob;
 pub mod matmul;
 pub mod movement;
+pub mod optim;
 pub(crate) mod program;
 pub mod reduce;
 pub mod rms_norm;

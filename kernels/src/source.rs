@@ -17,6 +17,7 @@ use crate::movement::{
     gather_rows, iota, one_hot, scatter_add_along, scatter_add_rows, strided_copy, take_along,
     CopySpec,
 };
+use crate::optim::{adamw_step, momentum_step, sgd_step, StepKind, StepSpec};
 use crate::reduce::{cooperative, reduce_program, reduce_program_rows, ReduceSpec};
 use crate::rms_norm::{
     rms_norm_backward_w, rms_norm_backward_x, rms_norm_forward, rms_norm_inv_rms, NORM_BLOCK,
@@ -101,6 +102,13 @@ pub enum Traced {
     Iota,
     /// The hand-written RMSNorm kernels.
     RmsNorm(NormPart),
+    /// The hand-written optimiser step of a rule, its gradient computed by
+    /// a prologue of `n_grad` inputs.
+    OptimStep {
+        kind: StepKind,
+        spec: StepSpec,
+        n_grad: usize,
+    },
     /// The token sampler's kernels (launched by `Device::sample_rows`, not
     /// by a program's schedule).
     Sample(SamplePart),
@@ -275,6 +283,40 @@ impl Traced {
                 let d = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
                 let n = scalar(&mut b);
                 strided_copy::expand(&mut b.scope, s, d, n, spec.clone());
+                b.build(settings(name, one_d))
+            }
+            Traced::OptimStep { kind, spec, n_grad } => {
+                let gi = <Sequence<Array<f32>> as LaunchArg>::expand(&arrays(*n_grad), &mut b);
+                let st: Vec<_> = (0..kind.state_arrays())
+                    .map(|_| <Array<f32> as LaunchArg>::expand(&array(), &mut b))
+                    .collect();
+                let o = <Sequence<Array<f32>> as LaunchArg>::expand_output(
+                    &arrays(spec.n_outputs()),
+                    &mut b,
+                );
+                let n = scalar(&mut b);
+                let f = |b: &mut KernelBuilder| <f32 as LaunchArg>::expand(&(), b);
+                let spec = spec.clone();
+                let p = st[0].clone();
+                match kind {
+                    StepKind::Sgd => {
+                        let lr = f(&mut b);
+                        sgd_step::expand(&mut b.scope, gi, p, o, n, lr, spec);
+                    }
+                    StepKind::Momentum => {
+                        let (lr, mu) = (f(&mut b), f(&mut b));
+                        let buf = st[1].clone();
+                        momentum_step::expand(&mut b.scope, gi, p, buf, o, n, lr, mu, spec);
+                    }
+                    StepKind::AdamW => {
+                        let [lr, b1, b1c, b2, b2c, eps, decay] = [(); 7].map(|_| f(&mut b));
+                        let (m, v, t) = (st[1].clone(), st[2].clone(), st[3].clone());
+                        let sc = &mut b.scope;
+                        adamw_step::expand(
+                            sc, gi, p, m, v, t, o, n, lr, b1, b1c, b2, b2c, eps, decay, spec,
+                        );
+                    }
+                }
                 b.build(settings(name, one_d))
             }
             Traced::RmsNorm(part) => {
@@ -738,6 +780,18 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
                 },
             )
         }
+        Kernel::OptimStep {
+            rule,
+            prologue_inputs,
+            ..
+        } => (
+            format!("{}_step", rule.name()),
+            Traced::OptimStep {
+                kind: StepKind::of(*rule),
+                spec: StepSpec::of(k)?,
+                n_grad: prologue_inputs.len(),
+            },
+        ),
         Kernel::Node(id) => {
             match g.op(*id) {
                 // A concat is one strided copy per operand; the first stands for all.

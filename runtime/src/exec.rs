@@ -5,7 +5,7 @@
 
 use crate::cpu::index::IndexError;
 use crate::cpu::{
-    attention, elementwise, index, linear_logprob, matmul, movement, reduce, rms_norm, rope,
+    attention, elementwise, index, linear_logprob, matmul, movement, optim, reduce, rms_norm, rope,
 };
 use crate::error::ExecError;
 use crate::tensor::{Buffer, Element, HostTensor};
@@ -640,6 +640,13 @@ fn eval(graph: &Graph, id: NodeId, args: &[&HostTensor]) -> Result<HostTensor, E
             let [x, c, s] = [0, 1, 2].map(|i| cx.view::<T>(args[i]));
             let t = args[1].shape[0];
             T::into_buffer(rope::rope(x?, c?, s?, t, *transpose))
+        }),
+        Op::OptimStep { rule, out } => float_dtype!(args[0].dtype(), cx, |T| {
+            let ops = args
+                .iter()
+                .map(|a| cx.view::<T>(a))
+                .collect::<Result<Vec<_>, _>>()?;
+            T::into_buffer(optim::step(*rule, *out, &ops))
         }),
         Op::OneHot { depth, dtype } => float_dtype!(*dtype, cx, |T| {
             T::into_buffer(index::one_hot::<T>(cx.view::<i32>(args[0])?, *depth))

@@ -54,6 +54,30 @@ pub fn run_kernel(
             }
             outputs.iter().copied().zip(outs).collect()
         }
+        // The gradient from the prologue, then the CPU executor's step.
+        Kernel::OptimStep {
+            rule,
+            numel,
+            prologue,
+            prologue_inputs,
+            state,
+            outputs,
+            gradient,
+        } => {
+            let pro: Vec<&Vec<f64>> = prologue_inputs.iter().map(get).collect::<Result<_, _>>()?;
+            let grad: Vec<f64> = (0..*numel)
+                .map(|i| prologue.eval(i, |s, j| pro[s as usize][j])[0])
+                .collect();
+            let st: Vec<&Vec<f64>> = state.iter().map(get).collect::<Result<_, _>>()?;
+            let mut ops: Vec<&[f64]> = vec![st[0], &grad];
+            ops.extend(st[1..].iter().map(|v| v.as_slice()));
+            let mut res: Vec<_> = outputs
+                .iter()
+                .map(|&(out, id)| (id, crate::cpu::optim::step(*rule, out, &ops)))
+                .collect();
+            res.extend(gradient.map(|id| (id, grad.clone())));
+            res
+        }
         Kernel::Reduce {
             kind,
             layout,

@@ -3,8 +3,8 @@
 //! Builder methods add nodes and check types as they go.
 
 use super::op::{
-    AttentionOperand, BinaryOp, CompareOp, LogprobOperand, NormOperand, Op, ReduceKind, TypeError,
-    UnaryOp,
+    AttentionOperand, BinaryOp, CompareOp, LogprobOperand, NormOperand, Op, ReduceKind, StepOut,
+    StepRule, TypeError, UnaryOp,
 };
 use super::types::{DType, Scalar, Shape, TensorType};
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
@@ -588,6 +588,20 @@ impl Graph {
     ) -> NodeId {
         let eps = Scalar(eps);
         self.add_op(Op::RmsNormGrad { wrt, eps }, &[x, w, dy])
+    }
+
+    /// Value `out` of one optimiser step with `rule` on operands `ops` (see
+    /// `Op::OptimStep`).
+    pub fn optim_step(&mut self, rule: StepRule, out: StepOut, ops: &[NodeId]) -> NodeId {
+        self.add_op(Op::OptimStep { rule, out }, ops)
+    }
+
+    /// Every value of one optimiser step, in `rule.outputs()` order.
+    pub fn optim_steps(&mut self, rule: StepRule, ops: &[NodeId]) -> Vec<NodeId> {
+        rule.outputs()
+            .iter()
+            .map(|&out| self.optim_step(rule, out, ops))
+            .collect()
     }
 
     /// Rotary embedding of `x [..., T, hd]` by `cos, sin [T, hd]`, or its

@@ -295,6 +295,89 @@ impl NormOperand {
     }
 }
 
+/// An optimiser's update rule with its hyperparameters (PyTorch semantics;
+/// see `Op::OptimStep`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StepRule {
+    /// `θ' = θ − lr g`.
+    Sgd { lr: Scalar },
+    /// PyTorch SGD with momentum, no dampening or Nesterov: `b' = μ b + g`,
+    /// `θ' = θ − lr b'`.
+    Momentum { lr: Scalar, mu: Scalar },
+    /// AdamW, bias-corrected, decoupled weight decay: `m' = β1 m + (1 − β1)
+    /// g`, `v' = β2 v + (1 − β2) g²`, `D = lr / ((√(v' / c2) + eps) c1)` with
+    /// `c1 = 1 − β1^t`, `c2 = 1 − β2^t`, `θ' = (1 − lr wd) θ − D ∘ m'`.
+    AdamW {
+        lr: Scalar,
+        beta1: Scalar,
+        beta2: Scalar,
+        eps: Scalar,
+        weight_decay: Scalar,
+    },
+}
+
+impl StepRule {
+    pub fn name(self) -> &'static str {
+        match self {
+            StepRule::Sgd { .. } => "sgd",
+            StepRule::Momentum { .. } => "momentum",
+            StepRule::AdamW { .. } => "adamw",
+        }
+    }
+
+    /// Operands of the rule's step: θ, g, the state buffers, and for AdamW
+    /// the step count.
+    pub fn arity(self) -> usize {
+        match self {
+            StepRule::Sgd { .. } => 2,
+            StepRule::Momentum { .. } => 3,
+            StepRule::AdamW { .. } => 5,
+        }
+    }
+
+    /// The values one step gives, in kernel output order.
+    pub fn outputs(self) -> &'static [StepOut] {
+        match self {
+            StepRule::Sgd { .. } => &[StepOut::Param],
+            StepRule::Momentum { .. } => &[StepOut::Param, StepOut::MomentumBuffer],
+            StepRule::AdamW { .. } => &[
+                StepOut::Param,
+                StepOut::ExpAvg,
+                StepOut::ExpAvgSq,
+                StepOut::Precond,
+            ],
+        }
+    }
+}
+
+/// Which value of an optimiser step an `Op::OptimStep` node is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StepOut {
+    /// The updated parameter θ'.
+    Param,
+    /// Momentum's new buffer b'.
+    MomentumBuffer,
+    /// AdamW's new first moment m'.
+    ExpAvg,
+    /// AdamW's new second moment v'.
+    ExpAvgSq,
+    /// AdamW's per-element step size `D` (θ' = (1 − lr wd) θ − D ∘ m'),
+    /// which the bilevel adjoint holds constant.
+    Precond,
+}
+
+impl StepOut {
+    pub fn name(self) -> &'static str {
+        match self {
+            StepOut::Param => "param",
+            StepOut::MomentumBuffer => "momentum_buffer",
+            StepOut::ExpAvg => "exp_avg",
+            StepOut::ExpAvgSq => "exp_avg_sq",
+            StepOut::Precond => "precond",
+        }
+    }
+}
+
 /// Reductions over a set of axes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ReduceKind {
@@ -457,6 +540,17 @@ pub enum Op {
     Rope {
         transpose: bool,
     },
+    /// One optimiser step on one parameter tensor, from operands `(θ, g,
+    /// state…)` of one type — `(θ, g)` for SGD, `(θ, g, b)` for momentum,
+    /// `(θ, g, m, v, t)` for AdamW with `t` the step count after this step
+    /// (a scalar of θ's dtype) — giving the value `out` (see [`StepRule`]).
+    /// The values of one step are sibling nodes with the same operands,
+    /// which executors compute together. AdamW's `D` is behind a stop
+    /// gradient: the derivative is that of the rule with `D` held constant.
+    OptimStep {
+        rule: StepRule,
+        out: StepOut,
+    },
     /// Identity whose gradient is zero.
     StopGradient,
     /// Identity that passes ops through unchanged but is never merged or
@@ -513,6 +607,7 @@ impl Op {
             Op::Rope { .. } => "rope",
             Op::RmsNorm { .. } => "rms_norm",
             Op::RmsNormGrad { .. } => "rms_norm_grad",
+            Op::OptimStep { .. } => "optim_step",
             Op::CausalAttentionGrad { .. } => "causal_attention_grad",
             Op::StopGradient => "stop_gradient",
             Op::Barrier { .. } => "barrier",
@@ -605,6 +700,22 @@ impl Op {
             Op::Rope { transpose: true } => "transpose".into(),
             Op::RmsNorm { eps } => format!("eps={}", eps.get()),
             Op::RmsNormGrad { wrt, eps } => format!("wrt={}, eps={}", wrt.name(), eps.get()),
+            Op::OptimStep { rule, out } => {
+                let hyper = match rule {
+                    StepRule::Sgd { lr } => format!("lr={lr}"),
+                    StepRule::Momentum { lr, mu } => format!("lr={lr}, mu={mu}"),
+                    StepRule::AdamW {
+                        lr,
+                        beta1,
+                        beta2,
+                        eps,
+                        weight_decay,
+                    } => format!(
+                        "lr={lr}, beta1={beta1}, beta2={beta2}, eps={eps}, weight_decay={weight_decay}"
+                    ),
+                };
+                format!("{}, {hyper}, out={}", rule.name(), out.name())
+            }
             _ => String::new(),
         }
     }
@@ -948,6 +1059,39 @@ impl Op {
                 arity(3)?;
                 check_rope(inputs[0], inputs[1], inputs[2]).map_err(err)?;
                 Ok(inputs[0].clone())
+            }
+            Op::OptimStep { rule, out } => {
+                arity(rule.arity())?;
+                if !rule.outputs().contains(out) {
+                    return Err(err(format!(
+                        "{} has no `{}` value",
+                        rule.name(),
+                        out.name()
+                    )));
+                }
+                let p = inputs[0];
+                float(p, "the parameter")?;
+                let tensors = match rule {
+                    StepRule::AdamW { .. } => 4,
+                    _ => rule.arity(),
+                };
+                for (i, t) in inputs[1..tensors].iter().enumerate() {
+                    if *t != p {
+                        return Err(err(format!(
+                            "operand {} {t} must have the parameter's type {p}",
+                            i + 1
+                        )));
+                    }
+                }
+                if let StepRule::AdamW { .. } = rule {
+                    let t = inputs[4];
+                    if t.dtype != p.dtype || t.rank() != 0 {
+                        return Err(err(format!(
+                            "the step count must be a scalar of the parameter's dtype, got {t}"
+                        )));
+                    }
+                }
+                Ok(p.clone())
             }
             Op::CausalAttentionGrad { wrt } => {
                 arity(5)?;

@@ -11,6 +11,7 @@ pub mod index;
 pub mod linear_logprob;
 pub mod matmul;
 pub mod movement;
+pub mod optim;
 pub mod reduce;
 pub mod rms_norm;
 pub mod rope;

@@ -1,0 +1,70 @@
+//! One optimiser step over a parameter tensor (`Op::OptimStep`): SGD,
+//! momentum and AdamW with PyTorch's semantics, each value of the step in
+//! one pass over the operands, in the element type and in the order of
+//! operations of the reference (`coopc_compiler::optim`).
+
+use super::{for_chunks, PAR_GRAIN, PAR_MIN_ELEMS};
+use coopc_compiler::ir::{StepOut, StepRule};
+use num_traits::Float;
+
+/// The value `out` of one step of `rule` on operands `ops` (θ, g, state…,
+/// and for AdamW the step count `t` after this step, one element).
+pub fn step<T: Float + Send + Sync>(rule: StepRule, out: StepOut, ops: &[&[T]]) -> Vec<T> {
+    let c = |v: f64| T::from(v).expect("a float constant");
+    let (p, g) = (ops[0], ops[1]);
+    let mut res = vec![T::zero(); p.len()];
+    let each = |f: &(dyn Fn(usize) -> T + Sync), res: &mut Vec<T>| {
+        for_chunks(res, PAR_GRAIN, p.len() >= PAR_MIN_ELEMS, |start, chunk| {
+            for (i, r) in chunk.iter_mut().enumerate() {
+                *r = f(start + i);
+            }
+        });
+    };
+    match rule {
+        StepRule::Sgd { lr } => {
+            let lr = c(lr.get());
+            each(&|i| p[i] - g[i] * lr, &mut res);
+        }
+        StepRule::Momentum { lr, mu } => {
+            let (lr, mu, b) = (c(lr.get()), c(mu.get()), ops[2]);
+            let buf = |i: usize| b[i] * mu + g[i];
+            match out {
+                StepOut::MomentumBuffer => each(&buf, &mut res),
+                _ => each(&|i| p[i] - buf(i) * lr, &mut res),
+            }
+        }
+        StepRule::AdamW {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } => {
+            let (m, v, t) = (ops[2], ops[3], ops[4][0]);
+            let (b1, b2) = (beta1.get(), beta2.get());
+            let (cb1, cb1c, cb2, cb2c) = (c(b1), c(1.0 - b1), c(b2), c(1.0 - b2));
+            let one = T::one();
+            let c1 = one - c(b1).powf(t);
+            let c2 = one - c(b2).powf(t);
+            let (lr_t, eps) = (c(lr.get()), c(eps.get()));
+            let wd = weight_decay.get();
+            let decay = (wd != 0.0).then(|| c(1.0 - lr.get() * wd));
+            let m2 = |i: usize| m[i] * cb1 + g[i] * cb1c;
+            let v2 = |i: usize| v[i] * cb2 + g[i] * g[i] * cb2c;
+            let d = |i: usize| lr_t / (((v2(i) / c2).sqrt() + eps) * c1);
+            match out {
+                StepOut::ExpAvg => each(&m2, &mut res),
+                StepOut::ExpAvgSq => each(&v2, &mut res),
+                StepOut::Precond => each(&d, &mut res),
+                _ => each(
+                    &|i| {
+                        let decayed = decay.map_or(p[i], |k| p[i] * k);
+                        decayed - d(i) * m2(i)
+                    },
+                    &mut res,
+                ),
+            }
+        }
+    }
+    res
+}
