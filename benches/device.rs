@@ -15,15 +15,29 @@
 //! the medium MLP's shape (`[4096, 1024] × [1024, 2816]`, operands
 //! resident, each call waits for the kernel), register-blocked kernel
 //! against the plain 16 × 16 tiling; the throughput is 2·m·k·n FLOP/s.
+//! And token generation through the KV-cache decode step (the sampler on
+//! the device, tokens drawn there): the medium pipeline's model, 8 rows ×
+//! 240 new tokens after 16 prompt tokens, a 256-position cache (on wgpu
+//! the default example's model, 16 rows × 120 tokens); the throughput is
+//! tokens per second.
 //! `scripts/gpu-check.sh` runs the compiled bench binary on a GPU machine.
 
+use coopc_compiler::frontend::load_pipeline;
+use coopc_compiler::ir::DType;
 use coopc_compiler::linear_logprob::device_chunk;
 use coopc_kernels::attention::AttentionShape;
 use coopc_kernels::device::Device;
 use coopc_kernels::matmul::MatmulShape;
+use coopc_runtime::init::init_params;
+use coopc_runtime::sampler::{Sampler, SamplingConfig};
+use coopc_runtime::{Backend, HostTensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use cubecl::prelude::Runtime;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::collections::HashMap;
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::Duration;
 
 fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
@@ -196,5 +210,73 @@ fn matmul(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, linear_logprob, attention, matmul);
+fn decode_on(
+    c: &mut Criterion,
+    backend: Arc<dyn Backend>,
+    pipeline: &str,
+    rows: usize,
+    new: usize,
+) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(pipeline);
+    let (_, mut spec) = load_pipeline(&path).expect("valid pipeline");
+    let (prompt_len, max_len) = (16, 256);
+    spec.model.max_seq = spec.model.max_seq.max(max_len);
+    let sampler = Sampler::new(&spec, rows, max_len).with_backend(backend.clone());
+    let params: HashMap<String, HostTensor> =
+        init_params(&spec, DType::F32, 0).into_iter().collect();
+    let prompts: Vec<Vec<i32>> = (0..rows)
+        .map(|r| (0..prompt_len).map(|i| ((r + i) % 10) as i32 + 1).collect())
+        .collect();
+    let cfg = SamplingConfig {
+        temperature: 1.0,
+        top_p: 1.0,
+        max_new_tokens: new,
+        // Outside the vocabulary: every row generates all its tokens.
+        stop_token: -1,
+        pad_token: 0,
+        greedy: false,
+    };
+    let name = std::path::Path::new(pipeline)
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let mut group = c.benchmark_group(format!("decode_{}", backend.name()));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(20));
+    group.throughput(Throughput::Elements((rows * new) as u64));
+    group.bench_function(format!("{name}_{rows}x{new}_tokens"), |b| {
+        let mut rng = StdRng::seed_from_u64(0);
+        b.iter(|| {
+            black_box(
+                sampler
+                    .generate(&params, &prompts, &cfg, &mut rng)
+                    .expect("generates"),
+            )
+        })
+    });
+    group.finish();
+}
+
+fn decode(c: &mut Criterion) {
+    match std::env::var("COOPC_BENCH_DEVICE").as_deref() {
+        Ok("wgpu") => match Device::wgpu() {
+            Ok(dev) => decode_on(c, Arc::new(dev), "examples/addition.toml", 16, 120),
+            Err(e) => eprintln!("skipped: {e}"),
+        },
+        _ => match Device::cuda() {
+            Ok(dev) => decode_on(
+                c,
+                Arc::new(dev),
+                "benches/pipelines/medium-first-order.toml",
+                8,
+                240,
+            ),
+            Err(e) => eprintln!("skipped (set COOPC_BENCH_DEVICE=wgpu to use wgpu): {e}"),
+        },
+    }
+}
+
+criterion_group!(benches, linear_logprob, attention, matmul, decode);
 criterion_main!(benches);

@@ -16,6 +16,8 @@
 # attention and matmul benches, the metrics of a short training run of the default example on
 # both (STEPS meta-steps, default 100), and last the medium pipelines on
 # CUDA (MEDIUM=0 skips them; MEDIUM_REPEAT, MEDIUM_TIMEOUT).
+# GPU_BACKEND=wgpu runs the same checks on wgpu instead of cuda (e.g. on
+# Mesa's lavapipe, to try the script on a machine without a GPU).
 set -uo pipefail
 BIN_DIR=${1:?usage: scripts/gpu-check.sh DIR (with coopc and optionally device_kernels)}
 OUT=${OUT:-./gpu-check-out}
@@ -26,6 +28,12 @@ export PATH="/usr/local/cuda/bin:$PATH"
 export CUDA_PATH="${CUDA_PATH:-/usr/local/cuda}"
 export LD_LIBRARY_PATH="${CUDA_PATH}/targets/x86_64-linux/lib:${CUDA_PATH}/lib64:${LD_LIBRARY_PATH:-}"
 status=0
+GPU=${GPU_BACKEND:-cuda}
+case "$GPU" in
+    cuda) suite_env=(COOPC_TEST_CUDA=1) ;;
+    wgpu) suite_env=(COOPC_TEST_CUDA=0) ;;
+    *) echo "GPU_BACKEND must be cuda or wgpu, got $GPU" >&2; exit 2 ;;
+esac
 
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -33,15 +41,15 @@ status=0
     grep -m1 "model name" /proc/cpuinfo
 } | tee "$OUT/machine.txt"
 
-# 1. The kernel suite on CUDA (every kernel against the CPU executor, and a
-#    whole truncated meta-step).
+# 1. The kernel suite on the GPU (every kernel against the CPU executor,
+#    and a whole truncated meta-step).
 if [ -x "$BIN_DIR/device_kernels" ]; then
-    echo "== CUDA kernel suite"
-    if (cd "$ROOT" && COOPC_TEST_CUDA=1 "$BIN_DIR/device_kernels" --test-threads=1) >"$OUT/cuda-kernels.log" 2>&1; then
-        tail -3 "$OUT/cuda-kernels.log"
+    echo "== $GPU kernel suite"
+    if (cd "$ROOT" && env "${suite_env[@]}" "$BIN_DIR/device_kernels" --test-threads=1) >"$OUT/$GPU-kernels.log" 2>&1; then
+        tail -3 "$OUT/$GPU-kernels.log"
     else
         status=1
-        tail -40 "$OUT/cuda-kernels.log"
+        tail -40 "$OUT/$GPU-kernels.log"
     fi
 fi
 
@@ -59,7 +67,7 @@ time_pipeline() { # PIPELINE REPEAT TIMEOUT_S
     [ -f "$p" ] || return 0
     name=$(basename "$p" .toml)
     "$COOPC" init "$p" --params "$OUT/$name.P.safetensors" --batch "$OUT/$name.B.safetensors" >/dev/null || { status=1; return 0; }
-    for backend in cpu cuda; do
+    for backend in cpu "$GPU"; do
         case "$name:$backend" in medium-*:cpu) continue ;; esac
         log="$OUT/$name.$backend.log"
         if timeout "$limit" "$COOPC" grad "$p" --params "$OUT/$name.P.safetensors" --batch "$OUT/$name.B.safetensors" \
@@ -86,17 +94,18 @@ cat "$table"
 # and gradients (medium shapes, 32k and 128k vocabulary), causal attention
 # forward/backward (batch 8, 16 heads, 512 positions, head dim 64), and the
 # register-blocked matmul against the 16 x 16 tiling ([4096, 1024] x
-# [1024, 2816]); throughputs are FLOP/s.
+# [1024, 2816]); throughputs are FLOP/s. Then token generation with the
+# medium model (8 rows x 240 tokens, 256-position KV cache), tokens/s.
 if [ -x "$BIN_DIR/device_bench" ]; then
-    echo "== fused linear log-prob, attention, matmul"
-    "$BIN_DIR/device_bench" --bench >"$OUT/device-bench.log" 2>&1 || status=1
-    grep -E "^(linear_logprob|attention|matmul)|time:|thrpt:|GFLOP" "$OUT/device-bench.log"
+    echo "== fused linear log-prob, attention, matmul, decode"
+    COOPC_BENCH_DEVICE=$GPU "$BIN_DIR/device_bench" --bench >"$OUT/device-bench.log" 2>&1 || status=1
+    grep -E "^(linear_logprob|attention|matmul|decode)|time:|thrpt:|GFLOP" "$OUT/device-bench.log"
 fi
 
 # 5. Training end to end on both backends: same seed, STEPS meta-steps.
 STEPS=${STEPS:-100}
 echo "== training, $STEPS meta-steps"
-for backend in cpu cuda; do
+for backend in cpu "$GPU"; do
     if timeout 900 "$COOPC" run "$ROOT/examples/addition.toml" --steps "$STEPS" --backend "$backend" \
         --out "$OUT/run-$backend" -q >"$OUT/run-$backend.log" 2>&1; then
         tail -1 "$OUT/run-$backend/metrics.jsonl" | sed "s/^/$backend: /"
@@ -123,7 +132,7 @@ done
 # 6. The medium pipelines on CUDA (d_model 1024, 8 layers, vocab 32k); the
 #    truncated one also with the activations kept (memory budget 70 GiB).
 if [ "${MEDIUM:-1}" != 0 ]; then
-    echo "== meta-step timings (medium, CUDA)"
+    echo "== meta-step timings (medium, $GPU)"
     for p in "$ROOT"/benches/pipelines/medium-first-order.toml "$ROOT"/benches/pipelines/medium-truncated.toml \
         "$ROOT"/benches/pipelines/medium-truncated-keep.toml; do
         time_pipeline "$p" "${MEDIUM_REPEAT:-2}" "${MEDIUM_TIMEOUT:-300}"

@@ -604,6 +604,93 @@ fn device_backend() -> Box<dyn Backend> {
     }
 }
 
+/// `update_slice` writes one position of a cache-like tensor; with a donated
+/// base that nothing but the caller's inputs holds, into the base's own
+/// buffer (the caller's old value then holds the new position), else into
+/// a copy (the old value is untouched). Every path equals the CPU's result.
+#[test]
+fn update_slice_writes_a_donated_base_in_place() {
+    let d = device_backend();
+    let shape = vec![2, 3, 7, 5];
+    let build = |inp: &mut Inputs, donate: bool, index: i32| {
+        let mut g = Graph::new();
+        let base = f32_input(&mut g, inp, "cache", &shape, -1.0, 1.0, 70);
+        let upd = f32_input(&mut g, inp, "new", &[2, 3, 1, 5], -1.0, 1.0, 71);
+        inp.insert("pos".into(), HostTensor::i32(vec![1], vec![index]));
+        let pos = g.input("pos", DType::I32, vec![1]);
+        let out = g.update_slice(base, upd, pos, 2);
+        // A reader of the new cache, as the decode step's attention.
+        let s = g.sum(out, &[3], false);
+        g.set_output("next.cache", out);
+        g.set_output("sum", s);
+        if donate {
+            g.donate("cache");
+        }
+        g
+    };
+    // (donated, another holder of the value, index; written in place?)
+    for (donate, shared, index, in_place) in [
+        (true, false, 4, true),
+        (true, true, 4, false),
+        (false, false, 4, false),
+        (true, false, 0, true),
+        (true, false, 7, true),
+    ] {
+        let mut inp = Inputs::new();
+        let g = build(&mut inp, donate, index);
+        let want = execute(&g, &inp).unwrap();
+        let cache = d.resident(Value::host(inp["cache"].clone())).unwrap();
+        let other_holder = shared.then(|| cache.clone());
+        let mut vals: HashMap<String, Value> = inp
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::host(v.clone())))
+            .collect();
+        vals.insert("cache".into(), cache);
+        let got = d.run_values(&g, &vals, &|_| true).unwrap();
+        for ((name, w), (_, v)) in want.iter().zip(&got) {
+            let v = v.as_host().expect("read back").to_f64_vec();
+            assert!(
+                rel_err(&v, &w.to_f64_vec(), 1e-6) <= 1e-6,
+                "{name} (donated {donate}, shared {shared}, index {index})"
+            );
+        }
+        let old = d.to_host(&vals["cache"]).unwrap().to_f64_vec();
+        let written = old != inp["cache"].to_f64_vec();
+        let changes = (0..7).contains(&index);
+        assert_eq!(
+            written,
+            in_place && changes,
+            "donated {donate}, shared {shared}, index {index}: the old value was {}",
+            if written { "overwritten" } else { "kept" }
+        );
+        drop(other_holder);
+    }
+    // Two values of one buffer (a graph output and a pass-through of it):
+    // donating one must not change the other.
+    let mut inp = Inputs::new();
+    let g = build(&mut inp, true, 2);
+    let mut pass = Graph::new();
+    let x = pass.input("x", DType::F32, shape.clone());
+    pass.set_output("a", x);
+    pass.set_output("b", x);
+    let x = d.resident(Value::host(inp["cache"].clone())).unwrap();
+    let mut two = d
+        .run_values(&pass, &HashMap::from([("x".to_string(), x)]), &|_| false)
+        .unwrap();
+    let (b, a) = (two.pop().unwrap().1, two.pop().unwrap().1);
+    let mut vals: HashMap<String, Value> = inp
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::host(v.clone())))
+        .collect();
+    vals.insert("cache".into(), a);
+    d.run_values(&g, &vals, &|_| true).unwrap();
+    assert_eq!(
+        d.to_host(&b).unwrap().to_f64_vec(),
+        inp["cache"].to_f64_vec(),
+        "a value sharing the donated buffer is untouched"
+    );
+}
+
 /// The device memory peak a run records covers the buffers live at once:
 /// x (4 MiB, uploaded) and e = exp(x) (4 MiB) both exist when the sum
 /// reads e; a second input-sized value is never needed.

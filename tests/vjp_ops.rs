@@ -1007,3 +1007,93 @@ fn optim_step_refuses_operands_that_do_not_fit() {
         assert!(e.to_string().contains("optim_step"), "{what}: {e}");
     }
 }
+
+/// Random `update_slice` operands: base of rank 1–4, an axis, an update of
+/// extent 1 there and an index (the last seed's outside the axis).
+fn update_slice_case(seed: u64) -> (Vec<Var>, usize, i32) {
+    let mut r = rng(seed + 2300);
+    let shape = random_shape(&mut r, 1, 4);
+    let axis = r.gen_range(0..shape.len());
+    let mut us = shape.clone();
+    us[axis] = 1;
+    let index = if seed == 4 {
+        shape[axis] as i32
+    } else {
+        r.gen_range(0..shape[axis]) as i32
+    };
+    let n: usize = shape.iter().product();
+    let m: usize = us.iter().product();
+    let vars = vec![
+        Var::new("base", &shape, uniform(&mut r, n, -1.0, 1.0)),
+        Var::new("update", &us, uniform(&mut r, m, -1.0, 1.0)),
+    ];
+    (vars, axis, index)
+}
+
+#[test]
+fn update_slice_writes_one_position_of_the_axis() {
+    use coopc_runtime::HostTensor;
+    for seed in SEEDS {
+        let (vars, axis, index) = update_slice_case(seed);
+        let shape = vars[0].shape.clone();
+        let mut g = Graph::new();
+        let base = g.input("base", DType::F64, shape.clone());
+        let upd = g.input("update", DType::F64, vars[1].shape.clone());
+        let at = g.input("index", DType::I32, vec![1]);
+        let out = g.update_slice(base, upd, at, axis);
+        let extra = Inputs::from([("index".into(), HostTensor::i32(vec![1], vec![index]))]);
+        let got = &eval(&g, &bind(&vars, &extra), &[out])[0];
+        // Element by element: the update's element where the axis index is
+        // `index`, the base's elsewhere.
+        let inner: usize = shape[axis + 1..].iter().product();
+        let len = shape[axis];
+        for (i, &v) in got.iter().enumerate() {
+            let (o, j, c) = (i / (len * inner), (i / inner) % len, i % inner);
+            let want = if j as i32 == index {
+                vars[1].value[o * inner + c]
+            } else {
+                vars[0].value[i]
+            };
+            assert_eq!(v, want, "seed {seed}, element {i}");
+        }
+    }
+}
+
+#[test]
+fn update_slice_vjp_matches_finite_differences() {
+    use coopc_runtime::HostTensor;
+    for seed in SEEDS {
+        let (vars, axis, index) = update_slice_case(seed);
+        let extra = Inputs::from([("index".into(), HostTensor::i32(vec![1], vec![index]))]);
+        check_op(seed, &vars, &extra, true, |g, x| {
+            let at = g.input("index", DType::I32, vec![1]);
+            g.update_slice(x[0], x[1], at, axis)
+        });
+    }
+}
+
+#[test]
+fn update_slice_refuses_operands_that_do_not_fit() {
+    use coopc_compiler::ir::Op;
+    let mut g = Graph::new();
+    let base = g.input("base", DType::F32, vec![2, 5, 3]);
+    let upd = g.input("upd", DType::F32, vec![2, 1, 3]);
+    let wide = g.input("wide", DType::F32, vec![2, 2, 3]);
+    let upd64 = g.input("upd64", DType::F64, vec![2, 1, 3]);
+    let at = g.input("at", DType::I32, vec![1]);
+    let at2 = g.input("at2", DType::I32, vec![2]);
+    let atf = g.input("atf", DType::F32, vec![1]);
+    let op = |axis| Op::UpdateSlice { axis };
+    assert!(g.try_add_op(op(1), &[base, upd, at]).is_ok());
+    for (what, axis, ops) in [
+        ("axis", 3, [base, upd, at]),
+        ("update extent", 1, [base, wide, at]),
+        ("update on another axis", 0, [base, upd, at]),
+        ("update dtype", 1, [base, upd64, at]),
+        ("index shape", 1, [base, upd, at2]),
+        ("index dtype", 1, [base, upd, atf]),
+    ] {
+        let e = g.try_add_op(op(axis), &ops).unwrap_err();
+        assert!(e.to_string().contains("update_slice"), "{what}: {e}");
+    }
+}

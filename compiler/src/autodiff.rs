@@ -7,7 +7,7 @@
 //! applying the same function twice.
 
 use crate::ir::{
-    AttentionOperand, BinaryOp, CompareOp, Graph, LogprobOperand, NodeId, NormOperand, Op,
+    AttentionOperand, BinaryOp, CompareOp, DType, Graph, LogprobOperand, NodeId, NormOperand, Op,
     ReduceKind, UnaryOp,
 };
 use crate::passes::Pass;
@@ -155,6 +155,20 @@ fn operand_cotangents(
         .filter(|&(slot, _)| !inputs[..slot].contains(&inputs[slot]))
         .filter_map(|(slot, c)| c.map(|c| (slot, c)))
         .collect()
+}
+
+/// `update_slice`'s written positions as a boolean of `base`'s shape:
+/// `j == index[0]` along `axis`.
+pub fn update_slice_mask(g: &mut Graph, base: NodeId, index: NodeId, axis: usize) -> NodeId {
+    let shape = g.ty(base).shape.clone();
+    let l = shape[axis];
+    let j = g.iota(0, DType::I32, vec![l]);
+    let p = g.broadcast(index, vec![l]);
+    let at = g.compare(CompareOp::Eq, j, p);
+    let mut aligned = vec![1; shape.len()];
+    aligned[axis] = l;
+    let at = g.reshape(at, aligned);
+    g.broadcast(at, shape)
 }
 
 /// Barrier tags of the row blocks of `linear_logprob_grad_vjp` (distinct
@@ -496,6 +510,19 @@ fn input_cotangents(
             }
             if needs[2] {
                 res.push((2, g.take_along_axis(gout, inputs[1], axis)));
+            }
+        }
+        Op::UpdateSlice { axis } => {
+            // The written slice's cotangent goes to the update, the rest to
+            // the base.
+            let mask = update_slice_mask(g, inputs[0], inputs[2], axis);
+            let zero = g.full_like(0.0, gout);
+            if needs[0] {
+                res.push((0, g.select(mask, zero, gout)));
+            }
+            if needs[1] {
+                let on = g.select(mask, gout, zero);
+                res.push((1, g.sum(on, &[axis], true)));
             }
         }
         Op::Gather => {

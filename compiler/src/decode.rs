@@ -83,7 +83,9 @@ pub fn full_logits_program(
 ///
 /// Outputs, in this order: `logits` `[batch, vocab]` (the logits after
 /// position `pos`), then `next.cache.{l}.k`, `next.cache.{l}.v` for each
-/// layer: the caches with position `pos` written.
+/// layer: the caches with position `pos` written. The cache inputs are
+/// donated ([`Graph::donate`]): after a run, the values passed for them
+/// must be replaced by the outputs, not read.
 pub fn decode_step_program(
     model: &ModelSpec,
     lora: &LoraSpec,
@@ -107,6 +109,12 @@ pub fn decode_step_program(
             (k, v)
         })
         .collect();
+    // The caller replaces its caches with the outputs: a device writes the
+    // new position into the cache's buffer instead of copying the cache.
+    for l in 0..model.n_layers {
+        g.donate(cache_input(l, 'k'));
+        g.donate(cache_input(l, 'v'));
+    }
     let step = DecodeStep {
         dec: Decoder { model, lora, dtype },
         model,
@@ -152,7 +160,7 @@ impl DecodeStep<'_> {
         let x = g.gather(embed, ids);
         let mut x = g.reshape(x, vec![b, 1, m.d_model]);
         let (cos, sin) = self.rope_at(g, pos);
-        let (at_pos, visible) = self.time_masks(g, pos);
+        let visible = self.visible(g, pos);
         let mut next = Vec::with_capacity(caches.len());
         for (i, &(k_cache, v_cache)) in caches.iter().enumerate() {
             let ln1 = self
@@ -167,8 +175,8 @@ impl DecodeStep<'_> {
             let v = self.dec.split_heads(g, v, m.n_kv_heads);
             let q = self.dec.rope(g, q, cos, sin);
             let k = self.dec.rope(g, k, cos, sin);
-            let k_all = self.write_at(g, k_cache, k, at_pos);
-            let v_all = self.write_at(g, v_cache, v, at_pos);
+            let k_all = g.update_slice(k_cache, k, pos, 2);
+            let v_all = g.update_slice(v_cache, v, pos, 2);
             next.push((k_all, v_all));
             let k_all = self.dec.repeat_kv(g, k_all);
             let v_all = self.dec.repeat_kv(g, v_all);
@@ -212,24 +220,13 @@ impl DecodeStep<'_> {
         (g.gather(cos, pos), g.gather(sin, pos))
     }
 
-    /// Masks over the time axis `[max_len]`: `j == pos` (where the step
-    /// writes) and `j <= pos` (what it may attend to).
-    fn time_masks(&self, g: &mut Graph, pos: NodeId) -> (NodeId, NodeId) {
+    /// The mask over the time axis `[max_len]` of what the step may attend
+    /// to, `j <= pos`.
+    fn visible(&self, g: &mut Graph, pos: NodeId) -> NodeId {
         let l = self.max_len;
         let j = g.iota(0, DType::I32, vec![l]);
         let p = g.broadcast(pos, vec![l]);
-        let at = g.compare(CompareOp::Eq, j, p);
-        let visible = g.compare(CompareOp::Le, j, p);
-        (at, visible)
-    }
-
-    /// `cache` [B, KV, L, hd] with `new` [B, KV, 1, hd] at time `at` [L].
-    fn write_at(&self, g: &mut Graph, cache: NodeId, new: NodeId, at: NodeId) -> NodeId {
-        let shape = g.ty(cache).shape.clone();
-        let at = g.reshape(at, vec![self.max_len, 1]);
-        let at = g.broadcast(at, shape.clone());
-        let nb = g.broadcast(new, shape);
-        g.select(at, nb, cache)
+        g.compare(CompareOp::Le, j, p)
     }
 
     /// Softmax attention of q [B,H,1,hd] over k, v [B,H,L,hd], restricted to

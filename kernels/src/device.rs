@@ -13,7 +13,7 @@ use crate::linear_logprob::LogprobShape;
 use crate::matmul::{use_blocked, MatmulShape};
 use crate::movement::{
     gather_rows, iota, one_hot, scatter_add_along, scatter_add_rows, strided_copy, take_along,
-    CopySpec,
+    write_slice, CopySpec,
 };
 use crate::optim::{adamw_step, momentum_step, sgd_step, StepSpec};
 use crate::reduce::{cooperative, reduce_program, reduce_program_rows, ReduceSpec};
@@ -512,6 +512,62 @@ impl<R: Runtime> Device<R> {
             })
     }
 
+    /// Whether node `id`, run as kernel `k`, is an `update_slice` that may
+    /// write into its base's buffer: the base is a donated input
+    /// ([`Graph::donate`]) resident on the device whose value nothing but
+    /// the caller's inputs holds, and no later kernel reads it. (The
+    /// launch also checks that no other value shares the buffer.)
+    fn donated_base<I: Inputs>(
+        &self,
+        g: &Graph,
+        id: NodeId,
+        inputs: &I,
+        prepared: &Prepared,
+        k: usize,
+    ) -> bool {
+        if !matches!(g.op(id), Op::UpdateSlice { .. }) {
+            return false;
+        }
+        let base = g.inputs(id)[0];
+        let Op::Input { name, .. } = g.op(base) else {
+            return false;
+        };
+        g.is_donated(name)
+            && prepared.last_use.get(&base) == Some(&k)
+            && matches!(inputs.input(name), Some(Input::Device(d)) if Arc::strong_count(&d.handle) == 1)
+    }
+
+    /// `update_slice` node `id`'s update written into `out` (a copy of the
+    /// base, or the donated base itself).
+    fn launch_write_slice(
+        &self,
+        g: &Graph,
+        id: NodeId,
+        upd: &Handle,
+        index: &Handle,
+        out: &Handle,
+    ) {
+        let Op::UpdateSlice { axis } = g.op(id) else {
+            unreachable!("an update_slice node")
+        };
+        let shape = &g.ty(id).shape;
+        let n_upd = g.ty(g.inputs(id)[1]).numel();
+        if n_upd == 0 {
+            return;
+        }
+        write_slice::launch::<R>(
+            &self.client,
+            cube_count(n_upd),
+            CubeDim::new_1d(BLOCK),
+            arg(upd, n_upd),
+            arg(index, 1),
+            arg(out, g.ty(id).numel()),
+            n_upd as u32,
+            shape[*axis] as u32,
+            numel(&shape[axis + 1..]).max(1) as u32,
+        );
+    }
+
     /// Reads a resident value back into a host tensor of its type.
     fn read_back(&self, d: &DeviceTensor) -> Result<HostTensor, DeviceError> {
         let r = self.unwrap_resident(d)?;
@@ -570,6 +626,35 @@ impl<R: Runtime> Device<R> {
                                 lits.insert(*id, made[0].1.clone());
                                 made
                             }
+                        }
+                    }
+                    Kernel::Node(id) if self.donated_base(g, *id, inputs, prepared, k) => {
+                        let ops = g.inputs(*id);
+                        // Its last reader: drop the run's own reference, then
+                        // the caller's value must be the buffer's only holder.
+                        values.remove(&ops[0]);
+                        let Op::Input { name, .. } = g.op(ops[0]) else {
+                            unreachable!("a donated input")
+                        };
+                        let Some(Input::Device(d)) = inputs.input(name) else {
+                            unreachable!("a resident input")
+                        };
+                        let resident = &self.unwrap_resident(d)?.handle;
+                        let only_holder = resident.can_mut();
+                        let base = resident.clone();
+                        if only_holder {
+                            // The donated buffer becomes the output.
+                            self.launch_write_slice(
+                                g,
+                                *id,
+                                &values[&ops[1]],
+                                &values[&ops[2]],
+                                &base,
+                            );
+                            vec![(*id, base)]
+                        } else {
+                            values.insert(ops[0], base);
+                            self.launch(g, kernel, inputs, &values)?
                         }
                     }
                     _ => self.launch(g, kernel, inputs, &values)?,
@@ -1194,6 +1279,17 @@ impl<R: Runtime> Device<R> {
                     u(table[1]),
                     *transpose,
                 );
+                h
+            }
+            Op::UpdateSlice { .. } => {
+                let h = self.output(n);
+                self.elementwise(
+                    &ElemProgram::load(),
+                    n,
+                    &[(get(&ops[0])?, n)],
+                    std::slice::from_ref(&h),
+                );
+                self.launch_write_slice(g, id, &get(&ops[1])?, &get(&ops[2])?, &h);
                 h
             }
             Op::OneHot { depth, .. } => {

@@ -227,6 +227,30 @@ pub fn gather_rows(
     }
 }
 
+/// Writes `upd` (`numel` elements, `[outer, 1, inner]`) into `out`
+/// (`[outer, len, inner]`) at `index[0]` of the middle axis, leaving the
+/// rest of `out` as it is; an index outside `0..len` writes nothing. With
+/// `out` a copy of the base, or the base itself when its caller donated
+/// it, this is `Op::UpdateSlice`.
+#[cube(launch)]
+pub fn write_slice(
+    upd: &Array<f32>,
+    index: &Array<f32>,
+    out: &mut Array<f32>,
+    numel: u32,
+    len: u32,
+    inner: u32,
+) {
+    let i = ABSOLUTE_POS;
+    let at = index[0usize];
+    if i < numel as usize && at >= f32::new(0.0) && at < f32::cast_from(len) {
+        let inner = inner as usize;
+        let o = i / inner;
+        let pos = u32::cast_from(at) as usize;
+        out[(o * len as usize + pos) * inner + i % inner] = upd[i];
+    }
+}
+
 /// `out[r, c] = Σ_{s: ids[s] = r} upd[s, c]`, summed in order of s.
 /// Launch with one cube per output row and `CubeDim(block)`: the cube
 /// scans the ids `block` at a time, flagging the matches in shared

@@ -15,7 +15,7 @@ use crate::linear_logprob::{
 use crate::matmul::{matmul_blocked, matmul_tiled, use_blocked, TILE};
 use crate::movement::{
     gather_rows, iota, one_hot, scatter_add_along, scatter_add_rows, strided_copy, take_along,
-    CopySpec,
+    write_slice, CopySpec,
 };
 use crate::optim::{adamw_step, momentum_step, sgd_step, StepKind, StepSpec};
 use crate::reduce::{cooperative, reduce_program, reduce_program_rows, ReduceSpec};
@@ -96,6 +96,9 @@ pub enum Traced {
     Copy(CopySpec),
     TakeAlong,
     ScatterAddAlong,
+    /// `update_slice`'s write of the update (into a copy of the base, or
+    /// into a donated base).
+    WriteSlice,
     GatherRows,
     ScatterAddRows,
     OneHot,
@@ -401,12 +404,14 @@ impl Traced {
                 rope::expand(&mut b.scope, x, c, s, o, n, t, hd, *transpose);
                 b.build(settings(name, one_d))
             }
-            Traced::TakeAlong | Traced::GatherRows => {
+            Traced::TakeAlong | Traced::GatherRows | Traced::WriteSlice => {
                 let x = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
                 let i = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
                 let o = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
                 let (n, p, q) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
-                if matches!(self, Traced::TakeAlong) {
+                if matches!(self, Traced::WriteSlice) {
+                    write_slice::expand(&mut b.scope, x, i, o, n, p, q);
+                } else if matches!(self, Traced::TakeAlong) {
                     let r = scalar(&mut b);
                     take_along::expand(&mut b.scope, x, i, o, n, p, q, r);
                 } else {
@@ -805,6 +810,7 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
                 Op::TakeAlongAxis { .. } => ("take_along_axis".into(), Traced::TakeAlong),
                 Op::ScatterAdd { .. } => ("scatter_add".into(), Traced::ScatterAddAlong),
                 Op::Gather => ("gather".into(), Traced::GatherRows),
+                Op::UpdateSlice { .. } => ("update_slice".into(), Traced::WriteSlice),
                 Op::ScatterAddRows { .. } => ("scatter_add_rows".into(), Traced::ScatterAddRows),
                 Op::OneHot { .. } => ("one_hot".into(), Traced::OneHot),
                 Op::Iota { .. } => ("iota".into(), Traced::Iota),

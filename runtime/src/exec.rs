@@ -588,6 +588,17 @@ fn eval(graph: &Graph, id: NodeId, args: &[&HostTensor]) -> Result<HostTensor, E
             );
             T::into_buffer(out.map_err(|e| cx.index(e))?)
         }),
+        Op::UpdateSlice { axis } => any_dtype!(args[0].dtype(), |T| {
+            let (base, upd) = (cx.view::<T>(args[0])?, cx.view::<T>(args[1])?);
+            let index = cx.view::<i32>(args[2])?[0];
+            T::into_buffer(movement::update_slice(
+                base,
+                &args[0].shape,
+                upd,
+                *axis,
+                index,
+            ))
+        }),
         Op::Gather => any_dtype!(args[0].dtype(), |T| {
             let (table, ids) = (args[0], args[1]);
             let out = index::gather(cx.view::<T>(table)?, table.shape[0], cx.view::<i32>(ids)?);

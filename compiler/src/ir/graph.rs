@@ -50,6 +50,9 @@ pub enum GraphError {
 pub struct Graph {
     graph: StableDiGraph<Node, u32, u32>,
     outputs: Vec<(String, NodeId)>,
+    /// Inputs the caller gives up on every run (see [`Graph::donate`]).
+    #[serde(default)]
+    donated: Vec<String>,
 }
 
 impl Graph {
@@ -119,6 +122,22 @@ impl Graph {
     }
 
     /// Marks `id` as output `name` (replacing an output of that name).
+    /// Marks input `name` as given up by the caller on every run: the value
+    /// passed for it must not be read after the run, and an executor may
+    /// write an output into its buffer when nothing else holds it (a
+    /// decode step writes one position of its KV cache in place).
+    pub fn donate(&mut self, name: impl Into<String>) {
+        let name = name.into();
+        if !self.donated.contains(&name) {
+            self.donated.push(name);
+        }
+    }
+
+    /// Whether input `name` is donated (see [`Graph::donate`]).
+    pub fn is_donated(&self, name: &str) -> bool {
+        self.donated.iter().any(|n| n == name)
+    }
+
     pub fn set_output(&mut self, name: impl Into<String>, id: NodeId) {
         let name = name.into();
         if let Some(o) = self.outputs.iter_mut().find(|(n, _)| *n == name) {
@@ -544,6 +563,18 @@ impl Graph {
 
     pub fn gather(&mut self, table: NodeId, ids: NodeId) -> NodeId {
         self.add_op(Op::Gather, &[table, ids])
+    }
+
+    /// `base` with `update` written at `index[0]` along `axis` (see
+    /// `Op::UpdateSlice`).
+    pub fn update_slice(
+        &mut self,
+        base: NodeId,
+        update: NodeId,
+        index: NodeId,
+        axis: usize,
+    ) -> NodeId {
+        self.add_op(Op::UpdateSlice { axis }, &[base, update, index])
     }
 
     pub fn scatter_add_rows(&mut self, ids: NodeId, upd: NodeId, rows: usize) -> NodeId {

@@ -475,6 +475,14 @@ pub enum Op {
     },
     /// Row lookup `gather(table [V, …], ids [S…]) → [S…, …]` (embedding).
     Gather,
+    /// `update_slice(base, update, index)`: `base` with `update` (base's
+    /// shape with extent 1 on `axis`) written at position `index[0]` (i32
+    /// `[1]`) along `axis`; an index outside the axis leaves `base` as it
+    /// is. A decode step's cache write: a device executor writes the slice
+    /// into `base`'s buffer when the caller donates it.
+    UpdateSlice {
+        axis: usize,
+    },
     /// `scatter_add_rows(ids [S…], upd [S…, …]) → [rows, …]`, rows summed
     /// by id (the VJP of `Gather`).
     ScatterAddRows {
@@ -598,6 +606,7 @@ impl Op {
             Op::TakeAlongAxis { .. } => "take_along_axis",
             Op::ScatterAdd { .. } => "scatter_add",
             Op::Gather => "gather",
+            Op::UpdateSlice { .. } => "update_slice",
             Op::ScatterAddRows { .. } => "scatter_add_rows",
             Op::OneHot { .. } => "one_hot",
             Op::Cast { .. } => "cast",
@@ -687,7 +696,10 @@ impl Op {
                     .collect();
                 r.join(",")
             }
-            Op::Concat { axis } | Op::TakeAlongAxis { axis } | Op::ScatterAdd { axis } => {
+            Op::Concat { axis }
+            | Op::TakeAlongAxis { axis }
+            | Op::ScatterAdd { axis }
+            | Op::UpdateSlice { axis } => {
                 format!("axis={axis}")
             }
             Op::Pad { lo, hi, value } => format!("lo=[{}], hi=[{}], {value}", list(lo), list(hi)),
@@ -971,6 +983,22 @@ impl Op {
                     return Err(err(format!(
                         "updates {upd} must have base's dtype and the index shape {idx}"
                     )));
+                }
+                Ok(base.clone())
+            }
+            Op::UpdateSlice { axis } => {
+                arity(3)?;
+                let (base, upd, index) = (inputs[0], inputs[1], inputs[2]);
+                axis_ok(*axis, base.rank())?;
+                let mut want = base.shape.clone();
+                want[*axis] = 1;
+                if upd.dtype != base.dtype || upd.shape != want {
+                    return Err(err(format!(
+                        "the update {upd} must have base's dtype and shape {want:?} (base {base})"
+                    )));
+                }
+                if index.dtype != DType::I32 || index.shape[..] != [1] {
+                    return Err(err(format!("the index must be i32 [1], got {index}")));
                 }
                 Ok(base.clone())
             }

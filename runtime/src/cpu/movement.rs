@@ -225,6 +225,32 @@ pub fn pad<T: Copy>(x: &[T], in_shape: &[usize], lo: &[usize], hi: &[usize], val
     out
 }
 
+/// `base` (of `shape`) with `update` (extent 1 on `axis`) written at
+/// position `index` along `axis`; an index outside the axis changes
+/// nothing (`Op::UpdateSlice`).
+pub fn update_slice<T: Copy>(
+    base: &[T],
+    shape: &[usize],
+    update: &[T],
+    axis: usize,
+    index: i32,
+) -> Vec<T> {
+    let mut out = base.to_vec();
+    let len = shape[axis];
+    let Some(at) = usize::try_from(index).ok().filter(|&i| i < len) else {
+        return out;
+    };
+    let inner: usize = shape[axis + 1..].iter().product();
+    if inner == 0 {
+        return out;
+    }
+    for (o, row) in update.chunks(inner).enumerate() {
+        let start = (o * len + at) * inner;
+        out[start..start + inner].copy_from_slice(row);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
