@@ -61,7 +61,8 @@ fn emit_kernels(plan: &Plan, dir: &Path) -> Result<(), UserError> {
     use std::fmt::Write as _;
     let mut index = String::new();
     // The plan's programs, and the decode step training samples rollouts
-    // with (built at run time for the RL batch and the sequence length).
+    // with (built at run time for the RL batch and the sequence length)
+    // with its LoRA merge.
     let spec = &plan.spec;
     let decode = coopc_compiler::decode::decode_step_program(
         &spec.model,
@@ -70,11 +71,19 @@ fn emit_kernels(plan: &Plan, dir: &Path) -> Result<(), UserError> {
         spec.rl.batch_size(),
         spec.train.seq_len,
     );
+    // Run once per sampling call: the LoRA factors merged into the weights
+    // the decode step reads.
+    let merge = coopc_compiler::decode::lora_merge_program(
+        &spec.model,
+        &spec.lora,
+        coopc_compiler::lowering::float_dtype(spec.backend.dtype),
+    );
     let programs = plan
         .programs
         .iter()
         .map(|p| (p.name.as_str(), &p.graph))
-        .chain([("decode_step", &decode)]);
+        .chain([("decode_step", &decode)])
+        .chain(merge.as_ref().map(|m| ("lora_merge", m)));
     for (name, graph) in programs {
         let sched = schedule(graph);
         let fused = fuse(graph, &sched.order);

@@ -4,8 +4,8 @@
 //! nucleus, stop token, length cap and prompt validation.
 
 use coopc_compiler::decode::{
-    cache_input, cache_output, cache_shape, decode_step_program, full_logits_program, IDS_INPUT,
-    LOGITS_OUTPUT, POS_INPUT,
+    cache_input, cache_output, cache_shape, decode_step_program, full_logits_program,
+    lora_merge_program, IDS_INPUT, LOGITS_OUTPUT, POS_INPUT,
 };
 use coopc_compiler::frontend::parse_pipeline;
 use coopc_compiler::ir::{DType, Graph, TensorType};
@@ -107,6 +107,14 @@ fn check_decode_against_full_forward(spec: &PipelineSpec, seed: u64) {
     let step = decode_step_program(&spec.model, &spec.lora, DType::F64, b, l);
     let cache = TensorType::new(DType::F64, cache_shape(&spec.model, b, l));
     let mut inputs = params.clone();
+    // The adapted projections' weights with the LoRA update merged in.
+    let merge = lora_merge_program(&spec.model, &spec.lora, DType::F64).expect("LoRA targets");
+    let merged = execute(&merge, &params).expect("merge runs");
+    assert!(!merged.is_empty());
+    for (name, t) in merged {
+        assert!(params.contains_key(&name), "{name} replaces a θ weight");
+        inputs.insert(name, t);
+    }
     for layer in 0..spec.model.n_layers {
         for which in ['k', 'v'] {
             inputs.insert(cache_input(layer, which), HostTensor::zeros(&cache));

@@ -5,7 +5,7 @@
 //! the same op order, so the two agree to rounding.
 
 use crate::ir::{CompareOp, DType, Graph, NodeId};
-use crate::model::{lora_shapes, matmul_t, theta_shapes, Decoder, Params};
+use crate::model::{lora_name, lora_shapes, matmul_t, module_path, theta_shapes, Decoder, Params};
 use crate::passes::Pipeline;
 use crate::spec::{LoraSpec, ModelSpec, Projection};
 
@@ -72,9 +72,48 @@ pub fn full_logits_program(
     g
 }
 
+/// The LoRA-merged weights the decode step reads: for each projection
+/// `lora.targets` adapts, `W + s·(B·A)` (s = alpha / rank) under W's own
+/// name, from inputs W (θ's name) and A, B (w's names). A sampler runs it
+/// once per generation call, so that a decoded token costs one product per
+/// projection instead of three. `None` without targets.
+pub fn lora_merge_program(model: &ModelSpec, lora: &LoraSpec, dtype: DType) -> Option<Graph> {
+    if lora.targets.is_empty() {
+        return None;
+    }
+    let mut g = Graph::new();
+    let shapes: std::collections::HashMap<String, Vec<usize>> = theta_shapes(model)
+        .into_iter()
+        .chain(lora_shapes(model, lora))
+        .collect();
+    let input = |g: &mut Graph, name: String| {
+        let shape = shapes[&name].clone();
+        g.input(name, dtype, shape)
+    };
+    for layer in 0..model.n_layers {
+        for p in Projection::ALL {
+            if !lora.targets.contains(&p) {
+                continue;
+            }
+            let name = format!("{}.weight", module_path(layer, p));
+            let w = input(&mut g, name.clone());
+            let a = input(&mut g, lora_name(layer, p, 'A'));
+            let b = input(&mut g, lora_name(layer, p, 'B'));
+            let ba = g.matmul(b, a);
+            let ba = g.scale(ba, lora.scale());
+            let merged = g.add(w, ba);
+            g.set_output(name, merged);
+        }
+    }
+    Pipeline::standard().run(&mut g);
+    Some(g)
+}
+
 /// One decode step for `batch` rows sharing position `pos`.
 ///
-/// Inputs: θ and w as [`theta_shapes`] and [`lora_shapes`] name them;
+/// Inputs: θ as [`theta_shapes`] names it, with the weights of the
+/// projections `lora` adapts replaced by their merged values (outputs of
+/// [`lora_merge_program`]; the step itself reads no LoRA factor);
 /// `ids` i32 `[batch]`, the token at position `pos` of each row; `pos` i32
 /// `[1]`, in `0..max_len`; and for each layer l the caches
 /// `cache.{l}.k` and `cache.{l}.v` of [`cache_shape`] in `dtype`, holding
@@ -98,6 +137,11 @@ pub fn decode_step_program(
         "decode step of an empty batch or cache"
     );
     let mut g = Graph::new();
+    // The adapters are merged into θ's weights beforehand.
+    let lora = &LoraSpec {
+        targets: vec![],
+        ..lora.clone()
+    };
     let (theta, w) = parameter_inputs(&mut g, model, lora, dtype);
     let ids = g.input(IDS_INPUT, DType::I32, vec![batch]);
     let pos = g.input(POS_INPUT, DType::I32, vec![1]);
@@ -271,14 +315,29 @@ mod tests {
         let g = decode_step_program(&s.model, &s.lora, DType::F32, b, l);
         g.validate().expect("valid graph");
         let inputs = g.inputs_by_name();
-        for (name, shape) in theta_shapes(&s.model)
-            .into_iter()
-            .chain(lora_shapes(&s.model, &s.lora))
-        {
+        for (name, shape) in theta_shapes(&s.model) {
             let id = inputs[&name];
             assert_eq!(g.ty(id).shape, shape, "{name}");
             assert_eq!(g.ty(id).dtype, DType::F32, "{name}");
         }
+        // The adapters come merged into the weights.
+        for (name, _) in lora_shapes(&s.model, &s.lora) {
+            assert!(!inputs.contains_key(&name), "{name}");
+        }
+        // The merge gives every adapted weight, under its own name and shape.
+        let merge = lora_merge_program(&s.model, &s.lora, DType::F32).expect("targets");
+        let merge_inputs = merge.inputs_by_name();
+        let adapted: Vec<&str> = merge.outputs().iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(adapted.len(), 2 * s.lora.targets.len());
+        for (name, id) in merge.outputs() {
+            assert_eq!(g.ty(inputs[name]), merge.ty(*id), "{name}");
+            assert_eq!(merge.ty(merge_inputs[name]), merge.ty(*id), "{name}");
+        }
+        let none = crate::spec::LoraSpec {
+            targets: vec![],
+            ..s.lora.clone()
+        };
+        assert!(lora_merge_program(&s.model, &none, DType::F32).is_none());
         assert_eq!(g.ty(inputs[IDS_INPUT]).shape, vec![b]);
         assert_eq!(g.ty(inputs[POS_INPUT]).shape, vec![1]);
         let names: Vec<&str> = g.outputs().iter().map(|(n, _)| n.as_str()).collect();

@@ -18,7 +18,8 @@ use crate::exec::{Backend, CpuBackend};
 use crate::tensor::HostTensor;
 use crate::value::Value;
 use coopc_compiler::decode::{
-    cache_input, cache_shape, decode_step_program, IDS_INPUT, LOGITS_OUTPUT, POS_INPUT,
+    cache_input, cache_shape, decode_step_program, lora_merge_program, IDS_INPUT, LOGITS_OUTPUT,
+    POS_INPUT,
 };
 use coopc_compiler::ir::{Graph, Op, TensorType};
 use coopc_compiler::lowering::float_dtype;
@@ -108,8 +109,11 @@ pub struct Sampler {
     vocab: usize,
     n_layers: usize,
     cache: TensorType,
-    /// θ and w names the program reads.
+    /// θ names the program reads.
     param_names: Vec<String>,
+    /// Merges the LoRA adapters into θ's weights once per call
+    /// (`lora_merge_program`); its outputs replace those weights.
+    merge: Option<Graph>,
     /// Where each decode step runs.
     backend: Arc<dyn Backend>,
 }
@@ -140,6 +144,7 @@ impl Sampler {
             n_layers: spec.model.n_layers,
             cache: TensorType::new(dtype, cache_shape(&spec.model, batch, max_len)),
             param_names,
+            merge: lora_merge_program(&spec.model, &spec.lora, dtype),
             backend: Arc::new(CpuBackend),
         }
     }
@@ -191,6 +196,21 @@ impl Sampler {
         for n in &self.param_names {
             if let Some(t) = params.get(n) {
                 inputs.insert(n.clone(), self.backend.resident(t.clone().into())?);
+            }
+        }
+        // The adapted weights, merged once for the whole call.
+        if let Some(merge) = &self.merge {
+            let mut merge_inputs: HashMap<String, Value> = HashMap::new();
+            for id in merge.node_ids() {
+                if let Op::Input { name, .. } = merge.op(id) {
+                    if let Some(t) = params.get(name) {
+                        let v = self.backend.resident(t.clone().into())?;
+                        merge_inputs.insert(name.clone(), v);
+                    }
+                }
+            }
+            for (name, v) in self.backend.run_values(merge, &merge_inputs, &|_| false)? {
+                inputs.insert(name, v);
             }
         }
         let mut out = Vec::with_capacity(prompts.len());
