@@ -396,29 +396,7 @@ fn rms_norm_kernels_match_the_cpu() {
 
 #[test]
 fn optimiser_step_kernels_match_the_cpu() {
-    use coopc_compiler::ir::StepRule;
-    let s = |v: f64| v.into();
-    let rules = [
-        StepRule::Sgd { lr: s(0.1) },
-        StepRule::Momentum {
-            lr: s(0.05),
-            mu: s(0.9),
-        },
-        StepRule::AdamW {
-            lr: s(1e-2),
-            beta1: s(0.9),
-            beta2: s(0.999),
-            eps: s(1e-8),
-            weight_decay: s(0.0),
-        },
-        StepRule::AdamW {
-            lr: s(3e-3),
-            beta1: s(0.8),
-            beta2: s(0.95),
-            eps: s(1e-6),
-            weight_decay: s(0.1),
-        },
-    ];
+    let rules = step_rules();
     let mut g = Graph::new();
     let mut inp = Inputs::new();
     inp.insert(

@@ -432,6 +432,17 @@ pub(crate) fn arg<R: Runtime>(h: &Handle, len: usize) -> ArrayArg<R> {
     unsafe { ArrayArg::from_raw_parts(h.clone(), len.max(1)) }
 }
 
+/// A sequence launch argument of buffers, each with its length.
+fn sequence<'a, R: Runtime>(
+    bufs: impl IntoIterator<Item = (&'a Handle, usize)>,
+) -> SequenceArg<R, Array<f32>> {
+    let mut seq = SequenceArg::new();
+    for (h, n) in bufs {
+        seq.push(arg(h, n));
+    }
+    seq
+}
+
 impl<R: Runtime> Device<R> {
     pub fn backend(&self) -> &'static str {
         self.backend
@@ -710,6 +721,10 @@ impl<R: Runtime> Device<R> {
                 })
         };
         let len = |id: &NodeId| g.ty(*id).numel();
+        // Buffers of values with their lengths.
+        let operands = |ids: &[NodeId]| -> Result<Vec<(Handle, usize)>, DeviceError> {
+            ids.iter().map(|i| Ok((get(i)?, len(i)))).collect()
+        };
         match kernel {
             Kernel::Elementwise {
                 program,
@@ -718,14 +733,7 @@ impl<R: Runtime> Device<R> {
                 outputs,
             } => {
                 let outs: Vec<Handle> = outputs.iter().map(|_| self.output(*numel)).collect();
-                self.elementwise(
-                    program,
-                    *numel,
-                    &ins.iter()
-                        .map(|i| Ok((get(i)?, len(i))))
-                        .collect::<Result<Vec<_>, DeviceError>>()?,
-                    &outs,
-                );
+                self.elementwise(program, *numel, &operands(ins)?, &outs);
                 Ok(outputs.iter().copied().zip(outs).collect())
             }
             Kernel::Reduce {
@@ -746,18 +754,10 @@ impl<R: Runtime> Device<R> {
                     });
                 }
                 let outs: Vec<Handle> = outputs.iter().map(|_| self.output(n_out)).collect();
-                let mut pro = SequenceArg::<R, Array<f32>>::new();
-                for i in prologue_inputs {
-                    pro.push(arg(&get(i)?, len(i)));
-                }
-                let mut epi = SequenceArg::<R, Array<f32>>::new();
-                for i in &epilogue_inputs[1..] {
-                    epi.push(arg(&get(i)?, len(i)));
-                }
-                let mut o = SequenceArg::<R, Array<f32>>::new();
-                for h in &outs {
-                    o.push(arg(h, n_out));
-                }
+                let (pro, epi) = (operands(prologue_inputs)?, operands(&epilogue_inputs[1..])?);
+                let pro = sequence(pro.iter().map(|(h, n)| (h, *n)));
+                let epi = sequence(epi.iter().map(|(h, n)| (h, *n)));
+                let o = sequence(outs.iter().map(|h| (h, n_out)));
                 let spec = ReduceSpec {
                     kind: *kind,
                     layout: layout.clone(),
@@ -909,14 +909,7 @@ impl<R: Runtime> Device<R> {
                 ..
             } => {
                 let spec = StepSpec::of(kernel).expect("a step kernel");
-                let grad = prologue_inputs
-                    .iter()
-                    .map(|i| Ok((get(i)?, len(i))))
-                    .collect::<Result<Vec<_>, DeviceError>>()?;
-                let state = state
-                    .iter()
-                    .map(|i| Ok((get(i)?, len(i))))
-                    .collect::<Result<Vec<_>, DeviceError>>()?;
+                let (grad, state) = (operands(prologue_inputs)?, operands(state)?);
                 let written = kernel.writes();
                 let outs: Vec<Handle> = written.iter().map(|_| self.output(*numel)).collect();
                 self.launch_optim_step(*rule, spec, *numel, &grad, &state, &outs);
@@ -938,14 +931,8 @@ impl<R: Runtime> Device<R> {
         state: &[(Handle, usize)],
         outs: &[Handle],
     ) {
-        let mut gi = SequenceArg::<R, Array<f32>>::new();
-        for (h, n) in grad {
-            gi.push(arg(h, *n));
-        }
-        let mut o = SequenceArg::<R, Array<f32>>::new();
-        for h in outs {
-            o.push(arg(h, numel));
-        }
+        let gi = sequence(grad.iter().map(|(h, n)| (h, *n)));
+        let o = sequence(outs.iter().map(|h| (h, numel)));
         let st = |i: usize| arg::<R>(&state[i].0, state[i].1);
         let (count, dim, n) = (cube_count(numel), CubeDim::new_1d(BLOCK), numel as u32);
         let f = |x: Scalar| x.get() as f32;
@@ -1002,14 +989,8 @@ impl<R: Runtime> Device<R> {
         ins: &[(Handle, usize)],
         outs: &[Handle],
     ) {
-        let mut i = SequenceArg::<R, Array<f32>>::new();
-        for (h, n) in ins {
-            i.push(arg(h, *n));
-        }
-        let mut o = SequenceArg::<R, Array<f32>>::new();
-        for h in outs {
-            o.push(arg(h, numel));
-        }
+        let i = sequence(ins.iter().map(|(h, n)| (h, *n)));
+        let o = sequence(outs.iter().map(|h| (h, numel)));
         elementwise_program::launch::<R>(
             &self.client,
             cube_count(numel),

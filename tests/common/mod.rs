@@ -452,3 +452,31 @@ pub fn log_sum_exp(g: &mut Graph, x: NodeId, axis: usize) -> NodeId {
     let l = g.log(s);
     g.add(l, m)
 }
+
+/// The three optimiser rules with PyTorch-like hyperparameters (AdamW with
+/// and without weight decay).
+pub fn step_rules() -> Vec<coopc_compiler::ir::StepRule> {
+    use coopc_compiler::ir::StepRule;
+    let s = |v: f64| v.into();
+    vec![
+        StepRule::Sgd { lr: s(0.1) },
+        StepRule::Momentum {
+            lr: s(0.05),
+            mu: s(0.9),
+        },
+        StepRule::AdamW {
+            lr: s(1e-2),
+            beta1: s(0.9),
+            beta2: s(0.999),
+            eps: s(1e-8),
+            weight_decay: s(0.0),
+        },
+        StepRule::AdamW {
+            lr: s(3e-3),
+            beta1: s(0.8),
+            beta2: s(0.95),
+            eps: s(1e-3),
+            weight_decay: s(0.1),
+        },
+    ]
+}
