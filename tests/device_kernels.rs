@@ -405,10 +405,11 @@ fn optimiser_step_kernels_match_the_cpu() {
     );
     let t = g.input("t", DType::F32, vec![]);
     // 900 elements (not a multiple of a cube); the gradient loaded, computed
-    // by a fused prologue, or computed there and also an output.
+    // by a fused prologue, computed there and also an output, or a
+    // transpose read through strides.
     let shape = [3, 300];
     for (r, rule) in rules.into_iter().enumerate() {
-        for case in 0..3 {
+        for case in 0..4 {
             let seed = 300 + 10 * r as u64 + 3 * case;
             let name = |x: &str| format!("{}{r}_{case}.{x}", rule.name());
             let mut input = |x: &str, lo, hi, k| {
@@ -421,6 +422,11 @@ fn optimiser_step_kernels_match_the_cpu() {
             let v = input("v", 0.01, 0.2, 4);
             let grad = match case {
                 0 => g1,
+                // Read through permuted strides.
+                3 => {
+                    let gt = f32_input(&mut g, &mut inp, &name("gt"), &[300, 3], -1.0, 1.0, seed);
+                    g.transpose(gt)
+                }
                 _ => {
                     let a = g.scale(g1, 0.3);
                     let b = g.scale(g2, 0.7);

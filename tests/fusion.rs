@@ -563,3 +563,69 @@ fn optimiser_step_fuses_the_gradient_as_its_prologue() {
         );
     }
 }
+
+/// A gradient that comes out of a product transposed (as a LoRA factor's
+/// does) is read by the step kernel through permuted strides: no copy
+/// kernel runs for the transpose, which the step writes when it is an
+/// output.
+#[test]
+fn a_transposed_gradient_is_read_by_the_step_through_strides() {
+    use coopc_compiler::ir::StepRule;
+    let rule = StepRule::Momentum {
+        lr: 0.1.into(),
+        mu: 0.9.into(),
+    };
+    let mut r = rng(41);
+    for grad_is_output in [false, true] {
+        let mut g = Graph::new();
+        let mut inputs = Inputs::new();
+        let mut input = |g: &mut Graph, name: &str, shape: Vec<usize>| {
+            let n = shape.iter().product();
+            inputs.insert(
+                name.into(),
+                f64_tensor(&shape, &uniform(&mut r, n, -1.0, 1.0)),
+            );
+            g.input(name, DType::F64, shape)
+        };
+        let p = input(&mut g, "p", vec![3, 5]);
+        let b = input(&mut g, "b", vec![3, 5]);
+        let x = input(&mut g, "x", vec![4, 5]);
+        let dy = input(&mut g, "dy", vec![4, 3]);
+        // (xᵀ dy)ᵀ: [5, 3] transposed to p's [3, 5].
+        let xt = g.transpose(x);
+        let prod = g.matmul(xt, dy);
+        let grad = g.transpose(prod);
+        if grad_is_output {
+            g.set_output("grad", grad);
+        }
+        for (o, id) in rule
+            .outputs()
+            .iter()
+            .zip(g.optim_steps(rule, &[p, grad, b]))
+        {
+            g.set_output(o.name(), id);
+        }
+        let fused = check_fused_equals_executor(&g, &inputs, 1e-12);
+        assert!(
+            !fused
+                .kernels
+                .iter()
+                .any(|k| matches!(k, Kernel::Node(id) if *id == grad)),
+            "no kernel of its own for the transpose: {:?}",
+            fused.kernels
+        );
+        let Some(Kernel::OptimStep {
+            prologue_inputs,
+            gradient,
+            ..
+        }) = fused
+            .kernels
+            .iter()
+            .find(|k| matches!(k, Kernel::OptimStep { .. }))
+        else {
+            panic!("a step kernel: {:?}", fused.kernels)
+        };
+        assert_eq!(prologue_inputs, &[prod], "reads the product");
+        assert_eq!(*gradient, grad_is_output.then_some(grad));
+    }
+}

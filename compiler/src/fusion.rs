@@ -640,6 +640,7 @@ pub fn fuse(g: &Graph, order: &[NodeId]) -> FusedSchedule {
     let mut replaced = HashMap::new();
     let mut absorbed = HashSet::new();
     group_gradients(g, order, &mut replaced, &mut absorbed);
+    transposed_step_gradients(g, &users, &graph_outputs, &mut replaced, &mut absorbed);
     for &id in order {
         if let Some(kernel) = op_kernel(g, id) {
             replaced.insert(id, kernel);
@@ -789,6 +790,58 @@ fn group_gradients(
                 absorbed.insert(more);
             }
         }
+    }
+}
+
+/// An optimiser step whose gradient is a permutation (a LoRA factor's
+/// gradient comes out of the product transposed) that only the step reads
+/// loads the permutation's source through the permuted strides instead:
+/// the permutation is absorbed (written by the step when it is a graph
+/// output), so no copy kernel runs for it.
+fn transposed_step_gradients(
+    g: &Graph,
+    users: &HashMap<NodeId, Vec<NodeId>>,
+    graph_outputs: &HashSet<NodeId>,
+    replaced: &mut HashMap<NodeId, Kernel>,
+    absorbed: &mut HashSet<NodeId>,
+) {
+    for kernel in replaced.values_mut() {
+        let Kernel::OptimStep {
+            prologue,
+            prologue_inputs,
+            outputs,
+            gradient,
+            ..
+        } = kernel
+        else {
+            continue;
+        };
+        let grad = prologue_inputs[0];
+        let Op::Permute { perm } = g.op(grad) else {
+            continue;
+        };
+        let only_the_step = users
+            .get(&grad)
+            .is_some_and(|us| us.iter().all(|u| outputs.iter().any(|o| o.1 == *u)));
+        if !only_the_step {
+            continue;
+        }
+        let src = g.inputs(grad)[0];
+        let src_strides = strides(&g.ty(src).shape);
+        *prologue = ElemProgram {
+            n_inputs: 1,
+            instrs: vec![ElemInstr::Load {
+                input: 0,
+                index: Index::Broadcast {
+                    shape: g.ty(grad).shape.iter().map(|&d| d as u32).collect(),
+                    strides: perm.iter().map(|&a| src_strides[a] as u32).collect(),
+                },
+            }],
+            outputs: vec![0],
+        };
+        *prologue_inputs = vec![src];
+        *gradient = graph_outputs.contains(&grad).then_some(grad);
+        absorbed.insert(grad);
     }
 }
 
@@ -1262,6 +1315,9 @@ impl Fuser<'_> {
             return;
         };
         let grad = prologue_inputs[0];
+        if *prologue != ElemProgram::load() || grad != self.g.inputs(outputs[0].1)[1] {
+            return; // already given a prologue
+        }
         if constant_value(self.g, grad).is_some() || self.inlined_broadcast(grad).is_some() {
             (*prologue, *prologue_inputs) = self.program(&[], &[grad], None);
             return;
