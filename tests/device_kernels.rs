@@ -588,6 +588,59 @@ fn device_backend() -> Box<dyn Backend> {
     }
 }
 
+/// The decode attention over a cache: head dims 64 and 7, grouped-query
+/// heads, caches longer than one chunk of the kernel, positions at the
+/// start, inside and at the end of the cache (and past it, clamped).
+#[test]
+fn cached_attention_matches_the_cpu() {
+    let mut g = Graph::new();
+    let mut inp = Inputs::new();
+    for (i, (b, h, kv, l, hd, pos)) in [
+        (2, 4, 2, 700, 64, 600),
+        (1, 2, 2, 700, 64, 699),
+        (3, 3, 1, 9, 7, 0),
+        (1, 4, 4, 20, 16, 5),
+        (1, 2, 1, 6, 8, 9),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = 80 + 4 * i as u64;
+        let q = f32_input(
+            &mut g,
+            &mut inp,
+            &format!("q{i}"),
+            &[b, h, 1, hd],
+            -1.0,
+            1.0,
+            seed,
+        );
+        let k = f32_input(
+            &mut g,
+            &mut inp,
+            &format!("k{i}"),
+            &[b, kv, l, hd],
+            -1.0,
+            1.0,
+            seed + 1,
+        );
+        let v = f32_input(
+            &mut g,
+            &mut inp,
+            &format!("v{i}"),
+            &[b, kv, l, hd],
+            -1.0,
+            1.0,
+            seed + 2,
+        );
+        inp.insert(format!("pos{i}"), HostTensor::i32(vec![1], vec![pos]));
+        let p = g.input(format!("pos{i}"), DType::I32, vec![1]);
+        let o = g.cached_attention(q, k, v, p);
+        g.set_output(format!("cached{i}"), o);
+    }
+    check(&g, &inp, 1e-5);
+}
+
 /// `update_slice` writes one position of a cache-like tensor; with a donated
 /// base that nothing but the caller's inputs holds, into the base's own
 /// buffer (the caller's old value then holds the new position), else into

@@ -4,7 +4,8 @@
 //! log-sum-exp of a log-softmax, per unit and with one cube per long row),
 //! the tiled and the register-blocked matrix products, a strided copy, and
 //! the hand-written kernels: the fused linear log-prob, causal attention
-//! (forward and backward), the rotary embedding (and its transpose),
+//! (forward and backward) and the decode step's attention over its cache,
+//! the rotary embedding (and its transpose),
 //! RMSNorm (forward, `dx`, `dw`), the optimiser steps (AdamW with its
 //! gradient fused in, momentum, SGD) and the top-p token sampler.
 //! A change to code generation shows up as a reviewable diff.
@@ -280,6 +281,27 @@ fn causal_attention() {
             .expect("compiles to CUDA and WGSL");
         snapshot(name, &src);
     }
+}
+
+#[test]
+fn cached_attention_of_the_decode_step() {
+    // One query row per head over a grouped-query cache: one kernel, which
+    // reads the position on the device.
+    let mut g = Graph::new();
+    let q = g.input("q", DType::F32, vec![2, 4, 1, 16]);
+    let k = g.input("k", DType::F32, vec![2, 2, 32, 16]);
+    let v = g.input("v", DType::F32, vec![2, 2, 32, 16]);
+    let pos = g.input("pos", DType::I32, vec![1]);
+    let o = g.cached_attention(q, k, v, pos);
+    g.set_output("o", o);
+    let (kernels, src) = sources(&g);
+    let launched: Vec<&Kernel> = kernels
+        .iter()
+        .filter(|k| !matches!(k, Kernel::Node(id) if g.op(*id).is_source()))
+        .collect();
+    assert_eq!(launched.len(), 1, "{kernels:?}");
+    assert_eq!(src.len(), 1);
+    snapshot("cached_attention", &src[0]);
 }
 
 #[test]

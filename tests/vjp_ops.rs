@@ -1069,3 +1069,85 @@ fn update_slice_refuses_operands_that_do_not_fit() {
         assert!(e.to_string().contains("update_slice"), "{what}: {e}");
     }
 }
+
+/// Random cached-attention operands: q [B, H, 1, hd], caches [B, H_kv, L,
+/// hd], and a position (the last seed's past the cache, which reads it
+/// all).
+fn cached_attention_case(seed: u64) -> (Vec<Var>, i32) {
+    let mut r = rng(seed + 2400);
+    let (b, kv, group) = (r.gen_range(1..3), r.gen_range(1..3), r.gen_range(1..3));
+    let (l, hd) = (r.gen_range(1..6), r.gen_range(1..4));
+    let pos = if seed == 4 {
+        l as i32 + 2
+    } else {
+        r.gen_range(0..l) as i32
+    };
+    let mut var = |name: &str, s: Vec<usize>| {
+        let n = s.iter().product();
+        Var::new(name, &s, uniform(&mut r, n, -1.5, 1.5))
+    };
+    let vars = vec![
+        var("q", vec![b, kv * group, 1, hd]),
+        var("k", vec![b, kv, l, hd]),
+        var("v", vec![b, kv, l, hd]),
+    ];
+    (vars, pos)
+}
+
+#[test]
+fn cached_attention_matches_its_reference_expression() {
+    use coopc_compiler::attention::reference_cached_attention;
+    use coopc_runtime::HostTensor;
+    for seed in SEEDS {
+        let (vars, pos) = cached_attention_case(seed);
+        let mut g = Graph::new();
+        let x: Vec<NodeId> = vars
+            .iter()
+            .map(|v| g.input(&v.name, DType::F64, v.shape.clone()))
+            .collect();
+        let p = g.input("pos", DType::I32, vec![1]);
+        let op = g.cached_attention(x[0], x[1], x[2], p);
+        let reference = reference_cached_attention(&mut g, x[0], x[1], x[2], p);
+        let extra = Inputs::from([("pos".into(), HostTensor::i32(vec![1], vec![pos]))]);
+        let vals = eval(&g, &bind(&vars, &extra), &[op, reference]);
+        let e = rel_err(&vals[0], &vals[1], 1e-3);
+        assert!(e < 1e-12, "seed {seed}: {e:e}");
+    }
+}
+
+#[test]
+fn cached_attention_vjp_matches_finite_differences() {
+    use coopc_runtime::HostTensor;
+    for seed in SEEDS {
+        let (vars, pos) = cached_attention_case(seed);
+        let extra = Inputs::from([("pos".into(), HostTensor::i32(vec![1], vec![pos]))]);
+        check_op(seed, &vars, &extra, true, |g, x| {
+            let p = g.input("pos", DType::I32, vec![1]);
+            g.cached_attention(x[0], x[1], x[2], p)
+        });
+    }
+}
+
+#[test]
+fn cached_attention_refuses_operands_that_do_not_fit() {
+    use coopc_compiler::ir::Op;
+    let mut g = Graph::new();
+    let q = g.input("q", DType::F32, vec![2, 4, 1, 8]);
+    let q2 = g.input("q2", DType::F32, vec![2, 4, 2, 8]);
+    let k = g.input("k", DType::F32, vec![2, 2, 16, 8]);
+    let k3 = g.input("k3", DType::F32, vec![2, 3, 16, 8]);
+    let kd = g.input("kd", DType::F32, vec![2, 2, 16, 4]);
+    let pos = g.input("pos", DType::I32, vec![1]);
+    let posf = g.input("posf", DType::F32, vec![1]);
+    assert!(g.try_add_op(Op::CachedAttention, &[q, k, k, pos]).is_ok());
+    for (what, ops) in [
+        ("one query row", [q2, k, k, pos]),
+        ("kv heads dividing heads", [q, k3, k3, pos]),
+        ("head dim", [q, kd, kd, pos]),
+        ("k and v alike", [q, k, kd, pos]),
+        ("i32 position", [q, k, k, posf]),
+    ] {
+        let e = g.try_add_op(Op::CachedAttention, &ops).unwrap_err();
+        assert!(e.to_string().contains("cached_attention"), "{what}: {e}");
+    }
+}

@@ -106,3 +106,41 @@ pub fn reference_grad(
     let dkx = g.matmul(dst, q);
     sum_groups(g, dkx, kv_heads)
 }
+
+/// `cached_attention(q, k, v, pos)` with ordinary ops: the cache expanded
+/// to every query head, scores over all `L` rows with the rows after `pos`
+/// masked to −∞, softmax, and the product with the values.
+pub fn reference_cached_attention(
+    g: &mut Graph,
+    q: NodeId,
+    k: NodeId,
+    v: NodeId,
+    pos: NodeId,
+) -> NodeId {
+    use crate::ir::{CompareOp, DType};
+    let s = g.ty(q).shape.clone();
+    let (b, h, hd) = (s[0], s[1], s[3]);
+    let l = g.ty(k).shape[2];
+    let dtype = g.ty(q).dtype;
+    let k = expand_kv(g, k, h);
+    let v = expand_kv(g, v, h);
+    let j = g.iota(0, DType::I32, vec![l]);
+    let p = g.broadcast(pos, vec![l]);
+    let visible = g.compare(CompareOp::Le, j, p);
+    let kt = g.transpose(k);
+    let scores = g.matmul(q, kt);
+    let scores = g.scale(scores, 1.0 / (hd as f64).sqrt());
+    let allowed = g.reshape(visible, vec![1, l]);
+    let allowed = g.broadcast(allowed, vec![b, h, 1, l]);
+    let masked = g.full(f64::NEG_INFINITY, dtype, vec![b, h, 1, l]);
+    let scores = g.select(allowed, scores, masked);
+    let m = g.reduce_max(scores, &[3], true);
+    let m = g.stop_gradient(m);
+    let mb = g.broadcast(m, vec![b, h, 1, l]);
+    let z = g.sub(scores, mb);
+    let e = g.exp(z);
+    let den = g.sum(e, &[3], true);
+    let den = g.broadcast(den, vec![b, h, 1, l]);
+    let p = g.div(e, den);
+    g.matmul(p, v)
+}

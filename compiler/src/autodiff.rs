@@ -540,6 +540,11 @@ fn input_cotangents(
                 }
             }
         }
+        Op::CachedAttention => {
+            let [q, k, v, pos] = [inputs[0], inputs[1], inputs[2], inputs[3]];
+            let r = crate::attention::reference_cached_attention(g, q, k, v, pos);
+            res.extend(operand_cotangents(g, r, gout, inputs));
+        }
         Op::LinearLogprob => {
             let hwt = [inputs[0], inputs[1], inputs[2]];
             for wrt in [LogprobOperand::Hidden, LogprobOperand::Weight] {

@@ -4,7 +4,7 @@
 //! computes the same function as [`Decoder::logits`] at that position, with
 //! the same op order, so the two agree to rounding.
 
-use crate::ir::{CompareOp, DType, Graph, NodeId};
+use crate::ir::{DType, Graph, NodeId};
 use crate::model::{lora_name, lora_shapes, matmul_t, module_path, theta_shapes, Decoder, Params};
 use crate::passes::Pipeline;
 use crate::spec::{LoraSpec, ModelSpec, Projection};
@@ -204,7 +204,6 @@ impl DecodeStep<'_> {
         let x = g.gather(embed, ids);
         let mut x = g.reshape(x, vec![b, 1, m.d_model]);
         let (cos, sin) = self.rope_at(g, pos);
-        let visible = self.visible(g, pos);
         let mut next = Vec::with_capacity(caches.len());
         for (i, &(k_cache, v_cache)) in caches.iter().enumerate() {
             let ln1 = self
@@ -222,9 +221,7 @@ impl DecodeStep<'_> {
             let k_all = g.update_slice(k_cache, k, pos, 2);
             let v_all = g.update_slice(v_cache, v, pos, 2);
             next.push((k_all, v_all));
-            let k_all = self.dec.repeat_kv(g, k_all);
-            let v_all = self.dec.repeat_kv(g, v_all);
-            let a = self.attention(g, q, k_all, v_all, visible);
+            let a = g.cached_attention(q, k_all, v_all, pos);
             let a = g.permute(a, &[0, 2, 1, 3]);
             let a = g.reshape(a, vec![b, 1, m.n_heads * m.head_dim()]);
             let o = self.dec.linear(g, a, theta, w, i, Projection::OProj);
@@ -262,39 +259,6 @@ impl DecodeStep<'_> {
         let cos = g.literal(&cos, self.dtype, vec![t, hd]);
         let sin = g.literal(&sin, self.dtype, vec![t, hd]);
         (g.gather(cos, pos), g.gather(sin, pos))
-    }
-
-    /// The mask over the time axis `[max_len]` of what the step may attend
-    /// to, `j <= pos`.
-    fn visible(&self, g: &mut Graph, pos: NodeId) -> NodeId {
-        let l = self.max_len;
-        let j = g.iota(0, DType::I32, vec![l]);
-        let p = g.broadcast(pos, vec![l]);
-        g.compare(CompareOp::Le, j, p)
-    }
-
-    /// Softmax attention of q [B,H,1,hd] over k, v [B,H,L,hd], restricted to
-    /// the times `visible` [L].
-    fn attention(&self, g: &mut Graph, q: NodeId, k: NodeId, v: NodeId, visible: NodeId) -> NodeId {
-        let s = g.ty(q).shape.clone();
-        let (b, h, hd) = (s[0], s[1], s[3]);
-        let l = self.max_len;
-        let kt = g.transpose(k);
-        let scores = g.matmul(q, kt);
-        let scores = g.scale(scores, 1.0 / (hd as f64).sqrt());
-        let allowed = g.reshape(visible, vec![1, l]);
-        let allowed = g.broadcast(allowed, vec![b, h, 1, l]);
-        let masked = g.full(f64::NEG_INFINITY, self.dtype, vec![b, h, 1, l]);
-        let scores = g.select(allowed, scores, masked);
-        let m = g.reduce_max(scores, &[3], true);
-        let m = g.stop_gradient(m);
-        let mb = g.broadcast(m, vec![b, h, 1, l]);
-        let z = g.sub(scores, mb);
-        let e = g.exp(z);
-        let den = g.sum(e, &[3], true);
-        let den = g.broadcast(den, vec![b, h, 1, l]);
-        let p = g.div(e, den);
-        g.matmul(p, v)
     }
 }
 

@@ -250,7 +250,7 @@ pub enum Kernel {
     /// Causal softmax attention `id` of `q [B, H, T, hd]` over `k, v
     /// [B, H_kv, T, hd]` (query head h reads key/value head h / (H / H_kv)),
     /// scores scaled by 1/√hd: an `Op::CausalAttention`, or a matched
-    /// subgraph (`model::causal_attention`, with `repeat_kv`'s expansion)
+    /// subgraph (`model::causal_attention`, with `attention::expand_kv`'s expansion)
     /// that would have materialised the `[B, H, T, T]` scores and
     /// probabilities.
     Attention {
@@ -1035,7 +1035,7 @@ fn is_causal_mask(g: &Graph, mask: NodeId, t: usize) -> bool {
 
 /// Matches `model::causal_attention`: `out = matmul(P, V)` with `P` the
 /// max-subtracted softmax over the last axis of `select(causal mask, (Q ·
-/// Kᵀ) · 1/√hd, −∞)`. Keys and values expanded by `repeat_kv` (reshape →
+/// Kᵀ) · 1/√hd, −∞)`. Keys and values expanded by `attention::expand_kv` (reshape →
 /// broadcast → reshape of `[B, H_kv, T, hd]`) are read unexpanded when the
 /// expansion has no other reader. Returns the fused kernel and the nodes it
 /// absorbs (the masks and constants, shared between layers, are not).
@@ -1103,7 +1103,7 @@ fn match_attention(
     if !sealed(&inner, &inside, users, outputs) {
         return None;
     }
-    // repeat_kv: reshape(broadcast(reshape(x [B, H_kv, T, hd]))).
+    // expand_kv: reshape(broadcast(reshape(x [B, H_kv, T, hd]))).
     let unexpand = |x: NodeId| -> Option<(NodeId, [NodeId; 2])> {
         let b = *ins(x).first()?;
         let r = *ins(b).first()?;

@@ -179,11 +179,6 @@ impl Decoder<'_> {
         g.permute(r, &[0, 2, 1, 3])
     }
 
-    /// [B, KV, T, hd] → [B, H, T, hd], query head h reading kv head h / (H / KV).
-    pub(crate) fn repeat_kv(&self, g: &mut Graph, x: NodeId) -> NodeId {
-        crate::attention::expand_kv(g, x, self.model.n_heads)
-    }
-
     /// Final hidden states [B, T, d_model] (after the last RMSNorm) for ids [B, T].
     pub fn hidden(&self, g: &mut Graph, theta: &Params, w: &Params, ids: NodeId) -> NodeId {
         let m = self.model;

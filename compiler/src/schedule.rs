@@ -355,6 +355,12 @@ fn op_flops(g: &Graph, id: NodeId) -> u64 {
                 3
             }
         }
+        // Scores and output over the whole cache (an upper bound: the kernel
+        // stops at the position).
+        Op::CachedAttention => {
+            let k = &g.ty(g.inputs(id)[1]).shape;
+            4 * (out * k[2] as u64)
+        }
         // The logits h·wᵀ (2·N·V·d); a gradient recomputes them and takes
         // one more product of the same size.
         Op::LinearLogprob | Op::LinearLogprobGrad { .. } => {

@@ -8,6 +8,7 @@
 //! f64 and the GPU path computes in f32.
 
 use crate::attention::AttentionShape;
+use crate::cached_attention::{cached_attention, CACHED_BLOCK, CACHED_CHUNK};
 use crate::elementwise::elementwise_program;
 use crate::linear_logprob::LogprobShape;
 use crate::matmul::{use_blocked, MatmulShape};
@@ -1259,6 +1260,35 @@ impl<R: Runtime> Device<R> {
                     u(table[0]),
                     u(table[1]),
                     *transpose,
+                );
+                h
+            }
+            Op::CachedAttention => {
+                let (qs, ks) = (&g.ty(ops[0]).shape, &g.ty(ops[1]).shape);
+                let (rows, hd) = (qs[0] * qs[1], qs[3]);
+                if hd > CACHED_BLOCK {
+                    return Err(unsupported(format!(
+                        "cached attention with head dim {hd} (at most {CACHED_BLOCK})"
+                    )));
+                }
+                let h = self.output(n);
+                cached_attention::launch::<R>(
+                    &self.client,
+                    cubes(rows),
+                    CubeDim::new_1d(CACHED_BLOCK as u32),
+                    arg(&get(&ops[0])?, in_len(0)),
+                    arg(&get(&ops[1])?, in_len(1)),
+                    arg(&get(&ops[2])?, in_len(2)),
+                    arg(&get(&ops[3])?, 1),
+                    arg(&h, n),
+                    rows as u32,
+                    qs[1] as u32,
+                    ks[1] as u32,
+                    ks[2] as u32,
+                    hd as u32,
+                    (1.0 / (hd as f64).sqrt()) as f32,
+                    CACHED_BLOCK,
+                    CACHED_CHUNK,
                 );
                 h
             }

@@ -10,6 +10,7 @@
 #![allow(clippy::eq_op, clippy::erasing_op)]
 
 pub mod attention;
+pub mod cached_attention;
 pub mod device;
 pub mod elementwise;
 pub mod linear_logprob;

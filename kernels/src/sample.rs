@@ -159,7 +159,7 @@ pub(crate) fn cube_sum(x: f32, shared: &mut SharedMemory<f32>, tid: usize) -> f3
 
 /// The maximum over the cube of each unit's `x` (see [`cube_fold`]).
 #[cube]
-fn cube_max(x: f32, shared: &mut SharedMemory<f32>, tid: usize) -> f32 {
+pub(crate) fn cube_max(x: f32, shared: &mut SharedMemory<f32>, tid: usize) -> f32 {
     cube_fold(x, shared, tid, true)
 }
 

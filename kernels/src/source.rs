@@ -6,6 +6,7 @@
 use crate::attention::{
     attention_backward_kv, attention_backward_q, attention_forward, TILE_K, TILE_Q,
 };
+use crate::cached_attention::{cached_attention, CACHED_BLOCK, CACHED_CHUNK};
 use crate::device::BLOCK;
 use crate::elementwise::elementwise_program;
 use crate::linear_logprob::{
@@ -99,6 +100,8 @@ pub enum Traced {
     /// `update_slice`'s write of the update (into a copy of the base, or
     /// into a donated base).
     WriteSlice,
+    /// The decode step's attention over its cache.
+    CachedAttention,
     GatherRows,
     ScatterAddRows,
     OneHot,
@@ -403,6 +406,31 @@ impl Traced {
                 let (n, t, hd) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
                 rope::expand(&mut b.scope, x, c, s, o, n, t, hd, *transpose);
                 b.build(settings(name, one_d))
+            }
+            Traced::CachedAttention => {
+                let [q, k, v, pos] =
+                    [(); 4].map(|_| <Array<f32> as LaunchArg>::expand(&array(), &mut b));
+                let o = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let [rows, heads, kv, len, hd] = [(); 5].map(|_| scalar(&mut b));
+                let scale = <f32 as LaunchArg>::expand(&(), &mut b);
+                let sc = &mut b.scope;
+                cached_attention::expand(
+                    sc,
+                    q,
+                    k,
+                    v,
+                    pos,
+                    o,
+                    rows,
+                    heads,
+                    kv,
+                    len,
+                    hd,
+                    scale,
+                    CACHED_BLOCK,
+                    CACHED_CHUNK,
+                );
+                b.build(settings(name, CubeDim::new_1d(CACHED_BLOCK as u32)))
             }
             Traced::TakeAlong | Traced::GatherRows | Traced::WriteSlice => {
                 let x = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
@@ -811,6 +839,7 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
                 Op::ScatterAdd { .. } => ("scatter_add".into(), Traced::ScatterAddAlong),
                 Op::Gather => ("gather".into(), Traced::GatherRows),
                 Op::UpdateSlice { .. } => ("update_slice".into(), Traced::WriteSlice),
+                Op::CachedAttention => ("cached_attention".into(), Traced::CachedAttention),
                 Op::ScatterAddRows { .. } => ("scatter_add_rows".into(), Traced::ScatterAddRows),
                 Op::OneHot { .. } => ("one_hot".into(), Traced::OneHot),
                 Op::Iota { .. } => ("iota".into(), Traced::Iota),

@@ -619,6 +619,13 @@ fn eval(graph: &Graph, id: NodeId, args: &[&HostTensor]) -> Result<HostTensor, E
             );
             T::into_buffer(attention::forward(&dims, q, k, v))
         }),
+        Op::CachedAttention => float_dtype!(args[0].dtype(), cx, |T| {
+            let (qs, ks) = (&args[0].shape, &args[1].shape);
+            let [q, k, v] = [0, 1, 2].map(|i| cx.view::<T>(args[i]));
+            let pos = cx.view::<i32>(args[3])?[0];
+            let dims = [qs[1], ks[1], qs[3]];
+            T::into_buffer(attention::cached(q?, k?, v?, dims, ks[2], pos))
+        }),
         Op::CausalAttentionGrad { wrt } => float_dtype!(args[0].dtype(), cx, |T| {
             let dims = attention::Dims::of(&args[0].shape, &args[1].shape);
             let [q, k, v, o, d_o] = [0, 1, 2, 3, 4].map(|i| cx.view::<T>(args[i]));

@@ -565,6 +565,12 @@ impl Graph {
         self.add_op(Op::Gather, &[table, ids])
     }
 
+    /// Attention of `q [B, H, 1, hd]` over cache rows `0..=pos[0]` of `k,
+    /// v [B, H_kv, L, hd]` (see `Op::CachedAttention`).
+    pub fn cached_attention(&mut self, q: NodeId, k: NodeId, v: NodeId, pos: NodeId) -> NodeId {
+        self.add_op(Op::CachedAttention, &[q, k, v, pos])
+    }
+
     /// `base` with `update` written at `index[0]` along `axis` (see
     /// `Op::UpdateSlice`).
     pub fn update_slice(

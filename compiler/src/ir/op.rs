@@ -502,6 +502,12 @@ pub enum Op {
     /// head h / (H / H_kv) (grouped-query attention). The `[T, T]` scores
     /// are not a value of the graph: executors compute them row by row.
     CausalAttention,
+    /// Attention of one query position per row over a key/value cache:
+    /// `softmax(q kᵀ / √hd) v` of `q [B, H, 1, hd]` over the cache rows
+    /// `0..=pos[0]` of `k, v [B, H_kv, L, hd]` (query head h reads cache
+    /// head h / (H / H_kv)), with `pos` i32 `[1]` in `0..L`: the decode
+    /// step's attention, which reads only the positions written so far.
+    CachedAttention,
     /// The gradient of `Σ do ∘ o` for `o = causal_attention(q, k, v)`
     /// with respect to one operand, from operands `(q, k, v, o, do)`: the
     /// backward pass of `CausalAttention`, which recomputes the
@@ -611,6 +617,7 @@ impl Op {
             Op::OneHot { .. } => "one_hot",
             Op::Cast { .. } => "cast",
             Op::CausalAttention => "causal_attention",
+            Op::CachedAttention => "cached_attention",
             Op::LinearLogprob => "linear_logprob",
             Op::LinearLogprobGrad { .. } => "linear_logprob_grad",
             Op::Rope { .. } => "rope",
@@ -1051,6 +1058,30 @@ impl Op {
                 arity(3)?;
                 check_attention(inputs[0], inputs[1], inputs[2]).map_err(err)?;
                 Ok(inputs[0].clone())
+            }
+            Op::CachedAttention => {
+                arity(4)?;
+                let (q, k, v, pos) = (inputs[0], inputs[1], inputs[2], inputs[3]);
+                let ok = q.dtype.is_float()
+                    && q.rank() == 4
+                    && q.shape[2] == 1
+                    && k == v
+                    && k.dtype == q.dtype
+                    && k.rank() == 4
+                    && k.shape[0] == q.shape[0]
+                    && k.shape[3] == q.shape[3]
+                    && k.shape[1] > 0
+                    && k.shape[2] > 0
+                    && q.shape[1].is_multiple_of(k.shape[1]);
+                if !ok {
+                    return Err(err(format!(
+                        "needs float q [B, H, 1, hd] and k, v [B, H_kv, L, hd] of its dtype with H a multiple of H_kv and L ≥ 1, got {q}, {k}, {v}"
+                    )));
+                }
+                if pos.dtype != DType::I32 || pos.shape[..] != [1] {
+                    return Err(err(format!("the position must be i32 [1], got {pos}")));
+                }
+                Ok(q.clone())
             }
             Op::LinearLogprob => {
                 arity(3)?;

@@ -117,6 +117,55 @@ pub fn forward<T: Gemm + Element>(d: &Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T>
     out
 }
 
+/// `cached_attention`: for each query row `[hd]` of `q` (`[B, H, 1, hd]`),
+/// `softmax(q kᵀ / √hd) v` over the cache rows `0..=pos` (`pos` clamped to
+/// the cache; NaN for a negative one) of its key/value head in `k, v`
+/// (`[B, H_kv, L, hd]`, `cache_len` = L).
+pub fn cached<T: Gemm + Element>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    [heads, kv_heads, hd]: [usize; 3],
+    cache_len: usize,
+    pos: i32,
+) -> Vec<T> {
+    let d = Dims {
+        batch: q.len() / (heads * hd).max(1),
+        heads,
+        kv_heads,
+        seq: cache_len,
+        head_dim: hd,
+    };
+    let scale = d.scale::<T>();
+    let mut out = vec![T::zero(); q.len()];
+    let Ok(pos) = usize::try_from(pos) else {
+        return vec![T::nan(); q.len()];
+    };
+    let rows = pos.min(cache_len.saturating_sub(1)) + 1;
+    for (qh, o) in out.chunks_mut(hd.max(1)).enumerate() {
+        let qr = &q[qh * hd..(qh + 1) * hd];
+        let (kh, vh) = (d.kv_of(k, qh), d.kv_of(v, qh));
+        let s: Vec<T> = (0..rows)
+            .map(|j| {
+                let kj = &kh[j * hd..(j + 1) * hd];
+                qr.iter().zip(kj).fold(T::zero(), |a, (&x, &y)| a + x * y) * scale
+            })
+            .collect();
+        let m = s
+            .iter()
+            .fold(T::neg_infinity(), |a, &x| BinaryOp::Max.apply(a, x));
+        let e: Vec<T> = s.iter().map(|&x| (x - m).exp()).collect();
+        let sum = e.iter().fold(T::zero(), |a, &x| a + x);
+        for (j, &ej) in e.iter().enumerate() {
+            let p = ej / sum;
+            for (od, &vd) in o.iter_mut().zip(&vh[j * hd..(j + 1) * hd]) {
+                *od = *od + p * vd;
+            }
+        }
+    }
+    out
+}
+
 /// The gradient of `Σ do ∘ o` (`o` the forward's value) with respect to
 /// `wrt`: with `dS` as in `score_grads`, `dq = dS k`, `dk = dSᵀ q`, `dv =
 /// Pᵀ do`, key and value heads summed over the query heads of their group.
