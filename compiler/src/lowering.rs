@@ -329,7 +329,7 @@ fn opt_step(
                 step: Some(t),
             };
             let adj = StepAdjoint::AdamW {
-                decay: 1.0 - lr * weight_decay,
+                decay: rule.decay().unwrap_or(1.0),
                 beta1,
                 d: ds,
             };

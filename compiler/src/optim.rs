@@ -30,7 +30,7 @@ pub fn reference_step(g: &mut Graph, rule: StepRule, out: StepOut, ops: &[NodeId
             beta1,
             beta2,
             eps,
-            weight_decay,
+            ..
         } => {
             let (m, v, t) = (ops[2], ops[3], ops[4]);
             let (lr, beta1, beta2) = (lr.get(), beta1.get(), beta2.get());
@@ -69,10 +69,9 @@ pub fn reference_step(g: &mut Graph, rule: StepRule, out: StepOut, ops: &[NodeId
             if out == StepOut::Precond {
                 return d;
             }
-            let decayed = if weight_decay.get() != 0.0 {
-                g.scale(p, 1.0 - lr * weight_decay.get())
-            } else {
-                p
+            let decayed = match rule.decay() {
+                Some(k) => g.scale(p, k),
+                None => p,
             };
             let upd = g.mul(d, m2);
             g.sub(decayed, upd)

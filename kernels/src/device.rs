@@ -959,7 +959,7 @@ impl<R: Runtime> Device<R> {
                 beta1,
                 beta2,
                 eps,
-                weight_decay,
+                ..
             } => adamw_step::launch::<R>(
                 &self.client,
                 count,
@@ -977,7 +977,7 @@ impl<R: Runtime> Device<R> {
                 f(beta2),
                 (1.0 - beta2.get()) as f32,
                 f(eps),
-                (1.0 - lr.get() * weight_decay.get()) as f32,
+                rule.decay().unwrap_or(1.0) as f32,
                 spec,
             ),
         }

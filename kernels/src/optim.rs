@@ -69,12 +69,10 @@ impl StepSpec {
         else {
             return None;
         };
-        let decay =
-            matches!(rule, StepRule::AdamW { weight_decay, .. } if weight_decay.get() != 0.0);
         Some(StepSpec {
             prologue: prologue.clone(),
             writes: outputs.iter().map(|o| o.0).collect(),
-            decay,
+            decay: rule.decay().is_some(),
             write_gradient: gradient.is_some(),
         })
     }

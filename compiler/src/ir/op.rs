@@ -335,6 +335,18 @@ impl StepRule {
         }
     }
 
+    /// The factor AdamW's decoupled weight decay scales θ by, `1 − lr·wd`;
+    /// `None` when the step does not decay θ (no weight decay, or another
+    /// rule).
+    pub fn decay(self) -> Option<f64> {
+        match self {
+            StepRule::AdamW {
+                lr, weight_decay, ..
+            } if weight_decay.get() != 0.0 => Some(1.0 - lr.get() * weight_decay.get()),
+            _ => None,
+        }
+    }
+
     /// The values one step gives, in kernel output order.
     pub fn outputs(self) -> &'static [StepOut] {
         match self {

@@ -38,7 +38,7 @@ pub fn step<T: Float + Send + Sync>(rule: StepRule, out: StepOut, ops: &[&[T]]) 
             beta1,
             beta2,
             eps,
-            weight_decay,
+            ..
         } => {
             let (m, v, t) = (ops[2], ops[3], ops[4][0]);
             let (b1, b2) = (beta1.get(), beta2.get());
@@ -47,8 +47,7 @@ pub fn step<T: Float + Send + Sync>(rule: StepRule, out: StepOut, ops: &[&[T]]) 
             let c1 = one - c(b1).powf(t);
             let c2 = one - c(b2).powf(t);
             let (lr_t, eps) = (c(lr.get()), c(eps.get()));
-            let wd = weight_decay.get();
-            let decay = (wd != 0.0).then(|| c(1.0 - lr.get() * wd));
+            let decay = rule.decay().map(c);
             let m2 = |i: usize| m[i] * cb1 + g[i] * cb1c;
             let v2 = |i: usize| v[i] * cb2 + g[i] * g[i] * cb2c;
             let d = |i: usize| lr_t / (((v2(i) / c2).sqrt() + eps) * c1);
