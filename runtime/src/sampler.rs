@@ -109,7 +109,7 @@ pub struct Sampler {
     vocab: usize,
     n_layers: usize,
     cache: TensorType,
-    /// θ names the program reads.
+    /// θ and w names the decode step and the merge read.
     param_names: Vec<String>,
     /// Merges the LoRA adapters into θ's weights once per call
     /// (`lora_merge_program`); its outputs replace those weights.
@@ -127,15 +127,19 @@ impl Sampler {
         assert!(max_len > 0, "a sampler needs room for at least one token");
         let dtype = float_dtype(spec.backend.dtype);
         let program = decode_step_program(&spec.model, &spec.lora, dtype, batch, max_len);
+        let merge = lora_merge_program(&spec.model, &spec.lora, dtype);
         let own = |name: &str| name == IDS_INPUT || name == POS_INPUT || name.starts_with("cache.");
-        let mut param_names: Vec<String> = program
-            .node_ids()
-            .filter_map(|id| match program.op(id) {
+        let mut param_names: Vec<String> = [Some(&program), merge.as_ref()]
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g.node_ids().map(move |id| g.op(id)))
+            .filter_map(|op| match op {
                 Op::Input { name, .. } if !own(name) => Some(name.clone()),
                 _ => None,
             })
             .collect();
         param_names.sort();
+        param_names.dedup();
         Sampler {
             program,
             batch,
@@ -144,7 +148,7 @@ impl Sampler {
             n_layers: spec.model.n_layers,
             cache: TensorType::new(dtype, cache_shape(&spec.model, batch, max_len)),
             param_names,
-            merge: lora_merge_program(&spec.model, &spec.lora, dtype),
+            merge,
             backend: Arc::new(CpuBackend),
         }
     }
@@ -198,18 +202,10 @@ impl Sampler {
                 inputs.insert(n.clone(), self.backend.resident(t.clone().into())?);
             }
         }
-        // The adapted weights, merged once for the whole call.
+        // The adapted weights, merged once for the whole call, take the
+        // place of the unmerged ones.
         if let Some(merge) = &self.merge {
-            let mut merge_inputs: HashMap<String, Value> = HashMap::new();
-            for id in merge.node_ids() {
-                if let Op::Input { name, .. } = merge.op(id) {
-                    if let Some(t) = params.get(name) {
-                        let v = self.backend.resident(t.clone().into())?;
-                        merge_inputs.insert(name.clone(), v);
-                    }
-                }
-            }
-            for (name, v) in self.backend.run_values(merge, &merge_inputs, &|_| false)? {
+            for (name, v) in self.backend.run_values(merge, &inputs, &|_| false)? {
                 inputs.insert(name, v);
             }
         }
