@@ -524,29 +524,63 @@ impl<R: Runtime> Device<R> {
             })
     }
 
-    /// Whether node `id`, run as kernel `k`, is an `update_slice` that may
-    /// write into its base's buffer: the base is a donated input
-    /// ([`Graph::donate`]) resident on the device whose value nothing but
-    /// the caller's inputs holds, and no later kernel reads it. (The
-    /// launch also checks that no other value shares the buffer.)
-    fn donated_base<I: Inputs>(
+    /// When node `id`, run as kernel `k`, is an `update_slice` that may
+    /// write into its base's buffer: the caller's value of the base, a
+    /// donated input ([`Graph::donate`]) resident on the device that
+    /// nothing but the caller's inputs holds and no later kernel reads.
+    /// ([`Self::update_donated`] also checks that no other value shares
+    /// the buffer.)
+    fn donated_base<'a, I: Inputs>(
         &self,
         g: &Graph,
         id: NodeId,
-        inputs: &I,
+        inputs: &'a I,
         prepared: &Prepared,
         k: usize,
-    ) -> bool {
+    ) -> Option<&'a DeviceTensor> {
         if !matches!(g.op(id), Op::UpdateSlice { .. }) {
-            return false;
+            return None;
         }
         let base = g.inputs(id)[0];
         let Op::Input { name, .. } = g.op(base) else {
-            return false;
+            return None;
         };
-        g.is_donated(name)
-            && prepared.last_use.get(&base) == Some(&k)
-            && matches!(inputs.input(name), Some(Input::Device(d)) if Arc::strong_count(&d.handle) == 1)
+        if !g.is_donated(name) || prepared.last_use.get(&base) != Some(&k) {
+            return None;
+        }
+        match inputs.input(name) {
+            Some(Input::Device(d)) if Arc::strong_count(&d.handle) == 1 => Some(d),
+            _ => None,
+        }
+    }
+
+    /// Runs `update_slice` node `id` (kernel `kernel`) on the donated base
+    /// `base`: into the base's own buffer when no other value shares it,
+    /// else as usual (a copy, then the write).
+    fn update_donated<I: Inputs>(
+        &self,
+        g: &Graph,
+        kernel: &Kernel,
+        id: NodeId,
+        base: &DeviceTensor,
+        inputs: &I,
+        values: &mut HashMap<NodeId, Handle>,
+    ) -> Result<Vec<(NodeId, Handle)>, DeviceError> {
+        let ops = g.inputs(id);
+        // This is the base's last reader: drop the run's own reference, so
+        // that the caller's value is the buffer's only holder if nothing
+        // else shares it.
+        values.remove(&ops[0]);
+        let resident = &self.unwrap_resident(base)?.handle;
+        let only_holder = resident.can_mut();
+        let h = resident.clone();
+        if !only_holder {
+            values.insert(ops[0], h);
+            return self.launch(g, kernel, inputs, values);
+        }
+        // The donated buffer becomes the output.
+        self.launch_write_slice(g, id, &values[&ops[1]], &values[&ops[2]], &h);
+        Ok(vec![(id, h)])
     }
 
     /// `update_slice` node `id`'s update written into `out` (a copy of the
@@ -640,35 +674,12 @@ impl<R: Runtime> Device<R> {
                             }
                         }
                     }
-                    Kernel::Node(id) if self.donated_base(g, *id, inputs, prepared, k) => {
-                        let ops = g.inputs(*id);
-                        // Its last reader: drop the run's own reference, then
-                        // the caller's value must be the buffer's only holder.
-                        values.remove(&ops[0]);
-                        let Op::Input { name, .. } = g.op(ops[0]) else {
-                            unreachable!("a donated input")
-                        };
-                        let Some(Input::Device(d)) = inputs.input(name) else {
-                            unreachable!("a resident input")
-                        };
-                        let resident = &self.unwrap_resident(d)?.handle;
-                        let only_holder = resident.can_mut();
-                        let base = resident.clone();
-                        if only_holder {
-                            // The donated buffer becomes the output.
-                            self.launch_write_slice(
-                                g,
-                                *id,
-                                &values[&ops[1]],
-                                &values[&ops[2]],
-                                &base,
-                            );
-                            vec![(*id, base)]
-                        } else {
-                            values.insert(ops[0], base);
-                            self.launch(g, kernel, inputs, &values)?
+                    Kernel::Node(id) => match self.donated_base(g, *id, inputs, prepared, k) {
+                        Some(base) => {
+                            self.update_donated(g, kernel, *id, base, inputs, &mut values)?
                         }
-                    }
+                        None => self.launch(g, kernel, inputs, &values)?,
+                    },
                     _ => self.launch(g, kernel, inputs, &values)?,
                 };
                 for (id, h) in produced {
