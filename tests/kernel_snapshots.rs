@@ -5,7 +5,8 @@
 //! the tiled and the register-blocked matrix products, a strided copy, and
 //! the hand-written kernels: the fused linear log-prob, causal attention
 //! (forward and backward) and the decode step's attention over its cache,
-//! the rotary embedding (and its transpose),
+//! the rotary embedding (and its transpose), the policy losses (GRPO's
+//! and its gradient, SFT's),
 //! RMSNorm (forward, `dx`, `dw`), the optimiser steps (AdamW with its
 //! gradient fused in, momentum, SGD) and the top-p token sampler.
 //! A change to code generation shows up as a reviewable diff.
@@ -302,6 +303,48 @@ fn cached_attention_of_the_decode_step() {
     assert_eq!(launched.len(), 1, "{kernels:?}");
     assert_eq!(src.len(), 1);
     snapshot("cached_attention", &src[0]);
+}
+
+#[test]
+fn policy_losses_and_their_gradients() {
+    // GRPO with the KL term and the sequence mean (the loss and its
+    // gradient), and SFT's token mean: one kernel each.
+    use common::{token_loss_operands, token_losses};
+    use coopc_compiler::autodiff::grad;
+    let [sft, grpo] = [0, 3].map(|i| token_losses()[i]);
+    assert!(grpo.has_kl() && grpo.seq_mean());
+    let mut g = Graph::new();
+    let mut names = Vec::new();
+    for (loss, tag) in [(grpo, "grpo"), (sft, "sft")] {
+        let ops: Vec<_> = token_loss_operands(loss, 4, 16)
+            .into_iter()
+            .map(|(name, shape)| g.input(format!("{tag}.{name}"), DType::F32, shape))
+            .collect();
+        let l = g.token_loss(loss, &ops);
+        g.set_output(format!("{tag}.loss"), l);
+        if loss == grpo {
+            let d = grad(&mut g, l, &[ops[0]])[0];
+            g.set_output("grpo.grad", d);
+            names.extend(["grpo_loss", "grpo_loss_grad"]);
+        } else {
+            names.push("sft_loss");
+        }
+    }
+    let (_, src) = sources(&g);
+    let losses: Vec<&KernelSource> = src
+        .iter()
+        .filter(|k| k.name.contains("token_loss"))
+        .collect();
+    let kernels: Vec<&str> = losses.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(
+        kernels,
+        ["k000_token_loss", "k002_token_loss_grad", "k003_token_loss"],
+        "{:?}",
+        src.iter().map(|k| &k.name).collect::<Vec<_>>()
+    );
+    for (k, name) in losses.into_iter().zip(names) {
+        snapshot(name, k);
+    }
 }
 
 #[test]

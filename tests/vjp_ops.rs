@@ -1151,3 +1151,139 @@ fn cached_attention_refuses_operands_that_do_not_fit() {
         assert!(e.to_string().contains("cached_attention"), "{what}: {e}");
     }
 }
+
+/// A token-loss case of `loss`: its operands as f64 inputs of a `[b, t]`
+/// batch; the mask (0/1 values, data) is not differentiable: a finite
+/// difference across 0 would cross the response test.
+fn token_loss_case(loss: coopc_compiler::ir::TokenLoss, seed: u64) -> (Vec<Var>, Inputs) {
+    let (b, t) = (2 + seed as usize % 3, 1 + seed as usize);
+    let values = token_loss_batch(seed + 2600, b, t, seed.is_multiple_of(2), false);
+    let mut vars = Vec::new();
+    let mut mask = Inputs::new();
+    for ((name, shape), v) in token_loss_operands(loss, b, t).into_iter().zip(values) {
+        if name == "mask" {
+            mask.insert(name.into(), f64_tensor(&shape, &v));
+        } else {
+            vars.push(Var::new(name, &shape, v));
+        }
+    }
+    (vars, mask)
+}
+
+/// The loss's operands in order from the differentiable ones `x` (logπ,
+/// then old, A, ref) and the mask input.
+fn token_loss_ops(g: &mut Graph, x: &[NodeId]) -> Vec<NodeId> {
+    let shape = g.ty(x[0]).shape.clone();
+    let mask = g.input("mask", DType::F64, shape);
+    let mut ops = vec![x[0], mask];
+    ops.extend(&x[1..]);
+    ops
+}
+
+#[test]
+fn token_loss_matches_its_reference_expression() {
+    use coopc_compiler::autodiff::vjp;
+    use coopc_compiler::ir::TokenLoss;
+    use coopc_compiler::losses::{reference_grad, reference_loss};
+    for loss in token_losses() {
+        for seed in SEEDS {
+            let (b, t) = (2 + seed as usize % 3, 1 + seed as usize);
+            // GRPO drops garbage at masked positions; SFT's masked mean does not.
+            let garbage = matches!(loss, TokenLoss::Grpo { .. });
+            let values = token_loss_batch(seed + 2700, b, t, seed.is_multiple_of(2), garbage);
+            let mut g = Graph::new();
+            let mut inputs = Inputs::new();
+            let mut ops = Vec::new();
+            for ((name, shape), v) in token_loss_operands(loss, b, t).into_iter().zip(values) {
+                inputs.insert(name.into(), f64_tensor(&shape, &v));
+                ops.push(g.input(name, DType::F64, shape));
+            }
+            inputs.insert("gout".into(), f64_tensor(&[], &[0.7]));
+            let gout = g.input("gout", DType::F64, vec![]);
+            let op = g.token_loss(loss, &ops);
+            let reference = reference_loss(&mut g, loss, &ops);
+            let dop = g.token_loss_grad(loss, &ops, gout);
+            let dref = reference_grad(&mut g, loss, &ops, gout);
+            let autodiff = vjp(&mut g, &[reference], &[gout], &[ops[0]])[0];
+            let vals = eval(&g, &inputs, &[op, reference, dop, dref, autodiff]);
+            let what = format!("{loss:?}, seed {seed}");
+            assert!(vals[0][0].is_finite(), "{what}: loss {}", vals[0][0]);
+            for (i, name) in [(1, "loss"), (3, "reference gradient"), (4, "autodiff")] {
+                let against = if i == 1 { &vals[0] } else { &vals[2] };
+                let e = rel_err(against, &vals[i], 1e-3);
+                assert!(e < 1e-12, "{what}: {name} differs by {e:e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn token_loss_vjp_matches_finite_differences() {
+    for loss in token_losses() {
+        for seed in SEEDS {
+            let (vars, mask) = token_loss_case(loss, seed);
+            check_op(seed, &vars, &mask, true, |g, x| {
+                let ops = token_loss_ops(g, x);
+                g.token_loss(loss, &ops)
+            });
+        }
+    }
+}
+
+#[test]
+fn token_loss_grad_vjp_matches_finite_differences() {
+    for loss in token_losses() {
+        for seed in SEEDS {
+            let (mut vars, mask) = token_loss_case(loss, seed);
+            vars.push(Var::new("gout", &[], vec![0.5 + seed as f64 / 4.0]));
+            check_op(seed, &vars, &mask, true, |g, x| {
+                let (gout, x) = x.split_last().expect("gout");
+                let ops = token_loss_ops(g, x);
+                g.token_loss_grad(loss, &ops, *gout)
+            });
+        }
+    }
+}
+
+#[test]
+fn token_loss_refuses_operands_that_do_not_fit() {
+    use coopc_compiler::ir::{Op, TokenLoss};
+    let [sft, grpo, grpo_kl] = [0, 1, 2].map(|i| token_losses()[i]);
+    assert_eq!(grpo_kl.arity(), 5);
+    let mut g = Graph::new();
+    let lp = g.input("logp", DType::F32, vec![4, 6]);
+    let mask = g.input("mask", DType::F32, vec![4, 6]);
+    let adv = g.input("adv", DType::F32, vec![4]);
+    let adv2 = g.input("adv2", DType::F32, vec![4, 1]);
+    let m64 = g.input("m64", DType::F64, vec![4, 6]);
+    let short = g.input("short", DType::F32, vec![4, 5]);
+    let flat = g.input("flat", DType::F32, vec![24]);
+    let ids = g.input("ids", DType::I32, vec![4, 6]);
+    let s = g.input("s", DType::F32, vec![]);
+    let v = g.input("v", DType::F32, vec![1]);
+    let fits =
+        |g: &mut Graph, loss: TokenLoss, ops: &[NodeId]| g.try_add_op(Op::TokenLoss { loss }, ops);
+    assert!(fits(&mut g, sft, &[lp, mask]).is_ok());
+    assert!(fits(&mut g, grpo, &[lp, mask, lp, adv]).is_ok());
+    assert!(fits(&mut g, grpo_kl, &[lp, mask, lp, adv, lp]).is_ok());
+    assert!(g
+        .try_add_op(Op::TokenLossGrad { loss: sft }, &[lp, mask, s])
+        .is_ok());
+    for (what, loss, ops) in [
+        ("arity", grpo, vec![lp, mask, lp]),
+        ("arity with KL", grpo_kl, vec![lp, mask, lp, adv]),
+        ("mask dtype", sft, vec![lp, m64]),
+        ("mask shape", sft, vec![lp, short]),
+        ("rank", sft, vec![flat, flat]),
+        ("float logπ", sft, vec![ids, ids]),
+        ("advantages per sequence", grpo, vec![lp, mask, lp, adv2]),
+        ("old like logπ", grpo, vec![lp, mask, short, adv]),
+    ] {
+        let e = fits(&mut g, loss, &ops).unwrap_err();
+        assert!(e.to_string().contains("token_loss"), "{what}: {e}");
+    }
+    let e = g
+        .try_add_op(Op::TokenLossGrad { loss: sft }, &[lp, mask, v])
+        .unwrap_err();
+    assert!(e.to_string().contains("gout"), "{e}");
+}

@@ -594,6 +594,27 @@ fn input_cotangents(
             let r = crate::optim::reference_step(g, rule, out, inputs);
             res.extend(operand_cotangents(g, r, gout, inputs));
         }
+        Op::TokenLoss { loss } => {
+            // logπ also in a data slot gets its one total from the
+            // expansion below.
+            let aliased = inputs[1..].contains(&inputs[0]);
+            if needs[0] && !aliased {
+                res.push((0, g.token_loss_grad(loss, inputs, gout)));
+            }
+            if aliased || needs[1..].iter().any(|&n| n) {
+                // The data operands' cotangents (none in the pipelines:
+                // masks, advantages and old log-probs are inputs) from the
+                // loss written with ordinary ops.
+                let r = crate::losses::reference_loss(g, loss, inputs);
+                let cts = operand_cotangents(g, r, gout, inputs);
+                res.extend(cts.into_iter().filter(|&(slot, _)| aliased || slot > 0));
+            }
+        }
+        Op::TokenLossGrad { loss } => {
+            let (ops, gr) = inputs.split_at(loss.arity());
+            let r = crate::losses::reference_grad(g, loss, ops, gr[0]);
+            res.extend(operand_cotangents(g, r, gout, inputs));
+        }
         Op::Barrier { .. } => res.push((0, gout)),
         Op::Cast { .. } => {
             let dt = g.ty(x).dtype;

@@ -361,6 +361,10 @@ fn op_flops(g: &Graph, id: NodeId) -> u64 {
             let k = &g.ty(g.inputs(id)[1]).shape;
             4 * (out * k[2] as u64)
         }
+        // A few dozen operations per token.
+        Op::TokenLoss { .. } | Op::TokenLossGrad { .. } => {
+            32 * g.ty(g.inputs(id)[0]).numel() as u64
+        }
         // The logits h·wᵀ (2·N·V·d); a gradient recomputes them and takes
         // one more product of the same size.
         Op::LinearLogprob | Op::LinearLogprobGrad { .. } => {

@@ -23,6 +23,7 @@ use crate::rms_norm::{
     NORM_COLS, NORM_LANES,
 };
 use crate::rope::rope;
+use crate::token_loss::{token_loss, token_loss_grad, LossSpec, LOSS_BLOCK};
 use coopc_compiler::fusion::{fuse, ElemProgram, FusedSchedule, Kernel};
 use coopc_compiler::ir::{
     numel, AttentionOperand, DType, Graph, LogprobOperand, NodeId, NormOperand, Op, Scalar,
@@ -1301,6 +1302,64 @@ impl<R: Runtime> Device<R> {
                     CACHED_BLOCK,
                     CACHED_CHUNK,
                 );
+                h
+            }
+            Op::TokenLoss { loss } | Op::TokenLossGrad { loss } => {
+                let lp = &g.ty(ops[0]).shape;
+                let (rows, cols) = (lp[0], lp[1]);
+                let bufs = (0..ops.len())
+                    .map(|i| get(&ops[i]).map(|h| (h, in_len(i))))
+                    .collect::<Result<Vec<_>, _>>()?;
+                // SFT reads no old, A or ref and GRPO without KL no ref:
+                // logπ stands in for the arrays not read.
+                let at = |i: usize| {
+                    let (h, len) = if i < loss.arity() { &bufs[i] } else { &bufs[0] };
+                    arg(h, *len)
+                };
+                let (spec, [lo, hi, beta]) = (LossSpec::of(*loss), LossSpec::hyper(*loss));
+                let h = self.output(n);
+                let block = CubeDim::new_1d(LOSS_BLOCK as u32);
+                if let Op::TokenLoss { .. } = g.op(id) {
+                    token_loss::launch::<R>(
+                        &self.client,
+                        cubes(1),
+                        block,
+                        at(0),
+                        at(1),
+                        at(2),
+                        at(3),
+                        at(4),
+                        arg(&h, n),
+                        u(rows),
+                        u(cols),
+                        lo,
+                        hi,
+                        beta,
+                        spec,
+                        LOSS_BLOCK,
+                    );
+                } else {
+                    let gout = &bufs[loss.arity()];
+                    token_loss_grad::launch::<R>(
+                        &self.client,
+                        cubes(rows),
+                        block,
+                        at(0),
+                        at(1),
+                        at(2),
+                        at(3),
+                        at(4),
+                        arg(&gout.0, 1),
+                        arg(&h, n),
+                        u(rows),
+                        u(cols),
+                        lo,
+                        hi,
+                        beta,
+                        spec,
+                        LOSS_BLOCK,
+                    );
+                }
                 h
             }
             Op::UpdateSlice { .. } => {

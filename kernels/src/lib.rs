@@ -23,6 +23,7 @@ pub mod rms_norm;
 pub mod rope;
 pub mod sample;
 pub mod source;
+pub mod token_loss;
 
 pub use cubecl::cuda::CudaRuntime;
 pub use cubecl::wgpu::WgpuRuntime;

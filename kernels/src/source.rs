@@ -26,6 +26,7 @@ use crate::rms_norm::{
 };
 use crate::rope::rope;
 use crate::sample::{sample_pick, sample_pick_ordered, sample_prepare, SAMPLE_BLOCK};
+use crate::token_loss::{token_loss, token_loss_grad, LossSpec, LOSS_BLOCK};
 use coopc_compiler::fusion::{ElemProgram, FusedSchedule, Kernel};
 use coopc_compiler::ir::{AttentionOperand, Graph, LogprobOperand, NormOperand, Op};
 use coopc_compiler::linear_logprob::device_chunk;
@@ -102,6 +103,11 @@ pub enum Traced {
     WriteSlice,
     /// The decode step's attention over its cache.
     CachedAttention,
+    /// A policy loss (`grad`: its gradient with respect to the log-probs).
+    TokenLoss {
+        spec: LossSpec,
+        grad: bool,
+    },
     GatherRows,
     ScatterAddRows,
     OneHot,
@@ -431,6 +437,25 @@ impl Traced {
                     CACHED_CHUNK,
                 );
                 b.build(settings(name, CubeDim::new_1d(CACHED_BLOCK as u32)))
+            }
+            Traced::TokenLoss { spec, grad } => {
+                let [lp, mask, old, adv, refp] =
+                    [(); 5].map(|_| <Array<f32> as LaunchArg>::expand(&array(), &mut b));
+                let gout = grad.then(|| <Array<f32> as LaunchArg>::expand(&array(), &mut b));
+                let o = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let (rows, cols) = (scalar(&mut b), scalar(&mut b));
+                let [lo, hi, beta] = [(); 3].map(|_| <f32 as LaunchArg>::expand(&(), &mut b));
+                let (sc, spec) = (&mut b.scope, *spec);
+                match gout {
+                    Some(gout) => token_loss_grad::expand(
+                        sc, lp, mask, old, adv, refp, gout, o, rows, cols, lo, hi, beta, spec,
+                        LOSS_BLOCK,
+                    ),
+                    None => token_loss::expand(
+                        sc, lp, mask, old, adv, refp, o, rows, cols, lo, hi, beta, spec, LOSS_BLOCK,
+                    ),
+                }
+                b.build(settings(name, CubeDim::new_1d(LOSS_BLOCK as u32)))
             }
             Traced::TakeAlong | Traced::GatherRows | Traced::WriteSlice => {
                 let x = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
@@ -840,6 +865,11 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
                 Op::Gather => ("gather".into(), Traced::GatherRows),
                 Op::UpdateSlice { .. } => ("update_slice".into(), Traced::WriteSlice),
                 Op::CachedAttention => ("cached_attention".into(), Traced::CachedAttention),
+                op @ (Op::TokenLoss { loss } | Op::TokenLossGrad { loss }) => {
+                    let grad = matches!(op, Op::TokenLossGrad { .. });
+                    let spec = LossSpec::of(*loss);
+                    (op.name().to_string(), Traced::TokenLoss { spec, grad })
+                }
                 Op::ScatterAddRows { .. } => ("scatter_add_rows".into(), Traced::ScatterAddRows),
                 Op::OneHot { .. } => ("one_hot".into(), Traced::OneHot),
                 Op::Iota { .. } => ("iota".into(), Traced::Iota),

@@ -5,7 +5,8 @@
 
 use crate::cpu::index::IndexError;
 use crate::cpu::{
-    attention, elementwise, index, linear_logprob, matmul, movement, optim, reduce, rms_norm, rope,
+    attention, elementwise, index, linear_logprob, losses, matmul, movement, optim, reduce,
+    rms_norm, rope,
 };
 use crate::error::ExecError;
 use crate::tensor::{Buffer, Element, HostTensor};
@@ -665,6 +666,21 @@ fn eval(graph: &Graph, id: NodeId, args: &[&HostTensor]) -> Result<HostTensor, E
                 .map(|a| cx.view::<T>(a))
                 .collect::<Result<Vec<_>, _>>()?;
             T::into_buffer(optim::step(*rule, *out, &ops))
+        }),
+        Op::TokenLoss { loss } => float_dtype!(args[0].dtype(), cx, |T| {
+            let ops = args
+                .iter()
+                .map(|a| cx.view::<T>(a))
+                .collect::<Result<Vec<_>, _>>()?;
+            T::into_buffer(losses::loss(*loss, &ops, args[0].shape[1]))
+        }),
+        Op::TokenLossGrad { loss } => float_dtype!(args[0].dtype(), cx, |T| {
+            let ops = args
+                .iter()
+                .map(|a| cx.view::<T>(a))
+                .collect::<Result<Vec<_>, _>>()?;
+            let (ops, gout) = ops.split_at(loss.arity());
+            T::into_buffer(losses::grad(*loss, ops, gout[0][0], args[0].shape[1]))
         }),
         Op::OneHot { depth, dtype } => float_dtype!(*dtype, cx, |T| {
             T::into_buffer(index::one_hot::<T>(cx.view::<i32>(args[0])?, *depth))

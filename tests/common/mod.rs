@@ -480,3 +480,78 @@ pub fn step_rules() -> Vec<coopc_compiler::ir::StepRule> {
         },
     ]
 }
+
+/// The policy losses of the token-loss tests: SFT, and GRPO with and
+/// without the KL term, token and sequence mean.
+pub fn token_losses() -> Vec<coopc_compiler::ir::TokenLoss> {
+    use coopc_compiler::ir::TokenLoss;
+    let grpo = |low: f64, high: f64, kl: f64, seq_mean: bool| TokenLoss::Grpo {
+        clip_low: low.into(),
+        clip_high: high.into(),
+        kl_coef: kl.into(),
+        seq_mean,
+    };
+    vec![
+        TokenLoss::Sft,
+        grpo(0.2, 0.28, 0.0, false),
+        grpo(0.2, 0.28, 0.05, false),
+        grpo(0.1, 0.3, 0.1, true),
+        grpo(0.2, 0.2, 0.0, true),
+    ]
+}
+
+/// The operands of a token loss, in order, with their shapes for a `[b, t]`
+/// batch: logπ, mask, old, A, ref (as many as the loss reads).
+pub fn token_loss_operands(
+    loss: coopc_compiler::ir::TokenLoss,
+    b: usize,
+    t: usize,
+) -> Vec<(&'static str, Vec<usize>)> {
+    let all = [
+        ("logp", vec![b, t]),
+        ("mask", vec![b, t]),
+        ("old", vec![b, t]),
+        ("adv", vec![b]),
+        ("ref", vec![b, t]),
+    ];
+    all.into_iter().take(loss.arity()).collect()
+}
+
+/// A random `[b, t]` token-loss batch, the values of `token_loss_operands`
+/// in order: log-probs in [−3, −0.1], old and ref log-probs within ±0.6 of
+/// them (ratios on both sides of the clip ranges), advantages of both
+/// signs, a 0/1 mask whose last token is a response token. `empty_row`
+/// leaves sequence 0 without response tokens; `garbage` puts NaN at the
+/// masked positions of logπ, old and ref.
+pub fn token_loss_batch(
+    seed: u64,
+    b: usize,
+    t: usize,
+    empty_row: bool,
+    garbage: bool,
+) -> [Vec<f64>; 5] {
+    let mut r = rng(seed);
+    let n = b * t;
+    let mut logp = uniform(&mut r, n, -3.0, -0.1);
+    let mut mask: Vec<f64> = (0..n)
+        .map(|i| {
+            let response = r.gen_bool(0.7) && !(empty_row && i < t);
+            f64::from(u8::from(response))
+        })
+        .collect();
+    mask[n - 1] = 1.0;
+    let near = |r: &mut StdRng, x: &[f64]| -> Vec<f64> {
+        x.iter().map(|v| v + r.gen_range(-0.6..0.6)).collect()
+    };
+    let mut old = near(&mut r, &logp);
+    let mut reference = near(&mut r, &logp);
+    let adv = uniform(&mut r, b, -1.5, 1.5);
+    if garbage {
+        for i in (0..n).filter(|&i| mask[i] == 0.0) {
+            logp[i] = f64::NAN;
+            old[i] = f64::NAN;
+            reference[i] = f64::NAN;
+        }
+    }
+    [logp, mask, old, adv, reference]
+}

@@ -4,7 +4,7 @@
 
 use super::op::{
     AttentionOperand, BinaryOp, CompareOp, LogprobOperand, NormOperand, Op, ReduceKind, StepOut,
-    StepRule, TypeError, UnaryOp,
+    StepRule, TokenLoss, TypeError, UnaryOp,
 };
 use super::types::{DType, Scalar, Shape, TensorType};
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
@@ -639,6 +639,19 @@ impl Graph {
             .iter()
             .map(|&out| self.optim_step(rule, out, ops))
             .collect()
+    }
+
+    /// The policy loss `loss` of operands `ops` (see `Op::TokenLoss`).
+    pub fn token_loss(&mut self, loss: TokenLoss, ops: &[NodeId]) -> NodeId {
+        self.add_op(Op::TokenLoss { loss }, ops)
+    }
+
+    /// `gout · ∂L/∂logπ` of `L = token_loss(loss, ops)` (see
+    /// `Op::TokenLossGrad`).
+    pub fn token_loss_grad(&mut self, loss: TokenLoss, ops: &[NodeId], gout: NodeId) -> NodeId {
+        let mut all = ops.to_vec();
+        all.push(gout);
+        self.add_op(Op::TokenLossGrad { loss }, &all)
     }
 
     /// Rotary embedding of `x [..., T, hd]` by `cos, sin [T, hd]`, or its

@@ -362,6 +362,56 @@ impl StepRule {
     }
 }
 
+/// A policy loss over per-token log-probs `logπ [B, T]` with response
+/// mask `mask [B, T]` (weights, > 0 on response tokens): `L = Σ_bt w_bt
+/// ℓ_bt`, with per-token terms `ℓ` and weights `w` from the aggregation
+/// (see `Op::TokenLoss`; semantics: DESIGN §1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TokenLoss {
+    /// `ℓ = −logπ`, token mean: `L = −Σ mask · logπ / Σ mask`.
+    Sft,
+    /// GRPO's clipped surrogate, `ℓ = −min(ρA, clip(ρ, 1 − clip_low, 1 +
+    /// clip_high) A) + kl_coef · k3` with `ρ = exp(logπ − old)`, `k3 =
+    /// e^δ − δ − 1`, `δ = ref − logπ` (both differences taken as 0 off the
+    /// response, so garbage there is dropped), `min` crediting `ρA` on
+    /// ties. Token mean (`w = mask / Σ mask`) or, with `seq_mean`, the mean
+    /// over sequences with a response token of each one's token mean.
+    Grpo {
+        clip_low: Scalar,
+        clip_high: Scalar,
+        kl_coef: Scalar,
+        seq_mean: bool,
+    },
+}
+
+impl TokenLoss {
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenLoss::Sft => "sft",
+            TokenLoss::Grpo { .. } => "grpo",
+        }
+    }
+
+    /// Whether the loss reads reference log-probs (GRPO with a KL term).
+    pub fn has_kl(self) -> bool {
+        matches!(self, TokenLoss::Grpo { kl_coef, .. } if kl_coef.get() != 0.0)
+    }
+
+    /// Operands of `Op::TokenLoss`: `(logπ, mask)` for SFT, `(logπ, mask,
+    /// old, A)` for GRPO, and `ref` after them with a KL term.
+    pub fn arity(self) -> usize {
+        match self {
+            TokenLoss::Sft => 2,
+            TokenLoss::Grpo { .. } => 4 + usize::from(self.has_kl()),
+        }
+    }
+
+    /// Whether the mean is per sequence first.
+    pub fn seq_mean(self) -> bool {
+        matches!(self, TokenLoss::Grpo { seq_mean: true, .. })
+    }
+}
+
 /// Which value of an optimiser step an `Op::OptimStep` node is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum StepOut {
@@ -577,6 +627,22 @@ pub enum Op {
         rule: StepRule,
         out: StepOut,
     },
+    /// A policy loss (a one-element value of `logπ`'s dtype, shape `[]`)
+    /// from operands `(logπ [B, T], mask [B, T], old [B, T], A [B], ref
+    /// [B, T])`, as many as `loss.arity()` says (see [`TokenLoss`]). The
+    /// per-token terms are not values of the graph: executors compute and
+    /// aggregate them in one pass.
+    TokenLoss {
+        loss: TokenLoss,
+    },
+    /// `gout · ∂L/∂logπ [B, T]` of `L = token_loss(loss)` from operands
+    /// `(loss's operands…, gout)` with `gout` of L's type: the loss's
+    /// gradient with respect to the log-probs (zero off the response). Its
+    /// own gradient is that of the same computation written with ordinary
+    /// ops.
+    TokenLossGrad {
+        loss: TokenLoss,
+    },
     /// Identity whose gradient is zero.
     StopGradient,
     /// Identity that passes ops through unchanged but is never merged or
@@ -636,6 +702,8 @@ impl Op {
             Op::RmsNorm { .. } => "rms_norm",
             Op::RmsNormGrad { .. } => "rms_norm_grad",
             Op::OptimStep { .. } => "optim_step",
+            Op::TokenLoss { .. } => "token_loss",
+            Op::TokenLossGrad { .. } => "token_loss_grad",
             Op::CausalAttentionGrad { .. } => "causal_attention_grad",
             Op::StopGradient => "stop_gradient",
             Op::Barrier { .. } => "barrier",
@@ -747,6 +815,18 @@ impl Op {
                 };
                 format!("{}, {hyper}, out={}", rule.name(), out.name())
             }
+            Op::TokenLoss { loss } | Op::TokenLossGrad { loss } => match loss {
+                TokenLoss::Sft => "sft".into(),
+                TokenLoss::Grpo {
+                    clip_low,
+                    clip_high,
+                    kl_coef,
+                    seq_mean,
+                } => format!(
+                    "grpo, clip_low={clip_low}, clip_high={clip_high}, kl_coef={kl_coef}, {}",
+                    if *seq_mean { "seq_mean" } else { "token_mean" }
+                ),
+            },
             _ => String::new(),
         }
     }
@@ -1164,6 +1244,24 @@ impl Op {
                 }
                 Ok(p.clone())
             }
+            Op::TokenLoss { loss } => {
+                arity(loss.arity())?;
+                check_token_loss(*loss, inputs).map_err(err)?;
+                Ok(TensorType::new(inputs[0].dtype, vec![]))
+            }
+            Op::TokenLossGrad { loss } => {
+                arity(loss.arity() + 1)?;
+                let (ops, gout) = inputs.split_at(loss.arity());
+                check_token_loss(*loss, ops).map_err(err)?;
+                let lp = ops[0];
+                if gout[0].dtype != lp.dtype || gout[0].rank() != 0 {
+                    return Err(err(format!(
+                        "`gout` must be a scalar of logπ's dtype, got {}",
+                        gout[0]
+                    )));
+                }
+                Ok(lp.clone())
+            }
             Op::CausalAttentionGrad { wrt } => {
                 arity(5)?;
                 let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
@@ -1177,6 +1275,30 @@ impl Op {
             }
         }
     }
+}
+
+/// Operands of a token loss: float logπ [B, T] (B, T ≥ 1), mask, old and
+/// ref of its type, A [B] of its dtype.
+fn check_token_loss(loss: TokenLoss, ops: &[&TensorType]) -> Result<(), String> {
+    let lp = ops[0];
+    if !lp.dtype.is_float() || lp.rank() != 2 || lp.numel() == 0 {
+        return Err(format!("logπ must be a non-empty float [B, T], got {lp}"));
+    }
+    let names = ["mask", "old", "A", "ref"];
+    for (i, (t, name)) in ops[1..].iter().zip(names).enumerate() {
+        let want = if i == 2 {
+            TensorType::new(lp.dtype, vec![lp.shape[0]])
+        } else {
+            lp.clone()
+        };
+        if **t != want {
+            return Err(format!(
+                "{} loss: `{name}` must be {want} for logπ {lp}, got {t}",
+                loss.name()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Operands of an RMSNorm: float x [..., d] (d ≥ 1) and w [d] of its dtype.

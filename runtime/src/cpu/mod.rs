@@ -9,6 +9,7 @@ pub mod attention;
 pub mod elementwise;
 pub mod index;
 pub mod linear_logprob;
+pub mod losses;
 pub mod matmul;
 pub mod movement;
 pub mod optim;

@@ -1,0 +1,300 @@
+//! The policy losses (`Op::TokenLoss`) and their gradients with respect to
+//! the log-probs (`Op::TokenLossGrad`) as hand-written kernels over `[B,
+//! T]` tokens. Each token's term `ℓ` and slope `∂ℓ/∂logπ` (SFT, or GRPO's
+//! ratio, clip, min and k3 KL) are computed in registers by one helper and
+//! never stored, so a loss is one launch and its gradient one launch.
+//!
+//! - loss: one cube. The cube sums `mask · ℓ` and `mask`, over the whole
+//!   batch for the token mean, sequence by sequence for the sequence mean;
+//!   unit 0 writes `L`.
+//! - gradient: one cube per sequence. The cube first sums the mask (the
+//!   batch's for the token mean; every sequence's, for the number of
+//!   sequences with a response token and its own count, for the sequence
+//!   mean), then writes `gout · w ∘ ∂ℓ/∂logπ` over its sequence.
+//!
+//! The clip range and the KL coefficient are launch arguments, so one
+//! compiled kernel serves every value; the loss kind, the KL term and the
+//! aggregation are comptime.
+
+use crate::sample::cube_sum;
+use coopc_compiler::ir::TokenLoss;
+use cubecl::prelude::*;
+
+/// Units per cube (a power of two: the cube-wide sums fold halves).
+pub const LOSS_BLOCK: usize = 256;
+
+/// What a token-loss kernel is specialised on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LossSpec {
+    /// GRPO's surrogate (else SFT's `−logπ`).
+    pub grpo: bool,
+    /// GRPO's k3 KL term against reference log-probs.
+    pub kl: bool,
+    /// The mean per sequence first.
+    pub seq_mean: bool,
+}
+
+impl LossSpec {
+    pub fn of(loss: TokenLoss) -> LossSpec {
+        LossSpec {
+            grpo: matches!(loss, TokenLoss::Grpo { .. }),
+            kl: loss.has_kl(),
+            seq_mean: loss.seq_mean(),
+        }
+    }
+
+    /// The launch arguments `(1 − clip_low, 1 + clip_high, kl_coef)` (zeros
+    /// for SFT, which reads none of them), rounded once from f64 as the CPU
+    /// executor rounds them.
+    pub fn hyper(loss: TokenLoss) -> [f32; 3] {
+        match loss {
+            TokenLoss::Sft => [0.0; 3],
+            TokenLoss::Grpo {
+                clip_low,
+                clip_high,
+                kl_coef,
+                ..
+            } => [
+                (1.0 - clip_low.get()) as f32,
+                (1.0 + clip_high.get()) as f32,
+                kl_coef.get() as f32,
+            ],
+        }
+    }
+}
+
+/// Token `i`'s (of sequence `row`) term `ℓ` and slope `∂ℓ/∂logπ`. SFT:
+/// `(−logπ, −1)`. GRPO: `ρ = exp(logπ − old)`, `ℓ = −min(ρA, clip(ρ, lo,
+/// hi)A) + β (e^δ − δ − 1)` with `δ = ref − logπ`, the slope `−Aρ` where
+/// `ρA` wins the min (ties included) or `lo ≤ ρ ≤ hi` (else 0) plus `β (1
+/// − e^δ)`; both differences are 0 off the response, where the slope is 0.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn token_term(
+    logp: &Array<f32>,
+    mask: &Array<f32>,
+    old: &Array<f32>,
+    adv: &Array<f32>,
+    refp: &Array<f32>,
+    i: usize,
+    row: usize,
+    lo: f32,
+    hi: f32,
+    beta: f32,
+    #[comptime] spec: LossSpec,
+) -> (f32, f32) {
+    let zero = f32::cast_from(UNIT_POS) * f32::new(0.0);
+    let lp = logp[i];
+    let mut value = zero - lp;
+    let mut slope = zero - f32::new(1.0);
+    if comptime!(spec.grpo) {
+        let on = mask[i] > zero;
+        let d = select(on, lp - old[i], zero);
+        let ratio = d.exp();
+        let a = adv[row];
+        let unclipped = ratio * a;
+        let clipped = select(ratio < lo, lo, select(ratio > hi, hi, ratio)) * a;
+        let first = unclipped <= clipped;
+        value = zero - select(first, unclipped, clipped);
+        let passed = select(ratio < lo, zero, select(ratio > hi, zero, a));
+        slope = zero - select(first, a, passed) * ratio;
+        if comptime!(spec.kl) {
+            let diff = select(on, refp[i] - lp, zero);
+            let e = diff.exp();
+            value += (e - diff - f32::new(1.0)) * beta;
+            slope += (f32::new(1.0) - e) * beta;
+        }
+        slope = select(on, slope, zero);
+    }
+    (value, slope)
+}
+
+/// The cube's sums of `mask · ℓ` and `mask` over tokens `start..end`
+/// (sequence `row` when `per_row`, else each token's own).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn masked_sums(
+    logp: &Array<f32>,
+    mask: &Array<f32>,
+    old: &Array<f32>,
+    adv: &Array<f32>,
+    refp: &Array<f32>,
+    start: usize,
+    end: usize,
+    cols: usize,
+    lo: f32,
+    hi: f32,
+    beta: f32,
+    shared: &mut SharedMemory<f32>,
+    #[comptime] spec: LossSpec,
+    #[comptime] block: usize,
+) -> (f32, f32) {
+    let tid = UNIT_POS as usize;
+    let mut num = f32::cast_from(UNIT_POS) * f32::new(0.0);
+    let mut den = num;
+    let mut i = start + tid;
+    while i < end {
+        let (value, _) = token_term(logp, mask, old, adv, refp, i, i / cols, lo, hi, beta, spec);
+        num += value * mask[i];
+        den += mask[i];
+        i += block;
+    }
+    let num = cube_sum(num, shared, tid);
+    let den = cube_sum(den, shared, tid);
+    (num, den)
+}
+
+/// `out[0] = L` over `rows × cols` tokens; launch one cube of `block`
+/// units.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn token_loss(
+    logp: &Array<f32>,
+    mask: &Array<f32>,
+    old: &Array<f32>,
+    adv: &Array<f32>,
+    refp: &Array<f32>,
+    out: &mut Array<f32>,
+    rows: u32,
+    cols: u32,
+    lo: f32,
+    hi: f32,
+    beta: f32,
+    #[comptime] spec: LossSpec,
+    #[comptime] block: usize,
+) {
+    let (rows, cols) = (rows as usize, cols as usize);
+    let mut shared = SharedMemory::<f32>::new(block);
+    let zero = f32::cast_from(UNIT_POS) * f32::new(0.0);
+    let mut total = zero;
+    let mut count = zero;
+    if comptime!(spec.seq_mean) {
+        let mut b = rows * 0usize;
+        while b < rows {
+            let (end, start) = ((b + 1) * cols, b * cols);
+            let (num, cnt) = masked_sums(
+                logp,
+                mask,
+                old,
+                adv,
+                refp,
+                start,
+                end,
+                cols,
+                lo,
+                hi,
+                beta,
+                &mut shared,
+                spec,
+                block,
+            );
+            let has = cnt > zero;
+            total += select(has, num / cnt, zero);
+            count += select(has, f32::new(1.0), zero);
+            b += 1usize;
+        }
+    } else {
+        let (num, den) = masked_sums(
+            logp,
+            mask,
+            old,
+            adv,
+            refp,
+            0usize,
+            rows * cols,
+            cols,
+            lo,
+            hi,
+            beta,
+            &mut shared,
+            spec,
+            block,
+        );
+        total = num;
+        count = den;
+    }
+    if UNIT_POS == 0 {
+        out[0usize] = total / count;
+    }
+}
+
+/// The cube's sum of `mask[start..end]`.
+#[cube]
+fn mask_sum(
+    mask: &Array<f32>,
+    start: usize,
+    end: usize,
+    shared: &mut SharedMemory<f32>,
+    #[comptime] block: usize,
+) -> f32 {
+    let tid = UNIT_POS as usize;
+    let mut s = f32::cast_from(UNIT_POS) * f32::new(0.0);
+    let mut i = start + tid;
+    while i < end {
+        s += mask[i];
+        i += block;
+    }
+    cube_sum(s, shared, tid)
+}
+
+/// `out = gout[0] · w ∘ ∂ℓ/∂logπ [rows, cols]`, with `w = mask / Σ mask`
+/// (token mean) or `mask · [n_b > 0] / (n_b · #{b : n_b > 0})` (sequence
+/// mean); launch one cube of `block` units per sequence.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn token_loss_grad(
+    logp: &Array<f32>,
+    mask: &Array<f32>,
+    old: &Array<f32>,
+    adv: &Array<f32>,
+    refp: &Array<f32>,
+    gout: &Array<f32>,
+    out: &mut Array<f32>,
+    rows: u32,
+    cols: u32,
+    lo: f32,
+    hi: f32,
+    beta: f32,
+    #[comptime] spec: LossSpec,
+    #[comptime] block: usize,
+) {
+    let row = CUBE_POS;
+    // A whole cube takes the same branch, so its barriers stay uniform.
+    if row >= rows as usize {
+        terminate!();
+    }
+    let (rows, cols) = (rows as usize, cols as usize);
+    let mut shared = SharedMemory::<f32>::new(block);
+    let zero = f32::cast_from(UNIT_POS) * f32::new(0.0);
+    let one = zero + f32::new(1.0);
+    // Token mean: w = mask / den; sequence mean: w = mask · per.
+    let mut den = one;
+    let mut per = one;
+    if comptime!(spec.seq_mean) {
+        let mut n = zero;
+        let mut own = zero;
+        let mut b = rows * 0usize;
+        while b < rows {
+            let cnt = mask_sum(mask, b * cols, (b + 1) * cols, &mut shared, block);
+            n += select(cnt > zero, one, zero);
+            own = select(b == row, cnt, own);
+            b += 1usize;
+        }
+        let has = own > zero;
+        per = select(has, one, zero) / (select(has, own, one) * n);
+    } else {
+        den = mask_sum(mask, 0usize, rows * cols, &mut shared, block);
+    }
+    let g = gout[0usize];
+    let mut t = UNIT_POS as usize;
+    while t < cols {
+        let i = row * cols + t;
+        let (_, slope) = token_term(logp, mask, old, adv, refp, i, row, lo, hi, beta, spec);
+        let mut w = mask[i] / den;
+        if comptime!(spec.seq_mean) {
+            w = mask[i] * per;
+        }
+        out[i] = g * (w * slope);
+        t += block;
+    }
+}
