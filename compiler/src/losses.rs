@@ -70,13 +70,7 @@ pub fn grpo_loss(g: &mut Graph, rl: &RlSpec, logp: NodeId, batch: &RlBatch) -> N
 /// yet applied), with ordinary ops. GRPO: `−min(ρA, clip(ρ, 1−clip_low,
 /// 1+clip_high)·A) + β·k3`.
 pub fn token_terms(g: &mut Graph, loss: TokenLoss, ops: &[NodeId]) -> NodeId {
-    let TokenLoss::Grpo {
-        clip_low,
-        clip_high,
-        kl_coef,
-        ..
-    } = loss
-    else {
+    let Some((lo, hi)) = loss.ratio_range() else {
         return g.neg(ops[0]);
     };
     let (logp, mask, old, adv) = (ops[0], ops[1], ops[2], ops[3]);
@@ -87,7 +81,7 @@ pub fn token_terms(g: &mut Graph, loss: TokenLoss, ops: &[NodeId]) -> NodeId {
     let a = g.reshape(adv, vec![shape[0], 1]);
     let a = g.broadcast(a, shape.clone());
     let unclipped = g.mul(ratio, a);
-    let clipped = g.clamp(ratio, 1.0 - clip_low.get(), 1.0 + clip_high.get());
+    let clipped = g.clamp(ratio, lo, hi);
     let clipped = g.mul(clipped, a);
     // `min` returns (and credits) its first operand on ties.
     let surrogate = g.min(unclipped, clipped);
@@ -99,7 +93,7 @@ pub fn token_terms(g: &mut Graph, loss: TokenLoss, ops: &[NodeId]) -> NodeId {
         let k3 = g.sub(e, diff);
         let one = g.full_like(1.0, k3);
         let k3 = g.sub(k3, one);
-        let k3 = g.scale(k3, kl_coef.get());
+        let k3 = g.scale(k3, loss.kl_coef());
         terms = g.add(terms, k3);
     }
     terms
@@ -147,13 +141,7 @@ fn token_weights(g: &mut Graph, seq_mean: bool, mask: NodeId) -> NodeId {
 /// ratio is inside the clip range (else 0), plus `β (1 − e^δ)`, all zero
 /// off the response.
 fn token_slopes(g: &mut Graph, loss: TokenLoss, ops: &[NodeId]) -> NodeId {
-    let TokenLoss::Grpo {
-        clip_low,
-        clip_high,
-        kl_coef,
-        ..
-    } = loss
-    else {
+    let Some((lo, hi)) = loss.ratio_range() else {
         return g.full_like(-1.0, ops[0]);
     };
     let (logp, mask, old, adv) = (ops[0], ops[1], ops[2], ops[3]);
@@ -165,7 +153,6 @@ fn token_slopes(g: &mut Graph, loss: TokenLoss, ops: &[NodeId]) -> NodeId {
     let ratio = g.exp(d);
     let a = g.reshape(adv, vec![shape[0], 1]);
     let a = g.broadcast(a, shape);
-    let (lo, hi) = (1.0 - clip_low.get(), 1.0 + clip_high.get());
     let unclipped = g.mul(ratio, a);
     let clipped = g.clamp(ratio, lo, hi);
     let clipped = g.mul(clipped, a);
@@ -185,7 +172,7 @@ fn token_slopes(g: &mut Graph, loss: TokenLoss, ops: &[NodeId]) -> NodeId {
         let e = g.exp(diff);
         let one = g.full_like(1.0, e);
         let k = g.sub(one, e);
-        let k = g.scale(k, kl_coef.get());
+        let k = g.scale(k, loss.kl_coef());
         s = g.add(s, k);
     }
     g.select(on, s, zero)

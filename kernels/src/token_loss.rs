@@ -47,19 +47,8 @@ impl LossSpec {
     /// for SFT, which reads none of them), rounded once from f64 as the CPU
     /// executor rounds them.
     pub fn hyper(loss: TokenLoss) -> [f32; 3] {
-        match loss {
-            TokenLoss::Sft => [0.0; 3],
-            TokenLoss::Grpo {
-                clip_low,
-                clip_high,
-                kl_coef,
-                ..
-            } => [
-                (1.0 - clip_low.get()) as f32,
-                (1.0 + clip_high.get()) as f32,
-                kl_coef.get() as f32,
-            ],
-        }
+        let (lo, hi) = loss.ratio_range().unwrap_or((0.0, 0.0));
+        [lo as f32, hi as f32, loss.kl_coef() as f32]
     }
 }
 

@@ -392,9 +392,29 @@ impl TokenLoss {
         }
     }
 
+    /// GRPO's ratio range `(1 − clip_low, 1 + clip_high)`; None for SFT.
+    pub fn ratio_range(self) -> Option<(f64, f64)> {
+        match self {
+            TokenLoss::Sft => None,
+            TokenLoss::Grpo {
+                clip_low,
+                clip_high,
+                ..
+            } => Some((1.0 - clip_low.get(), 1.0 + clip_high.get())),
+        }
+    }
+
+    /// The KL term's coefficient β (0 without one).
+    pub fn kl_coef(self) -> f64 {
+        match self {
+            TokenLoss::Sft => 0.0,
+            TokenLoss::Grpo { kl_coef, .. } => kl_coef.get(),
+        }
+    }
+
     /// Whether the loss reads reference log-probs (GRPO with a KL term).
     pub fn has_kl(self) -> bool {
-        matches!(self, TokenLoss::Grpo { kl_coef, .. } if kl_coef.get() != 0.0)
+        self.kl_coef() != 0.0
     }
 
     /// Operands of `Op::TokenLoss`: `(logπ, mask)` for SFT, `(logπ, mask,

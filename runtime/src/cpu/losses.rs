@@ -12,19 +12,13 @@ use num_traits::Float;
 /// tokens per sequence.
 fn token<T: Float>(loss: TokenLoss, ops: &[&[T]], cols: usize, i: usize) -> (T, T) {
     let c = |v: f64| T::from(v).expect("a float constant");
-    let TokenLoss::Grpo {
-        clip_low,
-        clip_high,
-        kl_coef,
-        ..
-    } = loss
-    else {
+    let Some((lo, hi)) = loss.ratio_range() else {
         return (-ops[0][i], -T::one());
     };
     let (lp, on, a) = (ops[0][i], ops[1][i] > T::zero(), ops[3][i / cols]);
     let d = if on { lp - ops[2][i] } else { T::zero() };
     let ratio = d.exp();
-    let (lo, hi) = (c(1.0 - clip_low.get()), c(1.0 + clip_high.get()));
+    let (lo, hi) = (c(lo), c(hi));
     let unclipped = ratio * a;
     let clipped = clamp_value(ratio, lo, hi) * a;
     let first = unclipped <= clipped;
@@ -37,7 +31,7 @@ fn token<T: Float>(loss: TokenLoss, ops: &[&[T]], cols: usize, i: usize) -> (T, 
     let coef = if first { a } else { passed };
     let mut slope = -(coef * ratio);
     if loss.has_kl() {
-        let beta = c(kl_coef.get());
+        let beta = c(loss.kl_coef());
         let diff = if on { ops[4][i] - lp } else { T::zero() };
         let e = diff.exp();
         value = value + ((e - diff) - T::one()) * beta;
