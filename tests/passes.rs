@@ -378,3 +378,37 @@ fn simplify_removes_identities_and_chains() {
     assert!(matches!(g.op(y), Op::Binary(BinaryOp::Mul)));
     assert_eq!(g.inputs(y)[0], x);
 }
+
+#[test]
+fn simplify_turns_permutes_of_unit_axes_into_reshapes() {
+    // [2, 1, 3, 4] → [2, 3, 1, 4] moves only the unit axis: a reshape; the
+    // transpose of [2, 3] and a permute that reorders sizes > 1 across a
+    // unit axis stay permutes.
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F64, vec![2, 1, 3, 4]);
+    let unit = g.permute(x, &[0, 2, 1, 3]);
+    let swapped = g.permute(x, &[2, 1, 0, 3]);
+    let m = g.input("m", DType::F64, vec![2, 3]);
+    let t = g.transpose(m);
+    g.set_output("unit", unit);
+    g.set_output("swapped", swapped);
+    g.set_output("t", t);
+    let mut r = rng(5);
+    let inputs = Inputs::from([
+        (
+            "x".to_string(),
+            f64_tensor(&[2, 1, 3, 4], &uniform(&mut r, 24, -1.0, 1.0)),
+        ),
+        (
+            "m".to_string(),
+            f64_tensor(&[2, 3], &uniform(&mut r, 6, -1.0, 1.0)),
+        ),
+    ]);
+    let before = outputs(&g, &inputs);
+    Pipeline::new(vec![Box::new(AlgebraicSimplify), Box::new(DeadCode)]).run(&mut g);
+    assert_same(&before, &outputs(&g, &inputs), "simplify");
+    let op = |name: &str| g.op(g.output(name).unwrap()).clone();
+    assert!(matches!(op("unit"), Op::Reshape { .. }), "{:?}", op("unit"));
+    assert!(matches!(op("swapped"), Op::Permute { .. }));
+    assert!(matches!(op("t"), Op::Permute { .. }));
+}

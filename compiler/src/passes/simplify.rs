@@ -1,6 +1,7 @@
 //! Algebraic simplification: local rewrites that remove work without
 //! changing values — `x·1`, `x+0`, `x−0`, `x/1`, `−(−x)`, permute∘permute,
-//! identity permutes, reshape chains, broadcast chains and broadcasts of
+//! identity permutes, permutes that move only axes of size 1 (reshapes),
+//! reshape chains, broadcast chains and broadcasts of
 //! constants, casts and reshapes to the same type, double stop-gradients,
 //! whole-tensor slices.
 
@@ -64,6 +65,15 @@ fn rewrite(g: &Graph, id: NodeId) -> Option<Rewrite> {
         Op::Permute { perm } => {
             if perm.iter().enumerate().all(|(i, &p)| i == p) {
                 return Some(Forward(inputs[0]));
+            }
+            // Moving only axes of size 1 keeps the elements in order: a
+            // reshape, which executors run as a relabeling (the decode
+            // step's [B, 1, H, hd] ↔ [B, H, 1, hd]).
+            let from = &g.ty(inputs[0]).shape;
+            let kept: Vec<usize> = perm.iter().copied().filter(|&p| from[p] != 1).collect();
+            if kept.windows(2).all(|w| w[0] < w[1]) {
+                let shape = ty.shape.clone();
+                return Some(New(Op::Reshape { shape }, vec![inputs[0]]));
             }
             match g.op(inputs[0]) {
                 Op::Permute { perm: inner } => {
@@ -137,13 +147,17 @@ impl Pass for AlgebraicSimplify {
         let mut changed = false;
         for id in g.topo_order() {
             let Some(r) = rewrite(g, id) else { continue };
-            let new = match r {
-                Rewrite::Forward(n) => n,
-                Rewrite::New(op, ins) => g.add_op(op, &ins),
-            };
-            g.replace_uses(id, new);
-            if g.users(id).is_empty() {
-                g.remove(id);
+            match r {
+                Rewrite::Forward(n) => {
+                    g.replace_uses(id, n);
+                    g.remove(id);
+                }
+                // In place: the node keeps its index, which the scheduler
+                // reads as its place in creation order (a new node could
+                // take the index of one removed earlier, anywhere).
+                Rewrite::New(op, ins) => g
+                    .rewrite(id, op, &ins)
+                    .expect("a simplification keeps the node's type"),
             }
             changed = true;
         }
