@@ -1202,3 +1202,41 @@ fn token_losses_match_the_cpu() {
     }
     check(&g, &inp, 1e-5);
 }
+
+/// Where the reference's loss is NaN the device's is too: a ratio that
+/// overflows against a zero advantage (`min` returns its NaN first
+/// operand), and, for the sequence mean, a sequence without response
+/// tokens whose advantage is infinite (its terms times 0).
+#[test]
+fn token_loss_keeps_the_references_nans() {
+    let [_, token_mean, .., seq_mean] = token_losses()[..] else {
+        unreachable!()
+    };
+    let inf = f64::INFINITY;
+    for (loss, logp0, adv0, mask0) in [(token_mean, 0.0, 0.0, 1.0), (seq_mean, -1.0, inf, 0.0)] {
+        let (b, t) = (2, 3);
+        let mut values = token_loss_batch(950, b, t, false, false);
+        values[0][0] = logp0;
+        values[2][0] = -100.0; // old: exp(logπ − old) overflows in f32
+        values[3][0] = adv0;
+        for m in &mut values[1][..t] {
+            *m = mask0;
+        }
+        let mut g = Graph::new();
+        let mut inp = Inputs::new();
+        let mut ops = Vec::new();
+        for ((name, shape), v) in token_loss_operands(loss, b, t).into_iter().zip(values) {
+            let x = HostTensor::from_f64(DType::F32, shape.clone(), &v).unwrap();
+            inp.insert(name.to_string(), x);
+            ops.push(g.input(name, DType::F32, shape));
+        }
+        let l = g.token_loss(loss, &ops);
+        g.set_output("loss", l);
+        let cpu = execute(&g, &inp).unwrap()[0].1.to_f64_vec()[0];
+        let dev = on_device(&g, &inp)[0].1.to_f64_vec()[0];
+        assert!(
+            cpu.is_nan() && dev.is_nan(),
+            "{loss:?}: cpu {cpu}, device {dev}"
+        );
+    }
+}

@@ -1287,3 +1287,22 @@ fn token_loss_refuses_operands_that_do_not_fit() {
         .unwrap_err();
     assert!(e.to_string().contains("gout"), "{e}");
 }
+
+#[test]
+fn token_loss_vjp_with_the_log_probs_also_as_old_log_probs() {
+    // logπ in two slots: the expansion gives its one total (the ratio is
+    // 1 whatever logπ is, so only the KL term depends on it).
+    for loss in token_losses().into_iter().skip(1) {
+        for seed in SEEDS {
+            let (vars, mask) = token_loss_case(loss, seed);
+            let vars: Vec<Var> = vars.into_iter().filter(|v| v.name != "old").collect();
+            check_op(seed, &vars, &mask, true, |g, x| {
+                let shape = g.ty(x[0]).shape.clone();
+                let m = g.input("mask", DType::F64, shape);
+                let mut ops = vec![x[0], m, x[0]];
+                ops.extend(&x[1..]);
+                g.token_loss(loss, &ops)
+            });
+        }
+    }
+}

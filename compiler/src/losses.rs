@@ -28,14 +28,6 @@ pub struct RlBatch {
     pub ref_logprobs: Option<NodeId>,
 }
 
-/// `select(mask > 0, x, 0)`: garbage (even NaN) at masked positions is dropped.
-fn where_response(g: &mut Graph, mask: NodeId, x: NodeId) -> NodeId {
-    let zero = g.full_like(0.0, mask);
-    let on = g.compare(CompareOp::Gt, mask, zero);
-    let z = g.full_like(0.0, x);
-    g.select(on, x, z)
-}
-
 /// The GRPO loss of `rl` as an IR attribute.
 pub fn grpo(rl: &RlSpec) -> TokenLoss {
     TokenLoss::Grpo {
@@ -66,37 +58,68 @@ pub fn grpo_loss(g: &mut Graph, rl: &RlSpec, logp: NodeId, batch: &RlBatch) -> N
     g.token_loss(grpo(rl), &ops)
 }
 
+/// GRPO's per-token values with ordinary ops: the response test `mask >
+/// 0`, the ratio `ρ = exp(logπ − old)` (1 off the response), the
+/// advantages broadcast to `[B, T]`, `ρA` and `clip(ρ, lo, hi)·A`, and the
+/// KL difference `δ = ref − logπ` (0 off the response) when the loss has
+/// the term.
+struct Surrogate {
+    on: NodeId,
+    ratio: NodeId,
+    adv: NodeId,
+    unclipped: NodeId,
+    clipped: NodeId,
+    kl_diff: Option<NodeId>,
+}
+
+fn surrogate(g: &mut Graph, loss: TokenLoss, (lo, hi): (f64, f64), ops: &[NodeId]) -> Surrogate {
+    let (logp, mask, old) = (ops[0], ops[1], ops[2]);
+    let shape = g.ty(logp).shape.clone();
+    let zero = g.full_like(0.0, mask);
+    let on = g.compare(CompareOp::Gt, mask, zero);
+    // Garbage (even NaN) off the response is dropped.
+    let d = g.sub(logp, old);
+    let d = g.select(on, d, zero);
+    let ratio = g.exp(d);
+    let adv = g.reshape(ops[3], vec![shape[0], 1]);
+    let adv = g.broadcast(adv, shape);
+    let unclipped = g.mul(ratio, adv);
+    let clipped = g.clamp(ratio, lo, hi);
+    let clipped = g.mul(clipped, adv);
+    let kl_diff = loss.has_kl().then(|| {
+        let diff = g.sub(ops[4], logp);
+        g.select(on, diff, zero)
+    });
+    Surrogate {
+        on,
+        ratio,
+        adv,
+        unclipped,
+        clipped,
+        kl_diff,
+    }
+}
+
 /// Per-token terms ℓ [B, T] of `loss` over operands `ops` (zero weight not
 /// yet applied), with ordinary ops. GRPO: `−min(ρA, clip(ρ, 1−clip_low,
 /// 1+clip_high)·A) + β·k3`.
 pub fn token_terms(g: &mut Graph, loss: TokenLoss, ops: &[NodeId]) -> NodeId {
-    let Some((lo, hi)) = loss.ratio_range() else {
+    let Some(range) = loss.ratio_range() else {
         return g.neg(ops[0]);
     };
-    let (logp, mask, old, adv) = (ops[0], ops[1], ops[2], ops[3]);
-    let shape = g.ty(logp).shape.clone();
-    let d = g.sub(logp, old);
-    let d = where_response(g, mask, d);
-    let ratio = g.exp(d);
-    let a = g.reshape(adv, vec![shape[0], 1]);
-    let a = g.broadcast(a, shape.clone());
-    let unclipped = g.mul(ratio, a);
-    let clipped = g.clamp(ratio, lo, hi);
-    let clipped = g.mul(clipped, a);
+    let s = surrogate(g, loss, range, ops);
     // `min` returns (and credits) its first operand on ties.
-    let surrogate = g.min(unclipped, clipped);
-    let mut terms = g.neg(surrogate);
-    if loss.has_kl() {
-        let diff = g.sub(ops[4], logp);
-        let diff = where_response(g, mask, diff);
-        let e = g.exp(diff);
-        let k3 = g.sub(e, diff);
-        let one = g.full_like(1.0, k3);
-        let k3 = g.sub(k3, one);
-        let k3 = g.scale(k3, loss.kl_coef());
-        terms = g.add(terms, k3);
-    }
-    terms
+    let min = g.min(s.unclipped, s.clipped);
+    let terms = g.neg(min);
+    let Some(diff) = s.kl_diff else {
+        return terms;
+    };
+    let e = g.exp(diff);
+    let k3 = g.sub(e, diff);
+    let one = g.full_like(1.0, k3);
+    let k3 = g.sub(k3, one);
+    let k3 = g.scale(k3, loss.kl_coef());
+    g.add(terms, k3)
 }
 
 /// `Op::TokenLoss` written with ordinary ops: its per-token terms
@@ -144,38 +167,26 @@ fn token_slopes(g: &mut Graph, loss: TokenLoss, ops: &[NodeId]) -> NodeId {
     let Some((lo, hi)) = loss.ratio_range() else {
         return g.full_like(-1.0, ops[0]);
     };
-    let (logp, mask, old, adv) = (ops[0], ops[1], ops[2], ops[3]);
-    let shape = g.ty(logp).shape.clone();
-    let zero = g.full_like(0.0, mask);
-    let on = g.compare(CompareOp::Gt, mask, zero);
-    let d = g.sub(logp, old);
-    let d = g.select(on, d, zero);
-    let ratio = g.exp(d);
-    let a = g.reshape(adv, vec![shape[0], 1]);
-    let a = g.broadcast(a, shape);
-    let unclipped = g.mul(ratio, a);
-    let clipped = g.clamp(ratio, lo, hi);
-    let clipped = g.mul(clipped, a);
-    let first = g.compare(CompareOp::Le, unclipped, clipped);
-    let lo = g.full_like(lo, ratio);
-    let hi = g.full_like(hi, ratio);
-    let below = g.compare(CompareOp::Lt, ratio, lo);
-    let above = g.compare(CompareOp::Gt, ratio, hi);
-    let passed = g.select(above, zero, a);
+    let s = surrogate(g, loss, (lo, hi), ops);
+    let zero = g.full_like(0.0, s.ratio);
+    // The clamp passes the gradient where lo ≤ ρ ≤ hi.
+    let (lo, hi) = (g.full_like(lo, s.ratio), g.full_like(hi, s.ratio));
+    let below = g.compare(CompareOp::Lt, s.ratio, lo);
+    let above = g.compare(CompareOp::Gt, s.ratio, hi);
+    let passed = g.select(above, zero, s.adv);
     let passed = g.select(below, zero, passed);
-    let coef = g.select(first, a, passed);
-    let s = g.mul(coef, ratio);
-    let mut s = g.neg(s);
-    if loss.has_kl() {
-        let diff = g.sub(ops[4], logp);
-        let diff = g.select(on, diff, zero);
+    let first = g.compare(CompareOp::Le, s.unclipped, s.clipped);
+    let coef = g.select(first, s.adv, passed);
+    let slope = g.mul(coef, s.ratio);
+    let mut slope = g.neg(slope);
+    if let Some(diff) = s.kl_diff {
         let e = g.exp(diff);
         let one = g.full_like(1.0, e);
         let k = g.sub(one, e);
         let k = g.scale(k, loss.kl_coef());
-        s = g.add(s, k);
+        slope = g.add(slope, k);
     }
-    g.select(on, s, zero)
+    g.select(s.on, slope, zero)
 }
 
 /// `Op::TokenLossGrad` written with ordinary ops: `gout · w ∘ ∂ℓ/∂logπ`

@@ -8,9 +8,10 @@
 //!   batch for the token mean, sequence by sequence for the sequence mean;
 //!   unit 0 writes `L`.
 //! - gradient: one cube per sequence. The cube first sums the mask (the
-//!   batch's for the token mean; every sequence's, for the number of
-//!   sequences with a response token and its own count, for the sequence
-//!   mean), then writes `gout · w ∘ ∂ℓ/∂logπ` over its sequence.
+//!   batch's for the token mean; for the sequence mean its own sequence's,
+//!   and each unit a share of the sequences serially for the number with
+//!   a response token), then writes `gout · w ∘ ∂ℓ/∂logπ` over its
+//!   sequence.
 //!
 //! The clip range and the KL coefficient are launch arguments, so one
 //! compiled kernel serves every value; the loss kind, the KL term and the
@@ -84,7 +85,8 @@ fn token_term(
         let unclipped = ratio * a;
         let clipped = select(ratio < lo, lo, select(ratio > hi, hi, ratio)) * a;
         let first = unclipped <= clipped;
-        value = zero - select(first, unclipped, clipped);
+        // `min` returns its first operand when that is NaN, as the IR's does.
+        value = zero - select(unclipped.is_nan() || first, unclipped, clipped);
         let passed = select(ratio < lo, zero, select(ratio > hi, zero, a));
         slope = zero - select(first, a, passed) * ratio;
         if comptime!(spec.kl) {
@@ -177,9 +179,11 @@ pub fn token_loss(
                 spec,
                 block,
             );
+            // As the reference: `num / n_b · [n_b > 0]` with n_b = 1 where 0.
             let has = cnt > zero;
-            total += select(has, num / cnt, zero);
-            count += select(has, f32::new(1.0), zero);
+            let flag = select(has, f32::new(1.0), zero);
+            total += num / select(has, cnt, f32::new(1.0)) * flag;
+            count += flag;
             b += 1usize;
         }
     } else {
@@ -260,15 +264,22 @@ pub fn token_loss_grad(
     let mut den = one;
     let mut per = one;
     if comptime!(spec.seq_mean) {
-        let mut n = zero;
-        let mut own = zero;
-        let mut b = rows * 0usize;
+        // Sequences with a response token: unit u sums sequences u, u +
+        // block, … serially, then one cube-wide sum of the flags.
+        let mut flags = zero;
+        let mut b = UNIT_POS as usize;
         while b < rows {
-            let cnt = mask_sum(mask, b * cols, (b + 1) * cols, &mut shared, block);
-            n += select(cnt > zero, one, zero);
-            own = select(b == row, cnt, own);
-            b += 1usize;
+            let mut cnt = zero;
+            let mut t = b * cols;
+            while t < (b + 1) * cols {
+                cnt += mask[t];
+                t += 1usize;
+            }
+            flags += select(cnt > zero, one, zero);
+            b += block;
         }
+        let n = cube_sum(flags, &mut shared, UNIT_POS as usize);
+        let own = mask_sum(mask, row * cols, (row + 1) * cols, &mut shared, block);
         let has = own > zero;
         per = select(has, one, zero) / (select(has, own, one) * n);
     } else {

@@ -667,21 +667,20 @@ fn eval(graph: &Graph, id: NodeId, args: &[&HostTensor]) -> Result<HostTensor, E
                 .collect::<Result<Vec<_>, _>>()?;
             T::into_buffer(optim::step(*rule, *out, &ops))
         }),
-        Op::TokenLoss { loss } => float_dtype!(args[0].dtype(), cx, |T| {
-            let ops = args
-                .iter()
-                .map(|a| cx.view::<T>(a))
-                .collect::<Result<Vec<_>, _>>()?;
-            T::into_buffer(losses::loss(*loss, &ops, args[0].shape[1]))
-        }),
-        Op::TokenLossGrad { loss } => float_dtype!(args[0].dtype(), cx, |T| {
-            let ops = args
-                .iter()
-                .map(|a| cx.view::<T>(a))
-                .collect::<Result<Vec<_>, _>>()?;
-            let (ops, gout) = ops.split_at(loss.arity());
-            T::into_buffer(losses::grad(*loss, ops, gout[0][0], args[0].shape[1]))
-        }),
+        Op::TokenLoss { loss } | Op::TokenLossGrad { loss } => {
+            float_dtype!(args[0].dtype(), cx, |T| {
+                let ops = args
+                    .iter()
+                    .map(|a| cx.view::<T>(a))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let (ops, gout) = ops.split_at(loss.arity());
+                let cols = args[0].shape[1];
+                T::into_buffer(match gout.first() {
+                    Some(g) => losses::grad(*loss, ops, g[0], cols),
+                    None => losses::loss(*loss, ops, cols),
+                })
+            })
+        }
         Op::OneHot { depth, dtype } => float_dtype!(*dtype, cx, |T| {
             T::into_buffer(index::one_hot::<T>(cx.view::<i32>(args[0])?, *depth))
         }),

@@ -520,7 +520,8 @@ pub fn token_loss_operands(
 /// A random `[b, t]` token-loss batch, the values of `token_loss_operands`
 /// in order: log-probs in [−3, −0.1], old and ref log-probs within ±0.6 of
 /// them (ratios on both sides of the clip ranges), advantages of both
-/// signs, a 0/1 mask whose last token is a response token. `empty_row`
+/// signs, a mask of weights 0, 0.5 and 1 whose last token is a response
+/// token. `empty_row`
 /// leaves sequence 0 without response tokens; `garbage` puts NaN at the
 /// masked positions of logπ, old and ref.
 pub fn token_loss_batch(
@@ -533,10 +534,12 @@ pub fn token_loss_batch(
     let mut r = rng(seed);
     let n = b * t;
     let mut logp = uniform(&mut r, n, -3.0, -0.1);
+    // Weights: mostly 1, some 0.5 on response tokens.
     let mut mask: Vec<f64> = (0..n)
-        .map(|i| {
-            let response = r.gen_bool(0.7) && !(empty_row && i < t);
-            f64::from(u8::from(response))
+        .map(|i| match r.gen_bool(0.7) && !(empty_row && i < t) {
+            true if r.gen_bool(0.2) => 0.5,
+            true => 1.0,
+            false => 0.0,
         })
         .collect();
     mask[n - 1] = 1.0;

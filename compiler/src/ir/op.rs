@@ -407,14 +407,15 @@ impl TokenLoss {
     /// The KL term's coefficient β (0 without one).
     pub fn kl_coef(self) -> f64 {
         match self {
-            TokenLoss::Sft => 0.0,
-            TokenLoss::Grpo { kl_coef, .. } => kl_coef.get(),
+            TokenLoss::Grpo { kl_coef, .. } if kl_coef.get() > 0.0 => kl_coef.get(),
+            _ => 0.0,
         }
     }
 
-    /// Whether the loss reads reference log-probs (GRPO with a KL term).
+    /// Whether the loss reads reference log-probs (GRPO with a KL term:
+    /// β > 0, as the pipeline's `kl_coef` says).
     pub fn has_kl(self) -> bool {
-        self.kl_coef() != 0.0
+        self.kl_coef() > 0.0
     }
 
     /// Operands of `Op::TokenLoss`: `(logπ, mask)` for SFT, `(logπ, mask,

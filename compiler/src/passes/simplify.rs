@@ -149,6 +149,7 @@ impl Pass for AlgebraicSimplify {
             let Some(r) = rewrite(g, id) else { continue };
             match r {
                 Rewrite::Forward(n) => {
+                    debug_assert_ne!(n, id, "a node forwarded to itself");
                     g.replace_uses(id, n);
                     g.remove(id);
                 }
