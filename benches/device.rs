@@ -27,7 +27,7 @@ use coopc_compiler::ir::DType;
 use coopc_compiler::linear_logprob::device_chunk;
 use coopc_kernels::attention::AttentionShape;
 use coopc_kernels::device::Device;
-use coopc_kernels::matmul::MatmulShape;
+use coopc_kernels::matmul::{CubeclStrategy as Strategy, MatmulShape};
 use coopc_runtime::init::init_params;
 use coopc_runtime::sampler::{Sampler, SamplingConfig};
 use coopc_runtime::{Backend, HostTensor};
@@ -191,6 +191,27 @@ fn matmul_on<R: Runtime>(c: &mut Criterion, dev: Device<R>, [m, k, n]: [usize; 3
                 let out = dev.launch_matmul(&a, &b, shape, blocked);
                 dev.wait().expect("runs");
                 black_box(out)
+            })
+        });
+    }
+    // CubeCL's matmul routines: the f32 ones on CUDA cores, and its own
+    // choice (`auto`, which may compute in TF32 on tensor cores).
+    for (name, strategy) in [
+        (
+            "cubecl_simple_unit",
+            Strategy::SimpleUnit(Default::default()),
+        ),
+        (
+            "cubecl_double_unit",
+            Strategy::DoubleUnit(Default::default()),
+        ),
+        ("cubecl_auto", Strategy::Auto),
+    ] {
+        group.bench_function(format!("{name}_{m}x{k}x{n}"), |bch| {
+            bch.iter(|| {
+                let out = dev.launch_matmul_cubecl(&a, &b, shape, &strategy);
+                dev.wait().expect("runs");
+                black_box(out.expect("launches"))
             })
         });
     }

@@ -44,8 +44,6 @@ pub fn build_plan(source: &str, path: &Path, spec: PipelineSpec) -> Plan {
     }
 }
 
-/// Writes every program's fused kernels (CUDA C++ and WGSL) under `dir`,
-/// one folder per program, with an index of which kernel runs where.
 /// Writes a kernel's CUDA C++ and WGSL as `DIR/<name>.cu` and `.wgsl`.
 fn write_source(dir: &Path, src: &coopc_kernels::source::KernelSource) -> Result<(), UserError> {
     for (ext, text) in [("cu", &src.cuda), ("wgsl", &src.wgsl)] {
@@ -56,6 +54,8 @@ fn write_source(dir: &Path, src: &coopc_kernels::source::KernelSource) -> Result
     Ok(())
 }
 
+/// Writes every program's fused kernels (CUDA C++ and WGSL) under `dir`,
+/// one folder per program, with an index of which kernel runs where.
 fn emit_kernels(plan: &Plan, dir: &Path) -> Result<(), UserError> {
     use coopc_compiler::fusion::fuse;
     use std::fmt::Write as _;
@@ -121,6 +121,13 @@ fn emit_kernels(plan: &Plan, dir: &Path) -> Result<(), UserError> {
         write_source(&dir.join("decode_step"), &src)?;
         let _ = writeln!(index, "  {}", src.name);
     }
+    let _ = writeln!(
+        index,
+        "matrix products: the schedules' matmul_* launches run CubeCL's matmul \
+         (cubek-matmul's simple_unit routine, generated for the device at launch, so not \
+         written here) unless COOPC_MATMUL=coopc; the matmul_* files are coopc's own product \
+         kernels, which run then (and where CubeCL's refuses a problem)"
+    );
     let path = dir.join("index.txt");
     std::fs::write(&path, &index)
         .map_err(|e| UserError(format!("cannot write {}: {e}", path.display())))?;

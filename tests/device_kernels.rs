@@ -1,5 +1,5 @@
 //! Every device kernel — generated elementwise programs and reductions, the
-//! matrix product, data movement and indexing — run through the device
+//! matrix products (CubeCL's and coopc's), data movement and indexing — run through the device
 //! executor and compared with the CPU executor on fresh random inputs
 //! (relative error ≤ 1e-4 in f32), with every output buffer poisoned (NaN)
 //! before its kernel runs so an unwritten element fails. Then a whole
@@ -17,6 +17,7 @@ use coopc_compiler::lowering::{lower_meta_step, BatchShapes};
 use coopc_compiler::passes::Pipeline;
 use coopc_compiler::spec::Precision;
 use coopc_kernels::device::{Device, Prepared};
+use coopc_kernels::matmul::MatmulKernel;
 use coopc_runtime::{execute, Backend, CpuBackend, HostTensor, Value};
 use rand::Rng;
 use std::collections::HashMap;
@@ -44,8 +45,17 @@ macro_rules! with_device {
 }
 
 fn on_device(g: &Graph, inputs: &Inputs) -> Vec<(String, HostTensor)> {
+    on_device_with(g, inputs, MatmulKernel::Cubecl)
+}
+
+/// [`on_device`] with the matrix products run by `matmul`.
+fn on_device_with(g: &Graph, inputs: &Inputs, matmul: MatmulKernel) -> Vec<(String, HostTensor)> {
     let prepared = Prepared::new(g);
-    with_device!(|d| d.execute(g, &prepared, inputs)).expect("device run")
+    with_device!(|d| {
+        d.matmul = matmul;
+        d.execute(g, &prepared, inputs)
+    })
+    .expect("device run")
 }
 
 /// A tensor's elements as f32, as the device takes them.
@@ -78,8 +88,13 @@ fn check(g: &Graph, inputs: &Inputs, tol: f64) {
 /// difference of two nearly equal values, whose own size says nothing about
 /// the rounding it carries.
 fn check_scaled(g: &Graph, inputs: &Inputs, tol: f64, scaled: &[(&str, &str)]) {
+    check_with(g, inputs, tol, scaled, MatmulKernel::Cubecl);
+}
+
+/// [`check_scaled`] with the matrix products run by `matmul`.
+fn check_with(g: &Graph, inputs: &Inputs, tol: f64, scaled: &[(&str, &str)], matmul: MatmulKernel) {
     let want = execute(g, inputs).expect("cpu");
-    let got = on_device(g, inputs);
+    let got = on_device_with(g, inputs, matmul);
     assert_eq!(got.len(), want.len());
     for ((name, w), (_, d)) in want.iter().zip(&got) {
         assert_eq!(w.shape, d.shape, "{name}");
@@ -233,7 +248,9 @@ fn batched_matmul_matches_the_cpu() {
         reads_transposed, 2,
         "tb is also read by exp, so it is computed"
     );
-    check(&g, &inp, 1e-4);
+    for kernel in MatmulKernel::ALL {
+        check_with(&g, &inp, 1e-4, &[], kernel);
+    }
 }
 
 #[test]
@@ -263,7 +280,9 @@ fn register_blocked_matmul_matches_the_cpu() {
     let sq = f32_input(&mut g, &mut inp, "sq", &[64, 64], -1.0, 1.0, 25);
     let c = g.matmul(sq, sq);
     g.set_output("square", c);
-    check(&g, &inp, 1e-5);
+    for kernel in MatmulKernel::ALL {
+        check_with(&g, &inp, 1e-5, &[], kernel);
+    }
 }
 
 #[test]
@@ -1238,5 +1257,61 @@ fn token_loss_keeps_the_references_nans() {
             cpu.is_nan() && dev.is_nan(),
             "{loss:?}: cpu {cpu}, device {dev}"
         );
+    }
+}
+
+/// CubeCL's matmul takes every product shape of the schedules (thin rows,
+/// odd sizes, batches, operands read transposed) itself, without falling
+/// back to coopc's kernels, and equals an f64 product.
+#[test]
+fn cubecl_matmul_takes_every_product_itself() {
+    use coopc_kernels::matmul::{CubeclStrategy, MatmulShape};
+    for (batch, m, k, n, trans_a, trans_b) in [
+        (1, 64, 64, 64, false, false),
+        (2, 33, 70, 17, true, false),
+        (1, 128, 256, 96, false, true),
+        (3, 17, 45, 20, true, true),
+        (1, 1, 128, 384, false, true),
+        (1, 16, 384, 16, false, false),
+    ] {
+        let mut r = rng((m * k + n) as u64);
+        let a = uniform(&mut r, batch * m * k, -1.0, 1.0);
+        let b = uniform(&mut r, batch * k * n, -1.0, 1.0);
+        let at = |q: usize, i: usize, l: usize| match trans_a {
+            true => a[q * m * k + l * m + i],
+            false => a[q * m * k + i * k + l],
+        };
+        let bt = |q: usize, l: usize, j: usize| match trans_b {
+            true => b[q * k * n + j * k + l],
+            false => b[q * k * n + l * n + j],
+        };
+        let mut want = Vec::with_capacity(batch * m * n);
+        for q in 0..batch {
+            for i in 0..m {
+                for j in 0..n {
+                    want.push((0..k).map(|l| at(q, i, l) * bt(q, l, j)).sum::<f64>());
+                }
+            }
+        }
+        let s = MatmulShape {
+            batch,
+            m,
+            k,
+            n,
+            trans_a,
+            trans_b,
+        };
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+        let unit = CubeclStrategy::SimpleUnit(Default::default());
+        let got = with_device!(|dev| {
+            let (ah, bh) = (dev.upload(&f32s(&a)), dev.upload(&f32s(&b)));
+            let out = dev
+                .launch_matmul_cubecl(&ah, &bh, s, &unit)
+                .unwrap_or_else(|e| panic!("{s:?}: {e}"));
+            dev.download(out, batch * m * n).expect("download")
+        });
+        let got: Vec<f64> = got.into_iter().map(f64::from).collect();
+        let e = rel_err(&got, &want, 1e-6);
+        assert!(e < 1e-5, "{s:?}: relative error {e:e}");
     }
 }

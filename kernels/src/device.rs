@@ -11,7 +11,7 @@ use crate::attention::AttentionShape;
 use crate::cached_attention::{cached_attention, CACHED_BLOCK, CACHED_CHUNK};
 use crate::elementwise::elementwise_program;
 use crate::linear_logprob::LogprobShape;
-use crate::matmul::{use_blocked, MatmulShape};
+use crate::matmul::{MatmulKernel, MatmulShape};
 use crate::movement::{
     gather_rows, iota, one_hot, scatter_add_along, scatter_add_rows, strided_copy, take_along,
     write_slice, CopySpec,
@@ -161,6 +161,8 @@ pub struct Device<R: Runtime> {
     /// Poison every output buffer before its kernel runs (tests: an element
     /// a kernel fails to write stays NaN).
     pub poison: bool,
+    /// The kernel of the schedule's matrix products.
+    pub matmul: MatmulKernel,
     /// Fused schedules of the graphs run through [`Backend::run`], by
     /// structural fingerprint.
     prepared: Mutex<HashMap<u64, Arc<Prepared>>>,
@@ -360,6 +362,7 @@ impl Device<cubecl::wgpu::WgpuRuntime> {
             client,
             backend: "wgpu",
             poison: false,
+            matmul: MatmulKernel::from_env()?,
             prepared: Mutex::default(),
             uploaded: AtomicU64::new(0),
             downloaded: AtomicU64::new(0),
@@ -394,6 +397,7 @@ impl Device<cubecl::cuda::CudaRuntime> {
             client,
             backend: "cuda",
             poison: false,
+            matmul: MatmulKernel::from_env()?,
             prepared: Mutex::default(),
             uploaded: AtomicU64::new(0),
             downloaded: AtomicU64::new(0),
@@ -825,8 +829,7 @@ impl<R: Runtime> Device<R> {
                     trans_a: *trans_a,
                     trans_b: *trans_b,
                 };
-                let out = self.launch_matmul(&get(a)?, &get(b)?, shape, use_blocked(m, nn));
-                Ok(vec![(*id, out)])
+                Ok(vec![(*id, self.launch_product(&get(a)?, &get(b)?, shape))])
             }
             Kernel::LinearLogprob {
                 id,

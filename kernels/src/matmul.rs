@@ -338,3 +338,110 @@ impl<R: Runtime> Device<R> {
             .map_err(|e| DeviceError::Device(format!("{e:?}")))
     }
 }
+
+/// A routine of CubeCL's matmul (`cubek-matmul`).
+pub use cubek_matmul::launch::Strategy as CubeclStrategy;
+
+/// The kernel that runs the schedule's matrix products (`Kernel::MatMul`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulKernel {
+    /// CubeCL's matmul (`cubek-matmul`), its `simple_unit` routine: f32
+    /// products on the arithmetic units (no TF32 tensor cores, which round
+    /// the operands to 10 mantissa bits).
+    Cubecl,
+    /// coopc's own [`matmul_blocked`] / [`matmul_tiled`] kernels.
+    Coopc,
+}
+
+impl MatmulKernel {
+    pub const ALL: [MatmulKernel; 2] = [MatmulKernel::Cubecl, MatmulKernel::Coopc];
+
+    /// `COOPC_MATMUL=coopc` picks coopc's kernels; unset or `cubecl`,
+    /// CubeCL's matmul.
+    pub fn from_env() -> Result<MatmulKernel, DeviceError> {
+        match std::env::var("COOPC_MATMUL").as_deref() {
+            Err(_) | Ok("cubecl") => Ok(MatmulKernel::Cubecl),
+            Ok("coopc") => Ok(MatmulKernel::Coopc),
+            Ok(other) => Err(DeviceError::Device(format!(
+                "COOPC_MATMUL is `{other}`: use `cubecl` (the default) or `coopc`"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MatmulKernel::Cubecl => "cubecl",
+            MatmulKernel::Coopc => "coopc",
+        }
+    }
+}
+
+impl<R: Runtime> Device<R> {
+    /// Launches the product of the resident operands `a` and `b` into a new
+    /// buffer with the device's [`MatmulKernel`]: CubeCL's matmul, or
+    /// coopc's kernels where it refuses the problem (or is not asked for).
+    pub fn launch_product(&self, a: &Handle, b: &Handle, s: MatmulShape) -> Handle {
+        if self.matmul == MatmulKernel::Cubecl {
+            let unit = CubeclStrategy::SimpleUnit(Default::default());
+            if let Ok(out) = self.launch_matmul_cubecl(a, b, s, &unit) {
+                return out;
+            }
+        }
+        self.launch_matmul(a, b, s, use_blocked(s.m, s.n))
+    }
+
+    /// The product of host operands by [`Device::launch_product`].
+    pub fn product(&self, a: &[f32], b: &[f32], s: MatmulShape) -> Result<Vec<f32>, DeviceError> {
+        let (ah, bh) = (self.upload(a), self.upload(b));
+        let out = self.launch_product(&ah, &bh, s);
+        self.download(out, s.batch * s.m * s.n)
+    }
+
+    /// Launches the product of the resident operands `a` and `b` through
+    /// CubeCL's matmul (`cubek-matmul`) with `strategy` into a new buffer;
+    /// transposed operands are read through their strides.
+    pub fn launch_matmul_cubecl(
+        &self,
+        a: &Handle,
+        b: &Handle,
+        s: MatmulShape,
+        strategy: &CubeclStrategy,
+    ) -> Result<Handle, DeviceError> {
+        use cubek_matmul::definition::{MatmulElems, MatmulGlobalElems};
+        use cubek_matmul::launch::launch_ref;
+        let out = self.output(s.batch * s.m * s.n);
+        let (m, k, n) = (s.m, s.k, s.n);
+        // Logical [batch, rows, cols] with the strides of the stored layout.
+        let tensor = |h: &Handle, rows: usize, cols: usize, trans: bool| {
+            let strides = if trans {
+                [rows * cols, 1, rows]
+            } else {
+                [rows * cols, cols, 1]
+            };
+            unsafe {
+                TensorBinding::<R>::from_raw_parts(
+                    h.clone(),
+                    strides.to_vec().into(),
+                    vec![s.batch, rows, cols].into(),
+                )
+            }
+        };
+        let f32_type = f32::as_type_native_unchecked().storage_type();
+        let input = |t| cubek_std::InputBinding::new(t, f32_type);
+        let mut elems = MatmulElems::from_globals(&MatmulGlobalElems {
+            lhs: f32_type,
+            rhs: f32_type,
+            out: f32_type,
+        });
+        launch_ref(
+            strategy,
+            self.client(),
+            input(tensor(a, m, k, s.trans_a)),
+            input(tensor(b, k, n, s.trans_b)),
+            tensor(&out, m, n, false),
+            &mut elems,
+        )
+        .map_err(|e| DeviceError::Device(format!("cubecl matmul: {e:?}")))?;
+        Ok(out)
+    }
+}
