@@ -10,7 +10,8 @@
 # (the bench binary of benches/device.rs, from `cargo bench --bench device
 # --no-run`). Results go to $OUT (default ./gpu-check-out): the CUDA kernel
 # suite's log, the emitted kernels, a timing table of one meta-step per
-# bench pipeline on cuda vs the CPU (with the process's peak RSS and, on
+# bench pipeline on cuda (with CubeCL's and with coopc's matmul) vs the CPU
+# (with the process's peak RSS and, on
 # cuda, the device memory peak of one extra run — the medium truncated
 # pipeline's is what the 24 GB target is about), the fused linear log-prob,
 # attention and matmul benches, the metrics of a short training run of the default example on
@@ -67,18 +68,23 @@ time_pipeline() { # PIPELINE REPEAT TIMEOUT_S
     [ -f "$p" ] || return 0
     name=$(basename "$p" .toml)
     "$COOPC" init "$p" --params "$OUT/$name.P.safetensors" --batch "$OUT/$name.B.safetensors" >/dev/null || { status=1; return 0; }
-    for backend in cpu "$GPU"; do
-        case "$name:$backend" in medium-*:cpu) continue ;; esac
-        log="$OUT/$name.$backend.log"
-        if timeout "$limit" "$COOPC" grad "$p" --params "$OUT/$name.P.safetensors" --batch "$OUT/$name.B.safetensors" \
+    # "$GPU:coopc" is the GPU with coopc's own matmul kernels
+    # (COOPC_MATMUL=coopc) instead of CubeCL's.
+    for variant in cpu "$GPU" "$GPU:coopc"; do
+        backend=${variant%%:*}
+        case "$name:$variant" in medium-*:cpu | medium-*:*:coopc) continue ;; esac
+        matmul=cubecl
+        [ "$variant" = "$GPU:coopc" ] && matmul=coopc
+        log="$OUT/$name.${variant/:/-}.log"
+        if COOPC_MATMUL=$matmul timeout "$limit" "$COOPC" grad "$p" --params "$OUT/$name.P.safetensors" --batch "$OUT/$name.B.safetensors" \
             --out "$OUT/$name.$backend.G.safetensors" --repeat "$repeat" --backend "$backend" >"$log" 2>&1; then
             line=$(grep "timing:" "$log")
             med=$(echo "$line" | sed -E 's/.*median ([0-9.]+) ms.*/\1/')
             min=$(echo "$line" | sed -E 's/.*min ([0-9.]+) ms.*/\1/')
             mem=$(echo "$line" | sed -E 's/.*(peak RSS .*)$/\1/')
-            echo "| $name | $backend | $med | $min | $mem |" >>"$table"
+            echo "| $name | $variant | $med | $min | $mem |" >>"$table"
         else
-            echo "| $name | $backend | failed or over ${limit}s (see $name.$backend.log) | | |" >>"$table"
+            echo "| $name | $variant | failed or over ${limit}s (see $(basename "$log")) | | |" >>"$table"
             status=1
         fi
     done
@@ -93,8 +99,9 @@ cat "$table"
 # 4. The hand-written kernel benches: the fused linear log-prob forward
 # and gradients (medium shapes, 32k and 128k vocabulary), causal attention
 # forward/backward (batch 8, 16 heads, 512 positions, head dim 64), and the
-# register-blocked matmul against the 16 x 16 tiling ([4096, 1024] x
-# [1024, 2816]); throughputs are FLOP/s. Then token generation with the
+# matrix products ([4096, 1024] x [1024, 2816]): coopc's register-blocked
+# kernel and 16 x 16 tiling, CubeCL's simple_unit and double_unit (f32) and
+# its automatic choice (TF32 tensor cores on CUDA); throughputs are FLOP/s. Then token generation with the
 # medium model (8 rows x 240 tokens, 256-position KV cache), tokens/s.
 if [ -x "$BIN_DIR/device_bench" ]; then
     echo "== fused linear log-prob, attention, matmul, decode"
