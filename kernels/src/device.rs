@@ -112,7 +112,7 @@ fn take_panic() -> Option<String> {
 }
 
 /// Runs `f`, turning a panic (on this or a device thread) into an error.
-fn guarded<T>(
+pub(crate) fn guarded<T>(
     what: impl Fn(String) -> DeviceError,
     f: impl FnOnce() -> T,
 ) -> Result<T, DeviceError> {
@@ -358,7 +358,7 @@ impl Device<cubecl::wgpu::WgpuRuntime> {
             },
             || cubecl::wgpu::WgpuRuntime::client(&Default::default()),
         )?;
-        Ok(Device {
+        let mut dev = Device {
             client,
             backend: "wgpu",
             poison: false,
@@ -369,7 +369,9 @@ impl Device<cubecl::wgpu::WgpuRuntime> {
             id: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed),
             tracking: AtomicBool::new(false),
             peak_in_use: AtomicU64::new(0),
-        })
+        };
+        dev.settle_matmul();
+        Ok(dev)
     }
 }
 
@@ -393,7 +395,7 @@ impl Device<cubecl::cuda::CudaRuntime> {
             },
             || cubecl::cuda::CudaRuntime::client(&cubecl::cuda::CudaDevice::new(0)),
         )?;
-        let dev = Device {
+        let mut dev = Device {
             client,
             backend: "cuda",
             poison: false,
@@ -417,6 +419,7 @@ impl Device<cubecl::cuda::CudaRuntime> {
                 backend: "cuda",
                 reason: e.to_string(),
             })?;
+        dev.settle_matmul();
         Ok(dev)
     }
 }

@@ -390,6 +390,56 @@ impl<R: Runtime> Device<R> {
         self.launch_matmul(a, b, s, use_blocked(s.m, s.n))
     }
 
+    /// Tries CubeCL's matmul once on this device (a small product with a
+    /// transposed operand against the host's); where it fails or is wrong,
+    /// the device's products fall back to coopc's kernels, with a warning.
+    pub(crate) fn settle_matmul(&mut self) {
+        if self.matmul != MatmulKernel::Cubecl {
+            return;
+        }
+        let s = MatmulShape {
+            batch: 1,
+            m: 37,
+            k: 70,
+            n: 45,
+            trans_a: false,
+            trans_b: true,
+        };
+        let a: Vec<f32> = (0..s.m * s.k)
+            .map(|i| (i % 13) as f32 / 13.0 - 0.5)
+            .collect();
+        let b: Vec<f32> = (0..s.n * s.k).map(|i| (i % 7) as f32 / 7.0 - 0.5).collect();
+        let want = |i: usize, j: usize| {
+            (0..s.k)
+                .map(|l| a[i * s.k + l] * b[j * s.k + l])
+                .sum::<f32>()
+        };
+        let unit = CubeclStrategy::SimpleUnit(Default::default());
+        let run = || -> Result<Vec<f32>, DeviceError> {
+            let (ah, bh) = (self.upload(&a), self.upload(&b));
+            let out = self.launch_matmul_cubecl(&ah, &bh, s, &unit)?;
+            self.download(out, s.m * s.n)
+        };
+        let failure = match crate::device::guarded(DeviceError::Device, run) {
+            Ok(Ok(got)) => {
+                let wrong = (0..s.m * s.n).find(|&p| {
+                    let w = want(p / s.n, p % s.n);
+                    let err = (got[p] - w).abs();
+                    err.is_nan() || err > 1e-4 * w.abs().max(1.0)
+                });
+                wrong.map(|p| format!("element {p} is {}", got[p]))
+            }
+            Ok(Err(e)) | Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = failure {
+            eprintln!(
+                "warning: CubeCL's matmul does not work on this {} device ({why}); matrix products run coopc's kernels",
+                self.backend()
+            );
+            self.matmul = MatmulKernel::Coopc;
+        }
+    }
+
     /// The product of host operands by [`Device::launch_product`].
     pub fn product(&self, a: &[f32], b: &[f32], s: MatmulShape) -> Result<Vec<f32>, DeviceError> {
         let (ah, bh) = (self.upload(a), self.upload(b));
