@@ -349,6 +349,11 @@ fn constant_fold_evaluates_constant_subgraphs_in_the_node_type() {
     let want = (v + v + v) as f64;
     assert_eq!(fulls, vec![want]);
     assert_eq!(g.node_count(), 3, "x, the folded constant and mul remain");
+    // Folded in place: the constant is the node it replaced (the
+    // broadcast, the last node folded), so its index keeps its place in
+    // creation order.
+    assert!(matches!(g.op(s), Op::Full { .. }), "{:?}", g.op(s));
+    assert_eq!(g.inputs(y), vec![x, s]);
 }
 
 #[test]

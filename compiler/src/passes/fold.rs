@@ -177,23 +177,29 @@ impl Pass for ConstantFold {
         for id in g.topo_order() {
             let Some(f) = self.fold(g, id) else { continue };
             let ty = g.ty(id).clone();
-            let new = match f {
-                Folded::Splat(v) => g.add_op(
-                    Op::Full {
-                        value: Scalar(v),
-                        ty,
-                    },
-                    &[],
-                ),
+            // A constant replaces the node in place: it keeps the node's
+            // index, which the scheduler reads as its place in creation
+            // order (a new node could take the index of one removed
+            // earlier, anywhere).
+            let constant = match f {
+                Folded::Splat(v) => Op::Full {
+                    value: Scalar(v),
+                    ty,
+                },
                 Folded::Values(vs) => {
                     debug_assert_eq!(vs.len(), numel(&ty.shape));
                     let values = vs.into_iter().map(Scalar).collect();
-                    g.add_op(Op::Literal { values, ty }, &[])
+                    Op::Literal { values, ty }
                 }
-                Folded::Forward(n) => n,
+                Folded::Forward(n) => {
+                    g.replace_uses(id, n);
+                    g.remove(id);
+                    changed = true;
+                    continue;
+                }
             };
-            g.replace_uses(id, new);
-            g.remove(id);
+            g.rewrite(id, constant, &[])
+                .expect("a folded constant keeps the node's type");
             changed = true;
         }
         changed
