@@ -368,11 +368,9 @@ impl MatmulKernel {
         }
     }
 
-    pub fn name(self) -> &'static str {
-        match self {
-            MatmulKernel::Cubecl => "cubecl",
-            MatmulKernel::Coopc => "coopc",
-        }
+    /// The CubeCL routine [`MatmulKernel::Cubecl`] runs.
+    fn routine() -> CubeclStrategy {
+        CubeclStrategy::SimpleUnit(Default::default())
     }
 }
 
@@ -382,8 +380,7 @@ impl<R: Runtime> Device<R> {
     /// coopc's kernels where it refuses the problem (or is not asked for).
     pub fn launch_product(&self, a: &Handle, b: &Handle, s: MatmulShape) -> Handle {
         if self.matmul == MatmulKernel::Cubecl {
-            let unit = CubeclStrategy::SimpleUnit(Default::default());
-            if let Ok(out) = self.launch_matmul_cubecl(a, b, s, &unit) {
+            if let Ok(out) = self.launch_matmul_cubecl(a, b, s, &MatmulKernel::routine()) {
                 return out;
             }
         }
@@ -414,10 +411,9 @@ impl<R: Runtime> Device<R> {
                 .map(|l| a[i * s.k + l] * b[j * s.k + l])
                 .sum::<f32>()
         };
-        let unit = CubeclStrategy::SimpleUnit(Default::default());
         let run = || -> Result<Vec<f32>, DeviceError> {
             let (ah, bh) = (self.upload(&a), self.upload(&b));
-            let out = self.launch_matmul_cubecl(&ah, &bh, s, &unit)?;
+            let out = self.launch_matmul_cubecl(&ah, &bh, s, &MatmulKernel::routine())?;
             self.download(out, s.m * s.n)
         };
         let failure = match crate::device::guarded(DeviceError::Device, run) {
@@ -438,13 +434,6 @@ impl<R: Runtime> Device<R> {
             );
             self.matmul = MatmulKernel::Coopc;
         }
-    }
-
-    /// The product of host operands by [`Device::launch_product`].
-    pub fn product(&self, a: &[f32], b: &[f32], s: MatmulShape) -> Result<Vec<f32>, DeviceError> {
-        let (ah, bh) = (self.upload(a), self.upload(b));
-        let out = self.launch_product(&ah, &bh, s);
-        self.download(out, s.batch * s.m * s.n)
     }
 
     /// Launches the product of the resident operands `a` and `b` through
