@@ -157,44 +157,26 @@ pub fn token_loss(
     let (rows, cols) = (rows as usize, cols as usize);
     let mut shared = SharedMemory::<f32>::new(block);
     let zero = f32::cast_from(UNIT_POS) * f32::new(0.0);
+    // Segments of tokens summed in turn: the sequences for the sequence
+    // mean, the whole batch as one for the token mean.
+    let mut segments = rows * 0usize + 1usize;
+    let mut len = rows * cols;
+    if comptime!(spec.seq_mean) {
+        segments = rows;
+        len = cols;
+    }
     let mut total = zero;
     let mut count = zero;
-    if comptime!(spec.seq_mean) {
-        let mut b = rows * 0usize;
-        while b < rows {
-            let (end, start) = ((b + 1) * cols, b * cols);
-            let (num, cnt) = masked_sums(
-                logp,
-                mask,
-                old,
-                adv,
-                refp,
-                start,
-                end,
-                cols,
-                lo,
-                hi,
-                beta,
-                &mut shared,
-                spec,
-                block,
-            );
-            // As the reference: `num / n_b · [n_b > 0]` with n_b = 1 where 0.
-            let has = cnt > zero;
-            let flag = select(has, f32::new(1.0), zero);
-            total += num / select(has, cnt, f32::new(1.0)) * flag;
-            count += flag;
-            b += 1usize;
-        }
-    } else {
-        let (num, den) = masked_sums(
+    let mut b = rows * 0usize;
+    while b < segments {
+        let (num, cnt) = masked_sums(
             logp,
             mask,
             old,
             adv,
             refp,
-            0usize,
-            rows * cols,
+            b * len,
+            (b + 1) * len,
             cols,
             lo,
             hi,
@@ -203,8 +185,17 @@ pub fn token_loss(
             spec,
             block,
         );
-        total = num;
-        count = den;
+        if comptime!(spec.seq_mean) {
+            // As the reference: `num / n_b · [n_b > 0]` with n_b = 1 where 0.
+            let has = cnt > zero;
+            let flag = select(has, f32::new(1.0), zero);
+            total += num / select(has, cnt, f32::new(1.0)) * flag;
+            count += flag;
+        } else {
+            total = num;
+            count = cnt;
+        }
+        b += 1usize;
     }
     if UNIT_POS == 0 {
         out[0usize] = total / count;
