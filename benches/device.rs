@@ -1,25 +1,30 @@
 //! GPU benches, run when a CUDA device answers (or on wgpu with
-//! `COOPC_BENCH_DEVICE=wgpu`; elsewhere they print why they are skipped):
-//! the fused linear log-prob at the "medium" shapes (4,096 tokens, d 1,024)
-//! for a 32k and a 128k vocabulary (32k only on wgpu, whose bindings are
-//! limited in size), against its bound (2·T·V·d FLOPs, printed; the
-//! throughput line is FLOP/s), forward and both gradients (3× the
-//! forward's FLOPs: the logits recomputed, then dh and dW products). Its memory is the inputs plus 2·T output
-//! floats at any vocabulary: no `[T, V]` buffer exists. Then the causal
-//! attention kernels, forward and forward + backward, at the medium
-//! pipeline's shapes (batch 8, 16 heads, 512 positions, head dim 64); the
-//! throughput is the causal FLOPs a fused implementation does
-//! (`2·B·H·T(T+1)·hd` forward, 2.5× that for the backward; the backward
-//! kernels recompute the scores, once for `dq` and once for `dk, dv`). Every call includes copying its
-//! inputs to the device and its results back. Last, the matrix product at
-//! the medium MLP's shape (`[4096, 1024] × [1024, 2816]`, operands
-//! resident, each call waits for the kernel), register-blocked kernel
-//! against the plain 16 × 16 tiling; the throughput is 2·m·k·n FLOP/s.
-//! And token generation through the KV-cache decode step (the sampler on
-//! the device, tokens drawn there): the medium pipeline's model, 8 rows ×
-//! 240 new tokens after 16 prompt tokens, a 256-position cache (on wgpu
-//! the default example's model, 16 rows × 120 tokens); the throughput is
-//! tokens per second.
+//! `COOPC_BENCH_DEVICE=wgpu`; elsewhere they print why they are skipped).
+//! Operands are resident on the device and each call waits for its
+//! kernels; no host copy is timed.
+//!
+//! - The fused linear log-prob at the "medium" shapes (4,096 tokens, d
+//!   1,024) for a 32k and a 128k vocabulary (64 tokens and 32k on wgpu),
+//!   with each matmul (CubeCL's: the logits a chunk at a time through its
+//!   products; coopc's: fused register-blocked kernels). Forward, and both
+//!   gradients (3× the forward's FLOPs: the logits recomputed, then dh and
+//!   dW products). The throughput line is FLOP/s against 2·T·V·d per
+//!   forward. Each prints the backward's device memory beyond its operands:
+//!   dh and dW plus one chunk of scratch, the same at any vocabulary.
+//! - The causal attention kernels, forward and forward + backward, at the
+//!   medium pipeline's shapes (batch 8, 16 heads, 512 positions, head dim
+//!   64); the throughput is the causal FLOPs a fused implementation does
+//!   (`2·B·H·T(T+1)·hd` forward, 2.5× that for the backward; the backward
+//!   kernels recompute the scores, once for `dq` and once for `dk, dv`).
+//! - The matrix product at the medium MLP's shape (`[4096, 1024] × [1024,
+//!   2816]`): coopc's register-blocked kernel and plain 16 × 16 tiling,
+//!   and CubeCL's routines; the throughput is 2·m·k·n FLOP/s.
+//! - Token generation through the KV-cache decode step (the sampler on the
+//!   device, tokens drawn there): the medium pipeline's model, 8 rows × 240
+//!   new tokens after 16 prompt tokens, a 256-position cache (on wgpu the
+//!   default example's model, 16 rows × 120 tokens); the throughput is
+//!   tokens per second.
+//!
 //! `scripts/gpu-check.sh` runs the compiled bench binary on a GPU machine.
 
 use coopc_compiler::frontend::load_pipeline;
@@ -27,7 +32,8 @@ use coopc_compiler::ir::DType;
 use coopc_compiler::linear_logprob::device_chunk;
 use coopc_kernels::attention::AttentionShape;
 use coopc_kernels::device::Device;
-use coopc_kernels::matmul::{CubeclStrategy as Strategy, MatmulShape};
+use coopc_kernels::linear_logprob::LogprobShape;
+use coopc_kernels::matmul::{CubeclStrategy as Strategy, MatmulKernel, MatmulShape};
 use coopc_runtime::init::init_params;
 use coopc_runtime::sampler::{Sampler, SamplingConfig};
 use coopc_runtime::{Backend, HostTensor};
@@ -49,53 +55,85 @@ fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-fn bench_on<R: Runtime>(c: &mut Criterion, dev: Device<R>, tokens: usize, vocabs: &[usize]) {
+fn bench_on<R: Runtime>(c: &mut Criterion, mut dev: Device<R>, tokens: usize, vocabs: &[usize]) {
     let d = 1024;
-    let h = values(tokens * d, 1, 1.0);
+    let h = dev.upload(&values(tokens * d, 1, 1.0));
     let targets: Vec<f32> = (0..tokens).map(|i| (i * 7919 % 32_000) as f32).collect();
+    let (targets, g) = (dev.upload(&targets), dev.upload(&values(tokens, 9, 1.0)));
     let mut group = c.benchmark_group(format!("linear_logprob_{}", dev.backend()));
     group
         .sample_size(10)
         .measurement_time(Duration::from_secs(10));
+    let default = dev.matmul;
     for &vocab in vocabs {
-        let w = values(vocab * d, 2, 0.05);
+        let w = dev.upload(&values(vocab * d, 2, 0.05));
+        let shape = LogprobShape::tokens(tokens, d, vocab);
         let flops = 2.0 * tokens as f64 * vocab as f64 * d as f64;
-        group.throughput(Throughput::Elements(flops as u64));
-        group.bench_function(format!("t{tokens}_d{d}_v{vocab}"), |b| {
-            b.iter(|| black_box(dev.linear_logprob(&h, &w, &targets, d).expect("runs")))
-        });
-        // Both gradients: the logits recomputed once (2·T·V·d) and two
-        // products of the same size.
-        let (_, lse) = dev.linear_logprob(&h, &w, &targets, d).expect("runs");
-        let g = values(tokens, 9, 1.0);
         let chunk = device_chunk(tokens, vocab);
-        group.throughput(Throughput::Elements(3 * flops as u64));
-        group.bench_function(format!("backward_t{tokens}_d{d}_v{vocab}"), |b| {
-            b.iter(|| {
-                black_box(
-                    dev.linear_logprob_backward(&h, &w, &targets, &lse, &g, d, chunk)
-                        .expect("runs"),
-                )
-            })
-        });
+        // The logits through each matmul: CubeCL's a chunk at a time,
+        // coopc's fused with the log-sum-exp.
+        for kernel in MatmulKernel::ALL {
+            dev.matmul = kernel;
+            let tag = format!("{kernel:?}_t{tokens}_d{d}_v{vocab}").to_lowercase();
+            group.throughput(Throughput::Elements(flops as u64));
+            group.bench_function(format!("forward_{tag}"), |b| {
+                b.iter(|| {
+                    let out = dev.launch_linear_logprob([&h, &w, &targets], tokens * d, shape);
+                    dev.wait().expect("runs");
+                    black_box(out)
+                })
+            });
+            // Both gradients: the logits recomputed once (2·T·V·d) and two
+            // products of the same size.
+            let (_, lse) = dev.launch_linear_logprob([&h, &w, &targets], tokens * d, shape);
+            let ops = [&h, &w, &targets, &lse, &g];
+            group.throughput(Throughput::Elements(3 * flops as u64));
+            group.bench_function(format!("backward_{tag}"), |b| {
+                b.iter(|| {
+                    let out = dev.launch_linear_logprob_backward(ops, shape, [true, true], chunk);
+                    dev.wait().expect("runs");
+                    black_box(out)
+                })
+            });
+            // The device memory beyond the operands and the results: flat
+            // in the vocabulary (one chunk of logits or coefficients).
+            dev.wait().expect("runs");
+            dev.track_memory(true);
+            let before = dev.memory_peak().expect("tracked");
+            let grads = dev.launch_linear_logprob_backward(ops, shape, [true, true], chunk);
+            dev.wait().expect("runs");
+            let peak = dev.memory_peak().expect("tracked");
+            dev.track_memory(false);
+            drop(grads);
+            eprintln!(
+                "linear_logprob {tag}: backward peak {:.1} MiB above the operands' {:.1} MiB \
+                 (dh and dW {:.1} MiB of it)",
+                (peak - before) as f64 / MIB,
+                before as f64 / MIB,
+                ((tokens + vocab) * d * 4) as f64 / MIB
+            );
+        }
+        dev.matmul = default;
         eprintln!(
-            "linear_logprob t{tokens} v{vocab}: {:.3} GFLOP per call; inputs {:.1} MiB",
+            "linear_logprob t{tokens} v{vocab}: {:.3} GFLOP per forward; operands resident, \
+             each call waits for its kernels",
             flops / 1e9,
-            ((tokens + vocab) * d * 4) as f64 / (1u64 << 20) as f64
         );
     }
     group.finish();
 }
 
+const MIB: f64 = (1u64 << 20) as f64;
+
 fn attention_on<R: Runtime>(c: &mut Criterion, dev: Device<R>, s: AttentionShape) {
     let q_len = s.batch * s.heads * s.seq * s.head_dim;
     let kv_len = s.batch * s.kv_heads * s.seq * s.head_dim;
     let (q, k, v) = (
-        values(q_len, 3, 1.0),
-        values(kv_len, 4, 1.0),
-        values(kv_len, 5, 1.0),
+        dev.upload(&values(q_len, 3, 1.0)),
+        dev.upload(&values(kv_len, 4, 1.0)),
+        dev.upload(&values(kv_len, 5, 1.0)),
     );
-    let d_o = values(q_len, 6, 1.0);
+    let d_o = dev.upload(&values(q_len, 6, 1.0));
     let fwd_flops =
         2.0 * (s.batch * s.heads) as f64 * (s.seq * (s.seq + 1)) as f64 * s.head_dim as f64;
     let mut group = c.benchmark_group(format!("attention_{}", dev.backend()));
@@ -105,16 +143,20 @@ fn attention_on<R: Runtime>(c: &mut Criterion, dev: Device<R>, s: AttentionShape
     let name = format!("b{}_h{}_t{}_hd{}", s.batch, s.heads, s.seq, s.head_dim);
     group.throughput(Throughput::Elements(fwd_flops as u64));
     group.bench_function(format!("forward_{name}"), |b| {
-        b.iter(|| black_box(dev.attention(&q, &k, &v, s).expect("runs")))
+        b.iter(|| {
+            let out = dev.launch_attention([&q, &k, &v], s).expect("runs");
+            dev.wait().expect("runs");
+            black_box(out)
+        })
     });
-    let (o, lse) = dev.attention(&q, &k, &v, s).expect("runs");
+    let (o, lse) = dev.launch_attention([&q, &k, &v], s).expect("runs");
     group.throughput(Throughput::Elements((2.5 * fwd_flops) as u64));
     group.bench_function(format!("backward_{name}"), |b| {
         b.iter(|| {
-            black_box(
-                dev.attention_backward(&q, &k, &v, &o, &lse, &d_o, s)
-                    .expect("runs"),
-            )
+            let ops = [&q, &k, &v, &o, &lse, &d_o];
+            let out = dev.launch_attention_backward(ops, s, true).expect("runs");
+            dev.wait().expect("runs");
+            black_box(out)
         })
     });
     eprintln!(

@@ -126,7 +126,11 @@ fn emit_kernels(plan: &Plan, dir: &Path) -> Result<(), UserError> {
         "matrix products: the schedules' matmul_* launches run CubeCL's matmul \
          (cubek-matmul's simple_unit routine, generated for the device at launch, so not \
          written here) unless COOPC_MATMUL=coopc; the matmul_* files are coopc's own product \
-         kernels, which run then (and where CubeCL's refuses a problem)"
+         kernels, which run then (and where CubeCL's refuses a problem). Likewise the \
+         linear_logprob* kernels: with CubeCL's matmul its products compute the logits a \
+         vocabulary chunk at a time, and the *_fold, *_merge, *_scale and *_dh_add_into parts \
+         run around them; with coopc's, the fused parts (\"\", *_forward, *_merge, \
+         *_coefficients, *_dh, *_dh_add, *_dw)"
     );
     let path = dir.join("index.txt");
     std::fs::write(&path, &index)

@@ -585,13 +585,40 @@ fn fused_linear_logprob_matches_log_softmax_of_the_full_logits() {
     // Forward, then backward from the forward's own lse: the whole
     // vocabulary at once (the executor's chunk at this size), and in
     // chunks of 64 and 300 rows (the last ones partial), dh summed over
-    // the chunks.
-    for chunk in [coopc_compiler::linear_logprob::device_chunk(t, v), 64, 300] {
+    // the chunks; with either matmul. Chunks of 10 rows start at offsets
+    // of W and dW that are multiples of 256 bytes every other chunk, so
+    // CubeCL's products take every other chunk through views and coopc's
+    // the rest.
+    let chunks = [
+        coopc_compiler::linear_logprob::device_chunk(t, v),
+        64,
+        300,
+        10,
+    ];
+    for (kernel, chunk) in MatmulKernel::ALL
+        .into_iter()
+        .flat_map(|k| chunks.map(|c| (k, c)))
+    {
         let got = with_device!(|dev| {
+            dev.matmul = kernel;
             let (lp, lse) = dev.linear_logprob(&hf, &wf, &yf, d).expect("forward");
             let (dh, dw) = dev
                 .linear_logprob_backward(&hf, &wf, &yf, &lse, &gf, d, chunk)
                 .expect("backward");
+            // Chunks of 10: 50 of the 100 chunks' logit products, 50 of
+            // their dW products and 50 of the 99 dh products after the
+            // first read or write at unaligned offsets.
+            let unaligned = if chunk == 10 { 150 } else { 0 };
+            let fallbacks = if kernel == MatmulKernel::Cubecl {
+                unaligned
+            } else {
+                0
+            };
+            assert_eq!(
+                dev.matmul_fallbacks(),
+                fallbacks,
+                "{kernel:?}, chunks of {chunk}"
+            );
             [lp, lse, dh, dw]
         });
         check_results(&want, got, 1e-5);
@@ -993,7 +1020,9 @@ fn linear_logprob_ops_match_the_cpu_executor() {
     );
     assert!(own, "the log-prob op runs as the fused kernel");
     assert_eq!(grads, [2], "the two gradients share one forward launch");
-    check(&g, &inp, 1e-4);
+    for kernel in MatmulKernel::ALL {
+        check_with(&g, &inp, 1e-4, &[], kernel);
+    }
     // One target out of range: NaN rows on the device, an error on the CPU.
     targets[5] = v as f64;
     inp.insert("y".into(), tensor(&targets));
@@ -1001,14 +1030,16 @@ fn linear_logprob_ops_match_the_cpu_executor() {
         execute(&g, &inp).is_err(),
         "the CPU executor refuses the target"
     );
-    let got = on_device(&g, &inp);
-    let value = |name: &str| got.iter().find(|(n, _)| n == name).unwrap().1.to_f64_vec();
-    assert!(value("logprob")[5].is_nan() && value("logprob")[4].is_finite());
-    assert!(value("dh")[5 * d].is_nan() && value("dh")[4 * d].is_finite());
-    assert!(
-        value("dw").iter().all(|x| x.is_nan()),
-        "every dW row reads token 5"
-    );
+    for kernel in MatmulKernel::ALL {
+        let got = on_device_with(&g, &inp, kernel);
+        let value = |name: &str| got.iter().find(|(n, _)| n == name).unwrap().1.to_f64_vec();
+        assert!(value("logprob")[5].is_nan() && value("logprob")[4].is_finite());
+        assert!(value("dh")[5 * d].is_nan() && value("dh")[4 * d].is_finite());
+        assert!(
+            value("dw").iter().all(|x| x.is_nan()),
+            "{kernel:?}: every dW row reads token 5"
+        );
+    }
 }
 
 /// The attention ops of the IR (`causal_attention` and the three
@@ -1178,11 +1209,13 @@ fn fused_linear_logprob_out_of_range_targets_are_nan_or_refused() {
     let ls = g.log_softmax(logits);
     let lp = g.take_along_axis(ls, y, 1);
     g.set_output("lp", lp);
-    let got = on_device(&g, &inp).remove(0).1.to_f64_vec();
-    assert!(
-        got[0].is_finite() && got[1].is_nan() && got[2].is_finite(),
-        "{got:?}"
-    );
+    for kernel in MatmulKernel::ALL {
+        let got = on_device_with(&g, &inp, kernel).remove(0).1.to_f64_vec();
+        assert!(
+            got[0].is_finite() && got[1].is_nan() && got[2].is_finite(),
+            "{kernel:?}: {got:?}"
+        );
+    }
     let (hf, wf) = (f32s(&inp["h"]), f32s(&inp["w"]));
     let e = with_device!(|dev| dev
         .linear_logprob(&hf, &wf, &[1.0, 9.0, 4.0], d)

@@ -228,12 +228,13 @@ fn fused_linear_logprob() {
         .source("linear_logprob_forward")
         .expect("compiles to CUDA and WGSL");
     snapshot("linear_logprob_forward", &src);
-    // Tokens that are rows of h: the register-blocked forward over spans
-    // of the vocabulary, then the merge of the spans.
+    // Tokens that are rows of h: with CubeCL's matmul, each chunk's logits
+    // folded into partial log-sum-exps; with coopc's, the register-blocked
+    // forward over spans of the vocabulary; then the merge.
     let src = Traced::LinearLogprobSplit
         .source("linear_logprob")
         .expect("compiles to CUDA and WGSL");
-    for part in ["", "_merge"] {
+    for part in ["_fold", "", "_merge"] {
         let kernel = format!("linear_logprob{part} (");
         assert!(
             src.cuda.contains(&kernel),
@@ -251,9 +252,12 @@ fn fused_linear_logprob() {
     .source("linear_logprob_backward_hw")
     .expect("compiles to CUDA and WGSL");
     for part in [
+        "_forward_fold",
         "_forward",
         "_merge",
+        "_scale",
         "_coefficients",
+        "_dh_add_into",
         "_dh",
         "_dh_add",
         "_dw",
@@ -268,6 +272,15 @@ fn fused_linear_logprob() {
         .source("linear_logprob_coefficients")
         .expect("compiles to CUDA and WGSL");
     snapshot("linear_logprob_coefficients", &coefficients);
+    // Around CubeCL's products: a chunk's logits turned into coefficients,
+    // and dh's later chunks added.
+    for (traced, name) in [
+        (Traced::LogprobScale, "linear_logprob_scale"),
+        (Traced::AddInto, "add_into"),
+    ] {
+        let src = traced.source(name).expect("compiles to CUDA and WGSL");
+        snapshot(name, &src);
+    }
 }
 
 #[test]

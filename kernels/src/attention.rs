@@ -505,8 +505,9 @@ impl AttentionShape {
 }
 
 impl<R: Runtime> Device<R> {
-    /// Launches [`attention_forward`] on device buffers: `(o, lse)`.
-    pub(crate) fn launch_attention(
+    /// Launches [`attention_forward`] on device buffers: `(o, lse)`,
+    /// without waiting.
+    pub fn launch_attention(
         &self,
         [q, k, v]: [&Handle; 3],
         s: AttentionShape,
@@ -560,8 +561,8 @@ impl<R: Runtime> Device<R> {
     }
 
     /// Launches [`attention_backward_q`] then, when `kv`, also
-    /// [`attention_backward_kv`]: `(dq, Some((dk, dv)))`.
-    pub(crate) fn launch_attention_backward(
+    /// [`attention_backward_kv`]: `(dq, Some((dk, dv)))`, without waiting.
+    pub fn launch_attention_backward(
         &self,
         [q, k, v, o, lse, d_o]: [&Handle; 6],
         s: AttentionShape,

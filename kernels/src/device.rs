@@ -175,6 +175,9 @@ pub struct Device<R: Runtime> {
     /// after any kernel since it was turned on.
     tracking: AtomicBool,
     peak_in_use: AtomicU64,
+    /// Products for which CubeCL's matmul was asked for but coopc's
+    /// kernels ran (an unaligned view, or a problem CubeCL's refused).
+    pub(crate) matmul_fallbacks: AtomicU64,
 }
 
 /// Source of [`Device`] ids.
@@ -369,6 +372,7 @@ impl Device<cubecl::wgpu::WgpuRuntime> {
             id: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed),
             tracking: AtomicBool::new(false),
             peak_in_use: AtomicU64::new(0),
+            matmul_fallbacks: AtomicU64::new(0),
         };
         dev.settle_matmul();
         Ok(dev)
@@ -406,6 +410,7 @@ impl Device<cubecl::cuda::CudaRuntime> {
             id: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed),
             tracking: AtomicBool::new(false),
             peak_in_use: AtomicU64::new(0),
+            matmul_fallbacks: AtomicU64::new(0),
         };
         // A client can exist without a working compiler: run one kernel.
         let mut g = Graph::new();
@@ -640,6 +645,15 @@ impl<R: Runtime> Device<R> {
         self.client.memory_usage().ok().map(|m| m.bytes_in_use)
     }
 
+    /// Raises the tracked peak ([`Backend::track_memory`]) to the bytes in
+    /// use now, while tracking is on.
+    pub(crate) fn note_memory(&self) {
+        if self.tracking.load(Ordering::Relaxed) {
+            let used = self.bytes_in_use().unwrap_or(0);
+            self.peak_in_use.fetch_max(used, Ordering::Relaxed);
+        }
+    }
+
     /// Runs `g` (prepared by [`Prepared::new`]) and returns its outputs by
     /// name, converted to their graph types.
     pub fn execute<I: Inputs>(
@@ -693,10 +707,7 @@ impl<R: Runtime> Device<R> {
                 for (id, h) in produced {
                     values.insert(id, h);
                 }
-                if self.tracking.load(Ordering::Relaxed) {
-                    let used = self.bytes_in_use().unwrap_or(0);
-                    self.peak_in_use.fetch_max(used, Ordering::Relaxed);
-                }
+                self.note_memory();
                 for r in kernel.reads(g) {
                     if prepared.last_use.get(&r) == Some(&k) {
                         values.remove(&r);

@@ -4,6 +4,15 @@
 //! backward, `dh` and `dW` of `Σ_t g[t] · logprob[t]`, recomputing the
 //! logits from the forward's per-token log-sum-exp.
 //!
+//! With CubeCL's matmul (the device's default, [`MatmulKernel::Cubecl`])
+//! the logits are its products, a vocabulary chunk at a time
+//! (`linear_logprob::device_chunk` rows, `T · chunk ≤ 2²⁴`, the same
+//! scratch for any vocabulary), and small kernels work around them:
+//! [`linear_logprob_fold`] folds a chunk into a (max, Σexp) per token
+//! ([`linear_logprob_merge`] combines the chunks), and in the backward
+//! [`linear_logprob_scale`] turns a chunk's logits into the coefficients
+//! below. With coopc's matmul the logits never leave registers:
+//!
 //! - forward, tokens the rows of h ([`linear_logprob_forward_blocked`]):
 //!   the vocabulary is cut into spans (`linear_logprob::forward_splits`,
 //!   about 256 cubes in all); a cube takes 64 tokens × one span, computes
@@ -20,9 +29,12 @@
 //!   register-blocked product of `matmul` (64 × 64 per cube, 4 × 4 per
 //!   unit) and turns them into `C = g (1[v = y] − p)` in its epilogue; then
 //!   two matrix products take the gradients from the same `C`: `dh += C ·
-//!   W[chunk]` and `dW[chunk] = Cᵀ · h`. The logits are recomputed once for
-//!   both gradients; the scratch is one chunk of `C`, the same for any
-//!   vocabulary.
+//!   W[chunk]` and `dW[chunk] = Cᵀ · h` (the device's matmul: CubeCL's,
+//!   reading `W[chunk]` and writing `dW[chunk]` through views of the
+//!   buffers and adding to dh through a temporary, or coopc's kernels,
+//!   which read and write at offsets and accumulate themselves). The
+//!   logits are recomputed once for both gradients; the scratch is one
+//!   chunk of `C`, the same for any vocabulary.
 //!
 //! The device executor runs the IR's `linear_logprob` op (and a matched
 //! log-softmax-of-logits subgraph) with the forward kernel, and the
@@ -31,13 +43,19 @@
 //! makes its row NaN (and, through `Cᵀ · h`, every row of dW).
 
 use crate::device::{arg, cubes, Device, DeviceError};
-use crate::matmul::{blocked_product, load_or_zero, use_blocked, MatmulShape, BLOCK_MN, REG};
-use coopc_compiler::linear_logprob::forward_splits;
+use crate::matmul::{
+    blocked_product, load_or_zero, use_blocked, MatmulKernel, MatmulShape, BLOCK_MN, REG,
+};
+use crate::sample::{cube_max, cube_sum};
+use coopc_compiler::linear_logprob::{device_chunk, forward_splits};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 /// Tile edge: cubes are `TILE × TILE` units.
 pub const LOGPROB_TILE: usize = 16;
+
+/// Units per cube of [`linear_logprob_fold`] (one cube per token).
+pub const FOLD_BLOCK: usize = 256;
 
 /// `Σ_k x[xr + k] · w[wr + k]` over `k < d` for this unit: the logit of
 /// row `xr / d` of x (unit row `ty`) and row `wr / d` of w (unit column
@@ -283,6 +301,90 @@ pub fn linear_logprob_forward_blocked(
     }
 }
 
+/// One chunk's partial log-sum-exp per token, from the chunk's logits `z
+/// [T, vc]` (vocabulary rows `v0..v0 + vc`, computed by a matrix
+/// product): `part_m[split · T + t]`, `part_s[split · T + t]` the row's
+/// (max, Σexp), and `target_logit[t]` where the token's target lies in
+/// the chunk. One cube of `block` units per token.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn linear_logprob_fold(
+    z: &Array<f32>,
+    targets: &Array<f32>,
+    part_m: &mut Array<f32>,
+    part_s: &mut Array<f32>,
+    target_logit: &mut Array<f32>,
+    n_tokens: u32,
+    vocab: u32,
+    v0: u32,
+    vc: u32,
+    split: u32,
+    #[comptime] block: usize,
+) {
+    let t = CUBE_POS;
+    let n = n_tokens as usize;
+    // A whole cube takes the same branch, so its barriers stay uniform.
+    if t >= n {
+        terminate!();
+    }
+    let (v0, vc) = (v0 as usize, vc as usize);
+    let tid = UNIT_POS as usize;
+    let row = t * vc;
+    let zero = f32::cast_from(UNIT_POS_X) * f32::new(0.0);
+    let mut shared = SharedMemory::<f32>::new(block);
+    let mut mx = zero - f32::new(3.0e38);
+    let mut j = tid;
+    while j < vc {
+        mx = max(mx, z[row + j]);
+        j += block;
+    }
+    let mm = cube_max(mx, &mut shared, tid);
+    let mut sum = zero;
+    let mut j2 = tid;
+    while j2 < vc {
+        sum += (z[row + j2] - mm).exp();
+        j2 += block;
+    }
+    let total = cube_sum(sum, &mut shared, tid);
+    if tid == 0 {
+        part_m[split as usize * n + t] = mm;
+        part_s[split as usize * n + t] = total;
+        let (inside, target) = target_id(targets[t], vocab as usize);
+        if inside && target >= v0 && target < v0 + vc {
+            target_logit[t] = z[row + target - v0];
+        }
+    }
+}
+
+/// The gradients' coefficients of one chunk from its logits, in place:
+/// `c[t, cc] ← g[t] (1[v0 + cc = y_t] − exp(c[t, cc] − lse[t]))` for `c
+/// [T, vc]` (the epilogue of [`linear_logprob_coefficients`], for logits
+/// computed by a matrix product). One unit per element. A target outside
+/// `0..vocab` makes its row NaN.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn linear_logprob_scale(
+    c: &mut Array<f32>,
+    targets: &Array<f32>,
+    lse: &Array<f32>,
+    grad: &Array<f32>,
+    n_tokens: u32,
+    vocab: u32,
+    v0: u32,
+    vc: u32,
+) {
+    let i = ABSOLUTE_POS;
+    let vc = vc as usize;
+    if i < n_tokens as usize * vc {
+        let (t, cc) = (i / vc, i % vc);
+        let zero = f32::cast_from(UNIT_POS_X) * f32::new(0.0);
+        let (inside, target) = target_id(targets[t], vocab as usize);
+        let g = select(inside, grad[t], zero / zero);
+        let hit = select(v0 as usize + cc == target, f32::new(1.0), zero);
+        c[i] = g * (hit - (c[i] - lse[t]).exp());
+    }
+}
+
 /// `lse[t]` from the splits' partial (max, Σexp) and `logprob[t] =
 /// target_logit[t] − lse[t]` (NaN for a target outside `0..vocab`); one
 /// unit per token.
@@ -404,10 +506,9 @@ fn check_targets(what: &str, targets: &[f32], vocab: usize) -> Result<(), Device
     }
 }
 
-/// Whether the gradients' products run the register-blocked matmul:
-/// `(dh, dW)` for `n` tokens, `d` features and chunks of `chunk`
-/// vocabulary rows. The last chunk may be shorter; it runs the same kernel
-/// (the blocked kernel masks the rows past its end).
+/// Whether the gradients' products, where coopc's kernels run them, run
+/// the register-blocked matmul: `(dh, dW)` for `n` tokens, `d` features
+/// and chunks of `chunk` vocabulary rows (what `--emit kernels` writes).
 pub(crate) fn blocked_products(n: usize, d: usize, chunk: usize) -> (bool, bool) {
     (use_blocked(n, d), use_blocked(chunk, d))
 }
@@ -416,7 +517,7 @@ pub(crate) fn blocked_products(n: usize, d: usize, chunk: usize) -> (bool, bool)
 /// rows of `w`; scored row `t` reads row `(t / seq_out) · seq_in + t %
 /// seq_out` of `h` (`seq_out = seq_in = n`: row t).
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct LogprobShape {
+pub struct LogprobShape {
     pub n: usize,
     pub d: usize,
     pub vocab: usize,
@@ -424,15 +525,35 @@ pub(crate) struct LogprobShape {
     pub seq_in: usize,
 }
 
+impl LogprobShape {
+    /// `n` tokens, the rows of `h [n, d]`, scored against `vocab` rows.
+    pub fn tokens(n: usize, d: usize, vocab: usize) -> LogprobShape {
+        LogprobShape {
+            n,
+            d,
+            vocab,
+            seq_out: n,
+            seq_in: n,
+        }
+    }
+}
+
 impl<R: Runtime> Device<R> {
-    /// Launches [`linear_logprob_forward`] on device buffers (`h`'s length
-    /// `h_len`): `(logprob, lse)`.
-    pub(crate) fn launch_linear_logprob(
+    /// Launches the log-prob forward on device buffers (`h`'s length
+    /// `h_len`), returning `(logprob, lse)` without waiting: with CubeCL's
+    /// matmul, the logits a chunk at a time through it (see
+    /// `launch_linear_logprob_chunked`); with coopc's,
+    /// [`linear_logprob_forward_blocked`] and [`linear_logprob_merge`];
+    /// scored rows that skip rows of h, [`linear_logprob_forward`].
+    pub fn launch_linear_logprob(
         &self,
         [h, w, targets]: [&Handle; 3],
         h_len: usize,
         s: LogprobShape,
     ) -> (Handle, Handle) {
+        if s.seq_out == s.seq_in && self.matmul == MatmulKernel::Cubecl {
+            return self.launch_linear_logprob_chunked([h, w, targets], h_len, s);
+        }
         let (out, lse) = (self.output(s.n), self.output(s.n));
         if s.seq_out == s.seq_in {
             let (n, u) = (s.n, |v: usize| v as u32);
@@ -471,6 +592,7 @@ impl<R: Runtime> Device<R> {
                 u(s.vocab),
                 u(splits),
             );
+            self.note_memory();
             return (out, lse);
         }
         linear_logprob_forward::launch::<R>(
@@ -492,13 +614,82 @@ impl<R: Runtime> Device<R> {
         (out, lse)
     }
 
+    /// [`Device::launch_linear_logprob`] with the logits computed by the
+    /// device's matmul, a chunk of the vocabulary at a time
+    /// (`linear_logprob::device_chunk` rows, the backward's scratch):
+    /// [`linear_logprob_fold`] folds each chunk's logits into a (max,
+    /// Σexp) per token and [`linear_logprob_merge`] combines the chunks.
+    fn launch_linear_logprob_chunked(
+        &self,
+        [h, w, targets]: [&Handle; 3],
+        h_len: usize,
+        s: LogprobShape,
+    ) -> (Handle, Handle) {
+        let (n, d, vocab, u) = (s.n, s.d, s.vocab, |v: usize| v as u32);
+        let chunk = device_chunk(n, vocab);
+        let splits = vocab.div_ceil(chunk);
+        let (pm, ps, tl) = (
+            self.output(splits * n),
+            self.output(splits * n),
+            self.output(n),
+        );
+        let z = self.output(n * chunk);
+        for split in 0..splits {
+            let (v0, vc) = (split * chunk, chunk.min(vocab - split * chunk));
+            // z = h [n, d] · W[v0..v0 + vc]ᵀ [d, vc].
+            let shape = MatmulShape {
+                batch: 1,
+                m: n,
+                k: d,
+                n: vc,
+                trans_a: false,
+                trans_b: true,
+            };
+            let ops = [(h, h_len), (w, vocab * d), (&z, n * chunk)];
+            self.product_into(ops, shape, [0, v0 * d, 0], false);
+            linear_logprob_fold::launch::<R>(
+                self.client(),
+                cubes(n),
+                CubeDim::new_1d(FOLD_BLOCK as u32),
+                arg(&z, n * chunk),
+                arg(targets, n),
+                arg(&pm, splits * n),
+                arg(&ps, splits * n),
+                arg(&tl, n),
+                u(n),
+                u(vocab),
+                u(v0),
+                u(vc),
+                u(split),
+                FOLD_BLOCK,
+            );
+            self.note_memory();
+        }
+        let (out, lse) = (self.output(n), self.output(n));
+        linear_logprob_merge::launch::<R>(
+            self.client(),
+            cubes(n.div_ceil(256)),
+            CubeDim::new_1d(256),
+            arg(targets, n),
+            arg(&pm, splits * n),
+            arg(&ps, splits * n),
+            arg(&tl, n),
+            arg(&out, n),
+            arg(&lse, n),
+            u(n),
+            u(vocab),
+            u(splits),
+        );
+        (out, lse)
+    }
+
     /// The gradients `(dh, dW)` of `Σ_t grad[t] · logprob[t]` that
     /// `want` asks for (`[dh, dW]`), from the forward's `lse`, a chunk of
     /// the vocabulary at a time: [`linear_logprob_coefficients`] writes the
     /// chunk's coefficients `C [T, chunk]` (the only vocabulary-sized
     /// scratch, `device_chunk` rows), then matrix products add `C ·
     /// W[chunk]` to dh and write `Cᵀ · h` into the chunk's rows of dW.
-    pub(crate) fn launch_linear_logprob_backward(
+    pub fn launch_linear_logprob_backward(
         &self,
         [h, w, targets, lse, grad]: [&Handle; 5],
         s: LogprobShape,
@@ -507,7 +698,6 @@ impl<R: Runtime> Device<R> {
     ) -> [Option<Handle>; 2] {
         let (n, d, vocab) = (s.n, s.d, s.vocab);
         let chunk = chunk.clamp(1, vocab.max(1));
-        let (dh_blocked, dw_blocked) = blocked_products(n, d, chunk);
         let c = self.output(n * chunk);
         let dh = want[0].then(|| self.output(n * d));
         let dw = want[1].then(|| self.output(vocab * d));
@@ -515,22 +705,49 @@ impl<R: Runtime> Device<R> {
         let mut v0 = 0;
         while v0 < vocab {
             let vc = chunk.min(vocab - v0);
-            linear_logprob_coefficients::launch::<R>(
-                self.client(),
-                CubeCount::Static(u(vc).div_ceil(64), u(n).div_ceil(64), 1),
-                CubeDim::new_2d(16, 16),
-                arg(h, n * d),
-                arg(w, vocab * d),
-                arg(targets, n),
-                arg(lse, n),
-                arg(grad, n),
-                arg(&c, n * chunk),
-                u(n),
-                u(d),
-                u(vocab),
-                u(v0),
-                u(vc),
-            );
+            if self.matmul == MatmulKernel::Cubecl {
+                // C = h [n, d] · W[v0..v0 + vc]ᵀ [d, vc], then its epilogue.
+                let shape = MatmulShape {
+                    batch: 1,
+                    m: n,
+                    k: d,
+                    n: vc,
+                    trans_a: false,
+                    trans_b: true,
+                };
+                let ops = [(h, n * d), (w, vocab * d), (&c, n * chunk)];
+                self.product_into(ops, shape, [0, v0 * d, 0], false);
+                linear_logprob_scale::launch::<R>(
+                    self.client(),
+                    cubes((n * vc).div_ceil(256)),
+                    CubeDim::new_1d(256),
+                    arg(&c, n * chunk),
+                    arg(targets, n),
+                    arg(lse, n),
+                    arg(grad, n),
+                    u(n),
+                    u(vocab),
+                    u(v0),
+                    u(vc),
+                );
+            } else {
+                linear_logprob_coefficients::launch::<R>(
+                    self.client(),
+                    CubeCount::Static(u(vc).div_ceil(64), u(n).div_ceil(64), 1),
+                    CubeDim::new_2d(16, 16),
+                    arg(h, n * d),
+                    arg(w, vocab * d),
+                    arg(targets, n),
+                    arg(lse, n),
+                    arg(grad, n),
+                    arg(&c, n * chunk),
+                    u(n),
+                    u(d),
+                    u(vocab),
+                    u(v0),
+                    u(vc),
+                );
+            }
             if let Some(dh) = &dh {
                 // dh (+)= C [n, vc] · W[v0..v0 + vc] [vc, d].
                 let shape = MatmulShape {
@@ -542,7 +759,7 @@ impl<R: Runtime> Device<R> {
                     trans_b: false,
                 };
                 let ops = [(&c, n * chunk), (w, vocab * d), (dh, n * d)];
-                self.launch_matmul_into(ops, shape, [0, v0 * d, 0], v0 > 0, dh_blocked);
+                self.product_into(ops, shape, [0, v0 * d, 0], v0 > 0);
             }
             if let Some(dw) = &dw {
                 // dW[v0..v0 + vc] = Cᵀ [vc, n] · h [n, d].
@@ -555,8 +772,9 @@ impl<R: Runtime> Device<R> {
                     trans_b: false,
                 };
                 let ops = [(&c, n * chunk), (h, n * d), (dw, vocab * d)];
-                self.launch_matmul_into(ops, shape, [0, 0, v0 * d], false, dw_blocked);
+                self.product_into(ops, shape, [0, 0, v0 * d], false);
             }
+            self.note_memory();
             v0 += vc;
         }
         [dh, dw]
@@ -583,13 +801,7 @@ impl<R: Runtime> Device<R> {
         }
         check_targets("linear_logprob", targets, vocab)?;
         let (hh, wh, th) = (self.upload(h), self.upload(w), self.upload(targets));
-        let shape = LogprobShape {
-            n: t,
-            d,
-            vocab,
-            seq_out: t,
-            seq_in: t,
-        };
+        let shape = LogprobShape::tokens(t, d, vocab);
         let (lp, lse) = self.launch_linear_logprob([&hh, &wh, &th], h.len(), shape);
         Ok((self.download(lp, t)?, self.download(lse, t)?))
     }
@@ -623,13 +835,7 @@ impl<R: Runtime> Device<R> {
         check_targets("linear_logprob_backward", targets, vocab)?;
         let up = |x: &[f32]| self.upload(x);
         let (hh, wh, th, lh, gh) = (up(h), up(w), up(targets), up(lse), up(grad));
-        let shape = LogprobShape {
-            n: t,
-            d,
-            vocab,
-            seq_out: t,
-            seq_in: t,
-        };
+        let shape = LogprobShape::tokens(t, d, vocab);
         let ops = [&hh, &wh, &th, &lh, &gh];
         let [dh, dw] = self.launch_linear_logprob_backward(ops, shape, [true, true], chunk);
         let (dh, dw) = (dh.expect("asked"), dw.expect("asked"));

@@ -14,6 +14,7 @@
 use crate::device::{arg, Device, DeviceError};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
+use std::sync::atomic::Ordering;
 
 pub const TILE: usize = 16;
 
@@ -242,6 +243,16 @@ pub fn matmul_blocked(
     }
 }
 
+/// `out[out_off + i] += x[i]` for `i < len`. Launch with one unit per
+/// element ([`crate::device::cubes`] of 256-unit cubes).
+#[cube(launch)]
+pub fn add_into(out: &mut Array<f32>, x: &Array<f32>, out_off: u32, len: u32) {
+    let i = ABSOLUTE_POS;
+    if i < len as usize {
+        out[out_off as usize + i] += x[i];
+    }
+}
+
 /// A batched product's sizes: `batch` products of `[m, k] × [k, n]`, the
 /// operands stored transposed where `trans_a` / `trans_b` say.
 #[derive(Clone, Copy, Debug)]
@@ -374,6 +385,11 @@ impl MatmulKernel {
     }
 }
 
+/// Byte alignment of a buffer offset at which CubeCL's matmul may read or
+/// write an operand (wgpu's default `min_storage_buffer_offset_alignment`;
+/// CUDA asks less).
+const OFFSET_ALIGN: usize = 256;
+
 impl<R: Runtime> Device<R> {
     /// Launches the product of the resident operands `a` and `b` into a new
     /// buffer with the device's [`MatmulKernel`]: CubeCL's matmul, or
@@ -383,8 +399,69 @@ impl<R: Runtime> Device<R> {
             if let Ok(out) = self.launch_matmul_cubecl(a, b, s, &MatmulKernel::routine()) {
                 return out;
             }
+            self.matmul_fallbacks.fetch_add(1, Ordering::Relaxed);
         }
         self.launch_matmul(a, b, s, use_blocked(s.m, s.n))
+    }
+
+    /// How many products since the device was made asked for CubeCL's
+    /// matmul but ran coopc's kernels: a view at an offset that is not a
+    /// multiple of 256 bytes, or a problem CubeCL's matmul refused.
+    pub fn matmul_fallbacks(&self) -> u64 {
+        self.matmul_fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// Launches the product of `a` and `b` (each a buffer and its length)
+    /// into `out`, the three starting at element `offsets` of their
+    /// buffers, with the device's [`MatmulKernel`]; with `accumulate` it is
+    /// added to what `out` holds there. CubeCL's matmul reads and writes
+    /// at offsets through views of the buffers (where an offset is a
+    /// multiple of 256 bytes) and accumulates through a temporary and
+    /// [`add_into`]; otherwise, or where it refuses the problem, coopc's
+    /// kernels run.
+    pub(crate) fn product_into(
+        &self,
+        ops: [(&Handle, usize); 3],
+        s: MatmulShape,
+        offsets: [usize; 3],
+        accumulate: bool,
+    ) {
+        let aligned = offsets.iter().all(|&o| (o * 4) % OFFSET_ALIGN == 0);
+        if self.matmul == MatmulKernel::Cubecl && aligned {
+            let view = |(h, _): (&Handle, usize), o: usize| match o {
+                0 => h.clone(),
+                _ => h.clone().offset_start((o * 4) as u64),
+            };
+            let (a, b) = (view(ops[0], offsets[0]), view(ops[1], offsets[1]));
+            let strategy = MatmulKernel::routine();
+            let len = s.batch * s.m * s.n;
+            let done = if accumulate {
+                let tmp = self.output(len);
+                let run = self.cubecl_product_into([a, b, tmp.clone()], s, &strategy);
+                run.map(|()| {
+                    add_into::launch::<R>(
+                        self.client(),
+                        crate::device::cubes(len.div_ceil(256)),
+                        CubeDim::new_1d(256),
+                        arg(ops[2].0, ops[2].1),
+                        arg(&tmp, len),
+                        offsets[2] as u32,
+                        len as u32,
+                    );
+                    self.note_memory();
+                })
+            } else {
+                let out = view(ops[2], offsets[2]);
+                self.cubecl_product_into([a, b, out], s, &strategy)
+            };
+            if done.is_ok() {
+                return;
+            }
+        }
+        if self.matmul == MatmulKernel::Cubecl {
+            self.matmul_fallbacks.fetch_add(1, Ordering::Relaxed);
+        }
+        self.launch_matmul_into(ops, s, offsets, accumulate, use_blocked(s.m, s.n));
     }
 
     /// Tries CubeCL's matmul once on this device (a small product with a
@@ -446,12 +523,25 @@ impl<R: Runtime> Device<R> {
         s: MatmulShape,
         strategy: &CubeclStrategy,
     ) -> Result<Handle, DeviceError> {
+        let out = self.output(s.batch * s.m * s.n);
+        self.cubecl_product_into([a.clone(), b.clone(), out.clone()], s, strategy)?;
+        Ok(out)
+    }
+
+    /// Launches the product of `a` and `b` into `out` (each a buffer, or a
+    /// view of one starting at an offset) through CubeCL's matmul with
+    /// `strategy`.
+    fn cubecl_product_into(
+        &self,
+        [a, b, out]: [Handle; 3],
+        s: MatmulShape,
+        strategy: &CubeclStrategy,
+    ) -> Result<(), DeviceError> {
         use cubek_matmul::definition::{MatmulElems, MatmulGlobalElems};
         use cubek_matmul::launch::launch_ref;
-        let out = self.output(s.batch * s.m * s.n);
         let (m, k, n) = (s.m, s.k, s.n);
         // Logical [batch, rows, cols] with the strides of the stored layout.
-        let tensor = |h: &Handle, rows: usize, cols: usize, trans: bool| {
+        let tensor = |h: Handle, rows: usize, cols: usize, trans: bool| {
             let strides = if trans {
                 [rows * cols, 1, rows]
             } else {
@@ -459,7 +549,7 @@ impl<R: Runtime> Device<R> {
             };
             unsafe {
                 TensorBinding::<R>::from_raw_parts(
-                    h.clone(),
+                    h,
                     strides.to_vec().into(),
                     vec![s.batch, rows, cols].into(),
                 )
@@ -477,10 +567,9 @@ impl<R: Runtime> Device<R> {
             self.client(),
             input(tensor(a, m, k, s.trans_a)),
             input(tensor(b, k, n, s.trans_b)),
-            tensor(&out, m, n, false),
+            tensor(out, m, n, false),
             &mut elems,
         )
-        .map_err(|e| DeviceError::Device(format!("cubecl matmul: {e:?}")))?;
-        Ok(out)
+        .map_err(|e| DeviceError::Device(format!("cubecl matmul: {e:?}")))
     }
 }

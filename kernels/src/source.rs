@@ -10,10 +10,11 @@ use crate::cached_attention::{cached_attention, CACHED_BLOCK, CACHED_CHUNK};
 use crate::device::BLOCK;
 use crate::elementwise::elementwise_program;
 use crate::linear_logprob::{
-    blocked_products, linear_logprob_coefficients, linear_logprob_forward,
-    linear_logprob_forward_blocked, linear_logprob_merge, LOGPROB_TILE,
+    blocked_products, linear_logprob_coefficients, linear_logprob_fold, linear_logprob_forward,
+    linear_logprob_forward_blocked, linear_logprob_merge, linear_logprob_scale, FOLD_BLOCK,
+    LOGPROB_TILE,
 };
-use crate::matmul::{matmul_blocked, matmul_tiled, use_blocked, TILE};
+use crate::matmul::{add_into, matmul_blocked, matmul_tiled, use_blocked, TILE};
 use crate::movement::{
     gather_rows, iota, one_hot, scatter_add_along, scatter_add_rows, strided_copy, take_along,
     write_slice, CopySpec,
@@ -140,6 +141,14 @@ pub enum Traced {
     LinearLogprobSplit,
     /// The coefficients of one vocabulary chunk of its gradients.
     LogprobCoefficients,
+    /// One vocabulary chunk's partial log-sum-exps from logits computed by
+    /// CubeCL's matmul.
+    LogprobFold,
+    /// One chunk's coefficients from logits computed by CubeCL's matmul.
+    LogprobScale,
+    /// `out[off + i] += x[i]`: a product CubeCL's matmul computed into a
+    /// temporary, accumulated.
+    AddInto,
     /// Its gradients: the coefficient kernel, then the products for `dh`
     /// (`Some(blocked)`; storing for the first chunk, accumulating for the
     /// others when `dh_chunks > 1`) and `dW` (`Some(blocked)`).
@@ -563,6 +572,36 @@ impl Traced {
                 linear_logprob_merge::expand(&mut b.scope, y, pm, ps, tl, lp, lse, t, v, k);
                 b.build(settings(name, CubeDim::new_1d(256)))
             }
+            Traced::LogprobFold => {
+                let y_in = |b: &mut KernelBuilder| <Array<f32> as LaunchArg>::expand(&array(), b);
+                let (z, y) = (y_in(&mut b), y_in(&mut b));
+                let mut outs =
+                    (0..3).map(|_| <Array<f32> as LaunchArg>::expand_output(&array(), &mut b));
+                let mut out = || outs.next().expect("output");
+                let (pm, ps, tl) = (out(), out(), out());
+                let (t, v, v0) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
+                let (vc, split) = (scalar(&mut b), scalar(&mut b));
+                let sc = &mut b.scope;
+                linear_logprob_fold::expand(sc, z, y, pm, ps, tl, t, v, v0, vc, split, FOLD_BLOCK);
+                b.build(settings(name, CubeDim::new_1d(FOLD_BLOCK as u32)))
+            }
+            Traced::LogprobScale => {
+                let c = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let mut ins = (0..3).map(|_| <Array<f32> as LaunchArg>::expand(&array(), &mut b));
+                let mut next = || ins.next().expect("operand");
+                let (y, lse, g) = (next(), next(), next());
+                let (t, v) = (scalar(&mut b), scalar(&mut b));
+                let (v0, vc) = (scalar(&mut b), scalar(&mut b));
+                linear_logprob_scale::expand(&mut b.scope, c, y, lse, g, t, v, v0, vc);
+                b.build(settings(name, CubeDim::new_1d(256)))
+            }
+            Traced::AddInto => {
+                let out = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let x = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
+                let (off, len) = (scalar(&mut b), scalar(&mut b));
+                add_into::expand(&mut b.scope, out, x, off, len);
+                b.build(settings(name, CubeDim::new_1d(256)))
+            }
             Traced::LinearLogprobSplit
             | Traced::LogprobGradients { .. }
             | Traced::AttentionGrads { .. } => {
@@ -676,18 +715,30 @@ impl Traced {
                 }
                 parts
             }
+            // With CubeCL's matmul (the default), its products (generated at
+            // launch, not written here), `_fold` and `_merge`; with
+            // coopc's, the fused `""` and `_merge`.
             Traced::LinearLogprobSplit => vec![
+                ("_fold", Traced::LogprobFold),
                 ("", Traced::LogprobForwardBlocked),
                 ("_merge", Traced::LogprobMerge),
             ],
             Traced::LogprobGradients { dh, dh_chunks, dw } => {
-                // The forward runs first, for the log-sum-exp.
+                // The forward runs first, for the log-sum-exp. With CubeCL's
+                // matmul, its products, `_scale` for the coefficients and
+                // `_dh_add_into` for dh's later chunks; with coopc's,
+                // `_coefficients` and its own products.
                 let mut parts = vec![
+                    ("_forward_fold", Traced::LogprobFold),
                     ("_forward", Traced::LogprobForwardBlocked),
                     ("_merge", Traced::LogprobMerge),
+                    ("_scale", Traced::LogprobScale),
                     ("_coefficients", Traced::LogprobCoefficients),
                 ];
                 if let Some(blocked) = *dh {
+                    if *dh_chunks {
+                        parts.push(("_dh_add_into", Traced::AddInto));
+                    }
                     parts.push(("_dh", product(false, blocked, false)));
                     if *dh_chunks {
                         parts.push(("_dh_add", product(false, blocked, true)));
