@@ -1348,3 +1348,66 @@ fn cubecl_matmul_takes_every_product_itself() {
         assert!(e < 1e-5, "{s:?}: relative error {e:e}");
     }
 }
+
+/// The device memory a log-prob and both its gradients hold is what the
+/// compiler's footprint estimate says: CubeCL's matmul holds a chunk of
+/// logits in the forward, a chunk of coefficients and dh's temporary in
+/// the backward (two chunks of the vocabulary here); coopc's fused
+/// kernels hold less, within the same estimate.
+#[test]
+fn linear_logprob_device_memory_matches_the_footprint_estimate() {
+    use coopc_compiler::ir::LogprobOperand;
+    let (n, d, v): (usize, usize, usize) = (2048, 32, 9000);
+    assert_eq!(
+        v.div_ceil(coopc_compiler::linear_logprob::device_chunk(n, v)),
+        2
+    );
+    let mut g = Graph::new();
+    let mut inp = Inputs::new();
+    let h = f32_input(&mut g, &mut inp, "h", &[n, d], -1.0, 1.0, 91);
+    let w = f32_input(&mut g, &mut inp, "w", &[v, d], -0.5, 0.5, 92);
+    let gr = f32_input(&mut g, &mut inp, "g", &[n], -1.0, 1.0, 93);
+    let mut r = rng(94);
+    let targets: Vec<f64> = (0..n).map(|_| r.gen_range(0..v) as f64).collect();
+    let y = g.input("y", DType::I32, vec![n]);
+    inp.insert(
+        "y".into(),
+        HostTensor::from_f64(DType::I32, vec![n], &targets).unwrap(),
+    );
+    let lp = g.linear_logprob(h, w, y);
+    g.set_output("logprob", lp);
+    for wrt in [LogprobOperand::Hidden, LogprobOperand::Weight] {
+        let d = g.linear_logprob_grad(wrt, [h, w, y], gr);
+        g.set_output(format!("d{}", wrt.name()), d);
+    }
+    let fused = coopc_compiler::fusion::fuse(&g, &coopc_compiler::schedule::schedule(&g).order);
+    let estimate = fused.device_peak_bytes(&g) as f64;
+    for kernel in MatmulKernel::ALL {
+        let peak = with_device!(|dev| {
+            dev.poison = false;
+            dev.matmul = kernel;
+            dev.run(&g, &inp).unwrap();
+            dev.track_memory(true);
+            dev.run(&g, &inp).unwrap();
+            let peak = dev.memory_peak().expect("a device backend reports it");
+            dev.track_memory(false);
+            peak as f64
+        });
+        let mib = |b: f64| b / (1u64 << 20) as f64;
+        assert!(
+            peak <= estimate,
+            "{kernel:?}: the run held {:.3} MiB, over the estimate's {:.3} MiB",
+            mib(peak),
+            mib(estimate)
+        );
+        // The estimate is CubeCL's path (the default), to the buffer.
+        if kernel == MatmulKernel::Cubecl {
+            assert!(
+                peak >= 0.999 * estimate,
+                "the run held {:.3} MiB, the estimate says {:.3} MiB",
+                mib(peak),
+                mib(estimate)
+            );
+        }
+    }
+}

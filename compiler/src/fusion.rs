@@ -320,8 +320,9 @@ impl Kernel {
     /// of the attention and log-prob kernels (and the split log-prob
     /// forward's partials), and for their gradients the rows' delta, the
     /// sibling gradients the backward kernels compute but no node asked
-    /// for, the log-prob forward's discarded log-probs and a chunk of the
-    /// gradients' coefficients `[N, chunk]`; the per-row 1/rms of an
+    /// for, the log-prob forward's discarded log-probs and scratch, a chunk
+    /// of the gradients' coefficients `[N, chunk]` (see
+    /// `linear_logprob::device_backward_scratch`); the per-row 1/rms of an
     /// RMSNorm gain's gradient.
     pub fn scratch_bytes(&self, g: &Graph) -> usize {
         let n = |id: &NodeId| g.ty(*id).numel();
@@ -336,8 +337,7 @@ impl Kernel {
                 ..
             } => {
                 let split = if seq_out == seq_in {
-                    let splits = crate::linear_logprob::forward_splits(n(id), g.ty(*w).shape[0]).1;
-                    (2 * splits + 1) * n(id)
+                    crate::linear_logprob::device_forward_scratch(n(id), g.ty(*w).shape[0])
                 } else {
                     0
                 };
@@ -358,12 +358,12 @@ impl Kernel {
                         0
                     }
             }
-            // The forward's log-probs, log-sum-exp, partials and target
-            // logits; one chunk of the coefficients.
+            // The forward's log-probs, log-sum-exp and scratch; one chunk
+            // of the coefficients (and a temporary for dh).
             Kernel::LogprobGrads { inputs, .. } => {
-                let (n, vocab) = (g.ty(inputs[0]).shape[0], g.ty(inputs[1]).shape[0]);
-                let splits = crate::linear_logprob::forward_splits(n, vocab).1;
-                (2 * splits + 3) * n + n * crate::linear_logprob::device_chunk(n, vocab)
+                let [n, d] = [0, 1].map(|a| g.ty(inputs[0]).shape[a]);
+                let vocab = g.ty(inputs[1]).shape[0];
+                crate::linear_logprob::device_backward_scratch(n, d, vocab)
             }
             // Each row's 1/rms, for the gain's gradient.
             Kernel::Node(id) => match g.op(*id) {

@@ -25,6 +25,29 @@ pub fn device_chunk(n: usize, vocab: usize) -> usize {
     c.max(64).min(vocab.max(1))
 }
 
+/// Elements of device scratch a log-prob forward of `n` tokens (the rows
+/// of h) over `vocab` rows holds beyond its log-probs and log-sum-exp, with
+/// either matmul: coopc's fused forward keeps a partial (max, Σexp) per
+/// token and span and the target logits; CubeCL's chunked forward the
+/// same per chunk, and one chunk of logits `[n, chunk]`.
+pub fn device_forward_scratch(n: usize, vocab: usize) -> usize {
+    let spans = forward_splits(n, vocab).1;
+    let chunk = device_chunk(n, vocab);
+    let chunks = vocab.max(1).div_ceil(chunk);
+    ((2 * spans + 1) * n).max((2 * chunks + 1) * n + n * chunk)
+}
+
+/// Elements of device scratch the log-prob gradients of `n` tokens, `d`
+/// features and `vocab` rows hold beyond the gradients asked for: the
+/// forward's log-probs and log-sum-exp and its scratch, then one chunk of
+/// coefficients `[n, chunk]` and, where CubeCL's matmul adds dh's later
+/// chunks through a temporary, `[n, d]` more.
+pub fn device_backward_scratch(n: usize, d: usize, vocab: usize) -> usize {
+    let chunk = device_chunk(n, vocab);
+    let temp = if vocab > chunk { n * d } else { 0 };
+    2 * n + device_forward_scratch(n, vocab).max(n * chunk + temp)
+}
+
 /// Vocabulary rows per split of the device's register-blocked log-prob
 /// forward for `n` tokens: the vocabulary is cut into spans of a multiple
 /// of 64 rows so that about 256 cubes (64 tokens × one span each) run at
