@@ -163,6 +163,9 @@ pub struct Device<R: Runtime> {
     pub poison: bool,
     /// The kernel of the schedule's matrix products.
     pub matmul: MatmulKernel,
+    /// Whether CubeCL's matmul may read and write views of buffers (at
+    /// offsets); checked when the device is made.
+    pub(crate) matmul_views: bool,
     /// Fused schedules of the graphs run through [`Backend::run`], by
     /// structural fingerprint.
     prepared: Mutex<HashMap<u64, Arc<Prepared>>>,
@@ -366,6 +369,7 @@ impl Device<cubecl::wgpu::WgpuRuntime> {
             backend: "wgpu",
             poison: false,
             matmul: MatmulKernel::from_env()?,
+            matmul_views: true,
             prepared: Mutex::default(),
             uploaded: AtomicU64::new(0),
             downloaded: AtomicU64::new(0),
@@ -404,6 +408,7 @@ impl Device<cubecl::cuda::CudaRuntime> {
             backend: "cuda",
             poison: false,
             matmul: MatmulKernel::from_env()?,
+            matmul_views: true,
             prepared: Mutex::default(),
             uploaded: AtomicU64::new(0),
             downloaded: AtomicU64::new(0),

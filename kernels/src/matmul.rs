@@ -406,7 +406,8 @@ impl<R: Runtime> Device<R> {
 
     /// How many products since the device was made asked for CubeCL's
     /// matmul but ran coopc's kernels: a view at an offset that is not a
-    /// multiple of 256 bytes, or a problem CubeCL's matmul refused.
+    /// multiple of 256 bytes, any view where the start-up check found that
+    /// views do not work, or a problem CubeCL's matmul refused.
     pub fn matmul_fallbacks(&self) -> u64 {
         self.matmul_fallbacks.load(Ordering::Relaxed)
     }
@@ -427,17 +428,13 @@ impl<R: Runtime> Device<R> {
         accumulate: bool,
     ) {
         let aligned = offsets.iter().all(|&o| (o * 4) % OFFSET_ALIGN == 0);
-        if self.matmul == MatmulKernel::Cubecl && aligned {
-            let view = |(h, _): (&Handle, usize), o: usize| match o {
-                0 => h.clone(),
-                _ => h.clone().offset_start((o * 4) as u64),
-            };
-            let (a, b) = (view(ops[0], offsets[0]), view(ops[1], offsets[1]));
-            let strategy = MatmulKernel::routine();
+        let views = offsets == [0; 3] || self.matmul_views;
+        if self.matmul == MatmulKernel::Cubecl && aligned && views {
             let len = s.batch * s.m * s.n;
             let done = if accumulate {
                 let tmp = self.output(len);
-                let run = self.cubecl_product_into([a, b, tmp.clone()], s, &strategy);
+                let ops_tmp = [ops[0], ops[1], (&tmp, len)];
+                let run = self.cubecl_views_into(ops_tmp, s, [offsets[0], offsets[1], 0]);
                 run.map(|()| {
                     add_into::launch::<R>(
                         self.client(),
@@ -451,8 +448,7 @@ impl<R: Runtime> Device<R> {
                     self.note_memory();
                 })
             } else {
-                let out = view(ops[2], offsets[2]);
-                self.cubecl_product_into([a, b, out], s, &strategy)
+                self.cubecl_views_into(ops, s, offsets)
             };
             if done.is_ok() {
                 return;
@@ -464,9 +460,12 @@ impl<R: Runtime> Device<R> {
         self.launch_matmul_into(ops, s, offsets, accumulate, use_blocked(s.m, s.n));
     }
 
-    /// Tries CubeCL's matmul once on this device (a small product with a
-    /// transposed operand against the host's); where it fails or is wrong,
-    /// the device's products fall back to coopc's kernels, with a warning.
+    /// Tries CubeCL's matmul once on this device: a small product with a
+    /// transposed operand against the host's, then the same product reading
+    /// `b` and writing the result through views at offsets of larger
+    /// buffers (as the log-prob's products do). Where the first fails or is
+    /// wrong, the device's products fall back to coopc's kernels; where
+    /// only the second does, products at offsets do; each with a warning.
     pub(crate) fn settle_matmul(&mut self) {
         if self.matmul != MatmulKernel::Cubecl {
             return;
@@ -488,28 +487,58 @@ impl<R: Runtime> Device<R> {
                 .map(|l| a[i * s.k + l] * b[j * s.k + l])
                 .sum::<f32>()
         };
-        let run = || -> Result<Vec<f32>, DeviceError> {
+        let check = |got: Vec<f32>| {
+            let wrong = (0..s.m * s.n).find(|&p| {
+                let w = want(p / s.n, p % s.n);
+                let err = (got[p] - w).abs();
+                err.is_nan() || err > 1e-4 * w.abs().max(1.0)
+            });
+            wrong.map(|p| format!("element {p} is {}", got[p]))
+        };
+        let outcome = |run: &dyn Fn() -> Result<Vec<f32>, DeviceError>| match crate::device::guarded(
+            DeviceError::Device,
+            run,
+        ) {
+            Ok(Ok(got)) => check(got),
+            Ok(Err(e)) | Err(e) => Some(e.to_string()),
+        };
+        let whole = || -> Result<Vec<f32>, DeviceError> {
             let (ah, bh) = (self.upload(&a), self.upload(&b));
             let out = self.launch_matmul_cubecl(&ah, &bh, s, &MatmulKernel::routine())?;
             self.download(out, s.m * s.n)
         };
-        let failure = match crate::device::guarded(DeviceError::Device, run) {
-            Ok(Ok(got)) => {
-                let wrong = (0..s.m * s.n).find(|&p| {
-                    let w = want(p / s.n, p % s.n);
-                    let err = (got[p] - w).abs();
-                    err.is_nan() || err > 1e-4 * w.abs().max(1.0)
-                });
-                wrong.map(|p| format!("element {p} is {}", got[p]))
-            }
-            Ok(Err(e)) | Err(e) => Some(e.to_string()),
-        };
-        if let Some(why) = failure {
+        let backend = self.backend();
+        if let Some(why) = outcome(&whole) {
             eprintln!(
-                "warning: CubeCL's matmul does not work on this {} device ({why}); matrix products run coopc's kernels",
-                self.backend()
+                "warning: CubeCL's matmul does not work on this {backend} device ({why}); matrix products run coopc's kernels"
             );
             self.matmul = MatmulKernel::Coopc;
+            return;
+        }
+        // b from element 64 of a buffer, the result from element 128 of a
+        // buffer poisoned with NaN (whose other elements must stay NaN).
+        let (b_off, o_off) = (64, 128);
+        let views = || -> Result<Vec<f32>, DeviceError> {
+            let ah = self.upload(&a);
+            let bh = self.upload(&[vec![0.0; b_off], b.clone()].concat());
+            let len = o_off + s.m * s.n + 64;
+            let oh = self.upload(&vec![f32::NAN; len]);
+            let ops = [(&ah, a.len()), (&bh, b_off + b.len()), (&oh, len)];
+            self.cubecl_views_into(ops, s, [0, b_off, o_off])?;
+            let all = self.download(oh, len)?;
+            let outside = all[..o_off].iter().chain(&all[o_off + s.m * s.n..]);
+            if let Some(x) = outside.into_iter().find(|x| !x.is_nan()) {
+                return Err(DeviceError::Device(format!(
+                    "a product through a view wrote {x} outside it"
+                )));
+            }
+            Ok(all[o_off..o_off + s.m * s.n].to_vec())
+        };
+        if let Some(why) = outcome(&views) {
+            eprintln!(
+                "warning: CubeCL's matmul does not read or write views of buffers on this {backend} device ({why}); products at offsets run coopc's kernels"
+            );
+            self.matmul_views = false;
         }
     }
 
@@ -526,6 +555,22 @@ impl<R: Runtime> Device<R> {
         let out = self.output(s.batch * s.m * s.n);
         self.cubecl_product_into([a.clone(), b.clone(), out.clone()], s, strategy)?;
         Ok(out)
+    }
+
+    /// Launches the product of `a` and `b` into `out` through CubeCL's
+    /// matmul, each read or written through a view of its buffer starting
+    /// at element `offsets` (a multiple of 64 elements on wgpu).
+    fn cubecl_views_into(
+        &self,
+        ops: [(&Handle, usize); 3],
+        s: MatmulShape,
+        offsets: [usize; 3],
+    ) -> Result<(), DeviceError> {
+        let view = |i: usize| match offsets[i] {
+            0 => ops[i].0.clone(),
+            o => ops[i].0.clone().offset_start((o * 4) as u64),
+        };
+        self.cubecl_product_into([view(0), view(1), view(2)], s, &MatmulKernel::routine())
     }
 
     /// Launches the product of `a` and `b` into `out` (each a buffer, or a
