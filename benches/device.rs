@@ -70,9 +70,14 @@ fn bench_on<R: Runtime>(c: &mut Criterion, mut dev: Device<R>, tokens: usize, vo
         let shape = LogprobShape::tokens(tokens, d, vocab);
         let flops = 2.0 * tokens as f64 * vocab as f64 * d as f64;
         let chunk = device_chunk(tokens, vocab);
-        // The logits through each matmul: CubeCL's a chunk at a time,
-        // coopc's fused with the log-sum-exp.
-        for kernel in MatmulKernel::ALL {
+        // The logits through each matmul: CubeCL's a chunk at a time (in
+        // f32, and on CUDA also in TF32 on tensor cores), coopc's fused
+        // with the log-sum-exp.
+        let mut kernels = MatmulKernel::ALL.to_vec();
+        if dev.backend() == "cuda" {
+            kernels.insert(1, MatmulKernel::CubeclTf32);
+        }
+        for kernel in kernels {
             dev.matmul = kernel;
             let tag = format!("{kernel:?}_t{tokens}_d{d}_v{vocab}").to_lowercase();
             group.throughput(Throughput::Elements(flops as u64));

@@ -10,7 +10,8 @@
 # (the bench binary of benches/device.rs, from `cargo bench --bench device
 # --no-run`). Results go to $OUT (default ./gpu-check-out): the CUDA kernel
 # suite's log, the emitted kernels, a timing table of one meta-step per
-# bench pipeline on cuda (with CubeCL's and with coopc's matmul) vs the CPU
+# bench pipeline on cuda (with CubeCL's matmul in f32 and in TF32, and with
+# coopc's) vs the CPU
 # (with the process's peak RSS and, on
 # cuda, the device memory peak of one extra run — the medium truncated
 # pipeline's is what the 24 GB target is about), the fused linear log-prob,
@@ -69,12 +70,14 @@ time_pipeline() { # PIPELINE REPEAT TIMEOUT_S
     name=$(basename "$p" .toml)
     "$COOPC" init "$p" --params "$OUT/$name.P.safetensors" --batch "$OUT/$name.B.safetensors" >/dev/null || { status=1; return 0; }
     # "$GPU:coopc" is the GPU with coopc's own matmul kernels
-    # (COOPC_MATMUL=coopc) instead of CubeCL's.
-    for variant in cpu "$GPU" "$GPU:coopc"; do
+    # (COOPC_MATMUL=coopc) instead of CubeCL's; "$GPU:tf32" with CubeCL's
+    # tensor-core routine (COOPC_MATMUL=tf32, backend.matmul = "tf32").
+    for variant in cpu "$GPU" "$GPU:coopc" "$GPU:tf32"; do
         backend=${variant%%:*}
         case "$name:$variant" in medium-*:cpu | medium-*:*:coopc) continue ;; esac
         matmul=cubecl
         [ "$variant" = "$GPU:coopc" ] && matmul=coopc
+        [ "$variant" = "$GPU:tf32" ] && matmul=tf32
         log="$OUT/$name.${variant/:/-}.log"
         if COOPC_MATMUL=$matmul timeout "$limit" "$COOPC" grad "$p" --params "$OUT/$name.P.safetensors" --batch "$OUT/$name.B.safetensors" \
             --out "$OUT/$name.$backend.G.safetensors" --repeat "$repeat" --backend "$backend" >"$log" 2>&1; then

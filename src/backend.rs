@@ -3,14 +3,22 @@
 //! not available.
 
 use crate::cli_grad::UserError;
-use coopc_compiler::spec::{BackendKind, Precision};
+use coopc_compiler::spec::{BackendKind, BackendSpec, MatmulPrecision, Precision};
 use coopc_kernels::device::Device;
+use coopc_kernels::matmul::MatmulKernel;
 use coopc_runtime::{Backend, CpuBackend};
 use std::sync::Arc;
 
-/// Opens the backend `kind` for programs in `dtype`. `auto` takes CUDA when
-/// a device answers and the pipeline is f32, else the CPU executor.
-pub fn open(kind: BackendKind, dtype: Precision) -> Result<Arc<dyn Backend>, UserError> {
+/// Opens the backend `kind` for programs of a pipeline with backend
+/// settings `spec` (its element type and matmul precision; `spec.kind` is
+/// not read). `auto` takes CUDA when a device answers and the pipeline is
+/// f32, else the CPU executor. `COOPC_MATMUL` overrides `spec.matmul`.
+pub fn open(kind: BackendKind, spec: &BackendSpec) -> Result<Arc<dyn Backend>, UserError> {
+    let dtype = spec.dtype;
+    let matmul = MatmulKernel::from_env_or(match spec.matmul {
+        MatmulPrecision::F32 => MatmulKernel::Cubecl,
+        MatmulPrecision::Tf32 => MatmulKernel::CubeclTf32,
+    })?;
     let f32_only = |name: &str| {
         if dtype == Precision::F64 {
             Err(UserError(format!(
@@ -25,13 +33,13 @@ pub fn open(kind: BackendKind, dtype: Precision) -> Result<Arc<dyn Backend>, Use
         BackendKind::Cpu => Arc::new(CpuBackend),
         BackendKind::Wgpu => {
             f32_only("wgpu")?;
-            Arc::new(Device::wgpu()?)
+            Arc::new(Device::wgpu_with(matmul)?)
         }
         BackendKind::Cuda => {
             f32_only("cuda")?;
-            Arc::new(Device::cuda()?)
+            Arc::new(Device::cuda_with(matmul)?)
         }
-        BackendKind::Auto => match (dtype, Device::cuda()) {
+        BackendKind::Auto => match (dtype, Device::cuda_with(matmul)) {
             (Precision::F32, Ok(d)) => Arc::new(d),
             _ => Arc::new(CpuBackend),
         },

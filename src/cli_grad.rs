@@ -263,7 +263,7 @@ pub fn run(
         g.set_output(n, id);
     }
     Pipeline::standard().run(&mut g);
-    let exec = crate::backend::open(backend.unwrap_or(BackendKind::Cpu), spec.backend.dtype)?;
+    let exec = crate::backend::open(backend.unwrap_or(BackendKind::Cpu), &spec.backend)?;
     let compiled = t0.elapsed();
     let mut results = exec.run(&g, &inputs)?;
     // `--repeat N`: time N further executions of the same compiled meta-step

@@ -388,6 +388,7 @@ mod tests {
             backend: BackendSpec {
                 kind: BackendKind::Cpu,
                 dtype: Precision::F32,
+                matmul: Default::default(),
                 memory_budget: None,
             },
         }

@@ -124,7 +124,7 @@ pub fn run(
     if let Some(b) = ov.backend {
         spec.backend.kind = b;
     }
-    let backend = crate::backend::open(spec.backend.kind, spec.backend.dtype)?;
+    let backend = crate::backend::open(spec.backend.kind, &spec.backend)?;
     // A plan is used as compiled unless an override changed what it computes.
     let plan = match plan {
         Some(p) if spec.bilevel == before.bilevel => p,
@@ -217,7 +217,7 @@ pub fn eval(dir: &Path, eval_limit: usize, show: usize) -> Result<(), UserError>
         stop_after: None,
     };
     // Evaluated where the run trained (`auto`/`cpu` runs on the CPU here too).
-    let backend = crate::backend::open(spec.backend.kind, spec.backend.dtype)?;
+    let backend = crate::backend::open(spec.backend.kind, &spec.backend)?;
     let trainer = Trainer::new(spec, programs(plan), opts)?.with_backend(backend);
     let acc = trainer.evaluate()?;
     if show > 0 {

@@ -1352,62 +1352,114 @@ fn cubecl_matmul_takes_every_product_itself() {
 /// The device memory a log-prob and both its gradients hold is what the
 /// compiler's footprint estimate says: CubeCL's matmul holds a chunk of
 /// logits in the forward, a chunk of coefficients and dh's temporary in
-/// the backward (two chunks of the vocabulary here); coopc's fused
-/// kernels hold less, within the same estimate.
+/// the backward; coopc's fused kernels hold less, within the same
+/// estimate. Beyond the operands and results it is flat in the
+/// vocabulary: the same at 9,000 rows (2 chunks) as at 36,000 (5).
 #[test]
-fn linear_logprob_device_memory_matches_the_footprint_estimate() {
+fn linear_logprob_device_memory_matches_the_estimate_and_is_flat_in_the_vocabulary() {
     use coopc_compiler::ir::LogprobOperand;
-    let (n, d, v): (usize, usize, usize) = (2048, 32, 9000);
-    assert_eq!(
-        v.div_ceil(coopc_compiler::linear_logprob::device_chunk(n, v)),
-        2
-    );
-    let mut g = Graph::new();
-    let mut inp = Inputs::new();
-    let h = f32_input(&mut g, &mut inp, "h", &[n, d], -1.0, 1.0, 91);
-    let w = f32_input(&mut g, &mut inp, "w", &[v, d], -0.5, 0.5, 92);
-    let gr = f32_input(&mut g, &mut inp, "g", &[n], -1.0, 1.0, 93);
-    let mut r = rng(94);
-    let targets: Vec<f64> = (0..n).map(|_| r.gen_range(0..v) as f64).collect();
-    let y = g.input("y", DType::I32, vec![n]);
-    inp.insert(
-        "y".into(),
-        HostTensor::from_f64(DType::I32, vec![n], &targets).unwrap(),
-    );
-    let lp = g.linear_logprob(h, w, y);
-    g.set_output("logprob", lp);
-    for wrt in [LogprobOperand::Hidden, LogprobOperand::Weight] {
-        let d = g.linear_logprob_grad(wrt, [h, w, y], gr);
-        g.set_output(format!("d{}", wrt.name()), d);
-    }
-    let fused = coopc_compiler::fusion::fuse(&g, &coopc_compiler::schedule::schedule(&g).order);
-    let estimate = fused.device_peak_bytes(&g) as f64;
-    for kernel in MatmulKernel::ALL {
-        let peak = with_device!(|dev| {
-            dev.poison = false;
-            dev.matmul = kernel;
-            dev.run(&g, &inp).unwrap();
-            dev.track_memory(true);
-            dev.run(&g, &inp).unwrap();
-            let peak = dev.memory_peak().expect("a device backend reports it");
-            dev.track_memory(false);
-            peak as f64
-        });
-        let mib = |b: f64| b / (1u64 << 20) as f64;
-        assert!(
-            peak <= estimate,
-            "{kernel:?}: the run held {:.3} MiB, over the estimate's {:.3} MiB",
-            mib(peak),
-            mib(estimate)
+    let (n, d) = (2048, 32);
+    let mib = |b: f64| b / (1u64 << 20) as f64;
+    let mut scratch = Vec::new();
+    for (v, chunks) in [(9000usize, 2), (36_000, 5)] {
+        let chunk = coopc_compiler::linear_logprob::device_chunk(n, v);
+        assert_eq!(v.div_ceil(chunk), chunks);
+        let mut g = Graph::new();
+        let mut inp = Inputs::new();
+        let h = f32_input(&mut g, &mut inp, "h", &[n, d], -1.0, 1.0, 91);
+        let w = f32_input(&mut g, &mut inp, "w", &[v, d], -0.5, 0.5, 92);
+        let gr = f32_input(&mut g, &mut inp, "g", &[n], -1.0, 1.0, 93);
+        let mut r = rng(94);
+        let targets: Vec<f64> = (0..n).map(|_| r.gen_range(0..v) as f64).collect();
+        let y = g.input("y", DType::I32, vec![n]);
+        inp.insert(
+            "y".into(),
+            HostTensor::from_f64(DType::I32, vec![n], &targets).unwrap(),
         );
-        // The estimate is CubeCL's path (the default), to the buffer.
-        if kernel == MatmulKernel::Cubecl {
+        let lp = g.linear_logprob(h, w, y);
+        g.set_output("logprob", lp);
+        for wrt in [LogprobOperand::Hidden, LogprobOperand::Weight] {
+            let d = g.linear_logprob_grad(wrt, [h, w, y], gr);
+            g.set_output(format!("d{}", wrt.name()), d);
+        }
+        let order = coopc_compiler::schedule::schedule(&g).order;
+        let estimate = coopc_compiler::fusion::fuse(&g, &order).device_peak_bytes(&g) as f64;
+        // Inputs h, w, g, y; results logprob, dh, dW.
+        let operands = (4 * (2 * n * d + 2 * v * d + 3 * n)) as f64;
+        for kernel in MatmulKernel::ALL {
+            let peak = with_device!(|dev| {
+                dev.poison = false;
+                dev.matmul = kernel;
+                dev.run(&g, &inp).unwrap();
+                dev.track_memory(true);
+                dev.run(&g, &inp).unwrap();
+                let peak = dev.memory_peak().expect("a device backend reports it");
+                dev.track_memory(false);
+                peak as f64
+            });
             assert!(
-                peak >= 0.999 * estimate,
-                "the run held {:.3} MiB, the estimate says {:.3} MiB",
+                peak <= estimate,
+                "{kernel:?}, vocabulary {v}: the run held {:.3} MiB, over the estimate's {:.3} MiB",
                 mib(peak),
                 mib(estimate)
             );
+            // The estimate is CubeCL's path (the default), to the buffer.
+            if kernel == MatmulKernel::Cubecl {
+                assert!(
+                    peak >= 0.999 * estimate,
+                    "vocabulary {v}: the run held {:.3} MiB, the estimate says {:.3} MiB",
+                    mib(peak),
+                    mib(estimate)
+                );
+                scratch.push(peak - operands);
+            }
         }
     }
+    // One chunk of coefficients (64 MiB) and dh's temporary at either size.
+    let (small, large) = (scratch[0], scratch[1]);
+    assert!(small >= (4 * n * 8192) as f64, "{:.3} MiB", mib(small));
+    assert!(
+        (large - small).abs() <= 1024.0,
+        "scratch {:.3} MiB at 9,000 rows, {:.3} MiB at 36,000",
+        mib(small),
+        mib(large)
+    );
+}
+
+/// `backend.matmul = "tf32"`: products through CubeCL's tensor-core routine
+/// where the device has one (CUDA: within TF32's rounding of the CPU's
+/// products), its f32 routine where it has none (lavapipe: within f32's).
+/// The device made for it keeps it: its start-up check allows TF32's
+/// rounding.
+#[test]
+fn tf32_products_match_the_cpu_within_their_rounding() {
+    let mut g = Graph::new();
+    let mut inp = Inputs::new();
+    let a = f32_input(&mut g, &mut inp, "a", &[3, 70, 90], -1.0, 1.0, 41);
+    let b = f32_input(&mut g, &mut inp, "b", &[3, 90, 65], -1.0, 1.0, 42);
+    let c = g.matmul(a, b);
+    g.set_output("c", c);
+    let bt = f32_input(&mut g, &mut inp, "bt", &[3, 65, 90], -1.0, 1.0, 43);
+    let tb = g.transpose(bt);
+    let c_tb = g.matmul(a, tb);
+    g.set_output("c_tb", c_tb);
+    let p = f32_input(&mut g, &mut inp, "p", &[1, 64], -1.0, 1.0, 44);
+    let q = f32_input(&mut g, &mut inp, "q", &[64, 33], -1.0, 1.0, 45);
+    let r = g.matmul(p, q);
+    g.set_output("r", r);
+    let want = execute(&g, &inp).expect("cpu");
+    let prepared = Prepared::new(&g);
+    let tf32 = MatmulKernel::CubeclTf32;
+    let (got, kernel, tol) = if cuda_requested() {
+        let mut d = Device::cuda_with(tf32).expect("CUDA device");
+        d.poison = true;
+        (d.execute(&g, &prepared, &inp), d.matmul, 5e-3)
+    } else {
+        let mut d = Device::wgpu_with(tf32).expect("wgpu adapter");
+        d.poison = true;
+        (d.execute(&g, &prepared, &inp), d.matmul, 1e-4)
+    };
+    assert_eq!(kernel, tf32, "the start-up check kept TF32 products");
+    let got = got.expect("device run");
+    check_results(&want, got.iter().map(|(_, t)| f32s(t)), tol);
 }

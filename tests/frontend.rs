@@ -5,8 +5,8 @@
 
 use coopc_compiler::frontend::{load_pipeline, parse_pipeline, FrontendError};
 use coopc_compiler::spec::{
-    Advantage, BackendKind, HypergradKind, Lambda, LossAgg, Method, OptimKind, Precision,
-    Projection, ShadowMode, TaskKind,
+    Advantage, BackendKind, HypergradKind, Lambda, LossAgg, MatmulPrecision, Method, OptimKind,
+    Precision, Projection, ShadowMode, TaskKind,
 };
 use std::path::{Path, PathBuf};
 
@@ -101,6 +101,7 @@ mod bad {
         max_new_tokens_fill_sequence,
         rl_digits_below_sft_digits,
         memory_budget_zero,
+        tf32_with_f64,
     );
 
     #[test]
@@ -247,6 +248,22 @@ fn defaults_fill_every_optional_section() {
     );
     assert_eq!(spec.backend.kind, BackendKind::Auto);
     assert_eq!(spec.backend.dtype, Precision::F32);
+    assert_eq!(spec.backend.matmul, MatmulPrecision::F32);
+}
+
+#[test]
+fn tf32_products_are_opt_in() {
+    let src = format!("{MINIMAL}\n[backend]\nmatmul = \"tf32\"\n");
+    let spec = parse_pipeline(&src).expect("valid");
+    assert_eq!(spec.backend.matmul, MatmulPrecision::Tf32);
+    assert_eq!(spec.backend.dtype, Precision::F32);
+    let src = format!("{MINIMAL}\n[backend]\nmatmul = \"bf16\"\n");
+    let diags = parse_pipeline(&src).unwrap_err();
+    let text = diags.render("p.toml", &src);
+    assert!(
+        text.contains("`backend.matmul`") && text.contains("tf32"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -7,8 +7,9 @@
 
 use crate::spec::{
     Advantage, BackendKind, BackendSpec, BilevelSpec, HypergradKind, HypergradSpec, Lambda,
-    LoraSpec, LossAgg, Method, ModelSpec, OptimKind, OptimSpec, OptimSpecs, PipelineSpec,
-    Precision, Projection, RlSpec, SftSpec, ShadowMode, TaskKind, TaskSpec, TrainSpec,
+    LoraSpec, LossAgg, MatmulPrecision, Method, ModelSpec, OptimKind, OptimSpec, OptimSpecs,
+    PipelineSpec, Precision, Projection, RlSpec, SftSpec, ShadowMode, TaskKind, TaskSpec,
+    TrainSpec,
 };
 use std::fmt;
 use std::ops::Range;
@@ -310,7 +311,7 @@ const OPTIM_KEYS: &[&str] = &[
     "weight_decay",
 ];
 const TRAIN_KEYS: &[&str] = &["steps", "seed", "eval_every", "seq_len"];
-const BACKEND_KEYS: &[&str] = &["kind", "dtype", "memory_budget_gib"];
+const BACKEND_KEYS: &[&str] = &["kind", "dtype", "matmul", "memory_budget_gib"];
 
 /// The model keys without a default.
 const MODEL_REQUIRED: &[&str] = &["d_model", "n_layers", "n_heads", "d_ff", "max_seq"];
@@ -371,6 +372,10 @@ const BACKENDS: &[(&str, BackendKind)] = &[
     ("wgpu", BackendKind::Wgpu),
 ];
 const DTYPES: &[(&str, Precision)] = &[("f32", Precision::F32), ("f64", Precision::F64)];
+const MATMULS: &[(&str, MatmulPrecision)] = &[
+    ("f32", MatmulPrecision::F32),
+    ("tf32", MatmulPrecision::Tf32),
+];
 
 /// Vocabulary size of a task's built-in character tokenizer (`None` for
 /// `jsonl`, which brings its own data and needs `model.vocab_size`).
@@ -1591,6 +1596,15 @@ fn read_backend(c: &mut Checker, sec: &Section) -> BackendSpec {
     c.unknown_keys(sec, BACKEND_KEYS);
     let kind = c.choice_or(sec, "kind", BACKENDS, BackendKind::Auto);
     let dtype = c.choice_or(sec, "dtype", DTYPES, Precision::F32);
+    let matmul = c.choice_or(sec, "matmul", MATMULS, MatmulPrecision::F32);
+    let tf32_with_f64 = matmul.value == MatmulPrecision::Tf32 && dtype.value == Precision::F64;
+    c.check(
+        sec,
+        "matmul",
+        &matmul,
+        !tf32_with_f64,
+        "be \"f32\" when `backend.dtype` is \"f64\" (TF32 rounds f32 operands)",
+    );
     let memory_budget = c.float(sec, "memory_budget_gib").and_then(|gib| {
         let ok = gib.value > 0.0 && gib.value < 1e9;
         c.check(
@@ -1605,6 +1619,7 @@ fn read_backend(c: &mut Checker, sec: &Section) -> BackendSpec {
     BackendSpec {
         kind: kind.value,
         dtype: dtype.value,
+        matmul: matmul.value,
         memory_budget,
     }
 }

@@ -510,6 +510,7 @@ mod tests {
             backend: BackendSpec {
                 kind: BackendKind::Auto,
                 dtype: Precision::F32,
+                matmul: Default::default(),
                 memory_budget: None,
             },
         }

@@ -387,10 +387,27 @@ pub enum Precision {
     F64,
 }
 
+/// How the GPU backends multiply f32 matrices (`backend.matmul`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatmulPrecision {
+    /// f32 products on the arithmetic units (the CPU executor's results to
+    /// rounding).
+    #[default]
+    F32,
+    /// On tensor cores where the device has them: operands rounded to
+    /// TF32's 10-bit mantissa, f32 accumulation (PyTorch's `allow_tf32`).
+    Tf32,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendSpec {
     pub kind: BackendKind,
     pub dtype: Precision,
+    /// How the GPU backends multiply matrices; the CPU executor always
+    /// computes in `dtype`.
+    #[serde(default)]
+    pub matmul: MatmulPrecision,
     /// Memory the compiled programs may plan for, in bytes
     /// (`memory_budget_gib`): a truncated hypergradient keeps the forward
     /// activations for its adjoint sweep (no recomputation) when that fits;

@@ -355,8 +355,15 @@ impl<R: Runtime> Backend for Device<R> {
 }
 
 impl Device<cubecl::wgpu::WgpuRuntime> {
-    /// The default wgpu adapter (a GPU, or Mesa's lavapipe on the CPU).
+    /// The default wgpu adapter (a GPU, or Mesa's lavapipe on the CPU),
+    /// its products run by CubeCL's f32 matmul (or what `COOPC_MATMUL`
+    /// says).
     pub fn wgpu() -> Result<Self, DeviceError> {
+        Self::wgpu_with(MatmulKernel::from_env_or(MatmulKernel::Cubecl)?)
+    }
+
+    /// The default wgpu adapter, its products run by `matmul`.
+    pub fn wgpu_with(matmul: MatmulKernel) -> Result<Self, DeviceError> {
         let client = guarded(
             |reason| DeviceError::Unavailable {
                 backend: "wgpu",
@@ -368,7 +375,7 @@ impl Device<cubecl::wgpu::WgpuRuntime> {
             client,
             backend: "wgpu",
             poison: false,
-            matmul: MatmulKernel::from_env()?,
+            matmul,
             matmul_views: true,
             prepared: Mutex::default(),
             uploaded: AtomicU64::new(0),
@@ -384,8 +391,14 @@ impl Device<cubecl::wgpu::WgpuRuntime> {
 }
 
 impl Device<cubecl::cuda::CudaRuntime> {
-    /// CUDA device 0 (needs libcuda and NVRTC at run time).
+    /// CUDA device 0 (needs libcuda and NVRTC at run time), its products
+    /// run by CubeCL's f32 matmul (or what `COOPC_MATMUL` says).
     pub fn cuda() -> Result<Self, DeviceError> {
+        Self::cuda_with(MatmulKernel::from_env_or(MatmulKernel::Cubecl)?)
+    }
+
+    /// CUDA device 0, its products run by `matmul`.
+    pub fn cuda_with(matmul: MatmulKernel) -> Result<Self, DeviceError> {
         // Look for the driver first: without it CubeCL's device thread panics.
         let found = ["libcuda.so.1", "libcuda.so"]
             .iter()
@@ -407,7 +420,7 @@ impl Device<cubecl::cuda::CudaRuntime> {
             client,
             backend: "cuda",
             poison: false,
-            matmul: MatmulKernel::from_env()?,
+            matmul,
             matmul_views: true,
             prepared: Mutex::default(),
             uploaded: AtomicU64::new(0),

@@ -4,7 +4,7 @@
 //! backward, `dh` and `dW` of `Σ_t g[t] · logprob[t]`, recomputing the
 //! logits from the forward's per-token log-sum-exp.
 //!
-//! With CubeCL's matmul (the device's default, [`MatmulKernel::Cubecl`])
+//! With CubeCL's matmul (the device's default, [`crate::matmul::MatmulKernel::Cubecl`])
 //! the logits are its products, a vocabulary chunk at a time
 //! (`linear_logprob::device_chunk` rows, `T · chunk ≤ 2²⁴`, the same
 //! scratch for any vocabulary), and small kernels work around them:
@@ -43,9 +43,7 @@
 //! makes its row NaN (and, through `Cᵀ · h`, every row of dW).
 
 use crate::device::{arg, cubes, Device, DeviceError};
-use crate::matmul::{
-    blocked_product, load_or_zero, use_blocked, MatmulKernel, MatmulShape, BLOCK_MN, REG,
-};
+use crate::matmul::{blocked_product, load_or_zero, use_blocked, MatmulShape, BLOCK_MN, REG};
 use crate::sample::{cube_max, cube_sum};
 use coopc_compiler::linear_logprob::{device_chunk, forward_splits};
 use cubecl::prelude::*;
@@ -551,7 +549,7 @@ impl<R: Runtime> Device<R> {
         h_len: usize,
         s: LogprobShape,
     ) -> (Handle, Handle) {
-        if s.seq_out == s.seq_in && self.matmul == MatmulKernel::Cubecl {
+        if s.seq_out == s.seq_in && self.matmul.is_cubecl() {
             return self.launch_linear_logprob_chunked([h, w, targets], h_len, s);
         }
         let (out, lse) = (self.output(s.n), self.output(s.n));
@@ -705,7 +703,7 @@ impl<R: Runtime> Device<R> {
         let mut v0 = 0;
         while v0 < vocab {
             let vc = chunk.min(vocab - v0);
-            if self.matmul == MatmulKernel::Cubecl {
+            if self.matmul.is_cubecl() {
                 // C = h [n, d] · W[v0..v0 + vc]ᵀ [d, vc], then its epilogue.
                 let shape = MatmulShape {
                     batch: 1,

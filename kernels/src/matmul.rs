@@ -360,28 +360,63 @@ pub enum MatmulKernel {
     /// products on the arithmetic units (no TF32 tensor cores, which round
     /// the operands to 10 mantissa bits).
     Cubecl,
+    /// CubeCL's matmul on tensor cores where the device has them (its
+    /// `simple_cyclic_cmma` routine: operands rounded to TF32, f32
+    /// accumulation; PyTorch's `allow_tf32`), else as [`Self::Cubecl`].
+    /// Opt-in: `backend.matmul = "tf32"` or `COOPC_MATMUL=tf32`.
+    CubeclTf32,
     /// coopc's own [`matmul_blocked`] / [`matmul_tiled`] kernels.
     Coopc,
 }
 
 impl MatmulKernel {
+    /// The kernels that compute in f32 (the tests hold them to 1e-4).
     pub const ALL: [MatmulKernel; 2] = [MatmulKernel::Cubecl, MatmulKernel::Coopc];
 
-    /// `COOPC_MATMUL=coopc` picks coopc's kernels; unset or `cubecl`,
-    /// CubeCL's matmul.
-    pub fn from_env() -> Result<MatmulKernel, DeviceError> {
+    /// `COOPC_MATMUL`: `cubecl`, `tf32` or `coopc`; `None` when unset.
+    pub fn from_env() -> Result<Option<MatmulKernel>, DeviceError> {
         match std::env::var("COOPC_MATMUL").as_deref() {
-            Err(_) | Ok("cubecl") => Ok(MatmulKernel::Cubecl),
-            Ok("coopc") => Ok(MatmulKernel::Coopc),
+            Err(_) => Ok(None),
+            Ok("cubecl") => Ok(Some(MatmulKernel::Cubecl)),
+            Ok("tf32") => Ok(Some(MatmulKernel::CubeclTf32)),
+            Ok("coopc") => Ok(Some(MatmulKernel::Coopc)),
             Ok(other) => Err(DeviceError::Device(format!(
-                "COOPC_MATMUL is `{other}`: use `cubecl` (the default) or `coopc`"
+                "COOPC_MATMUL is `{other}`: use `cubecl` (the default), `tf32` or `coopc`"
             ))),
         }
     }
 
-    /// The CubeCL routine [`MatmulKernel::Cubecl`] runs.
-    fn routine() -> CubeclStrategy {
-        CubeclStrategy::SimpleUnit(Default::default())
+    /// `COOPC_MATMUL` where it is set, else `default`.
+    pub fn from_env_or(default: MatmulKernel) -> Result<MatmulKernel, DeviceError> {
+        Ok(Self::from_env()?.unwrap_or(default))
+    }
+
+    /// Whether products run CubeCL's matmul.
+    pub fn is_cubecl(self) -> bool {
+        self != MatmulKernel::Coopc
+    }
+
+    /// The CubeCL routines this kernel tries, in turn, until one takes the
+    /// problem.
+    fn routines(self) -> Vec<CubeclStrategy> {
+        let unit = CubeclStrategy::SimpleUnit(Default::default());
+        match self {
+            MatmulKernel::Cubecl => vec![unit],
+            MatmulKernel::CubeclTf32 => {
+                vec![CubeclStrategy::SimpleCyclicCmma(Default::default()), unit]
+            }
+            MatmulKernel::Coopc => Vec::new(),
+        }
+    }
+
+    /// The error relative to `max(|x|, 1)` the start-up check allows on a
+    /// product of 70 terms of size ≤ 0.25 (TF32 rounds each operand by up
+    /// to 2⁻¹¹).
+    fn tolerance(self) -> f32 {
+        match self {
+            MatmulKernel::CubeclTf32 => 2e-2,
+            _ => 1e-4,
+        }
     }
 }
 
@@ -395,8 +430,10 @@ impl<R: Runtime> Device<R> {
     /// buffer with the device's [`MatmulKernel`]: CubeCL's matmul, or
     /// coopc's kernels where it refuses the problem (or is not asked for).
     pub fn launch_product(&self, a: &Handle, b: &Handle, s: MatmulShape) -> Handle {
-        if self.matmul == MatmulKernel::Cubecl {
-            if let Ok(out) = self.launch_matmul_cubecl(a, b, s, &MatmulKernel::routine()) {
+        if self.matmul.is_cubecl() {
+            let out = self.output(s.batch * s.m * s.n);
+            let ops = [a.clone(), b.clone(), out.clone()];
+            if self.cubecl_into(ops, s).is_ok() {
                 return out;
             }
             self.matmul_fallbacks.fetch_add(1, Ordering::Relaxed);
@@ -429,7 +466,7 @@ impl<R: Runtime> Device<R> {
     ) {
         let aligned = offsets.iter().all(|&o| (o * 4) % OFFSET_ALIGN == 0);
         let views = offsets == [0; 3] || self.matmul_views;
-        if self.matmul == MatmulKernel::Cubecl && aligned && views {
+        if self.matmul.is_cubecl() && aligned && views {
             let len = s.batch * s.m * s.n;
             let done = if accumulate {
                 let tmp = self.output(len);
@@ -454,7 +491,7 @@ impl<R: Runtime> Device<R> {
                 return;
             }
         }
-        if self.matmul == MatmulKernel::Cubecl {
+        if self.matmul.is_cubecl() {
             self.matmul_fallbacks.fetch_add(1, Ordering::Relaxed);
         }
         self.launch_matmul_into(ops, s, offsets, accumulate, use_blocked(s.m, s.n));
@@ -467,7 +504,7 @@ impl<R: Runtime> Device<R> {
     /// wrong, the device's products fall back to coopc's kernels; where
     /// only the second does, products at offsets do; each with a warning.
     pub(crate) fn settle_matmul(&mut self) {
-        if self.matmul != MatmulKernel::Cubecl {
+        if !self.matmul.is_cubecl() {
             return;
         }
         let s = MatmulShape {
@@ -487,11 +524,12 @@ impl<R: Runtime> Device<R> {
                 .map(|l| a[i * s.k + l] * b[j * s.k + l])
                 .sum::<f32>()
         };
+        let tolerance = self.matmul.tolerance();
         let check = |got: Vec<f32>| {
             let wrong = (0..s.m * s.n).find(|&p| {
                 let w = want(p / s.n, p % s.n);
                 let err = (got[p] - w).abs();
-                err.is_nan() || err > 1e-4 * w.abs().max(1.0)
+                err.is_nan() || err > tolerance * w.abs().max(1.0)
             });
             wrong.map(|p| format!("element {p} is {}", got[p]))
         };
@@ -504,7 +542,8 @@ impl<R: Runtime> Device<R> {
         };
         let whole = || -> Result<Vec<f32>, DeviceError> {
             let (ah, bh) = (self.upload(&a), self.upload(&b));
-            let out = self.launch_matmul_cubecl(&ah, &bh, s, &MatmulKernel::routine())?;
+            let out = self.output(s.m * s.n);
+            self.cubecl_into([ah, bh, out.clone()], s)?;
             self.download(out, s.m * s.n)
         };
         let backend = self.backend();
@@ -570,7 +609,20 @@ impl<R: Runtime> Device<R> {
             0 => ops[i].0.clone(),
             o => ops[i].0.clone().offset_start((o * 4) as u64),
         };
-        self.cubecl_product_into([view(0), view(1), view(2)], s, &MatmulKernel::routine())
+        self.cubecl_into([view(0), view(1), view(2)], s)
+    }
+
+    /// Launches the product of `a` and `b` into `out` through CubeCL's
+    /// matmul with the first of the device's routines that takes it.
+    fn cubecl_into(&self, ops: [Handle; 3], s: MatmulShape) -> Result<(), DeviceError> {
+        let mut last = DeviceError::Device("no CubeCL routine".into());
+        for routine in self.matmul.routines() {
+            match self.cubecl_product_into(ops.clone(), s, &routine) {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     /// Launches the product of `a` and `b` into `out` (each a buffer, or a

@@ -294,6 +294,7 @@ pub fn tiny_spec() -> coopc_compiler::spec::PipelineSpec {
         backend: BackendSpec {
             kind: BackendKind::Cpu,
             dtype: Precision::F64,
+            matmul: Default::default(),
             memory_budget: None,
         },
     }
