@@ -15,10 +15,13 @@ use std::sync::Arc;
 /// f32, else the CPU executor. `COOPC_MATMUL` overrides `spec.matmul`.
 pub fn open(kind: BackendKind, spec: &BackendSpec) -> Result<Arc<dyn Backend>, UserError> {
     let dtype = spec.dtype;
-    let matmul = MatmulKernel::from_env_or(match spec.matmul {
-        MatmulPrecision::F32 => MatmulKernel::Cubecl,
-        MatmulPrecision::Tf32 => MatmulKernel::CubeclTf32,
-    })?;
+    // Read only where a device is opened: the CPU executor has one matmul.
+    let matmul = || {
+        MatmulKernel::from_env_or(match spec.matmul {
+            MatmulPrecision::F32 => MatmulKernel::Cubecl,
+            MatmulPrecision::Tf32 => MatmulKernel::CubeclTf32,
+        })
+    };
     let f32_only = |name: &str| {
         if dtype == Precision::F64 {
             Err(UserError(format!(
@@ -33,15 +36,16 @@ pub fn open(kind: BackendKind, spec: &BackendSpec) -> Result<Arc<dyn Backend>, U
         BackendKind::Cpu => Arc::new(CpuBackend),
         BackendKind::Wgpu => {
             f32_only("wgpu")?;
-            Arc::new(Device::wgpu_with(matmul)?)
+            Arc::new(Device::wgpu_with(matmul()?)?)
         }
         BackendKind::Cuda => {
             f32_only("cuda")?;
-            Arc::new(Device::cuda_with(matmul)?)
+            Arc::new(Device::cuda_with(matmul()?)?)
         }
-        BackendKind::Auto => match (dtype, Device::cuda_with(matmul)) {
-            (Precision::F32, Ok(d)) => Arc::new(d),
-            _ => Arc::new(CpuBackend),
+        BackendKind::Auto if dtype == Precision::F64 => Arc::new(CpuBackend),
+        BackendKind::Auto => match Device::cuda_with(matmul()?) {
+            Ok(d) => Arc::new(d),
+            Err(_) => Arc::new(CpuBackend),
         },
     })
 }
