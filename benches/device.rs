@@ -25,7 +25,9 @@
 //!   default example's model, 16 rows × 120 tokens); the throughput is
 //!   tokens per second.
 //!
-//! `scripts/gpu-check.sh` runs the compiled bench binary on a GPU machine.
+//! `COOPC_BENCH_SECS` sets every group's measurement time (default 5 to 20
+//! seconds). `scripts/gpu-check.sh` runs the compiled bench binary on a GPU
+//! machine.
 
 use coopc_compiler::frontend::load_pipeline;
 use coopc_compiler::ir::DType;
@@ -63,7 +65,7 @@ fn bench_on<R: Runtime>(c: &mut Criterion, mut dev: Device<R>, tokens: usize, vo
     let mut group = c.benchmark_group(format!("linear_logprob_{}", dev.backend()));
     group
         .sample_size(10)
-        .measurement_time(Duration::from_secs(10));
+        .measurement_time(seconds(10));
     let default = dev.matmul;
     for &vocab in vocabs {
         let w = dev.upload(&values(vocab * d, 2, 0.05));
@@ -130,6 +132,16 @@ fn bench_on<R: Runtime>(c: &mut Criterion, mut dev: Device<R>, tokens: usize, vo
 
 const MIB: f64 = (1u64 << 20) as f64;
 
+/// A group's measurement time: `default` seconds, or `COOPC_BENCH_SECS`
+/// where it is set (a short check on a borrowed GPU).
+fn seconds(default: u64) -> Duration {
+    let secs = std::env::var("COOPC_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| *s > 0.0);
+    secs.map_or(Duration::from_secs(default), Duration::from_secs_f64)
+}
+
 fn attention_on<R: Runtime>(c: &mut Criterion, dev: Device<R>, s: AttentionShape) {
     let q_len = s.batch * s.heads * s.seq * s.head_dim;
     let kv_len = s.batch * s.kv_heads * s.seq * s.head_dim;
@@ -144,7 +156,7 @@ fn attention_on<R: Runtime>(c: &mut Criterion, dev: Device<R>, s: AttentionShape
     let mut group = c.benchmark_group(format!("attention_{}", dev.backend()));
     group
         .sample_size(10)
-        .measurement_time(Duration::from_secs(10));
+        .measurement_time(seconds(10));
     let name = format!("b{}_h{}_t{}_hd{}", s.batch, s.heads, s.seq, s.head_dim);
     group.throughput(Throughput::Elements(fwd_flops as u64));
     group.bench_function(format!("forward_{name}"), |b| {
@@ -230,7 +242,7 @@ fn matmul_on<R: Runtime>(c: &mut Criterion, dev: Device<R>, [m, k, n]: [usize; 3
     let mut group = c.benchmark_group(format!("matmul_{}", dev.backend()));
     group
         .sample_size(10)
-        .measurement_time(Duration::from_secs(5));
+        .measurement_time(seconds(5));
     group.throughput(Throughput::Elements((2 * m * k * n) as u64));
     for (name, blocked) in [("blocked", true), ("tiled", false)] {
         group.bench_function(format!("{name}_{m}x{k}x{n}"), |bch| {
@@ -312,7 +324,7 @@ fn decode_on(
     let mut group = c.benchmark_group(format!("decode_{}", backend.name()));
     group
         .sample_size(10)
-        .measurement_time(Duration::from_secs(20));
+        .measurement_time(seconds(20));
     group.throughput(Throughput::Elements((rows * new) as u64));
     group.bench_function(format!("{name}_{rows}x{new}_tokens"), |b| {
         let mut rng = StdRng::seed_from_u64(0);

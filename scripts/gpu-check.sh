@@ -20,6 +20,10 @@
 # CUDA (MEDIUM=0 skips them; MEDIUM_REPEAT, MEDIUM_TIMEOUT).
 # GPU_BACKEND=wgpu runs the same checks on wgpu instead of cuda (e.g. on
 # Mesa's lavapipe, to try the script on a machine without a GPU).
+# PARTS picks sections (default "suite emit tiny bench train medium"), e.g.
+# PARTS="suite bench" then PARTS="tiny train" to fit two shorter calls;
+# BENCH_SECS sets each bench's measurement time (default 3 s; criterion's
+# groups otherwise take 5-20 s each).
 set -uo pipefail
 BIN_DIR=${1:?usage: scripts/gpu-check.sh DIR (with coopc and optionally device_kernels)}
 OUT=${OUT:-./gpu-check-out}
@@ -30,6 +34,8 @@ export PATH="/usr/local/cuda/bin:$PATH"
 export CUDA_PATH="${CUDA_PATH:-/usr/local/cuda}"
 export LD_LIBRARY_PATH="${CUDA_PATH}/targets/x86_64-linux/lib:${CUDA_PATH}/lib64:${LD_LIBRARY_PATH:-}"
 status=0
+PARTS=" ${PARTS:-suite emit tiny bench train medium} "
+want() { [[ "$PARTS" == *" $1 "* ]]; }
 GPU=${GPU_BACKEND:-cuda}
 case "$GPU" in
     cuda) suite_env=(COOPC_TEST_CUDA=1) ;;
@@ -45,7 +51,7 @@ esac
 
 # 1. The kernel suite on the GPU (every kernel against the CPU executor,
 #    and a whole truncated meta-step).
-if [ -x "$BIN_DIR/device_kernels" ]; then
+if want suite && [ -x "$BIN_DIR/device_kernels" ]; then
     echo "== $GPU kernel suite"
     if (cd "$ROOT" && env "${suite_env[@]}" "$BIN_DIR/device_kernels" --test-threads=1) >"$OUT/$GPU-kernels.log" 2>&1; then
         tail -3 "$OUT/$GPU-kernels.log"
@@ -56,7 +62,9 @@ if [ -x "$BIN_DIR/device_kernels" ]; then
 fi
 
 # 2. Kernel source for the example.
-"$COOPC" compile "$ROOT/examples/addition.toml" --emit kernels "$OUT/kernels" >/dev/null || status=1
+if want emit; then
+    "$COOPC" compile "$ROOT/examples/addition.toml" --emit kernels "$OUT/kernels" >/dev/null || status=1
+fi
 
 # 3. One meta-step, CPU vs CUDA, on the same inputs: the tiny pipelines here,
 #    the medium ones (CUDA only, MEDIUM_REPEAT runs, default 2) last, as they
@@ -93,11 +101,13 @@ time_pipeline() { # PIPELINE REPEAT TIMEOUT_S
     done
     rm -f "$OUT/$name.P.safetensors" "$OUT/$name.B.safetensors" "$OUT/$name".*.G.safetensors
 }
-echo "== meta-step timings (tiny)"
-for p in "$ROOT"/benches/pipelines/tiny-first-order.toml "$ROOT"/benches/pipelines/tiny-truncated.toml; do
-    time_pipeline "$p" 5 300
-done
-cat "$table"
+if want tiny; then
+    echo "== meta-step timings (tiny)"
+    for p in "$ROOT"/benches/pipelines/tiny-first-order.toml "$ROOT"/benches/pipelines/tiny-truncated.toml; do
+        time_pipeline "$p" 5 300
+    done
+    cat "$table"
+fi
 
 # 4. The hand-written kernel benches: the fused linear log-prob forward
 # and gradients (medium shapes, 32k and 128k vocabulary; with CubeCL's
@@ -108,9 +118,10 @@ cat "$table"
 # kernel and 16 x 16 tiling, CubeCL's simple_unit and double_unit (f32) and
 # its automatic choice (TF32 tensor cores on CUDA); throughputs are FLOP/s. Then token generation with the
 # medium model (8 rows x 240 tokens, 256-position KV cache), tokens/s.
-if [ -x "$BIN_DIR/device_bench" ]; then
+if want bench && [ -x "$BIN_DIR/device_bench" ]; then
     echo "== fused linear log-prob, attention, matmul, decode"
-    COOPC_BENCH_DEVICE=$GPU "$BIN_DIR/device_bench" --bench >"$OUT/device-bench.log" 2>&1 || status=1
+    COOPC_BENCH_SECS=${BENCH_SECS:-3} COOPC_BENCH_DEVICE=$GPU "$BIN_DIR/device_bench" --bench \
+        >"$OUT/device-bench.log" 2>&1 || status=1
     grep -E "^(linear_logprob|attention|matmul|decode)|time:|thrpt:|GFLOP" "$OUT/device-bench.log"
     # The log-prob's and the products' FLOP rates against the card's f32
     # peak on its arithmetic units (PEAK_TFLOPS, else by name: H100 SXM and
@@ -146,8 +157,9 @@ fi
 
 # 5. Training end to end on both backends: same seed, STEPS meta-steps.
 STEPS=${STEPS:-100}
-echo "== training, $STEPS meta-steps"
+want train && echo "== training, $STEPS meta-steps"
 for backend in cpu "$GPU"; do
+    want train || break
     if timeout 900 "$COOPC" run "$ROOT/examples/addition.toml" --steps "$STEPS" --backend "$backend" \
         --out "$OUT/run-$backend" -q >"$OUT/run-$backend.log" 2>&1; then
         tail -1 "$OUT/run-$backend/metrics.jsonl" | sed "s/^/$backend: /"
@@ -173,7 +185,7 @@ done
 
 # 6. The medium pipelines on CUDA (d_model 1024, 8 layers, vocab 32k); the
 #    truncated one also with the activations kept (memory budget 70 GiB).
-if [ "${MEDIUM:-1}" != 0 ]; then
+if want medium && [ "${MEDIUM:-1}" != 0 ]; then
     echo "== meta-step timings (medium, $GPU)"
     for p in "$ROOT"/benches/pipelines/medium-first-order.toml "$ROOT"/benches/pipelines/medium-truncated.toml \
         "$ROOT"/benches/pipelines/medium-truncated-keep.toml; do
