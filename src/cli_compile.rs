@@ -124,8 +124,9 @@ fn emit_kernels(plan: &Plan, dir: &Path) -> Result<(), UserError> {
     let _ = writeln!(
         index,
         "matrix products: the schedules' matmul_* launches run CubeCL's matmul \
-         (cubek-matmul's simple_unit routine, generated for the device at launch, so not \
-         written here) unless COOPC_MATMUL=coopc; the matmul_* files are coopc's own product \
+         (cubek-matmul's simple_unit routine, or simple_cyclic_cmma with backend.matmul = \
+         \"tf32\", generated for the device at launch, so not written here) unless \
+         COOPC_MATMUL=coopc; the matmul_* files are coopc's own product \
          kernels, which run then (and where CubeCL's refuses a problem). Likewise the \
          linear_logprob* kernels: with CubeCL's matmul its products compute the logits a \
          vocabulary chunk at a time, and the *_fold, *_merge, *_scale and *_dh_add_into parts \

@@ -28,13 +28,13 @@ pub fn device_chunk(n: usize, vocab: usize) -> usize {
 /// Elements of device scratch a log-prob forward of `n` tokens (the rows
 /// of h) over `vocab` rows holds beyond its log-probs and log-sum-exp, with
 /// either matmul: coopc's fused forward keeps a partial (max, Σexp) per
-/// token and span and the target logits; CubeCL's chunked forward the
-/// same per chunk, and one chunk of logits `[n, chunk]`.
+/// token and span and the target logits; CubeCL's chunked forward a
+/// running (max, Σexp) and the target logit per token, and one chunk of
+/// logits `[n, chunk]`.
 pub fn device_forward_scratch(n: usize, vocab: usize) -> usize {
     let spans = forward_splits(n, vocab).1;
     let chunk = device_chunk(n, vocab);
-    let chunks = vocab.max(1).div_ceil(chunk);
-    ((2 * spans + 1) * n).max((2 * chunks + 1) * n + n * chunk)
+    ((2 * spans + 1) * n).max(3 * n + n * chunk)
 }
 
 /// Elements of device scratch the log-prob gradients of `n` tokens, `d`

@@ -8,8 +8,9 @@
 //! the logits are its products, a vocabulary chunk at a time
 //! (`linear_logprob::device_chunk` rows, `T · chunk ≤ 2²⁴`, the same
 //! scratch for any vocabulary), and small kernels work around them:
-//! [`linear_logprob_fold`] folds a chunk into a (max, Σexp) per token
-//! ([`linear_logprob_merge`] combines the chunks), and in the backward
+//! [`linear_logprob_fold`] folds each chunk into a running (max, Σexp)
+//! per token ([`linear_logprob_merge`] turns it into the log-sum-exp and
+//! log-probs), and in the backward
 //! [`linear_logprob_scale`] turns a chunk's logits into the coefficients
 //! below. With coopc's matmul the logits never leave registers:
 //!
@@ -299,24 +300,23 @@ pub fn linear_logprob_forward_blocked(
     }
 }
 
-/// One chunk's partial log-sum-exp per token, from the chunk's logits `z
-/// [T, vc]` (vocabulary rows `v0..v0 + vc`, computed by a matrix
-/// product): `part_m[split · T + t]`, `part_s[split · T + t]` the row's
-/// (max, Σexp), and `target_logit[t]` where the token's target lies in
-/// the chunk. One cube of `block` units per token.
+/// Folds one chunk's logits `z [T, vc]` (vocabulary rows `v0..v0 + vc`,
+/// computed by a matrix product) into each token's running (max, Σexp),
+/// `run_m[t]`, `run_s[t]` (set by the first chunk, `v0 = 0`), and writes
+/// `target_logit[t]` where the token's target lies in the chunk. One cube
+/// of `block` units per token; the chunks' launches run in order.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn linear_logprob_fold(
     z: &Array<f32>,
     targets: &Array<f32>,
-    part_m: &mut Array<f32>,
-    part_s: &mut Array<f32>,
+    run_m: &mut Array<f32>,
+    run_s: &mut Array<f32>,
     target_logit: &mut Array<f32>,
     n_tokens: u32,
     vocab: u32,
     v0: u32,
     vc: u32,
-    split: u32,
     #[comptime] block: usize,
 ) {
     let t = CUBE_POS;
@@ -345,8 +345,15 @@ pub fn linear_logprob_fold(
     }
     let total = cube_sum(sum, &mut shared, tid);
     if tid == 0 {
-        part_m[split as usize * n + t] = mm;
-        part_s[split as usize * n + t] = total;
+        if v0 == 0 {
+            run_m[t] = mm;
+            run_s[t] = total;
+        } else {
+            let (m0, s0) = (run_m[t], run_s[t]);
+            let m1 = max(m0, mm);
+            run_m[t] = m1;
+            run_s[t] = s0 * (m0 - m1).exp() + total * (mm - m1).exp();
+        }
         let (inside, target) = target_id(targets[t], vocab as usize);
         if inside && target >= v0 && target < v0 + vc {
             target_logit[t] = z[row + target - v0];
@@ -549,7 +556,7 @@ impl<R: Runtime> Device<R> {
         h_len: usize,
         s: LogprobShape,
     ) -> (Handle, Handle) {
-        if s.seq_out == s.seq_in && self.matmul.is_cubecl() {
+        if s.seq_out == s.seq_in && self.chunked_logits() {
             return self.launch_linear_logprob_chunked([h, w, targets], h_len, s);
         }
         let (out, lse) = (self.output(s.n), self.output(s.n));
@@ -612,11 +619,19 @@ impl<R: Runtime> Device<R> {
         (out, lse)
     }
 
+    /// Whether the log-prob's logits are CubeCL's products a chunk at a
+    /// time: with CubeCL's matmul, where it reads views of buffers (each
+    /// chunk of W is one); else coopc's fused kernels.
+    fn chunked_logits(&self) -> bool {
+        self.matmul.is_cubecl() && self.matmul_views
+    }
+
     /// [`Device::launch_linear_logprob`] with the logits computed by the
     /// device's matmul, a chunk of the vocabulary at a time
     /// (`linear_logprob::device_chunk` rows, the backward's scratch):
-    /// [`linear_logprob_fold`] folds each chunk's logits into a (max,
-    /// Σexp) per token and [`linear_logprob_merge`] combines the chunks.
+    /// [`linear_logprob_fold`] folds each chunk's logits into a running
+    /// (max, Σexp) per token and [`linear_logprob_merge`] turns it into the
+    /// log-sum-exp and log-probs.
     fn launch_linear_logprob_chunked(
         &self,
         [h, w, targets]: [&Handle; 3],
@@ -625,15 +640,10 @@ impl<R: Runtime> Device<R> {
     ) -> (Handle, Handle) {
         let (n, d, vocab, u) = (s.n, s.d, s.vocab, |v: usize| v as u32);
         let chunk = device_chunk(n, vocab);
-        let splits = vocab.div_ceil(chunk);
-        let (pm, ps, tl) = (
-            self.output(splits * n),
-            self.output(splits * n),
-            self.output(n),
-        );
+        let (run_m, run_s, tl) = (self.output(n), self.output(n), self.output(n));
         let z = self.output(n * chunk);
-        for split in 0..splits {
-            let (v0, vc) = (split * chunk, chunk.min(vocab - split * chunk));
+        for v0 in (0..vocab).step_by(chunk) {
+            let vc = chunk.min(vocab - v0);
             // z = h [n, d] · W[v0..v0 + vc]ᵀ [d, vc].
             let shape = MatmulShape {
                 batch: 1,
@@ -651,42 +661,44 @@ impl<R: Runtime> Device<R> {
                 CubeDim::new_1d(FOLD_BLOCK as u32),
                 arg(&z, n * chunk),
                 arg(targets, n),
-                arg(&pm, splits * n),
-                arg(&ps, splits * n),
+                arg(&run_m, n),
+                arg(&run_s, n),
                 arg(&tl, n),
                 u(n),
                 u(vocab),
                 u(v0),
                 u(vc),
-                u(split),
                 FOLD_BLOCK,
             );
             self.note_memory();
         }
+        // The merge of one "split": lse = m + ln s, the target's log-prob.
         let (out, lse) = (self.output(n), self.output(n));
         linear_logprob_merge::launch::<R>(
             self.client(),
             cubes(n.div_ceil(256)),
             CubeDim::new_1d(256),
             arg(targets, n),
-            arg(&pm, splits * n),
-            arg(&ps, splits * n),
+            arg(&run_m, n),
+            arg(&run_s, n),
             arg(&tl, n),
             arg(&out, n),
             arg(&lse, n),
             u(n),
             u(vocab),
-            u(splits),
+            1,
         );
         (out, lse)
     }
 
     /// The gradients `(dh, dW)` of `Σ_t grad[t] · logprob[t]` that
     /// `want` asks for (`[dh, dW]`), from the forward's `lse`, a chunk of
-    /// the vocabulary at a time: [`linear_logprob_coefficients`] writes the
-    /// chunk's coefficients `C [T, chunk]` (the only vocabulary-sized
-    /// scratch, `device_chunk` rows), then matrix products add `C ·
-    /// W[chunk]` to dh and write `Cᵀ · h` into the chunk's rows of dW.
+    /// the vocabulary at a time: the chunk's coefficients `C [T, chunk]`
+    /// (the only vocabulary-sized scratch, `device_chunk` rows) come from
+    /// CubeCL's product of the chunk's logits and [`linear_logprob_scale`],
+    /// or from [`linear_logprob_coefficients`] with coopc's matmul; then
+    /// matrix products add `C · W[chunk]` to dh and write `Cᵀ · h` into the
+    /// chunk's rows of dW.
     pub fn launch_linear_logprob_backward(
         &self,
         [h, w, targets, lse, grad]: [&Handle; 5],
@@ -703,7 +715,7 @@ impl<R: Runtime> Device<R> {
         let mut v0 = 0;
         while v0 < vocab {
             let vc = chunk.min(vocab - v0);
-            if self.matmul.is_cubecl() {
+            if self.chunked_logits() {
                 // C = h [n, d] · W[v0..v0 + vc]ᵀ [d, vc], then its epilogue.
                 let shape = MatmulShape {
                     batch: 1,

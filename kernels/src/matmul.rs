@@ -464,8 +464,13 @@ impl<R: Runtime> Device<R> {
         offsets: [usize; 3],
         accumulate: bool,
     ) {
-        let aligned = offsets.iter().all(|&o| (o * 4) % OFFSET_ALIGN == 0);
-        let views = offsets == [0; 3] || self.matmul_views;
+        // A view of each operand, and of the result unless it is added
+        // from a temporary.
+        let viewed = if accumulate { 2 } else { 3 };
+        let aligned = offsets[..viewed]
+            .iter()
+            .all(|&o| (o * 4) % OFFSET_ALIGN == 0);
+        let views = offsets[..viewed].iter().all(|&o| o == 0) || self.matmul_views;
         if self.matmul.is_cubecl() && aligned && views {
             let len = s.batch * s.m * s.n;
             let done = if accumulate {
@@ -497,88 +502,109 @@ impl<R: Runtime> Device<R> {
         self.launch_matmul_into(ops, s, offsets, accumulate, use_blocked(s.m, s.n));
     }
 
-    /// Tries CubeCL's matmul once on this device: a small product with a
-    /// transposed operand against the host's, then the same product reading
-    /// `b` and writing the result through views at offsets of larger
-    /// buffers (as the log-prob's products do). Where the first fails or is
-    /// wrong, the device's products fall back to coopc's kernels; where
-    /// only the second does, products at offsets do; each with a warning.
+    /// Tries CubeCL's matmul on this device before any product needs it:
+    /// small products against the host's, in the layouts the schedules and
+    /// the log-prob use (an odd shape with a transposed operand; 128³ with
+    /// each operand transposed or not, which compiles the vectorised,
+    /// unchecked variants), then through views at offsets of larger
+    /// buffers. Where a product fails or is wrong, TF32 products fall back
+    /// to CubeCL's f32 routine and f32 products to coopc's kernels; where
+    /// only views fail, products at offsets run coopc's kernels; each with
+    /// a warning.
     pub(crate) fn settle_matmul(&mut self) {
+        let backend = self.backend();
+        while self.matmul.is_cubecl() {
+            let Some(why) = self.matmul_failure(false) else {
+                break;
+            };
+            let next = match self.matmul {
+                MatmulKernel::CubeclTf32 => MatmulKernel::Cubecl,
+                _ => MatmulKernel::Coopc,
+            };
+            eprintln!(
+                "warning: CubeCL's matmul ({:?}) does not work on this {backend} device ({why}); matrix products run {next:?}",
+                self.matmul
+            );
+            self.matmul = next;
+        }
         if !self.matmul.is_cubecl() {
             return;
         }
-        let s = MatmulShape {
-            batch: 1,
-            m: 37,
-            k: 70,
-            n: 45,
-            trans_a: false,
-            trans_b: true,
-        };
-        let a: Vec<f32> = (0..s.m * s.k)
-            .map(|i| (i % 13) as f32 / 13.0 - 0.5)
-            .collect();
-        let b: Vec<f32> = (0..s.n * s.k).map(|i| (i % 7) as f32 / 7.0 - 0.5).collect();
-        let want = |i: usize, j: usize| {
-            (0..s.k)
-                .map(|l| a[i * s.k + l] * b[j * s.k + l])
-                .sum::<f32>()
-        };
-        let tolerance = self.matmul.tolerance();
-        let check = |got: Vec<f32>| {
-            let wrong = (0..s.m * s.n).find(|&p| {
-                let w = want(p / s.n, p % s.n);
-                let err = (got[p] - w).abs();
-                err.is_nan() || err > tolerance * w.abs().max(1.0)
-            });
-            wrong.map(|p| format!("element {p} is {}", got[p]))
-        };
-        let outcome = |run: &dyn Fn() -> Result<Vec<f32>, DeviceError>| match crate::device::guarded(
-            DeviceError::Device,
-            run,
-        ) {
-            Ok(Ok(got)) => check(got),
-            Ok(Err(e)) | Err(e) => Some(e.to_string()),
-        };
-        let whole = || -> Result<Vec<f32>, DeviceError> {
-            let (ah, bh) = (self.upload(&a), self.upload(&b));
-            let out = self.output(s.m * s.n);
-            self.cubecl_into([ah, bh, out.clone()], s)?;
-            self.download(out, s.m * s.n)
-        };
-        let backend = self.backend();
-        if let Some(why) = outcome(&whole) {
-            eprintln!(
-                "warning: CubeCL's matmul does not work on this {backend} device ({why}); matrix products run coopc's kernels"
-            );
-            self.matmul = MatmulKernel::Coopc;
-            return;
-        }
-        // b from element 64 of a buffer, the result from element 128 of a
-        // buffer poisoned with NaN (whose other elements must stay NaN).
-        let (b_off, o_off) = (64, 128);
-        let views = || -> Result<Vec<f32>, DeviceError> {
-            let ah = self.upload(&a);
-            let bh = self.upload(&[vec![0.0; b_off], b.clone()].concat());
-            let len = o_off + s.m * s.n + 64;
-            let oh = self.upload(&vec![f32::NAN; len]);
-            let ops = [(&ah, a.len()), (&bh, b_off + b.len()), (&oh, len)];
-            self.cubecl_views_into(ops, s, [0, b_off, o_off])?;
-            let all = self.download(oh, len)?;
-            let outside = all[..o_off].iter().chain(&all[o_off + s.m * s.n..]);
-            if let Some(x) = outside.into_iter().find(|x| !x.is_nan()) {
-                return Err(DeviceError::Device(format!(
-                    "a product through a view wrote {x} outside it"
-                )));
-            }
-            Ok(all[o_off..o_off + s.m * s.n].to_vec())
-        };
-        if let Some(why) = outcome(&views) {
+        if let Some(why) = self.matmul_failure(true) {
             eprintln!(
                 "warning: CubeCL's matmul does not read or write views of buffers on this {backend} device ({why}); products at offsets run coopc's kernels"
             );
             self.matmul_views = false;
         }
+    }
+
+    /// The first of the start-up check's products (see
+    /// [`Device::settle_matmul`]) that fails or is wrong with the device's
+    /// CubeCL routines, and how; `views` runs them through views.
+    fn matmul_failure(&self, views: bool) -> Option<String> {
+        let shape = |m, k, n, trans_a, trans_b| MatmulShape {
+            batch: 1,
+            m,
+            k,
+            n,
+            trans_a,
+            trans_b,
+        };
+        let cases = [
+            shape(37, 70, 45, false, true),
+            shape(128, 128, 128, false, true),
+            shape(128, 128, 128, false, false),
+            shape(128, 128, 128, true, false),
+        ];
+        let tolerance = self.matmul.tolerance();
+        cases.into_iter().find_map(|s| {
+            let a: Vec<f32> = (0..s.m * s.k)
+                .map(|i| (i % 13) as f32 / 13.0 - 0.5)
+                .collect();
+            let b: Vec<f32> = (0..s.k * s.n).map(|i| (i % 7) as f32 / 7.0 - 0.5).collect();
+            // Element (i, l) of a and (l, j) of b in their stored layouts.
+            let at = |i: usize, l: usize| a[if s.trans_a { l * s.m + i } else { i * s.k + l }];
+            let bt = |l: usize, j: usize| b[if s.trans_b { j * s.k + l } else { l * s.n + j }];
+            let want = |i: usize, j: usize| (0..s.k).map(|l| at(i, l) * bt(l, j)).sum::<f32>();
+            // With views: b from element 64 of a buffer, the result from
+            // element 128 of a buffer of NaN whose other elements must stay
+            // NaN.
+            let (b_off, o_off) = if views { (64, 128) } else { (0, 0) };
+            let run = || -> Result<Vec<f32>, DeviceError> {
+                let ah = self.upload(&a);
+                let bh = self.upload(&[vec![0.0; b_off], b.clone()].concat());
+                let len = o_off + s.m * s.n + if views { 64 } else { 0 };
+                let oh = self.upload(&vec![f32::NAN; len]);
+                let ops = [(&ah, a.len()), (&bh, b_off + b.len()), (&oh, len)];
+                self.cubecl_views_into(ops, s, [0, b_off, o_off])?;
+                let all = self.download(oh, len)?;
+                let outside = all[..o_off].iter().chain(&all[o_off + s.m * s.n..]);
+                if let Some(x) = outside.into_iter().find(|x| !x.is_nan()) {
+                    return Err(DeviceError::Device(format!(
+                        "a product through a view wrote {x} outside it"
+                    )));
+                }
+                Ok(all[o_off..o_off + s.m * s.n].to_vec())
+            };
+            let what = format!(
+                "{}×{}×{}{}{}",
+                s.m,
+                s.k,
+                s.n,
+                if s.trans_a { ", a transposed" } else { "" },
+                if s.trans_b { ", b transposed" } else { "" }
+            );
+            let failure = match crate::device::guarded(DeviceError::Device, run) {
+                Ok(Ok(got)) => (0..s.m * s.n).find_map(|p| {
+                    let w = want(p / s.n, p % s.n);
+                    let err = (got[p] - w).abs();
+                    (err.is_nan() || err > tolerance * w.abs().max(1.0))
+                        .then(|| format!("element {p} is {}, not {w}", got[p]))
+                }),
+                Ok(Err(e)) | Err(e) => Some(e.to_string()),
+            };
+            failure.map(|why| format!("{what}: {why}"))
+        })
     }
 
     /// Launches the product of the resident operands `a` and `b` through

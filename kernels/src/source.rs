@@ -141,8 +141,8 @@ pub enum Traced {
     LinearLogprobSplit,
     /// The coefficients of one vocabulary chunk of its gradients.
     LogprobCoefficients,
-    /// One vocabulary chunk's partial log-sum-exps from logits computed by
-    /// CubeCL's matmul.
+    /// One vocabulary chunk of logits computed by CubeCL's matmul folded
+    /// into each token's running log-sum-exp.
     LogprobFold,
     /// One chunk's coefficients from logits computed by CubeCL's matmul.
     LogprobScale,
@@ -579,10 +579,10 @@ impl Traced {
                     (0..3).map(|_| <Array<f32> as LaunchArg>::expand_output(&array(), &mut b));
                 let mut out = || outs.next().expect("output");
                 let (pm, ps, tl) = (out(), out(), out());
-                let (t, v, v0) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
-                let (vc, split) = (scalar(&mut b), scalar(&mut b));
+                let (t, v) = (scalar(&mut b), scalar(&mut b));
+                let (v0, vc) = (scalar(&mut b), scalar(&mut b));
                 let sc = &mut b.scope;
-                linear_logprob_fold::expand(sc, z, y, pm, ps, tl, t, v, v0, vc, split, FOLD_BLOCK);
+                linear_logprob_fold::expand(sc, z, y, pm, ps, tl, t, v, v0, vc, FOLD_BLOCK);
                 b.build(settings(name, CubeDim::new_1d(FOLD_BLOCK as u32)))
             }
             Traced::LogprobScale => {
