@@ -63,9 +63,7 @@ fn bench_on<R: Runtime>(c: &mut Criterion, mut dev: Device<R>, tokens: usize, vo
     let targets: Vec<f32> = (0..tokens).map(|i| (i * 7919 % 32_000) as f32).collect();
     let (targets, g) = (dev.upload(&targets), dev.upload(&values(tokens, 9, 1.0)));
     let mut group = c.benchmark_group(format!("linear_logprob_{}", dev.backend()));
-    group
-        .sample_size(10)
-        .measurement_time(seconds(10));
+    group.sample_size(10).measurement_time(seconds(10));
     let default = dev.matmul;
     for &vocab in vocabs {
         let w = dev.upload(&values(vocab * d, 2, 0.05));
@@ -154,9 +152,7 @@ fn attention_on<R: Runtime>(c: &mut Criterion, dev: Device<R>, s: AttentionShape
     let fwd_flops =
         2.0 * (s.batch * s.heads) as f64 * (s.seq * (s.seq + 1)) as f64 * s.head_dim as f64;
     let mut group = c.benchmark_group(format!("attention_{}", dev.backend()));
-    group
-        .sample_size(10)
-        .measurement_time(seconds(10));
+    group.sample_size(10).measurement_time(seconds(10));
     let name = format!("b{}_h{}_t{}_hd{}", s.batch, s.heads, s.seq, s.head_dim);
     group.throughput(Throughput::Elements(fwd_flops as u64));
     group.bench_function(format!("forward_{name}"), |b| {
@@ -240,9 +236,7 @@ fn matmul_on<R: Runtime>(c: &mut Criterion, dev: Device<R>, [m, k, n]: [usize; 3
         trans_b: false,
     };
     let mut group = c.benchmark_group(format!("matmul_{}", dev.backend()));
-    group
-        .sample_size(10)
-        .measurement_time(seconds(5));
+    group.sample_size(10).measurement_time(seconds(5));
     group.throughput(Throughput::Elements((2 * m * k * n) as u64));
     for (name, blocked) in [("blocked", true), ("tiled", false)] {
         group.bench_function(format!("{name}_{m}x{k}x{n}"), |bch| {
@@ -322,9 +316,7 @@ fn decode_on(
         .to_string_lossy()
         .into_owned();
     let mut group = c.benchmark_group(format!("decode_{}", backend.name()));
-    group
-        .sample_size(10)
-        .measurement_time(seconds(20));
+    group.sample_size(10).measurement_time(seconds(20));
     group.throughput(Throughput::Elements((rows * new) as u64));
     group.bench_function(format!("{name}_{rows}x{new}_tokens"), |b| {
         let mut rng = StdRng::seed_from_u64(0);
