@@ -354,6 +354,27 @@ impl<R: Runtime> Backend for Device<R> {
     }
 }
 
+impl<R: Runtime> Device<R> {
+    /// A device on `client` with nothing resident, its products run by
+    /// `matmul` (not yet checked: see `settle_matmul`).
+    fn with_client(client: ComputeClient<R>, backend: &'static str, matmul: MatmulKernel) -> Self {
+        Device {
+            client,
+            backend,
+            poison: false,
+            matmul,
+            matmul_views: true,
+            prepared: Mutex::default(),
+            uploaded: AtomicU64::new(0),
+            downloaded: AtomicU64::new(0),
+            id: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed),
+            tracking: AtomicBool::new(false),
+            peak_in_use: AtomicU64::new(0),
+            matmul_fallbacks: AtomicU64::new(0),
+        }
+    }
+}
+
 impl Device<cubecl::wgpu::WgpuRuntime> {
     /// The default wgpu adapter (a GPU, or Mesa's lavapipe on the CPU),
     /// its products run by CubeCL's f32 matmul (or what `COOPC_MATMUL`
@@ -371,20 +392,7 @@ impl Device<cubecl::wgpu::WgpuRuntime> {
             },
             || cubecl::wgpu::WgpuRuntime::client(&Default::default()),
         )?;
-        let mut dev = Device {
-            client,
-            backend: "wgpu",
-            poison: false,
-            matmul,
-            matmul_views: true,
-            prepared: Mutex::default(),
-            uploaded: AtomicU64::new(0),
-            downloaded: AtomicU64::new(0),
-            id: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed),
-            tracking: AtomicBool::new(false),
-            peak_in_use: AtomicU64::new(0),
-            matmul_fallbacks: AtomicU64::new(0),
-        };
+        let mut dev = Device::with_client(client, "wgpu", matmul);
         dev.settle_matmul();
         Ok(dev)
     }
@@ -416,20 +424,7 @@ impl Device<cubecl::cuda::CudaRuntime> {
             },
             || cubecl::cuda::CudaRuntime::client(&cubecl::cuda::CudaDevice::new(0)),
         )?;
-        let mut dev = Device {
-            client,
-            backend: "cuda",
-            poison: false,
-            matmul,
-            matmul_views: true,
-            prepared: Mutex::default(),
-            uploaded: AtomicU64::new(0),
-            downloaded: AtomicU64::new(0),
-            id: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed),
-            tracking: AtomicBool::new(false),
-            peak_in_use: AtomicU64::new(0),
-            matmul_fallbacks: AtomicU64::new(0),
-        };
+        let mut dev = Device::with_client(client, "cuda", matmul);
         // A client can exist without a working compiler: run one kernel.
         let mut g = Graph::new();
         let x = g.input("x", DType::F32, vec![2]);

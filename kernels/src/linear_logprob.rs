@@ -626,6 +626,28 @@ impl<R: Runtime> Device<R> {
         self.matmul.is_cubecl() && self.matmul_views
     }
 
+    /// Launches the logits of vocabulary rows `v0..v0 + vc` for the tokens
+    /// (the rows of h), `z = h [n, d] · W[v0..v0 + vc]ᵀ [d, vc]`, into the
+    /// first `n · vc` elements of `z`, with the device's matmul; `ops` are
+    /// h, W and z, each with its length.
+    fn launch_chunk_logits(
+        &self,
+        ops: [(&Handle, usize); 3],
+        s: LogprobShape,
+        v0: usize,
+        vc: usize,
+    ) {
+        let shape = MatmulShape {
+            batch: 1,
+            m: s.n,
+            k: s.d,
+            n: vc,
+            trans_a: false,
+            trans_b: true,
+        };
+        self.product_into(ops, shape, [0, v0 * s.d, 0], false);
+    }
+
     /// [`Device::launch_linear_logprob`] with the logits computed by the
     /// device's matmul, a chunk of the vocabulary at a time
     /// (`linear_logprob::device_chunk` rows, the backward's scratch):
@@ -644,17 +666,7 @@ impl<R: Runtime> Device<R> {
         let z = self.output(n * chunk);
         for v0 in (0..vocab).step_by(chunk) {
             let vc = chunk.min(vocab - v0);
-            // z = h [n, d] · W[v0..v0 + vc]ᵀ [d, vc].
-            let shape = MatmulShape {
-                batch: 1,
-                m: n,
-                k: d,
-                n: vc,
-                trans_a: false,
-                trans_b: true,
-            };
-            let ops = [(h, h_len), (w, vocab * d), (&z, n * chunk)];
-            self.product_into(ops, shape, [0, v0 * d, 0], false);
+            self.launch_chunk_logits([(h, h_len), (w, vocab * d), (&z, n * chunk)], s, v0, vc);
             linear_logprob_fold::launch::<R>(
                 self.client(),
                 cubes(n),
@@ -716,17 +728,8 @@ impl<R: Runtime> Device<R> {
         while v0 < vocab {
             let vc = chunk.min(vocab - v0);
             if self.chunked_logits() {
-                // C = h [n, d] · W[v0..v0 + vc]ᵀ [d, vc], then its epilogue.
-                let shape = MatmulShape {
-                    batch: 1,
-                    m: n,
-                    k: d,
-                    n: vc,
-                    trans_a: false,
-                    trans_b: true,
-                };
-                let ops = [(h, n * d), (w, vocab * d), (&c, n * chunk)];
-                self.product_into(ops, shape, [0, v0 * d, 0], false);
+                // The chunk's logits into C, then its epilogue.
+                self.launch_chunk_logits([(h, n * d), (w, vocab * d), (&c, n * chunk)], s, v0, vc);
                 linear_logprob_scale::launch::<R>(
                     self.client(),
                     cubes((n * vc).div_ceil(256)),

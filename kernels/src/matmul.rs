@@ -265,17 +265,24 @@ pub struct MatmulShape {
     pub trans_b: bool,
 }
 
+impl MatmulShape {
+    /// Elements of `a`, `b` and the product.
+    pub fn lens(&self) -> [usize; 3] {
+        [
+            self.batch * self.m * self.k,
+            self.batch * self.k * self.n,
+            self.batch * self.m * self.n,
+        ]
+    }
+}
+
 impl<R: Runtime> Device<R> {
     /// Launches the product of the resident operands `a` and `b` with
     /// [`matmul_blocked`] (`blocked`) or [`matmul_tiled`] into a new
     /// buffer, which it returns without waiting for the kernel.
     pub fn launch_matmul(&self, a: &Handle, b: &Handle, s: MatmulShape, blocked: bool) -> Handle {
-        let out = self.output(s.batch * s.m * s.n);
-        let lens = [
-            s.batch * s.m * s.k,
-            s.batch * s.k * s.n,
-            s.batch * s.m * s.n,
-        ];
+        let lens = s.lens();
+        let out = self.output(lens[2]);
         self.launch_matmul_into(
             [(a, lens[0]), (b, lens[1]), (&out, lens[2])],
             s,
@@ -430,15 +437,10 @@ impl<R: Runtime> Device<R> {
     /// buffer with the device's [`MatmulKernel`]: CubeCL's matmul, or
     /// coopc's kernels where it refuses the problem (or is not asked for).
     pub fn launch_product(&self, a: &Handle, b: &Handle, s: MatmulShape) -> Handle {
-        if self.matmul.is_cubecl() {
-            let out = self.output(s.batch * s.m * s.n);
-            let ops = [a.clone(), b.clone(), out.clone()];
-            if self.cubecl_into(ops, s).is_ok() {
-                return out;
-            }
-            self.matmul_fallbacks.fetch_add(1, Ordering::Relaxed);
-        }
-        self.launch_matmul(a, b, s, use_blocked(s.m, s.n))
+        let [a_len, b_len, len] = s.lens();
+        let out = self.output(len);
+        self.product_into([(a, a_len), (b, b_len), (&out, len)], s, [0; 3], false);
+        out
     }
 
     /// How many products since the device was made asked for CubeCL's
@@ -472,7 +474,7 @@ impl<R: Runtime> Device<R> {
             .all(|&o| (o * 4) % OFFSET_ALIGN == 0);
         let views = offsets[..viewed].iter().all(|&o| o == 0) || self.matmul_views;
         if self.matmul.is_cubecl() && aligned && views {
-            let len = s.batch * s.m * s.n;
+            let len = s.lens()[2];
             let done = if accumulate {
                 let tmp = self.output(len);
                 let ops_tmp = [ops[0], ops[1], (&tmp, len)];
@@ -617,7 +619,7 @@ impl<R: Runtime> Device<R> {
         s: MatmulShape,
         strategy: &CubeclStrategy,
     ) -> Result<Handle, DeviceError> {
-        let out = self.output(s.batch * s.m * s.n);
+        let out = self.output(s.lens()[2]);
         self.cubecl_product_into([a.clone(), b.clone(), out.clone()], s, strategy)?;
         Ok(out)
     }
