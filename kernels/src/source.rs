@@ -71,6 +71,24 @@ fn scalar(b: &mut KernelBuilder) -> NativeExpand<u32> {
     <u32 as LaunchArg>::expand(&(), b)
 }
 
+/// The options cubecl-cuda's runtime compiles a kernel with on an sm_90 GPU
+/// (H100, H200) under CUDA ≥ 12.8, so that the emitted text is the text
+/// NVRTC receives there: launch metadata passed by value as a
+/// `__grid_constant__`, thread-block clusters, `elect.sync`, fast `tanh`,
+/// 32-wide warps.
+pub fn cuda_options() -> cubecl_cpp::shared::CompilationOptions {
+    cubecl_cpp::shared::CompilationOptions {
+        warp_size: 32,
+        supports_features: cubecl_cpp::shared::CppSupportedFeatures {
+            grid_constants: true,
+            clusters: true,
+            fast_math: true,
+            fast_tanh: true,
+            elect_sync: true,
+        },
+    }
+}
+
 /// The line that starts each kernel of a source holding several (each a
 /// compilation unit of its own), followed by the kernel's name.
 pub const PART_MARK: &str = "// coopc: kernel ";
@@ -757,7 +775,7 @@ impl Traced {
         let addr = AddressType::U32.unsigned_type();
         let def = self.define::<cubecl::cuda::CudaRuntime>(name);
         let mut cuda = cubecl::cuda::CudaCompiler::default();
-        let opts = cubecl_cpp::shared::CompilationOptions::default();
+        let opts = cuda_options();
         let cuda = cuda
             .compile(def, &opts, ExecutionMode::Checked, addr)
             .map_err(|e| format!("CUDA compile of {name}: {e:?}"))?
