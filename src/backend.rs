@@ -45,7 +45,15 @@ pub fn open(kind: BackendKind, spec: &BackendSpec) -> Result<Arc<dyn Backend>, U
         BackendKind::Auto if dtype == Precision::F64 => Arc::new(CpuBackend),
         BackendKind::Auto => match Device::cuda_with(matmul()?) {
             Ok(d) => Arc::new(d),
-            Err(_) => Arc::new(CpuBackend),
+            Err(e) => {
+                // A machine with an NVIDIA driver was meant to use it: say why not.
+                if coopc_kernels::device::cuda_driver_present() {
+                    eprintln!(
+                        "warning: {e}; running on the CPU executor (--backend cuda makes this an error)"
+                    );
+                }
+                Arc::new(CpuBackend)
+            }
         },
     })
 }

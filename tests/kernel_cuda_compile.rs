@@ -12,7 +12,8 @@
 //!   headers (a CUDA toolkit, or NVIDIA's `nvidia-cuda-nvrtc`,
 //!   `nvidia-cuda-runtime` and `nvidia-cuda-cccl` wheels, which `.ci/run`
 //!   installs) under `COOPC_CUDA_PATH`, else `CUDA_PATH`, else
-//!   `/usr/local/cuda`;
+//!   `/usr/local/cuda`, found and loaded as the CUDA backend does
+//!   (`coopc_kernels::toolkit`);
 //! - by a host C++ compiler (`g++ -fsyntax-only`) against a header that
 //!   declares the CUDA built-ins the kernels use, a check of syntax and
 //!   types that needs only `g++`.
@@ -189,28 +190,11 @@ fn generated_cuda_passes_a_host_compiler_syntax_check() {
     );
 }
 
-/// The CUDA installation NVRTC and its headers are taken from.
+/// The CUDA folder NVRTC and its headers are taken from.
 fn cuda_root() -> PathBuf {
-    ["COOPC_CUDA_PATH", "CUDA_PATH"]
-        .iter()
-        .find_map(std::env::var_os)
+    std::env::var_os("COOPC_CUDA_PATH")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/local/cuda"))
-}
-
-/// The first file in `root`'s library folders whose name starts with
-/// `prefix`.
-fn find_library(root: &Path, prefix: &str) -> Option<PathBuf> {
-    ["lib64", "lib", "targets/x86_64-linux/lib"]
-        .iter()
-        .filter_map(|d| std::fs::read_dir(root.join(d)).ok())
-        .flat_map(|entries| entries.filter_map(Result::ok).map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(prefix) && n.contains(".so"))
-        })
-        .min()
+        .unwrap_or_else(coopc_kernels::toolkit::cuda_root)
 }
 
 type Program = *mut c_void;
@@ -231,27 +215,26 @@ struct Nvrtc {
     destroy: unsafe extern "C" fn(*mut Program) -> c_int,
     version: unsafe extern "C" fn(*mut c_int, *mut c_int) -> c_int,
     // Kept loaded while the function pointers above are in use.
-    _libs: Vec<libloading::Library>,
+    _lib: libloading::Library,
 }
 
 impl Nvrtc {
-    /// Loads NVRTC from `root`: its builtins library first, by path, so
-    /// that NVRTC's own load of it by name finds it already loaded.
+    /// Loads NVRTC as the CUDA backend does: by name, once
+    /// [`coopc_kernels::toolkit::check_cuda_toolkit`] has found it (and
+    /// loaded it from `root` where it is not on the library path).
     fn load(root: &Path) -> Result<Nvrtc, String> {
-        let nvrtc = find_library(root, "libnvrtc.so")
-            .ok_or_else(|| format!("no libnvrtc.so* under {}", root.display()))?;
-        let builtins = find_library(root, "libnvrtc-builtins.so")
-            .ok_or_else(|| format!("no libnvrtc-builtins.so* under {}", root.display()))?;
-        // SAFETY: loading NVIDIA's NVRTC libraries, whose initialisers have
-        // no preconditions; the symbols are NVRTC's documented C API with
-        // the signatures declared above.
+        coopc_kernels::toolkit::check_cuda_toolkit(root)?;
+        // SAFETY: NVIDIA's NVRTC library, whose initialisers have no
+        // preconditions; the symbols are NVRTC's documented C API with the
+        // signatures declared above.
         unsafe {
-            let builtins = libloading::Library::new(&builtins).map_err(|e| e.to_string())?;
-            let lib = libloading::Library::new(&nvrtc).map_err(|e| e.to_string())?;
+            let lib = ["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"]
+                .iter()
+                .find_map(|name| libloading::Library::new(name).ok())
+                .ok_or("NVRTC does not load by name")?;
             macro_rules! sym {
                 ($name:literal) => {
-                    *lib.get($name)
-                        .map_err(|e| format!("{}: {e}", nvrtc.display()))?
+                    *lib.get($name).map_err(|e| e.to_string())?
                 };
             }
             Ok(Nvrtc {
@@ -261,7 +244,7 @@ impl Nvrtc {
                 log: sym!(b"nvrtcGetProgramLog"),
                 destroy: sym!(b"nvrtcDestroyProgram"),
                 version: sym!(b"nvrtcVersion"),
-                _libs: vec![builtins, lib],
+                _lib: lib,
             })
         }
     }

@@ -407,16 +407,18 @@ impl Device<cubecl::cuda::CudaRuntime> {
 
     /// CUDA device 0, its products run by `matmul`.
     pub fn cuda_with(matmul: MatmulKernel) -> Result<Self, DeviceError> {
-        // Look for the driver first: without it CubeCL's device thread panics.
-        let found = ["libcuda.so.1", "libcuda.so"]
-            .iter()
-            .any(|name| unsafe { libloading::Library::new(name) }.is_ok());
-        if !found {
+        // Look for the driver, NVRTC and the CUDA headers first: without
+        // them CubeCL's device thread panics.
+        if !cuda_driver_present() {
             return Err(DeviceError::Unavailable {
                 backend: "cuda",
                 reason: "no NVIDIA driver library (libcuda.so) found".into(),
             });
         }
+        crate::toolkit::cuda_toolkit().map_err(|reason| DeviceError::Unavailable {
+            backend: "cuda",
+            reason,
+        })?;
         let client = guarded(
             |reason| DeviceError::Unavailable {
                 backend: "cuda",
@@ -440,6 +442,14 @@ impl Device<cubecl::cuda::CudaRuntime> {
         dev.settle_matmul();
         Ok(dev)
     }
+}
+
+/// Whether the NVIDIA driver library loads (a machine with an NVIDIA GPU).
+pub fn cuda_driver_present() -> bool {
+    ["libcuda.so.1", "libcuda.so"]
+        .iter()
+        // SAFETY: the driver library's initialisers have no preconditions.
+        .any(|name| unsafe { libloading::Library::new(name) }.is_ok())
 }
 
 /// Cubes of [`BLOCK`] units for `n` one-per-unit work items.

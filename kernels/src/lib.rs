@@ -24,6 +24,7 @@ pub mod rope;
 pub mod sample;
 pub mod source;
 pub mod token_loss;
+pub mod toolkit;
 
 pub use cubecl::cuda::CudaRuntime;
 pub use cubecl::wgpu::WgpuRuntime;
