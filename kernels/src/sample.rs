@@ -13,7 +13,7 @@
 //! finite, takes the argmax (greedy) or writes the probabilities; then
 //! [`sample_pick_ordered`] (top_p ≥ 1: index order, `O(V)` per row) or
 //! [`sample_pick`] (a nucleus: thresholds found by bisection over the
-//! probabilities' bits, about 32 passes over the row, no sort) picks the
+//! probabilities' bits, about 64 passes over the row, no sort) picks the
 //! token.
 
 use crate::device::{arg, cubes, Device, DeviceError};
