@@ -8,7 +8,8 @@
 # `device_kernels` (the test binary of tests/device_kernels.rs, from
 # `cargo test --release --test device_kernels --no-run`) and `device_bench`
 # (the bench binary of benches/device.rs, from `cargo bench --bench device
-# --no-run`). Results go to $OUT (default ./gpu-check-out): the CUDA kernel
+# --no-run`), each as is or gzip-compressed (`NAME.gz`, unpacked into a
+# temporary folder): scripts/gpu-pack.sh builds and packs all three. Results go to $OUT (default ./gpu-check-out): the CUDA kernel
 # suite's log, the emitted kernels, a timing table of one meta-step per
 # bench pipeline on cuda (with CubeCL's matmul in f32 and in TF32, and with
 # coopc's) vs the CPU
@@ -28,6 +29,19 @@ set -uo pipefail
 BIN_DIR=${1:?usage: scripts/gpu-check.sh DIR (with coopc and optionally device_kernels)}
 OUT=${OUT:-./gpu-check-out}
 mkdir -p "$OUT"
+# Binaries packed by scripts/gpu-pack.sh are unpacked first.
+if ls "$BIN_DIR"/*.gz >/dev/null 2>&1; then
+    unpacked=$(mktemp -d)
+    trap 'rm -rf "$unpacked"' EXIT
+    for f in "$BIN_DIR"/*; do
+        case "$f" in
+            *.gz) gunzip -c "$f" >"$unpacked/$(basename "$f" .gz)" ;;
+            *) cp "$f" "$unpacked/" ;;
+        esac
+    done
+    chmod +x "$unpacked"/*
+    BIN_DIR="$unpacked"
+fi
 COOPC="$BIN_DIR/coopc"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 export PATH="/usr/local/cuda/bin:$PATH"
