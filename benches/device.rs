@@ -35,7 +35,7 @@ use coopc_compiler::linear_logprob::device_chunk;
 use coopc_kernels::attention::AttentionShape;
 use coopc_kernels::device::Device;
 use coopc_kernels::linear_logprob::LogprobShape;
-use coopc_kernels::matmul::{CubeclStrategy as Strategy, MatmulKernel, MatmulShape};
+use coopc_kernels::matmul::{CubeclStrategy as Strategy, MatmulKernel, MatmulShape, Product};
 use coopc_runtime::init::init_params;
 use coopc_runtime::sampler::{Sampler, SamplingConfig};
 use coopc_runtime::{Backend, HostTensor};
@@ -238,10 +238,14 @@ fn matmul_on<R: Runtime>(c: &mut Criterion, dev: Device<R>, [m, k, n]: [usize; 3
     let mut group = c.benchmark_group(format!("matmul_{}", dev.backend()));
     group.sample_size(10).measurement_time(seconds(5));
     group.throughput(Throughput::Elements((2 * m * k * n) as u64));
-    for (name, blocked) in [("blocked", true), ("tiled", false)] {
+    for (name, kernel) in [
+        ("wide", Product::Wide),
+        ("blocked", Product::Blocked),
+        ("tiled", Product::Tiled),
+    ] {
         group.bench_function(format!("{name}_{m}x{k}x{n}"), |bch| {
             bch.iter(|| {
-                let out = dev.launch_matmul(&a, &b, shape, blocked);
+                let out = dev.launch_matmul(&a, &b, shape, kernel);
                 dev.wait().expect("runs");
                 black_box(out)
             })

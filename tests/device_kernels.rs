@@ -255,14 +255,32 @@ fn batched_matmul_matches_the_cpu() {
 
 #[test]
 fn register_blocked_matmul_matches_the_cpu() {
-    use coopc_kernels::matmul::use_blocked;
+    use coopc_kernels::matmul::Product;
     let mut g = Graph::new();
     let mut inp = Inputs::new();
     // Blocks cut by every edge (100 = 64 + 36 rows, 130 = 2·64 + 2
     // columns, k = 70 not a multiple of the panel depth), each operand
-    // read straight and transposed; an exact 64 × 64 block.
+    // read straight and transposed; an exact 64 × 64 block. Then the
+    // 128 × 128 blocks the same way (200 = 128 + 72 rows, 260 = 2·128 + 4
+    // columns) and an exact one.
     let (m, k, n) = (100, 70, 130);
-    assert!(use_blocked(m, n) && use_blocked(64, 64) && !use_blocked(m, 16));
+    assert_eq!(Product::for_shape(m, n), Product::Blocked);
+    assert_eq!(Product::for_shape(64, 64), Product::Blocked);
+    assert_eq!(Product::for_shape(m, 16), Product::Tiled);
+    assert_eq!(Product::for_shape(200, 260), Product::Wide);
+    assert_eq!(Product::for_shape(128, 128), Product::Wide);
+    assert_eq!(Product::for_shape(127, 260), Product::Blocked);
+    let wide = f32_input(&mut g, &mut inp, "wa", &[200, 70], -1.0, 1.0, 26);
+    let wide_b = f32_input(&mut g, &mut inp, "wb", &[70, 260], -1.0, 1.0, 27);
+    let wide_bt = f32_input(&mut g, &mut inp, "wbt", &[260, 70], -1.0, 1.0, 28);
+    let c = g.matmul(wide, wide_b);
+    g.set_output("wide", c);
+    let t = g.transpose(wide_bt);
+    let c = g.matmul(wide, t);
+    g.set_output("wide_tb", c);
+    let sq = f32_input(&mut g, &mut inp, "sq128", &[128, 128], -1.0, 1.0, 29);
+    let c = g.matmul(sq, sq);
+    g.set_output("square_128", c);
     let a = f32_input(&mut g, &mut inp, "a", &[2, m, k], -1.0, 1.0, 21);
     let b = f32_input(&mut g, &mut inp, "b", &[2, k, n], -1.0, 1.0, 22);
     let at = f32_input(&mut g, &mut inp, "at", &[2, k, m], -1.0, 1.0, 23);

@@ -17,6 +17,7 @@ use common::log_sum_exp;
 use coopc_compiler::fusion::{fuse, Kernel};
 use coopc_compiler::ir::{DType, Graph};
 use coopc_compiler::schedule::schedule;
+use coopc_kernels::matmul::Product;
 use coopc_kernels::source::{schedule_sources, AttentionPart, KernelSource, NormPart, Traced};
 
 fn sources(g: &Graph) -> (Vec<Kernel>, Vec<KernelSource>) {
@@ -220,6 +221,16 @@ fn tiled_matmul_and_strided_copy() {
         src[0].name
     );
     snapshot("matmul_blocked_transposed_a", &src[0]);
+    // At least 128 rows and columns: 128 × 128 blocks, 8 × 8 per unit.
+    let mut g = Graph::new();
+    let a = g.input("a", DType::F32, vec![128, 64]);
+    let b = g.input("b", DType::F32, vec![64, 256]);
+    let y = g.matmul(a, b);
+    g.set_output("y", y);
+    let (kernels, src) = sources(&g);
+    assert_eq!(src.len(), 1, "{kernels:?}");
+    assert!(src[0].name.ends_with("matmul_wide"), "{}", src[0].name);
+    snapshot("matmul_wide", &src[0]);
 }
 
 #[test]
@@ -245,9 +256,9 @@ fn fused_linear_logprob() {
     // The gradients: a chunk's coefficients, then dh += C · W[chunk]
     // (storing for the first chunk) and dW[chunk] = Cᵀ · h.
     let src = Traced::LogprobGradients {
-        dh: Some(true),
+        dh: Some(Product::Blocked),
         dh_chunks: true,
-        dw: Some(true),
+        dw: Some(Product::Blocked),
     }
     .source("linear_logprob_backward_hw")
     .expect("compiles to CUDA and WGSL");

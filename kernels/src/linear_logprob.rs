@@ -44,7 +44,7 @@
 //! makes its row NaN (and, through `Cᵀ · h`, every row of dW).
 
 use crate::device::{arg, cubes, Device, DeviceError};
-use crate::matmul::{blocked_product, load_or_zero, use_blocked, MatmulShape, BLOCK_MN, REG};
+use crate::matmul::{blocked_product, load_or_zero, MatmulShape, Product, BLOCK_MN, REG};
 use crate::sample::{cube_max, cube_sum};
 use coopc_compiler::linear_logprob::{device_chunk, forward_splits};
 use cubecl::prelude::*;
@@ -241,6 +241,7 @@ pub fn linear_logprob_forward_blocked(
             &mut acc,
             false,
             true,
+            REG,
         );
         #[unroll]
         for i in 0..REG {
@@ -474,6 +475,7 @@ pub fn linear_logprob_coefficients(
         &mut acc,
         false,
         true,
+        REG,
     );
     let zero = f32::cast_from(UNIT_POS_X) * f32::new(0.0);
     #[unroll]
@@ -511,11 +513,11 @@ fn check_targets(what: &str, targets: &[f32], vocab: usize) -> Result<(), Device
     }
 }
 
-/// Whether the gradients' products, where coopc's kernels run them, run
-/// the register-blocked matmul: `(dh, dW)` for `n` tokens, `d` features
-/// and chunks of `chunk` vocabulary rows (what `--emit kernels` writes).
-pub(crate) fn blocked_products(n: usize, d: usize, chunk: usize) -> (bool, bool) {
-    (use_blocked(n, d), use_blocked(chunk, d))
+/// The kernels of the gradients' products where coopc's kernels run them:
+/// `(dh, dW)` for `n` tokens, `d` features and chunks of `chunk`
+/// vocabulary rows (what `--emit kernels` writes).
+pub(crate) fn blocked_products(n: usize, d: usize, chunk: usize) -> (Product, Product) {
+    (Product::for_shape(n, d), Product::for_shape(chunk, d))
 }
 
 /// Sizes of one linear log-prob: `n` scored rows, `d` features, `vocab`

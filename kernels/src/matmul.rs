@@ -7,7 +7,10 @@
 //!   computes a `64 × 64` block with `16 × 16` units, each unit a `4 × 4`
 //!   register tile (rows `ty + 16 i`, columns `tx + 16 j`), staging
 //!   `64 × 16` panels of both operands in shared memory: 16 products per 8
-//!   shared-memory reads, where one logit per unit does one per two.
+//!   shared-memory reads, where one logit per unit does one per two. Where
+//!   both are at least 128 ([`Product::Wide`]), a `128 × 128` block with an
+//!   `8 × 8` tile per unit: 64 products per 16 reads (128 registers a
+//!   thread on sm_90, no spills).
 //! - [`matmul_tiled`] (the thin products: LoRA's rank-r factors, a single
 //!   row): each cube a `TILE × TILE` block, one output per unit.
 
@@ -97,16 +100,16 @@ pub const BLOCK_MN: usize = 64;
 pub const BLOCK_K: usize = 16;
 /// Outputs per unit along each axis (`BLOCK_MN / 16`).
 pub(crate) const REG: usize = 4;
-/// Row stride of the staged panels (one word of padding against bank
-/// conflicts when a warp stores a panel column).
-const PANEL: usize = BLOCK_MN + 1;
+/// Outputs per unit along each axis of the wide blocks (128 × 128).
+pub(crate) const WIDE_REG: usize = 8;
 
-/// The `4 × 4` register tile of this unit (rows `row0 + ty + 16 i`,
-/// columns `col0 + tx + 16 j`, at `acc[4 i + j]`) of the product of `a`
+/// The `reg × reg` register tile of this unit (rows `row0 + ty + 16 i`,
+/// columns `col0 + tx + 16 j`, at `acc[reg i + j]`) of the product of `a`
 /// (`[m, k]`, or stored `[k, m]` with `trans_a`, from `a_base`) and `b`
 /// (`[k, n]`, or stored `[n, k]` with `trans_b`, from `b_base`), through
 /// 16-deep shared-memory panels. A cube of `16 × 16` units computes the
-/// `64 × 64` block at `(row0, col0)`; every unit must call it.
+/// `16 reg × 16 reg` block at `(row0, col0)` (`reg` = [`REG`], 64 × 64,
+/// or [`WIDE_REG`], 128 × 128); every unit must call it.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn blocked_product(
@@ -122,30 +125,33 @@ pub(crate) fn blocked_product(
     acc: &mut Array<f32>,
     #[comptime] trans_a: bool,
     #[comptime] trans_b: bool,
+    #[comptime] reg: usize,
 ) {
+    let block = 16 * reg;
+    let panel = block + 1;
     let tx = UNIT_POS_X as usize;
     let ty = UNIT_POS_Y as usize;
     let tid = ty * 16 + tx;
-    // Panels [BLOCK_K][PANEL]: sa[q][r] = a[row0 + r, k0 + q], sb[q][c] =
+    // Panels [BLOCK_K][16 reg + 1]: sa[q][r] = a[row0 + r, k0 + q], sb[q][c] =
     // b[k0 + q, col0 + c].
-    let mut sa = SharedMemory::<f32>::new(BLOCK_K * PANEL);
-    let mut sb = SharedMemory::<f32>::new(BLOCK_K * PANEL);
+    let mut sa = SharedMemory::<f32>::new(BLOCK_K * (16 * reg + 1));
+    let mut sb = SharedMemory::<f32>::new(BLOCK_K * (16 * reg + 1));
     let zero = f32::cast_from(UNIT_POS_X) * f32::new(0.0);
     #[unroll]
-    for i in 0..REG * REG {
+    for i in 0..reg * reg {
         acc[i] = zero;
     }
-    let mut af = Array::<f32>::new(REG);
-    let mut bf = Array::<f32>::new(REG);
+    let mut af = Array::<f32>::new(reg);
+    let mut bf = Array::<f32>::new(reg);
     let mut k0 = (UNIT_POS_X * 0) as usize;
     while k0 < k {
         // Each unit stages 4 of a panel's 1024 elements, consecutive
         // units reading consecutive addresses of the operand.
         #[unroll]
-        for p in 0..REG {
+        for p in 0..reg {
             let e = tid + p * 256;
             let (r, q) = if trans_a {
-                (e % BLOCK_MN, e / BLOCK_MN)
+                (e % block, e / block)
             } else {
                 (e / BLOCK_K, e % BLOCK_K)
             };
@@ -155,11 +161,11 @@ pub(crate) fn blocked_product(
             } else {
                 a_base + gr * k + gq
             };
-            sa[q * PANEL + r] = load_or_zero(a, at, gr < m && gq < k);
+            sa[q * panel + r] = load_or_zero(a, at, gr < m && gq < k);
             let (c, q2) = if trans_b {
                 (e / BLOCK_K, e % BLOCK_K)
             } else {
-                (e % BLOCK_MN, e / BLOCK_MN)
+                (e % block, e / block)
             };
             let (gc, gq2) = (col0 + c, k0 + q2);
             let bt = if trans_b {
@@ -167,21 +173,21 @@ pub(crate) fn blocked_product(
             } else {
                 b_base + gq2 * n + gc
             };
-            sb[q2 * PANEL + c] = load_or_zero(b, bt, gq2 < k && gc < n);
+            sb[q2 * panel + c] = load_or_zero(b, bt, gq2 < k && gc < n);
         }
         sync_cube();
         #[unroll]
         for q in 0..BLOCK_K {
             #[unroll]
-            for i in 0..REG {
-                af[i] = sa[q * PANEL + ty + 16 * i];
-                bf[i] = sb[q * PANEL + tx + 16 * i];
+            for i in 0..reg {
+                af[i] = sa[q * panel + ty + 16 * i];
+                bf[i] = sb[q * panel + tx + 16 * i];
             }
             #[unroll]
-            for i in 0..REG {
+            for i in 0..reg {
                 #[unroll]
-                for j in 0..REG {
-                    acc[i * REG + j] += af[i] * bf[j];
+                for j in 0..reg {
+                    acc[i * reg + j] += af[i] * bf[j];
                 }
             }
         }
@@ -196,9 +202,53 @@ pub fn use_blocked(m: usize, n: usize) -> bool {
     m >= BLOCK_MN && n >= BLOCK_MN
 }
 
+/// Which of coopc's product kernels computes an `m × n` product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Product {
+    /// [`matmul_tiled`]: one output per unit (thin products).
+    Tiled,
+    /// [`matmul_blocked`] with 64 × 64 blocks, 4 × 4 outputs per unit.
+    Blocked,
+    /// [`matmul_blocked`] with 128 × 128 blocks, 8 × 8 outputs per unit:
+    /// 64 products per 16 shared-memory reads instead of 16 per 8, for
+    /// products with both output sides of at least 128.
+    Wide,
+}
+
+impl Product {
+    /// The kernel for an `m × n` product.
+    pub fn for_shape(m: usize, n: usize) -> Product {
+        if m >= 16 * WIDE_REG && n >= 16 * WIDE_REG {
+            Product::Wide
+        } else if use_blocked(m, n) {
+            Product::Blocked
+        } else {
+            Product::Tiled
+        }
+    }
+
+    /// Outputs per unit along each axis of a blocked kernel.
+    pub fn reg(self) -> usize {
+        match self {
+            Product::Wide => WIDE_REG,
+            _ => REG,
+        }
+    }
+
+    /// The kernel's name in emitted sources.
+    pub fn name(self) -> &'static str {
+        match self {
+            Product::Tiled => "matmul",
+            Product::Blocked => "matmul_blocked",
+            Product::Wide => "matmul_wide",
+        }
+    }
+}
+
 /// Launch with `CubeDim(16, 16)` and
-/// `CubeCount(ceil(n / 64), ceil(m / 64), B)`; offsets and `accumulate` as
-/// for [`matmul_tiled`].
+/// `CubeCount(ceil(n / (16 reg)), ceil(m / (16 reg)), B)`; `reg` is
+/// [`REG`] or [`WIDE_REG`]; offsets and `accumulate` as for
+/// [`matmul_tiled`].
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_blocked(
@@ -214,29 +264,30 @@ pub fn matmul_blocked(
     #[comptime] trans_a: bool,
     #[comptime] trans_b: bool,
     #[comptime] accumulate: bool,
+    #[comptime] reg: usize,
 ) {
     let (m, k, n) = (m as usize, k as usize, n as usize);
     let batch = CUBE_POS_Z as usize;
     let (tx, ty) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
-    let row0 = CUBE_POS_Y as usize * BLOCK_MN;
-    let col0 = CUBE_POS_X as usize * BLOCK_MN;
+    let row0 = CUBE_POS_Y as usize * (16 * reg);
+    let col0 = CUBE_POS_X as usize * (16 * reg);
     let a_base = a_off as usize + batch * m * k;
     let b_base = b_off as usize + batch * k * n;
-    let mut acc = Array::<f32>::new(REG * REG);
+    let mut acc = Array::<f32>::new(reg * reg);
     blocked_product(
-        a, a_base, b, b_base, m, k, n, row0, col0, &mut acc, trans_a, trans_b,
+        a, a_base, b, b_base, m, k, n, row0, col0, &mut acc, trans_a, trans_b, reg,
     );
     #[unroll]
-    for i in 0..REG {
+    for i in 0..reg {
         #[unroll]
-        for j in 0..REG {
+        for j in 0..reg {
             let (r, c) = (row0 + ty + 16 * i, col0 + tx + 16 * j);
             if r < m && c < n {
                 let at = out_off as usize + batch * m * n + r * n + c;
                 if accumulate {
-                    out[at] += acc[i * REG + j];
+                    out[at] += acc[i * reg + j];
                 } else {
-                    out[at] = acc[i * REG + j];
+                    out[at] = acc[i * reg + j];
                 }
             }
         }
@@ -278,9 +329,9 @@ impl MatmulShape {
 
 impl<R: Runtime> Device<R> {
     /// Launches the product of the resident operands `a` and `b` with
-    /// [`matmul_blocked`] (`blocked`) or [`matmul_tiled`] into a new
-    /// buffer, which it returns without waiting for the kernel.
-    pub fn launch_matmul(&self, a: &Handle, b: &Handle, s: MatmulShape, blocked: bool) -> Handle {
+    /// `kernel` into a new buffer, which it returns without waiting for
+    /// the kernel.
+    pub fn launch_matmul(&self, a: &Handle, b: &Handle, s: MatmulShape, kernel: Product) -> Handle {
         let lens = s.lens();
         let out = self.output(lens[2]);
         self.launch_matmul_into(
@@ -288,7 +339,7 @@ impl<R: Runtime> Device<R> {
             s,
             [0; 3],
             false,
-            blocked,
+            kernel,
         );
         out
     }
@@ -302,14 +353,14 @@ impl<R: Runtime> Device<R> {
         s: MatmulShape,
         offsets: [usize; 3],
         accumulate: bool,
-        blocked: bool,
+        kernel: Product,
     ) {
         let u = |v: usize| v as u32;
         let [ao, bo, oo] = offsets.map(u);
         let args = (arg(a, a_len), arg(b, b_len), arg(out, out_len));
         let size = (u(s.m), u(s.k), u(s.n));
-        if blocked {
-            let t = BLOCK_MN as u32;
+        if kernel != Product::Tiled {
+            let t = 16 * kernel.reg() as u32;
             matmul_blocked::launch::<R>(
                 self.client(),
                 CubeCount::Static(u(s.n).div_ceil(t), u(s.m).div_ceil(t), u(s.batch)),
@@ -326,6 +377,7 @@ impl<R: Runtime> Device<R> {
                 s.trans_a,
                 s.trans_b,
                 accumulate,
+                kernel.reg(),
             );
         } else {
             let t = TILE as u32;
@@ -501,7 +553,7 @@ impl<R: Runtime> Device<R> {
         if self.matmul.is_cubecl() {
             self.matmul_fallbacks.fetch_add(1, Ordering::Relaxed);
         }
-        self.launch_matmul_into(ops, s, offsets, accumulate, use_blocked(s.m, s.n));
+        self.launch_matmul_into(ops, s, offsets, accumulate, Product::for_shape(s.m, s.n));
     }
 
     /// Tries CubeCL's matmul on this device before any product needs it:

@@ -14,7 +14,7 @@ use crate::linear_logprob::{
     linear_logprob_forward_blocked, linear_logprob_merge, linear_logprob_scale, FOLD_BLOCK,
     LOGPROB_TILE,
 };
-use crate::matmul::{add_into, matmul_blocked, matmul_tiled, use_blocked, TILE};
+use crate::matmul::{add_into, matmul_blocked, matmul_tiled, Product, TILE};
 use crate::movement::{
     gather_rows, iota, one_hot, scatter_add_along, scatter_add_rows, strided_copy, take_along,
     write_slice, CopySpec,
@@ -109,8 +109,8 @@ pub enum Traced {
     Matmul {
         trans_a: bool,
         trans_b: bool,
-        /// The register-blocked kernel (`matmul::use_blocked`).
-        blocked: bool,
+        /// Which of coopc's product kernels (`matmul::Product::for_shape`).
+        product: Product,
         /// Adds the product to the output instead of storing it.
         accumulate: bool,
     },
@@ -168,12 +168,12 @@ pub enum Traced {
     /// temporary, accumulated.
     AddInto,
     /// Its gradients: the coefficient kernel, then the products for `dh`
-    /// (`Some(blocked)`; storing for the first chunk, accumulating for the
-    /// others when `dh_chunks > 1`) and `dW` (`Some(blocked)`).
+    /// (`Some(kernel)`; storing for the first chunk, accumulating for the
+    /// others when `dh_chunks > 1`) and `dW` (`Some(kernel)`).
     LogprobGradients {
-        dh: Option<bool>,
+        dh: Option<Product>,
         dh_chunks: bool,
-        dw: Option<bool>,
+        dw: Option<Product>,
     },
     /// The hand-written causal attention: forward, backward `dq`, backward
     /// `dk, dv`.
@@ -284,7 +284,7 @@ impl Traced {
             Traced::Matmul {
                 trans_a,
                 trans_b,
-                blocked,
+                product,
                 accumulate,
             } => {
                 let a = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
@@ -294,8 +294,24 @@ impl Traced {
                 let (ao, bo, oo) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
                 let (ta, tb) = (*trans_a, *trans_b);
                 let sc = &mut b.scope;
-                if *blocked {
-                    matmul_blocked::expand(sc, a, bb, o, m, k, n, ao, bo, oo, ta, tb, *accumulate);
+                if *product != Product::Tiled {
+                    let reg = product.reg();
+                    matmul_blocked::expand(
+                        sc,
+                        a,
+                        bb,
+                        o,
+                        m,
+                        k,
+                        n,
+                        ao,
+                        bo,
+                        oo,
+                        ta,
+                        tb,
+                        *accumulate,
+                        reg,
+                    );
                     b.build(settings(name, CubeDim::new_2d(16, 16)))
                 } else {
                     matmul_tiled::expand(
@@ -712,10 +728,10 @@ impl Traced {
     /// The kernels, in launch order, of a traced kernel that launches
     /// several (with a suffix for each name); empty for a single kernel.
     fn parts(&self) -> Vec<(&'static str, Traced)> {
-        let product = |trans_a, blocked, accumulate| Traced::Matmul {
+        let product = |trans_a, product, accumulate| Traced::Matmul {
             trans_a,
             trans_b: false,
-            blocked,
+            product,
             accumulate,
         };
         match self {
@@ -753,17 +769,17 @@ impl Traced {
                     ("_scale", Traced::LogprobScale),
                     ("_coefficients", Traced::LogprobCoefficients),
                 ];
-                if let Some(blocked) = *dh {
+                if let Some(kernel) = *dh {
                     if *dh_chunks {
                         parts.push(("_dh_add_into", Traced::AddInto));
                     }
-                    parts.push(("_dh", product(false, blocked, false)));
+                    parts.push(("_dh", product(false, kernel, false)));
                     if *dh_chunks {
-                        parts.push(("_dh_add", product(false, blocked, true)));
+                        parts.push(("_dh_add", product(false, kernel, true)));
                     }
                 }
-                if let Some(blocked) = *dw {
-                    parts.push(("_dw", product(true, blocked, false)));
+                if let Some(kernel) = *dw {
+                    parts.push(("_dw", product(true, kernel, false)));
                 }
                 parts
             }
@@ -841,11 +857,11 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
             ..
         } => {
             let s = &g.ty(*id).shape;
-            let blocked = use_blocked(s[s.len() - 2], s[s.len() - 1]);
+            let product = Product::for_shape(s[s.len() - 2], s[s.len() - 1]);
             (
                 format!(
-                    "matmul{}{}",
-                    if blocked { "_blocked" } else { "" },
+                    "{}{}",
+                    product.name(),
                     match (trans_a, trans_b) {
                         (false, false) => "",
                         (true, false) => "_ta",
@@ -856,7 +872,7 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
                 Traced::Matmul {
                     trans_a: *trans_a,
                     trans_b: *trans_b,
-                    blocked,
+                    product,
                     accumulate: false,
                 },
             )
