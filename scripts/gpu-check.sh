@@ -27,6 +27,7 @@
 # groups otherwise take 5-20 s each).
 set -uo pipefail
 BIN_DIR=${1:?usage: scripts/gpu-check.sh DIR (with coopc and optionally device_kernels)}
+BIN_DIR=$(cd "$BIN_DIR" && pwd) || exit 2
 OUT=${OUT:-./gpu-check-out}
 mkdir -p "$OUT"
 # Binaries packed by scripts/gpu-pack.sh are unpacked first.
@@ -35,7 +36,8 @@ if ls "$BIN_DIR"/*.gz >/dev/null 2>&1; then
     trap 'rm -rf "$unpacked"' EXIT
     for f in "$BIN_DIR"/*; do
         case "$f" in
-            *.gz) gunzip -c "$f" >"$unpacked/$(basename "$f" .gz)" ;;
+            *.gz) gunzip -c "$f" >"$unpacked/$(basename "$f" .gz)" ||
+                { echo "cannot unpack $f" >&2; exit 2; } ;;
             *) cp "$f" "$unpacked/" ;;
         esac
     done

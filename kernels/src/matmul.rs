@@ -145,7 +145,7 @@ pub(crate) fn blocked_product(
     let mut bf = Array::<f32>::new(reg);
     let mut k0 = (UNIT_POS_X * 0) as usize;
     while k0 < k {
-        // Each unit stages 4 of a panel's 1024 elements, consecutive
+        // Each unit stages `reg` of a panel's `256 reg` elements, consecutive
         // units reading consecutive addresses of the operand.
         #[unroll]
         for p in 0..reg {

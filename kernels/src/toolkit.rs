@@ -1,8 +1,8 @@
 //! What the CUDA backend needs on the machine besides the driver, checked
 //! before CubeCL is asked for a device: cubecl-cuda compiles every kernel
 //! at run time with NVRTC, which it loads by name (through `cudarc`), and
-//! hands NVRTC the CUDA headers under `$CUDA_PATH/include` (else
-//! `/usr/local/cuda/include`). Without them CubeCL panics on its device
+//! hands NVRTC the CUDA headers under `$CUDA_PATH/include` (else those of
+//! `/usr/local/cuda`, `/opt/cuda` or `/usr`). Without them CubeCL panics on its device
 //! thread; here the missing piece is named instead.
 //!
 //! NVRTC need not be on the loader's path: one found in the CUDA folder's
@@ -18,12 +18,12 @@ use std::sync::OnceLock;
 /// The NVRTC library names cubecl-cuda's loader tries (CUDA 13, then 12).
 const NVRTC_NAMES: [&str; 3] = ["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"];
 
-/// The CUDA folder NVRTC's headers are taken from: `CUDA_PATH`, else
-/// `/usr/local/cuda` (cubecl-cuda's rule).
+/// The CUDA folder NVRTC's headers are taken from, by cubecl-cuda's own
+/// rule: `CUDA_PATH`, else `/usr/local/cuda`, `/opt/cuda`, or `/usr` where
+/// `/usr/bin/nvcc` exists; `/usr/local/cuda` (to name in errors) where
+/// none is.
 pub fn cuda_root() -> PathBuf {
-    std::env::var_os("CUDA_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/local/cuda"))
+    cubecl::cuda::install::cuda_path().unwrap_or_else(|| PathBuf::from("/usr/local/cuda"))
 }
 
 /// Library folders of a CUDA folder.
