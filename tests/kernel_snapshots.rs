@@ -259,9 +259,11 @@ fn fused_linear_logprob() {
         dh: Some(Product::Blocked),
         dh_chunks: true,
         dw: Some(Product::Blocked),
+        dw_rest: None,
     }
     .source("linear_logprob_backward_hw")
     .expect("compiles to CUDA and WGSL");
+    assert!(!src.cuda.contains("_dw_last"));
     for part in [
         "_forward_fold",
         "_forward",
@@ -277,6 +279,29 @@ fn fused_linear_logprob() {
         assert!(
             src.cuda.contains(&kernel),
             "no `{kernel}` in the CUDA source"
+        );
+    }
+    // A last, shorter vocabulary chunk whose dW runs another kernel is
+    // listed as a part of its own.
+    let with_last = Traced::LogprobGradients {
+        dh: None,
+        dh_chunks: true,
+        dw: Some(Product::Wide),
+        dw_rest: Some(Product::Tiled),
+    }
+    .source("linear_logprob_backward_w")
+    .expect("compiles to CUDA and WGSL");
+    for kernel in [
+        "linear_logprob_backward_w_dw ",
+        "linear_logprob_backward_w_dw_last ",
+    ] {
+        assert!(
+            with_last.cuda.contains(kernel),
+            "no `{kernel}` in the CUDA source"
+        );
+        assert!(
+            with_last.wgsl.contains(kernel.trim_end()),
+            "no `{kernel}` in the WGSL"
         );
     }
     let coefficients = Traced::LogprobCoefficients

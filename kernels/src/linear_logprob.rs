@@ -513,11 +513,23 @@ fn check_targets(what: &str, targets: &[f32], vocab: usize) -> Result<(), Device
     }
 }
 
-/// The kernels of the gradients' products where coopc's kernels run them:
-/// `(dh, dW)` for `n` tokens, `d` features and chunks of `chunk`
-/// vocabulary rows (what `--emit kernels` writes).
-pub(crate) fn blocked_products(n: usize, d: usize, chunk: usize) -> (Product, Product) {
-    (Product::for_shape(n, d), Product::for_shape(chunk, d))
+/// The kernels of the gradients' products where coopc's kernels run them
+/// (what `--emit kernels` writes), for `n` tokens, `d` features and
+/// `vocab` rows in chunks of `chunk`: `dh`'s, `dW`'s for a whole chunk, and
+/// `dW`'s for the last, shorter chunk where that runs another kernel.
+pub(crate) fn blocked_products(
+    n: usize,
+    d: usize,
+    vocab: usize,
+    chunk: usize,
+) -> (Product, Product, Option<Product>) {
+    let chunk = chunk.clamp(1, vocab.max(1));
+    let dw = Product::for_shape(chunk, d);
+    let last = vocab % chunk;
+    let rest = (last > 0)
+        .then(|| Product::for_shape(last, d))
+        .filter(|&p| p != dw);
+    (Product::for_shape(n, d), dw, rest)
 }
 
 /// Sizes of one linear log-prob: `n` scored rows, `d` features, `vocab`
@@ -855,5 +867,30 @@ impl<R: Runtime> Device<R> {
         let [dh, dw] = self.launch_linear_logprob_backward(ops, shape, [true, true], chunk);
         let (dh, dw) = (dh.expect("asked"), dw.expect("asked"));
         Ok((self.download(dh, t * d)?, self.download(dw, vocab * d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_chunks_dw_kernel_is_named_where_it_differs() {
+        // 32,000 = 7 · 4,096 + 3,328: every chunk on 128 × 128 blocks.
+        let p = blocked_products(4096, 1024, 32_000, 4096);
+        assert_eq!(p, (Product::Wide, Product::Wide, None));
+        // 4,196 = 4,096 + 100: the last chunk's 100 rows on 64 × 64 blocks.
+        let p = blocked_products(4096, 1024, 4196, 4096);
+        assert_eq!(p, (Product::Wide, Product::Wide, Some(Product::Blocked)));
+        // 4,106 rows: the last 10 on the thin kernel.
+        assert_eq!(
+            blocked_products(64, 256, 4106, 4096).2,
+            Some(Product::Tiled)
+        );
+        // One chunk (vocab ≤ chunk): nothing more.
+        assert_eq!(
+            blocked_products(64, 256, 100, 4096),
+            (Product::Blocked, Product::Blocked, None)
+        );
     }
 }

@@ -169,11 +169,13 @@ pub enum Traced {
     AddInto,
     /// Its gradients: the coefficient kernel, then the products for `dh`
     /// (`Some(kernel)`; storing for the first chunk, accumulating for the
-    /// others when `dh_chunks > 1`) and `dW` (`Some(kernel)`).
+    /// others when `dh_chunks > 1`) and `dW` (`Some(kernel)`; the last,
+    /// shorter chunk's `dW` by `dw_rest` where that is another kernel).
     LogprobGradients {
         dh: Option<Product>,
         dh_chunks: bool,
         dw: Option<Product>,
+        dw_rest: Option<Product>,
     },
     /// The hand-written causal attention: forward, backward `dq`, backward
     /// `dk, dv`.
@@ -757,7 +759,12 @@ impl Traced {
                 ("", Traced::LogprobForwardBlocked),
                 ("_merge", Traced::LogprobMerge),
             ],
-            Traced::LogprobGradients { dh, dh_chunks, dw } => {
+            Traced::LogprobGradients {
+                dh,
+                dh_chunks,
+                dw,
+                dw_rest,
+            } => {
                 // The forward runs first, for the log-sum-exp. With CubeCL's
                 // matmul, its products, `_scale` for the coefficients and
                 // `_dh_add_into` for dh's later chunks; with coopc's,
@@ -780,6 +787,9 @@ impl Traced {
                 }
                 if let Some(kernel) = *dw {
                     parts.push(("_dw", product(true, kernel, false)));
+                }
+                if let Some(kernel) = *dw_rest {
+                    parts.push(("_dw_last", product(true, kernel, false)));
                 }
                 parts
             }
@@ -906,7 +916,7 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
             let (n, d) = (g.ty(inputs[0]).shape[0], g.ty(inputs[0]).shape[1]);
             let vocab = g.ty(inputs[1]).shape[0];
             let chunk = device_chunk(n, vocab);
-            let blocked = blocked_products(n, d, chunk.min(vocab));
+            let (dh, dw, dw_rest) = blocked_products(n, d, vocab, chunk);
             let asked = |o| grads.iter().any(|&(wrt, _)| wrt == o);
             let (h, w) = (asked(LogprobOperand::Hidden), asked(LogprobOperand::Weight));
             let name = match (h, w) {
@@ -917,9 +927,10 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
             (
                 name.into(),
                 Traced::LogprobGradients {
-                    dh: h.then_some(blocked.0),
+                    dh: h.then_some(dh),
                     dh_chunks: vocab > chunk,
-                    dw: w.then_some(blocked.1),
+                    dw: w.then_some(dw),
+                    dw_rest: dw_rest.filter(|_| w),
                 },
             )
         }

@@ -5,17 +5,21 @@
 //! `/usr/local/cuda`, `/opt/cuda` or `/usr`). Without them CubeCL panics on its device
 //! thread; here the missing piece is named instead.
 //!
-//! NVRTC need not be on the loader's path: one found in the CUDA folder's
-//! `lib64`, `lib` or `targets/x86_64-linux/lib` is loaded from there (its
-//! builtins library first), and stays loaded, so that the load by name
-//! finds it. So `CUDA_PATH` may name a CUDA toolkit or the `nvidia/cu13`
-//! folder of NVIDIA's pip wheels (`nvidia-cuda-nvrtc`, `nvidia-cuda-runtime`,
-//! `nvidia-cuda-cccl`), such as a PyTorch environment holds.
+//! NVRTC need not be on the loader's path: the newest one in the CUDA
+//! folder's `lib64`, `lib` or `targets/x86_64-linux/lib` is loaded from
+//! there (its builtins library first), and stays loaded, so that the load
+//! by name finds it. So `CUDA_PATH` may name a CUDA toolkit or the
+//! `nvidia/cu13` folder of NVIDIA's pip wheels (`nvidia-cuda-nvrtc`,
+//! `nvidia-cuda-runtime`, `nvidia-cuda-cccl`), such as a PyTorch
+//! environment holds. The NVRTC the load by name then finds must be of the
+//! headers' major CUDA version (an NVRTC 12 on the library path beside CUDA
+//! 13 headers fails on every kernel): a mismatch is named as such.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-/// The NVRTC library names cubecl-cuda's loader tries (CUDA 13, then 12).
+/// The NVRTC library names cubecl-cuda's loader (`cudarc`) tries on Linux,
+/// in its order: the first that loads is the one kernels are compiled with.
 const NVRTC_NAMES: [&str; 3] = ["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"];
 
 /// The CUDA folder NVRTC's headers are taken from, by cubecl-cuda's own
@@ -33,19 +37,39 @@ fn lib_dirs(root: &Path) -> impl Iterator<Item = PathBuf> + '_ {
         .map(move |d| root.join(d))
 }
 
+/// The numeric version after `prefix` in a library's file name
+/// (`libnvrtc.so.13.0.88` → `[13, 0, 88]`); None for other names and for
+/// NVIDIA's `.alt` variants.
+fn library_version(name: &str, prefix: &str) -> Option<Vec<u32>> {
+    let v = name.strip_prefix(prefix)?.strip_prefix('.')?;
+    v.split('.').map(|part| part.parse().ok()).collect()
+}
+
 /// The newest file in `root`'s library folders named `prefix` followed by
-/// a version (`libnvrtc.so.13`), skipping NVIDIA's `.alt` variants.
+/// a version (`libnvrtc.so.13`), by number (13 is newer than 9), skipping
+/// NVIDIA's `.alt` variants.
 fn versioned_library(root: &Path, prefix: &str) -> Option<PathBuf> {
     lib_dirs(root)
         .filter_map(|d| std::fs::read_dir(d).ok())
         .flat_map(|entries| entries.filter_map(Result::ok).map(|e| e.path()))
-        .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                n.strip_prefix(prefix)
-                    .is_some_and(|v| v.starts_with('.') && !v.contains("alt"))
-            })
+        .filter_map(|p| {
+            let version = library_version(p.file_name()?.to_str()?, prefix)?;
+            Some((version, p))
         })
         .max()
+        .map(|(_, p)| p)
+}
+
+/// The CUDA version the headers under `root/include` are of (`cuda.h`'s
+/// `CUDA_VERSION`: 13000 → (13, 0)); None where it cannot be read.
+pub fn headers_version(root: &Path) -> Option<(u32, u32)> {
+    let text = std::fs::read_to_string(root.join("include").join("cuda.h")).ok()?;
+    text.lines().find_map(|line| {
+        let rest = line.trim().strip_prefix('#')?.trim_start();
+        let rest = rest.strip_prefix("define")?.trim_start();
+        let v: u32 = rest.strip_prefix("CUDA_VERSION")?.trim().parse().ok()?;
+        Some((v / 1000, v % 1000 / 10))
+    })
 }
 
 /// Loads `path` and keeps it loaded for the life of the process.
@@ -66,9 +90,61 @@ fn nvrtc_by_name() -> bool {
         .any(|name| unsafe { libloading::Library::new(name) }.is_ok())
 }
 
+/// The NVRTC cubecl-cuda's loader will find: the name it loads by and its
+/// version (`nvrtcVersion`); None where none loads by name.
+pub fn nvrtc_loaded_by_name() -> Option<(&'static str, NvrtcVersion)> {
+    NVRTC_NAMES.iter().find_map(|&name| {
+        // SAFETY: as in `load_for_good`.
+        let lib = unsafe { libloading::Library::new(name) }.ok()?;
+        Some((name, nvrtc_version(&lib)))
+    })
+}
+
+/// `nvrtcVersion` of a loaded NVRTC: (major, minor), or why it failed.
+pub type NvrtcVersion = Result<(u32, u32), String>;
+
+/// `nvrtcVersion` of a loaded NVRTC.
+fn nvrtc_version(lib: &libloading::Library) -> NvrtcVersion {
+    type Version = unsafe extern "C" fn(*mut i32, *mut i32) -> i32;
+    // SAFETY: `nvrtcVersion` is NVRTC's documented C API with this
+    // signature; it writes two ints through valid out-pointers.
+    unsafe {
+        let f: libloading::Symbol<Version> = lib.get(b"nvrtcVersion").map_err(|e| e.to_string())?;
+        let (mut major, mut minor) = (0, 0);
+        match f(&mut major, &mut minor) {
+            0 => Ok((major.max(0) as u32, minor.max(0) as u32)),
+            code => Err(format!("nvrtcVersion failed with code {code}")),
+        }
+    }
+}
+
+/// Checks that the NVRTC found by name is of the headers' major version.
+fn check_nvrtc_matches_headers(root: &Path) -> Result<(), String> {
+    let Some(headers) = headers_version(root) else {
+        return Ok(());
+    };
+    match nvrtc_loaded_by_name() {
+        Some((name, Ok(nvrtc))) if nvrtc.0 != headers.0 => Err(format!(
+            "NVRTC {}.{} (loaded as {name}) does not match the CUDA {}.{} headers in {}: \
+             put the NVRTC of that CUDA version first on the library path \
+             (LD_LIBRARY_PATH), or set CUDA_PATH to the toolkit NVRTC {}.{} belongs to",
+            nvrtc.0,
+            nvrtc.1,
+            headers.0,
+            headers.1,
+            root.join("include").display(),
+            nvrtc.0,
+            nvrtc.1,
+        )),
+        Some((name, Err(e))) => Err(format!("NVRTC (loaded as {name}) does not answer: {e}")),
+        _ => Ok(()),
+    }
+}
+
 /// Checks that the CUDA folder `root` has what NVRTC needs to compile
-/// coopc's kernels, and that NVRTC loads: by name, else from `root`'s
-/// library folders (loaded there, so that the load by name finds it).
+/// coopc's kernels, and that NVRTC loads: from `root`'s library folders
+/// where it is there (loaded, so that the load by name finds it), else by
+/// name; and that the NVRTC found by name is of the headers' major version.
 /// Returns `root`; the error names what is missing and how to supply it.
 pub fn check_cuda_toolkit(root: &Path) -> Result<PathBuf, String> {
     let how = "set CUDA_PATH to a CUDA toolkit, or to the nvidia/cu13 folder of \
@@ -82,10 +158,11 @@ pub fn check_cuda_toolkit(root: &Path) -> Result<PathBuf, String> {
             header.display()
         ));
     }
-    if nvrtc_by_name() {
-        return Ok(root.to_path_buf());
-    }
     let Some(nvrtc) = versioned_library(root, "libnvrtc.so") else {
+        if nvrtc_by_name() {
+            check_nvrtc_matches_headers(root)?;
+            return Ok(root.to_path_buf());
+        }
         return Err(format!(
             "NVRTC (libnvrtc.so.13 or .12) is neither on the library path nor under {}/lib64, \
              lib or targets/x86_64-linux/lib ({how})",
@@ -98,6 +175,7 @@ pub fn check_cuda_toolkit(root: &Path) -> Result<PathBuf, String> {
     }
     load_for_good(&nvrtc)?;
     if nvrtc_by_name() {
+        check_nvrtc_matches_headers(root)?;
         Ok(root.to_path_buf())
     } else {
         Err(format!(
@@ -160,12 +238,71 @@ mod tests {
         match std::env::var_os("COOPC_CUDA_PATH") {
             Some(root) => {
                 let root = PathBuf::from(root);
-                assert_eq!(check_cuda_toolkit(&root), Ok(root));
+                assert_eq!(check_cuda_toolkit(&root), Ok(root.clone()));
                 assert!(nvrtc_by_name());
+                let (major, _) = nvrtc_loaded_by_name().unwrap().1.unwrap();
+                assert_eq!(Some(major), headers_version(&root).map(|v| v.0));
+                // The same NVRTC beside headers of another major version.
+                let dir = scratch("mismatch");
+                std::fs::create_dir_all(dir.join("include")).unwrap();
+                std::fs::write(dir.join("include/cuda_runtime.h"), "").unwrap();
+                let other = (major + 1) * 1000 + 20;
+                std::fs::write(
+                    dir.join("include/cuda.h"),
+                    format!("#ifndef X\n#define CUDA_VERSION {other}\n#endif\n"),
+                )
+                .unwrap();
+                let e = check_cuda_toolkit(&dir).unwrap_err();
+                assert!(
+                    e.contains(&format!("NVRTC {major}."))
+                        && e.contains(&format!("CUDA {}.2 headers", major + 1)),
+                    "{e}"
+                );
+                std::fs::remove_dir_all(&dir).ok();
             }
             None => {
                 eprintln!("COOPC_CUDA_PATH not set: NVRTC's load from a CUDA folder not checked")
             }
         }
+    }
+
+    #[test]
+    fn library_versions_compare_by_number() {
+        let v = |n| library_version(n, "libnvrtc.so");
+        assert_eq!(v("libnvrtc.so.13.0.88"), Some(vec![13, 0, 88]));
+        assert!(v("libnvrtc.so.13") > v("libnvrtc.so.9"));
+        assert!(v("libnvrtc.so.12.9") > v("libnvrtc.so.12"));
+        assert_eq!(v("libnvrtc.so"), None);
+        assert_eq!(v("libnvrtc.alt.so.13"), None);
+        assert_eq!(v("libnvrtc.so.13.alt"), None);
+        let dir = scratch("versions");
+        std::fs::create_dir_all(dir.join("lib")).unwrap();
+        for n in [
+            "libnvrtc.so.9",
+            "libnvrtc.so.13",
+            "libnvrtc.so.12.4",
+            "libnvrtc.alt.so.14",
+        ] {
+            std::fs::write(dir.join("lib").join(n), "").unwrap();
+        }
+        assert_eq!(
+            versioned_library(&dir, "libnvrtc.so"),
+            Some(dir.join("lib/libnvrtc.so.13"))
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn headers_version_is_read_from_cuda_h() {
+        let dir = scratch("cudah");
+        assert_eq!(headers_version(&dir), None);
+        std::fs::create_dir_all(dir.join("include")).unwrap();
+        std::fs::write(
+            dir.join("include/cuda.h"),
+            "#ifndef __cuda_cuda_h__\n#define CUDA_VERSION_MACRO 1\n# define CUDA_VERSION 12040\n#endif\n",
+        )
+        .unwrap();
+        assert_eq!(headers_version(&dir), Some((12, 4)));
+        std::fs::remove_dir_all(&dir).ok();
     }
 }
