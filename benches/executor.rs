@@ -1,7 +1,8 @@
 //! CPU executor benches: a 512×512 f32 matmul through the executor beside
-//! `matrixmultiply::sgemm` called directly (the executor should stay within
-//! 2× of it), and a matmul-heavy graph (an MLP's loss, gradient and
-//! Hessian-vector product).
+//! `matrixmultiply::sgemm` called directly, on one thread (the executor
+//! splits a large product over its threads by output rows, so it should
+//! take at most the peer's time, and about 1/cores of it), and a
+//! matmul-heavy graph (an MLP's loss, gradient and Hessian-vector product).
 
 use coopc_compiler::autodiff::{grad, vjp};
 use coopc_compiler::ir::{DType, Graph};

@@ -68,9 +68,28 @@ impl Gemm for f64 {
     }
 }
 
+/// Products of fewer multiply-adds than this run on one thread.
+const SPLIT_MIN_FLOPS: usize = 1 << 18;
+/// Fewest output rows one thread computes of a product split by rows.
+const SPLIT_MIN_ROWS: usize = 16;
+
+/// Tasks each of `batch` `m × k × n` products is split into (by output
+/// rows), for `threads` threads: enough that every thread has work where
+/// the batch alone gives too little, none for small products.
+fn row_tasks(batch: usize, m: usize, k: usize, n: usize, threads: usize) -> usize {
+    if batch >= threads || m * k * n < SPLIT_MIN_FLOPS {
+        return 1;
+    }
+    threads
+        .div_ceil(batch.max(1))
+        .min(m / SPLIT_MIN_ROWS)
+        .max(1)
+}
+
 /// `batch` independent products of `a [m,k]` and `b [k,n]`, stored back to
-/// back. Batches run in parallel (rayon) when there is more than one; each
-/// product may itself use `matrixmultiply`'s threads.
+/// back. Batches run in parallel (rayon), and where there are fewer than
+/// threads, each large product is also split by output rows, one
+/// single-threaded GEMM per part.
 ///
 /// Panics when the slice lengths do not match the sizes.
 pub fn matmul<T: Gemm>(a: &[T], b: &[T], batch: usize, m: usize, k: usize, n: usize) -> Vec<T> {
@@ -100,19 +119,24 @@ pub fn matmul_t<T: Gemm>(
     let (m_, k_, n_) = (m as isize, k as isize, n as isize);
     let a_strides = if a_t { (1, m_) } else { (k_, 1) };
     let b_strides = if b_t { (1, k_) } else { (n_, 1) };
-    let run = |i: usize, c: &mut [T]| {
+    let tasks = row_tasks(batch, m, k, n, rayon::current_num_threads());
+    let rows = m.div_ceil(tasks);
+    // Rows `r0..` of batch entry `i`, into `c` (those rows of the output).
+    let run = |i: usize, r0: usize, c: &mut [T]| {
         let a = &a[i * m * k..(i + 1) * m * k];
         let b = &b[i * k * n..(i + 1) * k * n];
-        debug_assert_eq!(c.len(), m * n);
-        // SAFETY: `a` and `b` hold exactly m*k and k*n elements, which the
-        // strides address (row-major, or its transpose); `c` holds m*n and
-        // is a distinct, exclusively borrowed buffer.
+        let rows = c.len() / n;
+        debug_assert!(r0 + rows <= m && c.len() == rows * n);
+        // SAFETY: `a` holds exactly m*k elements, which the strides address
+        // (row-major, or its transpose); rows r0..r0 + rows start r0 rows
+        // (r0 * a_strides.0 elements) in. `b` holds k*n; `c` is a distinct,
+        // exclusively borrowed buffer of rows*n.
         unsafe {
             T::gemm(
-                m,
+                rows,
                 k,
                 n,
-                a.as_ptr(),
+                a.as_ptr().offset(r0 as isize * a_strides.0),
                 a_strides,
                 b.as_ptr(),
                 b_strides,
@@ -120,12 +144,18 @@ pub fn matmul_t<T: Gemm>(
             )
         }
     };
-    if batch > 1 {
-        out.par_chunks_mut(m * n)
-            .enumerate()
-            .for_each(|(i, c)| run(i, c));
+    if batch * tasks > 1 {
+        out.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
+            if tasks > 1 {
+                c.par_chunks_mut(rows * n)
+                    .enumerate()
+                    .for_each(|(j, c)| run(i, j * rows, c));
+            } else {
+                run(i, 0, c);
+            }
+        });
     } else {
-        run(0, &mut out);
+        run(0, 0, &mut out);
     }
     out
 }
@@ -169,6 +199,45 @@ mod tests {
         assert_eq!(matmul_t(&at, true, &b, false, 1, m, k, n), want);
         assert_eq!(matmul_t(&a, false, &bt, true, 1, m, k, n), want);
         assert_eq!(matmul_t(&at, true, &bt, true, 1, m, k, n), want);
+    }
+
+    /// Products split by rows (and batches that are) equal the naive
+    /// product, with either operand transposed.
+    #[test]
+    fn products_split_by_rows_match_naive() {
+        let (m, k, n) = (203, 64, 40);
+        assert!(row_tasks(1, m, k, n, 4) > 1 && row_tasks(2, m, k, n, 4) > 1);
+        assert_eq!(row_tasks(1, 8, 8, 8, 4), 1);
+        assert_eq!(row_tasks(4, m, k, n, 4), 1);
+        assert_eq!(row_tasks(1, 20, 4096, 4096, 4), 1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(4)
+            .build()
+            .unwrap();
+        for batch in [1, 2] {
+            let a: Vec<f64> = (0..batch * m * k).map(|i| (i % 11) as f64 - 5.0).collect();
+            let b: Vec<f64> = (0..batch * k * n).map(|i| (i % 7) as f64 * 0.25).collect();
+            let want: Vec<f64> = (0..batch)
+                .flat_map(|i| {
+                    naive(
+                        &a[i * m * k..(i + 1) * m * k],
+                        &b[i * k * n..(i + 1) * k * n],
+                        m,
+                        k,
+                        n,
+                    )
+                })
+                .collect();
+            let t = |x: &[f64], r: usize, c: usize| -> Vec<f64> {
+                x.chunks(r * c).flat_map(|x| transpose(x, r, c)).collect()
+            };
+            let (at, bt) = (t(&a, m, k), t(&b, k, n));
+            pool.install(|| {
+                assert_eq!(matmul(&a, &b, batch, m, k, n), want);
+                assert_eq!(matmul_t(&at, true, &b, false, batch, m, k, n), want);
+                assert_eq!(matmul_t(&a, false, &bt, true, batch, m, k, n), want);
+            });
+        }
     }
 
     #[test]
