@@ -121,7 +121,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
     cargo build --release >&2 || die "cargo build --release failed"
 fi
 [ -x "$COOPC" ] || die "$COOPC does not exist (build it, or unset SKIP_BUILD)"
-COOPC_ENV=(env RAYON_NUM_THREADS="$THREADS" MATMUL_NUM_THREADS="$THREADS")
+COOPC_ENV=(env RAYON_NUM_THREADS="$THREADS")
 
 # --- burn ----------------------------------------------------------------------
 
@@ -289,7 +289,7 @@ print()
 print("## coopc grad vs PyTorch" + (" and burn" if any(r["side"] == "burn" for r in rows) else "") + ", one meta-step on fixed data (CPU)")
 print()
 print("Machine: $cpu_model, $CPUS CPUs, $mem; threads: $THREADS on every side "
-      "(coopc: RAYON_NUM_THREADS/MATMUL_NUM_THREADS, torch.set_num_threads, "
+      "(coopc: RAYON_NUM_THREADS, torch.set_num_threads, "
       "burn peer: --threads, which sets its rayon and matrixmultiply pools).")
 print("Date: $(date -u '+%Y-%m-%d %H:%M UTC'). coopc $coopc_rev (release build), torch $torch_build"
       + (", burn 0.21.0 (ndarray backend + autodiff, without burn-ndarray's SIMD feature, release build; "
