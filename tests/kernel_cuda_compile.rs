@@ -25,7 +25,7 @@
 use coopc_compiler::fusion::fuse;
 use coopc_compiler::lowering::{lower_logprobs, lower_meta_step, BatchShapes};
 use coopc_compiler::schedule::schedule;
-use coopc_kernels::source::{schedule_sources, PART_MARK};
+use coopc_kernels::source::{schedule_sources, KernelSource, PART_MARK};
 use std::collections::HashSet;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
@@ -118,6 +118,11 @@ fn dedup_key(name: &str, text: &str) -> Vec<String> {
 /// Every distinct compilation unit of the checked programs' kernels and of
 /// the sampler's: (name, CUDA C++).
 fn kernel_units() -> Vec<(String, String)> {
+    kernel_units_of(|src| &src.cuda)
+}
+
+/// As [`kernel_units`], in the language `text` picks of each source.
+fn kernel_units_of(text: fn(&KernelSource) -> &str) -> Vec<(String, String)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut graphs = Vec::new();
     for pipeline in [
@@ -143,7 +148,7 @@ fn kernel_units() -> Vec<(String, String)> {
     for (i, g) in graphs.iter().enumerate() {
         let fused = fuse(g, &schedule(g).order);
         for (src, _) in schedule_sources(g, &fused).expect("kernels compile to CUDA") {
-            for (name, text) in units(&src.name, &src.cuda) {
+            for (name, text) in units(&src.name, text(&src)) {
                 // The same kernel under another number is checked once.
                 if seen.insert(dedup_key(&name, &text)) {
                     out.push((format!("g{i}_{name}"), text));
@@ -156,9 +161,52 @@ fn kernel_units() -> Vec<(String, String)> {
         let src = coopc_kernels::source::Traced::Sample(part)
             .source(part.name())
             .expect("the sampler compiles to CUDA");
-        out.push((src.name, src.cuda));
+        out.push((src.name.clone(), text(&src).to_string()));
     }
     out
+}
+
+/// Bytes of a WGSL unit's workgroup (shared) arrays of 4-byte elements.
+fn workgroup_bytes(wgsl: &str) -> usize {
+    wgsl.lines()
+        .filter_map(|l| l.trim().strip_prefix("var<workgroup>"))
+        .map(|decl| {
+            let (ty, n) = decl
+                .split_once("array<")
+                .and_then(|(_, rest)| rest.split_once('>'))
+                .and_then(|(inner, _)| inner.split_once(','))
+                .unwrap_or_else(|| panic!("unexpected workgroup declaration: {decl}"));
+            assert!(
+                ["f32", "u32", "i32"].contains(&ty.trim()),
+                "workgroup array of {ty}: {decl}"
+            );
+            4 * n.trim().parse::<usize>().unwrap()
+        })
+        .sum()
+}
+
+/// No kernel coopc generates uses more shared memory per cube than a device
+/// is checked for when it is opened; the largest uses exactly that.
+#[test]
+fn every_kernel_fits_the_shared_memory_a_device_is_checked_for() {
+    use coopc_kernels::device::SHARED_BYTES_NEEDED;
+    let units = kernel_units_of(|src| &src.wgsl);
+    assert!(units.len() > 50, "only {} kernels", units.len());
+    let sizes: Vec<(usize, &str)> = units
+        .iter()
+        .map(|(name, text)| (workgroup_bytes(text), name.as_str()))
+        .collect();
+    let over: Vec<_> = sizes
+        .iter()
+        .filter(|(b, _)| *b > SHARED_BYTES_NEEDED)
+        .collect();
+    assert!(
+        over.is_empty(),
+        "over {SHARED_BYTES_NEEDED} bytes: {over:?}"
+    );
+    let (most, name) = sizes.iter().max().unwrap();
+    eprintln!("most shared memory: {name}, {most} bytes");
+    assert_eq!(*most, SHARED_BYTES_NEEDED, "{name}");
 }
 
 #[test]

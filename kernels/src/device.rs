@@ -354,6 +354,30 @@ impl<R: Runtime> Backend for Device<R> {
     }
 }
 
+/// Bytes of shared memory per cube the largest of coopc's own kernels
+/// uses: the attention backward's key-side kernel, with `[16, 129]` tiles
+/// of q and dO, `[8, 129]` of k and v, and `[16, 9]` of the probabilities
+/// and their gradients. `tests/kernel_cuda_compile.rs` holds every kernel
+/// coopc generates to it. A device that offers less per cube is refused
+/// when it is opened (desktop and data-centre GPUs offer 32 KiB or more;
+/// WebGPU's minimum is 16 KiB).
+pub const SHARED_BYTES_NEEDED: usize = 25_920;
+
+/// Refuses a device that offers `offered` bytes of shared memory per cube,
+/// fewer than [`SHARED_BYTES_NEEDED`].
+pub fn check_shared_memory(backend: &'static str, offered: usize) -> Result<(), DeviceError> {
+    if offered >= SHARED_BYTES_NEEDED {
+        return Ok(());
+    }
+    Err(DeviceError::Unavailable {
+        backend,
+        reason: format!(
+            "the device offers {offered} bytes of shared memory per cube (workgroup); \
+             coopc's kernels need {SHARED_BYTES_NEEDED}"
+        ),
+    })
+}
+
 impl<R: Runtime> Device<R> {
     /// A device on `client` with nothing resident, its products run by
     /// `matmul` (not yet checked: see `settle_matmul`).
@@ -392,6 +416,7 @@ impl Device<cubecl::wgpu::WgpuRuntime> {
             },
             || cubecl::wgpu::WgpuRuntime::client(&Default::default()),
         )?;
+        check_shared_memory("wgpu", client.properties().hardware.max_shared_memory_size)?;
         let mut dev = Device::with_client(client, "wgpu", matmul);
         dev.settle_matmul();
         Ok(dev)
@@ -426,6 +451,7 @@ impl Device<cubecl::cuda::CudaRuntime> {
             },
             || cubecl::cuda::CudaRuntime::client(&cubecl::cuda::CudaDevice::new(0)),
         )?;
+        check_shared_memory("cuda", client.properties().hardware.max_shared_memory_size)?;
         let mut dev = Device::with_client(client, "cuda", matmul);
         // A client can exist without a working compiler: run one kernel.
         let mut g = Graph::new();
@@ -1434,5 +1460,25 @@ impl<R: Runtime> Device<R> {
             }
         };
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_with_too_little_shared_memory_is_refused_by_name() {
+        assert!(check_shared_memory("wgpu", 32 * 1024).is_ok());
+        assert!(check_shared_memory("wgpu", SHARED_BYTES_NEEDED).is_ok());
+        let e = check_shared_memory("wgpu", 16 * 1024)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("wgpu backend is not available")
+                && e.contains("16384 bytes of shared memory")
+                && e.contains(&SHARED_BYTES_NEEDED.to_string()),
+            "{e}"
+        );
     }
 }
