@@ -363,8 +363,8 @@ fn default_sigpipe() {
 /// handing each back to the kernel and faulting it in again on the next
 /// allocation (glibc's default trims and unmaps eagerly): a CPU meta-step
 /// allocates and frees thousands of such buffers. Larger buffers are still
-/// mapped and unmapped one by one, so the peak is not raised. Settings a
-/// user gives through `GLIBC_TUNABLES` are left as they are.
+/// mapped and unmapped one by one, going back to the system when freed.
+/// Settings a user gives through `GLIBC_TUNABLES` are left as they are.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn tune_allocator() {
     if std::env::var_os("GLIBC_TUNABLES").is_some() {

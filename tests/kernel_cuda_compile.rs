@@ -261,9 +261,8 @@ struct Nvrtc {
     log_size: unsafe extern "C" fn(Program, *mut usize) -> c_int,
     log: unsafe extern "C" fn(Program, *mut c_char) -> c_int,
     destroy: unsafe extern "C" fn(*mut Program) -> c_int,
-    version: unsafe extern "C" fn(*mut c_int, *mut c_int) -> c_int,
     // Kept loaded while the function pointers above are in use.
-    _lib: libloading::Library,
+    lib: libloading::Library,
 }
 
 impl Nvrtc {
@@ -276,10 +275,8 @@ impl Nvrtc {
         // preconditions; the symbols are NVRTC's documented C API with the
         // signatures declared above.
         unsafe {
-            let lib = ["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"]
-                .iter()
-                .find_map(|name| libloading::Library::new(name).ok())
-                .ok_or("NVRTC does not load by name")?;
+            let (_, lib) =
+                coopc_kernels::toolkit::nvrtc_by_name().ok_or("NVRTC does not load by name")?;
             macro_rules! sym {
                 ($name:literal) => {
                     *lib.get($name).map_err(|e| e.to_string())?
@@ -291,17 +288,13 @@ impl Nvrtc {
                 log_size: sym!(b"nvrtcGetProgramLogSize"),
                 log: sym!(b"nvrtcGetProgramLog"),
                 destroy: sym!(b"nvrtcDestroyProgram"),
-                version: sym!(b"nvrtcVersion"),
-                _lib: lib,
+                lib,
             })
         }
     }
 
-    fn version(&self) -> (i32, i32) {
-        let (mut major, mut minor) = (0, 0);
-        // SAFETY: two valid out-pointers.
-        unsafe { (self.version)(&mut major, &mut minor) };
-        (major, minor)
+    fn version(&self) -> (u32, u32) {
+        coopc_kernels::toolkit::nvrtc_version(&self.lib).unwrap_or((0, 0))
     }
 
     /// Compiles one unit with `options`: Ok(log) or Err(log).

@@ -82,29 +82,18 @@ fn load_for_good(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether NVRTC loads by one of the names cubecl-cuda's loader tries.
-fn nvrtc_by_name() -> bool {
-    NVRTC_NAMES
-        .iter()
-        // SAFETY: as in `load_for_good`.
-        .any(|name| unsafe { libloading::Library::new(name) }.is_ok())
-}
-
-/// The NVRTC cubecl-cuda's loader will find: the name it loads by and its
-/// version (`nvrtcVersion`); None where none loads by name.
-pub fn nvrtc_loaded_by_name() -> Option<(&'static str, NvrtcVersion)> {
+/// NVRTC as cubecl-cuda's loader finds it: by the first of its names that
+/// loads. Returns that name and the library; None where none loads.
+pub fn nvrtc_by_name() -> Option<(&'static str, libloading::Library)> {
     NVRTC_NAMES.iter().find_map(|&name| {
         // SAFETY: as in `load_for_good`.
         let lib = unsafe { libloading::Library::new(name) }.ok()?;
-        Some((name, nvrtc_version(&lib)))
+        Some((name, lib))
     })
 }
 
-/// `nvrtcVersion` of a loaded NVRTC: (major, minor), or why it failed.
-pub type NvrtcVersion = Result<(u32, u32), String>;
-
-/// `nvrtcVersion` of a loaded NVRTC.
-fn nvrtc_version(lib: &libloading::Library) -> NvrtcVersion {
+/// `nvrtcVersion` of a loaded NVRTC: (major, minor).
+pub fn nvrtc_version(lib: &libloading::Library) -> Result<(u32, u32), String> {
     type Version = unsafe extern "C" fn(*mut i32, *mut i32) -> i32;
     // SAFETY: `nvrtcVersion` is NVRTC's documented C API with this
     // signature; it writes two ints through valid out-pointers.
@@ -118,27 +107,33 @@ fn nvrtc_version(lib: &libloading::Library) -> NvrtcVersion {
     }
 }
 
-/// Checks that the NVRTC found by name is of the headers' major version.
-fn check_nvrtc_matches_headers(root: &Path) -> Result<(), String> {
+/// Checks that `lib`, the NVRTC found by `name`, is of the major version
+/// of the headers under `root` (where `cuda.h` tells it).
+fn check_nvrtc_matches_headers(
+    root: &Path,
+    name: &str,
+    lib: &libloading::Library,
+) -> Result<(), String> {
     let Some(headers) = headers_version(root) else {
         return Ok(());
     };
-    match nvrtc_loaded_by_name() {
-        Some((name, Ok(nvrtc))) if nvrtc.0 != headers.0 => Err(format!(
-            "NVRTC {}.{} (loaded as {name}) does not match the CUDA {}.{} headers in {}: \
-             put the NVRTC of that CUDA version first on the library path \
-             (LD_LIBRARY_PATH), or set CUDA_PATH to the toolkit NVRTC {}.{} belongs to",
-            nvrtc.0,
-            nvrtc.1,
-            headers.0,
-            headers.1,
-            root.join("include").display(),
-            nvrtc.0,
-            nvrtc.1,
-        )),
-        Some((name, Err(e))) => Err(format!("NVRTC (loaded as {name}) does not answer: {e}")),
-        _ => Ok(()),
+    let nvrtc =
+        nvrtc_version(lib).map_err(|e| format!("NVRTC (loaded as {name}) does not answer: {e}"))?;
+    if nvrtc.0 == headers.0 {
+        return Ok(());
     }
+    Err(format!(
+        "NVRTC {}.{} (loaded as {name}) does not match the CUDA {}.{} headers in {}: \
+         put the NVRTC of that CUDA version first on the library path \
+         (LD_LIBRARY_PATH), or set CUDA_PATH to the toolkit NVRTC {}.{} belongs to",
+        nvrtc.0,
+        nvrtc.1,
+        headers.0,
+        headers.1,
+        root.join("include").display(),
+        nvrtc.0,
+        nvrtc.1,
+    ))
 }
 
 /// Checks that the CUDA folder `root` has what NVRTC needs to compile
@@ -158,31 +153,29 @@ pub fn check_cuda_toolkit(root: &Path) -> Result<PathBuf, String> {
             header.display()
         ));
     }
-    let Some(nvrtc) = versioned_library(root, "libnvrtc.so") else {
-        if nvrtc_by_name() {
-            check_nvrtc_matches_headers(root)?;
-            return Ok(root.to_path_buf());
+    let in_root = versioned_library(root, "libnvrtc.so");
+    if let Some(nvrtc) = &in_root {
+        // NVRTC loads its builtins by name: load them from the same folder first.
+        if let Some(builtins) = versioned_library(root, "libnvrtc-builtins.so") {
+            load_for_good(&builtins)?;
         }
-        return Err(format!(
-            "NVRTC (libnvrtc.so.13 or .12) is neither on the library path nor under {}/lib64, \
-             lib or targets/x86_64-linux/lib ({how})",
-            root.display()
-        ));
-    };
-    // NVRTC loads its builtins by name: load them from the same folder first.
-    if let Some(builtins) = versioned_library(root, "libnvrtc-builtins.so") {
-        load_for_good(&builtins)?;
+        load_for_good(nvrtc)?;
     }
-    load_for_good(&nvrtc)?;
-    if nvrtc_by_name() {
-        check_nvrtc_matches_headers(root)?;
-        Ok(root.to_path_buf())
-    } else {
-        Err(format!(
+    match (nvrtc_by_name(), in_root) {
+        (Some((name, lib)), _) => {
+            check_nvrtc_matches_headers(root, name, &lib)?;
+            Ok(root.to_path_buf())
+        }
+        (None, Some(nvrtc)) => Err(format!(
             "{} loads, but not by the names the CUDA runtime looks for ({})",
             nvrtc.display(),
             NVRTC_NAMES.join(", ")
-        ))
+        )),
+        (None, None) => Err(format!(
+            "NVRTC (libnvrtc.so.13 or .12) is neither on the library path nor under {}/lib64, \
+             lib or targets/x86_64-linux/lib ({how})",
+            root.display()
+        )),
     }
 }
 
@@ -227,7 +220,7 @@ mod tests {
     /// so that nothing else loads NVRTC into the process in between.
     #[test]
     fn nvrtc_is_found_on_the_library_path_or_in_the_cuda_folder() {
-        if !nvrtc_by_name() {
+        if nvrtc_by_name().is_none() {
             let dir = scratch("headers");
             std::fs::create_dir_all(dir.join("include")).unwrap();
             std::fs::write(dir.join("include/cuda_runtime.h"), "").unwrap();
@@ -239,8 +232,8 @@ mod tests {
             Some(root) => {
                 let root = PathBuf::from(root);
                 assert_eq!(check_cuda_toolkit(&root), Ok(root.clone()));
-                assert!(nvrtc_by_name());
-                let (major, _) = nvrtc_loaded_by_name().unwrap().1.unwrap();
+                let (_, lib) = nvrtc_by_name().expect("NVRTC loads by name");
+                let (major, _) = nvrtc_version(&lib).unwrap();
                 assert_eq!(Some(major), headers_version(&root).map(|v| v.0));
                 // The same NVRTC beside headers of another major version.
                 let dir = scratch("mismatch");
