@@ -30,14 +30,13 @@
 //! machine.
 
 use coopc_compiler::frontend::load_pipeline;
-use coopc_compiler::ir::DType;
-use coopc_compiler::linear_logprob::device_chunk;
+use coopc_compiler::ir::kernel::device_chunk;
 use coopc_kernels::attention::AttentionShape;
 use coopc_kernels::device::Device;
 use coopc_kernels::linear_logprob::LogprobShape;
 use coopc_kernels::matmul::{CubeclStrategy as Strategy, MatmulKernel, MatmulShape, Product};
-use coopc_runtime::init::init_params;
-use coopc_runtime::sampler::{Sampler, SamplingConfig};
+use coopc_train::init::init_params;
+use coopc_train::sampler::{Sampler, SamplingConfig};
 use coopc_runtime::{Backend, HostTensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use cubecl::prelude::Runtime;
@@ -299,9 +298,14 @@ fn decode_on(
     let (_, mut spec) = load_pipeline(&path).expect("valid pipeline");
     let (prompt_len, max_len) = (16, 256);
     spec.model.max_seq = spec.model.max_seq.max(max_len);
-    let sampler = Sampler::new(&spec, rows, max_len).with_backend(backend.clone());
+    let (decode, merge) = coopc_compiler::sampling_programs(&spec, rows, max_len);
+    let sampler = Sampler::new(decode, merge)
+        .expect("a decode step")
+        .with_backend(backend.clone());
     let params: HashMap<String, HostTensor> =
-        init_params(&spec, DType::F32, 0).into_iter().collect();
+        init_params(&coopc_compiler::parameter_ports(&spec), 0)
+            .into_iter()
+            .collect();
     let prompts: Vec<Vec<i32>> = (0..rows)
         .map(|r| (0..prompt_len).map(|i| ((r + i) % 10) as i32 + 1).collect())
         .collect();

@@ -1,17 +1,17 @@
-//! Pipeline-level benches: compiling the default example (frontend, both
-//! lowerings and the pass pipeline — what `coopc compile` does before
-//! writing the plan), one meta-step of each CPU bench pipeline on the CPU
+//! Pipeline-level benches: compiling the default example (what `coopc
+//! compile` does before writing the plan: every program lowered,
+//! optimised, scheduled and fused), one meta-step of each CPU bench pipeline on the CPU
 //! executor (the graph the trainer runs, all outputs), and sampler
 //! throughput (KV-cache decoding of the default example's model).
 //!
 //! The PyTorch comparison of the meta-step is `benches/compare.sh`.
 
 use coopc_compiler::frontend::load_pipeline;
-use coopc_compiler::lowering::{float_dtype, lower_logprobs, lower_meta_step, BatchShapes};
-use coopc_compiler::passes::Pipeline;
-use coopc_runtime::init::{init_params, initial_state, synthetic_batch};
-use coopc_runtime::sampler::{Sampler, SamplingConfig};
-use coopc_runtime::{execute, HostTensor};
+use coopc_compiler::plan::{BatchField, LAMBDA};
+use coopc_compiler::{compile as compile_spec, sampling_programs};
+use coopc_runtime::{execute_program, HostTensor};
+use coopc_train::init::{init_params, initial_state, synthetic_batch};
+use coopc_train::sampler::{Sampler, SamplingConfig};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -29,11 +29,7 @@ fn compile(c: &mut Criterion) {
     c.bench_function("compile/examples_addition", |b| {
         b.iter(|| {
             let (_, spec) = load_pipeline(&path).expect("valid example");
-            let shapes = BatchShapes::from_spec(&spec);
-            let ms = lower_meta_step(&spec, shapes);
-            let mut lp = lower_logprobs(&spec, shapes);
-            Pipeline::standard().run(&mut lp);
-            black_box((ms.graph.node_count(), lp.node_count()))
+            black_box(compile_spec(spec).programs.len())
         })
     });
 }
@@ -46,27 +42,30 @@ fn meta_step(c: &mut Criterion) {
     for name in ["tiny-first-order", "tiny-truncated"] {
         let (_, spec) = load_pipeline(&root(&format!("benches/pipelines/{name}.toml")))
             .expect("valid bench pipeline");
-        let ms = lower_meta_step(&spec, BatchShapes::from_spec(&spec));
-        let params = init_params(&spec, float_dtype(spec.backend.dtype), 0);
-        let batch = synthetic_batch(&spec, &params, 0).expect("batch");
+        let plan = compile_spec(spec.clone());
+        let meta = plan.meta_step();
+        let params = init_params(meta.signature.parameters(), 0);
+        let batch = synthetic_batch(&spec, plan.logprobs(), &params, 0).expect("batch");
         let mut inputs: HashMap<String, HostTensor> =
-            initial_state(&ms.graph, |n| params.get(n).cloned())
+            initial_state(&meta.signature, |n| params.get(n).cloned())
                 .into_iter()
                 .chain(params.clone())
                 .collect();
         for k in 0..spec.bilevel.hypergradient.unroll.max(1) {
-            for (key, t) in &batch {
-                inputs.insert(format!("step{k}.{key}"), t.clone());
+            for f in BatchField::ALL {
+                if let Some(t) = batch.get(f.key()) {
+                    inputs.insert(f.input_name(k), t.clone());
+                }
             }
         }
         let lambda = spec.lambda_at(0);
-        let dt = float_dtype(spec.backend.dtype);
+        let dt = spec.backend.dtype.dtype();
         inputs.insert(
-            "lambda".into(),
+            LAMBDA.into(),
             HostTensor::from_f64(dt, vec![], &[lambda]).unwrap(),
         );
         group.bench_function(name, |b| {
-            b.iter(|| black_box(execute(&ms.graph, &inputs).expect("meta-step runs")))
+            b.iter(|| black_box(execute_program(meta, &inputs).expect("meta-step runs")))
         });
     }
     group.finish();
@@ -75,9 +74,10 @@ fn meta_step(c: &mut Criterion) {
 fn sampler(c: &mut Criterion) {
     let (_, spec) = load_pipeline(&root("examples/addition.toml")).expect("valid example");
     let (batch, prompt_len, new_tokens) = (16, 8, 16);
-    let sampler = Sampler::new(&spec, batch, prompt_len + new_tokens);
+    let (decode, merge) = sampling_programs(&spec, batch, prompt_len + new_tokens);
+    let sampler = Sampler::new(decode, merge).expect("a decode step");
     let params: HashMap<String, HostTensor> =
-        init_params(&spec, float_dtype(spec.backend.dtype), 0)
+        init_params(&coopc_compiler::parameter_ports(&spec), 0)
             .into_iter()
             .collect();
     let prompts: Vec<Vec<i32>> = (0..batch)

@@ -57,7 +57,7 @@ fn compile_writes_a_plan_that_reads_back_identically_and_inspects() {
     plan.check_fresh(&source).expect("fresh");
     let again = coopc_compiler::plan::pipeline_hash(&source);
     assert_eq!(plan.pipeline_hash, again);
-    let meta = plan.program("meta_step").expect("meta_step program");
+    let meta = plan.meta_step();
     let shapes = BatchShapes::from_spec(&spec);
     let mut g = lower_meta_step(&spec, shapes).graph;
     coopc_compiler::passes::Pipeline::standard().run(&mut g);

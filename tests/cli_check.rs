@@ -1,8 +1,7 @@
 //! `coopc check PIPELINE`: exit code 0 and a summary for the examples, 2 and
 //! diagnostics for every malformed fixture and for a missing file.
 
-#[path = "../src/cli_check.rs"]
-mod cli_check;
+use coopc::cli::check as cli_check;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,10 +1,7 @@
 //! `coopc compare`: reading several runs' metrics, the PNG figure and the
 //! markdown summary.
 
-#[path = "../src/cli_compare.rs"]
-mod cli_compare;
-
-use cli_compare::{compare, PNG_SIZE};
+use coopc::cli::compare::{compare, PNG_SIZE};
 use std::path::{Path, PathBuf};
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -251,15 +248,16 @@ fn no_runs_is_an_error() {
     assert!(compare(&[], &root.join("c.png"), None).is_err());
 }
 
-/// Writes an example figure — six methods, three seeds each, one method
-/// without rollouts or evaluations — to `$COOPC_COMPARE_DEMO` when that
-/// variable is set, for looking at it.
+/// Six methods, three seeds each, one method without rollouts or
+/// evaluations: every run gets its row and every method its aggregate, and
+/// the figure is a PNG of the stated size. The figure is written to
+/// `$COOPC_COMPARE_DEMO` when that variable is set, for looking at it.
 #[test]
-fn demo_figure() {
-    let Some(out) = std::env::var_os("COOPC_COMPARE_DEMO") else {
-        return;
-    };
+fn six_methods_of_three_seeds_each_get_every_row_and_a_figure() {
     let root = temp_dir("demo");
+    let out = std::env::var_os("COOPC_COMPARE_DEMO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("demo.png"));
     let methods = [
         "bridge",
         "rl_zero",
@@ -289,6 +287,18 @@ fn demo_figure() {
             dirs.push(dir);
         }
     }
-    let md = compare(&dirs, Path::new(&out), None).unwrap();
-    println!("{md}");
+    let md = compare(&dirs, &out, None).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(png_size(&std::fs::read(&out).expect("PNG written")), PNG_SIZE);
+    for method in methods {
+        for seed in 0..3 {
+            let cells = table_row(&md, &format!("{method}-seed{seed}"));
+            assert_eq!(cells[1], method);
+            assert_eq!(cells[2], "120");
+        }
+        // The aggregate row counts three seeds.
+        assert_eq!(table_row(&md, method)[1], "3", "{method}");
+    }
+    // sft never evaluated and had no rollouts.
+    let sft = table_row(&md, "sft-seed0");
+    assert_eq!((sft[3], sft[5]), ("–", "–"));
 }

@@ -1,4 +1,4 @@
-//! The IR decoder against a plain-loop reference written from DESIGN §1:
+//! The IR decoder against a plain-loop reference written from docs/semantics.md §2:
 //! pre-norm blocks, RMSNorm, rotate-half RoPE, grouped-query causal
 //! attention (query head h reads kv head h / (H / KV)), SwiGLU, LoRA with
 //! scale alpha / rank, tied or separate LM head, optional q/k/v biases.

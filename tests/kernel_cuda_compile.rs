@@ -134,7 +134,7 @@ fn kernel_units_of(text: fn(&KernelSource) -> &str) -> Vec<(String, String)> {
         let shapes = BatchShapes::from_spec(&spec);
         graphs.push(lower_meta_step(&spec, shapes).graph);
         graphs.push(lower_logprobs(&spec, shapes));
-        let dtype = coopc_compiler::lowering::float_dtype(spec.backend.dtype);
+        let dtype = spec.backend.dtype.dtype();
         graphs.push(coopc_compiler::decode::decode_step_program(
             &spec.model,
             &spec.lora,

@@ -3,15 +3,17 @@
 //! generator that recomputes the full forward for every token, seeding,
 //! nucleus, stop token, length cap and prompt validation.
 
+mod common;
+
 use coopc_compiler::decode::{
     cache_input, cache_output, cache_shape, decode_step_program, full_logits_program,
-    lora_merge_program, IDS_INPUT, LOGITS_OUTPUT, POS_INPUT,
+    lora_merge_program, DECODE_IDS, DECODE_LOGITS, DECODE_POS,
 };
 use coopc_compiler::frontend::parse_pipeline;
 use coopc_compiler::ir::{DType, Graph, TensorType};
 use coopc_compiler::model::{lora_shapes, theta_shapes};
 use coopc_compiler::spec::{PipelineSpec, Projection};
-use coopc_runtime::sampler::{choose_token, Generation, SampleError, Sampler, SamplingConfig};
+use coopc_train::sampler::{choose_token, Generation, SampleError, Sampler, SamplingConfig};
 use coopc_runtime::{execute, HostTensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -87,10 +89,10 @@ fn full_logits(spec: &PipelineSpec, params: &Params, seqs: &[Vec<i32>]) -> Vec<f
     let (b, t) = (seqs.len(), seqs[0].len());
     let g = full_logits_program(&spec.model, &spec.lora, DType::F64, b, t);
     let mut inputs = params.clone();
-    inputs.insert(IDS_INPUT.into(), HostTensor::i32(vec![b, t], seqs.concat()));
+    inputs.insert(DECODE_IDS.into(), HostTensor::i32(vec![b, t], seqs.concat()));
     let out = execute(&g, &inputs).expect("full forward runs");
     out.into_iter()
-        .find(|(n, _)| n == LOGITS_OUTPUT)
+        .find(|(n, _)| n == DECODE_LOGITS)
         .expect("logits")
         .1
         .to_f64_vec()
@@ -122,12 +124,12 @@ fn check_decode_against_full_forward(spec: &PipelineSpec, seed: u64) {
     }
     for pos in 0..l {
         let ids: Vec<i32> = seqs.iter().map(|s| s[pos]).collect();
-        inputs.insert(IDS_INPUT.into(), HostTensor::i32(vec![b], ids));
-        inputs.insert(POS_INPUT.into(), HostTensor::i32(vec![1], vec![pos as i32]));
+        inputs.insert(DECODE_IDS.into(), HostTensor::i32(vec![b], ids));
+        inputs.insert(DECODE_POS.into(), HostTensor::i32(vec![1], vec![pos as i32]));
         let out = execute(&step, &inputs).expect("decode step runs");
         let mut got = Vec::new();
         for (name, t) in out {
-            if name == LOGITS_OUTPUT {
+            if name == DECODE_LOGITS {
                 got = t.to_f64_vec();
             } else {
                 inputs.insert(name["next.".len()..].to_string(), t);
@@ -185,7 +187,7 @@ fn naive_generate(
                 .or_insert_with(|| full_logits_program(&spec.model, &spec.lora, DType::F64, 1, t));
             let mut inputs = params.clone();
             inputs.insert(
-                IDS_INPUT.into(),
+                DECODE_IDS.into(),
                 HostTensor::i32(vec![1, t], tokens.clone()),
             );
             let logits = execute(g, &inputs).expect("full forward").remove(0).1;
@@ -247,7 +249,7 @@ fn kv_cache_generation_equals_full_recomputation_token_for_token() {
     // Five prompts of different lengths through a batch of two: three
     // chunks, the last with a padding row.
     let ps = prompts(&spec, &[1, 4, 2, 7, 3], 4);
-    let sampler = Sampler::new(&spec, 2, 16);
+    let sampler = common::sampler(&spec, 2, 16);
     let mut cases = vec![config(false), config(true)];
     let mut nucleus = config(false);
     nucleus.top_p = 0.7;
@@ -273,9 +275,9 @@ fn generation_does_not_depend_on_the_compiled_batch_size() {
     let params = random_params(&spec, 5);
     let ps = prompts(&spec, &[3, 1, 5, 2], 6);
     let cfg = config(false);
-    let one = generate(&Sampler::new(&spec, 1, 12), &params, &ps, &cfg, 7);
-    let four = generate(&Sampler::new(&spec, 4, 12), &params, &ps, &cfg, 7);
-    let wide = generate(&Sampler::new(&spec, 6, 16), &params, &ps, &cfg, 7);
+    let one = generate(&common::sampler(&spec, 1, 12), &params, &ps, &cfg, 7);
+    let four = generate(&common::sampler(&spec, 4, 12), &params, &ps, &cfg, 7);
+    let wide = generate(&common::sampler(&spec, 6, 16), &params, &ps, &cfg, 7);
     assert_eq!(one, four);
     assert_eq!(one, wide);
 }
@@ -285,7 +287,7 @@ fn a_fixed_seed_generates_identically_and_another_seed_differently() {
     let spec = tiny_spec();
     let params = random_params(&spec, 8);
     let ps = prompts(&spec, &[2, 3, 1, 4], 9);
-    let sampler = Sampler::new(&spec, 4, 16);
+    let sampler = common::sampler(&spec, 4, 16);
     let cfg = config(false);
     let a = generate(&sampler, &params, &ps, &cfg, 21);
     let b = generate(&sampler, &params, &ps, &cfg, 21);
@@ -299,7 +301,7 @@ fn a_tiny_top_p_equals_greedy() {
     let spec = tiny_spec();
     let params = random_params(&spec, 10);
     let ps = prompts(&spec, &[2, 5, 1], 11);
-    let sampler = Sampler::new(&spec, 3, 16);
+    let sampler = common::sampler(&spec, 3, 16);
     let greedy = generate(&sampler, &params, &ps, &config(true), 1);
     let mut tiny = config(false);
     tiny.top_p = 1e-9;
@@ -315,7 +317,7 @@ fn the_stop_token_ends_a_row_and_is_kept() {
     let spec = tiny_spec();
     let params = random_params(&spec, 12);
     let ps = prompts(&spec, &[3, 2, 4], 13);
-    let sampler = Sampler::new(&spec, 3, 16);
+    let sampler = common::sampler(&spec, 3, 16);
     let free = generate(&sampler, &params, &ps, &config(true), 0);
     // Stop on the second token greedy decoding gives row 0.
     let stop = free[0].response()[1];
@@ -345,7 +347,7 @@ fn max_new_tokens_caps_every_response_and_keeps_the_prompt() {
     let spec = tiny_spec();
     let params = random_params(&spec, 14);
     let ps = prompts(&spec, &[1, 6, 3], 15);
-    let sampler = Sampler::new(&spec, 2, 16);
+    let sampler = common::sampler(&spec, 2, 16);
     for n in [0, 1, 5, 10] {
         let mut cfg = config(false);
         cfg.max_new_tokens = n;
@@ -366,7 +368,7 @@ fn max_new_tokens_caps_every_response_and_keeps_the_prompt() {
 fn bad_prompts_and_configurations_are_errors_not_panics() {
     let spec = tiny_spec();
     let params = random_params(&spec, 16);
-    let sampler = Sampler::new(&spec, 2, 8);
+    let sampler = common::sampler(&spec, 2, 8);
     let mut rng = StdRng::seed_from_u64(0);
     let cfg = config(false);
     let too_long = vec![vec![1, 2], vec![1; 3]];
@@ -423,8 +425,8 @@ fn bad_prompts_and_configurations_are_errors_not_panics() {
 fn decode_step_time_for_the_addition_model_is_reported() {
     let spec = parse_pipeline(include_str!("../examples/addition.toml")).expect("example parses");
     let (batch, max_len) = (16, spec.model.max_seq);
-    let sampler = Sampler::new(&spec, batch, max_len);
-    let mut params: Params = coopc_runtime::init::init_params(&spec, DType::F32, 0)
+    let sampler = common::sampler(&spec, batch, max_len);
+    let mut params: Params = common::init_params(&spec, 0)
         .into_iter()
         .collect();
     let mut rng = StdRng::seed_from_u64(1);

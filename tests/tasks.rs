@@ -3,11 +3,11 @@
 
 use coopc_compiler::frontend::builtin_vocab_size;
 use coopc_compiler::spec::{TaskKind, TaskSpec};
-use coopc_runtime::tasks::addition::{Addition, AdditionConfig};
-use coopc_runtime::tasks::countdown::{self, Countdown, CountdownConfig, Expr, Parsed};
-use coopc_runtime::tasks::jsonl::{answers_match, extract_answer, normalize_answer};
-use coopc_runtime::tasks::tokenizer::{CharTokenizer, Tokenizer, BOS, EOS, PAD};
-use coopc_runtime::tasks::{
+use coopc_train::tasks::addition::{Addition, AdditionConfig};
+use coopc_train::tasks::countdown::{self, Countdown, CountdownConfig, Expr, Parsed};
+use coopc_train::tasks::jsonl::{answers_match, extract_answer, normalize_answer};
+use coopc_train::tasks::tokenizer::{CharTokenizer, Tokenizer, BOS, EOS, PAD};
+use coopc_train::tasks::{
     build_task, build_task_in, check_vocab, Example, Problem, Rewards, Task, TaskError, Verdict,
 };
 use rand::rngs::StdRng;

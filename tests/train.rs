@@ -2,8 +2,8 @@
 //! addition model, bit-exact resume, and a non-finite loss stopping the run
 //! with the last good checkpoint kept.
 
-use coopc_runtime::checkpoint::load_latest;
-use coopc_runtime::train::{read_metrics, Metrics};
+use coopc_train::checkpoint::load_latest;
+use coopc_train::train::{read_metrics, Metrics};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -249,6 +249,14 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
 /// and sampling amplify, so they are only checked to run and stay finite.
 #[test]
 fn training_on_the_device_matches_the_cpu() {
+    let cuda = std::env::var("COOPC_TEST_CUDA").is_ok_and(|v| v == "1");
+    let required = std::env::var("COOPC_REQUIRE_WGPU").is_ok_and(|v| v == "1");
+    if !cuda && !required {
+        if let Err(e) = coopc_kernels::device::Device::wgpu() {
+            eprintln!("skipped: no wgpu adapter ({e}); set COOPC_REQUIRE_WGPU=1 to make this a failure");
+            return;
+        }
+    }
     let dir = tmpdir("device");
     let p = pipeline(&dir, TINY);
     let device = if std::env::var("COOPC_TEST_CUDA").is_ok_and(|v| v == "1") {

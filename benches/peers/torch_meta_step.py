@@ -19,7 +19,7 @@ writes, with the same names:
 The model is written out as a PyTorch user would write a Llama/Qwen2 decoder
 with PEFT-style LoRA (pre-norm RMSNorm blocks, rotate-half RoPE, grouped-query
 attention, SwiGLU, tied embeddings), over plain tensors so that the inner
-steps can be unrolled functionally. Semantics: DESIGN.md §1 and
+steps can be unrolled functionally. Semantics: docs/semantics.md and
 compiler/src/{model,losses,lowering}.rs.
 
 Attention is F.scaled_dot_product_attention wherever only first derivatives
@@ -371,7 +371,7 @@ class Policy:
 
 
 # ---------------------------------------------------------------------------
-# Losses (DESIGN §1 conventions).
+# Losses (docs/semantics.md §4).
 # ---------------------------------------------------------------------------
 
 

@@ -10,7 +10,6 @@ use crate::ir::{
     AttentionOperand, BinaryOp, CompareOp, DType, Graph, LogprobOperand, NodeId, NormOperand, Op,
     ReduceKind, UnaryOp,
 };
-use crate::passes::Pass;
 use std::collections::{HashMap, HashSet};
 
 /// Nodes whose value depends differentiably on any of `wrt`: float-typed
@@ -632,36 +631,4 @@ fn input_cotangents(
     }
     res.retain(|&(slot, _)| needs[slot]);
     res
-}
-
-/// Autodiff as a pass: adds outputs `grad.<input name>` holding the gradient
-/// of the one-element output `of` with respect to the named inputs.
-#[derive(Clone, Debug)]
-pub struct Gradient {
-    pub of: String,
-    pub wrt: Vec<String>,
-}
-
-impl Pass for Gradient {
-    fn name(&self) -> &'static str {
-        "gradient"
-    }
-
-    fn run(&self, g: &mut Graph) -> bool {
-        let Some(y) = g.output(&self.of) else {
-            return false;
-        };
-        let by_name = g.inputs_by_name();
-        let wrt: Vec<(String, NodeId)> = self
-            .wrt
-            .iter()
-            .filter_map(|n| by_name.get(n).map(|&id| (n.clone(), id)))
-            .collect();
-        let ids: Vec<NodeId> = wrt.iter().map(|(_, id)| *id).collect();
-        let grads = grad(g, y, &ids);
-        for ((name, _), gid) in wrt.iter().zip(grads) {
-            g.set_output(format!("grad.{name}"), gid);
-        }
-        !wrt.is_empty()
-    }
 }

@@ -7,23 +7,13 @@
 use crate::ir::{DType, Graph, NodeId};
 use crate::model::{lora_name, lora_shapes, matmul_t, module_path, theta_shapes, Decoder, Params};
 use crate::passes::Pipeline;
+pub use crate::plan::{cache_input, DECODE_IDS, DECODE_LOGITS, DECODE_POS};
+use crate::plan::next_name;
 use crate::spec::{LoraSpec, ModelSpec, Projection};
-
-/// Input: the token at position `pos` of each row, i32 `[batch]`.
-pub const IDS_INPUT: &str = "ids";
-/// Input: the shared position of this step, i32 `[1]`.
-pub const POS_INPUT: &str = "pos";
-/// Output: next-token logits after position `pos`, `[batch, vocab]`.
-pub const LOGITS_OUTPUT: &str = "logits";
-
-/// Name of the cache input of layer `layer`: `cache.{layer}.k` or `.v`.
-pub fn cache_input(layer: usize, which: char) -> String {
-    format!("cache.{layer}.{which}")
-}
 
 /// Name of the updated cache output: `next.cache.{layer}.k` or `.v`.
 pub fn cache_output(layer: usize, which: char) -> String {
-    format!("next.{}", cache_input(layer, which))
+    next_name(&cache_input(layer, which))
 }
 
 /// Shape of every cache tensor: `[batch, n_kv_heads, max_len, head_dim]`.
@@ -64,10 +54,10 @@ pub fn full_logits_program(
 ) -> Graph {
     let mut g = Graph::new();
     let (theta, w) = parameter_inputs(&mut g, model, lora, dtype);
-    let ids = g.input(IDS_INPUT, DType::I32, vec![batch, seq_len]);
+    let ids = g.input(DECODE_IDS, DType::I32, vec![batch, seq_len]);
     let dec = Decoder { model, lora, dtype };
     let logits = dec.logits(&mut g, &theta, &w, ids);
-    g.set_output(LOGITS_OUTPUT, logits);
+    g.set_output(DECODE_LOGITS, logits);
     Pipeline::standard().run(&mut g);
     g
 }
@@ -143,8 +133,8 @@ pub fn decode_step_program(
         ..lora.clone()
     };
     let (theta, w) = parameter_inputs(&mut g, model, lora, dtype);
-    let ids = g.input(IDS_INPUT, DType::I32, vec![batch]);
-    let pos = g.input(POS_INPUT, DType::I32, vec![1]);
+    let ids = g.input(DECODE_IDS, DType::I32, vec![batch]);
+    let pos = g.input(DECODE_POS, DType::I32, vec![1]);
     let shape = cache_shape(model, batch, max_len);
     let caches: Vec<(NodeId, NodeId)> = (0..model.n_layers)
         .map(|l| {
@@ -167,7 +157,7 @@ pub fn decode_step_program(
         max_len,
     };
     let (logits, next) = step.build(&mut g, &theta, &w, ids, pos, &caches);
-    g.set_output(LOGITS_OUTPUT, logits);
+    g.set_output(DECODE_LOGITS, logits);
     for (l, (k, v)) in next.into_iter().enumerate() {
         g.set_output(cache_output(l, 'k'), k);
         g.set_output(cache_output(l, 'v'), v);
@@ -302,8 +292,8 @@ mod tests {
             ..s.lora.clone()
         };
         assert!(lora_merge_program(&s.model, &none, DType::F32).is_none());
-        assert_eq!(g.ty(inputs[IDS_INPUT]).shape, vec![b]);
-        assert_eq!(g.ty(inputs[POS_INPUT]).shape, vec![1]);
+        assert_eq!(g.ty(inputs[DECODE_IDS]).shape, vec![b]);
+        assert_eq!(g.ty(inputs[DECODE_POS]).shape, vec![1]);
         let names: Vec<&str> = g.outputs().iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
@@ -324,7 +314,7 @@ mod tests {
                 assert_eq!(g.ty(out).shape, cache);
             }
         }
-        let logits = g.output(LOGITS_OUTPUT).expect("logits");
+        let logits = g.output(DECODE_LOGITS).expect("logits");
         assert_eq!(g.ty(logits).shape, vec![b, s.model.vocab_size]);
     }
 
@@ -332,7 +322,7 @@ mod tests {
     fn full_logits_program_has_sequence_logits() {
         let s = spec();
         let g = full_logits_program(&s.model, &s.lora, DType::F64, 2, 5);
-        let logits = g.output(LOGITS_OUTPUT).expect("logits");
+        let logits = g.output(DECODE_LOGITS).expect("logits");
         assert_eq!(g.ty(logits).shape, vec![2, 5, s.model.vocab_size]);
     }
 }

@@ -329,14 +329,6 @@ const LOSS_AGGS: &[(&str, LossAgg)] = &[
     ("token_mean", LossAgg::TokenMean),
     ("seq_mean", LossAgg::SeqMean),
 ];
-const METHODS: &[(&str, Method)] = &[
-    ("bridge", Method::Bridge),
-    ("rl_zero", Method::RlZero),
-    ("sft", Method::Sft),
-    ("cold_start", Method::ColdStart),
-    ("mix", Method::Mix),
-    ("alternating", Method::Alternating),
-];
 const SHADOWS: &[(&str, ShadowMode)] = &[
     ("persistent", ShadowMode::Persistent),
     ("one_step", ShadowMode::OneStep),
@@ -364,12 +356,6 @@ const OPTIMS: &[(&str, OptimChoice)] = &[
     ("sgd", OptimChoice::Sgd),
     ("momentum", OptimChoice::Momentum),
     ("adamw", OptimChoice::AdamW),
-];
-const BACKENDS: &[(&str, BackendKind)] = &[
-    ("auto", BackendKind::Auto),
-    ("cpu", BackendKind::Cpu),
-    ("cuda", BackendKind::Cuda),
-    ("wgpu", BackendKind::Wgpu),
 ];
 const DTYPES: &[(&str, Precision)] = &[("f32", Precision::F32), ("f64", Precision::F64)];
 const MATMULS: &[(&str, MatmulPrecision)] = &[
@@ -1451,7 +1437,8 @@ fn read_lambda(c: &mut Checker, sec: &Section) -> Lambda {
 
 fn read_bilevel(c: &mut Checker, sec: &Section) -> BilevelSpec {
     c.unknown_keys(sec, BILEVEL_KEYS);
-    let method = c.choice_or(sec, "method", METHODS, Method::Bridge);
+    let methods = Method::ALL.map(|m| (m.name(), m));
+    let method = c.choice_or(sec, "method", &methods, Method::Bridge);
     let lambda = read_lambda(c, sec);
     let shadow = c.choice_or(sec, "shadow", SHADOWS, ShadowMode::Persistent);
     let hg = c.table(sec, "hypergradient");
@@ -1594,7 +1581,8 @@ fn read_optim(c: &mut Checker, sec: &Section, default_lr: f64) -> OptimSpec {
 
 fn read_backend(c: &mut Checker, sec: &Section) -> BackendSpec {
     c.unknown_keys(sec, BACKEND_KEYS);
-    let kind = c.choice_or(sec, "kind", BACKENDS, BackendKind::Auto);
+    let backends = BackendKind::ALL.map(|b| (b.name(), b));
+    let kind = c.choice_or(sec, "kind", &backends, BackendKind::Auto);
     let dtype = c.choice_or(sec, "dtype", DTYPES, Precision::F32);
     let matmul = c.choice_or(sec, "matmul", MATMULS, MatmulPrecision::F32);
     let tf32_with_f64 = matmul.value == MatmulPrecision::Tf32 && dtype.value == Precision::F64;

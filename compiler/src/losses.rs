@@ -1,5 +1,5 @@
 //! The SFT loss and the GRPO surrogate as IR, over per-token log-probs
-//! [B, T] and masks [B, T] (1 on response tokens). Semantics: DESIGN §1.
+//! [B, T] and masks [B, T] (1 on response tokens). Semantics: docs/semantics.md §4.
 //!
 //! Each loss is one `token_loss` op, which executors run as one pass over
 //! the tokens, and its gradient with respect to the log-probs one

@@ -1,7 +1,7 @@
 //! Bilevel lowering: the BRIDGE meta-step (and the baselines, which are the
 //! same machinery with parts switched off) as one IR graph.
 //!
-//! Per meta-step (DESIGN §1): K lower steps `θ ← OptLower(θ, ∇θ L_low)`,
+//! Per meta-step (docs/semantics.md §6): K lower steps `θ ← OptLower(θ, ∇θ L_low)`,
 //! K shadow steps `θ̂ ← OptLower(θ̂, ∇θ̂ L_RL)`, then the hypergradient h of
 //! `L_up = (1−λ) L_SFT(θ_K, w) + λ [L_RL(θ_K, w) − L_RL(θ̂_K, w)]` and the
 //! upper update `w ← OptUpper(w, h)`.
@@ -9,7 +9,7 @@
 //! Every lower step's loss is built on `stop_gradient(θ_k)`, so autodiff
 //! never differentiates through the unrolled loop by itself; the
 //! hypergradient is formed by an explicit adjoint recurrence over the last T
-//! steps (DESIGN §1, "truncated"), whose second-order products ∂²L/∂θ∂θ·u
+//! steps (docs/semantics.md §7.2), whose second-order products ∂²L/∂θ∂θ·u
 //! and ∂²L/∂w∂θ·u come either from autodiff applied to the step's gradient
 //! nodes (`truncated`) or from central differences of first-order gradients
 //! (`finite_difference`). For AdamW the preconditioner is frozen: the
@@ -33,9 +33,10 @@ use crate::ir::{DType, Graph, NodeId, Shape, StepOut, StepRule};
 use crate::losses::{grpo_loss, sft_loss, RlBatch};
 use crate::model::{lora_shapes, theta_shapes, Decoder, Params};
 use crate::passes::Pipeline;
+use crate::plan::{BatchField, Metric, Port, Role, Signature, LAMBDA, LOGPROBS, TOKEN_IDS};
 use crate::schedule::{human_bytes, schedule};
 use crate::spec::{
-    HypergradKind, Method, OptimKind, OptimSpec, PipelineSpec, Precision, ShadowMode,
+    HypergradKind, Method, OptimKind, OptimSpec, PipelineSpec, ShadowMode,
 };
 
 /// Static batch shapes of one compiled meta-step.
@@ -66,11 +67,88 @@ pub struct MetaStep {
     pub notes: Vec<String>,
 }
 
-pub fn float_dtype(p: Precision) -> DType {
-    match p {
-        Precision::F32 => DType::F32,
-        Precision::F64 => DType::F64,
+impl MetaStep {
+    /// The meta-step's interface: θ and w in the parameter schema's order,
+    /// then every other input in the order it was declared, each with the
+    /// role its name was given by this lowering (`shadow.*`, `opt.*`, λ,
+    /// `step{k}.*`); the outputs in order (metrics, `lower.*` gradients,
+    /// `theta_K.*` and `next.*` state, `hyper.*`).
+    pub fn signature(&self) -> Signature {
+        let g = &self.graph;
+        let theta: std::collections::HashSet<&str> =
+            self.theta.iter().map(|(n, _)| n.as_str()).collect();
+        let lora: std::collections::HashSet<&str> =
+            self.lora.iter().map(|(n, _)| n.as_str()).collect();
+        let inputs = g.named_inputs();
+        let dtype = inputs
+            .iter()
+            .find(|(n, _)| n == LAMBDA)
+            .map_or(DType::F32, |(_, ty)| ty.dtype);
+        let param = |(name, shape): &(String, Shape), role: Role| Port {
+            name: name.clone(),
+            ty: crate::ir::TensorType::new(dtype, shape.clone()),
+            role,
+        };
+        let mut ports: Vec<Port> = self
+            .theta
+            .iter()
+            .map(|p| param(p, Role::Theta))
+            .chain(self.lora.iter().map(|p| param(p, Role::Lora)))
+            .collect();
+        for (name, ty) in inputs {
+            if theta.contains(name.as_str()) || lora.contains(name.as_str()) {
+                continue;
+            }
+            let role = if let Some(of) = name.strip_prefix("shadow.") {
+                Role::Shadow { of: of.to_string() }
+            } else if name.starts_with("opt.") {
+                Role::OptimState
+            } else if name == LAMBDA {
+                Role::Lambda
+            } else {
+                batch_role(&name).unwrap_or_else(|| {
+                    panic!("meta-step input `{name}` has no role: the lowering declared it")
+                })
+            };
+            ports.push(Port { name, ty, role });
+        }
+        let outputs = g
+            .outputs()
+            .iter()
+            .map(|(name, id)| {
+                let of = |p: &str| name.strip_prefix(p).map(str::to_string);
+                let role = if let Some(m) = Metric::ALL.into_iter().find(|m| m.name() == name) {
+                    Role::Metric(m)
+                } else if let Some(of) = of("theta_K.").or_else(|| of("next.")) {
+                    Role::Next { of }
+                } else if let Some(of) = of("lower.") {
+                    Role::LowerGradient { of }
+                } else if let Some(of) = of("hyper.") {
+                    Role::Hypergradient { of }
+                } else {
+                    panic!("meta-step output `{name}` has no role: the lowering declared it")
+                };
+                Port {
+                    name: name.clone(),
+                    ty: g.ty(*id).clone(),
+                    role,
+                }
+            })
+            .collect();
+        Signature {
+            inputs: ports,
+            outputs,
+        }
     }
+}
+
+/// The role of a `step{k}.{field}` input.
+fn batch_role(name: &str) -> Option<Role> {
+    let rest = name.strip_prefix("step")?;
+    let (k, key) = rest.split_once('.')?;
+    let step = k.parse().ok()?;
+    let field = BatchField::ALL.into_iter().find(|f| f.key() == key)?;
+    Some(Role::Batch { step, field })
 }
 
 /// One step's data as graph inputs.
@@ -88,17 +166,16 @@ fn batch_inputs(
     k: usize,
 ) -> StepBatch {
     let (bs, br, t) = (shapes.sft_batch, shapes.rl_batch, shapes.seq_len);
-    let p = format!("step{k}.");
     StepBatch {
-        sft_ids: g.input(format!("{p}sft.input_ids"), DType::I32, vec![bs, t]),
-        sft_mask: g.input(format!("{p}sft.loss_mask"), dt, vec![bs, t]),
+        sft_ids: g.input(BatchField::SftInputIds.input_name(k), DType::I32, vec![bs, t]),
+        sft_mask: g.input(BatchField::SftLossMask.input_name(k), dt, vec![bs, t]),
         rl: RlBatch {
-            input_ids: g.input(format!("{p}rl.input_ids"), DType::I32, vec![br, t]),
-            loss_mask: g.input(format!("{p}rl.loss_mask"), dt, vec![br, t]),
-            advantages: g.input(format!("{p}rl.advantages"), dt, vec![br]),
-            old_logprobs: g.input(format!("{p}rl.old_logprobs"), dt, vec![br, t]),
+            input_ids: g.input(BatchField::RlInputIds.input_name(k), DType::I32, vec![br, t]),
+            loss_mask: g.input(BatchField::RlLossMask.input_name(k), dt, vec![br, t]),
+            advantages: g.input(BatchField::RlAdvantages.input_name(k), dt, vec![br]),
+            old_logprobs: g.input(BatchField::RlOldLogprobs.input_name(k), dt, vec![br, t]),
             ref_logprobs: (spec.rl.kl_coef > 0.0)
-                .then(|| g.input(format!("{p}rl.ref_logprobs"), dt, vec![br, t])),
+                .then(|| g.input(BatchField::RlRefLogprobs.input_name(k), dt, vec![br, t])),
         },
     }
 }
@@ -683,7 +760,7 @@ pub struct LowerOptions {
 /// Log-probs of a batch of ids [rl_batch, seq_len] under (θ, w): the program
 /// that scores rollouts (π_old, π_ref) and held-out sequences.
 pub fn lower_logprobs(spec: &PipelineSpec, shapes: BatchShapes) -> Graph {
-    let dt = float_dtype(spec.backend.dtype);
+    let dt = spec.backend.dtype.dtype();
     let mut g = Graph::new();
     let declare = |g: &mut Graph, v: Vec<(String, Vec<usize>)>| -> Params {
         v.into_iter()
@@ -696,7 +773,7 @@ pub fn lower_logprobs(spec: &PipelineSpec, shapes: BatchShapes) -> Graph {
     let theta = declare(&mut g, theta_shapes(&spec.model));
     let w = declare(&mut g, lora_shapes(&spec.model, &spec.lora));
     let ids = g.input(
-        "input_ids",
+        TOKEN_IDS,
         DType::I32,
         vec![shapes.rl_batch, shapes.seq_len],
     );
@@ -706,7 +783,7 @@ pub fn lower_logprobs(spec: &PipelineSpec, shapes: BatchShapes) -> Graph {
         dtype: dt,
     };
     let lp = dec.token_logprobs(&mut g, &theta, &w, ids);
-    g.set_output("logprobs", lp);
+    g.set_output(LOGPROBS, lp);
     g
 }
 
@@ -784,7 +861,7 @@ fn build_meta_step(
     differentiable_unroll: bool,
     memory: MemoryPlan,
 ) -> MetaStep {
-    let dt = float_dtype(spec.backend.dtype);
+    let dt = spec.backend.dtype.dtype();
     let theta_spec = theta_shapes(&spec.model);
     let lora_spec = lora_shapes(&spec.model, &spec.lora);
     let hg = spec.bilevel.hypergradient;
@@ -801,7 +878,7 @@ fn build_meta_step(
         .iter()
         .map(|(n, s)| g.input(n.clone(), dt, s.clone()))
         .collect();
-    let lambda = g.input("lambda", dt, vec![]);
+    let lambda = g.input(LAMBDA, dt, vec![]);
     let batches = (0..k_steps)
         .map(|k| batch_inputs(&mut g, spec, shapes, dt, k))
         .collect();
@@ -848,8 +925,8 @@ fn build_meta_step(
         backprop,
     );
     let (first_losses, first_grads) = first.expect("at least one lower step");
-    g.set_output("loss.sft", first_losses.sft);
-    g.set_output("loss.rl", first_losses.rl);
+    g.set_output(Metric::SftLoss.name(), first_losses.sft);
+    g.set_output(Metric::RlLoss.name(), first_losses.rl);
     for (name, &gr) in low.theta_names.iter().zip(&first_grads) {
         g.set_output(format!("lower.{name}"), gr);
     }
@@ -935,10 +1012,10 @@ fn build_meta_step(
         d = add_lists(&mut g, Some(d), dc);
         let ab = g.add(a, b);
         let l_up = g.add(ab, c);
-        g.set_output("loss.up", l_up);
+        g.set_output(Metric::UpperLoss.name(), l_up);
         // J_RL(θ_K, w) − J_RL(θ̂_K, w): what joint training gained over RL alone.
         let gain = g.sub(rl_shadow, rl_theta);
-        g.set_output("gain", gain);
+        g.set_output(Metric::Gain.name(), gain);
         let n = theta_k.len();
         let (v_theta, v_shadow, mut h) =
             (d[..n].to_vec(), d[n..2 * n].to_vec(), d[2 * n..].to_vec());

@@ -2,91 +2,13 @@
 //! from parameter nodes named as Hugging Face (θ) and PEFT (w) name them,
 //! producing per-token log-probabilities of a batch of token ids.
 
-use crate::ir::{DType, Graph, NodeId, Shape};
+use crate::ir::{DType, Graph, NodeId};
+pub use crate::params::*;
 use crate::spec::{LoraSpec, ModelSpec, Projection};
 use std::collections::BTreeMap;
 
 /// Parameter nodes by name.
 pub type Params = BTreeMap<String, NodeId>;
-
-/// Prefix PEFT puts before the base model's module path in adapter files.
-pub const PEFT_PREFIX: &str = "base_model.model.";
-
-/// `model.layers.{i}.{self_attn|mlp}.{proj}`.
-pub fn module_path(layer: usize, p: Projection) -> String {
-    format!("model.layers.{layer}.{}.{}", p.block(), p.name())
-}
-
-/// (out, in) extents of a projection's weight.
-fn proj_dims(m: &ModelSpec, p: Projection) -> (usize, usize) {
-    let hd = m.head_dim();
-    match p {
-        Projection::QProj => (m.n_heads * hd, m.d_model),
-        Projection::KProj | Projection::VProj => (m.n_kv_heads * hd, m.d_model),
-        Projection::OProj => (m.d_model, m.n_heads * hd),
-        Projection::GateProj | Projection::UpProj => (m.d_ff, m.d_model),
-        Projection::DownProj => (m.d_model, m.d_ff),
-    }
-}
-
-/// θ: every base-model tensor, by Hugging Face name, in a canonical order.
-pub fn theta_shapes(m: &ModelSpec) -> Vec<(String, Shape)> {
-    let mut v = vec![(
-        "model.embed_tokens.weight".to_string(),
-        vec![m.vocab_size, m.d_model],
-    )];
-    for i in 0..m.n_layers {
-        v.push((
-            format!("model.layers.{i}.input_layernorm.weight"),
-            vec![m.d_model],
-        ));
-        for p in Projection::ALL {
-            let (o, inp) = proj_dims(m, p);
-            v.push((format!("{}.weight", module_path(i, p)), vec![o, inp]));
-            if m.qkv_bias && matches!(p, Projection::QProj | Projection::KProj | Projection::VProj)
-            {
-                v.push((format!("{}.bias", module_path(i, p)), vec![o]));
-            }
-        }
-        v.push((
-            format!("model.layers.{i}.post_attention_layernorm.weight"),
-            vec![m.d_model],
-        ));
-    }
-    v.push(("model.norm.weight".to_string(), vec![m.d_model]));
-    if !m.tie_embeddings {
-        v.push(("lm_head.weight".to_string(), vec![m.vocab_size, m.d_model]));
-    }
-    v
-}
-
-/// Total elements of a list of parameter shapes.
-pub fn parameter_count(shapes: &[(String, Shape)]) -> usize {
-    shapes
-        .iter()
-        .map(|(_, s)| s.iter().product::<usize>())
-        .sum()
-}
-
-/// PEFT name of a LoRA matrix: `base_model.model.<module>.lora_{A|B}.weight`.
-pub fn lora_name(layer: usize, p: Projection, which: char) -> String {
-    format!("{PEFT_PREFIX}{}.lora_{which}.weight", module_path(layer, p))
-}
-
-/// w: LoRA A [rank, in] and B [out, rank] of every target, by PEFT name.
-pub fn lora_shapes(m: &ModelSpec, l: &LoraSpec) -> Vec<(String, Shape)> {
-    let mut v = Vec::new();
-    for i in 0..m.n_layers {
-        for p in Projection::ALL {
-            if l.targets.contains(&p) {
-                let (o, inp) = proj_dims(m, p);
-                v.push((lora_name(i, p, 'A'), vec![l.rank, inp]));
-                v.push((lora_name(i, p, 'B'), vec![o, l.rank]));
-            }
-        }
-    }
-    v
-}
 
 /// Builds the decoder over given parameter nodes.
 pub struct Decoder<'a> {

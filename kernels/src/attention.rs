@@ -41,7 +41,7 @@ use cubecl::server::Handle;
 pub const ATTENTION_BLOCK: usize = 128;
 
 // The fusion pass only puts attention in graphs with head dims it takes.
-const _: () = assert!(coopc_compiler::fusion::MAX_ATTENTION_HEAD_DIM <= ATTENTION_BLOCK);
+const _: () = assert!(coopc_ir::kernel::MAX_ATTENTION_HEAD_DIM <= ATTENTION_BLOCK);
 
 /// Query rows per tile.
 pub const TILE_Q: usize = 16;

@@ -24,13 +24,12 @@ use crate::rms_norm::{
 };
 use crate::rope::rope;
 use crate::token_loss::{token_loss, token_loss_grad, LossSpec, LOSS_BLOCK};
-use coopc_compiler::fusion::{fuse, ElemProgram, FusedSchedule, Kernel};
-use coopc_compiler::ir::{
+use coopc_ir::kernel::{device_chunk, ElemInstr, ElemProgram, FusedSchedule, Index, Kernel};
+use coopc_ir::plan::Program;
+use coopc_ir::{
     numel, AttentionOperand, DType, Graph, LogprobOperand, NodeId, NormOperand, Op, Scalar,
-    StepRule, TensorType,
+    StepRule, TensorType, UnaryOp,
 };
-use coopc_compiler::linear_logprob::device_chunk;
-use coopc_compiler::schedule::schedule;
 use coopc_runtime::{
     Backend, DeviceTensor, ExecError, HostTensor, Input, Inputs, Transfers, Value,
 };
@@ -142,15 +141,19 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    pub fn new(g: &Graph) -> Prepared {
-        let sched = schedule(g);
-        let fused = fuse(g, &sched.order);
+    /// `g` with its fused schedule (a plan's program: [`Prepared::of`]).
+    pub fn new(g: &Graph, fused: FusedSchedule) -> Prepared {
         Prepared {
             last_use: fused.last_uses(g),
             fused,
             outputs: g.outputs().to_vec(),
             literals: Mutex::default(),
         }
+    }
+
+    /// A compiled program, launched as the plan fused it.
+    pub fn of(program: &Program) -> Prepared {
+        Prepared::new(&program.graph, program.fused.clone())
     }
 }
 
@@ -222,22 +225,22 @@ impl<R: Runtime> Backend for Device<R> {
 
     fn run(
         &self,
-        graph: &Graph,
+        program: &Program,
         inputs: &HashMap<String, HostTensor>,
     ) -> Result<Vec<(String, HostTensor)>, ExecError> {
-        let prepared = self.prepared_for(graph);
-        self.execute(graph, &prepared, inputs)
+        let prepared = self.prepared_for(program);
+        self.execute(&program.graph, &prepared, inputs)
             .map_err(|e| self.exec_error(e))
     }
 
     fn run_values(
         &self,
-        graph: &Graph,
+        program: &Program,
         inputs: &HashMap<String, Value>,
         to_host: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<(String, Value)>, ExecError> {
-        let prepared = self.prepared_for(graph);
-        self.execute_values(graph, &prepared, inputs, to_host)
+        let prepared = self.prepared_for(program);
+        self.execute_values(&program.graph, &prepared, inputs, to_host)
             .map_err(|e| self.exec_error(e))
     }
 
@@ -458,7 +461,27 @@ impl Device<cubecl::cuda::CudaRuntime> {
         let x = g.input("x", DType::F32, vec![2]);
         let y = g.exp(x);
         g.set_output("y", y);
-        let prepared = Prepared::new(&g);
+        let exp = ElemProgram {
+            n_inputs: 1,
+            instrs: vec![
+                ElemInstr::Load {
+                    input: 0,
+                    index: Index::Same,
+                },
+                ElemInstr::Unary(UnaryOp::Exp, 0),
+            ],
+            outputs: vec![1],
+        };
+        let fused = FusedSchedule {
+            kernels: vec![Kernel::Elementwise {
+                program: exp,
+                numel: 2,
+                inputs: vec![x],
+                outputs: vec![y],
+            }],
+            fused_nodes: 1,
+        };
+        let prepared = Prepared::new(&g, fused);
         let inputs = HashMap::from([("x".to_string(), HostTensor::f32(vec![2], vec![1.0, 2.0]))]);
         dev.execute(&g, &prepared, &inputs)
             .map_err(|e| DeviceError::Unavailable {
@@ -545,13 +568,14 @@ impl<R: Runtime> Device<R> {
         Ok(f32::from_bytes(&bytes)[..n].to_vec())
     }
 
-    /// The fused schedule of `graph`, prepared once per structure.
-    fn prepared_for(&self, graph: &Graph) -> Arc<Prepared> {
-        let key = fingerprint(graph);
+    /// A program's launch state (its fused kernels, buffer lifetimes and
+    /// uploaded literals), made once per program structure.
+    fn prepared_for(&self, program: &Program) -> Arc<Prepared> {
+        let key = fingerprint(&program.graph);
         let mut cache = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
         cache
             .entry(key)
-            .or_insert_with(|| Arc::new(Prepared::new(graph)))
+            .or_insert_with(|| Arc::new(Prepared::of(program)))
             .clone()
     }
 

@@ -3,7 +3,7 @@
 //! element.
 
 use crate::program::{expand_program, expand_stores};
-use coopc_compiler::fusion::ElemProgram;
+use coopc_ir::kernel::ElemProgram;
 use cubecl::prelude::*;
 
 #[allow(unused_variables)]

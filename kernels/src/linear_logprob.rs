@@ -46,7 +46,7 @@
 use crate::device::{arg, cubes, Device, DeviceError};
 use crate::matmul::{blocked_product, load_or_zero, MatmulShape, Product, BLOCK_MN, REG};
 use crate::sample::{cube_max, cube_sum};
-use coopc_compiler::linear_logprob::{device_chunk, forward_splits};
+use coopc_ir::kernel::{device_chunk, forward_splits};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 

@@ -9,7 +9,7 @@
 //! WGSL lacks.
 
 use crate::program::expand_strided_index;
-use coopc_compiler::ir::{strides, Graph, NodeId, Op};
+use coopc_ir::{strides, Graph, NodeId, Op};
 use cubecl::prelude::*;
 
 /// Everything a strided copy is specialised on: iteration shape, and the

@@ -11,8 +11,8 @@
 //! host value.
 
 use crate::program::expand_program;
-use coopc_compiler::fusion::{ElemProgram, Kernel};
-use coopc_compiler::ir::{StepOut, StepRule};
+use coopc_ir::kernel::{ElemProgram, Kernel};
+use coopc_ir::{StepOut, StepRule};
 use cubecl::prelude::*;
 
 /// Which of the step kernels a rule runs (its hyperparameters are launch

@@ -1,4 +1,4 @@
-//! Expansion of an elementwise program (`coopc_compiler::fusion::ElemProgram`)
+//! Expansion of an elementwise program (`coopc_ir::kernel::ElemProgram`)
 //! into kernel code. The program is a compile-time constant of the kernel:
 //! this module walks it while the kernel is being traced and emits one
 //! straight-line instruction per program instruction, so a fused group
@@ -7,8 +7,8 @@
 //! Each instruction's semantics is a small `#[cube]` function below that
 //! mirrors the CPU executor's scalar rule (`UnaryOp::apply` and friends).
 
-use coopc_compiler::fusion::{ElemInstr, ElemProgram, Index};
-use coopc_compiler::ir::{BinaryOp, CompareOp, DType, UnaryOp};
+use coopc_ir::kernel::{ElemInstr, ElemProgram, Index};
+use coopc_ir::{BinaryOp, CompareOp, DType, UnaryOp};
 use cubecl::prelude::*;
 
 type F = NativeExpand<f32>;

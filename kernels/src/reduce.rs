@@ -9,8 +9,8 @@
 //! [`cooperative`].
 
 use crate::program::{expand_program, expand_stores, expand_strided_index};
-use coopc_compiler::fusion::{ElemProgram, ReduceLayout};
-use coopc_compiler::ir::ReduceKind;
+use coopc_ir::kernel::{ElemProgram, ReduceLayout};
+use coopc_ir::ReduceKind;
 use cubecl::prelude::*;
 
 /// Everything a reduction kernel is specialised on.

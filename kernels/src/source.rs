@@ -28,9 +28,9 @@ use crate::rms_norm::{
 use crate::rope::rope;
 use crate::sample::{sample_pick, sample_pick_ordered, sample_prepare, SAMPLE_BLOCK};
 use crate::token_loss::{token_loss, token_loss_grad, LossSpec, LOSS_BLOCK};
-use coopc_compiler::fusion::{ElemProgram, FusedSchedule, Kernel};
-use coopc_compiler::ir::{AttentionOperand, Graph, LogprobOperand, NormOperand, Op};
-use coopc_compiler::linear_logprob::device_chunk;
+use coopc_ir::kernel::{ElemProgram, FusedSchedule, Kernel};
+use coopc_ir::{AttentionOperand, Graph, LogprobOperand, NormOperand, Op};
+use coopc_ir::kernel::device_chunk;
 use cubecl::prelude::*;
 use cubecl::Compiler as _;
 use std::collections::HashMap;

@@ -18,7 +18,7 @@
 //! aggregation are comptime.
 
 use crate::sample::cube_sum;
-use coopc_compiler::ir::TokenLoss;
+use coopc_ir::TokenLoss;
 use cubecl::prelude::*;
 
 /// Units per cube (a power of two: the cube-wide sums fold halves).

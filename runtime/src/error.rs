@@ -1,7 +1,7 @@
 //! The error type of the executor: everything that can go wrong when running
 //! a graph on host tensors (bad graph, bad inputs, out-of-range indices).
 
-use coopc_compiler::ir::{DType, GraphError, TensorType};
+use coopc_ir::{DType, GraphError, TensorType};
 use thiserror::Error;
 
 /// Why a graph could not be executed or a tensor could not be built.

@@ -11,8 +11,8 @@ use crate::cpu::{
 use crate::error::ExecError;
 use crate::tensor::{Buffer, Element, HostTensor};
 use crate::value::{Input, Inputs, Transfers, Value};
-use coopc_compiler::ir::{numel, DType, Graph, NodeId, Op, TensorType};
-use coopc_compiler::schedule::execution_order;
+use coopc_ir::plan::Program;
+use coopc_ir::{execution_order, numel, DType, Graph, NodeId, Op, TensorType};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -37,32 +37,34 @@ pub fn execute<I: Inputs + ?Sized>(
         .collect())
 }
 
-/// Something that runs graphs on host inputs and returns host outputs: the
-/// CPU executor, or a device backend (`coopc_kernels`). The trainer and the
-/// sampler run every program through one.
+/// Something that runs a plan's compiled programs on host inputs and
+/// returns host outputs: the CPU executor, or a device backend
+/// (`coopc_kernels`). The trainer and the sampler run every program
+/// through one. A backend reads what the program holds — its schedule, its
+/// fused kernels — and orders, schedules and fuses nothing itself.
 pub trait Backend: Send + Sync {
     /// Short name, as `--backend` spells it.
     fn name(&self) -> &'static str;
 
-    /// Runs `graph` and returns its outputs by name, as [`execute`] does.
+    /// Runs `program` and returns its outputs by name, as [`execute`] does.
     fn run(
         &self,
-        graph: &Graph,
+        program: &Program,
         inputs: &HashMap<String, HostTensor>,
     ) -> Result<Vec<(String, HostTensor)>, ExecError>;
 
-    /// Runs `graph` on values, some of which may already live on this
+    /// Runs `program` on values, some of which may already live on this
     /// backend's device. Outputs named by `to_host` come back as host
     /// tensors; a device backend keeps the others resident, so that state
     /// passed from one call to the next never leaves the device.
     fn run_values(
         &self,
-        graph: &Graph,
+        program: &Program,
         inputs: &HashMap<String, Value>,
         to_host: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<(String, Value)>, ExecError> {
         let _ = to_host;
-        Ok(execute(graph, inputs)?
+        Ok(execute_program(program, inputs)?
             .into_iter()
             .map(|(n, t)| (n, Value::host(t)))
             .collect())
@@ -147,10 +149,10 @@ impl Backend for CpuBackend {
 
     fn run(
         &self,
-        graph: &Graph,
+        program: &Program,
         inputs: &HashMap<String, HostTensor>,
     ) -> Result<Vec<(String, HostTensor)>, ExecError> {
-        execute(graph, inputs)
+        execute_program(program, inputs)
     }
 }
 
@@ -165,7 +167,35 @@ pub fn execute_nodes<I: Inputs + ?Sized>(
     if let Some(&id) = nodes.iter().find(|&&id| !graph.contains(id)) {
         return Err(ExecError::UnknownNode { node: id.index() });
     }
-    let plan = Plan::new(graph, nodes);
+    run_steps(graph, inputs, nodes, Steps::new(graph, nodes, None))
+}
+
+/// Runs a compiled program and returns its outputs by name: its nodes in
+/// the plan's schedule, the graph validated when the plan was. Nothing is
+/// ordered or checked here beyond the inputs.
+pub fn execute_program<I: Inputs + ?Sized>(
+    program: &Program,
+    inputs: &I,
+) -> Result<Vec<(String, HostTensor)>, ExecError> {
+    let graph = &program.graph;
+    let nodes: Vec<NodeId> = graph.outputs().iter().map(|&(_, id)| id).collect();
+    let steps = Steps::new(graph, &nodes, Some(&program.schedule));
+    let values = run_steps(graph, inputs, &nodes, steps)?;
+    Ok(graph
+        .outputs()
+        .iter()
+        .map(|(name, _)| name.clone())
+        .zip(values)
+        .collect())
+}
+
+/// Evaluates `plan.order` and returns the values of `nodes`, in order.
+fn run_steps<I: Inputs + ?Sized>(
+    graph: &Graph,
+    inputs: &I,
+    nodes: &[NodeId],
+    plan: Steps,
+) -> Result<Vec<HostTensor>, ExecError> {
     // COOPC_PROFILE=1: time spent per op kind, printed to stderr.
     let mut profile: Option<HashMap<&'static str, (usize, f64, usize)>> =
         std::env::var_os("COOPC_PROFILE").map(|_| HashMap::new());
@@ -286,7 +316,7 @@ fn print_profile(p: HashMap<&'static str, (usize, f64, usize)>) {
 }
 
 /// What to evaluate, in which order, and when each value can be dropped.
-struct Plan {
+struct Steps {
     /// One past the largest node index.
     bound: usize,
     /// The needed nodes in topological order.
@@ -302,8 +332,10 @@ struct Plan {
     transposed: Vec<[bool; 2]>,
 }
 
-impl Plan {
-    fn new(graph: &Graph, nodes: &[NodeId]) -> Plan {
+impl Steps {
+    /// The steps that compute `nodes`: in `schedule`'s order (a compiled
+    /// program's), or else in [`execution_order`].
+    fn new(graph: &Graph, nodes: &[NodeId], schedule: Option<&[NodeId]>) -> Steps {
         let bound = graph.node_ids().map(|id| id.index() + 1).max().unwrap_or(0);
         let mut requested = vec![false; bound];
         let mut needed = vec![false; bound];
@@ -338,10 +370,17 @@ impl Plan {
                         .all(|&u| matches!(graph.op(u), Op::MatMul))
             })
             .collect();
-        let order: Vec<NodeId> = execution_order(graph, &needed)
-            .into_iter()
-            .filter(|id| !skipped[id.index()])
-            .collect();
+        let order: Vec<NodeId> = match schedule {
+            Some(order) => order
+                .iter()
+                .copied()
+                .filter(|id| needed[id.index()] && !skipped[id.index()])
+                .collect(),
+            None => execution_order(graph, &needed)
+                .into_iter()
+                .filter(|id| !skipped[id.index()])
+                .collect(),
+        };
         let mut transposed = vec![[false; 2]; order.len()];
         let operands: Vec<Vec<NodeId>> = order
             .iter()
@@ -363,7 +402,7 @@ impl Plan {
                 last_use[o.index()] = step;
             }
         }
-        Plan {
+        Steps {
             bound,
             order,
             operands,

@@ -1,12 +1,12 @@
-//! Host interpreter of a fused schedule (`coopc_compiler::fusion`): runs
+//! Host interpreter of a fused schedule (`coopc_ir::kernel`): runs
 //! each kernel on host tensors in f64, with the elementwise programs'
 //! reference semantics. It is what the fusion pass is tested against (its
 //! results must equal the CPU executor's) and the per-kernel reference for
 //! the device kernels.
 
 use crate::{execute_nodes, ExecError, HostTensor};
-use coopc_compiler::fusion::{FusedSchedule, Kernel};
-use coopc_compiler::ir::{Graph, NodeId, Op, ReduceKind};
+use coopc_ir::kernel::{FusedSchedule, Kernel};
+use coopc_ir::{Graph, NodeId, Op, ReduceKind};
 use std::collections::HashMap;
 
 /// Runs `fused` (a fusion of `g`'s schedule) and returns every written
@@ -104,7 +104,7 @@ pub fn run_kernel(
                     let at = layout.input_index(o, r);
                     let v = prologue.eval(at, |s, j| pro[s as usize][j])[0];
                     acc = match kind {
-                        ReduceKind::Max => coopc_compiler::ir::BinaryOp::Max.apply(acc, v),
+                        ReduceKind::Max => coopc_ir::BinaryOp::Max.apply(acc, v),
                         _ => acc + v,
                     };
                 }

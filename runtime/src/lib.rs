@@ -1,25 +1,24 @@
-//! coopc runtime: the CPU reference executor. It runs a tensor graph of the
-//! IR on host tensors and defines the numerical semantics every device
-//! backend is checked against.
+//! coopc runtime: runs compiled programs. It defines the [`Backend`] trait
+//! every executor implements, the CPU reference executor (node by node on
+//! host tensors, in the plan's schedule; it defines the numerical semantics
+//! every device backend is checked against), the host interpreter of a
+//! program's fused kernels, host tensors and values, and safetensors I/O.
+//! It depends on the IR and the plan (`coopc_ir`) only, never on the
+//! compiler.
 
-pub mod checkpoint;
 pub mod cpu;
 pub mod error;
 pub mod exec;
 pub mod fused;
-pub mod init;
 pub mod safetensors_io;
-pub mod sampler;
-pub mod tasks;
 pub mod tensor;
-pub mod train;
 pub mod value;
 
 #[cfg(test)]
 mod tests;
 
 pub use error::ExecError;
-pub use exec::{execute, execute_nodes, Backend, CpuBackend};
+pub use exec::{execute, execute_nodes, execute_program, Backend, CpuBackend};
 pub use safetensors_io::{
     read_tensors, reject_unexpected, take_all_exact, take_exact, write_tensors, TensorFileError,
     TensorProblem,

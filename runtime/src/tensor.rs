@@ -2,7 +2,7 @@
 //! plus a shape. These are the values the CPU executor consumes and produces.
 
 use crate::error::ExecError;
-use coopc_compiler::ir::{numel, DType, TensorType};
+use coopc_ir::{numel, DType, TensorType};
 use std::fmt::Debug;
 
 /// The elements of a tensor, row-major, one variant per [`DType`].

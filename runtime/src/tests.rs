@@ -2,7 +2,7 @@
 //! error reporting, buffer lifetime, determinism and matmul overhead.
 
 use crate::{execute, execute_nodes, Buffer, ExecError, HostTensor};
-use coopc_compiler::ir::{CompareOp, DType, Graph, NodeId, ReduceKind};
+use coopc_ir::{CompareOp, DType, Graph, NodeId, ReduceKind};
 use std::collections::HashMap;
 
 fn inputs(pairs: &[(&str, HostTensor)]) -> HashMap<String, HostTensor> {

@@ -5,7 +5,7 @@
 //! (losses, logits for sampling) is read back.
 
 use crate::tensor::HostTensor;
-use coopc_compiler::ir::TensorType;
+use coopc_ir::TensorType;
 use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;

@@ -215,89 +215,74 @@ where
     (worst1, worst2)
 }
 
-/// A small, fully specified pipeline for tests that do not read TOML.
-pub fn tiny_spec() -> coopc_compiler::spec::PipelineSpec {
-    use coopc_compiler::spec::*;
-    PipelineSpec {
-        model: ModelSpec {
-            vocab_size: 11,
-            d_model: 8,
-            n_layers: 1,
-            n_heads: 2,
-            n_kv_heads: 1,
-            d_ff: 12,
-            max_seq: 8,
-            rope_theta: 10000.0,
-            rms_eps: 1e-6,
-            tie_embeddings: true,
-            qkv_bias: false,
-        },
-        lora: LoraSpec {
-            rank: 2,
-            alpha: 4.0,
-            targets: Projection::ALL.to_vec(),
-        },
-        task: TaskSpec {
-            kind: TaskKind::Addition,
-            tokenizer: None,
-            sft_file: None,
-            rl_file: None,
-            eval_file: None,
-            reward_correct: 1.0,
-            reward_wrong: -1.0,
-            sft_max_digits: 3,
-            rl_max_digits: 4,
-            eval_digits: 4,
-        },
-        rl: RlSpec {
-            group_size: 2,
-            prompts_per_step: 1,
-            clip_low: 0.2,
-            clip_high: 0.28,
-            kl_coef: 0.0,
-            advantage: Advantage::GroupStd,
-            loss_agg: LossAgg::TokenMean,
-            max_new_tokens: 4,
-            temperature: 1.0,
-            top_p: 1.0,
-        },
-        sft: SftSpec {
-            batch_size: 2,
-            cold_start_steps: 1,
-        },
-        bilevel: BilevelSpec {
-            method: Method::Bridge,
-            lambda: Lambda::Constant(0.4),
-            shadow: ShadowMode::Persistent,
-            hypergradient: HypergradSpec {
-                kind: HypergradKind::Truncated,
-                unroll: 2,
-                backprop: 2,
-            },
-        },
-        optim: OptimSpecs {
-            lower: OptimSpec {
-                kind: OptimKind::Sgd,
-                lr: 0.5,
-            },
-            upper: OptimSpec {
-                kind: OptimKind::Sgd,
-                lr: 0.1,
-            },
-        },
-        train: TrainSpec {
-            steps: 2,
-            seed: 0,
-            eval_every: 1,
-            seq_len: 6,
-        },
-        backend: BackendSpec {
-            kind: BackendKind::Cpu,
-            dtype: Precision::F64,
-            matmul: Default::default(),
-            memory_budget: None,
-        },
-    }
+/// Parses a pipeline's TOML text (every test pipeline is built this way).
+pub fn pipeline(text: &str) -> PipelineSpec {
+    coopc_compiler::frontend::parse_pipeline(text)
+        .unwrap_or_else(|d| panic!("test pipeline rejected:\n{}", d.render("test.toml", text)))
+}
+
+/// A small pipeline: one layer, LoRA on every projection, truncated BRIDGE
+/// with two lower steps, f64.
+pub const TINY: &str = r#"
+[model]
+vocab_size = 11
+d_model = 8
+n_layers = 1
+n_heads = 2
+n_kv_heads = 1
+d_ff = 12
+max_seq = 8
+qkv_bias = false
+[lora]
+rank = 2
+alpha = 4.0
+targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+[rl]
+group_size = 2
+prompts_per_step = 1
+max_new_tokens = 4
+top_p = 1.0
+[sft]
+batch_size = 2
+cold_start_steps = 1
+[bilevel]
+method = "bridge"
+lambda = 0.4
+[bilevel.hypergradient]
+kind = "truncated"
+unroll = 2
+backprop = 2
+[optim.lower]
+kind = "sgd"
+lr = 0.5
+[optim.upper]
+kind = "sgd"
+lr = 0.1
+[train]
+steps = 2
+seed = 0
+eval_every = 1
+seq_len = 6
+[backend]
+kind = "cpu"
+dtype = "f64"
+"#;
+
+/// [`TINY`], parsed.
+pub fn tiny_spec() -> PipelineSpec {
+    pipeline(TINY)
+}
+
+/// A sampler of `spec`'s decode step for `batch` rows and `max_len`
+/// positions, compiled as a plan compiles it.
+pub fn sampler(spec: &PipelineSpec, batch: usize, max_len: usize) -> coopc_train::sampler::Sampler {
+    let (decode, merge) = coopc_compiler::sampling_programs(spec, batch, max_len);
+    coopc_train::sampler::Sampler::new(decode, merge).expect("a decode step")
+}
+
+/// θ and w of `spec` initialised from `seed` as a run initialises them.
+pub fn init_params(spec: &PipelineSpec, seed: u64) -> std::collections::BTreeMap<String, HostTensor> {
+    coopc_train::init::init_params(&coopc_compiler::parameter_ports(spec), seed)
 }
 
 /// Random 0/1 response mask [b, t] with column 0 zero and ≥ 1 one per row.

@@ -12,7 +12,7 @@
 use super::for_chunks;
 use super::matmul::{matmul_t, Gemm};
 use crate::tensor::Element;
-use coopc_compiler::ir::{AttentionOperand, BinaryOp};
+use coopc_ir::{AttentionOperand, BinaryOp};
 
 /// Sizes of one attention.
 #[derive(Clone, Copy, Debug)]

@@ -4,7 +4,7 @@
 
 use super::{PAR_GRAIN, PAR_MIN_ELEMS};
 use crate::tensor::Element;
-use coopc_compiler::ir::{clamp_value, BinaryOp, CompareOp, UnaryOp};
+use coopc_ir::{clamp_value, BinaryOp, CompareOp, UnaryOp};
 use num_traits::Float;
 use rayon::prelude::*;
 

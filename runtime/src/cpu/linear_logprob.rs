@@ -6,7 +6,7 @@
 use super::index::{check, IndexError};
 use super::matmul::{matmul_t, Gemm};
 use crate::tensor::Element;
-use coopc_compiler::ir::{BinaryOp, LogprobOperand};
+use coopc_ir::{BinaryOp, LogprobOperand};
 
 /// Rows per block: about 2²⁰ logits of scratch.
 fn block_rows(n: usize, v: usize) -> usize {

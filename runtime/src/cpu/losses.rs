@@ -2,9 +2,9 @@
 //! gradients with respect to the log-probs (`Op::TokenLossGrad`): each
 //! token's term and slope in one pass over the operands, in the element
 //! type and with the operations of the reference
-//! (`coopc_compiler::losses::{reference_loss, reference_grad}`).
+//! (the compiler's `losses::{reference_loss, reference_grad}`).
 
-use coopc_compiler::ir::{clamp_value, BinaryOp, TokenLoss};
+use coopc_ir::{clamp_value, BinaryOp, TokenLoss};
 use num_traits::Float;
 
 /// Token `i`'s term `ℓ` and slope `∂ℓ/∂logπ` under `loss`, from operands

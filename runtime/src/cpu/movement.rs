@@ -2,7 +2,7 @@
 //! (all one strided copy), concat and pad.
 
 use super::{for_chunks, step_index, unravel, PAR_GRAIN, PAR_MIN_ELEMS};
-use coopc_compiler::ir::{numel, strides};
+use coopc_ir::{numel, strides};
 
 /// Side of the square tiles of the transposing copy.
 const TILE: usize = 32;

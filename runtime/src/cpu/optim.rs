@@ -1,10 +1,10 @@
 //! One optimiser step over a parameter tensor (`Op::OptimStep`): SGD,
 //! momentum and AdamW with PyTorch's semantics, each value of the step in
 //! one pass over the operands, in the element type and in the order of
-//! operations of the reference (`coopc_compiler::optim`).
+//! operations of the reference (`coopc_ir::optim`).
 
 use super::{for_chunks, PAR_GRAIN, PAR_MIN_ELEMS};
-use coopc_compiler::ir::{StepOut, StepRule};
+use coopc_ir::{StepOut, StepRule};
 use num_traits::Float;
 
 /// The value `out` of one step of `rule` on operands `ops` (θ, g, state…,

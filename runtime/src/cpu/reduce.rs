@@ -5,7 +5,7 @@
 use super::movement::permute;
 use super::{for_chunks, PAR_GRAIN, PAR_MIN_ELEMS};
 use crate::tensor::Element;
-use coopc_compiler::ir::{BinaryOp, ReduceKind};
+use coopc_ir::{BinaryOp, ReduceKind};
 use num_traits::Float;
 
 /// Reduces `x` (shape `shape`) over `axes` (distinct, in range). The output
@@ -149,7 +149,7 @@ where
 mod tests {
     use super::*;
     use crate::cpu::unravel;
-    use coopc_compiler::ir::numel;
+    use coopc_ir::numel;
 
     /// Reference: for each output, walk all inputs in row-major order.
     fn naive(kind: ReduceKind, x: &[f64], shape: &[usize], axes: &[usize]) -> Vec<f64> {

@@ -3,7 +3,7 @@
 //! √(mean(x²) + eps)` is recomputed, never read from the graph.
 
 use super::{for_chunks, rows_per_task, PAR_MIN_ELEMS};
-use coopc_compiler::ir::NormOperand;
+use coopc_ir::NormOperand;
 use num_traits::Float;
 
 /// `1 / √(mean(row²) + eps)`.

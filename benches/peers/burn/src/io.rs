@@ -149,7 +149,7 @@ pub fn load_params<B: AutodiffBackend>(
     Ok((theta, w, shadow))
 }
 
-/// The K step batches (DESIGN.md §1 "Batches").
+/// The K step batches (docs/semantics.md §3.3).
 pub fn load_batches<B: AutodiffBackend>(
     spec: &Spec,
     path: &Path,

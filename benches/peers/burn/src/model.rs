@@ -1,7 +1,7 @@
 //! The policy and the losses, written with burn tensors as a burn user would
 //! write a Llama/Qwen2 decoder with PEFT-style LoRA: pre-norm RMSNorm blocks,
 //! rotate-half RoPE, causal grouped-query attention, SwiGLU, tied or untied
-//! LM head; SFT and GRPO losses with the conventions of DESIGN.md §1.
+//! LM head; SFT and GRPO losses with the conventions of docs/semantics.md §2 and §4.
 //!
 //! Every parameter is kept as a rank-2 tensor (a norm gain or a bias as
 //! [1, n]) so that one map holds θ and one holds w; the forward pass works
@@ -220,7 +220,7 @@ impl<'s> Policy<'s> {
             .mul_scalar(-1.0 / batch.sft_mask_sum)
     }
 
-    /// The GRPO surrogate (DESIGN.md §1): masked positions have ratio 1 and
+    /// The GRPO surrogate (docs/semantics.md §4.2): masked positions have ratio 1 and
     /// k3 0; on a tie the unclipped term is used.
     pub fn rl_loss<B: Backend>(
         &self,

@@ -1,0 +1,448 @@
+//! The typed pipeline specification: what a validated `pipeline.toml` means.
+//! The frontend (`frontend.rs`) parses and validates TOML into these types;
+//! everything after it (graph builder, lowering, plan) reads only these.
+
+use serde::{Deserialize, Serialize};
+
+/// A whole, validated pipeline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PipelineSpec {
+    pub model: ModelSpec,
+    pub lora: LoraSpec,
+    pub task: TaskSpec,
+    pub rl: RlSpec,
+    pub sft: SftSpec,
+    pub bilevel: BilevelSpec,
+    pub optim: OptimSpecs,
+    pub train: TrainSpec,
+    pub backend: BackendSpec,
+}
+
+impl PipelineSpec {
+    /// The λ of L_low = (1−λ) L_SFT + λ L_RL at meta-step `step` for this
+    /// method: BRIDGE and `mix` follow `bilevel.lambda`; `rl_zero` is 1;
+    /// `sft` is 0; `cold_start` is 0 for `sft.cold_start_steps` steps, then 1;
+    /// `alternating` is 0 on even steps and 1 on odd ones.
+    pub fn lambda_at(&self, step: usize) -> f64 {
+        match self.bilevel.method {
+            Method::Bridge | Method::Mix => self.bilevel.lambda.at(step, self.train.steps),
+            Method::RlZero => 1.0,
+            Method::Sft => 0.0,
+            Method::ColdStart => {
+                if step < self.sft.cold_start_steps {
+                    0.0
+                } else {
+                    1.0
+                }
+            }
+            Method::Alternating => (step % 2) as f64,
+        }
+    }
+}
+
+/// Llama/Qwen2-style decoder.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// Vocabulary size; defaults to the task tokenizer's size.
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    /// Key/value heads (grouped-query attention when < n_heads); divides n_heads.
+    pub n_kv_heads: usize,
+    pub d_ff: usize,
+    /// Longest sequence (prompt + response) the model handles.
+    pub max_seq: usize,
+    pub rope_theta: f64,
+    pub rms_eps: f64,
+    pub tie_embeddings: bool,
+    /// q/k/v projection biases (Qwen2 has them).
+    pub qkv_bias: bool,
+}
+
+impl ModelSpec {
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+}
+
+/// The seven linear layers of a decoder block that LoRA can adapt (HF names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Projection {
+    QProj,
+    KProj,
+    VProj,
+    OProj,
+    GateProj,
+    UpProj,
+    DownProj,
+}
+
+impl Projection {
+    pub const ALL: [Projection; 7] = [
+        Projection::QProj,
+        Projection::KProj,
+        Projection::VProj,
+        Projection::OProj,
+        Projection::GateProj,
+        Projection::UpProj,
+        Projection::DownProj,
+    ];
+
+    /// The HF module name, e.g. `q_proj`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Projection::QProj => "q_proj",
+            Projection::KProj => "k_proj",
+            Projection::VProj => "v_proj",
+            Projection::OProj => "o_proj",
+            Projection::GateProj => "gate_proj",
+            Projection::UpProj => "up_proj",
+            Projection::DownProj => "down_proj",
+        }
+    }
+
+    /// `self_attn` or `mlp`.
+    pub fn block(self) -> &'static str {
+        match self {
+            Projection::QProj | Projection::KProj | Projection::VProj | Projection::OProj => {
+                "self_attn"
+            }
+            _ => "mlp",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == s)
+    }
+}
+
+/// LoRA adapter: the upper-level variables w.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    pub targets: Vec<Projection>,
+}
+
+impl LoraSpec {
+    /// alpha / rank.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    Addition,
+    Countdown,
+    Jsonl,
+}
+
+impl TaskKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskKind::Addition => "addition",
+            TaskKind::Countdown => "countdown",
+            TaskKind::Jsonl => "jsonl",
+        }
+    }
+}
+
+/// Where data and rewards come from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub kind: TaskKind,
+    /// Hugging Face `tokenizer.json`; the built-in character tokenizer when absent.
+    pub tokenizer: Option<String>,
+    /// jsonl: SFT file of {prompt, response}.
+    pub sft_file: Option<String>,
+    /// jsonl: RL file of {prompt, answer}.
+    pub rl_file: Option<String>,
+    /// jsonl: held-out file of {prompt, answer}.
+    pub eval_file: Option<String>,
+    pub reward_correct: f64,
+    pub reward_wrong: f64,
+    /// addition: SFT demonstrations have 1 to this many digits per operand.
+    pub sft_max_digits: usize,
+    /// addition: RL prompts have 1 to this many digits per operand.
+    pub rl_max_digits: usize,
+    /// addition: held-out problems have this many digits per operand.
+    pub eval_digits: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Advantage {
+    /// (r − mean) / (std + 1e-6) within a group.
+    GroupStd,
+    /// r − mean within a group.
+    GroupMean,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossAgg {
+    /// Mean over all response tokens of the batch.
+    TokenMean,
+    /// Mean per sequence, then over sequences with at least one response token.
+    SeqMean,
+}
+
+/// GRPO rollouts and loss.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RlSpec {
+    /// Completions per prompt (G).
+    pub group_size: usize,
+    pub prompts_per_step: usize,
+    pub clip_low: f64,
+    pub clip_high: f64,
+    /// β of the k3 KL penalty against the initial policy; 0 disables it.
+    pub kl_coef: f64,
+    pub advantage: Advantage,
+    pub loss_agg: LossAgg,
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+}
+
+impl RlSpec {
+    /// Rollouts per step (Br).
+    pub fn batch_size(&self) -> usize {
+        self.group_size * self.prompts_per_step
+    }
+}
+
+/// Supervised fine-tuning data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SftSpec {
+    /// Demonstrations per lower step (Bs).
+    pub batch_size: usize,
+    /// `cold_start`: meta-steps of SFT before switching to RL.
+    pub cold_start_steps: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum), value(rename_all = "snake_case"))]
+pub enum Method {
+    Bridge,
+    RlZero,
+    Sft,
+    ColdStart,
+    Mix,
+    Alternating,
+}
+
+impl Method {
+    pub const ALL: [Method; 6] = [
+        Method::Bridge,
+        Method::RlZero,
+        Method::Sft,
+        Method::ColdStart,
+        Method::Mix,
+        Method::Alternating,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Bridge => "bridge",
+            Method::RlZero => "rl_zero",
+            Method::Sft => "sft",
+            Method::ColdStart => "cold_start",
+            Method::Mix => "mix",
+            Method::Alternating => "alternating",
+        }
+    }
+
+    /// Whether the adapter w is trained by the upper level (only BRIDGE).
+    pub fn updates_adapter(self) -> bool {
+        self == Method::Bridge
+    }
+}
+
+/// λ: constant, or linear from `start` (meta-step 0) to `end` (last step).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Lambda {
+    Constant(f64),
+    Linear { start: f64, end: f64 },
+}
+
+impl Lambda {
+    /// λ at meta-step `step` of `steps`.
+    pub fn at(self, step: usize, steps: usize) -> f64 {
+        match self {
+            Lambda::Constant(v) => v,
+            Lambda::Linear { start, end } => {
+                if steps <= 1 {
+                    start
+                } else {
+                    start + (end - start) * step as f64 / (steps - 1) as f64
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShadowMode {
+    /// θ̂ kept across meta-steps.
+    Persistent,
+    /// θ̂ restarts from the pre-step θ every meta-step.
+    OneStep,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum HypergradKind {
+    /// ∂L_up/∂w with θ, θ̂ held fixed.
+    FirstOrder,
+    /// Exact reverse mode through the last `backprop` lower steps.
+    Truncated,
+    /// Second-order products by central differences, step eps / ‖v‖.
+    FiniteDifference { eps: f64 },
+}
+
+impl HypergradKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            HypergradKind::FirstOrder => "first_order",
+            HypergradKind::Truncated => "truncated",
+            HypergradKind::FiniteDifference { .. } => "finite_difference",
+        }
+    }
+}
+
+/// How the upper level's gradient is formed, over `unroll` lower steps.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HypergradSpec {
+    pub kind: HypergradKind,
+    /// K: lower steps per meta-step.
+    pub unroll: usize,
+    /// T ≤ K: steps differentiated through (0 for first_order).
+    pub backprop: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BilevelSpec {
+    pub method: Method,
+    pub lambda: Lambda,
+    pub shadow: ShadowMode,
+    pub hypergradient: HypergradSpec,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum OptimKind {
+    Sgd,
+    /// PyTorch SGD with momentum (no dampening, no Nesterov).
+    Momentum {
+        momentum: f64,
+    },
+    /// AdamW (decoupled weight decay, bias-corrected).
+    AdamW {
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OptimSpec {
+    pub kind: OptimKind,
+    pub lr: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OptimSpecs {
+    pub lower: OptimSpec,
+    pub upper: OptimSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainSpec {
+    /// Meta-steps.
+    pub steps: usize,
+    pub seed: u64,
+    /// Held-out evaluation every this many meta-steps (0: only at the end).
+    pub eval_every: usize,
+    /// Tokens per training sequence (T ≤ model.max_seq).
+    pub seq_len: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum), value(rename_all = "snake_case"))]
+pub enum BackendKind {
+    Auto,
+    Cpu,
+    Cuda,
+    Wgpu,
+}
+
+impl BackendKind {
+    pub const ALL: [BackendKind; 4] = [
+        BackendKind::Auto,
+        BackendKind::Cpu,
+        BackendKind::Cuda,
+        BackendKind::Wgpu,
+    ];
+
+    /// As `backend.kind` and `--backend` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Auto => "auto",
+            BackendKind::Cpu => "cpu",
+            BackendKind::Cuda => "cuda",
+            BackendKind::Wgpu => "wgpu",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    F32,
+    F64,
+}
+
+impl Precision {
+    /// The float type of every program's parameters, state and activations.
+    pub fn dtype(self) -> crate::DType {
+        match self {
+            Precision::F32 => crate::DType::F32,
+            Precision::F64 => crate::DType::F64,
+        }
+    }
+}
+
+/// How the GPU backends multiply f32 matrices (`backend.matmul`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatmulPrecision {
+    /// f32 products on the arithmetic units (the CPU executor's results to
+    /// rounding).
+    #[default]
+    F32,
+    /// On tensor cores where the device has them: operands rounded to
+    /// TF32's 10-bit mantissa, f32 accumulation (PyTorch's `allow_tf32`).
+    Tf32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendSpec {
+    pub kind: BackendKind,
+    pub dtype: Precision,
+    /// How the GPU backends multiply matrices; the CPU executor always
+    /// computes in `dtype`.
+    #[serde(default)]
+    pub matmul: MatmulPrecision,
+    /// Memory the compiled programs may plan for, in bytes
+    /// (`memory_budget_gib`): a truncated hypergradient keeps the forward
+    /// activations for its adjoint sweep (no recomputation) when that fits;
+    /// `None` picks the plan with the smaller estimated peak.
+    #[serde(default)]
+    pub memory_budget: Option<u64>,
+}

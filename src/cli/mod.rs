@@ -1,0 +1,278 @@
+//! The `coopc` command line as a library: argument parsing (clap) and one
+//! module per command. `main.rs` parses and calls [`dispatch`].
+
+pub mod backend;
+pub mod check;
+pub mod compare;
+pub mod compile;
+pub mod demo;
+pub mod grad;
+pub mod init;
+pub mod inspect;
+pub mod run;
+
+use clap::{Parser, Subcommand};
+use coopc_compiler::spec::{BackendKind, Method};
+use std::path::PathBuf;
+
+/// A user-facing failure: the message names what is wrong and where.
+#[derive(Debug)]
+pub struct UserError(pub String);
+
+impl<E: std::fmt::Display> From<E> for UserError {
+    fn from(e: E) -> Self {
+        UserError(e.to_string())
+    }
+}
+
+#[derive(Parser)]
+#[command(
+    name = "coopc",
+    version,
+    about = "Compiler and runtime for cooperative SFT + RL training (BRIDGE)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Train: sample, score and run meta-steps, writing metrics and checkpoints.
+    Run {
+        /// A pipeline.toml (compiled first) or a .plan from `coopc compile`.
+        pipeline: Option<PathBuf>,
+        /// Override bilevel.method.
+        #[arg(long, value_enum)]
+        method: Option<Method>,
+        /// Override train.steps (a sft.cold_start_steps at its default, half of
+        /// train.steps, stays half).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Override train.seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Override backend.kind.
+        #[arg(long, value_enum)]
+        backend: Option<BackendKind>,
+        /// Run folder (default runs/<pipeline>-<method>-s<seed>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue the run in DIR from its latest checkpoint.
+        #[arg(long, value_name = "DIR")]
+        resume: Option<PathBuf>,
+        /// Held-out problems per evaluation.
+        #[arg(long, default_value_t = 100)]
+        eval_limit: usize,
+        /// No progress bar.
+        #[arg(long, short)]
+        quiet: bool,
+        /// Stop after this many meta-steps (with a checkpoint), as if interrupted.
+        #[arg(long, value_name = "N")]
+        stop_after: Option<usize>,
+    },
+    /// Plot several runs (PNG) and tabulate them (markdown on stdout).
+    Compare {
+        /// Run folders (each with metrics.jsonl).
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Where to write the figure.
+        #[arg(long, default_value = "compare.png")]
+        png: PathBuf,
+        /// Also write the markdown table here.
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+    },
+    /// Held-out accuracy of a run's latest checkpoint.
+    Eval {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        eval_limit: usize,
+        /// Also print this many held-out and training-distribution problems with the model's answers.
+        #[arg(long, default_value_t = 0)]
+        show: usize,
+    },
+    /// Validate a pipeline.toml (exit 2 with diagnostics when it is invalid).
+    Check { pipeline: PathBuf },
+    /// Lower a pipeline into a plan: the fused meta-step and the log-prob program.
+    Compile {
+        pipeline: PathBuf,
+        /// Where to write the plan.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Also print the meta-step program (ir, dot), every program's schedule, or write
+        /// every program's GPU kernels (kernels DIR).
+        #[arg(long, value_enum)]
+        emit: Option<compile::Emit>,
+        /// Folder for `--emit kernels`.
+        dir: Option<PathBuf>,
+    },
+    /// Describe a compiled plan: programs, op counts, buffer bytes, peak memory.
+    Inspect { plan: PathBuf },
+    /// Write initial parameters (HF/PEFT initialisation) and optionally a synthetic batch.
+    Init {
+        pipeline: PathBuf,
+        /// Output safetensors of θ and w.
+        #[arg(long)]
+        params: PathBuf,
+        /// Also write a synthetic batch of the pipeline's shapes (for `grad`).
+        #[arg(long)]
+        batch: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// One meta-step on fixed data (CPU executor): lower gradient, hypergradient, losses, θ_K.
+    Grad {
+        pipeline: PathBuf,
+        /// θ by Hugging Face names, w by PEFT names, optional shadow.* tensors.
+        #[arg(long)]
+        params: PathBuf,
+        /// sft.* and rl.* tensors, optionally per step (step0., step1., …).
+        #[arg(long)]
+        batch: PathBuf,
+        /// Output safetensors: lower.*, hyper.*, loss.*, theta_K.*.
+        #[arg(long)]
+        out: PathBuf,
+        /// Execute the meta-step N more times and print the median time and peak RSS.
+        #[arg(long, default_value_t = 0)]
+        repeat: usize,
+        /// Where to execute: cpu (default), wgpu, cuda, or auto (cuda when a device answers).
+        #[arg(long, value_enum)]
+        backend: Option<BackendKind>,
+    },
+    /// Differentiate a small MLP loss twice, optimise the graph and run it on the CPU executor.
+    Demo {
+        /// Print the optimised graph as text or Graphviz DOT instead of the summary.
+        #[arg(long, value_enum)]
+        emit: Option<demo::Emit>,
+        /// Element type of the graph.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: demo::DemoDType,
+        /// Hidden width of the MLP.
+        #[arg(long, default_value_t = 64)]
+        hidden: usize,
+        /// Skip the pass pipeline.
+        #[arg(long)]
+        no_optimise: bool,
+    },
+}
+
+/// Runs one command; returns the process's exit code.
+pub fn dispatch(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Run {
+            pipeline,
+            method,
+            steps,
+            seed,
+            backend,
+            out,
+            resume,
+            eval_limit,
+            quiet,
+            stop_after,
+        } => {
+            let ov = run::Overrides {
+                method,
+                steps,
+                seed,
+                backend,
+            };
+            user_result(run::run(
+                pipeline.as_deref(),
+                resume.as_deref(),
+                out.as_deref(),
+                ov,
+                run::RunFlags {
+                    eval_limit,
+                    quiet,
+                    stop_after,
+                },
+            ))
+        }
+        Command::Eval {
+            dir,
+            eval_limit,
+            show,
+        } => user_result(run::eval(&dir, eval_limit, show)),
+        Command::Compare {
+            dirs,
+            png,
+            markdown,
+        } => match compare::compare(&dirs, &png, markdown.as_deref()) {
+            Ok(table) => {
+                print!("{table}");
+                eprintln!("figure written to {}", png.display());
+                0
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                2
+            }
+        },
+        Command::Check { pipeline } => check::check(&pipeline),
+        Command::Inspect { plan } => inspect::inspect(&plan),
+        Command::Compile {
+            pipeline,
+            output,
+            emit,
+            dir,
+        } => user_result(compile::run(
+            &pipeline,
+            output.as_deref(),
+            emit,
+            dir.as_deref(),
+        )),
+        Command::Init {
+            pipeline,
+            params,
+            batch,
+            seed,
+        } => user_result(init::run(&pipeline, &params, batch.as_deref(), seed)),
+        Command::Grad {
+            pipeline,
+            params,
+            batch,
+            out,
+            repeat,
+            backend,
+        } => user_result(grad::run(
+            &pipeline,
+            &params,
+            &batch,
+            &out,
+            repeat,
+            backend,
+        )),
+        Command::Demo {
+            emit,
+            dtype,
+            hidden,
+            no_optimise,
+        } => {
+            match demo::demo(emit, dtype.into(), hidden, !no_optimise) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    1
+                }
+            }
+        }
+    }
+}
+
+/// Exit code 2 for bad input, with the message on stderr.
+fn user_result(r: Result<(), UserError>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            let msg = e.0.trim_end();
+            if msg.starts_with("error") {
+                eprintln!("{msg}");
+            } else {
+                eprintln!("error: {msg}");
+            }
+            2
+        }
+    }
+}

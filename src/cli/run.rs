@@ -1,0 +1,238 @@
+//! `coopc run` (train), `coopc eval` (held-out accuracy of a run's latest
+//! checkpoint): the command-line side of the training loop.
+
+use crate::cli::UserError;
+use coopc_compiler::compile;
+use coopc_compiler::plan::Plan;
+use coopc_compiler::spec::{BackendKind, Method, PipelineSpec};
+use coopc_train::{Metrics, RunOptions, Trainer};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Command-line overrides of pipeline keys.
+pub struct Overrides {
+    pub method: Option<Method>,
+    pub steps: Option<usize>,
+    pub seed: Option<u64>,
+    pub backend: Option<BackendKind>,
+}
+
+const SPEC_FILE: &str = "spec.json";
+
+fn read_spec(dir: &Path) -> Result<PipelineSpec, UserError> {
+    let path = dir.join(SPEC_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        UserError(format!(
+            "{}: {e} (is {} a coopc run folder?)",
+            path.display(),
+            dir.display()
+        ))
+    })?;
+    serde_json::from_str(&text).map_err(|e| {
+        UserError(format!(
+            "{}: not a valid run specification: {e}",
+            path.display()
+        ))
+    })
+}
+
+fn one_line(m: &Metrics) -> String {
+    let f = |x: Option<f64>| x.map_or("–".to_string(), |v| format!("{v:.3}"));
+    format!(
+        "reward {} · acc {} · sft {:.3} · rl {} · eval {}",
+        f(m.reward_mean),
+        f(m.accuracy),
+        m.sft_loss,
+        f(m.rl_loss),
+        f(m.eval_accuracy)
+    )
+}
+
+/// How `run` behaves beyond the pipeline.
+pub struct RunFlags {
+    pub eval_limit: usize,
+    pub quiet: bool,
+    pub stop_after: Option<usize>,
+}
+
+pub fn run(
+    pipeline: Option<&Path>,
+    resume: Option<&Path>,
+    out: Option<&Path>,
+    ov: Overrides,
+    flags: RunFlags,
+) -> Result<(), UserError> {
+    let RunFlags {
+        eval_limit,
+        quiet,
+        stop_after,
+    } = flags;
+    let t0 = Instant::now();
+    let (mut spec, plan) = match (pipeline, resume) {
+        (_, Some(dir)) => (read_spec(dir)?, None),
+        (Some(p), None) if p.extension().is_some_and(|e| e == "plan") => {
+            let plan = Plan::load(p)?;
+            (plan.spec.clone(), Some(plan))
+        }
+        (Some(p), None) => {
+            let (_, spec) =
+                coopc_compiler::frontend::load_pipeline(p).map_err(|e| UserError(e.render()))?;
+            (spec, None)
+        }
+        (None, None) => {
+            return Err(UserError(
+                "give a pipeline (.toml or .plan) or --resume DIR".into(),
+            ))
+        }
+    };
+    if resume.is_some() && (ov.method.is_some() || ov.seed.is_some()) {
+        return Err(UserError(
+            "--resume continues a run as it was started; --method and --seed cannot change".into(),
+        ));
+    }
+    let before = spec.clone();
+    if let Some(m) = ov.method {
+        spec.bilevel.method = m;
+    }
+    if let Some(s) = ov.steps {
+        // A cold-start switch at the default half-way point stays half-way.
+        if spec.sft.cold_start_steps == spec.train.steps / 2 {
+            spec.sft.cold_start_steps = s / 2;
+        }
+        spec.train.steps = s;
+    }
+    if let Some(s) = ov.seed {
+        spec.train.seed = s;
+    }
+    if let Some(b) = ov.backend {
+        spec.backend.kind = b;
+    }
+    let backend = crate::cli::backend::open(spec.backend.kind, &spec.backend)?;
+    // A plan is used as compiled unless an override changed what it
+    // computes; the overrides that do not (steps, seed, backend) take effect
+    // through its spec.
+    let plan = match plan {
+        Some(mut p) if spec.bilevel == before.bilevel => {
+            p.spec = spec.clone();
+            p
+        }
+        _ => compile(spec.clone()),
+    };
+    let dir: PathBuf = match (resume, out) {
+        (Some(d), _) => d.to_path_buf(),
+        (None, Some(o)) => o.to_path_buf(),
+        (None, None) => {
+            let stem = pipeline
+                .and_then(|p| p.file_stem())
+                .map_or("run".into(), |s| s.to_string_lossy().to_string());
+            PathBuf::from("runs").join(format!(
+                "{stem}-{}-s{}",
+                spec.bilevel.method.name(),
+                spec.train.seed
+            ))
+        }
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| UserError(format!("{}: {e}", dir.display())))?;
+    let spec_json = serde_json::to_string_pretty(&spec).map_err(|e| UserError(e.to_string()))?;
+    coopc_compiler::ir::file::write_atomically(&dir.join(SPEC_FILE), spec_json.as_bytes())
+        .map_err(|e| UserError(format!("{}: {e}", dir.join(SPEC_FILE).display())))?;
+    let total = spec.train.steps;
+    let opts = RunOptions {
+        out_dir: dir.clone(),
+        resume: resume.is_some(),
+        progress: !quiet,
+        eval_limit,
+        stop_after,
+    };
+    let mut trainer = Trainer::new(plan, opts)?.with_backend(backend);
+    let start = trainer.step();
+    if !quiet {
+        eprintln!(
+            "coopc run: {} on {} · {} meta-steps (from {start}) · backend {} · out {}",
+            spec.bilevel.method.name(),
+            spec.task.kind.name(),
+            total,
+            trainer.backend_name(),
+            dir.display()
+        );
+    }
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new(total as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("valid template"),
+        );
+        b.set_position(start as u64);
+        b
+    };
+    let mut last_eval = None;
+    let metrics = trainer.run(|m| {
+        if m.eval_accuracy.is_some() {
+            last_eval = m.eval_accuracy;
+        }
+        bar.set_message(one_line(m));
+        bar.inc(1);
+    })?;
+    bar.finish();
+    let last = metrics.last();
+    println!(
+        "{} {} steps in {:.1?}: held-out accuracy {} · metrics {} · checkpoint {}",
+        spec.bilevel.method.name(),
+        metrics.len(),
+        t0.elapsed(),
+        last_eval.map_or("–".to_string(), |a| format!("{:.1}%", 100.0 * a)),
+        dir.join("metrics.jsonl").display(),
+        coopc_train::checkpoint::checkpoints_dir(&dir).display()
+    );
+    if let Some(m) = last {
+        println!("last step: {}", one_line(m));
+    }
+    Ok(())
+}
+
+pub fn eval(dir: &Path, eval_limit: usize, show: usize) -> Result<(), UserError> {
+    let spec = read_spec(dir)?;
+    let plan = compile(spec.clone());
+    let opts = RunOptions {
+        out_dir: dir.to_path_buf(),
+        resume: true,
+        progress: false,
+        eval_limit,
+        stop_after: None,
+    };
+    // Evaluated where the run trained (`auto`/`cpu` runs on the CPU here too).
+    let backend = crate::cli::backend::open(spec.backend.kind, &spec.backend)?;
+    let trainer = Trainer::new(plan, opts)?.with_backend(backend);
+    let acc = trainer.evaluate()?;
+    if show > 0 {
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+        let task = trainer.task();
+        let train: Vec<_> = (0..show).map(|_| task.rl_problem(&mut rng)).collect();
+        for (title, problems) in [
+            ("held-out", task.eval_set()),
+            ("training (RL) distribution", train),
+        ] {
+            println!("{title} problems:");
+            for a in trainer.answer(&problems[..problems.len().min(show)])? {
+                println!(
+                    "  {} {}{}   (reference {})",
+                    if a.correct { "✓" } else { "✗" },
+                    a.prompt,
+                    a.response,
+                    a.reference
+                );
+            }
+        }
+    }
+    println!(
+        "{}: step {} · held-out accuracy {:.1}%",
+        dir.display(),
+        trainer.step(),
+        100.0 * acc
+    );
+    Ok(())
+}

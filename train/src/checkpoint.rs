@@ -1,0 +1,198 @@
+//! Training checkpoints: θ by Hugging Face names, w by PEFT names, a merged
+//! copy (LoRA folded into the base weights), and the rest of the training
+//! state (shadow, optimiser state) — each written atomically, inside a
+//! `step-N` folder that becomes current only when a `latest` pointer file is
+//! atomically replaced, so a crash never leaves a half-written checkpoint as
+//! the one to resume from.
+
+use coopc_runtime::safetensors_io::{read_tensors, write_tensors, TensorFileError};
+use coopc_runtime::HostTensor;
+use coopc_ir::params::{lora_name, module_path, theta_shapes};
+use coopc_ir::file::write_atomically;
+use coopc_ir::spec::{PipelineSpec, Projection};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// Format of `meta.txt` inside a checkpoint folder.
+const META_VERSION: u32 = 1;
+
+#[derive(Debug, Error)]
+pub enum CheckpointError {
+    #[error("checkpoint {}: {reason}", path.display())]
+    Invalid { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Tensors(#[from] TensorFileError),
+    #[error("checkpoint {}: cannot {action}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Everything a run needs to continue: the meta-step count and every state
+/// tensor (θ, w, `shadow.*`, `opt.*`) by its meta-step input name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainState {
+    pub step: usize,
+    pub tensors: BTreeMap<String, HostTensor>,
+}
+
+/// θ with each LoRA product folded in: `W + (alpha / rank) · B A`.
+pub fn merge_lora(
+    spec: &PipelineSpec,
+    tensors: &BTreeMap<String, HostTensor>,
+) -> BTreeMap<String, HostTensor> {
+    let mut out = BTreeMap::new();
+    let scale = spec.lora.scale();
+    for (name, _) in theta_shapes(&spec.model) {
+        let Some(t) = tensors.get(&name) else {
+            continue;
+        };
+        out.insert(name.clone(), t.clone());
+    }
+    for layer in 0..spec.model.n_layers {
+        for p in Projection::ALL {
+            if !spec.lora.targets.contains(&p) {
+                continue;
+            }
+            let w_name = format!("{}.weight", module_path(layer, p));
+            let (Some(w), Some(a), Some(b)) = (
+                out.get(&w_name),
+                tensors.get(&lora_name(layer, p, 'A')),
+                tensors.get(&lora_name(layer, p, 'B')),
+            ) else {
+                continue;
+            };
+            let (o, i, r) = (w.shape[0], w.shape[1], a.shape[0]);
+            let (wv, av, bv) = (w.to_f64_vec(), a.to_f64_vec(), b.to_f64_vec());
+            let mut merged = wv;
+            for row in 0..o {
+                for col in 0..i {
+                    let mut acc = 0.0;
+                    for k in 0..r {
+                        acc += bv[row * r + k] * av[k * i + col];
+                    }
+                    merged[row * i + col] += scale * acc;
+                }
+            }
+            let t = HostTensor::from_f64(w.dtype(), w.shape.clone(), &merged).expect("same shape");
+            out.insert(w_name, t);
+        }
+    }
+    out
+}
+
+fn io<'p>(
+    path: &'p Path,
+    action: &'static str,
+) -> impl FnOnce(std::io::Error) -> CheckpointError + 'p {
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        action,
+        source,
+    }
+}
+
+/// The folder holding a run's checkpoints.
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+/// Writes `state` as checkpoint `step-N` of the run in `run_dir` and makes it
+/// the latest; older checkpoints are removed afterwards.
+pub fn save(
+    run_dir: &Path,
+    spec: &PipelineSpec,
+    state: &TrainState,
+) -> Result<PathBuf, CheckpointError> {
+    let root = checkpoints_dir(run_dir);
+    let dir = root.join(format!("step-{}", state.step));
+    std::fs::create_dir_all(&dir).map_err(io(&dir, "create the folder"))?;
+    let theta_names: Vec<String> = theta_shapes(&spec.model)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let mut theta = BTreeMap::new();
+    let mut adapter = BTreeMap::new();
+    let mut rest = BTreeMap::new();
+    for (name, t) in &state.tensors {
+        if theta_names.contains(name) {
+            theta.insert(name.clone(), t.clone());
+        } else if name.starts_with(coopc_ir::params::PEFT_PREFIX) {
+            adapter.insert(name.clone(), t.clone());
+        } else {
+            rest.insert(name.clone(), t.clone());
+        }
+    }
+    write_tensors(&dir.join("model.safetensors"), &theta)?;
+    write_tensors(&dir.join("adapter_model.safetensors"), &adapter)?;
+    write_tensors(
+        &dir.join("merged.safetensors"),
+        &merge_lora(spec, &state.tensors),
+    )?;
+    write_tensors(&dir.join("state.safetensors"), &rest)?;
+    let meta = format!("version {META_VERSION}\nstep {}\n", state.step);
+    let meta_path = dir.join("meta.txt");
+    write_atomically(&meta_path, meta.as_bytes()).map_err(io(&meta_path, "write"))?;
+    let latest = root.join("latest");
+    write_atomically(&latest, format!("step-{}\n", state.step).as_bytes())
+        .map_err(io(&latest, "write"))?;
+    // Older checkpoints go only after the new one is current.
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().to_string();
+            if p.is_dir() && name.starts_with("step-") && p != dir {
+                let _ = std::fs::remove_dir_all(&p);
+            }
+        }
+    }
+    Ok(dir)
+}
+
+/// Reads the latest checkpoint of the run in `run_dir`.
+pub fn load_latest(run_dir: &Path) -> Result<TrainState, CheckpointError> {
+    let root = checkpoints_dir(run_dir);
+    let latest = root.join("latest");
+    let pointer = std::fs::read_to_string(&latest)
+        .map_err(io(&latest, "read (no checkpoint to resume from)"))?;
+    let dir = root.join(pointer.trim());
+    load(&dir)
+}
+
+/// Reads one checkpoint folder.
+pub fn load(dir: &Path) -> Result<TrainState, CheckpointError> {
+    let meta_path = dir.join("meta.txt");
+    let meta = std::fs::read_to_string(&meta_path).map_err(io(&meta_path, "read"))?;
+    let invalid = |reason: String| CheckpointError::Invalid {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let mut version = None;
+    let mut step = None;
+    for line in meta.lines() {
+        match line.split_once(' ') {
+            Some(("version", v)) => version = v.trim().parse::<u32>().ok(),
+            Some(("step", v)) => step = v.trim().parse::<usize>().ok(),
+            _ => {}
+        }
+    }
+    if version != Some(META_VERSION) {
+        return Err(invalid(format!(
+            "meta.txt has no supported version (expected {META_VERSION})"
+        )));
+    }
+    let step = step.ok_or_else(|| invalid("meta.txt has no step".into()))?;
+    let mut tensors = BTreeMap::new();
+    for file in [
+        "model.safetensors",
+        "adapter_model.safetensors",
+        "state.safetensors",
+    ] {
+        tensors.extend(read_tensors(&dir.join(file))?);
+    }
+    Ok(TrainState { step, tensors })
+}

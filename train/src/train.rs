@@ -1,0 +1,665 @@
+//! The training loop: per meta-step, SFT demonstrations and RL rollouts
+//! (sampled from the current policy, scored by the task's verifier) become
+//! the K step batches of the plan's meta-step, which runs on the chosen
+//! backend; metrics go to `metrics.jsonl`, evaluations on the held-out set
+//! happen every `train.eval_every` steps, and checkpoints are written so that
+//! `--resume` continues bit-exactly.
+
+use crate::checkpoint::{self, CheckpointError, TrainState};
+use crate::init::{init_params, initial_state};
+use crate::sampler::{Generation, SampleError, Sampler, SamplingConfig};
+use crate::tasks::{build_task, check_vocab, Problem, Task, TaskError};
+use coopc_ir::plan::{BatchField, Metric, Plan, Role, Signature, LAMBDA, TOKEN_IDS};
+use coopc_ir::spec::{Advantage, Method, PipelineSpec};
+use coopc_ir::DType;
+use coopc_runtime::{Backend, CpuBackend, ExecError, HostTensor, Value};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    #[error(transparent)]
+    Task(#[from] TaskError),
+    #[error("sampling: {0}")]
+    Sample(#[from] SampleError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{0}")]
+    Io(String),
+    #[error(
+        "meta-step {step}: {what} is {value}; stopping ({checkpoint}) — \
+         lower optim.lower.lr / optim.upper.lr or check the data"
+    )]
+    NonFinite {
+        step: usize,
+        what: String,
+        value: f64,
+        checkpoint: String,
+    },
+}
+
+/// How to run.
+pub struct RunOptions {
+    pub out_dir: PathBuf,
+    /// Continue from the latest checkpoint in `out_dir`.
+    pub resume: bool,
+    /// Draw an indicatif progress bar on stderr.
+    pub progress: bool,
+    /// At most this many held-out problems per evaluation.
+    pub eval_limit: usize,
+    /// Stop (with a checkpoint) once this many meta-steps are done, as if
+    /// interrupted; `--resume` continues to `train.steps`.
+    pub stop_after: Option<usize>,
+}
+
+/// A greedy answer to one problem.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Answer {
+    pub prompt: String,
+    pub reference: String,
+    pub response: String,
+    pub correct: bool,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Metrics {
+    pub step: usize,
+    pub method: String,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
+    pub lambda: f64,
+    /// Mean reward of the step's rollouts (null on steps without rollouts).
+    pub reward_mean: Option<f64>,
+    /// Fraction of rollouts the verifier accepted.
+    pub accuracy: Option<f64>,
+    /// The SFT loss at the first lower step; NaN (written as `null`) when
+    /// the program has none.
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
+    pub sft_loss: f64,
+    pub rl_loss: Option<f64>,
+    /// Mean k3 estimate of KL(π_θ ‖ π_ref) over response tokens (kl_coef > 0).
+    pub kl: Option<f64>,
+    /// L_RL(θ̂_K) − L_RL(θ_K) (BRIDGE).
+    pub coop_gain: Option<f64>,
+    pub response_len: Option<f64>,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
+    pub step_time_s: f64,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
+    pub wall_time_s: f64,
+    pub eval_accuracy: Option<f64>,
+    /// Bytes the meta-step (rollouts, scoring, the step program) copied
+    /// host → device and device → host, on a device backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_to_device: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_from_device: Option<u64>,
+}
+
+fn nan() -> f64 {
+    f64::NAN
+}
+
+/// JSON has no NaN: serde_json writes a non-finite f64 as `null`, and this
+/// reads `null` back as NaN, so that every row the trainer writes reads
+/// back (`--resume`, `coopc compare`).
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    use serde::Deserialize;
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+impl Metrics {
+    /// The fields that must agree between a resumed and an uninterrupted run
+    /// (not timings, and not transfers: a resumed run uploads its state
+    /// again).
+    pub fn without_timing(&self) -> Metrics {
+        Metrics {
+            step_time_s: 0.0,
+            wall_time_s: 0.0,
+            bytes_to_device: None,
+            bytes_from_device: None,
+            ..self.clone()
+        }
+    }
+}
+
+/// The per-step random stream: a pure function of (seed, step, purpose), so
+/// a resumed run draws exactly what the uninterrupted one did.
+fn step_rng(seed: u64, step: usize, purpose: u64) -> StdRng {
+    let mut z = seed
+        ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ purpose.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    StdRng::seed_from_u64(z ^ (z >> 31))
+}
+
+/// Token sequences packed into [rows, T] ids and a response mask.
+struct Packed {
+    ids: Vec<i32>,
+    mask: Vec<f64>,
+}
+
+/// Packs (full sequence, response start, response length) rows, padding with `pad`.
+fn pack(rows: &[(Vec<i32>, usize, usize)], t: usize, pad: i32) -> Packed {
+    let mut ids = vec![pad; rows.len() * t];
+    let mut mask = vec![0.0; rows.len() * t];
+    for (r, (seq, start, len)) in rows.iter().enumerate() {
+        for (j, &tok) in seq.iter().take(t).enumerate() {
+            ids[r * t + j] = tok;
+        }
+        for j in *start..(*start + *len).min(t) {
+            mask[r * t + j] = 1.0;
+        }
+    }
+    Packed { ids, mask }
+}
+
+/// Group-relative advantages of `rewards`, groups of `g` consecutive rollouts.
+pub fn advantages(rewards: &[f64], g: usize, kind: Advantage) -> Vec<f64> {
+    let mut out = vec![0.0; rewards.len()];
+    for (grp, o) in rewards.chunks(g).zip(out.chunks_mut(g)) {
+        let mean = grp.iter().sum::<f64>() / grp.len() as f64;
+        let var = grp.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / grp.len() as f64;
+        for (a, r) in o.iter_mut().zip(grp) {
+            *a = match kind {
+                Advantage::GroupStd => (r - mean) / (var.sqrt() + 1e-6),
+                Advantage::GroupMean => r - mean,
+            };
+        }
+    }
+    out
+}
+
+pub struct Trainer {
+    spec: PipelineSpec,
+    /// The compiled programs and their interfaces.
+    plan: Plan,
+    task: Box<dyn Task>,
+    sampler: Sampler,
+    dt: DType,
+    /// Meta-steps done.
+    step: usize,
+    /// θ, w, shadow and optimiser state by meta-step input name, where the
+    /// backend keeps them (resident on a device backend after the first
+    /// meta-step; read back only for checkpoints).
+    values: BTreeMap<String, Value>,
+    /// π_ref's parameters (the initial θ, w) when kl_coef > 0.
+    reference: Option<HashMap<String, Value>>,
+    opts: RunOptions,
+    /// Where the programs run.
+    backend: Arc<dyn Backend>,
+}
+
+impl Trainer {
+    /// A trainer of a compiled plan: its meta-step, scorer and decode step
+    /// are what runs; its spec says what data to feed.
+    pub fn new(plan: Plan, opts: RunOptions) -> Result<Trainer, TrainError> {
+        let spec = plan.spec.clone();
+        let dt = spec.backend.dtype.dtype();
+        let task = build_task(&spec.task, spec.train.seq_len)?;
+        check_vocab(task.as_ref(), spec.model.vocab_size)?;
+        if let Some(need) = task.max_response_tokens() {
+            if spec.rl.max_new_tokens < need {
+                return Err(TrainError::Io(format!(
+                    "rl.max_new_tokens = {} cuts responses short: the {} task needs up to {need} tokens",
+                    spec.rl.max_new_tokens,
+                    spec.task.kind.name()
+                )));
+            }
+        }
+        let sampler = Sampler::from_plan(&plan)?;
+        let initial = Self::initial_state(&spec, &plan.meta_step().signature);
+        let initial_values = initial
+            .tensors
+            .into_iter()
+            .map(|(n, t)| (n, Value::host(t)))
+            .collect();
+        let reference =
+            (spec.rl.kl_coef > 0.0).then(|| Self::policy_params(&plan, &initial_values));
+        let (step, values) = if opts.resume {
+            let s = checkpoint::load_latest(&opts.out_dir)?;
+            let values = s
+                .tensors
+                .into_iter()
+                .map(|(n, t)| (n, Value::host(t)))
+                .collect();
+            (s.step, values)
+        } else {
+            (initial.step, initial_values)
+        };
+        Ok(Trainer {
+            spec,
+            plan,
+            task,
+            sampler,
+            dt,
+            step,
+            values,
+            reference,
+            opts,
+            backend: Arc::new(CpuBackend),
+        })
+    }
+
+    /// The same trainer running every program (meta-step, scorer, decode
+    /// step) on `backend`.
+    pub fn with_backend(mut self, backend: Arc<dyn Backend>) -> Trainer {
+        self.sampler = self.sampler.with_backend(backend.clone());
+        self.backend = backend;
+        self
+    }
+
+    /// The backend the programs run on.
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// θ, w from the seed; shadow = θ; zero optimiser state.
+    fn initial_state(spec: &PipelineSpec, meta: &Signature) -> TrainState {
+        let params = init_params(meta.parameters(), spec.train.seed);
+        let mut tensors = initial_state(meta, |n| params.get(n).cloned());
+        tensors.extend(params);
+        TrainState { step: 0, tensors }
+    }
+
+    /// θ and w (the policy) out of a state.
+    fn policy_params(plan: &Plan, tensors: &BTreeMap<String, Value>) -> HashMap<String, Value> {
+        plan.meta_step()
+            .signature
+            .parameters()
+            .filter_map(|p| tensors.get(&p.name).map(|t| (p.name.clone(), t.clone())))
+            .collect()
+    }
+
+    /// Meta-steps done so far.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    /// The training state as host tensors (read back from the device on a
+    /// device backend).
+    pub fn state(&self) -> Result<TrainState, TrainError> {
+        let mut tensors = BTreeMap::new();
+        for (name, v) in &self.values {
+            tensors.insert(name.clone(), self.backend.to_host(v)?);
+        }
+        Ok(TrainState {
+            step: self.step,
+            tensors,
+        })
+    }
+
+    /// Moves the state (and π_ref) to where the backend keeps it: a no-op
+    /// once resident, and on the CPU.
+    fn make_resident(&mut self) -> Result<(), TrainError> {
+        let reference = self.reference.iter_mut().flat_map(|r| r.values_mut());
+        for v in self.values.values_mut().chain(reference) {
+            if !v.is_resident() {
+                *v = self.backend.resident(v.clone())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn tensor(&self, shape: Vec<usize>, v: &[f64]) -> HostTensor {
+        HostTensor::from_f64(self.dt, shape, v).expect("length matches by construction")
+    }
+
+    /// Log-probs [rows, T] of packed ids under `params`, left where the
+    /// backend computed them (they feed the meta-step).
+    fn score(&self, params: &HashMap<String, Value>, ids: &[i32]) -> Result<Value, TrainError> {
+        let t = self.spec.train.seq_len;
+        let rows = ids.len() / t;
+        let mut inputs = params.clone();
+        inputs.insert(
+            TOKEN_IDS.into(),
+            Value::host(HostTensor::i32(vec![rows, t], ids.to_vec())),
+        );
+        let scorer = self.plan.logprobs();
+        self.backend
+            .run_values(scorer, &inputs, &|_| false)?
+            .into_iter()
+            .find(|(name, _)| scorer.signature.output(name).map(|p| &p.role) == Some(&Role::LogProbs))
+            .map(|(_, v)| v)
+            .ok_or_else(|| TrainError::Io("the log-prob program returned no log-probs".into()))
+    }
+
+    /// Greedy accuracy on (at most `eval_limit` of) the held-out problems.
+    pub fn evaluate(&self) -> Result<f64, TrainError> {
+        let answers = self.answer(&self.task.eval_set())?;
+        if answers.is_empty() {
+            return Ok(f64::NAN);
+        }
+        let correct = answers.iter().filter(|a| a.correct).count();
+        Ok(correct as f64 / answers.len() as f64)
+    }
+
+    /// Greedy answers to (at most `eval_limit` of) `problems`.
+    pub fn answer(&self, problems: &[Problem]) -> Result<Vec<Answer>, TrainError> {
+        let problems = &problems[..problems.len().min(self.opts.eval_limit)];
+        let params = Self::policy_params(&self.plan, &self.values);
+        let prompts: Vec<Vec<i32>> = problems
+            .iter()
+            .map(|p| self.task.encode_prompt(p))
+            .collect::<Result<_, _>>()?;
+        let mut rng = step_rng(self.spec.train.seed, 0, 7);
+        let gens =
+            self.sampler
+                .generate(&params, &prompts, &self.sampling(true, &prompts), &mut rng)?;
+        Ok(problems
+            .iter()
+            .zip(&gens)
+            .map(|(p, gen)| {
+                let response = self.task.decode_response(gen.response());
+                Answer {
+                    prompt: p.prompt.clone(),
+                    reference: p.answer.clone(),
+                    correct: self.task.is_correct(p, &response),
+                    response,
+                }
+            })
+            .collect())
+    }
+
+    /// The task the run trains on.
+    pub fn task(&self) -> &dyn Task {
+        self.task.as_ref()
+    }
+
+    /// Sampling settings for `prompts`: responses stop at `rl.max_new_tokens`
+    /// or where the longest prompt's sequence reaches `train.seq_len`.
+    fn sampling(&self, greedy: bool, prompts: &[Vec<i32>]) -> SamplingConfig {
+        let tok = self.task.tokenizer();
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        SamplingConfig {
+            temperature: self.spec.rl.temperature,
+            top_p: self.spec.rl.top_p,
+            max_new_tokens: self
+                .spec
+                .rl
+                .max_new_tokens
+                .min(self.spec.train.seq_len.saturating_sub(longest)),
+            stop_token: tok.eos(),
+            pad_token: tok.pad(),
+            greedy,
+        }
+    }
+
+    /// Runs meta-steps until `train.steps`, writing metrics and checkpoints.
+    pub fn run(&mut self, mut on_step: impl FnMut(&Metrics)) -> Result<Vec<Metrics>, TrainError> {
+        let metrics_path = self.opts.out_dir.join("metrics.jsonl");
+        let mut history = read_metrics(&metrics_path)?;
+        history.retain(|m| m.step < self.step);
+        rewrite_metrics(&metrics_path, &history)?;
+        let wall0 = Instant::now();
+        let wall_offset = history.last().map_or(0.0, |m| m.wall_time_s);
+        let total = self.spec.train.steps;
+        let mut out = Vec::new();
+        let stop = self.opts.stop_after.map_or(total, |s| s.min(total));
+        while self.step < stop {
+            let t0 = Instant::now();
+            let before = self.backend.transfers();
+            let mut m = self.meta_step()?;
+            if let (Some(b), Some(a)) = (before, self.backend.transfers()) {
+                let d = a.since(b);
+                m.bytes_to_device = Some(d.uploaded);
+                m.bytes_from_device = Some(d.downloaded);
+            }
+            let step = m.step;
+            let every = self.spec.train.eval_every;
+            if (every > 0 && (step + 1) % every == 0) || step + 1 == total {
+                m.eval_accuracy = Some(self.evaluate()?);
+            }
+            m.step_time_s = t0.elapsed().as_secs_f64();
+            m.wall_time_s = wall_offset + wall0.elapsed().as_secs_f64();
+            append_metrics(&metrics_path, &m)?;
+            if m.eval_accuracy.is_some() || self.step == stop {
+                checkpoint::save(&self.opts.out_dir, &self.spec, &self.state()?)?;
+            }
+            on_step(&m);
+            out.push(m);
+        }
+        Ok(out)
+    }
+
+    /// One meta-step: build the K batches, run the program, adopt the new state.
+    fn meta_step(&mut self) -> Result<Metrics, TrainError> {
+        self.make_resident()?;
+        let spec = &self.spec;
+        let step = self.step;
+        let lambda = spec.lambda_at(step);
+        let k_steps = spec.bilevel.hypergradient.unroll.max(1);
+        let (t, bs) = (spec.train.seq_len, spec.sft.batch_size);
+        let br = spec.rl.batch_size();
+        let g = spec.rl.group_size;
+        let policy = Self::policy_params(&self.plan, &self.values);
+        let tok = self.task.tokenizer();
+        let pad = tok.pad();
+        let mut inputs: HashMap<String, Value> = self.values.clone().into_iter().collect();
+        let host = |t: HostTensor| Value::host(t);
+        inputs.insert(LAMBDA.into(), host(self.tensor(vec![], &[lambda])));
+        let needs_rollouts = lambda > 0.0 || spec.bilevel.method == Method::Bridge;
+        let (mut rewards_all, mut correct, mut lens, mut kls) =
+            (Vec::new(), 0usize, Vec::new(), Vec::new());
+        for k in 0..k_steps {
+            let mut rng = step_rng(spec.train.seed, step, 1 + k as u64);
+            // SFT demonstrations.
+            let mut rows = Vec::with_capacity(bs);
+            for _ in 0..bs {
+                let ex = self.task.sft_row(&mut rng)?;
+                rows.push((ex.tokens, ex.prompt_len, ex.response_len));
+            }
+            let sft = pack(&rows, t, pad);
+            let field = |f: BatchField| f.input_name(k);
+            inputs.insert(
+                field(BatchField::SftInputIds),
+                host(HostTensor::i32(vec![bs, t], sft.ids.clone())),
+            );
+            inputs.insert(
+                field(BatchField::SftLossMask),
+                host(self.tensor(vec![bs, t], &sft.mask)),
+            );
+            // RL rollouts: G completions of each prompt from the current policy.
+            let (rl, adv, old, reference) = if needs_rollouts {
+                let problems: Vec<Problem> = (0..spec.rl.prompts_per_step)
+                    .map(|_| self.task.rl_problem(&mut rng))
+                    .collect();
+                let mut prompts = Vec::with_capacity(br);
+                for p in &problems {
+                    let enc = self.task.encode_prompt(p)?;
+                    for _ in 0..g {
+                        prompts.push(enc.clone());
+                    }
+                }
+                let gens: Vec<Generation> = self.sampler.generate(
+                    &policy,
+                    &prompts,
+                    &self.sampling(false, &prompts),
+                    &mut rng,
+                )?;
+                let mut rewards = Vec::with_capacity(br);
+                let mut rows = Vec::with_capacity(br);
+                for (i, gen) in gens.iter().enumerate() {
+                    let problem = &problems[i / g];
+                    let text = self.task.decode_response(gen.response());
+                    correct += self.task.is_correct(problem, &text) as usize;
+                    rewards.push(self.task.reward(problem, &text));
+                    lens.push(gen.response_len as f64);
+                    rows.push((gen.tokens.clone(), gen.prompt_len, gen.response_len));
+                }
+                rewards_all.extend(&rewards);
+                let rl = pack(&rows, t, pad);
+                let adv = advantages(&rewards, g, spec.rl.advantage);
+                let old = self.score(&policy, &rl.ids)?;
+                let reference = match &self.reference {
+                    Some(r) => {
+                        let lp = self.score(r, &rl.ids)?;
+                        // The KL metric reads both log-probs back.
+                        let old_h = self.backend.to_host(&old)?.to_f64_vec();
+                        let lp_h = self.backend.to_host(&lp)?.to_f64_vec();
+                        for ((o, r), m) in old_h.iter().zip(&lp_h).zip(&rl.mask) {
+                            if *m > 0.0 {
+                                let d = r - o;
+                                kls.push(d.exp() - d - 1.0);
+                            }
+                        }
+                        Some(lp)
+                    }
+                    None => None,
+                };
+                (rl, adv, old, reference)
+            } else {
+                // λ = 0 and no upper level: the RL term has weight 0, so the
+                // SFT rows stand in (zero advantages) and nothing is sampled.
+                let reps: Vec<(Vec<i32>, usize, usize)> =
+                    (0..br).map(|i| rows[i % bs].clone()).collect();
+                let rl = pack(&reps, t, pad);
+                let zeros = host(self.tensor(vec![br, t], &vec![0.0; rl.ids.len()]));
+                (rl, vec![0.0; br], zeros.clone(), Some(zeros))
+            };
+            inputs.insert(
+                field(BatchField::RlInputIds),
+                host(HostTensor::i32(vec![br, t], rl.ids)),
+            );
+            inputs.insert(
+                field(BatchField::RlLossMask),
+                host(self.tensor(vec![br, t], &rl.mask)),
+            );
+            inputs.insert(
+                field(BatchField::RlAdvantages),
+                host(self.tensor(vec![br], &adv)),
+            );
+            inputs.insert(field(BatchField::RlOldLogprobs), old);
+            if let Some(r) = reference {
+                inputs.insert(field(BatchField::RlRefLogprobs), r);
+            }
+        }
+        // Only the scalars the metrics need come back; the new state stays
+        // where the backend keeps it.
+        let meta = self.plan.meta_step();
+        let on_host = |name: &str| {
+            matches!(
+                meta.signature.output(name).map(|p| &p.role),
+                Some(Role::Metric(_))
+            )
+        };
+        let outputs: HashMap<String, Value> = self
+            .backend
+            .run_values(meta, &inputs, &on_host)?
+            .into_iter()
+            .collect();
+        let scalar = |m: Metric| {
+            outputs
+                .get(m.name())
+                .and_then(Value::as_host)
+                .map(|t| t.to_f64_vec()[0])
+        };
+        let sft_loss = scalar(Metric::SftLoss).unwrap_or(f64::NAN);
+        let checks = [
+            (Metric::SftLoss, Some(sft_loss)),
+            (Metric::RlLoss, scalar(Metric::RlLoss)),
+            (Metric::UpperLoss, scalar(Metric::UpperLoss)),
+        ];
+        for (metric, v) in checks {
+            let what = metric.name();
+            if let Some(v) = v {
+                if !v.is_finite() && (metric != Metric::RlLoss || needs_rollouts) {
+                    return Err(TrainError::NonFinite {
+                        step,
+                        what: what.to_string(),
+                        value: v,
+                        checkpoint: match checkpoint::load_latest(&self.opts.out_dir) {
+                            Ok(s) => format!(
+                                "the last good checkpoint, after meta-step {}, is kept in {}",
+                                s.step,
+                                checkpoint::checkpoints_dir(&self.opts.out_dir).display()
+                            ),
+                            Err(_) => "no checkpoint was written yet".to_string(),
+                        },
+                    });
+                }
+            }
+        }
+        // Adopt the new state: the next value of every state input.
+        let mut next = self.values.clone();
+        for port in &meta.signature.outputs {
+            if let (Role::Next { of }, Some(t)) = (&port.role, outputs.get(&port.name)) {
+                next.insert(of.clone(), t.clone());
+            }
+        }
+        self.values = next;
+        self.step = step + 1;
+        let n = rewards_all.len();
+        Ok(Metrics {
+            step,
+            method: spec.bilevel.method.name().to_string(),
+            lambda,
+            reward_mean: (n > 0).then(|| rewards_all.iter().sum::<f64>() / n as f64),
+            accuracy: (n > 0).then(|| correct as f64 / n as f64),
+            sft_loss,
+            rl_loss: if needs_rollouts {
+                scalar(Metric::RlLoss)
+            } else {
+                None
+            },
+            kl: (!kls.is_empty()).then(|| kls.iter().sum::<f64>() / kls.len() as f64),
+            coop_gain: scalar(Metric::Gain),
+            response_len: (!lens.is_empty()).then(|| lens.iter().sum::<f64>() / lens.len() as f64),
+            step_time_s: 0.0,
+            wall_time_s: 0.0,
+            eval_accuracy: None,
+            bytes_to_device: None,
+            bytes_from_device: None,
+        })
+    }
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Io(format!("{}: {e}", path.display()))
+}
+
+/// The metrics already written to a run's `metrics.jsonl` (none if absent).
+pub fn read_metrics(path: &Path) -> Result<Vec<Metrics>, TrainError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(path, e)),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| io_err(path, format!("line {}: {e}", i + 1)))
+        })
+        .collect()
+}
+
+fn rewrite_metrics(path: &Path, rows: &[Metrics]) -> Result<(), TrainError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    }
+    let mut text = String::new();
+    for m in rows {
+        text.push_str(&serde_json::to_string(m).map_err(|e| io_err(path, e))?);
+        text.push('\n');
+    }
+    coopc_ir::file::write_atomically(path, text.as_bytes()).map_err(|e| io_err(path, e))
+}
+
+fn append_metrics(path: &Path, m: &Metrics) -> Result<(), TrainError> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| io_err(path, e))?;
+    let line = serde_json::to_string(m).map_err(|e| io_err(path, e))?;
+    writeln!(f, "{line}").map_err(|e| io_err(path, e))
+}
