@@ -240,6 +240,39 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     );
 }
 
+/// JSON has no NaN: serde writes a NaN metric as `null`. Every row the
+/// trainer writes must read back — `--resume` reads and rewrites
+/// metrics.jsonl, and `coopc compare` reads the same rows.
+#[test]
+fn a_null_loss_in_the_metrics_stops_neither_resume_nor_compare() {
+    let dir = tmpdir("null-loss");
+    let p = pipeline(&dir, TINY);
+    let out_dir = dir.join("run");
+    let o = out_dir.to_str().unwrap();
+    run(&["run", &p, "--out", o, "--quiet", "--eval-limit", "2", "--stop-after", "2"]);
+    // A NaN SFT loss, as serde_json writes it.
+    let metrics = out_dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let first = text.lines().next().unwrap();
+    let mut row: serde_json::Value = serde_json::from_str(first).unwrap();
+    let nan = Metrics {
+        sft_loss: f64::NAN,
+        ..serde_json::from_value(row.clone()).unwrap()
+    };
+    assert_eq!(serde_json::to_value(&nan).unwrap()["sft_loss"], serde_json::Value::Null);
+    row["sft_loss"] = serde_json::Value::Null;
+    std::fs::write(&metrics, text.replacen(first, &row.to_string(), 1)).unwrap();
+
+    run(&["run", "--resume", o, "--quiet", "--eval-limit", "2"]);
+    let rows = read_metrics(&metrics).unwrap();
+    assert_eq!(rows.len(), 4);
+    assert!(rows[0].sft_loss.is_nan());
+    assert!(rows[1..].iter().all(|m| m.sft_loss.is_finite()));
+    let png = dir.join("c.png");
+    run(&["compare", o, "--png", png.to_str().unwrap()]);
+    assert!(png.exists());
+}
+
 /// The whole loop (sampling, scoring, meta-step, evaluation) on the GPU
 /// path — wgpu through lavapipe here, CUDA with `COOPC_TEST_CUDA=1`. The
 /// first meta-step starts from the same state, so it gives the CPU run's

@@ -196,37 +196,12 @@ impl DecodeStep<'_> {
         let (cos, sin) = self.rope_at(g, pos);
         let mut next = Vec::with_capacity(caches.len());
         for (i, &(k_cache, v_cache)) in caches.iter().enumerate() {
-            let ln1 = self
-                .dec
-                .p(theta, &format!("model.layers.{i}.input_layernorm.weight"));
-            let hn = self.dec.rms_norm(g, x, ln1);
-            let q = self.dec.linear(g, hn, theta, w, i, Projection::QProj);
-            let k = self.dec.linear(g, hn, theta, w, i, Projection::KProj);
-            let v = self.dec.linear(g, hn, theta, w, i, Projection::VProj);
-            let q = self.dec.split_heads(g, q, m.n_heads);
-            let k = self.dec.split_heads(g, k, m.n_kv_heads);
-            let v = self.dec.split_heads(g, v, m.n_kv_heads);
-            let q = self.dec.rope(g, q, cos, sin);
-            let k = self.dec.rope(g, k, cos, sin);
-            let k_all = g.update_slice(k_cache, k, pos, 2);
-            let v_all = g.update_slice(v_cache, v, pos, 2);
-            next.push((k_all, v_all));
-            let a = g.cached_attention(q, k_all, v_all, pos);
-            let a = g.permute(a, &[0, 2, 1, 3]);
-            let a = g.reshape(a, vec![b, 1, m.n_heads * m.head_dim()]);
-            let o = self.dec.linear(g, a, theta, w, i, Projection::OProj);
-            x = g.add(x, o);
-            let ln2 = self.dec.p(
-                theta,
-                &format!("model.layers.{i}.post_attention_layernorm.weight"),
-            );
-            let hn = self.dec.rms_norm(g, x, ln2);
-            let gate = self.dec.linear(g, hn, theta, w, i, Projection::GateProj);
-            let up = self.dec.linear(g, hn, theta, w, i, Projection::UpProj);
-            let act = g.silu(gate);
-            let act = g.mul(act, up);
-            let down = self.dec.linear(g, act, theta, w, i, Projection::DownProj);
-            x = g.add(x, down);
+            x = self.dec.layer(g, theta, w, i, x, (cos, sin), |g, q, k, v| {
+                let k_all = g.update_slice(k_cache, k, pos, 2);
+                let v_all = g.update_slice(v_cache, v, pos, 2);
+                next.push((k_all, v_all));
+                g.cached_attention(q, k_all, v_all, pos)
+            });
         }
         let norm = self.dec.p(theta, "model.norm.weight");
         let h = self.dec.rms_norm(g, x, norm);

@@ -101,41 +101,65 @@ impl Decoder<'_> {
         g.permute(r, &[0, 2, 1, 3])
     }
 
+    /// Decoder layer `i` on hidden states `x` [B, T, d_model]: the pre-norm
+    /// attention block and the SwiGLU MLP block, each with its residual.
+    /// `attend` gets the rotated queries [B, H, T, hd] and keys and values
+    /// [B, H_kv, T, hd] and returns the attention output [B, H, T, hd]: the
+    /// full forward attends causally over the sequence, the decode step
+    /// over its cache. Written once for both, so they agree to rounding.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn layer(
+        &self,
+        g: &mut Graph,
+        theta: &Params,
+        w: &Params,
+        i: usize,
+        x: NodeId,
+        (cos, sin): (NodeId, NodeId),
+        attend: impl FnOnce(&mut Graph, NodeId, NodeId, NodeId) -> NodeId,
+    ) -> NodeId {
+        let m = self.model;
+        let s = g.ty(x).shape.clone();
+        let (b, t) = (s[0], s[1]);
+        let ln1 = self.p(theta, &format!("model.layers.{i}.input_layernorm.weight"));
+        let hn = self.rms_norm(g, x, ln1);
+        let q = self.linear(g, hn, theta, w, i, Projection::QProj);
+        let k = self.linear(g, hn, theta, w, i, Projection::KProj);
+        let v = self.linear(g, hn, theta, w, i, Projection::VProj);
+        let q = self.split_heads(g, q, m.n_heads);
+        let k = self.split_heads(g, k, m.n_kv_heads);
+        let v = self.split_heads(g, v, m.n_kv_heads);
+        let q = self.rope(g, q, cos, sin);
+        let k = self.rope(g, k, cos, sin);
+        let a = attend(g, q, k, v);
+        let a = g.permute(a, &[0, 2, 1, 3]);
+        let a = g.reshape(a, vec![b, t, m.n_heads * m.head_dim()]);
+        let o = self.linear(g, a, theta, w, i, Projection::OProj);
+        let x = g.add(x, o);
+        let ln2 = self.p(
+            theta,
+            &format!("model.layers.{i}.post_attention_layernorm.weight"),
+        );
+        let hn = self.rms_norm(g, x, ln2);
+        let gate = self.linear(g, hn, theta, w, i, Projection::GateProj);
+        let up = self.linear(g, hn, theta, w, i, Projection::UpProj);
+        let act = g.silu(gate);
+        let act = g.mul(act, up);
+        let down = self.linear(g, act, theta, w, i, Projection::DownProj);
+        g.add(x, down)
+    }
+
     /// Final hidden states [B, T, d_model] (after the last RMSNorm) for ids [B, T].
     pub fn hidden(&self, g: &mut Graph, theta: &Params, w: &Params, ids: NodeId) -> NodeId {
         let m = self.model;
-        let s = g.ty(ids).shape.clone();
-        let (b, t) = (s[0], s[1]);
+        let t = g.ty(ids).shape[1];
         let embed = self.p(theta, "model.embed_tokens.weight");
         let mut x = g.gather(embed, ids);
         let (cos, sin) = self.rope_tables(g, t);
         for i in 0..m.n_layers {
-            let ln1 = self.p(theta, &format!("model.layers.{i}.input_layernorm.weight"));
-            let hn = self.rms_norm(g, x, ln1);
-            let q = self.linear(g, hn, theta, w, i, Projection::QProj);
-            let k = self.linear(g, hn, theta, w, i, Projection::KProj);
-            let v = self.linear(g, hn, theta, w, i, Projection::VProj);
-            let q = self.split_heads(g, q, m.n_heads);
-            let k = self.split_heads(g, k, m.n_kv_heads);
-            let v = self.split_heads(g, v, m.n_kv_heads);
-            let q = self.rope(g, q, cos, sin);
-            let k = self.rope(g, k, cos, sin);
-            let a = g.causal_attention(q, k, v);
-            let a = g.permute(a, &[0, 2, 1, 3]);
-            let a = g.reshape(a, vec![b, t, m.n_heads * m.head_dim()]);
-            let o = self.linear(g, a, theta, w, i, Projection::OProj);
-            x = g.add(x, o);
-            let ln2 = self.p(
-                theta,
-                &format!("model.layers.{i}.post_attention_layernorm.weight"),
-            );
-            let hn = self.rms_norm(g, x, ln2);
-            let gate = self.linear(g, hn, theta, w, i, Projection::GateProj);
-            let up = self.linear(g, hn, theta, w, i, Projection::UpProj);
-            let act = g.silu(gate);
-            let act = g.mul(act, up);
-            let down = self.linear(g, act, theta, w, i, Projection::DownProj);
-            x = g.add(x, down);
+            x = self.layer(g, theta, w, i, x, (cos, sin), |g, q, k, v| {
+                g.causal_attention(q, k, v)
+            });
         }
         let norm = self.p(theta, "model.norm.weight");
         self.rms_norm(g, x, norm)
