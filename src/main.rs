@@ -51,4 +51,3 @@ fn main() {
     };
     std::process::exit(code);
 }
-

@@ -7,8 +7,8 @@ mod common;
 use common::*;
 use coopc_compiler::ir::DType;
 use coopc_compiler::model::{lora_shapes, theta_shapes, Decoder, Params};
-use coopc_train::checkpoint::{checkpoints_dir, load_latest, merge_lora, save, TrainState};
 use coopc_runtime::HostTensor;
+use coopc_train::checkpoint::{checkpoints_dir, load_latest, merge_lora, save, TrainState};
 use std::collections::BTreeMap;
 
 fn state(step: usize, seed: u64) -> TrainState {

@@ -288,7 +288,10 @@ fn six_methods_of_three_seeds_each_get_every_row_and_a_figure() {
         }
     }
     let md = compare(&dirs, &out, None).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(png_size(&std::fs::read(&out).expect("PNG written")), PNG_SIZE);
+    assert_eq!(
+        png_size(&std::fs::read(&out).expect("PNG written")),
+        PNG_SIZE
+    );
     for method in methods {
         for seed in 0..3 {
             let cells = table_row(&md, &format!("{method}-seed{seed}"));

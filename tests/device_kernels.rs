@@ -75,7 +75,10 @@ fn on_device(g: &Graph, inputs: &Inputs) -> Vec<(String, HostTensor)> {
 
 /// [`on_device`] with the matrix products run by `matmul`.
 fn on_device_with(g: &Graph, inputs: &Inputs, matmul: MatmulKernel) -> Vec<(String, HostTensor)> {
-    let prepared = Prepared::new(g, coopc_compiler::fusion::fuse(g, &coopc_compiler::schedule::schedule(g).order));
+    let prepared = Prepared::new(
+        g,
+        coopc_compiler::fusion::fuse(g, &coopc_compiler::schedule::schedule(g).order),
+    );
     with_device!(|d| {
         d.matmul = matmul;
         d.execute(g, &prepared, inputs)
@@ -671,12 +674,7 @@ fn fused_linear_logprob_matches_log_softmax_of_the_full_logits() {
     // of W and dW that are multiples of 256 bytes every other chunk, so
     // CubeCL's products take every other chunk through views and coopc's
     // the rest.
-    let chunks = [
-        coopc_compiler::ir::kernel::device_chunk(t, v),
-        64,
-        300,
-        10,
-    ];
+    let chunks = [coopc_compiler::ir::kernel::device_chunk(t, v), 64, 300, 10];
     for (kernel, chunk) in MatmulKernel::ALL
         .into_iter()
         .flat_map(|k| chunks.map(|c| (k, c)))
@@ -846,7 +844,11 @@ fn update_slice_writes_a_donated_base_in_place() {
     pass.set_output("b", x);
     let x = d.resident(Value::host(inp["cache"].clone())).unwrap();
     let mut two = d
-        .run_values(&program(&pass), &HashMap::from([("x".to_string(), x)]), &|_| false)
+        .run_values(
+            &program(&pass),
+            &HashMap::from([("x".to_string(), x)]),
+            &|_| false,
+        )
         .unwrap();
     let (b, a) = (two.pop().unwrap().1, two.pop().unwrap().1);
     let mut vals: HashMap<String, Value> = inp
@@ -933,7 +935,9 @@ fn resident_values_stay_on_the_device_between_runs() {
     let once = d.run_values(&program(&g), &vals, &|_| false).unwrap();
     assert!(once[0].1.is_resident());
     vals.insert("x".into(), once[0].1.clone());
-    let twice = d.run_values(&program(&g), &vals, &|name| name == "y").unwrap();
+    let twice = d
+        .run_values(&program(&g), &vals, &|name| name == "y")
+        .unwrap();
     let moved = d.transfers().unwrap().since(t1);
     assert_eq!(moved.uploaded, 0, "resident inputs are not uploaded");
     assert_eq!(moved.downloaded, n_bytes, "only the requested output");
@@ -1572,7 +1576,10 @@ fn tf32_products_match_the_cpu_within_their_rounding() {
     let r = g.matmul(p, q);
     g.set_output("r", r);
     let want = execute(&g, &inp).expect("cpu");
-    let prepared = Prepared::new(&g, coopc_compiler::fusion::fuse(&g, &coopc_compiler::schedule::schedule(&g).order));
+    let prepared = Prepared::new(
+        &g,
+        coopc_compiler::fusion::fuse(&g, &coopc_compiler::schedule::schedule(&g).order),
+    );
     let tf32 = MatmulKernel::CubeclTf32;
     let (got, kernel, tol) = if cuda_requested() {
         let mut d = Device::cuda_with(tf32).expect("CUDA device");

@@ -26,7 +26,10 @@ fn training_from_a_plan_file_orders_no_graph() {
     let y = g.exp(x);
     g.set_output("y", y);
     let before = order_calls();
-    let inputs = HashMap::from([("x".to_string(), HostTensor::from_f64(DType::F64, vec![2], &[0.0, 1.0]).unwrap())]);
+    let inputs = HashMap::from([(
+        "x".to_string(),
+        HostTensor::from_f64(DType::F64, vec![2], &[0.0, 1.0]).unwrap(),
+    )]);
     execute(&g, &inputs).unwrap();
     assert_eq!(order_calls(), before + 1);
 
@@ -44,7 +47,10 @@ fn training_from_a_plan_file_orders_no_graph() {
     let mut trainer = Trainer::new(plan, opts).expect("trainer");
     let metrics = trainer.run(|_| {}).expect("training runs");
     assert_eq!(metrics.len(), steps);
-    assert!(metrics.iter().any(|m| m.eval_accuracy.is_some()), "it evaluated");
+    assert!(
+        metrics.iter().any(|m| m.eval_accuracy.is_some()),
+        "it evaluated"
+    );
     assert!(metrics.iter().all(|m| m.sft_loss.is_finite()));
     assert_eq!(
         order_calls(),

@@ -13,8 +13,8 @@ use coopc_compiler::frontend::parse_pipeline;
 use coopc_compiler::ir::{DType, Graph, TensorType};
 use coopc_compiler::model::{lora_shapes, theta_shapes};
 use coopc_compiler::spec::{PipelineSpec, Projection};
-use coopc_train::sampler::{choose_token, Generation, SampleError, Sampler, SamplingConfig};
 use coopc_runtime::{execute, HostTensor};
+use coopc_train::sampler::{choose_token, Generation, SampleError, Sampler, SamplingConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -89,7 +89,10 @@ fn full_logits(spec: &PipelineSpec, params: &Params, seqs: &[Vec<i32>]) -> Vec<f
     let (b, t) = (seqs.len(), seqs[0].len());
     let g = full_logits_program(&spec.model, &spec.lora, DType::F64, b, t);
     let mut inputs = params.clone();
-    inputs.insert(DECODE_IDS.into(), HostTensor::i32(vec![b, t], seqs.concat()));
+    inputs.insert(
+        DECODE_IDS.into(),
+        HostTensor::i32(vec![b, t], seqs.concat()),
+    );
     let out = execute(&g, &inputs).expect("full forward runs");
     out.into_iter()
         .find(|(n, _)| n == DECODE_LOGITS)
@@ -125,7 +128,10 @@ fn check_decode_against_full_forward(spec: &PipelineSpec, seed: u64) {
     for pos in 0..l {
         let ids: Vec<i32> = seqs.iter().map(|s| s[pos]).collect();
         inputs.insert(DECODE_IDS.into(), HostTensor::i32(vec![b], ids));
-        inputs.insert(DECODE_POS.into(), HostTensor::i32(vec![1], vec![pos as i32]));
+        inputs.insert(
+            DECODE_POS.into(),
+            HostTensor::i32(vec![1], vec![pos as i32]),
+        );
         let out = execute(&step, &inputs).expect("decode step runs");
         let mut got = Vec::new();
         for (name, t) in out {
@@ -426,9 +432,7 @@ fn decode_step_time_for_the_addition_model_is_reported() {
     let spec = parse_pipeline(include_str!("../examples/addition.toml")).expect("example parses");
     let (batch, max_len) = (16, spec.model.max_seq);
     let sampler = common::sampler(&spec, batch, max_len);
-    let mut params: Params = common::init_params(&spec, 0)
-        .into_iter()
-        .collect();
+    let mut params: Params = common::init_params(&spec, 0).into_iter().collect();
     let mut rng = StdRng::seed_from_u64(1);
     for (name, t) in params.iter_mut() {
         if name.ends_with("lora_B.weight") {

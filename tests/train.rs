@@ -249,7 +249,17 @@ fn a_null_loss_in_the_metrics_stops_neither_resume_nor_compare() {
     let p = pipeline(&dir, TINY);
     let out_dir = dir.join("run");
     let o = out_dir.to_str().unwrap();
-    run(&["run", &p, "--out", o, "--quiet", "--eval-limit", "2", "--stop-after", "2"]);
+    run(&[
+        "run",
+        &p,
+        "--out",
+        o,
+        "--quiet",
+        "--eval-limit",
+        "2",
+        "--stop-after",
+        "2",
+    ]);
     // A NaN SFT loss, as serde_json writes it.
     let metrics = out_dir.join("metrics.jsonl");
     let text = std::fs::read_to_string(&metrics).unwrap();
@@ -259,7 +269,10 @@ fn a_null_loss_in_the_metrics_stops_neither_resume_nor_compare() {
         sft_loss: f64::NAN,
         ..serde_json::from_value(row.clone()).unwrap()
     };
-    assert_eq!(serde_json::to_value(&nan).unwrap()["sft_loss"], serde_json::Value::Null);
+    assert_eq!(
+        serde_json::to_value(&nan).unwrap()["sft_loss"],
+        serde_json::Value::Null
+    );
     row["sft_loss"] = serde_json::Value::Null;
     std::fs::write(&metrics, text.replacen(first, &row.to_string(), 1)).unwrap();
 
@@ -286,7 +299,9 @@ fn training_on_the_device_matches_the_cpu() {
     let required = std::env::var("COOPC_REQUIRE_WGPU").is_ok_and(|v| v == "1");
     if !cuda && !required {
         if let Err(e) = coopc_kernels::device::Device::wgpu() {
-            eprintln!("skipped: no wgpu adapter ({e}); set COOPC_REQUIRE_WGPU=1 to make this a failure");
+            eprintln!(
+                "skipped: no wgpu adapter ({e}); set COOPC_REQUIRE_WGPU=1 to make this a failure"
+            );
             return;
         }
     }

@@ -75,8 +75,9 @@ pub fn sampling_programs(
         ..spec.lora.clone()
     };
     let n_layers = spec.model.n_layers;
-    let is_cache =
-        |name: &str| (0..n_layers).any(|l| name == cache_input(l, 'k') || name == cache_input(l, 'v'));
+    let is_cache = |name: &str| {
+        (0..n_layers).any(|l| name == cache_input(l, 'k') || name == cache_input(l, 'v'))
+    };
     let decode_signature = signature(
         &decode,
         params(spec, &no_lora),
@@ -98,11 +99,16 @@ pub fn sampling_programs(
         },
     );
     let merge = lora_merge_program(&spec.model, &spec.lora, dt).map(|g| {
-        let sig = signature(&g, params(spec, &spec.lora), |_| None, |name| {
-            Some(Role::Merged {
-                of: name.to_string(),
-            })
-        });
+        let sig = signature(
+            &g,
+            params(spec, &spec.lora),
+            |_| None,
+            |name| {
+                Some(Role::Merged {
+                    of: name.to_string(),
+                })
+            },
+        );
         compile_program(ProgramKind::LoraMerge, g, sig)
     });
     (
@@ -174,7 +180,8 @@ pub fn compile_program(kind: ProgramKind, graph: Graph, signature: Signature) ->
 pub fn compile_gradients(spec: &PipelineSpec, shapes: BatchShapes) -> Program {
     let ms = lower_meta_step(spec, shapes);
     let mut sig = ms.signature();
-    let theta: std::collections::HashSet<String> = ms.theta.iter().map(|(n, _)| n.clone()).collect();
+    let theta: std::collections::HashSet<String> =
+        ms.theta.iter().map(|(n, _)| n.clone()).collect();
     sig.outputs.retain(|p| match &p.role {
         Role::Metric(m) => *m != crate::plan::Metric::Gain,
         Role::LowerGradient { .. } | Role::Hypergradient { .. } => true,
@@ -273,7 +280,10 @@ mod tests {
                 assert_eq!(port.role, Role::Batch { step: k, field: f });
             }
         }
-        assert_eq!(ms.signature.input(crate::plan::LAMBDA).unwrap().role, Role::Lambda);
+        assert_eq!(
+            ms.signature.input(crate::plan::LAMBDA).unwrap().role,
+            Role::Lambda
+        );
         assert!(ms
             .signature
             .output_with(&Role::Metric(Metric::SftLoss))

@@ -7,8 +7,8 @@
 use crate::ir::{DType, Graph, NodeId};
 use crate::model::{lora_name, lora_shapes, matmul_t, module_path, theta_shapes, Decoder, Params};
 use crate::passes::Pipeline;
-pub use crate::plan::{cache_input, DECODE_IDS, DECODE_LOGITS, DECODE_POS};
 use crate::plan::next_name;
+pub use crate::plan::{cache_input, DECODE_IDS, DECODE_LOGITS, DECODE_POS};
 use crate::spec::{LoraSpec, ModelSpec, Projection};
 
 /// Name of the updated cache output: `next.cache.{layer}.k` or `.v`.

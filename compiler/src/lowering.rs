@@ -35,9 +35,7 @@ use crate::model::{lora_shapes, theta_shapes, Decoder, Params};
 use crate::passes::Pipeline;
 use crate::plan::{BatchField, Metric, Port, Role, Signature, LAMBDA, LOGPROBS, TOKEN_IDS};
 use crate::schedule::{human_bytes, schedule};
-use crate::spec::{
-    HypergradKind, Method, OptimKind, OptimSpec, PipelineSpec, ShadowMode,
-};
+use crate::spec::{HypergradKind, Method, OptimKind, OptimSpec, PipelineSpec, ShadowMode};
 
 /// Static batch shapes of one compiled meta-step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,10 +165,18 @@ fn batch_inputs(
 ) -> StepBatch {
     let (bs, br, t) = (shapes.sft_batch, shapes.rl_batch, shapes.seq_len);
     StepBatch {
-        sft_ids: g.input(BatchField::SftInputIds.input_name(k), DType::I32, vec![bs, t]),
+        sft_ids: g.input(
+            BatchField::SftInputIds.input_name(k),
+            DType::I32,
+            vec![bs, t],
+        ),
         sft_mask: g.input(BatchField::SftLossMask.input_name(k), dt, vec![bs, t]),
         rl: RlBatch {
-            input_ids: g.input(BatchField::RlInputIds.input_name(k), DType::I32, vec![br, t]),
+            input_ids: g.input(
+                BatchField::RlInputIds.input_name(k),
+                DType::I32,
+                vec![br, t],
+            ),
             loss_mask: g.input(BatchField::RlLossMask.input_name(k), dt, vec![br, t]),
             advantages: g.input(BatchField::RlAdvantages.input_name(k), dt, vec![br]),
             old_logprobs: g.input(BatchField::RlOldLogprobs.input_name(k), dt, vec![br, t]),
@@ -772,11 +778,7 @@ pub fn lower_logprobs(spec: &PipelineSpec, shapes: BatchShapes) -> Graph {
     };
     let theta = declare(&mut g, theta_shapes(&spec.model));
     let w = declare(&mut g, lora_shapes(&spec.model, &spec.lora));
-    let ids = g.input(
-        TOKEN_IDS,
-        DType::I32,
-        vec![shapes.rl_batch, shapes.seq_len],
-    );
+    let ids = g.input(TOKEN_IDS, DType::I32, vec![shapes.rl_batch, shapes.seq_len]);
     let dec = Decoder {
         model: &spec.model,
         lora: &spec.lora,

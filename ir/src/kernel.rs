@@ -197,6 +197,29 @@ impl ReduceLayout {
     }
 }
 
+/// How a reduction's outputs are spread over the device's units: decided
+/// by the fuser from the reduction's shape, read by the device executor and
+/// by the source emitter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ReduceSplit {
+    /// One cube per output, its units folding the row cooperatively.
+    CubePerOutput,
+    /// One unit per output, folding its row alone.
+    UnitPerOutput,
+}
+
+impl ReduceSplit {
+    /// A cube per output when rows are long, or when there are too few
+    /// outputs to fill a GPU with one unit each.
+    pub fn for_shape(n_out: usize, n_red: usize) -> ReduceSplit {
+        if n_red >= 256 || (n_red >= 32 && n_out <= 16_384) {
+            ReduceSplit::CubePerOutput
+        } else {
+            ReduceSplit::UnitPerOutput
+        }
+    }
+}
+
 /// One device kernel of a fused schedule.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Kernel {
@@ -215,6 +238,7 @@ pub enum Kernel {
     Reduce {
         kind: ReduceKind,
         layout: ReduceLayout,
+        split: ReduceSplit,
         prologue: ElemProgram,
         prologue_inputs: Vec<NodeId>,
         epilogue: ElemProgram,
@@ -275,6 +299,8 @@ pub enum Kernel {
     LogprobGrads {
         inputs: [NodeId; 4],
         grads: Vec<(LogprobOperand, NodeId)>,
+        /// Vocabulary rows per pass of the backward ([`device_chunk`]).
+        chunk: usize,
     },
     /// One optimiser step on one parameter: the `optim_step` nodes
     /// `outputs` (one per value asked for) that share their operands
@@ -637,4 +663,3 @@ pub fn forward_splits(n: usize, vocab: usize) -> (usize, usize) {
     let span = tiles.div_ceil(want) * 64;
     (span, vocab.max(1).div_ceil(span))
 }
-

@@ -128,4 +128,3 @@ fn sinks(op: &Op) -> bool {
             | Op::OneHot { .. }
     )
 }
-

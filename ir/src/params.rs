@@ -84,4 +84,3 @@ pub fn lora_shapes(m: &ModelSpec, l: &LoraSpec) -> Vec<(String, Shape)> {
     }
     v
 }
-

@@ -894,7 +894,10 @@ mod tests {
         let mut p = plan();
         p.programs[1].signature.inputs.pop();
         let e = p.validate().unwrap_err();
-        assert!(e.reason.contains("input `b` is not in the signature"), "{e}");
+        assert!(
+            e.reason.contains("input `b` is not in the signature"),
+            "{e}"
+        );
         let mut p = plan();
         p.programs[1].signature.outputs[0].ty = crate::TensorType::new(DType::F32, vec![3, 5]);
         let e = p.validate().unwrap_err();

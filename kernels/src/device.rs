@@ -17,14 +17,14 @@ use crate::movement::{
     write_slice, CopySpec,
 };
 use crate::optim::{adamw_step, momentum_step, sgd_step, StepSpec};
-use crate::reduce::{cooperative, reduce_program, reduce_program_rows, ReduceSpec};
+use crate::reduce::{reduce_program, reduce_program_rows, ReduceSpec};
 use crate::rms_norm::{
     rms_norm_backward_w, rms_norm_backward_x, rms_norm_forward, rms_norm_inv_rms, NORM_BLOCK,
     NORM_COLS, NORM_LANES,
 };
 use crate::rope::rope;
 use crate::token_loss::{token_loss, token_loss_grad, LossSpec, LOSS_BLOCK};
-use coopc_ir::kernel::{device_chunk, ElemInstr, ElemProgram, FusedSchedule, Index, Kernel};
+use coopc_ir::kernel::{ElemInstr, ElemProgram, FusedSchedule, Index, Kernel, ReduceSplit};
 use coopc_ir::plan::Program;
 use coopc_ir::{
     numel, AttentionOperand, DType, Graph, LogprobOperand, NodeId, NormOperand, Op, Scalar,
@@ -840,62 +840,7 @@ impl<R: Runtime> Device<R> {
                 self.elementwise(program, *numel, &operands(ins)?, &outs);
                 Ok(outputs.iter().copied().zip(outs).collect())
             }
-            Kernel::Reduce {
-                kind,
-                layout,
-                prologue,
-                prologue_inputs,
-                epilogue,
-                epilogue_inputs,
-                outputs,
-            } => {
-                let (n_out, n_red) = (layout.out_numel(), layout.red_numel());
-                if n_red == 0 {
-                    return Err(DeviceError::Unsupported {
-                        node: outputs[0].index(),
-                        op: "reduce",
-                        message: "reduction over an empty axis".into(),
-                    });
-                }
-                let outs: Vec<Handle> = outputs.iter().map(|_| self.output(n_out)).collect();
-                let (pro, epi) = (operands(prologue_inputs)?, operands(&epilogue_inputs[1..])?);
-                let pro = sequence(pro.iter().map(|(h, n)| (h, *n)));
-                let epi = sequence(epi.iter().map(|(h, n)| (h, *n)));
-                let o = sequence(outs.iter().map(|h| (h, n_out)));
-                let spec = ReduceSpec {
-                    kind: *kind,
-                    layout: layout.clone(),
-                    prologue: prologue.clone(),
-                    epilogue: epilogue.clone(),
-                };
-                if cooperative(n_out, n_red) {
-                    reduce_program_rows::launch::<R>(
-                        &self.client,
-                        cubes(n_out),
-                        CubeDim::new_1d(BLOCK),
-                        pro,
-                        epi,
-                        o,
-                        n_out as u32,
-                        n_red as u32,
-                        spec,
-                        BLOCK as usize,
-                    );
-                } else {
-                    reduce_program::launch::<R>(
-                        &self.client,
-                        cube_count(n_out),
-                        CubeDim::new_1d(BLOCK),
-                        pro,
-                        epi,
-                        o,
-                        n_out as u32,
-                        n_red as u32,
-                        spec,
-                    );
-                }
-                Ok(outputs.iter().copied().zip(outs).collect())
-            }
+            Kernel::Reduce { .. } => self.launch_reduce(kernel, &operands),
             Kernel::MatMul {
                 id,
                 a,
@@ -949,61 +894,8 @@ impl<R: Runtime> Device<R> {
                 let (o, _) = self.launch_attention([&get(q)?, &get(k)?, &get(v)?], shape)?;
                 Ok(vec![(*id, o)])
             }
-            Kernel::AttentionGrads {
-                inputs: ops,
-                grads,
-                kv_heads,
-            } => {
-                let shape = AttentionShape::of(&g.ty(ops[0]).shape, *kv_heads);
-                let [q, k, v, o, d_o] = [0, 1, 2, 3, 4].map(|i| get(&ops[i]));
-                let (q, k, v, o, d_o) = (q?, k?, v?, o?, d_o?);
-                // The log-sum-exp pass (no output); `o` is the graph's.
-                let lse = self.launch_attention_lse([&q, &k, &v], shape)?;
-                let kv = grads.iter().any(|(w, _)| *w != AttentionOperand::Q);
-                let (dq, dkv) =
-                    self.launch_attention_backward([&q, &k, &v, &o, &lse, &d_o], shape, kv)?;
-                Ok(grads
-                    .iter()
-                    .map(|&(wrt, id)| {
-                        let h = match (wrt, &dkv) {
-                            (AttentionOperand::K, Some((dk, _))) => dk.clone(),
-                            (AttentionOperand::V, Some((_, dv))) => dv.clone(),
-                            _ => dq.clone(),
-                        };
-                        (id, h)
-                    })
-                    .collect())
-            }
-            Kernel::LogprobGrads { inputs: ops, grads } => {
-                let (rows, d) = (g.ty(ops[0]).shape[0], g.ty(ops[0]).shape[1]);
-                let shape = LogprobShape {
-                    n: rows,
-                    d,
-                    vocab: g.ty(ops[1]).shape[0],
-                    seq_out: rows,
-                    seq_in: rows,
-                };
-                let [h, w, y, gr] = [0, 1, 2, 3].map(|i| get(&ops[i]));
-                let (h, w, y, gr) = (h?, w?, y?, gr?);
-                // The forward runs for its log-sum-exp.
-                let (_, lse) = self.launch_linear_logprob([&h, &w, &y], rows * d, shape);
-                // One pass over the vocabulary serves both gradients.
-                let asked = |o| grads.iter().any(|&(wrt, _)| wrt == o);
-                let want = [asked(LogprobOperand::Hidden), asked(LogprobOperand::Weight)];
-                let ops = [&h, &w, &y, &lse, &gr];
-                let chunk = device_chunk(rows, shape.vocab);
-                let [dh, dw] = self.launch_linear_logprob_backward(ops, shape, want, chunk);
-                Ok(grads
-                    .iter()
-                    .map(|&(wrt, id)| {
-                        let out = match wrt {
-                            LogprobOperand::Hidden => dh.clone(),
-                            LogprobOperand::Weight => dw.clone(),
-                        };
-                        (id, out.expect("computed when asked"))
-                    })
-                    .collect())
-            }
+            Kernel::AttentionGrads { .. } => self.launch_attention_grads(g, kernel, &get),
+            Kernel::LogprobGrads { .. } => self.launch_logprob_grads(g, kernel, &get),
             Kernel::OptimStep {
                 rule,
                 numel,
@@ -1020,6 +912,155 @@ impl<R: Runtime> Device<R> {
             }
             Kernel::Node(id) => Ok(vec![(*id, self.node(g, *id, inputs, &get)?)]),
         }
+    }
+
+    /// A reduction with its fused prologue and epilogue, one cube or one
+    /// unit per output as the fuser chose.
+    fn launch_reduce(
+        &self,
+        kernel: &Kernel,
+        operands: &dyn Fn(&[NodeId]) -> Result<Vec<(Handle, usize)>, DeviceError>,
+    ) -> Result<Vec<(NodeId, Handle)>, DeviceError> {
+        let Kernel::Reduce {
+            kind,
+            layout,
+            split,
+            prologue,
+            prologue_inputs,
+            epilogue,
+            epilogue_inputs,
+            outputs,
+        } = kernel
+        else {
+            unreachable!("launch_reduce takes reductions");
+        };
+        let (n_out, n_red) = (layout.out_numel(), layout.red_numel());
+        if n_red == 0 {
+            return Err(DeviceError::Unsupported {
+                node: outputs[0].index(),
+                op: "reduce",
+                message: "reduction over an empty axis".into(),
+            });
+        }
+        let outs: Vec<Handle> = outputs.iter().map(|_| self.output(n_out)).collect();
+        let (pro, epi) = (operands(prologue_inputs)?, operands(&epilogue_inputs[1..])?);
+        let pro = sequence(pro.iter().map(|(h, n)| (h, *n)));
+        let epi = sequence(epi.iter().map(|(h, n)| (h, *n)));
+        let o = sequence(outs.iter().map(|h| (h, n_out)));
+        let spec = ReduceSpec {
+            kind: *kind,
+            layout: layout.clone(),
+            prologue: prologue.clone(),
+            epilogue: epilogue.clone(),
+        };
+        if *split == ReduceSplit::CubePerOutput {
+            reduce_program_rows::launch::<R>(
+                &self.client,
+                cubes(n_out),
+                CubeDim::new_1d(BLOCK),
+                pro,
+                epi,
+                o,
+                n_out as u32,
+                n_red as u32,
+                spec,
+                BLOCK as usize,
+            );
+        } else {
+            reduce_program::launch::<R>(
+                &self.client,
+                cube_count(n_out),
+                CubeDim::new_1d(BLOCK),
+                pro,
+                epi,
+                o,
+                n_out as u32,
+                n_red as u32,
+                spec,
+            );
+        }
+        Ok(outputs.iter().copied().zip(outs).collect())
+    }
+
+    /// The gradients of one attention: the log-sum-exp pass, then the
+    /// query-side and (when asked) key-side backward kernels.
+    fn launch_attention_grads(
+        &self,
+        g: &Graph,
+        kernel: &Kernel,
+        get: &dyn Fn(&NodeId) -> Result<Handle, DeviceError>,
+    ) -> Result<Vec<(NodeId, Handle)>, DeviceError> {
+        let Kernel::AttentionGrads {
+            inputs: ops,
+            grads,
+            kv_heads,
+        } = kernel
+        else {
+            unreachable!("launch_attention_grads takes attention gradients");
+        };
+        let shape = AttentionShape::of(&g.ty(ops[0]).shape, *kv_heads);
+        let [q, k, v, o, d_o] = [0, 1, 2, 3, 4].map(|i| get(&ops[i]));
+        let (q, k, v, o, d_o) = (q?, k?, v?, o?, d_o?);
+        // The log-sum-exp pass (no output); `o` is the graph's.
+        let lse = self.launch_attention_lse([&q, &k, &v], shape)?;
+        let kv = grads.iter().any(|(w, _)| *w != AttentionOperand::Q);
+        let (dq, dkv) = self.launch_attention_backward([&q, &k, &v, &o, &lse, &d_o], shape, kv)?;
+        Ok(grads
+            .iter()
+            .map(|&(wrt, id)| {
+                let h = match (wrt, &dkv) {
+                    (AttentionOperand::K, Some((dk, _))) => dk.clone(),
+                    (AttentionOperand::V, Some((_, dv))) => dv.clone(),
+                    _ => dq.clone(),
+                };
+                (id, h)
+            })
+            .collect())
+    }
+
+    /// The gradients of one linear log-prob: the forward for its
+    /// log-sum-exp, then one pass over the vocabulary for both gradients.
+    fn launch_logprob_grads(
+        &self,
+        g: &Graph,
+        kernel: &Kernel,
+        get: &dyn Fn(&NodeId) -> Result<Handle, DeviceError>,
+    ) -> Result<Vec<(NodeId, Handle)>, DeviceError> {
+        let Kernel::LogprobGrads {
+            inputs: ops,
+            grads,
+            chunk,
+        } = kernel
+        else {
+            unreachable!("launch_logprob_grads takes log-prob gradients");
+        };
+        let (rows, d) = (g.ty(ops[0]).shape[0], g.ty(ops[0]).shape[1]);
+        let shape = LogprobShape {
+            n: rows,
+            d,
+            vocab: g.ty(ops[1]).shape[0],
+            seq_out: rows,
+            seq_in: rows,
+        };
+        let [h, w, y, gr] = [0, 1, 2, 3].map(|i| get(&ops[i]));
+        let (h, w, y, gr) = (h?, w?, y?, gr?);
+        // The forward runs for its log-sum-exp.
+        let (_, lse) = self.launch_linear_logprob([&h, &w, &y], rows * d, shape);
+        // One pass over the vocabulary serves both gradients.
+        let asked = |o| grads.iter().any(|&(wrt, _)| wrt == o);
+        let want = [asked(LogprobOperand::Hidden), asked(LogprobOperand::Weight)];
+        let ops = [&h, &w, &y, &lse, &gr];
+        let [dh, dw] = self.launch_linear_logprob_backward(ops, shape, want, *chunk);
+        Ok(grads
+            .iter()
+            .map(|&(wrt, id)| {
+                let out = match wrt {
+                    LogprobOperand::Hidden => dh.clone(),
+                    LogprobOperand::Weight => dw.clone(),
+                };
+                (id, out.expect("computed when asked"))
+            })
+            .collect())
     }
 
     /// One optimiser step over `numel` elements: the gradient from `grad`
@@ -1129,22 +1170,53 @@ impl<R: Runtime> Device<R> {
         get: &dyn Fn(&NodeId) -> Result<Handle, DeviceError>,
     ) -> Result<Handle, DeviceError> {
         let ty = g.ty(id);
-        let n = ty.numel();
-        let ops = g.inputs(id);
-        let in_len = |i: usize| g.ty(ops[i]).numel();
-        let u = |v: usize| v as u32;
-        let unsupported = |message: String| DeviceError::Unsupported {
-            node: id.index(),
-            op: g.op(id).name(),
-            message,
-        };
         if ty.dtype == DType::F64 {
             return Err(DeviceError::Precision {
                 backend: self.backend,
                 dtype: DType::F64,
             });
         }
-        let out = match g.op(id) {
+        let cx = NodeCx {
+            g,
+            id,
+            n: ty.numel(),
+            ops: g.inputs(id),
+            inputs,
+            get,
+        };
+        // One method per kernel family.
+        match g.op(id) {
+            Op::Input { .. } | Op::Literal { .. } | Op::Iota { .. } => self.source_node(&cx),
+            Op::Reshape { .. }
+            | Op::StopGradient
+            | Op::Barrier { .. }
+            | Op::Permute { .. }
+            | Op::Slice { .. }
+            | Op::Pad { .. }
+            | Op::Concat { .. }
+            | Op::UpdateSlice { .. } => self.movement_node(&cx),
+            Op::TakeAlongAxis { .. }
+            | Op::ScatterAdd { .. }
+            | Op::Gather
+            | Op::ScatterAddRows { .. }
+            | Op::OneHot { .. } => self.index_node(&cx),
+            Op::RmsNorm { .. } | Op::RmsNormGrad { .. } | Op::Rope { .. } => self.norm_node(&cx),
+            Op::CachedAttention => self.attention_node(&cx),
+            Op::TokenLoss { .. } | Op::TokenLossGrad { .. } => self.loss_node(&cx),
+            other => Err(cx.unsupported(format!(
+                "`{}` has no device kernel outside a fused group",
+                other.name()
+            ))),
+        }
+    }
+
+    /// Graph inputs, literals and iotas: values that come from outside or from nothing.
+    fn source_node(&self, cx: &NodeCx<'_>) -> Result<Handle, DeviceError> {
+        let (g, id, n) = (cx.g, cx.id, cx.n);
+        let ty = g.ty(id);
+        let u = |v: usize| v as u32;
+        let inputs = cx.inputs;
+        Ok(match g.op(id) {
             Op::Input { name, ty } => {
                 let input = inputs
                     .input(name)
@@ -1188,6 +1260,17 @@ impl<R: Runtime> Device<R> {
                 );
                 h
             }
+            other => return Err(cx.unsupported(format!("`{}` is not a source op", other.name()))),
+        })
+    }
+
+    /// Data movement: relabelings share their operand's buffer; permutes, slices, pads and concatenations are strided copies; a slice update copies and writes.
+    fn movement_node(&self, cx: &NodeCx<'_>) -> Result<Handle, DeviceError> {
+        let (g, id, n) = (cx.g, cx.id, cx.n);
+        let ops = &cx.ops;
+        let in_len = |i: usize| cx.in_len(i);
+        let get = cx.get;
+        Ok(match g.op(id) {
             // Relabelings share the operand's buffer.
             Op::Reshape { .. } | Op::StopGradient | Op::Barrier { .. } => get(&ops[0])?,
             Op::Permute { .. } | Op::Slice { .. } | Op::Pad { .. } | Op::Concat { .. } => {
@@ -1206,6 +1289,31 @@ impl<R: Runtime> Device<R> {
                 }
                 h
             }
+            Op::UpdateSlice { .. } => {
+                let h = self.output(n);
+                self.elementwise(
+                    &ElemProgram::load(),
+                    n,
+                    &[(get(&ops[0])?, n)],
+                    std::slice::from_ref(&h),
+                );
+                self.launch_write_slice(g, id, &get(&ops[1])?, &get(&ops[2])?, &h);
+                h
+            }
+            other => {
+                return Err(cx.unsupported(format!("`{}` is not a data-movement op", other.name())))
+            }
+        })
+    }
+
+    /// Indexing: take-along-axis and its scatter, row gathers and their scatter, one-hot.
+    fn index_node(&self, cx: &NodeCx<'_>) -> Result<Handle, DeviceError> {
+        let (g, id, n) = (cx.g, cx.id, cx.n);
+        let ops = &cx.ops;
+        let in_len = |i: usize| cx.in_len(i);
+        let u = |v: usize| v as u32;
+        let get = cx.get;
+        Ok(match g.op(id) {
             Op::TakeAlongAxis { axis } => {
                 let xs = &g.ty(ops[0]).shape;
                 let is = &g.ty(ops[1]).shape;
@@ -1278,6 +1386,33 @@ impl<R: Runtime> Device<R> {
                 );
                 h
             }
+            Op::OneHot { depth, .. } => {
+                let h = self.output(n);
+                one_hot::launch::<R>(
+                    &self.client,
+                    cube_count(n),
+                    CubeDim::new_1d(BLOCK),
+                    arg(&get(&ops[0])?, in_len(0)),
+                    arg(&h, n),
+                    u(n),
+                    u(*depth),
+                );
+                h
+            }
+            other => {
+                return Err(cx.unsupported(format!("`{}` is not an indexing op", other.name())))
+            }
+        })
+    }
+
+    /// Per-row transforms: RMSNorm, its gradients, RoPE.
+    fn norm_node(&self, cx: &NodeCx<'_>) -> Result<Handle, DeviceError> {
+        let (g, id, n) = (cx.g, cx.id, cx.n);
+        let ops = &cx.ops;
+        let in_len = |i: usize| cx.in_len(i);
+        let u = |v: usize| v as u32;
+        let get = cx.get;
+        Ok(match g.op(id) {
             Op::RmsNorm { eps } => {
                 let d = g.ty(ops[1]).numel();
                 let rows = n / d;
@@ -1365,6 +1500,23 @@ impl<R: Runtime> Device<R> {
                 );
                 h
             }
+            other => {
+                return Err(cx.unsupported(format!(
+                    "`{}` is not a normalisation or RoPE op",
+                    other.name()
+                )))
+            }
+        })
+    }
+
+    /// Attention of the decode step over its cache.
+    fn attention_node(&self, cx: &NodeCx<'_>) -> Result<Handle, DeviceError> {
+        let (g, id, n) = (cx.g, cx.id, cx.n);
+        let ops = &cx.ops;
+        let in_len = |i: usize| cx.in_len(i);
+        let get = cx.get;
+        let unsupported = |message: String| cx.unsupported(message);
+        Ok(match g.op(id) {
             Op::CachedAttention => {
                 let (qs, ks) = (&g.ty(ops[0]).shape, &g.ty(ops[1]).shape);
                 let (rows, hd) = (qs[0] * qs[1], qs[3]);
@@ -1394,6 +1546,20 @@ impl<R: Runtime> Device<R> {
                 );
                 h
             }
+            other => {
+                return Err(cx.unsupported(format!("`{}` is not an attention op", other.name())))
+            }
+        })
+    }
+
+    /// The GRPO and SFT token losses and their gradients.
+    fn loss_node(&self, cx: &NodeCx<'_>) -> Result<Handle, DeviceError> {
+        let (g, id, n) = (cx.g, cx.id, cx.n);
+        let ops = &cx.ops;
+        let in_len = |i: usize| cx.in_len(i);
+        let u = |v: usize| v as u32;
+        let get = cx.get;
+        Ok(match g.op(id) {
             Op::TokenLoss { loss } | Op::TokenLossGrad { loss } => {
                 let lp = &g.ty(ops[0]).shape;
                 let (rows, cols) = (lp[0], lp[1]);
@@ -1452,38 +1618,36 @@ impl<R: Runtime> Device<R> {
                 }
                 h
             }
-            Op::UpdateSlice { .. } => {
-                let h = self.output(n);
-                self.elementwise(
-                    &ElemProgram::load(),
-                    n,
-                    &[(get(&ops[0])?, n)],
-                    std::slice::from_ref(&h),
-                );
-                self.launch_write_slice(g, id, &get(&ops[1])?, &get(&ops[2])?, &h);
-                h
-            }
-            Op::OneHot { depth, .. } => {
-                let h = self.output(n);
-                one_hot::launch::<R>(
-                    &self.client,
-                    cube_count(n),
-                    CubeDim::new_1d(BLOCK),
-                    arg(&get(&ops[0])?, in_len(0)),
-                    arg(&h, n),
-                    u(n),
-                    u(*depth),
-                );
-                h
-            }
             other => {
-                return Err(unsupported(format!(
-                    "`{}` has no device kernel outside a fused group",
-                    other.name()
-                )))
+                return Err(cx.unsupported(format!("`{}` is not a token-loss op", other.name())))
             }
-        };
-        Ok(out)
+        })
+    }
+}
+
+/// A node launched by itself: its graph, operands and element count, where
+/// its inputs and operand buffers come from.
+struct NodeCx<'a> {
+    g: &'a Graph,
+    id: NodeId,
+    n: usize,
+    ops: Vec<NodeId>,
+    inputs: &'a dyn Inputs,
+    get: &'a dyn Fn(&NodeId) -> Result<Handle, DeviceError>,
+}
+
+impl NodeCx<'_> {
+    /// Elements of operand `i`.
+    fn in_len(&self, i: usize) -> usize {
+        self.g.ty(self.ops[i]).numel()
+    }
+
+    fn unsupported(&self, message: String) -> DeviceError {
+        DeviceError::Unsupported {
+            node: self.id.index(),
+            op: self.g.op(self.id).name(),
+            message,
+        }
     }
 }
 

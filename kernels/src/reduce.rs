@@ -5,8 +5,8 @@
 //! ([`reduce_program`], for many short reductions), or one cube per output
 //! element whose units stride over the reduced elements and fold their
 //! partial results in shared memory ([`reduce_program_rows`], for long
-//! reductions such as a softmax over a vocabulary, or few outputs); see
-//! [`cooperative`].
+//! reductions such as a softmax over a vocabulary, or few outputs), as the
+//! fuser chose (`coopc_ir::kernel::ReduceSplit`).
 
 use crate::program::{expand_program, expand_stores, expand_strided_index};
 use coopc_ir::kernel::{ElemProgram, ReduceLayout};
@@ -118,13 +118,6 @@ pub fn reduce_program(
         }
         finish(acc, epilogue_inputs, outputs, o, spec);
     }
-}
-
-/// Whether a reduction of `n_out` outputs over `n_red` elements each runs
-/// as [`reduce_program_rows`] (one cube per output): when rows are long,
-/// or when there are too few outputs to fill a GPU with one unit each.
-pub fn cooperative(n_out: usize, n_red: usize) -> bool {
-    n_red >= 256 || (n_red >= 32 && n_out <= 16_384)
 }
 
 /// Output element `CUBE_POS < n_out` folds `n_red ≥ 1` prologue values with

@@ -20,7 +20,7 @@ use crate::movement::{
     write_slice, CopySpec,
 };
 use crate::optim::{adamw_step, momentum_step, sgd_step, StepKind, StepSpec};
-use crate::reduce::{cooperative, reduce_program, reduce_program_rows, ReduceSpec};
+use crate::reduce::{reduce_program, reduce_program_rows, ReduceSpec};
 use crate::rms_norm::{
     rms_norm_backward_w, rms_norm_backward_x, rms_norm_forward, rms_norm_inv_rms, NORM_BLOCK,
     NORM_COLS, NORM_LANES,
@@ -28,9 +28,8 @@ use crate::rms_norm::{
 use crate::rope::rope;
 use crate::sample::{sample_pick, sample_pick_ordered, sample_prepare, SAMPLE_BLOCK};
 use crate::token_loss::{token_loss, token_loss_grad, LossSpec, LOSS_BLOCK};
-use coopc_ir::kernel::{ElemProgram, FusedSchedule, Kernel};
+use coopc_ir::kernel::{ElemProgram, FusedSchedule, Kernel, ReduceSplit};
 use coopc_ir::{AttentionOperand, Graph, LogprobOperand, NormOperand, Op};
-use coopc_ir::kernel::device_chunk;
 use cubecl::prelude::*;
 use cubecl::Compiler as _;
 use std::collections::HashMap;
@@ -832,6 +831,7 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
         Kernel::Reduce {
             kind,
             layout,
+            split,
             prologue,
             prologue_inputs,
             epilogue,
@@ -841,7 +841,7 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
             format!(
                 "reduce_{}{}",
                 kind.name(),
-                if cooperative(layout.out_numel(), layout.red_numel()) {
+                if *split == ReduceSplit::CubePerOutput {
                     "_rows"
                 } else {
                     ""
@@ -857,7 +857,7 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
                 n_pro: prologue_inputs.len(),
                 n_epi: epilogue_inputs.len() - 1,
                 n_out: outputs.len(),
-                rows: cooperative(layout.out_numel(), layout.red_numel()),
+                rows: *split == ReduceSplit::CubePerOutput,
             },
         ),
         Kernel::MatMul {
@@ -912,10 +912,14 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
             };
             (name.into(), Traced::AttentionGrads { kv })
         }
-        Kernel::LogprobGrads { inputs, grads } => {
+        Kernel::LogprobGrads {
+            inputs,
+            grads,
+            chunk,
+        } => {
             let (n, d) = (g.ty(inputs[0]).shape[0], g.ty(inputs[0]).shape[1]);
             let vocab = g.ty(inputs[1]).shape[0];
-            let chunk = device_chunk(n, vocab);
+            let chunk = *chunk;
             let (dh, dw, dw_rest) = blocked_products(n, d, vocab, chunk);
             let asked = |o| grads.iter().any(|&(wrt, _)| wrt == o);
             let (h, w) = (asked(LogprobOperand::Hidden), asked(LogprobOperand::Weight));

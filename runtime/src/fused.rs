@@ -82,6 +82,7 @@ pub fn run_kernel(
             kind,
             layout,
             prologue,
+            split: _,
             prologue_inputs,
             epilogue,
             epilogue_inputs,

@@ -4,8 +4,8 @@
 //! expects (every missing, mis-shaped or unexpected tensor is named).
 
 use crate::tensor::{Buffer, HostTensor};
-use coopc_ir::{DType, TensorType};
 use coopc_ir::file::write_atomically;
+use coopc_ir::{DType, TensorType};
 use safetensors::{Dtype, SafeTensors, View};
 use std::borrow::Cow;
 use std::collections::BTreeMap;

@@ -13,13 +13,13 @@
 //! eval accuracy and of the wall time.
 
 use ab_glyph::{point, Font, FontRef, PxScale, ScaleFont};
+use coopc_train::Metrics;
 use plotters::coord::Shift;
 use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::FontStyle;
 use plotters_backend::{BackendColor, BackendCoord, BackendTextStyle, DrawingErrorKind};
-use coopc_train::Metrics;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -74,7 +74,10 @@ impl Run {
         self.rows.iter().rev().find_map(|r| finite(r.reward_mean))
     }
     fn wall_time(&self) -> Option<f64> {
-        self.rows.iter().rev().find_map(|r| finite(Some(r.wall_time_s)))
+        self.rows
+            .iter()
+            .rev()
+            .find_map(|r| finite(Some(r.wall_time_s)))
     }
 }
 

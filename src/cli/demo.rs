@@ -167,4 +167,3 @@ pub fn demo(emit: Option<Emit>, dtype: DType, hidden: usize, optimise: bool) -> 
     }
     Ok(())
 }
-

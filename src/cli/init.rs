@@ -6,8 +6,8 @@ use crate::cli::UserError;
 use coopc_compiler::compile_logprobs;
 use coopc_compiler::ir::DType;
 use coopc_compiler::lowering::BatchShapes;
-use coopc_train::init::{init_params, synthetic_batch};
 use coopc_runtime::safetensors_io::write_tensors;
+use coopc_train::init::{init_params, synthetic_batch};
 use std::path::Path;
 
 pub fn run(

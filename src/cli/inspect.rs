@@ -8,8 +8,7 @@ use coopc_compiler::model::{lora_shapes, parameter_count, theta_shapes};
 use coopc_compiler::plan::{Plan, Program, PLAN_FORMAT_VERSION};
 use coopc_compiler::schedule::{human_bytes, peak_live, schedule};
 use coopc_compiler::spec::{
-    HypergradKind, Lambda, ModelSpec, OptimKind, OptimSpec, PipelineSpec, Precision,
-    ShadowMode,
+    HypergradKind, Lambda, ModelSpec, OptimKind, OptimSpec, PipelineSpec, Precision, ShadowMode,
 };
 use std::fmt::Write;
 use std::path::Path;

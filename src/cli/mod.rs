@@ -236,28 +236,19 @@ pub fn dispatch(cli: Cli) -> i32 {
             out,
             repeat,
             backend,
-        } => user_result(grad::run(
-            &pipeline,
-            &params,
-            &batch,
-            &out,
-            repeat,
-            backend,
-        )),
+        } => user_result(grad::run(&pipeline, &params, &batch, &out, repeat, backend)),
         Command::Demo {
             emit,
             dtype,
             hidden,
             no_optimise,
-        } => {
-            match demo::demo(emit, dtype.into(), hidden, !no_optimise) {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    1
-                }
+        } => match demo::demo(emit, dtype.into(), hidden, !no_optimise) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                1
             }
-        }
+        },
     }
 }
 

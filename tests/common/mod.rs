@@ -281,7 +281,10 @@ pub fn sampler(spec: &PipelineSpec, batch: usize, max_len: usize) -> coopc_train
 }
 
 /// θ and w of `spec` initialised from `seed` as a run initialises them.
-pub fn init_params(spec: &PipelineSpec, seed: u64) -> std::collections::BTreeMap<String, HostTensor> {
+pub fn init_params(
+    spec: &PipelineSpec,
+    seed: u64,
+) -> std::collections::BTreeMap<String, HostTensor> {
     coopc_train::init::init_params(&coopc_compiler::parameter_ports(spec), seed)
 }
 

@@ -5,11 +5,11 @@
 //! atomically replaced, so a crash never leaves a half-written checkpoint as
 //! the one to resume from.
 
+use coopc_ir::file::write_atomically;
+use coopc_ir::params::{lora_name, module_path, theta_shapes};
+use coopc_ir::spec::{PipelineSpec, Projection};
 use coopc_runtime::safetensors_io::{read_tensors, write_tensors, TensorFileError};
 use coopc_runtime::HostTensor;
-use coopc_ir::params::{lora_name, module_path, theta_shapes};
-use coopc_ir::file::write_atomically;
-use coopc_ir::spec::{PipelineSpec, Projection};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use thiserror::Error;

@@ -65,7 +65,11 @@ pub fn synthetic_batch(
     seed: u64,
 ) -> Result<BTreeMap<String, HostTensor>, ExecError> {
     let dt = spec.backend.dtype.dtype();
-    let (bs, br, t) = (spec.sft.batch_size, spec.rl.batch_size(), spec.train.seq_len);
+    let (bs, br, t) = (
+        spec.sft.batch_size,
+        spec.rl.batch_size(),
+        spec.train.seq_len,
+    );
     let mut rng = StdRng::seed_from_u64(seed ^ 0xba7c4);
     let vocab = spec.model.vocab_size as i32;
     let mut ids = |b: usize| {

@@ -13,9 +13,9 @@
 //! index among the prompts, the parameters and its prompt — not on the
 //! compiled batch size or on the other rows.
 
-use coopc_runtime::{Backend, CpuBackend, ExecError, HostTensor, Value};
 use coopc_ir::plan::{Plan, Port, Program, Role, DECODE_IDS, DECODE_LOGITS, DECODE_POS};
 use coopc_ir::TensorType;
+use coopc_runtime::{Backend, CpuBackend, ExecError, HostTensor, Value};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -123,8 +123,16 @@ impl Sampler {
     pub fn new(program: Program, merge: Option<Program>) -> Result<Sampler, SampleError> {
         let sig = &program.signature;
         let bad = |what: &str| SampleError::Config(format!("the decode step has no {what}"));
-        let batch = sig.input(DECODE_IDS).ok_or_else(|| bad("token input"))?.ty.shape[0];
-        let vocab = sig.output(DECODE_LOGITS).ok_or_else(|| bad("logits"))?.ty.shape[1];
+        let batch = sig
+            .input(DECODE_IDS)
+            .ok_or_else(|| bad("token input"))?
+            .ty
+            .shape[0];
+        let vocab = sig
+            .output(DECODE_LOGITS)
+            .ok_or_else(|| bad("logits"))?
+            .ty
+            .shape[1];
         let caches: Vec<&Port> = sig.inputs_where(|r| *r == Role::Cache).collect();
         let cache = caches.first().ok_or_else(|| bad("cache"))?.ty.clone();
         let max_len = cache.shape[2];

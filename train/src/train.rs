@@ -327,7 +327,9 @@ impl Trainer {
         self.backend
             .run_values(scorer, &inputs, &|_| false)?
             .into_iter()
-            .find(|(name, _)| scorer.signature.output(name).map(|p| &p.role) == Some(&Role::LogProbs))
+            .find(|(name, _)| {
+                scorer.signature.output(name).map(|p| &p.role) == Some(&Role::LogProbs)
+            })
             .map(|(_, v)| v)
             .ok_or_else(|| TrainError::Io("the log-prob program returned no log-probs".into()))
     }

@@ -15,8 +15,8 @@ mod sections;
 use crate::spec::PipelineSpec;
 use check::{Checker, Section};
 pub use diagnostics::{Diagnostic, Diagnostics};
-pub use sections::{builtin_vocab_size, DEFAULT_LORA_RANK};
 use sections::read_pipeline;
+pub use sections::{builtin_vocab_size, DEFAULT_LORA_RANK};
 use std::path::{Path, PathBuf};
 use toml_edit::{ImDocument, TableLike};
 

@@ -3,15 +3,14 @@
 
 use super::check::{closest, describe, plain_list, quoted_list, Checker, Field, Section};
 use super::diagnostics::Diagnostic;
-use std::ops::Range;
-use toml_edit::{Item, Value};
 use crate::spec::{
     Advantage, BackendKind, BackendSpec, BilevelSpec, HypergradKind, HypergradSpec, Lambda,
     LoraSpec, LossAgg, MatmulPrecision, Method, ModelSpec, OptimKind, OptimSpec, OptimSpecs,
     PipelineSpec, Precision, Projection, RlSpec, SftSpec, ShadowMode, TaskKind, TaskSpec,
     TrainSpec,
 };
-
+use std::ops::Range;
+use toml_edit::{Item, Value};
 
 // ---------------------------------------------------------------------------
 // Schema

@@ -8,10 +8,12 @@
 
 mod patterns;
 
-use patterns::{group_gradients, match_attention, match_linear_logprob, op_kernel, transposed_step_gradients};
+use patterns::{
+    group_gradients, match_attention, match_linear_logprob, op_kernel, transposed_step_gradients,
+};
 
-pub use coopc_ir::kernel::*;
 use crate::ir::{Graph, NodeId, Op};
+pub use coopc_ir::kernel::*;
 use std::collections::{HashMap, HashSet};
 
 /// Ops an elementwise program can compute.
@@ -517,6 +519,7 @@ impl Fuser<'_> {
                 let (epilogue, epilogue_inputs) = self.program(&gr.members, &outputs, Some(red));
                 self.kernels.push(Kernel::Reduce {
                     kind,
+                    split: ReduceSplit::for_shape(layout.out_numel(), layout.red_numel()),
                     layout,
                     prologue,
                     prologue_inputs,
@@ -648,4 +651,3 @@ impl Fuser<'_> {
         (p, inputs)
     }
 }
-

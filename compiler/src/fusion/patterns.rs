@@ -5,7 +5,9 @@
 
 use super::constant_value;
 use crate::ir::{strides, BinaryOp, CompareOp, DType, Graph, NodeId, Op, ReduceKind, UnaryOp};
-use coopc_ir::kernel::{ElemInstr, ElemProgram, Index, Kernel, MAX_ATTENTION_HEAD_DIM};
+use coopc_ir::kernel::{
+    device_chunk, ElemInstr, ElemProgram, Index, Kernel, MAX_ATTENTION_HEAD_DIM,
+};
 use std::collections::{HashMap, HashSet};
 
 /// The hand-written kernel that computes an IR op by itself: the linear
@@ -59,6 +61,7 @@ pub(super) fn group_gradients(
             Op::LinearLogprobGrad { wrt } => Kernel::LogprobGrads {
                 inputs: inputs[..].try_into().expect("validated arity"),
                 grads: vec![(*wrt, id)],
+                chunk: device_chunk(g.ty(inputs[0]).shape[0], g.ty(inputs[1]).shape[0]),
             },
             Op::OptimStep { rule, out } => Kernel::OptimStep {
                 rule: *rule,
@@ -460,4 +463,3 @@ pub(super) fn match_attention(
         inner,
     ))
 }
-
