@@ -197,9 +197,9 @@ fn resume_reproduces_the_uninterrupted_run_bit_exactly() {
     assert_eq!(a, b, "weights and optimiser state are bit-identical");
 }
 
-#[test]
-fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
-    let dir = tmpdir("nan");
+/// A run of [`TINY`] in `DIR/run` stopped after 2 of its 4 meta-steps.
+fn two_of_four_steps(name: &str) -> PathBuf {
+    let dir = tmpdir(name);
     let p = pipeline(&dir, TINY);
     let out_dir = dir.join("run");
     let o = out_dir.to_str().unwrap();
@@ -214,6 +214,13 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
         "--stop-after",
         "2",
     ]);
+    out_dir
+}
+
+#[test]
+fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+    let out_dir = two_of_four_steps("nan");
+    let o = out_dir.to_str().unwrap();
     let before = load_latest(&out_dir).unwrap();
     // The run diverges from here on: an absurd learning rate in its specification.
     let spec_path = out_dir.join("spec.json");
@@ -245,21 +252,9 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
 /// metrics.jsonl, and `coopc compare` reads the same rows.
 #[test]
 fn a_null_loss_in_the_metrics_stops_neither_resume_nor_compare() {
-    let dir = tmpdir("null-loss");
-    let p = pipeline(&dir, TINY);
-    let out_dir = dir.join("run");
+    let out_dir = two_of_four_steps("null-loss");
+    let dir = out_dir.parent().unwrap();
     let o = out_dir.to_str().unwrap();
-    run(&[
-        "run",
-        &p,
-        "--out",
-        o,
-        "--quiet",
-        "--eval-limit",
-        "2",
-        "--stop-after",
-        "2",
-    ]);
     // A NaN SFT loss, as serde_json writes it.
     let metrics = out_dir.join("metrics.jsonl");
     let text = std::fs::read_to_string(&metrics).unwrap();

@@ -310,6 +310,14 @@ pub enum HypergradKind {
 }
 
 impl HypergradKind {
+    /// One of each kind, as `bilevel.hypergradient.kind` names them
+    /// (finite differences with the default step, 1e-2).
+    pub const KINDS: [HypergradKind; 3] = [
+        HypergradKind::FirstOrder,
+        HypergradKind::Truncated,
+        HypergradKind::FiniteDifference { eps: 1e-2 },
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             HypergradKind::FirstOrder => "first_order",

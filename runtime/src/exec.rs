@@ -27,14 +27,24 @@ pub fn execute<I: Inputs + ?Sized>(
     graph: &Graph,
     inputs: &I,
 ) -> Result<Vec<(String, HostTensor)>, ExecError> {
-    let nodes: Vec<NodeId> = graph.outputs().iter().map(|&(_, id)| id).collect();
+    let nodes = output_nodes(graph);
     let values = execute_nodes(graph, inputs, &nodes)?;
-    Ok(graph
+    Ok(named_outputs(graph, values))
+}
+
+/// The nodes of `graph`'s outputs, in order.
+fn output_nodes(graph: &Graph) -> Vec<NodeId> {
+    graph.outputs().iter().map(|&(_, id)| id).collect()
+}
+
+/// The outputs' values by name, from their values in output order.
+fn named_outputs(graph: &Graph, values: Vec<HostTensor>) -> Vec<(String, HostTensor)> {
+    graph
         .outputs()
         .iter()
         .map(|(name, _)| name.clone())
         .zip(values)
-        .collect())
+        .collect()
 }
 
 /// Something that runs a plan's compiled programs on host inputs and
@@ -178,15 +188,10 @@ pub fn execute_program<I: Inputs + ?Sized>(
     inputs: &I,
 ) -> Result<Vec<(String, HostTensor)>, ExecError> {
     let graph = &program.graph;
-    let nodes: Vec<NodeId> = graph.outputs().iter().map(|&(_, id)| id).collect();
+    let nodes = output_nodes(graph);
     let steps = Steps::new(graph, &nodes, Some(&program.schedule));
     let values = run_steps(graph, inputs, &nodes, steps)?;
-    Ok(graph
-        .outputs()
-        .iter()
-        .map(|(name, _)| name.clone())
-        .zip(values)
-        .collect())
+    Ok(named_outputs(graph, values))
 }
 
 /// Evaluates `plan.order` and returns the values of `nodes`, in order.

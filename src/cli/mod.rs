@@ -267,3 +267,21 @@ fn user_result(r: Result<(), UserError>) -> i32 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::ValueEnum;
+
+    #[test]
+    fn the_command_line_spells_methods_and_backends_as_pipelines_do() {
+        for m in Method::ALL {
+            assert_eq!(Method::from_str(m.name(), false), Ok(m));
+        }
+        assert_eq!(Method::value_variants().len(), Method::ALL.len());
+        for b in BackendKind::ALL {
+            assert_eq!(BackendKind::from_str(b.name(), false), Ok(b));
+        }
+        assert_eq!(BackendKind::value_variants().len(), BackendKind::ALL.len());
+    }
+}

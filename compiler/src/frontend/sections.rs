@@ -104,18 +104,6 @@ pub(super) const SHADOWS: &[(&str, ShadowMode)] = &[
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum HypergradChoice {
-    FirstOrder,
-    Truncated,
-    FiniteDifference,
-}
-pub(super) const HYPERGRADS: &[(&str, HypergradChoice)] = &[
-    ("first_order", HypergradChoice::FirstOrder),
-    ("truncated", HypergradChoice::Truncated),
-    ("finite_difference", HypergradChoice::FiniteDifference),
-];
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum OptimChoice {
     Sgd,
     Momentum,
@@ -775,15 +763,13 @@ pub(super) fn read_bilevel(c: &mut Checker, sec: &Section) -> BilevelSpec {
 
 pub(super) fn read_hypergradient(c: &mut Checker, sec: &Section) -> HypergradSpec {
     c.unknown_keys(sec, HYPERGRAD_KEYS);
-    let kind = c.choice_or(sec, "kind", HYPERGRADS, HypergradChoice::FirstOrder);
+    let kinds = HypergradKind::KINDS.map(|k| (k.name(), k));
+    let kind = c.choice_or(sec, "kind", &kinds, HypergradKind::FirstOrder);
     let unroll = c.usize_or(sec, "unroll", 1);
     let unroll_ok = c.at_least_one(sec, "unroll", &unroll);
-    let kind_name = HYPERGRADS
-        .iter()
-        .find(|(_, k)| *k == kind.value)
-        .map_or("", |(n, _)| *n);
+    let kind_name = kind.value.name();
     let backprop = match kind.value {
-        HypergradChoice::FirstOrder => {
+        HypergradKind::FirstOrder => {
             let b = c.usize_or(sec, "backprop", 0);
             let path = sec.key_path("backprop");
             if b.value != 0 {
@@ -799,7 +785,7 @@ pub(super) fn read_hypergradient(c: &mut Checker, sec: &Section) -> HypergradSpe
             }
             0
         }
-        HypergradChoice::Truncated | HypergradChoice::FiniteDifference => {
+        HypergradKind::Truncated | HypergradKind::FiniteDifference { .. } => {
             let b = c.usize_or(sec, "backprop", unroll.value);
             if unroll_ok {
                 c.check(
@@ -814,13 +800,12 @@ pub(super) fn read_hypergradient(c: &mut Checker, sec: &Section) -> HypergradSpe
         }
     };
     let kind = match kind.value {
-        HypergradChoice::FirstOrder => HypergradKind::FirstOrder,
-        HypergradChoice::Truncated => HypergradKind::Truncated,
-        HypergradChoice::FiniteDifference => {
-            let eps = c.float_or(sec, "eps", 1e-2);
+        HypergradKind::FiniteDifference { eps: default } => {
+            let eps = c.float_or(sec, "eps", default);
             c.check(sec, "eps", &eps, eps.value > 0.0, "be positive");
             HypergradKind::FiniteDifference { eps: eps.value }
         }
+        other => other,
     };
     if !matches!(kind, HypergradKind::FiniteDifference { .. }) && sec.has("eps") {
         c.not_applicable(
