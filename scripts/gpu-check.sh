@@ -55,7 +55,7 @@ want() { [[ "$PARTS" == *" $1 "* ]]; }
 GPU=${GPU_BACKEND:-cuda}
 case "$GPU" in
     cuda) suite_env=(COOPC_TEST_CUDA=1) ;;
-    wgpu) suite_env=(COOPC_TEST_CUDA=0) ;;
+    wgpu) suite_env=(COOPC_TEST_CUDA=0 COOPC_REQUIRE_WGPU=1) ;;
     *) echo "GPU_BACKEND must be cuda or wgpu, got $GPU" >&2; exit 2 ;;
 esac
 
