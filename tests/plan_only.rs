@@ -16,8 +16,11 @@ fn training_from_a_plan_file_orders_no_graph() {
     let dir = std::env::temp_dir().join(format!("coopc-plan-only-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let spec = parse_pipeline(include_str!("../examples/tiny.toml")).expect("example parses");
-    let path = dir.join("tiny.plan");
+    let mut spec =
+        parse_pipeline(include_str!("../examples/addition.toml")).expect("example parses");
+    spec.train.steps = 3;
+    spec.train.eval_every = 2;
+    let path = dir.join("addition.plan");
     coopc_compiler::compile(spec).write(&path).unwrap();
 
     // The counter counts: running a bare graph orders it.

@@ -808,8 +808,8 @@ mod tests {
         assert!(matches!(
             e,
             PlanError::UnsupportedVersion {
-                found: 2,
-                expected: 1,
+                found: 1,
+                expected: 2,
                 ..
             }
         ));

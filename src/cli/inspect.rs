@@ -390,7 +390,7 @@ kind = "cpu"
             "backend cpu (f32)",
             "  meta_step",
             "    nodes        5 (5 scheduled)",
-            "    kernels      4 kernels (0 elementwise programs, 1 fused reductions, 3 other) for 1 fused nodes",
+            "    kernels      4 kernels (0 elementwise programs, 1 fused reductions, 3 other) for 2 fused nodes",
             "    inputs       2 · 192 B",
             "    outputs      1 · 4 B",
             "    peak memory  224 B (estimate)",
