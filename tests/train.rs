@@ -195,6 +195,32 @@ fn resume_reproduces_the_uninterrupted_run_bit_exactly() {
     let (a, b) = (load_latest(&full).unwrap(), load_latest(&part).unwrap());
     assert_eq!(a.step, 4);
     assert_eq!(a, b, "weights and optimiser state are bit-identical");
+
+    // TensorBoard's copy of the resumed run: one event file, the format's
+    // first event, then one event per step holding that step's metrics.
+    let files: Vec<PathBuf> = std::fs::read_dir(&part)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains("tfevents"))
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let events = coopc_train::tensorboard::read_events(&files[0]).unwrap();
+    assert_eq!(events[0].2.as_deref(), Some("brain.Event:2"));
+    let rows = read_metrics(&part.join("metrics.jsonl")).unwrap();
+    assert_eq!(events.len(), 1 + rows.len());
+    for (e, m) in events[1..].iter().zip(&rows) {
+        assert_eq!(e.1, Some(m.step as i64));
+        let value = |tag: &str| e.3.iter().find(|(t, _)| t == tag).map(|&(_, v)| v);
+        assert_eq!(
+            value("loss/sft"),
+            Some(m.sft_loss as f32),
+            "step {}",
+            m.step
+        );
+        assert_eq!(value("bilevel/lambda"), Some(m.lambda as f32));
+        assert_eq!(value("eval/accuracy"), m.eval_accuracy.map(|a| a as f32));
+    }
 }
 
 /// A run of [`TINY`] in `DIR/run` stopped after 2 of its 4 meta-steps.

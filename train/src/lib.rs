@@ -3,7 +3,8 @@
 //! with the plan's decode step, scored by the plan's log-prob program and
 //! the task's verifier), adopts the next state the signature names, writes
 //! `metrics.jsonl`, evaluates held-out problems and writes checkpoints that
-//! `--resume` continues bit-exactly. It reads programs and their interfaces
+//! `--resume` continues bit-exactly; TensorBoard event files beside the
+//! metrics (`tensorboard`). It reads programs and their interfaces
 //! from the plan and never builds, schedules or fuses a graph: it does not
 //! depend on the compiler.
 
@@ -11,6 +12,7 @@ pub mod checkpoint;
 pub mod init;
 pub mod sampler;
 pub mod tasks;
+pub mod tensorboard;
 pub mod train;
 
 pub use train::{Metrics, RunOptions, TrainError, Trainer};

@@ -9,6 +9,7 @@ use crate::checkpoint::{self, CheckpointError, TrainState};
 use crate::init::{init_params, initial_state};
 use crate::sampler::{Generation, SampleError, Sampler, SamplingConfig};
 use crate::tasks::{build_task, check_vocab, Problem, Task, TaskError};
+use crate::tensorboard::{self, EventWriter};
 use coopc_ir::plan::{BatchField, Metric, Plan, Role, Signature, LAMBDA, TOKEN_IDS};
 use coopc_ir::spec::{Advantage, Method, PipelineSpec};
 use coopc_ir::DType;
@@ -403,6 +404,14 @@ impl Trainer {
         rewrite_metrics(&metrics_path, &history)?;
         let wall0 = Instant::now();
         let wall_offset = history.last().map_or(0.0, |m| m.wall_time_s);
+        // TensorBoard's copy of the metrics, rewritten with them on resume;
+        // event times count from the run's start.
+        let started = tensorboard::now() - wall_offset;
+        let dir = &self.opts.out_dir;
+        let mut events = EventWriter::create(dir).map_err(|e| io_err(dir, e))?;
+        for m in &history {
+            write_event(&mut events, m, started)?;
+        }
         let total = self.spec.train.steps;
         let mut out = Vec::new();
         let stop = self.opts.stop_after.map_or(total, |s| s.min(total));
@@ -423,6 +432,7 @@ impl Trainer {
             m.step_time_s = t0.elapsed().as_secs_f64();
             m.wall_time_s = wall_offset + wall0.elapsed().as_secs_f64();
             append_metrics(&metrics_path, &m)?;
+            write_event(&mut events, &m, started)?;
             if m.eval_accuracy.is_some() || self.step == stop {
                 checkpoint::save(&self.opts.out_dir, &self.spec, &self.state()?)?;
             }
@@ -642,6 +652,25 @@ pub fn read_metrics(path: &Path) -> Result<Vec<Metrics>, TrainError> {
             serde_json::from_str(l).map_err(|e| io_err(path, format!("line {}: {e}", i + 1)))
         })
         .collect()
+}
+
+/// A metrics row as TensorBoard scalars (tags grouped by a `/` prefix).
+fn write_event(w: &mut EventWriter, m: &Metrics, started: f64) -> Result<(), TrainError> {
+    let opt = |v: Option<f64>| v.unwrap_or(f64::NAN);
+    let scalars = [
+        ("loss/sft", m.sft_loss),
+        ("loss/rl", opt(m.rl_loss)),
+        ("rollout/reward", opt(m.reward_mean)),
+        ("rollout/accuracy", opt(m.accuracy)),
+        ("rollout/response_len", opt(m.response_len)),
+        ("eval/accuracy", opt(m.eval_accuracy)),
+        ("bilevel/lambda", m.lambda),
+        ("bilevel/coop_gain", opt(m.coop_gain)),
+        ("bilevel/kl", opt(m.kl)),
+        ("time/step_s", m.step_time_s),
+    ];
+    w.scalars(m.step as u64, started + m.wall_time_s, &scalars)
+        .map_err(|e| io_err(w.path(), e))
 }
 
 fn rewrite_metrics(path: &Path, rows: &[Metrics]) -> Result<(), TrainError> {
