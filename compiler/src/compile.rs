@@ -8,7 +8,9 @@ use crate::decode::{cache_output, decode_step_program, lora_merge_program};
 use crate::frontend::{load_pipeline, FrontendError};
 use crate::fusion::fuse;
 use crate::ir::{Graph, TensorType};
-use crate::lowering::{lower_logprobs, lower_meta_step, BatchShapes};
+use crate::lowering::{
+    lower_logprobs, lower_meta_step, meta_step_input_role, meta_step_output_role, BatchShapes,
+};
 use crate::params::{lora_shapes, theta_shapes};
 use crate::passes::Pipeline;
 use crate::plan::{
@@ -26,7 +28,7 @@ pub fn compile(spec: PipelineSpec) -> Plan {
     // The lowering runs the pass pipeline on the meta-step itself (its
     // memory plan is chosen on optimised graphs).
     let ms = lower_meta_step(&spec, shapes);
-    let meta_signature = ms.signature();
+    let meta_signature = meta_step_signature(&spec, &ms.graph);
 
     // The decode step samples the RL batch's rollouts.
     let (decode, merge) = sampling_programs(&spec, spec.rl.batch_size(), spec.train.seq_len);
@@ -43,6 +45,18 @@ pub fn compile(spec: PipelineSpec) -> Plan {
         programs,
         notes: ms.notes,
     }
+}
+
+/// The meta-step's interface: θ and w in the parameter schema's order,
+/// then every other input in declaration order, with the roles the
+/// lowering's names give them; the outputs in order.
+fn meta_step_signature(spec: &PipelineSpec, graph: &Graph) -> Signature {
+    signature(
+        graph,
+        params(spec, &spec.lora),
+        meta_step_input_role,
+        meta_step_output_role,
+    )
 }
 
 /// The log-prob scorer of the RL batch: per-token log-probs of `input_ids`
@@ -179,7 +193,7 @@ pub fn compile_program(kind: ProgramKind, graph: Graph, signature: Signature) ->
 /// state, which nothing then reads.
 pub fn compile_gradients(spec: &PipelineSpec, shapes: BatchShapes) -> Program {
     let ms = lower_meta_step(spec, shapes);
-    let mut sig = ms.signature();
+    let mut sig = meta_step_signature(spec, &ms.graph);
     let theta: std::collections::HashSet<String> =
         ms.theta.iter().map(|(n, _)| n.clone()).collect();
     sig.outputs.retain(|p| match &p.role {

@@ -33,7 +33,7 @@ use crate::ir::{DType, Graph, NodeId, Shape, StepOut, StepRule};
 use crate::losses::{grpo_loss, sft_loss, RlBatch};
 use crate::model::{lora_shapes, theta_shapes, Decoder, Params};
 use crate::passes::Pipeline;
-use crate::plan::{BatchField, Metric, Port, Role, Signature, LAMBDA, LOGPROBS, TOKEN_IDS};
+use crate::plan::{BatchField, Metric, Role, LAMBDA, LOGPROBS, TOKEN_IDS};
 use crate::schedule::{human_bytes, schedule};
 use crate::spec::{HypergradKind, Method, OptimKind, OptimSpec, PipelineSpec, ShadowMode};
 
@@ -65,78 +65,32 @@ pub struct MetaStep {
     pub notes: Vec<String>,
 }
 
-impl MetaStep {
-    /// The meta-step's interface: θ and w in the parameter schema's order,
-    /// then every other input in the order it was declared, each with the
-    /// role its name was given by this lowering (`shadow.*`, `opt.*`, λ,
-    /// `step{k}.*`); the outputs in order (metrics, `lower.*` gradients,
-    /// `theta_K.*` and `next.*` state, `hyper.*`).
-    pub fn signature(&self) -> Signature {
-        let g = &self.graph;
-        let theta: std::collections::HashSet<&str> =
-            self.theta.iter().map(|(n, _)| n.as_str()).collect();
-        let lora: std::collections::HashSet<&str> =
-            self.lora.iter().map(|(n, _)| n.as_str()).collect();
-        let inputs = g.named_inputs();
-        let dtype = inputs
-            .iter()
-            .find(|(n, _)| n == LAMBDA)
-            .map_or(DType::F32, |(_, ty)| ty.dtype);
-        let param = |(name, shape): &(String, Shape), role: Role| Port {
-            name: name.clone(),
-            ty: crate::ir::TensorType::new(dtype, shape.clone()),
-            role,
-        };
-        let mut ports: Vec<Port> = self
-            .theta
-            .iter()
-            .map(|p| param(p, Role::Theta))
-            .chain(self.lora.iter().map(|p| param(p, Role::Lora)))
-            .collect();
-        for (name, ty) in inputs {
-            if theta.contains(name.as_str()) || lora.contains(name.as_str()) {
-                continue;
-            }
-            let role = if let Some(of) = name.strip_prefix("shadow.") {
-                Role::Shadow { of: of.to_string() }
-            } else if name.starts_with("opt.") {
-                Role::OptimState
-            } else if name == LAMBDA {
-                Role::Lambda
-            } else {
-                batch_role(&name).unwrap_or_else(|| {
-                    panic!("meta-step input `{name}` has no role: the lowering declared it")
-                })
-            };
-            ports.push(Port { name, ty, role });
-        }
-        let outputs = g
-            .outputs()
-            .iter()
-            .map(|(name, id)| {
-                let of = |p: &str| name.strip_prefix(p).map(str::to_string);
-                let role = if let Some(m) = Metric::ALL.into_iter().find(|m| m.name() == name) {
-                    Role::Metric(m)
-                } else if let Some(of) = of("theta_K.").or_else(|| of("next.")) {
-                    Role::Next { of }
-                } else if let Some(of) = of("lower.") {
-                    Role::LowerGradient { of }
-                } else if let Some(of) = of("hyper.") {
-                    Role::Hypergradient { of }
-                } else {
-                    panic!("meta-step output `{name}` has no role: the lowering declared it")
-                };
-                Port {
-                    name: name.clone(),
-                    ty: g.ty(*id).clone(),
-                    role,
-                }
-            })
-            .collect();
-        Signature {
-            inputs: ports,
-            outputs,
-        }
+/// The role of a meta-step input other than θ and w, by the name this
+/// lowering gave it: `shadow.*`, `opt.*`, λ, `step{k}.*`.
+pub fn meta_step_input_role(name: &str) -> Option<Role> {
+    if let Some(of) = name.strip_prefix("shadow.") {
+        Some(Role::Shadow { of: of.to_string() })
+    } else if name.starts_with("opt.") {
+        Some(Role::OptimState)
+    } else if name == LAMBDA {
+        Some(Role::Lambda)
+    } else {
+        batch_role(name)
+    }
+}
+
+/// The role of a meta-step output, by the name this lowering gave it:
+/// metrics, `theta_K.*` and `next.*` state, `lower.*`, `hyper.*`.
+pub fn meta_step_output_role(name: &str) -> Option<Role> {
+    let of = |p: &str| name.strip_prefix(p).map(str::to_string);
+    if let Some(m) = Metric::ALL.into_iter().find(|m| m.name() == name) {
+        Some(Role::Metric(m))
+    } else if let Some(of) = of("theta_K.").or_else(|| of("next.")) {
+        Some(Role::Next { of })
+    } else if let Some(of) = of("lower.") {
+        Some(Role::LowerGradient { of })
+    } else {
+        of("hyper.").map(|of| Role::Hypergradient { of })
     }
 }
 
