@@ -1,4 +1,4 @@
-//! The policy as IR: a Llama/Qwen2-style decoder with LoRA adapters, built
+//! The policy as IR: a Llama/Qwen2/Qwen3-style decoder with LoRA adapters, built
 //! from parameter nodes named as Hugging Face (θ) and PEFT (w) name them,
 //! producing per-token log-probabilities of a batch of token ids.
 
@@ -64,13 +64,12 @@ impl Decoder<'_> {
     pub(crate) fn rope_values(&self, t: usize) -> (Vec<f64>, Vec<f64>) {
         let hd = self.model.head_dim();
         let half = hd / 2;
+        let inv_freq = self.model.rope_inv_freq();
         let mut cos = Vec::with_capacity(t * hd);
         let mut sin = Vec::with_capacity(t * hd);
         for pos in 0..t {
             for j in 0..hd {
-                let i = j % half;
-                let inv_freq = 1.0 / self.model.rope_theta.powf((2 * i) as f64 / hd as f64);
-                let a = pos as f64 * inv_freq;
+                let a = pos as f64 * inv_freq[j % half];
                 cos.push(a.cos());
                 sin.push(a.sin());
             }
@@ -126,6 +125,20 @@ impl Decoder<'_> {
         let q = self.linear(g, hn, theta, w, i, Projection::QProj);
         let k = self.linear(g, hn, theta, w, i, Projection::KProj);
         let v = self.linear(g, hn, theta, w, i, Projection::VProj);
+        let (mut q, mut k) = (q, k);
+        if m.qk_norm {
+            // Qwen3: RMSNorm over each head's width, before the heads split off.
+            let hd = m.head_dim();
+            for (x, heads, which) in [
+                (&mut q, m.n_heads, "q_norm"),
+                (&mut k, m.n_kv_heads, "k_norm"),
+            ] {
+                let weight = self.p(theta, &format!("model.layers.{i}.self_attn.{which}.weight"));
+                let r = g.reshape(*x, vec![b, t, heads, hd]);
+                let r = self.rms_norm(g, r, weight);
+                *x = g.reshape(r, vec![b, t, heads * hd]);
+            }
+        }
         let q = self.split_heads(g, q, m.n_heads);
         let k = self.split_heads(g, k, m.n_kv_heads);
         let v = self.split_heads(g, v, m.n_kv_heads);

@@ -6,6 +6,7 @@
 //!   executors follow ([`execution_order`]);
 //! - the pipeline spec ([`spec`]), as the front end validates it;
 //! - the parameter schema ([`params`]): Hugging Face and PEFT names;
+//! - Hugging Face model folders' `config.json` ([`hf`]);
 //! - the kernel IR ([`kernel`]): the fused kernels a schedule becomes;
 //! - the plan ([`plan`]): every compiled program with its schedule, fused
 //!   kernels and typed signature, and its versioned file format;
@@ -21,6 +22,7 @@ mod signature;
 mod types;
 
 pub mod file;
+pub mod hf;
 pub mod kernel;
 pub mod params;
 pub mod plan;

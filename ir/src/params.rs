@@ -45,6 +45,14 @@ pub fn theta_shapes(m: &ModelSpec) -> Vec<(String, Shape)> {
                 v.push((format!("{}.bias", module_path(i, p)), vec![o]));
             }
         }
+        if m.qk_norm {
+            for which in ["q_norm", "k_norm"] {
+                v.push((
+                    format!("model.layers.{i}.self_attn.{which}.weight"),
+                    vec![m.head_dim()],
+                ));
+            }
+        }
         v.push((
             format!("model.layers.{i}.post_attention_layernorm.weight"),
             vec![m.d_model],

@@ -529,6 +529,10 @@ mod tests {
                 rms_eps: 1e-6,
                 tie_embeddings: true,
                 qkv_bias: true,
+                head_dim: None,
+                qk_norm: false,
+                rope_scaling: None,
+                from: None,
             },
             lora: LoraSpec {
                 rank: 4,

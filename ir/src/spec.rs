@@ -58,12 +58,81 @@ pub struct ModelSpec {
     pub tie_embeddings: bool,
     /// q/k/v projection biases (Qwen2 has them).
     pub qkv_bias: bool,
+    /// Width of one attention head when it is not `d_model / n_heads`
+    /// (Qwen3's `head_dim`); see [`ModelSpec::head_dim`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3's `q_norm`,
+    /// `k_norm`, each `[head_dim]`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub qk_norm: bool,
+    /// How RoPE's frequencies are rescaled (`None`: the plain
+    /// `theta^(-2i/head_dim)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    /// The Hugging Face model folder the shapes (and the initial θ) come
+    /// from, as an absolute path (`model.from`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
 impl ModelSpec {
+    /// Width of one attention head: `head_dim` when given, else
+    /// `d_model / n_heads`.
     pub fn head_dim(&self) -> usize {
-        self.d_model / self.n_heads
+        self.head_dim.unwrap_or(self.d_model / self.n_heads)
     }
+
+    /// RoPE's inverse frequency of each rotated pair `i < head_dim / 2`,
+    /// as Hugging Face computes it (`rope_init_fn` of the `rope_type`),
+    /// in f64.
+    pub fn rope_inv_freq(&self) -> Vec<f64> {
+        let hd = self.head_dim();
+        let base: Vec<f64> = (0..hd / 2)
+            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / hd as f64))
+            .collect();
+        match &self.rope_scaling {
+            None => base,
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                let old = *original_max_position_embeddings as f64;
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.into_iter()
+                    .map(|f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// A rescaling of RoPE's frequencies (Hugging Face's `rope_scaling`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "snake_case")]
+pub enum RopeScaling {
+    /// Llama 3.1/3.2's: long wavelengths divided by `factor`, short ones
+    /// kept, a smooth blend between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
 }
 
 /// The seven linear layers of a decoder block that LoRA can adapt (HF names).

@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod error;
 pub mod exec;
 pub mod fused;
+pub mod hf_weights;
 pub mod safetensors_io;
 pub mod tensor;
 pub mod value;

@@ -114,6 +114,18 @@ impl fmt::Display for TensorProblem {
     }
 }
 
+impl TensorProblem {
+    /// The tensor the problem is about.
+    pub fn name(&self) -> &str {
+        match self {
+            TensorProblem::Missing { name, .. }
+            | TensorProblem::WrongShape { name, .. }
+            | TensorProblem::WrongDtype { name, .. }
+            | TensorProblem::Unexpected { name, .. } => name,
+        }
+    }
+}
+
 fn list_problems(problems: &[TensorProblem]) -> String {
     problems
         .iter()
@@ -161,6 +173,66 @@ fn le<const N: usize>(data: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
         a.copy_from_slice(c);
         a
     })
+}
+
+/// One tensor's bytes as a host tensor of float type `to` (any float
+/// element type converts; an integer or boolean tensor is an error naming
+/// it).
+pub(crate) fn decode_as(
+    path: &Path,
+    name: &str,
+    dtype: Dtype,
+    shape: &[usize],
+    data: &[u8],
+    to: DType,
+) -> Result<HostTensor, TensorFileError> {
+    let floating = matches!(dtype, Dtype::F32 | Dtype::F64 | Dtype::BF16 | Dtype::F16);
+    if !floating || !to.is_float() {
+        return Err(TensorFileError::Mismatch {
+            what: path.display().to_string(),
+            problems: vec![TensorProblem::WrongDtype {
+                name: name.to_string(),
+                expected: TensorType::new(to, shape.to_vec()),
+                got: if to.is_float() {
+                    DType::I32
+                } else {
+                    DType::F32
+                },
+            }],
+        });
+    }
+    if dtype == Dtype::F64 && to == DType::F32 {
+        let v: Vec<f32> = le::<8>(data)
+            .map(|b| f64::from_le_bytes(b) as f32)
+            .collect();
+        return HostTensor::new(shape.to_vec(), Buffer::F32(v)).map_err(|e| {
+            TensorFileError::Format {
+                path: path.to_path_buf(),
+                message: format!("tensor `{name}`: {e}"),
+            }
+        });
+    }
+    if to == DType::F64 {
+        let v: Vec<f64> = match dtype {
+            Dtype::F64 => le::<8>(data).map(f64::from_le_bytes).collect(),
+            Dtype::F32 => le::<4>(data)
+                .map(|b| f64::from(f32::from_le_bytes(b)))
+                .collect(),
+            Dtype::BF16 => le::<2>(data)
+                .map(|b| half::bf16::from_le_bytes(b).to_f64())
+                .collect(),
+            _ => le::<2>(data)
+                .map(|b| half::f16::from_le_bytes(b).to_f64())
+                .collect(),
+        };
+        return HostTensor::new(shape.to_vec(), Buffer::F64(v)).map_err(|e| {
+            TensorFileError::Format {
+                path: path.to_path_buf(),
+                message: format!("tensor `{name}`: {e}"),
+            }
+        });
+    }
+    decode(path, name, dtype, shape, data)
 }
 
 /// One tensor's bytes as a host tensor (the byte count was checked

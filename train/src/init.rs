@@ -7,10 +7,14 @@ use crate::train::advantages;
 use coopc_ir::plan::{BatchField, Port, Program, Role, Signature, LOGPROBS, TOKEN_IDS};
 use coopc_ir::spec::PipelineSpec;
 use coopc_ir::DType;
+use coopc_ir::TensorType;
+use coopc_runtime::hf_weights::read_model_weights;
+use coopc_runtime::safetensors_io::TensorFileError;
 use coopc_runtime::{execute_program, ExecError, HostTensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 /// Standard deviation of HF Llama's `initializer_range`.
 pub const INIT_STD: f64 = 0.02;
@@ -47,6 +51,28 @@ pub fn init_params<'a>(
         out.insert(name.clone(), from_f64(dtype, shape, &values));
     }
     out
+}
+
+/// θ and w for `spec`: θ read from the Hugging Face folder `model.from`
+/// when there is one (converted to the ports' dtype), drawn from `seed`
+/// otherwise; w drawn from `seed` (see [`init_params`]).
+pub fn pretrained_or_init<'a>(
+    spec: &PipelineSpec,
+    params: impl IntoIterator<Item = &'a Port>,
+    seed: u64,
+) -> Result<BTreeMap<String, HostTensor>, TensorFileError> {
+    let Some(dir) = &spec.model.from else {
+        return Ok(init_params(params, seed));
+    };
+    let (theta, lora): (Vec<&Port>, Vec<&Port>) =
+        params.into_iter().partition(|p| p.role == Role::Theta);
+    let expected: Vec<(String, TensorType)> = theta
+        .iter()
+        .map(|p| (p.name.clone(), p.ty.clone()))
+        .collect();
+    let mut out = read_model_weights(Path::new(dir), &expected, spec.model.tie_embeddings)?;
+    out.extend(init_params(lora, seed));
+    Ok(out)
 }
 
 fn from_f64(dtype: DType, shape: Vec<usize>, values: &[f64]) -> HostTensor {

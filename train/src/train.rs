@@ -6,7 +6,7 @@
 //! `--resume` continues bit-exactly.
 
 use crate::checkpoint::{self, CheckpointError, TrainState};
-use crate::init::{init_params, initial_state};
+use crate::init::{initial_state, pretrained_or_init};
 use crate::sampler::{Generation, SampleError, Sampler, SamplingConfig};
 use crate::tasks::{build_task, check_vocab, Problem, Task, TaskError};
 use crate::tensorboard::{self, EventWriter};
@@ -217,7 +217,7 @@ impl Trainer {
             }
         }
         let sampler = Sampler::from_plan(&plan)?;
-        let initial = Self::initial_state(&spec, &plan.meta_step().signature);
+        let initial = Self::initial_state(&spec, &plan.meta_step().signature)?;
         let initial_values = initial
             .tensors
             .into_iter()
@@ -263,12 +263,14 @@ impl Trainer {
         self.backend.name()
     }
 
-    /// θ, w from the seed; shadow = θ; zero optimiser state.
-    fn initial_state(spec: &PipelineSpec, meta: &Signature) -> TrainState {
-        let params = init_params(meta.parameters(), spec.train.seed);
+    /// θ from `model.from` or the seed, w from the seed; shadow = θ; zero
+    /// optimiser state.
+    fn initial_state(spec: &PipelineSpec, meta: &Signature) -> Result<TrainState, TrainError> {
+        let params = pretrained_or_init(spec, meta.parameters(), spec.train.seed)
+            .map_err(|e| TrainError::Io(e.to_string()))?;
         let mut tensors = initial_state(meta, |n| params.get(n).cloned());
         tensors.extend(params);
-        TrainState { step: 0, tensors }
+        Ok(TrainState { step: 0, tensors })
     }
 
     /// θ and w (the policy) out of a state.

@@ -147,6 +147,9 @@ pub(super) fn plain_list(names: &[&str]) -> String {
 pub(super) struct Checker<'s> {
     pub(super) source: &'s str,
     pub(super) diags: Vec<Diagnostic>,
+    /// `model.from` given on the command line (`--model DIR`), which
+    /// replaces the pipeline's.
+    pub(super) model_from: Option<String>,
 }
 
 impl Checker<'_> {

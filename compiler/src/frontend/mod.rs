@@ -57,6 +57,14 @@ impl FrontendError {
 
 /// Reads and parses a pipeline file; returns its text along with the spec.
 pub fn load_pipeline(path: &Path) -> Result<(String, PipelineSpec), FrontendError> {
+    load_pipeline_with(path, &Options::default())
+}
+
+/// [`load_pipeline`] with command-line [`Options`].
+pub fn load_pipeline_with(
+    path: &Path,
+    options: &Options,
+) -> Result<(String, PipelineSpec), FrontendError> {
     let text = std::fs::read_to_string(path).map_err(|error| {
         let reason = match error.kind() {
             std::io::ErrorKind::NotFound => "no such file".to_string(),
@@ -70,7 +78,7 @@ pub fn load_pipeline(path: &Path) -> Result<(String, PipelineSpec), FrontendErro
             error,
         }
     })?;
-    match parse_pipeline(&text) {
+    match parse_pipeline_with(&text, options) {
         Ok(spec) => Ok((text, spec)),
         Err(diagnostics) => Err(FrontendError::Invalid {
             path: path.to_path_buf(),
@@ -81,8 +89,21 @@ pub fn load_pipeline(path: &Path) -> Result<(String, PipelineSpec), FrontendErro
 }
 
 /// Parses and validates a `pipeline.toml`; on failure returns every problem
-/// found (a TOML syntax error stops at that error).
+/// found (a TOML syntax error stops at that error). A relative
+/// `model.from` is read from the current directory.
 pub fn parse_pipeline(source: &str) -> Result<PipelineSpec, Diagnostics> {
+    parse_pipeline_with(source, &Options::default())
+}
+
+/// What the command line adds to a pipeline.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// A Hugging Face model folder that replaces `model.from` (`--model`).
+    pub model_from: Option<String>,
+}
+
+/// [`parse_pipeline`] with command-line [`Options`].
+pub fn parse_pipeline_with(source: &str, options: &Options) -> Result<PipelineSpec, Diagnostics> {
     let doc = match ImDocument::parse(source) {
         Ok(doc) => doc,
         Err(e) => {
@@ -105,6 +126,7 @@ pub fn parse_pipeline(source: &str) -> Result<PipelineSpec, Diagnostics> {
     let mut c = Checker {
         source,
         diags: Vec::new(),
+        model_from: options.model_from.clone(),
     };
     let spec = read_pipeline(&mut c, &root);
     let mut diags = c.diags;

@@ -29,6 +29,7 @@ pub(super) const SECTIONS: &[(&str, &[&str])] = &[
     ("backend", BACKEND_KEYS),
 ];
 pub(super) const MODEL_KEYS: &[&str] = &[
+    "from",
     "vocab_size",
     "d_model",
     "n_layers",
@@ -182,8 +183,20 @@ pub(super) fn read_pipeline(c: &mut Checker, root: &Section) -> Option<PipelineS
     let train_sec = c.table(root, "train");
     let backend_sec = c.table(root, "backend");
 
-    let task = read_task(c, &task_sec);
+    let mut task = read_task(c, &task_sec);
     let model = read_model(c, &model_sec, root, &task);
+    // A jsonl task on a model folder uses the folder's tokenizer unless it
+    // names another.
+    if let (Some(dir), None, TaskKind::Jsonl) = (
+        model.as_ref().and_then(|m| m.from.as_deref()),
+        &task.tokenizer,
+        task.kind,
+    ) {
+        let t = std::path::Path::new(dir).join("tokenizer.json");
+        if t.exists() {
+            task.tokenizer = Some(t.display().to_string());
+        }
+    }
     let train = read_train(c, &train_sec, model.as_ref());
     let rl = read_rl(c, &rl_sec, &train);
     let sft = read_sft(c, &sft_sec, &train);
@@ -321,6 +334,16 @@ pub(super) fn read_model(
         return None;
     }
     c.unknown_keys(sec, MODEL_KEYS);
+    let from = match c.model_from.clone() {
+        Some(dir) => Some(Field {
+            value: dir,
+            span: None,
+        }),
+        None => c.string(sec, "from"),
+    };
+    if let Some(from) = from {
+        return read_model_from(c, sec, from);
+    }
 
     let mut required = Vec::new();
     for key in MODEL_REQUIRED {
@@ -441,6 +464,10 @@ pub(super) fn read_model(
     let qkv_bias = c.bool_or(sec, "qkv_bias", false);
 
     Some(ModelSpec {
+        head_dim: None,
+        qk_norm: false,
+        rope_scaling: None,
+        from: None,
         vocab_size: vocab_size?,
         d_model: d_model?.value,
         n_layers: n_layers?.value,
@@ -452,6 +479,150 @@ pub(super) fn read_model(
         rms_eps: rms_eps.value,
         tie_embeddings,
         qkv_bias,
+    })
+}
+
+/// `[model]` with `from = "DIR"`: every shape from the folder's
+/// `config.json`; a key given as well must agree with it.
+fn read_model_from(c: &mut Checker, sec: &Section, from: Field<String>) -> Option<ModelSpec> {
+    let path = sec.key_path("from");
+    let dir = std::path::Path::new(&from.value);
+    let config = match coopc_ir::hf::read_config(dir) {
+        Ok(config) => config,
+        Err(e) => {
+            c.error(&path, from.span.clone(), format!("`{path}`: {e}"));
+            return None;
+        }
+    };
+    let absolute = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let config_path = absolute.join("config.json");
+    let mut ok = true;
+    let mut agree = |c: &mut Checker,
+                     key: &str,
+                     hf_key: &str,
+                     given: Option<(String, Option<Range<usize>>)>,
+                     expected: String| {
+        if let Some((value, span)) = given {
+            if value != expected {
+                let kp = sec.key_path(key);
+                c.error_help(
+                    &kp,
+                    span,
+                    format!(
+                        "`{kp}` = {value} contradicts {}: {hf_key} = {expected}",
+                        config_path.display()
+                    ),
+                    format!("remove `{kp}`: with `model.from` the shapes come from config.json"),
+                );
+                ok = false;
+            }
+        }
+    };
+    let int = |c: &mut Checker, key: &str| c.usize(sec, key).map(|f| (f.value.to_string(), f.span));
+    let float =
+        |c: &mut Checker, key: &str| c.float(sec, key).map(|f| (f.value.to_string(), f.span));
+    let boolean = |c: &mut Checker, key: &str| {
+        sec.get(key)
+            .map(|(_, span)| (c.bool_or(sec, key, false).to_string(), span))
+    };
+    for (key, hf_key, value) in [
+        ("vocab_size", "vocab_size", config.vocab_size),
+        ("d_model", "hidden_size", config.d_model),
+        ("n_layers", "num_hidden_layers", config.n_layers),
+        ("n_heads", "num_attention_heads", config.n_heads),
+        ("n_kv_heads", "num_key_value_heads", config.n_kv_heads),
+        ("d_ff", "intermediate_size", config.d_ff),
+    ] {
+        let given = int(c, key);
+        agree(c, key, hf_key, given, value.to_string());
+    }
+    for (key, hf_key, value) in [
+        ("rope_theta", "rope_theta", config.rope_theta),
+        ("rms_eps", "rms_norm_eps", config.rms_eps),
+    ] {
+        let given = float(c, key);
+        agree(c, key, hf_key, given, value.to_string());
+    }
+    let given = boolean(c, "tie_embeddings");
+    agree(
+        c,
+        "tie_embeddings",
+        "tie_word_embeddings",
+        given,
+        config.tie_embeddings.to_string(),
+    );
+    let given = boolean(c, "qkv_bias");
+    let bias_source = format!("architectures = [{:?}]", config.architecture.class_name());
+    agree(
+        c,
+        "qkv_bias",
+        &bias_source,
+        given,
+        config.qkv_bias.to_string(),
+    );
+
+    let max_seq = match c.usize(sec, "max_seq") {
+        Some(f) => {
+            let kp = sec.key_path("max_seq");
+            if f.value > config.max_position_embeddings {
+                c.error(
+                    &kp,
+                    f.span.clone(),
+                    format!(
+                        "`{kp}` = {} is longer than the model handles: {} has max_position_embeddings = {}",
+                        f.value,
+                        config_path.display(),
+                        config.max_position_embeddings
+                    ),
+                );
+                None
+            } else if let Some(w) = config.sliding_window.filter(|&w| f.value > w) {
+                c.error_help(
+                    &kp,
+                    f.span.clone(),
+                    format!(
+                        "`{kp}` = {} exceeds the sliding attention window ({w}) of {}",
+                        f.value,
+                        config_path.display()
+                    ),
+                    format!("coopc attends over the whole sequence: keep `{kp}` at most {w}"),
+                );
+                None
+            } else {
+                c.at_least_one(sec, "max_seq", &f).then_some(f.value)
+            }
+        }
+        None => {
+            if !sec.has("max_seq") {
+                c.missing(
+                    sec,
+                    "max_seq",
+                    ": the longest sequence (prompt + response) to train on",
+                    "512",
+                );
+            }
+            None
+        }
+    };
+    if !ok {
+        return None;
+    }
+    Some(ModelSpec {
+        vocab_size: config.vocab_size,
+        d_model: config.d_model,
+        n_layers: config.n_layers,
+        n_heads: config.n_heads,
+        n_kv_heads: config.n_kv_heads,
+        d_ff: config.d_ff,
+        max_seq: max_seq?,
+        rope_theta: config.rope_theta,
+        rms_eps: config.rms_eps,
+        tie_embeddings: config.tie_embeddings,
+        qkv_bias: config.qkv_bias,
+        head_dim: config.head_dim,
+        qk_norm: config.qk_norm,
+        rope_scaling: config.rope_scaling,
+        from: Some(absolute.display().to_string()),
     })
 }
 

@@ -1,0 +1,230 @@
+//! Hugging Face model folders: every fixture of `tests/fixtures/hf` (tiny
+//! random models saved by `transformers`, written by
+//! `scripts/hf-fixtures.sh`) loads, and coopc's token log-probabilities
+//! equal the ones `transformers` computed for the same ids.
+
+use coopc_compiler::compile_logprobs;
+use coopc_compiler::frontend::parse_pipeline;
+use coopc_compiler::plan::{LOGPROBS, TOKEN_IDS};
+use coopc_runtime::safetensors_io::read_tensors;
+use coopc_runtime::{execute_program, HostTensor};
+use coopc_train::init::pretrained_or_init;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+const FIXTURES: [&str; 5] = ["llama32", "smollm2", "qwen25", "qwen3", "mistral"];
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/hf")
+        .join(name)
+}
+
+fn pipeline(from: &Path, dtype: &str) -> String {
+    format!(
+        "[model]\nfrom = {:?}\nmax_seq = 12\n[lora]\nrank = 2\n[task]\nkind = \"addition\"\n\
+         [rl]\ngroup_size = 2\nprompts_per_step = 1\n[sft]\nbatch_size = 2\n\
+         [backend]\ndtype = \"{dtype}\"\n",
+        from.display().to_string()
+    )
+}
+
+/// coopc's log-probs of the fixture's ids, and the expected tensors.
+fn score(name: &str, dtype: &str) -> (Vec<f64>, HashMap<String, HostTensor>) {
+    let dir = fixture(name);
+    let spec = parse_pipeline(&pipeline(&dir, dtype))
+        .unwrap_or_else(|d| panic!("{name}: {}", d.render("pipeline", "")));
+    let program = compile_logprobs(&spec);
+    let params = pretrained_or_init(&spec, program.signature.parameters(), 0)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let expected: HashMap<String, HostTensor> = read_tensors(&dir.join("expected.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let mut inputs: HashMap<String, HostTensor> = params.into_iter().collect();
+    inputs.insert(TOKEN_IDS.to_string(), expected["input_ids"].clone());
+    let out = execute_program(&program, &inputs).unwrap();
+    let lp = out
+        .into_iter()
+        .find(|(n, _)| n == LOGPROBS)
+        .map(|(_, t)| t.to_f64_vec())
+        .unwrap();
+    (lp, expected)
+}
+
+fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn every_fixture_scores_as_transformers_does_in_f32() {
+    for name in FIXTURES {
+        let (lp, expected) = score(name, "f32");
+        let want = expected["logprobs_f32"].to_f64_vec();
+        let d = max_diff(&lp, &want);
+        assert!(d < 1e-5, "{name}: max |Δ log p| = {d:e} (f32)");
+        // The ids are far from uniformly likely: the check has teeth.
+        let spread = want.iter().cloned().fold(f64::INFINITY, f64::min);
+        assert!(spread < -8.0, "{name}: log-probs too flat ({spread})");
+    }
+}
+
+/// The f64 pipeline reads the same folders (bf16 and f16 widened to f64).
+/// transformers computes RMSNorm, the attention softmax and RoPE's angles
+/// in float32 whatever the model's dtype, so its float64 log-probs carry
+/// f32 rounding (1e-6 here); the tolerance is the f32 one for that reason.
+#[test]
+fn every_fixture_scores_as_transformers_does_in_f64() {
+    for name in FIXTURES {
+        let (lp, expected) = score(name, "f64");
+        let d = max_diff(&lp, &expected["logprobs_f64"].to_f64_vec());
+        assert!(d < 1e-5, "{name}: max |Δ log p| = {d:e} (f64)");
+    }
+}
+
+/// A copy of fixture `name` in a fresh temporary folder.
+fn copy_fixture(name: &str, tag: &str) -> PathBuf {
+    let dst = std::env::temp_dir().join(format!("coopc-hf-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(fixture(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    dst
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// The rendered errors of a pipeline on `dir`.
+fn pipeline_error(dir: &Path, extra: &str) -> String {
+    let text = pipeline(dir, "f32").replace("max_seq = 12\n", &format!("max_seq = 12\n{extra}"));
+    match parse_pipeline(&text) {
+        Ok(_) => panic!("the pipeline on {} was accepted", dir.display()),
+        Err(d) => d.render("pipeline.toml", &text),
+    }
+}
+
+#[test]
+fn an_unsupported_architecture_is_one_clear_error() {
+    let dir = copy_fixture("llama32", "arch");
+    edit_config(&dir, |v| {
+        v["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"])
+    });
+    let e = pipeline_error(&dir, "");
+    assert!(
+        e.contains("unsupported architecture GPTNeoXForCausalLM"),
+        "{e}"
+    );
+    assert!(e.contains("config.json"), "{e}");
+    assert!(e.contains("LlamaForCausalLM, Qwen2ForCausalLM"), "{e}");
+    assert_eq!(
+        e.lines().filter(|l| l.starts_with("error")).count(),
+        1,
+        "{e}"
+    );
+
+    edit_config(&dir, |v| {
+        v["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+        v["rope_parameters"]["rope_type"] = serde_json::json!("yarn");
+    });
+    let e = pipeline_error(&dir, "");
+    assert!(
+        e.contains("rope_scaling of type \"yarn\" is not supported"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_malformed_or_missing_config_names_the_file() {
+    let dir = copy_fixture("qwen3", "badcfg");
+    std::fs::write(dir.join("config.json"), "{\"hidden_size\": 64,").unwrap();
+    let e = pipeline_error(&dir, "");
+    assert!(e.contains("config.json: not valid JSON"), "{e}");
+    std::fs::remove_file(dir.join("config.json")).unwrap();
+    let e = pipeline_error(&dir, "");
+    assert!(e.contains("no config.json in the model folder"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let e = pipeline_error(&dir, "");
+    assert!(e.contains("no such folder"), "{e}");
+}
+
+#[test]
+fn explicit_model_keys_must_agree_with_the_config() {
+    let dir = fixture("qwen25");
+    let e = pipeline_error(&dir, "d_model = 32\nn_layers = 2\n");
+    assert!(
+        e.contains("`model.d_model` = 32 contradicts") && e.contains("hidden_size = 64"),
+        "{e}"
+    );
+    // n_layers agrees: no error about it.
+    assert!(!e.contains("n_layers"), "{e}");
+    let e = pipeline_error(&dir, "qkv_bias = false\n");
+    assert!(e.contains("Qwen2ForCausalLM"), "{e}");
+    let text = pipeline(&dir, "f32").replace("max_seq = 12", "max_seq = 40000");
+    let e = parse_pipeline(&text).unwrap_err().render("p", &text);
+    assert!(e.contains("max_position_embeddings = 32768"), "{e}");
+}
+
+fn load_error(dir: &Path) -> String {
+    let spec = parse_pipeline(&pipeline(dir, "f32")).unwrap();
+    let program = compile_logprobs(&spec);
+    match pretrained_or_init(&spec, program.signature.parameters(), 0) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_missing_shard_or_tensor_is_named() {
+    let dir = copy_fixture("qwen25", "shards");
+    std::fs::remove_file(dir.join("model-00002-of-00005.safetensors")).unwrap();
+    let e = load_error(&dir);
+    assert!(
+        e.contains("model.safetensors.index.json")
+            && e.contains("model-00002-of-00005.safetensors"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // A shard that lacks one of its tensors (rewritten without it).
+    let dir = copy_fixture("qwen25", "tensor");
+    let shard = dir.join("model-00001-of-00005.safetensors");
+    let mut tensors = read_tensors(&shard).unwrap();
+    let dropped = tensors.keys().next().unwrap().clone();
+    tensors.remove(&dropped);
+    coopc_runtime::safetensors_io::write_tensors(&shard, &tensors).unwrap();
+    let e = load_error(&dir);
+    assert!(e.contains(&format!("missing tensor `{dropped}`")), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // A tensor of the wrong shape, and one nothing expects.
+    let dir = copy_fixture("mistral", "shape");
+    let file = dir.join("model.safetensors");
+    let mut tensors = read_tensors(&file).unwrap();
+    let norm = tensors.remove("model.norm.weight").unwrap();
+    tensors.insert(
+        "model.norm.weight".into(),
+        HostTensor::from_f64(coopc_ir::DType::F32, vec![3], &[1.0, 1.0, 1.0]).unwrap(),
+    );
+    tensors.insert("model.extra.weight".into(), norm);
+    coopc_runtime::safetensors_io::write_tensors(&file, &tensors).unwrap();
+    let e = load_error(&dir);
+    assert!(
+        e.contains("tensor `model.norm.weight` is f32[3], expected f32[32]"),
+        "{e}"
+    );
+    assert!(e.contains("unexpected tensor `model.extra.weight`"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
