@@ -314,7 +314,7 @@ fn decode_on(
         top_p: 1.0,
         max_new_tokens: new,
         // Outside the vocabulary: every row generates all its tokens.
-        stop_token: -1,
+        stop_tokens: vec![],
         pad_token: 0,
         greedy: false,
     };

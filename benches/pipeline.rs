@@ -88,7 +88,7 @@ fn sampler(c: &mut Criterion) {
         top_p: 1.0,
         max_new_tokens: new_tokens,
         // Outside the vocabulary: every row generates all its tokens.
-        stop_token: -1,
+        stop_tokens: vec![],
         pad_token: 0,
         greedy: false,
     };

@@ -1235,7 +1235,7 @@ fn device_sampling_matches_the_cpu_sampler() {
                 temperature,
                 top_p,
                 max_new_tokens: 1,
-                stop_token: -1,
+                stop_tokens: vec![],
                 pad_token: 0,
                 greedy,
             };

@@ -201,7 +201,7 @@ fn naive_generate(
             let last = &logits[(t - 1) * vocab..t * vocab];
             let token = choose_token(last, cfg, stream).expect("finite logits");
             tokens.push(token);
-            stopped = token == cfg.stop_token;
+            stopped = cfg.stop_tokens.contains(&token);
         }
         out.push(Generation {
             response_len: tokens.len() - prompt.len(),
@@ -229,7 +229,7 @@ fn config(greedy: bool) -> SamplingConfig {
         temperature: 1.0,
         top_p: 1.0,
         max_new_tokens: 6,
-        stop_token: -1,
+        stop_tokens: vec![],
         pad_token: 0,
         greedy,
     }
@@ -263,7 +263,7 @@ fn kv_cache_generation_equals_full_recomputation_token_for_token() {
     cases.push(nucleus);
     // A stop token in the vocabulary, so some rows end early.
     let mut stopping = config(false);
-    stopping.stop_token = 5;
+    stopping.stop_tokens = vec![5];
     stopping.max_new_tokens = 8;
     cases.push(stopping);
     for cfg in cases {
@@ -328,7 +328,7 @@ fn the_stop_token_ends_a_row_and_is_kept() {
     // Stop on the second token greedy decoding gives row 0.
     let stop = free[0].response()[1];
     let mut cfg = config(true);
-    cfg.stop_token = stop;
+    cfg.stop_tokens = vec![stop];
     let got = generate(&sampler, &params, &ps, &cfg, 0);
     let first_stop = free[0].response().iter().position(|&t| t == stop).unwrap();
     assert_eq!(got[0].response(), &free[0].response()[..=first_stop]);

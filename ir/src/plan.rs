@@ -550,6 +550,10 @@ mod tests {
                 sft_max_digits: 3,
                 rl_max_digits: 4,
                 eval_digits: 4,
+                format: DataFormat::PromptResponse,
+                chat_template: false,
+                system_prompt: None,
+                reward_malformed: None,
             },
             rl: RlSpec {
                 group_size: 4,

@@ -240,6 +240,44 @@ pub struct TaskSpec {
     pub rl_max_digits: usize,
     /// addition: held-out problems have this many digits per operand.
     pub eval_digits: usize,
+    /// jsonl: the layout of the files' records.
+    #[serde(default)]
+    pub format: DataFormat,
+    /// jsonl: render prompts through the tokenizer folder's chat template.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub chat_template: bool,
+    /// jsonl with `chat_template`: a system message before each prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_prompt: Option<String>,
+    /// Reward of a response whose answer is not in a recognised format
+    /// (`None`: `reward_wrong`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward_malformed: Option<f64>,
+}
+
+/// How a `jsonl` task's records are laid out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// SFT `{prompt, response}`; RL and held-out `{prompt, answer}`.
+    #[default]
+    PromptResponse,
+    /// GSM8K: `{question, answer}`, the answer a worked solution ending in
+    /// `#### N`; one file serves SFT (the solution) and RL (N).
+    Gsm8k,
+    /// MATH: `{problem, solution}`, the final answer the solution's last
+    /// `\boxed{…}`.
+    Math,
+}
+
+impl DataFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            DataFormat::PromptResponse => "prompt_response",
+            DataFormat::Gsm8k => "gsm8k",
+            DataFormat::Math => "math",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

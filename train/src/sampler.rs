@@ -33,9 +33,11 @@ pub struct SamplingConfig {
     pub top_p: f64,
     /// Most tokens generated per row (the stop token included).
     pub max_new_tokens: usize,
-    /// A row ends after producing this token (kept in its response). A value
-    /// outside the vocabulary never stops a row.
-    pub stop_token: i32,
+    /// A row ends after producing one of these tokens (kept in its
+    /// response): EOS, and the end-of-turn tokens a model folder's
+    /// generation config lists. Values outside the vocabulary never stop a
+    /// row.
+    pub stop_tokens: Vec<i32>,
     /// Fed for finished rows and rows that only fill the batch.
     pub pad_token: i32,
     /// Argmax (lowest index on ties) instead of sampling.
@@ -376,7 +378,7 @@ impl Sampler {
                 })?;
                 row.tokens.push(token);
                 row.response_len += 1;
-                if token == cfg.stop_token {
+                if cfg.stop_tokens.contains(&token) {
                     row.stopped = true;
                     done[r] = true;
                 } else if row.response_len == cfg.max_new_tokens {
@@ -454,7 +456,7 @@ mod tests {
             temperature: 1.0,
             top_p,
             max_new_tokens: 4,
-            stop_token: 0,
+            stop_tokens: vec![0],
             pad_token: 0,
             greedy,
         }

@@ -392,7 +392,7 @@ impl Trainer {
                 .rl
                 .max_new_tokens
                 .min(self.spec.train.seq_len.saturating_sub(longest)),
-            stop_token: tok.eos(),
+            stop_tokens: tok.stop_tokens(),
             pad_token: tok.pad(),
             greedy,
         }

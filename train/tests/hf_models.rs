@@ -228,3 +228,54 @@ fn a_missing_shard_or_tensor_is_named() {
     assert!(e.contains("unexpected tensor `model.extra.weight`"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn chat_templates_render_and_tokenize_as_transformers_does() {
+    use coopc_train::tasks::chat::{ChatTemplate, Message};
+    use coopc_train::tasks::tokenizer::HfTokenizer;
+    use coopc_train::tasks::Tokenizer;
+    for name in FIXTURES {
+        let dir = fixture(name);
+        let chat: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("chat.json")).unwrap()).unwrap();
+        let (tok, text) = HfTokenizer::from_folder(&dir).unwrap();
+        let template = ChatTemplate::new(
+            text.chat_template.as_deref().expect("a chat template"),
+            &text,
+            &dir.join("chat_template.jinja"),
+        )
+        .unwrap();
+        let messages: Vec<Message> = chat["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| Message {
+                role: m["role"].as_str().unwrap().into(),
+                content: m["content"].as_str().unwrap().into(),
+            })
+            .collect();
+        let rendered = template.render(&messages, true).unwrap();
+        assert_eq!(rendered, chat["text"].as_str().unwrap(), "{name}");
+        let ids: Vec<i32> = chat["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap() as i32)
+            .collect();
+        assert_eq!(tok.encode(&rendered).unwrap(), ids, "{name}");
+        // EOS and stop tokens come from the folder's configs.
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("generation_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert!(tok
+            .stop_tokens()
+            .contains(&(config["eos_token_id"].as_i64().unwrap() as i32)));
+    }
+    // Qwen's tokenizer has no BOS; Llama's has one.
+    let (qwen, _) = HfTokenizer::from_folder(&fixture("qwen3")).unwrap();
+    assert_eq!(qwen.bos_prefix(), None);
+    let (llama, _) = HfTokenizer::from_folder(&fixture("llama32")).unwrap();
+    assert_eq!(llama.bos_prefix(), llama.token_id("<|begin_of_text|>"));
+    assert_eq!(llama.eos(), llama.token_id("<|eot_id|>").unwrap());
+}

@@ -4,10 +4,10 @@
 use super::check::{closest, describe, plain_list, quoted_list, Checker, Field, Section};
 use super::diagnostics::Diagnostic;
 use crate::spec::{
-    Advantage, BackendKind, BackendSpec, BilevelSpec, HypergradKind, HypergradSpec, Lambda,
-    LoraSpec, LossAgg, MatmulPrecision, Method, ModelSpec, OptimKind, OptimSpec, OptimSpecs,
-    PipelineSpec, Precision, Projection, RlSpec, SftSpec, ShadowMode, TaskKind, TaskSpec,
-    TrainSpec,
+    Advantage, BackendKind, BackendSpec, BilevelSpec, DataFormat, HypergradKind, HypergradSpec,
+    Lambda, LoraSpec, LossAgg, MatmulPrecision, Method, ModelSpec, OptimKind, OptimSpec,
+    OptimSpecs, PipelineSpec, Precision, Projection, RlSpec, SftSpec, ShadowMode, TaskKind,
+    TaskSpec, TrainSpec,
 };
 use std::ops::Range;
 use toml_edit::{Item, Value};
@@ -54,6 +54,15 @@ pub(super) const TASK_KEYS: &[&str] = &[
     "sft_max_digits",
     "rl_max_digits",
     "eval_digits",
+    "format",
+    "chat_template",
+    "system_prompt",
+    "reward_malformed",
+];
+pub(super) const DATA_FORMATS: &[(&str, DataFormat)] = &[
+    ("prompt_response", DataFormat::PromptResponse),
+    ("gsm8k", DataFormat::Gsm8k),
+    ("math", DataFormat::Math),
 ];
 pub(super) const RL_KEYS: &[&str] = &[
     "group_size",
@@ -252,8 +261,40 @@ pub(super) fn read_task(c: &mut Checker, sec: &Section) -> TaskSpec {
             }
         }
     }
+    let format = c.choice_or(sec, "format", DATA_FORMATS, DataFormat::PromptResponse);
+    let chat_template = c.bool_or(sec, "chat_template", false);
+    let system_prompt = c.string(sec, "system_prompt");
+    if kind.value != TaskKind::Jsonl {
+        for key in ["format", "chat_template", "system_prompt"] {
+            if sec.has(key) {
+                c.not_applicable(
+                    sec,
+                    key,
+                    &format!("to kind = \"{}\"", kind.value.name()),
+                    "data formats and chat templates apply to kind = \"jsonl\"",
+                );
+            }
+        }
+    } else if system_prompt.is_some() && !chat_template {
+        c.not_applicable(
+            sec,
+            "system_prompt",
+            "without `task.chat_template = true`",
+            "a system message goes through the chat template: set chat_template = true",
+        );
+    }
     let reward_correct = c.float_or(sec, "reward_correct", 1.0);
     let reward_wrong = c.float_or(sec, "reward_wrong", -1.0);
+    let reward_malformed = c.float(sec, "reward_malformed");
+    if let Some(m) = &reward_malformed {
+        c.check(
+            sec,
+            "reward_malformed",
+            m,
+            m.value < reward_correct.value,
+            "be less than `task.reward_correct`",
+        );
+    }
     if reward_correct.value <= reward_wrong.value {
         let (key, field) = if reward_correct.span.is_some() {
             ("reward_correct", &reward_correct)
@@ -311,6 +352,10 @@ pub(super) fn read_task(c: &mut Checker, sec: &Section) -> TaskSpec {
         sft_max_digits: sft_max.value,
         rl_max_digits: rl_max.value,
         eval_digits: eval_digits.value,
+        format: format.value,
+        chat_template,
+        system_prompt: system_prompt.map(|f| f.value),
+        reward_malformed: reward_malformed.map(|f| f.value),
     }
 }
 

@@ -8,6 +8,7 @@
 //! prompt is `BOS prompt`, and the sampler stops at EOS.
 
 pub mod addition;
+pub mod chat;
 pub mod countdown;
 pub mod jsonl;
 pub mod tokenizer;
@@ -85,12 +86,15 @@ pub enum Verdict {
     Malformed,
 }
 
-/// Rewards of a verdict (`task.reward_correct` / `task.reward_wrong`; a
-/// malformed answer gets `wrong`).
+/// Rewards of a verdict (`task.reward_correct` / `task.reward_wrong` /
+/// `task.reward_malformed`, which defaults to `wrong`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Rewards {
     pub correct: f64,
     pub wrong: f64,
+    /// A response whose answer is not in the task's format
+    /// (`task.reward_malformed`, default `wrong`).
+    pub malformed: f64,
 }
 
 impl Rewards {
@@ -98,13 +102,15 @@ impl Rewards {
         Rewards {
             correct: spec.reward_correct,
             wrong: spec.reward_wrong,
+            malformed: spec.reward_malformed.unwrap_or(spec.reward_wrong),
         }
     }
 
     pub fn of(self, verdict: Verdict) -> f64 {
         match verdict {
             Verdict::Correct => self.correct,
-            Verdict::Wrong | Verdict::Malformed => self.wrong,
+            Verdict::Wrong => self.wrong,
+            Verdict::Malformed => self.malformed,
         }
     }
 }
@@ -115,6 +121,7 @@ impl Default for Rewards {
         Rewards {
             correct: 1.0,
             wrong: -1.0,
+            malformed: -1.0,
         }
     }
 }
@@ -160,10 +167,11 @@ pub trait Task: Send + Sync {
         self.verify(problem, response) == Verdict::Correct
     }
 
-    /// `BOS prompt`: what the sampler continues.
+    /// `BOS prompt`: what the sampler continues (no BOS for a tokenizer
+    /// without one).
     fn encode_prompt(&self, problem: &Problem) -> Result<Vec<i32>, TaskError> {
         let tok = self.tokenizer();
-        let mut ids = vec![tok.bos()];
+        let mut ids: Vec<i32> = tok.bos_prefix().into_iter().collect();
         ids.extend(tok.encode(&problem.prompt)?);
         Ok(ids)
     }
@@ -171,7 +179,7 @@ pub trait Task: Send + Sync {
     /// `BOS prompt response EOS` with the span the loss covers.
     fn encode_example(&self, example: &Example) -> Result<TokenizedExample, TaskError> {
         let tok = self.tokenizer();
-        let mut tokens = vec![tok.bos()];
+        let mut tokens: Vec<i32> = tok.bos_prefix().into_iter().collect();
         tokens.extend(tok.encode(&example.prompt)?);
         let prompt_len = tokens.len();
         tokens.extend(tok.encode(&example.response)?);
@@ -190,12 +198,13 @@ pub trait Task: Send + Sync {
     }
 
     /// The text of generated response tokens: everything before the first
-    /// EOS, special tokens dropped.
+    /// stop token (EOS), special tokens dropped.
     fn decode_response(&self, response: &[i32]) -> String {
         let tok = self.tokenizer();
+        let stop = tok.stop_tokens();
         let end = response
             .iter()
-            .position(|&t| t == tok.eos())
+            .position(|t| stop.contains(t))
             .unwrap_or(response.len());
         tok.decode(&response[..end])
     }

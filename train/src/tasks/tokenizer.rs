@@ -2,6 +2,7 @@
 //! built-in character tokenizer (one token per character, after the three
 //! special tokens PAD = 0, BOS = 1, EOS = 2).
 
+use super::chat::ModelText;
 use super::TaskError;
 use coopc_ir::spec::TaskKind;
 use std::collections::HashMap;
@@ -28,6 +29,16 @@ pub trait Tokenizer: Send + Sync {
     fn bos(&self) -> i32;
     fn eos(&self) -> i32;
     fn pad(&self) -> i32;
+    /// The token every sequence starts with, when the tokenizer puts one
+    /// there (Qwen's puts none).
+    fn bos_prefix(&self) -> Option<i32> {
+        Some(self.bos())
+    }
+    /// Tokens that end a generated response: EOS, and others a model
+    /// folder's generation config names.
+    fn stop_tokens(&self) -> Vec<i32> {
+        vec![self.eos()]
+    }
 }
 
 /// One token per character of a fixed alphabet.
@@ -182,6 +193,9 @@ pub struct HfTokenizer {
     bos: i32,
     eos: i32,
     pad: i32,
+    /// Whether sequences start with `bos`.
+    add_bos: bool,
+    stop: Vec<i32>,
 }
 
 impl HfTokenizer {
@@ -216,7 +230,55 @@ impl HfTokenizer {
             bos,
             eos,
             pad,
+            add_bos: true,
+            stop: vec![eos],
         })
+    }
+
+    /// The tokenizer of a Hugging Face model folder: `tokenizer.json`, with
+    /// BOS, EOS and PAD as `tokenizer_config.json` names them (no BOS when
+    /// it names none, as Qwen's) and generation stopping at
+    /// `generation_config.json`'s `eos_token_id`s too. Returns the folder's
+    /// text settings (chat template, special tokens) with it.
+    pub fn from_folder(dir: &std::path::Path) -> Result<(Self, ModelText), TaskError> {
+        let mut tok = Self::from_file(&dir.join("tokenizer.json"))?;
+        let text = ModelText::read(dir, &tok)?;
+        let id = |tok: &Self, t: &str| tok.token_id(t).expect("checked by ModelText::read");
+        tok.eos = id(&tok, &text.eos_token);
+        match &text.bos_token {
+            Some(b) => {
+                tok.bos = id(&tok, b);
+                tok.add_bos = true;
+            }
+            None => {
+                tok.bos = tok.eos;
+                tok.add_bos = false;
+            }
+        }
+        let config = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        let pad = config
+            .as_ref()
+            .and_then(|c| match c.get("pad_token")? {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+                _ => None,
+            })
+            .and_then(|p| tok.token_id(&p));
+        tok.pad = pad.unwrap_or(tok.eos);
+        tok.stop = text.stop_ids.clone();
+        Ok((tok, text))
+    }
+
+    /// The id of a token's text (special tokens included).
+    pub fn token_id(&self, token: &str) -> Option<i32> {
+        self.inner.token_to_id(token).map(|i| i as i32)
+    }
+
+    /// The text of a token id.
+    pub fn token_text(&self, id: i32) -> Option<String> {
+        self.inner.id_to_token(u32::try_from(id).ok()?)
     }
 }
 
@@ -265,5 +327,13 @@ impl Tokenizer for HfTokenizer {
 
     fn pad(&self) -> i32 {
         self.pad
+    }
+
+    fn bos_prefix(&self) -> Option<i32> {
+        self.add_bos.then_some(self.bos)
+    }
+
+    fn stop_tokens(&self) -> Vec<i32> {
+        self.stop.clone()
     }
 }
