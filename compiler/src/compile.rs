@@ -5,7 +5,7 @@
 //! fuses a graph.
 
 use crate::decode::{cache_output, decode_step_program, lora_merge_program};
-use crate::frontend::{load_pipeline, FrontendError};
+use crate::frontend::FrontendError;
 use crate::fusion::fuse;
 use crate::ir::{Graph, TensorType};
 use crate::lowering::{
@@ -161,7 +161,15 @@ fn params(spec: &PipelineSpec, lora: &LoraSpec) -> Vec<Port> {
 /// the file and the hash of its text, so that a later change to the file
 /// makes the plan stale.
 pub fn compile_file(path: &Path) -> Result<Plan, FrontendError> {
-    let (source, spec) = load_pipeline(path)?;
+    compile_file_with(path, &crate::frontend::Options::default())
+}
+
+/// [`compile_file`] with command-line options (`--model`).
+pub fn compile_file_with(
+    path: &Path,
+    options: &crate::frontend::Options,
+) -> Result<Plan, FrontendError> {
+    let (source, spec) = crate::frontend::load_pipeline_with(path, options)?;
     let mut plan = compile(spec);
     plan.pipeline_hash = pipeline_hash(&source);
     plan.pipeline_path = path.display().to_string();

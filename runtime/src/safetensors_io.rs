@@ -293,7 +293,44 @@ struct Encoded {
     bytes: Vec<u8>,
 }
 
+/// How float tensors are stored in a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FloatStorage {
+    /// As held (f32 or f64).
+    Native,
+    /// bfloat16, rounded to nearest even.
+    Bf16,
+    /// IEEE f32.
+    F32,
+}
+
 impl Encoded {
+    fn stored(t: &HostTensor, storage: FloatStorage) -> Encoded {
+        let floats = || t.to_f64_vec();
+        let (dtype, bytes) = match (&t.data, storage) {
+            (Buffer::F32(_) | Buffer::F64(_), FloatStorage::Bf16) => (
+                Dtype::BF16,
+                floats()
+                    .into_iter()
+                    .flat_map(|x| half::bf16::from_f64(x).to_le_bytes())
+                    .collect(),
+            ),
+            (Buffer::F64(_), FloatStorage::F32) => (
+                Dtype::F32,
+                floats()
+                    .into_iter()
+                    .flat_map(|x| (x as f32).to_le_bytes())
+                    .collect(),
+            ),
+            _ => return Encoded::new(t),
+        };
+        Encoded {
+            dtype,
+            shape: t.shape.clone(),
+            bytes,
+        }
+    }
+
     fn new(t: &HostTensor) -> Encoded {
         let (dtype, bytes) = match &t.data {
             Buffer::F32(v) => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
@@ -331,6 +368,25 @@ pub fn write_tensors(
     path: &Path,
     tensors: &BTreeMap<String, HostTensor>,
 ) -> Result<(), TensorFileError> {
+    write_encoded(path, tensors, FloatStorage::Native, false)
+}
+
+/// [`write_tensors`] with float tensors stored as `storage` says, and the
+/// `{"format": "pt"}` metadata Hugging Face loaders look for.
+pub fn write_tensors_as(
+    path: &Path,
+    tensors: &BTreeMap<String, HostTensor>,
+    storage: FloatStorage,
+) -> Result<(), TensorFileError> {
+    write_encoded(path, tensors, storage, true)
+}
+
+fn write_encoded(
+    path: &Path,
+    tensors: &BTreeMap<String, HostTensor>,
+    storage: FloatStorage,
+    hf_metadata: bool,
+) -> Result<(), TensorFileError> {
     let encode_err = |message: String| TensorFileError::Encode {
         path: path.to_path_buf(),
         message,
@@ -344,9 +400,11 @@ pub fn write_tensors(
     }
     let encoded: Vec<(&String, Encoded)> = tensors
         .iter()
-        .map(|(name, t)| (name, Encoded::new(t)))
+        .map(|(name, t)| (name, Encoded::stored(t, storage)))
         .collect();
-    let bytes = safetensors::serialize(encoded.iter().map(|(n, e)| (n.as_str(), e)), None)
+    let metadata = hf_metadata
+        .then(|| std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
+    let bytes = safetensors::serialize(encoded.iter().map(|(n, e)| (n.as_str(), e)), metadata)
         .map_err(|e| encode_err(e.to_string()))?;
     write_atomically(path, &bytes).map_err(|source| TensorFileError::Io {
         path: path.to_path_buf(),

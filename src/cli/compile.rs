@@ -97,6 +97,7 @@ fn emit_kernels(plan: &Plan, dir: &Path) -> Result<(), UserError> {
 
 pub fn run(
     pipeline: &Path,
+    model: Option<&Path>,
     out: Option<&Path>,
     emit: Option<Emit>,
     dir: Option<&Path>,
@@ -112,7 +113,11 @@ pub fn run(
         ));
     }
     let t0 = Instant::now();
-    let plan = coopc_compiler::compile_file(pipeline).map_err(|e| UserError(e.render()))?;
+    let options = coopc_compiler::frontend::Options {
+        model_from: model.map(|m| m.display().to_string()),
+    };
+    let plan =
+        coopc_compiler::compile_file_with(pipeline, &options).map_err(|e| UserError(e.render()))?;
     let elapsed = t0.elapsed();
     let meta = plan.meta_step();
     match emit {

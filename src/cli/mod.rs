@@ -6,10 +6,12 @@ pub mod check;
 pub mod compare;
 pub mod compile;
 pub mod demo;
+pub mod export;
 pub mod grad;
 pub mod init;
 pub mod inspect;
 pub mod run;
+pub mod score;
 
 use clap::{Parser, Subcommand};
 use coopc_compiler::spec::{BackendKind, Method};
@@ -55,6 +57,9 @@ pub enum Command {
         /// Override backend.kind.
         #[arg(long, value_enum)]
         backend: Option<BackendKind>,
+        /// Hugging Face model folder to start from (sets or replaces model.from).
+        #[arg(long, value_name = "DIR")]
+        model: Option<PathBuf>,
         /// Run folder (default runs/<pipeline>-<method>-s<seed>).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -83,9 +88,18 @@ pub enum Command {
         #[arg(long)]
         markdown: Option<PathBuf>,
     },
-    /// Held-out accuracy of a run's latest checkpoint.
+    /// Greedy held-out accuracy of a run's latest checkpoint, or of a Hugging
+    /// Face model folder on a pipeline's task (--model DIR --task PIPELINE).
     Eval {
-        dir: PathBuf,
+        /// A run folder.
+        #[arg(required_unless_present = "model", conflicts_with = "model")]
+        dir: Option<PathBuf>,
+        /// A Hugging Face model folder to evaluate as it is (no run needed).
+        #[arg(long, value_name = "DIR", requires = "task")]
+        model: Option<PathBuf>,
+        /// The pipeline whose task (held-out file, format, chat template, verifier) --model is evaluated on.
+        #[arg(long, value_name = "PIPELINE")]
+        task: Option<PathBuf>,
         #[arg(long, default_value_t = 100)]
         eval_limit: usize,
         /// Also print this many held-out and training-distribution problems with the model's answers.
@@ -94,9 +108,34 @@ pub enum Command {
     },
     /// Validate a pipeline.toml (exit 2 with diagnostics when it is invalid).
     Check { pipeline: PathBuf },
+    /// Token log-probabilities of given ids under a run's latest policy (θ and LoRA), on the CPU.
+    Score {
+        /// A run folder.
+        run: PathBuf,
+        /// safetensors with `input_ids` [batch, tokens].
+        #[arg(long)]
+        ids: PathBuf,
+        /// Output safetensors with `logprobs` [batch, tokens] (entry 0 is 0).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a run's latest checkpoint as a Hugging Face model folder with the LoRA merged into θ.
+    Export {
+        /// A run folder.
+        run: PathBuf,
+        /// Folder to write the merged model to (config.json, model.safetensors, tokenizer files).
+        #[arg(long, value_name = "DIR")]
+        merged: PathBuf,
+        /// Weight dtype of the written model.
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: export::ExportDtype,
+    },
     /// Lower a pipeline into a plan: the fused meta-step and the log-prob program.
     Compile {
         pipeline: PathBuf,
+        /// Hugging Face model folder (sets or replaces model.from).
+        #[arg(long, value_name = "DIR")]
+        model: Option<PathBuf>,
         /// Where to write the plan.
         #[arg(short, long)]
         output: Option<PathBuf>,
@@ -166,6 +205,7 @@ pub fn dispatch(cli: Cli) -> i32 {
             steps,
             seed,
             backend,
+            model,
             out,
             resume,
             eval_limit,
@@ -177,6 +217,7 @@ pub fn dispatch(cli: Cli) -> i32 {
                 steps,
                 seed,
                 backend,
+                model,
             };
             user_result(run::run(
                 pipeline.as_deref(),
@@ -192,9 +233,22 @@ pub fn dispatch(cli: Cli) -> i32 {
         }
         Command::Eval {
             dir,
+            model,
+            task,
             eval_limit,
             show,
-        } => user_result(run::eval(&dir, eval_limit, show)),
+        } => user_result(match (dir, model, task) {
+            (Some(dir), None, None) => run::eval(&dir, eval_limit, show),
+            (None, Some(model), Some(task)) => run::eval_model(&model, &task, eval_limit, show),
+            (Some(_), _, Some(_)) => Err(UserError(
+                "--task goes with --model; a run folder is evaluated on its own task".into(),
+            )),
+            _ => Err(UserError(
+                "give a run folder, or --model DIR --task PIPELINE".into(),
+            )),
+        }),
+        Command::Score { run, ids, out } => user_result(score::run(&run, &ids, &out)),
+        Command::Export { run, merged, dtype } => user_result(export::run(&run, &merged, dtype)),
         Command::Compare {
             dirs,
             png,
@@ -214,11 +268,13 @@ pub fn dispatch(cli: Cli) -> i32 {
         Command::Inspect { plan } => inspect::inspect(&plan),
         Command::Compile {
             pipeline,
+            model,
             output,
             emit,
             dir,
         } => user_result(compile::run(
             &pipeline,
+            model.as_deref(),
             output.as_deref(),
             emit,
             dir.as_deref(),

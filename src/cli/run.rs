@@ -15,6 +15,8 @@ pub struct Overrides {
     pub steps: Option<usize>,
     pub seed: Option<u64>,
     pub backend: Option<BackendKind>,
+    /// `--model DIR`: replaces model.from.
+    pub model: Option<PathBuf>,
 }
 
 const SPEC_FILE: &str = "spec.json";
@@ -75,8 +77,11 @@ pub fn run(
             (plan.spec.clone(), Some(plan))
         }
         (Some(p), None) => {
-            let (_, spec) =
-                coopc_compiler::frontend::load_pipeline(p).map_err(|e| UserError(e.render()))?;
+            let options = coopc_compiler::frontend::Options {
+                model_from: ov.model.as_ref().map(|m| m.display().to_string()),
+            };
+            let (_, spec) = coopc_compiler::frontend::load_pipeline_with(p, &options)
+                .map_err(|e| UserError(e.render()))?;
             (spec, None)
         }
         (None, None) => {
@@ -85,9 +90,15 @@ pub fn run(
             ))
         }
     };
-    if resume.is_some() && (ov.method.is_some() || ov.seed.is_some()) {
+    if resume.is_some() && (ov.method.is_some() || ov.seed.is_some() || ov.model.is_some()) {
         return Err(UserError(
-            "--resume continues a run as it was started; --method and --seed cannot change".into(),
+            "--resume continues a run as it was started; --method, --seed and --model cannot change"
+                .into(),
+        ));
+    }
+    if ov.model.is_some() && plan.is_some() {
+        return Err(UserError(
+            "--model applies to a pipeline.toml; a .plan was compiled with its model (recompile with `coopc compile --model DIR`)".into(),
         ));
     }
     let before = spec.clone();
@@ -196,10 +207,58 @@ pub fn run(
 
 pub fn eval(dir: &Path, eval_limit: usize, show: usize) -> Result<(), UserError> {
     let spec = read_spec(dir)?;
+    evaluate(
+        spec,
+        dir,
+        true,
+        eval_limit,
+        show,
+        &dir.display().to_string(),
+    )
+}
+
+/// `coopc eval --model DIR --task PIPELINE`: the model folder as it is
+/// (LoRA at its PEFT initialisation, which adds nothing) on the
+/// pipeline's held-out problems.
+pub fn eval_model(
+    model: &Path,
+    pipeline: &Path,
+    eval_limit: usize,
+    show: usize,
+) -> Result<(), UserError> {
+    let options = coopc_compiler::frontend::Options {
+        model_from: Some(model.display().to_string()),
+    };
+    let (_, spec) = coopc_compiler::frontend::load_pipeline_with(pipeline, &options)
+        .map_err(|e| UserError(e.render()))?;
+    if spec.task.kind == coopc_compiler::spec::TaskKind::Jsonl && spec.task.eval_file.is_none() {
+        return Err(UserError(format!(
+            "{}: task.eval_file is not set; there are no held-out problems to evaluate on",
+            pipeline.display()
+        )));
+    }
+    evaluate(
+        spec,
+        Path::new("."),
+        false,
+        eval_limit,
+        show,
+        &model.display().to_string(),
+    )
+}
+
+fn evaluate(
+    spec: PipelineSpec,
+    dir: &Path,
+    resume: bool,
+    eval_limit: usize,
+    show: usize,
+    what: &str,
+) -> Result<(), UserError> {
     let plan = compile(spec.clone());
     let opts = RunOptions {
         out_dir: dir.to_path_buf(),
-        resume: true,
+        resume,
         progress: false,
         eval_limit,
         stop_after: None,
@@ -207,7 +266,18 @@ pub fn eval(dir: &Path, eval_limit: usize, show: usize) -> Result<(), UserError>
     // Evaluated where the run trained (`auto`/`cpu` runs on the CPU here too).
     let backend = crate::cli::backend::open(spec.backend.kind, &spec.backend)?;
     let trainer = Trainer::new(plan, opts)?.with_backend(backend);
-    let acc = trainer.evaluate()?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "eval {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    let acc = trainer.evaluate_with(&mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
     if show > 0 {
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
         let task = trainer.task();
@@ -229,10 +299,10 @@ pub fn eval(dir: &Path, eval_limit: usize, show: usize) -> Result<(), UserError>
         }
     }
     println!(
-        "{}: step {} · held-out accuracy {:.1}%",
-        dir.display(),
+        "{what}: step {} · held-out accuracy {:.1}% ({} problems)",
         trainer.step(),
-        100.0 * acc
+        100.0 * acc,
+        trainer.task().eval_set().len().min(eval_limit)
     );
     Ok(())
 }

@@ -1,21 +1,38 @@
-//! Training checkpoints: θ by Hugging Face names, w by PEFT names, a merged
+//! Training checkpoints: θ by Hugging Face names (the folder is a Hugging
+//! Face model folder), w by PEFT names (a PEFT adapter folder inside it), a merged
 //! copy (LoRA folded into the base weights), and the rest of the training
 //! state (shadow, optimiser state) — each written atomically, inside a
 //! `step-N` folder that becomes current only when a `latest` pointer file is
 //! atomically replaced, so a crash never leaves a half-written checkpoint as
 //! the one to resume from.
 
+use crate::export::{write_adapter_folder, write_model_folder, ExportError};
 use coopc_ir::file::write_atomically;
 use coopc_ir::params::{lora_name, module_path, theta_shapes};
 use coopc_ir::spec::{PipelineSpec, Projection};
-use coopc_runtime::safetensors_io::{read_tensors, write_tensors, TensorFileError};
+use coopc_runtime::safetensors_io::{read_tensors, write_tensors, FloatStorage, TensorFileError};
 use coopc_runtime::HostTensor;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
-/// Format of `meta.txt` inside a checkpoint folder.
-const META_VERSION: u32 = 1;
+/// Layout of a checkpoint folder, in its `meta.txt`: 2 puts w in
+/// `adapter/` as a PEFT adapter folder and makes the folder a Hugging Face
+/// model folder of θ; 1 (still read) kept w in `adapter_model.safetensors`.
+const META_VERSION: u32 = 2;
+
+/// The PEFT adapter folder inside a checkpoint.
+pub const ADAPTER_DIR: &str = "adapter";
+
+fn export_error(e: ExportError) -> CheckpointError {
+    match e {
+        ExportError::Tensors(t) => CheckpointError::Tensors(t),
+        ExportError::Io { path, message } => CheckpointError::Invalid {
+            path,
+            reason: message,
+        },
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum CheckpointError {
@@ -127,8 +144,18 @@ pub fn save(
             rest.insert(name.clone(), t.clone());
         }
     }
-    write_tensors(&dir.join("model.safetensors"), &theta)?;
-    write_tensors(&dir.join("adapter_model.safetensors"), &adapter)?;
+    // The folder is a Hugging Face model folder of θ (config, weights,
+    // tokenizer files), with w as a PEFT adapter of it in `adapter/`.
+    write_model_folder(&dir, spec, &theta, FloatStorage::Native).map_err(export_error)?;
+    let base = std::path::absolute(&dir).unwrap_or_else(|_| dir.clone());
+    write_adapter_folder(
+        &dir.join(ADAPTER_DIR),
+        spec,
+        &adapter,
+        &base.display().to_string(),
+        FloatStorage::Native,
+    )
+    .map_err(export_error)?;
     write_tensors(
         &dir.join("merged.safetensors"),
         &merge_lora(spec, &state.tensors),
@@ -180,19 +207,24 @@ pub fn load(dir: &Path) -> Result<TrainState, CheckpointError> {
             _ => {}
         }
     }
-    if version != Some(META_VERSION) {
+    if !matches!(version, Some(1) | Some(META_VERSION)) {
         return Err(invalid(format!(
-            "meta.txt has no supported version (expected {META_VERSION})"
+            "meta.txt has no supported version (expected 1 or {META_VERSION})"
         )));
     }
     let step = step.ok_or_else(|| invalid("meta.txt has no step".into()))?;
+    let adapter = if version == Some(1) {
+        dir.join("adapter_model.safetensors")
+    } else {
+        dir.join(ADAPTER_DIR).join("adapter_model.safetensors")
+    };
     let mut tensors = BTreeMap::new();
     for file in [
-        "model.safetensors",
-        "adapter_model.safetensors",
-        "state.safetensors",
+        dir.join("model.safetensors"),
+        adapter,
+        dir.join("state.safetensors"),
     ] {
-        tensors.extend(read_tensors(&dir.join(file))?);
+        tensors.extend(read_tensors(&file)?);
     }
     Ok(TrainState { step, tensors })
 }

@@ -9,6 +9,7 @@
 //! depend on the compiler.
 
 pub mod checkpoint;
+pub mod export;
 pub mod init;
 pub mod sampler;
 pub mod tasks;

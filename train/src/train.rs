@@ -339,12 +339,27 @@ impl Trainer {
 
     /// Greedy accuracy on (at most `eval_limit` of) the held-out problems.
     pub fn evaluate(&self) -> Result<f64, TrainError> {
-        let answers = self.answer(&self.task.eval_set())?;
-        if answers.is_empty() {
+        self.evaluate_with(&mut |_, _| {})
+    }
+
+    /// [`Trainer::evaluate`], calling `progress(done, total)` after each
+    /// batch of problems.
+    pub fn evaluate_with(&self, progress: &mut dyn FnMut(usize, usize)) -> Result<f64, TrainError> {
+        let problems = self.task.eval_set();
+        let problems = &problems[..problems.len().min(self.opts.eval_limit)];
+        let chunk = self.spec.rl.batch_size().max(1);
+        let mut correct = 0;
+        for (i, batch) in problems.chunks(chunk).enumerate() {
+            correct += self.answer(batch)?.iter().filter(|a| a.correct).count();
+            progress(
+                (i * chunk + batch.len()).min(problems.len()),
+                problems.len(),
+            );
+        }
+        if problems.is_empty() {
             return Ok(f64::NAN);
         }
-        let correct = answers.iter().filter(|a| a.correct).count();
-        Ok(correct as f64 / answers.len() as f64)
+        Ok(correct as f64 / problems.len() as f64)
     }
 
     /// Greedy answers to (at most `eval_limit` of) `problems`.

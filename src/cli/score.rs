@@ -1,0 +1,96 @@
+//! `coopc score`: token log-probabilities of given ids under a run's policy
+//! (θ and the LoRA w of its latest checkpoint) or a model folder — what
+//! other implementations are checked against.
+
+use crate::cli::UserError;
+use coopc_compiler::compile_logprobs;
+use coopc_compiler::plan::{LOGPROBS, TOKEN_IDS};
+use coopc_compiler::spec::PipelineSpec;
+use coopc_runtime::safetensors_io::{read_tensors, write_tensors};
+use coopc_runtime::{execute_program, HostTensor};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// Scores `ids` (`input_ids` [B, T] of a safetensors file) under the run in
+/// `run_dir` and writes `logprobs` [B, T] (entry t: log p(ids[t] | ids[<t]),
+/// entry 0 is 0) to `out`, on the CPU executor in the run's dtype.
+pub fn run(run_dir: &Path, ids: &Path, out: &Path) -> Result<(), UserError> {
+    let spec_path = run_dir.join("spec.json");
+    let text = std::fs::read_to_string(&spec_path).map_err(|e| {
+        UserError(format!(
+            "{}: {e} (is it a coopc run folder?)",
+            spec_path.display()
+        ))
+    })?;
+    let mut spec: PipelineSpec = serde_json::from_str(&text).map_err(|e| {
+        UserError(format!(
+            "{}: not a valid run specification: {e}",
+            spec_path.display()
+        ))
+    })?;
+    let state =
+        coopc_train::checkpoint::load_latest(run_dir).map_err(|e| UserError(e.to_string()))?;
+    let mut file = read_tensors(ids).map_err(|e| UserError(e.to_string()))?;
+    let input = file
+        .remove("input_ids")
+        .ok_or_else(|| UserError(format!("{}: no `input_ids` tensor", ids.display())))?;
+    let (b, t) = match input.shape[..] {
+        [b, t] if b >= 1 && t >= 2 => (b, t),
+        _ => {
+            return Err(UserError(format!(
+                "{}: `input_ids` must be [batch, tokens] with at least 2 tokens, not {:?}",
+                ids.display(),
+                input.shape
+            )))
+        }
+    };
+    if t > spec.model.max_seq {
+        return Err(UserError(format!(
+            "{}: {t} tokens per row, more than model.max_seq = {}",
+            ids.display(),
+            spec.model.max_seq
+        )));
+    }
+    if let Some(bad) = input
+        .to_f64_vec()
+        .iter()
+        .find(|&&v| v < 0.0 || v >= spec.model.vocab_size as f64)
+    {
+        return Err(UserError(format!(
+            "{}: token id {bad} is outside the vocabulary (0..{})",
+            ids.display(),
+            spec.model.vocab_size
+        )));
+    }
+    // The log-prob program of exactly these shapes.
+    spec.rl.prompts_per_step = b;
+    spec.rl.group_size = 1;
+    spec.train.seq_len = t;
+    let program = compile_logprobs(&spec);
+    let mut inputs: HashMap<String, HostTensor> = program
+        .signature
+        .parameters()
+        .filter_map(|p| {
+            state
+                .tensors
+                .get(&p.name)
+                .map(|v| (p.name.clone(), v.clone()))
+        })
+        .collect();
+    inputs.insert(TOKEN_IDS.to_string(), input);
+    let lp = execute_program(&program, &inputs)
+        .map_err(|e| UserError(e.to_string()))?
+        .into_iter()
+        .find(|(n, _)| n == LOGPROBS)
+        .map(|(_, t)| t)
+        .ok_or_else(|| UserError("the log-prob program returned no log-probs".into()))?;
+    write_tensors(out, &BTreeMap::from([("logprobs".to_string(), lp)]))
+        .map_err(|e| UserError(e.to_string()))?;
+    println!(
+        "{}: step {} · log-probs of {b}×{t} ids written to {}",
+        run_dir.display(),
+        state.step,
+        out.display()
+    );
+    Ok(())
+}
