@@ -279,3 +279,178 @@ fn chat_templates_render_and_tokenize_as_transformers_does() {
     assert_eq!(llama.bos_prefix(), llama.token_id("<|begin_of_text|>"));
     assert_eq!(llama.eos(), llama.token_id("<|eot_id|>").unwrap());
 }
+
+/// examples/hf-tiny.toml with its paths made absolute and `edit` applied.
+fn example_spec(edit: impl FnOnce(String) -> String) -> coopc_compiler::spec::PipelineSpec {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = edit(std::fs::read_to_string(root.join("examples/hf-tiny.toml")).unwrap());
+    let text = text
+        .replace("\"tests/", &format!("\"{}/tests/", root.display()))
+        .replace("\"examples/", &format!("\"{}/examples/", root.display()));
+    parse_pipeline(&text).unwrap_or_else(|d| panic!("{}", d.render("hf-tiny.toml", &text)))
+}
+
+#[test]
+fn a_run_trains_three_steps_from_a_model_folder_and_checkpoints_hf_folders() {
+    use coopc_runtime::hf_weights::read_model_weights;
+    use coopc_train::{RunOptions, Trainer};
+    let spec = example_spec(|t| {
+        t.replace("steps = 20", "steps = 3")
+            .replace("eval_every = 10", "eval_every = 3")
+    });
+    assert!(spec.task.chat_template);
+    let out = std::env::temp_dir().join(format!("coopc-hf-run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let plan = coopc_compiler::compile(spec.clone());
+    let opts = RunOptions {
+        out_dir: out.clone(),
+        resume: false,
+        progress: false,
+        eval_limit: 4,
+        stop_after: None,
+    };
+    let mut trainer = Trainer::new(plan, opts).unwrap();
+    // θ starts as the folder's weights (bf16 widened exactly).
+    let start = trainer.state().unwrap();
+    let theta_ports: Vec<(String, coopc_ir::TensorType)> =
+        coopc_ir::params::theta_shapes(&spec.model)
+            .into_iter()
+            .map(|(n, s)| (n, coopc_ir::TensorType::new(coopc_ir::DType::F32, s)))
+            .collect();
+    let folder = read_model_weights(&fixture("qwen25"), &theta_ports, true).unwrap();
+    for (name, t) in &folder {
+        assert_eq!(&start.tensors[name], t, "{name}");
+    }
+    let metrics = trainer.run(|_| {}).unwrap();
+    assert_eq!(metrics.len(), 3);
+    assert!(metrics.iter().all(|m| m.sft_loss.is_finite()));
+    assert!(metrics.last().unwrap().eval_accuracy.is_some());
+    // The checkpoint is a model folder of θ with a PEFT adapter inside.
+    let ckpt = out.join("checkpoints/step-3");
+    let end = trainer.state().unwrap();
+    let saved = read_model_weights(&ckpt, &theta_ports, true).unwrap();
+    for (name, t) in &saved {
+        assert_eq!(&end.tensors[name], t, "{name}");
+    }
+    assert_ne!(saved, folder, "θ trained");
+    let adapter: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(ckpt.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(adapter["r"], 4);
+    assert_eq!(adapter["lora_alpha"], 8.0);
+    assert_eq!(
+        adapter["target_modules"],
+        serde_json::json!(["q_proj", "v_proj", "up_proj", "down_proj"])
+    );
+    let w = read_tensors(&ckpt.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(w.contains_key("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"));
+    for f in ["config.json", "tokenizer.json", "chat_template.jinja"] {
+        assert!(ckpt.join(f).exists(), "{f}");
+    }
+    // The written config describes the same model.
+    let c = coopc_ir::hf::read_config(&ckpt).unwrap();
+    assert_eq!((c.d_model, c.n_layers, c.vocab_size), (64, 2, 384));
+    // And the run resumes from it.
+    let plan = coopc_compiler::compile(spec);
+    let resumed = Trainer::new(
+        plan,
+        RunOptions {
+            out_dir: out.clone(),
+            resume: true,
+            progress: false,
+            eval_limit: 4,
+            stop_after: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(resumed.step(), 3);
+    assert_eq!(resumed.state().unwrap(), end);
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn a_tokenizer_larger_than_the_configs_vocabulary_is_an_error() {
+    use coopc_train::tasks::{build_task, check_vocab};
+    let dir = copy_fixture("qwen3", "vocab");
+    edit_config(&dir, |v| v["vocab_size"] = serde_json::json!(300));
+    let spec = example_spec(|t| t.replace("tests/fixtures/hf/qwen25", &dir.display().to_string()));
+    assert_eq!(spec.model.vocab_size, 300);
+    let task = build_task(&spec.task, spec.train.seq_len).unwrap();
+    let e = check_vocab(task.as_ref(), spec.model.vocab_size)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.vocab_size is 300"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn gsm8k_records_become_demonstrations_and_problems() {
+    use coopc_train::tasks::{build_task, Verdict};
+    let spec = example_spec(|t| t);
+    let task = build_task(&spec.task, spec.train.seq_len).unwrap();
+    let eval = task.eval_set();
+    assert_eq!(eval.len(), 40);
+    let p = &eval[0];
+    assert!(p.prompt.starts_with("Jo has 46 stickers"), "{}", p.prompt);
+    assert_eq!(p.answer, "110");
+    // The prompt is the chat template's rendering (as chat.json has it).
+    let chat: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("qwen25").join("chat.json")).unwrap(),
+    )
+    .unwrap();
+    let want: Vec<i32> = chat["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap() as i32)
+        .collect();
+    assert_eq!(task.encode_prompt(p).unwrap(), want);
+    // A demonstration: template, solution without calculator notes, EOS.
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+    let ex = task.sft_example(&mut rng);
+    assert!(
+        ex.response.contains("####") && !ex.response.contains("<<"),
+        "{}",
+        ex.response
+    );
+    let row = task.encode_example(&ex).unwrap();
+    let eos = task.tokenizer().eos();
+    assert_eq!(row.tokens.last(), Some(&eos));
+    assert_eq!(row.tokens.len(), row.prompt_len + row.response_len);
+    // The verifier and the configured rewards.
+    assert_eq!(
+        task.verify(p, "so they have 110\n#### 110"),
+        Verdict::Correct
+    );
+    assert_eq!(task.verify(p, "#### 111"), Verdict::Wrong);
+    assert_eq!(task.verify(p, "I do not know"), Verdict::Malformed);
+    assert_eq!(task.reward(p, "#### 111"), -0.5);
+    assert_eq!(task.reward(p, "I do not know"), -1.0);
+}
+
+#[test]
+fn a_malformed_gsm8k_line_names_the_file_and_line() {
+    use coopc_train::tasks::build_task;
+    let dir = std::env::temp_dir().join(format!("coopc-gsm8k-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("train.jsonl");
+    std::fs::write(
+        &file,
+        "{\"question\": \"1+1?\", \"answer\": \"2\\n#### 2\"}\n\n{\"question\": \"2+2?\", \"answer\": \"four\"}\n",
+    )
+    .unwrap();
+    let spec = example_spec(|t| {
+        t.replace(
+            "sft_file = \"",
+            &format!("sft_file = \"{}\"\n# \"", file.display()),
+        )
+    });
+    let e = build_task(&spec.task, spec.train.seq_len)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains(&format!("{}:3:", file.display())), "{e}");
+    assert!(e.contains("no final answer after `####`"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
