@@ -11,8 +11,9 @@
 # library wheels) although nothing here uses a GPU.
 #
 #   scripts/hf-fixtures.sh            # fixtures and sample
-#   scripts/hf-fixtures.sh roundtrip RUN_DIR FIXTURE
+#   scripts/hf-fixtures.sh roundtrip RUN_DIR MERGED_DIR COOPC
 #                                     # check a run's adapter and merged export
+#   scripts/hf-fixtures.sh venv       # only make the environment
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +42,9 @@ if ! venv_ok; then
     venv_ok || { echo "the packages do not import in $VENV" >&2; exit 1; }
 fi
 
+if [ "${1:-}" = venv ]; then
+    exit 0
+fi
 if [ "${1:-}" = roundtrip ]; then
     shift
     exec "$VENV/bin/python" scripts/hf-roundtrip.py "$@"

@@ -28,6 +28,10 @@ fn spec(kind: TaskKind) -> TaskSpec {
         sft_max_digits: 3,
         rl_max_digits: 4,
         eval_digits: 4,
+        format: Default::default(),
+        chat_template: false,
+        system_prompt: None,
+        reward_malformed: None,
     }
 }
 

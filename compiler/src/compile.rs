@@ -11,7 +11,7 @@ use crate::ir::{Graph, TensorType};
 use crate::lowering::{
     lower_logprobs, lower_meta_step, meta_step_input_role, meta_step_output_role, BatchShapes,
 };
-use crate::params::{lora_shapes, theta_shapes};
+use crate::params::{lora_shapes, lower_lora_shapes, theta_shapes};
 use crate::passes::Pipeline;
 use crate::plan::{
     cache_input, pipeline_hash, Plan, Port, Program, ProgramKind, Role, Signature, DECODE_IDS,
@@ -94,7 +94,7 @@ pub fn sampling_programs(
     };
     let decode_signature = signature(
         &decode,
-        params(spec, &no_lora),
+        params_with(spec, &no_lora, false),
         |name| match name {
             DECODE_IDS => Some(Role::TokenIds),
             DECODE_POS => Some(Role::Position),
@@ -138,17 +138,35 @@ pub fn parameter_ports(spec: &PipelineSpec) -> Vec<Port> {
 }
 
 /// θ's ports and the ports of the LoRA factors `lora` names, in the
-/// parameter schema's order.
+/// parameter schema's order: θ (trained at the lower level, or frozen
+/// under a lower-level LoRA), the lower-level LoRA when there is one, w.
 fn params(spec: &PipelineSpec, lora: &LoraSpec) -> Vec<Port> {
+    params_with(spec, lora, true)
+}
+
+/// [`params`], leaving out the lower-level LoRA unless `lower_lora`
+/// (the decode step reads it merged into θ's weights).
+fn params_with(spec: &PipelineSpec, lora: &LoraSpec, lower_lora: bool) -> Vec<Port> {
     let dt = spec.backend.dtype.dtype();
     let port = |(name, shape): (String, Vec<usize>), role: Role| Port {
         name,
         ty: TensorType::new(dt, shape),
         role,
     };
+    let theta_role = if spec.model.lower.is_some() {
+        Role::Frozen
+    } else {
+        Role::Theta
+    };
+    let lower: Vec<(String, Vec<usize>)> = if lower_lora {
+        lower_lora_shapes(&spec.model)
+    } else {
+        Vec::new()
+    };
     theta_shapes(&spec.model)
         .into_iter()
-        .map(|p| port(p, Role::Theta))
+        .map(|p| port(p, theta_role.clone()))
+        .chain(lower.into_iter().map(|p| port(p, Role::Theta)))
         .chain(
             lora_shapes(&spec.model, lora)
                 .into_iter()

@@ -5,7 +5,10 @@
 //! the same op order, so the two agree to rounding.
 
 use crate::ir::{DType, Graph, NodeId};
-use crate::model::{lora_name, lora_shapes, matmul_t, module_path, theta_shapes, Decoder, Params};
+use crate::model::{
+    lora_name, lora_shapes, lower_lora_name, lower_lora_shapes, matmul_t, module_path,
+    policy_theta_shapes, theta_shapes, Decoder, Params,
+};
 use crate::passes::Pipeline;
 use crate::plan::next_name;
 pub use crate::plan::{cache_input, DECODE_IDS, DECODE_LOGITS, DECODE_POS};
@@ -22,15 +25,22 @@ pub fn cache_shape(model: &ModelSpec, batch: usize, max_len: usize) -> Vec<usize
     vec![batch, model.n_kv_heads, max_len, model.head_dim()]
 }
 
-/// Adds θ (HF names) and w (PEFT names) as inputs of `dtype`.
+/// Adds θ (HF names; with `lower_lora`, the lower level's LoRA of θ too)
+/// and w (PEFT names) as inputs of `dtype`.
 fn parameter_inputs(
     g: &mut Graph,
     model: &ModelSpec,
     lora: &LoraSpec,
     dtype: DType,
+    lower_lora: bool,
 ) -> (Params, Params) {
     let mut theta = Params::new();
-    for (name, shape) in theta_shapes(model) {
+    let shapes = if lower_lora {
+        policy_theta_shapes(model)
+    } else {
+        theta_shapes(model)
+    };
+    for (name, shape) in shapes {
         let id = g.input(name.clone(), dtype, shape);
         theta.insert(name, id);
     }
@@ -53,7 +63,7 @@ pub fn full_logits_program(
     seq_len: usize,
 ) -> Graph {
     let mut g = Graph::new();
-    let (theta, w) = parameter_inputs(&mut g, model, lora, dtype);
+    let (theta, w) = parameter_inputs(&mut g, model, lora, dtype, true);
     let ids = g.input(DECODE_IDS, DType::I32, vec![batch, seq_len]);
     let dec = Decoder { model, lora, dtype };
     let logits = dec.logits(&mut g, &theta, &w, ids);
@@ -63,17 +73,23 @@ pub fn full_logits_program(
 }
 
 /// The LoRA-merged weights the decode step reads: for each projection
-/// `lora.targets` adapts, `W + s·(B·A)` (s = alpha / rank) under W's own
-/// name, from inputs W (θ's name) and A, B (w's names). A sampler runs it
-/// once per generation call, so that a decoded token costs one product per
-/// projection instead of three. `None` without targets.
+/// `lora.targets` (or the lower level's LoRA of θ, `model.lower`) adapts,
+/// `W + s_low·(B_low·A_low) + s·(B·A)` (s = alpha / rank) under W's own
+/// name, from inputs W (θ's name) and the factors (w's PEFT names,
+/// `lower_lora.*`). A sampler runs it once per generation call, so that a
+/// decoded token costs one product per projection instead of three (or
+/// five). `None` when nothing is adapted.
 pub fn lora_merge_program(model: &ModelSpec, lora: &LoraSpec, dtype: DType) -> Option<Graph> {
-    if lora.targets.is_empty() {
+    let lower = model.lower.as_ref();
+    let adapted =
+        |p: Projection| lora.targets.contains(&p) || lower.is_some_and(|l| l.targets.contains(&p));
+    if !Projection::ALL.into_iter().any(adapted) {
         return None;
     }
     let mut g = Graph::new();
     let shapes: std::collections::HashMap<String, Vec<usize>> = theta_shapes(model)
         .into_iter()
+        .chain(lower_lora_shapes(model))
         .chain(lora_shapes(model, lora))
         .collect();
     let input = |g: &mut Graph, name: String| {
@@ -82,16 +98,25 @@ pub fn lora_merge_program(model: &ModelSpec, lora: &LoraSpec, dtype: DType) -> O
     };
     for layer in 0..model.n_layers {
         for p in Projection::ALL {
-            if !lora.targets.contains(&p) {
+            if !adapted(p) {
                 continue;
             }
             let name = format!("{}.weight", module_path(layer, p));
-            let w = input(&mut g, name.clone());
-            let a = input(&mut g, lora_name(layer, p, 'A'));
-            let b = input(&mut g, lora_name(layer, p, 'B'));
-            let ba = g.matmul(b, a);
-            let ba = g.scale(ba, lora.scale());
-            let merged = g.add(w, ba);
+            let mut merged = input(&mut g, name.clone());
+            if let Some(l) = lower.filter(|l| l.targets.contains(&p)) {
+                let a = input(&mut g, lower_lora_name(layer, p, 'A'));
+                let b = input(&mut g, lower_lora_name(layer, p, 'B'));
+                let ba = g.matmul(b, a);
+                let ba = g.scale(ba, l.scale());
+                merged = g.add(merged, ba);
+            }
+            if lora.targets.contains(&p) {
+                let a = input(&mut g, lora_name(layer, p, 'A'));
+                let b = input(&mut g, lora_name(layer, p, 'B'));
+                let ba = g.matmul(b, a);
+                let ba = g.scale(ba, lora.scale());
+                merged = g.add(merged, ba);
+            }
             g.set_output(name, merged);
         }
     }
@@ -132,7 +157,8 @@ pub fn decode_step_program(
         targets: vec![],
         ..lora.clone()
     };
-    let (theta, w) = parameter_inputs(&mut g, model, lora, dtype);
+    // The lower level's LoRA is merged into θ's weights too.
+    let (theta, w) = parameter_inputs(&mut g, model, lora, dtype, false);
     let ids = g.input(DECODE_IDS, DType::I32, vec![batch]);
     let pos = g.input(DECODE_POS, DType::I32, vec![1]);
     let shape = cache_shape(model, batch, max_len);

@@ -31,7 +31,9 @@
 use crate::autodiff::{grad, vjp};
 use crate::ir::{DType, Graph, NodeId, Shape, StepOut, StepRule};
 use crate::losses::{grpo_loss, sft_loss, RlBatch};
-use crate::model::{lora_shapes, theta_shapes, Decoder, Params};
+use crate::model::{
+    frozen_shapes, lora_shapes, lower_shapes, policy_theta_shapes, Decoder, Params,
+};
 use crate::passes::Pipeline;
 use crate::plan::{BatchField, Metric, Role, LAMBDA, LOGPROBS, TOKEN_IDS};
 use crate::schedule::{human_bytes, schedule};
@@ -146,6 +148,8 @@ struct Objective<'a> {
     decoder: Decoder<'a>,
     batches: Vec<StepBatch>,
     lambda: NodeId,
+    /// θ's tensors the lower level does not train (with a LoRA of θ).
+    frozen: Params,
 }
 
 struct LowerLosses {
@@ -154,15 +158,24 @@ struct LowerLosses {
 }
 
 impl Objective<'_> {
+    /// θ's trained tensors with the frozen ones.
+    fn with_frozen(&self, theta: &Params) -> Params {
+        let mut all = self.frozen.clone();
+        all.extend(theta.iter().map(|(n, &id)| (n.clone(), id)));
+        all
+    }
+
     fn sft(&self, g: &mut Graph, theta: &Params, w: &Params, k: usize) -> NodeId {
         let b = &self.batches[k];
-        let lp = self.decoder.token_logprobs(g, theta, w, b.sft_ids);
+        let theta = self.with_frozen(theta);
+        let lp = self.decoder.token_logprobs(g, &theta, w, b.sft_ids);
         sft_loss(g, lp, b.sft_mask)
     }
 
     fn rl(&self, g: &mut Graph, theta: &Params, w: &Params, k: usize) -> NodeId {
         let b = &self.batches[k];
-        let lp = self.decoder.token_logprobs(g, theta, w, b.rl.input_ids);
+        let theta = self.with_frozen(theta);
+        let lp = self.decoder.token_logprobs(g, &theta, w, b.rl.input_ids);
         grpo_loss(g, &self.spec.rl, lp, &b.rl)
     }
 
@@ -730,7 +743,7 @@ pub fn lower_logprobs(spec: &PipelineSpec, shapes: BatchShapes) -> Graph {
             })
             .collect()
     };
-    let theta = declare(&mut g, theta_shapes(&spec.model));
+    let theta = declare(&mut g, policy_theta_shapes(&spec.model));
     let w = declare(&mut g, lora_shapes(&spec.model, &spec.lora));
     let ids = g.input(TOKEN_IDS, DType::I32, vec![shapes.rl_batch, shapes.seq_len]);
     let dec = Decoder {
@@ -818,7 +831,10 @@ fn build_meta_step(
     memory: MemoryPlan,
 ) -> MetaStep {
     let dt = spec.backend.dtype.dtype();
-    let theta_spec = theta_shapes(&spec.model);
+    // θ as the lower level sees it: the tensors it trains (all of θ, or
+    // its LoRA) and those it only reads.
+    let theta_spec = lower_shapes(&spec.model);
+    let frozen_spec = frozen_shapes(&spec.model);
     let lora_spec = lora_shapes(&spec.model, &spec.lora);
     let hg = spec.bilevel.hypergradient;
     let k_steps = hg.unroll.max(1);
@@ -829,6 +845,10 @@ fn build_meta_step(
     let theta0: Vec<NodeId> = theta_spec
         .iter()
         .map(|(n, s)| g.input(n.clone(), dt, s.clone()))
+        .collect();
+    let frozen: Params = frozen_spec
+        .iter()
+        .map(|(n, s)| (n.clone(), g.input(n.clone(), dt, s.clone())))
         .collect();
     let w: Vec<NodeId> = lora_spec
         .iter()
@@ -848,6 +868,7 @@ fn build_meta_step(
             },
             batches,
             lambda,
+            frozen,
         },
         detach: !differentiable_unroll,
         recompute: memory == MemoryPlan::Recompute,

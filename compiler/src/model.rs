@@ -24,7 +24,8 @@ impl Decoder<'_> {
             .unwrap_or_else(|| panic!("parameter `{name}` not provided to the decoder"))
     }
 
-    /// `x Wᵀ (+ b) + s · (x Aᵀ) Bᵀ` on the last axis of x.
+    /// `x Wᵀ (+ b) (+ s_low · (x A_lowᵀ) B_lowᵀ) + s · (x Aᵀ) Bᵀ` on the
+    /// last axis of x.
     pub(crate) fn linear(
         &self,
         g: &mut Graph,
@@ -41,6 +42,19 @@ impl Decoder<'_> {
             let shape = g.ty(y).shape.clone();
             let bb = g.broadcast(b, shape);
             y = g.add(y, bb);
+        }
+        // The lower level's LoRA of θ (`model.lower`), read from θ's params
+        // when it is there (the decode step reads it merged instead).
+        if let Some(lower) = &self.model.lower {
+            if let (Some(&a), Some(&b)) = (
+                theta.get(&lower_lora_name(layer, p, 'A')),
+                theta.get(&lower_lora_name(layer, p, 'B')),
+            ) {
+                let xa = matmul_t(g, x, a);
+                let xab = matmul_t(g, xa, b);
+                let xab = g.scale(xab, lower.scale());
+                y = g.add(y, xab);
+            }
         }
         if self.lora.targets.contains(&p) {
             let a = self.p(w, &lora_name(layer, p, 'A'));

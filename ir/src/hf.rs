@@ -557,6 +557,7 @@ mod tests {
                 original_max_position_embeddings: 8192,
             }),
             from: None,
+            lower: None,
         };
         let f = m.rope_inv_freq();
         assert_eq!(f.len(), 32);

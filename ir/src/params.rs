@@ -92,3 +92,56 @@ pub fn lora_shapes(m: &ModelSpec, l: &LoraSpec) -> Vec<(String, Shape)> {
     }
     v
 }
+
+/// Prefix of the lower level's LoRA factors when it trains a LoRA of θ
+/// (`model.lower`): `lower_lora.<module>.lora_{A|B}.weight`.
+pub const LOWER_LORA_PREFIX: &str = "lower_lora.";
+
+/// Name of a lower-level LoRA matrix.
+pub fn lower_lora_name(layer: usize, p: Projection, which: char) -> String {
+    format!(
+        "{LOWER_LORA_PREFIX}{}.lora_{which}.weight",
+        module_path(layer, p)
+    )
+}
+
+/// The lower level's LoRA factors (empty when it trains all of θ).
+pub fn lower_lora_shapes(m: &ModelSpec) -> Vec<(String, Shape)> {
+    let Some(l) = &m.lower else {
+        return Vec::new();
+    };
+    lora_shapes(m, l)
+        .into_iter()
+        .map(|(n, s)| {
+            let rest = n.strip_prefix(PEFT_PREFIX).expect("PEFT names");
+            (format!("{LOWER_LORA_PREFIX}{rest}"), s)
+        })
+        .collect()
+}
+
+/// The variables the lower level optimises: θ, or its LoRA.
+pub fn lower_shapes(m: &ModelSpec) -> Vec<(String, Shape)> {
+    if m.lower.is_some() {
+        lower_lora_shapes(m)
+    } else {
+        theta_shapes(m)
+    }
+}
+
+/// θ's tensors the lower level does not update: all of them when it
+/// trains a LoRA of θ, none otherwise.
+pub fn frozen_shapes(m: &ModelSpec) -> Vec<(String, Shape)> {
+    if m.lower.is_some() {
+        theta_shapes(m)
+    } else {
+        Vec::new()
+    }
+}
+
+/// Every tensor the policy's forward reads besides w: θ, and the lower
+/// LoRA when there is one.
+pub fn policy_theta_shapes(m: &ModelSpec) -> Vec<(String, Shape)> {
+    let mut v = theta_shapes(m);
+    v.extend(lower_lora_shapes(m));
+    v
+}

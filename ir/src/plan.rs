@@ -533,6 +533,7 @@ mod tests {
                 qk_norm: false,
                 rope_scaling: None,
                 from: None,
+                lower: None,
             },
             lora: LoraSpec {
                 rank: 4,

@@ -125,8 +125,13 @@ impl Metric {
 /// What an input or output of a program is.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Role {
-    /// θ: a base-model tensor (Hugging Face name), trained at the lower level.
+    /// θ: what the lower level trains — a base-model tensor (Hugging Face
+    /// name), or, when the lower level trains a LoRA of θ, one of its
+    /// factors (`lower_lora.*`).
     Theta,
+    /// A base-model tensor the lower level does not update (θ under a
+    /// lower-level LoRA): read by every program, never changed.
+    Frozen,
     /// w: a LoRA factor (PEFT name), trained at the upper level.
     Lora,
     /// θ̂: the shadow copy of the θ tensor named `of`; θ̂ = θ at the start.
@@ -168,7 +173,7 @@ impl Role {
     pub fn is_state(&self) -> bool {
         matches!(
             self,
-            Role::Theta | Role::Lora | Role::Shadow { .. } | Role::OptimState
+            Role::Theta | Role::Frozen | Role::Lora | Role::Shadow { .. } | Role::OptimState
         )
     }
 }
@@ -218,9 +223,9 @@ impl Signature {
         self.outputs.iter().filter(move |p| pred(&p.role))
     }
 
-    /// The policy's parameters, θ then w, in declaration order.
+    /// The policy's parameters (θ, frozen θ, w), in declaration order.
     pub fn parameters(&self) -> impl Iterator<Item = &Port> {
-        self.inputs_where(|r| matches!(r, Role::Theta | Role::Lora))
+        self.inputs_where(|r| matches!(r, Role::Theta | Role::Frozen | Role::Lora))
     }
 
     /// The output that plays `role`.

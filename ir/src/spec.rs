@@ -74,6 +74,10 @@ pub struct ModelSpec {
     /// from, as an absolute path (`model.from`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+    /// What the lower level trains (`model.lower`): `None`, all of θ; a
+    /// LoRA of θ's projections otherwise (θ's weights then stay frozen).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lower: Option<LoraSpec>,
 }
 
 impl ModelSpec {

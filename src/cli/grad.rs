@@ -213,13 +213,15 @@ pub fn run(
     // The meta-step for the batch file's shapes, reduced to its gradients.
     let program = compile_gradients(&spec, shapes);
     let sig = &program.signature;
-    let ports = |role: Role| -> Vec<(String, Vec<usize>)> {
-        sig.inputs_where(|r| *r == role)
+    let ports = |pred: &dyn Fn(&Role) -> bool| -> Vec<(String, Vec<usize>)> {
+        sig.inputs_where(pred)
             .map(|p| (p.name.clone(), p.ty.shape.clone()))
             .collect()
     };
+    // θ (trained, frozen, and the lower level's LoRA of it), then w.
+    let theta = ports(&|r| matches!(r, Role::Theta | Role::Frozen));
     let (params_in, has_shadow) =
-        load_params(&spec, params, &ports(Role::Theta), &ports(Role::Lora), dt)?;
+        load_params(&spec, params, &theta, &ports(&|r| *r == Role::Lora), dt)?;
     inputs.extend(params_in);
     // θ̂ starts from θ unless P gives it; optimiser state starts at zero.
     let start = initial_state(sig, |n| inputs.get(n).cloned());

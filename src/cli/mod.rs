@@ -111,7 +111,14 @@ pub enum Command {
     /// Token log-probabilities of given ids under a run's latest policy (θ and LoRA), on the CPU.
     Score {
         /// A run folder.
-        run: PathBuf,
+        #[arg(required_unless_present = "model", conflicts_with = "model")]
+        run: Option<PathBuf>,
+        /// A Hugging Face model folder to score under instead, as it is.
+        #[arg(long, value_name = "DIR")]
+        model: Option<PathBuf>,
+        /// Element type with --model (a run uses its own).
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: demo::DemoDType,
         /// safetensors with `input_ids` [batch, tokens].
         #[arg(long)]
         ids: PathBuf,
@@ -247,7 +254,24 @@ pub fn dispatch(cli: Cli) -> i32 {
                 "give a run folder, or --model DIR --task PIPELINE".into(),
             )),
         }),
-        Command::Score { run, ids, out } => user_result(score::run(&run, &ids, &out)),
+        Command::Score {
+            run,
+            model,
+            dtype,
+            ids,
+            out,
+        } => {
+            let dtype = match dtype {
+                demo::DemoDType::F32 => "f32",
+                demo::DemoDType::F64 => "f64",
+            };
+            let source = match (&run, &model) {
+                (Some(r), None) => score::Source::Run(r),
+                (None, Some(m)) => score::Source::Model { dir: m, dtype },
+                _ => return user_result(Err(UserError("give a run folder or --model DIR".into()))),
+            };
+            user_result(score::run(source, &ids, &out))
+        }
         Command::Export { run, merged, dtype } => user_result(export::run(&run, &merged, dtype)),
         Command::Compare {
             dirs,

@@ -1,6 +1,6 @@
 //! `coopc score`: token log-probabilities of given ids under a run's policy
-//! (θ and the LoRA w of its latest checkpoint) or a model folder — what
-//! other implementations are checked against.
+//! (θ and the LoRA w of its latest checkpoint) or a Hugging Face model
+//! folder — what other implementations are checked against.
 
 use crate::cli::UserError;
 use coopc_compiler::compile_logprobs;
@@ -10,26 +10,21 @@ use coopc_runtime::safetensors_io::{read_tensors, write_tensors};
 use coopc_runtime::{execute_program, HostTensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::time::Instant;
 
-/// Scores `ids` (`input_ids` [B, T] of a safetensors file) under the run in
-/// `run_dir` and writes `logprobs` [B, T] (entry t: log p(ids[t] | ids[<t]),
-/// entry 0 is 0) to `out`, on the CPU executor in the run's dtype.
-pub fn run(run_dir: &Path, ids: &Path, out: &Path) -> Result<(), UserError> {
-    let spec_path = run_dir.join("spec.json");
-    let text = std::fs::read_to_string(&spec_path).map_err(|e| {
-        UserError(format!(
-            "{}: {e} (is it a coopc run folder?)",
-            spec_path.display()
-        ))
-    })?;
-    let mut spec: PipelineSpec = serde_json::from_str(&text).map_err(|e| {
-        UserError(format!(
-            "{}: not a valid run specification: {e}",
-            spec_path.display()
-        ))
-    })?;
-    let state =
-        coopc_train::checkpoint::load_latest(run_dir).map_err(|e| UserError(e.to_string()))?;
+/// What to score under.
+pub enum Source<'a> {
+    /// A run's latest checkpoint (θ and w), in the run's dtype.
+    Run(&'a Path),
+    /// A Hugging Face model folder as it is, in `dtype` (`f32` or `f64`).
+    Model { dir: &'a Path, dtype: &'a str },
+}
+
+/// Scores `ids` (`input_ids` [B, T] of a safetensors file) and writes
+/// `logprobs` [B, T] (entry t: log p(ids[t] | ids[<t]), entry 0 is 0) to
+/// `out`, on the CPU executor.
+pub fn run(source: Source, ids: &Path, out: &Path) -> Result<(), UserError> {
+    let t0 = Instant::now();
     let mut file = read_tensors(ids).map_err(|e| UserError(e.to_string()))?;
     let input = file
         .remove("input_ids")
@@ -44,6 +39,45 @@ pub fn run(run_dir: &Path, ids: &Path, out: &Path) -> Result<(), UserError> {
             )))
         }
     };
+    let (mut spec, tensors, what) = match source {
+        Source::Run(run_dir) => {
+            let spec_path = run_dir.join("spec.json");
+            let text = std::fs::read_to_string(&spec_path).map_err(|e| {
+                UserError(format!(
+                    "{}: {e} (is it a coopc run folder?)",
+                    spec_path.display()
+                ))
+            })?;
+            let spec: PipelineSpec = serde_json::from_str(&text).map_err(|e| {
+                UserError(format!(
+                    "{}: not a valid run specification: {e}",
+                    spec_path.display()
+                ))
+            })?;
+            let state = coopc_train::checkpoint::load_latest(run_dir)
+                .map_err(|e| UserError(e.to_string()))?;
+            let what = format!("{}: step {}", run_dir.display(), state.step);
+            (spec, state.tensors, what)
+        }
+        Source::Model { dir, dtype } => {
+            // The folder's model with an adapter that adds nothing (B = 0).
+            let text = format!(
+                "[model]\nmax_seq = {t}\n[lora]\nrank = 1\ntargets = [\"q_proj\"]\n\
+                 [backend]\ndtype = \"{dtype}\"\n"
+            );
+            let options = coopc_compiler::frontend::Options {
+                model_from: Some(dir.display().to_string()),
+            };
+            let spec = coopc_compiler::frontend::parse_pipeline_with(&text, &options)
+                .map_err(|d| UserError(d.render("--model", &text)))?;
+            let program = compile_logprobs(&spec);
+            let tensors =
+                coopc_train::init::pretrained_or_init(&spec, program.signature.parameters(), 0)
+                    .map_err(|e| UserError(e.to_string()))?;
+            (spec, tensors, dir.display().to_string())
+        }
+    };
+    let loaded = t0.elapsed();
     if t > spec.model.max_seq {
         return Err(UserError(format!(
             "{}: {t} tokens per row, more than model.max_seq = {}",
@@ -67,30 +101,30 @@ pub fn run(run_dir: &Path, ids: &Path, out: &Path) -> Result<(), UserError> {
     spec.rl.group_size = 1;
     spec.train.seq_len = t;
     let program = compile_logprobs(&spec);
-    let mut inputs: HashMap<String, HostTensor> = program
-        .signature
-        .parameters()
-        .filter_map(|p| {
-            state
-                .tensors
-                .get(&p.name)
-                .map(|v| (p.name.clone(), v.clone()))
-        })
-        .collect();
+    let mut inputs: HashMap<String, HostTensor> = HashMap::new();
+    let mut tensors = tensors;
+    for p in program.signature.parameters() {
+        if let Some(v) = tensors.remove(&p.name) {
+            inputs.insert(p.name.clone(), v);
+        }
+    }
+    drop(tensors);
     inputs.insert(TOKEN_IDS.to_string(), input);
+    let t1 = Instant::now();
     let lp = execute_program(&program, &inputs)
         .map_err(|e| UserError(e.to_string()))?
         .into_iter()
         .find(|(n, _)| n == LOGPROBS)
         .map(|(_, t)| t)
         .ok_or_else(|| UserError("the log-prob program returned no log-probs".into()))?;
+    let scored = t1.elapsed();
     write_tensors(out, &BTreeMap::from([("logprobs".to_string(), lp)]))
         .map_err(|e| UserError(e.to_string()))?;
     println!(
-        "{}: step {} · log-probs of {b}×{t} ids written to {}",
-        run_dir.display(),
-        state.step,
-        out.display()
+        "{what} · log-probs of {b}×{t} ids written to {} · load {:.2} s, score {:.2} s",
+        out.display(),
+        loaded.as_secs_f64(),
+        scored.as_secs_f64()
     );
     Ok(())
 }

@@ -8,8 +8,10 @@
 
 use crate::export::{write_adapter_folder, write_model_folder, ExportError};
 use coopc_ir::file::write_atomically;
-use coopc_ir::params::{lora_name, module_path, theta_shapes};
-use coopc_ir::spec::{PipelineSpec, Projection};
+use coopc_ir::params::{
+    lora_name, lower_lora_name, module_path, theta_shapes, LOWER_LORA_PREFIX, PEFT_PREFIX,
+};
+use coopc_ir::spec::{LoraSpec, PipelineSpec, Projection};
 use coopc_runtime::safetensors_io::{read_tensors, write_tensors, FloatStorage, TensorFileError};
 use coopc_runtime::HostTensor;
 use std::collections::BTreeMap;
@@ -21,8 +23,11 @@ use thiserror::Error;
 /// model folder of θ; 1 (still read) kept w in `adapter_model.safetensors`.
 const META_VERSION: u32 = 2;
 
-/// The PEFT adapter folder inside a checkpoint.
+/// The PEFT adapter folder of w inside a checkpoint.
 pub const ADAPTER_DIR: &str = "adapter";
+
+/// The PEFT adapter folder of the lower level's LoRA of θ (`model.lower`).
+pub const LOWER_ADAPTER_DIR: &str = "lower_adapter";
 
 fn export_error(e: ExportError) -> CheckpointError {
     match e {
@@ -57,46 +62,60 @@ pub struct TrainState {
     pub tensors: BTreeMap<String, HostTensor>,
 }
 
-/// θ with each LoRA product folded in: `W + (alpha / rank) · B A`.
+/// θ with each LoRA product folded in: `W + (alpha / rank) · B A` for w,
+/// and for the lower level's LoRA of θ when there is one.
 pub fn merge_lora(
     spec: &PipelineSpec,
     tensors: &BTreeMap<String, HostTensor>,
 ) -> BTreeMap<String, HostTensor> {
     let mut out = BTreeMap::new();
-    let scale = spec.lora.scale();
     for (name, _) in theta_shapes(&spec.model) {
         let Some(t) = tensors.get(&name) else {
             continue;
         };
         out.insert(name.clone(), t.clone());
     }
-    for layer in 0..spec.model.n_layers {
-        for p in Projection::ALL {
-            if !spec.lora.targets.contains(&p) {
-                continue;
-            }
-            let w_name = format!("{}.weight", module_path(layer, p));
-            let (Some(w), Some(a), Some(b)) = (
-                out.get(&w_name),
-                tensors.get(&lora_name(layer, p, 'A')),
-                tensors.get(&lora_name(layer, p, 'B')),
-            ) else {
-                continue;
-            };
-            let (o, i, r) = (w.shape[0], w.shape[1], a.shape[0]);
-            let (wv, av, bv) = (w.to_f64_vec(), a.to_f64_vec(), b.to_f64_vec());
-            let mut merged = wv;
-            for row in 0..o {
-                for col in 0..i {
-                    let mut acc = 0.0;
-                    for k in 0..r {
-                        acc += bv[row * r + k] * av[k * i + col];
-                    }
-                    merged[row * i + col] += scale * acc;
+    let adapters: Vec<(&LoraSpec, fn(usize, Projection, char) -> String)> = spec
+        .model
+        .lower
+        .iter()
+        .map(|l| (l, lower_lora_name as fn(usize, Projection, char) -> String))
+        .chain([(
+            &spec.lora,
+            lora_name as fn(usize, Projection, char) -> String,
+        )])
+        .collect();
+    for (lora, name_of) in adapters {
+        let scale = lora.scale();
+        for layer in 0..spec.model.n_layers {
+            for p in Projection::ALL {
+                if !lora.targets.contains(&p) {
+                    continue;
                 }
+                let w_name = format!("{}.weight", module_path(layer, p));
+                let (Some(w), Some(a), Some(b)) = (
+                    out.get(&w_name),
+                    tensors.get(&name_of(layer, p, 'A')),
+                    tensors.get(&name_of(layer, p, 'B')),
+                ) else {
+                    continue;
+                };
+                let (o, i, r) = (w.shape[0], w.shape[1], a.shape[0]);
+                let (wv, av, bv) = (w.to_f64_vec(), a.to_f64_vec(), b.to_f64_vec());
+                let mut merged = wv;
+                for row in 0..o {
+                    for col in 0..i {
+                        let mut acc = 0.0;
+                        for k in 0..r {
+                            acc += bv[row * r + k] * av[k * i + col];
+                        }
+                        merged[row * i + col] += scale * acc;
+                    }
+                }
+                let t =
+                    HostTensor::from_f64(w.dtype(), w.shape.clone(), &merged).expect("same shape");
+                out.insert(w_name, t);
             }
-            let t = HostTensor::from_f64(w.dtype(), w.shape.clone(), &merged).expect("same shape");
-            out.insert(w_name, t);
         }
     }
     out
@@ -156,6 +175,29 @@ pub fn save(
         FloatStorage::Native,
     )
     .map_err(export_error)?;
+    // The lower level's LoRA of θ, when it trains one, as a second PEFT
+    // adapter of the same base (also kept in state.safetensors to resume).
+    if let Some(lower) = &spec.model.lower {
+        let as_peft: BTreeMap<String, HostTensor> = rest
+            .iter()
+            .filter_map(|(n, t)| {
+                let module = n.strip_prefix(LOWER_LORA_PREFIX)?;
+                Some((format!("{PEFT_PREFIX}{module}"), t.clone()))
+            })
+            .collect();
+        let lower_spec = PipelineSpec {
+            lora: lower.clone(),
+            ..spec.clone()
+        };
+        write_adapter_folder(
+            &dir.join(LOWER_ADAPTER_DIR),
+            &lower_spec,
+            &as_peft,
+            &base.display().to_string(),
+            FloatStorage::Native,
+        )
+        .map_err(export_error)?;
+    }
     write_tensors(
         &dir.join("merged.safetensors"),
         &merge_lora(spec, &state.tensors),

@@ -4,6 +4,7 @@
 //! B = 0). Deterministic in the seed.
 
 use crate::train::advantages;
+use coopc_ir::params::LOWER_LORA_PREFIX;
 use coopc_ir::plan::{BatchField, Port, Program, Role, Signature, LOGPROBS, TOKEN_IDS};
 use coopc_ir::spec::PipelineSpec;
 use coopc_ir::DType;
@@ -38,12 +39,15 @@ pub fn init_params<'a>(
     for port in params {
         let (name, shape, dtype) = (&port.name, port.ty.shape.clone(), port.ty.dtype);
         let n: usize = shape.iter().product();
+        // LoRA factors — w, and the lower level's LoRA of θ — as PEFT
+        // initialises them.
+        let lora = port.role == Role::Lora || name.starts_with(LOWER_LORA_PREFIX);
         let values: Vec<f64> = match port.role {
-            Role::Lora if name.ends_with("lora_A.weight") => {
+            _ if lora && name.ends_with("lora_A.weight") => {
                 let bound = 1.0 / (shape[1] as f64).sqrt();
                 (0..n).map(|_| rng.gen_range(-bound..bound)).collect()
             }
-            Role::Lora => vec![0.0; n],
+            _ if lora => vec![0.0; n],
             _ if name.ends_with("norm.weight") => vec![1.0; n],
             _ if name.ends_with(".bias") => vec![0.0; n],
             _ => (0..n).map(|_| INIT_STD * normal(&mut rng)).collect(),
@@ -64,8 +68,11 @@ pub fn pretrained_or_init<'a>(
     let Some(dir) = &spec.model.from else {
         return Ok(init_params(params, seed));
     };
-    let (theta, lora): (Vec<&Port>, Vec<&Port>) =
-        params.into_iter().partition(|p| p.role == Role::Theta);
+    // θ's tensors (trained or frozen) by their Hugging Face names; the
+    // LoRA factors are not in the folder.
+    let (theta, lora): (Vec<&Port>, Vec<&Port>) = params.into_iter().partition(|p| {
+        matches!(p.role, Role::Theta | Role::Frozen) && !p.name.starts_with(LOWER_LORA_PREFIX)
+    });
     let expected: Vec<(String, TensorType)> = theta
         .iter()
         .map(|p| (p.name.clone(), p.ty.clone()))

@@ -454,3 +454,72 @@ fn a_malformed_gsm8k_line_names_the_file_and_line() {
     assert!(e.contains("no final answer after `####`"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_lora_of_theta_at_the_lower_level_trains_and_leaves_the_base_alone() {
+    use coopc_runtime::hf_weights::read_model_weights;
+    use coopc_train::checkpoint::{load_latest, merge_lora};
+    use coopc_train::{RunOptions, Trainer};
+    let spec = example_spec(|t| {
+        t.replace("steps = 20", "steps = 3")
+            .replace("eval_every = 10", "eval_every = 3")
+            .replace("max_seq = 176", "max_seq = 176\nlower = { lora_rank = 8 }")
+    });
+    let lower = spec.model.lower.clone().expect("a lower LoRA");
+    assert_eq!((lower.rank, lower.alpha, lower.targets.len()), (8, 16.0, 7));
+    let out = std::env::temp_dir().join(format!("coopc-hf-lower-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let opts = |resume| RunOptions {
+        out_dir: out.clone(),
+        resume,
+        progress: false,
+        eval_limit: 4,
+        stop_after: None,
+    };
+    let mut trainer = Trainer::new(coopc_compiler::compile(spec.clone()), opts(false)).unwrap();
+    let start = trainer.state().unwrap();
+    let metrics = trainer.run(|_| {}).unwrap();
+    assert_eq!(metrics.len(), 3);
+    assert!(metrics.iter().all(|m| m.sft_loss.is_finite()));
+    let end = trainer.state().unwrap();
+    let theta_ports: Vec<(String, coopc_ir::TensorType)> =
+        coopc_ir::params::theta_shapes(&spec.model)
+            .into_iter()
+            .map(|(n, s)| (n, coopc_ir::TensorType::new(coopc_ir::DType::F32, s)))
+            .collect();
+    // The base is the folder's, before and after; the lower LoRA moved.
+    let folder = read_model_weights(&fixture("qwen25"), &theta_ports, true).unwrap();
+    for (name, t) in &folder {
+        assert_eq!(&start.tensors[name], t, "{name}");
+        assert_eq!(&end.tensors[name], t, "{name} changed");
+    }
+    let b = "lower_lora.model.layers.1.mlp.up_proj.lora_B.weight";
+    assert!(start.tensors[b].to_f64_vec().iter().all(|&x| x == 0.0));
+    assert!(end.tensors[b].to_f64_vec().iter().any(|&x| x != 0.0));
+    // The checkpoint: base θ, w's adapter and the lower LoRA's adapter.
+    let ckpt = out.join("checkpoints/step-3");
+    assert_eq!(
+        read_model_weights(&ckpt, &theta_ports, true).unwrap(),
+        folder
+    );
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(ckpt.join("lower_adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["r"], 8);
+    let lower_w = read_tensors(&ckpt.join("lower_adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        lower_w["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"],
+        end.tensors[b]
+    );
+    // The merged policy folds both adapters; resuming restores everything.
+    let merged = merge_lora(&spec, &end.tensors);
+    assert_ne!(
+        merged["model.layers.1.mlp.up_proj.weight"],
+        folder["model.layers.1.mlp.up_proj.weight"]
+    );
+    assert_eq!(load_latest(&out).unwrap().tensors, end.tensors);
+    let resumed = Trainer::new(coopc_compiler::compile(spec), opts(true)).unwrap();
+    assert_eq!(resumed.state().unwrap(), end);
+    std::fs::remove_dir_all(&out).unwrap();
+}

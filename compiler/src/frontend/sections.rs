@@ -30,6 +30,7 @@ pub(super) const SECTIONS: &[(&str, &[&str])] = &[
 ];
 pub(super) const MODEL_KEYS: &[&str] = &[
     "from",
+    "lower",
     "vocab_size",
     "d_model",
     "n_layers",
@@ -43,6 +44,7 @@ pub(super) const MODEL_KEYS: &[&str] = &[
     "qkv_bias",
 ];
 pub(super) const LORA_KEYS: &[&str] = &["rank", "alpha", "targets"];
+pub(super) const LOWER_KEYS: &[&str] = &["lora_rank", "alpha", "targets"];
 pub(super) const TASK_KEYS: &[&str] = &[
     "kind",
     "tokenizer",
@@ -513,6 +515,7 @@ pub(super) fn read_model(
         qk_norm: false,
         rope_scaling: None,
         from: None,
+        lower: read_lower(c, sec),
         vocab_size: vocab_size?,
         d_model: d_model?.value,
         n_layers: n_layers?.value,
@@ -668,6 +671,7 @@ fn read_model_from(c: &mut Checker, sec: &Section, from: Field<String>) -> Optio
         qk_norm: config.qk_norm,
         rope_scaling: config.rope_scaling,
         from: Some(absolute.display().to_string()),
+        lower: read_lower(c, sec),
     })
 }
 
@@ -681,8 +685,19 @@ pub(super) fn read_lora(c: &mut Checker, sec: &Section, method: Method) -> LoraS
         c.check(sec, "alpha", &alpha, alpha.value > 0.0, "be positive");
     }
 
+    let targets = read_targets(c, sec, method.updates_adapter());
+    LoraSpec {
+        rank: rank.value,
+        alpha: alpha.value,
+        targets,
+    }
+}
+
+/// A LoRA's `targets` (default: all seven projections); `non_empty`: an
+/// empty list is an error.
+fn read_targets(c: &mut Checker, sec: &Section, non_empty: bool) -> Vec<Projection> {
     let names: Vec<&str> = Projection::ALL.iter().map(|p| p.name()).collect();
-    let targets = match sec.get("targets") {
+    match sec.get("targets") {
         None => Projection::ALL.to_vec(),
         Some((item, span)) => match item.as_array() {
             None => {
@@ -730,24 +745,63 @@ pub(super) fn read_lora(c: &mut Checker, sec: &Section, method: Method) -> LoraS
                         }
                     }
                 }
-                if array.is_empty() && method.updates_adapter() {
+                if array.is_empty() && non_empty {
                     c.error_help(
                         &path,
                         span,
                         format!("`{path}` must name at least one projection"),
-                        "method \"bridge\" trains the LoRA adapter, so it needs targets"
-                            .to_string(),
+                        "the adapter is trained, so it needs targets".to_string(),
                     );
                 }
                 targets
             }
         },
+    }
+}
+
+/// `model.lower`: `"full"` (the default: the lower level trains all of
+/// θ) or `{ lora_rank = r, alpha = .., targets = [..] }`, a LoRA of θ.
+fn read_lower(c: &mut Checker, sec: &Section) -> Option<LoraSpec> {
+    let (item, span) = sec.get("lower")?;
+    let path = sec.key_path("lower");
+    if let Some(text) = item.as_str() {
+        if text != "full" {
+            c.error_help(
+                &path,
+                span,
+                format!("`{path}` must be \"full\" or a table {{ lora_rank = r }}, found {text:?}"),
+                "\"full\" trains all of θ at the lower level; { lora_rank = 16 } trains a LoRA of θ".into(),
+            );
+        }
+        return None;
+    }
+    let t = c.table(sec, "lower");
+    t.table?;
+    c.unknown_keys(&t, LOWER_KEYS);
+    let rank = match c.usize(&t, "lora_rank") {
+        Some(f) => c.at_least_one(&t, "lora_rank", &f).then_some(f.value)?,
+        None => {
+            if !t.has("lora_rank") {
+                c.missing(
+                    &t,
+                    "lora_rank",
+                    ": the rank of the lower level's LoRA of θ",
+                    "16",
+                );
+            }
+            return None;
+        }
     };
-    LoraSpec {
-        rank: rank.value,
+    let alpha = c.float_or(&t, "alpha", 2.0 * rank as f64);
+    if alpha.span.is_some() {
+        c.check(&t, "alpha", &alpha, alpha.value > 0.0, "be positive");
+    }
+    let targets = read_targets(c, &t, true);
+    Some(LoraSpec {
+        rank,
         alpha: alpha.value,
         targets,
-    }
+    })
 }
 
 /// `[train]` plus what other sections need from it.
