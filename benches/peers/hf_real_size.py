@@ -79,6 +79,8 @@ def main():
     ap.add_argument("--work", default="target/bench-hf")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--meta-step", action="store_true",
+                    help="also time one LoRA-θ BRIDGE meta-step (coopc run --steps 1)")
     ap.add_argument("--torch-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.torch_child:
@@ -139,6 +141,79 @@ def main():
         print(f"| {name} | {load:.2f} | {score:.2f} | {r['wall']:.2f} | {r['rss']:.0f} | "
               f"{r['rss'] / f32_mib:.2f}× |")
     print(f"max |Δ log p| coopc vs PyTorch: {diff:.2e}")
+    if args.meta_step:
+        meta_step(args, model_dir, work, env)
+
+
+PIPELINE = '''[model]
+from = "{model}"
+max_seq = {tokens}
+lower = {{ lora_rank = 16 }}
+
+[lora]
+rank = 16
+targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+[task]
+kind = "jsonl"
+format = "gsm8k"
+chat_template = true
+sft_file = "{data}/train.jsonl"
+rl_file = "{data}/train.jsonl"
+eval_file = "{data}/test.jsonl"
+
+[rl]
+group_size = 2
+prompts_per_step = 1
+max_new_tokens = 16
+
+[sft]
+batch_size = 1
+
+[bilevel]
+method = "bridge"
+hypergradient = {{ kind = "first_order" }}
+
+[train]
+steps = 1
+eval_every = 1000
+
+[backend]
+kind = "cpu"
+dtype = "f32"
+'''
+
+
+def meta_step(args, model_dir: Path, work: Path, env):
+    """One BRIDGE meta-step with the lower level as a LoRA of θ (rank 16)
+    and w a rank-16 LoRA on every projection, sequences of `--tokens`:
+    `coopc run --steps 1` (the fixture tokenizer and chat template copied
+    beside the weights; one SFT row, one prompt × 2 rollouts of ≤ 16 tokens)."""
+    import shutil
+    root = Path(__file__).resolve().parents[2]
+    for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]:
+        shutil.copy(root / "tests/fixtures/hf/qwen25" / f, model_dir / f)
+    pipe = work / "meta-step.toml"
+    pipe.write_text(PIPELINE.format(model=model_dir.resolve(), tokens=args.tokens,
+                                    data=(root / "examples/data/gsm8k-sample").resolve()))
+    out = work / "meta-step-run"
+    shutil.rmtree(out, ignore_errors=True)
+    wrapper = [sys.executable, "-c",
+               "import json,resource,subprocess,sys,time;"
+               "t=time.perf_counter();p=subprocess.run(sys.argv[1:],capture_output=True,text=True);"
+               "w=time.perf_counter()-t;"
+               "print(json.dumps({'wall':w,'rss':resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024,"
+               "'out':p.stdout,'err':p.stderr,'rc':p.returncode}))",
+               args.coopc, "run", str(pipe), "--out", str(out), "-q", "--eval-limit", "0"]
+    p = subprocess.run(wrapper, env=env, capture_output=True, text=True, check=True)
+    r = json.loads(p.stdout)
+    if r["rc"] != 0:
+        sys.exit(f"coopc run failed:\n{r['out']}\n{r['err']}")
+    m = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    print(f"one LoRA-θ BRIDGE meta-step (rank 16 below and above, {args.tokens}-token rows, "
+          f"first-order hypergradient): step {m['step_time_s']:.1f} s (sampling included), "
+          f"whole command {r['wall']:.1f} s (compiling, loading, checkpoint included), "
+          f"peak RSS {r['rss']:.0f} MiB; sft loss {m['sft_loss']:.3f}")
 
 
 if __name__ == "__main__":
