@@ -52,7 +52,27 @@ fn summary(spec: &PipelineSpec) -> String {
         group_thousands(base),
         group_thousands(adapter),
         spec.lora.rank,
-    )
+    ) + &lower_and_source(spec)
+}
+
+/// What the lower level trains when it is not all of θ, and where θ comes
+/// from when it is a model folder.
+fn lower_and_source(spec: &PipelineSpec) -> String {
+    let mut s = String::new();
+    if let Some(l) = &spec.model.lower {
+        let n = coopc_compiler::params::parameter_count(
+            &coopc_compiler::params::lower_lora_shapes(&spec.model),
+        );
+        s += &format!(
+            "; lower level: a LoRA of θ, {} parameters (rank {})",
+            group_thousands(n as u128),
+            l.rank
+        );
+    }
+    if let Some(dir) = &spec.model.from {
+        s += &format!("; from {dir}");
+    }
+    s
 }
 
 /// Parameters of the base model θ and of the LoRA adapter w.

@@ -246,3 +246,46 @@ fn the_merge_the_sampler_decodes_with_is_the_forward_of_both_adapters() {
     assert!(moved > 1e-3, "{moved:e}");
     let _ = compile(low);
 }
+
+#[test]
+fn bad_lower_and_task_keys_are_errors_naming_the_key() {
+    let err = |lower: &str, extra: &str| {
+        let text = format!("{}{extra}", TINY.replace("LOWER", lower));
+        match parse_pipeline(&text) {
+            Ok(_) => panic!("accepted: {lower} {extra}"),
+            Err(d) => d.render("p.toml", &text),
+        }
+    };
+    let e = err("lower = \"half\"", "");
+    assert!(
+        e.contains("`model.lower` must be \"full\" or a table"),
+        "{e}"
+    );
+    let e = err("lower = { rank = 4 }", "");
+    assert!(e.contains("unknown key `model.lower.rank`"), "{e}");
+    assert!(e.contains("missing key `model.lower.lora_rank`"), "{e}");
+    let e = err("lower = { lora_rank = 0 }", "");
+    assert!(
+        e.contains("`model.lower.lora_rank` must be at least 1"),
+        "{e}"
+    );
+    let e = err("lower = { lora_rank = 2, targets = [\"qproj\"] }", "");
+    assert!(e.contains("did you mean \"q_proj\"?"), "{e}");
+    let e = err("", "[task]\nformat = \"gsm8k\"\n");
+    assert!(
+        e.contains("`task.format`") && e.contains("kind = \"jsonl\""),
+        "{e}"
+    );
+    let e = err(
+        "",
+        "[task]\nkind = \"jsonl\"\nsft_file = \"a\"\nrl_file = \"b\"\nsystem_prompt = \"Be brief.\"\n",
+    );
+    assert!(
+        e.contains("`task.system_prompt`") && e.contains("chat_template"),
+        "{e}"
+    );
+    let e = err("", "[task]\nreward_malformed = 2.0\n");
+    assert!(e.contains("`task.reward_malformed`"), "{e}");
+    // "full" is the default, spelled out.
+    assert_eq!(spec("lower = \"full\"").model.lower, None);
+}
