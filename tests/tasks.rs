@@ -673,7 +673,13 @@ fn jsonl_task_reads_files_and_verifies_answers() {
     assert_eq!(task.verify(&p, "\\boxed{1000.0}"), Verdict::Correct);
     assert_eq!(task.verify(&p, "#### 1001"), Verdict::Wrong);
     assert_eq!(task.verify(&p, "#### 1000 #### 999"), Verdict::Wrong);
-    assert_eq!(task.verify(&p, "1000"), Verdict::Malformed);
+    // With no answer in a recognised format, the last number still counts
+    // when it is right; a wrong one is malformed, not wrong.
+    assert_eq!(task.verify(&p, "so 10 times 100 is 1000"), Verdict::Correct);
+    assert_eq!(task.verify(&p, "1000"), Verdict::Correct);
+    assert_eq!(task.verify(&p, "maybe 999"), Verdict::Malformed);
+    assert_eq!(task.verify(&p, "the answer is 1000."), Verdict::Correct);
+    assert_eq!(task.verify(&p, "The answer is 999."), Verdict::Wrong);
     assert_eq!(task.verify(&p, ""), Verdict::Malformed);
     assert_eq!(
         task.verify(&p, &format!("#### {}", "9".repeat(500))),
