@@ -1,8 +1,8 @@
 //! `coopc export RUN --merged DIR`: a run's latest checkpoint as a Hugging
 //! Face model folder, the LoRA folded into θ.
 
+use crate::cli::run::read_spec;
 use crate::cli::UserError;
-use coopc_compiler::spec::PipelineSpec;
 use coopc_runtime::safetensors_io::FloatStorage;
 use coopc_train::checkpoint::{load_latest, merge_lora};
 use coopc_train::export::write_model_folder;
@@ -16,20 +16,7 @@ pub enum ExportDtype {
 }
 
 pub fn run(run_dir: &Path, out: &Path, dtype: ExportDtype) -> Result<(), UserError> {
-    let spec_path = run_dir.join("spec.json");
-    let text = std::fs::read_to_string(&spec_path).map_err(|e| {
-        UserError(format!(
-            "{}: {e} (is {} a coopc run folder?)",
-            spec_path.display(),
-            run_dir.display()
-        ))
-    })?;
-    let spec: PipelineSpec = serde_json::from_str(&text).map_err(|e| {
-        UserError(format!(
-            "{}: not a valid run specification: {e}",
-            spec_path.display()
-        ))
-    })?;
+    let spec = read_spec(run_dir)?;
     let state = load_latest(run_dir).map_err(|e| UserError(e.to_string()))?;
     if out.exists() && out.read_dir().map_or(true, |mut d| d.next().is_some()) {
         return Err(UserError(format!(

@@ -21,7 +21,8 @@ pub struct Overrides {
 
 const SPEC_FILE: &str = "spec.json";
 
-fn read_spec(dir: &Path) -> Result<PipelineSpec, UserError> {
+/// The specification a run folder's `spec.json` records.
+pub(crate) fn read_spec(dir: &Path) -> Result<PipelineSpec, UserError> {
     let path = dir.join(SPEC_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| {
         UserError(format!(

@@ -2,10 +2,10 @@
 //! (θ and the LoRA w of its latest checkpoint) or a Hugging Face model
 //! folder — what other implementations are checked against.
 
+use crate::cli::run::read_spec;
 use crate::cli::UserError;
 use coopc_compiler::compile_logprobs;
 use coopc_compiler::plan::{LOGPROBS, TOKEN_IDS};
-use coopc_compiler::spec::PipelineSpec;
 use coopc_runtime::safetensors_io::{read_tensors, write_tensors};
 use coopc_runtime::{execute_program, HostTensor};
 use std::collections::{BTreeMap, HashMap};
@@ -41,19 +41,7 @@ pub fn run(source: Source, ids: &Path, out: &Path) -> Result<(), UserError> {
     };
     let (mut spec, tensors, what) = match source {
         Source::Run(run_dir) => {
-            let spec_path = run_dir.join("spec.json");
-            let text = std::fs::read_to_string(&spec_path).map_err(|e| {
-                UserError(format!(
-                    "{}: {e} (is it a coopc run folder?)",
-                    spec_path.display()
-                ))
-            })?;
-            let spec: PipelineSpec = serde_json::from_str(&text).map_err(|e| {
-                UserError(format!(
-                    "{}: not a valid run specification: {e}",
-                    spec_path.display()
-                ))
-            })?;
+            let spec = read_spec(run_dir)?;
             let state = coopc_train::checkpoint::load_latest(run_dir)
                 .map_err(|e| UserError(e.to_string()))?;
             let what = format!("{}: step {}", run_dir.display(), state.step);

@@ -280,6 +280,16 @@ fn chat_templates_render_and_tokenize_as_transformers_does() {
     assert_eq!(llama.eos(), llama.token_id("<|eot_id|>").unwrap());
 }
 
+/// θ's tensors by Hugging Face name, as f32 (what `read_model_weights` expects).
+fn f32_theta_ports(
+    spec: &coopc_compiler::spec::PipelineSpec,
+) -> Vec<(String, coopc_ir::TensorType)> {
+    coopc_ir::params::theta_shapes(&spec.model)
+        .into_iter()
+        .map(|(n, s)| (n, coopc_ir::TensorType::new(coopc_ir::DType::F32, s)))
+        .collect()
+}
+
 /// examples/hf-tiny.toml with its paths made absolute and `edit` applied.
 fn example_spec(edit: impl FnOnce(String) -> String) -> coopc_compiler::spec::PipelineSpec {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -312,11 +322,7 @@ fn a_run_trains_three_steps_from_a_model_folder_and_checkpoints_hf_folders() {
     let mut trainer = Trainer::new(plan, opts).unwrap();
     // θ starts as the folder's weights (bf16 widened exactly).
     let start = trainer.state().unwrap();
-    let theta_ports: Vec<(String, coopc_ir::TensorType)> =
-        coopc_ir::params::theta_shapes(&spec.model)
-            .into_iter()
-            .map(|(n, s)| (n, coopc_ir::TensorType::new(coopc_ir::DType::F32, s)))
-            .collect();
+    let theta_ports = f32_theta_ports(&spec);
     let folder = read_model_weights(&fixture("qwen25"), &theta_ports, true).unwrap();
     for (name, t) in &folder {
         assert_eq!(&start.tensors[name], t, "{name}");
@@ -482,11 +488,7 @@ fn a_lora_of_theta_at_the_lower_level_trains_and_leaves_the_base_alone() {
     assert_eq!(metrics.len(), 3);
     assert!(metrics.iter().all(|m| m.sft_loss.is_finite()));
     let end = trainer.state().unwrap();
-    let theta_ports: Vec<(String, coopc_ir::TensorType)> =
-        coopc_ir::params::theta_shapes(&spec.model)
-            .into_iter()
-            .map(|(n, s)| (n, coopc_ir::TensorType::new(coopc_ir::DType::F32, s)))
-            .collect();
+    let theta_ports = f32_theta_ports(&spec);
     // The base is the folder's, before and after; the lower LoRA moved.
     let folder = read_model_weights(&fixture("qwen25"), &theta_ports, true).unwrap();
     for (name, t) in &folder {

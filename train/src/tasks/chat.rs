@@ -15,6 +15,9 @@ pub struct ModelText {
     pub bos_token: Option<String>,
     /// `eos_token` of tokenizer_config.json: what ends a turn.
     pub eos_token: String,
+    /// `pad_token` of tokenizer_config.json, when it names one the
+    /// tokenizer has.
+    pub pad_token: Option<String>,
     /// The template's source, when the folder has one.
     pub chat_template: Option<String>,
     /// Token ids generation stops at: the EOS token and generation_config.json's
@@ -73,6 +76,8 @@ impl ModelText {
             None => tokenizer.token_text(tokenizer.eos()).unwrap_or_default(),
         };
         let eos = id_of(&eos_token, "eos_token", &config_path)?;
+        let pad_token =
+            token_text(config.get("pad_token")).filter(|p| tokenizer.token_id(p).is_some());
         let jinja = dir.join("chat_template.jinja");
         let chat_template = if jinja.exists() {
             Some(std::fs::read_to_string(&jinja).map_err(|e| io(&jinja, e.to_string()))?)
@@ -114,6 +119,7 @@ impl ModelText {
         Ok(ModelText {
             bos_token,
             eos_token,
+            pad_token,
             chat_template,
             stop_ids,
         })

@@ -255,18 +255,10 @@ impl HfTokenizer {
                 tok.add_bos = false;
             }
         }
-        let config = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
-        let pad = config
-            .as_ref()
-            .and_then(|c| match c.get("pad_token")? {
-                serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
-                _ => None,
-            })
-            .and_then(|p| tok.token_id(&p));
-        tok.pad = pad.unwrap_or(tok.eos);
+        tok.pad = match &text.pad_token {
+            Some(p) => id(&tok, p),
+            None => tok.eos,
+        };
         tok.stop = text.stop_ids.clone();
         Ok((tok, text))
     }
