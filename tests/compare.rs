@@ -1,7 +1,11 @@
 //! `coopc compare`: reading several runs' metrics, the PNG figure and the
 //! markdown summary.
 
-use coopc::cli::compare::{compare, PNG_SIZE};
+use coopc::cli::compare::{
+    clip_polygon, clip_polyline, compare, render, smooth_ema, Band, Options, Rect, XAxis, YLimit,
+    PNG_SIZE,
+};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -100,7 +104,8 @@ fn compare_writes_png_and_tables() {
     let dirs = three_runs(&root);
     let png = root.join("out").join("compare.png");
     let md_path = root.join("out").join("compare.md");
-    let md = compare(&dirs, &png, Some(&md_path)).unwrap_or_else(|e| panic!("{e}"));
+    let md =
+        compare(&dirs, &png, Some(&md_path), &Options::default()).unwrap_or_else(|e| panic!("{e}"));
 
     // The PNG exists, is a PNG of the stated size, and decodes.
     let bytes = std::fs::read(&png).expect("PNG written");
@@ -120,7 +125,8 @@ fn compare_writes_png_and_tables() {
     // The markdown file holds what was returned.
     assert_eq!(std::fs::read_to_string(&md_path).unwrap(), md);
 
-    // Per-run rows: run, method, steps, final eval, best eval, final reward, wall.
+    // Per-run rows: run, group, steps, final eval, best eval, late reward
+    // (the last tenth of 6 rewarded steps: the last one), wall.
     assert_eq!(
         table_row(&md, "bridge-s0"),
         [
@@ -146,27 +152,403 @@ fn compare_writes_png_and_tables() {
         ]
     );
     // Never evaluated; the last step had no rollouts' reward, so the last
-    // non-null reward is reported.
+    // rewarded step counts.
     assert_eq!(
         table_row(&md, "rlzero-s0"),
         ["rlzero-s0", "rl_zero", "3", "–", "–", "-0.250", "15.5"]
     );
 
-    // Per-method aggregate: final eval accuracy 0.6 and 0.8 → 0.700 ± 0.141;
-    // wall time 60 and 72 → 66.0 ± 8.5 (sample std).
+    // Per-group aggregate: final eval accuracy 0.6 and 0.8 → 0.700 ± 0.141;
+    // best 0.7 and 0.8 → 0.750 ± 0.071; late reward 0.5 and 0.6 →
+    // 0.550 ± 0.071; wall time 60 and 72 → 66.0 ± 8.5 (sample std).
     assert_eq!(
         table_row(&md, "bridge"),
-        ["bridge", "2", "0.700 ± 0.141", "66.0 ± 8.5"]
+        [
+            "bridge",
+            "2",
+            "0.700 ± 0.141",
+            "0.750 ± 0.071",
+            "0.550 ± 0.071",
+            "66.0 ± 8.5"
+        ]
     );
-    assert_eq!(table_row(&md, "rl_zero"), ["rl_zero", "1", "–", "15.5 ± –"]);
+    assert_eq!(
+        table_row(&md, "rl_zero"),
+        ["rl_zero", "1", "–", "–", "-0.250 ± –", "15.5 ± –"]
+    );
     assert!(md.contains("mean ± sample standard deviation"), "{md}");
+}
+
+/// The metric `get` of every row of the runs in `dirs`, by step, read
+/// straight from their metrics.jsonl.
+fn values_by_step(dirs: &[PathBuf], get: &str) -> BTreeMap<usize, Vec<f64>> {
+    let mut out: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    for d in dirs {
+        let text = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            if let Some(x) = v[get].as_f64() {
+                out.entry(v["step"].as_u64().unwrap() as usize)
+                    .or_default()
+                    .push(x);
+            }
+        }
+    }
+    out
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-12 * (1.0 + a.abs().max(b.abs()))
+}
+
+/// Without smoothing, each plotted group point is the mean of its runs'
+/// metric at that step, and the min–max band spans them exactly.
+#[test]
+fn plotted_group_means_are_the_metrics_means() {
+    let root = temp_dir("means");
+    let dirs = three_runs(&root);
+    let opts = Options {
+        smooth: 0.0,
+        ..Options::default()
+    };
+    let fig = render(&dirs, (900, 600), &opts).unwrap();
+    assert_eq!(fig.panels.len(), 4);
+    for (panel, field) in [(0, "eval_accuracy"), (2, "reward_mean"), (3, "sft_loss")] {
+        let view = &fig.panels[panel];
+        let bridge = view.lines.iter().find(|l| l.group == "bridge").unwrap();
+        assert_eq!(bridge.runs, 2);
+        let expected = values_by_step(&dirs[..2], field);
+        let full: Vec<(&usize, &Vec<f64>)> =
+            expected.iter().filter(|(_, v)| v.len() == 2).collect();
+        assert_eq!(bridge.points.len(), full.len(), "{}", view.title);
+        for (p, (step, vals)) in bridge.points.iter().zip(full) {
+            assert_eq!(p.step, *step);
+            assert_eq!(p.x, *step as f64);
+            assert_eq!(p.runs, 2);
+            let mean = vals.iter().sum::<f64>() / 2.0;
+            assert!(
+                close(p.mean, mean),
+                "{}: step {step}: {} vs {mean}",
+                view.title,
+                p.mean
+            );
+            assert_eq!(p.lo, vals[0].min(vals[1]));
+            assert_eq!(p.hi, vals[0].max(vals[1]));
+        }
+    }
+    // The rl_zero run alone: its rewarded steps 1 and 3, as they are.
+    let rz = fig.panels[2]
+        .lines
+        .iter()
+        .find(|l| l.group == "rl_zero")
+        .unwrap();
+    let pts: Vec<(usize, f64)> = rz.points.iter().map(|p| (p.step, p.mean)).collect();
+    assert_eq!(pts, [(1, -1.0), (3, -0.25)]);
+    // The second eval panel is against wall time: x is the runs' mean wall
+    // time at the step (20 and 24 s at step 2).
+    let b = fig.panels[1]
+        .lines
+        .iter()
+        .find(|l| l.group == "bridge")
+        .unwrap();
+    assert!(close(b.points[0].x, 22.0), "{:?}", b.points[0]);
+}
+
+/// ± one standard deviation bands, smoothing, and the x axis by time.
+#[test]
+fn std_bands_smoothing_and_time_axis() {
+    let root = temp_dir("std");
+    let dirs = three_runs(&root);
+    let opts = Options {
+        smooth: 0.5,
+        band: Band::Std,
+        x: XAxis::Time,
+        ..Options::default()
+    };
+    let fig = render(&dirs, (900, 600), &opts).unwrap();
+    let reward = &fig.panels[2];
+    assert!(reward.title.contains("wall time"), "{}", reward.title);
+    let b = reward.lines.iter().find(|l| l.group == "bridge").unwrap();
+    // Each run smoothed first, then averaged.
+    let r0 = smooth_ema(&[-0.8, -0.4, 0.0, 0.2, 0.4, 0.5], 0.5);
+    let r1 = smooth_ema(&[-0.6, -0.2, 0.1, 0.3, 0.5, 0.6], 0.5);
+    for (i, p) in b.points.iter().enumerate() {
+        let mean = (r0[i] + r1[i]) / 2.0;
+        let sd = ((r0[i] - mean).powi(2) + (r1[i] - mean).powi(2)).sqrt();
+        assert!(close(p.mean, mean) && close(p.lo, mean - sd) && close(p.hi, mean + sd));
+        // x: the two runs' mean wall time at this step (10·s and 12·s).
+        assert!(close(p.x, 11.0 * (i + 1) as f64), "{p:?}");
+    }
+    // The evaluations are not smoothed.
+    let e = fig.panels[0]
+        .lines
+        .iter()
+        .find(|l| l.group == "bridge")
+        .unwrap();
+    assert!(close(e.points[1].mean, 0.6), "{:?}", e.points[1]);
+    // The other eval panel is against meta-steps.
+    assert!(
+        fig.panels[1].title.contains("meta-step"),
+        "{}",
+        fig.panels[1].title
+    );
+}
+
+#[test]
+fn tensorboard_smoothing_is_the_debiased_ema() {
+    // last = 0.5·0 + 0.5·1 = 0.5, debiased by 1 − 0.5 → 1;
+    // last = 0.5·0.5 + 0.5·0 = 0.25, debiased by 1 − 0.25 → 1/3;
+    // last = 0.125 + 0.5·4 = 2.125, debiased by 1 − 0.125 → 17/7.
+    let s = smooth_ema(&[1.0, 0.0, 4.0], 0.5);
+    assert!(
+        close(s[0], 1.0) && close(s[1], 1.0 / 3.0) && close(s[2], 17.0 / 7.0),
+        "{s:?}"
+    );
+    assert_eq!(smooth_ema(&[3.0, -1.0], 0.0), [3.0, -1.0]);
+    // A constant stays constant at any weight (the debiasing at work).
+    assert!(smooth_ema(&[2.0; 5], 0.9).iter().all(|&v| close(v, 2.0)));
+}
+
+fn is_coloured(px: &[u8]) -> bool {
+    px[0] != px[1] || px[1] != px[2]
+}
+
+/// With a y range far narrower than the data, the lines are cut at the
+/// panel's edges: no coloured pixel of a panel's cell lies outside its
+/// plotting area (beyond the 2-pixel half-width of a line on the edge), and
+/// the stretches out of range are not drawn along the edges either (bands
+/// are cut by `clip_polygon`, tested below).
+#[test]
+fn lines_are_cut_at_their_panel_edges() {
+    let root = temp_dir("clip");
+    let dirs = three_runs(&root);
+    let opts = Options {
+        smooth: 0.0,
+        band: Band::None,
+        ylim: vec![
+            "reward=-0.1:0.1".parse().unwrap(),
+            "sft=0.5:0.6".parse().unwrap(),
+        ],
+        ..Options::default()
+    };
+    let fig = render(&dirs, (900, 600), &opts).unwrap();
+    let w = fig.width as i32;
+    let pixel = |x: i32, y: i32| {
+        let i = ((y * w + x) * 3) as usize;
+        &fig.pixels[i..i + 3]
+    };
+    for panel in &fig.panels[2..] {
+        let fixed = if panel.title.contains("SFT") {
+            (0.5, 0.6)
+        } else {
+            (-0.1, 0.1)
+        };
+        assert_eq!(panel.y_range, fixed, "{}", panel.title);
+        let (px, py) = &panel.plot_area;
+        let (cx, cy) = &panel.cell;
+        let (mut inside, mut outside) = (0, 0);
+        for y in cy.clone() {
+            for x in cx.clone() {
+                if !is_coloured(pixel(x, y)) {
+                    continue;
+                }
+                let near =
+                    x >= px.start - 2 && x < px.end + 2 && y >= py.start - 2 && y < py.end + 2;
+                if near {
+                    inside += 1;
+                } else {
+                    outside += 1;
+                }
+            }
+        }
+        assert!(
+            inside > 50,
+            "{}: only {inside} coloured pixels drawn",
+            panel.title
+        );
+        assert_eq!(
+            outside, 0,
+            "{}: {outside} coloured pixels outside the plotting area",
+            panel.title
+        );
+        // plotters clamps points to the plotting area, which would draw the
+        // out-of-range stretches flat along its top and bottom edges; cut
+        // at the edges, the lines only cross them.
+        let edge_rows = [py.start, py.start + 1, py.end - 2, py.end - 1];
+        let on_edges = edge_rows
+            .iter()
+            .flat_map(|&y| px.clone().map(move |x| (x, y)))
+            .filter(|&(x, y)| is_coloured(pixel(x, y)))
+            .count();
+        assert!(
+            on_edges <= 20,
+            "{}: {on_edges} coloured pixels along the edges (clamped, not clipped)",
+            panel.title
+        );
+    }
+}
+
+#[test]
+fn polylines_and_polygons_are_cut_at_the_rectangle() {
+    let r = Rect {
+        x0: 0.0,
+        x1: 10.0,
+        y0: 0.0,
+        y1: 1.0,
+    };
+    // Up through the top edge and back down: two stretches.
+    let parts = clip_polyline(&[(0.0, 0.5), (2.0, 1.5), (4.0, 0.5), (6.0, 0.25)], r);
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    assert_eq!(parts[0], [(0.0, 0.5), (1.0, 1.0)]);
+    assert_eq!(parts[1], [(3.0, 1.0), (4.0, 0.5), (6.0, 0.25)]);
+    // Wholly outside: nothing.
+    assert!(clip_polyline(&[(0.0, 2.0), (5.0, 3.0)], r).is_empty());
+    // A band [0.5, 2] over x in [0, 10]: cut at y = 1.
+    let band = clip_polygon(&[(0.0, 2.0), (10.0, 2.0), (10.0, 0.5), (0.0, 0.5)], r);
+    assert!(
+        band.iter()
+            .all(|&(x, y)| (0.0..=10.0).contains(&x) && (0.0..=1.0).contains(&y)),
+        "{band:?}"
+    );
+    let area: f64 = band
+        .iter()
+        .zip(band.iter().cycle().skip(1))
+        .map(|(a, b)| a.0 * b.1 - b.0 * a.1)
+        .sum::<f64>()
+        .abs()
+        / 2.0;
+    assert!(close(area, 5.0), "area {area}");
+}
+
+fn write_spec(dir: &Path, hyper: &str) {
+    let spec = serde_json::json!({
+        "bilevel": { "method": "bridge", "hypergradient": { "kind": hyper } },
+        "train": { "seed": 1 },
+    });
+    std::fs::write(dir.join("spec.json"), spec.to_string()).unwrap();
+}
+
+#[test]
+fn group_by_splits_groups_by_spec_fields() {
+    let root = temp_dir("groupby");
+    let dirs = three_runs(&root);
+    write_spec(&dirs[0], "first_order");
+    write_spec(&dirs[1], "truncated");
+    write_spec(&dirs[2], "first_order");
+    let opts = Options {
+        group_by: vec!["bilevel.hypergradient.kind".into()],
+        ..Options::default()
+    };
+    let fig = render(&dirs, (900, 600), &opts).unwrap();
+    let groups: Vec<&str> = fig.panels[0]
+        .lines
+        .iter()
+        .map(|l| l.group.as_str())
+        .collect();
+    assert_eq!(
+        groups,
+        [
+            "bridge, bilevel.hypergradient.kind=first_order",
+            "bridge, bilevel.hypergradient.kind=truncated",
+            "rl_zero, bilevel.hypergradient.kind=first_order"
+        ]
+    );
+    assert!(fig.panels[0].lines.iter().all(|l| l.runs == 1));
+    assert_eq!(
+        table_row(&fig.table, "bridge-s1")[1],
+        "bridge, bilevel.hypergradient.kind=truncated"
+    );
+
+    // A field no spec has, and a run without spec.json, are named.
+    let bad = Options {
+        group_by: vec!["bilevel.nope".into()],
+        ..Options::default()
+    };
+    let err = render(&dirs, (900, 600), &bad).err().unwrap();
+    assert!(
+        err.contains("bilevel.nope") && err.contains("spec.json"),
+        "{err}"
+    );
+    std::fs::remove_file(dirs[2].join("spec.json")).unwrap();
+    let err = render(&dirs, (900, 600), &opts).err().unwrap();
+    assert!(
+        err.contains(&dirs[2].join("spec.json").display().to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn flops_axis_needs_the_flops_metric() {
+    let root = temp_dir("flops");
+    let dirs = three_runs(&root);
+    let opts = Options {
+        x: XAxis::Flops,
+        smooth: 0.0,
+        ..Options::default()
+    };
+    let err = render(&dirs, (900, 600), &opts).err().unwrap();
+    assert!(err.contains("FLOP") && err.contains("bridge-s0"), "{err}");
+    // With a cumulative count of 1e9 per step, x is that count.
+    for d in &dirs {
+        let text = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+        let rows: Vec<String> = text
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["flops"] = serde_json::json!(v["step"].as_f64().unwrap() * 1e9);
+                v.to_string()
+            })
+            .collect();
+        write_run(d, &rows);
+    }
+    let fig = render(&dirs, (900, 600), &opts).unwrap();
+    let b = fig.panels[2]
+        .lines
+        .iter()
+        .find(|l| l.group == "bridge")
+        .unwrap();
+    assert!(b.points.iter().all(|p| p.x == p.step as f64 * 1e9));
+    assert!(
+        fig.panels[2].title.contains("FLOPs"),
+        "{}",
+        fig.panels[2].title
+    );
+}
+
+#[test]
+fn bad_options_are_named() {
+    for (arg, needle) in [
+        ("reward", "QUANTITY=LO:HI"),
+        ("loss=0:1", "`loss`"),
+        ("eval=1:0", "below"),
+        ("sft=a:1", "`a`"),
+        ("eval=0:inf", "finite"),
+    ] {
+        let err = arg.parse::<YLimit>().unwrap_err();
+        assert!(err.contains(needle), "{arg}: {err}");
+    }
+    let y: YLimit = "reward=-1:1".parse().unwrap();
+    assert_eq!((y.lo, y.hi), (-1.0, 1.0));
+    let root = temp_dir("badopts");
+    let dirs = three_runs(&root);
+    let err = render(
+        &dirs,
+        (900, 600),
+        &Options {
+            smooth: 1.0,
+            ..Options::default()
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(err.contains("--smooth"), "{err}");
 }
 
 #[test]
 fn no_aggregate_table_when_every_method_has_one_run() {
     let root = temp_dir("single");
     let dirs = three_runs(&root);
-    let md = compare(&dirs[1..], &root.join("c.png"), None).unwrap();
+    let md = compare(&dirs[1..], &root.join("c.png"), None, &Options::default()).unwrap();
     assert!(md.contains("| bridge-s1 |"));
     assert!(!md.contains("mean ± std"), "{md}");
 }
@@ -185,7 +567,7 @@ fn resumed_run_keeps_the_later_rows() {
             row(2, "bridge", Some(0.3), Some(0.4), 2.5),
         ],
     );
-    let md = compare(&[dir], &root.join("c.png"), None).unwrap();
+    let md = compare(&[dir], &root.join("c.png"), None, &Options::default()).unwrap();
     assert_eq!(
         table_row(&md, "bridge-resumed"),
         [
@@ -208,13 +590,13 @@ fn missing_metrics_names_the_folder() {
     std::fs::create_dir_all(&empty).unwrap();
     dirs.push(empty.clone());
     let png = root.join("c.png");
-    let err = compare(&dirs, &png, None).unwrap_err();
+    let err = compare(&dirs, &png, None, &Options::default()).unwrap_err();
     assert!(err.contains(&empty.display().to_string()), "{err}");
     assert!(err.contains("metrics.jsonl"), "{err}");
     assert!(!png.exists(), "no figure is written when a run is missing");
 
     let gone = root.join("does-not-exist");
-    let err = compare(std::slice::from_ref(&gone), &png, None).unwrap_err();
+    let err = compare(std::slice::from_ref(&gone), &png, None, &Options::default()).unwrap_err();
     assert!(err.contains(&gone.display().to_string()), "{err}");
 }
 
@@ -229,13 +611,19 @@ fn corrupt_metrics_names_the_file_and_line() {
         format!("{good}\n\n{{\"step\": 2, \"method\": \"bri\n"),
     )
     .unwrap();
-    let err = compare(std::slice::from_ref(&dir), &root.join("c.png"), None).unwrap_err();
+    let err = compare(
+        std::slice::from_ref(&dir),
+        &root.join("c.png"),
+        None,
+        &Options::default(),
+    )
+    .unwrap_err();
     let file = dir.join("metrics.jsonl").display().to_string();
     assert!(err.contains(&file), "{err}");
     assert!(err.contains("line 3"), "{err}");
 
     std::fs::write(dir.join("metrics.jsonl"), "\n").unwrap();
-    let err = compare(&[dir], &root.join("c.png"), None).unwrap_err();
+    let err = compare(&[dir], &root.join("c.png"), None, &Options::default()).unwrap_err();
     assert!(
         err.contains(&file) && err.contains("no metrics rows"),
         "{err}"
@@ -245,7 +633,7 @@ fn corrupt_metrics_names_the_file_and_line() {
 #[test]
 fn no_runs_is_an_error() {
     let root = temp_dir("none");
-    assert!(compare(&[], &root.join("c.png"), None).is_err());
+    assert!(compare(&[], &root.join("c.png"), None, &Options::default()).is_err());
 }
 
 /// Six methods, three seeds each, one method without rollouts or
@@ -287,7 +675,7 @@ fn six_methods_of_three_seeds_each_get_every_row_and_a_figure() {
             dirs.push(dir);
         }
     }
-    let md = compare(&dirs, &out, None).unwrap_or_else(|e| panic!("{e}"));
+    let md = compare(&dirs, &out, None, &Options::default()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         png_size(&std::fs::read(&out).expect("PNG written")),
         PNG_SIZE

@@ -116,10 +116,56 @@ fn every_method_trains_end_to_end() {
             "bridge" => assert!(m.iter().all(|r| r.coop_gain.is_some())),
             _ => {}
         }
+        assert_flops_counted(&p, method, &m);
         assert_eq!(load_latest(&out).unwrap().step, 4);
         // `coopc eval` reads the run folder.
         let e = run(&["eval", out.to_str().unwrap(), "--eval-limit", "4"]);
         assert!(String::from_utf8_lossy(&e.stdout).contains("held-out accuracy"));
+    }
+}
+
+/// The `flops` metric is the cumulative plan count of what training ran:
+/// for `sft` (no rollouts) exactly one meta-step program per step; for
+/// `rl_zero` at least that, one log-prob scoring call per unrolled batch
+/// and the LoRA merge before sampling, plus the decode steps.
+fn assert_flops_counted(pipeline: &str, method: &str, m: &[Metrics]) {
+    use coopc_compiler::spec::Method;
+    use coopc_ir::cost::program_flops;
+    let (_, mut spec) =
+        coopc_compiler::frontend::load_pipeline_with(Path::new(pipeline), &Default::default())
+            .unwrap();
+    let kind = match method {
+        "sft" => Method::Sft,
+        "rl_zero" => Method::RlZero,
+        _ => {
+            let f: Vec<f64> = m.iter().map(|r| r.flops.expect("flops recorded")).collect();
+            assert!(
+                f.windows(2).all(|w| w[1] > w[0]) && f[0] > 0.0,
+                "{method}: {f:?}"
+            );
+            return;
+        }
+    };
+    spec.bilevel.method = kind;
+    let plan = coopc_compiler::compile(spec.clone());
+    let cost = |p: &coopc_ir::plan::Program| program_flops(&p.graph, &p.schedule) as f64;
+    let meta = cost(plan.meta_step());
+    let mut prev = 0.0;
+    for row in m {
+        let step = row.flops.expect("flops recorded") - prev;
+        prev = row.flops.unwrap();
+        if kind == Method::Sft {
+            assert_eq!(step, meta, "sft: step {}", row.step);
+        } else {
+            let k = spec.bilevel.hypergradient.unroll.max(1) as f64;
+            let merge = plan.lora_merge().map_or(0.0, cost);
+            let least = meta + k * (cost(plan.logprobs()) + merge);
+            assert!(
+                step >= least + cost(plan.decode_step()),
+                "rl_zero: step {}: {step} < {least} + a decode step",
+                row.step
+            );
+        }
     }
 }
 
@@ -220,6 +266,8 @@ fn resume_reproduces_the_uninterrupted_run_bit_exactly() {
         );
         assert_eq!(value("bilevel/lambda"), Some(m.lambda as f32));
         assert_eq!(value("eval/accuracy"), m.eval_accuracy.map(|a| a as f32));
+        let gflops = m.flops.expect("flops recorded") / 1e9;
+        assert_eq!(value("compute/gflops"), Some(gflops as f32));
     }
 }
 

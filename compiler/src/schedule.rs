@@ -5,7 +5,7 @@
 //! an upper bound, since the executor also leaves out the transposes that
 //! only matrix products read (it reads their operands through strides).
 
-use crate::ir::{execution_order, numel, Graph, NodeId, Op};
+use crate::ir::{execution_order, Graph, NodeId, Op};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
@@ -146,7 +146,7 @@ fn simulate(g: &Graph, at: Option<usize>) -> (Schedule, usize, Option<Vec<NodeId
     for (step, (&id, ops)) in order.iter().zip(&operands).enumerate() {
         let op = g.op(id);
         *op_counts.entry(op.name().to_string()).or_default() += 1;
-        flops = flops.saturating_add(op_flops(g, id));
+        flops = flops.saturating_add(crate::ir::cost::op_flops(g, id));
 
         let hands_over = matches!(
             op,
@@ -208,64 +208,6 @@ fn simulate(g: &Graph, at: Option<usize>) -> (Schedule, usize, Option<Vec<NodeId
         flops,
     };
     (sc, peak_step, snapshot)
-}
-
-/// The rough arithmetic count of one node (see [`Schedule::flops`]).
-fn op_flops(g: &Graph, id: NodeId) -> u64 {
-    let out = g.ty(id).numel() as u64;
-    match g.op(id) {
-        Op::MatMul => {
-            let a = &g.ty(g.inputs(id)[0]).shape;
-            let r = a.len();
-            let (m, k) = (a[r - 2] as u64, a[r - 1] as u64);
-            let n = g.ty(id).shape[r - 1] as u64;
-            let batch = numel(&a[..r - 2]) as u64;
-            2u64.saturating_mul(m)
-                .saturating_mul(n)
-                .saturating_mul(k)
-                .saturating_mul(batch)
-        }
-        Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Select | Op::Clamp { .. } => out,
-        // A few operations per element for each value of the step.
-        Op::OptimStep { .. } => out,
-        Op::Reduce { .. } => g.ty(g.inputs(id)[0]).numel() as u64,
-        Op::ScatterAdd { .. } => g.ty(g.inputs(id)[2]).numel() as u64,
-        Op::ScatterAddRows { .. } => g.ty(g.inputs(id)[1]).numel() as u64,
-        // Products of [T, hd] rows with [T, hd] keys or values, causal half
-        // not subtracted: scores and output (forward); scores, do·vᵀ and
-        // one gradient product (a gradient).
-        Op::CausalAttention | Op::CausalAttentionGrad { .. } => {
-            let q = &g.ty(g.inputs(id)[0]).shape;
-            let per = 2 * (q[0] * q[1] * q[2] * q[2] * q[3]) as u64;
-            per * if matches!(g.op(id), Op::CausalAttention) {
-                2
-            } else {
-                3
-            }
-        }
-        // Scores and output over the whole cache (an upper bound: the kernel
-        // stops at the position).
-        Op::CachedAttention => {
-            let k = &g.ty(g.inputs(id)[1]).shape;
-            4 * (out * k[2] as u64)
-        }
-        // A few dozen operations per token.
-        Op::TokenLoss { .. } | Op::TokenLossGrad { .. } => {
-            32 * g.ty(g.inputs(id)[0]).numel() as u64
-        }
-        // The logits h·wᵀ (2·N·V·d); a gradient recomputes them and takes
-        // one more product of the same size.
-        Op::LinearLogprob | Op::LinearLogprobGrad { .. } => {
-            let (h, w) = (&g.ty(g.inputs(id)[0]).shape, &g.ty(g.inputs(id)[1]).shape);
-            let per = 2 * (h[0] * w[0] * h[1]) as u64;
-            per * if matches!(g.op(id), Op::LinearLogprob) {
-                1
-            } else {
-                2
-            }
-        }
-        _ => 0,
-    }
 }
 
 /// A byte count in binary units with two decimals: `512 B`, `1.50 MiB`.
@@ -383,6 +325,8 @@ mod tests {
         // Attention: 2·B·H·T²·hd = 144 per product, 2 forward, 3 gradient;
         // log-prob: 2·N·V·d = 120, 1 forward, 2 gradient.
         assert_eq!(schedule(&g).flops, 144 * 5 + 120 * 3);
+        let sc = schedule(&g);
+        assert_eq!(crate::ir::cost::program_flops(&g, &sc.order), sc.flops);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - the kernel IR ([`kernel`]): the fused kernels a schedule becomes;
 //! - the plan ([`plan`]): every compiled program with its schedule, fused
 //!   kernels and typed signature, and its versioned file format;
+//! - the arithmetic count of a program ([`cost`]);
 //! - [`file::write_atomically`], how every file coopc writes is replaced.
 //!
 //! It depends on no other coopc crate.
@@ -21,6 +22,7 @@ mod print;
 mod signature;
 mod types;
 
+pub mod cost;
 pub mod file;
 pub mod hf;
 pub mod kernel;

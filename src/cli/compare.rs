@@ -1,16 +1,27 @@
 //! `coopc compare DIR…`: plots several runs' `metrics.jsonl` side by side and
 //! summarises them in a markdown table.
 //!
-//! The figure is a 2×2 grid — held-out eval accuracy against meta-step and
-//! against wall time, rollout reward mean and SFT loss against meta-step —
-//! with one line per run and a shared legend on the right. Runs of the same
-//! method share a colour and are told apart by their dash pattern. Text is
-//! rendered with the bundled DejaVu Sans (`assets/fonts/`), so the output does
-//! not depend on the fonts installed on the machine.
+//! Runs are grouped by method, and further by any `--group-by` field of their
+//! `spec.json` (for instance `bilevel.hypergradient` or `bilevel.lambda`).
+//! Each group is one line, the mean over its runs (seeds), with a shaded band
+//! over the same runs (min–max, or ± one sample standard deviation; the
+//! legend says which). Runs are aligned by meta-step: a group's point at step
+//! s is drawn where every run of the group has a value at s, at the mean of
+//! the runs' x values there (their wall time or FLOP count when the x axis is
+//! time or FLOPs). Per-step series (rollout reward, SFT loss) are smoothed per
+//! run before the mean with TensorBoard's debiased exponential moving
+//! average; held-out evaluations are drawn as measured, with markers.
 //!
-//! The table has one row per run; when several runs share a method (seeds), a
-//! second table gives per-method mean ± sample standard deviation of the final
-//! eval accuracy and of the wall time.
+//! The figure is a 2×2 grid — held-out eval accuracy against the chosen x
+//! axis and against the other of meta-step / wall time, rollout reward mean
+//! and SFT loss against the chosen x axis — with the legend on the right.
+//! y ranges are fitted to what is drawn unless `--ylim` fixes them, and every
+//! line, band and marker is clipped to its panel. Text is rendered with the
+//! bundled DejaVu Sans (`assets/fonts/`), so the output does not depend on
+//! the fonts installed on the machine.
+//!
+//! The table has one row per run and, when some group has several runs, one
+//! row per group with mean ± sample standard deviation and the number of runs.
 
 use ab_glyph::{point, Font, FontRef, PxScale, ScaleFont};
 use coopc_train::Metrics;
@@ -20,16 +31,20 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::FontStyle;
 use plotters_backend::{BackendColor, BackendCoord, BackendTextStyle, DrawingErrorKind};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 /// Size of the written PNG, in pixels.
 pub const PNG_SIZE: (u32, u32) = (1400, 900);
 
 const FONT: &str = "sans-serif";
 const DEJAVU_SANS: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
-const LEGEND_WIDTH: u32 = 290;
+const LEGEND_WIDTH: u32 = 310;
 const TITLE_HEIGHT: u32 = 44;
+/// Opacity of a group's band.
+const BAND_ALPHA: f64 = 0.2;
 
 /// Tableau 10: distinguishable, and readable on white.
 const PALETTE: [RGBColor; 10] = [
@@ -45,21 +60,173 @@ const PALETTE: [RGBColor; 10] = [
     RGBColor(23, 190, 207),
 ];
 
+// ---------------------------------------------------------------- options
+
+/// What the x axis of the main panels measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XAxis {
+    /// Meta-steps.
+    Step,
+    /// Wall-clock seconds since the run started.
+    Time,
+    /// The compiled programs' arithmetic (`flops` in metrics.jsonl).
+    Flops,
+}
+
+impl XAxis {
+    fn of(self, r: &Row) -> Option<f64> {
+        match self {
+            XAxis::Step => Some(r.step as f64),
+            XAxis::Time => finite(Some(r.wall_time_s)),
+            XAxis::Flops => finite(r.flops),
+        }
+    }
+    fn desc(self) -> &'static str {
+        match self {
+            XAxis::Step => "meta-step",
+            XAxis::Time => "wall time (s)",
+            XAxis::Flops => "FLOPs (plan count)",
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            XAxis::Step => "meta-step",
+            XAxis::Time => "wall time",
+            XAxis::Flops => "FLOPs",
+        }
+    }
+}
+
+/// The spread a group's band shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Band {
+    /// From the smallest to the largest of the group's runs.
+    Minmax,
+    /// Mean ± one sample standard deviation over the group's runs.
+    Std,
+    /// No band.
+    None,
+}
+
+/// Which quantity a panel plots (the names `--ylim` takes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quantity {
+    /// Held-out eval accuracy (`eval`).
+    Eval,
+    /// Rollout reward mean (`reward`).
+    Reward,
+    /// SFT loss (`sft`).
+    Sft,
+}
+
+impl Quantity {
+    fn of(self, r: &Row) -> Option<f64> {
+        match self {
+            Quantity::Eval => finite(r.eval_accuracy),
+            Quantity::Reward => finite(r.reward_mean),
+            Quantity::Sft => finite(Some(r.sft_loss)),
+        }
+    }
+}
+
+/// `--ylim QUANTITY=LO:HI`: a fixed y range for the panels of one quantity.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct YLimit {
+    pub quantity: Quantity,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+impl FromStr for YLimit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage =
+            "expected QUANTITY=LO:HI with QUANTITY one of eval, reward, sft (e.g. reward=-1:1)";
+        let (name, range) = s.split_once('=').ok_or_else(|| format!("`{s}`: {usage}"))?;
+        let quantity = match name.trim() {
+            "eval" => Quantity::Eval,
+            "reward" => Quantity::Reward,
+            "sft" => Quantity::Sft,
+            other => return Err(format!("`{other}` is not a panel quantity: {usage}")),
+        };
+        let (lo, hi) = range
+            .split_once(':')
+            .ok_or_else(|| format!("`{s}`: {usage}"))?;
+        let num = |v: &str| {
+            v.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| format!("`{v}` in `{s}` is not a finite number"))
+        };
+        let (lo, hi) = (num(lo)?, num(hi)?);
+        if lo >= hi {
+            return Err(format!("`{s}`: the low end must be below the high end"));
+        }
+        Ok(YLimit { quantity, lo, hi })
+    }
+}
+
+/// How `coopc compare` groups, smooths and lays out the runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Fields of the runs' `spec.json` (dotted paths) that, beside the
+    /// method, split runs into groups.
+    pub group_by: Vec<String>,
+    pub band: Band,
+    /// TensorBoard's smoothing weight in [0, 1): 0 draws the values as
+    /// they are.
+    pub smooth: f64,
+    pub x: XAxis,
+    pub ylim: Vec<YLimit>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            group_by: Vec::new(),
+            band: Band::Minmax,
+            smooth: 0.6,
+            x: XAxis::Step,
+            ylim: Vec::new(),
+        }
+    }
+}
+
+impl Options {
+    fn check(&self) -> Result<(), String> {
+        if !(0.0..1.0).contains(&self.smooth) {
+            return Err(format!(
+                "--smooth must be in [0, 1) (0: no smoothing), got {}",
+                self.smooth
+            ));
+        }
+        Ok(())
+    }
+    fn ylim(&self, q: Quantity) -> Option<(f64, f64)> {
+        self.ylim
+            .iter()
+            .rev()
+            .find(|l| l.quantity == q)
+            .map(|l| (l.lo, l.hi))
+    }
+}
+
+// ---------------------------------------------------------------- runs
+
 /// One metrics row, as the trainer writes it.
 type Row = Metrics;
 
 struct Run {
     folder: String,
-    method: String,
+    /// The group this run belongs to (method, then the --group-by values).
+    group: String,
     rows: Vec<Row>,
 }
 
 impl Run {
-    fn label(&self) -> String {
-        format!("{} ({})", self.method, self.folder)
-    }
-    fn last_step(&self) -> usize {
-        self.rows.last().map_or(0, |r| r.step)
+    fn steps(&self) -> usize {
+        self.rows.len()
     }
     fn final_eval(&self) -> Option<f64> {
         self.rows.iter().rev().find_map(|r| finite(r.eval_accuracy))
@@ -70,8 +237,20 @@ impl Run {
             .filter_map(|r| finite(r.eval_accuracy))
             .fold(None, |best, v| Some(best.map_or(v, |b: f64| b.max(v))))
     }
-    fn final_reward(&self) -> Option<f64> {
-        self.rows.iter().rev().find_map(|r| finite(r.reward_mean))
+    /// Mean rollout reward over the last tenth (at least one) of the steps
+    /// that had rollouts: one step's reward is too noisy to rank runs by.
+    fn late_reward(&self) -> Option<f64> {
+        let rewards: Vec<f64> = self
+            .rows
+            .iter()
+            .filter_map(|r| finite(r.reward_mean))
+            .collect();
+        if rewards.is_empty() {
+            return None;
+        }
+        let n = rewards.len().div_ceil(10);
+        let tail = &rewards[rewards.len() - n..];
+        Some(tail.iter().sum::<f64>() / n as f64)
     }
     fn wall_time(&self) -> Option<f64> {
         self.rows
@@ -85,30 +264,134 @@ fn finite(v: Option<f64>) -> Option<f64> {
     v.filter(|x| x.is_finite())
 }
 
+/// One point of a group's line: the mean over the group's runs at one
+/// meta-step, and the band's ends there.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GroupPoint {
+    pub step: usize,
+    /// Mean of the runs' x values at this step.
+    pub x: f64,
+    pub mean: f64,
+    pub lo: f64,
+    pub hi: f64,
+    /// Runs that have a value here.
+    pub runs: usize,
+}
+
+/// A group's line in one panel.
+#[derive(Clone, Debug)]
+pub struct GroupLine {
+    pub group: String,
+    pub runs: usize,
+    pub points: Vec<GroupPoint>,
+}
+
+/// One panel as drawn: its data and where it landed in the image.
+#[derive(Clone, Debug)]
+pub struct PanelView {
+    pub title: String,
+    /// Pixels of the panel's plotting area (inside the axes): x range and y range.
+    pub plot_area: (std::ops::Range<i32>, std::ops::Range<i32>),
+    /// Pixels of the panel's whole cell of the grid (axes and labels too).
+    pub cell: (std::ops::Range<i32>, std::ops::Range<i32>),
+    pub x_range: (f64, f64),
+    pub y_range: (f64, f64),
+    pub lines: Vec<GroupLine>,
+}
+
+/// A rendered comparison: the RGB pixels, what each panel shows, the table.
+pub struct Figure {
+    pub width: u32,
+    pub height: u32,
+    /// Row-major RGB, 3 bytes per pixel.
+    pub pixels: Vec<u8>,
+    pub panels: Vec<PanelView>,
+    pub table: String,
+}
+
 /// Reads the runs in `dirs`, writes the comparison figure to `png` and returns
 /// the markdown summary (also written to `markdown` when given).
 ///
 /// Each entry of `dirs` is a run folder holding `metrics.jsonl` (a path to
 /// the `metrics.jsonl` itself is accepted too). Errors name the folder or
 /// file, and the line for a malformed row.
-pub fn compare(dirs: &[PathBuf], png: &Path, markdown: Option<&Path>) -> Result<String, String> {
+pub fn compare(
+    dirs: &[PathBuf],
+    png: &Path,
+    markdown: Option<&Path>,
+    opts: &Options,
+) -> Result<String, String> {
+    let fig = render(dirs, PNG_SIZE, opts)?;
+    write_png(png, &fig)?;
+    if let Some(md) = markdown {
+        ensure_parent(md)?;
+        std::fs::write(md, &fig.table).map_err(|e| format!("{}: {e}", md.display()))?;
+    }
+    Ok(fig.table)
+}
+
+/// Reads the runs in `dirs` and draws the comparison into an image of
+/// `size` pixels, without writing anything.
+pub fn render(dirs: &[PathBuf], size: (u32, u32), opts: &Options) -> Result<Figure, String> {
+    opts.check()?;
     if dirs.is_empty() {
         return Err("compare needs at least one run folder".to_string());
     }
     let runs = dirs
         .iter()
-        .map(|d| load_run(d))
+        .map(|d| load_run(d, &opts.group_by))
         .collect::<Result<Vec<_>, _>>()?;
-    let table = markdown_table(&runs);
-    plot(&runs, png)?;
-    if let Some(md) = markdown {
-        ensure_parent(md)?;
-        std::fs::write(md, &table).map_err(|e| format!("{}: {e}", md.display()))?;
+    if opts.x == XAxis::Flops {
+        let without: Vec<&str> = runs
+            .iter()
+            .filter(|r| r.rows.iter().all(|row| finite(row.flops).is_none()))
+            .map(|r| r.folder.as_str())
+            .collect();
+        if !without.is_empty() {
+            return Err(format!(
+                "--x flops: {} record no FLOP count in metrics.jsonl (runs written before coopc counted FLOPs); use --x step or --x time",
+                without.join(", ")
+            ));
+        }
     }
-    Ok(table)
+    let table = markdown_table(&runs);
+    let (w, h) = size;
+    let mut pixels = vec![0u8; (w * h * 3) as usize];
+    register_font()?;
+    let panels = {
+        let backend = GlyphText::new(BitMapBackend::with_buffer(&mut pixels, (w, h)))?;
+        let root = backend.into_drawing_area();
+        let panels = draw_figure(&root, &runs, opts).map_err(|e| format!("drawing failed: {e}"))?;
+        root.present().map_err(|e| format!("drawing failed: {e}"))?;
+        panels
+    };
+    Ok(Figure {
+        width: w,
+        height: h,
+        pixels,
+        panels,
+        table,
+    })
 }
 
-fn load_run(dir: &Path) -> Result<Run, String> {
+fn write_png(png_path: &Path, fig: &Figure) -> Result<(), String> {
+    ensure_parent(png_path)?;
+    let mut bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut bytes, fig.width, fig.height);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut writer = enc
+            .write_header()
+            .map_err(|e| format!("{}: {e}", png_path.display()))?;
+        writer
+            .write_image_data(&fig.pixels)
+            .map_err(|e| format!("{}: {e}", png_path.display()))?;
+    }
+    std::fs::write(png_path, bytes).map_err(|e| format!("{}: {e}", png_path.display()))
+}
+
+fn load_run(dir: &Path, group_by: &[String]) -> Result<Run, String> {
     let (folder_path, file) = if dir.is_file() {
         (
             dir.parent()
@@ -147,12 +430,54 @@ fn load_run(dir: &Path) -> Result<Run, String> {
     if rows.is_empty() {
         return Err(format!("{}: no metrics rows", file.display()));
     }
-    let method = rows[0].method.clone();
+    let mut group = rows[0].method.clone();
+    if !group_by.is_empty() {
+        let spec = read_spec_json(&folder_path)?;
+        for field in group_by {
+            let v = spec_field(&spec, field).ok_or_else(|| {
+                let top: Vec<String> = spec
+                    .as_object()
+                    .map(|o| o.keys().cloned().collect())
+                    .unwrap_or_default();
+                format!(
+                    "{}: --group-by {field}: no such field in spec.json (dotted path from one of: {})",
+                    folder_path.join("spec.json").display(),
+                    top.join(", ")
+                )
+            })?;
+            let _ = write!(group, ", {field}={}", value_label(v));
+        }
+    }
     Ok(Run {
         folder: folder_name(&folder_path),
-        method,
+        group,
         rows,
     })
+}
+
+fn read_spec_json(dir: &Path) -> Result<serde_json::Value, String> {
+    let path = dir.join("spec.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "{}: {e} (--group-by reads the run's spec.json)",
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The value at a dotted path (`bilevel.hypergradient.kind`).
+fn spec_field<'a>(spec: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
+    path.split('.')
+        .try_fold(spec, |v, key| v.as_object()?.get(key))
+}
+
+/// A field's value as a short label: strings bare, anything else compact JSON.
+fn value_label(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }
 
 fn folder_name(dir: &Path) -> String {
@@ -173,6 +498,88 @@ fn ensure_parent(path: &Path) -> Result<(), String> {
         }
         _ => Ok(()),
     }
+}
+
+/// The groups in the order their first run was given.
+fn groups_in_order(runs: &[Run]) -> Vec<String> {
+    let mut groups: Vec<String> = Vec::new();
+    for r in runs {
+        if !groups.contains(&r.group) {
+            groups.push(r.group.clone());
+        }
+    }
+    groups
+}
+
+// ---------------------------------------------------------------- series
+
+/// TensorBoard's debiased exponential moving average with weight `w`: the
+/// first value is kept as it is, later ones lean on their history.
+pub fn smooth_ema(values: &[f64], w: f64) -> Vec<f64> {
+    if w <= 0.0 {
+        return values.to_vec();
+    }
+    let mut last = 0.0;
+    let mut debias = 1.0;
+    values
+        .iter()
+        .map(|&v| {
+            last = last * w + (1.0 - w) * v;
+            debias *= w;
+            last / (1.0 - debias)
+        })
+        .collect()
+}
+
+/// The group's line for quantity `q` against x axis `x`: each run's finite
+/// values (smoothed when `smooth` > 0), aligned by meta-step.
+fn group_line(runs: &[&Run], q: Quantity, x: XAxis, smooth: f64, band: Band) -> Vec<GroupPoint> {
+    // step → (x values, y values) over the runs that have both there.
+    let mut at: BTreeMap<usize, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for run in runs {
+        let pts: Vec<(usize, f64, f64)> = run
+            .rows
+            .iter()
+            .filter_map(|r| Some((r.step, x.of(r)?, q.of(r)?)))
+            .collect();
+        let ys: Vec<f64> = pts.iter().map(|p| p.2).collect();
+        let ys = smooth_ema(&ys, smooth);
+        for (&(step, xv, _), y) in pts.iter().zip(ys) {
+            let e = at.entry(step).or_default();
+            e.0.push(xv);
+            e.1.push(y);
+        }
+    }
+    // Where every run has a value; where no step has all of them (runs
+    // evaluated on different schedules), wherever any has.
+    let full = at.values().any(|(_, ys)| ys.len() == runs.len());
+    at.into_iter()
+        .filter(|(_, (_, ys))| !full || ys.len() == runs.len())
+        .map(|(step, (xs, ys))| {
+            let n = ys.len() as f64;
+            let mean = ys.iter().sum::<f64>() / n;
+            let (lo, hi) = match band {
+                Band::Minmax => (
+                    ys.iter().copied().fold(f64::INFINITY, f64::min),
+                    ys.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                ),
+                Band::Std if ys.len() > 1 => {
+                    let sd =
+                        (ys.iter().map(|y| (y - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+                    (mean - sd, mean + sd)
+                }
+                _ => (mean, mean),
+            };
+            GroupPoint {
+                step,
+                x: xs.iter().sum::<f64>() / n,
+                mean,
+                lo,
+                hi,
+                runs: ys.len(),
+            }
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------- markdown
@@ -197,22 +604,28 @@ fn mean_std(xs: &[f64]) -> Option<(f64, Option<f64>)> {
     Some((mean, std))
 }
 
-fn fmt_mean_std(xs: &[f64], digits: usize) -> String {
-    match mean_std(xs) {
-        None => "–".to_string(),
-        Some((m, s)) => format!("{m:.digits$} ± {}", fmt_opt(s, digits)),
+/// `mean ± std` of the values the runs have, noting runs without one.
+fn fmt_group(values: &[Option<f64>], digits: usize) -> String {
+    let xs: Vec<f64> = values.iter().flatten().copied().collect();
+    let mut s = match mean_std(&xs) {
+        None => return "–".to_string(),
+        Some((m, sd)) => format!("{m:.digits$} ± {}", fmt_opt(sd, digits)),
+    };
+    if xs.len() < values.len() {
+        let _ = write!(s, " ({} of {})", xs.len(), values.len());
     }
+    s
 }
 
 fn markdown_table(runs: &[Run]) -> String {
     let mut out = String::new();
     out.push_str(
         "Per run: meta-steps completed; final (last evaluated) and best held-out eval \
-         accuracy; rollout reward mean at the last step that had rollouts; \
-         wall-clock seconds at the last step. \"–\": never measured.\n\n",
+         accuracy; rollout reward mean over the last tenth of the steps that had \
+         rollouts; wall-clock seconds at the last step. \"–\": never measured.\n\n",
     );
     out.push_str(
-        "| run | method | steps | final eval accuracy | best eval accuracy | final reward mean | wall time (s) |\n",
+        "| run | group | steps | final eval accuracy | best eval accuracy | late reward mean | wall time (s) |\n",
     );
     out.push_str("|---|---|---:|---:|---:|---:|---:|\n");
     for r in runs {
@@ -220,63 +633,49 @@ fn markdown_table(runs: &[Run]) -> String {
             out,
             "| {} | {} | {} | {} | {} | {} | {} |",
             md_cell(&r.folder),
-            md_cell(&r.method),
-            r.last_step(),
+            md_cell(&r.group),
+            r.steps(),
             fmt_opt(r.final_eval(), 3),
             fmt_opt(r.best_eval(), 3),
-            fmt_opt(r.final_reward(), 3),
+            fmt_opt(r.late_reward(), 3),
             fmt_opt(r.wall_time(), 1),
         );
     }
 
-    let methods = methods_in_order(runs);
-    let grouped = methods
+    let groups = groups_in_order(runs);
+    let grouped = groups
         .iter()
-        .any(|m| runs.iter().filter(|r| &r.method == m).count() > 1);
+        .any(|g| runs.iter().filter(|r| &r.group == g).count() > 1);
     if grouped {
         out.push_str(
-            "\nPer method: number of runs (seeds); mean ± sample standard deviation over \
-             those runs of the final held-out eval accuracy and of the wall time \
-             (\"–\" for a single run).\n\n",
+            "\nPer group: number of runs (seeds); mean ± sample standard deviation over \
+             those runs (\"–\" for a single run; \"(k of n)\" when only k runs have the value).\n\n",
         );
         out.push_str(
-            "| method | runs | final eval accuracy (mean ± std) | wall time (s) (mean ± std) |\n",
+            "| group | runs | final eval accuracy | best eval accuracy | late reward mean | wall time (s) |\n",
         );
-        out.push_str("|---|---:|---:|---:|\n");
-        for m in &methods {
-            let group: Vec<&Run> = runs.iter().filter(|r| &r.method == m).collect();
-            let accs: Vec<f64> = group.iter().filter_map(|r| r.final_eval()).collect();
-            let walls: Vec<f64> = group.iter().filter_map(|r| r.wall_time()).collect();
-            let mut acc = fmt_mean_std(&accs, 3);
-            if !accs.is_empty() && accs.len() < group.len() {
-                let _ = write!(acc, " ({} of {} evaluated)", accs.len(), group.len());
-            }
+        out.push_str("|---|---:|---:|---:|---:|---:|\n");
+        for g in &groups {
+            let group: Vec<&Run> = runs.iter().filter(|r| &r.group == g).collect();
+            let col = |f: fn(&Run) -> Option<f64>| group.iter().map(|r| f(r)).collect::<Vec<_>>();
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} |",
-                md_cell(m),
+                "| {} | {} | {} | {} | {} | {} |",
+                md_cell(g),
                 group.len(),
-                acc,
-                fmt_mean_std(&walls, 1),
+                fmt_group(&col(Run::final_eval), 3),
+                fmt_group(&col(Run::best_eval), 3),
+                fmt_group(&col(Run::late_reward), 3),
+                fmt_group(&col(Run::wall_time), 1),
             );
         }
     }
     out
 }
 
-fn methods_in_order(runs: &[Run]) -> Vec<String> {
-    let mut methods: Vec<String> = Vec::new();
-    for r in runs {
-        if !methods.contains(&r.method) {
-            methods.push(r.method.clone());
-        }
-    }
-    methods
-}
-
 // ---------------------------------------------------------------- figure
 
-/// Colour by method, dash pattern by the run's index within its method.
+/// Colour by group; past ten groups the colours repeat with a dash pattern.
 #[derive(Clone, Copy)]
 struct LineLook {
     color: RGBColor,
@@ -286,83 +685,62 @@ struct LineLook {
 
 const DASHES: [Option<(u32, u32)>; 4] = [None, Some((10, 6)), Some((3, 4)), Some((16, 4))];
 
-fn looks(runs: &[Run]) -> Vec<LineLook> {
-    let methods = methods_in_order(runs);
-    let mut seen = vec![0usize; methods.len()];
-    runs.iter()
-        .map(|r| {
-            let m = methods.iter().position(|m| m == &r.method).unwrap_or(0);
-            let k = seen[m];
-            seen[m] += 1;
-            LineLook {
-                color: PALETTE[m % PALETTE.len()],
-                dash: DASHES[k % DASHES.len()],
-            }
-        })
-        .collect()
+fn look(group_index: usize) -> LineLook {
+    LineLook {
+        color: PALETTE[group_index % PALETTE.len()],
+        dash: DASHES[(group_index / PALETTE.len()) % DASHES.len()],
+    }
 }
 
 struct Panel {
-    title: &'static str,
-    x_desc: &'static str,
+    title: String,
+    x: XAxis,
+    y: Quantity,
     y_desc: &'static str,
-    /// The x coordinate of a row; the axis spans it over every row of every
-    /// run, so panels sharing an x quantity share the axis.
-    x: fn(&Row) -> Option<f64>,
-    point: fn(&Row) -> Option<(f64, f64)>,
-    /// Fixed y range (accuracy); otherwise fitted to the data.
-    y_range: Option<(f64, f64)>,
+    smooth: bool,
     /// Mark every point (sparse series such as evaluations).
     markers: bool,
     empty_note: &'static str,
 }
 
-fn pair(x: Option<f64>, y: Option<f64>) -> Option<(f64, f64)> {
-    Some((finite(x)?, finite(y)?))
+fn panels(x: XAxis) -> [Panel; 4] {
+    let other = if x == XAxis::Time {
+        XAxis::Step
+    } else {
+        XAxis::Time
+    };
+    let eval = |x: XAxis| Panel {
+        title: format!("Held-out eval accuracy vs {}", x.name()),
+        x,
+        y: Quantity::Eval,
+        y_desc: "eval accuracy",
+        smooth: false,
+        markers: true,
+        empty_note: "no held-out evaluations in these runs",
+    };
+    [
+        eval(x),
+        eval(other),
+        Panel {
+            title: format!("Rollout reward mean vs {}", x.name()),
+            x,
+            y: Quantity::Reward,
+            y_desc: "reward mean",
+            smooth: true,
+            markers: false,
+            empty_note: "no rollouts in these runs",
+        },
+        Panel {
+            title: format!("SFT loss vs {}", x.name()),
+            x,
+            y: Quantity::Sft,
+            y_desc: "SFT loss",
+            smooth: true,
+            markers: false,
+            empty_note: "no SFT loss recorded",
+        },
+    ]
 }
-
-const PANELS: [Panel; 4] = [
-    Panel {
-        title: "Held-out eval accuracy vs meta-step",
-        x_desc: "meta-step",
-        y_desc: "eval accuracy",
-        x: |r| Some(r.step as f64),
-        point: |r| pair(Some(r.step as f64), r.eval_accuracy),
-        y_range: Some((0.0, 1.0)),
-        markers: true,
-        empty_note: "no held-out evaluations in these runs",
-    },
-    Panel {
-        title: "Held-out eval accuracy vs wall time",
-        x_desc: "wall time (s)",
-        y_desc: "eval accuracy",
-        x: |r| Some(r.wall_time_s),
-        point: |r| pair(Some(r.wall_time_s), r.eval_accuracy),
-        y_range: Some((0.0, 1.0)),
-        markers: true,
-        empty_note: "no held-out evaluations in these runs",
-    },
-    Panel {
-        title: "Rollout reward mean vs meta-step",
-        x_desc: "meta-step",
-        y_desc: "reward mean",
-        x: |r| Some(r.step as f64),
-        point: |r| pair(Some(r.step as f64), r.reward_mean),
-        y_range: None,
-        markers: false,
-        empty_note: "no rollouts in these runs",
-    },
-    Panel {
-        title: "SFT loss vs meta-step",
-        x_desc: "meta-step",
-        y_desc: "SFT loss",
-        x: |r| Some(r.step as f64),
-        point: |r| pair(Some(r.step as f64), Some(r.sft_loss)),
-        y_range: None,
-        markers: false,
-        empty_note: "no SFT loss recorded",
-    },
-];
 
 fn register_font() -> Result<(), String> {
     static REGISTER: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
@@ -374,47 +752,26 @@ fn register_font() -> Result<(), String> {
         .clone()
 }
 
-fn plot(runs: &[Run], png_path: &Path) -> Result<(), String> {
-    register_font()?;
-    let (w, h) = PNG_SIZE;
-    let mut buf = vec![0u8; (w * h * 3) as usize];
-    {
-        let backend = GlyphText::new(BitMapBackend::with_buffer(&mut buf, (w, h)))?;
-        let root = backend.into_drawing_area();
-        draw_figure(&root, runs)
-            .map_err(|e| format!("{}: drawing failed: {e}", png_path.display()))?;
-        root.present()
-            .map_err(|e| format!("{}: drawing failed: {e}", png_path.display()))?;
-    }
-    ensure_parent(png_path)?;
-    let mut bytes = Vec::new();
-    {
-        let mut enc = png::Encoder::new(&mut bytes, w, h);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut writer = enc
-            .write_header()
-            .map_err(|e| format!("{}: {e}", png_path.display()))?;
-        writer
-            .write_image_data(&buf)
-            .map_err(|e| format!("{}: {e}", png_path.display()))?;
-    }
-    std::fs::write(png_path, bytes).map_err(|e| format!("{}: {e}", png_path.display()))
-}
+type DrawResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
-type DrawResult = Result<(), Box<dyn std::error::Error>>;
-
-fn draw_figure<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, runs: &[Run]) -> DrawResult
+fn draw_figure<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    runs: &[Run],
+    opts: &Options,
+) -> DrawResult<Vec<PanelView>>
 where
     DB::ErrorType: 'static,
 {
     root.fill(&WHITE)?;
     let (w, _) = root.dim_in_pixel();
     let (title_area, body) = root.split_vertically(TITLE_HEIGHT);
+    let groups = groups_in_order(runs);
     let title = format!(
-        "coopc compare: {} run{}",
+        "coopc compare: {} run{} in {} group{}",
         runs.len(),
-        if runs.len() == 1 { "" } else { "s" }
+        if runs.len() == 1 { "" } else { "s" },
+        groups.len(),
+        if groups.len() == 1 { "" } else { "s" },
     );
     title_area.draw(&Text::new(
         title,
@@ -424,16 +781,38 @@ where
             .color(&BLACK)
             .pos(Pos::new(HPos::Center, VPos::Center)),
     ))?;
-    let (grid, legend) = body.split_horizontally(w - LEGEND_WIDTH);
-    let looks = looks(runs);
-    for (area, panel) in grid.split_evenly((2, 2)).iter().zip(PANELS.iter()) {
-        draw_panel(area, panel, runs, &looks)?;
+    let (grid, legend) = body.split_horizontally(w.saturating_sub(LEGEND_WIDTH));
+    let members: Vec<Vec<&Run>> = groups
+        .iter()
+        .map(|g| runs.iter().filter(|r| &r.group == g).collect())
+        .collect();
+    let mut views = Vec::new();
+    for (area, panel) in grid.split_evenly((2, 2)).iter().zip(panels(opts.x).iter()) {
+        let smooth = if panel.smooth { opts.smooth } else { 0.0 };
+        let lines: Vec<GroupLine> = groups
+            .iter()
+            .zip(&members)
+            .map(|(g, m)| GroupLine {
+                group: g.clone(),
+                runs: m.len(),
+                points: group_line(m, panel.y, panel.x, smooth, opts.band),
+            })
+            .collect();
+        views.push(draw_panel(area, panel, runs, lines, opts)?);
     }
-    draw_legend(&legend, runs, &looks)
+    draw_legend(&legend, &groups, &members, opts)?;
+    Ok(views)
 }
 
-/// A tick label without trailing zeros ("2", "0.25", "-1").
+/// A tick label without trailing zeros ("2", "0.25", "-1"); large values
+/// in scientific notation ("1.5e12").
 fn tick(v: f64) -> String {
+    if v != 0.0 && v.abs() >= 1e6 {
+        let s = format!("{v:.2e}");
+        let (m, e) = s.split_once('e').unwrap_or((&s, "0"));
+        let m = m.trim_end_matches('0').trim_end_matches('.');
+        return format!("{m}e{e}");
+    }
     let s = format!("{v:.3}");
     let s = s.trim_end_matches('0').trim_end_matches('.');
     if s == "-0" {
@@ -452,41 +831,187 @@ fn padded(lo: f64, hi: f64, frac: f64, min_span: f64) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
+/// An axis-aligned rectangle in data coordinates.
+#[derive(Clone, Copy, Debug)]
+pub struct Rect {
+    pub x0: f64,
+    pub x1: f64,
+    pub y0: f64,
+    pub y1: f64,
+}
+
+impl Rect {
+    fn contains(&self, (x, y): (f64, f64)) -> bool {
+        (self.x0..=self.x1).contains(&x) && (self.y0..=self.y1).contains(&y)
+    }
+}
+
+/// The parts of a polyline inside `r` (Liang–Barsky on each segment): one
+/// polyline per stretch that stays inside.
+pub fn clip_polyline(pts: &[(f64, f64)], r: Rect) -> Vec<Vec<(f64, f64)>> {
+    let mut out: Vec<Vec<(f64, f64)>> = Vec::new();
+    let mut current: Vec<(f64, f64)> = Vec::new();
+    if pts.len() == 1 && r.contains(pts[0]) {
+        return vec![pts.to_vec()];
+    }
+    for seg in pts.windows(2) {
+        let Some((a, b)) = clip_segment(seg[0], seg[1], r) else {
+            if current.len() > 1 {
+                out.push(std::mem::take(&mut current));
+            }
+            current.clear();
+            continue;
+        };
+        if current.last() != Some(&a) {
+            if current.len() > 1 {
+                out.push(std::mem::take(&mut current));
+            }
+            current.clear();
+            current.push(a);
+        }
+        current.push(b);
+        // Leaving the rectangle ends the stretch.
+        if b != seg[1] {
+            out.push(std::mem::take(&mut current));
+        }
+    }
+    if current.len() > 1 {
+        out.push(current);
+    }
+    out
+}
+
+fn clip_segment(a: (f64, f64), b: (f64, f64), r: Rect) -> Option<((f64, f64), (f64, f64))> {
+    let (dx, dy) = (b.0 - a.0, b.1 - a.1);
+    let (mut t0, mut t1) = (0.0f64, 1.0f64);
+    for (p, q) in [
+        (-dx, a.0 - r.x0),
+        (dx, r.x1 - a.0),
+        (-dy, a.1 - r.y0),
+        (dy, r.y1 - a.1),
+    ] {
+        if p == 0.0 {
+            if q < 0.0 {
+                return None;
+            }
+        } else {
+            let t = q / p;
+            if p < 0.0 {
+                t0 = t0.max(t);
+            } else {
+                t1 = t1.min(t);
+            }
+        }
+    }
+    if t0 > t1 {
+        return None;
+    }
+    let at = |t: f64| {
+        if t == 0.0 {
+            a
+        } else if t == 1.0 {
+            b
+        } else {
+            (a.0 + t * dx, a.1 + t * dy)
+        }
+    };
+    Some((at(t0), at(t1)))
+}
+
+/// A polygon cut to `r` (Sutherland–Hodgman; the rectangle is convex).
+pub fn clip_polygon(poly: &[(f64, f64)], r: Rect) -> Vec<(f64, f64)> {
+    type Inside = fn((f64, f64), &Rect) -> bool;
+    type Cross = fn((f64, f64), (f64, f64), &Rect) -> (f64, f64);
+    let edges: [(Inside, Cross); 4] = [
+        (
+            |p, r| p.0 >= r.x0,
+            |a, b, r| (r.x0, a.1 + (b.1 - a.1) * (r.x0 - a.0) / (b.0 - a.0)),
+        ),
+        (
+            |p, r| p.0 <= r.x1,
+            |a, b, r| (r.x1, a.1 + (b.1 - a.1) * (r.x1 - a.0) / (b.0 - a.0)),
+        ),
+        (
+            |p, r| p.1 >= r.y0,
+            |a, b, r| (a.0 + (b.0 - a.0) * (r.y0 - a.1) / (b.1 - a.1), r.y0),
+        ),
+        (
+            |p, r| p.1 <= r.y1,
+            |a, b, r| (a.0 + (b.0 - a.0) * (r.y1 - a.1) / (b.1 - a.1), r.y1),
+        ),
+    ];
+    let mut out = poly.to_vec();
+    for (inside, cross) in edges {
+        if out.is_empty() {
+            break;
+        }
+        let input = std::mem::take(&mut out);
+        let mut prev = *input.last().expect("non-empty");
+        for &p in &input {
+            match (inside(p, &r), inside(prev, &r)) {
+                (true, true) => out.push(p),
+                (true, false) => {
+                    out.push(cross(prev, p, &r));
+                    out.push(p);
+                }
+                (false, true) => out.push(cross(prev, p, &r)),
+                (false, false) => {}
+            }
+            prev = p;
+        }
+    }
+    out
+}
+
 fn draw_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     panel: &Panel,
     runs: &[Run],
-    looks: &[LineLook],
-) -> DrawResult
+    lines: Vec<GroupLine>,
+    opts: &Options,
+) -> DrawResult<PanelView>
 where
     DB::ErrorType: 'static,
 {
-    let series: Vec<Vec<(f64, f64)>> = runs
-        .iter()
-        .map(|r| r.rows.iter().filter_map(panel.point).collect())
-        .collect();
-    let all = || series.iter().flatten();
+    // The x axis spans every row of every run (panels with the same x
+    // quantity share it), from 0.
     let x_max = runs
         .iter()
-        .flat_map(|r| r.rows.iter().filter_map(|row| finite((panel.x)(row))))
+        .flat_map(|r| r.rows.iter().filter_map(|row| panel.x.of(row)))
         .fold(f64::NEG_INFINITY, f64::max);
     let x_range = if x_max.is_finite() && x_max > 0.0 {
-        (0.0, x_max * 1.02)
+        (-x_max * 0.01, x_max * 1.02)
     } else {
         (0.0, 1.0)
     };
-    let y_range = panel.y_range.unwrap_or_else(|| {
-        let lo = all().map(|p| p.1).fold(f64::INFINITY, f64::min);
-        let hi = all().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let drawn = || {
+        lines
+            .iter()
+            .flat_map(|l| l.points.iter())
+            .flat_map(|p| [p.lo, p.mean, p.hi])
+    };
+    let y_range = opts.ylim(panel.y).unwrap_or_else(|| {
+        if panel.y == Quantity::Eval {
+            // Accuracy: the whole [0, 1], with room for markers at the ends.
+            return (-0.04, 1.04);
+        }
+        let lo = drawn().fold(f64::INFINITY, f64::min);
+        let hi = drawn().fold(f64::NEG_INFINITY, f64::max);
         if lo.is_finite() && hi.is_finite() {
             padded(lo, hi, 0.06, 1e-6_f64.max(hi.abs().max(lo.abs()) * 0.1))
         } else {
             (0.0, 1.0)
         }
     });
+    let rect = Rect {
+        x0: x_range.0,
+        x1: x_range.1,
+        y0: y_range.0,
+        y1: y_range.1,
+    };
 
     let mut chart = ChartBuilder::on(area)
-        .caption(panel.title, (FONT, 20))
+        .caption(&panel.title, (FONT, 20))
         .margin(12)
         .margin_right(22)
         .x_label_area_size(48)
@@ -494,7 +1019,7 @@ where
         .build_cartesian_2d(x_range.0..x_range.1, y_range.0..y_range.1)?;
     chart
         .configure_mesh()
-        .x_desc(panel.x_desc)
+        .x_desc(panel.x.desc())
         .y_desc(panel.y_desc)
         .x_labels(8)
         .y_labels(6)
@@ -506,24 +1031,72 @@ where
         .bold_line_style(RGBColor(215, 215, 215))
         .draw()?;
 
-    for (pts, look) in series.iter().zip(looks) {
+    let plot_area = chart.plotting_area().get_pixel_range();
+    // Markers stay whole inside the plotting area: a marker whose centre
+    // is within this many pixels of an edge is not drawn.
+    const MARKER: i32 = 4;
+    let (px, py) = plot_area.clone();
+    let marker_fits = |p: (f64, f64)| {
+        let (cx, cy) = chart.backend_coord(&p);
+        rect.contains(p)
+            && cx - MARKER >= px.start
+            && cx + MARKER < px.end
+            && cy - MARKER >= py.start
+            && cy + MARKER < py.end
+    };
+    let markers: Vec<Vec<(f64, f64)>> = lines
+        .iter()
+        .map(|l| {
+            l.points
+                .iter()
+                .map(|p| (p.x, p.mean))
+                .filter(|&p| marker_fits(p))
+                .collect()
+        })
+        .collect();
+
+    // Bands first, then lines and markers on top.
+    for (i, line) in lines.iter().enumerate() {
+        let pts = &line.points;
+        let has_band = line.runs > 1 && opts.band != Band::None && pts.len() > 1;
+        if has_band {
+            let mut poly: Vec<(f64, f64)> = pts.iter().map(|p| (p.x, p.hi)).collect();
+            poly.extend(pts.iter().rev().map(|p| (p.x, p.lo)));
+            let clipped = clip_polygon(&poly, rect);
+            if clipped.len() > 2 {
+                chart.draw_series(std::iter::once(Polygon::new(
+                    clipped,
+                    look(i).color.mix(BAND_ALPHA).filled(),
+                )))?;
+            }
+        }
+    }
+    for (i, line) in lines.iter().enumerate() {
+        let lk = look(i);
+        let pts: Vec<(f64, f64)> = line.points.iter().map(|p| (p.x, p.mean)).collect();
         if pts.is_empty() {
             continue;
         }
-        let style = look.color.stroke_width(2);
-        match look.dash {
-            None => {
-                chart.draw_series(LineSeries::new(pts.iter().copied(), style))?;
-            }
-            Some((dash, gap)) => {
-                chart.draw_series(DashedLineSeries::new(pts.iter().copied(), dash, gap, style))?;
+        let style = lk.color.stroke_width(2);
+        for part in clip_polyline(&pts, rect) {
+            match lk.dash {
+                None => {
+                    chart.draw_series(LineSeries::new(part, style))?;
+                }
+                Some((dash, gap)) => {
+                    chart.draw_series(DashedLineSeries::new(part, dash, gap, style))?;
+                }
             }
         }
         if panel.markers || pts.len() == 1 {
-            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, look.color.filled())))?;
+            chart.draw_series(
+                markers[i]
+                    .iter()
+                    .map(|&p| Circle::new(p, MARKER as u32, lk.color.filled())),
+            )?;
         }
     }
-    if series.iter().all(|s| s.is_empty()) {
+    if lines.iter().all(|l| l.points.is_empty()) {
         let centre = ((x_range.0 + x_range.1) / 2.0, (y_range.0 + y_range.1) / 2.0);
         chart.plotting_area().draw(&Text::new(
             panel.empty_note,
@@ -534,13 +1107,21 @@ where
                 .pos(Pos::new(HPos::Center, VPos::Center)),
         ))?;
     }
-    Ok(())
+    Ok(PanelView {
+        title: panel.title.clone(),
+        plot_area,
+        cell: area.get_pixel_range(),
+        x_range,
+        y_range,
+        lines,
+    })
 }
 
 fn draw_legend<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
-    runs: &[Run],
-    looks: &[LineLook],
+    groups: &[String],
+    members: &[Vec<&Run>],
+    opts: &Options,
 ) -> DrawResult
 where
     DB::ErrorType: 'static,
@@ -552,52 +1133,77 @@ where
     let sample = 44;
     let text_x = left + sample + 10;
     let max_text = (w - text_x - 8).max(20) as u32;
-    let step = ((h - top - 48) / runs.len().max(1) as i32).clamp(12, 26);
+    let notes = 5;
+    let step = ((h - top - 24 * notes) / groups.len().max(1) as i32).clamp(12, 26);
     let size = if step < 18 { 12 } else { 15 };
     let font = (FONT, size).into_font().color(&BLACK);
+    let grey = RGBColor(90, 90, 90);
+    let note_font = (FONT, 13).into_font().color(&grey);
 
     area.draw(&Text::new(
-        "Runs: method (folder)",
+        "Groups (runs)",
         (left, 12),
         (FONT, 16).into_font().color(&BLACK),
     ))?;
-    for (i, (run, look)) in runs.iter().zip(looks).enumerate() {
+    let mut y_end = top;
+    for (i, (group, runs)) in groups.iter().zip(members).enumerate() {
         let y = top + i as i32 * step + step / 2;
-        if y > h - 8 {
-            let more = runs.len() - i;
+        if y > h - 24 * notes {
+            let more = groups.len() - i;
             area.draw(&Text::new(
                 format!("… and {more} more"),
                 (left, y - step / 2),
                 font.clone().pos(Pos::new(HPos::Left, VPos::Top)),
             ))?;
-            return Ok(());
+            y_end = y + step / 2;
+            break;
+        }
+        let lk = look(i);
+        if runs.len() > 1 && opts.band != Band::None {
+            area.draw(&Rectangle::new(
+                [(left, y - 6), (left + sample, y + 6)],
+                lk.color.mix(BAND_ALPHA).filled(),
+            ))?;
         }
         let seg = [(left, y), (left + sample, y)];
-        let style = look.color.stroke_width(2);
-        match look.dash {
+        let style = lk.color.stroke_width(2);
+        match lk.dash {
             None => area.draw(&PathElement::new(seg, style))?,
             Some((dash, gap)) => area.draw(&DashedPathElement::new(seg, dash, gap, style))?,
         }
-        let label = fit_text(area, &run.label(), &font, max_text);
+        let label = fit_text(area, &format!("{group} ({})", runs.len()), &font, max_text);
         area.draw(&Text::new(
             label,
             (text_x, y),
             font.clone().pos(Pos::new(HPos::Left, VPos::Center)),
         ))?;
+        y_end = y + step / 2;
     }
-    let y = top + runs.len() as i32 * step + 12;
-    area.draw(&Circle::new(
-        (left + sample / 2, y + 8),
-        4,
-        RGBColor(90, 90, 90).filled(),
-    ))?;
+    let band = match opts.band {
+        Band::Minmax => "band: min–max over runs",
+        Band::Std => "band: mean ± 1 std over runs",
+        Band::None => "no band",
+    };
+    let smoothing = if opts.smooth > 0.0 {
+        format!("reward, SFT loss: EMA {}", tick(opts.smooth))
+    } else {
+        "no smoothing".to_string()
+    };
+    let mut y = y_end + 16;
+    for note in ["line: mean over a group's runs", band, &smoothing] {
+        let text = fit_text(area, note, &note_font, (w - left - 8).max(20) as u32);
+        area.draw(&Text::new(
+            text,
+            (left, y),
+            note_font.clone().pos(Pos::new(HPos::Left, VPos::Center)),
+        ))?;
+        y += 20;
+    }
+    area.draw(&Circle::new((left + sample / 2, y + 2), 4, grey.filled()))?;
     area.draw(&Text::new(
         "held-out evaluation",
-        (text_x, y + 8),
-        (FONT, 13)
-            .into_font()
-            .color(&RGBColor(90, 90, 90))
-            .pos(Pos::new(HPos::Left, VPos::Center)),
+        (text_x, y + 2),
+        note_font.pos(Pos::new(HPos::Left, VPos::Center)),
     ))?;
     Ok(())
 }

@@ -87,6 +87,21 @@ pub enum Command {
         /// Also write the markdown table here.
         #[arg(long)]
         markdown: Option<PathBuf>,
+        /// A field of the runs' spec.json (dotted path, e.g. bilevel.hypergradient) that, beside the method, splits runs into groups; repeatable.
+        #[arg(long, value_name = "FIELD")]
+        group_by: Vec<String>,
+        /// The spread each group's band shows over its runs.
+        #[arg(long, value_enum, default_value = "minmax")]
+        band: compare::Band,
+        /// Smoothing of the reward and SFT-loss curves: TensorBoard's debiased EMA weight in [0, 1), 0 for none.
+        #[arg(long, default_value_t = 0.6)]
+        smooth: f64,
+        /// The x axis of the panels.
+        #[arg(long, value_enum, default_value = "step")]
+        x: compare::XAxis,
+        /// A fixed y range, QUANTITY=LO:HI with QUANTITY one of eval, reward, sft (e.g. reward=-1:1); repeatable.
+        #[arg(long, value_name = "QUANTITY=LO:HI", allow_hyphen_values = true)]
+        ylim: Vec<compare::YLimit>,
     },
     /// Greedy held-out accuracy of a run's latest checkpoint, or of a Hugging
     /// Face model folder on a pipeline's task (--model DIR --task PIPELINE).
@@ -277,7 +292,23 @@ pub fn dispatch(cli: Cli) -> i32 {
             dirs,
             png,
             markdown,
-        } => match compare::compare(&dirs, &png, markdown.as_deref()) {
+            group_by,
+            band,
+            smooth,
+            x,
+            ylim,
+        } => match compare::compare(
+            &dirs,
+            &png,
+            markdown.as_deref(),
+            &compare::Options {
+                group_by,
+                band,
+                smooth,
+                x,
+                ylim,
+            },
+        ) {
             Ok(table) => {
                 print!("{table}");
                 eprintln!("figure written to {}", png.display());

@@ -19,6 +19,7 @@ use coopc_runtime::{Backend, CpuBackend, ExecError, HostTensor, Value};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use thiserror::Error;
 
@@ -111,6 +112,11 @@ pub struct Sampler {
     merge: Option<Program>,
     /// Where each decode step runs.
     backend: Arc<dyn Backend>,
+    /// Plan FLOPs of one decode step and of one merge.
+    decode_flops: u64,
+    merge_flops: u64,
+    /// Plan FLOPs of every decode step and merge run so far.
+    flops_done: AtomicU64,
 }
 
 impl Sampler {
@@ -151,7 +157,13 @@ impl Sampler {
                 "the decode step has an empty batch or cache".into(),
             ));
         }
+        let flops = |p: &Program| coopc_ir::cost::program_flops(&p.graph, &p.schedule);
+        let decode_flops = flops(&program);
+        let merge_flops = merge.as_ref().map_or(0, flops);
         Ok(Sampler {
+            decode_flops,
+            merge_flops,
+            flops_done: AtomicU64::new(0),
             program,
             batch,
             max_len,
@@ -216,6 +228,8 @@ impl Sampler {
         // The adapted weights, merged once for the whole call, take the
         // place of the unmerged ones.
         if let Some(merge) = &self.merge {
+            self.flops_done
+                .fetch_add(self.merge_flops, Ordering::Relaxed);
             for (name, v) in self.backend.run_values(merge, &inputs, &|_| false)? {
                 if let Some(Role::Merged { of }) = merge.signature.output(&name).map(|p| &p.role) {
                     inputs.insert(of.clone(), v);
@@ -230,6 +244,12 @@ impl Sampler {
             out.extend(self.generate_chunk(&mut inputs, chunk, cfg, rngs)?);
         }
         Ok(out)
+    }
+
+    /// The plan's FLOP count ([`coopc_ir::cost`])
+    /// of every decode step and merge this sampler has run.
+    pub fn flops_done(&self) -> u64 {
+        self.flops_done.load(Ordering::Relaxed)
     }
 
     fn check(&self, prompts: &[Vec<i32>], cfg: &SamplingConfig) -> Result<(), SampleError> {
@@ -329,6 +349,8 @@ impl Sampler {
             let mut logits = None;
             let on_host = |name: &str| name == DECODE_LOGITS && !on_device;
             let outputs = self.backend.run_values(&self.program, inputs, &on_host)?;
+            self.flops_done
+                .fetch_add(self.decode_flops, Ordering::Relaxed);
             for (name, v) in outputs {
                 match self.program.signature.output(&name).map(|p| &p.role) {
                     Some(Role::Next { of }) => {

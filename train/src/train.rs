@@ -102,6 +102,12 @@ pub struct Metrics {
     pub bytes_to_device: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_from_device: Option<u64>,
+    /// The plan's arithmetic count (`coopc compile --emit schedule`'s
+    /// GFLOP) of every program training ran up to and including this step:
+    /// meta-steps, rollouts' decode steps and merges, log-prob scoring; not
+    /// evaluation. A count of the compiled graphs, not a measurement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flops: Option<f64>,
 }
 
 fn nan() -> f64 {
@@ -197,6 +203,11 @@ pub struct Trainer {
     opts: RunOptions,
     /// Where the programs run.
     backend: Arc<dyn Backend>,
+    /// Plan FLOPs of one meta-step and of one log-prob scoring call.
+    meta_flops: u64,
+    score_flops: u64,
+    /// Log-prob scoring calls so far.
+    scores_run: std::sync::atomic::AtomicU64,
 }
 
 impl Trainer {
@@ -236,7 +247,13 @@ impl Trainer {
         } else {
             (initial.step, initial_values)
         };
+        let flops =
+            |p: &coopc_ir::plan::Program| coopc_ir::cost::program_flops(&p.graph, &p.schedule);
+        let (meta_flops, score_flops) = (flops(plan.meta_step()), flops(plan.logprobs()));
         Ok(Trainer {
+            meta_flops,
+            score_flops,
+            scores_run: Default::default(),
             spec,
             plan,
             task,
@@ -327,6 +344,8 @@ impl Trainer {
             Value::host(HostTensor::i32(vec![rows, t], ids.to_vec())),
         );
         let scorer = self.plan.logprobs();
+        self.scores_run
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.backend
             .run_values(scorer, &inputs, &|_| false)?
             .into_iter()
@@ -421,6 +440,7 @@ impl Trainer {
         rewrite_metrics(&metrics_path, &history)?;
         let wall0 = Instant::now();
         let wall_offset = history.last().map_or(0.0, |m| m.wall_time_s);
+        let mut flops_total = history.last().and_then(|m| m.flops).unwrap_or(0.0);
         // TensorBoard's copy of the metrics, rewritten with them on resume;
         // event times count from the run's start.
         let started = tensorboard::now() - wall_offset;
@@ -435,7 +455,10 @@ impl Trainer {
         while self.step < stop {
             let t0 = Instant::now();
             let before = self.backend.transfers();
+            let work_before = self.work_done();
             let mut m = self.meta_step()?;
+            flops_total += (self.work_done() - work_before) as f64;
+            m.flops = Some(flops_total);
             if let (Some(b), Some(a)) = (before, self.backend.transfers()) {
                 let d = a.since(b);
                 m.bytes_to_device = Some(d.uploaded);
@@ -457,6 +480,17 @@ impl Trainer {
             out.push(m);
         }
         Ok(out)
+    }
+
+    /// Plan FLOPs of every program this trainer has run (evaluation's
+    /// sampling included; `run` counts the difference over meta-steps).
+    fn work_done(&self) -> u64 {
+        let scores = self.scores_run.load(std::sync::atomic::Ordering::Relaxed);
+        let metas = self.step as u64;
+        self.sampler
+            .flops_done()
+            .saturating_add(scores.saturating_mul(self.score_flops))
+            .saturating_add(metas.saturating_mul(self.meta_flops))
     }
 
     /// One meta-step: build the K batches, run the program, adopt the new state.
@@ -647,6 +681,7 @@ impl Trainer {
             eval_accuracy: None,
             bytes_to_device: None,
             bytes_from_device: None,
+            flops: None,
         })
     }
 }
@@ -685,6 +720,7 @@ fn write_event(w: &mut EventWriter, m: &Metrics, started: f64) -> Result<(), Tra
         ("bilevel/coop_gain", opt(m.coop_gain)),
         ("bilevel/kl", opt(m.kl)),
         ("time/step_s", m.step_time_s),
+        ("compute/gflops", opt(m.flops.map(|f| f / 1e9))),
     ];
     w.scalars(m.step as u64, started + m.wall_time_s, &scalars)
         .map_err(|e| io_err(w.path(), e))
