@@ -27,7 +27,7 @@ fn spec(kind: TaskKind) -> TaskSpec {
         reward_wrong: -1.0,
         sft_max_digits: 3,
         rl_max_digits: 4,
-        eval_digits: 4,
+        eval_digits: None,
         format: Default::default(),
         chat_template: false,
         system_prompt: None,
@@ -258,17 +258,11 @@ fn addition_is_deterministic_under_a_seed() {
 }
 
 #[test]
-fn addition_sft_rl_and_eval_cover_separate_digit_ranges() {
+fn addition_sft_rl_and_eval_cover_their_digit_ranges() {
     let task = addition();
     let mut rng = StdRng::seed_from_u64(5);
     let (mut sft_max, mut rl_max) = (0u64, 0u64);
     let mut rl_four_digit = 0;
-    let eval: std::collections::HashSet<(u64, u64)> = task
-        .eval_set()
-        .iter()
-        .map(|p| Addition::parse_prompt(&p.prompt).unwrap())
-        .map(|(a, b)| (a.min(b), a.max(b)))
-        .collect();
     for _ in 0..5000 {
         let (a, b) = Addition::parse_prompt(&task.sft_example(&mut rng).prompt).unwrap();
         sft_max = sft_max.max(a).max(b);
@@ -277,10 +271,6 @@ fn addition_sft_rl_and_eval_cover_separate_digit_ranges() {
         if a >= 1000 && b >= 1000 {
             rl_four_digit += 1;
         }
-        assert!(
-            !eval.contains(&(a.min(b), a.max(b))),
-            "RL drew held-out {a}+{b}"
-        );
     }
     assert!(
         (100..1000).contains(&sft_max),
@@ -291,14 +281,87 @@ fn addition_sft_rl_and_eval_cover_separate_digit_ranges() {
         "RL operands up to 4 digits, got {rl_max}"
     );
     assert!(rl_four_digit > 0);
+    // The default split is in-distribution: held-out operands are drawn
+    // like RL prompts, 1 to 4 digits each, every length represented.
+    let mut lengths = std::collections::BTreeSet::new();
     for p in task.eval_set() {
+        let (a, b) = Addition::parse_prompt(&p.prompt).unwrap();
+        assert!(a < 10000 && b < 10000, "{}", p.prompt);
+        lengths.insert(a.to_string().len());
+        assert_eq!(p.answer, (a + b).to_string());
+    }
+    assert_eq!(lengths.into_iter().collect::<Vec<_>>(), [1, 2, 3, 4]);
+    // With eval_digits, a length split: both operands of exactly 4 digits.
+    let longer = Addition::new(
+        AdditionConfig {
+            eval_digits: Some(4),
+            ..AdditionConfig::default()
+        },
+        Rewards::default(),
+        SEQ_LEN,
+    )
+    .unwrap();
+    for p in longer.eval_set() {
         let (a, b) = Addition::parse_prompt(&p.prompt).unwrap();
         assert!(
             (1000..10000).contains(&a) && (1000..10000).contains(&b),
             "{}",
             p.prompt
         );
-        assert_eq!(p.answer, (a + b).to_string());
+    }
+}
+
+/// Over a long draw, neither an SFT demonstration nor an RL prompt is ever
+/// a held-out problem (in either operand order), in the in-distribution
+/// split and in a length split whose held-out length RL also draws. The
+/// ranges are small so that a draw without the exclusion would hit the
+/// held-out set often (counted, so the check cannot pass vacuously).
+#[test]
+fn addition_held_out_problems_never_train() {
+    for (sft, rl, eval_digits) in [(1..=1, 1..=2, None), (1..=2, 1..=3, Some(2))] {
+        let task = Addition::new(
+            AdditionConfig {
+                sft_digits: sft.clone(),
+                rl_digits: rl.clone(),
+                eval_digits,
+                eval_size: 20,
+            },
+            Rewards::default(),
+            SEQ_LEN,
+        )
+        .unwrap();
+        let held = task.eval_set();
+        assert_eq!(held.len(), 20);
+        // How often a plain draw of the SFT range lands on a held-out pair.
+        let mut rng = StdRng::seed_from_u64(1);
+        let number = |rng: &mut StdRng, d: usize| {
+            use rand::Rng;
+            if d == 1 {
+                rng.gen_range(0..10u64)
+            } else {
+                rng.gen_range(10u64.pow(d as u32 - 1)..10u64.pow(d as u32))
+            }
+        };
+        let plain_hits = (0..20_000)
+            .filter(|_| {
+                use rand::Rng;
+                let (da, db) = (rng.gen_range(sft.clone()), rng.gen_range(sft.clone()));
+                let (a, b) = (number(&mut rng, da), number(&mut rng, db));
+                task.is_held_out(a, b)
+            })
+            .count();
+        assert!(plain_hits > 20, "{sft:?}: only {plain_hits} plain hits");
+        let mut rng = StdRng::seed_from_u64(2);
+        for _ in 0..20_000 {
+            let (a, b) = Addition::parse_prompt(&task.sft_example(&mut rng).prompt).unwrap();
+            assert!(!task.is_held_out(a, b), "SFT demonstrated held-out {a}+{b}");
+            let (a, b) = Addition::parse_prompt(&task.rl_problem(&mut rng).prompt).unwrap();
+            assert!(!task.is_held_out(a, b), "RL drew held-out {a}+{b}");
+        }
+        for p in &held {
+            let (a, b) = Addition::parse_prompt(&p.prompt).unwrap();
+            assert!(task.is_held_out(a, b) && task.is_held_out(b, a));
+        }
     }
 }
 
@@ -342,12 +405,12 @@ fn addition_refuses_a_seq_len_its_longest_sequence_does_not_fit() {
     assert!(Addition::new(AdditionConfig::default(), Rewards::default(), 41).is_ok());
     let longer = AdditionConfig {
         rl_digits: 1..=6,
-        eval_digits: 6,
+        eval_digits: Some(6),
         ..AdditionConfig::default()
     };
     assert!(Addition::new(longer.clone(), Rewards::default(), SEQ_LEN).is_ok());
     let too_long = AdditionConfig {
-        eval_digits: 7,
+        eval_digits: Some(7),
         ..longer
     };
     assert!(Addition::new(too_long, Rewards::default(), SEQ_LEN).is_err());
@@ -366,11 +429,11 @@ fn addition_rejects_invalid_digit_ranges() {
             ..AdditionConfig::default()
         },
         AdditionConfig {
-            eval_digits: 19,
+            eval_digits: Some(19),
             ..AdditionConfig::default()
         },
         AdditionConfig {
-            eval_digits: 1,
+            eval_digits: Some(1),
             eval_size: 40,
             ..AdditionConfig::default()
         },
@@ -546,6 +609,7 @@ fn countdown_is_deterministic_and_keeps_rl_off_the_held_out_set() {
     let mut rng = StdRng::seed_from_u64(8);
     for _ in 0..3000 {
         assert!(!held.contains(&key(&t1.rl_problem(&mut rng).prompt)));
+        assert!(!held.contains(&key(&t1.sft_example(&mut rng).prompt)));
     }
 }
 
@@ -710,6 +774,45 @@ fn jsonl_task_reads_files_and_verifies_answers() {
     assert!(task.eval_set().is_empty());
 }
 
+/// Records whose prompt is a held-out problem's (up to whitespace) are left
+/// out of SFT and RL; files left with nothing are an error naming them.
+#[test]
+fn jsonl_held_out_prompts_never_train() {
+    let dir = temp_dir("overlap");
+    write(
+        &dir,
+        "sft.jsonl",
+        "{\"prompt\": \"7+8?\", \"response\": \"#### 15\"}\n{\"prompt\": \"2+2?\", \"response\": \"#### 4\"}\n",
+    );
+    write(
+        &dir,
+        "rl.jsonl",
+        "{\"prompt\": \"1+1?\", \"answer\": 2}\n{\"prompt\": \" 7+8? \", \"answer\": 15}\n{\"prompt\": \"9*9?\", \"answer\": 81}\n",
+    );
+    write(
+        &dir,
+        "eval.jsonl",
+        "{\"prompt\": \"7+8?\", \"answer\": \"15\"}\n",
+    );
+    let spec = jsonl_spec(&dir, true);
+    let task = coopc_train::tasks::jsonl::JsonlTask::load(&spec, 32, &dir).unwrap();
+    assert_eq!(task.held_out_overlap(), (1, 1));
+    assert!(task.sft_examples().iter().all(|e| e.prompt != "7+8?"));
+    assert_eq!(task.rl_problems().len(), 2);
+    let mut rng = StdRng::seed_from_u64(0);
+    for _ in 0..200 {
+        assert_ne!(task.sft_example(&mut rng).prompt, "7+8?");
+        assert_ne!(task.rl_problem(&mut rng).prompt.trim(), "7+8?");
+    }
+    // An RL file that is all held out leaves nothing to train on.
+    write(&dir, "rl.jsonl", "{\"prompt\": \"7+8?\", \"answer\": 15}\n");
+    let err = build_task_in(&spec, 32, &dir).err().unwrap().to_string();
+    assert!(
+        err.contains("rl.jsonl") && err.contains("held-out"),
+        "{err}"
+    );
+}
+
 /// The error of loading a jsonl task whose `name` file is `text` (the other
 /// files valid).
 fn load_error(case: &str, name: &str, text: &str, seq_len: usize) -> String {
@@ -723,7 +826,7 @@ fn load_error(case: &str, name: &str, text: &str, seq_len: usize) -> String {
     write(
         &dir,
         "eval.jsonl",
-        "{\"prompt\": \"p\", \"answer\": \"a\"}\n",
+        "{\"prompt\": \"q\", \"answer\": \"a\"}\n",
     );
     write(&dir, name, text);
     let err = build_task_in(&jsonl_spec(&dir, true), seq_len, &dir)

@@ -550,7 +550,7 @@ mod tests {
                 reward_wrong: -1.0,
                 sft_max_digits: 3,
                 rl_max_digits: 4,
-                eval_digits: 4,
+                eval_digits: None,
                 format: DataFormat::PromptResponse,
                 chat_template: false,
                 system_prompt: None,

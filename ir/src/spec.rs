@@ -242,8 +242,11 @@ pub struct TaskSpec {
     pub sft_max_digits: usize,
     /// addition: RL prompts have 1 to this many digits per operand.
     pub rl_max_digits: usize,
-    /// addition: held-out problems have this many digits per operand.
-    pub eval_digits: usize,
+    /// addition: held-out problems have this many digits per operand (a
+    /// length-generalisation split); `None`: they are drawn like RL prompts
+    /// (the in-distribution split).
+    #[serde(default)]
+    pub eval_digits: Option<usize>,
     /// jsonl: the layout of the files' records.
     #[serde(default)]
     pub format: DataFormat,

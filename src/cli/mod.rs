@@ -66,9 +66,9 @@ pub enum Command {
         /// Continue the run in DIR from its latest checkpoint.
         #[arg(long, value_name = "DIR")]
         resume: Option<PathBuf>,
-        /// Held-out problems per evaluation.
-        #[arg(long, default_value_t = 100)]
-        eval_limit: usize,
+        /// Held-out problems per evaluation (default: all of them).
+        #[arg(long, value_name = "N")]
+        eval_limit: Option<usize>,
         /// No progress bar.
         #[arg(long, short)]
         quiet: bool,
@@ -115,8 +115,9 @@ pub enum Command {
         /// The pipeline whose task (held-out file, format, chat template, verifier) --model is evaluated on.
         #[arg(long, value_name = "PIPELINE")]
         task: Option<PathBuf>,
-        #[arg(long, default_value_t = 100)]
-        eval_limit: usize,
+        /// Held-out problems to evaluate (default: all of them).
+        #[arg(long, value_name = "N")]
+        eval_limit: Option<usize>,
         /// Also print this many held-out and training-distribution problems with the model's answers.
         #[arg(long, default_value_t = 0)]
         show: usize,
@@ -247,7 +248,7 @@ pub fn dispatch(cli: Cli) -> i32 {
                 out.as_deref(),
                 ov,
                 run::RunFlags {
-                    eval_limit,
+                    eval_limit: eval_limit.unwrap_or(usize::MAX),
                     quiet,
                     stop_after,
                 },
@@ -259,10 +260,12 @@ pub fn dispatch(cli: Cli) -> i32 {
             task,
             eval_limit,
             show,
-        } => user_result(match (dir, model, task) {
-            (Some(dir), None, None) => run::eval(&dir, eval_limit, show),
-            (None, Some(model), Some(task)) => run::eval_model(&model, &task, eval_limit, show),
-            (Some(_), _, Some(_)) => Err(UserError(
+        } => user_result(match (dir, model, task, eval_limit.unwrap_or(usize::MAX)) {
+            (Some(dir), None, None, eval_limit) => run::eval(&dir, eval_limit, show),
+            (None, Some(model), Some(task), eval_limit) => {
+                run::eval_model(&model, &task, eval_limit, show)
+            }
+            (Some(_), _, Some(_), _) => Err(UserError(
                 "--task goes with --model; a run folder is evaluated on its own task".into(),
             )),
             _ => Err(UserError(

@@ -326,8 +326,10 @@ pub(super) fn read_task(c: &mut Checker, sec: &Section) -> TaskSpec {
     }
     let sft_max = c.usize_or(sec, "sft_max_digits", 3);
     let rl_max = c.usize_or(sec, "rl_max_digits", 4);
-    let eval_digits = c.usize_or(sec, "eval_digits", 4);
-    for (key, field) in digit_keys.iter().zip([&sft_max, &rl_max, &eval_digits]) {
+    let eval_digits = c.usize(sec, "eval_digits");
+    let digit_fields = [Some(&sft_max), Some(&rl_max), eval_digits.as_ref()];
+    for (key, field) in digit_keys.iter().zip(digit_fields) {
+        let Some(field) = field else { continue };
         c.check(
             sec,
             key,
@@ -353,7 +355,7 @@ pub(super) fn read_task(c: &mut Checker, sec: &Section) -> TaskSpec {
         reward_wrong: reward_wrong.value,
         sft_max_digits: sft_max.value,
         rl_max_digits: rl_max.value,
-        eval_digits: eval_digits.value,
+        eval_digits: eval_digits.map(|f| f.value),
         format: format.value,
         chat_template,
         system_prompt: system_prompt.map(|f| f.value),

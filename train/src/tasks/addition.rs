@@ -6,8 +6,12 @@
 //! and result digit; a shorter operand contributes 0), then `#` and the sum.
 //! `1234+5678=` is answered `48012,37111,26109,15006#6912`.
 //!
-//! SFT demonstrations use fewer digits than RL prompts and the held-out set,
-//! so SFT teaches the procedure and RL must extend it to longer numbers.
+//! SFT demonstrations may use fewer digits than RL prompts, so that SFT
+//! teaches the procedure and RL extends it. The held-out problems are drawn
+//! like RL prompts (the in-distribution split, the default) or, with
+//! `eval_digits`, have operands of exactly that many digits (a
+//! length-generalisation split). Neither SFT demonstrations nor RL prompts
+//! are ever a held-out pair (in either order).
 
 use super::tokenizer::{CharTokenizer, Tokenizer};
 use super::{
@@ -27,8 +31,9 @@ pub struct AdditionConfig {
     pub sft_digits: RangeInclusive<usize>,
     /// RL prompts (default 1..=4).
     pub rl_digits: RangeInclusive<usize>,
-    /// Both operands of every held-out problem (default 4).
-    pub eval_digits: usize,
+    /// Both operands of every held-out problem have this many digits; `None`
+    /// (the default): held-out problems are drawn like RL prompts.
+    pub eval_digits: Option<usize>,
     /// Held-out problems (default 128).
     pub eval_size: usize,
 }
@@ -38,7 +43,7 @@ impl Default for AdditionConfig {
         AdditionConfig {
             sft_digits: 1..=3,
             rl_digits: 1..=4,
-            eval_digits: 4,
+            eval_digits: None,
             eval_size: 128,
         }
     }
@@ -66,28 +71,35 @@ impl Addition {
         rewards: Rewards,
         seq_len: usize,
     ) -> Result<Self, TaskError> {
+        let eval_range = config.eval_digits.map(|d| d..=d);
         for (name, r) in [
-            ("sft_digits", &config.sft_digits),
-            ("rl_digits", &config.rl_digits),
-            ("eval_digits", &(config.eval_digits..=config.eval_digits)),
+            ("sft_digits", Some(&config.sft_digits)),
+            ("rl_digits", Some(&config.rl_digits)),
+            ("eval_digits", eval_range.as_ref()),
         ] {
+            let Some(r) = r else { continue };
             if r.is_empty() || *r.start() == 0 || *r.end() > MAX_DIGITS {
                 return Err(TaskError::Config(format!(
                     "addition: {name} {r:?} must be a non-empty range within 1..={MAX_DIGITS}"
                 )));
             }
         }
-        let d = config.eval_digits as u32;
-        let count = if d == 1 {
-            10u128
-        } else {
-            9 * 10u128.pow(d - 1)
-        };
+        let held_out = eval_range.unwrap_or_else(|| config.rl_digits.clone());
+        let count: u128 = held_out
+            .clone()
+            .map(|d| {
+                if d == 1 {
+                    10u128
+                } else {
+                    9 * 10u128.pow(d as u32 - 1)
+                }
+            })
+            .sum();
         let pairs = count * (count + 1) / 2;
         if config.eval_size as u128 > pairs / 2 {
             return Err(TaskError::Config(format!(
-                "addition: {} held-out problems of {} digit(s) leave too few for RL",
-                config.eval_size, config.eval_digits
+                "addition: {} held-out problems with operands of {held_out:?} digit(s) leave too few for training",
+                config.eval_size
             )));
         }
         let longest = Self::longest_sequence(&config);
@@ -121,7 +133,7 @@ impl Addition {
     fn max_digits(config: &AdditionConfig) -> usize {
         (*config.sft_digits.end())
             .max(*config.rl_digits.end())
-            .max(config.eval_digits)
+            .max(config.eval_digits.unwrap_or(0))
     }
 
     /// Tokens of `BOS prompt response EOS` for two n-digit operands:
@@ -137,9 +149,11 @@ impl Addition {
 
     fn build_eval_set(&mut self) {
         let mut rng = StdRng::seed_from_u64(EVAL_SEED);
-        let d = self.config.eval_digits;
         while self.eval.len() < self.config.eval_size {
-            let (a, b) = (number(&mut rng, d), number(&mut rng, d));
+            let (a, b) = match self.config.eval_digits {
+                Some(d) => (number(&mut rng, d), number(&mut rng, d)),
+                None => Self::draw(&mut rng, &self.config.rl_digits),
+            };
             if self.eval_pairs.insert((a.min(b), a.max(b))) {
                 self.eval.push(problem(a, b));
             }
@@ -150,6 +164,24 @@ impl Addition {
         let da = rng.gen_range(digits.clone());
         let db = rng.gen_range(digits.clone());
         (number(rng, da), number(rng, db))
+    }
+
+    /// Whether `a + b` (or `b + a`) is a held-out problem.
+    pub fn is_held_out(&self, a: u64, b: u64) -> bool {
+        self.eval_pairs.contains(&(a.min(b), a.max(b)))
+    }
+
+    /// A draw from `digits` that is not a held-out pair (redrawn; after
+    /// many redraws, when the range is all held out, the last draw).
+    fn draw_training(&self, rng: &mut dyn RngCore, digits: &RangeInclusive<usize>) -> (u64, u64) {
+        let mut pair = Self::draw(rng, digits);
+        for _ in 0..MAX_DRAWS {
+            if !self.is_held_out(pair.0, pair.1) {
+                break;
+            }
+            pair = Self::draw(rng, digits);
+        }
+        pair
     }
 
     /// The demonstration response for `a + b`.
@@ -215,8 +247,9 @@ impl Task for Addition {
         self.rewards
     }
 
+    /// Redraws pairs of the held-out set.
     fn sft_example(&self, rng: &mut dyn RngCore) -> Example {
-        let (a, b) = Self::draw(rng, &self.config.sft_digits);
+        let (a, b) = self.draw_training(rng, &self.config.sft_digits);
         Example {
             prompt: format!("{a}+{b}="),
             response: Self::solve(a, b),
@@ -226,15 +259,8 @@ impl Task for Addition {
     /// Redraws pairs of the held-out set (and gives up after many redraws,
     /// when the RL range is all held out).
     fn rl_problem(&self, rng: &mut dyn RngCore) -> Problem {
-        let mut pair = Self::draw(rng, &self.config.rl_digits);
-        for _ in 0..MAX_DRAWS {
-            let (a, b) = pair;
-            if !self.eval_pairs.contains(&(a.min(b), a.max(b))) {
-                break;
-            }
-            pair = Self::draw(rng, &self.config.rl_digits);
-        }
-        problem(pair.0, pair.1)
+        let (a, b) = self.draw_training(rng, &self.config.rl_digits);
+        problem(a, b)
     }
 
     fn eval_set(&self) -> Vec<Problem> {
@@ -263,7 +289,7 @@ impl Task for Addition {
 
     /// 7n + 2 for the largest RL or held-out digit count n.
     fn max_response_tokens(&self) -> Option<usize> {
-        let n = (*self.config.rl_digits.end()).max(self.config.eval_digits);
+        let n = (*self.config.rl_digits.end()).max(self.config.eval_digits.unwrap_or(0));
         Some(7 * n + 2)
     }
 }

@@ -413,14 +413,26 @@ impl Countdown {
     }
 
     fn draw_problem(&self, rng: &mut dyn RngCore) -> Instance {
-        let mut inst = self.generate(rng, &self.config.rl_counts);
+        self.draw_training(rng, &self.config.rl_counts)
+    }
+
+    /// A puzzle with `counts` numbers that is not held out (redrawn; after
+    /// many redraws, the last draw).
+    fn draw_training(&self, rng: &mut dyn RngCore, counts: &RangeInclusive<usize>) -> Instance {
+        let mut inst = self.generate(rng, counts);
         for _ in 0..MAX_DRAWS {
-            if !self.eval_keys.contains(&inst.key()) {
+            if !self.is_held_out(&inst) {
                 break;
             }
-            inst = self.generate(rng, &self.config.rl_counts);
+            inst = self.generate(rng, counts);
         }
         inst
+    }
+
+    /// Whether `inst` is a held-out puzzle (the same numbers, in any order,
+    /// and target).
+    pub fn is_held_out(&self, inst: &Instance) -> bool {
+        self.eval_keys.contains(&inst.key())
     }
 }
 
@@ -437,8 +449,9 @@ impl Task for Countdown {
         self.rewards
     }
 
+    /// Redraws puzzles of the held-out set.
     fn sft_example(&self, rng: &mut dyn RngCore) -> Example {
-        let inst = self.generate(rng, &self.config.sft_counts);
+        let inst = self.draw_training(rng, &self.config.sft_counts);
         Example {
             prompt: inst.prompt(),
             response: inst.response(),

@@ -11,6 +11,11 @@
 //! - `math`: `{"problem": .., "solution": ..}`, the gold answer the
 //!   solution's last `\boxed{…}`.
 //!
+//! A demonstration or RL problem whose prompt is also a held-out problem's
+//! (compared with whitespace runs collapsed) is left out of training, so the
+//! held-out score never measures memorised answers;
+//! [`JsonlTask::held_out_overlap`] counts them.
+//!
 //! Prompts go to the model as they are, or, with `task.chat_template`, as a
 //! user message (after an optional system message) rendered by the
 //! tokenizer folder's chat template with the generation prompt; a
@@ -57,6 +62,8 @@ pub struct JsonlTask {
     tokenizer: Box<dyn Tokenizer>,
     chat: Option<Chat>,
     rewards: Rewards,
+    /// SFT and RL records left out because their prompt is held out.
+    overlap: (usize, usize),
 }
 
 impl JsonlTask {
@@ -79,8 +86,8 @@ impl JsonlTask {
         let rl_path = need("rl_file", &spec.rl_file)?;
         let eval_path = spec.eval_file.as_deref().map(|p| resolve(base_dir, p));
 
-        let sft = read_demonstrations(&sft_path, spec.format)?;
-        let rl = read_problems(&rl_path, spec.format)?;
+        let mut sft = read_demonstrations(&sft_path, spec.format)?;
+        let mut rl = read_problems(&rl_path, spec.format)?;
         let eval = match &eval_path {
             Some(p) => read_problems(p, spec.format)?,
             None => Vec::new(),
@@ -90,6 +97,24 @@ impl JsonlTask {
                 return Err(TaskError::Io {
                     path: path.display().to_string(),
                     message: "no records".into(),
+                });
+            }
+        }
+        // Held-out prompts never train.
+        let held: std::collections::HashSet<String> =
+            eval.iter().map(|r| same_prompt(&r.value.prompt)).collect();
+        let (sft_n, rl_n) = (sft.len(), rl.len());
+        sft.retain(|r| !held.contains(&same_prompt(&r.value.prompt)));
+        rl.retain(|r| !held.contains(&same_prompt(&r.value.prompt)));
+        let overlap = (sft_n - sft.len(), rl_n - rl.len());
+        for (path, empty) in [(&sft_path, sft.is_empty()), (&rl_path, rl.is_empty())] {
+            if empty {
+                return Err(TaskError::Io {
+                    path: path.display().to_string(),
+                    message: format!(
+                        "every record's prompt is a held-out problem of {}: nothing is left to train on",
+                        eval_path.as_ref().map_or(String::new(), |p| p.display().to_string())
+                    ),
                 });
             }
         }
@@ -157,6 +182,7 @@ impl JsonlTask {
             tokenizer,
             chat,
             rewards: Rewards::from_spec(spec),
+            overlap,
         };
 
         let sft_name = sft_path.display().to_string();
@@ -228,6 +254,18 @@ impl JsonlTask {
     pub fn rl_problems(&self) -> &[Problem] {
         &self.rl
     }
+
+    /// How many SFT demonstrations and RL problems were left out because
+    /// their prompt is a held-out problem's.
+    pub fn held_out_overlap(&self) -> (usize, usize) {
+        self.overlap
+    }
+}
+
+/// A prompt with whitespace runs collapsed to one space and trimmed: two
+/// prompts that differ only there are the same problem.
+fn same_prompt(prompt: &str) -> String {
+    prompt.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn resolve(base_dir: &Path, path: &str) -> PathBuf {
