@@ -97,7 +97,11 @@ fn every_method_trains_end_to_end() {
         for (i, row) in m.iter().enumerate() {
             assert_eq!(row.step, i);
             assert_eq!(row.method, method);
-            assert!(row.sft_loss.is_finite(), "{method}: {row:?}");
+            // A step without signal computes no SFT loss.
+            assert!(
+                row.sft_loss.is_finite() != row.no_signal,
+                "{method}: {row:?}"
+            );
         }
         assert!(
             m[1].eval_accuracy.is_some() && m[3].eval_accuracy.is_some(),
@@ -159,6 +163,8 @@ fn assert_flops_counted(pipeline: &str, method: &str, m: &[Metrics]) {
         } else {
             let k = spec.bilevel.hypergradient.unroll.max(1) as f64;
             let merge = plan.lora_merge().map_or(0.0, cost);
+            // A step without signal runs no meta-step program.
+            let meta = if row.no_signal { 0.0 } else { meta };
             let least = meta + k * (cost(plan.logprobs()) + merge);
             assert!(
                 step >= least + cost(plan.decode_step()),
@@ -167,6 +173,83 @@ fn assert_flops_counted(pipeline: &str, method: &str, m: &[Metrics]) {
             );
         }
     }
+}
+
+/// RL alone from a random policy: no rollout is ever correct, every reward
+/// is the same, so every advantage is 0. With `rl.skip_no_signal` (the
+/// default) such a step changes nothing — θ, w and the optimiser state
+/// (AdamW's step count included) stay the initial ones; without it, AdamW
+/// counts the steps and weight decay moves θ.
+#[test]
+fn a_step_without_signal_changes_nothing() {
+    use coopc_train::train::{RunOptions, Trainer};
+    let dir = tmpdir("nosignal");
+    let text = TINY.replace(
+        "[optim.lower]\nkind = \"adamw\"",
+        "[optim.lower]\nkind = \"adamw\"\nweight_decay = 0.1",
+    );
+    assert!(text.contains("weight_decay"));
+    let p = pipeline(&dir, &text);
+    let (_, mut spec) =
+        coopc_compiler::frontend::load_pipeline_with(Path::new(&p), &Default::default()).unwrap();
+    spec.bilevel.method = coopc_compiler::spec::Method::RlZero;
+    let initial = Trainer::new(
+        coopc_compiler::compile(spec),
+        RunOptions {
+            out_dir: dir.join("unused"),
+            resume: false,
+            progress: false,
+            eval_limit: 0,
+            stop_after: None,
+        },
+    )
+    .unwrap()
+    .state()
+    .unwrap();
+    let train = |name: &str, extra: &str| {
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        let p = pipeline(
+            &dir.join(name),
+            &text.replace("[rl]\n", &format!("[rl]\n{extra}")),
+        );
+        let out = dir.join(name).join("run");
+        run(&[
+            "run",
+            &p,
+            "--method",
+            "rl_zero",
+            "--steps",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+            "--eval-limit",
+            "2",
+        ]);
+        let m = read_metrics(&out.join("metrics.jsonl")).unwrap();
+        (m, load_latest(&out).unwrap())
+    };
+    let (m, state) = train("skip", "");
+    assert!(
+        m.iter().all(|r| r.no_signal && r.accuracy == Some(0.0)),
+        "{m:?}"
+    );
+    assert_eq!(state.step, 3);
+    assert_eq!(state.tensors, initial.tensors, "nothing moved");
+
+    let (m, state) = train("noskip", "skip_no_signal = false\n");
+    assert!(
+        m.iter().all(|r| !r.no_signal && r.sft_loss.is_finite()),
+        "{m:?}"
+    );
+    let moved: Vec<&String> = state
+        .tensors
+        .iter()
+        .filter(|(name, t)| initial.tensors.get(*name) != Some(*t))
+        .map(|(name, _)| name)
+        .collect();
+    assert!(moved.iter().any(|n| n.contains("step")), "{moved:?}");
+    assert!(moved.iter().any(|n| !n.starts_with("opt.")), "{moved:?}");
 }
 
 #[test]

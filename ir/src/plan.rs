@@ -557,6 +557,7 @@ mod tests {
                 reward_malformed: None,
             },
             rl: RlSpec {
+                skip_no_signal: true,
                 group_size: 4,
                 prompts_per_step: 2,
                 clip_low: 0.2,

@@ -320,6 +320,16 @@ pub struct RlSpec {
     pub max_new_tokens: usize,
     pub temperature: f64,
     pub top_p: f64,
+    /// Methods without an upper level: a meta-step whose objective has no
+    /// signal (λ = 1, no KL term, every rollout's advantage 0) changes no
+    /// parameter and no optimiser state, instead of letting momentum move
+    /// θ on a zero gradient.
+    #[serde(default = "yes")]
+    pub skip_no_signal: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl RlSpec {

@@ -108,6 +108,10 @@ pub struct Metrics {
     /// evaluation. A count of the compiled graphs, not a measurement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flops: Option<f64>,
+    /// The step's objective had no signal (`rl.skip_no_signal`): nothing
+    /// was updated, and the SFT loss was not computed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_signal: bool,
 }
 
 fn nan() -> f64 {
@@ -206,8 +210,9 @@ pub struct Trainer {
     /// Plan FLOPs of one meta-step and of one log-prob scoring call.
     meta_flops: u64,
     score_flops: u64,
-    /// Log-prob scoring calls so far.
+    /// Log-prob scoring calls and meta-step programs run so far.
     scores_run: std::sync::atomic::AtomicU64,
+    metas_run: u64,
 }
 
 impl Trainer {
@@ -254,6 +259,7 @@ impl Trainer {
             meta_flops,
             score_flops,
             scores_run: Default::default(),
+            metas_run: 0,
             spec,
             plan,
             task,
@@ -486,7 +492,7 @@ impl Trainer {
     /// sampling included; `run` counts the difference over meta-steps).
     fn work_done(&self) -> u64 {
         let scores = self.scores_run.load(std::sync::atomic::Ordering::Relaxed);
-        let metas = self.step as u64;
+        let metas = self.metas_run;
         self.sampler
             .flops_done()
             .saturating_add(scores.saturating_mul(self.score_flops))
@@ -512,6 +518,8 @@ impl Trainer {
         let needs_rollouts = lambda > 0.0 || spec.bilevel.method == Method::Bridge;
         let (mut rewards_all, mut correct, mut lens, mut kls) =
             (Vec::new(), 0usize, Vec::new(), Vec::new());
+        // Whether some rollout has a non-zero advantage.
+        let mut rl_signal = false;
         for k in 0..k_steps {
             let mut rng = step_rng(spec.train.seed, step, 1 + k as u64);
             // SFT demonstrations.
@@ -561,6 +569,7 @@ impl Trainer {
                 rewards_all.extend(&rewards);
                 let rl = pack(&rows, t, pad);
                 let adv = advantages(&rewards, g, spec.rl.advantage);
+                rl_signal |= adv.iter().any(|&a| a != 0.0);
                 let old = self.score(&policy, &rl.ids)?;
                 let reference = match &self.reference {
                     Some(r) => {
@@ -605,9 +614,44 @@ impl Trainer {
                 inputs.insert(field(BatchField::RlRefLogprobs), r);
             }
         }
+        let n = rewards_all.len();
+        let mean = |xs: &[f64]| (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64);
+        // No signal: the lower objective is the RL term alone, without a KL
+        // term, and every advantage is 0 — its gradient is exactly 0, and an
+        // optimiser step would only let momentum and weight decay move θ.
+        let no_signal = spec.rl.skip_no_signal
+            && spec.bilevel.method != Method::Bridge
+            && needs_rollouts
+            && lambda == 1.0
+            && spec.rl.kl_coef == 0.0
+            && !rl_signal;
+        if no_signal {
+            self.step = step + 1;
+            return Ok(Metrics {
+                step,
+                method: spec.bilevel.method.name().to_string(),
+                lambda,
+                reward_mean: mean(&rewards_all),
+                accuracy: (n > 0).then(|| correct as f64 / n as f64),
+                sft_loss: f64::NAN,
+                // −min(ρA, clip(ρ)A) with every A = 0.
+                rl_loss: Some(0.0),
+                kl: mean(&kls),
+                coop_gain: None,
+                response_len: mean(&lens),
+                step_time_s: 0.0,
+                wall_time_s: 0.0,
+                eval_accuracy: None,
+                bytes_to_device: None,
+                bytes_from_device: None,
+                flops: None,
+                no_signal: true,
+            });
+        }
         // Only the scalars the metrics need come back; the new state stays
         // where the backend keeps it.
         let meta = self.plan.meta_step();
+        self.metas_run += 1;
         let on_host = |name: &str| {
             matches!(
                 meta.signature.output(name).map(|p| &p.role),
@@ -660,7 +704,6 @@ impl Trainer {
         }
         self.values = next;
         self.step = step + 1;
-        let n = rewards_all.len();
         Ok(Metrics {
             step,
             method: spec.bilevel.method.name().to_string(),
@@ -682,6 +725,7 @@ impl Trainer {
             bytes_to_device: None,
             bytes_from_device: None,
             flops: None,
+            no_signal: false,
         })
     }
 }
@@ -721,6 +765,7 @@ fn write_event(w: &mut EventWriter, m: &Metrics, started: f64) -> Result<(), Tra
         ("bilevel/kl", opt(m.kl)),
         ("time/step_s", m.step_time_s),
         ("compute/gflops", opt(m.flops.map(|f| f / 1e9))),
+        ("rollout/no_signal", if m.no_signal { 1.0 } else { 0.0 }),
     ];
     w.scalars(m.step as u64, started + m.wall_time_s, &scalars)
         .map_err(|e| io_err(w.path(), e))

@@ -77,6 +77,7 @@ pub(super) const RL_KEYS: &[&str] = &[
     "max_new_tokens",
     "temperature",
     "top_p",
+    "skip_no_signal",
 ];
 pub(super) const SFT_KEYS: &[&str] = &["batch_size", "cold_start_steps"];
 pub(super) const BILEVEL_KEYS: &[&str] = &["method", "lambda", "shadow", "hypergradient"];
@@ -946,6 +947,7 @@ pub(super) fn read_rl(c: &mut Checker, sec: &Section, train: &Train) -> RlSpec {
         max_new_tokens: max_new.value,
         temperature: temperature.value,
         top_p: top_p.value,
+        skip_no_signal: c.bool_or(sec, "skip_no_signal", true),
     }
 }
 
