@@ -5,8 +5,8 @@
 
 use coopc_compiler::frontend::{load_pipeline, parse_pipeline, FrontendError};
 use coopc_compiler::spec::{
-    Advantage, BackendKind, HypergradKind, Lambda, LossAgg, MatmulPrecision, Method, OptimKind,
-    Precision, Projection, ShadowMode, TaskKind,
+    Advantage, BackendKind, HypergradKind, Lambda, LossAgg, LrSchedule, MatmulPrecision, Method,
+    OptimKind, Precision, Projection, ScheduleKind, ShadowMode, TaskKind,
 };
 use std::path::{Path, PathBuf};
 
@@ -264,6 +264,71 @@ fn tf32_products_are_opt_in() {
         text.contains("`backend.matmul`") && text.contains("tf32"),
         "{text}"
     );
+}
+
+#[test]
+fn learning_rate_schedules_and_clipping_parse() {
+    let src = format!(
+        "{MINIMAL}\n[optim.lower]\nschedule = \"cosine\"\nwarmup_steps = 10\nmax_grad_norm = 1.0\n[optim.upper]\nschedule = \"linear\"\n"
+    );
+    let spec = parse_pipeline(&src).expect("valid");
+    let lower = spec.optim.lower;
+    assert_eq!(
+        (
+            lower.schedule.kind,
+            lower.schedule.warmup_steps,
+            lower.max_grad_norm
+        ),
+        (ScheduleKind::Cosine, 10, Some(1.0))
+    );
+    assert_eq!(spec.optim.upper.schedule.kind, ScheduleKind::Linear);
+    assert_eq!(spec.optim.upper.max_grad_norm, None);
+    // Defaults: constant, no warm-up, no clipping.
+    let spec = parse_pipeline(MINIMAL).unwrap();
+    assert!(spec.optim.lower.schedule.is_constant() && spec.optim.lower.max_grad_norm.is_none());
+    for (bad, needle) in [
+        ("schedule = \"step\"", "`optim.lower.schedule`"),
+        ("max_grad_norm = 0", "`optim.lower.max_grad_norm`"),
+        ("warmup_steps = -1", "`optim.lower.warmup_steps`"),
+    ] {
+        let src = format!("{MINIMAL}\n[optim.lower]\n{bad}\n");
+        let text = parse_pipeline(&src).unwrap_err().render("p.toml", &src);
+        assert!(text.contains(needle), "{bad}: {text}");
+    }
+}
+
+/// Hugging Face's `get_{constant,linear,cosine}_schedule_with_warmup`
+/// multipliers at a few steps (warm-up 10 of 100 steps).
+#[test]
+fn learning_rate_schedules_follow_hugging_face() {
+    let at = |kind, step| {
+        LrSchedule {
+            kind,
+            warmup_steps: 10,
+        }
+        .scale(step, 100)
+    };
+    for kind in [
+        ScheduleKind::Constant,
+        ScheduleKind::Linear,
+        ScheduleKind::Cosine,
+    ] {
+        assert_eq!(at(kind, 0), 0.0);
+        assert_eq!(at(kind, 5), 0.5);
+        assert_eq!(at(kind, 10), 1.0);
+    }
+    assert_eq!(at(ScheduleKind::Constant, 99), 1.0);
+    assert_eq!(at(ScheduleKind::Linear, 55), 0.5);
+    assert_eq!(at(ScheduleKind::Linear, 100), 0.0);
+    assert!((at(ScheduleKind::Cosine, 55) - 0.5).abs() < 1e-15);
+    assert!(
+        (at(ScheduleKind::Cosine, 32) - 0.5 * (1.0 + (std::f64::consts::PI * 22.0 / 90.0).cos()))
+            .abs()
+            < 1e-15
+    );
+    assert!(at(ScheduleKind::Cosine, 100).abs() < 1e-15);
+    let none = LrSchedule::default();
+    assert!(none.is_constant() && none.scale(0, 100) == 1.0);
 }
 
 #[test]

@@ -71,9 +71,21 @@ fn with(mut spec: PipelineSpec, f: impl FnOnce(&mut PipelineSpec)) -> PipelineSp
     spec
 }
 
+/// [`meta_inputs`], with learning-rate multipliers of 0.6 (lower) and 0.3
+/// (upper) where the meta-step takes them.
+fn inputs_with_scales(spec: &PipelineSpec, ms: &MetaStep, seed: u64) -> Inputs {
+    let mut inputs = meta_inputs(spec, ms, seed);
+    for (name, s) in [("lr_scale.lower", 0.6), ("lr_scale.upper", 0.3)] {
+        if inputs.contains_key(name) {
+            inputs.insert(name.into(), f64_tensor(&[], &[s]));
+        }
+    }
+    inputs
+}
+
 fn check_truncated_against_fd_and_reference(spec: &PipelineSpec, seed: u64, check_fd: bool) {
     let ms = lower_meta_step(spec, shapes(spec));
-    let inputs = meta_inputs(spec, &ms, seed);
+    let inputs = inputs_with_scales(spec, &ms, seed);
     let h = hyper(&ms, &inputs);
     assert!(norm(&h) > 1e-3, "degenerate test: hypergradient ~0");
     let reference = reference_hyper(spec, &inputs);
@@ -114,6 +126,7 @@ fn truncated_momentum_matches_finite_differences_of_the_unrolled_objective() {
         s.optim.lower = OptimSpec {
             kind: OptimKind::Momentum { momentum: 0.9 },
             lr: 0.3,
+            ..s.optim.lower
         };
     });
     check_truncated_against_fd_and_reference(&spec, 2, true);
@@ -130,6 +143,7 @@ fn truncated_adamw_matches_reverse_mode_with_frozen_preconditioner() {
                 weight_decay: 0.01,
             },
             lr: 0.01,
+            ..s.optim.lower
         };
     });
     // Finite differences would also move the preconditioner, which the
@@ -146,6 +160,163 @@ fn truncated_with_kl_seq_mean_and_one_step_shadow_matches_finite_differences() {
         s.optim.lower.kind = OptimKind::Momentum { momentum: 0.5 };
     });
     check_truncated_against_fd_and_reference(&spec, 4, true);
+}
+
+fn adamw(weight_decay: f64) -> OptimKind {
+    OptimKind::AdamW {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay,
+    }
+}
+
+/// Every output of the meta-step, by name.
+fn all_outputs(ms: &MetaStep, inputs: &Inputs) -> Vec<(String, Vec<f64>)> {
+    let outs: Vec<(String, NodeId)> = ms.graph.outputs().to_vec();
+    let ids: Vec<NodeId> = outs.iter().map(|o| o.1).collect();
+    outs.iter()
+        .map(|o| o.0.clone())
+        .zip(eval(&ms.graph, inputs, &ids))
+        .collect()
+}
+
+/// A scheduled learning rate is an input of the meta-step; fed a multiplier
+/// s, every output (θ_K, the next shadow, w and optimiser state, the
+/// hypergradient through the truncated adjoint) equals that of the same
+/// meta-step compiled with the constant rate s·lr — for SGD, momentum and
+/// AdamW with weight decay at the lower level.
+#[test]
+fn a_scheduled_learning_rate_is_the_step_at_the_scaled_rate() {
+    for (i, kind) in [
+        OptimKind::Sgd,
+        OptimKind::Momentum { momentum: 0.9 },
+        adamw(0.1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let lr = if matches!(kind, OptimKind::AdamW { .. }) {
+            0.01
+        } else {
+            0.3
+        };
+        let scheduled = with(tiny_spec(), |s| {
+            s.bilevel.shadow = ShadowMode::Persistent;
+            s.optim.lower = OptimSpec {
+                schedule: LrSchedule {
+                    kind: ScheduleKind::Cosine,
+                    warmup_steps: 1,
+                },
+                ..OptimSpec::new(kind, lr)
+            };
+            s.optim.upper = OptimSpec {
+                schedule: LrSchedule {
+                    kind: ScheduleKind::Linear,
+                    warmup_steps: 0,
+                },
+                ..OptimSpec::new(adamw(0.01), 0.02)
+            };
+        });
+        let constant = with(scheduled.clone(), |s| {
+            s.optim.lower = OptimSpec::new(kind, lr * 0.6);
+            s.optim.upper = OptimSpec::new(adamw(0.01), 0.02 * 0.3);
+        });
+        let ms = lower_meta_step(&scheduled, shapes(&scheduled));
+        let inputs = inputs_with_scales(&scheduled, &ms, 10 + i as u64);
+        assert!(inputs.contains_key("lr_scale.lower") && inputs.contains_key("lr_scale.upper"));
+        let mc = lower_meta_step(&constant, shapes(&constant));
+        let mut plain = inputs.clone();
+        plain.remove("lr_scale.lower");
+        plain.remove("lr_scale.upper");
+        let a = all_outputs(&ms, &inputs);
+        let b = all_outputs(&mc, &plain);
+        assert_eq!(a.len(), b.len());
+        for ((name, x), (name_b, y)) in a.iter().zip(&b) {
+            assert_eq!(name, name_b);
+            let e = rel_err(x, y, 1e-12);
+            assert!(e < 1e-10, "{kind:?}: {name}: rel err {e:e}");
+        }
+        // And the adjoint agrees with reverse mode through the unroll.
+        check_truncated_against_fd_and_reference(&scheduled, 20 + i as u64, false);
+    }
+}
+
+/// Gradient clipping: the first lower step and the upper step take
+/// `min(1, max / (‖g‖ + 1e-6)) g`, the norms are reported, and the
+/// truncated hypergradient (clip coefficient held constant) agrees with
+/// reverse mode through the unroll.
+#[test]
+fn clipped_steps_take_the_scaled_gradient() {
+    let (lower_max, upper_max) = (0.05, 0.01);
+    let spec = with(tiny_spec(), |s| {
+        s.bilevel.hypergradient.unroll = 1;
+        s.bilevel.hypergradient.backprop = 1;
+        s.optim.lower.max_grad_norm = Some(lower_max);
+        s.optim.upper.max_grad_norm = Some(upper_max);
+    });
+    let ms = lower_meta_step(&spec, shapes(&spec));
+    let inputs = meta_inputs(&spec, &ms, 7);
+    let out: std::collections::HashMap<String, Vec<f64>> =
+        all_outputs(&ms, &inputs).into_iter().collect();
+    let lr = spec.optim.lower.lr;
+    let g: Vec<f64> = ms
+        .theta
+        .iter()
+        .flat_map(|(n, _)| out[&format!("lower.{n}")].clone())
+        .collect();
+    let gn = norm(&g);
+    assert!((out["grad_norm.lower"][0] - gn).abs() < 1e-12 * gn);
+    assert!(
+        gn > 10.0 * lower_max,
+        "degenerate: the lower step does not clip"
+    );
+    let c = lower_max / (gn + 1e-6);
+    for (n, _) in &ms.theta {
+        let (t0, tk, gr) = (
+            inputs[n].to_f64_vec(),
+            &out[&format!("theta_K.{n}")],
+            &out[&format!("lower.{n}")],
+        );
+        for ((a, b), d) in t0.iter().zip(tk).zip(gr) {
+            assert!(
+                (a - lr * c * d - b).abs() < 1e-12,
+                "{n}: {a} - {lr}·{c}·{d} vs {b}"
+            );
+        }
+    }
+    let h: Vec<f64> = ms
+        .lora
+        .iter()
+        .flat_map(|(n, _)| out[&format!("hyper.{n}")].clone())
+        .collect();
+    let hn = norm(&h);
+    assert!((out["grad_norm.upper"][0] - hn).abs() < 1e-12 * hn);
+    assert!(
+        hn > 10.0 * upper_max,
+        "degenerate: the upper step does not clip"
+    );
+    let cu = upper_max / (hn + 1e-6);
+    for (n, _) in &ms.lora {
+        let (w0, w1, hy) = (
+            inputs[n].to_f64_vec(),
+            &out[&format!("next.{n}")],
+            &out[&format!("hyper.{n}")],
+        );
+        for ((a, b), d) in w0.iter().zip(w1).zip(hy) {
+            assert!((a - spec.optim.upper.lr * cu * d - b).abs() < 1e-12, "{n}");
+        }
+    }
+    // Two steps, momentum, truncated through both: the adjoint with the
+    // clip coefficients held constant is reverse mode through the unroll
+    // with them behind a stop_gradient.
+    let two = with(tiny_spec(), |s| {
+        s.optim.lower = OptimSpec {
+            max_grad_norm: Some(lower_max),
+            ..OptimSpec::new(OptimKind::Momentum { momentum: 0.9 }, 0.3)
+        };
+    });
+    check_truncated_against_fd_and_reference(&two, 8, false);
 }
 
 #[test]

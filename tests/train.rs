@@ -252,6 +252,71 @@ fn a_step_without_signal_changes_nothing() {
     assert!(moved.iter().any(|n| !n.starts_with("opt.")), "{moved:?}");
 }
 
+/// A scheduled, clipped run: each step's metrics carry the lower
+/// learning rate its schedule gives and both levels' gradient norms; the
+/// run resumes bit-exactly (the multipliers are a function of the step).
+#[test]
+fn scheduled_and_clipped_training_reports_its_rates_and_norms() {
+    use coopc_compiler::spec::{LrSchedule, ScheduleKind};
+    let dir = tmpdir("schedule");
+    let text = TINY.replace(
+        "[optim.lower]\nkind = \"adamw\"\nlr = 1e-2\n",
+        "[optim.lower]\nkind = \"adamw\"\nlr = 1e-2\nschedule = \"cosine\"\nwarmup_steps = 1\nmax_grad_norm = 0.5\n[optim.upper]\nschedule = \"linear\"\nmax_grad_norm = 0.1\n",
+    );
+    assert!(text.contains("cosine"));
+    let p = pipeline(&dir, &text);
+    let out = dir.join("run");
+    let args = |o: &Path| {
+        vec![
+            "run".to_string(),
+            p.clone(),
+            "--out".into(),
+            o.to_str().unwrap().into(),
+            "--quiet".into(),
+            "--eval-limit".into(),
+            "2".into(),
+        ]
+    };
+    let a = args(&out);
+    run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let m = read_metrics(&out.join("metrics.jsonl")).unwrap();
+    let sched = LrSchedule {
+        kind: ScheduleKind::Cosine,
+        warmup_steps: 1,
+    };
+    for r in &m {
+        let want = 1e-2 * sched.scale(r.step, 4);
+        assert!((r.lr.unwrap() - want).abs() < 1e-15, "{r:?}");
+        assert!(
+            r.grad_norm_lower.unwrap() > 0.0 && r.grad_norm_upper.unwrap() > 0.0,
+            "{r:?}"
+        );
+    }
+    assert_eq!(m[0].lr, Some(0.0), "warm-up starts at 0");
+    // Stopped after 2 steps and resumed: the same metrics and state.
+    let part = dir.join("part");
+    let mut b = args(&part);
+    b.extend(["--stop-after".into(), "2".into()]);
+    run(&b.iter().map(String::as_str).collect::<Vec<_>>());
+    run(&[
+        "run",
+        "--resume",
+        part.to_str().unwrap(),
+        "--quiet",
+        "--eval-limit",
+        "2",
+    ]);
+    let strip = |d: &Path| -> Vec<Metrics> {
+        read_metrics(&d.join("metrics.jsonl"))
+            .unwrap()
+            .iter()
+            .map(Metrics::without_timing)
+            .collect()
+    };
+    assert_eq!(strip(&out), strip(&part));
+    assert_eq!(load_latest(&out).unwrap(), load_latest(&part).unwrap());
+}
+
 #[test]
 fn a_steps_override_keeps_the_default_cold_start_switch_half_way() {
     let dir = tmpdir("cold");

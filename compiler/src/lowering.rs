@@ -35,7 +35,9 @@ use crate::model::{
     frozen_shapes, lora_shapes, lower_shapes, policy_theta_shapes, Decoder, Params,
 };
 use crate::passes::Pipeline;
-use crate::plan::{BatchField, Metric, Role, LAMBDA, LOGPROBS, TOKEN_IDS};
+use crate::plan::{
+    BatchField, Metric, Role, LAMBDA, LOGPROBS, LR_SCALE_LOWER, LR_SCALE_UPPER, TOKEN_IDS,
+};
 use crate::schedule::{human_bytes, schedule};
 use crate::spec::{HypergradKind, Method, OptimKind, OptimSpec, PipelineSpec, ShadowMode};
 
@@ -76,6 +78,8 @@ pub fn meta_step_input_role(name: &str) -> Option<Role> {
         Some(Role::OptimState)
     } else if name == LAMBDA {
         Some(Role::Lambda)
+    } else if name == LR_SCALE_LOWER || name == LR_SCALE_UPPER {
+        Some(Role::LrScale)
     } else {
         batch_role(name)
     }
@@ -300,8 +304,89 @@ enum StepAdjoint {
     },
 }
 
-/// One optimiser step; returns new params, new state and the adjoint data.
+/// One optimiser step as the pipeline asks for it: the gradient clipped to
+/// `opt.max_grad_norm`, the rule's step at `opt.lr`, and, with a learning-rate
+/// multiplier `scale` (an input of this meta-step), the update scaled by it:
+/// every rule's update is linear in lr, so `θ + s (θ'_lr − θ)` is the step at
+/// `s · lr`.
+struct Step {
+    new: Vec<NodeId>,
+    state: OptState,
+    adjoint: StepAdjoint,
+    /// The learning-rate multiplier.
+    scale: Option<NodeId>,
+    /// The clip coefficient `min(1, max / (‖g‖ + 1e-6))`, behind a
+    /// stop_gradient: the adjoint holds it constant, as it holds AdamW's
+    /// step size.
+    clip: Option<NodeId>,
+    /// ‖g‖ before clipping, where the step clips.
+    norm: Option<NodeId>,
+}
+
 fn opt_step(
+    g: &mut Graph,
+    opt: OptimSpec,
+    params: &[NodeId],
+    grads: &[NodeId],
+    state: &OptState,
+    scale: Option<NodeId>,
+) -> Step {
+    let (grads, clip, norm) = match opt.max_grad_norm {
+        Some(max) if !grads.is_empty() => {
+            let norm = global_norm(g, grads);
+            let eps = g.full_like(1e-6, norm);
+            let den = g.add(norm, eps);
+            let num = g.full_like(max, den);
+            let q = g.div(num, den);
+            let one = g.full_like(1.0, q);
+            let c = g.min(q, one);
+            let c = g.stop_gradient(c);
+            let clipped = grads.iter().map(|&gr| times_scalar(g, gr, c)).collect();
+            (clipped, Some(c), Some(norm))
+        }
+        _ => (grads.to_vec(), None, None),
+    };
+    let (mut new, state, adjoint) = rule_step(g, opt, params, &grads, state);
+    if let Some(s) = scale {
+        for (x, &p) in new.iter_mut().zip(params) {
+            let d = g.sub(*x, p);
+            let sd = times_scalar(g, d, s);
+            *x = g.add(p, sd);
+        }
+    }
+    Step {
+        new,
+        state,
+        adjoint,
+        scale,
+        clip,
+        norm,
+    }
+}
+
+/// `c · x`, times the scalar node `s` when there is one.
+fn scaled(g: &mut Graph, x: NodeId, c: f64, s: Option<NodeId>) -> NodeId {
+    let cx = g.scale(x, c);
+    match s {
+        Some(s) => times_scalar(g, cx, s),
+        None => cx,
+    }
+}
+
+/// `x` times the scalar node `s`.
+fn times_scalar(g: &mut Graph, x: NodeId, s: NodeId) -> NodeId {
+    let shape = g.ty(x).shape.clone();
+    let sb = if shape.is_empty() {
+        s
+    } else {
+        g.broadcast(s, shape)
+    };
+    g.mul(x, sb)
+}
+
+/// One step of the optimiser's rule at `opt.lr`; returns new params, new
+/// state and the adjoint data.
+fn rule_step(
     g: &mut Graph,
     opt: OptimSpec,
     params: &[NodeId],
@@ -392,9 +477,12 @@ fn opt_step(
 struct StepRecord {
     /// stop_gradient(θ_k): the point the step's gradient was taken at.
     theta_in: Vec<NodeId>,
-    /// ∇θ of the step's loss at theta_in.
+    /// ∇θ of the step's loss at theta_in (before clipping).
     grads: Vec<NodeId>,
     adjoint: StepAdjoint,
+    /// The step's learning-rate multiplier and clip coefficient.
+    scale: Option<NodeId>,
+    clip: Option<NodeId>,
 }
 
 /// Which loss a chain minimises.
@@ -428,8 +516,9 @@ struct Unrolled {
     theta: Vec<NodeId>,
     state: OptState,
     records: Vec<StepRecord>,
-    /// Lower chain: step 0's losses and gradient.
-    first: Option<(LowerLosses, Vec<NodeId>)>,
+    /// Lower chain: step 0's losses, gradient and (where it clips) the
+    /// gradient's norm.
+    first: Option<(LowerLosses, Vec<NodeId>, Option<NodeId>)>,
 }
 
 struct Lowering<'a> {
@@ -441,6 +530,9 @@ struct Lowering<'a> {
     theta_names: Vec<String>,
     w_names: Vec<String>,
     w: Vec<NodeId>,
+    /// The lower optimiser's learning-rate multiplier (lower and shadow
+    /// chains), where its schedule is not constant.
+    lower_scale: Option<NodeId>,
 }
 
 impl Lowering<'_> {
@@ -518,23 +610,25 @@ impl Lowering<'_> {
                 losses.push(loss);
             }
             let grads = grads.expect("a chain has a term");
+            let step = opt_step(g, opt, &theta, &grads, &state, self.lower_scale);
             if k == 0 && chain == Chain::Lower {
                 let parts = LowerLosses {
                     sft: losses[0],
                     rl: losses[1],
                 };
-                first = Some((parts, grads.clone()));
+                first = Some((parts, grads.clone(), step.norm));
             }
-            let (new, st, adjoint) = opt_step(g, opt, &theta, &grads, &state);
             if k + record >= k_steps {
                 records.push(StepRecord {
                     theta_in,
                     grads,
-                    adjoint,
+                    adjoint: step.adjoint,
+                    scale: step.scale,
+                    clip: step.clip,
                 });
             }
-            theta = new;
-            state = st;
+            theta = step.new;
+            state = step.state;
         }
         Unrolled {
             theta,
@@ -649,7 +743,7 @@ impl Lowering<'_> {
             let (u, next_vbuf, v_theta): (Vec<NodeId>, Option<Vec<NodeId>>, Vec<NodeId>) =
                 match &rec.adjoint {
                     StepAdjoint::Sgd { lr } => {
-                        let u = v.iter().map(|&x| g.scale(x, -lr)).collect();
+                        let u = v.iter().map(|&x| scaled(g, x, -lr, rec.scale)).collect();
                         (u, None, v.clone())
                     }
                     StepAdjoint::Momentum { lr, mu } => {
@@ -657,7 +751,7 @@ impl Lowering<'_> {
                             .iter()
                             .enumerate()
                             .map(|(j, &x)| {
-                                let t = g.scale(x, -lr);
+                                let t = scaled(g, x, -lr, rec.scale);
                                 match &vbuf {
                                     Some(b) => g.add(b[j], t),
                                     None => t,
@@ -673,7 +767,7 @@ impl Lowering<'_> {
                             .enumerate()
                             .map(|(j, &x)| {
                                 let dx = g.mul(d[j], x);
-                                let t = g.neg(dx);
+                                let t = scaled(g, dx, -1.0, rec.scale);
                                 match &vbuf {
                                     Some(b) => g.add(b[j], t),
                                     None => t,
@@ -682,14 +776,25 @@ impl Lowering<'_> {
                             .collect();
                         let u = um.iter().map(|&x| g.scale(x, 1.0 - beta1)).collect();
                         let nb = um.iter().map(|&x| g.scale(x, *beta1)).collect();
-                        let vt = if *decay != 1.0 {
-                            v.iter().map(|&x| g.scale(x, *decay)).collect()
-                        } else {
-                            v.clone()
+                        // θ' = (1 − s (1 − decay)) θ − s D ⊙ m'.
+                        let vt = match rec.scale {
+                            _ if *decay == 1.0 => v.clone(),
+                            None => v.iter().map(|&x| g.scale(x, *decay)).collect(),
+                            Some(s) => {
+                                let ks = g.scale(s, -(1.0 - decay));
+                                let one = g.full_like(1.0, ks);
+                                let k = g.add(one, ks);
+                                v.iter().map(|&x| times_scalar(g, x, k)).collect()
+                            }
                         };
                         (u, Some(nb), vt)
                     }
                 };
+            // The step took c·g: the gradient's cotangent is c·u.
+            let u: Vec<NodeId> = match rec.clip {
+                Some(c) => u.iter().map(|&x| times_scalar(g, x, c)).collect(),
+                None => u,
+            };
             let (h_theta, h_w) = self.second_order(g, chain, rec, k, &u, kind);
             v = v_theta
                 .iter()
@@ -855,6 +960,8 @@ fn build_meta_step(
         .map(|(n, s)| g.input(n.clone(), dt, s.clone()))
         .collect();
     let lambda = g.input(LAMBDA, dt, vec![]);
+    let lower_scale =
+        (!spec.optim.lower.schedule.is_constant()).then(|| g.input(LR_SCALE_LOWER, dt, vec![]));
     let batches = (0..k_steps)
         .map(|k| batch_inputs(&mut g, spec, shapes, dt, k))
         .collect();
@@ -875,6 +982,7 @@ fn build_meta_step(
         theta_names: theta_spec.iter().map(|(n, _)| n.clone()).collect(),
         w_names: lora_spec.iter().map(|(n, _)| n.clone()).collect(),
         w: w.clone(),
+        lower_scale,
     };
     let lower_opt = spec.optim.lower;
     let backprop = match hg.kind {
@@ -901,9 +1009,12 @@ fn build_meta_step(
         k_steps,
         backprop,
     );
-    let (first_losses, first_grads) = first.expect("at least one lower step");
+    let (first_losses, first_grads, first_norm) = first.expect("at least one lower step");
     g.set_output(Metric::SftLoss.name(), first_losses.sft);
     g.set_output(Metric::RlLoss.name(), first_losses.rl);
+    if let Some(norm) = first_norm {
+        g.set_output(Metric::LowerGradNorm.name(), norm);
+    }
     for (name, &gr) in low.theta_names.iter().zip(&first_grads) {
         g.set_output(format!("lower.{name}"), gr);
     }
@@ -1024,7 +1135,13 @@ fn build_meta_step(
         let upper_state = state_inputs(&mut g, upper.kind, "opt.upper", &lora_spec, dt);
         let upper_names = upper_state.buffers.clone();
         let upper_step_in = upper_state.step;
-        let (w_next, upper_next, _) = opt_step(&mut g, upper, &w, &h, &upper_state);
+        let upper_scale =
+            (!upper.schedule.is_constant()).then(|| g.input(LR_SCALE_UPPER, dt, vec![]));
+        let step = opt_step(&mut g, upper, &w, &h, &upper_state, upper_scale);
+        if let Some(norm) = step.norm {
+            g.set_output(Metric::UpperGradNorm.name(), norm);
+        }
+        let (w_next, upper_next) = (step.new, step.state);
         for (name, &x) in low.w_names.iter().zip(&w_next) {
             g.set_output(format!("next.{name}"), x);
         }

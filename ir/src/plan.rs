@@ -587,10 +587,7 @@ mod tests {
                 },
             },
             optim: OptimSpecs {
-                lower: OptimSpec {
-                    kind: OptimKind::Momentum { momentum: 0.9 },
-                    lr: 1e-3,
-                },
+                lower: OptimSpec::new(OptimKind::Momentum { momentum: 0.9 }, 1e-3),
                 upper: OptimSpec {
                     kind: OptimKind::AdamW {
                         beta1: 0.9,
@@ -599,6 +596,8 @@ mod tests {
                         weight_decay: 0.01,
                     },
                     lr: 3e-4,
+                    schedule: Default::default(),
+                    max_grad_norm: None,
                 },
             },
             train: TrainSpec {

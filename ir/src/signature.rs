@@ -12,6 +12,12 @@ use serde::{Deserialize, Serialize};
 /// The meta-step's λ input (the SFT/RL mix weight of this meta-step).
 pub const LAMBDA: &str = "lambda";
 
+/// The meta-step's learning-rate multipliers of the lower (θ, and the
+/// shadow) and upper (w) optimisers at this meta-step: inputs only where that
+/// level's `schedule` is not constant.
+pub const LR_SCALE_LOWER: &str = "lr_scale.lower";
+pub const LR_SCALE_UPPER: &str = "lr_scale.upper";
+
 /// The log-prob scorer's token input, i32 `[batch, seq_len]`.
 pub const TOKEN_IDS: &str = "input_ids";
 /// The log-prob scorer's output, `[batch, seq_len]`.
@@ -101,14 +107,22 @@ pub enum Metric {
     UpperLoss,
     /// The cooperation gain (BRIDGE).
     Gain,
+    /// The 2-norm of the first lower step's gradient, before clipping
+    /// (where the lower optimiser clips).
+    LowerGradNorm,
+    /// The 2-norm of the hypergradient, before clipping (where the upper
+    /// optimiser clips).
+    UpperGradNorm,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 4] = [
+    pub const ALL: [Metric; 6] = [
         Metric::SftLoss,
         Metric::RlLoss,
         Metric::UpperLoss,
         Metric::Gain,
+        Metric::LowerGradNorm,
+        Metric::UpperGradNorm,
     ];
 
     /// The output's name.
@@ -118,6 +132,8 @@ impl Metric {
             Metric::RlLoss => "loss.rl",
             Metric::UpperLoss => "loss.up",
             Metric::Gain => "gain",
+            Metric::LowerGradNorm => "grad_norm.lower",
+            Metric::UpperGradNorm => "grad_norm.upper",
         }
     }
 }
@@ -140,6 +156,9 @@ pub enum Role {
     OptimState,
     /// λ, this meta-step's mix weight.
     Lambda,
+    /// A learning-rate multiplier of this meta-step ([`LR_SCALE_LOWER`],
+    /// [`LR_SCALE_UPPER`]).
+    LrScale,
     /// A tensor of step batch `step`.
     Batch { step: usize, field: BatchField },
     /// Token ids to score or to decode from.

@@ -489,6 +489,82 @@ pub enum OptimKind {
 pub struct OptimSpec {
     pub kind: OptimKind,
     pub lr: f64,
+    /// The learning rate's multiplier over meta-steps.
+    #[serde(default, skip_serializing_if = "LrSchedule::is_constant")]
+    pub schedule: LrSchedule,
+    /// Clip the gradient to this global 2-norm before each step (PyTorch's
+    /// `clip_grad_norm_`: scaled by `min(1, max / (norm + 1e-6))`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_grad_norm: Option<f64>,
+}
+
+impl OptimSpec {
+    /// A constant learning rate without clipping.
+    pub fn new(kind: OptimKind, lr: f64) -> OptimSpec {
+        OptimSpec {
+            kind,
+            lr,
+            schedule: LrSchedule::default(),
+            max_grad_norm: None,
+        }
+    }
+}
+
+/// How the learning rate changes over the meta-steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    /// The full rate after the warm-up.
+    #[default]
+    Constant,
+    /// Linear decay from the end of the warm-up to 0 at `train.steps`.
+    Linear,
+    /// Half a cosine from the end of the warm-up to 0 at `train.steps`.
+    Cosine,
+}
+
+impl ScheduleKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ScheduleKind::Constant => "constant",
+            ScheduleKind::Linear => "linear",
+            ScheduleKind::Cosine => "cosine",
+        }
+    }
+}
+
+/// A learning-rate schedule with the semantics of Hugging Face's
+/// `get_{constant,linear,cosine}_schedule_with_warmup`: the multiplier of
+/// meta-step `s` (from 0) is `s / warmup` during the warm-up, then 1, or
+/// `(total − s) / (total − warmup)`, or `½ (1 + cos(π (s − warmup) / (total −
+/// warmup)))`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LrSchedule {
+    pub kind: ScheduleKind,
+    pub warmup_steps: usize,
+}
+
+impl LrSchedule {
+    /// The multiplier is 1 at every step.
+    pub fn is_constant(&self) -> bool {
+        self.kind == ScheduleKind::Constant && self.warmup_steps == 0
+    }
+
+    /// The learning rate's multiplier at meta-step `step` of `total`.
+    pub fn scale(&self, step: usize, total: usize) -> f64 {
+        let (s, w, n) = (step as f64, self.warmup_steps as f64, total as f64);
+        if step < self.warmup_steps {
+            return s / w.max(1.0);
+        }
+        let progress = (s - w) / (n - w).max(1.0);
+        match self.kind {
+            ScheduleKind::Constant => 1.0,
+            ScheduleKind::Linear => ((n - s) / (n - w).max(1.0)).max(0.0),
+            ScheduleKind::Cosine => {
+                (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

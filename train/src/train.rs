@@ -10,7 +10,9 @@ use crate::init::{initial_state, pretrained_or_init};
 use crate::sampler::{Generation, SampleError, Sampler, SamplingConfig};
 use crate::tasks::{build_task, check_vocab, Problem, Task, TaskError};
 use crate::tensorboard::{self, EventWriter};
-use coopc_ir::plan::{BatchField, Metric, Plan, Role, Signature, LAMBDA, TOKEN_IDS};
+use coopc_ir::plan::{
+    BatchField, Metric, Plan, Role, Signature, LAMBDA, LR_SCALE_LOWER, LR_SCALE_UPPER, TOKEN_IDS,
+};
 use coopc_ir::spec::{Advantage, Method, PipelineSpec};
 use coopc_ir::DType;
 use coopc_runtime::{Backend, CpuBackend, ExecError, HostTensor, Value};
@@ -112,6 +114,15 @@ pub struct Metrics {
     /// was updated, and the SFT loss was not computed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_signal: bool,
+    /// The lower optimiser's learning rate at this step (its schedule's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// The first lower step's gradient norm and the hypergradient's norm,
+    /// before clipping (where that level clips: `max_grad_norm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_norm_lower: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_norm_upper: Option<f64>,
 }
 
 fn nan() -> f64 {
@@ -515,6 +526,18 @@ impl Trainer {
         let mut inputs: HashMap<String, Value> = self.values.clone().into_iter().collect();
         let host = |t: HostTensor| Value::host(t);
         inputs.insert(LAMBDA.into(), host(self.tensor(vec![], &[lambda])));
+        let total = spec.train.steps;
+        let meta_sig = &self.plan.meta_step().signature;
+        for (name, opt) in [
+            (LR_SCALE_LOWER, &spec.optim.lower),
+            (LR_SCALE_UPPER, &spec.optim.upper),
+        ] {
+            if meta_sig.input(name).is_some() {
+                let s = opt.schedule.scale(step, total);
+                inputs.insert(name.into(), host(self.tensor(vec![], &[s])));
+            }
+        }
+        let lr = spec.optim.lower.lr * spec.optim.lower.schedule.scale(step, total);
         let needs_rollouts = lambda > 0.0 || spec.bilevel.method == Method::Bridge;
         let (mut rewards_all, mut correct, mut lens, mut kls) =
             (Vec::new(), 0usize, Vec::new(), Vec::new());
@@ -646,6 +669,9 @@ impl Trainer {
                 bytes_from_device: None,
                 flops: None,
                 no_signal: true,
+                lr: Some(lr),
+                grad_norm_lower: None,
+                grad_norm_upper: None,
             });
         }
         // Only the scalars the metrics need come back; the new state stays
@@ -726,6 +752,9 @@ impl Trainer {
             bytes_from_device: None,
             flops: None,
             no_signal: false,
+            lr: Some(lr),
+            grad_norm_lower: scalar(Metric::LowerGradNorm),
+            grad_norm_upper: scalar(Metric::UpperGradNorm),
         })
     }
 }
@@ -766,6 +795,9 @@ fn write_event(w: &mut EventWriter, m: &Metrics, started: f64) -> Result<(), Tra
         ("time/step_s", m.step_time_s),
         ("compute/gflops", opt(m.flops.map(|f| f / 1e9))),
         ("rollout/no_signal", if m.no_signal { 1.0 } else { 0.0 }),
+        ("optim/lr", opt(m.lr)),
+        ("optim/grad_norm_lower", opt(m.grad_norm_lower)),
+        ("optim/grad_norm_upper", opt(m.grad_norm_upper)),
     ];
     w.scalars(m.step as u64, started + m.wall_time_s, &scalars)
         .map_err(|e| io_err(w.path(), e))

@@ -5,9 +5,9 @@ use super::check::{closest, describe, plain_list, quoted_list, Checker, Field, S
 use super::diagnostics::Diagnostic;
 use crate::spec::{
     Advantage, BackendKind, BackendSpec, BilevelSpec, DataFormat, HypergradKind, HypergradSpec,
-    Lambda, LoraSpec, LossAgg, MatmulPrecision, Method, ModelSpec, OptimKind, OptimSpec,
-    OptimSpecs, PipelineSpec, Precision, Projection, RlSpec, SftSpec, ShadowMode, TaskKind,
-    TaskSpec, TrainSpec,
+    Lambda, LoraSpec, LossAgg, LrSchedule, MatmulPrecision, Method, ModelSpec, OptimKind,
+    OptimSpec, OptimSpecs, PipelineSpec, Precision, Projection, RlSpec, ScheduleKind, SftSpec,
+    ShadowMode, TaskKind, TaskSpec, TrainSpec,
 };
 use std::ops::Range;
 use toml_edit::{Item, Value};
@@ -91,6 +91,14 @@ pub(super) const OPTIM_KEYS: &[&str] = &[
     "beta2",
     "eps",
     "weight_decay",
+    "schedule",
+    "warmup_steps",
+    "max_grad_norm",
+];
+pub(super) const SCHEDULES: &[(&str, ScheduleKind)] = &[
+    ("constant", ScheduleKind::Constant),
+    ("linear", ScheduleKind::Linear),
+    ("cosine", ScheduleKind::Cosine),
 ];
 pub(super) const TRAIN_KEYS: &[&str] = &["steps", "seed", "eval_every", "seq_len"];
 pub(super) const BACKEND_KEYS: &[&str] = &["kind", "dtype", "matmul", "memory_budget_gib"];
@@ -1157,7 +1165,22 @@ pub(super) fn read_optim(c: &mut Checker, sec: &Section, default_lr: f64) -> Opt
             }
         }
     };
-    OptimSpec { kind, lr: lr.value }
+    let schedule = LrSchedule {
+        kind: c
+            .choice_or(sec, "schedule", SCHEDULES, ScheduleKind::Constant)
+            .value,
+        warmup_steps: c.usize_or(sec, "warmup_steps", 0).value,
+    };
+    let max_grad_norm = c.float(sec, "max_grad_norm").and_then(|f| {
+        c.check(sec, "max_grad_norm", &f, f.value > 0.0, "be positive")
+            .then_some(f.value)
+    });
+    OptimSpec {
+        kind,
+        lr: lr.value,
+        schedule,
+        max_grad_norm,
+    }
 }
 
 pub(super) fn read_backend(c: &mut Checker, sec: &Section) -> BackendSpec {
