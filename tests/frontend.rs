@@ -163,7 +163,7 @@ fn addition_example_parses_to_the_expected_spec() {
             spec.task.rl_max_digits,
             spec.task.eval_digits
         ),
-        (2, 3, Some(3))
+        (2, 3, None)
     );
 }
 
