@@ -22,8 +22,8 @@ for seed in 1 2 3; do
     done
 done
 elapsed=$(( $(date +%s) - start ))
-"$bin" compare results/runs/* --png results/addition.png --markdown results/addition-table.md > /dev/null
-"$bin" compare results/runs/* --png results/addition-time.png --x time > /dev/null
+"$bin" compare results/runs/* --smooth 0.9 --png results/addition.png --markdown results/addition-table.md > /dev/null
+"$bin" compare results/runs/* --smooth 0.9 --png results/addition-time.png --x time > /dev/null
 cpu=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -n1)
 {
     echo "# Addition: BRIDGE against its baselines"
