@@ -2,8 +2,8 @@
 //! markdown summary.
 
 use coopc::cli::compare::{
-    clip_polygon, clip_polyline, compare, render, smooth_ema, Band, Options, Rect, XAxis, YLimit,
-    PNG_SIZE,
+    clip_polygon, clip_polyline, compare, render, smooth_ema, Band, GroupLine, Options, PanelView,
+    Rect, XAxis, YLimit, PNG_SIZE,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -197,6 +197,15 @@ fn values_by_step(dirs: &[PathBuf], get: &str) -> BTreeMap<usize, Vec<f64>> {
     out
 }
 
+/// The line of `group` in a panel.
+fn line<'a>(panel: &'a PanelView, group: &str) -> &'a GroupLine {
+    panel
+        .lines
+        .iter()
+        .find(|l| l.group == group)
+        .unwrap_or_else(|| panic!("no line for {group} in {}", panel.title))
+}
+
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-12 * (1.0 + a.abs().max(b.abs()))
 }
@@ -215,7 +224,7 @@ fn plotted_group_means_are_the_metrics_means() {
     assert_eq!(fig.panels.len(), 4);
     for (panel, field) in [(0, "eval_accuracy"), (2, "reward_mean"), (3, "sft_loss")] {
         let view = &fig.panels[panel];
-        let bridge = view.lines.iter().find(|l| l.group == "bridge").unwrap();
+        let bridge = line(view, "bridge");
         assert_eq!(bridge.runs, 2);
         let expected = values_by_step(&dirs[..2], field);
         let full: Vec<(&usize, &Vec<f64>)> =
@@ -237,20 +246,12 @@ fn plotted_group_means_are_the_metrics_means() {
         }
     }
     // The rl_zero run alone: its rewarded steps 1 and 3, as they are.
-    let rz = fig.panels[2]
-        .lines
-        .iter()
-        .find(|l| l.group == "rl_zero")
-        .unwrap();
+    let rz = line(&fig.panels[2], "rl_zero");
     let pts: Vec<(usize, f64)> = rz.points.iter().map(|p| (p.step, p.mean)).collect();
     assert_eq!(pts, [(1, -1.0), (3, -0.25)]);
     // The second eval panel is against wall time: x is the runs' mean wall
     // time at the step (20 and 24 s at step 2).
-    let b = fig.panels[1]
-        .lines
-        .iter()
-        .find(|l| l.group == "bridge")
-        .unwrap();
+    let b = line(&fig.panels[1], "bridge");
     assert!(close(b.points[0].x, 22.0), "{:?}", b.points[0]);
 }
 
@@ -268,7 +269,7 @@ fn std_bands_smoothing_and_time_axis() {
     let fig = render(&dirs, (900, 600), &opts).unwrap();
     let reward = &fig.panels[2];
     assert!(reward.title.contains("wall time"), "{}", reward.title);
-    let b = reward.lines.iter().find(|l| l.group == "bridge").unwrap();
+    let b = line(reward, "bridge");
     // Each run smoothed first, then averaged.
     let r0 = smooth_ema(&[-0.8, -0.4, 0.0, 0.2, 0.4, 0.5], 0.5);
     let r1 = smooth_ema(&[-0.6, -0.2, 0.1, 0.3, 0.5, 0.6], 0.5);
@@ -280,11 +281,7 @@ fn std_bands_smoothing_and_time_axis() {
         assert!(close(p.x, 11.0 * (i + 1) as f64), "{p:?}");
     }
     // The evaluations are not smoothed.
-    let e = fig.panels[0]
-        .lines
-        .iter()
-        .find(|l| l.group == "bridge")
-        .unwrap();
+    let e = line(&fig.panels[0], "bridge");
     assert!(close(e.points[1].mean, 0.6), "{:?}", e.points[1]);
     // The other eval panel is against meta-steps.
     assert!(
@@ -502,11 +499,7 @@ fn flops_axis_needs_the_flops_metric() {
         write_run(d, &rows);
     }
     let fig = render(&dirs, (900, 600), &opts).unwrap();
-    let b = fig.panels[2]
-        .lines
-        .iter()
-        .find(|l| l.group == "bridge")
-        .unwrap();
+    let b = line(&fig.panels[2], "bridge");
     assert!(b.points.iter().all(|p| p.x == p.step as f64 * 1e9));
     assert!(
         fig.panels[2].title.contains("FLOPs"),

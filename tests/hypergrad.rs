@@ -259,52 +259,48 @@ fn clipped_steps_take_the_scaled_gradient() {
     let inputs = meta_inputs(&spec, &ms, 7);
     let out: std::collections::HashMap<String, Vec<f64>> =
         all_outputs(&ms, &inputs).into_iter().collect();
-    let lr = spec.optim.lower.lr;
-    let g: Vec<f64> = ms
-        .theta
-        .iter()
-        .flat_map(|(n, _)| out[&format!("lower.{n}")].clone())
-        .collect();
-    let gn = norm(&g);
-    assert!((out["grad_norm.lower"][0] - gn).abs() < 1e-12 * gn);
-    assert!(
-        gn > 10.0 * lower_max,
-        "degenerate: the lower step does not clip"
-    );
-    let c = lower_max / (gn + 1e-6);
-    for (n, _) in &ms.theta {
-        let (t0, tk, gr) = (
-            inputs[n].to_f64_vec(),
-            &out[&format!("theta_K.{n}")],
-            &out[&format!("lower.{n}")],
-        );
-        for ((a, b), d) in t0.iter().zip(tk).zip(gr) {
-            assert!(
-                (a - lr * c * d - b).abs() < 1e-12,
-                "{n}: {a} - {lr}·{c}·{d} vs {b}"
+    // Each level: the gradient (`lower.*` / `hyper.*`), its reported norm,
+    // and the step θ' = θ − lr·c·g from the inputs to the next values
+    // (`theta_K.*` / `next.*`).
+    let levels = [
+        (
+            &ms.theta,
+            "lower.",
+            "theta_K.",
+            "grad_norm.lower",
+            lower_max,
+            spec.optim.lower.lr,
+        ),
+        (
+            &ms.lora,
+            "hyper.",
+            "next.",
+            "grad_norm.upper",
+            upper_max,
+            spec.optim.upper.lr,
+        ),
+    ];
+    for (params, grad, next, norm_out, max, lr) in levels {
+        let g: Vec<f64> = params
+            .iter()
+            .flat_map(|(n, _)| out[&format!("{grad}{n}")].clone())
+            .collect();
+        let gn = norm(&g);
+        assert!((out[norm_out][0] - gn).abs() < 1e-12 * gn, "{norm_out}");
+        assert!(gn > 10.0 * max, "degenerate: {norm_out} does not clip");
+        let c = max / (gn + 1e-6);
+        for (n, _) in params {
+            let (p0, p1, gr) = (
+                inputs[n].to_f64_vec(),
+                &out[&format!("{next}{n}")],
+                &out[&format!("{grad}{n}")],
             );
-        }
-    }
-    let h: Vec<f64> = ms
-        .lora
-        .iter()
-        .flat_map(|(n, _)| out[&format!("hyper.{n}")].clone())
-        .collect();
-    let hn = norm(&h);
-    assert!((out["grad_norm.upper"][0] - hn).abs() < 1e-12 * hn);
-    assert!(
-        hn > 10.0 * upper_max,
-        "degenerate: the upper step does not clip"
-    );
-    let cu = upper_max / (hn + 1e-6);
-    for (n, _) in &ms.lora {
-        let (w0, w1, hy) = (
-            inputs[n].to_f64_vec(),
-            &out[&format!("next.{n}")],
-            &out[&format!("hyper.{n}")],
-        );
-        for ((a, b), d) in w0.iter().zip(w1).zip(hy) {
-            assert!((a - spec.optim.upper.lr * cu * d - b).abs() < 1e-12, "{n}");
+            for ((a, b), d) in p0.iter().zip(p1).zip(gr) {
+                assert!(
+                    (a - lr * c * d - b).abs() < 1e-12,
+                    "{n}: {a} - {lr}·{c}·{d} vs {b}"
+                );
+            }
         }
     }
     // Two steps, momentum, truncated through both: the adjoint with the

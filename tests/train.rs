@@ -68,6 +68,16 @@ fn run(args: &[&str]) -> Output {
     out
 }
 
+/// A run's metrics without what may differ between a resumed and an
+/// uninterrupted run ([`Metrics::without_timing`]).
+fn untimed_metrics(dir: &Path) -> Vec<Metrics> {
+    read_metrics(&dir.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(Metrics::without_timing)
+        .collect()
+}
+
 #[test]
 fn every_method_trains_end_to_end() {
     let dir = tmpdir("methods");
@@ -306,14 +316,7 @@ fn scheduled_and_clipped_training_reports_its_rates_and_norms() {
         "--eval-limit",
         "2",
     ]);
-    let strip = |d: &Path| -> Vec<Metrics> {
-        read_metrics(&d.join("metrics.jsonl"))
-            .unwrap()
-            .iter()
-            .map(Metrics::without_timing)
-            .collect()
-    };
-    assert_eq!(strip(&out), strip(&part));
+    assert_eq!(untimed_metrics(&out), untimed_metrics(&part));
     assert_eq!(load_latest(&out).unwrap(), load_latest(&part).unwrap());
 }
 
@@ -378,14 +381,7 @@ fn resume_reproduces_the_uninterrupted_run_bit_exactly() {
         "--eval-limit",
         "4",
     ]);
-    let strip = |d: &Path| -> Vec<Metrics> {
-        read_metrics(&d.join("metrics.jsonl"))
-            .unwrap()
-            .iter()
-            .map(Metrics::without_timing)
-            .collect()
-    };
-    assert_eq!(strip(&full), strip(&part));
+    assert_eq!(untimed_metrics(&full), untimed_metrics(&part));
     let (a, b) = (load_latest(&full).unwrap(), load_latest(&part).unwrap());
     assert_eq!(a.step, 4);
     assert_eq!(a, b, "weights and optimiser state are bit-identical");

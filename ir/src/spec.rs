@@ -19,6 +19,23 @@ pub struct PipelineSpec {
 }
 
 impl PipelineSpec {
+    /// The learning-rate multipliers of meta-step `step`, each with the
+    /// meta-step input that takes it (an input only where that level's
+    /// schedule is not constant).
+    pub fn lr_scales(&self, step: usize) -> [(&'static str, f64); 2] {
+        let total = self.train.steps;
+        [
+            (
+                crate::signature::LR_SCALE_LOWER,
+                self.optim.lower.schedule.scale(step, total),
+            ),
+            (
+                crate::signature::LR_SCALE_UPPER,
+                self.optim.upper.schedule.scale(step, total),
+            ),
+        ]
+    }
+
     /// The λ of L_low = (1−λ) L_SFT + λ L_RL at meta-step `step` for this
     /// method: BRIDGE and `mix` follow `bilevel.lambda`; `rl_zero` is 1;
     /// `sft` is 0; `cold_start` is 0 for `sft.cold_start_steps` steps, then 1;

@@ -6,7 +6,7 @@ use crate::cli::UserError;
 use coopc_compiler::compile_gradients;
 use coopc_compiler::ir::{DType, TensorType};
 use coopc_compiler::lowering::BatchShapes;
-use coopc_compiler::plan::{BatchField, Metric, Role, LAMBDA, LR_SCALE_LOWER, LR_SCALE_UPPER};
+use coopc_compiler::plan::{BatchField, Metric, Role, LAMBDA};
 use coopc_compiler::spec::{BackendKind, PipelineSpec, ShadowMode};
 use coopc_runtime::safetensors_io::{read_tensors, reject_unexpected, take_exact, write_tensors};
 use coopc_runtime::HostTensor;
@@ -234,12 +234,8 @@ pub fn run(
     let lambda = spec.lambda_at(0);
     inputs.insert(LAMBDA.into(), HostTensor::from_f64(dt, vec![], &[lambda])?);
     // The learning-rates' multipliers at meta-step 0, where scheduled.
-    for (name, opt) in [
-        (LR_SCALE_LOWER, &spec.optim.lower),
-        (LR_SCALE_UPPER, &spec.optim.upper),
-    ] {
+    for (name, s) in spec.lr_scales(0) {
         if sig.input(name).is_some() {
-            let s = opt.schedule.scale(0, spec.train.steps);
             inputs.insert(name.into(), HostTensor::from_f64(dt, vec![], &[s])?);
         }
     }

@@ -10,9 +10,7 @@ use crate::init::{initial_state, pretrained_or_init};
 use crate::sampler::{Generation, SampleError, Sampler, SamplingConfig};
 use crate::tasks::{build_task, check_vocab, Problem, Task, TaskError};
 use crate::tensorboard::{self, EventWriter};
-use coopc_ir::plan::{
-    BatchField, Metric, Plan, Role, Signature, LAMBDA, LR_SCALE_LOWER, LR_SCALE_UPPER, TOKEN_IDS,
-};
+use coopc_ir::plan::{BatchField, Metric, Plan, Role, Signature, LAMBDA, TOKEN_IDS};
 use coopc_ir::spec::{Advantage, Method, PipelineSpec};
 use coopc_ir::DType;
 use coopc_runtime::{Backend, CpuBackend, ExecError, HostTensor, Value};
@@ -526,18 +524,13 @@ impl Trainer {
         let mut inputs: HashMap<String, Value> = self.values.clone().into_iter().collect();
         let host = |t: HostTensor| Value::host(t);
         inputs.insert(LAMBDA.into(), host(self.tensor(vec![], &[lambda])));
-        let total = spec.train.steps;
-        let meta_sig = &self.plan.meta_step().signature;
-        for (name, opt) in [
-            (LR_SCALE_LOWER, &spec.optim.lower),
-            (LR_SCALE_UPPER, &spec.optim.upper),
-        ] {
-            if meta_sig.input(name).is_some() {
-                let s = opt.schedule.scale(step, total);
+        let scales = spec.lr_scales(step);
+        for (name, s) in scales {
+            if self.plan.meta_step().signature.input(name).is_some() {
                 inputs.insert(name.into(), host(self.tensor(vec![], &[s])));
             }
         }
-        let lr = spec.optim.lower.lr * spec.optim.lower.schedule.scale(step, total);
+        let lr = spec.optim.lower.lr * scales[0].1;
         let needs_rollouts = lambda > 0.0 || spec.bilevel.method == Method::Bridge;
         let (mut rewards_all, mut correct, mut lens, mut kls) =
             (Vec::new(), 0usize, Vec::new(), Vec::new());
@@ -648,30 +641,36 @@ impl Trainer {
             && lambda == 1.0
             && spec.rl.kl_coef == 0.0
             && !rl_signal;
+        // What the step's rollouts say; the losses come from the program.
+        let rollouts = Metrics {
+            step,
+            method: spec.bilevel.method.name().to_string(),
+            lambda,
+            reward_mean: mean(&rewards_all),
+            accuracy: (n > 0).then(|| correct as f64 / n as f64),
+            sft_loss: f64::NAN,
+            rl_loss: None,
+            kl: mean(&kls),
+            coop_gain: None,
+            response_len: mean(&lens),
+            step_time_s: 0.0,
+            wall_time_s: 0.0,
+            eval_accuracy: None,
+            bytes_to_device: None,
+            bytes_from_device: None,
+            flops: None,
+            no_signal: false,
+            lr: Some(lr),
+            grad_norm_lower: None,
+            grad_norm_upper: None,
+        };
         if no_signal {
             self.step = step + 1;
             return Ok(Metrics {
-                step,
-                method: spec.bilevel.method.name().to_string(),
-                lambda,
-                reward_mean: mean(&rewards_all),
-                accuracy: (n > 0).then(|| correct as f64 / n as f64),
-                sft_loss: f64::NAN,
                 // −min(ρA, clip(ρ)A) with every A = 0.
                 rl_loss: Some(0.0),
-                kl: mean(&kls),
-                coop_gain: None,
-                response_len: mean(&lens),
-                step_time_s: 0.0,
-                wall_time_s: 0.0,
-                eval_accuracy: None,
-                bytes_to_device: None,
-                bytes_from_device: None,
-                flops: None,
                 no_signal: true,
-                lr: Some(lr),
-                grad_norm_lower: None,
-                grad_norm_upper: None,
+                ..rollouts
             });
         }
         // Only the scalars the metrics need come back; the new state stays
@@ -731,30 +730,16 @@ impl Trainer {
         self.values = next;
         self.step = step + 1;
         Ok(Metrics {
-            step,
-            method: spec.bilevel.method.name().to_string(),
-            lambda,
-            reward_mean: (n > 0).then(|| rewards_all.iter().sum::<f64>() / n as f64),
-            accuracy: (n > 0).then(|| correct as f64 / n as f64),
             sft_loss,
             rl_loss: if needs_rollouts {
                 scalar(Metric::RlLoss)
             } else {
                 None
             },
-            kl: (!kls.is_empty()).then(|| kls.iter().sum::<f64>() / kls.len() as f64),
             coop_gain: scalar(Metric::Gain),
-            response_len: (!lens.is_empty()).then(|| lens.iter().sum::<f64>() / lens.len() as f64),
-            step_time_s: 0.0,
-            wall_time_s: 0.0,
-            eval_accuracy: None,
-            bytes_to_device: None,
-            bytes_from_device: None,
-            flops: None,
-            no_signal: false,
-            lr: Some(lr),
             grad_norm_lower: scalar(Metric::LowerGradNorm),
             grad_norm_upper: scalar(Metric::UpperGradNorm),
+            ..rollouts
         })
     }
 }

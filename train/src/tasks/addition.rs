@@ -15,7 +15,7 @@
 
 use super::tokenizer::{CharTokenizer, Tokenizer};
 use super::{
-    single_hash, Example, Problem, Rewards, Task, TaskError, Verdict, EVAL_SEED, MAX_DRAWS,
+    redraw_held_out, single_hash, Example, Problem, Rewards, Task, TaskError, Verdict, EVAL_SEED,
 };
 use coopc_ir::spec::TaskKind;
 use rand::rngs::StdRng;
@@ -174,14 +174,7 @@ impl Addition {
     /// A draw from `digits` that is not a held-out pair (redrawn; after
     /// many redraws, when the range is all held out, the last draw).
     fn draw_training(&self, rng: &mut dyn RngCore, digits: &RangeInclusive<usize>) -> (u64, u64) {
-        let mut pair = Self::draw(rng, digits);
-        for _ in 0..MAX_DRAWS {
-            if !self.is_held_out(pair.0, pair.1) {
-                break;
-            }
-            pair = Self::draw(rng, digits);
-        }
-        pair
+        redraw_held_out(|| Self::draw(rng, digits), |&(a, b)| self.is_held_out(a, b))
     }
 
     /// The demonstration response for `a + b`.

@@ -15,7 +15,8 @@
 
 use super::tokenizer::{CharTokenizer, Tokenizer};
 use super::{
-    single_hash, Example, Problem, Rewards, Task, TaskError, Verdict, EVAL_SEED, MAX_DRAWS,
+    redraw_held_out, single_hash, Example, Problem, Rewards, Task, TaskError, Verdict, EVAL_SEED,
+    MAX_DRAWS,
 };
 use coopc_ir::spec::TaskKind;
 use rand::rngs::StdRng;
@@ -419,14 +420,7 @@ impl Countdown {
     /// A puzzle with `counts` numbers that is not held out (redrawn; after
     /// many redraws, the last draw).
     fn draw_training(&self, rng: &mut dyn RngCore, counts: &RangeInclusive<usize>) -> Instance {
-        let mut inst = self.generate(rng, counts);
-        for _ in 0..MAX_DRAWS {
-            if !self.is_held_out(&inst) {
-                break;
-            }
-            inst = self.generate(rng, counts);
-        }
-        inst
+        redraw_held_out(|| self.generate(rng, counts), |inst| self.is_held_out(inst))
     }
 
     /// Whether `inst` is a held-out puzzle (the same numbers, in any order,

@@ -273,6 +273,19 @@ pub(crate) const EVAL_SEED: u64 = 0x5EED_E7A1;
 /// whose instances never fit).
 pub(crate) const MAX_DRAWS: usize = 100_000;
 
+/// A result of `draw` that `held_out` does not reject: redrawn up to
+/// [`MAX_DRAWS`] times, then the last draw (a range that is all held out).
+pub(crate) fn redraw_held_out<T>(mut draw: impl FnMut() -> T, held_out: impl Fn(&T) -> bool) -> T {
+    let mut x = draw();
+    for _ in 0..MAX_DRAWS {
+        if !held_out(&x) {
+            break;
+        }
+        x = draw();
+    }
+    x
+}
+
 /// Position of the only `#` of `text`, or `None` when there are none or
 /// several.
 pub(crate) fn single_hash(text: &str) -> Option<usize> {
