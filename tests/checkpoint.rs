@@ -117,3 +117,79 @@ fn merged_weights_compute_the_adapted_model() {
         v[0]
     );
 }
+
+#[test]
+fn a_changed_byte_in_any_checkpoint_file_is_named_and_not_loaded() {
+    let dir = std::env::temp_dir().join(format!("coopc-ckpt-sum-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let spec = tiny_spec();
+    let s = state(4, 5);
+    let folder = save(&dir, &spec, &s).unwrap();
+    let meta = std::fs::read_to_string(folder.join("meta.txt")).unwrap();
+    let listed: Vec<&str> = meta
+        .lines()
+        .filter_map(|l| l.strip_prefix("sha256 "))
+        .map(|l| l.split_once(' ').unwrap().1)
+        .collect();
+    for file in [
+        "model.safetensors",
+        "adapter/adapter_model.safetensors",
+        "state.safetensors",
+        "merged.safetensors",
+        "config.json",
+    ] {
+        assert!(listed.contains(&file), "{file} not in {listed:?}");
+    }
+    for file in &listed {
+        let path = folder.join(file);
+        let original = std::fs::read(&path).unwrap();
+        let mut bytes = original.clone();
+        let at = bytes.len() - 1;
+        bytes[at] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = load_latest(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains(file) && err.contains("sha256"),
+            "{file}: {err}"
+        );
+        std::fs::write(&path, &original).unwrap();
+        assert_eq!(load_latest(&dir).unwrap(), s);
+    }
+    // A malformed checksum line and a pointer outside the folder are named.
+    let meta_path = folder.join("meta.txt");
+    std::fs::write(&meta_path, meta.replacen("sha256 ", "sha256 zz", 1)).unwrap();
+    let err = load_latest(&dir).unwrap_err().to_string();
+    assert!(err.contains("meta.txt line 3"), "{err}");
+    std::fs::write(&meta_path, &meta).unwrap();
+    std::fs::write(checkpoints_dir(&dir).join("latest"), "../../etc\n").unwrap();
+    let err = load_latest(&dir).unwrap_err().to_string();
+    assert!(err.contains("not a `step-N` folder"), "{err}");
+}
+
+#[test]
+fn a_crash_mid_save_leaves_the_previous_checkpoint_current_and_is_cleaned_up() {
+    let dir = std::env::temp_dir().join(format!("coopc-ckpt-crash-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let spec = tiny_spec();
+    let s2 = state(2, 7);
+    save(&dir, &spec, &s2).unwrap();
+    let root = checkpoints_dir(&dir);
+    // What a killed writer leaves: a partial folder, and a renamed step-6
+    // whose pointer never moved.
+    std::fs::create_dir_all(root.join(".step-6.partial-1/adapter")).unwrap();
+    std::fs::write(root.join(".step-6.partial-1/model.safetensors"), b"half").unwrap();
+    std::fs::create_dir_all(root.join("step-6")).unwrap();
+    std::fs::write(root.join("step-6/model.safetensors"), b"half").unwrap();
+    assert_eq!(load_latest(&dir).unwrap(), s2);
+    // The next save of step 6 replaces both.
+    let s6 = state(6, 8);
+    save(&dir, &spec, &s6).unwrap();
+    assert_eq!(load_latest(&dir).unwrap(), s6);
+    let mut left: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    left.sort();
+    assert_eq!(left, vec!["latest".to_string(), "step-6".to_string()]);
+}

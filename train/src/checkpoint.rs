@@ -1,10 +1,12 @@
 //! Training checkpoints: θ by Hugging Face names (the folder is a Hugging
 //! Face model folder), w by PEFT names (a PEFT adapter folder inside it), a merged
 //! copy (LoRA folded into the base weights), and the rest of the training
-//! state (shadow, optimiser state) — each written atomically, inside a
-//! `step-N` folder that becomes current only when a `latest` pointer file is
-//! atomically replaced, so a crash never leaves a half-written checkpoint as
-//! the one to resume from.
+//! state (shadow, optimiser state). A checkpoint is written whole into a
+//! temporary folder, renamed to `step-N`, and becomes current only when the
+//! `latest` pointer file is atomically replaced, so a crash or a failed
+//! write (a full disk) never leaves a half-written checkpoint as the one to
+//! resume from. `meta.txt` records the sha256 of every file; loading checks
+//! them and names a file that changed instead of loading it.
 
 use crate::export::{write_adapter_folder, write_model_folder, ExportError};
 use coopc_ir::file::write_atomically;
@@ -18,10 +20,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
-/// Layout of a checkpoint folder, in its `meta.txt`: 2 puts w in
-/// `adapter/` as a PEFT adapter folder and makes the folder a Hugging Face
-/// model folder of θ; 1 (still read) kept w in `adapter_model.safetensors`.
-const META_VERSION: u32 = 2;
+/// Layout of a checkpoint folder, in its `meta.txt`: 3 adds a `sha256 HEX
+/// PATH` line per file; 2 (still read) puts w in `adapter/` as a PEFT
+/// adapter folder and makes the folder a Hugging Face model folder of θ;
+/// 1 (still read) kept w in `adapter_model.safetensors`.
+const META_VERSION: u32 = 3;
 
 /// The PEFT adapter folder of w inside a checkpoint.
 pub const ADAPTER_DIR: &str = "adapter";
@@ -138,15 +141,59 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
 }
 
 /// Writes `state` as checkpoint `step-N` of the run in `run_dir` and makes it
-/// the latest; older checkpoints are removed afterwards.
+/// the latest; older checkpoints are removed afterwards. On any error the
+/// previous checkpoint stays current and the partial one is removed.
 pub fn save(
     run_dir: &Path,
     spec: &PipelineSpec,
     state: &TrainState,
 ) -> Result<PathBuf, CheckpointError> {
     let root = checkpoints_dir(run_dir);
-    let dir = root.join(format!("step-{}", state.step));
-    std::fs::create_dir_all(&dir).map_err(io(&dir, "create the folder"))?;
+    std::fs::create_dir_all(&root).map_err(io(&root, "create the folder"))?;
+    let name = format!("step-{}", state.step);
+    let dir = root.join(&name);
+    let partial = root.join(format!(".{name}.partial-{}", std::process::id()));
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(io(&partial, "remove the stale folder"))?;
+    }
+    let written = write_folder(&partial, &dir, spec, state).and_then(|()| {
+        // A `step-N` that is not current is what a crash between the rename
+        // and the pointer left behind: it is replaced.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io(&dir, "replace the folder"))?;
+        }
+        std::fs::rename(&partial, &dir).map_err(io(&dir, "rename the written checkpoint to"))
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&partial);
+        return Err(e);
+    }
+    let latest = root.join("latest");
+    write_atomically(&latest, format!("{name}\n").as_bytes()).map_err(io(&latest, "write"))?;
+    // Older checkpoints, and what crashed runs left, go only after the new
+    // one is current.
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for e in entries.flatten() {
+            let p = e.path();
+            let n = e.file_name().to_string_lossy().to_string();
+            let stale = (n.starts_with("step-") && p != dir) || n.starts_with(".step-");
+            if p.is_dir() && stale {
+                let _ = std::fs::remove_dir_all(&p);
+            }
+        }
+    }
+    Ok(dir)
+}
+
+/// The files of checkpoint `state` in `dir`, for a folder that will be
+/// renamed to `final_dir` (the adapters name it as their base model).
+fn write_folder(
+    dir: &Path,
+    final_dir: &Path,
+    spec: &PipelineSpec,
+    state: &TrainState,
+) -> Result<(), CheckpointError> {
+    std::fs::create_dir_all(dir).map_err(io(dir, "create the folder"))?;
     let theta_names: Vec<String> = theta_shapes(&spec.model)
         .into_iter()
         .map(|(n, _)| n)
@@ -165,8 +212,8 @@ pub fn save(
     }
     // The folder is a Hugging Face model folder of θ (config, weights,
     // tokenizer files), with w as a PEFT adapter of it in `adapter/`.
-    write_model_folder(&dir, spec, &theta, FloatStorage::Native).map_err(export_error)?;
-    let base = std::path::absolute(&dir).unwrap_or_else(|_| dir.clone());
+    write_model_folder(dir, spec, &theta, FloatStorage::Native).map_err(export_error)?;
+    let base = std::path::absolute(final_dir).unwrap_or_else(|_| final_dir.to_path_buf());
     write_adapter_folder(
         &dir.join(ADAPTER_DIR),
         spec,
@@ -203,23 +250,34 @@ pub fn save(
         &merge_lora(spec, &state.tensors),
     )?;
     write_tensors(&dir.join("state.safetensors"), &rest)?;
-    let meta = format!("version {META_VERSION}\nstep {}\n", state.step);
+    let mut meta = format!("version {META_VERSION}\nstep {}\n", state.step);
+    for rel in files_under(dir).map_err(io(dir, "list"))? {
+        let path = dir.join(&rel);
+        let sum = coopc_ir::file::sha256_file(&path).map_err(io(&path, "read back"))?;
+        meta.push_str(&format!("sha256 {sum} {rel}\n"));
+    }
     let meta_path = dir.join("meta.txt");
-    write_atomically(&meta_path, meta.as_bytes()).map_err(io(&meta_path, "write"))?;
-    let latest = root.join("latest");
-    write_atomically(&latest, format!("step-{}\n", state.step).as_bytes())
-        .map_err(io(&latest, "write"))?;
-    // Older checkpoints go only after the new one is current.
-    if let Ok(entries) = std::fs::read_dir(&root) {
-        for e in entries.flatten() {
-            let p = e.path();
+    write_atomically(&meta_path, meta.as_bytes()).map_err(io(&meta_path, "write"))
+}
+
+/// Every file under `dir`, as `/`-separated paths relative to it, sorted.
+fn files_under(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut stack = vec![(dir.to_path_buf(), String::new())];
+    while let Some((d, prefix)) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
             let name = e.file_name().to_string_lossy().to_string();
-            if p.is_dir() && name.starts_with("step-") && p != dir {
-                let _ = std::fs::remove_dir_all(&p);
+            let rel = format!("{prefix}{name}");
+            if e.file_type()?.is_dir() {
+                stack.push((e.path(), format!("{rel}/")));
+            } else {
+                out.push(rel);
             }
         }
     }
-    Ok(dir)
+    out.sort();
+    Ok(out)
 }
 
 /// Reads the latest checkpoint of the run in `run_dir`.
@@ -228,11 +286,21 @@ pub fn load_latest(run_dir: &Path) -> Result<TrainState, CheckpointError> {
     let latest = root.join("latest");
     let pointer = std::fs::read_to_string(&latest)
         .map_err(io(&latest, "read (no checkpoint to resume from)"))?;
-    let dir = root.join(pointer.trim());
-    load(&dir)
+    let name = pointer.trim();
+    let valid = name
+        .strip_prefix("step-")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    if !valid {
+        return Err(CheckpointError::Invalid {
+            path: latest,
+            reason: format!("names `{}`, not a `step-N` folder", name.escape_debug()),
+        });
+    }
+    load(&root.join(name))
 }
 
-/// Reads one checkpoint folder.
+/// Reads one checkpoint folder, checking every file against the sha256
+/// its `meta.txt` records (version 3).
 pub fn load(dir: &Path) -> Result<TrainState, CheckpointError> {
     let meta_path = dir.join("meta.txt");
     let meta = std::fs::read_to_string(&meta_path).map_err(io(&meta_path, "read"))?;
@@ -242,19 +310,48 @@ pub fn load(dir: &Path) -> Result<TrainState, CheckpointError> {
     };
     let mut version = None;
     let mut step = None;
-    for line in meta.lines() {
+    let mut sums = Vec::new();
+    for (i, line) in meta.lines().enumerate() {
         match line.split_once(' ') {
             Some(("version", v)) => version = v.trim().parse::<u32>().ok(),
             Some(("step", v)) => step = v.trim().parse::<usize>().ok(),
+            Some(("sha256", rest)) => match rest.split_once(' ') {
+                Some((sum, file))
+                    if sum.len() == 64
+                        && !file.is_empty()
+                        && !file.split('/').any(|c| c == ".." || c.is_empty()) =>
+                {
+                    sums.push((sum.to_string(), file.to_string()))
+                }
+                _ => {
+                    return Err(invalid(format!(
+                        "meta.txt line {}: expected `sha256 HEX PATH`",
+                        i + 1
+                    )))
+                }
+            },
             _ => {}
         }
     }
-    if !matches!(version, Some(1) | Some(META_VERSION)) {
+    if !matches!(version, Some(1..=META_VERSION)) {
         return Err(invalid(format!(
-            "meta.txt has no supported version (expected 1 or {META_VERSION})"
+            "meta.txt has no supported version (expected 1 to {META_VERSION})"
         )));
     }
     let step = step.ok_or_else(|| invalid("meta.txt has no step".into()))?;
+    if version == Some(META_VERSION) && sums.is_empty() {
+        return Err(invalid("meta.txt lists no checksums".into()));
+    }
+    for (sum, file) in &sums {
+        let path = dir.join(file);
+        let actual = coopc_ir::file::sha256_file(&path).map_err(io(&path, "read"))?;
+        if &actual != sum {
+            return Err(invalid(format!(
+                "{file} does not match the sha256 checksum meta.txt records for it \
+                 (the file was changed or damaged after it was written); not loaded"
+            )));
+        }
+    }
     let adapter = if version == Some(1) {
         dir.join("adapter_model.safetensors")
     } else {
