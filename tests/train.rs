@@ -607,3 +607,168 @@ fn an_f64_pipeline_on_a_gpu_backend_is_refused_clearly() {
         "{err}"
     );
 }
+
+/// Rows of `DIR/metrics.jsonl` written so far (0 while it does not exist).
+fn rows_written(dir: &Path) -> usize {
+    read_metrics(&dir.join("metrics.jsonl")).map_or(0, |m| m.len())
+}
+
+/// SIGINT and SIGTERM stop a run after the meta-step it is in, with a
+/// checkpoint of exactly the steps its metrics record, exit 130 and 143,
+/// and a message saying how to continue; the run then resumes.
+#[cfg(unix)]
+#[test]
+fn a_signal_stops_the_run_after_its_meta_step_with_a_checkpoint() {
+    let dir = tmpdir("signal");
+    let p = pipeline(&dir, &TINY.replace("steps = 4", "steps = 1000"));
+    let out_dir = dir.join("run");
+    let o = out_dir.to_str().unwrap();
+    let mut expected_code = 130;
+    for (signal, args) in [
+        (libc::SIGINT, vec!["run", &p, "--out", o]),
+        (libc::SIGTERM, vec!["run", "--resume", o]),
+    ] {
+        let before = rows_written(&out_dir);
+        let child = Command::new(env!("CARGO_BIN_EXE_coopc"))
+            .args(&args)
+            .args(["--quiet", "--eval-limit", "2"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        while rows_written(&out_dir) < before + 1 {
+            assert!(t0.elapsed().as_secs() < 300, "no meta-step finished");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(child.id() as i32, signal);
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(expected_code), "{err}");
+        let rows = rows_written(&out_dir);
+        let name = if signal == libc::SIGINT {
+            "SIGINT"
+        } else {
+            "SIGTERM"
+        };
+        assert!(
+            err.contains(&format!("interrupted by {name} after meta-step {rows}"))
+                && err.contains("--resume"),
+            "{err}"
+        );
+        assert_eq!(load_latest(&out_dir).unwrap().step, rows);
+        expected_code = 143;
+    }
+}
+
+/// `kill -9` at random moments of short runs (while sampling, stepping,
+/// evaluating, or writing metrics or a checkpoint): each run, resumed from
+/// what the kill left (or restarted, when no checkpoint was written yet),
+/// ends bit-equal to the run that was never interrupted.
+#[cfg(unix)]
+#[test]
+fn a_run_killed_at_any_moment_resumes_to_the_uninterrupted_result() {
+    use rand::{Rng, SeedableRng};
+    let dir = tmpdir("kill9");
+    let p = pipeline(&dir, TINY);
+    let full = dir.join("full");
+    let args = |out: &Path, resume: bool| -> Vec<String> {
+        let o = out.to_str().unwrap().to_string();
+        let mut a: Vec<String> = if resume {
+            vec!["run".into(), "--resume".into(), o]
+        } else {
+            vec!["run".into(), p.clone(), "--out".into(), o]
+        };
+        a.extend(["--quiet", "--eval-limit", "2"].map(String::from));
+        a
+    };
+    let t0 = std::time::Instant::now();
+    let a: Vec<String> = args(&full, false);
+    run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let whole = t0.elapsed();
+    let expected = load_latest(&full).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    for trial in 0..5 {
+        let out = dir.join(format!("killed-{trial}"));
+        let at = whole.mul_f64(rng.gen_range(0.05..0.95));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_coopc"))
+            .args(args(&out, false))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(at);
+        let _ = child.kill();
+        let _ = child.wait();
+        let resume = load_latest(&out).is_ok();
+        let a = args(&out, resume);
+        run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(
+            load_latest(&out).unwrap(),
+            expected,
+            "killed after {at:?} (resumed: {resume})"
+        );
+        assert_eq!(untimed_metrics(&out), untimed_metrics(&full));
+    }
+}
+
+/// A checkpoint write that fails (here: files may not grow past 32 KiB,
+/// as on a full disk; the state file needs 69 KB) stops the run with exit 1
+/// and a message naming the file and the cause; the previous checkpoint
+/// stays current and loadable, and no partial folder is left.
+#[cfg(unix)]
+#[test]
+fn a_failed_checkpoint_write_keeps_the_previous_checkpoint() {
+    use std::os::unix::process::CommandExt;
+    let out_dir = two_of_four_steps("disk-full");
+    let before = load_latest(&out_dir).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_coopc"));
+    cmd.args(["run", "--resume", out_dir.to_str().unwrap()])
+        .args(["--quiet", "--eval-limit", "2"]);
+    // SAFETY: setrlimit and signal are async-signal-safe, as pre_exec needs.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: 32 << 10,
+                rlim_max: 32 << 10,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("state.safetensors")
+            && err.contains("too large")
+            && err.contains("last good checkpoint, after meta-step 2"),
+        "{err}"
+    );
+    assert_eq!(load_latest(&out_dir).unwrap(), before);
+    let left: Vec<String> = std::fs::read_dir(out_dir.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(
+        left.iter().all(|n| n == "latest" || n == "step-2"),
+        "{left:?}"
+    );
+    // With room again, the run resumes from the kept checkpoint.
+    run(&[
+        "run",
+        "--resume",
+        out_dir.to_str().unwrap(),
+        "--quiet",
+        "--eval-limit",
+        "2",
+    ]);
+    assert_eq!(load_latest(&out_dir).unwrap().step, 4);
+}

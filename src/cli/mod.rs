@@ -27,6 +27,47 @@ impl<E: std::fmt::Display> From<E> for UserError {
     }
 }
 
+/// Exit status of bad input: a pipeline, plan, data file, checkpoint or
+/// argument that is wrong (the message names it).
+pub const EXIT_BAD_INPUT: i32 = 2;
+/// Exit status of a run that failed while it ran: a non-finite loss, a
+/// checkpoint or metrics write that failed (a full disk), a device error.
+pub const EXIT_RUN_FAILED: i32 = 1;
+
+/// A failure and the exit status it ends the process with (`128 + N` for
+/// a stop requested by signal N, as shells report it).
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl From<UserError> for Failure {
+    fn from(e: UserError) -> Self {
+        Failure {
+            code: EXIT_BAD_INPUT,
+            message: e.0,
+        }
+    }
+}
+
+impl From<coopc_train::TrainError> for Failure {
+    /// An error of the training loop: an interruption, bad data met on
+    /// the way, or a failure of the run itself.
+    fn from(e: coopc_train::TrainError) -> Self {
+        use coopc_train::TrainError as E;
+        let code = match &e {
+            E::Interrupted { signal, .. } => 128 + signal,
+            E::Task(_) => EXIT_BAD_INPUT,
+            _ => EXIT_RUN_FAILED,
+        };
+        Failure {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "coopc",
@@ -242,7 +283,7 @@ pub fn dispatch(cli: Cli) -> i32 {
                 backend,
                 model,
             };
-            user_result(run::run(
+            exit_status(run::run(
                 pipeline.as_deref(),
                 resume.as_deref(),
                 out.as_deref(),
@@ -368,16 +409,21 @@ pub fn dispatch(cli: Cli) -> i32 {
 
 /// Exit code 2 for bad input, with the message on stderr.
 fn user_result(r: Result<(), UserError>) -> i32 {
+    exit_status(r.map_err(Failure::from))
+}
+
+/// The failure's exit status, with its message on stderr.
+fn exit_status(r: Result<(), Failure>) -> i32 {
     match r {
         Ok(()) => 0,
         Err(e) => {
-            let msg = e.0.trim_end();
+            let msg = e.message.trim_end();
             if msg.starts_with("error") {
                 eprintln!("{msg}");
             } else {
                 eprintln!("error: {msg}");
             }
-            2
+            e.code
         }
     }
 }

@@ -1,7 +1,7 @@
 //! `coopc run` (train), `coopc eval` (held-out accuracy of a run's latest
 //! checkpoint): the command-line side of the training loop.
 
-use crate::cli::UserError;
+use crate::cli::{Failure, UserError};
 use coopc_compiler::compile;
 use coopc_compiler::plan::Plan;
 use coopc_compiler::spec::{BackendKind, Method, PipelineSpec};
@@ -64,7 +64,7 @@ pub fn run(
     out: Option<&Path>,
     ov: Overrides,
     flags: RunFlags,
-) -> Result<(), UserError> {
+) -> Result<(), Failure> {
     let RunFlags {
         eval_limit,
         quiet,
@@ -74,7 +74,7 @@ pub fn run(
     let (mut spec, plan) = match (pipeline, resume) {
         (_, Some(dir)) => (read_spec(dir)?, None),
         (Some(p), None) if p.extension().is_some_and(|e| e == "plan") => {
-            let plan = Plan::load(p)?;
+            let plan = Plan::load(p).map_err(UserError::from)?;
             (plan.spec.clone(), Some(plan))
         }
         (Some(p), None) => {
@@ -86,21 +86,21 @@ pub fn run(
             (spec, None)
         }
         (None, None) => {
-            return Err(UserError(
-                "give a pipeline (.toml or .plan) or --resume DIR".into(),
-            ))
+            return Err(UserError("give a pipeline (.toml or .plan) or --resume DIR".into()).into())
         }
     };
     if resume.is_some() && (ov.method.is_some() || ov.seed.is_some() || ov.model.is_some()) {
         return Err(UserError(
             "--resume continues a run as it was started; --method, --seed and --model cannot change"
                 .into(),
-        ));
+        )
+        .into());
     }
     if ov.model.is_some() && plan.is_some() {
         return Err(UserError(
             "--model applies to a pipeline.toml; a .plan was compiled with its model (recompile with `coopc compile --model DIR`)".into(),
-        ));
+        )
+        .into());
     }
     let before = spec.clone();
     if let Some(m) = ov.method {
@@ -156,7 +156,11 @@ pub fn run(
         eval_limit,
         stop_after,
     };
-    let mut trainer = Trainer::new(plan, opts)?.with_backend(backend);
+    // Errors before the first meta-step are the input's (a checkpoint to
+    // resume from, the data, the model folder).
+    let mut trainer = Trainer::new(plan, opts)
+        .map_err(UserError::from)?
+        .with_backend(backend);
     let start = trainer.step();
     if !quiet {
         eprintln!(
@@ -182,6 +186,9 @@ pub fn run(
         b
     };
     let mut last_eval = None;
+    coopc_train::interrupt::clear();
+    #[cfg(unix)]
+    stop_on_signals();
     let metrics = trainer.run(|m| {
         if m.eval_accuracy.is_some() {
             last_eval = m.eval_accuracy;
@@ -204,6 +211,34 @@ pub fn run(
         println!("last step: {}", one_line(m));
     }
     Ok(())
+}
+
+/// SIGINT and SIGTERM ask the training loop to stop after the current
+/// meta-step with a checkpoint; the handler then gives the signal its
+/// default action back, so a second one ends the process at once (the
+/// last checkpoint is intact either way: checkpoints are written whole
+/// before they become current).
+#[cfg(unix)]
+fn stop_on_signals() {
+    extern "C" fn on_signal(signal: libc::c_int) {
+        coopc_train::interrupt::request(signal);
+        let msg: &[u8] = b"\ncoopc: stopping after this meta-step and writing a checkpoint (again to stop at once)\n";
+        // SAFETY: write(2) is async-signal-safe; the buffer is static.
+        unsafe {
+            libc::write(2, msg.as_ptr().cast(), msg.len());
+        }
+    }
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the
+        // handler only stores to an atomic and calls write(2).
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            action.sa_flags = libc::SA_RESETHAND | libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
 }
 
 pub fn eval(dir: &Path, eval_limit: usize, show: usize) -> Result<(), UserError> {

@@ -11,6 +11,7 @@
 pub mod checkpoint;
 pub mod export;
 pub mod init;
+pub mod interrupt;
 pub mod sampler;
 pub mod tasks;
 pub mod tensorboard;

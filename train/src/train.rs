@@ -45,6 +45,25 @@ pub enum TrainError {
         value: f64,
         checkpoint: String,
     },
+    #[error("meta-step {step}: the checkpoint was not written: {source}; stopping ({kept})")]
+    CheckpointWrite {
+        step: usize,
+        source: CheckpointError,
+        kept: String,
+    },
+    #[error(
+        "interrupted by {} after meta-step {step}: checkpoint written to {} \
+         (continue with `coopc run --resume {}`)",
+        crate::interrupt::signal_name(*signal),
+        checkpoint.display(),
+        out_dir.display()
+    )]
+    Interrupted {
+        signal: i32,
+        step: usize,
+        checkpoint: PathBuf,
+        out_dir: PathBuf,
+    },
 }
 
 /// How to run.
@@ -488,13 +507,44 @@ impl Trainer {
             m.wall_time_s = wall_offset + wall0.elapsed().as_secs_f64();
             append_metrics(&metrics_path, &m)?;
             write_event(&mut events, &m, started)?;
-            if m.eval_accuracy.is_some() || self.step == stop {
-                checkpoint::save(&self.opts.out_dir, &self.spec, &self.state()?)?;
+            let interrupted = crate::interrupt::requested();
+            if m.eval_accuracy.is_some() || self.step == stop || interrupted.is_some() {
+                let saved = checkpoint::save(&self.opts.out_dir, &self.spec, &self.state()?);
+                if let Err(source) = saved {
+                    return Err(TrainError::CheckpointWrite {
+                        step: self.step,
+                        source,
+                        kept: self.kept_checkpoint(),
+                    });
+                }
             }
             on_step(&m);
             out.push(m);
+            if let Some(signal) = interrupted {
+                if self.step < stop {
+                    return Err(TrainError::Interrupted {
+                        signal,
+                        step: self.step,
+                        checkpoint: checkpoint::checkpoints_dir(&self.opts.out_dir)
+                            .join(format!("step-{}", self.step)),
+                        out_dir: self.opts.out_dir.clone(),
+                    });
+                }
+            }
         }
         Ok(out)
+    }
+
+    /// What a run that stops now leaves to resume from.
+    fn kept_checkpoint(&self) -> String {
+        match checkpoint::load_latest(&self.opts.out_dir) {
+            Ok(s) => format!(
+                "the last good checkpoint, after meta-step {}, is kept in {}",
+                s.step,
+                checkpoint::checkpoints_dir(&self.opts.out_dir).display()
+            ),
+            Err(_) => "no checkpoint was written yet".to_string(),
+        }
     }
 
     /// Plan FLOPs of every program this trainer has run (evaluation's
@@ -708,14 +758,7 @@ impl Trainer {
                         step,
                         what: what.to_string(),
                         value: v,
-                        checkpoint: match checkpoint::load_latest(&self.opts.out_dir) {
-                            Ok(s) => format!(
-                                "the last good checkpoint, after meta-step {}, is kept in {}",
-                                s.step,
-                                checkpoint::checkpoints_dir(&self.opts.out_dir).display()
-                            ),
-                            Err(_) => "no checkpoint was written yet".to_string(),
-                        },
+                        checkpoint: self.kept_checkpoint(),
                     });
                 }
             }
@@ -755,7 +798,14 @@ pub fn read_metrics(path: &Path) -> Result<Vec<Metrics>, TrainError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(io_err(path, e)),
     };
-    text.lines()
+    // A last line without its newline is a write the process did not
+    // finish (killed mid-append): it is not a row, whatever it holds.
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..=end],
+        None => "",
+    };
+    complete
+        .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
@@ -806,6 +856,7 @@ fn append_metrics(path: &Path, m: &Metrics) -> Result<(), TrainError> {
         .append(true)
         .open(path)
         .map_err(|e| io_err(path, e))?;
-    let line = serde_json::to_string(m).map_err(|e| io_err(path, e))?;
-    writeln!(f, "{line}").map_err(|e| io_err(path, e))
+    let mut line = serde_json::to_string(m).map_err(|e| io_err(path, e))?;
+    line.push('\n');
+    f.write_all(line.as_bytes()).map_err(|e| io_err(path, e))
 }
