@@ -772,3 +772,43 @@ fn a_failed_checkpoint_write_keeps_the_previous_checkpoint() {
     ]);
     assert_eq!(load_latest(&out_dir).unwrap().step, 4);
 }
+
+/// `train.on_nonfinite = "skip_step"`: a meta-step whose update is not
+/// finite is discarded (the state stays bit-equal to what it was) and
+/// recorded; `max_nonfinite_in_row` such steps in a row stop the run.
+#[test]
+fn skip_step_discards_non_finite_updates_and_stops_after_too_many_in_a_row() {
+    for (max_in_row, completes) in [(3, true), (2, false)] {
+        let out_dir = two_of_four_steps(&format!("skip-{max_in_row}"));
+        let o = out_dir.to_str().unwrap();
+        let before = load_latest(&out_dir).unwrap();
+        // An update that overflows: a learning rate past f32's range.
+        let spec_path = out_dir.join("spec.json");
+        let mut spec: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&spec_path).unwrap()).unwrap();
+        spec["optim"]["lower"]["lr"] = serde_json::json!(1e39);
+        spec["train"]["on_nonfinite"] = serde_json::json!("skip_step");
+        spec["train"]["max_nonfinite_in_row"] = serde_json::json!(max_in_row);
+        std::fs::write(&spec_path, spec.to_string()).unwrap();
+        let out = coopc(&["run", "--resume", o, "--quiet", "--eval-limit", "2"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        let rows = read_metrics(&out_dir.join("metrics.jsonl")).unwrap();
+        if completes {
+            assert!(out.status.success(), "{err}");
+            assert_eq!(rows.len(), 4);
+            assert!(rows[2].skipped_nonfinite && rows[3].skipped_nonfinite);
+            assert!(rows[..2].iter().all(|m| !m.skipped_nonfinite));
+            let after = load_latest(&out_dir).unwrap();
+            assert_eq!(after.step, 4);
+            assert_eq!(after.tensors, before.tensors, "skipped updates change nothing");
+        } else {
+            assert_eq!(out.status.code(), Some(1), "{err}");
+            assert!(
+                err.contains("2 meta-steps in a row") && err.contains("after meta-step 2"),
+                "{err}"
+            );
+            assert_eq!(rows.len(), 3, "the first skipped step is recorded");
+            assert!(rows[2].skipped_nonfinite);
+        }
+    }
+}

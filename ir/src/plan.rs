@@ -605,6 +605,8 @@ mod tests {
                 seed: 7,
                 eval_every: 5,
                 seq_len: 24,
+                on_nonfinite: Default::default(),
+                max_nonfinite_in_row: 3,
             },
             backend: BackendSpec {
                 kind: BackendKind::Auto,

@@ -599,6 +599,30 @@ pub struct TrainSpec {
     pub eval_every: usize,
     /// Tokens per training sequence (T ≤ model.max_seq).
     pub seq_len: usize,
+    /// What a meta-step whose loss, gradient norm or new state is not
+    /// finite does.
+    #[serde(default)]
+    pub on_nonfinite: OnNonFinite,
+    /// With `on_nonfinite = "skip_step"`: the run stops when this many
+    /// meta-steps in a row were skipped.
+    #[serde(default = "default_max_nonfinite_in_row")]
+    pub max_nonfinite_in_row: usize,
+}
+
+fn default_max_nonfinite_in_row() -> usize {
+    3
+}
+
+/// `train.on_nonfinite`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNonFinite {
+    /// Stop the run; the last checkpoint is kept.
+    #[default]
+    Stop,
+    /// Discard the meta-step's update (parameters and optimiser state stay
+    /// as they were), record it in the metrics, and go on.
+    SkipStep,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,7 +11,7 @@ use crate::sampler::{Generation, SampleError, Sampler, SamplingConfig};
 use crate::tasks::{build_task, check_vocab, Problem, Task, TaskError};
 use crate::tensorboard::{self, EventWriter};
 use coopc_ir::plan::{BatchField, Metric, Plan, Role, Signature, LAMBDA, TOKEN_IDS};
-use coopc_ir::spec::{Advantage, Method, PipelineSpec};
+use coopc_ir::spec::{Advantage, Method, OnNonFinite, PipelineSpec};
 use coopc_ir::DType;
 use coopc_runtime::{Backend, CpuBackend, ExecError, HostTensor, Value};
 use rand::rngs::StdRng;
@@ -140,6 +140,10 @@ pub struct Metrics {
     pub grad_norm_lower: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grad_norm_upper: Option<f64>,
+    /// The step's loss, gradient norm or new state was not finite and
+    /// `train.on_nonfinite = "skip_step"` discarded its update.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped_nonfinite: bool,
 }
 
 fn nan() -> f64 {
@@ -241,6 +245,8 @@ pub struct Trainer {
     /// Log-prob scoring calls and meta-step programs run so far.
     scores_run: std::sync::atomic::AtomicU64,
     metas_run: u64,
+    /// Meta-steps skipped in a row for a non-finite value (`skip_step`).
+    nonfinite_in_row: usize,
 }
 
 impl Trainer {
@@ -288,6 +294,7 @@ impl Trainer {
             score_flops,
             scores_run: Default::default(),
             metas_run: 0,
+            nonfinite_in_row: 0,
             spec,
             plan,
             task,
@@ -713,6 +720,7 @@ impl Trainer {
             lr: Some(lr),
             grad_norm_lower: None,
             grad_norm_upper: None,
+            skipped_nonfinite: false,
         };
         if no_signal {
             self.step = step + 1;
@@ -749,27 +757,65 @@ impl Trainer {
             (Metric::SftLoss, Some(sft_loss)),
             (Metric::RlLoss, scalar(Metric::RlLoss)),
             (Metric::UpperLoss, scalar(Metric::UpperLoss)),
+            (Metric::LowerGradNorm, scalar(Metric::LowerGradNorm)),
+            (Metric::UpperGradNorm, scalar(Metric::UpperGradNorm)),
         ];
-        for (metric, v) in checks {
-            let what = metric.name();
-            if let Some(v) = v {
-                if !v.is_finite() && (metric != Metric::RlLoss || needs_rollouts) {
-                    return Err(TrainError::NonFinite {
-                        step,
-                        what: what.to_string(),
-                        value: v,
-                        checkpoint: self.kept_checkpoint(),
-                    });
-                }
-            }
-        }
-        // Adopt the new state: the next value of every state input.
+        let mut bad = checks.into_iter().find_map(|(metric, v)| {
+            let v = v?;
+            let counts = metric != Metric::RlLoss || needs_rollouts;
+            (!v.is_finite() && counts).then(|| (metric.name().to_string(), v))
+        });
+        // The next state of every state input; where it is on the host
+        // (the CPU backend), it is checked too: an update can overflow
+        // while the losses it came from are finite.
         let mut next = self.values.clone();
         for port in &meta.signature.outputs {
             if let (Role::Next { of }, Some(t)) = (&port.role, outputs.get(&port.name)) {
+                if bad.is_none() {
+                    if let Some(v) = t
+                        .as_host()
+                        .and_then(|h| h.to_f64_vec().into_iter().find(|v| !v.is_finite()))
+                    {
+                        bad = Some((format!("the new value of `{of}`"), v));
+                    }
+                }
                 next.insert(of.clone(), t.clone());
             }
         }
+        if let Some((what, value)) = bad {
+            let skip = spec.train.on_nonfinite == OnNonFinite::SkipStep
+                && self.nonfinite_in_row + 1 < spec.train.max_nonfinite_in_row;
+            if !skip {
+                let what = if self.nonfinite_in_row > 0 {
+                    format!(
+                        "{what} ({} meta-steps in a row, train.max_nonfinite_in_row = {})",
+                        self.nonfinite_in_row + 1,
+                        spec.train.max_nonfinite_in_row
+                    )
+                } else {
+                    what
+                };
+                return Err(TrainError::NonFinite {
+                    step,
+                    what,
+                    value,
+                    checkpoint: self.kept_checkpoint(),
+                });
+            }
+            // Skipped: parameters and optimiser state stay as they were.
+            self.nonfinite_in_row += 1;
+            self.step = step + 1;
+            return Ok(Metrics {
+                sft_loss,
+                rl_loss: scalar(Metric::RlLoss).filter(|_| needs_rollouts),
+                coop_gain: scalar(Metric::Gain),
+                grad_norm_lower: scalar(Metric::LowerGradNorm),
+                grad_norm_upper: scalar(Metric::UpperGradNorm),
+                skipped_nonfinite: true,
+                ..rollouts
+            });
+        }
+        self.nonfinite_in_row = 0;
         self.values = next;
         self.step = step + 1;
         Ok(Metrics {
@@ -833,6 +879,7 @@ fn write_event(w: &mut EventWriter, m: &Metrics, started: f64) -> Result<(), Tra
         ("optim/lr", opt(m.lr)),
         ("optim/grad_norm_lower", opt(m.grad_norm_lower)),
         ("optim/grad_norm_upper", opt(m.grad_norm_upper)),
+        ("optim/skipped_nonfinite", if m.skipped_nonfinite { 1.0 } else { 0.0 }),
     ];
     w.scalars(m.step as u64, started + m.wall_time_s, &scalars)
         .map_err(|e| io_err(w.path(), e))

@@ -4,7 +4,7 @@
 use super::check::{closest, describe, plain_list, quoted_list, Checker, Field, Section};
 use super::diagnostics::Diagnostic;
 use crate::spec::{
-    Advantage, BackendKind, BackendSpec, BilevelSpec, DataFormat, HypergradKind, HypergradSpec,
+    OnNonFinite, Advantage, BackendKind, BackendSpec, BilevelSpec, DataFormat, HypergradKind, HypergradSpec,
     Lambda, LoraSpec, LossAgg, LrSchedule, MatmulPrecision, Method, ModelSpec, OptimKind,
     OptimSpec, OptimSpecs, PipelineSpec, Precision, Projection, RlSpec, ScheduleKind, SftSpec,
     ShadowMode, TaskKind, TaskSpec, TrainSpec,
@@ -100,7 +100,18 @@ pub(super) const SCHEDULES: &[(&str, ScheduleKind)] = &[
     ("linear", ScheduleKind::Linear),
     ("cosine", ScheduleKind::Cosine),
 ];
-pub(super) const TRAIN_KEYS: &[&str] = &["steps", "seed", "eval_every", "seq_len"];
+pub(super) const TRAIN_KEYS: &[&str] = &[
+    "steps",
+    "seed",
+    "eval_every",
+    "seq_len",
+    "on_nonfinite",
+    "max_nonfinite_in_row",
+];
+pub(super) const ON_NONFINITE: &[(&str, OnNonFinite)] = &[
+    ("stop", OnNonFinite::Stop),
+    ("skip_step", OnNonFinite::SkipStep),
+];
 pub(super) const BACKEND_KEYS: &[&str] = &["kind", "dtype", "matmul", "memory_budget_gib"];
 
 /// The model keys without a default.
@@ -843,12 +854,17 @@ pub(super) fn read_train(c: &mut Checker, sec: &Section, model: Option<&ModelSpe
             );
         }
     }
+    let on_nonfinite = c.choice_or(sec, "on_nonfinite", ON_NONFINITE, OnNonFinite::Stop);
+    let max_in_row = c.usize_or(sec, "max_nonfinite_in_row", 3);
+    c.at_least_one(sec, "max_nonfinite_in_row", &max_in_row);
     Train {
         spec: TrainSpec {
             steps: steps.value,
             seed: seed.value as u64,
             eval_every: eval_every.value,
             seq_len: seq_len.value,
+            on_nonfinite: on_nonfinite.value,
+            max_nonfinite_in_row: max_in_row.value,
         },
         seq_len_span: seq_len.span,
         seq_len_known,
