@@ -800,7 +800,10 @@ fn skip_step_discards_non_finite_updates_and_stops_after_too_many_in_a_row() {
             assert!(rows[..2].iter().all(|m| !m.skipped_nonfinite));
             let after = load_latest(&out_dir).unwrap();
             assert_eq!(after.step, 4);
-            assert_eq!(after.tensors, before.tensors, "skipped updates change nothing");
+            assert_eq!(
+                after.tensors, before.tensors,
+                "skipped updates change nothing"
+            );
         } else {
             assert_eq!(out.status.code(), Some(1), "{err}");
             assert!(

@@ -879,7 +879,10 @@ fn write_event(w: &mut EventWriter, m: &Metrics, started: f64) -> Result<(), Tra
         ("optim/lr", opt(m.lr)),
         ("optim/grad_norm_lower", opt(m.grad_norm_lower)),
         ("optim/grad_norm_upper", opt(m.grad_norm_upper)),
-        ("optim/skipped_nonfinite", if m.skipped_nonfinite { 1.0 } else { 0.0 }),
+        (
+            "optim/skipped_nonfinite",
+            if m.skipped_nonfinite { 1.0 } else { 0.0 },
+        ),
     ];
     w.scalars(m.step as u64, started + m.wall_time_s, &scalars)
         .map_err(|e| io_err(w.path(), e))

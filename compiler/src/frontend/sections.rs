@@ -4,10 +4,10 @@
 use super::check::{closest, describe, plain_list, quoted_list, Checker, Field, Section};
 use super::diagnostics::Diagnostic;
 use crate::spec::{
-    OnNonFinite, Advantage, BackendKind, BackendSpec, BilevelSpec, DataFormat, HypergradKind, HypergradSpec,
-    Lambda, LoraSpec, LossAgg, LrSchedule, MatmulPrecision, Method, ModelSpec, OptimKind,
-    OptimSpec, OptimSpecs, PipelineSpec, Precision, Projection, RlSpec, ScheduleKind, SftSpec,
-    ShadowMode, TaskKind, TaskSpec, TrainSpec,
+    Advantage, BackendKind, BackendSpec, BilevelSpec, DataFormat, HypergradKind, HypergradSpec,
+    Lambda, LoraSpec, LossAgg, LrSchedule, MatmulPrecision, Method, ModelSpec, OnNonFinite,
+    OptimKind, OptimSpec, OptimSpecs, PipelineSpec, Precision, Projection, RlSpec, ScheduleKind,
+    SftSpec, ShadowMode, TaskKind, TaskSpec, TrainSpec,
 };
 use std::ops::Range;
 use toml_edit::{Item, Value};
