@@ -435,17 +435,40 @@ fn two_of_four_steps(name: &str) -> PathBuf {
     out_dir
 }
 
+/// Edits the specification a run was started with, as if it had always
+/// been so: in the run folder's spec.json and in its latest checkpoint's
+/// (whose checksum in meta.txt follows), so that a resume accepts it.
+fn rewrite_history(out_dir: &Path, edit: impl Fn(&mut serde_json::Value)) {
+    let ckpt = coopc_train::checkpoint::latest_dir(out_dir).unwrap();
+    for path in [out_dir.join("spec.json"), ckpt.join("spec.json")] {
+        let mut spec: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(&mut spec);
+        std::fs::write(&path, spec.to_string()).unwrap();
+    }
+    let sum = coopc_compiler::ir::file::sha256_file(&ckpt.join("spec.json")).unwrap();
+    let meta_path = ckpt.join("meta.txt");
+    let meta: String = std::fs::read_to_string(&meta_path)
+        .unwrap()
+        .lines()
+        .map(|l| match l.strip_suffix(" spec.json") {
+            Some(_) => format!("sha256 {sum} spec.json\n"),
+            None => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(&meta_path, meta).unwrap();
+}
+
 #[test]
 fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     let out_dir = two_of_four_steps("nan");
     let o = out_dir.to_str().unwrap();
     let before = load_latest(&out_dir).unwrap();
     // The run diverges from here on: an absurd learning rate in its specification.
-    let spec_path = out_dir.join("spec.json");
-    let spec = std::fs::read_to_string(&spec_path).unwrap();
-    let lr = "\"lr\": 0.01";
-    assert!(spec.contains(lr), "{spec}");
-    std::fs::write(&spec_path, spec.replacen(lr, "\"lr\": 1e30", 1)).unwrap();
+    rewrite_history(&out_dir, |spec| {
+        assert_eq!(spec["optim"]["lower"]["lr"], serde_json::json!(0.01));
+        spec["optim"]["lower"]["lr"] = serde_json::json!(1e30);
+    });
     let out = coopc(&["run", "--resume", o, "--quiet", "--eval-limit", "2"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -783,13 +806,11 @@ fn skip_step_discards_non_finite_updates_and_stops_after_too_many_in_a_row() {
         let o = out_dir.to_str().unwrap();
         let before = load_latest(&out_dir).unwrap();
         // An update that overflows: a learning rate past f32's range.
-        let spec_path = out_dir.join("spec.json");
-        let mut spec: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&spec_path).unwrap()).unwrap();
-        spec["optim"]["lower"]["lr"] = serde_json::json!(1e39);
-        spec["train"]["on_nonfinite"] = serde_json::json!("skip_step");
-        spec["train"]["max_nonfinite_in_row"] = serde_json::json!(max_in_row);
-        std::fs::write(&spec_path, spec.to_string()).unwrap();
+        rewrite_history(&out_dir, |spec| {
+            spec["optim"]["lower"]["lr"] = serde_json::json!(1e39);
+            spec["train"]["on_nonfinite"] = serde_json::json!("skip_step");
+            spec["train"]["max_nonfinite_in_row"] = serde_json::json!(max_in_row);
+        });
         let out = coopc(&["run", "--resume", o, "--quiet", "--eval-limit", "2"]);
         let err = String::from_utf8_lossy(&out.stderr);
         let rows = read_metrics(&out_dir.join("metrics.jsonl")).unwrap();
@@ -814,4 +835,79 @@ fn skip_step_discards_non_finite_updates_and_stops_after_too_many_in_a_row() {
             assert!(rows[2].skipped_nonfinite);
         }
     }
+}
+
+/// A resume whose specification differs from the checkpoint's is refused
+/// with the keys that changed; `--force` accepts changes of how long and
+/// where the run goes, never of what a meta-step computes.
+#[test]
+fn a_resume_with_a_changed_specification_is_refused_with_the_keys_that_changed() {
+    let out_dir = two_of_four_steps("changed");
+    let dir = out_dir.parent().unwrap();
+    let o = out_dir.to_str().unwrap();
+    let before = load_latest(&out_dir).unwrap();
+    let changed = pipeline(
+        dir,
+        &TINY
+            .replace("eval_every = 2", "eval_every = 1")
+            .replace("lr = 1e-2", "lr = 2e-2"),
+    );
+    let args = ["--quiet", "--eval-limit", "2"];
+    for force in [false, true] {
+        let mut a = vec!["run", changed.as_str(), "--resume", o];
+        a.extend(args);
+        if force {
+            a.push("--force");
+        }
+        let out = coopc(&a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("train.eval_every: 2 → 1") && err.contains("optim.lower.lr: 0.01 → 0.02"),
+            "{err}"
+        );
+        assert!(
+            err.contains("`optim.lower.lr` changes what a meta-step computes"),
+            "{err}"
+        );
+        assert!(err.contains("--model") && err.contains("step-2"), "{err}");
+    }
+    // Changed in safe keys only: refused without --force, accepted with it.
+    let safe = pipeline(
+        dir,
+        &TINY
+            .replace("eval_every = 2", "eval_every = 1")
+            .replace("steps = 4", "steps = 5"),
+    );
+    let mut a = vec!["run", safe.as_str(), "--resume", o];
+    a.extend(args);
+    let out = coopc(&a);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("train.steps: 4 → 5") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(load_latest(&out_dir).unwrap(), before, "nothing ran");
+    a.push("--force");
+    run(&a);
+    let rows = read_metrics(&out_dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(rows.len(), 5);
+    assert!(
+        rows[2..].iter().all(|m| m.eval_accuracy.is_some()),
+        "eval every step now"
+    );
+    // The same pipeline again is no change; neither is --steps on the command line.
+    run(&[
+        "run",
+        &safe,
+        "--resume",
+        o,
+        "--steps",
+        "6",
+        "--quiet",
+        "--eval-limit",
+        "2",
+    ]);
+    assert_eq!(load_latest(&out_dir).unwrap().step, 6);
 }

@@ -47,6 +47,12 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result
 }
 
+/// The sha256 digest of `bytes`.
+pub fn sha256_bytes(bytes: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).into()
+}
+
 /// The sha256 of a file's bytes as lower-case hex, read in blocks.
 pub fn sha256_file(path: &Path) -> io::Result<String> {
     use sha2::{Digest, Sha256};

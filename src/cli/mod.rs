@@ -116,6 +116,12 @@ pub enum Command {
         /// Stop after this many meta-steps (with a checkpoint), as if interrupted.
         #[arg(long, value_name = "N")]
         stop_after: Option<usize>,
+        /// With --resume: accept a pipeline (or spec.json) that changed since
+        /// the checkpoint in keys that do not change what a meta-step
+        /// computes (train.steps, train.eval_every, train.on_nonfinite,
+        /// train.max_nonfinite_in_row, backend.kind).
+        #[arg(long, requires = "resume")]
+        force: bool,
     },
     /// Plot several runs (PNG) and tabulate them (markdown on stdout).
     Compare {
@@ -275,6 +281,7 @@ pub fn dispatch(cli: Cli) -> i32 {
             eval_limit,
             quiet,
             stop_after,
+            force,
         } => {
             let ov = run::Overrides {
                 method,
@@ -292,6 +299,7 @@ pub fn dispatch(cli: Cli) -> i32 {
                     eval_limit: eval_limit.unwrap_or(usize::MAX),
                     quiet,
                     stop_after,
+                    force,
                 },
             ))
         }

@@ -21,6 +21,28 @@ pub struct Overrides {
 
 const SPEC_FILE: &str = "spec.json";
 
+impl Overrides {
+    /// The specification with these overrides.
+    fn apply(&self, spec: &mut PipelineSpec) {
+        if let Some(m) = self.method {
+            spec.bilevel.method = m;
+        }
+        if let Some(s) = self.steps {
+            // A cold-start switch at the default half-way point stays half-way.
+            if spec.sft.cold_start_steps == spec.train.steps / 2 {
+                spec.sft.cold_start_steps = s / 2;
+            }
+            spec.train.steps = s;
+        }
+        if let Some(s) = self.seed {
+            spec.train.seed = s;
+        }
+        if let Some(b) = self.backend {
+            spec.backend.kind = b;
+        }
+    }
+}
+
 /// The specification a run folder's `spec.json` records.
 pub(crate) fn read_spec(dir: &Path) -> Result<PipelineSpec, UserError> {
     let path = dir.join(SPEC_FILE);
@@ -56,6 +78,131 @@ pub struct RunFlags {
     pub eval_limit: usize,
     pub quiet: bool,
     pub stop_after: Option<usize>,
+    /// Accept safe changes of the specification on resume.
+    pub force: bool,
+}
+
+/// Keys a resumed run may change with `--force`: where and how long it
+/// runs, not what a meta-step computes.
+const SAFE_ON_RESUME: &[&str] = &[
+    "train.steps",
+    "train.eval_every",
+    "train.on_nonfinite",
+    "train.max_nonfinite_in_row",
+    "backend.kind",
+];
+
+/// The leaves of a JSON value by dotted path (arrays are leaves).
+fn leaves(
+    v: &serde_json::Value,
+    prefix: &str,
+    out: &mut std::collections::BTreeMap<String, String>,
+) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                leaves(v, &path, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.to_string());
+        }
+    }
+}
+
+/// The keys whose values differ between two specifications, as
+/// `key: old → new` (a key only one side has shows `–` on the other).
+pub(crate) fn changed_keys(old: &PipelineSpec, new: &PipelineSpec) -> Vec<(String, String)> {
+    let as_leaves = |s: &PipelineSpec| {
+        let mut out = std::collections::BTreeMap::new();
+        leaves(
+            &serde_json::to_value(s).expect("a spec is JSON"),
+            "",
+            &mut out,
+        );
+        out
+    };
+    let (a, b) = (as_leaves(old), as_leaves(new));
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            let show = |m: &std::collections::BTreeMap<String, String>| {
+                m.get(k).cloned().unwrap_or_else(|| "–".into())
+            };
+            (k.clone(), format!("{k}: {} → {}", show(&a), show(&b)))
+        })
+        .collect()
+}
+
+/// Refuses to resume the run in `dir` with `spec` where it differs from
+/// what the latest checkpoint was trained under (`baseline`, with the same
+/// command-line overrides applied), unless `force` and every change is in
+/// [`SAFE_ON_RESUME`].
+fn check_resume(
+    dir: &Path,
+    baseline: &PipelineSpec,
+    spec: &PipelineSpec,
+    force: bool,
+) -> Result<(), UserError> {
+    let changed = changed_keys(baseline, spec);
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let unsafe_keys: Vec<&(String, String)> = changed
+        .iter()
+        .filter(|(k, _)| !SAFE_ON_RESUME.contains(&k.as_str()))
+        .collect();
+    if force && unsafe_keys.is_empty() {
+        return Ok(());
+    }
+    let list = |keys: &[&(String, String)]| {
+        keys.iter()
+            .map(|(_, line)| format!("\n  {line}"))
+            .collect::<String>()
+    };
+    let all: Vec<&(String, String)> = changed.iter().collect();
+    let step_dir = coopc_train::checkpoint::latest_dir(dir)
+        .unwrap_or_else(|_| coopc_train::checkpoint::checkpoints_dir(dir).join("step-N"));
+    let restart = format!(
+        "to train on from these weights under the new settings, start a new run with \
+         `--model {}` (the latest checkpoint folder; its optimiser state is not carried over)",
+        step_dir.display()
+    );
+    Err(UserError(if unsafe_keys.is_empty() {
+        format!(
+            "{}: the specification changed since the latest checkpoint:{}\n\
+             these change only how long or where the run goes: resume with --force to accept them",
+            dir.display(),
+            list(&all)
+        )
+    } else {
+        format!(
+            "{}: the specification changed since the latest checkpoint:{}\n\
+             {} what a meta-step computes, so resuming would not continue this run \
+             (--force accepts only {}); {restart}",
+            dir.display(),
+            list(&all),
+            if unsafe_keys.len() == 1 {
+                format!("`{}` changes", unsafe_keys[0].0)
+            } else {
+                format!(
+                    "{} change",
+                    unsafe_keys
+                        .iter()
+                        .map(|(k, _)| format!("`{k}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            },
+            SAFE_ON_RESUME.join(", ")
+        )
+    }))
 }
 
 pub fn run(
@@ -69,10 +216,19 @@ pub fn run(
         eval_limit,
         quiet,
         stop_after,
+        force,
     } = flags;
     let t0 = Instant::now();
     let (mut spec, plan) = match (pipeline, resume) {
-        (_, Some(dir)) => (read_spec(dir)?, None),
+        (None, Some(dir)) => (read_spec(dir)?, None),
+        (Some(p), Some(_)) if p.extension().is_some_and(|e| e == "plan") => {
+            (Plan::load(p).map_err(UserError::from)?.spec, None)
+        }
+        (Some(p), Some(_)) => {
+            let (_, spec) =
+                coopc_compiler::frontend::load_pipeline(p).map_err(|e| UserError(e.render()))?;
+            (spec, None)
+        }
         (Some(p), None) if p.extension().is_some_and(|e| e == "plan") => {
             let plan = Plan::load(p).map_err(UserError::from)?;
             (plan.spec.clone(), Some(plan))
@@ -103,21 +259,17 @@ pub fn run(
         .into());
     }
     let before = spec.clone();
-    if let Some(m) = ov.method {
-        spec.bilevel.method = m;
-    }
-    if let Some(s) = ov.steps {
-        // A cold-start switch at the default half-way point stays half-way.
-        if spec.sft.cold_start_steps == spec.train.steps / 2 {
-            spec.sft.cold_start_steps = s / 2;
-        }
-        spec.train.steps = s;
-    }
-    if let Some(s) = ov.seed {
-        spec.train.seed = s;
-    }
-    if let Some(b) = ov.backend {
-        spec.backend.kind = b;
+    ov.apply(&mut spec);
+    if let Some(dir) = resume {
+        // What the checkpoint was trained under (older layouts did not
+        // record it: then what the run folder says).
+        let mut baseline = match coopc_train::checkpoint::latest_spec(dir) {
+            Ok(Some(s)) => s,
+            Ok(None) => read_spec(dir)?,
+            Err(e) => return Err(UserError(e.to_string()).into()),
+        };
+        ov.apply(&mut baseline);
+        check_resume(dir, &baseline, &spec, force)?;
     }
     let backend = crate::cli::backend::open(spec.backend.kind, &spec.backend)?;
     // A plan is used as compiled unless an override changed what it

@@ -26,6 +26,9 @@ use thiserror::Error;
 /// 1 (still read) kept w in `adapter_model.safetensors`.
 const META_VERSION: u32 = 3;
 
+/// The specification a checkpoint was trained under (version 3).
+pub const SPEC_FILE: &str = "spec.json";
+
 /// The PEFT adapter folder of w inside a checkpoint.
 pub const ADAPTER_DIR: &str = "adapter";
 
@@ -250,6 +253,14 @@ fn write_folder(
         &merge_lora(spec, &state.tensors),
     )?;
     write_tensors(&dir.join("state.safetensors"), &rest)?;
+    // The specification the state was trained under: a resume checks that
+    // what it continues with computes the same meta-step.
+    let spec_path = dir.join(SPEC_FILE);
+    let spec_json = serde_json::to_string_pretty(spec).map_err(|e| CheckpointError::Invalid {
+        path: spec_path.clone(),
+        reason: e.to_string(),
+    })?;
+    write_atomically(&spec_path, spec_json.as_bytes()).map_err(io(&spec_path, "write"))?;
     let mut meta = format!("version {META_VERSION}\nstep {}\n", state.step);
     for rel in files_under(dir).map_err(io(dir, "list"))? {
         let path = dir.join(&rel);
@@ -280,8 +291,45 @@ fn files_under(dir: &Path) -> std::io::Result<Vec<String>> {
     Ok(out)
 }
 
-/// Reads the latest checkpoint of the run in `run_dir`.
-pub fn load_latest(run_dir: &Path) -> Result<TrainState, CheckpointError> {
+/// The specification the latest checkpoint of the run in `run_dir` was
+/// trained under, checked against its checksum; `None` for a checkpoint
+/// of a layout that did not record it (version 1 and 2).
+pub fn latest_spec(run_dir: &Path) -> Result<Option<PipelineSpec>, CheckpointError> {
+    let dir = latest_dir(run_dir)?;
+    let meta_path = dir.join("meta.txt");
+    let meta = std::fs::read_to_string(&meta_path).map_err(io(&meta_path, "read"))?;
+    let Some(sum) = meta.lines().find_map(|l| {
+        let (sum, file) = l.strip_prefix("sha256 ")?.split_once(' ')?;
+        (file == SPEC_FILE).then_some(sum)
+    }) else {
+        return Ok(None);
+    };
+    let path = dir.join(SPEC_FILE);
+    let invalid = |reason: String| CheckpointError::Invalid {
+        path: path.clone(),
+        reason,
+    };
+    let bytes = std::fs::read(&path).map_err(io(&path, "read"))?;
+    let actual: String = {
+        use std::fmt::Write;
+        let digest = coopc_ir::file::sha256_bytes(&bytes);
+        digest.iter().fold(String::new(), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+    };
+    if actual != sum {
+        return Err(invalid(
+            "does not match the sha256 checksum meta.txt records for it; not loaded".into(),
+        ));
+    }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| invalid(format!("not a valid run specification: {e}")))
+}
+
+/// The folder `checkpoints/latest` names.
+pub fn latest_dir(run_dir: &Path) -> Result<PathBuf, CheckpointError> {
     let root = checkpoints_dir(run_dir);
     let latest = root.join("latest");
     let pointer = std::fs::read_to_string(&latest)
@@ -296,7 +344,12 @@ pub fn load_latest(run_dir: &Path) -> Result<TrainState, CheckpointError> {
             reason: format!("names `{}`, not a `step-N` folder", name.escape_debug()),
         });
     }
-    load(&root.join(name))
+    Ok(root.join(name))
+}
+
+/// Reads the latest checkpoint of the run in `run_dir`.
+pub fn load_latest(run_dir: &Path) -> Result<TrainState, CheckpointError> {
+    load(&latest_dir(run_dir)?)
 }
 
 /// Reads one checkpoint folder, checking every file against the sha256
