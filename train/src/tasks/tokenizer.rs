@@ -207,8 +207,34 @@ impl HfTokenizer {
         if !path.exists() {
             return Err(err("no such file (task.tokenizer)".into()));
         }
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| err(format!("not a Hugging Face tokenizer.json: {e}")))?;
+        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        // Malformed JSON is named here, with its line and column: the
+        // tokenizers crate panics on some of it (a truncated decoder).
+        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+            return Err(err(format!("not valid JSON: {e}")));
+        }
+        let text = String::from_utf8(bytes).map_err(|e| err(format!("not UTF-8 text: {e}")))?;
+        // Some malformed tokenizers it also panics on (a merge rule shorter
+        // than the subword prefix): that is an error of the file too, and
+        // the panic's own report is kept off the terminal.
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>());
+        std::panic::set_hook(previous);
+        let inner = match parsed {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return Err(err(format!("not a Hugging Face tokenizer.json: {e}"))),
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                return Err(err(format!(
+                    "not a Hugging Face tokenizer.json: the tokenizers library failed on it ({why})"
+                )));
+            }
+        };
         let find = |names: &[&str]| {
             names
                 .iter()
