@@ -390,12 +390,16 @@ fn mutate_json(v: &mut Json, rng: &mut StdRng) {
     };
 }
 
+/// A format-aware change: `None` where the input no longer parses as the
+/// format.
+type Structured = dyn Fn(&[u8], &mut StdRng) -> Option<Vec<u8>>;
+
 /// `bytes` with 1 to 4 changes, each format-aware (by `structured`) or a
 /// byte-level one.
 fn mutate(
     bytes: &[u8],
     rng: &mut StdRng,
-    structured: &dyn Fn(&[u8], &mut StdRng) -> Option<Vec<u8>>,
+    structured: &Structured,
 ) -> Vec<u8> {
     let mut out = bytes.to_vec();
     for _ in 0..rng.gen_range(1..=4) {

@@ -911,3 +911,48 @@ fn a_resume_with_a_changed_specification_is_refused_with_the_keys_that_changed()
     ]);
     assert_eq!(load_latest(&out_dir).unwrap().step, 6);
 }
+
+/// A device failure mid-run — here an out-of-memory, injected on wgpu by a
+/// device memory limit below what the programs need — stops the run with
+/// exit 1 and a message naming the backend, the program, the kernel and
+/// the bytes it asked for; the last checkpoint is kept.
+#[test]
+fn a_device_out_of_memory_names_program_kernel_and_bytes_and_keeps_the_checkpoint() {
+    let required = std::env::var("COOPC_REQUIRE_WGPU").is_ok_and(|v| v == "1");
+    if !required {
+        if let Err(e) = coopc_kernels::device::Device::wgpu() {
+            eprintln!(
+                "skipped: no wgpu adapter ({e}); set COOPC_REQUIRE_WGPU=1 to make this a failure"
+            );
+            return;
+        }
+    }
+    let out_dir = two_of_four_steps("device-oom");
+    let o = out_dir.to_str().unwrap();
+    let before = load_latest(&out_dir).unwrap();
+    let resume = |limit: &str| {
+        Command::new(env!("CARGO_BIN_EXE_coopc"))
+            .args(["run", "--resume", o, "--backend", "wgpu", "--quiet"])
+            .args(["--eval-limit", "2"])
+            .env("COOPC_DEVICE_MEMORY_LIMIT", limit)
+            .output()
+            .unwrap()
+    };
+    let out = resume("64KiB");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("wgpu backend, program `")
+            && err.contains("out of device memory at kernel")
+            && err.contains("bytes")
+            && err.contains("over the limit of 65536 bytes")
+            && err.contains("last good checkpoint, after meta-step 2"),
+        "{err}"
+    );
+    assert_eq!(load_latest(&out_dir).unwrap(), before);
+    // A limit that does not parse is bad input, named.
+    let out = resume("lots");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("COOPC_DEVICE_MEMORY_LIMIT"), "{err}");
+}

@@ -71,6 +71,90 @@ pub enum DeviceError {
     },
     #[error("device failure: {0}")]
     Device(String),
+    #[error(
+        "out of device memory at kernel {kernel} of {kernels} ({what}): it needs {bytes} bytes \
+         with {in_use} in use, over the limit of {limit} bytes (COOPC_DEVICE_MEMORY_LIMIT)"
+    )]
+    OutOfMemory {
+        kernel: usize,
+        kernels: usize,
+        what: String,
+        bytes: u64,
+        in_use: u64,
+        limit: u64,
+    },
+    #[error("kernel {kernel} of {kernels} ({what}, {bytes} bytes of outputs and scratch) failed: {message}")]
+    Launch {
+        kernel: usize,
+        kernels: usize,
+        what: String,
+        bytes: u64,
+        message: String,
+    },
+}
+
+/// The device memory limit `COOPC_DEVICE_MEMORY_LIMIT` sets (bytes, or
+/// with a `KiB`, `MiB` or `GiB` suffix); `None` when it is not set.
+pub fn memory_limit_from_env() -> Result<Option<u64>, String> {
+    let Ok(text) = std::env::var("COOPC_DEVICE_MEMORY_LIMIT") else {
+        return Ok(None);
+    };
+    let t = text.trim();
+    let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, ""),
+    };
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => 0,
+    };
+    match digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+    {
+        Some(n) if scale > 0 => Ok(Some(n)),
+        _ => Err(format!(
+            "COOPC_DEVICE_MEMORY_LIMIT = {text:?}: expected bytes, or a number with KiB, MiB or GiB"
+        )),
+    }
+}
+
+/// What a kernel is, for messages: its kind and the nodes it writes.
+fn describe(g: &Graph, kernel: &Kernel) -> String {
+    let kind = match kernel {
+        Kernel::Elementwise { .. } => "fused elementwise".to_string(),
+        Kernel::Reduce { .. } => "fused reduction".to_string(),
+        Kernel::MatMul { .. } => "matmul".to_string(),
+        Kernel::LinearLogprob { .. } => "fused linear log-prob".to_string(),
+        Kernel::Attention { .. } => "attention".to_string(),
+        Kernel::AttentionGrads { .. } => "attention gradients".to_string(),
+        Kernel::LogprobGrads { .. } => "linear log-prob gradients".to_string(),
+        Kernel::OptimStep { .. } => "optimiser step".to_string(),
+        Kernel::Node(id) => g.op(*id).name().to_string(),
+    };
+    let writes = kernel.writes();
+    let shown: Vec<String> = writes
+        .iter()
+        .take(3)
+        .map(|w| format!("%{} {:?}", w.index(), g.ty(*w).shape))
+        .collect();
+    let more = if writes.len() > 3 {
+        format!(" and {} more", writes.len() - 3)
+    } else {
+        String::new()
+    };
+    format!("{kind} writing {}{more}", shown.join(", "))
+}
+
+/// Bytes of device buffers a kernel allocates: its outputs (f32) and its
+/// scratch.
+fn kernel_bytes(g: &Graph, kernel: &Kernel) -> u64 {
+    let outputs: usize = kernel.writes().iter().map(|w| g.ty(*w).numel() * 4).sum();
+    (outputs + kernel.scratch_bytes(g)) as u64
 }
 
 /// The first panic message of any thread since the last [`take_panic`]
@@ -184,6 +268,10 @@ pub struct Device<R: Runtime> {
     /// Products for which CubeCL's matmul was asked for but coopc's
     /// kernels ran (an unaligned view, or a problem CubeCL's refused).
     pub(crate) matmul_fallbacks: AtomicU64,
+    /// At most this many bytes of device memory in use: a kernel whose
+    /// buffers would pass it fails with [`DeviceError::OutOfMemory`]
+    /// before it launches (`COOPC_DEVICE_MEMORY_LIMIT`).
+    pub memory_limit: Option<u64>,
 }
 
 /// Source of [`Device`] ids.
@@ -230,7 +318,7 @@ impl<R: Runtime> Backend for Device<R> {
     ) -> Result<Vec<(String, HostTensor)>, ExecError> {
         let prepared = self.prepared_for(program);
         self.execute(&program.graph, &prepared, inputs)
-            .map_err(|e| self.exec_error(e))
+            .map_err(|e| self.program_error(program, e))
     }
 
     fn run_values(
@@ -241,7 +329,7 @@ impl<R: Runtime> Backend for Device<R> {
     ) -> Result<Vec<(String, Value)>, ExecError> {
         let prepared = self.prepared_for(program);
         self.execute_values(&program.graph, &prepared, inputs, to_host)
-            .map_err(|e| self.exec_error(e))
+            .map_err(|e| self.program_error(program, e))
     }
 
     fn to_host(&self, value: &Value) -> Result<HostTensor, ExecError> {
@@ -398,6 +486,7 @@ impl<R: Runtime> Device<R> {
             tracking: AtomicBool::new(false),
             peak_in_use: AtomicU64::new(0),
             matmul_fallbacks: AtomicU64::new(0),
+            memory_limit: None,
         }
     }
 }
@@ -583,6 +672,15 @@ impl<R: Runtime> Device<R> {
         ExecError::Device(format!("{} backend: {e}", self.backend))
     }
 
+    /// [`Device::exec_error`] naming the program that failed.
+    fn program_error(&self, program: &Program, e: DeviceError) -> ExecError {
+        ExecError::Device(format!(
+            "{} backend, program `{}`: {e}",
+            self.backend,
+            program.kind.name()
+        ))
+    }
+
     /// A buffer of this device as a resident value of type `ty`.
     fn wrap(&self, ty: TensorType, handle: Handle) -> Value {
         let numel = ty.numel();
@@ -754,9 +852,27 @@ impl<R: Runtime> Device<R> {
         inputs: &I,
         to_host: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<(String, Value)>, DeviceError> {
-        guarded(DeviceError::Device, || {
+        let kernels = prepared.fused.kernels.len();
+        // The kernel running, so that a failure inside it is named.
+        let at = Cell::new(None::<usize>);
+        let result = guarded(DeviceError::Device, || {
             let mut values: HashMap<NodeId, Handle> = HashMap::new();
             for (k, kernel) in prepared.fused.kernels.iter().enumerate() {
+                at.set(Some(k));
+                if let Some(limit) = self.memory_limit {
+                    let bytes = kernel_bytes(g, kernel);
+                    let in_use = self.bytes_in_use().unwrap_or(0);
+                    if in_use.saturating_add(bytes) > limit {
+                        return Err(DeviceError::OutOfMemory {
+                            kernel: k,
+                            kernels,
+                            what: describe(g, kernel),
+                            bytes,
+                            in_use,
+                            limit,
+                        });
+                    }
+                }
                 let produced = match kernel {
                     Kernel::Node(id) if matches!(g.op(*id), Op::Literal { .. }) => {
                         let mut lits = prepared.literals.lock().unwrap_or_else(|e| e.into_inner());
@@ -802,8 +918,23 @@ impl<R: Runtime> Device<R> {
                 };
                 out.push((name.clone(), v));
             }
+            at.set(None);
             Ok(out)
-        })?
+        });
+        match (result, at.get()) {
+            (Ok(r), _) => r,
+            (Err(DeviceError::Device(message)), Some(k)) => {
+                let kernel = &prepared.fused.kernels[k];
+                Err(DeviceError::Launch {
+                    kernel: k,
+                    kernels,
+                    what: describe(g, kernel),
+                    bytes: kernel_bytes(g, kernel),
+                    message,
+                })
+            }
+            (Err(e), _) => Err(e),
+        }
     }
 
     /// Runs one kernel; returns the buffers it wrote.

@@ -32,19 +32,27 @@ pub fn open(kind: BackendKind, spec: &BackendSpec) -> Result<Arc<dyn Backend>, U
             Ok(())
         }
     };
+    let limit = coopc_kernels::device::memory_limit_from_env().map_err(UserError)?;
     Ok(match kind {
         BackendKind::Cpu => Arc::new(CpuBackend),
         BackendKind::Wgpu => {
             f32_only("wgpu")?;
-            Arc::new(Device::wgpu_with(matmul()?)?)
+            let mut d = Device::wgpu_with(matmul()?)?;
+            d.memory_limit = limit;
+            Arc::new(d)
         }
         BackendKind::Cuda => {
             f32_only("cuda")?;
-            Arc::new(Device::cuda_with(matmul()?)?)
+            let mut d = Device::cuda_with(matmul()?)?;
+            d.memory_limit = limit;
+            Arc::new(d)
         }
         BackendKind::Auto if dtype == Precision::F64 => Arc::new(CpuBackend),
         BackendKind::Auto => match Device::cuda_with(matmul()?) {
-            Ok(d) => Arc::new(d),
+            Ok(mut d) => {
+                d.memory_limit = limit;
+                Arc::new(d)
+            }
             Err(e) => {
                 // A machine with an NVIDIA driver was meant to use it: say why not.
                 if coopc_kernels::device::cuda_driver_present() {

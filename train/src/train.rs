@@ -45,6 +45,12 @@ pub enum TrainError {
         value: f64,
         checkpoint: String,
     },
+    #[error("meta-step {step}: {source}; stopping ({kept})")]
+    StepFailed {
+        step: usize,
+        source: ExecError,
+        kept: String,
+    },
     #[error("meta-step {step}: the checkpoint was not written: {source}; stopping ({kept})")]
     CheckpointWrite {
         step: usize,
@@ -497,7 +503,7 @@ impl Trainer {
             let t0 = Instant::now();
             let before = self.backend.transfers();
             let work_before = self.work_done();
-            let mut m = self.meta_step()?;
+            let mut m = self.meta_step().map_err(|e| self.failed_at(self.step, e))?;
             flops_total += (self.work_done() - work_before) as f64;
             m.flops = Some(flops_total);
             if let (Some(b), Some(a)) = (before, self.backend.transfers()) {
@@ -508,7 +514,7 @@ impl Trainer {
             let step = m.step;
             let every = self.spec.train.eval_every;
             if (every > 0 && (step + 1) % every == 0) || step + 1 == total {
-                m.eval_accuracy = Some(self.evaluate()?);
+                m.eval_accuracy = Some(self.evaluate().map_err(|e| self.failed_at(step, e))?);
             }
             m.step_time_s = t0.elapsed().as_secs_f64();
             m.wall_time_s = wall_offset + wall0.elapsed().as_secs_f64();
@@ -540,6 +546,21 @@ impl Trainer {
             }
         }
         Ok(out)
+    }
+
+    /// An executor failure (a device error, a launch or memory failure)
+    /// during meta-step `step`, with the checkpoint that is kept.
+    fn failed_at(&self, step: usize, e: TrainError) -> TrainError {
+        match e {
+            TrainError::Exec(source) | TrainError::Sample(SampleError::Exec(source)) => {
+                TrainError::StepFailed {
+                    step,
+                    source,
+                    kept: self.kept_checkpoint(),
+                }
+            }
+            other => other,
+        }
     }
 
     /// What a run that stops now leaves to resume from.
