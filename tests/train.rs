@@ -956,3 +956,226 @@ fn a_device_out_of_memory_names_program_kernel_and_bytes_and_keeps_the_checkpoin
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("COOPC_DEVICE_MEMORY_LIMIT"), "{err}");
 }
+
+/// Every `rl.advantage` against its definition, computed here directly:
+/// GRPO's group z-score, Dr. GRPO's group-mean baseline, TRL's batch-scaled
+/// one and RLOO's leave-one-out baseline.
+#[test]
+fn each_advantage_kind_computes_its_definition() {
+    use coopc_compiler::spec::Advantage;
+    use coopc_train::train::advantages;
+    let rewards = [1.0, 0.0, 0.0, -0.5, 1.0, 1.0, 1.0, 0.0];
+    let g = 4;
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    let std = |xs: &[f64]| {
+        let m = mean(xs);
+        (xs.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / xs.len() as f64).sqrt()
+    };
+    let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12);
+    let mut seen = Vec::new();
+    for kind in [
+        Advantage::GroupStd,
+        Advantage::GroupMean,
+        Advantage::BatchStd,
+        Advantage::Rloo,
+    ] {
+        let got = advantages(&rewards, g, kind);
+        let expected: Vec<f64> = (0..rewards.len())
+            .map(|i| {
+                let grp = &rewards[i / g * g..i / g * g + g];
+                let r = rewards[i];
+                match kind {
+                    Advantage::GroupStd => (r - mean(grp)) / (std(grp) + 1e-6),
+                    Advantage::GroupMean => r - mean(grp),
+                    Advantage::BatchStd => (r - mean(grp)) / (std(&rewards) + 1e-6),
+                    Advantage::Rloo => {
+                        let others: Vec<f64> = (0..g)
+                            .filter(|&j| i / g * g + j != i)
+                            .map(|j| grp[j])
+                            .collect();
+                        r - mean(&others)
+                    }
+                }
+            })
+            .collect();
+        assert!(close(&got, &expected), "{kind:?}: {got:?} vs {expected:?}");
+        assert!(
+            !seen.iter().any(|s: &Vec<f64>| close(s, &got)),
+            "{kind:?} equals another kind"
+        );
+        seen.push(got);
+    }
+}
+
+/// `rl.mask_truncated`: a completion that did not stop carries no loss
+/// (its row's loss length is 0); one that stopped keeps all of its tokens
+/// and its advantage. Where none stopped, the rows keep their tokens (a
+/// loss over no token is 0/0) and lose their advantages instead.
+#[test]
+fn mask_truncated_takes_the_loss_off_completions_that_did_not_stop() {
+    use coopc_train::train::mask_truncated;
+    let row = |len| (vec![1, 5, 6, 7, 8], 2, len);
+    let mut rows = vec![row(3), row(3), row(2)];
+    let mut adv = vec![0.5, -0.5, 1.0];
+    mask_truncated(&mut rows, &mut adv, &[true, false, false]);
+    assert_eq!(rows.iter().map(|r| r.2).collect::<Vec<_>>(), [3, 0, 0]);
+    assert_eq!(adv, [0.5, -0.5, 1.0]);
+    let mut rows = vec![row(3), row(3)];
+    let mut adv = vec![0.5, -0.5];
+    mask_truncated(&mut rows, &mut adv, &[false, false]);
+    assert_eq!(rows.iter().map(|r| r.2).collect::<Vec<_>>(), [3, 3]);
+    assert_eq!(adv, [0.0, 0.0]);
+}
+
+/// `rl.dynamic_sampling`: groups whose rewards are all equal are dropped
+/// and more prompts sampled, up to `max_sampling_rounds` batches per lower
+/// step; the metrics count both. The tiny random policy's completions are
+/// all unreadable (one reward), so every group is dropped and every lower
+/// step samples its cap; the truncated fraction is recorded either way.
+#[test]
+fn dynamic_sampling_resamples_groups_without_signal_up_to_its_cap() {
+    let dir = tmpdir("dynamic");
+    let text = TINY
+        .replace(
+            "max_new_tokens = 32",
+            "max_new_tokens = 32\ndynamic_sampling = true\nmax_sampling_rounds = 3",
+        )
+        .replace("steps = 4", "steps = 2")
+        .replace(
+            "seed = 5",
+            "seed = 5\neval_samples = 3\neval_temperature = 0.7",
+        );
+    let p = pipeline(&dir, &text);
+    let out = dir.join("run");
+    run(&[
+        "run",
+        &p,
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+        "--eval-limit",
+        "2",
+    ]);
+    let rows = read_metrics(&out.join("metrics.jsonl")).unwrap();
+    assert_eq!(rows.len(), 2);
+    let (k, prompts, max_rounds) = (2, 2, 3);
+    for m in &rows {
+        let rounds = m
+            .sampling_rounds
+            .expect("dynamic sampling counts its batches");
+        let dropped = m.dropped_groups.expect("and the groups it dropped");
+        assert!((k..=k * max_rounds).contains(&rounds), "{m:?}");
+        assert!(dropped <= rounds * prompts, "{m:?}");
+        if m.reward_mean == Some(-1.0) {
+            // Every completion unreadable: nothing kept, every cap reached.
+            assert_eq!(
+                (rounds, dropped),
+                (k * max_rounds, k * max_rounds * prompts)
+            );
+        }
+        assert!(m.truncated.is_some_and(|t| (0.0..=1.0).contains(&t)));
+        // train.eval_samples: sampled accuracy beside greedy, at evaluations.
+        let sampled = [m.eval_pass_at_1, m.eval_pass_at_k, m.eval_maj_at_k];
+        if m.eval_accuracy.is_some() {
+            let [p1, pk, maj] = sampled.map(|x| x.expect("sampled accuracy at evaluations"));
+            assert!(p1 <= pk && maj <= pk, "{m:?}");
+        } else {
+            assert_eq!(sampled, [None; 3]);
+        }
+    }
+    // Without it, neither count is written.
+    let plain = dir.join("plain");
+    let p2 = pipeline(&dir, TINY);
+    run(&[
+        "run",
+        &p2,
+        "--out",
+        plain.to_str().unwrap(),
+        "--quiet",
+        "--eval-limit",
+        "2",
+        "--stop-after",
+        "1",
+    ]);
+    let m = &read_metrics(&plain.join("metrics.jsonl")).unwrap()[0];
+    assert_eq!((m.sampling_rounds, m.dropped_groups), (None, None));
+}
+
+/// pass@k and maj@k judge a problem's sampled answers: the count correct,
+/// whether any is, and whether the most frequent readable answer is (ties
+/// to the first seen; unreadable answers do not vote; `jsonl` compares
+/// answers by value).
+#[test]
+fn majority_voting_counts_answers_by_value() {
+    use coopc_compiler::spec::TaskSpec;
+    use coopc_train::tasks::{build_task, Problem};
+    use coopc_train::train::{vote, Vote};
+    let (_, spec) = coopc_compiler::frontend::load_pipeline(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/addition.toml"
+    )))
+    .unwrap();
+    let addition = build_task(&spec.task, spec.train.seq_len).unwrap();
+    let p = Problem {
+        prompt: "12+30=".into(),
+        answer: "42".into(),
+    };
+    let s = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let v = |task: &dyn coopc_train::tasks::Task, p: &Problem, xs: &[&str]| vote(task, p, &s(xs));
+    assert_eq!(
+        v(addition.as_ref(), &p, &["#42", "#41", "#41", "junk"]),
+        Vote {
+            correct: 1,
+            any_correct: true,
+            majority_correct: false
+        }
+    );
+    assert_eq!(
+        v(addition.as_ref(), &p, &["#41", "#42", "#42", "x", "y", "z"]),
+        Vote {
+            correct: 2,
+            any_correct: true,
+            majority_correct: true
+        }
+    );
+    // A tie goes to the answer seen first; nothing readable votes for nothing.
+    assert!(v(addition.as_ref(), &p, &["#42", "#41"]).majority_correct);
+    assert!(!v(addition.as_ref(), &p, &["#41", "#42"]).majority_correct);
+    assert_eq!(
+        v(addition.as_ref(), &p, &["a", "b"]),
+        Vote {
+            correct: 0,
+            any_correct: false,
+            majority_correct: false
+        }
+    );
+    // jsonl: "1,000" and "1000" are one vote.
+    let dir = tmpdir("vote");
+    let data = dir.join("d.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"q\", \"response\": \"1000\", \"answer\": \"1000\"}\n",
+    )
+    .unwrap();
+    let jsonl = TaskSpec {
+        kind: coopc_compiler::spec::TaskKind::Jsonl,
+        sft_file: Some(data.display().to_string()),
+        rl_file: Some(data.display().to_string()),
+        ..spec.task.clone()
+    };
+    let task = build_task(&jsonl, 64).unwrap();
+    let q = Problem {
+        prompt: "q".into(),
+        answer: "1000".into(),
+    };
+    let w = v(
+        task.as_ref(),
+        &q,
+        &[
+            "The answer is 7",
+            "The answer is 1,000",
+            "The answer is 1000",
+        ],
+    );
+    assert!(w.majority_correct && w.correct == 2, "{w:?}");
+}

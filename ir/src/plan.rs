@@ -558,6 +558,9 @@ mod tests {
             },
             rl: RlSpec {
                 skip_no_signal: true,
+                mask_truncated: false,
+                dynamic_sampling: false,
+                max_sampling_rounds: 4,
                 group_size: 4,
                 prompts_per_step: 2,
                 clip_low: 0.2,
@@ -607,6 +610,8 @@ mod tests {
                 seq_len: 24,
                 on_nonfinite: Default::default(),
                 max_nonfinite_in_row: 3,
+                eval_samples: 0,
+                eval_temperature: 1.0,
             },
             backend: BackendSpec {
                 kind: BackendKind::Auto,

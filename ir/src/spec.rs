@@ -309,8 +309,13 @@ impl DataFormat {
 pub enum Advantage {
     /// (r − mean) / (std + 1e-6) within a group.
     GroupStd,
-    /// r − mean within a group.
+    /// r − mean within a group (Dr. GRPO).
     GroupMean,
+    /// (r − group mean) / (std over the whole batch + 1e-6): TRL's
+    /// `scale_rewards = "batch"`.
+    BatchStd,
+    /// Leave-one-out (RLOO): r − the mean of the group's other rewards.
+    Rloo,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -343,6 +348,22 @@ pub struct RlSpec {
     /// θ on a zero gradient.
     #[serde(default = "yes")]
     pub skip_no_signal: bool,
+    /// Completions that hit `max_new_tokens` (did not stop) get no loss
+    /// (DAPO's overlong filtering); their rewards still count in their
+    /// group's advantages.
+    #[serde(default)]
+    pub mask_truncated: bool,
+    /// DAPO's dynamic sampling: groups whose rewards are all equal are
+    /// dropped and more prompts sampled, up to `max_sampling_rounds`
+    /// batches, until `prompts_per_step` groups with signal are found.
+    #[serde(default)]
+    pub dynamic_sampling: bool,
+    #[serde(default = "default_max_sampling_rounds")]
+    pub max_sampling_rounds: usize,
+}
+
+fn default_max_sampling_rounds() -> usize {
+    4
 }
 
 fn yes() -> bool {
@@ -607,6 +628,17 @@ pub struct TrainSpec {
     /// meta-steps in a row were skipped.
     #[serde(default = "default_max_nonfinite_in_row")]
     pub max_nonfinite_in_row: usize,
+    /// Samples per held-out problem at each evaluation, beside greedy
+    /// decoding (pass@k, maj@k); 0 samples none.
+    #[serde(default)]
+    pub eval_samples: usize,
+    /// The temperature of those samples.
+    #[serde(default = "one")]
+    pub eval_temperature: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 fn default_max_nonfinite_in_row() -> usize {

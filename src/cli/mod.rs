@@ -168,6 +168,12 @@ pub enum Command {
         /// Also print this many held-out and training-distribution problems with the model's answers.
         #[arg(long, default_value_t = 0)]
         show: usize,
+        /// Also sample this many answers per held-out problem: pass@1, pass@N and maj@N beside greedy accuracy.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        samples: usize,
+        /// The temperature of those samples.
+        #[arg(long, value_name = "T", default_value_t = 1.0)]
+        temperature: f64,
     },
     /// Validate a pipeline.toml (exit 2 with diagnostics when it is invalid).
     Check { pipeline: PathBuf },
@@ -309,10 +315,17 @@ pub fn dispatch(cli: Cli) -> i32 {
             task,
             eval_limit,
             show,
+            samples,
+            temperature,
         } => user_result(match (dir, model, task, eval_limit.unwrap_or(usize::MAX)) {
-            (Some(dir), None, None, eval_limit) => run::eval(&dir, eval_limit, show),
+            _ if temperature.is_nan() || temperature <= 0.0 => Err(UserError(format!(
+                "--temperature must be > 0, found {temperature}"
+            ))),
+            (Some(dir), None, None, eval_limit) => {
+                run::eval(&dir, eval_limit, show, (samples, temperature))
+            }
             (None, Some(model), Some(task), eval_limit) => {
-                run::eval_model(&model, &task, eval_limit, show)
+                run::eval_model(&model, &task, eval_limit, show, (samples, temperature))
             }
             (Some(_), _, Some(_), _) => Err(UserError(
                 "--task goes with --model; a run folder is evaluated on its own task".into(),

@@ -393,14 +393,17 @@ fn stop_on_signals() {
     }
 }
 
-pub fn eval(dir: &Path, eval_limit: usize, show: usize) -> Result<(), UserError> {
+/// Sampled answers per held-out problem and their temperature (`--samples`,
+/// `--temperature`); 0 samples none.
+pub type Sampled = (usize, f64);
+
+pub fn eval(dir: &Path, eval_limit: usize, show: usize, sampled: Sampled) -> Result<(), UserError> {
     let spec = read_spec(dir)?;
     evaluate(
         spec,
         dir,
         true,
-        eval_limit,
-        show,
+        (eval_limit, show, sampled),
         &dir.display().to_string(),
     )
 }
@@ -413,6 +416,7 @@ pub fn eval_model(
     pipeline: &Path,
     eval_limit: usize,
     show: usize,
+    sampled: Sampled,
 ) -> Result<(), UserError> {
     let options = coopc_compiler::frontend::Options {
         model_from: Some(model.display().to_string()),
@@ -429,8 +433,7 @@ pub fn eval_model(
         spec,
         Path::new("."),
         false,
-        eval_limit,
-        show,
+        (eval_limit, show, sampled),
         &model.display().to_string(),
     )
 }
@@ -439,8 +442,7 @@ fn evaluate(
     spec: PipelineSpec,
     dir: &Path,
     resume: bool,
-    eval_limit: usize,
-    show: usize,
+    (eval_limit, show, (samples, temperature)): (usize, usize, Sampled),
     what: &str,
 ) -> Result<(), UserError> {
     let plan = compile(spec.clone());
@@ -492,5 +494,14 @@ fn evaluate(
         100.0 * acc,
         trainer.task().eval_set().len().min(eval_limit)
     );
+    if samples > 0 {
+        let s = trainer.sampled_accuracy(samples, temperature)?;
+        println!(
+            "{samples} samples per problem at temperature {temperature}: pass@1 {:.1}% · pass@{samples} {:.1}% · maj@{samples} {:.1}%",
+            100.0 * s.pass_at_1,
+            100.0 * s.pass_at_n,
+            100.0 * s.maj_at_n
+        );
+    }
     Ok(())
 }

@@ -86,6 +86,56 @@ pub struct RunOptions {
     pub stop_after: Option<usize>,
 }
 
+/// Held-out accuracy of `n` sampled answers per problem.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampledAccuracy {
+    pub n: usize,
+    /// Mean fraction of the samples that are correct.
+    pub pass_at_1: f64,
+    /// Fraction of problems with at least one correct sample.
+    pub pass_at_n: f64,
+    /// Fraction of problems whose most frequent answer is correct.
+    pub maj_at_n: f64,
+}
+
+/// Several answers to one problem, judged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vote {
+    /// Answers that are correct.
+    pub correct: usize,
+    pub any_correct: bool,
+    /// Whether the most frequent readable answer ([`Task::answer_of`],
+    /// compared by [`Task::same_answer`]; ties go to the one seen first)
+    /// is correct; false when none is readable.
+    pub majority_correct: bool,
+}
+
+/// Judges `responses` to `problem`: how many are correct and whether
+/// their majority answer is.
+pub fn vote(task: &dyn Task, problem: &Problem, responses: &[String]) -> Vote {
+    let right: Vec<bool> = responses
+        .iter()
+        .map(|t| task.is_correct(problem, t))
+        .collect();
+    let votes: Vec<(String, bool)> = responses
+        .iter()
+        .zip(&right)
+        .filter_map(|(t, &c)| task.answer_of(problem, t).map(|a| (a, c)))
+        .collect();
+    let mut best: Option<(usize, bool)> = None;
+    for (a, c) in &votes {
+        let k = votes.iter().filter(|(b, _)| task.same_answer(a, b)).count();
+        if best.is_none_or(|(most, _)| k > most) {
+            best = Some((k, *c));
+        }
+    }
+    Vote {
+        correct: right.iter().filter(|&&c| c).count(),
+        any_correct: right.iter().any(|&c| c),
+        majority_correct: best.is_some_and(|(_, c)| c),
+    }
+}
+
 /// A greedy answer to one problem.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Answer {
@@ -150,6 +200,26 @@ pub struct Metrics {
     /// `train.on_nonfinite = "skip_step"` discarded its update.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub skipped_nonfinite: bool,
+    /// Fraction of the step's completions that did not stop (hit
+    /// `max_new_tokens` or the sequence's end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncated: Option<f64>,
+    /// With `rl.dynamic_sampling`: batches sampled and groups dropped
+    /// (all rewards equal) over the step's lower steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling_rounds: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_groups: Option<usize>,
+    /// With `train.eval_samples = k`, on evaluation steps: of k samples
+    /// per held-out problem at `train.eval_temperature`, the mean fraction
+    /// correct, whether any is (pass@k) and whether the majority answer is
+    /// (maj@k).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_pass_at_1: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_pass_at_k: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_maj_at_k: Option<f64>,
 }
 
 fn nan() -> f64 {
@@ -196,8 +266,35 @@ struct Packed {
     mask: Vec<f64>,
 }
 
+/// A sequence row: its tokens, where the response starts, and how many
+/// response tokens carry a loss.
+pub type Row = (Vec<i32>, usize, usize);
+
+/// A group of G rollouts of one prompt: rows (and whether each
+/// completion stopped) and rewards.
+type Group = (Vec<(Row, bool)>, Vec<f64>);
+
+/// `rl.mask_truncated` (DAPO's overlong filtering) on a batch's rows:
+/// a completion that did not stop carries no loss (its loss length
+/// becomes 0). Where no completion of the batch stopped, the rows keep
+/// their tokens and lose their advantage instead — a loss over no token
+/// at all is 0/0 — so they give no policy-gradient signal either.
+pub fn mask_truncated(rows: &mut [Row], adv: &mut [f64], stopped: &[bool]) {
+    let any_kept = rows.iter().zip(stopped).any(|(r, &s)| s && r.2 > 0);
+    for ((row, a), &s) in rows.iter_mut().zip(adv.iter_mut()).zip(stopped) {
+        if s {
+            continue;
+        }
+        if any_kept {
+            row.2 = 0;
+        } else {
+            *a = 0.0;
+        }
+    }
+}
+
 /// Packs (full sequence, response start, response length) rows, padding with `pad`.
-fn pack(rows: &[(Vec<i32>, usize, usize)], t: usize, pad: i32) -> Packed {
+fn pack(rows: &[Row], t: usize, pad: i32) -> Packed {
     let mut ids = vec![pad; rows.len() * t];
     let mut mask = vec![0.0; rows.len() * t];
     for (r, (seq, start, len)) in rows.iter().enumerate() {
@@ -211,16 +308,28 @@ fn pack(rows: &[(Vec<i32>, usize, usize)], t: usize, pad: i32) -> Packed {
     Packed { ids, mask }
 }
 
-/// Group-relative advantages of `rewards`, groups of `g` consecutive rollouts.
+/// Advantages of `rewards`, groups of `g` consecutive rollouts
+/// (`rl.advantage`). Standard deviations are the population's (divided by
+/// the count).
 pub fn advantages(rewards: &[f64], g: usize, kind: Advantage) -> Vec<f64> {
+    let std = |xs: &[f64]| {
+        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+        (xs.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / xs.len() as f64).sqrt()
+    };
+    let batch_std = std(rewards);
     let mut out = vec![0.0; rewards.len()];
     for (grp, o) in rewards.chunks(g).zip(out.chunks_mut(g)) {
-        let mean = grp.iter().sum::<f64>() / grp.len() as f64;
-        let var = grp.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / grp.len() as f64;
+        let n = grp.len() as f64;
+        let mean = grp.iter().sum::<f64>() / n;
+        let group_std = std(grp);
         for (a, r) in o.iter_mut().zip(grp) {
             *a = match kind {
-                Advantage::GroupStd => (r - mean) / (var.sqrt() + 1e-6),
+                Advantage::GroupStd => (r - mean) / (group_std + 1e-6),
                 Advantage::GroupMean => r - mean,
+                Advantage::BatchStd => (r - mean) / (batch_std + 1e-6),
+                // r − (Σ r − r) / (n − 1) = n / (n − 1) · (r − mean).
+                Advantage::Rloo if n > 1.0 => n / (n - 1.0) * (r - mean),
+                Advantage::Rloo => 0.0,
             };
         }
     }
@@ -428,6 +537,50 @@ impl Trainer {
         Ok(correct as f64 / problems.len() as f64)
     }
 
+    /// `n` sampled answers (at `temperature`) to each of (at most
+    /// `eval_limit` of) the held-out problems: the mean fraction correct
+    /// (pass@1), the fraction of problems with a correct answer among the
+    /// n (pass@n), and the fraction whose majority answer is correct
+    /// (maj@n; votes by [`Task::answer_of`], ties to the answer seen first).
+    pub fn sampled_accuracy(
+        &self,
+        n: usize,
+        temperature: f64,
+    ) -> Result<SampledAccuracy, TrainError> {
+        let problems = self.task.eval_set();
+        let problems = &problems[..problems.len().min(self.opts.eval_limit)];
+        let params = Self::policy_params(&self.plan, &self.values);
+        let mut prompts = Vec::with_capacity(problems.len() * n);
+        for p in problems {
+            let enc = self.task.encode_prompt(p)?;
+            prompts.extend(std::iter::repeat_n(enc, n));
+        }
+        let mut rng = step_rng(self.spec.train.seed, self.step, 11);
+        let mut config = self.sampling(false, &prompts);
+        config.temperature = temperature;
+        let gens = self
+            .sampler
+            .generate(&params, &prompts, &config, &mut rng)?;
+        let (mut correct, mut pass, mut maj) = (0usize, 0usize, 0usize);
+        for (p, group) in problems.iter().zip(gens.chunks(n)) {
+            let texts: Vec<String> = group
+                .iter()
+                .map(|g| self.task.decode_response(g.response()))
+                .collect();
+            let v = vote(self.task.as_ref(), p, &texts);
+            correct += v.correct;
+            pass += v.any_correct as usize;
+            maj += v.majority_correct as usize;
+        }
+        let total = problems.len().max(1) as f64;
+        Ok(SampledAccuracy {
+            n,
+            pass_at_1: correct as f64 / (total * n as f64),
+            pass_at_n: pass as f64 / total,
+            maj_at_n: maj as f64 / total,
+        })
+    }
+
     /// Greedy answers to (at most `eval_limit` of) `problems`.
     pub fn answer(&self, problems: &[Problem]) -> Result<Vec<Answer>, TrainError> {
         let problems = &problems[..problems.len().min(self.opts.eval_limit)];
@@ -515,6 +668,16 @@ impl Trainer {
             let every = self.spec.train.eval_every;
             if (every > 0 && (step + 1) % every == 0) || step + 1 == total {
                 m.eval_accuracy = Some(self.evaluate().map_err(|e| self.failed_at(step, e))?);
+                let n = self.spec.train.eval_samples;
+                if n > 0 {
+                    let temperature = self.spec.train.eval_temperature;
+                    let s = self
+                        .sampled_accuracy(n, temperature)
+                        .map_err(|e| self.failed_at(step, e))?;
+                    m.eval_pass_at_1 = Some(s.pass_at_1);
+                    m.eval_pass_at_k = Some(s.pass_at_n);
+                    m.eval_maj_at_k = Some(s.maj_at_n);
+                }
             }
             m.step_time_s = t0.elapsed().as_secs_f64();
             m.wall_time_s = wall_offset + wall0.elapsed().as_secs_f64();
@@ -612,6 +775,9 @@ impl Trainer {
         let needs_rollouts = lambda > 0.0 || spec.bilevel.method == Method::Bridge;
         let (mut rewards_all, mut correct, mut lens, mut kls) =
             (Vec::new(), 0usize, Vec::new(), Vec::new());
+        // Completions that did not stop; sampling batches and groups
+        // dropped by dynamic sampling, over the step's K lower steps.
+        let (mut truncated, mut rounds, mut dropped_groups) = (0usize, 0usize, 0usize);
         // Whether some rollout has a non-zero advantage.
         let mut rl_signal = false;
         for k in 0..k_steps {
@@ -634,36 +800,75 @@ impl Trainer {
             );
             // RL rollouts: G completions of each prompt from the current policy.
             let (rl, adv, old, reference) = if needs_rollouts {
-                let problems: Vec<Problem> = (0..spec.rl.prompts_per_step)
-                    .map(|_| self.task.rl_problem(&mut rng))
-                    .collect();
-                let mut prompts = Vec::with_capacity(br);
-                for p in &problems {
-                    let enc = self.task.encode_prompt(p)?;
-                    for _ in 0..g {
-                        prompts.push(enc.clone());
+                let p_count = spec.rl.prompts_per_step;
+                // Groups of G rollouts: their (ids, response start, loss
+                // length) rows and their rewards.
+                let mut kept: Vec<Group> = Vec::new();
+                let mut dropped: Vec<Group> = Vec::new();
+                let mut round = 0;
+                loop {
+                    round += 1;
+                    let problems: Vec<Problem> = (0..p_count)
+                        .map(|_| self.task.rl_problem(&mut rng))
+                        .collect();
+                    let mut prompts = Vec::with_capacity(br);
+                    for p in &problems {
+                        let enc = self.task.encode_prompt(p)?;
+                        for _ in 0..g {
+                            prompts.push(enc.clone());
+                        }
+                    }
+                    let gens: Vec<Generation> = self.sampler.generate(
+                        &policy,
+                        &prompts,
+                        &self.sampling(false, &prompts),
+                        &mut rng,
+                    )?;
+                    for (problem, group) in problems.iter().zip(gens.chunks(g)) {
+                        let mut rows = Vec::with_capacity(g);
+                        let mut rewards = Vec::with_capacity(g);
+                        for gen in group {
+                            let text = self.task.decode_response(gen.response());
+                            correct += self.task.is_correct(problem, &text) as usize;
+                            rewards.push(self.task.reward(problem, &text));
+                            lens.push(gen.response_len as f64);
+                            truncated += !gen.stopped as usize;
+                            rows.push((
+                                (gen.tokens.clone(), gen.prompt_len, gen.response_len),
+                                gen.stopped,
+                            ));
+                        }
+                        rewards_all.extend(&rewards);
+                        let flat = rewards.iter().all(|&r| r == rewards[0]);
+                        if spec.rl.dynamic_sampling && flat {
+                            dropped.push((rows, rewards));
+                        } else {
+                            kept.push((rows, rewards));
+                        }
+                    }
+                    if !spec.rl.dynamic_sampling
+                        || kept.len() >= p_count
+                        || round >= spec.rl.max_sampling_rounds
+                    {
+                        break;
                     }
                 }
-                let gens: Vec<Generation> = self.sampler.generate(
-                    &policy,
-                    &prompts,
-                    &self.sampling(false, &prompts),
-                    &mut rng,
-                )?;
-                let mut rewards = Vec::with_capacity(br);
-                let mut rows = Vec::with_capacity(br);
-                for (i, gen) in gens.iter().enumerate() {
-                    let problem = &problems[i / g];
-                    let text = self.task.decode_response(gen.response());
-                    correct += self.task.is_correct(problem, &text) as usize;
-                    rewards.push(self.task.reward(problem, &text));
-                    lens.push(gen.response_len as f64);
-                    rows.push((gen.tokens.clone(), gen.prompt_len, gen.response_len));
+                rounds += round;
+                dropped_groups += dropped.len();
+                kept.truncate(p_count);
+                // Short of groups with signal: dropped ones (advantage 0)
+                // fill the batch, as they would without dynamic sampling.
+                let short = p_count - kept.len();
+                kept.extend(dropped.into_iter().take(short));
+                let (mut rows, stopped): (Vec<Row>, Vec<bool>) =
+                    kept.iter().flat_map(|(r, _)| r.iter().cloned()).unzip();
+                let rewards: Vec<f64> = kept.iter().flat_map(|(_, r)| r.iter().copied()).collect();
+                let mut adv = advantages(&rewards, g, spec.rl.advantage);
+                if spec.rl.mask_truncated {
+                    mask_truncated(&mut rows, &mut adv, &stopped);
                 }
-                rewards_all.extend(&rewards);
                 let rl = pack(&rows, t, pad);
-                let adv = advantages(&rewards, g, spec.rl.advantage);
-                rl_signal |= adv.iter().any(|&a| a != 0.0);
+                rl_signal |= adv.iter().zip(&rows).any(|(&a, row)| a != 0.0 && row.2 > 0);
                 let old = self.score(&policy, &rl.ids)?;
                 let reference = match &self.reference {
                     Some(r) => {
@@ -742,6 +947,12 @@ impl Trainer {
             grad_norm_lower: None,
             grad_norm_upper: None,
             skipped_nonfinite: false,
+            truncated: (n > 0).then(|| truncated as f64 / n as f64),
+            sampling_rounds: (spec.rl.dynamic_sampling && n > 0).then_some(rounds),
+            dropped_groups: (spec.rl.dynamic_sampling && n > 0).then_some(dropped_groups),
+            eval_pass_at_1: None,
+            eval_pass_at_k: None,
+            eval_maj_at_k: None,
         };
         if no_signal {
             self.step = step + 1;
@@ -904,6 +1115,18 @@ fn write_event(w: &mut EventWriter, m: &Metrics, started: f64) -> Result<(), Tra
             "optim/skipped_nonfinite",
             if m.skipped_nonfinite { 1.0 } else { 0.0 },
         ),
+        ("rollout/truncated", opt(m.truncated)),
+        (
+            "rollout/sampling_rounds",
+            opt(m.sampling_rounds.map(|r| r as f64)),
+        ),
+        (
+            "rollout/dropped_groups",
+            opt(m.dropped_groups.map(|d| d as f64)),
+        ),
+        ("eval/pass_at_1", opt(m.eval_pass_at_1)),
+        ("eval/pass_at_k", opt(m.eval_pass_at_k)),
+        ("eval/maj_at_k", opt(m.eval_maj_at_k)),
     ];
     w.scalars(m.step as u64, started + m.wall_time_s, &scalars)
         .map_err(|e| io_err(w.path(), e))

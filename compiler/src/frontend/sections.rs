@@ -78,6 +78,9 @@ pub(super) const RL_KEYS: &[&str] = &[
     "temperature",
     "top_p",
     "skip_no_signal",
+    "mask_truncated",
+    "dynamic_sampling",
+    "max_sampling_rounds",
 ];
 pub(super) const SFT_KEYS: &[&str] = &["batch_size", "cold_start_steps"];
 pub(super) const BILEVEL_KEYS: &[&str] = &["method", "lambda", "shadow", "hypergradient"];
@@ -107,6 +110,8 @@ pub(super) const TRAIN_KEYS: &[&str] = &[
     "seq_len",
     "on_nonfinite",
     "max_nonfinite_in_row",
+    "eval_samples",
+    "eval_temperature",
 ];
 pub(super) const ON_NONFINITE: &[(&str, OnNonFinite)] = &[
     ("stop", OnNonFinite::Stop),
@@ -125,6 +130,8 @@ pub(super) const TASK_KINDS: &[(&str, TaskKind)] = &[
 pub(super) const ADVANTAGES: &[(&str, Advantage)] = &[
     ("group_std", Advantage::GroupStd),
     ("group_mean", Advantage::GroupMean),
+    ("batch_std", Advantage::BatchStd),
+    ("rloo", Advantage::Rloo),
 ];
 pub(super) const LOSS_AGGS: &[(&str, LossAgg)] = &[
     ("token_mean", LossAgg::TokenMean),
@@ -855,6 +862,15 @@ pub(super) fn read_train(c: &mut Checker, sec: &Section, model: Option<&ModelSpe
         }
     }
     let on_nonfinite = c.choice_or(sec, "on_nonfinite", ON_NONFINITE, OnNonFinite::Stop);
+    let eval_samples = c.usize_or(sec, "eval_samples", 0);
+    let eval_temperature = c.float_or(sec, "eval_temperature", 1.0);
+    c.check(
+        sec,
+        "eval_temperature",
+        &eval_temperature,
+        eval_temperature.value > 0.0,
+        "be > 0",
+    );
     let max_in_row = c.usize_or(sec, "max_nonfinite_in_row", 3);
     c.at_least_one(sec, "max_nonfinite_in_row", &max_in_row);
     Train {
@@ -865,6 +881,8 @@ pub(super) fn read_train(c: &mut Checker, sec: &Section, model: Option<&ModelSpe
             seq_len: seq_len.value,
             on_nonfinite: on_nonfinite.value,
             max_nonfinite_in_row: max_in_row.value,
+            eval_samples: eval_samples.value,
+            eval_temperature: eval_temperature.value,
         },
         seq_len_span: seq_len.span,
         seq_len_known,
@@ -876,7 +894,7 @@ pub(super) fn read_rl(c: &mut Checker, sec: &Section, train: &Train) -> RlSpec {
     let advantage = c.choice_or(sec, "advantage", ADVANTAGES, Advantage::GroupStd);
     let group_size = c.usize_or(sec, "group_size", 8);
     if c.at_least_one(sec, "group_size", &group_size)
-        && advantage.value == Advantage::GroupStd
+        && matches!(advantage.value, Advantage::GroupStd | Advantage::Rloo)
         && group_size.value < 2
     {
         let path = sec.key_path("group_size");
@@ -884,10 +902,19 @@ pub(super) fn read_rl(c: &mut Checker, sec: &Section, train: &Train) -> RlSpec {
             &path,
             group_size.span.clone(),
             format!(
-                "`{path}` must be at least 2 with advantage = \"group_std\", found {}",
+                "`{path}` must be at least 2 with advantage = \"{}\", found {}",
+                if advantage.value == Advantage::Rloo {
+                    "rloo"
+                } else {
+                    "group_std"
+                },
                 group_size.value
             ),
-            "a group's standard deviation needs two or more completions".to_string(),
+            if advantage.value == Advantage::Rloo {
+                "a leave-one-out baseline needs two or more completions".to_string()
+            } else {
+                "a group's standard deviation needs two or more completions".to_string()
+            },
         );
     }
     let prompts = c.usize_or(sec, "prompts_per_step", 16);
@@ -960,6 +987,8 @@ pub(super) fn read_rl(c: &mut Checker, sec: &Section, train: &Train) -> RlSpec {
         top_p.value > 0.0 && top_p.value <= 1.0,
         "be in (0, 1]",
     );
+    let max_rounds = c.usize_or(sec, "max_sampling_rounds", 4);
+    c.at_least_one(sec, "max_sampling_rounds", &max_rounds);
     RlSpec {
         group_size: group_size.value,
         prompts_per_step: prompts.value,
@@ -972,6 +1001,9 @@ pub(super) fn read_rl(c: &mut Checker, sec: &Section, train: &Train) -> RlSpec {
         temperature: temperature.value,
         top_p: top_p.value,
         skip_no_signal: c.bool_or(sec, "skip_no_signal", true),
+        mask_truncated: c.bool_or(sec, "mask_truncated", false),
+        dynamic_sampling: c.bool_or(sec, "dynamic_sampling", false),
+        max_sampling_rounds: max_rounds.value,
     }
 }
 

@@ -318,6 +318,14 @@ impl Task for JsonlTask {
         None
     }
 
+    fn answer_of(&self, _problem: &Problem, response: &str) -> Option<String> {
+        read_answer(response).map(|(a, _)| a)
+    }
+
+    fn same_answer(&self, a: &str, b: &str) -> bool {
+        answers_match(a, b)
+    }
+
     fn encode_prompt(&self, problem: &Problem) -> Result<Vec<i32>, TaskError> {
         self.prompt_ids(&problem.prompt)
     }

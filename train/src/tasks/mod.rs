@@ -167,6 +167,22 @@ pub trait Task: Send + Sync {
         self.verify(problem, response) == Verdict::Correct
     }
 
+    /// The answer `response` gives, for majority voting (`maj@k`); `None`
+    /// when it gives none readable. By default the text after its only
+    /// `#`, trimmed, for a well-formed response.
+    fn answer_of(&self, problem: &Problem, response: &str) -> Option<String> {
+        if self.verify(problem, response) == Verdict::Malformed {
+            return None;
+        }
+        let at = single_hash(response)?;
+        Some(response[at + 1..].trim().to_string())
+    }
+
+    /// Whether two answers of [`Task::answer_of`] are the same vote.
+    fn same_answer(&self, a: &str, b: &str) -> bool {
+        a == b
+    }
+
     /// `BOS prompt`: what the sampler continues (no BOS for a tokenizer
     /// without one).
     fn encode_prompt(&self, problem: &Problem) -> Result<Vec<i32>, TaskError> {
