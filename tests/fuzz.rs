@@ -878,3 +878,51 @@ fn fuzzing_findings_stay_fixed() {
     let took = thread_cpu_time().saturating_sub(t0);
     assert!(took < CASE_LIMIT, "took {took:?}");
 }
+
+/// Found by the pipeline target (the fuzzing process was killed for
+/// memory at 23.8 GB): sizes a pipeline accepted made `compile` allocate
+/// hundreds of GB (`max_seq = 4294967297`: RoPE tables), build graphs of
+/// millions of layers, or run without end (a batch of 10¹² rows). They are
+/// refused now, naming the key and the bound.
+#[test]
+fn sizes_past_what_compiles_are_refused_by_the_front_end() {
+    let tiny = String::from_utf8(read("examples/tiny.toml")).unwrap();
+    let dir = scratch("sizes");
+    let path = dir.join("p.toml");
+    for (section, key, value) in [
+        ("model", "max_seq", "4294967297"),
+        ("model", "d_model", "4294967296"),
+        ("model", "d_ff", "1000000000000"),
+        ("model", "n_layers", "1000000"),
+        ("model", "vocab_size", "1000000000000"),
+        ("rl", "group_size", "1000000000000"),
+        ("rl", "prompts_per_step", "4294967297"),
+        ("sft", "batch_size", "1000000000000"),
+        ("lora", "rank", "1000000000000"),
+    ] {
+        let header = format!("[{section}]");
+        let at = tiny.find(&header).unwrap() + header.len();
+        let mut text = tiny.clone();
+        // The key again at the top of its section: a duplicate where the
+        // example sets it, else the only one.
+        let line = format!("\n{key} = {value}");
+        let dup = tiny[at..]
+            .split("\n[")
+            .next()
+            .unwrap()
+            .contains(&format!("\n{key} ="));
+        if dup {
+            let start = at + tiny[at..].find(&format!("\n{key} =")).unwrap();
+            let end = start + 1 + tiny[start + 1..].find('\n').unwrap();
+            text.replace_range(start..end, &line);
+        } else {
+            text.insert_str(at, &line);
+        }
+        std::fs::write(&path, &text).unwrap();
+        let e = load_pipeline(&path).err().expect("refused").render();
+        assert!(
+            e.contains(&format!("`{section}.{key}` must be at most")),
+            "{key}: {e}"
+        );
+    }
+}

@@ -144,6 +144,35 @@ pub(super) fn plain_list(names: &[&str]) -> String {
 }
 
 /// Collects diagnostics while the document is read.
+/// Upper bounds of sizes a pipeline sets: past them the compiler's graphs
+/// and tables (RoPE over `max_seq` positions, one layer's nodes per
+/// `n_layers`, rows per batch) would not fit in memory or time, and a typo
+/// (an extra zero, a 2⁶³) must be refused, not an abort or a hang. Each is
+/// above the largest open models' sizes (d_model 16 384, 126 layers,
+/// 262 144 tokens of vocabulary, 128k-token training contexts); a model
+/// folder's `config.json` is not held to them.
+pub(super) const SIZE_LIMITS: &[(&str, usize)] = &[
+    ("model.vocab_size", 1 << 22),
+    ("model.d_model", 1 << 16),
+    ("model.d_ff", 1 << 18),
+    ("model.n_layers", 512),
+    ("model.n_heads", 1024),
+    ("model.n_kv_heads", 1024),
+    ("model.head_dim", 4096),
+    ("model.max_seq", 1 << 17),
+    ("model.lower.lora_rank", 1 << 16),
+    ("lora.rank", 1 << 16),
+    ("rl.group_size", 1024),
+    ("rl.prompts_per_step", 1 << 13),
+    ("rl.max_new_tokens", 1 << 17),
+    ("rl.max_sampling_rounds", 1024),
+    ("sft.batch_size", 1 << 13),
+    ("train.seq_len", 1 << 17),
+    ("train.eval_samples", 1024),
+    ("bilevel.hypergradient.unroll", 256),
+    ("bilevel.hypergradient.backprop", 256),
+];
+
 pub(super) struct Checker<'s> {
     pub(super) source: &'s str,
     pub(super) diags: Vec<Diagnostic>,
@@ -233,7 +262,23 @@ impl Checker<'_> {
         let (item, span) = sec.get(key)?;
         match item.as_integer() {
             Some(v) if v >= 0 => match usize::try_from(v) {
-                Ok(value) => Some(Field { value, span }),
+                Ok(value) => {
+                    let path = sec.key_path(key);
+                    if let Some(&(_, limit)) = SIZE_LIMITS.iter().find(|(p, _)| *p == path) {
+                        if value > limit {
+                            self.error(
+                                &path,
+                                span,
+                                format!(
+                                    "`{path}` must be at most {limit} (what coopc can compile \
+                                     and allocate), found {v}"
+                                ),
+                            );
+                            return None;
+                        }
+                    }
+                    Some(Field { value, span })
+                }
                 Err(_) => {
                     let path = sec.key_path(key);
                     self.error(&path, span, format!("`{path}` is too large, found {v}"));
