@@ -919,7 +919,7 @@ fn sizes_past_what_compiles_are_refused_by_the_front_end() {
             text.insert_str(at, &line);
         }
         std::fs::write(&path, &text).unwrap();
-        let e = load_pipeline(&path).err().expect("refused").render();
+        let e = load_pipeline(&path).expect_err("refused").render();
         assert!(
             e.contains(&format!("`{section}.{key}` must be at most")),
             "{key}: {e}"
