@@ -453,6 +453,15 @@ fn named(message: String, what: &str) -> Result<(), String> {
     }
 }
 
+/// An error's message must name the file it is about.
+fn names_file(message: String, file: &str) -> Result<(), String> {
+    if message.contains(file) {
+        Ok(())
+    } else {
+        Err(format!("the error does not name the file: {message}"))
+    }
+}
+
 // ----------------------------------------------------------------- targets
 
 fn pipelines() -> Vec<Vec<u8>> {
@@ -687,13 +696,7 @@ fn fuzzed_safetensors_files_are_read_or_refused() {
                     }
                     Ok(())
                 }
-                Err(e) => {
-                    let m = e.to_string();
-                    if !m.contains("t.safetensors") {
-                        return Err(format!("the error does not name the file: {m}"));
-                    }
-                    Ok(())
-                }
+                Err(e) => names_file(e.to_string(), "t.safetensors"),
             }
         },
     );
@@ -757,13 +760,7 @@ fn fuzzed_jsonl_data_is_read_or_refused_naming_the_line() {
             task.eval_file = Some(path.display().to_string());
             match JsonlTask::load(&task, 4096, &dir) {
                 Ok(_) => Ok(()),
-                Err(e) => {
-                    let m = e.to_string();
-                    if !m.contains("data.jsonl") {
-                        return Err(format!("the error does not name the file: {m}"));
-                    }
-                    Ok(())
-                }
+                Err(e) => names_file(e.to_string(), "data.jsonl"),
             }
         },
     );

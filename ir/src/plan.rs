@@ -169,16 +169,7 @@ pub struct Plan {
 
 /// sha256 of a pipeline's source text, lower-case hex.
 pub fn pipeline_hash(source: &str) -> String {
-    hex(&Sha256::digest(source.as_bytes()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+    crate::file::hex(&Sha256::digest(source.as_bytes()))
 }
 
 /// What is wrong with one program of a plan.

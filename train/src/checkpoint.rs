@@ -310,14 +310,7 @@ pub fn latest_spec(run_dir: &Path) -> Result<Option<PipelineSpec>, CheckpointErr
         reason,
     };
     let bytes = std::fs::read(&path).map_err(io(&path, "read"))?;
-    let actual: String = {
-        use std::fmt::Write;
-        let digest = coopc_ir::file::sha256_bytes(&bytes);
-        digest.iter().fold(String::new(), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-    };
+    let actual = coopc_ir::file::hex(&coopc_ir::file::sha256_bytes(&bytes));
     if actual != sum {
         return Err(invalid(
             "does not match the sha256 checksum meta.txt records for it; not loaded".into(),
