@@ -1338,10 +1338,13 @@ fn fused_linear_logprob_out_of_range_targets_are_nan_or_refused() {
 }
 
 /// The policy losses and their gradients with respect to the log-probs:
-/// SFT, GRPO with and without the KL term, token and sequence mean; a
-/// batch wider than a cube (several strided passes per sequence) and a
-/// small one with a sequence without response tokens; NaN at the masked
-/// positions of GRPO's inputs (dropped); gradients seeded with 0.7.
+/// SFT, GRPO with and without the KL term (k1, k2, k3), the three
+/// aggregations, GSPO's sequence ratio and CISPO; a batch wider than a
+/// cube (several strided passes per sequence) and a small one with a
+/// sequence without response tokens; NaN at the masked positions of
+/// GRPO's inputs (dropped); gradients seeded with 0.7. The tolerance is
+/// 5e-5: GSPO's loss sums 2400 terms of ±s·A that largely cancel, summed
+/// in another order than the CPU's.
 #[test]
 fn token_losses_match_the_cpu() {
     if device_missing() {
@@ -1368,7 +1371,7 @@ fn token_losses_match_the_cpu() {
             g.set_output(format!("grad{i}_{j}"), d);
         }
     }
-    check(&g, &inp, 1e-5);
+    check(&g, &inp, 5e-5);
 }
 
 /// Where the reference's loss is NaN the device's is too: a ratio that
@@ -1380,9 +1383,7 @@ fn token_loss_keeps_the_references_nans() {
     if device_missing() {
         return;
     }
-    let [_, token_mean, .., seq_mean] = token_losses()[..] else {
-        unreachable!()
-    };
+    let [token_mean, seq_mean] = [1, 4].map(|i| token_losses()[i]);
     let inf = f64::INFINITY;
     for (loss, logp0, adv0, mask0) in [(token_mean, 0.0, 0.0, 1.0), (seq_mean, -1.0, inf, 0.0)] {
         let (b, t) = (2, 3);

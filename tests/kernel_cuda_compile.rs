@@ -1,8 +1,9 @@
 //! The generated CUDA C++ of every kernel of the default example's
 //! programs (meta-step, scorer, decode step, and the sampler's kernels)
 //! and of the medium truncated bench pipeline's (d_model 1024, vocabulary
-//! 32k: the register-blocked and chunked variants), compiled without a GPU
-//! in two ways:
+//! 32k: the register-blocked and chunked variants), and of every policy
+//! loss variant of the token-loss tests, compiled without a GPU in two
+//! ways:
 //!
 //! - by NVRTC itself, the library cubecl-cuda compiles kernels with at run
 //!   time, with the options cubecl-cuda gives it on an H100
@@ -21,6 +22,8 @@
 //! `.ci/run` sets `COOPC_REQUIRE_NVRTC=1` and `COOPC_REQUIRE_CXX=1` when it
 //! has installed them; without the tool and without its variable a test
 //! says so and checks nothing else.
+
+mod common;
 
 use coopc_compiler::fusion::fuse;
 use coopc_compiler::lowering::{lower_logprobs, lower_meta_step, BatchShapes};
@@ -143,6 +146,22 @@ fn kernel_units_of(text: fn(&KernelSource) -> &str) -> Vec<(String, String)> {
             spec.train.seq_len,
         ));
     }
+    // Every policy loss variant (surrogate, ratio level, KL estimator,
+    // aggregation) and its gradient.
+    let mut losses = coopc_compiler::ir::Graph::new();
+    for (i, loss) in common::token_losses().into_iter().enumerate() {
+        let ops: Vec<_> = common::token_loss_operands(loss, 4, 16)
+            .into_iter()
+            .map(|(name, shape)| {
+                losses.input(format!("{name}{i}"), coopc_compiler::ir::DType::F32, shape)
+            })
+            .collect();
+        let l = losses.token_loss(loss, &ops);
+        let d = coopc_compiler::autodiff::grad(&mut losses, l, &[ops[0]])[0];
+        losses.set_output(format!("loss{i}"), l);
+        losses.set_output(format!("grad{i}"), d);
+    }
+    graphs.push(losses);
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     for (i, g) in graphs.iter().enumerate() {

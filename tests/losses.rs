@@ -1,6 +1,8 @@
 //! The SFT loss and the GRPO surrogate on hand-computed cases: clipping on
-//! both sides, positive and negative advantages, the tie rule, the k3 KL
-//! penalty, garbage at masked positions, and both aggregations.
+//! both sides, positive and negative advantages, the tie rule, the k1, k2
+//! and k3 KL penalties (and none in the loss when it is in the reward),
+//! garbage at masked positions, the three aggregations, GSPO's sequence
+//! ratio and CISPO's surrogate.
 
 mod common;
 
@@ -8,7 +10,7 @@ use common::*;
 use coopc_compiler::autodiff::grad;
 use coopc_compiler::ir::{DType, Graph, NodeId};
 use coopc_compiler::losses::{grpo_loss, sft_loss, RlBatch};
-use coopc_compiler::spec::{LossAgg, RlSpec};
+use coopc_compiler::spec::{KlEstimator, LossAgg, PolicyLoss, RatioLevel, RlSpec};
 
 fn rl_spec(kl: f64, agg: LossAgg) -> RlSpec {
     let mut s = tiny_spec().rl;
@@ -161,6 +163,124 @@ fn grpo_k3_penalty_is_added_on_response_tokens() {
         gr[1]
     );
     assert!(close(gr[7], 1.2 / 4.0 - beta / 4.0), "{}", gr[7]);
+}
+
+/// ref − logπ = ln 2 on every response token (∞ elsewhere, dropped).
+fn ln2_reference() -> Vec<f64> {
+    LOGP.iter()
+        .zip(MASK)
+        .map(|(lp, m)| {
+            if m > 0.0 {
+                lp + 2f64.ln()
+            } else {
+                f64::INFINITY
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn grpo_k1_and_k2_penalties_use_their_estimates() {
+    let beta = 0.1;
+    let kappa = 2f64.ln();
+    let surrogate = (-1.28 - 0.5 + 1.6 + 1.2) / 4.0;
+    // (estimator, its value at κ, its derivative with respect to logπ).
+    for (kl, value, slope) in [
+        (KlEstimator::K1, -kappa, 1.0),
+        (KlEstimator::K2, kappa * kappa / 2.0, -kappa),
+    ] {
+        let mut spec = rl_spec(beta, LossAgg::TokenMean);
+        spec.kl_estimator = kl;
+        let (l, gr) = grpo(&spec, &LOGP, &old(), &ln2_reference(), &ADV, &MASK, 3, 3);
+        let want = surrogate + beta * value;
+        assert!(close(l, want), "{kl:?}: {l} vs {want}");
+        // Token 1 is clipped: only the KL term's gradient.
+        assert!(close(gr[1], beta * slope / 4.0), "{kl:?}: {}", gr[1]);
+        assert!(
+            close(gr[7], 1.2 / 4.0 + beta * slope / 4.0),
+            "{kl:?}: {}",
+            gr[7]
+        );
+    }
+}
+
+#[test]
+fn a_kl_penalty_in_the_reward_is_not_in_the_loss() {
+    let mut spec = rl_spec(0.1, LossAgg::TokenMean);
+    spec.kl_in_reward = true;
+    let (l, gr) = grpo(&spec, &LOGP, &old(), &ln2_reference(), &ADV, &MASK, 3, 3);
+    let want = (-1.28 - 0.5 + 1.6 + 1.2) / 4.0;
+    assert!(close(l, want), "{l} vs {want}");
+    assert_eq!(gr[1], 0.0);
+}
+
+#[test]
+fn dr_grpo_divides_token_sums_by_sequences_times_max_new_tokens() {
+    let mut spec = rl_spec(0.0, LossAgg::SeqMeanTokenSumNorm);
+    spec.max_new_tokens = 4;
+    let (l, gr) = grpo(&spec, &LOGP, &old(), &[0.0; 9], &ADV, &MASK, 3, 3);
+    // 3 sequences × 4 tokens, whatever their lengths.
+    let want = (-1.28 - 0.5 + 1.6 + 1.2) / 12.0;
+    assert!(close(l, want), "{l} vs {want}");
+    let want_g = [0.0, 0.0, -0.5 / 12.0, 0.0, 0.0, 0.0, 0.0, 1.2 / 12.0, 0.0];
+    for (i, (a, b)) in gr.iter().zip(want_g).enumerate() {
+        assert!(close(*a, b), "grad[{i}] = {a}, want {b}");
+    }
+}
+
+#[test]
+fn gspo_clips_the_length_normalised_sequence_ratio() {
+    let mut spec = rl_spec(0.0, LossAgg::TokenMean);
+    spec.ratio_level = RatioLevel::Sequence;
+    let (l, gr) = grpo(&spec, &LOGP, &old(), &[0.0; 9], &ADV, &MASK, 3, 3);
+    // s = √(1.5 · 0.5) inside the range for sequence 0 (A = 1); 0.5, below
+    // it, for sequence 1 (A = −2: the clipped −1.6 wins, no gradient); 1.2
+    // for sequence 2 (A = −1).
+    let s0 = 0.75f64.sqrt();
+    let want = (-s0 - s0 + 1.6 + 1.2) / 4.0;
+    assert!(close(l, want), "{l} vs {want}");
+    // ∂/∂logπ_t of the sequence's term −s·A is −s·A / n_b; each sequence
+    // weighs n_b / 4 in the token mean.
+    let want_g = [
+        0.0,
+        -s0 / 4.0,
+        -s0 / 4.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        1.2 / 4.0,
+        0.0,
+    ];
+    for (i, (a, b)) in gr.iter().zip(want_g).enumerate() {
+        assert!(close(*a, b), "grad[{i}] = {a}, want {b}");
+    }
+}
+
+#[test]
+fn cispo_weights_every_token_by_its_clipped_ratio() {
+    let mut spec = rl_spec(0.0, LossAgg::TokenMean);
+    spec.loss = PolicyLoss::Cispo;
+    let (l, gr) = grpo(&spec, &LOGP, &old(), &[0.0; 9], &ADV, &MASK, 3, 3);
+    // ℓ = −clip(ρ)·A·logπ: −1.28·1·(−1), −0.8·1·(−2), −0.8·(−2)·(−1),
+    // −1.2·(−1)·(−0.5).
+    let want = (1.28 + 1.6 - 1.6 - 0.6) / 4.0;
+    assert!(close(l, want), "{l} vs {want}");
+    // −clip(ρ)·A on every response token: clipped ones (1 and 4) too.
+    let want_g = [
+        0.0,
+        -1.28 / 4.0,
+        -0.8 / 4.0,
+        0.0,
+        1.6 / 4.0,
+        0.0,
+        0.0,
+        1.2 / 4.0,
+        0.0,
+    ];
+    for (i, (a, b)) in gr.iter().zip(want_g).enumerate() {
+        assert!(close(*a, b), "grad[{i}] = {a}, want {b}");
+    }
 }
 
 #[test]

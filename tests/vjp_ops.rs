@@ -1219,7 +1219,11 @@ fn token_loss_matches_its_reference_expression() {
 
 #[test]
 fn token_loss_vjp_matches_finite_differences() {
-    for loss in token_losses() {
+    // CISPO's value holds its clipped ratio as a constant (a stop-gradient),
+    // so its gradient is not the value's finite difference:
+    // tests/losses.rs `cispo_weights_every_token_by_its_clipped_ratio`
+    // checks it by hand instead.
+    for loss in token_losses().into_iter().filter(|l| !l.cispo()) {
         for seed in SEEDS {
             let (vars, mask) = token_loss_case(loss, seed);
             check_op(seed, &vars, &mask, true, |g, x| {

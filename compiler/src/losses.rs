@@ -6,7 +6,7 @@
 //! `token_loss_grad` op; `reference_loss` and `reference_grad` write the
 //! same computations with ordinary ops (their derivatives are the ops').
 
-use crate::ir::{CompareOp, Graph, NodeId, Scalar, TokenLoss};
+use crate::ir::{CompareOp, Graph, KlEstimator, NodeId, Scalar, TokenAgg, TokenLoss};
 use crate::spec::{LossAgg, RlSpec};
 
 /// `−Σ mask · logπ / Σ mask` over the whole batch (one `token_loss` op).
@@ -28,13 +28,24 @@ pub struct RlBatch {
     pub ref_logprobs: Option<NodeId>,
 }
 
-/// The GRPO loss of `rl` as an IR attribute.
+/// The GRPO loss of `rl` as an IR attribute: its clip range, the KL term
+/// when it is in the loss, the aggregation (Dr. GRPO's constant is
+/// `max_new_tokens`), the ratio level and the surrogate.
 pub fn grpo(rl: &RlSpec) -> TokenLoss {
     TokenLoss::Grpo {
         clip_low: Scalar(rl.clip_low),
         clip_high: Scalar(rl.clip_high),
-        kl_coef: Scalar(rl.kl_coef),
-        seq_mean: rl.loss_agg == LossAgg::SeqMean,
+        kl_coef: Scalar(rl.loss_kl_coef()),
+        kl: rl.kl_estimator,
+        agg: match rl.loss_agg {
+            LossAgg::TokenMean => TokenAgg::TokenMean,
+            LossAgg::SeqMean => TokenAgg::SeqMean,
+            LossAgg::SeqMeanTokenSumNorm => TokenAgg::SeqSum {
+                norm: Scalar(rl.max_new_tokens as f64),
+            },
+        },
+        ratio: rl.ratio_level,
+        surrogate: rl.loss,
     }
 }
 
@@ -46,7 +57,7 @@ pub fn grpo_operands(rl: &RlSpec, logp: NodeId, batch: &RlBatch) -> Vec<NodeId> 
         ops.push(
             batch
                 .ref_logprobs
-                .expect("ref_logprobs are needed when kl_coef > 0"),
+                .expect("ref_logprobs are needed with a KL term in the loss"),
         );
     }
     ops
@@ -59,10 +70,10 @@ pub fn grpo_loss(g: &mut Graph, rl: &RlSpec, logp: NodeId, batch: &RlBatch) -> N
 }
 
 /// GRPO's per-token values with ordinary ops: the response test `mask >
-/// 0`, the ratio `ρ = exp(logπ − old)` (1 off the response), the
-/// advantages broadcast to `[B, T]`, `ρA` and `clip(ρ, lo, hi)·A`, and the
-/// KL difference `δ = ref − logπ` (0 off the response) when the loss has
-/// the term.
+/// 0`, the ratio (`exp(logπ − old)`, 1 off the response, or GSPO's
+/// sequence ratio broadcast over the sequence), the advantages broadcast
+/// to `[B, T]`, `ρA` and `clip(ρ, lo, hi)·A`, and the KL difference `κ =
+/// ref − logπ` (0 off the response) when the loss has the term.
 struct Surrogate {
     on: NodeId,
     ratio: NodeId,
@@ -80,7 +91,22 @@ fn surrogate(g: &mut Graph, loss: TokenLoss, (lo, hi): (f64, f64), ops: &[NodeId
     // Garbage (even NaN) off the response is dropped.
     let d = g.sub(logp, old);
     let d = g.select(on, d, zero);
-    let ratio = g.exp(d);
+    let ratio = if loss.seq_ratio() {
+        // exp(Σ_t mask δ / n_b), n_b taken as 1 where it is 0 (then δ = 0).
+        let weighted = g.mul(d, mask);
+        let num = g.sum(weighted, &[1], false);
+        let cnt = g.sum(mask, &[1], false);
+        let zero_b = g.full_like(0.0, cnt);
+        let has = g.compare(CompareOp::Gt, cnt, zero_b);
+        let one_b = g.full_like(1.0, cnt);
+        let safe = g.select(has, cnt, one_b);
+        let mean = g.div(num, safe);
+        let s = g.exp(mean);
+        let s = g.reshape(s, vec![shape[0], 1]);
+        g.broadcast(s, shape.clone())
+    } else {
+        g.exp(d)
+    };
     let adv = g.reshape(ops[3], vec![shape[0], 1]);
     let adv = g.broadcast(adv, shape);
     let unclipped = g.mul(ratio, adv);
@@ -100,90 +126,130 @@ fn surrogate(g: &mut Graph, loss: TokenLoss, (lo, hi): (f64, f64), ops: &[NodeId
     }
 }
 
+/// `β ·` the KL estimate of `κ` and its derivative with respect to logπ
+/// (`∂κ/∂logπ = −1`): k1 `(−κ, 1)`, k2 `(κ²/2, −κ)`, k3 `(e^κ − κ − 1, 1 −
+/// e^κ)`.
+fn kl_term(g: &mut Graph, loss: TokenLoss, diff: NodeId) -> (NodeId, NodeId) {
+    let beta = loss.kl_coef();
+    let (value, slope) = match loss.kl_estimator() {
+        KlEstimator::K1 => {
+            let value = g.neg(diff);
+            (value, g.full_like(1.0, diff))
+        }
+        KlEstimator::K2 => {
+            let sq = g.mul(diff, diff);
+            let value = g.scale(sq, 0.5);
+            (value, g.neg(diff))
+        }
+        KlEstimator::K3 => {
+            let e = g.exp(diff);
+            let k3 = g.sub(e, diff);
+            let one = g.full_like(1.0, k3);
+            let value = g.sub(k3, one);
+            let slope = g.sub(one, e);
+            (value, slope)
+        }
+    };
+    (g.scale(value, beta), g.scale(slope, beta))
+}
+
 /// Per-token terms ℓ [B, T] of `loss` over operands `ops` (zero weight not
 /// yet applied), with ordinary ops. GRPO: `−min(ρA, clip(ρ, 1−clip_low,
-/// 1+clip_high)·A) + β·k3`.
+/// 1+clip_high)·A)` or CISPO's `−sg(clip(ρ, …))·A·logπ`, plus `β ·` the KL
+/// estimate.
 pub fn token_terms(g: &mut Graph, loss: TokenLoss, ops: &[NodeId]) -> NodeId {
     let Some(range) = loss.ratio_range() else {
         return g.neg(ops[0]);
     };
     let s = surrogate(g, loss, range, ops);
-    // `min` returns (and credits) its first operand on ties.
-    let min = g.min(s.unclipped, s.clipped);
-    let terms = g.neg(min);
+    let terms = if loss.cispo() {
+        let (lo, hi) = range;
+        let weight = g.clamp(s.ratio, lo, hi);
+        let weight = g.stop_gradient(weight);
+        let weight = g.mul(weight, s.adv);
+        let zero = g.full_like(0.0, ops[0]);
+        let lp = g.select(s.on, ops[0], zero);
+        let t = g.mul(weight, lp);
+        g.neg(t)
+    } else {
+        // `min` returns (and credits) its first operand on ties.
+        let min = g.min(s.unclipped, s.clipped);
+        g.neg(min)
+    };
     let Some(diff) = s.kl_diff else {
         return terms;
     };
-    let e = g.exp(diff);
-    let k3 = g.sub(e, diff);
-    let one = g.full_like(1.0, k3);
-    let k3 = g.sub(k3, one);
-    let k3 = g.scale(k3, loss.kl_coef());
-    g.add(terms, k3)
+    let (kl, _) = kl_term(g, loss, diff);
+    g.add(terms, kl)
 }
 
 /// `Op::TokenLoss` written with ordinary ops: its per-token terms
 /// aggregated with the mask's weights.
 pub fn reference_loss(g: &mut Graph, loss: TokenLoss, ops: &[NodeId]) -> NodeId {
     let terms = token_terms(g, loss, ops);
-    let agg = if loss.seq_mean() {
-        LossAgg::SeqMean
-    } else {
-        LossAgg::TokenMean
-    };
-    aggregate(g, agg, terms, ops[1])
+    aggregate_with(g, loss.agg(), terms, ops[1])
 }
 
-/// The weights `w [B, T]` of `L = Σ w ∘ ℓ`: `mask / Σ mask`, or per
-/// sequence `mask · [n_b > 0] / (n_b · #{b : n_b > 0})` with `n_b` the
-/// sequence's mask sum.
-fn token_weights(g: &mut Graph, seq_mean: bool, mask: NodeId) -> NodeId {
+/// The weights `w [B, T]` of `L = Σ w ∘ ℓ` (see `TokenAgg`).
+fn token_weights(g: &mut Graph, agg: TokenAgg, mask: NodeId) -> NodeId {
     let shape = g.ty(mask).shape.clone();
-    if !seq_mean {
-        let den = g.sum_all(mask);
-        let den = g.broadcast(den, shape);
-        return g.div(mask, den);
+    match agg {
+        TokenAgg::TokenMean => {
+            let den = g.sum_all(mask);
+            let den = g.broadcast(den, shape);
+            g.div(mask, den)
+        }
+        TokenAgg::SeqSum { norm } => g.scale(mask, 1.0 / (shape[0] as f64 * norm.get())),
+        TokenAgg::SeqMean => {
+            let cnt = g.sum(mask, &[1], false);
+            let zero = g.full_like(0.0, cnt);
+            let has = g.compare(CompareOp::Gt, cnt, zero);
+            let one = g.full_like(1.0, cnt);
+            let safe = g.select(has, cnt, one);
+            let hasf = g.cast(has, g.ty(cnt).dtype);
+            let n = g.sum_all(hasf);
+            let n = g.broadcast(n, vec![shape[0]]);
+            let den = g.mul(safe, n);
+            let per = g.div(hasf, den);
+            let per = g.reshape(per, vec![shape[0], 1]);
+            let per = g.broadcast(per, shape);
+            g.mul(mask, per)
+        }
     }
-    let cnt = g.sum(mask, &[1], false);
-    let zero = g.full_like(0.0, cnt);
-    let has = g.compare(CompareOp::Gt, cnt, zero);
-    let one = g.full_like(1.0, cnt);
-    let safe = g.select(has, cnt, one);
-    let hasf = g.cast(has, g.ty(cnt).dtype);
-    let n = g.sum_all(hasf);
-    let n = g.broadcast(n, vec![shape[0]]);
-    let den = g.mul(safe, n);
-    let per = g.div(hasf, den);
-    let per = g.reshape(per, vec![shape[0], 1]);
-    let per = g.broadcast(per, shape);
-    g.mul(mask, per)
 }
 
 /// `∂ℓ/∂logπ [B, T]` of the per-token terms, with ordinary ops: `−1` for
-/// SFT; for GRPO `−A·ρ` where the unclipped term wins the `min` or the
-/// ratio is inside the clip range (else 0), plus `β (1 − e^δ)`, all zero
-/// off the response.
+/// SFT; for PPO's clip `−A·ρ` where the unclipped term wins the `min` or
+/// the ratio is inside the clip range (else 0), for CISPO `−clip(ρ)·A`;
+/// plus the KL term's, all zero off the response. With the sequence ratio
+/// this is `∂ℓ/∂log s` (see `TokenLoss::Grpo`).
 fn token_slopes(g: &mut Graph, loss: TokenLoss, ops: &[NodeId]) -> NodeId {
     let Some((lo, hi)) = loss.ratio_range() else {
         return g.full_like(-1.0, ops[0]);
     };
     let s = surrogate(g, loss, (lo, hi), ops);
     let zero = g.full_like(0.0, s.ratio);
-    // The clamp passes the gradient where lo ≤ ρ ≤ hi.
-    let (lo, hi) = (g.full_like(lo, s.ratio), g.full_like(hi, s.ratio));
-    let below = g.compare(CompareOp::Lt, s.ratio, lo);
-    let above = g.compare(CompareOp::Gt, s.ratio, hi);
-    let passed = g.select(above, zero, s.adv);
-    let passed = g.select(below, zero, passed);
-    let first = g.compare(CompareOp::Le, s.unclipped, s.clipped);
-    let coef = g.select(first, s.adv, passed);
-    let slope = g.mul(coef, s.ratio);
-    let mut slope = g.neg(slope);
+    let mut slope = if loss.cispo() {
+        // The weight is a constant of the loss, not of its gradient: the
+        // update `θ − lr·∇L` depends on θ through it, and second-order
+        // hypergradients differentiate that.
+        let weight = g.clamp(s.ratio, lo, hi);
+        let coef = g.mul(weight, s.adv);
+        g.neg(coef)
+    } else {
+        // The clamp passes the gradient where lo ≤ ρ ≤ hi.
+        let (lo, hi) = (g.full_like(lo, s.ratio), g.full_like(hi, s.ratio));
+        let below = g.compare(CompareOp::Lt, s.ratio, lo);
+        let above = g.compare(CompareOp::Gt, s.ratio, hi);
+        let passed = g.select(above, zero, s.adv);
+        let passed = g.select(below, zero, passed);
+        let first = g.compare(CompareOp::Le, s.unclipped, s.clipped);
+        let coef = g.select(first, s.adv, passed);
+        let slope = g.mul(coef, s.ratio);
+        g.neg(slope)
+    };
     if let Some(diff) = s.kl_diff {
-        let e = g.exp(diff);
-        let one = g.full_like(1.0, e);
-        let k = g.sub(one, e);
-        let k = g.scale(k, loss.kl_coef());
+        let (_, k) = kl_term(g, loss, diff);
         slope = g.add(slope, k);
     }
     g.select(s.on, slope, zero)
@@ -193,7 +259,7 @@ fn token_slopes(g: &mut Graph, loss: TokenLoss, ops: &[NodeId]) -> NodeId {
 /// (the derivative of [`reference_loss`] with respect to logπ).
 pub fn reference_grad(g: &mut Graph, loss: TokenLoss, ops: &[NodeId], gout: NodeId) -> NodeId {
     let shape = g.ty(ops[0]).shape.clone();
-    let w = token_weights(g, loss.seq_mean(), ops[1]);
+    let w = token_weights(g, loss.agg(), ops[1]);
     let s = token_slopes(g, loss, ops);
     let gb = g.reshape(gout, vec![1, 1]);
     let gb = g.broadcast(gb, shape);
@@ -201,16 +267,21 @@ pub fn reference_grad(g: &mut Graph, loss: TokenLoss, ops: &[NodeId], gout: Node
     g.mul(gb, ws)
 }
 
-/// Aggregates per-token values [B, T] with mask weights as `loss_agg` says.
-pub fn aggregate(g: &mut Graph, agg: LossAgg, per_token: NodeId, mask: NodeId) -> NodeId {
+/// `Σ w ∘ v` of per-token values `v [B, T]` with the weights of `agg`.
+pub fn aggregate_with(g: &mut Graph, agg: TokenAgg, per_token: NodeId, mask: NodeId) -> NodeId {
     let weighted = g.mul(per_token, mask);
     match agg {
-        LossAgg::TokenMean => {
+        TokenAgg::TokenMean => {
             let num = g.sum_all(weighted);
             let den = g.sum_all(mask);
             g.div(num, den)
         }
-        LossAgg::SeqMean => {
+        TokenAgg::SeqSum { norm } => {
+            let rows = g.ty(mask).shape[0] as f64;
+            let num = g.sum_all(weighted);
+            g.scale(num, 1.0 / (rows * norm.get()))
+        }
+        TokenAgg::SeqMean => {
             let num = g.sum(weighted, &[1], false);
             let cnt = g.sum(mask, &[1], false);
             let zero = g.full_like(0.0, cnt);

@@ -33,8 +33,9 @@ pub mod spec;
 pub use graph::{Graph, GraphError, Node, NodeId};
 pub use op::{
     clamp_value, AttentionOperand, BinaryOp, CompareOp, LogprobOperand, NormOperand, Op,
-    ReduceKind, StepOut, StepRule, TokenLoss, TypeError, UnaryOp,
+    ReduceKind, StepOut, StepRule, TokenAgg, TokenLoss, TypeError, UnaryOp,
 };
 pub use order::{execution_order, order_calls};
 pub use print::{to_dot, to_text};
+pub use spec::{KlEstimator, PolicyLoss, RatioLevel};
 pub use types::{numel, strides, DType, Scalar, Shape, TensorType};

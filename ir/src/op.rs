@@ -1,6 +1,7 @@
 //! The op set of the tensor IR, the scalar semantics of its elementwise ops,
 //! and type inference (which doubles as validation of a graph read from disk).
 
+use super::spec::{KlEstimator, PolicyLoss, RatioLevel};
 use super::types::{numel, DType, Scalar, Shape, TensorType};
 use num_traits::Float;
 use serde::{Deserialize, Serialize};
@@ -370,18 +371,44 @@ impl StepRule {
 pub enum TokenLoss {
     /// `ℓ = −logπ`, token mean: `L = −Σ mask · logπ / Σ mask`.
     Sft,
-    /// GRPO's clipped surrogate, `ℓ = −min(ρA, clip(ρ, 1 − clip_low, 1 +
-    /// clip_high) A) + kl_coef · k3` with `ρ = exp(logπ − old)`, `k3 =
-    /// e^δ − δ − 1`, `δ = ref − logπ` (both differences taken as 0 off the
-    /// response, so garbage there is dropped), `min` crediting `ρA` on
-    /// ties. Token mean (`w = mask / Σ mask`) or, with `seq_mean`, the mean
-    /// over sequences with a response token of each one's token mean.
+    /// The RL policy loss. With `δ_t = logπ − old` and `κ_t = ref − logπ`
+    /// (both taken as 0 off the response, so garbage there is dropped):
+    ///
+    /// - the ratio `ρ = e^δ` per token, or with `ratio: Sequence` GSPO's
+    ///   `s = exp(Σ_t mask δ / Σ_t mask)` (1 without response tokens) for
+    ///   every token of the sequence;
+    /// - `PpoClip`: `ℓ = −min(ρA, clip(ρ, 1 − clip_low, 1 + clip_high) A)`,
+    ///   `min` crediting `ρA` on ties; `Cispo`: `ℓ = −sg(clip(ρ, …)) A
+    ///   logπ` (logπ as 0 off the response);
+    /// - plus `kl_coef ·` the `kl` estimate of κ: k1 `−κ`, k2 `κ²/2`, k3
+    ///   `e^κ − κ − 1`.
+    ///
+    /// `L = Σ w ∘ ℓ` with the weights of `agg`. With the sequence ratio
+    /// and PPO's clip, `ℓ` is the sequence's term (GSPO's objective, the
+    /// ratio differentiated through) and its derivative with respect to
+    /// each token's log-prob is taken as `∂ℓ/∂log s` (the weights are
+    /// uniform within a sequence, so `Σ w ∘ ∂ℓ/∂logπ` is still `∂L/∂logπ`).
     Grpo {
         clip_low: Scalar,
         clip_high: Scalar,
         kl_coef: Scalar,
-        seq_mean: bool,
+        kl: KlEstimator,
+        agg: TokenAgg,
+        ratio: RatioLevel,
+        surrogate: PolicyLoss,
     },
+}
+
+/// The weights `w [B, T]` of a policy loss `L = Σ w ∘ ℓ`, with `n_b` the
+/// mask sum of sequence `b`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TokenAgg {
+    /// `w = mask / Σ mask`.
+    TokenMean,
+    /// `w = mask · [n_b > 0] / (n_b · #{b : n_b > 0})`.
+    SeqMean,
+    /// `w = mask / (B · norm)` (Dr. GRPO's constant normaliser).
+    SeqSum { norm: Scalar },
 }
 
 impl TokenLoss {
@@ -392,7 +419,8 @@ impl TokenLoss {
         }
     }
 
-    /// GRPO's ratio range `(1 − clip_low, 1 + clip_high)`; None for SFT.
+    /// The policy loss's ratio range `(1 − clip_low, 1 + clip_high)`; None
+    /// for SFT.
     pub fn ratio_range(self) -> Option<(f64, f64)> {
         match self {
             TokenLoss::Sft => None,
@@ -412,6 +440,14 @@ impl TokenLoss {
         }
     }
 
+    /// The KL term's estimator (k3 for SFT, which has no term).
+    pub fn kl_estimator(self) -> KlEstimator {
+        match self {
+            TokenLoss::Grpo { kl, .. } => kl,
+            TokenLoss::Sft => KlEstimator::K3,
+        }
+    }
+
     /// Whether the loss reads reference log-probs (GRPO with a KL term:
     /// β > 0, as the pipeline's `kl_coef` says).
     pub fn has_kl(self) -> bool {
@@ -427,9 +463,39 @@ impl TokenLoss {
         }
     }
 
+    /// The weights' kind (token mean for SFT).
+    pub fn agg(self) -> TokenAgg {
+        match self {
+            TokenLoss::Grpo { agg, .. } => agg,
+            TokenLoss::Sft => TokenAgg::TokenMean,
+        }
+    }
+
     /// Whether the mean is per sequence first.
     pub fn seq_mean(self) -> bool {
-        matches!(self, TokenLoss::Grpo { seq_mean: true, .. })
+        self.agg() == TokenAgg::SeqMean
+    }
+
+    /// Whether the ratio is GSPO's per-sequence one.
+    pub fn seq_ratio(self) -> bool {
+        matches!(
+            self,
+            TokenLoss::Grpo {
+                ratio: RatioLevel::Sequence,
+                ..
+            }
+        )
+    }
+
+    /// Whether the surrogate is CISPO's.
+    pub fn cispo(self) -> bool {
+        matches!(
+            self,
+            TokenLoss::Grpo {
+                surrogate: PolicyLoss::Cispo,
+                ..
+            }
+        )
     }
 }
 
@@ -842,11 +908,30 @@ impl Op {
                     clip_low,
                     clip_high,
                     kl_coef,
-                    seq_mean,
-                } => format!(
-                    "grpo, clip_low={clip_low}, clip_high={clip_high}, kl_coef={kl_coef}, {}",
-                    if *seq_mean { "seq_mean" } else { "token_mean" }
-                ),
+                    kl,
+                    agg,
+                    ratio,
+                    surrogate,
+                } => {
+                    let agg = match agg {
+                        TokenAgg::TokenMean => "token_mean".to_string(),
+                        TokenAgg::SeqMean => "seq_mean".to_string(),
+                        TokenAgg::SeqSum { norm } => format!("seq_sum/{norm}"),
+                    };
+                    let mut s = format!(
+                        "grpo, clip_low={clip_low}, clip_high={clip_high}, kl_coef={kl_coef}, {agg}"
+                    );
+                    if *kl != KlEstimator::K3 {
+                        s += &format!(", kl={kl:?}");
+                    }
+                    if *ratio == RatioLevel::Sequence {
+                        s += ", ratio=sequence";
+                    }
+                    if *surrogate == PolicyLoss::Cispo {
+                        s += ", cispo";
+                    }
+                    s
+                }
             },
             _ => String::new(),
         }

@@ -37,8 +37,9 @@ pub const PLAN_MAGIC: &[u8; 10] = b"COOPCPLAN\n";
 /// The version of the file format (and of the payload's structure) that this
 /// build of coopc writes and reads. Version 2: programs carry their kind,
 /// fused kernels and signature, and the decode step and LoRA merge are in
-/// the plan.
-pub const PLAN_FORMAT_VERSION: u32 = 2;
+/// the plan. Version 3: the policy loss carries its KL estimator,
+/// aggregation, ratio level and surrogate.
+pub const PLAN_FORMAT_VERSION: u32 = 3;
 
 /// Bytes before the payload: magic, version, payload length, checksum.
 pub const PLAN_HEADER_LEN: usize = PLAN_MAGIC.len() + 4 + 8 + 32;
@@ -557,11 +558,16 @@ mod tests {
                 clip_low: 0.2,
                 clip_high: 0.28,
                 kl_coef: 0.01,
+                kl_estimator: KlEstimator::K3,
+                kl_in_reward: false,
                 advantage: Advantage::GroupStd,
                 loss_agg: LossAgg::SeqMean,
+                ratio_level: RatioLevel::Token,
+                loss: PolicyLoss::PpoClip,
                 max_new_tokens: 8,
                 temperature: 1.0,
                 top_p: 0.95,
+                top_k: 0,
             },
             sft: SftSpec {
                 batch_size: 4,

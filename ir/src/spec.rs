@@ -325,6 +325,56 @@ pub enum LossAgg {
     TokenMean,
     /// Mean per sequence, then over sequences with at least one response token.
     SeqMean,
+    /// Dr. GRPO: each sequence's token sum divided by a constant,
+    /// `max_new_tokens`, then the mean over all sequences of the batch.
+    SeqMeanTokenSumNorm,
+}
+
+/// Which importance ratio the policy loss clips.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RatioLevel {
+    /// Per token: `ρ_t = π(y_t) / π_old(y_t)` (PPO, GRPO).
+    Token,
+    /// Per sequence, length-normalised (GSPO): `s = exp(mean_t log ρ_t)`
+    /// over the response tokens, the same for every token of the sequence.
+    Sequence,
+}
+
+/// The policy-gradient surrogate of the RL loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyLoss {
+    /// PPO's clipped surrogate `−min(ρA, clip(ρ, 1 − clip_low, 1 +
+    /// clip_high) A)`.
+    PpoClip,
+    /// CISPO (MiniMax-M1): `−sg(clip(ρ, 1 − clip_low, 1 + clip_high)) A
+    /// logπ`, the clipped ratio a constant weight, so no token's gradient
+    /// is dropped.
+    Cispo,
+}
+
+/// The estimator of KL(π ‖ π_ref) per token, with `δ = logπ_ref − logπ`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KlEstimator {
+    /// `−δ` (unbiased, can be negative).
+    K1,
+    /// `δ² / 2`.
+    K2,
+    /// `e^δ − δ − 1` (unbiased and non-negative; GRPO's).
+    K3,
+}
+
+impl KlEstimator {
+    /// The estimate of one token from `δ = logπ_ref − logπ`.
+    pub fn of(self, diff: f64) -> f64 {
+        match self {
+            KlEstimator::K1 => -diff,
+            KlEstimator::K2 => 0.5 * diff * diff,
+            KlEstimator::K3 => diff.exp() - diff - 1.0,
+        }
+    }
 }
 
 /// GRPO rollouts and loss.
@@ -335,13 +385,29 @@ pub struct RlSpec {
     pub prompts_per_step: usize,
     pub clip_low: f64,
     pub clip_high: f64,
-    /// β of the k3 KL penalty against the initial policy; 0 disables it.
+    /// β of the KL penalty against the initial policy; 0 disables it.
     pub kl_coef: f64,
+    /// How the KL penalty is estimated per token.
+    #[serde(default = "default_kl_estimator")]
+    pub kl_estimator: KlEstimator,
+    /// The KL penalty is subtracted from each completion's reward (summed
+    /// over its tokens, before the advantages) instead of added to the
+    /// loss.
+    #[serde(default)]
+    pub kl_in_reward: bool,
     pub advantage: Advantage,
     pub loss_agg: LossAgg,
+    #[serde(default = "default_ratio_level")]
+    pub ratio_level: RatioLevel,
+    #[serde(default = "default_policy_loss")]
+    pub loss: PolicyLoss,
     pub max_new_tokens: usize,
     pub temperature: f64,
     pub top_p: f64,
+    /// Sampling keeps the `top_k` most probable tokens (before `top_p`); 0
+    /// keeps all.
+    #[serde(default)]
+    pub top_k: usize,
     /// Methods without an upper level: a meta-step whose objective has no
     /// signal (λ = 1, no KL term, every rollout's advantage 0) changes no
     /// parameter and no optimiser state, instead of letting momentum move
@@ -362,6 +428,18 @@ pub struct RlSpec {
     pub max_sampling_rounds: usize,
 }
 
+fn default_kl_estimator() -> KlEstimator {
+    KlEstimator::K3
+}
+
+fn default_ratio_level() -> RatioLevel {
+    RatioLevel::Token
+}
+
+fn default_policy_loss() -> PolicyLoss {
+    PolicyLoss::PpoClip
+}
+
 fn default_max_sampling_rounds() -> usize {
     4
 }
@@ -374,6 +452,16 @@ impl RlSpec {
     /// Rollouts per step (Br).
     pub fn batch_size(&self) -> usize {
         self.group_size * self.prompts_per_step
+    }
+
+    /// β of the KL term in the loss: `kl_coef`, or 0 when the penalty is
+    /// in the reward instead.
+    pub fn loss_kl_coef(&self) -> f64 {
+        if self.kl_in_reward {
+            0.0
+        } else {
+            self.kl_coef
+        }
     }
 }
 

@@ -1703,7 +1703,8 @@ impl<R: Runtime> Device<R> {
                     let (h, len) = if i < loss.arity() { &bufs[i] } else { &bufs[0] };
                     arg(h, *len)
                 };
-                let (spec, [lo, hi, beta]) = (LossSpec::of(*loss), LossSpec::hyper(*loss));
+                let (spec, [lo, hi, beta, scale]) =
+                    (LossSpec::of(*loss), LossSpec::hyper(*loss, rows));
                 let h = self.output(n);
                 let block = CubeDim::new_1d(LOSS_BLOCK as u32);
                 if let Op::TokenLoss { .. } = g.op(id) {
@@ -1722,6 +1723,7 @@ impl<R: Runtime> Device<R> {
                         lo,
                         hi,
                         beta,
+                        scale,
                         spec,
                         LOSS_BLOCK,
                     );
@@ -1743,6 +1745,7 @@ impl<R: Runtime> Device<R> {
                         lo,
                         hi,
                         beta,
+                        scale,
                         spec,
                         LOSS_BLOCK,
                     );

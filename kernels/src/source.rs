@@ -488,15 +488,17 @@ impl Traced {
                 let gout = grad.then(|| <Array<f32> as LaunchArg>::expand(&array(), &mut b));
                 let o = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
                 let (rows, cols) = (scalar(&mut b), scalar(&mut b));
-                let [lo, hi, beta] = [(); 3].map(|_| <f32 as LaunchArg>::expand(&(), &mut b));
+                let [lo, hi, beta, scale] =
+                    [(); 4].map(|_| <f32 as LaunchArg>::expand(&(), &mut b));
                 let (sc, spec) = (&mut b.scope, *spec);
                 match gout {
                     Some(gout) => token_loss_grad::expand(
-                        sc, lp, mask, old, adv, refp, gout, o, rows, cols, lo, hi, beta, spec,
-                        LOSS_BLOCK,
+                        sc, lp, mask, old, adv, refp, gout, o, rows, cols, lo, hi, beta, scale,
+                        spec, LOSS_BLOCK,
                     ),
                     None => token_loss::expand(
-                        sc, lp, mask, old, adv, refp, o, rows, cols, lo, hi, beta, spec, LOSS_BLOCK,
+                        sc, lp, mask, old, adv, refp, o, rows, cols, lo, hi, beta, scale, spec,
+                        LOSS_BLOCK,
                     ),
                 }
                 b.build(settings(name, CubeDim::new_1d(LOSS_BLOCK as u32)))

@@ -475,22 +475,62 @@ pub fn step_rules() -> Vec<coopc_compiler::ir::StepRule> {
     ]
 }
 
-/// The policy losses of the token-loss tests: SFT, and GRPO with and
-/// without the KL term, token and sequence mean.
+/// The policy losses of the token-loss tests: SFT; GRPO with and without
+/// the KL term, token and sequence mean (indices 1–4); then one of each
+/// other variant: the k1 and k2 estimators, Dr. GRPO's constant
+/// normaliser, GSPO's sequence ratio (with each aggregation), CISPO (with
+/// the token and the sequence ratio).
 pub fn token_losses() -> Vec<coopc_compiler::ir::TokenLoss> {
-    use coopc_compiler::ir::TokenLoss;
-    let grpo = |low: f64, high: f64, kl: f64, seq_mean: bool| TokenLoss::Grpo {
+    use coopc_compiler::ir::{KlEstimator, PolicyLoss, RatioLevel, TokenAgg, TokenLoss};
+    let grpo = |low: f64, high: f64, kl: f64, agg: TokenAgg| TokenLoss::Grpo {
         clip_low: low.into(),
         clip_high: high.into(),
         kl_coef: kl.into(),
-        seq_mean,
+        kl: KlEstimator::K3,
+        agg,
+        ratio: RatioLevel::Token,
+        surrogate: PolicyLoss::PpoClip,
     };
+    let with = |loss: TokenLoss, f: &dyn Fn(&mut TokenLoss)| {
+        let mut l = loss;
+        f(&mut l);
+        l
+    };
+    let (tm, sm) = (TokenAgg::TokenMean, TokenAgg::SeqMean);
+    let dr = TokenAgg::SeqSum { norm: 7.0.into() };
+    let set_kl = |k: KlEstimator| {
+        move |l: &mut TokenLoss| {
+            if let TokenLoss::Grpo { kl, .. } = l {
+                *kl = k;
+            }
+        }
+    };
+    let seq_ratio = |l: &mut TokenLoss| {
+        if let TokenLoss::Grpo { ratio, .. } = l {
+            *ratio = RatioLevel::Sequence;
+        }
+    };
+    let cispo = |l: &mut TokenLoss| {
+        if let TokenLoss::Grpo { surrogate, .. } = l {
+            *surrogate = PolicyLoss::Cispo;
+        }
+    };
+    // GSPO's ratios sit near 1: a narrow range lets them leave it.
+    let narrow = grpo(0.05, 0.05, 0.0, tm);
     vec![
         TokenLoss::Sft,
-        grpo(0.2, 0.28, 0.0, false),
-        grpo(0.2, 0.28, 0.05, false),
-        grpo(0.1, 0.3, 0.1, true),
-        grpo(0.2, 0.2, 0.0, true),
+        grpo(0.2, 0.28, 0.0, tm),
+        grpo(0.2, 0.28, 0.05, tm),
+        grpo(0.1, 0.3, 0.1, sm),
+        grpo(0.2, 0.2, 0.0, sm),
+        with(grpo(0.2, 0.28, 0.1, tm), &set_kl(KlEstimator::K1)),
+        with(grpo(0.2, 0.28, 0.1, sm), &set_kl(KlEstimator::K2)),
+        grpo(0.2, 0.28, 0.05, dr),
+        with(narrow, &seq_ratio),
+        with(grpo(0.05, 0.05, 0.05, sm), &seq_ratio),
+        with(grpo(0.05, 0.05, 0.0, dr), &seq_ratio),
+        with(grpo(0.2, 0.28, 0.0, tm), &cispo),
+        with(with(grpo(0.05, 0.05, 0.05, sm), &cispo), &seq_ratio),
     ]
 }
 

@@ -166,6 +166,7 @@ pub(super) const SIZE_LIMITS: &[(&str, usize)] = &[
     ("rl.prompts_per_step", 1 << 13),
     ("rl.max_new_tokens", 1 << 17),
     ("rl.max_sampling_rounds", 1024),
+    ("rl.top_k", 1 << 22),
     ("sft.batch_size", 1 << 13),
     ("train.seq_len", 1 << 17),
     ("train.eval_samples", 1024),

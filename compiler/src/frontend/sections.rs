@@ -5,9 +5,9 @@ use super::check::{closest, describe, plain_list, quoted_list, Checker, Field, S
 use super::diagnostics::Diagnostic;
 use crate::spec::{
     Advantage, BackendKind, BackendSpec, BilevelSpec, DataFormat, HypergradKind, HypergradSpec,
-    Lambda, LoraSpec, LossAgg, LrSchedule, MatmulPrecision, Method, ModelSpec, OnNonFinite,
-    OptimKind, OptimSpec, OptimSpecs, PipelineSpec, Precision, Projection, RlSpec, ScheduleKind,
-    SftSpec, ShadowMode, TaskKind, TaskSpec, TrainSpec,
+    KlEstimator, Lambda, LoraSpec, LossAgg, LrSchedule, MatmulPrecision, Method, ModelSpec,
+    OnNonFinite, OptimKind, OptimSpec, OptimSpecs, PipelineSpec, PolicyLoss, Precision, Projection,
+    RatioLevel, RlSpec, ScheduleKind, SftSpec, ShadowMode, TaskKind, TaskSpec, TrainSpec,
 };
 use std::ops::Range;
 use toml_edit::{Item, Value};
@@ -72,11 +72,16 @@ pub(super) const RL_KEYS: &[&str] = &[
     "clip_low",
     "clip_high",
     "kl_coef",
+    "kl_estimator",
+    "kl_in_reward",
     "advantage",
     "loss_agg",
+    "ratio_level",
+    "loss",
     "max_new_tokens",
     "temperature",
     "top_p",
+    "top_k",
     "skip_no_signal",
     "mask_truncated",
     "dynamic_sampling",
@@ -136,6 +141,20 @@ pub(super) const ADVANTAGES: &[(&str, Advantage)] = &[
 pub(super) const LOSS_AGGS: &[(&str, LossAgg)] = &[
     ("token_mean", LossAgg::TokenMean),
     ("seq_mean", LossAgg::SeqMean),
+    ("seq_mean_token_sum_norm", LossAgg::SeqMeanTokenSumNorm),
+];
+pub(super) const RATIO_LEVELS: &[(&str, RatioLevel)] = &[
+    ("token", RatioLevel::Token),
+    ("sequence", RatioLevel::Sequence),
+];
+pub(super) const POLICY_LOSSES: &[(&str, PolicyLoss)] = &[
+    ("ppo_clip", PolicyLoss::PpoClip),
+    ("cispo", PolicyLoss::Cispo),
+];
+pub(super) const KL_ESTIMATORS: &[(&str, KlEstimator)] = &[
+    ("k1", KlEstimator::K1),
+    ("k2", KlEstimator::K2),
+    ("k3", KlEstimator::K3),
 ];
 pub(super) const SHADOWS: &[(&str, ShadowMode)] = &[
     ("persistent", ShadowMode::Persistent),
@@ -924,8 +943,8 @@ pub(super) fn read_rl(c: &mut Checker, sec: &Section, train: &Train) -> RlSpec {
         sec,
         "clip_low",
         &clip_low,
-        (0.0..1.0).contains(&clip_low.value),
-        "be in [0, 1)",
+        (0.0..=1.0).contains(&clip_low.value),
+        "be in [0, 1]",
     );
     let clip_high = c.float_or(sec, "clip_high", 0.28);
     c.check(
@@ -943,7 +962,10 @@ pub(super) fn read_rl(c: &mut Checker, sec: &Section, train: &Train) -> RlSpec {
         kl_coef.value >= 0.0,
         "be at least 0",
     );
+    let kl_estimator = c.choice_or(sec, "kl_estimator", KL_ESTIMATORS, KlEstimator::K3);
     let loss_agg = c.choice_or(sec, "loss_agg", LOSS_AGGS, LossAgg::TokenMean);
+    let ratio_level = c.choice_or(sec, "ratio_level", RATIO_LEVELS, RatioLevel::Token);
+    let loss = c.choice_or(sec, "loss", POLICY_LOSSES, PolicyLoss::PpoClip);
     // 32, but leave at least half of a short sequence to the prompt.
     let default_max_new = if train.seq_len_known {
         (train.spec.seq_len / 2).clamp(1, 32)
@@ -987,6 +1009,7 @@ pub(super) fn read_rl(c: &mut Checker, sec: &Section, train: &Train) -> RlSpec {
         top_p.value > 0.0 && top_p.value <= 1.0,
         "be in (0, 1]",
     );
+    let top_k = c.usize_or(sec, "top_k", 0);
     let max_rounds = c.usize_or(sec, "max_sampling_rounds", 4);
     c.at_least_one(sec, "max_sampling_rounds", &max_rounds);
     RlSpec {
@@ -995,11 +1018,16 @@ pub(super) fn read_rl(c: &mut Checker, sec: &Section, train: &Train) -> RlSpec {
         clip_low: clip_low.value,
         clip_high: clip_high.value,
         kl_coef: kl_coef.value,
+        kl_estimator: kl_estimator.value,
+        kl_in_reward: c.bool_or(sec, "kl_in_reward", false),
         advantage: advantage.value,
         loss_agg: loss_agg.value,
+        ratio_level: ratio_level.value,
+        loss: loss.value,
         max_new_tokens: max_new.value,
         temperature: temperature.value,
         top_p: top_p.value,
+        top_k: top_k.value,
         skip_no_signal: c.bool_or(sec, "skip_no_signal", true),
         mask_truncated: c.bool_or(sec, "mask_truncated", false),
         dynamic_sampling: c.bool_or(sec, "dynamic_sampling", false),
