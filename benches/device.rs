@@ -310,6 +310,7 @@ fn decode_on(
         .map(|r| (0..prompt_len).map(|i| ((r + i) % 10) as i32 + 1).collect())
         .collect();
     let cfg = SamplingConfig {
+        top_k: 0,
         temperature: 1.0,
         top_p: 1.0,
         max_new_tokens: new,

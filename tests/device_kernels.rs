@@ -1232,6 +1232,7 @@ fn device_sampling_matches_the_cpu_sampler() {
             (1.0, f64::from(1.0f32 - f32::EPSILON / 2.0), false),
         ] {
             let cfg = SamplingConfig {
+                top_k: 0,
                 temperature,
                 top_p,
                 max_new_tokens: 1,

@@ -5,8 +5,9 @@
 
 use coopc_compiler::frontend::{load_pipeline, parse_pipeline, FrontendError};
 use coopc_compiler::spec::{
-    Advantage, BackendKind, HypergradKind, Lambda, LossAgg, LrSchedule, MatmulPrecision, Method,
-    OptimKind, Precision, Projection, ScheduleKind, ShadowMode, TaskKind,
+    Advantage, BackendKind, HypergradKind, KlEstimator, Lambda, LossAgg, LrSchedule,
+    MatmulPrecision, Method, OptimKind, PolicyLoss, Precision, Projection, RatioLevel,
+    ScheduleKind, ShadowMode, TaskKind,
 };
 use std::path::{Path, PathBuf};
 
@@ -218,8 +219,17 @@ fn defaults_fill_every_optional_section() {
     assert_eq!((rl.clip_low, rl.clip_high, rl.kl_coef), (0.2, 0.28, 0.0));
     assert_eq!(rl.advantage, Advantage::GroupStd);
     assert_eq!(rl.loss_agg, LossAgg::TokenMean);
+    assert_eq!(
+        (rl.loss, rl.ratio_level, rl.kl_estimator, rl.kl_in_reward),
+        (
+            PolicyLoss::PpoClip,
+            RatioLevel::Token,
+            KlEstimator::K3,
+            false
+        )
+    );
     assert_eq!(rl.max_new_tokens, 32);
-    assert_eq!((rl.temperature, rl.top_p), (1.0, 1.0));
+    assert_eq!((rl.temperature, rl.top_p, rl.top_k), (1.0, 1.0, 0));
     assert_eq!((spec.sft.batch_size, spec.sft.cold_start_steps), (16, 50));
     let b = &spec.bilevel;
     assert_eq!(b.method, Method::Bridge);
@@ -249,6 +259,40 @@ fn defaults_fill_every_optional_section() {
     assert_eq!(spec.backend.kind, BackendKind::Auto);
     assert_eq!(spec.backend.dtype, Precision::F32);
     assert_eq!(spec.backend.matmul, MatmulPrecision::F32);
+}
+
+#[test]
+fn policy_loss_keys_parse_and_reach_the_loss_op() {
+    use coopc_compiler::ir::{TokenAgg, TokenLoss};
+    use coopc_compiler::losses::grpo;
+    let text = format!(
+        "{MINIMAL}\n[rl]\nloss = \"cispo\"\nratio_level = \"sequence\"\n\
+         loss_agg = \"seq_mean_token_sum_norm\"\nkl_coef = 0.02\nkl_estimator = \"k2\"\n\
+         max_new_tokens = 12\ntop_k = 20\n"
+    );
+    let spec = parse_pipeline(&text).expect("valid");
+    let rl = &spec.rl;
+    assert_eq!(rl.loss, PolicyLoss::Cispo);
+    assert_eq!(rl.ratio_level, RatioLevel::Sequence);
+    assert_eq!(rl.loss_agg, LossAgg::SeqMeanTokenSumNorm);
+    assert_eq!(rl.kl_estimator, KlEstimator::K2);
+    assert_eq!(rl.top_k, 20);
+    let loss = grpo(rl);
+    assert!(loss.cispo() && loss.seq_ratio() && loss.has_kl());
+    assert_eq!(loss.kl_estimator(), KlEstimator::K2);
+    assert_eq!(loss.agg(), TokenAgg::SeqSum { norm: 12.0.into() });
+    // With the penalty in the reward, the loss has no KL term.
+    let spec = parse_pipeline(&format!(
+        "{MINIMAL}\n[rl]\nkl_coef = 0.02\nkl_in_reward = true\n"
+    ))
+    .expect("valid");
+    assert!(spec.rl.kl_in_reward);
+    assert!(matches!(grpo(&spec.rl), TokenLoss::Grpo { .. }));
+    assert!(!grpo(&spec.rl).has_kl());
+    // Unknown choices name the key and the choices.
+    let e = parse_pipeline(&format!("{MINIMAL}\n[rl]\nloss = \"ppo\"\n")).unwrap_err();
+    let text = format!("{e:?}");
+    assert!(text.contains("rl.loss") && text.contains("cispo"), "{text}");
 }
 
 #[test]

@@ -226,6 +226,7 @@ fn prompts(spec: &PipelineSpec, lens: &[usize], seed: u64) -> Vec<Vec<i32>> {
 
 fn config(greedy: bool) -> SamplingConfig {
     SamplingConfig {
+        top_k: 0,
         temperature: 1.0,
         top_p: 1.0,
         max_new_tokens: 6,

@@ -1027,6 +1027,89 @@ fn mask_truncated_takes_the_loss_off_completions_that_did_not_stop() {
     assert_eq!(adv, [0.0, 0.0]);
 }
 
+/// `rl.kl_in_reward`: each completion's reward loses β times its summed
+/// per-token estimate, weighted by the mask, with the chosen estimator.
+#[test]
+fn kl_in_the_reward_subtracts_the_summed_estimate() {
+    use coopc_compiler::spec::KlEstimator;
+    use coopc_train::train::kl_penalty;
+    // Two rows of three tokens; κ = ref − old = ln 2 on row 0's tokens 1
+    // and 2 (the second with weight 0.5), −1 on row 1's token 2.
+    let old = [0.0, -1.0, -2.0, 0.0, 0.0, -1.0];
+    let l2 = 2f64.ln();
+    let reference = [5.0, -1.0 + l2, -2.0 + l2, 5.0, 5.0, -2.0];
+    let mask = [0.0, 1.0, 0.5, 0.0, 0.0, 1.0];
+    for (est, row0, row1) in [
+        (KlEstimator::K1, -1.5 * l2, 1.0),
+        (KlEstimator::K2, 1.5 * l2 * l2 / 2.0, 0.5),
+        (
+            KlEstimator::K3,
+            1.5 * (2.0 - l2 - 1.0),
+            (-1.0f64).exp() + 1.0 - 1.0,
+        ),
+    ] {
+        let mut rewards = [1.0, -1.0];
+        kl_penalty(&mut rewards, &old, &reference, &mask, 0.1, est);
+        let want = [1.0 - 0.1 * row0, -1.0 - 0.1 * row1];
+        for (a, b) in rewards.iter().zip(want) {
+            assert!((a - b).abs() < 1e-12, "{est:?}: {rewards:?} vs {want:?}");
+        }
+    }
+}
+
+/// The policy loss options together (CISPO, GSPO's ratio, Dr. GRPO's
+/// normaliser, the k2 estimator with the penalty in the reward, top-k
+/// sampling) compile and train: the plan has no reference log-prob input
+/// (the loss has no KL term), the KL metric is still measured, and every
+/// loss is finite.
+#[test]
+fn policy_loss_options_train_end_to_end() {
+    let dir = tmpdir("policy-loss");
+    let text = TINY
+        .replace(
+            "max_new_tokens = 32",
+            "max_new_tokens = 32\nloss = \"cispo\"\nratio_level = \"sequence\"\n\
+             loss_agg = \"seq_mean_token_sum_norm\"\nkl_coef = 0.05\nkl_estimator = \"k2\"\n\
+             kl_in_reward = true\ntop_k = 5",
+        )
+        .replace("steps = 4", "steps = 2");
+    let p = pipeline(&dir, &text);
+    let plan = dir.join("p.plan");
+    run(&["compile", &p, "-o", plan.to_str().unwrap()]);
+    let shown = coopc(&["inspect", plan.to_str().unwrap()]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains(
+            "rl loss        cispo · sequence ratio · clip [0.8, 1.28] · \
+             seq_mean_token_sum_norm (/ 32) · KL k2 × 0.05 in the reward · \
+             advantage group_std · temperature 1, top_k 5"
+        ),
+        "{shown}"
+    );
+    let loaded = coopc_ir::plan::Plan::read(&plan).unwrap();
+    let inputs: Vec<&str> = loaded
+        .programs
+        .iter()
+        .flat_map(|p| p.signature.inputs.iter().map(|i| i.name.as_str()))
+        .collect();
+    assert!(
+        inputs.iter().any(|n| n.contains("old_logprobs")),
+        "{inputs:?}"
+    );
+    assert!(
+        !inputs.iter().any(|n| n.contains("ref_logprobs")),
+        "{inputs:?}"
+    );
+    let out = dir.join("run");
+    run(&["run", &p, "--out", out.to_str().unwrap(), "--quiet"]);
+    let rows = read_metrics(&out.join("metrics.jsonl")).unwrap();
+    assert_eq!(rows.len(), 2);
+    for m in &rows {
+        assert!(m.kl.is_some(), "{m:?}");
+        assert!(m.rl_loss.is_some_and(f64::is_finite), "{m:?}");
+    }
+}
+
 /// `rl.dynamic_sampling`: groups whose rewards are all equal are dropped
 /// and more prompts sampled, up to `max_sampling_rounds` batches per lower
 /// step; the metrics count both. The tiny random policy's completions are

@@ -140,7 +140,7 @@ fn batch_inputs(
             loss_mask: g.input(BatchField::RlLossMask.input_name(k), dt, vec![br, t]),
             advantages: g.input(BatchField::RlAdvantages.input_name(k), dt, vec![br]),
             old_logprobs: g.input(BatchField::RlOldLogprobs.input_name(k), dt, vec![br, t]),
-            ref_logprobs: (spec.rl.kl_coef > 0.0)
+            ref_logprobs: (spec.rl.loss_kl_coef() > 0.0)
                 .then(|| g.input(BatchField::RlRefLogprobs.input_name(k), dt, vec![br, t])),
         },
     }

@@ -16,11 +16,11 @@ use std::path::Path;
 use std::time::Instant;
 
 /// The batch fields of one step the pipeline reads (π_ref's log-probs only
-/// with a KL term).
+/// with a KL term in the loss).
 fn batch_fields(spec: &PipelineSpec) -> Vec<BatchField> {
     BatchField::ALL
         .into_iter()
-        .filter(|&f| f != BatchField::RlRefLogprobs || spec.rl.kl_coef > 0.0)
+        .filter(|&f| f != BatchField::RlRefLogprobs || spec.rl.loss_kl_coef() > 0.0)
         .collect()
 }
 
@@ -110,8 +110,8 @@ pub fn load_batch(
         }
     }
     let mut taken = take_exact(&mut tensors, &expected, &format!("batch file {file}"))?;
-    if spec.rl.kl_coef == 0.0 {
-        // Read only when kl_coef > 0.
+    if spec.rl.loss_kl_coef() == 0.0 {
+        // Read only with a KL term in the loss.
         tensors.retain(|k, _| !k.ends_with(BatchField::RlRefLogprobs.key()));
     }
     reject_unexpected(&tensors, &format!("batch file {file}"))?;

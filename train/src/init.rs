@@ -143,7 +143,7 @@ pub fn synthetic_batch(
         key(BatchField::RlAdvantages),
         HostTensor::from_f64(dt, vec![br], &adv)?,
     );
-    if spec.rl.kl_coef > 0.0 {
+    if spec.rl.loss_kl_coef() > 0.0 {
         b.insert(key(BatchField::RlRefLogprobs), lp.clone());
     }
     b.insert(key(BatchField::RlOldLogprobs), lp);

@@ -32,6 +32,10 @@ pub struct SamplingConfig {
     /// tokens whose probability sums to at least this (at least one token;
     /// 1 samples from the whole distribution).
     pub top_p: f64,
+    /// Keep only the `top_k` most probable tokens (ties by index) before
+    /// the nucleus, renormalised (as Hugging Face's `top_k` then `top_p`);
+    /// 0 keeps all. A device backend then draws on the host.
+    pub top_k: usize,
     /// Most tokens generated per row (the stop token included).
     pub max_new_tokens: usize,
     /// A row ends after producing one of these tokens (kept in its
@@ -345,7 +349,7 @@ impl Sampler {
             );
             // A device backend draws the tokens where the logits are: they
             // never come back, only one token per row does.
-            let on_device = self.backend.samples_tokens();
+            let on_device = self.backend.samples_tokens() && cfg.top_k == 0;
             let mut logits = None;
             let on_host = |name: &str| name == DECODE_LOGITS && !on_device;
             let outputs = self.backend.run_values(&self.program, inputs, &on_host)?;
@@ -415,9 +419,10 @@ impl Sampler {
 
 /// Picks the next token from one row's logits as the sampler does: argmax
 /// (lowest index on ties) when greedy; otherwise softmax(logits /
-/// temperature) in f64, cut to the top-p nucleus (most probable first, ties
-/// by index; the whole vocabulary in index order when top_p ≥ 1), and one
-/// uniform draw from `rng`. `None` when a logit is not finite.
+/// temperature) in f64, cut to the `top_k` most probable tokens and
+/// renormalised (when `top_k` > 0), then to the top-p nucleus of those (most
+/// probable first, ties by index; all of them in index order when top_p ≥
+/// 1), and one uniform draw from `rng`. `None` when a logit is not finite.
 pub fn choose_token(logits: &[f64], cfg: &SamplingConfig, rng: &mut StdRng) -> Option<i32> {
     if logits.is_empty() || logits.iter().any(|l| !l.is_finite()) {
         return None;
@@ -438,13 +443,31 @@ pub fn choose_token(logits: &[f64], cfg: &SamplingConfig, rng: &mut StdRng) -> O
     let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let e: Vec<f64> = z.iter().map(|&v| (v - m).exp()).collect();
     let s: f64 = e.iter().sum();
-    let p: Vec<f64> = e.iter().map(|&v| v / s).collect();
-    let kept: Vec<usize> = if cfg.top_p >= 1.0 {
-        (0..p.len()).collect()
-    } else {
+    let mut p: Vec<f64> = e.iter().map(|&v| v / s).collect();
+    let top_k = cfg.top_k > 0 && cfg.top_k < p.len();
+    // Most probable first; stable: equal probabilities stay in index order.
+    let ranked = |p: &[f64]| {
         let mut order: Vec<usize> = (0..p.len()).collect();
-        // Stable: equal probabilities stay in index order.
         order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+        order
+    };
+    let candidates: Vec<usize> = if top_k {
+        let mut order = ranked(&p);
+        order.truncate(cfg.top_k);
+        let mass: f64 = order.iter().map(|&i| p[i]).sum();
+        for &i in &order {
+            p[i] /= mass;
+        }
+        order
+    } else {
+        (0..p.len()).collect()
+    };
+    let kept: Vec<usize> = if cfg.top_p >= 1.0 {
+        let mut all = candidates;
+        all.sort_unstable();
+        all
+    } else {
+        let order = if top_k { candidates } else { ranked(&p) };
         let mut mass = 0.0;
         let mut n = 0;
         for &i in &order {
@@ -454,6 +477,7 @@ pub fn choose_token(logits: &[f64], cfg: &SamplingConfig, rng: &mut StdRng) -> O
                 break;
             }
         }
+        let mut order = order;
         order.truncate(n);
         order
     };
@@ -475,6 +499,7 @@ mod tests {
 
     fn cfg(top_p: f64, greedy: bool) -> SamplingConfig {
         SamplingConfig {
+            top_k: 0,
             temperature: 1.0,
             top_p,
             max_new_tokens: 4,
@@ -511,6 +536,41 @@ mod tests {
         }
         assert_eq!(seen[2] + seen[3], 0, "{seen:?}");
         assert!(seen[0] > seen[1] && seen[1] > 0, "{seen:?}");
+    }
+
+    #[test]
+    fn top_k_keeps_the_k_most_probable_renormalised_before_the_nucleus() {
+        // p ≈ [0.66, 0.24, 0.09, 0.01]; top_k = 2 leaves [0.731, 0.269].
+        let l = [3.0, 2.0, 1.0, -1.0];
+        let mut rng = StdRng::seed_from_u64(5);
+        let top_k = |k: usize, top_p: f64| SamplingConfig {
+            top_k: k,
+            ..cfg(top_p, false)
+        };
+        let n = 20000;
+        let mut seen = [0usize; 4];
+        for _ in 0..n {
+            seen[choose_token(&l, &top_k(2, 1.0), &mut rng).unwrap() as usize] += 1;
+        }
+        assert_eq!(seen[2] + seen[3], 0, "{seen:?}");
+        let want = 1.0 / (1.0 + (-1.0f64).exp());
+        let f = seen[0] as f64 / n as f64;
+        assert!((f - want).abs() < 0.02, "{f} vs {want}");
+        // The nucleus of the renormalised pair: 0.731 ≥ 0.7 keeps token 0
+        // alone (0.66 of the full softmax would not).
+        for _ in 0..200 {
+            assert_eq!(choose_token(&l, &top_k(2, 0.7), &mut rng), Some(0));
+        }
+        assert!((0..200).any(|_| choose_token(&l, &cfg(0.7, false), &mut rng) == Some(1)));
+        // k at or above the vocabulary keeps everything.
+        let mut a = StdRng::seed_from_u64(8);
+        let mut b = StdRng::seed_from_u64(8);
+        for _ in 0..100 {
+            assert_eq!(
+                choose_token(&l, &top_k(4, 0.9), &mut a),
+                choose_token(&l, &cfg(0.9, false), &mut b)
+            );
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::sampler::{Generation, SampleError, Sampler, SamplingConfig};
 use crate::tasks::{build_task, check_vocab, Problem, Task, TaskError};
 use crate::tensorboard::{self, EventWriter};
 use coopc_ir::plan::{BatchField, Metric, Plan, Role, Signature, LAMBDA, TOKEN_IDS};
-use coopc_ir::spec::{Advantage, Method, OnNonFinite, PipelineSpec};
+use coopc_ir::spec::{Advantage, KlEstimator, Method, OnNonFinite, PipelineSpec};
 use coopc_ir::DType;
 use coopc_runtime::{Backend, CpuBackend, ExecError, HostTensor, Value};
 use rand::rngs::StdRng;
@@ -290,6 +290,28 @@ pub fn mask_truncated(rows: &mut [Row], adv: &mut [f64], stopped: &[bool]) {
         } else {
             *a = 0.0;
         }
+    }
+}
+
+/// `rl.kl_in_reward`: each completion's reward less `β Σ_t KL_t` over its
+/// response tokens (`mask [B, T]` > 0), with the `estimator`'s per-token
+/// estimate of KL(π_old ‖ π_ref) from the sampling policy's log-probs
+/// `old` and the reference's `reference` (both `[B, T]`).
+pub fn kl_penalty(
+    rewards: &mut [f64],
+    old: &[f64],
+    reference: &[f64],
+    mask: &[f64],
+    beta: f64,
+    estimator: KlEstimator,
+) {
+    let t = mask.len() / rewards.len().max(1);
+    for (b, r) in rewards.iter_mut().enumerate() {
+        let kl: f64 = (b * t..(b + 1) * t)
+            .filter(|&i| mask[i] > 0.0)
+            .map(|i| mask[i] * estimator.of(reference[i] - old[i]))
+            .sum();
+        *r -= beta * kl;
     }
 }
 
@@ -621,6 +643,7 @@ impl Trainer {
         SamplingConfig {
             temperature: self.spec.rl.temperature,
             top_p: self.spec.rl.top_p,
+            top_k: self.spec.rl.top_k,
             max_new_tokens: self
                 .spec
                 .rl
@@ -862,30 +885,46 @@ impl Trainer {
                 kept.extend(dropped.into_iter().take(short));
                 let (mut rows, stopped): (Vec<Row>, Vec<bool>) =
                     kept.iter().flat_map(|(r, _)| r.iter().cloned()).unzip();
-                let rewards: Vec<f64> = kept.iter().flat_map(|(_, r)| r.iter().copied()).collect();
+                let mut rewards: Vec<f64> =
+                    kept.iter().flat_map(|(_, r)| r.iter().copied()).collect();
+                // The ids do not depend on which tokens carry loss.
+                let sampled = pack(&rows, t, pad);
+                let old = self.score(&policy, &sampled.ids)?;
+                let reference = match &self.reference {
+                    Some(r) => {
+                        let lp = self.score(r, &sampled.ids)?;
+                        // The KL metric (and a penalty in the reward) reads
+                        // both log-probs back.
+                        let old_h = self.backend.to_host(&old)?.to_f64_vec();
+                        let lp_h = self.backend.to_host(&lp)?.to_f64_vec();
+                        for ((o, r), m) in old_h.iter().zip(&lp_h).zip(&sampled.mask) {
+                            if *m > 0.0 {
+                                let d = r - o;
+                                kls.push(d.exp() - d - 1.0);
+                            }
+                        }
+                        if spec.rl.kl_in_reward {
+                            kl_penalty(
+                                &mut rewards,
+                                &old_h,
+                                &lp_h,
+                                &sampled.mask,
+                                spec.rl.kl_coef,
+                                spec.rl.kl_estimator,
+                            );
+                        }
+                        Some(lp)
+                    }
+                    None => None,
+                };
                 let mut adv = advantages(&rewards, g, spec.rl.advantage);
                 if spec.rl.mask_truncated {
                     mask_truncated(&mut rows, &mut adv, &stopped);
                 }
                 let rl = pack(&rows, t, pad);
                 rl_signal |= adv.iter().zip(&rows).any(|(&a, row)| a != 0.0 && row.2 > 0);
-                let old = self.score(&policy, &rl.ids)?;
-                let reference = match &self.reference {
-                    Some(r) => {
-                        let lp = self.score(r, &rl.ids)?;
-                        // The KL metric reads both log-probs back.
-                        let old_h = self.backend.to_host(&old)?.to_f64_vec();
-                        let lp_h = self.backend.to_host(&lp)?.to_f64_vec();
-                        for ((o, r), m) in old_h.iter().zip(&lp_h).zip(&rl.mask) {
-                            if *m > 0.0 {
-                                let d = r - o;
-                                kls.push(d.exp() - d - 1.0);
-                            }
-                        }
-                        Some(lp)
-                    }
-                    None => None,
-                };
+                // The loss reads reference log-probs only with its KL term.
+                let reference = reference.filter(|_| spec.rl.loss_kl_coef() > 0.0);
                 (rl, adv, old, reference)
             } else {
                 // λ = 0 and no upper level: the RL term has weight 0, so the
@@ -922,7 +961,7 @@ impl Trainer {
             && spec.bilevel.method != Method::Bridge
             && needs_rollouts
             && lambda == 1.0
-            && spec.rl.kl_coef == 0.0
+            && spec.rl.loss_kl_coef() == 0.0
             && !rl_signal;
         // What the step's rollouts say; the losses come from the program.
         let rollouts = Metrics {

@@ -943,8 +943,8 @@ pub(super) fn read_rl(c: &mut Checker, sec: &Section, train: &Train) -> RlSpec {
         sec,
         "clip_low",
         &clip_low,
-        (0.0..=1.0).contains(&clip_low.value),
-        "be in [0, 1]",
+        (0.0..1.0).contains(&clip_low.value),
+        "be in [0, 1)",
     );
     let clip_high = c.float_or(sec, "clip_high", 0.28);
     c.check(
