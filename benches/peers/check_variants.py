@@ -8,7 +8,9 @@ attention) with one feature switched on: every hypergradient kind the peer
 implements, each lower optimiser, K > T, both shadow modes (and a persistent
 shadow read from `shadow.*` tensors), the k3 KL term, `seq_mean`, q/k/v
 biases, untied embeddings, a subset of LoRA targets, the baseline methods and
-step-prefixed batches. Inputs are made harder than `coopc init`'s: LoRA B is
+step-prefixed batches, and the policy loss family (CISPO, GSPO's sequence
+ratio, Dr. GRPO's aggregation, k1/k2 KL estimators, KL in the reward).
+Inputs are made harder than `coopc init`'s: LoRA B is
 random (so `hyper.*lora_A` is not zero), advantages are random (not ±1 per
 group, which often cancels to zero), π_old and π_ref are perturbed so that
 ratios leave the clip range, and masked positions of the log-prob inputs hold
@@ -87,6 +89,33 @@ VARIANTS = [
         lora={"rank": 3, "alpha": 5.0, "targets": ["q_proj", "v_proj", "down_proj"]},
         bilevel={"lambda": {"start": 0.7, "end": 0.1}},
     ),
+    # The policy loss family (docs/semantics.md §4.2): ratios pushed out of
+    # GSPO's narrow range by the perturbed π_old.
+    variant("cispo_k1", rl={"loss": "cispo", "kl_coef": 0.05, "kl_estimator": "k1"}, f32=True),
+    variant(
+        "gspo_seq_mean_k2",
+        rl={
+            "ratio_level": "sequence",
+            "clip_low": 0.02,
+            "clip_high": 0.03,
+            "kl_coef": 0.05,
+            "kl_estimator": "k2",
+            "loss_agg": "seq_mean",
+        },
+        prefixed=True,
+    ),
+    variant(
+        "gspo_cispo_dr_grpo",
+        rl={"loss": "cispo", "ratio_level": "sequence", "clip_low": 0.02, "clip_high": 0.03, "loss_agg": "seq_mean_token_sum_norm"},
+        f32=True,
+    ),
+    variant(
+        "dr_grpo_first_order_adamw",
+        rl={"loss_agg": "seq_mean_token_sum_norm", "kl_coef": 0.02},
+        bilevel={"hypergradient": {"kind": "first_order", "unroll": 2}},
+        optim={"lower": {"kind": "adamw", "lr": 1e-2, "weight_decay": 0.1}},
+    ),
+    variant("kl_in_reward", rl={"kl_coef": 0.05, "kl_in_reward": True}),
     variant("method_mix", bilevel={"method": "mix"}),
     variant("method_rl_zero", bilevel={"method": "rl_zero"}),
     variant("method_sft", bilevel={"method": "sft"}),

@@ -121,7 +121,17 @@ class Spec:
     dtype: str
     steps: int
     cold_start_steps: int = 0
+    kl_estimator: str = "k3"
+    kl_in_reward: bool = False
+    ratio_level: str = "token"
+    loss: str = "ppo_clip"
+    max_new_tokens: int = 32
     notes: list = field(default_factory=list)
+
+    @property
+    def loss_kl_coef(self) -> float:
+        """β of the KL term in the loss (0 when the penalty is in the reward)."""
+        return 0.0 if self.kl_in_reward else self.kl_coef
 
     @property
     def head_dim(self) -> int:
@@ -212,6 +222,11 @@ def load_spec(path: str) -> Spec:
         clip_high=float(rl.get("clip_high", 0.28)),
         kl_coef=float(rl.get("kl_coef", 0.0)),
         loss_agg=rl.get("loss_agg", "token_mean"),
+        kl_estimator=rl.get("kl_estimator", "k3"),
+        kl_in_reward=bool(rl.get("kl_in_reward", False)),
+        ratio_level=rl.get("ratio_level", "token"),
+        loss=rl.get("loss", "ppo_clip"),
+        max_new_tokens=int(rl.get("max_new_tokens", 32)),
         method=method,
         lambda0=lambda0,
         shadow=bilevel.get("shadow", "persistent"),
@@ -379,22 +394,67 @@ def sft_loss(lp, mask):
     return -(lp * mask).sum() / mask.sum()
 
 
+class CispoTerm(torch.autograd.Function):
+    """`clip(exp(lp − old), lo, hi) · lp` with the clipped ratio a constant
+    of the value's gradient (a stop-gradient), while the gradient itself,
+    `clip(exp(lp − old))`, stays a differentiable function of lp: the lower
+    step depends on θ through it, and a second-order hypergradient
+    differentiates that, as coopc does (docs/semantics.md §4.2)."""
+
+    @staticmethod
+    def forward(ctx, lp, ratio, lo, hi):
+        ctx.save_for_backward(ratio)
+        ctx.lo, ctx.hi = lo, hi
+        return ratio.detach().clamp(lo, hi) * lp
+
+    @staticmethod
+    def backward(ctx, g):
+        (ratio,) = ctx.saved_tensors
+        # `ratio` carries its graph to lp (a differentiable backward).
+        return g * ratio.clamp(ctx.lo, ctx.hi), None, None, None
+
+
+def kl_estimate(kind: str, diff):
+    if kind == "k1":
+        return -diff
+    if kind == "k2":
+        return 0.5 * diff * diff
+    if kind == "k3":
+        return diff.exp() - diff - 1.0
+    raise SpecError(f"rl.kl_estimator = {kind!r} is not known")
+
+
 def grpo_loss(s: Spec, lp, batch):
     mask = batch["rl.loss_mask"]
     on = mask > 0
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
-    # Masked positions: ratio 1, k3 0, weight 0 (garbage there is dropped).
+    # Masked positions: ratio 1, KL 0, weight 0 (garbage there is dropped).
     d = torch.where(on, lp - batch["rl.old_logprobs"], zero)
-    ratio = d.exp()
+    if s.ratio_level == "token":
+        ratio = d.exp()
+    elif s.ratio_level == "sequence":
+        # GSPO: exp of the mask-weighted mean log-ratio of each sequence.
+        cnt = mask.sum(1, keepdim=True)
+        safe = torch.where(cnt > 0, cnt, torch.ones_like(cnt))
+        ratio = ((d * mask).sum(1, keepdim=True) / safe).exp().expand_as(lp)
+    else:
+        raise SpecError(f"rl.ratio_level = {s.ratio_level!r} is not known")
     adv = batch["rl.advantages"].unsqueeze(1)
-    unclipped = ratio * adv
-    clipped = ratio.clamp(1.0 - s.clip_low, 1.0 + s.clip_high) * adv
-    # min, crediting the unclipped term on a tie.
-    surrogate = torch.where(unclipped <= clipped, unclipped, clipped)
-    per_token = -surrogate
-    if s.kl_coef > 0:
+    lo, hi = 1.0 - s.clip_low, 1.0 + s.clip_high
+    if s.loss == "ppo_clip":
+        unclipped = ratio * adv
+        clipped = ratio.clamp(lo, hi) * adv
+        # min, crediting the unclipped term on a tie.
+        surrogate = torch.where(unclipped <= clipped, unclipped, clipped)
+        per_token = -surrogate
+    elif s.loss == "cispo":
+        lp_on = torch.where(on, lp, zero)
+        per_token = -adv * CispoTerm.apply(lp_on, ratio, lo, hi)
+    else:
+        raise SpecError(f"rl.loss = {s.loss!r} is not known")
+    if s.loss_kl_coef > 0:
         diff = torch.where(on, batch["rl.ref_logprobs"] - lp, zero)
-        per_token = per_token + s.kl_coef * (diff.exp() - diff - 1.0)
+        per_token = per_token + s.loss_kl_coef * kl_estimate(s.kl_estimator, diff)
     weighted = per_token * mask
     if s.loss_agg == "token_mean":
         return weighted.sum() / mask.sum()
@@ -404,6 +464,9 @@ def grpo_loss(s: Spec, lp, batch):
         per_seq = weighted.sum(1) / torch.where(has, cnt, torch.ones_like(cnt))
         hasf = has.to(lp.dtype)
         return (per_seq * hasf).sum() / hasf.sum()
+    if s.loss_agg == "seq_mean_token_sum_norm":
+        # Dr. GRPO: token sums over a constant, the mean over all rows.
+        return weighted.sum() / (mask.shape[0] * s.max_new_tokens)
     raise SpecError(f"rl.loss_agg = {s.loss_agg!r} is not known")
 
 
@@ -612,7 +675,7 @@ def load_params(s: Spec, path: str, dtype, device):
 
 def load_batches(s: Spec, path: str, dtype, device) -> list[dict]:
     raw = read_safetensors(path)
-    keys = list(BATCH_KEYS) + (["rl.ref_logprobs"] if s.kl_coef > 0 else [])
+    keys = list(BATCH_KEYS) + (["rl.ref_logprobs"] if s.loss_kl_coef > 0 else [])
     prefixed = any(
         k.startswith("step") and k[4:].split(".", 1)[0].isdigit() and "." in k for k in raw
     )
