@@ -161,6 +161,25 @@ fn a_malformed_or_missing_config_names_the_file() {
 }
 
 #[test]
+fn config_sizes_beyond_what_coopc_can_allocate_are_refused() {
+    let dir = copy_fixture("qwen3", "hugecfg");
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    cfg["num_hidden_layers"] = 1_000_000.into();
+    cfg["intermediate_size"] = (1u64 << 40).into();
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let e = pipeline_error(&dir, "");
+    assert!(
+        e.contains("num_hidden_layers = 1000000 is larger than coopc can compile")
+            && e.contains("`model.n_layers` is at most 512"),
+        "{e}"
+    );
+    assert!(e.contains("intermediate_size = 1099511627776"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn explicit_model_keys_must_agree_with_the_config() {
     let dir = fixture("qwen25");
     let e = pipeline_error(&dir, "d_model = 32\nn_layers = 2\n");

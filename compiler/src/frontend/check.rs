@@ -150,7 +150,7 @@ pub(super) fn plain_list(names: &[&str]) -> String {
 /// (an extra zero, a 2⁶³) must be refused, not an abort or a hang. Each is
 /// above the largest open models' sizes (d_model 16 384, 126 layers,
 /// 262 144 tokens of vocabulary, 128k-token training contexts); a model
-/// folder's `config.json` is not held to them.
+/// folder's `config.json` is held to the `model.*` ones too.
 pub(super) const SIZE_LIMITS: &[(&str, usize)] = &[
     ("model.vocab_size", 1 << 22),
     ("model.d_model", 1 << 16),

@@ -1,7 +1,9 @@
 //! The pipeline's schema (sections, keys, choices, defaults) and one reader
 //! per section, from the checked document to the spec.
 
-use super::check::{closest, describe, plain_list, quoted_list, Checker, Field, Section};
+use super::check::{
+    closest, describe, plain_list, quoted_list, Checker, Field, Section, SIZE_LIMITS,
+};
 use super::diagnostics::Diagnostic;
 use crate::spec::{
     Advantage, BackendKind, BackendSpec, BilevelSpec, DataFormat, HypergradKind, HypergradSpec,
@@ -592,6 +594,41 @@ fn read_model_from(c: &mut Checker, sec: &Section, from: Field<String>) -> Optio
     };
     let absolute = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     let config_path = absolute.join("config.json");
+    // The folder's sizes are held to the bounds a pipeline's are.
+    let sizes = [
+        ("model.vocab_size", "vocab_size", Some(config.vocab_size)),
+        ("model.d_model", "hidden_size", Some(config.d_model)),
+        ("model.n_layers", "num_hidden_layers", Some(config.n_layers)),
+        ("model.n_heads", "num_attention_heads", Some(config.n_heads)),
+        (
+            "model.n_kv_heads",
+            "num_key_value_heads",
+            Some(config.n_kv_heads),
+        ),
+        ("model.d_ff", "intermediate_size", Some(config.d_ff)),
+        ("model.head_dim", "head_dim", config.head_dim),
+    ];
+    let mut too_large = false;
+    for (key, hf_key, value) in sizes {
+        let limit = SIZE_LIMITS.iter().find(|(p, _)| *p == key).map(|&(_, l)| l);
+        if let (Some(value), Some(limit)) = (value, limit) {
+            if value > limit {
+                c.error(
+                    &path,
+                    from.span.clone(),
+                    format!(
+                        "{}: {hf_key} = {value} is larger than coopc can compile and allocate \
+                         (`{key}` is at most {limit})",
+                        config_path.display()
+                    ),
+                );
+                too_large = true;
+            }
+        }
+    }
+    if too_large {
+        return None;
+    }
     let mut ok = true;
     let mut agree = |c: &mut Checker,
                      key: &str,
