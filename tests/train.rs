@@ -1110,6 +1110,45 @@ fn policy_loss_options_train_end_to_end() {
     }
 }
 
+/// `rl.kl_in_reward` and `rl.top_k` reach the trainer: against the same
+/// run without them, the penalty changes the advantages once the policy has
+/// moved from the reference (so the RL loss of step 1), and `top_k = 1`
+/// changes what is sampled (each group's completions all alike).
+#[test]
+fn kl_in_the_reward_and_top_k_change_the_run() {
+    let dir = tmpdir("kl-reward");
+    let run_with = |name: &str, keys: &str| {
+        let text = TINY
+            .replace(
+                "max_new_tokens = 32",
+                &format!("max_new_tokens = 32\n{keys}"),
+            )
+            .replace("steps = 4", "steps = 2");
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        let p = pipeline(&dir.join(name), &text);
+        let out = dir.join(name).join("run");
+        run(&["run", &p, "--out", out.to_str().unwrap(), "--quiet"]);
+        read_metrics(&out.join("metrics.jsonl")).unwrap()
+    };
+    let plain = run_with("plain", "");
+    let penalised = run_with("penalised", "kl_coef = 0.5\nkl_in_reward = true");
+    let greedy = run_with("top1", "top_k = 1");
+    assert_eq!(
+        plain[0].rl_loss, penalised[0].rl_loss,
+        "π = π_ref at step 0"
+    );
+    assert_ne!(plain[1].rl_loss, penalised[1].rl_loss);
+    assert!(
+        penalised[1].kl.is_some_and(|k| k > 0.0),
+        "{:?}",
+        penalised[1]
+    );
+    assert_ne!(
+        (plain[0].response_len, plain[1].response_len),
+        (greedy[0].response_len, greedy[1].response_len)
+    );
+}
+
 /// `rl.dynamic_sampling`: groups whose rewards are all equal are dropped
 /// and more prompts sampled, up to `max_sampling_rounds` batches per lower
 /// step; the metrics count both. The tiny random policy's completions are
