@@ -298,6 +298,56 @@ fn count(n: f64) -> String {
     format!("{n:.0}")
 }
 
+/// The RL loss's settings in one line: surrogate, ratio, clip range,
+/// aggregation, KL term and where it goes, advantages, sampling.
+fn rl_loss(rl: &coopc_compiler::spec::RlSpec) -> String {
+    use coopc_compiler::spec::{Advantage, KlEstimator, LossAgg, PolicyLoss, RatioLevel};
+    let surrogate = match rl.loss {
+        PolicyLoss::PpoClip => "ppo_clip",
+        PolicyLoss::Cispo => "cispo",
+    };
+    let ratio = match rl.ratio_level {
+        RatioLevel::Token => "token ratio",
+        RatioLevel::Sequence => "sequence ratio",
+    };
+    let agg = match rl.loss_agg {
+        LossAgg::TokenMean => "token_mean".to_string(),
+        LossAgg::SeqMean => "seq_mean".to_string(),
+        LossAgg::SeqMeanTokenSumNorm => {
+            format!("seq_mean_token_sum_norm (/ {})", rl.max_new_tokens)
+        }
+    };
+    let kl = if rl.kl_coef > 0.0 {
+        let est = match rl.kl_estimator {
+            KlEstimator::K1 => "k1",
+            KlEstimator::K2 => "k2",
+            KlEstimator::K3 => "k3",
+        };
+        let at = if rl.kl_in_reward { "reward" } else { "loss" };
+        format!("KL {est} × {} in the {at}", rl.kl_coef)
+    } else {
+        "no KL".to_string()
+    };
+    let mut sampling = format!("temperature {}", rl.temperature);
+    if rl.top_k > 0 {
+        sampling += &format!(", top_k {}", rl.top_k);
+    }
+    if rl.top_p < 1.0 {
+        sampling += &format!(", top_p {}", rl.top_p);
+    }
+    format!(
+        "{surrogate} · {ratio} · clip [{}, {}] · {agg} · {kl} · advantage {} · {sampling}",
+        1.0 - rl.clip_low,
+        1.0 + rl.clip_high,
+        match rl.advantage {
+            Advantage::GroupStd => "group_std",
+            Advantage::GroupMean => "group_mean",
+            Advantage::BatchStd => "batch_std",
+            Advantage::Rloo => "rloo",
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,54 +485,4 @@ kind = "cpu"
         assert_eq!(inspect(&dir.join("missing.plan")), 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
-}
-
-/// The RL loss's settings in one line: surrogate, ratio, clip range,
-/// aggregation, KL term and where it goes, advantages, sampling.
-fn rl_loss(rl: &coopc_compiler::spec::RlSpec) -> String {
-    use coopc_compiler::spec::{Advantage, KlEstimator, LossAgg, PolicyLoss, RatioLevel};
-    let surrogate = match rl.loss {
-        PolicyLoss::PpoClip => "ppo_clip",
-        PolicyLoss::Cispo => "cispo",
-    };
-    let ratio = match rl.ratio_level {
-        RatioLevel::Token => "token ratio",
-        RatioLevel::Sequence => "sequence ratio",
-    };
-    let agg = match rl.loss_agg {
-        LossAgg::TokenMean => "token_mean".to_string(),
-        LossAgg::SeqMean => "seq_mean".to_string(),
-        LossAgg::SeqMeanTokenSumNorm => {
-            format!("seq_mean_token_sum_norm (/ {})", rl.max_new_tokens)
-        }
-    };
-    let kl = if rl.kl_coef > 0.0 {
-        let est = match rl.kl_estimator {
-            KlEstimator::K1 => "k1",
-            KlEstimator::K2 => "k2",
-            KlEstimator::K3 => "k3",
-        };
-        let at = if rl.kl_in_reward { "reward" } else { "loss" };
-        format!("KL {est} × {} in the {at}", rl.kl_coef)
-    } else {
-        "no KL".to_string()
-    };
-    let mut sampling = format!("temperature {}", rl.temperature);
-    if rl.top_k > 0 {
-        sampling += &format!(", top_k {}", rl.top_k);
-    }
-    if rl.top_p < 1.0 {
-        sampling += &format!(", top_p {}", rl.top_p);
-    }
-    format!(
-        "{surrogate} · {ratio} · clip [{}, {}] · {agg} · {kl} · advantage {} · {sampling}",
-        1.0 - rl.clip_low,
-        1.0 + rl.clip_high,
-        match rl.advantage {
-            Advantage::GroupStd => "group_std",
-            Advantage::GroupMean => "group_mean",
-            Advantage::BatchStd => "batch_std",
-            Advantage::Rloo => "rloo",
-        },
-    )
 }
