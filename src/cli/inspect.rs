@@ -433,7 +433,9 @@ kind = "cpu"
     fn report_summarises_spec_and_programs() {
         let r = report(&plan(), Path::new("x.plan"));
         for want in [
-            "format         version 2",
+            &format!("format         version {PLAN_FORMAT_VERSION}"),
+            "rl loss        ppo_clip · token ratio · clip [0.8, 1.2] · token_mean · no KL · \
+             advantage group_std · temperature 1",
             &format!("pipeline hash  {}", pipeline_hash("pipeline")),
             "method         bridge · λ 0.5 · shadow one_step · hypergradient truncated",
             "  - nothing recomputed",
