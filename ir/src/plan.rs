@@ -822,7 +822,7 @@ mod tests {
             e,
             PlanError::UnsupportedVersion {
                 found: 1,
-                expected: 2,
+                expected: PLAN_FORMAT_VERSION,
                 ..
             }
         ));
