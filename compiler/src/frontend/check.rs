@@ -143,7 +143,6 @@ pub(super) fn plain_list(names: &[&str]) -> String {
     names.join(", ")
 }
 
-/// Collects diagnostics while the document is read.
 /// Upper bounds of sizes a pipeline sets: past them the compiler's graphs
 /// and tables (RoPE over `max_seq` positions, one layer's nodes per
 /// `n_layers`, rows per batch) would not fit in memory or time, and a typo
@@ -151,7 +150,7 @@ pub(super) fn plain_list(names: &[&str]) -> String {
 /// above the largest open models' sizes (d_model 16 384, 126 layers,
 /// 262 144 tokens of vocabulary, 128k-token training contexts); a model
 /// folder's `config.json` is held to the `model.*` ones too.
-pub(super) const SIZE_LIMITS: &[(&str, usize)] = &[
+const SIZE_LIMITS: &[(&str, usize)] = &[
     ("model.vocab_size", 1 << 22),
     ("model.d_model", 1 << 16),
     ("model.d_ff", 1 << 18),
@@ -174,6 +173,15 @@ pub(super) const SIZE_LIMITS: &[(&str, usize)] = &[
     ("bilevel.hypergradient.backprop", 256),
 ];
 
+/// The bound `SIZE_LIMITS` sets on the key at `path`, if any.
+pub(super) fn size_limit(path: &str) -> Option<usize> {
+    SIZE_LIMITS
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|&(_, limit)| limit)
+}
+
+/// Collects diagnostics while the document is read.
 pub(super) struct Checker<'s> {
     pub(super) source: &'s str,
     pub(super) diags: Vec<Diagnostic>,
@@ -265,7 +273,7 @@ impl Checker<'_> {
             Some(v) if v >= 0 => match usize::try_from(v) {
                 Ok(value) => {
                     let path = sec.key_path(key);
-                    if let Some(&(_, limit)) = SIZE_LIMITS.iter().find(|(p, _)| *p == path) {
+                    if let Some(limit) = size_limit(&path) {
                         if value > limit {
                             self.error(
                                 &path,

@@ -2,7 +2,7 @@
 //! per section, from the checked document to the spec.
 
 use super::check::{
-    closest, describe, plain_list, quoted_list, Checker, Field, Section, SIZE_LIMITS,
+    closest, describe, plain_list, quoted_list, size_limit, Checker, Field, Section,
 };
 use super::diagnostics::Diagnostic;
 use crate::spec::{
@@ -610,8 +610,7 @@ fn read_model_from(c: &mut Checker, sec: &Section, from: Field<String>) -> Optio
     ];
     let mut too_large = false;
     for (key, hf_key, value) in sizes {
-        let limit = SIZE_LIMITS.iter().find(|(p, _)| *p == key).map(|&(_, l)| l);
-        if let (Some(value), Some(limit)) = (value, limit) {
+        if let (Some(value), Some(limit)) = (value, size_limit(key)) {
             if value > limit {
                 c.error(
                     &path,
