@@ -69,6 +69,17 @@ pub fn grpo_loss(g: &mut Graph, rl: &RlSpec, logp: NodeId, batch: &RlBatch) -> N
     g.token_loss(grpo(rl), &ops)
 }
 
+/// Each sequence's mask sum `n_b` [B], whether it has a response token
+/// (`n_b > 0`), and `n_b` with 1 where it is 0 (a safe divisor).
+fn row_counts(g: &mut Graph, mask: NodeId) -> (NodeId, NodeId, NodeId) {
+    let cnt = g.sum(mask, &[1], false);
+    let zero = g.full_like(0.0, cnt);
+    let has = g.compare(CompareOp::Gt, cnt, zero);
+    let one = g.full_like(1.0, cnt);
+    let safe = g.select(has, cnt, one);
+    (cnt, has, safe)
+}
+
 /// GRPO's per-token values with ordinary ops: the response test `mask >
 /// 0`, the ratio (`exp(logπ − old)`, 1 off the response, or GSPO's
 /// sequence ratio broadcast over the sequence), the advantages broadcast
@@ -95,11 +106,7 @@ fn surrogate(g: &mut Graph, loss: TokenLoss, (lo, hi): (f64, f64), ops: &[NodeId
         // exp(Σ_t mask δ / n_b), n_b taken as 1 where it is 0 (then δ = 0).
         let weighted = g.mul(d, mask);
         let num = g.sum(weighted, &[1], false);
-        let cnt = g.sum(mask, &[1], false);
-        let zero_b = g.full_like(0.0, cnt);
-        let has = g.compare(CompareOp::Gt, cnt, zero_b);
-        let one_b = g.full_like(1.0, cnt);
-        let safe = g.select(has, cnt, one_b);
+        let (_, _, safe) = row_counts(g, mask);
         let mean = g.div(num, safe);
         let s = g.exp(mean);
         let s = g.reshape(s, vec![shape[0], 1]);
@@ -201,11 +208,7 @@ fn token_weights(g: &mut Graph, agg: TokenAgg, mask: NodeId) -> NodeId {
         }
         TokenAgg::SeqSum { norm } => g.scale(mask, 1.0 / (shape[0] as f64 * norm.get())),
         TokenAgg::SeqMean => {
-            let cnt = g.sum(mask, &[1], false);
-            let zero = g.full_like(0.0, cnt);
-            let has = g.compare(CompareOp::Gt, cnt, zero);
-            let one = g.full_like(1.0, cnt);
-            let safe = g.select(has, cnt, one);
+            let (cnt, has, safe) = row_counts(g, mask);
             let hasf = g.cast(has, g.ty(cnt).dtype);
             let n = g.sum_all(hasf);
             let n = g.broadcast(n, vec![shape[0]]);
@@ -283,11 +286,7 @@ pub fn aggregate_with(g: &mut Graph, agg: TokenAgg, per_token: NodeId, mask: Nod
         }
         TokenAgg::SeqMean => {
             let num = g.sum(weighted, &[1], false);
-            let cnt = g.sum(mask, &[1], false);
-            let zero = g.full_like(0.0, cnt);
-            let has = g.compare(CompareOp::Gt, cnt, zero);
-            let one = g.full_like(1.0, cnt);
-            let safe = g.select(has, cnt, one);
+            let (cnt, has, safe) = row_counts(g, mask);
             let per_seq = g.div(num, safe);
             let dt = g.ty(cnt).dtype;
             let hasf = g.cast(has, dt);
