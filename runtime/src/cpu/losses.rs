@@ -15,25 +15,22 @@ fn sequence_ratios<T: Float>(loss: TokenLoss, ops: &[&[T]], cols: usize) -> Opti
         return None;
     }
     let (lp, mask, old) = (ops[0], ops[1], ops[2]);
-    let rows = lp.len() / cols.max(1);
-    Some(
-        (0..rows)
-            .map(|b| {
-                let (mut num, mut cnt) = (T::zero(), T::zero());
-                for i in b * cols..(b + 1) * cols {
-                    let d = if mask[i] > T::zero() {
-                        lp[i] - old[i]
-                    } else {
-                        T::zero()
-                    };
-                    num = num + d * mask[i];
-                    cnt = cnt + mask[i];
-                }
-                let safe = if cnt > T::zero() { cnt } else { T::one() };
-                (num / safe).exp()
-            })
-            .collect(),
-    )
+    let ratios = sequences(mask, cols)
+        .into_iter()
+        .enumerate()
+        .map(|(b, (_, _, safe))| {
+            let num = (b * cols..(b + 1) * cols).fold(T::zero(), |s, i| {
+                let d = if mask[i] > T::zero() {
+                    lp[i] - old[i]
+                } else {
+                    T::zero()
+                };
+                s + d * mask[i]
+            });
+            (num / safe).exp()
+        })
+        .collect();
+    Some(ratios)
 }
 
 /// Token `i`'s term `ℓ` and slope `∂ℓ/∂logπ` under `loss`, from operands
