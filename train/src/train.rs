@@ -899,8 +899,7 @@ impl Trainer {
                         let lp_h = self.backend.to_host(&lp)?.to_f64_vec();
                         for ((o, r), m) in old_h.iter().zip(&lp_h).zip(&sampled.mask) {
                             if *m > 0.0 {
-                                let d = r - o;
-                                kls.push(d.exp() - d - 1.0);
+                                kls.push(KlEstimator::K3.of(r - o));
                             }
                         }
                         if spec.rl.kl_in_reward {
@@ -921,7 +920,12 @@ impl Trainer {
                 if spec.rl.mask_truncated {
                     mask_truncated(&mut rows, &mut adv, &stopped);
                 }
-                let rl = pack(&rows, t, pad);
+                // Only taking truncated completions off the loss changes the mask.
+                let rl = if spec.rl.mask_truncated {
+                    pack(&rows, t, pad)
+                } else {
+                    sampled
+                };
                 rl_signal |= adv.iter().zip(&rows).any(|(&a, row)| a != 0.0 && row.2 > 0);
                 // The loss reads reference log-probs only with its KL term.
                 let reference = reference.filter(|_| spec.rl.loss_kl_coef() > 0.0);
