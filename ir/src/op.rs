@@ -922,7 +922,7 @@ impl Op {
                         "grpo, clip_low={clip_low}, clip_high={clip_high}, kl_coef={kl_coef}, {agg}"
                     );
                     if *kl != KlEstimator::K3 {
-                        s += &format!(", kl={kl:?}");
+                        s += &format!(", kl={}", kl.name());
                     }
                     if *ratio == RatioLevel::Sequence {
                         s += ", ratio=sequence";

@@ -318,6 +318,18 @@ pub enum Advantage {
     Rloo,
 }
 
+impl Advantage {
+    /// As `rl.advantage` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Advantage::GroupStd => "group_std",
+            Advantage::GroupMean => "group_mean",
+            Advantage::BatchStd => "batch_std",
+            Advantage::Rloo => "rloo",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LossAgg {
@@ -330,6 +342,17 @@ pub enum LossAgg {
     SeqMeanTokenSumNorm,
 }
 
+impl LossAgg {
+    /// As `rl.loss_agg` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LossAgg::TokenMean => "token_mean",
+            LossAgg::SeqMean => "seq_mean",
+            LossAgg::SeqMeanTokenSumNorm => "seq_mean_token_sum_norm",
+        }
+    }
+}
+
 /// Which importance ratio the policy loss clips.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -339,6 +362,16 @@ pub enum RatioLevel {
     /// Per sequence, length-normalised (GSPO): `s = exp(mean_t log ρ_t)`
     /// over the response tokens, the same for every token of the sequence.
     Sequence,
+}
+
+impl RatioLevel {
+    /// As `rl.ratio_level` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            RatioLevel::Token => "token",
+            RatioLevel::Sequence => "sequence",
+        }
+    }
 }
 
 /// The policy-gradient surrogate of the RL loss.
@@ -354,6 +387,16 @@ pub enum PolicyLoss {
     Cispo,
 }
 
+impl PolicyLoss {
+    /// As `rl.loss` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyLoss::PpoClip => "ppo_clip",
+            PolicyLoss::Cispo => "cispo",
+        }
+    }
+}
+
 /// The estimator of KL(π ‖ π_ref) per token, with `δ = logπ_ref − logπ`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -367,6 +410,15 @@ pub enum KlEstimator {
 }
 
 impl KlEstimator {
+    /// As `rl.kl_estimator` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            KlEstimator::K1 => "k1",
+            KlEstimator::K2 => "k2",
+            KlEstimator::K3 => "k3",
+        }
+    }
+
     /// The estimate of one token from `δ = logπ_ref − logπ`.
     pub fn of(self, diff: f64) -> f64 {
         match self {

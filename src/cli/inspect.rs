@@ -301,30 +301,14 @@ fn count(n: f64) -> String {
 /// The RL loss's settings in one line: surrogate, ratio, clip range,
 /// aggregation, KL term and where it goes, advantages, sampling.
 fn rl_loss(rl: &coopc_compiler::spec::RlSpec) -> String {
-    use coopc_compiler::spec::{Advantage, KlEstimator, LossAgg, PolicyLoss, RatioLevel};
-    let surrogate = match rl.loss {
-        PolicyLoss::PpoClip => "ppo_clip",
-        PolicyLoss::Cispo => "cispo",
-    };
-    let ratio = match rl.ratio_level {
-        RatioLevel::Token => "token ratio",
-        RatioLevel::Sequence => "sequence ratio",
-    };
+    use coopc_compiler::spec::LossAgg;
     let agg = match rl.loss_agg {
-        LossAgg::TokenMean => "token_mean".to_string(),
-        LossAgg::SeqMean => "seq_mean".to_string(),
-        LossAgg::SeqMeanTokenSumNorm => {
-            format!("seq_mean_token_sum_norm (/ {})", rl.max_new_tokens)
-        }
+        LossAgg::SeqMeanTokenSumNorm => format!("{} (/ {})", rl.loss_agg.name(), rl.max_new_tokens),
+        other => other.name().to_string(),
     };
     let kl = if rl.kl_coef > 0.0 {
-        let est = match rl.kl_estimator {
-            KlEstimator::K1 => "k1",
-            KlEstimator::K2 => "k2",
-            KlEstimator::K3 => "k3",
-        };
         let at = if rl.kl_in_reward { "reward" } else { "loss" };
-        format!("KL {est} × {} in the {at}", rl.kl_coef)
+        format!("KL {} × {} in the {at}", rl.kl_estimator.name(), rl.kl_coef)
     } else {
         "no KL".to_string()
     };
@@ -336,15 +320,12 @@ fn rl_loss(rl: &coopc_compiler::spec::RlSpec) -> String {
         sampling += &format!(", top_p {}", rl.top_p);
     }
     format!(
-        "{surrogate} · {ratio} · clip [{}, {}] · {agg} · {kl} · advantage {} · {sampling}",
+        "{} · {} ratio · clip [{}, {}] · {agg} · {kl} · advantage {} · {sampling}",
+        rl.loss.name(),
+        rl.ratio_level.name(),
         1.0 - rl.clip_low,
         1.0 + rl.clip_high,
-        match rl.advantage {
-            Advantage::GroupStd => "group_std",
-            Advantage::GroupMean => "group_mean",
-            Advantage::BatchStd => "batch_std",
-            Advantage::Rloo => "rloo",
-        },
+        rl.advantage.name(),
     )
 }
 
