@@ -58,6 +58,14 @@ fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-12 * b.abs().max(1.0)
 }
 
+/// Each gradient element is `close` to the one wanted.
+fn assert_grad(gr: &[f64], want: [f64; 9]) {
+    assert_eq!(gr.len(), want.len());
+    for (i, (a, b)) in gr.iter().zip(want).enumerate() {
+        assert!(close(*a, b), "grad[{i}] = {a}, want {b}");
+    }
+}
+
 /// Three sequences of three tokens; position 0 is never a response token.
 /// seq 0 (A = +1): ρ = 1.5 (clipped at 1.28), ρ = 0.5 (below the range, unclipped wins)
 /// seq 1 (A = −2): ρ = 0.5 (clipped at 0.8 wins: −1.6 < −1), masked token with NaN old log-prob
@@ -98,9 +106,7 @@ fn grpo_token_mean_clips_both_sides() {
     assert!(close(l, want), "{l} vs {want}");
     // d/dlogπ of −ρA is −ρA on unclipped tokens and 0 on clipped ones.
     let want_g = [0.0, 0.0, -0.5 / 4.0, 0.0, 0.0, 0.0, 0.0, 1.2 / 4.0, 0.0];
-    for (i, (a, b)) in gr.iter().zip(want_g).enumerate() {
-        assert!(close(*a, b), "grad[{i}] = {a}, want {b}");
-    }
+    assert_grad(&gr, want_g);
 }
 
 #[test]
@@ -223,9 +229,7 @@ fn dr_grpo_divides_token_sums_by_sequences_times_max_new_tokens() {
     let want = (-1.28 - 0.5 + 1.6 + 1.2) / 12.0;
     assert!(close(l, want), "{l} vs {want}");
     let want_g = [0.0, 0.0, -0.5 / 12.0, 0.0, 0.0, 0.0, 0.0, 1.2 / 12.0, 0.0];
-    for (i, (a, b)) in gr.iter().zip(want_g).enumerate() {
-        assert!(close(*a, b), "grad[{i}] = {a}, want {b}");
-    }
+    assert_grad(&gr, want_g);
 }
 
 #[test]
@@ -252,9 +256,7 @@ fn gspo_clips_the_length_normalised_sequence_ratio() {
         1.2 / 4.0,
         0.0,
     ];
-    for (i, (a, b)) in gr.iter().zip(want_g).enumerate() {
-        assert!(close(*a, b), "grad[{i}] = {a}, want {b}");
-    }
+    assert_grad(&gr, want_g);
 }
 
 #[test]
@@ -278,9 +280,7 @@ fn cispo_weights_every_token_by_its_clipped_ratio() {
         1.2 / 4.0,
         0.0,
     ];
-    for (i, (a, b)) in gr.iter().zip(want_g).enumerate() {
-        assert!(close(*a, b), "grad[{i}] = {a}, want {b}");
-    }
+    assert_grad(&gr, want_g);
 }
 
 #[test]

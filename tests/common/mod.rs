@@ -482,55 +482,41 @@ pub fn step_rules() -> Vec<coopc_compiler::ir::StepRule> {
 /// the token and the sequence ratio).
 pub fn token_losses() -> Vec<coopc_compiler::ir::TokenLoss> {
     use coopc_compiler::ir::{KlEstimator, PolicyLoss, RatioLevel, TokenAgg, TokenLoss};
-    let grpo = |low: f64, high: f64, kl: f64, agg: TokenAgg| TokenLoss::Grpo {
+    use KlEstimator::{K1, K2, K3};
+    use PolicyLoss::{Cispo, PpoClip};
+    use RatioLevel::{Sequence, Token};
+    let loss = |(low, high): (f64, f64),
+                (kl_coef, kl): (f64, KlEstimator),
+                agg: TokenAgg,
+                ratio: RatioLevel,
+                surrogate: PolicyLoss| TokenLoss::Grpo {
         clip_low: low.into(),
         clip_high: high.into(),
-        kl_coef: kl.into(),
-        kl: KlEstimator::K3,
+        kl_coef: kl_coef.into(),
+        kl,
         agg,
-        ratio: RatioLevel::Token,
-        surrogate: PolicyLoss::PpoClip,
-    };
-    let with = |loss: TokenLoss, f: &dyn Fn(&mut TokenLoss)| {
-        let mut l = loss;
-        f(&mut l);
-        l
+        ratio,
+        surrogate,
     };
     let (tm, sm) = (TokenAgg::TokenMean, TokenAgg::SeqMean);
     let dr = TokenAgg::SeqSum { norm: 7.0.into() };
-    let set_kl = |k: KlEstimator| {
-        move |l: &mut TokenLoss| {
-            if let TokenLoss::Grpo { kl, .. } = l {
-                *kl = k;
-            }
-        }
-    };
-    let seq_ratio = |l: &mut TokenLoss| {
-        if let TokenLoss::Grpo { ratio, .. } = l {
-            *ratio = RatioLevel::Sequence;
-        }
-    };
-    let cispo = |l: &mut TokenLoss| {
-        if let TokenLoss::Grpo { surrogate, .. } = l {
-            *surrogate = PolicyLoss::Cispo;
-        }
-    };
+    let (wide, narrow) = ((0.2, 0.28), (0.05, 0.05));
+    let no_kl = (0.0, K3);
     // GSPO's ratios sit near 1: a narrow range lets them leave it.
-    let narrow = grpo(0.05, 0.05, 0.0, tm);
     vec![
         TokenLoss::Sft,
-        grpo(0.2, 0.28, 0.0, tm),
-        grpo(0.2, 0.28, 0.05, tm),
-        grpo(0.1, 0.3, 0.1, sm),
-        grpo(0.2, 0.2, 0.0, sm),
-        with(grpo(0.2, 0.28, 0.1, tm), &set_kl(KlEstimator::K1)),
-        with(grpo(0.2, 0.28, 0.1, sm), &set_kl(KlEstimator::K2)),
-        grpo(0.2, 0.28, 0.05, dr),
-        with(narrow, &seq_ratio),
-        with(grpo(0.05, 0.05, 0.05, sm), &seq_ratio),
-        with(grpo(0.05, 0.05, 0.0, dr), &seq_ratio),
-        with(grpo(0.2, 0.28, 0.0, tm), &cispo),
-        with(with(grpo(0.05, 0.05, 0.05, sm), &cispo), &seq_ratio),
+        loss(wide, no_kl, tm, Token, PpoClip),
+        loss(wide, (0.05, K3), tm, Token, PpoClip),
+        loss((0.1, 0.3), (0.1, K3), sm, Token, PpoClip),
+        loss((0.2, 0.2), no_kl, sm, Token, PpoClip),
+        loss(wide, (0.1, K1), tm, Token, PpoClip),
+        loss(wide, (0.1, K2), sm, Token, PpoClip),
+        loss(wide, (0.05, K3), dr, Token, PpoClip),
+        loss(narrow, no_kl, tm, Sequence, PpoClip),
+        loss(narrow, (0.05, K3), sm, Sequence, PpoClip),
+        loss(narrow, no_kl, dr, Sequence, PpoClip),
+        loss(wide, no_kl, tm, Token, Cispo),
+        loss(narrow, (0.05, K3), sm, Sequence, Cispo),
     ]
 }
 
