@@ -128,21 +128,21 @@ fn token_term(
             let passed = select(ratio < lo, zero, select(ratio > hi, zero, a));
             slope = zero - select(first, a, passed) * ratio;
         }
-        if comptime!(spec.kl == 1) {
+        if comptime!(spec.kl > 0) {
             let diff = select(on, refp[i] - lp, zero);
-            value += (zero - diff) * beta;
-            slope += beta;
-        }
-        if comptime!(spec.kl == 2) {
-            let diff = select(on, refp[i] - lp, zero);
-            value += diff * diff * f32::new(0.5) * beta;
-            slope += (zero - diff) * beta;
-        }
-        if comptime!(spec.kl == 3) {
-            let diff = select(on, refp[i] - lp, zero);
-            let e = diff.exp();
-            value += (e - diff - f32::new(1.0)) * beta;
-            slope += (f32::new(1.0) - e) * beta;
+            if comptime!(spec.kl == 1) {
+                value += (zero - diff) * beta;
+                slope += beta;
+            }
+            if comptime!(spec.kl == 2) {
+                value += diff * diff * f32::new(0.5) * beta;
+                slope += (zero - diff) * beta;
+            }
+            if comptime!(spec.kl == 3) {
+                let e = diff.exp();
+                value += (e - diff - f32::new(1.0)) * beta;
+                slope += (f32::new(1.0) - e) * beta;
+            }
         }
         slope = select(on, slope, zero);
     }
