@@ -87,10 +87,12 @@ fn silu(x: f64) -> f64 {
     x / (1.0 + (-x).exp())
 }
 
-fn reference_logprobs(spec: &PipelineSpec, p: &P, ids: &[i32], t: usize) -> Vec<f64> {
+/// Each position's log-prob of its token and the entropy of the
+/// distribution it is drawn from (0 at position 0).
+fn reference_logprobs(spec: &PipelineSpec, p: &P, ids: &[i32], t: usize) -> (Vec<f64>, Vec<f64>) {
     let m = &spec.model;
     let (d, h, kvh, hd) = (m.d_model, m.n_heads, m.n_kv_heads, m.head_dim());
-    let mut out = Vec::new();
+    let (mut out, mut entropy) = (Vec::new(), Vec::new());
     for seq in ids.chunks(t) {
         let emb = &p["model.embed_tokens.weight"].1;
         let mut x: Vec<f64> = seq
@@ -171,6 +173,7 @@ fn reference_logprobs(spec: &PipelineSpec, p: &P, ids: &[i32], t: usize) -> Vec<
             .unwrap_or(&p["model.embed_tokens.weight"]);
         let vocab = m.vocab_size;
         out.push(0.0);
+        entropy.push(0.0);
         for i in 1..t {
             let logits: Vec<f64> = (0..vocab)
                 .map(|vv| {
@@ -182,9 +185,15 @@ fn reference_logprobs(spec: &PipelineSpec, p: &P, ids: &[i32], t: usize) -> Vec<
             let mx = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let lse = mx + logits.iter().map(|l| (l - mx).exp()).sum::<f64>().ln();
             out.push(logits[seq[i] as usize] - lse);
+            entropy.push(
+                -logits
+                    .iter()
+                    .map(|l| (l - lse).exp() * (l - lse))
+                    .sum::<f64>(),
+            );
         }
     }
-    out
+    (out, entropy)
 }
 
 fn check(spec: &PipelineSpec, seed: u64) {
@@ -227,13 +236,20 @@ fn check(spec: &PipelineSpec, seed: u64) {
         dtype: DType::F64,
     };
     let lp = dec.token_logprobs(&mut g, &theta, &w, idn);
-    let got = eval(&g, &inputs, &[lp]).remove(0);
-    let want = reference_logprobs(spec, &p, &ids, t);
-    let e = rel_err(&got, &want, 1e-9);
-    assert!(
-        e < 1e-12,
-        "decoder vs reference: rel err {e:e}\n got  {got:?}\n want {want:?}"
-    );
+    let (lp2, ent) = dec.token_logprobs_and_entropy(&mut g, &theta, &w, idn);
+    let got = eval(&g, &inputs, &[lp, lp2, ent]);
+    let (want, want_entropy) = reference_logprobs(spec, &p, &ids, t);
+    for (what, got, want) in [
+        ("log-probs", &got[0], &want),
+        ("log-probs beside the entropy", &got[1], &want),
+        ("entropy", &got[2], &want_entropy),
+    ] {
+        let e = rel_err(got, want, 1e-9);
+        assert!(
+            e < 1e-12,
+            "decoder vs reference, {what}: rel err {e:e}\n got  {got:?}\n want {want:?}"
+        );
+    }
 }
 
 #[test]

@@ -1146,6 +1146,83 @@ fn linear_logprob_ops_match_the_cpu_executor() {
     }
 }
 
+/// The linear entropy ops of the IR (`linear_entropy` and its two
+/// `linear_entropy_grad`s, a vocabulary longer than a cube) through the
+/// device executor against the CPU executor, with either matmul.
+#[test]
+fn linear_entropy_ops_match_the_cpu_executor() {
+    if device_missing() {
+        return;
+    }
+    use coopc_compiler::ir::LogprobOperand;
+    let (n, d, v) = (37, 24, 300);
+    let mut g = Graph::new();
+    let mut inp = Inputs::new();
+    let h = f32_input(&mut g, &mut inp, "h", &[n, d], -1.0, 1.0, 81);
+    let w = f32_input(&mut g, &mut inp, "w", &[v, d], -1.0, 1.0, 82);
+    let gr = f32_input(&mut g, &mut inp, "g", &[n], -1.0, 1.0, 83);
+    let e = g.linear_entropy(h, w);
+    g.set_output("entropy", e);
+    for wrt in [LogprobOperand::Hidden, LogprobOperand::Weight] {
+        let d = g.linear_entropy_grad(wrt, [h, w], gr);
+        g.set_output(format!("d{}", wrt.name()), d);
+    }
+    for kernel in MatmulKernel::ALL {
+        check_with(&g, &inp, 1e-4, &[], kernel);
+    }
+}
+
+/// The device's linear entropy in chunks of the vocabulary (the whole at
+/// once, 64, 300 and 10 rows, the last ones partial) equals the entropy of
+/// the full logits' softmax and its autodiff gradients, with either
+/// matmul: the chunks' running (max, Σexp, Σexp·logit) merge exactly.
+#[test]
+fn fused_linear_entropy_in_chunks_matches_the_full_logits() {
+    if device_missing() {
+        return;
+    }
+    use coopc_compiler::linear_logprob::reference_entropy;
+    let (t, d, v) = (70, 80, 1000);
+    let mut r = rng(31);
+    let h = uniform(&mut r, t * d, -1.0, 1.0);
+    let w = uniform(&mut r, v * d, -0.5, 0.5);
+    let gv = uniform(&mut r, t, -1.0, 1.0);
+    let mut g = Graph::new();
+    let hn = g.input("h", DType::F32, vec![t, d]);
+    let wn = g.input("w", DType::F32, vec![v, d]);
+    let gn = g.input("g", DType::F32, vec![t]);
+    let ent = reference_entropy(&mut g, hn, wn);
+    let weighted = g.mul(ent, gn);
+    let loss = g.sum_all(weighted);
+    let grads = grad(&mut g, loss, &[hn, wn]);
+    g.set_output("entropy", ent);
+    g.set_output("dh", grads[0]);
+    g.set_output("dw", grads[1]);
+    let tensor = |shape: Vec<usize>, x: &[f64]| HostTensor::from_f64(DType::F32, shape, x).unwrap();
+    let inputs = Inputs::from([
+        ("h".to_string(), tensor(vec![t, d], &h)),
+        ("w".to_string(), tensor(vec![v, d], &w)),
+        ("g".to_string(), tensor(vec![t], &gv)),
+    ]);
+    let want = execute(&g, &inputs).unwrap();
+    let [hf, wf, gf] = ["h", "w", "g"].map(|n| f32s(&inputs[n]));
+    let chunks = [coopc_compiler::ir::kernel::device_chunk(t, v), 64, 300, 10];
+    for (kernel, chunk) in MatmulKernel::ALL
+        .into_iter()
+        .flat_map(|k| chunks.map(|c| (k, c)))
+    {
+        let got = with_device!(|dev| {
+            dev.matmul = kernel;
+            let (e, _) = dev.linear_entropy(&hf, &wf, d, chunk).expect("forward");
+            let (dh, dw) = dev
+                .linear_entropy_backward(&hf, &wf, &gf, d, chunk)
+                .expect("backward");
+            [e, dh, dw]
+        });
+        check_results(&want, got, 1e-5);
+    }
+}
+
 /// The attention ops of the IR (`causal_attention` and the three
 /// `causal_attention_grad`s, grouped-query, 150 positions) through the
 /// device executor against the CPU executor; the attention is one fused
@@ -1481,11 +1558,23 @@ fn cubecl_matmul_takes_every_product_itself() {
 /// vocabulary: the same at 9,000 rows (2 chunks) as at 36,000 (5).
 #[test]
 fn linear_logprob_device_memory_matches_the_estimate_and_is_flat_in_the_vocabulary() {
+    logprob_or_entropy_memory_matches_the_estimate(false);
+}
+
+/// The same for the linear entropy and its two gradients.
+#[test]
+fn linear_entropy_device_memory_matches_the_estimate_and_is_flat_in_the_vocabulary() {
+    logprob_or_entropy_memory_matches_the_estimate(true);
+}
+
+fn logprob_or_entropy_memory_matches_the_estimate(entropy: bool) {
     if device_missing() {
         return;
     }
     use coopc_compiler::ir::LogprobOperand;
-    let (n, d) = (2048, 32);
+    // The entropy's products on fewer features (its scratch does not
+    // depend on them), to keep the test's time down.
+    let (n, d) = (2048, if entropy { 8 } else { 32 });
     let mib = |b: f64| b / (1u64 << 20) as f64;
     let mut scratch = Vec::new();
     for (v, chunks) in [(9000usize, 2), (36_000, 5)] {
@@ -1503,17 +1592,34 @@ fn linear_logprob_device_memory_matches_the_estimate_and_is_flat_in_the_vocabula
             "y".into(),
             HostTensor::from_f64(DType::I32, vec![n], &targets).unwrap(),
         );
-        let lp = g.linear_logprob(h, w, y);
-        g.set_output("logprob", lp);
-        for wrt in [LogprobOperand::Hidden, LogprobOperand::Weight] {
-            let d = g.linear_logprob_grad(wrt, [h, w, y], gr);
-            g.set_output(format!("d{}", wrt.name()), d);
+        if entropy {
+            let e = g.linear_entropy(h, w);
+            g.set_output("entropy", e);
+            for wrt in [LogprobOperand::Hidden, LogprobOperand::Weight] {
+                let d = g.linear_entropy_grad(wrt, [h, w], gr);
+                g.set_output(format!("d{}", wrt.name()), d);
+            }
+        } else {
+            let lp = g.linear_logprob(h, w, y);
+            g.set_output("logprob", lp);
+            for wrt in [LogprobOperand::Hidden, LogprobOperand::Weight] {
+                let d = g.linear_logprob_grad(wrt, [h, w, y], gr);
+                g.set_output(format!("d{}", wrt.name()), d);
+            }
         }
         let order = coopc_compiler::schedule::schedule(&g).order;
         let estimate = coopc_compiler::fusion::fuse(&g, &order).device_peak_bytes(&g) as f64;
-        // Inputs h, w, g, y; results logprob, dh, dW.
-        let operands = (4 * (2 * n * d + 2 * v * d + 3 * n)) as f64;
-        for kernel in MatmulKernel::ALL {
+        // Inputs h, w, g, y (not read by the entropy, so not uploaded);
+        // results logprob or entropy, dh, dW.
+        let operands = (4 * (2 * n * d + 2 * v * d + 2 * n + (!entropy) as usize * n)) as f64;
+        // The entropy's launches differ between the matmuls only in the
+        // products; CubeCL's (the estimate's) is checked.
+        let kernels: &[MatmulKernel] = if entropy {
+            &[MatmulKernel::Cubecl]
+        } else {
+            &MatmulKernel::ALL
+        };
+        for &kernel in kernels {
             let peak = with_device!(|dev| {
                 dev.poison = false;
                 dev.matmul = kernel;

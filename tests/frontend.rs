@@ -295,6 +295,35 @@ fn policy_loss_keys_parse_and_reach_the_loss_op() {
     assert!(text.contains("rl.loss") && text.contains("cispo"), "{text}");
 }
 
+/// `entropy_coef` reaches the RL loss: the meta-step computes the linear
+/// entropy only with a bonus, and a negative coefficient is refused.
+#[test]
+fn entropy_coef_parses_and_adds_the_entropy_to_the_meta_step() {
+    use coopc_compiler::ir::Op;
+    use coopc_compiler::lowering::{lower_meta_step, BatchShapes};
+    let entropy_ops = |src: &str| {
+        let spec = parse_pipeline(src).expect("valid");
+        let g = lower_meta_step(&spec, BatchShapes::from_spec(&spec)).graph;
+        let n = g
+            .node_ids()
+            .filter(|&id| matches!(g.op(id), Op::LinearEntropy | Op::LinearEntropyGrad { .. }))
+            .count();
+        (spec.rl.entropy_coef, n)
+    };
+    assert_eq!(entropy_ops(MINIMAL).0, 0.0);
+    assert_eq!(
+        entropy_ops(MINIMAL).1,
+        0,
+        "no bonus, no entropy in the step"
+    );
+    let (c, n) = entropy_ops(&format!("{MINIMAL}\n[rl]\nentropy_coef = 0.01\n"));
+    assert_eq!(c, 0.01);
+    assert!(n >= 2, "the entropy and its gradient: {n} ops");
+    let src = format!("{MINIMAL}\n[rl]\nentropy_coef = -0.1\n");
+    let text = parse_pipeline(&src).unwrap_err().render("p.toml", &src);
+    assert!(text.contains("`rl.entropy_coef`"), "{text}");
+}
+
 #[test]
 fn tf32_products_are_opt_in() {
     let src = format!("{MINIMAL}\n[backend]\nmatmul = \"tf32\"\n");

@@ -162,6 +162,30 @@ fn truncated_with_kl_seq_mean_and_one_step_shadow_matches_finite_differences() {
     check_truncated_against_fd_and_reference(&spec, 4, true);
 }
 
+/// The entropy bonus goes through the lower steps, the shadow and L_up:
+/// its second derivatives (the `linear_entropy_grad` expansion) give the
+/// finite differences of the unrolled objective, and the hypergradient is
+/// not the one without it.
+#[test]
+fn truncated_with_an_entropy_bonus_matches_finite_differences() {
+    let spec = with(tiny_spec(), |s| {
+        s.rl.entropy_coef = 0.5;
+        s.rl.loss_agg = LossAgg::SeqMean;
+    });
+    check_truncated_against_fd_and_reference(&spec, 5, true);
+    let without = with(spec.clone(), |s| s.rl.entropy_coef = 0.0);
+    let (ms, ms0) = (
+        lower_meta_step(&spec, shapes(&spec)),
+        lower_meta_step(&without, shapes(&without)),
+    );
+    let inputs = inputs_with_scales(&spec, &ms, 5);
+    let e = rel_err(&hyper(&ms, &inputs), &hyper(&ms0, &inputs), 1e-8);
+    assert!(
+        e > 1e-3,
+        "the bonus changes the hypergradient: rel diff {e:e}"
+    );
+}
+
 fn adamw(weight_decay: f64) -> OptimKind {
     OptimKind::AdamW {
         beta1: 0.9,

@@ -161,6 +161,19 @@ fn kernel_units_of(text: fn(&KernelSource) -> &str) -> Vec<(String, String)> {
         losses.set_output(format!("loss{i}"), l);
         losses.set_output(format!("grad{i}"), d);
     }
+    // The linear entropy and its two gradients (the entropy bonus's).
+    {
+        use coopc_compiler::ir::{DType, LogprobOperand};
+        let h = losses.input("ent_h", DType::F32, vec![16, 32]);
+        let w = losses.input("ent_w", DType::F32, vec![100, 32]);
+        let gr = losses.input("ent_g", DType::F32, vec![16]);
+        let e = losses.linear_entropy(h, w);
+        losses.set_output("entropy", e);
+        for wrt in [LogprobOperand::Hidden, LogprobOperand::Weight] {
+            let d = losses.linear_entropy_grad(wrt, [h, w], gr);
+            losses.set_output(format!("entropy_d{}", wrt.name()), d);
+        }
+    }
     graphs.push(losses);
     let mut out = Vec::new();
     let mut seen = HashSet::new();

@@ -313,6 +313,8 @@ fn fused_linear_logprob() {
     for (traced, name) in [
         (Traced::LogprobScale, "linear_logprob_scale"),
         (Traced::AddInto, "add_into"),
+        (Traced::EntropyFold, "linear_entropy_fold"),
+        (Traced::EntropyScale, "linear_entropy_scale"),
     ] {
         let src = traced.source(name).expect("compiles to CUDA and WGSL");
         snapshot(name, &src);

@@ -1115,7 +1115,7 @@ fn policy_loss_options_train_end_to_end() {
 /// moved from the reference (so the RL loss of step 1), and `top_k = 1`
 /// changes what is sampled (each group's completions all alike).
 #[test]
-fn kl_in_the_reward_and_top_k_change_the_run() {
+fn kl_in_the_reward_top_k_and_the_entropy_bonus_change_the_run() {
     let dir = tmpdir("kl-reward");
     let run_with = |name: &str, keys: &str| {
         let text = TINY
@@ -1133,6 +1133,7 @@ fn kl_in_the_reward_and_top_k_change_the_run() {
     let plain = run_with("plain", "");
     let penalised = run_with("penalised", "kl_coef = 0.5\nkl_in_reward = true");
     let greedy = run_with("top1", "top_k = 1");
+    let bonus = run_with("bonus", "entropy_coef = 0.5");
     assert_eq!(
         plain[0].rl_loss, penalised[0].rl_loss,
         "π = π_ref at step 0"
@@ -1147,6 +1148,18 @@ fn kl_in_the_reward_and_top_k_change_the_run() {
         (plain[0].response_len, plain[1].response_len),
         (greedy[0].response_len, greedy[1].response_len)
     );
+    // The sampling policy's entropy over the task's 24 tokens: at most
+    // ln 24, and the tiny random policy is far from peaked.
+    let ln_v = 24f64.ln();
+    for m in plain.iter().chain(&bonus) {
+        let e = m.entropy.expect("an entropy on steps with rollouts");
+        assert!(e > 1.0 && e <= ln_v + 1e-5, "step {}: entropy {e}", m.step);
+    }
+    // Same rollouts at step 0: the bonus takes 0.5 × the first lower
+    // step's token-mean entropy (in (0, ln 24]) off the RL loss.
+    assert_eq!(plain[0].entropy, bonus[0].entropy);
+    let taken = plain[0].rl_loss.unwrap() - bonus[0].rl_loss.unwrap();
+    assert!(taken > 0.5 && taken <= 0.5 * ln_v + 1e-5, "{taken}");
 }
 
 /// `rl.dynamic_sampling`: groups whose rewards are all equal are dropped

@@ -536,6 +536,95 @@ fn linear_logprob_grad_rule_by_row_blocks_equals_the_whole() {
 }
 
 #[test]
+fn linear_entropy_matches_its_reference_expression() {
+    use coopc_compiler::ir::LogprobOperand;
+    use coopc_compiler::linear_logprob::{reference_entropy, reference_entropy_grad};
+    for seed in SEEDS {
+        let (vars, _) = logprob_case(&mut rng(seed + 1500));
+        assert_pairs_agree(&format!("seed {seed}"), &vars, |g, x| {
+            let hw = [x[0], x[1]];
+            let mut pairs = vec![(
+                g.linear_entropy(x[0], x[1]),
+                reference_entropy(g, x[0], x[1]),
+            )];
+            for wrt in [LogprobOperand::Hidden, LogprobOperand::Weight] {
+                pairs.push((
+                    g.linear_entropy_grad(wrt, hw, x[2]),
+                    reference_entropy_grad(g, wrt, hw, x[2]),
+                ));
+            }
+            pairs
+        });
+    }
+}
+
+/// The entropy of a uniform distribution is ln V, of a one-hot one 0.
+#[test]
+fn linear_entropy_of_uniform_and_peaked_logits() {
+    let (n, d, v) = (2, 2, 5);
+    // Row 0 of h is 0 (uniform logits); row 1 picks vocabulary row 0 by a wide margin.
+    let h = [0.0, 0.0, 1.0, 0.0];
+    let mut w = vec![0.0; v * d];
+    w[0] = 400.0;
+    let mut g = Graph::new();
+    let hh = g.input("h", DType::F64, vec![n, d]);
+    let ww = g.input("w", DType::F64, vec![v, d]);
+    let e = g.linear_entropy(hh, ww);
+    let vars = [
+        Var::new("h", &[n, d], h.to_vec()),
+        Var::new("w", &[v, d], w),
+    ];
+    let out = eval(&g, &bind(&vars, &no_extra()), &[e]).remove(0);
+    assert!((out[0] - (v as f64).ln()).abs() < 1e-14, "{out:?}");
+    assert!(out[1].abs() < 1e-12, "{out:?}");
+}
+
+#[test]
+fn linear_entropy_vjp_matches_finite_differences() {
+    use coopc_compiler::ir::LogprobOperand;
+    for seed in SEEDS {
+        let (vars, _) = logprob_case(&mut rng(seed + 1600));
+        check_op(seed, &vars[..2], &no_extra(), true, |g, x| {
+            g.linear_entropy(x[0], x[1])
+        });
+        for wrt in [LogprobOperand::Hidden, LogprobOperand::Weight] {
+            check_op(seed, &vars, &no_extra(), true, |g, x| {
+                g.linear_entropy_grad(wrt, [x[0], x[1]], x[2])
+            });
+        }
+    }
+}
+
+/// As for the log-prob, the entropy gradient's second-derivative rule by
+/// row blocks gives the cotangents of the whole-at-once rule.
+#[test]
+fn linear_entropy_grad_rule_by_row_blocks_equals_the_whole() {
+    use coopc_compiler::autodiff::linear_logprob_grad_vjp;
+    use coopc_compiler::ir::LogprobOperand;
+    let mut r = rng(1700);
+    let (n, d, v) = (7, 3, 5);
+    let vars = [
+        Var::new("h", &[n, d], uniform(&mut r, n * d, -1.5, 1.5)),
+        Var::new("w", &[v, d], uniform(&mut r, v * d, -1.5, 1.5)),
+        Var::new("g", &[n], uniform(&mut r, n, -1.0, 1.0)),
+        Var::new("sh", &[n, d], uniform(&mut r, n * d, -1.0, 1.0)),
+        Var::new("sw", &[v, d], uniform(&mut r, v * d, -1.0, 1.0)),
+    ];
+    for (wrt, seed) in [(LogprobOperand::Hidden, 3), (LogprobOperand::Weight, 4)] {
+        assert_pairs_agree(&format!("{wrt:?}: blocks and whole"), &vars, |g, x| {
+            let inputs = [x[0], x[1], x[2]];
+            let [whole, blocks] = [n, 2].map(|rows| {
+                let mut res = linear_logprob_grad_vjp(g, wrt, &inputs, x[seed], rows);
+                res.sort_by_key(|&(slot, _)| slot);
+                assert_eq!(res.iter().map(|p| p.0).collect::<Vec<_>>(), [0, 1, 2]);
+                res
+            });
+            whole.iter().zip(&blocks).map(|(a, b)| (a.1, b.1)).collect()
+        });
+    }
+}
+
+#[test]
 fn linear_logprob_refuses_operands_that_do_not_fit() {
     use coopc_compiler::ir::Op;
     let mut g = Graph::new();
@@ -554,6 +643,15 @@ fn linear_logprob_refuses_operands_that_do_not_fit() {
     ] {
         let e = g.try_add_op(Op::LinearLogprob, &ops).unwrap_err();
         assert!(e.to_string().contains("linear_logprob"), "{what}: {e}");
+    }
+    assert!(g.try_add_op(Op::LinearEntropy, &[h, w]).is_ok());
+    for (what, ops) in [
+        ("no features", vec![h0, w0]),
+        ("feature sizes differ", vec![h, w3]),
+        ("one operand", vec![h]),
+    ] {
+        let e = g.try_add_op(Op::LinearEntropy, &ops).unwrap_err();
+        assert!(e.to_string().contains("linear_entropy"), "{what}: {e}");
     }
 }
 

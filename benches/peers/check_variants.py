@@ -116,6 +116,13 @@ VARIANTS = [
         optim={"lower": {"kind": "adamw", "lr": 1e-2, "weight_decay": 0.1}},
     ),
     variant("kl_in_reward", rl={"kl_coef": 0.05, "kl_in_reward": True}),
+    # The entropy bonus, through the truncated hypergradient's second order.
+    variant("entropy_bonus_seq_mean", rl={"entropy_coef": 0.3, "loss_agg": "seq_mean"}, f32=True),
+    variant(
+        "entropy_bonus_cispo_first_order",
+        rl={"entropy_coef": 0.1, "loss": "cispo"},
+        bilevel={"hypergradient": {"kind": "first_order", "unroll": 2}},
+    ),
     variant("method_mix", bilevel={"method": "mix"}),
     variant("method_rl_zero", bilevel={"method": "rl_zero"}),
     variant("method_sft", bilevel={"method": "sft"}),

@@ -126,6 +126,7 @@ class Spec:
     ratio_level: str = "token"
     loss: str = "ppo_clip"
     max_new_tokens: int = 32
+    entropy_coef: float = 0.0
     notes: list = field(default_factory=list)
 
     @property
@@ -227,6 +228,7 @@ def load_spec(path: str) -> Spec:
         ratio_level=rl.get("ratio_level", "token"),
         loss=rl.get("loss", "ppo_clip"),
         max_new_tokens=int(rl.get("max_new_tokens", 32)),
+        entropy_coef=float(rl.get("entropy_coef", 0.0)),
         method=method,
         lambda0=lambda0,
         shadow=bilevel.get("shadow", "persistent"),
@@ -353,8 +355,9 @@ class Policy:
         scores = scores.masked_fill(~causal, float("-inf"))
         return torch.softmax(scores, dim=-1) @ v
 
-    def token_logprobs(self, theta, w, ids, double_backward=False):
-        """[B, T]: entry t is log π(ids[t] | ids[<t]) from the logits at t − 1; entry 0 is 0."""
+    def token_logprobs(self, theta, w, ids, double_backward=False, with_entropy=False):
+        """[B, T]: entry t is log π(ids[t] | ids[<t]) from the logits at t − 1; entry 0 is 0.
+        With `with_entropy`, also the entropy of each of those distributions [B, T]."""
         s = self.s
         b, t = ids.shape
         hd = s.head_dim
@@ -382,6 +385,9 @@ class Policy:
         logits = x[:, :-1] @ head.T
         lp = torch.log_softmax(logits, dim=-1)
         picked = lp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        if with_entropy:
+            entropy = -(lp.exp() * lp).sum(-1)
+            return F.pad(picked, (1, 0)), F.pad(entropy, (1, 0))
         return F.pad(picked, (1, 0))
 
 
@@ -424,7 +430,7 @@ def kl_estimate(kind: str, diff):
     raise SpecError(f"rl.kl_estimator = {kind!r} is not known")
 
 
-def grpo_loss(s: Spec, lp, batch):
+def grpo_loss(s: Spec, lp, batch, entropy=None):
     mask = batch["rl.loss_mask"]
     on = mask > 0
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
@@ -455,6 +461,15 @@ def grpo_loss(s: Spec, lp, batch):
     if s.loss_kl_coef > 0:
         diff = torch.where(on, batch["rl.ref_logprobs"] - lp, zero)
         per_token = per_token + s.loss_kl_coef * kl_estimate(s.kl_estimator, diff)
+    loss = aggregate(s, per_token, mask)
+    if s.entropy_coef > 0:
+        # The entropy bonus, aggregated as the loss is.
+        loss = loss - s.entropy_coef * aggregate(s, entropy, mask)
+    return loss
+
+
+def aggregate(s: Spec, per_token, mask):
+    """Σ w ∘ per_token with the weights of `rl.loss_agg`."""
     weighted = per_token * mask
     if s.loss_agg == "token_mean":
         return weighted.sum() / mask.sum()
@@ -462,7 +477,7 @@ def grpo_loss(s: Spec, lp, batch):
         cnt = mask.sum(1)
         has = cnt > 0
         per_seq = weighted.sum(1) / torch.where(has, cnt, torch.ones_like(cnt))
-        hasf = has.to(lp.dtype)
+        hasf = has.to(per_token.dtype)
         return (per_seq * hasf).sum() / hasf.sum()
     if s.loss_agg == "seq_mean_token_sum_norm":
         # Dr. GRPO: token sums over a constant, the mean over all rows.
@@ -483,7 +498,11 @@ class Objective:
         return sft_loss(lp, batch["sft.loss_mask"])
 
     def rl(self, theta, w, batch, double_backward=False):
-        lp = self.policy.token_logprobs(theta, w, batch["rl.input_ids"], double_backward)
+        ids = batch["rl.input_ids"]
+        if self.s.entropy_coef > 0:
+            lp, entropy = self.policy.token_logprobs(theta, w, ids, double_backward, with_entropy=True)
+            return grpo_loss(self.s, lp, batch, entropy)
+        lp = self.policy.token_logprobs(theta, w, ids, double_backward)
         return grpo_loss(self.s, lp, batch)
 
     def lower(self, theta, w, batch, double_backward=False):

@@ -175,12 +175,13 @@ pub fn update_slice_mask(g: &mut Graph, base: NodeId, index: NodeId, axis: usize
 const LOGPROB_BLOCK_TAG: u32 = 1 << 24;
 
 /// The cotangents of the operand slots of `linear_logprob_grad(wrt, h, w,
-/// targets, g)` (operands `inputs`, cotangent `gout`): the same
-/// computation written with ordinary ops, differentiated `rows` rows of h
-/// at a time, so at most `[rows, V]` of its logit-sized values are alive at
-/// once; the row blocks' cotangents are concatenated (h, g) and added (w).
-/// The derivative rule of `Op::LinearLogprobGrad`, with `rows` from
-/// `linear_logprob::expansion_rows`.
+/// targets, g)` (operands `inputs`, cotangent `gout`), or of
+/// `linear_entropy_grad(wrt, h, w, g)` (`inputs` without targets): the
+/// same computation written with ordinary ops, differentiated `rows` rows
+/// of h at a time, so at most `[rows, V]` of its logit-sized values are
+/// alive at once; the row blocks' cotangents are concatenated (h, g) and
+/// added (w). The derivative rule of `Op::LinearLogprobGrad` and
+/// `Op::LinearEntropyGrad`, with `rows` from `linear_logprob::expansion_rows`.
 pub fn linear_logprob_grad_vjp(
     g: &mut Graph,
     wrt: LogprobOperand,
@@ -188,13 +189,21 @@ pub fn linear_logprob_grad_vjp(
     gout: NodeId,
     rows: usize,
 ) -> Vec<(usize, NodeId)> {
-    use crate::linear_logprob::reference_grad;
-    let [h, w, y, gr] = inputs[..] else {
-        panic!("linear_logprob_grad takes four operands")
+    use crate::linear_logprob::{reference_entropy_grad, reference_grad};
+    // The gradient's coefficient g is the last operand; targets (a log-prob's) the third of four.
+    let (h, w, gr) = match inputs[..] {
+        [h, w, _, gr] | [h, w, gr] => (h, w, gr),
+        _ => panic!("linear_logprob_grad takes four operands, linear_entropy_grad three"),
+    };
+    let g_slot = inputs.len() - 1;
+    let targets = (inputs.len() == 4).then(|| inputs[2]);
+    let reference = |g: &mut Graph, hc, yc: Option<NodeId>, gc| match yc {
+        Some(yc) => reference_grad(g, wrt, [hc, w, yc], gc),
+        None => reference_entropy_grad(g, wrt, [hc, w], gc),
     };
     let n = g.ty(h).shape[0];
     if rows >= n {
-        let r = reference_grad(g, wrt, [h, w, y], gr);
+        let r = reference(g, h, targets, gr);
         return operand_cotangents(g, r, gout, inputs);
     }
     let (mut dh, mut dg, mut dw) = (vec![], vec![], None);
@@ -207,10 +216,10 @@ pub fn linear_logprob_grad_vjp(
         let tag = LOGPROB_BLOCK_TAG + wrt.slot() as u32;
         let hc = g.slice_axis(h, 0, r0, r1);
         let hc = g.barrier(hc, tag);
-        let yc = g.slice_axis(y, 0, r0, r1);
+        let yc = targets.map(|y| g.slice_axis(y, 0, r0, r1));
         let gc = g.slice_axis(gr, 0, r0, r1);
         let gc = g.barrier(gc, tag);
-        let r = reference_grad(g, wrt, [hc, w, yc], gc);
+        let r = reference(g, hc, yc, gc);
         let seed = match wrt {
             LogprobOperand::Hidden => g.slice_axis(gout, 0, r0, r1),
             LogprobOperand::Weight => gout,
@@ -233,7 +242,7 @@ pub fn linear_logprob_grad_vjp(
             });
         }
     }
-    let mut res = vec![(0, g.concat(&dh, 0)), (3, g.concat(&dg, 0))];
+    let mut res = vec![(0, g.concat(&dh, 0)), (g_slot, g.concat(&dg, 0))];
     if let Some(c) = dw {
         res.push((1, c));
     }
@@ -552,7 +561,15 @@ fn input_cotangents(
                 }
             }
         }
-        Op::LinearLogprobGrad { wrt } => {
+        Op::LinearEntropy => {
+            let hw = [inputs[0], inputs[1]];
+            for wrt in [LogprobOperand::Hidden, LogprobOperand::Weight] {
+                if needs[wrt.slot()] {
+                    res.push((wrt.slot(), g.linear_entropy_grad(wrt, hw, gout)));
+                }
+            }
+        }
+        Op::LinearLogprobGrad { wrt } | Op::LinearEntropyGrad { wrt } => {
             let [h, w] = [inputs[0], inputs[1]];
             let rows = crate::linear_logprob::expansion_rows(&g.ty(h).shape, &g.ty(w).shape);
             res.extend(linear_logprob_grad_vjp(g, wrt, inputs, gout, rows));

@@ -15,7 +15,7 @@ use crate::params::{lora_shapes, lower_lora_shapes, theta_shapes};
 use crate::passes::Pipeline;
 use crate::plan::{
     cache_input, pipeline_hash, Plan, Port, Program, ProgramKind, Role, Signature, DECODE_IDS,
-    DECODE_LOGITS, DECODE_POS, LOGPROBS, TOKEN_IDS,
+    DECODE_LOGITS, DECODE_POS, ENTROPY, LOGPROBS, TOKEN_IDS,
 };
 use crate::schedule::schedule;
 use crate::spec::{LoraSpec, PipelineSpec};
@@ -60,7 +60,8 @@ fn meta_step_signature(spec: &PipelineSpec, graph: &Graph) -> Signature {
 }
 
 /// The log-prob scorer of the RL batch: per-token log-probs of `input_ids`
-/// `[rl batch, seq_len]` under (θ, w).
+/// `[rl batch, seq_len]` under (θ, w), and the entropies of the
+/// distributions they come from.
 pub fn compile_logprobs(spec: &PipelineSpec) -> Program {
     let mut logprobs = lower_logprobs(spec, BatchShapes::from_spec(spec));
     Pipeline::standard().run(&mut logprobs);
@@ -68,7 +69,11 @@ pub fn compile_logprobs(spec: &PipelineSpec) -> Program {
         &logprobs,
         params(spec, &spec.lora),
         |name| (name == TOKEN_IDS).then_some(Role::TokenIds),
-        |name| (name == LOGPROBS).then_some(Role::LogProbs),
+        |name| match name {
+            LOGPROBS => Some(Role::LogProbs),
+            ENTROPY => Some(Role::Entropy),
+            _ => None,
+        },
     );
     compile_program(ProgramKind::Logprobs, logprobs, sig)
 }

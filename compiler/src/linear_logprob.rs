@@ -62,3 +62,49 @@ pub fn reference_grad(
         }
     }
 }
+
+/// `Op::LinearEntropy` with ordinary ops: `−Σ_v p log p` per row of the
+/// log-softmax of the logits `h wᵀ`.
+pub fn reference_entropy(g: &mut Graph, h: NodeId, w: NodeId) -> NodeId {
+    let wt = g.transpose(w);
+    let z = g.matmul(h, wt);
+    let lp = g.log_softmax(z);
+    let p = g.exp(lp);
+    let plp = g.mul(p, lp);
+    let s = g.sum(plp, &[1], false);
+    g.neg(s)
+}
+
+/// `Op::LinearEntropyGrad { wrt }` of `(h, w, g)` with ordinary ops: with
+/// `C = −g ∘ p ∘ (log p + H)` (`[rows, V]`, `H` each row's entropy),
+/// `dh = C w` and `dw = Cᵀ h`.
+pub fn reference_entropy_grad(
+    g: &mut Graph,
+    wrt: LogprobOperand,
+    [h, w]: [NodeId; 2],
+    grad: NodeId,
+) -> NodeId {
+    let n = g.ty(h).shape[0];
+    let v = g.ty(w).shape[0];
+    let wt = g.transpose(w);
+    let z = g.matmul(h, wt);
+    let lp = g.log_softmax(z);
+    let p = g.exp(lp);
+    let plp = g.mul(p, lp);
+    let s = g.sum(plp, &[1], true);
+    // log p + H = log p − Σ p log p.
+    let sb = g.broadcast(s, vec![n, v]);
+    let centred = g.sub(lp, sb);
+    let pc = g.mul(p, centred);
+    let gc = g.reshape(grad, vec![n, 1]);
+    let gb = g.broadcast(gc, vec![n, v]);
+    let gpc = g.mul(gb, pc);
+    let c = g.neg(gpc);
+    match wrt {
+        LogprobOperand::Hidden => g.matmul(c, w),
+        LogprobOperand::Weight => {
+            let ct = g.transpose(c);
+            g.matmul(ct, h)
+        }
+    }
+}

@@ -30,13 +30,13 @@
 
 use crate::autodiff::{grad, vjp};
 use crate::ir::{DType, Graph, NodeId, Shape, StepOut, StepRule};
-use crate::losses::{grpo_loss, sft_loss, RlBatch};
+use crate::losses::{aggregate_with, grpo, grpo_loss, sft_loss, RlBatch};
 use crate::model::{
     frozen_shapes, lora_shapes, lower_shapes, policy_theta_shapes, Decoder, Params,
 };
 use crate::passes::Pipeline;
 use crate::plan::{
-    BatchField, Metric, Role, LAMBDA, LOGPROBS, LR_SCALE_LOWER, LR_SCALE_UPPER, TOKEN_IDS,
+    BatchField, Metric, Role, ENTROPY, LAMBDA, LOGPROBS, LR_SCALE_LOWER, LR_SCALE_UPPER, TOKEN_IDS,
 };
 use crate::schedule::{human_bytes, schedule};
 use crate::spec::{HypergradKind, Method, OptimKind, OptimSpec, PipelineSpec, ShadowMode};
@@ -179,8 +179,20 @@ impl Objective<'_> {
     fn rl(&self, g: &mut Graph, theta: &Params, w: &Params, k: usize) -> NodeId {
         let b = &self.batches[k];
         let theta = self.with_frozen(theta);
-        let lp = self.decoder.token_logprobs(g, &theta, w, b.rl.input_ids);
-        grpo_loss(g, &self.spec.rl, lp, &b.rl)
+        let rl = &self.spec.rl;
+        if rl.entropy_coef == 0.0 {
+            let lp = self.decoder.token_logprobs(g, &theta, w, b.rl.input_ids);
+            return grpo_loss(g, rl, lp, &b.rl);
+        }
+        // The entropy bonus: −c × the entropy on response tokens, weighted
+        // as the policy loss weighs its tokens.
+        let (lp, entropy) = self
+            .decoder
+            .token_logprobs_and_entropy(g, &theta, w, b.rl.input_ids);
+        let loss = grpo_loss(g, rl, lp, &b.rl);
+        let h = aggregate_with(g, grpo(rl).agg(), entropy, b.rl.loss_mask);
+        let bonus = g.scale(h, rl.entropy_coef);
+        g.sub(loss, bonus)
     }
 
     /// Term `i` of the lower loss (1−λ) L_SFT + λ L_RL on step k's batch:
@@ -835,8 +847,9 @@ pub struct LowerOptions {
     pub memory: Option<MemoryPlan>,
 }
 
-/// Log-probs of a batch of ids [rl_batch, seq_len] under (θ, w): the program
-/// that scores rollouts (π_old, π_ref) and held-out sequences.
+/// Log-probs of a batch of ids [rl_batch, seq_len] under (θ, w), and the
+/// entropies of the next-token distributions they come from: the program
+/// that scores rollouts (π_old, π_ref).
 pub fn lower_logprobs(spec: &PipelineSpec, shapes: BatchShapes) -> Graph {
     let dt = spec.backend.dtype.dtype();
     let mut g = Graph::new();
@@ -856,8 +869,9 @@ pub fn lower_logprobs(spec: &PipelineSpec, shapes: BatchShapes) -> Graph {
         lora: &spec.lora,
         dtype: dt,
     };
-    let lp = dec.token_logprobs(&mut g, &theta, &w, ids);
+    let (lp, entropy) = dec.token_logprobs_and_entropy(&mut g, &theta, &w, ids);
     g.set_output(LOGPROBS, lp);
+    g.set_output(ENTROPY, entropy);
     g
 }
 

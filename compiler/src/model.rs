@@ -211,18 +211,58 @@ impl Decoder<'_> {
     /// from the hidden state at position t − 1 (one `linear_logprob`, so
     /// the [B, T, vocab] logits are never a value); entry 0 is 0.
     pub fn token_logprobs(&self, g: &mut Graph, theta: &Params, w: &Params, ids: NodeId) -> NodeId {
+        let (prev, head) = self.scoring_states(g, theta, w, ids);
+        self.token_logprobs_of(g, prev, head, ids)
+    }
+
+    /// [`Decoder::token_logprobs`] and the entropy of each of the
+    /// distributions they are taken from, `[B, T]` (entry t that of π(· |
+    /// ids[<t]), one `linear_entropy`; entry 0 is 0).
+    pub fn token_logprobs_and_entropy(
+        &self,
+        g: &mut Graph,
+        theta: &Params,
+        w: &Params,
+        ids: NodeId,
+    ) -> (NodeId, NodeId) {
+        let (prev, head) = self.scoring_states(g, theta, w, ids);
+        let lp = self.token_logprobs_of(g, prev, head, ids);
+        (lp, self.token_entropy_of(g, prev, head, ids))
+    }
+
+    /// The hidden states `[B·(T−1), d]` that score positions 1.. of `ids
+    /// [B, T]`, and the LM head.
+    fn scoring_states(
+        &self,
+        g: &mut Graph,
+        theta: &Params,
+        w: &Params,
+        ids: NodeId,
+    ) -> (NodeId, NodeId) {
         let s = g.ty(ids).shape.clone();
         let (b, t) = (s[0], s[1]);
         let h = self.hidden(g, theta, w, ids);
         let d = self.model.d_model;
         let prev = g.slice(h, &[0, 0, 0], &[b, t - 1, d]);
-        let prev = g.reshape(prev, vec![b * (t - 1), d]);
+        (g.reshape(prev, vec![b * (t - 1), d]), self.head(theta))
+    }
+
+    fn token_logprobs_of(&self, g: &mut Graph, prev: NodeId, head: NodeId, ids: NodeId) -> NodeId {
+        let s = g.ty(ids).shape.clone();
+        let (b, t) = (s[0], s[1]);
         let next = g.slice(ids, &[0, 1], &[b, t]);
         let next = g.reshape(next, vec![b * (t - 1)]);
-        let head = self.head(theta);
         let picked = g.linear_logprob(prev, head, next);
         let picked = g.reshape(picked, vec![b, t - 1]);
         g.pad(picked, &[0, 1], &[0, 0], 0.0)
+    }
+
+    fn token_entropy_of(&self, g: &mut Graph, prev: NodeId, head: NodeId, ids: NodeId) -> NodeId {
+        let s = g.ty(ids).shape.clone();
+        let (b, t) = (s[0], s[1]);
+        let e = g.linear_entropy(prev, head);
+        let e = g.reshape(e, vec![b, t - 1]);
+        g.pad(e, &[0, 1], &[0, 0], 0.0)
     }
 }
 

@@ -61,10 +61,13 @@ pub fn op_flops(g: &Graph, id: NodeId) -> u64 {
         }
         // The logits h·wᵀ (2·N·V·d); a gradient recomputes them and takes
         // one more product of the same size.
-        Op::LinearLogprob | Op::LinearLogprobGrad { .. } => {
+        Op::LinearLogprob
+        | Op::LinearLogprobGrad { .. }
+        | Op::LinearEntropy
+        | Op::LinearEntropyGrad { .. } => {
             let (h, w) = (&g.ty(g.inputs(id)[0]).shape, &g.ty(g.inputs(id)[1]).shape);
             let per = 2 * (h[0] * w[0] * h[1]) as u64;
-            per * if matches!(g.op(id), Op::LinearLogprob) {
+            per * if matches!(g.op(id), Op::LinearLogprob | Op::LinearEntropy) {
                 1
             } else {
                 2

@@ -688,6 +688,21 @@ impl Graph {
         self.add_op(Op::LinearLogprobGrad { wrt }, &[h, w, targets, g])
     }
 
+    /// Each row's entropy of `softmax(h wᵀ)` (see `Op::LinearEntropy`).
+    pub fn linear_entropy(&mut self, h: NodeId, w: NodeId) -> NodeId {
+        self.add_op(Op::LinearEntropy, &[h, w])
+    }
+
+    /// The gradient of `Σ g ∘ linear_entropy(h, w)` with respect to `wrt`.
+    pub fn linear_entropy_grad(
+        &mut self,
+        wrt: LogprobOperand,
+        [h, w]: [NodeId; 2],
+        g: NodeId,
+    ) -> NodeId {
+        self.add_op(Op::LinearEntropyGrad { wrt }, &[h, w, g])
+    }
+
     pub fn cast(&mut self, x: NodeId, to: DType) -> NodeId {
         if self.ty(x).dtype == to {
             return x;

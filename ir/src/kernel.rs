@@ -348,8 +348,9 @@ impl Kernel {
     /// sibling gradients the backward kernels compute but no node asked
     /// for, the log-prob forward's discarded log-probs and scratch, a chunk
     /// of the gradients' coefficients `[N, chunk]` (see
-    /// `linear_logprob::device_backward_scratch`); the per-row 1/rms of an
-    /// RMSNorm gain's gradient.
+    /// `linear_logprob::device_backward_scratch`); the linear entropy's
+    /// (`device_entropy_scratch`); the per-row 1/rms of an RMSNorm gain's
+    /// gradient.
     pub fn scratch_bytes(&self, g: &Graph) -> usize {
         let n = |id: &NodeId| g.ty(*id).numel();
         let elems = match self {
@@ -393,6 +394,16 @@ impl Kernel {
             }
             // Each row's 1/rms, for the gain's gradient.
             Kernel::Node(id) => match g.op(*id) {
+                Op::LinearEntropy | Op::LinearEntropyGrad { .. } => {
+                    let ins = g.inputs(*id);
+                    let [n, d] = [0, 1].map(|a| g.ty(ins[0]).shape[a]);
+                    let vocab = g.ty(ins[1]).shape[0];
+                    let wrt = match g.op(*id) {
+                        Op::LinearEntropyGrad { wrt } => Some(*wrt),
+                        _ => None,
+                    };
+                    device_entropy_scratch(n, d, vocab, wrt)
+                }
                 Op::RmsNormGrad {
                     wrt: NormOperand::Weight,
                     ..
@@ -650,6 +661,31 @@ pub fn device_backward_scratch(n: usize, d: usize, vocab: usize) -> usize {
     let chunk = device_chunk(n, vocab);
     let temp = if vocab > chunk { n * d } else { 0 };
     2 * n + device_forward_scratch(n, vocab).max(n * chunk + temp)
+}
+
+/// Elements of device scratch a linear entropy of `n` rows over `vocab`
+/// rows holds beyond its output: a running (max, Σexp, Σexp·logit) and the
+/// log-sum-exp per row and one chunk of logits `[n, chunk]`; for its
+/// gradient with respect to `grad`, also the entropy, then the
+/// coefficients' chunk (and for dh, where CubeCL's matmul adds its later
+/// chunks through a temporary, `[n, d]` more).
+pub fn device_entropy_scratch(
+    n: usize,
+    d: usize,
+    vocab: usize,
+    grad: Option<LogprobOperand>,
+) -> usize {
+    let chunk = device_chunk(n, vocab);
+    let forward = 4 * n + n * chunk;
+    let Some(wrt) = grad else {
+        return forward;
+    };
+    let temp = if wrt == LogprobOperand::Hidden && vocab > chunk {
+        n * d
+    } else {
+        0
+    };
+    (n + forward).max(2 * n + n * chunk + temp)
 }
 
 /// Vocabulary rows per split of the device's register-blocked log-prob

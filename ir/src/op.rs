@@ -679,6 +679,18 @@ pub enum Op {
     LinearLogprobGrad {
         wrt: LogprobOperand,
     },
+    /// `−Σ_v p_tv log p_tv` with `p = softmax(h wᵀ)` for `h [N, d]` and
+    /// `w [V, d]`: each row's entropy of the distribution the logits give,
+    /// computed (like `LinearLogprob`) without the logits as a value.
+    LinearEntropy,
+    /// The gradient of `Σ_t g[t] · linear_entropy(h, w)[t]` with respect to
+    /// `h` or `w`, from operands `(h, w, g)`: with `C = −g ∘ p ∘ (log p +
+    /// H)` per row (`H` the row's entropy), `dh = C w`, `dw = Cᵀ h`, the
+    /// probabilities recomputed. Its own gradient is that of the same
+    /// computation written with ordinary ops.
+    LinearEntropyGrad {
+        wrt: LogprobOperand,
+    },
     /// RMSNorm over the last axis of `x [..., d]` with gain `w [d]`: `y =
     /// x · r · w`, `r = 1 / √(mean(x²) + eps)` per row. Executors compute
     /// `r` on the fly; it is not a value of the graph.
@@ -785,6 +797,8 @@ impl Op {
             Op::CachedAttention => "cached_attention",
             Op::LinearLogprob => "linear_logprob",
             Op::LinearLogprobGrad { .. } => "linear_logprob_grad",
+            Op::LinearEntropy => "linear_entropy",
+            Op::LinearEntropyGrad { .. } => "linear_entropy_grad",
             Op::Rope { .. } => "rope",
             Op::RmsNorm { .. } => "rms_norm",
             Op::RmsNormGrad { .. } => "rms_norm_grad",
@@ -882,7 +896,9 @@ impl Op {
             Op::Cast { to } => to.to_string(),
             Op::Barrier { tag } => format!("tag={tag}"),
             Op::CausalAttentionGrad { wrt } => format!("wrt={}", wrt.name()),
-            Op::LinearLogprobGrad { wrt } => format!("wrt={}", wrt.name()),
+            Op::LinearLogprobGrad { wrt } | Op::LinearEntropyGrad { wrt } => {
+                format!("wrt={}", wrt.name())
+            }
             Op::Rope { transpose: true } => "transpose".into(),
             Op::RmsNorm { eps } => format!("eps={}", eps.get()),
             Op::RmsNormGrad { wrt, eps } => format!("wrt={}, eps={}", wrt.name(), eps.get()),
@@ -1298,6 +1314,23 @@ impl Op {
                 }
                 Ok(inputs[wrt.slot()].clone())
             }
+            Op::LinearEntropy => {
+                arity(2)?;
+                check_entropy(inputs[0], inputs[1]).map_err(err)?;
+                Ok(TensorType::new(inputs[0].dtype, vec![inputs[0].shape[0]]))
+            }
+            Op::LinearEntropyGrad { wrt } => {
+                arity(3)?;
+                let (h, g) = (inputs[0], inputs[2]);
+                check_entropy(h, inputs[1]).map_err(err)?;
+                if g.dtype != h.dtype || g.shape[..] != h.shape[..1] {
+                    return Err(err(format!(
+                        "`g` {g} must be one {} per row of h {h}",
+                        h.dtype
+                    )));
+                }
+                Ok(inputs[wrt.slot()].clone())
+            }
             Op::RmsNorm { .. } => {
                 arity(2)?;
                 check_norm(inputs[0], inputs[1]).map_err(err)?;
@@ -1459,6 +1492,24 @@ fn check_logprob(h: &TensorType, w: &TensorType, targets: &TensorType) -> Result
     } else {
         Err(format!(
             "needs float h [N, d], w [V, d] of its dtype (d, V ≥ 1) and i32 targets [N], got {h}, {w}, {targets}"
+        ))
+    }
+}
+
+/// Operands of a linear entropy: float h [N, d] and w [V, d] of its dtype.
+fn check_entropy(h: &TensorType, w: &TensorType) -> Result<(), String> {
+    let ok = h.dtype.is_float()
+        && h.rank() == 2
+        && w.rank() == 2
+        && w.dtype == h.dtype
+        && w.shape[1] == h.shape[1]
+        && h.shape[1] > 0
+        && w.shape[0] > 0;
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "needs float h [N, d] and w [V, d] of its dtype (d, V ≥ 1), got {h}, {w}"
         ))
     }
 }

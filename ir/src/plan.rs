@@ -38,8 +38,9 @@ pub const PLAN_MAGIC: &[u8; 10] = b"COOPCPLAN\n";
 /// build of coopc writes and reads. Version 2: programs carry their kind,
 /// fused kernels and signature, and the decode step and LoRA merge are in
 /// the plan. Version 3: the policy loss carries its KL estimator,
-/// aggregation, ratio level and surrogate.
-pub const PLAN_FORMAT_VERSION: u32 = 3;
+/// aggregation, ratio level and surrogate. Version 4: the linear entropy
+/// ops, and the log-prob scorer's entropy output.
+pub const PLAN_FORMAT_VERSION: u32 = 4;
 
 /// Bytes before the payload: magic, version, payload length, checksum.
 pub const PLAN_HEADER_LEN: usize = PLAN_MAGIC.len() + 4 + 8 + 32;
@@ -564,6 +565,7 @@ mod tests {
                 loss_agg: LossAgg::SeqMean,
                 ratio_level: RatioLevel::Token,
                 loss: PolicyLoss::PpoClip,
+                entropy_coef: 0.0,
                 max_new_tokens: 8,
                 temperature: 1.0,
                 top_p: 0.95,

@@ -22,6 +22,10 @@ pub const LR_SCALE_UPPER: &str = "lr_scale.upper";
 pub const TOKEN_IDS: &str = "input_ids";
 /// The log-prob scorer's output, `[batch, seq_len]`.
 pub const LOGPROBS: &str = "logprobs";
+/// The log-prob scorer's second output, `[batch, seq_len]`: entry t is the
+/// entropy of the next-token distribution the log-prob of entry t is
+/// taken from (0 at t = 0).
+pub const ENTROPY: &str = "entropy";
 
 /// The decode step's token input: the token at position `pos` of each row,
 /// i32 `[batch]`.
@@ -178,6 +182,8 @@ pub enum Role {
     Hypergradient { of: String },
     /// Per-token log-probs.
     LogProbs,
+    /// Per-token entropies of the policy's next-token distribution.
+    Entropy,
     /// Next-token logits.
     Logits,
     /// The θ tensor `of` with its LoRA factors merged in.

@@ -453,6 +453,11 @@ pub struct RlSpec {
     pub ratio_level: RatioLevel,
     #[serde(default = "default_policy_loss")]
     pub loss: PolicyLoss,
+    /// c of the entropy bonus: the RL loss less `c ×` the policy's
+    /// entropy on response tokens, aggregated as the loss is (`loss_agg`);
+    /// 0 disables it.
+    #[serde(default)]
+    pub entropy_coef: f64,
     pub max_new_tokens: usize,
     pub temperature: f64,
     pub top_p: f64,

@@ -1334,6 +1334,7 @@ impl<R: Runtime> Device<R> {
             Op::RmsNorm { .. } | Op::RmsNormGrad { .. } | Op::Rope { .. } => self.norm_node(&cx),
             Op::CachedAttention => self.attention_node(&cx),
             Op::TokenLoss { .. } | Op::TokenLossGrad { .. } => self.loss_node(&cx),
+            Op::LinearEntropy | Op::LinearEntropyGrad { .. } => self.entropy_node(&cx),
             other => Err(cx.unsupported(format!(
                 "`{}` has no device kernel outside a fused group",
                 other.name()
@@ -1680,6 +1681,32 @@ impl<R: Runtime> Device<R> {
             other => {
                 return Err(cx.unsupported(format!("`{}` is not an attention op", other.name())))
             }
+        })
+    }
+
+    /// The linear entropy, and its gradient with respect to h or w (which
+    /// runs the forward again for the rows' entropy and log-sum-exp).
+    fn entropy_node(&self, cx: &NodeCx<'_>) -> Result<Handle, DeviceError> {
+        let (g, id) = (cx.g, cx.id);
+        let ops = &cx.ops;
+        let (h, w) = (g.ty(ops[0]), g.ty(ops[1]));
+        let shape = LogprobShape::tokens(h.shape[0], h.shape[1], w.shape[0]);
+        let (hb, wb) = ((cx.get)(&ops[0])?, (cx.get)(&ops[1])?);
+        let chunk = coopc_ir::kernel::device_chunk(shape.n, shape.vocab);
+        let (entropy, lse) = self.launch_linear_entropy([&hb, &wb], shape, chunk);
+        Ok(match g.op(id) {
+            Op::LinearEntropy => entropy,
+            Op::LinearEntropyGrad { wrt } => {
+                let gb = (cx.get)(&ops[2])?;
+                let want = [
+                    *wrt == LogprobOperand::Hidden,
+                    *wrt == LogprobOperand::Weight,
+                ];
+                let bufs = [&hb, &wb, &entropy, &lse, &gb];
+                let [dh, dw] = self.launch_linear_entropy_backward(bufs, shape, want, chunk);
+                dh.or(dw).expect("the gradient asked for")
+            }
+            other => return Err(cx.unsupported(format!("`{}` is not an entropy op", other.name()))),
         })
     }
 

@@ -496,6 +496,96 @@ pub fn linear_logprob_coefficients(
     }
 }
 
+/// Folds one chunk's logits `z [T, vc]` (vocabulary rows `v0..`, a
+/// matrix product's) into each token's running `(m, s, u)`: the maximum,
+/// `s = Σ exp(z − m)` and `u = Σ exp(z − m)(z − m)` (set by the first
+/// chunk, `v0 = 0`), and writes what they give so far, `lse[t] = m + ln s`
+/// and `entropy[t] = ln s − u / s` (after the last chunk, the row's
+/// log-sum-exp and entropy `−Σ p log p`). One cube of `block` units per
+/// token; the chunks' launches run in order.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn linear_entropy_fold(
+    z: &Array<f32>,
+    run_m: &mut Array<f32>,
+    run_s: &mut Array<f32>,
+    run_u: &mut Array<f32>,
+    lse: &mut Array<f32>,
+    entropy: &mut Array<f32>,
+    n_tokens: u32,
+    v0: u32,
+    vc: u32,
+    #[comptime] block: usize,
+) {
+    let t = CUBE_POS;
+    // A whole cube takes the same branch, so its barriers stay uniform.
+    if t >= n_tokens as usize {
+        terminate!();
+    }
+    let vc = vc as usize;
+    let tid = UNIT_POS as usize;
+    let row = t * vc;
+    let zero = f32::cast_from(UNIT_POS_X) * f32::new(0.0);
+    let mut shared = SharedMemory::<f32>::new(block);
+    let mut mx = zero - f32::new(3.0e38);
+    let mut j = tid;
+    while j < vc {
+        mx = max(mx, z[row + j]);
+        j += block;
+    }
+    let mm = cube_max(mx, &mut shared, tid);
+    let mut sum = zero;
+    let mut wsum = zero;
+    let mut j2 = tid;
+    while j2 < vc {
+        let x = z[row + j2] - mm;
+        let e = x.exp();
+        sum += e;
+        wsum += e * x;
+        j2 += block;
+    }
+    let total = cube_sum(sum, &mut shared, tid);
+    let wtotal = cube_sum(wsum, &mut shared, tid);
+    if tid == 0 {
+        let mut m = mm;
+        let mut s = total;
+        let mut u = wtotal;
+        if v0 > 0 {
+            let (m0, s0, u0) = (run_m[t], run_s[t], run_u[t]);
+            m = max(m0, mm);
+            let (a, b) = ((m0 - m).exp(), (mm - m).exp());
+            s = s0 * a + total * b;
+            u = a * (u0 + (m0 - m) * s0) + b * (wtotal + (mm - m) * total);
+        }
+        run_m[t] = m;
+        run_s[t] = s;
+        run_u[t] = u;
+        lse[t] = m + s.ln();
+        entropy[t] = s.ln() - u / s;
+    }
+}
+
+/// The entropy gradient's coefficients of one chunk from its logits, in
+/// place: `c[t, cc] ← −g[t] p (log p + H[t])` with `log p = c[t, cc] −
+/// lse[t]` for `c [T, vc]`. One unit per element.
+#[cube(launch)]
+pub fn linear_entropy_scale(
+    c: &mut Array<f32>,
+    lse: &Array<f32>,
+    entropy: &Array<f32>,
+    grad: &Array<f32>,
+    n_tokens: u32,
+    vc: u32,
+) {
+    let i = ABSOLUTE_POS;
+    let vc = vc as usize;
+    if i < n_tokens as usize * vc {
+        let t = i / vc;
+        let lp = c[i] - lse[t];
+        c[i] = f32::new(0.0) - grad[t] * lp.exp() * (lp + entropy[t]);
+    }
+}
+
 /// One cube per `LOGPROB_TILE` rows.
 fn tiles(rows: usize) -> CubeCount {
     CubeCount::Static((rows.div_ceil(LOGPROB_TILE)) as u32, 1, 1)
@@ -775,36 +865,184 @@ impl<R: Runtime> Device<R> {
                     u(vc),
                 );
             }
-            if let Some(dh) = &dh {
-                // dh (+)= C [n, vc] · W[v0..v0 + vc] [vc, d].
-                let shape = MatmulShape {
-                    batch: 1,
-                    m: n,
-                    k: vc,
-                    n: d,
-                    trans_a: false,
-                    trans_b: false,
-                };
-                let ops = [(&c, n * chunk), (w, vocab * d), (dh, n * d)];
-                self.product_into(ops, shape, [0, v0 * d, 0], v0 > 0);
-            }
-            if let Some(dw) = &dw {
-                // dW[v0..v0 + vc] = Cᵀ [vc, n] · h [n, d].
-                let shape = MatmulShape {
-                    batch: 1,
-                    m: vc,
-                    k: n,
-                    n: d,
-                    trans_a: true,
-                    trans_b: false,
-                };
-                let ops = [(&c, n * chunk), (h, n * d), (dw, vocab * d)];
-                self.product_into(ops, shape, [0, 0, v0 * d], false);
-            }
-            self.note_memory();
+            self.chunk_gradients([h, w, &c], [&dh, &dw], s, chunk, v0, vc);
             v0 += vc;
         }
         [dh, dw]
+    }
+
+    /// From one chunk's coefficients `c [n, vc]` (vocabulary rows from
+    /// `v0`, in a buffer of `n · chunk`), adds `C · W[chunk]` to dh (which
+    /// it writes on the first chunk) and writes `Cᵀ · h` into the chunk's
+    /// rows of dW, for the gradients asked for.
+    fn chunk_gradients(
+        &self,
+        [h, w, c]: [&Handle; 3],
+        [dh, dw]: [&Option<Handle>; 2],
+        s: LogprobShape,
+        chunk: usize,
+        v0: usize,
+        vc: usize,
+    ) {
+        let (n, d, vocab) = (s.n, s.d, s.vocab);
+        if let Some(dh) = dh {
+            // dh (+)= C [n, vc] · W[v0..v0 + vc] [vc, d].
+            let shape = MatmulShape {
+                batch: 1,
+                m: n,
+                k: vc,
+                n: d,
+                trans_a: false,
+                trans_b: false,
+            };
+            let ops = [(c, n * chunk), (w, vocab * d), (dh, n * d)];
+            self.product_into(ops, shape, [0, v0 * d, 0], v0 > 0);
+        }
+        if let Some(dw) = dw {
+            // dW[v0..v0 + vc] = Cᵀ [vc, n] · h [n, d].
+            let shape = MatmulShape {
+                batch: 1,
+                m: vc,
+                k: n,
+                n: d,
+                trans_a: true,
+                trans_b: false,
+            };
+            let ops = [(c, n * chunk), (h, n * d), (dw, vocab * d)];
+            self.product_into(ops, shape, [0, 0, v0 * d], false);
+        }
+        self.note_memory();
+    }
+
+    /// Launches the linear entropy of the rows of `h [n, d]` under `w
+    /// [vocab, d]` on device buffers, returning `(entropy, lse)` without
+    /// waiting: each chunk's logits (`chunk` vocabulary rows; the
+    /// executor's choice is `linear_logprob::device_chunk`) by the device's
+    /// matmul, folded by [`linear_entropy_fold`] into a running (max, Σexp,
+    /// Σexp·logit) per token, so no `[n, vocab]` buffer is held.
+    pub fn launch_linear_entropy(
+        &self,
+        [h, w]: [&Handle; 2],
+        s: LogprobShape,
+        chunk: usize,
+    ) -> (Handle, Handle) {
+        let (n, d, vocab, u) = (s.n, s.d, s.vocab, |v: usize| v as u32);
+        let chunk = chunk.clamp(1, vocab.max(1));
+        let (run_m, run_s, run_u) = (self.output(n), self.output(n), self.output(n));
+        let (entropy, lse) = (self.output(n), self.output(n));
+        let z = self.output(n * chunk);
+        for v0 in (0..vocab).step_by(chunk) {
+            let vc = chunk.min(vocab - v0);
+            self.launch_chunk_logits([(h, n * d), (w, vocab * d), (&z, n * chunk)], s, v0, vc);
+            linear_entropy_fold::launch::<R>(
+                self.client(),
+                cubes(n),
+                CubeDim::new_1d(FOLD_BLOCK as u32),
+                arg(&z, n * chunk),
+                arg(&run_m, n),
+                arg(&run_s, n),
+                arg(&run_u, n),
+                arg(&lse, n),
+                arg(&entropy, n),
+                u(n),
+                u(v0),
+                u(vc),
+                FOLD_BLOCK,
+            );
+            self.note_memory();
+        }
+        (entropy, lse)
+    }
+
+    /// The gradients `(dh, dW)` of `Σ_t grad[t] · entropy[t]` that `want`
+    /// asks for, from the forward's `entropy` and `lse`, a chunk of the
+    /// vocabulary at a time: the chunk's logits by the device's matmul,
+    /// turned into `C = −g p (log p + H)` by [`linear_entropy_scale`], then
+    /// the products of [`Device::launch_linear_logprob_backward`].
+    pub fn launch_linear_entropy_backward(
+        &self,
+        [h, w, entropy, lse, grad]: [&Handle; 5],
+        s: LogprobShape,
+        want: [bool; 2],
+        chunk: usize,
+    ) -> [Option<Handle>; 2] {
+        let (n, d, vocab) = (s.n, s.d, s.vocab);
+        let chunk = chunk.clamp(1, vocab.max(1));
+        let c = self.output(n * chunk);
+        let dh = want[0].then(|| self.output(n * d));
+        let dw = want[1].then(|| self.output(vocab * d));
+        let u = |v: usize| v as u32;
+        for v0 in (0..vocab).step_by(chunk) {
+            let vc = chunk.min(vocab - v0);
+            self.launch_chunk_logits([(h, n * d), (w, vocab * d), (&c, n * chunk)], s, v0, vc);
+            linear_entropy_scale::launch::<R>(
+                self.client(),
+                cubes((n * vc).div_ceil(256)),
+                CubeDim::new_1d(256),
+                arg(&c, n * chunk),
+                arg(lse, n),
+                arg(entropy, n),
+                arg(grad, n),
+                u(n),
+                u(vc),
+            );
+            self.chunk_gradients([h, w, &c], [&dh, &dw], s, chunk, v0, vc);
+        }
+        [dh, dw]
+    }
+
+    /// `(entropy [T], lse [T])` of the logits `h Wᵀ` (`h [T, d]`, `w [V,
+    /// d]` row-major), by [`Device::launch_linear_entropy`] in chunks of
+    /// `chunk` vocabulary rows.
+    pub fn linear_entropy(
+        &self,
+        h: &[f32],
+        w: &[f32],
+        d: usize,
+        chunk: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>), DeviceError> {
+        let (t, vocab) = (h.len() / d.max(1), w.len() / d.max(1));
+        if d == 0 || h.len() != t * d || w.len() != vocab * d || t == 0 || vocab == 0 {
+            return Err(DeviceError::Device(format!(
+                "linear_entropy: h has {} elements, w {}, d = {d}",
+                h.len(),
+                w.len()
+            )));
+        }
+        let (hh, wh) = (self.upload(h), self.upload(w));
+        let s = LogprobShape::tokens(t, d, vocab);
+        let (e, lse) = self.launch_linear_entropy([&hh, &wh], s, chunk);
+        Ok((self.download(e, t)?, self.download(lse, t)?))
+    }
+
+    /// `(dh [T, d], dW [V, d])` of `Σ_t grad[t] · entropy[t]`, by
+    /// [`Device::launch_linear_entropy`] and
+    /// [`Device::launch_linear_entropy_backward`], in chunks of `chunk`
+    /// vocabulary rows.
+    pub fn linear_entropy_backward(
+        &self,
+        h: &[f32],
+        w: &[f32],
+        grad: &[f32],
+        d: usize,
+        chunk: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>), DeviceError> {
+        let (t, vocab) = (grad.len(), w.len() / d.max(1));
+        if d == 0 || h.len() != t * d || w.len() != vocab * d || t == 0 || vocab == 0 {
+            return Err(DeviceError::Device(format!(
+                "linear_entropy_backward: h has {} elements, w {}, grad {}, d = {d}",
+                h.len(),
+                w.len(),
+                grad.len()
+            )));
+        }
+        let (hh, wh, gh) = (self.upload(h), self.upload(w), self.upload(grad));
+        let s = LogprobShape::tokens(t, d, vocab);
+        let (e, lse) = self.launch_linear_entropy([&hh, &wh], s, chunk);
+        let ops = [&hh, &wh, &e, &lse, &gh];
+        let [dh, dw] = self.launch_linear_entropy_backward(ops, s, [true, true], chunk);
+        let (dh, dw) = (dh.expect("asked"), dw.expect("asked"));
+        Ok((self.download(dh, t * d)?, self.download(dw, vocab * d)?))
     }
 
     /// `(logprob [T], lse [T])` of `targets` under the logits `h Wᵀ`, with

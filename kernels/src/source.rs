@@ -10,9 +10,9 @@ use crate::cached_attention::{cached_attention, CACHED_BLOCK, CACHED_CHUNK};
 use crate::device::BLOCK;
 use crate::elementwise::elementwise_program;
 use crate::linear_logprob::{
-    blocked_products, linear_logprob_coefficients, linear_logprob_fold, linear_logprob_forward,
-    linear_logprob_forward_blocked, linear_logprob_merge, linear_logprob_scale, FOLD_BLOCK,
-    LOGPROB_TILE,
+    blocked_products, linear_entropy_fold, linear_entropy_scale, linear_logprob_coefficients,
+    linear_logprob_fold, linear_logprob_forward, linear_logprob_forward_blocked,
+    linear_logprob_merge, linear_logprob_scale, FOLD_BLOCK, LOGPROB_TILE,
 };
 use crate::matmul::{add_into, matmul_blocked, matmul_tiled, Product, TILE};
 use crate::movement::{
@@ -28,7 +28,7 @@ use crate::rms_norm::{
 use crate::rope::rope;
 use crate::sample::{sample_pick, sample_pick_ordered, sample_prepare, SAMPLE_BLOCK};
 use crate::token_loss::{token_loss, token_loss_grad, LossSpec, LOSS_BLOCK};
-use coopc_ir::kernel::{ElemProgram, FusedSchedule, Kernel, ReduceSplit};
+use coopc_ir::kernel::{device_chunk, ElemProgram, FusedSchedule, Kernel, ReduceSplit};
 use coopc_ir::{AttentionOperand, Graph, LogprobOperand, NormOperand, Op};
 use cubecl::prelude::*;
 use cubecl::Compiler as _;
@@ -163,6 +163,19 @@ pub enum Traced {
     LogprobFold,
     /// One chunk's coefficients from logits computed by CubeCL's matmul.
     LogprobScale,
+    /// One vocabulary chunk of logits (the device's matmul's) folded into
+    /// each token's running log-sum-exp and entropy.
+    EntropyFold,
+    /// One chunk's entropy-gradient coefficients from its logits.
+    EntropyScale,
+    /// The linear entropy's gradient: the forward's fold, the coefficients,
+    /// and the products of `LogprobGradients` (the same fields).
+    EntropyGradients {
+        dh: Option<Product>,
+        dh_chunks: bool,
+        dw: Option<Product>,
+        dw_rest: Option<Product>,
+    },
     /// `out[off + i] += x[i]`: a product CubeCL's matmul computed into a
     /// temporary, accumulated.
     AddInto,
@@ -632,6 +645,26 @@ impl Traced {
                 linear_logprob_scale::expand(&mut b.scope, c, y, lse, g, t, v, v0, vc);
                 b.build(settings(name, CubeDim::new_1d(256)))
             }
+            Traced::EntropyFold => {
+                let z = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
+                let mut outs =
+                    (0..5).map(|_| <Array<f32> as LaunchArg>::expand_output(&array(), &mut b));
+                let mut out = || outs.next().expect("output");
+                let (rm, rs, ru, lse, e) = (out(), out(), out(), out(), out());
+                let (t, v0, vc) = (scalar(&mut b), scalar(&mut b), scalar(&mut b));
+                let sc = &mut b.scope;
+                linear_entropy_fold::expand(sc, z, rm, rs, ru, lse, e, t, v0, vc, FOLD_BLOCK);
+                b.build(settings(name, CubeDim::new_1d(FOLD_BLOCK as u32)))
+            }
+            Traced::EntropyScale => {
+                let c = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
+                let mut ins = (0..3).map(|_| <Array<f32> as LaunchArg>::expand(&array(), &mut b));
+                let mut next = || ins.next().expect("operand");
+                let (lse, e, g) = (next(), next(), next());
+                let (t, vc) = (scalar(&mut b), scalar(&mut b));
+                linear_entropy_scale::expand(&mut b.scope, c, lse, e, g, t, vc);
+                b.build(settings(name, CubeDim::new_1d(256)))
+            }
             Traced::AddInto => {
                 let out = <Array<f32> as LaunchArg>::expand_output(&array(), &mut b);
                 let x = <Array<f32> as LaunchArg>::expand(&array(), &mut b);
@@ -641,6 +674,7 @@ impl Traced {
             }
             Traced::LinearLogprobSplit
             | Traced::LogprobGradients { .. }
+            | Traced::EntropyGradients { .. }
             | Traced::AttentionGrads { .. } => {
                 unreachable!("defined by its parts")
             }
@@ -731,12 +765,6 @@ impl Traced {
     /// The kernels, in launch order, of a traced kernel that launches
     /// several (with a suffix for each name); empty for a single kernel.
     fn parts(&self) -> Vec<(&'static str, Traced)> {
-        let product = |trans_a, product, accumulate| Traced::Matmul {
-            trans_a,
-            trans_b: false,
-            product,
-            accumulate,
-        };
         match self {
             Traced::RmsNorm(NormPart::BackwardW) => vec![
                 ("_inv_rms", Traced::RmsNorm(NormPart::InvRms)),
@@ -777,21 +805,22 @@ impl Traced {
                     ("_scale", Traced::LogprobScale),
                     ("_coefficients", Traced::LogprobCoefficients),
                 ];
-                if let Some(kernel) = *dh {
-                    if *dh_chunks {
-                        parts.push(("_dh_add_into", Traced::AddInto));
-                    }
-                    parts.push(("_dh", product(false, kernel, false)));
-                    if *dh_chunks {
-                        parts.push(("_dh_add", product(false, kernel, true)));
-                    }
-                }
-                if let Some(kernel) = *dw {
-                    parts.push(("_dw", product(true, kernel, false)));
-                }
-                if let Some(kernel) = *dw_rest {
-                    parts.push(("_dw_last", product(true, kernel, false)));
-                }
+                parts.extend(gradient_products(*dh, *dh_chunks, *dw, *dw_rest));
+                parts
+            }
+            // The logits' products are the device's matmul's (CubeCL's,
+            // generated at launch, or coopc's); the rest as for the log-prob.
+            Traced::EntropyGradients {
+                dh,
+                dh_chunks,
+                dw,
+                dw_rest,
+            } => {
+                let mut parts = vec![
+                    ("_forward_fold", Traced::EntropyFold),
+                    ("_scale", Traced::EntropyScale),
+                ];
+                parts.extend(gradient_products(*dh, *dh_chunks, *dw, *dw_rest));
                 parts
             }
             _ => Vec::new(),
@@ -820,6 +849,39 @@ impl Traced {
             wgsl,
         })
     }
+}
+
+/// The products of a linear log-prob's or entropy's gradients from one
+/// chunk's coefficients (see `Traced::LogprobGradients`).
+fn gradient_products(
+    dh: Option<Product>,
+    dh_chunks: bool,
+    dw: Option<Product>,
+    dw_rest: Option<Product>,
+) -> Vec<(&'static str, Traced)> {
+    let product = |trans_a, product, accumulate| Traced::Matmul {
+        trans_a,
+        trans_b: false,
+        product,
+        accumulate,
+    };
+    let mut parts = Vec::new();
+    if let Some(kernel) = dh {
+        if dh_chunks {
+            parts.push(("_dh_add_into", Traced::AddInto));
+        }
+        parts.push(("_dh", product(false, kernel, false)));
+        if dh_chunks {
+            parts.push(("_dh_add", product(false, kernel, true)));
+        }
+    }
+    if let Some(kernel) = dw {
+        parts.push(("_dw", product(true, kernel, false)));
+    }
+    if let Some(kernel) = dw_rest {
+        parts.push(("_dw_last", product(true, kernel, false)));
+    }
+    parts
 }
 
 /// The traced form of one kernel of `g`'s fused schedule, or `None` for a
@@ -973,6 +1035,24 @@ pub fn trace(g: &Graph, k: &Kernel) -> Option<(String, Traced)> {
                     (op.name().to_string(), Traced::TokenLoss { spec, grad })
                 }
                 Op::ScatterAddRows { .. } => ("scatter_add_rows".into(), Traced::ScatterAddRows),
+                Op::LinearEntropy => ("linear_entropy".into(), Traced::EntropyFold),
+                Op::LinearEntropyGrad { wrt } => {
+                    let ins = g.inputs(*id);
+                    let (n, d) = (g.ty(ins[0]).shape[0], g.ty(ins[0]).shape[1]);
+                    let vocab = g.ty(ins[1]).shape[0];
+                    let chunk = device_chunk(n, vocab).clamp(1, vocab.max(1));
+                    let (dh, dw, dw_rest) = blocked_products(n, d, vocab, chunk);
+                    let h = *wrt == LogprobOperand::Hidden;
+                    (
+                        format!("linear_entropy_backward_{}", wrt.name()),
+                        Traced::EntropyGradients {
+                            dh: h.then_some(dh),
+                            dh_chunks: vocab > chunk,
+                            dw: (!h).then_some(dw),
+                            dw_rest: dw_rest.filter(|_| !h),
+                        },
+                    )
+                }
                 Op::OneHot { .. } => ("one_hot".into(), Traced::OneHot),
                 Op::Iota { .. } => ("iota".into(), Traced::Iota),
                 Op::RmsNorm { .. } => ("rms_norm".into(), Traced::RmsNorm(NormPart::Forward)),

@@ -691,6 +691,18 @@ fn eval(graph: &Graph, id: NodeId, args: &[&HostTensor]) -> Result<HostTensor, E
             let out = linear_logprob::grad(*wrt, [h?, w?, g?], y, args[0].shape[1]);
             T::into_buffer(out.map_err(|e| cx.index(e))?)
         }),
+        Op::LinearEntropy => float_dtype!(args[0].dtype(), cx, |T| {
+            let (h, w) = (cx.view::<T>(args[0])?, cx.view::<T>(args[1])?);
+            T::into_buffer(linear_logprob::entropy(h, w, args[0].shape[1]))
+        }),
+        Op::LinearEntropyGrad { wrt } => float_dtype!(args[0].dtype(), cx, |T| {
+            let [h, w, g] = [0, 1, 2].map(|i| cx.view::<T>(args[i]));
+            T::into_buffer(linear_logprob::entropy_grad(
+                *wrt,
+                [h?, w?, g?],
+                args[0].shape[1],
+            ))
+        }),
         Op::RmsNorm { eps } => float_dtype!(args[0].dtype(), cx, |T| {
             let (x, w) = (cx.view::<T>(args[0])?, cx.view::<T>(args[1])?);
             T::into_buffer(rms_norm::forward(x, w, eps.get()))

@@ -312,6 +312,11 @@ fn rl_loss(rl: &coopc_compiler::spec::RlSpec) -> String {
     } else {
         "no KL".to_string()
     };
+    let kl = if rl.entropy_coef > 0.0 {
+        format!("{kl} · entropy bonus × {}", rl.entropy_coef)
+    } else {
+        kl
+    };
     let mut sampling = format!("temperature {}", rl.temperature);
     if rl.top_k > 0 {
         sampling += &format!(", top_k {}", rl.top_k);

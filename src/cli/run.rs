@@ -64,11 +64,12 @@ pub(crate) fn read_spec(dir: &Path) -> Result<PipelineSpec, UserError> {
 fn one_line(m: &Metrics) -> String {
     let f = |x: Option<f64>| x.map_or("–".to_string(), |v| format!("{v:.3}"));
     format!(
-        "reward {} · acc {} · sft {:.3} · rl {} · eval {}",
+        "reward {} · acc {} · sft {:.3} · rl {} · entropy {} · eval {}",
         f(m.reward_mean),
         f(m.accuracy),
         m.sft_loss,
         f(m.rl_loss),
+        f(m.entropy),
         f(m.eval_accuracy)
     )
 }

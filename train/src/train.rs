@@ -163,6 +163,10 @@ pub struct Metrics {
     pub rl_loss: Option<f64>,
     /// Mean k3 estimate of KL(π_θ ‖ π_ref) over response tokens (kl_coef > 0).
     pub kl: Option<f64>,
+    /// Mean entropy of the sampling policy's next-token distribution over
+    /// the rollouts' response tokens (steps with rollouts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<f64>,
     /// L_RL(θ̂_K) − L_RL(θ_K) (BRIDGE).
     pub coop_gain: Option<f64>,
     pub response_len: Option<f64>,
@@ -512,8 +516,13 @@ impl Trainer {
     }
 
     /// Log-probs [rows, T] of packed ids under `params`, left where the
-    /// backend computed them (they feed the meta-step).
-    fn score(&self, params: &HashMap<String, Value>, ids: &[i32]) -> Result<Value, TrainError> {
+    /// backend computed them (they feed the meta-step), and the entropies
+    /// of the distributions they come from.
+    fn score(
+        &self,
+        params: &HashMap<String, Value>,
+        ids: &[i32],
+    ) -> Result<(Value, Option<Value>), TrainError> {
         let t = self.spec.train.seq_len;
         let rows = ids.len() / t;
         let mut inputs = params.clone();
@@ -524,14 +533,22 @@ impl Trainer {
         let scorer = self.plan.logprobs();
         self.scores_run
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.backend
+        let mut out: HashMap<String, Value> = self
+            .backend
             .run_values(scorer, &inputs, &|_| false)?
             .into_iter()
-            .find(|(name, _)| {
-                scorer.signature.output(name).map(|p| &p.role) == Some(&Role::LogProbs)
-            })
-            .map(|(_, v)| v)
-            .ok_or_else(|| TrainError::Io("the log-prob program returned no log-probs".into()))
+            .collect();
+        let mut take = |role: Role| {
+            scorer
+                .signature
+                .outputs
+                .iter()
+                .find(|p| p.role == role)
+                .and_then(|p| out.remove(&p.name))
+        };
+        let logprobs = take(Role::LogProbs)
+            .ok_or_else(|| TrainError::Io("the log-prob program returned no log-probs".into()))?;
+        Ok((logprobs, take(Role::Entropy)))
     }
 
     /// Greedy accuracy on (at most `eval_limit` of) the held-out problems.
@@ -798,6 +815,8 @@ impl Trainer {
         let needs_rollouts = lambda > 0.0 || spec.bilevel.method == Method::Bridge;
         let (mut rewards_all, mut correct, mut lens, mut kls) =
             (Vec::new(), 0usize, Vec::new(), Vec::new());
+        // The sampling policy's entropy on each scored response token.
+        let mut entropies = Vec::new();
         // Completions that did not stop; sampling batches and groups
         // dropped by dynamic sampling, over the step's K lower steps.
         let (mut truncated, mut rounds, mut dropped_groups) = (0usize, 0usize, 0usize);
@@ -889,10 +908,19 @@ impl Trainer {
                     kept.iter().flat_map(|(_, r)| r.iter().copied()).collect();
                 // The ids do not depend on which tokens carry loss.
                 let sampled = pack(&rows, t, pad);
-                let old = self.score(&policy, &sampled.ids)?;
+                let (old, entropy) = self.score(&policy, &sampled.ids)?;
+                if let Some(e) = entropy {
+                    let e = self.backend.to_host(&e)?.to_f64_vec();
+                    entropies.extend(
+                        e.iter()
+                            .zip(&sampled.mask)
+                            .filter(|p| *p.1 > 0.0)
+                            .map(|p| p.0),
+                    );
+                }
                 let reference = match &self.reference {
                     Some(r) => {
-                        let lp = self.score(r, &sampled.ids)?;
+                        let (lp, _) = self.score(r, &sampled.ids)?;
                         // The KL metric (and a penalty in the reward) reads
                         // both log-probs back.
                         let old_h = self.backend.to_host(&old)?.to_f64_vec();
@@ -959,13 +987,14 @@ impl Trainer {
         let n = rewards_all.len();
         let mean = |xs: &[f64]| (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64);
         // No signal: the lower objective is the RL term alone, without a KL
-        // term, and every advantage is 0 — its gradient is exactly 0, and an
+        // term or an entropy bonus, and every advantage is 0 — its gradient is exactly 0, and an
         // optimiser step would only let momentum and weight decay move θ.
         let no_signal = spec.rl.skip_no_signal
             && spec.bilevel.method != Method::Bridge
             && needs_rollouts
             && lambda == 1.0
             && spec.rl.loss_kl_coef() == 0.0
+            && spec.rl.entropy_coef == 0.0
             && !rl_signal;
         // What the step's rollouts say; the losses come from the program.
         let rollouts = Metrics {
@@ -977,6 +1006,7 @@ impl Trainer {
             sft_loss: f64::NAN,
             rl_loss: None,
             kl: mean(&kls),
+            entropy: mean(&entropies),
             coop_gain: None,
             response_len: mean(&lens),
             step_time_s: 0.0,
@@ -1148,6 +1178,7 @@ fn write_event(w: &mut EventWriter, m: &Metrics, started: f64) -> Result<(), Tra
         ("bilevel/lambda", m.lambda),
         ("bilevel/coop_gain", opt(m.coop_gain)),
         ("bilevel/kl", opt(m.kl)),
+        ("rollout/entropy", opt(m.entropy)),
         ("time/step_s", m.step_time_s),
         ("compute/gflops", opt(m.flops.map(|f| f / 1e9))),
         ("rollout/no_signal", if m.no_signal { 1.0 } else { 0.0 }),

@@ -80,6 +80,7 @@ pub(super) const RL_KEYS: &[&str] = &[
     "loss_agg",
     "ratio_level",
     "loss",
+    "entropy_coef",
     "max_new_tokens",
     "temperature",
     "top_p",
@@ -1002,6 +1003,14 @@ pub(super) fn read_rl(c: &mut Checker, sec: &Section, train: &Train) -> RlSpec {
     let loss_agg = c.choice_or(sec, "loss_agg", LOSS_AGGS, LossAgg::TokenMean);
     let ratio_level = c.choice_or(sec, "ratio_level", RATIO_LEVELS, RatioLevel::Token);
     let loss = c.choice_or(sec, "loss", POLICY_LOSSES, PolicyLoss::PpoClip);
+    let entropy_coef = c.float_or(sec, "entropy_coef", 0.0);
+    c.check(
+        sec,
+        "entropy_coef",
+        &entropy_coef,
+        entropy_coef.value >= 0.0,
+        "be at least 0",
+    );
     // 32, but leave at least half of a short sequence to the prompt.
     let default_max_new = if train.seq_len_known {
         (train.spec.seq_len / 2).clamp(1, 32)
@@ -1060,6 +1069,7 @@ pub(super) fn read_rl(c: &mut Checker, sec: &Section, train: &Train) -> RlSpec {
         loss_agg: loss_agg.value,
         ratio_level: ratio_level.value,
         loss: loss.value,
+        entropy_coef: entropy_coef.value,
         max_new_tokens: max_new.value,
         temperature: temperature.value,
         top_p: top_p.value,

@@ -1,7 +1,8 @@
-//! The linear log-prob `log softmax(h wᵀ)[t, y_t]` and its gradients, a
-//! block of rows at a time: each block's logits `[rows, V]` are made by the
-//! GEMM in scratch memory and reduced at once, so the whole `[N, V]` is
-//! never held. `h` is `[N, d]`, `w` `[V, d]`, targets `[N]`, all row-major.
+//! The linear log-prob `log softmax(h wᵀ)[t, y_t]`, the linear entropy
+//! `−Σ_v p_tv log p_tv` and their gradients, a block of rows at a time:
+//! each block's logits `[rows, V]` are made by the GEMM in scratch memory
+//! and reduced at once, so the whole `[N, V]` is never held. `h` is
+//! `[N, d]`, `w` `[V, d]`, targets `[N]`, all row-major.
 
 use super::index::{check, IndexError};
 use super::matmul::{matmul_t, Gemm};
@@ -13,18 +14,15 @@ fn block_rows(n: usize, v: usize) -> usize {
     ((1 << 20) / v.max(1)).clamp(1, n.max(1))
 }
 
-/// Checks the targets against the vocabulary of `w`, then calls `f(r0,
-/// rows, lp)` for each block of rows `r0..r0 + rows` of `h` in order, with
-/// `lp` the block's log-probabilities `[rows, V]`.
+/// Calls `f(r0, rows, lp)` for each block of rows `r0..r0 + rows` of `h`
+/// in order, with `lp` the block's log-probabilities `[rows, V]`.
 fn for_each_block<T: Gemm + Element>(
     h: &[T],
     w: &[T],
-    targets: &[i32],
     d: usize,
     mut f: impl FnMut(usize, usize, Vec<T>),
-) -> Result<(), IndexError> {
-    let (n, v) = (targets.len(), w.len() / d.max(1));
-    check(targets, v)?;
+) {
+    let (n, v) = (h.len() / d.max(1), w.len() / d.max(1));
     let b = block_rows(n, v);
     for r0 in (0..n).step_by(b) {
         let rows = b.min(n - r0);
@@ -40,7 +38,6 @@ fn for_each_block<T: Gemm + Element>(
         }
         f(r0, rows, z);
     }
-    Ok(())
 }
 
 /// Each row's log-probability of its target.
@@ -51,12 +48,13 @@ pub fn forward<T: Gemm + Element>(
     d: usize,
 ) -> Result<Vec<T>, IndexError> {
     let v = w.len() / d.max(1);
+    check(targets, v)?;
     let mut out = Vec::with_capacity(targets.len());
-    for_each_block(h, w, targets, d, |r0, rows, lp| {
+    for_each_block(h, w, d, |r0, rows, lp| {
         for (i, &y) in targets[r0..r0 + rows].iter().enumerate() {
             out.push(lp[i * v + y as usize]);
         }
-    })?;
+    });
     Ok(out)
 }
 
@@ -69,16 +67,34 @@ pub fn grad<T: Gemm + Element>(
     targets: &[i32],
     d: usize,
 ) -> Result<Vec<T>, IndexError> {
-    let (n, v) = (targets.len(), w.len() / d.max(1));
+    let v = w.len() / d.max(1);
+    check(targets, v)?;
+    Ok(grad_with(wrt, h, w, d, |r0, row, i| {
+        let gt = g[r0 + i];
+        for x in row.iter_mut() {
+            *x = -(gt * x.exp());
+        }
+        let y = targets[r0 + i] as usize;
+        row[y] = row[y] + gt;
+    }))
+}
+
+/// `dh = C w` (`[N, d]`) or `dw = Cᵀ h` (`[V, d]`) with `C` block by block:
+/// `coefficients(r0, row, i)` turns row `i` of the block at `r0`, its
+/// log-probabilities, into its row of `C` in place (the blocks' `w`
+/// gradients added in order).
+fn grad_with<T: Gemm + Element>(
+    wrt: LogprobOperand,
+    h: &[T],
+    w: &[T],
+    d: usize,
+    mut coefficients: impl FnMut(usize, &mut [T], usize),
+) -> Vec<T> {
+    let (n, v) = (h.len() / d.max(1), w.len() / d.max(1));
     let mut out = vec![T::zero(); if wrt == LogprobOperand::Hidden { n } else { v } * d];
-    for_each_block(h, w, targets, d, |r0, rows, mut c| {
+    for_each_block(h, w, d, |r0, rows, mut c| {
         for (i, row) in c.chunks_mut(v).enumerate() {
-            let gt = g[r0 + i];
-            for x in row.iter_mut() {
-                *x = -(gt * x.exp());
-            }
-            let y = targets[r0 + i] as usize;
-            row[y] = row[y] + gt;
+            coefficients(r0, row, i);
         }
         match wrt {
             LogprobOperand::Hidden => {
@@ -93,6 +109,36 @@ pub fn grad<T: Gemm + Element>(
                 }
             }
         }
-    })?;
-    Ok(out)
+    });
+    out
+}
+
+/// `−Σ_v p log p` of one row of log-probabilities.
+fn row_entropy<T: Gemm + Element>(lp: &[T]) -> T {
+    -lp.iter().fold(T::zero(), |a, &x| a + x.exp() * x)
+}
+
+/// Each row's entropy of `softmax(h wᵀ)`.
+pub fn entropy<T: Gemm + Element>(h: &[T], w: &[T], d: usize) -> Vec<T> {
+    let v = w.len() / d.max(1);
+    let mut out = Vec::with_capacity(h.len() / d.max(1));
+    for_each_block(h, w, d, |_, _, lp| {
+        out.extend(lp.chunks(v).map(row_entropy))
+    });
+    out
+}
+
+/// The gradient of `Σ_t g[t] · entropy[t]` with respect to `h` or `w`:
+/// with `C = −g ∘ p ∘ (log p + H)` per row, `C w` or `Cᵀ h`.
+pub fn entropy_grad<T: Gemm + Element>(
+    wrt: LogprobOperand,
+    [h, w, g]: [&[T]; 3],
+    d: usize,
+) -> Vec<T> {
+    grad_with(wrt, h, w, d, |r0, row, i| {
+        let (gt, ent) = (g[r0 + i], row_entropy(row));
+        for x in row.iter_mut() {
+            *x = -(gt * x.exp() * (*x + ent));
+        }
+    })
 }
