@@ -324,6 +324,43 @@ fn entropy_coef_parses_and_adds_the_entropy_to_the_meta_step() {
     assert!(text.contains("`rl.entropy_coef`"), "{text}");
 }
 
+/// `updates_per_batch` and `mini_batches` parse, make each step's batch
+/// several updates (the note says how many), and must cut both batches
+/// into equal slices.
+#[test]
+fn updates_per_batch_and_mini_batches_parse_and_must_divide_the_batches() {
+    use coopc_compiler::lowering::{lower_meta_step, BatchShapes};
+    // MINIMAL: 16 SFT rows, 8 × 16 rollouts, K = 1.
+    let src = format!("{MINIMAL}\n[rl]\nupdates_per_batch = 3\nmini_batches = 4\n");
+    let spec = parse_pipeline(&src).expect("valid");
+    assert_eq!((spec.rl.updates_per_batch, spec.rl.mini_batches), (3, 4));
+    assert_eq!(spec.rl.updates(), 12);
+    let notes = lower_meta_step(&spec, BatchShapes::from_spec(&spec)).notes;
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("12 updates per rollout batch (3 × 4 mini-batches)")),
+        "{notes:?}"
+    );
+    for (src, key) in [
+        (
+            format!("{MINIMAL}\n[rl]\ngroup_size = 3\nprompts_per_step = 3\nmini_batches = 2\n"),
+            "`rl.mini_batches`",
+        ),
+        (
+            format!("{MINIMAL}\n[rl]\nmini_batches = 4\n[sft]\nbatch_size = 6\n"),
+            "`sft.batch_size`",
+        ),
+        (
+            format!("{MINIMAL}\n[rl]\nupdates_per_batch = 0\n"),
+            "`rl.updates_per_batch`",
+        ),
+    ] {
+        let text = parse_pipeline(&src).unwrap_err().render("p.toml", &src);
+        assert!(text.contains(key), "{text}");
+    }
+}
+
 #[test]
 fn tf32_products_are_opt_in() {
     let src = format!("{MINIMAL}\n[backend]\nmatmul = \"tf32\"\n");

@@ -1059,9 +1059,9 @@ fn kl_in_the_reward_subtracts_the_summed_estimate() {
 
 /// The policy loss options together (CISPO, GSPO's ratio, Dr. GRPO's
 /// normaliser, the k2 estimator with the penalty in the reward, top-k
-/// sampling) compile and train: the plan has no reference log-prob input
-/// (the loss has no KL term), the KL metric is still measured, and every
-/// loss is finite.
+/// sampling, two epochs of two mini-batches per rollout batch) compile
+/// and train: the plan has no reference log-prob input (the loss has no KL
+/// term), the KL metric is still measured, and every loss is finite.
 #[test]
 fn policy_loss_options_train_end_to_end() {
     let dir = tmpdir("policy-loss");
@@ -1070,7 +1070,7 @@ fn policy_loss_options_train_end_to_end() {
             "max_new_tokens = 32",
             "max_new_tokens = 32\nloss = \"cispo\"\nratio_level = \"sequence\"\n\
              loss_agg = \"seq_mean_token_sum_norm\"\nkl_coef = 0.05\nkl_estimator = \"k2\"\n\
-             kl_in_reward = true\ntop_k = 5",
+             kl_in_reward = true\ntop_k = 5\nupdates_per_batch = 2\nmini_batches = 2",
         )
         .replace("steps = 4", "steps = 2");
     let p = pipeline(&dir, &text);
@@ -1082,6 +1082,7 @@ fn policy_loss_options_train_end_to_end() {
         shown.contains(
             "rl loss        cispo · sequence ratio · clip [0.8, 1.28] · \
              seq_mean_token_sum_norm (/ 32) · KL k2 × 0.05 in the reward · \
+             2 epochs × 2 mini-batches per rollout batch · \
              advantage group_std · temperature 1, top_k 5"
         ),
         "{shown}"
@@ -1110,10 +1111,11 @@ fn policy_loss_options_train_end_to_end() {
     }
 }
 
-/// `rl.kl_in_reward` and `rl.top_k` reach the trainer: against the same
-/// run without them, the penalty changes the advantages once the policy has
-/// moved from the reference (so the RL loss of step 1), and `top_k = 1`
-/// changes what is sampled (each group's completions all alike).
+/// `rl.kl_in_reward`, `rl.top_k` and `rl.entropy_coef` reach the trainer:
+/// against the same run without them, the penalty changes the advantages
+/// once the policy has moved from the reference (so the RL loss of step 1),
+/// `top_k = 1` changes what is sampled (each group's completions all
+/// alike), and the bonus takes the entropy off the RL loss.
 #[test]
 fn kl_in_the_reward_top_k_and_the_entropy_bonus_change_the_run() {
     let dir = tmpdir("kl-reward");

@@ -123,6 +123,21 @@ VARIANTS = [
         rl={"entropy_coef": 0.1, "loss": "cispo"},
         bilevel={"hypergradient": {"kind": "first_order", "unroll": 2}},
     ),
+    # Several updates per rollout batch, π_old the sampling policy's: the
+    # later updates see ratios ≠ 1, and the clip acts.
+    variant(
+        "updates_2x2_truncated",
+        rl={"updates_per_batch": 2, "mini_batches": 2, "clip_low": 0.05, "clip_high": 0.05},
+        sft={"batch_size": 4},
+        optim={"lower": {"kind": "momentum", "lr": 0.1, "momentum": 0.5}},
+        f32=True,
+    ),
+    variant(
+        "updates_3x1_mix_adamw",
+        rl={"updates_per_batch": 3, "loss": "cispo", "clip_low": 0.05, "clip_high": 0.05},
+        bilevel={"method": "mix"},
+        optim={"lower": {"kind": "adamw", "lr": 1e-2}},
+    ),
     variant("method_mix", bilevel={"method": "mix"}),
     variant("method_rl_zero", bilevel={"method": "rl_zero"}),
     variant("method_sft", bilevel={"method": "sft"}),

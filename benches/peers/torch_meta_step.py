@@ -127,6 +127,8 @@ class Spec:
     loss: str = "ppo_clip"
     max_new_tokens: int = 32
     entropy_coef: float = 0.0
+    updates_per_batch: int = 1
+    mini_batches: int = 1
     notes: list = field(default_factory=list)
 
     @property
@@ -229,6 +231,8 @@ def load_spec(path: str) -> Spec:
         loss=rl.get("loss", "ppo_clip"),
         max_new_tokens=int(rl.get("max_new_tokens", 32)),
         entropy_coef=float(rl.get("entropy_coef", 0.0)),
+        updates_per_batch=int(rl.get("updates_per_batch", 1)),
+        mini_batches=int(rl.get("mini_batches", 1)),
         method=method,
         lambda0=lambda0,
         shadow=bilevel.get("shadow", "persistent"),
@@ -587,16 +591,33 @@ class MetaStep:
         self.lower_fn2 = torch.compile(obj.lower) if compile == "all" else obj.lower
         self.rl_fn2 = torch.compile(obj.rl) if compile == "all" else obj.rl
 
-    def unroll(self, chain: str, theta0: list, w: dict, batches: list[dict]):
-        """K optimiser steps of a chain from theta0; the last T keep their graph."""
+    def update_batches(self, batches: list[dict]) -> list[dict]:
+        """Each step's batch as `updates_per_batch` epochs of `mini_batches`
+        equal row slices: one optimiser update each."""
         s = self.s
-        k_steps = s.unroll
+        out = []
+        for b in batches:
+            minis = [
+                {k: v[m * v.shape[0] // s.mini_batches : (m + 1) * v.shape[0] // s.mini_batches] for k, v in b.items()}
+                for m in range(s.mini_batches)
+            ]
+            for _ in range(s.updates_per_batch):
+                out.extend(minis)
+        return out
+
+    def unroll(self, chain: str, theta0: list, w: dict, batches: list[dict]):
+        """The K steps' optimiser updates of a chain from theta0; the last T
+        steps' updates keep their graph."""
+        s = self.s
+        batches = self.update_batches(batches)
+        k_steps = len(batches)
+        backprop = self.backprop * s.updates_per_batch * s.mini_batches
         theta = [t.detach() for t in theta0]
         state = zero_state(s.lower, theta)
         w_const = {n: x.detach() for n, x in w.items()}
         first = None
         for k in range(k_steps):
-            differentiated = k + self.backprop >= k_steps
+            differentiated = k + backprop >= k_steps
             if not differentiated or not any(t.requires_grad for t in theta):
                 theta = [t.detach().requires_grad_(True) for t in theta]
                 state = detach_state(state)

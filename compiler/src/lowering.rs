@@ -109,7 +109,9 @@ fn batch_role(name: &str) -> Option<Role> {
     Some(Role::Batch { step, field })
 }
 
-/// One step's data as graph inputs.
+/// One update's data as graph nodes: a step's batch inputs, or a
+/// mini-batch (a slice of their rows).
+#[derive(Clone, Copy)]
 struct StepBatch {
     sft_ids: NodeId,
     sft_mask: NodeId,
@@ -146,10 +148,37 @@ fn batch_inputs(
     }
 }
 
+/// Rows `m · n / parts .. (m + 1) · n / parts` of every tensor of `b`
+/// (n the batch's rows): mini-batch `m` of `parts`; `b` itself when
+/// `parts` is 1.
+fn mini_batch(g: &mut Graph, b: StepBatch, m: usize, parts: usize) -> StepBatch {
+    if parts <= 1 {
+        return b;
+    }
+    let rows = |g: &mut Graph, x: NodeId| {
+        let n = g.ty(x).shape[0];
+        let per = n / parts;
+        g.slice_axis(x, 0, m * per, (m + 1) * per)
+    };
+    StepBatch {
+        sft_ids: rows(g, b.sft_ids),
+        sft_mask: rows(g, b.sft_mask),
+        rl: RlBatch {
+            input_ids: rows(g, b.rl.input_ids),
+            loss_mask: rows(g, b.rl.loss_mask),
+            advantages: rows(g, b.rl.advantages),
+            old_logprobs: rows(g, b.rl.old_logprobs),
+            ref_logprobs: b.rl.ref_logprobs.map(|r| rows(g, r)),
+        },
+    }
+}
+
 /// The losses of the meta-step, as functions of parameter nodes.
 struct Objective<'a> {
     spec: &'a PipelineSpec,
     decoder: Decoder<'a>,
+    /// Each optimiser update's batch, in order (K · updates of them), then
+    /// the last step's whole batch, which the upper objective reads.
     batches: Vec<StepBatch>,
     lambda: NodeId,
     /// θ's tensors the lower level does not train (with a LoRA of θ).
@@ -976,9 +1005,27 @@ fn build_meta_step(
     let lambda = g.input(LAMBDA, dt, vec![]);
     let lower_scale =
         (!spec.optim.lower.schedule.is_constant()).then(|| g.input(LR_SCALE_LOWER, dt, vec![]));
-    let batches = (0..k_steps)
+    let steps: Vec<StepBatch> = (0..k_steps)
         .map(|k| batch_inputs(&mut g, spec, shapes, dt, k))
         .collect();
+    // Each step's batch is `updates_per_batch` epochs of `mini_batches`
+    // updates (π_old stays the sampling policy's); the upper objective
+    // reads the last step's whole batch.
+    let (epochs, minis) = (
+        spec.rl.updates_per_batch.max(1),
+        spec.rl.mini_batches.max(1),
+    );
+    let updates = epochs * minis;
+    let mut batches = Vec::with_capacity(k_steps * updates + 1);
+    for &b in &steps {
+        let slices: Vec<StepBatch> = (0..minis)
+            .map(|m| mini_batch(&mut g, b, m, minis))
+            .collect();
+        for _ in 0..epochs {
+            batches.extend(&slices);
+        }
+    }
+    batches.push(steps[k_steps - 1]);
     let low = Lowering {
         obj: Objective {
             spec,
@@ -999,11 +1046,14 @@ fn build_meta_step(
         lower_scale,
     };
     let lower_opt = spec.optim.lower;
-    let backprop = match hg.kind {
-        _ if !bridge => 0,
-        HypergradKind::FirstOrder => 0,
-        _ => hg.backprop.min(k_steps),
-    };
+    // The hypergradient's backprop counts steps; each is `updates` updates.
+    let backprop = updates
+        * match hg.kind {
+            _ if !bridge => 0,
+            HypergradKind::FirstOrder => 0,
+            _ => hg.backprop.min(k_steps),
+        };
+    let (round_steps, k_steps) = (k_steps, k_steps * updates);
 
     // Lower chain.
     let lower_state = state_inputs(&mut g, lower_opt.kind, "opt.lower", &theta_spec, dt);
@@ -1090,8 +1140,8 @@ fn build_meta_step(
             );
         }
 
-        // Upper objective at θ_K, θ̂_K on the last step's batch.
-        let last = k_steps - 1;
+        // Upper objective at θ_K, θ̂_K on the last step's whole batch.
+        let last = k_steps;
         let tk_in = low.detach(&mut g, &theta_k);
         let sk_in = low.detach(&mut g, &shadow_k);
         let tp = Lowering::params(&low.theta_names, &tk_in);
@@ -1170,10 +1220,10 @@ fn build_meta_step(
         notes.push(match hg.kind {
             HypergradKind::FirstOrder => "hypergradient: first_order (θ, θ̂ held fixed)".to_string(),
             HypergradKind::Truncated => {
-                format!("hypergradient: truncated through the last {backprop} of {k_steps} lower and shadow steps")
+                format!("hypergradient: truncated through the last {backprop} of {k_steps} lower and shadow updates")
             }
             HypergradKind::FiniteDifference { eps } => format!(
-                "hypergradient: finite differences (eps {eps}) through the last {backprop} of {k_steps} steps; \
+                "hypergradient: finite differences (eps {eps}) through the last {backprop} of {k_steps} updates; \
                  the perturbed gradients recompute their activations"
             ),
         });
@@ -1184,6 +1234,11 @@ fn build_meta_step(
         notes.push(format!(
             "method {}: lower steps only (no shadow, adapter frozen)",
             spec.bilevel.method.name()
+        ));
+    }
+    if updates > 1 {
+        notes.push(format!(
+            "{updates} updates per rollout batch ({epochs} × {minis} mini-batches), {k_steps} per meta-step over {round_steps} batches; π_old fixed at sampling"
         ));
     }
     MetaStep {

@@ -566,6 +566,8 @@ mod tests {
                 ratio_level: RatioLevel::Token,
                 loss: PolicyLoss::PpoClip,
                 entropy_coef: 0.0,
+                updates_per_batch: 1,
+                mini_batches: 1,
                 max_new_tokens: 8,
                 temperature: 1.0,
                 top_p: 0.95,

@@ -458,6 +458,16 @@ pub struct RlSpec {
     /// 0 disables it.
     #[serde(default)]
     pub entropy_coef: f64,
+    /// Policy updates per rollout batch (PPO's epochs): each of the K
+    /// lower steps of a meta-step becomes `updates_per_batch ×
+    /// mini_batches` optimiser updates on its batch, π_old fixed at
+    /// sampling time.
+    #[serde(default = "one_update")]
+    pub updates_per_batch: usize,
+    /// Mini-batches per epoch: the RL and SFT batches are cut into this
+    /// many equal row slices, one update each.
+    #[serde(default = "one_update")]
+    pub mini_batches: usize,
     pub max_new_tokens: usize,
     pub temperature: f64,
     pub top_p: f64,
@@ -505,10 +515,20 @@ fn yes() -> bool {
     true
 }
 
+fn one_update() -> usize {
+    1
+}
+
 impl RlSpec {
     /// Rollouts per step (Br).
     pub fn batch_size(&self) -> usize {
         self.group_size * self.prompts_per_step
+    }
+
+    /// Optimiser updates per rollout batch: `updates_per_batch ×
+    /// mini_batches`.
+    pub fn updates(&self) -> usize {
+        self.updates_per_batch.max(1) * self.mini_batches.max(1)
     }
 
     /// β of the KL term in the loss: `kl_coef`, or 0 when the penalty is

@@ -317,6 +317,14 @@ fn rl_loss(rl: &coopc_compiler::spec::RlSpec) -> String {
     } else {
         kl
     };
+    let kl = if rl.updates() > 1 {
+        format!(
+            "{kl} · {} epochs × {} mini-batches per rollout batch",
+            rl.updates_per_batch, rl.mini_batches
+        )
+    } else {
+        kl
+    };
     let mut sampling = format!("temperature {}", rl.temperature);
     if rl.top_k > 0 {
         sampling += &format!(", top_k {}", rl.top_k);

@@ -81,6 +81,8 @@ pub(super) const RL_KEYS: &[&str] = &[
     "ratio_level",
     "loss",
     "entropy_coef",
+    "updates_per_batch",
+    "mini_batches",
     "max_new_tokens",
     "temperature",
     "top_p",
@@ -259,7 +261,7 @@ pub(super) fn read_pipeline(c: &mut Checker, root: &Section) -> Option<PipelineS
     }
     let train = read_train(c, &train_sec, model.as_ref());
     let rl = read_rl(c, &rl_sec, &train);
-    let sft = read_sft(c, &sft_sec, &train);
+    let sft = read_sft(c, &sft_sec, &train, rl.mini_batches);
     let bilevel = read_bilevel(c, &bilevel_sec);
     let lora = read_lora(c, &lora_sec, bilevel.method);
     let optim = read_optims(c, &optim_sec);
@@ -1055,6 +1057,25 @@ pub(super) fn read_rl(c: &mut Checker, sec: &Section, train: &Train) -> RlSpec {
         "be in (0, 1]",
     );
     let top_k = c.usize_or(sec, "top_k", 0);
+    let epochs = c.usize_or(sec, "updates_per_batch", 1);
+    c.at_least_one(sec, "updates_per_batch", &epochs);
+    let minis = c.usize_or(sec, "mini_batches", 1);
+    let rl_rows = group_size.value * prompts.value;
+    if c.at_least_one(sec, "mini_batches", &minis)
+        && rl_rows > 0
+        && !rl_rows.is_multiple_of(minis.value)
+    {
+        let path = sec.key_path("mini_batches");
+        c.error_help(
+            &path,
+            minis.span.clone(),
+            format!(
+                "`{path}` ({}) must divide the rollouts per step, group_size × prompts_per_step = {rl_rows}",
+                minis.value
+            ),
+            "each mini-batch is an equal slice of the rollout batch's rows".to_string(),
+        );
+    }
     let max_rounds = c.usize_or(sec, "max_sampling_rounds", 4);
     c.at_least_one(sec, "max_sampling_rounds", &max_rounds);
     RlSpec {
@@ -1070,6 +1091,8 @@ pub(super) fn read_rl(c: &mut Checker, sec: &Section, train: &Train) -> RlSpec {
         ratio_level: ratio_level.value,
         loss: loss.value,
         entropy_coef: entropy_coef.value,
+        updates_per_batch: epochs.value,
+        mini_batches: minis.value,
         max_new_tokens: max_new.value,
         temperature: temperature.value,
         top_p: top_p.value,
@@ -1081,10 +1104,24 @@ pub(super) fn read_rl(c: &mut Checker, sec: &Section, train: &Train) -> RlSpec {
     }
 }
 
-pub(super) fn read_sft(c: &mut Checker, sec: &Section, train: &Train) -> SftSpec {
+/// `[sft]`; its batch is cut into `rl.mini_batches` slices (`mini_batches`).
+pub(super) fn read_sft(
+    c: &mut Checker,
+    sec: &Section,
+    train: &Train,
+    mini_batches: usize,
+) -> SftSpec {
     c.unknown_keys(sec, SFT_KEYS);
     let batch_size = c.usize_or(sec, "batch_size", 16);
-    c.at_least_one(sec, "batch_size", &batch_size);
+    if c.at_least_one(sec, "batch_size", &batch_size) && mini_batches > 1 {
+        c.check(
+            sec,
+            "batch_size",
+            &batch_size,
+            batch_size.value.is_multiple_of(mini_batches),
+            &format!("be a multiple of `rl.mini_batches` ({mini_batches}): each update reads an equal slice"),
+        );
+    }
     let steps = train.spec.steps;
     let cold = c.usize_or(sec, "cold_start_steps", steps / 2);
     c.check(
