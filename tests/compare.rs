@@ -27,6 +27,7 @@ fn row(step: usize, method: &str, reward: Option<f64>, eval: Option<f64>, wall: 
         "sft_loss": 2.0 / step as f64,
         "rl_loss": reward.map(|r| -r),
         "kl": null,
+        "entropy": reward.map(|r| 1.0 - r),
         "coop_gain": if method == "bridge" { Some(0.01) } else { None },
         "response_len": 12.5,
         "step_time_s": 0.5,
@@ -126,7 +127,7 @@ fn compare_writes_png_and_tables() {
     assert_eq!(std::fs::read_to_string(&md_path).unwrap(), md);
 
     // Per-run rows: run, group, steps, final eval, best eval, late reward
-    // (the last tenth of 6 rewarded steps: the last one), wall.
+    // and entropy (the last tenth of 6 rewarded steps: the last one), wall.
     assert_eq!(
         table_row(&md, "bridge-s0"),
         [
@@ -135,6 +136,7 @@ fn compare_writes_png_and_tables() {
             "6",
             "0.600",
             "0.700",
+            "0.500",
             "0.500",
             "60.0"
         ]
@@ -148,6 +150,7 @@ fn compare_writes_png_and_tables() {
             "0.800",
             "0.800",
             "0.600",
+            "0.400",
             "72.0"
         ]
     );
@@ -155,12 +158,22 @@ fn compare_writes_png_and_tables() {
     // rewarded step counts.
     assert_eq!(
         table_row(&md, "rlzero-s0"),
-        ["rlzero-s0", "rl_zero", "3", "–", "–", "-0.250", "15.5"]
+        [
+            "rlzero-s0",
+            "rl_zero",
+            "3",
+            "–",
+            "–",
+            "-0.250",
+            "1.250",
+            "15.5"
+        ]
     );
 
     // Per-group aggregate: final eval accuracy 0.6 and 0.8 → 0.700 ± 0.141;
     // best 0.7 and 0.8 → 0.750 ± 0.071; late reward 0.5 and 0.6 →
-    // 0.550 ± 0.071; wall time 60 and 72 → 66.0 ± 8.5 (sample std).
+    // 0.550 ± 0.071; late entropy 0.5 and 0.4 → 0.450 ± 0.071; wall time
+    // 60 and 72 → 66.0 ± 8.5 (sample std).
     assert_eq!(
         table_row(&md, "bridge"),
         [
@@ -169,12 +182,21 @@ fn compare_writes_png_and_tables() {
             "0.700 ± 0.141",
             "0.750 ± 0.071",
             "0.550 ± 0.071",
+            "0.450 ± 0.071",
             "66.0 ± 8.5"
         ]
     );
     assert_eq!(
         table_row(&md, "rl_zero"),
-        ["rl_zero", "1", "–", "–", "-0.250 ± –", "15.5 ± –"]
+        [
+            "rl_zero",
+            "1",
+            "–",
+            "–",
+            "-0.250 ± –",
+            "1.250 ± –",
+            "15.5 ± –"
+        ]
     );
     assert!(md.contains("mean ± sample standard deviation"), "{md}");
 }
@@ -570,6 +592,7 @@ fn resumed_run_keeps_the_later_rows() {
             "0.400",
             "0.400",
             "0.300",
+            "0.700",
             "2.5"
         ]
     );

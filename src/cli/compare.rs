@@ -240,16 +240,21 @@ impl Run {
     /// Mean rollout reward over the last tenth (at least one) of the steps
     /// that had rollouts: one step's reward is too noisy to rank runs by.
     fn late_reward(&self) -> Option<f64> {
-        let rewards: Vec<f64> = self
-            .rows
-            .iter()
-            .filter_map(|r| finite(r.reward_mean))
-            .collect();
-        if rewards.is_empty() {
+        self.late(|r| r.reward_mean)
+    }
+    /// The policy's entropy on the rollouts, as [`Run::late_reward`].
+    fn late_entropy(&self) -> Option<f64> {
+        self.late(|r| r.entropy)
+    }
+    /// Mean of a per-step value over the last tenth (at least one) of the
+    /// steps that have it.
+    fn late(&self, get: fn(&Row) -> Option<f64>) -> Option<f64> {
+        let values: Vec<f64> = self.rows.iter().filter_map(|r| finite(get(r))).collect();
+        if values.is_empty() {
             return None;
         }
-        let n = rewards.len().div_ceil(10);
-        let tail = &rewards[rewards.len() - n..];
+        let n = values.len().div_ceil(10);
+        let tail = &values[values.len() - n..];
         Some(tail.iter().sum::<f64>() / n as f64)
     }
     fn wall_time(&self) -> Option<f64> {
@@ -621,23 +626,25 @@ fn markdown_table(runs: &[Run]) -> String {
     let mut out = String::new();
     out.push_str(
         "Per run: meta-steps completed; final (last evaluated) and best held-out eval \
-         accuracy; rollout reward mean over the last tenth of the steps that had \
-         rollouts; wall-clock seconds at the last step. \"–\": never measured.\n\n",
+         accuracy; rollout reward mean and policy entropy over the last tenth of the \
+         steps that had rollouts; wall-clock seconds at the last step. \"–\": never \
+         measured.\n\n",
     );
     out.push_str(
-        "| run | group | steps | final eval accuracy | best eval accuracy | late reward mean | wall time (s) |\n",
+        "| run | group | steps | final eval accuracy | best eval accuracy | late reward mean | late entropy | wall time (s) |\n",
     );
-    out.push_str("|---|---|---:|---:|---:|---:|---:|\n");
+    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|\n");
     for r in runs {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             md_cell(&r.folder),
             md_cell(&r.group),
             r.steps(),
             fmt_opt(r.final_eval(), 3),
             fmt_opt(r.best_eval(), 3),
             fmt_opt(r.late_reward(), 3),
+            fmt_opt(r.late_entropy(), 3),
             fmt_opt(r.wall_time(), 1),
         );
     }
@@ -652,20 +659,21 @@ fn markdown_table(runs: &[Run]) -> String {
              those runs (\"–\" for a single run; \"(k of n)\" when only k runs have the value).\n\n",
         );
         out.push_str(
-            "| group | runs | final eval accuracy | best eval accuracy | late reward mean | wall time (s) |\n",
+            "| group | runs | final eval accuracy | best eval accuracy | late reward mean | late entropy | wall time (s) |\n",
         );
-        out.push_str("|---|---:|---:|---:|---:|---:|\n");
+        out.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
         for g in &groups {
             let group: Vec<&Run> = runs.iter().filter(|r| &r.group == g).collect();
             let col = |f: fn(&Run) -> Option<f64>| group.iter().map(|r| f(r)).collect::<Vec<_>>();
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 md_cell(g),
                 group.len(),
                 fmt_group(&col(Run::final_eval), 3),
                 fmt_group(&col(Run::best_eval), 3),
                 fmt_group(&col(Run::late_reward), 3),
+                fmt_group(&col(Run::late_entropy), 3),
                 fmt_group(&col(Run::wall_time), 1),
             );
         }

@@ -1374,3 +1374,28 @@ pub(super) fn read_backend(c: &mut Checker, sec: &Section) -> BackendSpec {
         memory_budget,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each choice table spells its values as the enum's `name()` does
+    /// (which inspect, the IR printer and run folders write), so that what
+    /// coopc prints reads back.
+    #[test]
+    fn choice_tables_spell_the_names_the_enums_print() {
+        fn same<T: Copy>(table: &[(&str, T)], name: fn(T) -> &'static str) {
+            for &(s, v) in table {
+                assert_eq!(name(v), s);
+            }
+        }
+        same(TASK_KINDS, TaskKind::name);
+        same(DATA_FORMATS, DataFormat::name);
+        same(ADVANTAGES, Advantage::name);
+        same(LOSS_AGGS, LossAgg::name);
+        same(RATIO_LEVELS, RatioLevel::name);
+        same(POLICY_LOSSES, PolicyLoss::name);
+        same(KL_ESTIMATORS, KlEstimator::name);
+        same(SCHEDULES, ScheduleKind::name);
+    }
+}
