@@ -1053,7 +1053,7 @@ fn build_meta_step(
             HypergradKind::FirstOrder => 0,
             _ => hg.backprop.min(k_steps),
         };
-    let (round_steps, k_steps) = (k_steps, k_steps * updates);
+    let k_steps = k_steps * updates;
 
     // Lower chain.
     let lower_state = state_inputs(&mut g, lower_opt.kind, "opt.lower", &theta_spec, dt);
@@ -1238,7 +1238,7 @@ fn build_meta_step(
     }
     if updates > 1 {
         notes.push(format!(
-            "{updates} updates per rollout batch ({epochs} × {minis} mini-batches), {k_steps} per meta-step over {round_steps} batches; π_old fixed at sampling"
+            "{updates} updates per rollout batch ({epochs} × {minis} mini-batches), {k_steps} per meta-step; π_old fixed at sampling"
         ));
     }
     MetaStep {
