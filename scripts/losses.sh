@@ -36,6 +36,7 @@ variants=(
     "ppo_clip_epochs2|updates_per_batch = 2"
     "cispo_epochs2|loss = \"cispo\"\nupdates_per_batch = 2"
     "entropy_bonus|entropy_coef = 0.01"
+    "entropy_bonus_0.05|entropy_coef = 0.05"
 )
 runs="results/runs-losses/k$unroll"
 mkdir -p "$runs"
