@@ -54,6 +54,16 @@ pub fn reference_grad(
     let idx = g.reshape(targets, vec![n, 1]);
     let hit = g.scatter_add(zero, idx, gc, 1);
     let c = g.sub(hit, gp);
+    coefficient_products(g, wrt, c, [h, w])
+}
+
+/// `dh = C w` or `dw = Cᵀ h` from the gradients' coefficients `C [rows, V]`.
+fn coefficient_products(
+    g: &mut Graph,
+    wrt: LogprobOperand,
+    c: NodeId,
+    [h, w]: [NodeId; 2],
+) -> NodeId {
     match wrt {
         LogprobOperand::Hidden => g.matmul(c, w),
         LogprobOperand::Weight => {
@@ -100,11 +110,5 @@ pub fn reference_entropy_grad(
     let gb = g.broadcast(gc, vec![n, v]);
     let gpc = g.mul(gb, pc);
     let c = g.neg(gpc);
-    match wrt {
-        LogprobOperand::Hidden => g.matmul(c, w),
-        LogprobOperand::Weight => {
-            let ct = g.transpose(c);
-            g.matmul(ct, h)
-        }
-    }
+    coefficient_products(g, wrt, c, [h, w])
 }

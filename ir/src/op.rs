@@ -1478,13 +1478,7 @@ fn check_rope(x: &TensorType, cos: &TensorType, sin: &TensorType) -> Result<(), 
 /// Operands of a linear log-prob: float h [N, d], w [V, d] of its dtype
 /// and i32 targets [N].
 fn check_logprob(h: &TensorType, w: &TensorType, targets: &TensorType) -> Result<(), String> {
-    let ok = h.dtype.is_float()
-        && h.rank() == 2
-        && w.rank() == 2
-        && w.dtype == h.dtype
-        && w.shape[1] == h.shape[1]
-        && h.shape[1] > 0
-        && w.shape[0] > 0
+    let ok = check_entropy(h, w).is_ok()
         && targets.dtype == DType::I32
         && targets.shape[..] == h.shape[..1];
     if ok {
