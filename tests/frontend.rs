@@ -362,6 +362,72 @@ fn updates_per_batch_and_mini_batches_parse_and_must_divide_the_batches() {
 }
 
 #[test]
+fn partial_supervision_and_countdown_generator_keys_parse_and_are_checked() {
+    use coopc_compiler::spec::{CountdownSpec, SftFlaw};
+    let src = format!(
+        "{MINIMAL}\n[task]\nsft_pool = 64\nsft_flaw = \"drop_final_carry\"\nsft_carry_free = true\n"
+    );
+    let spec = parse_pipeline(&src).expect("valid");
+    assert_eq!(spec.task.sft_pool, Some(64));
+    assert_eq!(spec.task.sft_flaw, SftFlaw::DropFinalCarry);
+    assert!(spec.task.sft_carry_free);
+    // The defaults change nothing.
+    let plain = parse_pipeline(MINIMAL).expect("valid");
+    assert_eq!(
+        (
+            plain.task.sft_pool,
+            plain.task.sft_flaw,
+            plain.task.sft_carry_free
+        ),
+        (None, SftFlaw::None, false)
+    );
+    assert_eq!(plain.task.countdown, CountdownSpec::default());
+    let src = format!(
+        "{MINIMAL}\n[task]\nkind = \"countdown\"\nmin_numbers = 2\nmax_numbers = 5\nmax_number = 20\nmax_value = 500\nsearch_demos = true\nsft_pool = 8\n"
+    );
+    let spec = parse_pipeline(&src).expect("valid");
+    assert_eq!(
+        spec.task.countdown,
+        CountdownSpec {
+            min_numbers: 2,
+            max_numbers: 5,
+            max_number: 20,
+            max_value: 500,
+            search_demos: true
+        }
+    );
+    for (task, message) in [
+        ("sft_pool = 0", "`task.sft_pool` must be at least 1"),
+        ("sft_flaw = \"drop_carry\"", "drop_final_carry"),
+        (
+            "kind = \"countdown\"\nsft_flaw = \"drop_final_carry\"",
+            "`task.sft_flaw`",
+        ),
+        (
+            "sft_carry_free = true\nkind = \"jsonl\"\nsft_file = \"a\"\nrl_file = \"b\"",
+            "`task.sft_carry_free`",
+        ),
+        ("max_numbers = 5", "`task.max_numbers`"),
+        (
+            "kind = \"countdown\"\nmin_numbers = 5\nmax_numbers = 4",
+            "`task.max_numbers` must be between `task.min_numbers` and 8",
+        ),
+        (
+            "kind = \"countdown\"\nmin_numbers = 1",
+            "`task.min_numbers` must be between 2 and 8",
+        ),
+        (
+            "kind = \"countdown\"\nmax_number = 50\nmax_value = 20",
+            "`task.max_value` must be between `task.max_number`",
+        ),
+    ] {
+        let src = format!("{MINIMAL}\n[task]\n{task}\n");
+        let text = parse_pipeline(&src).unwrap_err().render("p.toml", &src);
+        assert!(text.contains(message), "{task}: {text}");
+    }
+}
+
+#[test]
 fn tf32_products_are_opt_in() {
     let src = format!("{MINIMAL}\n[backend]\nmatmul = \"tf32\"\n");
     let spec = parse_pipeline(&src).expect("valid");

@@ -32,6 +32,10 @@ fn spec(kind: TaskKind) -> TaskSpec {
         chat_template: false,
         system_prompt: None,
         reward_malformed: None,
+        sft_pool: None,
+        sft_flaw: Default::default(),
+        sft_carry_free: false,
+        countdown: Default::default(),
     }
 }
 
@@ -325,6 +329,7 @@ fn addition_held_out_problems_never_train() {
                 rl_digits: rl.clone(),
                 eval_digits,
                 eval_size: 20,
+                ..AdditionConfig::default()
             },
             Rewards::default(),
             SEQ_LEN,
@@ -1014,4 +1019,222 @@ fn build_task_makes_each_built_in_task() {
         let row = task.sft_row(&mut rng).unwrap();
         assert_eq!(row.tokens.len(), row.prompt_len + row.response_len);
     }
+}
+
+// ---------------------------------------------------------------------------
+// Partial supervision: demonstration pools, flaws, generator settings
+// ---------------------------------------------------------------------------
+
+/// The sum a demonstration states (after its `#`).
+fn stated_sum(response: &str) -> u64 {
+    response.rsplit_once('#').unwrap().1.parse().unwrap()
+}
+
+#[test]
+fn addition_drop_final_carry_flaw_writes_the_sum_without_its_last_carry() {
+    use coopc_compiler::spec::SftFlaw;
+    // The carry chain is unchanged; only the stated sum loses its leading 1.
+    assert_eq!(
+        Addition::solve_with(58, 67, SftFlaw::DropFinalCarry),
+        "87015,56112#25"
+    );
+    assert_eq!(Addition::solve(58, 67), "87015,56112#125");
+    assert_eq!(
+        Addition::solve_with(999, 1, SftFlaw::DropFinalCarry),
+        "91010,90110,90110#0"
+    );
+    // No final carry: the flaw changes nothing.
+    assert_eq!(
+        Addition::solve_with(48, 7, SftFlaw::DropFinalCarry),
+        Addition::solve(48, 7)
+    );
+    let mut s = spec(TaskKind::Addition);
+    s.sft_flaw = SftFlaw::DropFinalCarry;
+    let task = build_task(&s, SEQ_LEN).unwrap();
+    let mut rng = StdRng::seed_from_u64(3);
+    let (mut flawed, draws) = (0, 2000);
+    for _ in 0..draws {
+        let ex = task.sft_example(&mut rng);
+        let (a, b) = Addition::parse_prompt(&ex.prompt).unwrap();
+        let n = a.max(b).to_string().len() as u32;
+        assert_eq!(stated_sum(&ex.response), (a + b) % 10u64.pow(n), "{ex:?}");
+        let verdict = task.verify(&problem(&ex.prompt, &(a + b).to_string()), &ex.response);
+        if a + b >= 10u64.pow(n) {
+            flawed += 1;
+            assert_eq!(verdict, Verdict::Wrong, "{ex:?}");
+        } else {
+            assert_eq!(verdict, Verdict::Correct, "{ex:?}");
+        }
+    }
+    // A systematic flaw, not a rare one: a large share of sums carry out.
+    assert!(
+        flawed > draws / 5 && flawed < draws * 4 / 5,
+        "{flawed} of {draws}"
+    );
+}
+
+#[test]
+fn addition_carry_free_demonstrations_never_carry_and_stay_off_the_held_out_set() {
+    let mut s = spec(TaskKind::Addition);
+    s.sft_carry_free = true;
+    let task = build_task(&s, SEQ_LEN).unwrap();
+    let reference = addition();
+    assert_eq!(task.eval_set(), reference.eval_set());
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut lengths = std::collections::HashSet::new();
+    let mut rl_carries = 0;
+    for _ in 0..3000 {
+        let ex = task.sft_example(&mut rng);
+        let (a, b) = Addition::parse_prompt(&ex.prompt).unwrap();
+        assert!(!Addition::carries(a, b), "{a}+{b} carries");
+        for step in ex.response.split('#').next().unwrap().split(',') {
+            // Carry in and carry out are 0 in every step.
+            assert_eq!(&step[2..4], "00", "{ex:?}");
+        }
+        assert!(
+            !reference.is_held_out(a, b),
+            "held-out {a}+{b} demonstrated"
+        );
+        assert_eq!(ex.response, Addition::solve(a, b));
+        lengths.insert(a.max(b).to_string().len());
+        // RL prompts still cover sums that carry.
+        let p = task.rl_problem(&mut rng);
+        let (a, b) = Addition::parse_prompt(&p.prompt).unwrap();
+        rl_carries += Addition::carries(a, b) as usize;
+    }
+    assert_eq!(lengths.len(), 3, "every operand length of 1..=3 appears");
+    assert!(rl_carries > 1000, "{rl_carries} of 3000 RL prompts carry");
+    assert!(Addition::carries(5, 5) && Addition::carries(91, 9) && !Addition::carries(4503, 5496));
+}
+
+#[test]
+fn sft_pool_is_a_fixed_set_of_distinct_demonstrations_off_the_held_out_set() {
+    for kind in [TaskKind::Addition, TaskKind::Countdown] {
+        let mut s = spec(kind);
+        s.sft_pool = Some(24);
+        let task = build_task(&s, SEQ_LEN).unwrap();
+        let again = build_task(&s, SEQ_LEN).unwrap();
+        let held: std::collections::HashSet<String> =
+            task.eval_set().into_iter().map(|p| p.prompt).collect();
+        let mut seen = std::collections::HashMap::new();
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut rng2 = StdRng::seed_from_u64(11);
+        for _ in 0..4000 {
+            let ex = task.sft_example(&mut rng);
+            assert_eq!(ex, again.sft_example(&mut rng2), "the same pool and draws");
+            assert!(
+                !held.contains(&ex.prompt),
+                "held-out {} demonstrated",
+                ex.prompt
+            );
+            let prev = seen.insert(ex.prompt.clone(), ex.response.clone());
+            assert!(prev.map_or(true, |r| r == ex.response));
+        }
+        // Every draw is one of exactly 24 demonstrations, and each is drawn.
+        assert_eq!(seen.len(), 24, "{kind:?}");
+        // A different seed draws from the same pool.
+        let mut rng = StdRng::seed_from_u64(99);
+        for _ in 0..500 {
+            assert!(seen.contains_key(&task.sft_example(&mut rng).prompt));
+        }
+        // RL prompts are not restricted to the pool.
+        let mut rng = StdRng::seed_from_u64(12);
+        let fresh = (0..500)
+            .filter(|_| !seen.contains_key(&task.rl_problem(&mut rng).prompt))
+            .count();
+        assert!(
+            fresh > 400,
+            "{kind:?}: {fresh} of 500 RL prompts outside the pool"
+        );
+        assert_eq!(
+            task.eval_set(),
+            build_task(&spec(kind), SEQ_LEN).unwrap().eval_set()
+        );
+    }
+    // A pool larger than the distinct demonstrations there are is refused.
+    let mut s = spec(TaskKind::Addition);
+    s.sft_max_digits = 1;
+    s.rl_max_digits = 2;
+    s.sft_pool = Some(100);
+    let err = build_task(&s, SEQ_LEN).err().unwrap().to_string();
+    assert!(
+        err.contains("task.sft_pool = 100") && err.contains("distinct"),
+        "{err}"
+    );
+    s.sft_pool = Some(0);
+    assert!(build_task(&s, SEQ_LEN).is_err());
+}
+
+#[test]
+fn countdown_generator_settings_come_from_the_spec() {
+    use coopc_compiler::spec::CountdownSpec;
+    let mut s = spec(TaskKind::Countdown);
+    s.countdown = CountdownSpec {
+        min_numbers: 2,
+        max_numbers: 5,
+        max_number: 20,
+        max_value: 400,
+        search_demos: false,
+    };
+    let task = build_task(&s, 96).unwrap();
+    let mut rng = StdRng::seed_from_u64(2);
+    let mut counts = std::collections::HashSet::new();
+    let mut big = 0;
+    let prompts: Vec<String> = (0..3000)
+        .flat_map(|_| {
+            [
+                task.sft_example(&mut rng).prompt,
+                task.rl_problem(&mut rng).prompt,
+            ]
+        })
+        .chain(task.eval_set().into_iter().map(|p| p.prompt))
+        .collect();
+    for prompt in &prompts {
+        let (numbers, target) = countdown::parse_prompt(prompt).unwrap();
+        assert!((2..=5).contains(&numbers.len()), "{prompt}");
+        assert!(numbers.iter().all(|&n| (1..=20).contains(&n)), "{prompt}");
+        assert!((1..=400).contains(&target), "{prompt}");
+        counts.insert(numbers.len());
+        big += numbers.iter().any(|&n| n > 10) as usize;
+    }
+    assert_eq!(counts.len(), 4, "2, 3, 4 and 5 numbers all appear");
+    assert!(big > prompts.len() / 4);
+}
+
+#[test]
+fn countdown_search_demonstrations_show_a_dead_end_then_the_solution() {
+    let mut s = spec(TaskKind::Countdown);
+    s.countdown.search_demos = true;
+    let task = build_task(&s, SEQ_LEN).unwrap();
+    let mut rng = StdRng::seed_from_u64(4);
+    let mut searched = 0;
+    for _ in 0..1000 {
+        let ex = task.sft_example(&mut rng);
+        let (numbers, target) = countdown::parse_prompt(&ex.prompt).unwrap();
+        // Still a correct, parseable demonstration that fits.
+        let p = problem(&ex.prompt, "");
+        assert_eq!(task.verify(&p, &ex.response), Verdict::Correct, "{ex:?}");
+        assert!(1 + ex.prompt.len() + ex.response.len() + 1 <= SEQ_LEN);
+        if let Some((dead, solution)) = ex.response.split_once("!,") {
+            searched += 1;
+            // The dead end uses the same numbers and misses the target.
+            let steps: Vec<&str> = dead.split(',').collect();
+            assert_eq!(steps.len(), numbers.len() - 1, "{ex:?}");
+            let last: u64 = steps
+                .last()
+                .unwrap()
+                .rsplit_once('=')
+                .unwrap()
+                .1
+                .parse()
+                .unwrap();
+            assert_ne!(last, target, "{ex:?}");
+            check_steps(&format!("{dead}#"));
+            check_steps(solution);
+        }
+    }
+    assert!(
+        searched > 800,
+        "{searched} of 1000 demonstrations show a dead end"
+    );
 }

@@ -548,6 +548,10 @@ mod tests {
                 chat_template: false,
                 system_prompt: None,
                 reward_malformed: None,
+                sft_pool: None,
+                sft_flaw: Default::default(),
+                sft_carry_free: false,
+                countdown: Default::default(),
             },
             rl: RlSpec {
                 skip_no_signal: true,

@@ -277,6 +277,82 @@ pub struct TaskSpec {
     /// (`None`: `reward_wrong`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward_malformed: Option<f64>,
+    /// SFT demonstrations are drawn from a fixed pool of this many distinct
+    /// ones (the same pool for every `train.seed`); `None`: a fresh draw each
+    /// time (built-in tasks) or the whole file (`jsonl`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sft_pool: Option<usize>,
+    /// addition: a systematic flaw in every demonstration.
+    #[serde(default, skip_serializing_if = "SftFlaw::is_none")]
+    pub sft_flaw: SftFlaw,
+    /// addition: demonstrations only of sums in which no column carries.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sft_carry_free: bool,
+    /// countdown: the puzzle generator's settings.
+    #[serde(default, skip_serializing_if = "CountdownSpec::is_default")]
+    pub countdown: CountdownSpec,
+}
+
+/// A systematic flaw in the built-in `addition` task's demonstrations, so
+/// that SFT alone learns a wrong procedure that the verifier's reward can
+/// correct.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SftFlaw {
+    /// Correct demonstrations.
+    #[default]
+    None,
+    /// The answer after `#` drops the final carry: the carry chain is right,
+    /// but a sum whose last column carries is written without its leading 1
+    /// (`58+67=` answered `…#25`).
+    DropFinalCarry,
+}
+
+impl SftFlaw {
+    pub fn name(self) -> &'static str {
+        match self {
+            SftFlaw::None => "none",
+            SftFlaw::DropFinalCarry => "drop_final_carry",
+        }
+    }
+
+    pub fn is_none(&self) -> bool {
+        *self == SftFlaw::None
+    }
+}
+
+/// The built-in `countdown` task's generator: every SFT demonstration, RL
+/// prompt and held-out puzzle gives `min_numbers..=max_numbers` numbers of
+/// 1..=`max_number`, and every intermediate value and target is at most
+/// `max_value`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountdownSpec {
+    pub min_numbers: usize,
+    pub max_numbers: usize,
+    pub max_number: u64,
+    pub max_value: u64,
+    /// Demonstrations show search: a dead-end attempt, marked `!`, before
+    /// the solving trace.
+    #[serde(default)]
+    pub search_demos: bool,
+}
+
+impl Default for CountdownSpec {
+    fn default() -> Self {
+        CountdownSpec {
+            min_numbers: 3,
+            max_numbers: 4,
+            max_number: 10,
+            max_value: 100,
+            search_demos: false,
+        }
+    }
+}
+
+impl CountdownSpec {
+    pub fn is_default(&self) -> bool {
+        *self == CountdownSpec::default()
+    }
 }
 
 /// How a `jsonl` task's records are laid out.

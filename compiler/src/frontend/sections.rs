@@ -6,10 +6,11 @@ use super::check::{
 };
 use super::diagnostics::Diagnostic;
 use crate::spec::{
-    Advantage, BackendKind, BackendSpec, BilevelSpec, DataFormat, HypergradKind, HypergradSpec,
-    KlEstimator, Lambda, LoraSpec, LossAgg, LrSchedule, MatmulPrecision, Method, ModelSpec,
-    OnNonFinite, OptimKind, OptimSpec, OptimSpecs, PipelineSpec, PolicyLoss, Precision, Projection,
-    RatioLevel, RlSpec, ScheduleKind, SftSpec, ShadowMode, TaskKind, TaskSpec, TrainSpec,
+    Advantage, BackendKind, BackendSpec, BilevelSpec, CountdownSpec, DataFormat, HypergradKind,
+    HypergradSpec, KlEstimator, Lambda, LoraSpec, LossAgg, LrSchedule, MatmulPrecision, Method,
+    ModelSpec, OnNonFinite, OptimKind, OptimSpec, OptimSpecs, PipelineSpec, PolicyLoss, Precision,
+    Projection, RatioLevel, RlSpec, ScheduleKind, SftFlaw, SftSpec, ShadowMode, TaskKind, TaskSpec,
+    TrainSpec,
 };
 use std::ops::Range;
 use toml_edit::{Item, Value};
@@ -62,6 +63,18 @@ pub(super) const TASK_KEYS: &[&str] = &[
     "chat_template",
     "system_prompt",
     "reward_malformed",
+    "sft_pool",
+    "sft_flaw",
+    "sft_carry_free",
+    "min_numbers",
+    "max_numbers",
+    "max_number",
+    "max_value",
+    "search_demos",
+];
+pub(super) const SFT_FLAWS: &[(&str, SftFlaw)] = &[
+    ("none", SftFlaw::None),
+    ("drop_final_carry", SftFlaw::DropFinalCarry),
 ];
 pub(super) const DATA_FORMATS: &[(&str, DataFormat)] = &[
     ("prompt_response", DataFormat::PromptResponse),
@@ -396,6 +409,50 @@ pub(super) fn read_task(c: &mut Checker, sec: &Section) -> TaskSpec {
         rl_max.value >= sft_max.value,
         "be at least `task.sft_max_digits` (RL extends what SFT teaches)",
     );
+    let sft_pool = c.usize(sec, "sft_pool");
+    if let Some(p) = &sft_pool {
+        c.at_least_one(sec, "sft_pool", p);
+    }
+    let addition_keys = ["sft_flaw", "sft_carry_free"];
+    let countdown_keys = [
+        "min_numbers",
+        "max_numbers",
+        "max_number",
+        "max_value",
+        "search_demos",
+    ];
+    for (keys, owner, what) in [
+        (
+            &addition_keys[..],
+            TaskKind::Addition,
+            "shape the demonstrations of",
+        ),
+        (
+            &countdown_keys[..],
+            TaskKind::Countdown,
+            "set the puzzle generator of",
+        ),
+    ] {
+        if kind.value == owner {
+            continue;
+        }
+        for key in keys {
+            if sec.has(key) {
+                c.not_applicable(
+                    sec,
+                    key,
+                    &format!("to kind = \"{}\"", kind.value.name()),
+                    &format!(
+                        "`task.{key}` and its kin {what} kind = \"{}\"",
+                        owner.name()
+                    ),
+                );
+            }
+        }
+    }
+    let sft_flaw = c.choice_or(sec, "sft_flaw", SFT_FLAWS, SftFlaw::None);
+    let sft_carry_free = c.bool_or(sec, "sft_carry_free", false);
+    let countdown = read_countdown(c, sec);
     TaskSpec {
         kind: kind.value,
         tokenizer,
@@ -411,6 +468,55 @@ pub(super) fn read_task(c: &mut Checker, sec: &Section) -> TaskSpec {
         chat_template,
         system_prompt: system_prompt.map(|f| f.value),
         reward_malformed: reward_malformed.map(|f| f.value),
+        sft_pool: sft_pool.map(|f| f.value),
+        sft_flaw: sft_flaw.value,
+        sft_carry_free,
+        countdown,
+    }
+}
+
+/// `[task]`'s countdown generator keys.
+fn read_countdown(c: &mut Checker, sec: &Section) -> CountdownSpec {
+    let d = CountdownSpec::default();
+    let min_numbers = c.usize_or(sec, "min_numbers", d.min_numbers);
+    let max_numbers = c.usize_or(sec, "max_numbers", d.max_numbers);
+    let max_number = c.usize_or(sec, "max_number", d.max_number as usize);
+    let max_value = c.usize_or(sec, "max_value", d.max_value as usize);
+    let search_demos = c.bool_or(sec, "search_demos", false);
+    c.check(
+        sec,
+        "min_numbers",
+        &min_numbers,
+        (2..=8).contains(&min_numbers.value),
+        "be between 2 and 8",
+    );
+    c.check(
+        sec,
+        "max_numbers",
+        &max_numbers,
+        (2..=8).contains(&max_numbers.value) && max_numbers.value >= min_numbers.value,
+        "be between `task.min_numbers` and 8",
+    );
+    c.check(
+        sec,
+        "max_number",
+        &max_number,
+        (1..=1_000_000).contains(&max_number.value),
+        "be between 1 and 1000000",
+    );
+    c.check(
+        sec,
+        "max_value",
+        &max_value,
+        max_value.value >= max_number.value && max_value.value <= 1_000_000_000,
+        "be between `task.max_number` and 1000000000",
+    );
+    CountdownSpec {
+        min_numbers: min_numbers.value,
+        max_numbers: max_numbers.value,
+        max_number: max_number.value as u64,
+        max_value: max_value.value as u64,
+        search_demos,
     }
 }
 
@@ -1391,6 +1497,7 @@ mod tests {
         }
         same(TASK_KINDS, TaskKind::name);
         same(DATA_FORMATS, DataFormat::name);
+        same(SFT_FLAWS, SftFlaw::name);
         same(ADVANTAGES, Advantage::name);
         same(LOSS_AGGS, LossAgg::name);
         same(RATIO_LEVELS, RatioLevel::name);

@@ -12,12 +12,18 @@
 //! `eval_digits`, have operands of exactly that many digits (a
 //! length-generalisation split). Neither SFT demonstrations nor RL prompts
 //! are ever a held-out pair (in either order).
+//!
+//! Two settings make the demonstrations partial on purpose: `carry_free`
+//! draws only sums in which no column carries (a corpus that teaches the
+//! format and digit sums but never a carry), and `flaw =
+//! DropFinalCarry` writes every answer without the final carry, a
+//! systematic error that SFT alone learns and the verifier's reward does not.
 
 use super::tokenizer::{CharTokenizer, Tokenizer};
 use super::{
     redraw_held_out, single_hash, Example, Problem, Rewards, Task, TaskError, Verdict, EVAL_SEED,
 };
-use coopc_ir::spec::TaskKind;
+use coopc_ir::spec::{SftFlaw, TaskKind};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use std::collections::HashSet;
@@ -36,6 +42,11 @@ pub struct AdditionConfig {
     pub eval_digits: Option<usize>,
     /// Held-out problems (default 128).
     pub eval_size: usize,
+    /// A systematic flaw in every demonstration (default none).
+    pub flaw: SftFlaw,
+    /// Demonstrations only of sums in which no column carries (default
+    /// false).
+    pub carry_free: bool,
 }
 
 impl Default for AdditionConfig {
@@ -45,6 +56,8 @@ impl Default for AdditionConfig {
             rl_digits: 1..=4,
             eval_digits: None,
             eval_size: 128,
+            flaw: SftFlaw::None,
+            carry_free: false,
         }
     }
 }
@@ -177,7 +190,35 @@ impl Addition {
         redraw_held_out(|| Self::draw(rng, digits), |&(a, b)| self.is_held_out(a, b))
     }
 
-    /// The demonstration response for `a + b`.
+    /// The demonstration response for `a + b` with `flaw`.
+    pub fn solve_with(a: u64, b: u64, flaw: SftFlaw) -> String {
+        let correct = Self::solve(a, b);
+        match flaw {
+            SftFlaw::None => correct,
+            SftFlaw::DropFinalCarry => {
+                let n = digits_lsd_first(a).len().max(digits_lsd_first(b).len());
+                let wrong = (a + b) % 10u64.pow(n as u32);
+                let at = correct.rfind('#').expect("a solution has a #");
+                format!("{}#{wrong}", &correct[..at])
+            }
+        }
+    }
+
+    /// Whether some column of `a + b` carries.
+    pub fn carries(a: u64, b: u64) -> bool {
+        let (mut a, mut b, mut carry) = (a, b, 0);
+        while a > 0 || b > 0 {
+            carry = (a % 10 + b % 10 + carry) / 10;
+            if carry > 0 {
+                return true;
+            }
+            a /= 10;
+            b /= 10;
+        }
+        false
+    }
+
+    /// The correct demonstration response for `a + b`.
     pub fn solve(a: u64, b: u64) -> String {
         let (da, db) = (digits_lsd_first(a), digits_lsd_first(b));
         let n = da.len().max(db.len());
@@ -240,12 +281,21 @@ impl Task for Addition {
         self.rewards
     }
 
-    /// Redraws pairs of the held-out set.
+    /// Redraws pairs of the held-out set and, with `carry_free`, sums
+    /// that carry.
     fn sft_example(&self, rng: &mut dyn RngCore) -> Example {
-        let (a, b) = self.draw_training(rng, &self.config.sft_digits);
+        let digits = &self.config.sft_digits;
+        let (a, b) = if self.config.carry_free {
+            redraw_held_out(
+                || Self::draw(rng, digits),
+                |&(a, b)| self.is_held_out(a, b) || Self::carries(a, b),
+            )
+        } else {
+            self.draw_training(rng, digits)
+        };
         Example {
             prompt: format!("{a}+{b}="),
-            response: Self::solve(a, b),
+            response: Self::solve_with(a, b, self.config.flaw),
         }
     }
 

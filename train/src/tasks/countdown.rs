@@ -8,6 +8,10 @@
 //! per combination, comma-separated, then `#` and the expression:
 //! `3,5,4>32:` is answered `5+3=8,8*4=32#(5+3)*4` (larger operand first).
 //!
+//! With `search_demos`, a demonstration first shows a dead end: the same
+//! numbers combined another way to a value other than the target, its last
+//! step marked `!`, then the solving trace: `5*4=20,20+3=23!,5+3=8,8*4=32#(5+3)*4`.
+//!
 //! The verifier parses the expression after `#` with a small
 //! recursive-descent parser (numbers, `+ - * /`, parentheses, whitespace; no
 //! unary minus), checks that it uses only the given numbers (as a multiset),
@@ -43,6 +47,28 @@ pub struct CountdownConfig {
     pub max_response_tokens: usize,
     /// Held-out problems (default 128).
     pub eval_size: usize,
+    /// Demonstrations show a dead-end attempt before the solution (default
+    /// false).
+    pub search_demos: bool,
+}
+
+impl CountdownConfig {
+    /// The generator `spec` describes: every kind of instance gives
+    /// `min_numbers..=max_numbers` numbers.
+    pub fn from_spec(spec: &coopc_ir::spec::CountdownSpec) -> Self {
+        let counts = spec.min_numbers..=spec.max_numbers;
+        CountdownConfig {
+            sft_counts: counts.clone(),
+            rl_counts: counts.clone(),
+            eval_counts: counts,
+            max_number: spec.max_number,
+            max_value: spec.max_value,
+            search_demos: spec.search_demos,
+            // 48 for up to 4 numbers, as the default.
+            max_response_tokens: 12 * spec.max_numbers.max(4),
+            ..CountdownConfig::default()
+        }
+    }
 }
 
 impl Default for CountdownConfig {
@@ -55,6 +81,7 @@ impl Default for CountdownConfig {
             max_value: 100,
             max_response_tokens: 48,
             eval_size: 128,
+            search_demos: false,
         }
     }
 }
@@ -364,6 +391,27 @@ impl Countdown {
         let c = &self.config;
         let n = rng.gen_range(counts.clone());
         let numbers: Vec<u64> = (0..n).map(|_| rng.gen_range(1..=c.max_number)).collect();
+        let (steps, target, solution) = self.combine(rng, &numbers)?;
+        if numbers.contains(&target) {
+            return None;
+        }
+        let inst = Instance {
+            numbers,
+            target,
+            steps,
+            solution,
+        };
+        let response = inst.response().len() + 1;
+        let total = 1 + inst.prompt().len() + response;
+        (response <= c.max_response_tokens && total <= self.seq_len).then_some(inst)
+    }
+
+    /// `numbers` combined pairwise in random order with random valid
+    /// operations: the steps, the last value and its expression (`None`
+    /// when some step has no valid operation).
+    fn combine(&self, rng: &mut dyn RngCore, numbers: &[u64]) -> Option<(Vec<String>, u64, Expr)> {
+        let c = &self.config;
+        let n = numbers.len();
         let mut pool: Vec<(u64, Expr)> = numbers.iter().map(|&v| (v, Expr::Num(v))).collect();
         let mut steps = Vec::with_capacity(n.saturating_sub(1));
         while pool.len() > 1 {
@@ -398,19 +446,32 @@ impl Countdown {
             steps.push(format!("{a}{}{b}={v}", op.symbol()));
             pool.push((v, Expr::Bin(op, Box::new(ea), Box::new(eb))));
         }
-        let (target, solution) = pool.pop()?;
-        if numbers.contains(&target) {
-            return None;
+        let (value, expr) = pool.pop()?;
+        Some((steps, value, expr))
+    }
+
+    /// The demonstration of `inst`: its trace, or with `search_demos` a
+    /// dead end first (another combination of the same numbers that misses
+    /// the target, last step marked `!`) when one is found in a few tries
+    /// and the longer demonstration fits `seq_len`.
+    pub fn demonstration(&self, rng: &mut dyn RngCore, inst: &Instance) -> String {
+        let plain = inst.response();
+        if !self.config.search_demos {
+            return plain;
         }
-        let inst = Instance {
-            numbers,
-            target,
-            steps,
-            solution,
-        };
-        let response = inst.response().len() + 1;
-        let total = 1 + inst.prompt().len() + response;
-        (response <= c.max_response_tokens && total <= self.seq_len).then_some(inst)
+        for _ in 0..8 {
+            let Some((steps, value, _)) = self.combine(rng, &inst.numbers) else {
+                continue;
+            };
+            if value == inst.target {
+                continue;
+            }
+            let demo = format!("{}!,{plain}", steps.join(","));
+            if 1 + inst.prompt().len() + demo.len() + 1 <= self.seq_len {
+                return demo;
+            }
+        }
+        plain
     }
 
     fn draw_problem(&self, rng: &mut dyn RngCore) -> Instance {
@@ -448,7 +509,7 @@ impl Task for Countdown {
         let inst = self.draw_training(rng, &self.config.sft_counts);
         Example {
             prompt: inst.prompt(),
-            response: inst.response(),
+            response: self.demonstration(rng, &inst),
         }
     }
 

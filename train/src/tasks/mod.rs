@@ -19,7 +19,7 @@ pub use jsonl::{answers_match, extract_answer, JsonlTask};
 pub use tokenizer::{CharTokenizer, Tokenizer};
 
 use coopc_ir::spec::{TaskKind, TaskSpec};
-use rand::RngCore;
+use rand::{Rng, RngCore, SeedableRng};
 use std::path::Path;
 use thiserror::Error;
 
@@ -249,23 +249,126 @@ pub fn build_task_in(
         )));
     }
     let rewards = Rewards::from_spec(spec);
-    Ok(match spec.kind {
+    let task: Box<dyn Task> = match spec.kind {
         TaskKind::Addition => {
             let config = AdditionConfig {
                 sft_digits: 1..=spec.sft_max_digits,
                 rl_digits: 1..=spec.rl_max_digits,
                 eval_digits: spec.eval_digits,
+                flaw: spec.sft_flaw,
+                carry_free: spec.sft_carry_free,
                 ..AdditionConfig::default()
             };
             Box::new(Addition::new(config, rewards, seq_len)?)
         }
         TaskKind::Countdown => Box::new(Countdown::new(
-            CountdownConfig::default(),
+            CountdownConfig::from_spec(&spec.countdown),
             rewards,
             seq_len,
         )?),
         TaskKind::Jsonl => Box::new(JsonlTask::load(spec, seq_len, base_dir)?),
+    };
+    Ok(match spec.sft_pool {
+        Some(n) => Box::new(Pooled::new(task, n)?),
+        None => task,
     })
+}
+
+/// A fixed seed for SFT pools, so that `task.sft_pool` is the same set of
+/// demonstrations for every `train.seed`: a dataset, not a draw.
+pub(crate) const POOL_SEED: u64 = 0x9001_5EED;
+
+/// A task whose SFT demonstrations come from a fixed pool of distinct ones
+/// drawn once from the inner task (so held-out problems stay excluded);
+/// everything else is the inner task's.
+pub struct Pooled {
+    inner: Box<dyn Task>,
+    pool: Vec<Example>,
+}
+
+impl Pooled {
+    /// Fails when the inner task cannot give `n` distinct demonstrations
+    /// (by prompt) in [`MAX_DRAWS`] draws, or `n` is 0.
+    pub fn new(inner: Box<dyn Task>, n: usize) -> Result<Self, TaskError> {
+        if n == 0 {
+            return Err(TaskError::Config(
+                "task.sft_pool = 0: a pool needs at least one demonstration".into(),
+            ));
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(POOL_SEED);
+        let mut seen = std::collections::HashSet::new();
+        let mut pool = Vec::with_capacity(n);
+        let mut draws = 0;
+        while pool.len() < n {
+            draws += 1;
+            if draws > MAX_DRAWS {
+                return Err(TaskError::Config(format!(
+                    "task.sft_pool = {n}: only {} distinct demonstrations found in {MAX_DRAWS} \
+                     draws; lower sft_pool or widen the task's demonstrations",
+                    pool.len()
+                )));
+            }
+            let ex = inner.sft_example(&mut rng);
+            if seen.insert(ex.prompt.clone()) {
+                pool.push(ex);
+            }
+        }
+        Ok(Pooled { inner, pool })
+    }
+
+    /// The pool, in the order it was drawn.
+    pub fn pool(&self) -> &[Example] {
+        &self.pool
+    }
+}
+
+impl Task for Pooled {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn tokenizer(&self) -> &dyn Tokenizer {
+        self.inner.tokenizer()
+    }
+    fn rewards(&self) -> Rewards {
+        self.inner.rewards()
+    }
+    /// A uniform draw from the pool.
+    fn sft_example(&self, rng: &mut dyn RngCore) -> Example {
+        self.pool[rng.gen_range(0..self.pool.len())].clone()
+    }
+    fn rl_problem(&self, rng: &mut dyn RngCore) -> Problem {
+        self.inner.rl_problem(rng)
+    }
+    fn eval_set(&self) -> Vec<Problem> {
+        self.inner.eval_set()
+    }
+    fn verify(&self, problem: &Problem, response: &str) -> Verdict {
+        self.inner.verify(problem, response)
+    }
+    fn max_response_tokens(&self) -> Option<usize> {
+        self.inner.max_response_tokens()
+    }
+    fn reward(&self, problem: &Problem, response: &str) -> f64 {
+        self.inner.reward(problem, response)
+    }
+    fn is_correct(&self, problem: &Problem, response: &str) -> bool {
+        self.inner.is_correct(problem, response)
+    }
+    fn answer_of(&self, problem: &Problem, response: &str) -> Option<String> {
+        self.inner.answer_of(problem, response)
+    }
+    fn same_answer(&self, a: &str, b: &str) -> bool {
+        self.inner.same_answer(a, b)
+    }
+    fn encode_prompt(&self, problem: &Problem) -> Result<Vec<i32>, TaskError> {
+        self.inner.encode_prompt(problem)
+    }
+    fn encode_example(&self, example: &Example) -> Result<TokenizedExample, TaskError> {
+        self.inner.encode_example(example)
+    }
+    fn decode_response(&self, response: &[i32]) -> String {
+        self.inner.decode_response(response)
+    }
 }
 
 /// Fails unless the task's tokenizer fits a model of `model_vocab_size`
