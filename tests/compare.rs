@@ -2,8 +2,8 @@
 //! markdown summary.
 
 use coopc::cli::compare::{
-    clip_polygon, clip_polyline, compare, render, smooth_ema, Band, GroupLine, Options, PanelView,
-    Rect, XAxis, YLimit, PNG_SIZE,
+    bootstrap_mean_ci, clip_polygon, clip_polyline, compare, render, smooth_ema, Band, GroupLine,
+    Options, PanelView, Rect, XAxis, YLimit, PNG_SIZE,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -708,4 +708,110 @@ fn six_methods_of_three_seeds_each_get_every_row_and_a_figure() {
     // sft never evaluated and had no rollouts.
     let sft = table_row(&md, "sft-seed0");
     assert_eq!((sft[3], sft[5]), ("–", "–"));
+}
+
+/// A run of 6 steps evaluated at steps 2, 4 and 6, `secs` and `gflop` per
+/// step, with a spec.json naming its seed.
+fn paired_run(dir: &Path, method: &str, seed: u64, evals: [f64; 3], secs: f64, gflop: f64) {
+    let rows: Vec<String> = (1..=6)
+        .map(|step| {
+            let eval = (step % 2 == 0).then(|| evals[step / 2 - 1]);
+            let mut r: serde_json::Value =
+                serde_json::from_str(&row(step, method, Some(0.0), eval, secs * step as f64))
+                    .unwrap();
+            r["flops"] = serde_json::json!(gflop * 1e9 * step as f64);
+            r.to_string()
+        })
+        .collect();
+    write_run(dir, &rows);
+    let spec = serde_json::json!({ "bilevel": { "method": method }, "train": { "seed": seed } });
+    std::fs::write(dir.join("spec.json"), spec.to_string()).unwrap();
+}
+
+#[test]
+fn paired_differences_at_equal_steps_time_and_flops_with_threshold_times() {
+    let root = temp_dir("paired");
+    let runs = [
+        ("bridge-s1", "bridge", 1, [0.3, 0.7, 0.6], 10.0, 2.0),
+        ("bridge-s2", "bridge", 2, [0.4, 0.5, 0.8], 12.0, 2.0),
+        ("sft-s1", "sft", 1, [0.2, 0.5, 0.4], 5.0, 1.5),
+        ("sft-s2", "sft", 2, [0.1, 0.3, 0.6], 5.0, 1.5),
+        // No partner seed: left out of the pairs, kept in the group tables.
+        ("sft-s9", "sft", 9, [0.9, 0.9, 0.9], 5.0, 1.5),
+    ];
+    let dirs: Vec<PathBuf> = runs
+        .iter()
+        .map(|&(name, method, seed, evals, secs, gflop)| {
+            let d = root.join(name);
+            paired_run(&d, method, seed, evals, secs, gflop);
+            d
+        })
+        .collect();
+    let opts = Options {
+        last: 2,
+        baseline: Some("bridge".into()),
+        threshold: Some(0.5),
+        ..Options::default()
+    };
+    let md = render(&dirs, (900, 600), &opts).unwrap().table;
+    // --last 2: the mean of the last two evaluations.
+    assert_eq!(table_row(&md, "bridge-s1")[3], "0.650");
+    assert_eq!(table_row(&md, "sft-s2")[3], "0.450");
+    assert!(md.contains("final eval accuracy (last 2)"), "{md}");
+    let paired = &md[md.find("Paired with `bridge`").expect("a paired table")..];
+    let sft = table_row(paired, "sft");
+    assert_eq!(sft[1], "2", "seeds 1 and 2 pair; seed 9 has no partner");
+    // Equal steps: 0.65 − 0.45 on both seeds.
+    assert_eq!(sft[2], "+0.200 [+0.200, +0.200]");
+    // Equal wall time, read at the sft run's end (30 s): bridge's last
+    // evaluation by then is 0.3 (s1, at 20 s) and 0.4 (s2, at 24 s), sft's
+    // final ones 0.4 and 0.6: −0.1 and −0.2.
+    assert_eq!(sft[3], "-0.150 [-0.200, -0.100]");
+    // Equal FLOPs, at sft's 9 GFLOP: bridge at step 4 (8 GFLOP): 0.7 and
+    // 0.5, against 0.4 and 0.6: +0.3 and −0.1.
+    assert_eq!(sft[4], "+0.100 [-0.100, +0.300]");
+    // First evaluation at ≥ 0.5: sft at 20 s (s1, 6 GFLOP), 30 s (s2, 9
+    // GFLOP) and 10 s (s9, 3 GFLOP); bridge at 40 s and 48 s, both at 8 GFLOP.
+    assert_eq!(&sft[5..7], ["20.0 ± 10.0", "6.0 ± 3.0"]);
+    let bridge = table_row(paired, "bridge");
+    assert_eq!(&bridge[1..6], ["2", "–", "–", "–", "44.0 ± 5.7"]);
+    assert_eq!(bridge[6], "8.0 ± 0.0");
+    // A baseline that is not a group is named.
+    let err = render(
+        &dirs,
+        (900, 600),
+        &Options {
+            baseline: Some("mix".into()),
+            ..Options::default()
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(
+        err.contains("--baseline mix") && err.contains("bridge, sft"),
+        "{err}"
+    );
+    for bad in [
+        Options {
+            last: 0,
+            ..Options::default()
+        },
+        Options {
+            threshold: Some(1.5),
+            ..Options::default()
+        },
+    ] {
+        assert!(render(&dirs, (900, 600), &bad).is_err());
+    }
+}
+
+#[test]
+fn bootstrap_interval_brackets_the_mean() {
+    let (m, lo, hi) = bootstrap_mean_ci(&[1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
+    assert_eq!(m, 3.0);
+    // The standard error is sqrt(2 · 4/5) / sqrt(5) ≈ 0.63: a 95 % interval
+    // of about ±1.2.
+    assert!(lo > 1.5 && lo < 2.1 && hi > 3.9 && hi < 4.5, "[{lo}, {hi}]");
+    assert_eq!(bootstrap_mean_ci(&[0.25; 4]), Some((0.25, 0.25, 0.25)));
+    assert_eq!(bootstrap_mean_ci(&[]), None);
 }

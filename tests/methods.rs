@@ -114,3 +114,67 @@ fn every_method_lowers_and_baselines_train_theta_only() {
         }
     }
 }
+
+/// Random inputs for every input of `g` (token ids within the vocabulary,
+/// response masks, `lambda` = `lambda`).
+fn random_feed(g: &coopc_compiler::Graph, vocab: usize, lambda: f64, seed: u64) -> Inputs {
+    let mut r = rng(seed);
+    let mut feed = Inputs::new();
+    for id in g.node_ids() {
+        if let Op::Input { name, ty } = g.op(id) {
+            let n = ty.numel();
+            let t = match ty.dtype {
+                coopc_compiler::ir::DType::I32 => {
+                    let v: Vec<f64> = (0..n).map(|_| r.gen_range(0..vocab) as f64).collect();
+                    HostTensor::from_f64(ty.dtype, ty.shape.clone(), &v).unwrap()
+                }
+                _ if name.ends_with("loss_mask") => {
+                    let t = ty.shape[1];
+                    let v: Vec<f64> = (0..n).map(|i| if i % t == 0 { 0.0 } else { 1.0 }).collect();
+                    f64_tensor(&ty.shape, &v)
+                }
+                _ if name == "lambda" => f64_tensor(&[], &[lambda]),
+                _ => f64_tensor(&ty.shape, &uniform(&mut r, n, -0.5, 0.5)),
+            };
+            feed.insert(name.clone(), t);
+        }
+    }
+    feed
+}
+
+/// `sft` has λ = 0 at every step, so its meta-step leaves the RL term out
+/// (no RL forward or backward on stand-in rows): the same gradient and
+/// update as `mix` at λ = 0, for much less arithmetic.
+#[test]
+fn sft_meta_step_has_no_rl_term_and_equals_mix_at_lambda_zero() {
+    let lowered = |method| {
+        let mut spec = tiny_spec();
+        spec.bilevel.method = method;
+        spec.bilevel.hypergradient.unroll = 1;
+        (lower_meta_step(&spec, BatchShapes::from_spec(&spec)), spec)
+    };
+    let (sft, spec) = lowered(Method::Sft);
+    let (mix, _) = lowered(Method::Mix);
+    let flops = |g: &coopc_compiler::Graph| {
+        coopc_compiler::ir::cost::program_flops(g, &g.node_ids().collect::<Vec<_>>())
+    };
+    let (fs, fm) = (flops(&sft.graph), flops(&mix.graph));
+    assert!(fs * 10 < fm * 7, "sft {fs} FLOPs vs mix {fm}");
+    let feed = random_feed(&mix.graph, spec.model.vocab_size, 0.0, 5);
+    for (name, _) in &sft.theta {
+        let out = |g: &coopc_compiler::Graph| {
+            let ids = [
+                g.output(&format!("lower.{name}")).unwrap(),
+                g.output(&format!("theta_K.{name}")).unwrap(),
+            ];
+            eval(g, &feed, &ids)
+        };
+        let (a, b) = (out(&sft.graph), out(&mix.graph));
+        assert!(a[0].iter().any(|&x| x != 0.0), "{name}: a gradient");
+        for i in 0..2 {
+            assert!(rel_err(&a[i], &b[i], 1e-12) < 1e-12, "{name}");
+        }
+    }
+    let rl = sft.graph.output("loss.rl").unwrap();
+    assert_eq!(eval(&sft.graph, &feed, &[rl])[0], vec![0.0]);
+}

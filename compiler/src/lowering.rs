@@ -246,11 +246,15 @@ impl Objective<'_> {
     }
 }
 
-/// Number of terms of a chain's loss (see `Lowering::chain_term`).
-fn chain_terms(chain: Chain) -> usize {
-    match chain {
-        Chain::Lower => 2,
-        Chain::Shadow => 1,
+/// The terms of a chain's loss (see `Lowering::chain_term`): the lower
+/// chain's SFT (0) and RL (1) terms — only the SFT term for `sft`, whose λ
+/// is 0 throughout, so that it computes nothing for a term of weight 0 —
+/// and the shadow's one.
+fn chain_terms(chain: Chain, method: Method) -> &'static [usize] {
+    match (chain, method) {
+        (Chain::Lower, Method::Sft) => &[0],
+        (Chain::Lower, _) => &[0, 1],
+        (Chain::Shadow, _) => &[0],
     }
 }
 
@@ -617,7 +621,7 @@ impl Lowering<'_> {
     /// A chain's loss at θ (the sum of its terms).
     fn chain_loss(&self, g: &mut Graph, chain: Chain, theta: &[NodeId], k: usize) -> NodeId {
         let mut total = None;
-        for i in 0..chain_terms(chain) {
+        for &i in chain_terms(chain, self.obj.spec.bilevel.method) {
             let (t, _) = self.chain_term(g, chain, theta, k, i);
             total = Some(add_opt(g, total, t));
         }
@@ -644,11 +648,15 @@ impl Lowering<'_> {
             let theta_in = self.detach(g, &theta);
             // Each term's forward pass and gradient in turn.
             let (mut grads, mut losses) = (None, vec![]);
-            for i in 0..chain_terms(chain) {
+            for &i in chain_terms(chain, self.obj.spec.bilevel.method) {
                 let (term, loss) = self.chain_term(g, chain, &theta_in, k, i);
                 let gr = grad(g, term, &theta_in);
                 grads = Some(add_lists(g, grads, gr));
                 losses.push(loss);
+            }
+            if losses.len() == 1 && chain == Chain::Lower {
+                // `sft`: no RL term, whose loss reads as 0.
+                losses.push(g.full_like(0.0, self.obj.lambda));
             }
             let grads = grads.expect("a chain has a term");
             let step = opt_step(g, opt, &theta, &grads, &state, self.lower_scale);
@@ -745,7 +753,7 @@ impl Lowering<'_> {
                     let mut wrt = at.clone();
                     wrt.extend(&self.w);
                     let mut prods = None;
-                    for i in 0..chain_terms(chain) {
+                    for &i in chain_terms(chain, self.obj.spec.bilevel.method) {
                         let (term, _) = self.chain_term(g, chain, &at, k, i);
                         let grads = grad(g, term, &at);
                         let p = vjp(g, &grads, u, &wrt);

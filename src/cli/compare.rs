@@ -22,6 +22,15 @@
 //!
 //! The table has one row per run and, when some group has several runs, one
 //! row per group with mean ± sample standard deviation and the number of runs.
+//! `--last K` reads a run's accuracy as the mean of its last K evaluations
+//! (checkpoint-to-checkpoint noise is large). `--baseline GROUP` adds a table
+//! of paired differences, baseline − group, over the runs that share a
+//! `train.seed` (from each run's `spec.json`): at equal steps, at equal wall
+//! time and at equal FLOPs (each pair read at the shorter run's end: a run's
+//! accuracy at x is its last evaluation at or before x), each with the mean
+//! over seeds and a percentile-bootstrap 95 % interval of that mean;
+//! `--threshold A` adds the wall time and FLOPs at which each group first
+//! evaluates at ≥ A.
 
 use ab_glyph::{point, Font, FontRef, PxScale, ScaleFont};
 use coopc_train::Metrics;
@@ -179,6 +188,12 @@ pub struct Options {
     pub smooth: f64,
     pub x: XAxis,
     pub ylim: Vec<YLimit>,
+    /// A run's accuracy is the mean of its last this-many evaluations.
+    pub last: usize,
+    /// Paired differences against this group.
+    pub baseline: Option<String>,
+    /// Report when each group first reaches this held-out accuracy.
+    pub threshold: Option<f64>,
 }
 
 impl Default for Options {
@@ -189,6 +204,9 @@ impl Default for Options {
             smooth: 0.6,
             x: XAxis::Step,
             ylim: Vec::new(),
+            last: 1,
+            baseline: None,
+            threshold: None,
         }
     }
 }
@@ -200,6 +218,14 @@ impl Options {
                 "--smooth must be in [0, 1) (0: no smoothing), got {}",
                 self.smooth
             ));
+        }
+        if self.last == 0 {
+            return Err("--last must be at least 1 (evaluations averaged)".to_string());
+        }
+        if let Some(t) = self.threshold {
+            if !(0.0..=1.0).contains(&t) {
+                return Err(format!("--threshold is an accuracy in [0, 1], got {t}"));
+            }
         }
         Ok(())
     }
@@ -222,14 +248,44 @@ struct Run {
     /// The group this run belongs to (method, then the --group-by values).
     group: String,
     rows: Vec<Row>,
+    /// `train.seed` from the run's spec.json, when it has one.
+    seed: Option<u64>,
 }
 
 impl Run {
     fn steps(&self) -> usize {
         self.rows.len()
     }
-    fn final_eval(&self) -> Option<f64> {
-        self.rows.iter().rev().find_map(|r| finite(r.eval_accuracy))
+    /// The mean of the last `k` evaluations (fewer when the run has fewer).
+    fn last_evals(&self, k: usize) -> Option<f64> {
+        let tail: Vec<f64> = self
+            .rows
+            .iter()
+            .rev()
+            .filter_map(|r| finite(r.eval_accuracy))
+            .take(k)
+            .collect();
+        (!tail.is_empty()).then(|| tail.iter().sum::<f64>() / tail.len() as f64)
+    }
+    /// The last evaluation at or before `x` on `axis` (`None` before the
+    /// first).
+    fn eval_at(&self, axis: XAxis, x: f64) -> Option<f64> {
+        self.rows
+            .iter()
+            .filter(|r| axis.of(r).is_some_and(|v| v <= x))
+            .filter_map(|r| finite(r.eval_accuracy))
+            .next_back()
+    }
+    /// Where on `axis` the run last has a value.
+    fn end(&self, axis: XAxis) -> Option<f64> {
+        self.rows.iter().rev().find_map(|r| axis.of(r))
+    }
+    /// Where on `axis` the run first evaluates at `threshold` or above.
+    fn first_reaching(&self, axis: XAxis, threshold: f64) -> Option<f64> {
+        self.rows
+            .iter()
+            .find(|r| finite(r.eval_accuracy).is_some_and(|a| a >= threshold))
+            .and_then(|r| axis.of(r))
     }
     fn best_eval(&self) -> Option<f64> {
         self.rows
@@ -359,7 +415,10 @@ pub fn render(dirs: &[PathBuf], size: (u32, u32), opts: &Options) -> Result<Figu
             ));
         }
     }
-    let table = markdown_table(&runs);
+    let mut table = markdown_table(&runs, opts.last);
+    if let Some(base) = &opts.baseline {
+        table.push_str(&paired_table(&runs, base, opts)?);
+    }
     let (w, h) = size;
     let mut pixels = vec![0u8; (w * h * 3) as usize];
     register_font()?;
@@ -453,10 +512,14 @@ fn load_run(dir: &Path, group_by: &[String]) -> Result<Run, String> {
             let _ = write!(group, ", {field}={}", value_label(v));
         }
     }
+    let seed = read_spec_json(&folder_path)
+        .ok()
+        .and_then(|spec| spec_field(&spec, "train.seed").and_then(|v| v.as_u64()));
     Ok(Run {
         folder: folder_name(&folder_path),
         group,
         rows,
+        seed,
     })
 }
 
@@ -622,16 +685,29 @@ fn fmt_group(values: &[Option<f64>], digits: usize) -> String {
     s
 }
 
-fn markdown_table(runs: &[Run]) -> String {
+fn markdown_table(runs: &[Run], last: usize) -> String {
     let mut out = String::new();
-    out.push_str(
-        "Per run: meta-steps completed; final (last evaluated) and best held-out eval \
+    let (final_what, final_head) = if last == 1 {
+        (
+            "final (last evaluated)".to_string(),
+            "final eval accuracy".to_string(),
+        )
+    } else {
+        (
+            format!("final (mean of the last {last} evaluations)"),
+            format!("final eval accuracy (last {last})"),
+        )
+    };
+    let _ = write!(
+        out,
+        "Per run: meta-steps completed; {final_what} and best held-out eval \
          accuracy; rollout reward mean and policy entropy over the last tenth of the \
          steps that had rollouts; wall-clock seconds at the last step. \"–\": never \
          measured.\n\n",
     );
-    out.push_str(
-        "| run | group | steps | final eval accuracy | best eval accuracy | late reward mean | late entropy | wall time (s) |\n",
+    let _ = writeln!(
+        out,
+        "| run | group | steps | {final_head} | best eval accuracy | late reward mean | late entropy | wall time (s) |",
     );
     out.push_str("|---|---|---:|---:|---:|---:|---:|---:|\n");
     for r in runs {
@@ -641,7 +717,7 @@ fn markdown_table(runs: &[Run]) -> String {
             md_cell(&r.folder),
             md_cell(&r.group),
             r.steps(),
-            fmt_opt(r.final_eval(), 3),
+            fmt_opt(r.last_evals(last), 3),
             fmt_opt(r.best_eval(), 3),
             fmt_opt(r.late_reward(), 3),
             fmt_opt(r.late_entropy(), 3),
@@ -658,8 +734,9 @@ fn markdown_table(runs: &[Run]) -> String {
             "\nPer group: number of runs (seeds); mean ± sample standard deviation over \
              those runs (\"–\" for a single run; \"(k of n)\" when only k runs have the value).\n\n",
         );
-        out.push_str(
-            "| group | runs | final eval accuracy | best eval accuracy | late reward mean | late entropy | wall time (s) |\n",
+        let _ = writeln!(
+            out,
+            "| group | runs | {final_head} | best eval accuracy | late reward mean | late entropy | wall time (s) |",
         );
         out.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
         for g in &groups {
@@ -670,7 +747,10 @@ fn markdown_table(runs: &[Run]) -> String {
                 "| {} | {} | {} | {} | {} | {} | {} |",
                 md_cell(g),
                 group.len(),
-                fmt_group(&col(Run::final_eval), 3),
+                fmt_group(
+                    &group.iter().map(|r| r.last_evals(last)).collect::<Vec<_>>(),
+                    3
+                ),
                 fmt_group(&col(Run::best_eval), 3),
                 fmt_group(&col(Run::late_reward), 3),
                 fmt_group(&col(Run::late_entropy), 3),
@@ -679,6 +759,154 @@ fn markdown_table(runs: &[Run]) -> String {
         }
     }
     out
+}
+
+// ---------------------------------------------------------------- paired
+
+/// Resamples of the percentile bootstrap.
+pub const BOOTSTRAP_RESAMPLES: usize = 10_000;
+
+/// The mean of `diffs` and a percentile-bootstrap 95 % interval of it
+/// ([`BOOTSTRAP_RESAMPLES`] resamples with replacement, a fixed RNG seed so
+/// the table reproduces). `None` for no differences.
+pub fn bootstrap_mean_ci(diffs: &[f64]) -> Option<(f64, f64, f64)> {
+    use rand::{Rng, SeedableRng};
+    if diffs.is_empty() {
+        return None;
+    }
+    let n = diffs.len();
+    let mean = diffs.iter().sum::<f64>() / n as f64;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xB007);
+    let mut means: Vec<f64> = (0..BOOTSTRAP_RESAMPLES)
+        .map(|_| (0..n).map(|_| diffs[rng.gen_range(0..n)]).sum::<f64>() / n as f64)
+        .collect();
+    means.sort_by(f64::total_cmp);
+    let at = |q: f64| means[((q * (means.len() - 1) as f64).round() as usize).min(means.len() - 1)];
+    Some((mean, at(0.025), at(0.975)))
+}
+
+fn fmt_ci(diffs: &[f64]) -> String {
+    match bootstrap_mean_ci(diffs) {
+        None => "–".to_string(),
+        Some((m, lo, hi)) => format!("{m:+.3} [{lo:+.3}, {hi:+.3}]"),
+    }
+}
+
+/// Paired differences baseline − group per shared seed, and time to the
+/// threshold (see the module doc).
+fn paired_table(runs: &[Run], baseline: &str, opts: &Options) -> Result<String, String> {
+    let groups = groups_in_order(runs);
+    if !groups.iter().any(|g| g == baseline) {
+        return Err(format!(
+            "--baseline {baseline}: no such group among the runs (groups: {})",
+            groups.join(", ")
+        ));
+    }
+    let seeded = |g: &str| -> BTreeMap<u64, &Run> {
+        runs.iter()
+            .filter(|r| r.group == g)
+            .filter_map(|r| Some((r.seed?, r)))
+            .collect()
+    };
+    let base = seeded(baseline);
+    let last = opts.last;
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "\nPaired with `{baseline}` (runs with the same `train.seed`): {baseline} − group, the mean \
+         over seeds and a percentile-bootstrap 95 % interval of that mean ({BOOTSTRAP_RESAMPLES} \
+         resamples; with few seeds the interval is coarse). At equal steps: each run's {}. At \
+         equal wall time / FLOPs: both runs read at the shorter one's end (its last evaluation \
+         at or before that point).",
+        if last == 1 {
+            "final evaluation".to_string()
+        } else {
+            format!("mean of its last {last} evaluations")
+        }
+    );
+    if let Some(t) = opts.threshold {
+        let _ = write!(
+            out,
+            " Time / FLOPs to {t}: mean over the runs that first evaluate at ≥ {t} \
+             (\"k of n\" when not all do)."
+        );
+    }
+    out.push_str("\n\n| group | seeds | at equal steps | at equal wall time | at equal FLOPs |");
+    if opts.threshold.is_some() {
+        out.push_str(" time to threshold (s) | GFLOP to threshold |");
+    }
+    out.push('\n');
+    out.push_str("|---|---:|---:|---:|---:|");
+    if opts.threshold.is_some() {
+        out.push_str("---:|---:|");
+    }
+    out.push('\n');
+    for g in &groups {
+        let mut diffs: [Vec<f64>; 3] = Default::default();
+        let mine = seeded(g);
+        let pairs: Vec<(&Run, &Run)> = base
+            .iter()
+            .filter_map(|(seed, b)| Some((*b, *mine.get(seed)?)))
+            .collect();
+        if g != baseline {
+            for (b, r) in &pairs {
+                if let (Some(x), Some(y)) = (b.last_evals(last), r.last_evals(last)) {
+                    diffs[0].push(x - y);
+                }
+                for (i, axis) in [(1, XAxis::Time), (2, XAxis::Flops)] {
+                    let (Some(eb), Some(er)) = (b.end(axis), r.end(axis)) else {
+                        continue;
+                    };
+                    let at = eb.min(er);
+                    if let (Some(x), Some(y)) = (b.eval_at(axis, at), r.eval_at(axis, at)) {
+                        diffs[i].push(x - y);
+                    }
+                }
+            }
+        }
+        let cell = |d: &Vec<f64>| {
+            if g == baseline {
+                "–".to_string()
+            } else {
+                fmt_ci(d)
+            }
+        };
+        let _ = write!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            md_cell(g),
+            if g == baseline {
+                base.len()
+            } else {
+                pairs.len()
+            },
+            cell(&diffs[0]),
+            cell(&diffs[1]),
+            cell(&diffs[2]),
+        );
+        if let Some(t) = opts.threshold {
+            let all: Vec<&Run> = runs.iter().filter(|r| &r.group == g).collect();
+            let reach = |axis: XAxis, scale: f64| {
+                let v: Vec<Option<f64>> = all
+                    .iter()
+                    .map(|r| r.first_reaching(axis, t).map(|x| x * scale))
+                    .collect();
+                if v.iter().all(Option::is_none) {
+                    format!("never (0 of {})", v.len())
+                } else {
+                    fmt_group(&v, 1)
+                }
+            };
+            let _ = write!(
+                out,
+                " {} | {} |",
+                reach(XAxis::Time, 1.0),
+                reach(XAxis::Flops, 1e-9)
+            );
+        }
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------- figure

@@ -149,6 +149,15 @@ pub enum Command {
         /// A fixed y range, QUANTITY=LO:HI with QUANTITY one of eval, reward, sft (e.g. reward=-1:1); repeatable.
         #[arg(long, value_name = "QUANTITY=LO:HI", allow_hyphen_values = true)]
         ylim: Vec<compare::YLimit>,
+        /// A run's accuracy in the tables: the mean of its last K evaluations.
+        #[arg(long, value_name = "K", default_value_t = 1)]
+        last: usize,
+        /// Add paired differences, BASELINE − group, over runs sharing a train.seed (at equal steps, wall time and FLOPs, with bootstrap 95% intervals).
+        #[arg(long, value_name = "GROUP")]
+        baseline: Option<String>,
+        /// With --baseline: also the wall time and FLOPs at which each group first reaches this held-out accuracy.
+        #[arg(long, value_name = "ACCURACY", requires = "baseline")]
+        threshold: Option<f64>,
     },
     /// Greedy held-out accuracy of a run's latest checkpoint, or of a Hugging
     /// Face model folder on a pipeline's task (--model DIR --task PIPELINE).
@@ -362,6 +371,9 @@ pub fn dispatch(cli: Cli) -> i32 {
             smooth,
             x,
             ylim,
+            last,
+            baseline,
+            threshold,
         } => match compare::compare(
             &dirs,
             &png,
@@ -372,6 +384,9 @@ pub fn dispatch(cli: Cli) -> i32 {
                 smooth,
                 x,
                 ylim,
+                last,
+                baseline,
+                threshold,
             },
         ) {
             Ok(table) => {
