@@ -5,7 +5,10 @@
 # SFT on carry-free sums), then trains every method from it on
 # examples/experiment/addition.toml (a fixed pool of flawed demonstrations,
 # RL prompts from the whole distribution), plus BRIDGE with the truncated
-# hypergradient (K = 2 lower steps per meta-step, T = 2 differentiated).
+# hypergradient (K = 2 lower steps per meta-step, T = 2 differentiated) and
+# its controls at the same K = 2: first-order BRIDGE (so that the
+# hypergradient, not the second lower step, is what the two differ in), mix
+# and SFT.
 # The same seed gives every method the same base, initial adapter and data
 # order. Writes results/experiment.md (tables: per run, per method, and
 # paired differences BRIDGE − method with bootstrap 95 % intervals at equal
@@ -14,7 +17,8 @@
 #
 # Usage: scripts/experiment.sh [STEPS [SEEDS [THRESHOLD]]] (defaults 300,
 # "1 2 3", 0.5). Runs are sequential, each with the machine to itself, so
-# wall times compare.
+# wall times compare. With SKIP_RUNS=1 only the tables and figures are
+# made again, from the runs already in results/runs-experiment/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps="${1:-300}"
@@ -26,14 +30,19 @@ methods="sft rl_zero cold_start mix alternating bridge"
 cargo build --release --quiet
 bin=target/release/coopc
 runs="results/runs-experiment"
+base_log="$runs/bases.md"
+if [ "${SKIP_RUNS:-0}" != 1 ]; then
 rm -rf "$runs"
 mkdir -p "$runs"
 truncated="$runs/addition-truncated.toml"
 sed 's/^hypergradient = .*/hypergradient = { kind = "truncated", unroll = 2, backprop = 2 }/' \
     "$pipeline" >"$truncated"
 grep -q 'kind = "truncated"' "$truncated"
+first_order_k2="$runs/addition-k2.toml"
+sed 's/^hypergradient = .*/hypergradient = { kind = "first_order", unroll = 2 }/' \
+    "$pipeline" >"$first_order_k2"
+grep -q 'unroll = 2' "$first_order_k2"
 start=$(date +%s)
-base_log="$runs/bases.md"
 {
     echo "| seed | base held-out accuracy (greedy) | base pass@1 on held-out (8 samples, temperature 1) |"
     echo "|---:|---:|---:|"
@@ -55,18 +64,26 @@ for seed in $seeds; do
     echo "== bridge (truncated), seed $seed"
     "$bin" run "$truncated" --model "$model" --method bridge --seed "$seed" \
         --steps "$steps" --out "$runs/bridge_truncated-s$seed" --quiet
+    for method in sft mix bridge; do
+        echo "== $method (K = 2), seed $seed"
+        "$bin" run "$first_order_k2" --model "$model" --method "$method" --seed "$seed" \
+            --steps "$steps" --out "$runs/${method}_k2-s$seed" --quiet
+    done
 done
-elapsed=$(( $(date +%s) - start ))
+echo $(( $(date +%s) - start )) >"$runs/elapsed"
+fi
+elapsed=$(cat "$runs/elapsed")
 dirs=$(ls -d "$runs"/*-s* | grep -v '/base-s')
-group="bilevel.hypergradient.kind"
-baseline="bridge, $group=first_order"
+kind="bilevel.hypergradient.kind"
+unroll="bilevel.hypergradient.unroll"
+baseline="bridge, $kind=FirstOrder, $unroll=1"
 # shellcheck disable=SC2086
-"$bin" compare $dirs --group-by "$group" --last 3 --baseline "$baseline" \
+"$bin" compare $dirs --group-by "$kind" --group-by "$unroll" --last 3 --baseline "$baseline" \
     --threshold "$threshold" --smooth 0.9 --png results/experiment-step.png \
     --markdown "$runs/table.md" >/dev/null
 for x in time flops; do
     # shellcheck disable=SC2086
-    "$bin" compare $dirs --group-by "$group" --smooth 0.9 --x "$x" \
+    "$bin" compare $dirs --group-by "$kind" --group-by "$unroll" --smooth 0.9 --x "$x" \
         --png "results/experiment-$x.png" >/dev/null
 done
 cpu=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -n1)
@@ -80,8 +97,8 @@ cpu=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -n1)
     echo "evaluations. Machine: $cpu, $(nproc) cores, one run at a time; the whole grid took"
     echo "$((elapsed / 60)) min $((elapsed % 60)) s. Curves (mean over seeds, min–max band):"
     echo "[by meta-step](experiment-step.png), [by wall time](experiment-time.png),"
-    echo "[by FLOPs](experiment-flops.png). Groups: the method, and the hypergradient kind (which"
-    echo "only BRIDGE reads; \`truncated\` is BRIDGE with K = 2, T = 2)."
+    echo "[by FLOPs](experiment-flops.png). Groups: the method, the hypergradient kind (which only"
+    echo "BRIDGE reads; \`Truncated\` is BRIDGE with T = 2) and K (\`unroll\`, lower steps per meta-step)."
     echo
     echo "## The bases"
     echo
