@@ -76,11 +76,16 @@ elapsed=$(cat "$runs/elapsed")
 dirs=$(ls -d "$runs"/*-s* | grep -v '/base-s')
 kind="bilevel.hypergradient.kind"
 unroll="bilevel.hypergradient.unroll"
-baseline="bridge, $kind=FirstOrder, $unroll=1"
+baseline="bridge, kind=FirstOrder, unroll=1"
 # shellcheck disable=SC2086
 "$bin" compare $dirs --group-by "$kind" --group-by "$unroll" --last 3 --baseline "$baseline" \
     --threshold "$threshold" --smooth 0.9 --png results/experiment-step.png \
     --markdown "$runs/table.md" >/dev/null
+# The same pairs against BRIDGE at K = 2: only its paired table.
+# shellcheck disable=SC2086
+"$bin" compare $dirs --group-by "$kind" --group-by "$unroll" --last 3 \
+    --baseline "bridge, kind=FirstOrder, unroll=2" --threshold "$threshold" \
+    --png "$runs/k2.png" | sed -n '/^Paired with/,$p' >"$runs/paired-k2.md"
 for x in time flops; do
     # shellcheck disable=SC2086
     "$bin" compare $dirs --group-by "$kind" --group-by "$unroll" --smooth 0.9 --x "$x" \
@@ -107,5 +112,7 @@ cpu=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -n1)
     echo "## Runs"
     echo
     cat "$runs/table.md"
+    echo
+    cat "$runs/paired-k2.md"
 } >results/experiment.md
 echo "wrote results/experiment.md ($((elapsed / 60)) min)"

@@ -467,15 +467,15 @@ fn group_by_splits_groups_by_spec_fields() {
     assert_eq!(
         groups,
         [
-            "bridge, bilevel.hypergradient.kind=first_order",
-            "bridge, bilevel.hypergradient.kind=truncated",
-            "rl_zero, bilevel.hypergradient.kind=first_order"
+            "bridge, kind=first_order",
+            "bridge, kind=truncated",
+            "rl_zero, kind=first_order"
         ]
     );
     assert!(fig.panels[0].lines.iter().all(|l| l.runs == 1));
     assert_eq!(
         table_row(&fig.table, "bridge-s1")[1],
-        "bridge, bilevel.hypergradient.kind=truncated"
+        "bridge, kind=truncated"
     );
 
     // A field no spec has, and a run without spec.json, are named.
@@ -770,6 +770,20 @@ fn paired_differences_at_equal_steps_time_and_flops_with_threshold_times() {
     // Equal FLOPs, at sft's 9 GFLOP: bridge at step 4 (8 GFLOP): 0.7 and
     // 0.5, against 0.4 and 0.6: +0.3 and −0.1.
     assert_eq!(sft[4], "+0.100 [-0.100, +0.300]");
+    // Read at an end before the baseline's first evaluation, a pair has no
+    // difference, and the cell says how many pairs have one.
+    // early-s1 ends at 6 s, before bridge-s1's first evaluation (20 s);
+    // early-s2 at 30 s, where bridge-s2 has 0.4 (24 s): −0.1.
+    let mut with_early = dirs.clone();
+    for (seed, secs) in [(1, 1.0), (2, 5.0)] {
+        let d = root.join(format!("early-s{seed}"));
+        paired_run(&d, "early", seed, [0.5, 0.5, 0.5], secs, 0.1);
+        with_early.push(d);
+    }
+    let md = render(&with_early, (900, 600), &opts).unwrap().table;
+    let paired = &md[md.find("Paired with `bridge`").unwrap()..];
+    let row = table_row(paired, "early");
+    assert_eq!(row[3], "-0.100 [-0.100, -0.100] (1 of 2)");
     // First evaluation at ≥ 0.5: sft at 20 s (s1, 6 GFLOP), 30 s (s2, 9
     // GFLOP) and 10 s (s9, 3 GFLOP); bridge at 40 s and 48 s, both at 8 GFLOP.
     assert_eq!(&sft[5..7], ["20.0 ± 10.0", "6.0 ± 3.0"]);

@@ -509,7 +509,9 @@ fn load_run(dir: &Path, group_by: &[String]) -> Result<Run, String> {
                     top.join(", ")
                 )
             })?;
-            let _ = write!(group, ", {field}={}", value_label(v));
+            // The field's last segment names it in the label, so legends stay short.
+            let key = field.rsplit('.').next().unwrap_or(field);
+            let _ = write!(group, ", {key}={}", value_label(v));
         }
     }
     let seed = read_spec_json(&folder_path)
@@ -785,9 +787,14 @@ pub fn bootstrap_mean_ci(diffs: &[f64]) -> Option<(f64, f64, f64)> {
     Some((mean, at(0.025), at(0.975)))
 }
 
-fn fmt_ci(diffs: &[f64]) -> String {
+/// The mean and interval of `diffs`, noting when only some of the `pairs`
+/// have a difference.
+fn fmt_ci(diffs: &[f64], pairs: usize) -> String {
     match bootstrap_mean_ci(diffs) {
         None => "–".to_string(),
+        Some((m, lo, hi)) if diffs.len() < pairs => {
+            format!("{m:+.3} [{lo:+.3}, {hi:+.3}] ({} of {pairs})", diffs.len())
+        }
         Some((m, lo, hi)) => format!("{m:+.3} [{lo:+.3}, {hi:+.3}]"),
     }
 }
@@ -817,7 +824,7 @@ fn paired_table(runs: &[Run], baseline: &str, opts: &Options) -> Result<String, 
          over seeds and a percentile-bootstrap 95 % interval of that mean ({BOOTSTRAP_RESAMPLES} \
          resamples; with few seeds the interval is coarse). At equal steps: each run's {}. At \
          equal wall time / FLOPs: both runs read at the shorter one's end (its last evaluation \
-         at or before that point).",
+         at or before that point; \"k of n\" when only k pairs have an evaluation by then).",
         if last == 1 {
             "final evaluation".to_string()
         } else {
@@ -868,7 +875,7 @@ fn paired_table(runs: &[Run], baseline: &str, opts: &Options) -> Result<String, 
             if g == baseline {
                 "–".to_string()
             } else {
-                fmt_ci(d)
+                fmt_ci(d, pairs.len())
             }
         };
         let _ = write!(
