@@ -17,8 +17,19 @@
 #
 # Usage: scripts/experiment.sh [STEPS [SEEDS [THRESHOLD]]] (defaults 300,
 # "1 2 3", 0.5). Runs are sequential, each with the machine to itself, so
-# wall times compare. With SKIP_RUNS=1 only the tables and figures are
-# made again, from the runs already in results/runs-experiment/.
+# wall times compare.
+#
+# A second grid matches compute by wall time: every variant gets the budget
+# of one first-order BRIDGE run (K = 1, its mean wall time over the seeds),
+# as a number of meta-steps measured from its own runs of the first grid
+# (budget / its seconds per meta-step, evaluations included), with its
+# schedules (λ, learning rates, cold_start's switch) stretched to them.
+# Its table is results/experiment.md's last part, its curves
+# results/experiment-budget.png.
+#
+# SKIP_RUNS=1 only makes the tables and figures again, from the runs already
+# in results/runs-experiment/; SKIP_STEP_RUNS=1 keeps the first grid's runs
+# and runs the equal-time grid.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps="${1:-300}"
@@ -31,14 +42,14 @@ cargo build --release --quiet
 bin=target/release/coopc
 runs="results/runs-experiment"
 base_log="$runs/bases.md"
-if [ "${SKIP_RUNS:-0}" != 1 ]; then
+truncated="$runs/addition-truncated.toml"
+first_order_k2="$runs/addition-k2.toml"
+if [ "${SKIP_RUNS:-0}" != 1 ] && [ "${SKIP_STEP_RUNS:-0}" != 1 ]; then
 rm -rf "$runs"
 mkdir -p "$runs"
-truncated="$runs/addition-truncated.toml"
 sed 's/^hypergradient = .*/hypergradient = { kind = "truncated", unroll = 2, backprop = 2 }/' \
     "$pipeline" >"$truncated"
 grep -q 'kind = "truncated"' "$truncated"
-first_order_k2="$runs/addition-k2.toml"
 sed 's/^hypergradient = .*/hypergradient = { kind = "first_order", unroll = 2 }/' \
     "$pipeline" >"$first_order_k2"
 grep -q 'unroll = 2' "$first_order_k2"
@@ -72,6 +83,63 @@ for seed in $seeds; do
 done
 echo $(( $(date +%s) - start )) >"$runs/elapsed"
 fi
+
+# The equal-time grid: name, pipeline, method of each variant (folders of
+# the first grid are NAME-sSEED).
+budgeted="$runs/equal-time"
+variants=(
+    "sft|$pipeline|sft"
+    "rl_zero|$pipeline|rl_zero"
+    "cold_start|$pipeline|cold_start"
+    "mix|$pipeline|mix"
+    "alternating|$pipeline|alternating"
+    "bridge_truncated|$truncated|bridge"
+    "sft_k2|$first_order_k2|sft"
+    "mix_k2|$first_order_k2|mix"
+    "bridge_k2|$first_order_k2|bridge"
+)
+# Seconds per meta-step of a run folder: its wall time over its steps.
+per_step() {
+    tail -n1 "$1/metrics.jsonl" |
+        sed 's/^{"step":\([0-9]*\),.*"wall_time_s":\([0-9.e+-]*\),.*/\2 \1/' |
+        awk '{ print $1 / ($2 + 1) }'
+}
+mean_over_seeds() {
+    local name=$1 total=0 n=0 v
+    for seed in $seeds; do
+        v=$(per_step "$runs/$name-s$seed")
+        total=$(awk -v a="$total" -v b="$v" 'BEGIN { print a + b }')
+        n=$((n + 1))
+    done
+    awk -v a="$total" -v n="$n" 'BEGIN { print a / n }'
+}
+budget=$(awk -v p="$(mean_over_seeds bridge)" -v s="$steps" 'BEGIN { printf "%.1f", p * s }')
+if [ "${SKIP_RUNS:-0}" != 1 ]; then
+    rm -rf "$budgeted"
+    mkdir -p "$budgeted"
+    start=$(date +%s)
+    {
+        echo "| variant | seconds per meta-step (first grid) | meta-steps in the budget |"
+        echo "|---|---:|---:|"
+    } >"$budgeted/steps.md"
+    for seed in $seeds; do
+        # BRIDGE at K = 1 defines the budget: its runs are the first grid's.
+        cp -r "$runs/bridge-s$seed" "$budgeted/bridge-s$seed"
+    done
+    for v in "${variants[@]}"; do
+        IFS='|' read -r name file method <<<"$v"
+        secs=$(mean_over_seeds "$name")
+        n=$(awk -v b="$budget" -v p="$secs" 'BEGIN { n = int(b / p); print (n < 1 ? 1 : n) }')
+        echo "| $name | $secs | $n |" >>"$budgeted/steps.md"
+        for seed in $seeds; do
+            model=$(ls -d "$runs/base-s$seed"/checkpoints/step-* | sort -t- -k2 -n | tail -n1)
+            echo "== $name, seed $seed, $n meta-steps (${budget} s budget)"
+            "$bin" run "$file" --model "$model" --method "$method" --seed "$seed" \
+                --steps "$n" --out "$budgeted/$name-s$seed" --quiet
+        done
+    done
+    echo $(( $(date +%s) - start )) >"$budgeted/elapsed"
+fi
 elapsed=$(cat "$runs/elapsed")
 dirs=$(ls -d "$runs"/*-s* | grep -v '/base-s')
 kind="bilevel.hypergradient.kind"
@@ -91,6 +159,12 @@ for x in time flops; do
     "$bin" compare $dirs --group-by "$kind" --group-by "$unroll" --smooth 0.9 --x "$x" \
         --png "results/experiment-$x.png" >/dev/null
 done
+if [ -f "$budgeted/elapsed" ]; then
+    # shellcheck disable=SC2086
+    "$bin" compare $(ls -d "$budgeted"/*-s*) --group-by "$kind" --group-by "$unroll" --last 3 \
+        --baseline "$baseline" --threshold "$threshold" --smooth 0.9 --x time \
+        --png results/experiment-budget.png --markdown "$budgeted/table.md" >/dev/null
+fi
 cpu=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -n1)
 {
     echo "# The fair experiment: BRIDGE against its baselines from a common base"
@@ -114,5 +188,21 @@ cpu=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -n1)
     cat "$runs/table.md"
     echo
     cat "$runs/paired-k2.md"
+    if [ -f "$budgeted/elapsed" ]; then
+        b_elapsed=$(cat "$budgeted/elapsed")
+        echo
+        echo "## At equal wall time: every variant with the budget of one BRIDGE run"
+        echo
+        echo "Every run below had the same wall-time budget, $budget s (the mean wall time of"
+        echo "first-order BRIDGE, K = 1, over 300 meta-steps), as meta-steps measured from its"
+        echo "variant's runs above; its schedules (λ, learning rates, cold_start's switch at half)"
+        echo "span those steps. The BRIDGE (K = 1) runs are those above. In the paired table,"
+        echo "\"at equal steps\" compares the runs' ends, i.e. equal budgets. This grid took"
+        echo "$((b_elapsed / 60)) min $((b_elapsed % 60)) s. Curves: [by wall time](experiment-budget.png)."
+        echo
+        cat "$budgeted/steps.md"
+        echo
+        cat "$budgeted/table.md"
+    fi
 } >results/experiment.md
 echo "wrote results/experiment.md ($((elapsed / 60)) min)"
