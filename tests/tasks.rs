@@ -1128,7 +1128,7 @@ fn sft_pool_is_a_fixed_set_of_distinct_demonstrations_off_the_held_out_set() {
                 ex.prompt
             );
             let prev = seen.insert(ex.prompt.clone(), ex.response.clone());
-            assert!(prev.map_or(true, |r| r == ex.response));
+            assert!(prev.is_none_or(|r| r == ex.response));
         }
         // Every draw is one of exactly 24 demonstrations, and each is drawn.
         assert_eq!(seen.len(), 24, "{kind:?}");
@@ -1214,7 +1214,8 @@ fn countdown_search_demonstrations_show_a_dead_end_then_the_solution() {
         // Still a correct, parseable demonstration that fits.
         let p = problem(&ex.prompt, "");
         assert_eq!(task.verify(&p, &ex.response), Verdict::Correct, "{ex:?}");
-        assert!(1 + ex.prompt.len() + ex.response.len() + 1 <= SEQ_LEN);
+        // BOS, prompt, response, EOS.
+        assert!(ex.prompt.len() + ex.response.len() + 2 <= SEQ_LEN);
         if let Some((dead, solution)) = ex.response.split_once("!,") {
             searched += 1;
             // The dead end uses the same numbers and misses the target.

@@ -467,7 +467,9 @@ impl Countdown {
                 continue;
             }
             let demo = format!("{}!,{plain}", steps.join(","));
-            if 1 + inst.prompt().len() + demo.len() + 1 <= self.seq_len {
+            // BOS, prompt, demonstration, EOS.
+            let len = inst.prompt().len() + demo.len() + 2;
+            if len <= self.seq_len {
                 return demo;
             }
         }
