@@ -297,7 +297,7 @@ impl Pooled {
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(POOL_SEED);
         let mut seen = std::collections::HashSet::new();
-        let mut pool = Vec::with_capacity(n);
+        let mut pool = Vec::with_capacity(n.min(MAX_DRAWS));
         let mut draws = 0;
         while pool.len() < n {
             draws += 1;
