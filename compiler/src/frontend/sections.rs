@@ -316,31 +316,25 @@ pub(super) fn read_task(c: &mut Checker, sec: &Section) -> TaskSpec {
             }
         }
     } else {
-        for key in ["sft_file", "rl_file", "eval_file"] {
-            if sec.has(key) {
-                c.not_applicable(
-                    sec,
-                    key,
-                    &format!("to kind = \"{}\"", kind.value.name()),
-                    "built-in tasks generate their own data; data files need kind = \"jsonl\"",
-                );
-            }
-        }
+        keys_of_another_kind(
+            c,
+            sec,
+            kind.value,
+            &["sft_file", "rl_file", "eval_file"],
+            "built-in tasks generate their own data; data files need kind = \"jsonl\"",
+        );
     }
     let format = c.choice_or(sec, "format", DATA_FORMATS, DataFormat::PromptResponse);
     let chat_template = c.bool_or(sec, "chat_template", false);
     let system_prompt = c.string(sec, "system_prompt");
     if kind.value != TaskKind::Jsonl {
-        for key in ["format", "chat_template", "system_prompt"] {
-            if sec.has(key) {
-                c.not_applicable(
-                    sec,
-                    key,
-                    &format!("to kind = \"{}\"", kind.value.name()),
-                    "data formats and chat templates apply to kind = \"jsonl\"",
-                );
-            }
-        }
+        keys_of_another_kind(
+            c,
+            sec,
+            kind.value,
+            &["format", "chat_template", "system_prompt"],
+            "data formats and chat templates apply to kind = \"jsonl\"",
+        );
     } else if system_prompt.is_some() && !chat_template {
         c.not_applicable(
             sec,
@@ -377,16 +371,36 @@ pub(super) fn read_task(c: &mut Checker, sec: &Section) -> TaskSpec {
     }
     let digit_keys = ["sft_max_digits", "rl_max_digits", "eval_digits"];
     if kind.value != TaskKind::Addition {
-        for key in digit_keys {
-            if sec.has(key) {
-                c.not_applicable(
-                    sec,
-                    key,
-                    &format!("to kind = \"{}\"", kind.value.name()),
-                    "digit counts set the curriculum of kind = \"addition\"",
-                );
-            }
-        }
+        keys_of_another_kind(
+            c,
+            sec,
+            kind.value,
+            &digit_keys,
+            "digit counts set the curriculum of kind = \"addition\"",
+        );
+        keys_of_another_kind(
+            c,
+            sec,
+            kind.value,
+            &["sft_flaw", "sft_carry_free"],
+            "`sft_flaw` and `sft_carry_free` shape the demonstrations of kind = \"addition\"",
+        );
+    }
+    if kind.value != TaskKind::Countdown {
+        keys_of_another_kind(
+            c,
+            sec,
+            kind.value,
+            &[
+                "min_numbers",
+                "max_numbers",
+                "max_number",
+                "max_value",
+                "search_demos",
+            ],
+            "`min_numbers`, `max_numbers`, `max_number`, `max_value` and `search_demos` set \
+             the puzzle generator of kind = \"countdown\"",
+        );
     }
     let sft_max = c.usize_or(sec, "sft_max_digits", 3);
     let rl_max = c.usize_or(sec, "rl_max_digits", 4);
@@ -413,43 +427,6 @@ pub(super) fn read_task(c: &mut Checker, sec: &Section) -> TaskSpec {
     if let Some(p) = &sft_pool {
         c.at_least_one(sec, "sft_pool", p);
     }
-    let addition_keys = ["sft_flaw", "sft_carry_free"];
-    let countdown_keys = [
-        "min_numbers",
-        "max_numbers",
-        "max_number",
-        "max_value",
-        "search_demos",
-    ];
-    for (keys, owner, what) in [
-        (
-            &addition_keys[..],
-            TaskKind::Addition,
-            "shape the demonstrations of",
-        ),
-        (
-            &countdown_keys[..],
-            TaskKind::Countdown,
-            "set the puzzle generator of",
-        ),
-    ] {
-        if kind.value == owner {
-            continue;
-        }
-        for key in keys {
-            if sec.has(key) {
-                c.not_applicable(
-                    sec,
-                    key,
-                    &format!("to kind = \"{}\"", kind.value.name()),
-                    &format!(
-                        "`task.{key}` and its kin {what} kind = \"{}\"",
-                        owner.name()
-                    ),
-                );
-            }
-        }
-    }
     let sft_flaw = c.choice_or(sec, "sft_flaw", SFT_FLAWS, SftFlaw::None);
     let sft_carry_free = c.bool_or(sec, "sft_carry_free", false);
     let countdown = read_countdown(c, sec);
@@ -472,6 +449,16 @@ pub(super) fn read_task(c: &mut Checker, sec: &Section) -> TaskSpec {
         sft_flaw: sft_flaw.value,
         sft_carry_free,
         countdown,
+    }
+}
+
+/// Reports each of `keys` that `sec` sets: they belong to another task kind
+/// than `kind`, as `help` says.
+fn keys_of_another_kind(c: &mut Checker, sec: &Section, kind: TaskKind, keys: &[&str], help: &str) {
+    for key in keys {
+        if sec.has(key) {
+            c.not_applicable(sec, key, &format!("to kind = \"{}\"", kind.name()), help);
+        }
     }
 }
 
