@@ -284,15 +284,11 @@ impl Task for Addition {
     /// Redraws pairs of the held-out set and, with `carry_free`, sums
     /// that carry.
     fn sft_example(&self, rng: &mut dyn RngCore) -> Example {
-        let digits = &self.config.sft_digits;
-        let (a, b) = if self.config.carry_free {
-            redraw_held_out(
-                || Self::draw(rng, digits),
-                |&(a, b)| self.is_held_out(a, b) || Self::carries(a, b),
-            )
-        } else {
-            self.draw_training(rng, digits)
-        };
+        let carry_free = self.config.carry_free;
+        let (a, b) = redraw_held_out(
+            || Self::draw(rng, &self.config.sft_digits),
+            |&(a, b)| self.is_held_out(a, b) || (carry_free && Self::carries(a, b)),
+        );
         Example {
             prompt: format!("{a}+{b}="),
             response: Self::solve_with(a, b, self.config.flaw),
