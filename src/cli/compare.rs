@@ -495,10 +495,12 @@ fn load_run(dir: &Path, group_by: &[String]) -> Result<Run, String> {
         return Err(format!("{}: no metrics rows", file.display()));
     }
     let mut group = rows[0].method.clone();
+    // spec.json gives the seed when it is there; --group-by needs it.
+    let spec = read_spec_json(&folder_path);
     if !group_by.is_empty() {
-        let spec = read_spec_json(&folder_path)?;
+        let spec = spec.as_ref().map_err(Clone::clone)?;
         for field in group_by {
-            let v = spec_field(&spec, field).ok_or_else(|| {
+            let v = spec_field(spec, field).ok_or_else(|| {
                 let top: Vec<String> = spec
                     .as_object()
                     .map(|o| o.keys().cloned().collect())
@@ -514,7 +516,7 @@ fn load_run(dir: &Path, group_by: &[String]) -> Result<Run, String> {
             let _ = write!(group, ", {key}={}", value_label(v));
         }
     }
-    let seed = read_spec_json(&folder_path)
+    let seed = spec
         .ok()
         .and_then(|spec| spec_field(&spec, "train.seed").and_then(|v| v.as_u64()));
     Ok(Run {
