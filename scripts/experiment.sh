@@ -44,15 +44,21 @@ runs="results/runs-experiment"
 base_log="$runs/bases.md"
 truncated="$runs/addition-truncated.toml"
 first_order_k2="$runs/addition-k2.toml"
+# The pipeline with another [bilevel] hypergradient: variant HYPERGRADIENT FILE.
+variant() {
+    sed "s/^hypergradient = .*/hypergradient = $1/" "$pipeline" >"$2"
+    grep -qF "hypergradient = $1" "$2"
+}
+# The seed's base: the checkpoint its run folder names as the latest.
+base_model() {
+    local dir="$runs/base-s$1/checkpoints"
+    echo "$dir/$(cat "$dir/latest")"
+}
 if [ "${SKIP_RUNS:-0}" != 1 ] && [ "${SKIP_STEP_RUNS:-0}" != 1 ]; then
 rm -rf "$runs"
 mkdir -p "$runs"
-sed 's/^hypergradient = .*/hypergradient = { kind = "truncated", unroll = 2, backprop = 2 }/' \
-    "$pipeline" >"$truncated"
-grep -q 'kind = "truncated"' "$truncated"
-sed 's/^hypergradient = .*/hypergradient = { kind = "first_order", unroll = 2 }/' \
-    "$pipeline" >"$first_order_k2"
-grep -q 'unroll = 2' "$first_order_k2"
+variant '{ kind = "truncated", unroll = 2, backprop = 2 }' "$truncated"
+variant '{ kind = "first_order", unroll = 2 }' "$first_order_k2"
 start=$(date +%s)
 {
     echo "| seed | base held-out accuracy (greedy) | base pass@1 on held-out (8 samples, temperature 1) |"
@@ -62,7 +68,7 @@ for seed in $seeds; do
     base="$runs/base-s$seed"
     echo "== base, seed $seed"
     "$bin" run "$base_pipeline" --seed "$seed" --out "$base" --quiet
-    model=$(ls -d "$base"/checkpoints/step-* | sort -t- -k2 -n | tail -n1)
+    model=$(base_model "$seed")
     report=$("$bin" eval --model "$model" --task "$pipeline" --samples 8 --temperature 1)
     greedy=$(sed -n 's/.*held-out accuracy \([0-9.]*\)%.*/\1/p' <<<"$report" | head -n1)
     sampled=$(sed -n 's/.*pass@1 \([0-9.]*\)%.*/\1/p' <<<"$report" | head -n1)
@@ -132,7 +138,7 @@ if [ "${SKIP_RUNS:-0}" != 1 ]; then
         n=$(awk -v b="$budget" -v p="$secs" 'BEGIN { n = int(b / p); print (n < 1 ? 1 : n) }')
         echo "| $name | $secs | $n |" >>"$budgeted/steps.md"
         for seed in $seeds; do
-            model=$(ls -d "$runs/base-s$seed"/checkpoints/step-* | sort -t- -k2 -n | tail -n1)
+            model=$(base_model "$seed")
             echo "== $name, seed $seed, $n meta-steps (${budget} s budget)"
             "$bin" run "$file" --model "$model" --method "$method" --seed "$seed" \
                 --steps "$n" --out "$budgeted/$name-s$seed" --quiet
