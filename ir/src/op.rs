@@ -102,14 +102,21 @@ pub fn clamp_value<T: Float>(x: T, lo: T, hi: T) -> T {
     }
 }
 
-/// Numerically stable logistic function.
+/// Numerically stable logistic function: `1 / (1 + e^-x)` for `x ≥ 0`,
+/// `e^x / (1 + e^x)` below. Both branches are computed from the one
+/// exponential `e^-|x|` and the result selected, so the loop over a tensor
+/// has no data-dependent branch; the values are those of the two-branch
+/// form bit for bit (`-|x|` is `-x` for `x ≥ 0` and `x` below, NaN stays
+/// NaN).
 #[inline]
 fn sigmoid<T: Float>(x: T) -> T {
+    let e = (-x.abs()).exp();
+    let d = T::one() + e;
+    let (hi, lo) = (T::one() / d, e / d);
     if x >= T::zero() {
-        T::one() / (T::one() + (-x).exp())
+        hi
     } else {
-        let e = x.exp();
-        e / (T::one() + e)
+        lo
     }
 }
 
@@ -1552,5 +1559,51 @@ impl fmt::Display for Op {
         } else {
             write!(f, "{}[{a}]", self.name())
         }
+    }
+}
+
+#[cfg(test)]
+mod sigmoid_tests {
+    use super::*;
+
+    /// The two-branch logistic function the branch-free one replaced.
+    fn two_branch<T: Float>(x: T) -> T {
+        if x >= T::zero() {
+            T::one() / (T::one() + (-x).exp())
+        } else {
+            let e = x.exp();
+            e / (T::one() + e)
+        }
+    }
+
+    fn probes() -> Vec<f64> {
+        let mut v = vec![
+            0.0, -0.0, 1.0, -1.0, 88.7, -88.7, 103.9, -103.9, 745.2, -745.2,
+        ];
+        v.extend([
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::MIN_POSITIVE,
+            -f64::MIN_POSITIVE,
+        ]);
+        // A dense sweep of [-40, 40] on an irrational step, and tiny values.
+        v.extend((0..200_000).map(|i| -40.0 + i as f64 * 4.000_000_123e-4));
+        v.extend((0..1000).map(|i| (i as f64 - 500.0) * 1e-9));
+        v
+    }
+
+    #[test]
+    fn branch_free_sigmoid_equals_the_two_branch_form_bit_for_bit() {
+        for x in probes() {
+            let (a, b) = (sigmoid(x), two_branch(x));
+            assert_eq!(a.to_bits(), b.to_bits(), "f64 sigmoid({x:e})");
+            let (a, b) = (UnaryOp::Silu.apply(x), x * two_branch(x));
+            assert_eq!(a.to_bits(), b.to_bits(), "f64 silu({x:e})");
+            let x = x as f32;
+            let (a, b) = (sigmoid(x), two_branch(x));
+            assert_eq!(a.to_bits(), b.to_bits(), "f32 sigmoid({x:e})");
+        }
+        assert!(sigmoid(f64::NAN).is_nan() && two_branch(f64::NAN).is_nan());
+        assert!(sigmoid(f32::NAN).is_nan());
     }
 }

@@ -180,10 +180,29 @@ pub fn execute_nodes<I: Inputs + ?Sized>(
     run_steps(graph, inputs, nodes, Steps::new(graph, nodes, None))
 }
 
-/// Runs a compiled program and returns its outputs by name: its nodes in
-/// the plan's schedule, the graph validated when the plan was. Nothing is
-/// ordered or checked here beyond the inputs.
+/// Runs a compiled program and returns its outputs by name: on its fused
+/// kernels ([`crate::fused_cpu`]), or node by node in the plan's schedule
+/// ([`execute_program_nodes`]) where the fused kernels cannot run on the
+/// CPU as such or `COOPC_CPU_FUSED=0` asks for it. The two give the same
+/// values bit for bit.
 pub fn execute_program<I: Inputs + ?Sized>(
+    program: &Program,
+    inputs: &I,
+) -> Result<Vec<(String, HostTensor)>, ExecError> {
+    if std::env::var_os("COOPC_CPU_FUSED").is_some_and(|v| v == "0") {
+        return execute_program_nodes(program, inputs);
+    }
+    match crate::fused_cpu::FusedPlan::new(program) {
+        Ok(plan) => plan.run(inputs),
+        Err(_) => execute_program_nodes(program, inputs),
+    }
+}
+
+/// Runs a compiled program node by node, in the plan's schedule, and
+/// returns its outputs by name (the reference the fused execution is
+/// checked against). The graph was validated when the plan was; nothing is
+/// ordered or checked here beyond the inputs.
+pub fn execute_program_nodes<I: Inputs + ?Sized>(
     program: &Program,
     inputs: &I,
 ) -> Result<Vec<(String, HostTensor)>, ExecError> {
@@ -201,44 +220,19 @@ fn run_steps<I: Inputs + ?Sized>(
     nodes: &[NodeId],
     plan: Steps,
 ) -> Result<Vec<HostTensor>, ExecError> {
-    // COOPC_PROFILE=1: time spent per op kind, printed to stderr.
-    let mut profile: Option<HashMap<&'static str, (usize, f64, usize)>> =
-        std::env::var_os("COOPC_PROFILE").map(|_| HashMap::new());
+    // COOPC_PROFILE=1: time spent per op kind, printed to stderr;
+    // COOPC_PROFILE=shapes: matrix products also by shape.
+    let profile_mode = std::env::var("COOPC_PROFILE").ok();
+    let by_shape = profile_mode.as_deref() == Some("shapes");
+    let mut profile: Option<HashMap<String, (usize, f64, usize)>> =
+        profile_mode.map(|_| HashMap::new());
 
     // Node index → value. Graph inputs are borrowed, everything else owned.
     let mut values: Vec<Option<Cow<'_, HostTensor>>> = (0..plan.bound).map(|_| None).collect();
     for (step, &id) in plan.order.iter().enumerate() {
         let operands = &plan.operands[step];
         let value = match graph.op(id) {
-            Op::Input { name, ty } => {
-                let t = match inputs.input(name) {
-                    Some(Input::Host(t)) => t,
-                    Some(Input::Device(d)) => {
-                        return Err(ExecError::Device(format!(
-                            "input `{name}` lives on the {} device; the CPU executor needs it on the host",
-                            d.backend
-                        )))
-                    }
-                    None => {
-                        return Err(ExecError::MissingInput {
-                            name: name.clone(),
-                            expected: ty.clone(),
-                        })
-                    }
-                };
-                if t.dtype() != ty.dtype || t.shape != ty.shape || t.data.len() != ty.numel() {
-                    let mut got = t.ty().to_string();
-                    if t.data.len() != t.numel() {
-                        got += &format!(" holding {} elements", t.data.len());
-                    }
-                    return Err(ExecError::InputMismatch {
-                        name: name.clone(),
-                        expected: ty.clone(),
-                        got,
-                    });
-                }
-                Cow::Borrowed(t)
-            }
+            Op::Input { .. } => Cow::Borrowed(bind_input(graph, id, inputs)?),
             // Pure relabelings: reuse the operand's buffer when this is its
             // last use.
             Op::Reshape { .. } | Op::StopGradient | Op::Barrier { .. }
@@ -263,7 +257,8 @@ fn run_steps<I: Inputs + ?Sized>(
                     [a_t, b_t] => matmul_transposed(graph, id, &args, a_t, b_t)?,
                 };
                 if let (Some(p), Some(t0)) = (profile.as_mut(), t0) {
-                    let e = p.entry(graph.op(id).name()).or_default();
+                    let key = profile_key(graph, id, plan.transposed[step], by_shape);
+                    let e = p.entry(key).or_default();
                     e.0 += 1;
                     e.1 += t0.elapsed().as_secs_f64();
                     e.2 += graph.ty(id).numel();
@@ -303,16 +298,42 @@ fn run_steps<I: Inputs + ?Sized>(
     Ok(out)
 }
 
+/// The row of the `COOPC_PROFILE` table node `id` counts in: its op's
+/// name, and with `by_shape` a matrix product's `[batch ×] m×k×n` and which
+/// operands it reads transposed.
+pub(crate) fn profile_key(
+    graph: &Graph,
+    id: NodeId,
+    transposed: [bool; 2],
+    by_shape: bool,
+) -> String {
+    let name = graph.op(id).name();
+    if !by_shape || !matches!(graph.op(id), Op::MatMul) {
+        return name.to_string();
+    }
+    let out = &graph.ty(id).shape;
+    let r = out.len();
+    let k = graph.ty(graph.inputs(id)[0]).shape[r - 1];
+    let batch = numel(&out[..r - 2]);
+    let t = match transposed {
+        [false, false] => "",
+        [true, false] => " Aᵀ",
+        [false, true] => " Bᵀ",
+        [true, true] => " AᵀBᵀ",
+    };
+    format!("{name} {batch}×{}×{k}×{}{t}", out[r - 2], out[r - 1])
+}
+
 /// The `COOPC_PROFILE` table: op kinds by time spent, with call counts and
 /// result elements.
-fn print_profile(p: HashMap<&'static str, (usize, f64, usize)>) {
+pub(crate) fn print_profile(p: HashMap<String, (usize, f64, usize)>) {
     let total: f64 = p.values().map(|v| v.1).sum();
     let mut rows: Vec<_> = p.into_iter().collect();
     rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
     eprintln!("coopc profile: {:.3} ms in ops", total * 1e3);
     for (op, (calls, secs, elems)) in rows {
         eprintln!(
-            "  {op:<18} {:>9.3} ms {:>5.1}%  {calls:>6} calls  {:>12} elements",
+            "  {op:<30} {:>9.3} ms {:>5.1}%  {calls:>6} calls  {:>12} elements",
             secs * 1e3,
             100.0 * secs / total.max(1e-12),
             elems
@@ -423,7 +444,45 @@ impl Steps {
     }
 }
 
-fn missing_operand(graph: &Graph, id: NodeId) -> ExecError {
+/// The input bound to `Op::Input` node `id`, checked against its type.
+pub(crate) fn bind_input<'i, I: Inputs + ?Sized>(
+    graph: &Graph,
+    id: NodeId,
+    inputs: &'i I,
+) -> Result<&'i HostTensor, ExecError> {
+    let Op::Input { name, ty } = graph.op(id) else {
+        return Err(missing_operand(graph, id));
+    };
+    let t = match inputs.input(name) {
+        Some(Input::Host(t)) => t,
+        Some(Input::Device(d)) => {
+            return Err(ExecError::Device(format!(
+                "input `{name}` lives on the {} device; the CPU executor needs it on the host",
+                d.backend
+            )))
+        }
+        None => {
+            return Err(ExecError::MissingInput {
+                name: name.clone(),
+                expected: ty.clone(),
+            })
+        }
+    };
+    if t.dtype() != ty.dtype || t.shape != ty.shape || t.data.len() != ty.numel() {
+        let mut got = t.ty().to_string();
+        if t.data.len() != t.numel() {
+            got += &format!(" holding {} elements", t.data.len());
+        }
+        return Err(ExecError::InputMismatch {
+            name: name.clone(),
+            expected: ty.clone(),
+            got,
+        });
+    }
+    Ok(t)
+}
+
+pub(crate) fn missing_operand(graph: &Graph, id: NodeId) -> ExecError {
     ExecError::Unsupported {
         node: id.index(),
         op: graph.op(id).name(),
@@ -508,7 +567,7 @@ macro_rules! float_dtype {
 
 /// A matmul whose operands are given as stored: `a_t` / `b_t` mark one that
 /// is the buffer of the logical operand's last-two-axes transpose.
-fn matmul_transposed(
+pub(crate) fn matmul_transposed(
     graph: &Graph,
     id: NodeId,
     args: &[&HostTensor],
@@ -532,6 +591,14 @@ fn matmul_transposed(
 }
 
 /// Computes the value of node `id` from its operand values (in slot order).
+pub(crate) fn eval_node(
+    graph: &Graph,
+    id: NodeId,
+    args: &[&HostTensor],
+) -> Result<HostTensor, ExecError> {
+    eval(graph, id, args)
+}
+
 fn eval(graph: &Graph, id: NodeId, args: &[&HostTensor]) -> Result<HostTensor, ExecError> {
     let node = graph.node(id);
     let cx = Cx {

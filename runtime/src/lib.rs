@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod error;
 pub mod exec;
 pub mod fused;
+pub mod fused_cpu;
 pub mod hf_weights;
 pub mod safetensors_io;
 pub mod tensor;
@@ -19,7 +20,9 @@ pub mod value;
 mod tests;
 
 pub use error::ExecError;
-pub use exec::{execute, execute_nodes, execute_program, Backend, CpuBackend};
+pub use exec::{
+    execute, execute_nodes, execute_program, execute_program_nodes, Backend, CpuBackend,
+};
 pub use safetensors_io::{
     read_tensors, reject_unexpected, take_all_exact, take_exact, write_tensors, TensorFileError,
     TensorProblem,

@@ -1,0 +1,1002 @@
+//! The CPU executor over a program's fused kernels (`Program::fused`, the
+//! partition the device path launches): an elementwise kernel is evaluated
+//! in cache-sized chunks of its index space, each register of its program a
+//! chunk-long column in the register's element type, so no intermediate
+//! (and no broadcast) is ever a whole buffer; a reduction folds its
+//! prologue's chunks straight into its outputs and runs its epilogue on the
+//! result; an optimiser step computes its gradient from its prologue; the
+//! other kernels (products, attention, the linear log-prob, …) run the
+//! node-by-node executor's code on their nodes.
+//!
+//! Every value is computed with the same operations, in the same element
+//! type and (for reductions) in the same order as the node-by-node executor
+//! ([`crate::execute_program`]), so the two agree bit for bit; the tests in
+//! `tests/fused_cpu.rs` hold them to it on the meta-step's programs.
+//!
+//! A program with a kernel this executor cannot run as such (a hand-written
+//! kernel standing for a matched subgraph whose interior nodes are never
+//! computed, or an elementwise program on element types the node executor
+//! does not define) is reported by [`FusedPlan::new`], and the caller runs
+//! the program node by node instead.
+
+use crate::cpu::{optim, PAR_GRAIN, PAR_MIN_ELEMS};
+use crate::exec::{
+    bind_input, eval_node, matmul_transposed, missing_operand, print_profile, profile_key,
+};
+use crate::tensor::{Buffer, Element, HostTensor};
+use crate::value::Inputs;
+use crate::ExecError;
+use coopc_ir::kernel::{ElemInstr, ElemProgram, Index, Kernel, ReduceLayout};
+use coopc_ir::plan::Program;
+use coopc_ir::{clamp_value, BinaryOp, DType, Graph, NodeId, Op, ReduceKind, UnaryOp};
+use num_traits::Float;
+use rayon::prelude::*;
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// Elements of one chunk of an elementwise program: every register is a
+/// column this long, so a program's registers stay in the L1/L2 caches.
+const CHUNK: usize = 512;
+
+/// An elementwise program with the element type of each register (what
+/// the node it computes holds), checked to be one the node executor runs.
+#[derive(Debug)]
+struct Typed<'p> {
+    program: &'p ElemProgram,
+    types: Vec<DType>,
+}
+
+impl<'p> Typed<'p> {
+    /// Infers each register's type from the program's inputs and outputs:
+    /// a load has its input's type, an operation its operands', a
+    /// comparison is bool, a cast its target; a constant takes the type of
+    /// what it is combined with (or of the output it is). `None` when an
+    /// operation is on types the node executor does not define.
+    fn new(program: &'p ElemProgram, inputs: &[DType], outputs: &[DType]) -> Option<Typed<'p>> {
+        let n = program.instrs.len();
+        let mut ty: Vec<Option<DType>> = vec![None; n];
+        for (&o, &t) in program.outputs.iter().zip(outputs) {
+            if matches!(program.instrs[o as usize], ElemInstr::Const(_)) {
+                ty[o as usize] = Some(t);
+            }
+        }
+        // Forward from loads and casts, backward into constants, until
+        // nothing changes (constants are the only registers that need the
+        // backward direction).
+        fn set(ty: &mut [Option<DType>], r: u32, t: Option<DType>, changed: &mut bool) {
+            if let (None, Some(t)) = (ty[r as usize], t) {
+                ty[r as usize] = Some(t);
+                *changed = true;
+            }
+        }
+        for _ in 0..=n {
+            let mut changed = false;
+            let c = &mut changed;
+            for (i, ins) in program.instrs.iter().enumerate() {
+                let i = i as u32;
+                let at = |ty: &[Option<DType>], r: &u32| ty[*r as usize];
+                match ins {
+                    ElemInstr::Load { input, .. } => {
+                        set(&mut ty, i, inputs.get(*input as usize).copied(), c)
+                    }
+                    ElemInstr::Const(_) => {}
+                    ElemInstr::Unary(_, a) | ElemInstr::Clamp(a, ..) => {
+                        let t = at(&ty, a);
+                        set(&mut ty, i, t, c);
+                        let t = at(&ty, &i);
+                        set(&mut ty, *a, t, c);
+                    }
+                    ElemInstr::Binary(_, a, b) | ElemInstr::Select(_, a, b) => {
+                        let t = at(&ty, a).or(at(&ty, b));
+                        set(&mut ty, i, t, c);
+                        let t = at(&ty, &i);
+                        set(&mut ty, *a, t, c);
+                        set(&mut ty, *b, t, c);
+                        if let ElemInstr::Select(cond, ..) = ins {
+                            set(&mut ty, *cond, Some(DType::Bool), c);
+                        }
+                    }
+                    ElemInstr::Compare(_, a, b) => {
+                        set(&mut ty, i, Some(DType::Bool), c);
+                        let t = at(&ty, b);
+                        set(&mut ty, *a, t, c);
+                        let t = at(&ty, a);
+                        set(&mut ty, *b, t, c);
+                    }
+                    ElemInstr::Cast(to, _) => set(&mut ty, i, Some(*to), c),
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        // A constant compared only with constants: f64, which represents
+        // every value of the other types exactly.
+        let types: Vec<DType> = ty.into_iter().map(|t| t.unwrap_or(DType::F64)).collect();
+        let float = |r: &u32| matches!(types[*r as usize], DType::F32 | DType::F64);
+        let ok = program.instrs.iter().enumerate().all(|(i, ins)| match ins {
+            ElemInstr::Load { input, .. } => inputs.get(*input as usize) == Some(&types[i]),
+            ElemInstr::Const(_) | ElemInstr::Cast(..) => true,
+            ElemInstr::Unary(_, a) | ElemInstr::Clamp(a, ..) => {
+                float(a) && types[*a as usize] == types[i]
+            }
+            ElemInstr::Binary(_, a, b) => {
+                float(a) && types[*a as usize] == types[i] && types[*b as usize] == types[i]
+            }
+            ElemInstr::Compare(_, a, b) => types[*a as usize] == types[*b as usize],
+            ElemInstr::Select(c, a, b) => {
+                types[*c as usize] == DType::Bool
+                    && types[*a as usize] == types[i]
+                    && types[*b as usize] == types[i]
+            }
+        }) && program
+            .outputs
+            .iter()
+            .zip(outputs)
+            .all(|(&o, &t)| types[o as usize] == t);
+        ok.then_some(Typed { program, types })
+    }
+
+    fn out_type(&self, j: usize) -> DType {
+        self.types[self.program.outputs[j] as usize]
+    }
+}
+
+/// One register's values over a chunk.
+enum Col {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    I32(Vec<i32>),
+    Bool(Vec<bool>),
+}
+
+impl Col {
+    fn new(dtype: DType) -> Col {
+        match dtype {
+            DType::F32 => Col::F32(vec![0.0; CHUNK]),
+            DType::F64 => Col::F64(vec![0.0; CHUNK]),
+            DType::I32 => Col::I32(vec![0; CHUNK]),
+            DType::Bool => Col::Bool(vec![false; CHUNK]),
+        }
+    }
+}
+
+/// Element types a column and a buffer can hold.
+trait ColElem: Element {
+    fn col(c: &Col) -> &[Self];
+    fn col_mut(c: &mut Col) -> &mut [Self];
+}
+
+macro_rules! col_elem {
+    ($T:ty, $V:ident) => {
+        impl ColElem for $T {
+            fn col(c: &Col) -> &[Self] {
+                match c {
+                    Col::$V(v) => v,
+                    _ => unreachable!("register type checked when the program was typed"),
+                }
+            }
+            fn col_mut(c: &mut Col) -> &mut [Self] {
+                match c {
+                    Col::$V(v) => v,
+                    _ => unreachable!("register type checked when the program was typed"),
+                }
+            }
+        }
+    };
+}
+col_elem!(f32, F32);
+col_elem!(f64, F64);
+col_elem!(i32, I32);
+col_elem!(bool, Bool);
+
+/// Runs `$body` with `$T` the Rust type of `$dtype`.
+macro_rules! with_type {
+    ($dtype:expr, |$T:ident| $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            DType::I32 => {
+                type $T = i32;
+                $body
+            }
+            DType::Bool => {
+                type $T = bool;
+                $body
+            }
+        }
+    };
+}
+
+/// As `with_type`, for float registers.
+macro_rules! with_float {
+    ($dtype:expr, |$T:ident| $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            _ => unreachable!("a float register (checked when the program was typed)"),
+        }
+    };
+}
+
+/// `out[j] = src[index.map(start + j)]` for `j < out.len()`.
+fn load<T: Copy>(src: &[T], index: &Index, start: usize, out: &mut [T]) {
+    match index {
+        Index::Same => out.copy_from_slice(&src[start..start + out.len()]),
+        Index::Broadcast { shape, strides } => {
+            // Walk the multi-index of `start..` in runs along the last axis.
+            let r = shape.len();
+            if r == 0 {
+                out.fill(src[0]);
+                return;
+            }
+            let mut idx = vec![0usize; r];
+            let mut rest = start;
+            let mut at = 0usize;
+            for a in (0..r).rev() {
+                let d = shape[a] as usize;
+                idx[a] = rest % d;
+                rest /= d;
+                at += idx[a] * strides[a] as usize;
+            }
+            let (last, step) = (shape[r - 1] as usize, strides[r - 1] as usize);
+            let mut j = 0;
+            while j < out.len() {
+                let run = (last - idx[r - 1]).min(out.len() - j);
+                if step == 0 {
+                    out[j..j + run].fill(src[at]);
+                } else if step == 1 {
+                    out[j..j + run].copy_from_slice(&src[at..at + run]);
+                } else {
+                    for (k, o) in out[j..j + run].iter_mut().enumerate() {
+                        *o = src[at + k * step];
+                    }
+                }
+                j += run;
+                // Advance to the start of the next run.
+                at += run * step;
+                idx[r - 1] += run;
+                let mut a = r - 1;
+                while idx[a] == shape[a] as usize && a > 0 {
+                    at -= shape[a] as usize * strides[a] as usize;
+                    idx[a] = 0;
+                    a -= 1;
+                    idx[a] += 1;
+                    at += strides[a] as usize;
+                }
+            }
+        }
+    }
+}
+
+/// Runs `$body` with `$c` bound to the op as a constant (one copy of the
+/// loop per op, as the node executor's kernels do).
+macro_rules! specialised {
+    ($op:expr, $Enum:ident, [$($v:ident),*], |$c:ident| $body:expr) => {
+        match $op {
+            $($Enum::$v => {
+                const $c: $Enum = $Enum::$v;
+                $body
+            })*
+        }
+    };
+}
+
+fn unary_into<T: Float>(op: UnaryOp, x: &[T], out: &mut [T]) {
+    specialised!(
+        op,
+        UnaryOp,
+        [Neg, Exp, Log, Sqrt, Rsqrt, Tanh, Sigmoid, Silu, Abs, Sign, Recip, Sin, Cos],
+        |OP| for (o, &v) in out.iter_mut().zip(x) {
+            *o = OP.apply(v);
+        }
+    )
+}
+
+fn binary_into<T: Float>(op: BinaryOp, a: &[T], b: &[T], out: &mut [T]) {
+    specialised!(
+        op,
+        BinaryOp,
+        [Add, Sub, Mul, Div, Max, Min, Pow],
+        |OP| for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+            *o = OP.apply(x, y);
+        }
+    )
+}
+
+/// The registers of one chunk of a program.
+struct Regs {
+    cols: Vec<Col>,
+}
+
+impl Regs {
+    fn new(p: &Typed) -> Regs {
+        let mut cols: Vec<Col> = p.types.iter().map(|&t| Col::new(t)).collect();
+        // Constants are the same in every chunk: written once.
+        for (i, ins) in p.program.instrs.iter().enumerate() {
+            if let ElemInstr::Const(bits) = ins {
+                let v = f64::from_bits(*bits);
+                with_type!(p.types[i], |T| T::col_mut(&mut cols[i])
+                    .fill(T::from_f64_as(v)));
+            }
+        }
+        Regs { cols }
+    }
+
+    /// Evaluates every instruction over elements `start..start + len`,
+    /// input slot s read from `src[s]`.
+    fn run(&mut self, p: &Typed, src: &[&Buffer], start: usize, len: usize) {
+        for (i, ins) in p.program.instrs.iter().enumerate() {
+            let (prev, rest) = self.cols.split_at_mut(i);
+            let out = &mut rest[0];
+            let t = p.types[i];
+            match ins {
+                ElemInstr::Const(_) => {}
+                ElemInstr::Load { input, index } => with_type!(t, |T| load(
+                    T::view(src[*input as usize]).expect("input type checked"),
+                    index,
+                    start,
+                    &mut T::col_mut(out)[..len],
+                )),
+                ElemInstr::Unary(op, a) => with_float!(t, |T| unary_into(
+                    *op,
+                    &T::col(&prev[*a as usize])[..len],
+                    &mut T::col_mut(out)[..len]
+                )),
+                ElemInstr::Binary(op, a, b) => with_float!(t, |T| binary_into(
+                    *op,
+                    &T::col(&prev[*a as usize])[..len],
+                    &T::col(&prev[*b as usize])[..len],
+                    &mut T::col_mut(out)[..len]
+                )),
+                ElemInstr::Compare(op, a, b) => {
+                    let o = &mut bool::col_mut(out)[..len];
+                    with_type!(p.types[*a as usize], |T| {
+                        let (x, y) = (T::col(&prev[*a as usize]), T::col(&prev[*b as usize]));
+                        for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                            *o = op.apply(x, y);
+                        }
+                    })
+                }
+                ElemInstr::Select(c, a, b) => with_type!(t, |T| {
+                    let cond = bool::col(&prev[*c as usize]);
+                    let (x, y) = (T::col(&prev[*a as usize]), T::col(&prev[*b as usize]));
+                    for (((o, &c), &x), &y) in
+                        T::col_mut(out)[..len].iter_mut().zip(cond).zip(x).zip(y)
+                    {
+                        *o = if c { x } else { y };
+                    }
+                }),
+                ElemInstr::Clamp(a, lo, hi) => with_float!(t, |T| {
+                    let lo = T::from_f64_as(f64::from_bits(*lo));
+                    let hi = T::from_f64_as(f64::from_bits(*hi));
+                    let x = T::col(&prev[*a as usize]);
+                    for (o, &v) in T::col_mut(out)[..len].iter_mut().zip(x) {
+                        *o = clamp_value(v, lo, hi);
+                    }
+                }),
+                ElemInstr::Cast(_, a) => with_type!(p.types[*a as usize], |S| {
+                    let x = &S::col(&prev[*a as usize])[..len];
+                    with_type!(t, |D| {
+                        for (o, &v) in D::col_mut(out)[..len].iter_mut().zip(x) {
+                            *o = D::from_f64_as(v.to_f64_exact());
+                        }
+                    })
+                }),
+            }
+        }
+    }
+}
+
+/// A raw pointer that may cross threads: the tasks that hold copies write
+/// disjoint ranges of the buffer it points into.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+// SAFETY: only used to write disjoint element ranges from parallel tasks,
+// while the owning buffers outlive the parallel loop.
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+/// Splits `0..n` into tasks of about `grain` elements (a multiple of
+/// [`CHUNK`]), run in parallel when `n` is large, and calls
+/// `f(regs, start, len)` per chunk with registers made by `init` once per
+/// worker.
+fn for_each_chunk<R, I, F>(n: usize, init: I, f: F)
+where
+    I: Fn() -> R + Sync + Send,
+    F: Fn(&mut R, usize, usize) + Sync + Send,
+{
+    let per_task = PAR_GRAIN.div_ceil(CHUNK).max(1) * CHUNK;
+    let task = |regs: &mut R, t: usize| {
+        let end = ((t + 1) * per_task).min(n);
+        let mut s = t * per_task;
+        while s < end {
+            let len = CHUNK.min(end - s);
+            f(regs, s, len);
+            s += len;
+        }
+    };
+    let tasks = n.div_ceil(per_task);
+    if n >= PAR_MIN_ELEMS && tasks > 1 {
+        (0..tasks).into_par_iter().for_each_init(&init, task);
+    } else {
+        let mut regs = init();
+        for t in 0..tasks {
+            task(&mut regs, t);
+        }
+    }
+}
+
+/// Evaluates `p` over `n` elements into one new buffer per output.
+fn run_elementwise(p: &Typed, src: &[&Buffer], n: usize) -> Vec<Buffer> {
+    let mut outs: Vec<Buffer> = (0..p.program.outputs.len())
+        .map(|j| Buffer::zeros(p.out_type(j), n))
+        .collect();
+    let ptrs: Vec<Shared<u8>> = outs.iter_mut().map(buffer_ptr).collect();
+    for_each_chunk(
+        n,
+        || Regs::new(p),
+        |regs, start, len| {
+            regs.run(p, src, start, len);
+            for (j, &r) in p.program.outputs.iter().enumerate() {
+                with_type!(p.types[r as usize], |T| {
+                    let col = &T::col(&regs.cols[r as usize])[..len];
+                    // SAFETY: output j holds n elements of T (made above);
+                    // this chunk's range start..start+len is written by this
+                    // call only.
+                    unsafe {
+                        let dst = (ptrs[j].0 as *mut T).add(start);
+                        std::ptr::copy_nonoverlapping(col.as_ptr(), dst, len);
+                    }
+                });
+            }
+        },
+    );
+    outs
+}
+
+fn buffer_ptr(b: &mut Buffer) -> Shared<u8> {
+    Shared(match b {
+        Buffer::F32(v) => v.as_mut_ptr() as *mut u8,
+        Buffer::F64(v) => v.as_mut_ptr() as *mut u8,
+        Buffer::I32(v) => v.as_mut_ptr() as *mut u8,
+        Buffer::Bool(v) => v.as_mut_ptr() as *mut u8,
+    })
+}
+
+/// A reduction's operand as the node executor sees it: the row-major
+/// operand's axes (extent, whether reduced) in order, extent-1 axes left
+/// out, recovered from the layout's strides.
+fn operand_axes(layout: &ReduceLayout) -> Vec<(usize, bool)> {
+    let mut axes: Vec<(usize, usize, bool)> = layout
+        .out_shape
+        .iter()
+        .zip(&layout.out_strides)
+        .map(|(&d, &s)| (d as usize, s as usize, false))
+        .chain(
+            layout
+                .red_shape
+                .iter()
+                .zip(&layout.red_strides)
+                .map(|(&d, &s)| (d as usize, s as usize, true)),
+        )
+        .filter(|a| a.0 != 1)
+        .collect();
+    axes.sort_by_key(|a| std::cmp::Reverse(a.1));
+    axes.into_iter().map(|(d, _, r)| (d, r)).collect()
+}
+
+/// The reduction of the prologue's values: each output folded over its
+/// reduced elements in row-major order from the identity, as
+/// `cpu::reduce::reduce` folds (so the two agree bit for bit), the
+/// prologue evaluated chunk by chunk and never stored whole.
+fn run_reduce<T: Float + ColElem>(
+    kind: ReduceKind,
+    layout: &ReduceLayout,
+    p: &Typed,
+    src: &[&Buffer],
+) -> Vec<T> {
+    let (n_out, n_red) = (layout.out_numel(), layout.red_numel());
+    let identity = match kind {
+        ReduceKind::Sum | ReduceKind::Mean => T::zero(),
+        ReduceKind::Max => T::neg_infinity(),
+    };
+    let combine = |a: T, b: T| match kind {
+        ReduceKind::Sum | ReduceKind::Mean => a + b,
+        ReduceKind::Max => BinaryOp::Max.apply(a, b),
+    };
+    let mut out = vec![identity; n_out];
+    if n_out > 0 && n_red > 0 {
+        let axes = operand_axes(layout);
+        // The operand as [outer kept, rest]: outputs are independent across
+        // the leading kept block, which is what runs in parallel.
+        let lead = axes
+            .iter()
+            .take_while(|a| !a.1)
+            .map(|a| a.0)
+            .product::<usize>();
+        let rest_axes = &axes[axes.iter().take_while(|a| !a.1).count()..];
+        let rest_in: usize = rest_axes.iter().map(|a| a.0).product();
+        let rest_out = n_out / lead.max(1);
+        // Within one leading slice: output offset of operand element i as a
+        // broadcast index (strides 0 on the reduced axes).
+        let out_index = {
+            let mut strides = vec![0u32; rest_axes.len()];
+            let mut s = 1u32;
+            for (a, &(d, red)) in rest_axes.iter().enumerate().rev() {
+                if !red {
+                    strides[a] = s;
+                    s *= d as u32;
+                }
+            }
+            let shape: Vec<u32> = rest_axes.iter().map(|a| a.0 as u32).collect();
+            Index::Broadcast { shape, strides }
+        };
+        // Rows: the reduced block is trailing and contiguous.
+        let rows = rest_axes.iter().all(|a| a.1);
+        let slice = |regs: &mut (Regs, Vec<u32>), l: usize, acc: &mut [T]| {
+            let (regs, at) = regs;
+            let base = l * rest_in;
+            let mut s = 0;
+            while s < rest_in {
+                let len = CHUNK.min(rest_in - s);
+                regs.run(p, src, base + s, len);
+                let v = &T::col(&regs.cols[p.program.outputs[0] as usize])[..len];
+                if rows {
+                    // Only one output per slice (rest_out == 1).
+                    acc[0] = v.iter().fold(acc[0], |a, &x| combine(a, x));
+                } else {
+                    let ids: Vec<u32> = (0..rest_out as u32).collect();
+                    load(&ids, &out_index, s, &mut at[..len]);
+                    for (&o, &x) in at[..len].iter().zip(v) {
+                        acc[o as usize] = combine(acc[o as usize], x);
+                    }
+                }
+                s += len;
+            }
+        };
+        let init = || (Regs::new(p), vec![0u32; CHUNK]);
+        if n_red * n_out >= PAR_MIN_ELEMS && lead > 1 {
+            let per_task = PAR_GRAIN.div_ceil(rest_in).max(1) * rest_out;
+            out.par_chunks_mut(per_task)
+                .enumerate()
+                .for_each_init(init, |regs, (t, part)| {
+                    let l0 = t * per_task / rest_out;
+                    for (k, acc) in part.chunks_mut(rest_out).enumerate() {
+                        slice(regs, l0 + k, acc);
+                    }
+                });
+        } else {
+            let mut regs = init();
+            for (l, acc) in out.chunks_mut(rest_out).enumerate() {
+                slice(&mut regs, l, acc);
+            }
+        }
+    }
+    if kind == ReduceKind::Mean {
+        let n = T::from_f64_as(n_red as f64);
+        for v in &mut out {
+            *v = *v / n;
+        }
+    }
+    out
+}
+
+/// What the fused executor runs for one kernel, prepared once per program.
+enum Step<'p> {
+    Elementwise {
+        program: Typed<'p>,
+        numel: usize,
+        inputs: Vec<NodeId>,
+        outputs: Vec<NodeId>,
+    },
+    Reduce {
+        kind: ReduceKind,
+        layout: ReduceLayout,
+        prologue: Typed<'p>,
+        prologue_inputs: Vec<NodeId>,
+        epilogue: Typed<'p>,
+        epilogue_inputs: Vec<NodeId>,
+        outputs: Vec<NodeId>,
+    },
+    Optimiser {
+        numel: usize,
+        prologue: Typed<'p>,
+        prologue_inputs: Vec<NodeId>,
+        /// The `optim_step` nodes, each with its operands (θ, g, state…):
+        /// `g` is replaced by the prologue's value.
+        nodes: Vec<NodeId>,
+        gradient: Option<NodeId>,
+    },
+    /// A product read with transposed operands.
+    MatMul {
+        id: NodeId,
+        a: NodeId,
+        b: NodeId,
+        trans: [bool; 2],
+    },
+    /// Nodes computed one by one by the node executor's code.
+    Nodes(Vec<NodeId>),
+}
+
+/// A program's fused kernels, prepared for the CPU: register types, and
+/// the kernel after which each value is dropped.
+pub struct FusedPlan<'p> {
+    program: &'p Program,
+    steps: Vec<Step<'p>>,
+    /// Node index → the step of its last read (`usize::MAX`: never read,
+    /// or a graph output, kept to the end).
+    last_use: Vec<usize>,
+    outputs: Vec<NodeId>,
+}
+
+impl<'p> FusedPlan<'p> {
+    /// Prepares `program`'s fused kernels, or says why they cannot run as
+    /// such on the CPU (the caller then runs the program node by node).
+    pub fn new(program: &'p Program) -> Result<FusedPlan<'p>, String> {
+        let g = &program.graph;
+        let dtypes = |ids: &[NodeId]| ids.iter().map(|&i| g.ty(i).dtype).collect::<Vec<_>>();
+        fn typed<'p>(
+            p: &'p ElemProgram,
+            ins: &[DType],
+            outs: &[DType],
+        ) -> Result<Typed<'p>, String> {
+            Typed::new(p, ins, outs).ok_or_else(|| {
+                "an elementwise program on element types the CPU executor does not define".into()
+            })
+        }
+        let mut steps = Vec::with_capacity(program.fused.kernels.len());
+        for k in &program.fused.kernels {
+            steps.push(match k {
+                Kernel::Elementwise {
+                    program,
+                    numel,
+                    inputs,
+                    outputs,
+                } => Step::Elementwise {
+                    program: typed(program, &dtypes(inputs), &dtypes(outputs))?,
+                    numel: *numel,
+                    inputs: inputs.clone(),
+                    outputs: outputs.clone(),
+                },
+                Kernel::Reduce {
+                    kind,
+                    layout,
+                    prologue,
+                    prologue_inputs,
+                    epilogue,
+                    epilogue_inputs,
+                    outputs,
+                    ..
+                } => {
+                    // The reduced value has the type of epilogue slot 0.
+                    let red = g.ty(epilogue_inputs[0]).dtype;
+                    if !matches!(red, DType::F32 | DType::F64) {
+                        return Err(format!("a reduction of {red} values"));
+                    }
+                    Step::Reduce {
+                        kind: *kind,
+                        layout: layout.clone(),
+                        prologue: typed(prologue, &dtypes(prologue_inputs), &[red])?,
+                        prologue_inputs: prologue_inputs.clone(),
+                        epilogue: typed(epilogue, &dtypes(epilogue_inputs), &dtypes(outputs))?,
+                        epilogue_inputs: epilogue_inputs.clone(),
+                        outputs: outputs.clone(),
+                    }
+                }
+                Kernel::OptimStep {
+                    numel,
+                    prologue,
+                    prologue_inputs,
+                    state,
+                    outputs,
+                    gradient,
+                    ..
+                } => {
+                    let t = g.ty(state[0]).dtype;
+                    Step::Optimiser {
+                        numel: *numel,
+                        prologue: typed(prologue, &dtypes(prologue_inputs), &[t])?,
+                        prologue_inputs: prologue_inputs.clone(),
+                        nodes: outputs.iter().map(|o| o.1).collect(),
+                        gradient: *gradient,
+                    }
+                }
+                Kernel::MatMul {
+                    id,
+                    a,
+                    b,
+                    trans_a,
+                    trans_b,
+                } => Step::MatMul {
+                    id: *id,
+                    a: *a,
+                    b: *b,
+                    trans: [*trans_a, *trans_b],
+                },
+                Kernel::LinearLogprob { id, .. } | Kernel::Attention { id, .. } => {
+                    if !matches!(g.op(*id), Op::LinearLogprob | Op::CausalAttention) {
+                        return Err(format!(
+                            "node %{} ({}) stands for a matched subgraph",
+                            id.index(),
+                            g.op(*id).name()
+                        ));
+                    }
+                    Step::Nodes(vec![*id])
+                }
+                Kernel::AttentionGrads { grads, .. } => {
+                    Step::Nodes(grads.iter().map(|x| x.1).collect())
+                }
+                Kernel::LogprobGrads { grads, .. } => {
+                    Step::Nodes(grads.iter().map(|x| x.1).collect())
+                }
+                Kernel::Node(id) => Step::Nodes(vec![*id]),
+            });
+        }
+        let bound = g.node_ids().map(|id| id.index() + 1).max().unwrap_or(0);
+        let mut last_use = vec![usize::MAX; bound];
+        for (s, step) in steps.iter().enumerate() {
+            for r in step_reads(step, g) {
+                last_use[r.index()] = s;
+            }
+        }
+        let outputs: Vec<NodeId> = g.outputs().iter().map(|&(_, id)| id).collect();
+        for o in &outputs {
+            last_use[o.index()] = usize::MAX;
+        }
+        Ok(FusedPlan {
+            program,
+            steps,
+            last_use,
+            outputs,
+        })
+    }
+
+    /// Runs the program this plan was made from on `inputs` and returns its
+    /// outputs by name.
+    pub fn run<I: Inputs + ?Sized>(
+        &self,
+        inputs: &I,
+    ) -> Result<Vec<(String, HostTensor)>, ExecError> {
+        let g = &self.program.graph;
+        let profile_mode = std::env::var("COOPC_PROFILE").ok();
+        let by_shape = profile_mode.as_deref() == Some("shapes");
+        let mut profile: Option<HashMap<String, (usize, f64, usize)>> =
+            profile_mode.map(|_| HashMap::new());
+        let mut values: Vec<Option<Cow<'_, HostTensor>>> =
+            (0..self.last_use.len()).map(|_| None).collect();
+        for (s, step) in self.steps.iter().enumerate() {
+            let t0 = profile.is_some().then(Instant::now);
+            let tensor = |id: NodeId, data: Buffer| {
+                Cow::Owned(HostTensor {
+                    shape: g.ty(id).shape.clone(),
+                    data,
+                })
+            };
+            let results: Vec<(NodeId, Cow<'_, HostTensor>)> = match step {
+                Step::Elementwise {
+                    program: p,
+                    numel,
+                    inputs: ins,
+                    outputs,
+                } => {
+                    let src = buffers(g, &values, ins)?;
+                    let outs = run_elementwise(p, &src, *numel);
+                    outputs
+                        .iter()
+                        .zip(outs)
+                        .map(|(&id, b)| (id, tensor(id, b)))
+                        .collect()
+                }
+                Step::Reduce {
+                    kind,
+                    layout,
+                    prologue,
+                    prologue_inputs,
+                    epilogue,
+                    epilogue_inputs,
+                    outputs,
+                } => {
+                    let src = buffers(g, &values, prologue_inputs)?;
+                    let red = with_float!(prologue.out_type(0), |T| T::into_buffer(
+                        run_reduce::<T>(*kind, layout, prologue, &src)
+                    ));
+                    let mut esrc = vec![&red];
+                    esrc.extend(buffers(g, &values, &epilogue_inputs[1..])?);
+                    let outs = run_elementwise(epilogue, &esrc, layout.out_numel());
+                    outputs
+                        .iter()
+                        .zip(outs)
+                        .map(|(&id, b)| (id, tensor(id, b)))
+                        .collect()
+                }
+                Step::Optimiser {
+                    numel,
+                    prologue,
+                    prologue_inputs,
+                    nodes,
+                    gradient,
+                } => {
+                    let src = buffers(g, &values, prologue_inputs)?;
+                    let grad = run_elementwise(prologue, &src, *numel)
+                        .pop()
+                        .expect("one output");
+                    let mut res = Vec::with_capacity(nodes.len() + 1);
+                    for &id in nodes {
+                        let Op::OptimStep { rule, out } = g.op(id) else {
+                            unreachable!("an optimiser step kernel writes optim_step nodes")
+                        };
+                        // θ, the gradient (the prologue's), the state.
+                        let mut ins = g.inputs(id);
+                        ins.remove(1);
+                        let mut ops = buffers(g, &values, &ins)?;
+                        ops.insert(1, &grad);
+                        let data = with_float!(g.ty(id).dtype, |T| {
+                            let ops = ops
+                                .iter()
+                                .map(|b| T::view(b).ok_or_else(|| mismatch(g, id)))
+                                .collect::<Result<Vec<&[T]>, _>>()?;
+                            T::into_buffer(optim::step(*rule, *out, &ops))
+                        });
+                        res.push((id, tensor(id, data)));
+                    }
+                    if let Some(id) = gradient {
+                        res.push((*id, tensor(*id, grad)));
+                    }
+                    res
+                }
+                Step::MatMul { id, a, b, trans } => {
+                    let args = [value(g, &values, *a)?, value(g, &values, *b)?];
+                    let t = matmul_transposed(g, *id, &args, trans[0], trans[1])?;
+                    vec![(*id, Cow::Owned(t))]
+                }
+                Step::Nodes(ids) => {
+                    let mut res = Vec::with_capacity(ids.len());
+                    for &id in ids {
+                        let v = match g.op(id) {
+                            Op::Input { .. } => Cow::Borrowed(bind_input(g, id, inputs)?),
+                            // A relabeling takes over its operand's buffer
+                            // when this is the operand's last use.
+                            Op::Reshape { .. } | Op::StopGradient | Op::Barrier { .. }
+                                if self.last_use[g.inputs(id)[0].index()] == s =>
+                            {
+                                let o = g.inputs(id)[0];
+                                let mut t = values[o.index()]
+                                    .take()
+                                    .ok_or_else(|| missing_operand(g, id))?
+                                    .into_owned();
+                                t.shape = g.ty(id).shape.clone();
+                                Cow::Owned(t)
+                            }
+                            _ => {
+                                let args = g
+                                    .inputs(id)
+                                    .iter()
+                                    .map(|&o| value(g, &values, o))
+                                    .collect::<Result<Vec<_>, _>>()?;
+                                Cow::Owned(eval_node(g, id, &args)?)
+                            }
+                        };
+                        res.push((id, v));
+                    }
+                    res
+                }
+            };
+            if let (Some(p), Some(t0)) = (profile.as_mut(), t0) {
+                let key = match step {
+                    Step::Elementwise { .. } => "fused elementwise".to_string(),
+                    Step::Reduce { .. } => "fused reduce".to_string(),
+                    Step::Optimiser { .. } => "optim_step (fused gradient)".to_string(),
+                    Step::MatMul { id, trans, .. } => profile_key(g, *id, *trans, by_shape),
+                    Step::Nodes(ids) => profile_key(g, ids[0], [false, false], by_shape),
+                };
+                let e = p.entry(key).or_default();
+                e.0 += 1;
+                e.1 += t0.elapsed().as_secs_f64();
+                e.2 += results.iter().map(|r| r.1.numel()).sum::<usize>();
+            }
+            for (id, v) in results {
+                values[id.index()] = Some(v);
+            }
+            // Drop what no later step reads.
+            for r in step_reads(step, g) {
+                if self.last_use[r.index()] == s {
+                    values[r.index()] = None;
+                }
+            }
+        }
+        if let Some(p) = profile {
+            print_profile(p);
+        }
+        // Hand out the outputs, moving each value on its last mention.
+        let mut left: HashMap<NodeId, usize> = HashMap::new();
+        for &id in &self.outputs {
+            *left.entry(id).or_default() += 1;
+        }
+        let mut out = Vec::with_capacity(self.outputs.len());
+        for (name, id) in g.outputs() {
+            let n = left.get_mut(id).expect("counted above");
+            *n -= 1;
+            let slot = &mut values[id.index()];
+            let t = if *n == 0 {
+                slot.take().map(Cow::into_owned)
+            } else {
+                slot.as_deref().cloned()
+            };
+            out.push((name.clone(), t.ok_or_else(|| missing_operand(g, *id))?));
+        }
+        Ok(out)
+    }
+}
+
+type Values<'i> = Vec<Option<Cow<'i, HostTensor>>>;
+
+/// The value of `id`, which an earlier step computed.
+fn value<'v>(g: &Graph, values: &'v Values<'_>, id: NodeId) -> Result<&'v HostTensor, ExecError> {
+    values[id.index()]
+        .as_deref()
+        .ok_or_else(|| missing_operand(g, id))
+}
+
+/// The buffers of `ids`, in order.
+fn buffers<'v>(
+    g: &Graph,
+    values: &'v Values<'_>,
+    ids: &[NodeId],
+) -> Result<Vec<&'v Buffer>, ExecError> {
+    ids.iter()
+        .map(|&id| value(g, values, id).map(|t| &t.data))
+        .collect()
+}
+
+fn mismatch(g: &Graph, id: NodeId) -> ExecError {
+    ExecError::Unsupported {
+        node: id.index(),
+        op: g.op(id).name(),
+        message: "operands of different element types".into(),
+    }
+}
+
+/// The values a step reads.
+fn step_reads(step: &Step<'_>, g: &Graph) -> Vec<NodeId> {
+    match step {
+        Step::Elementwise { inputs, .. } => inputs.clone(),
+        Step::Reduce {
+            prologue_inputs,
+            epilogue_inputs,
+            ..
+        } => prologue_inputs
+            .iter()
+            .chain(&epilogue_inputs[1..])
+            .copied()
+            .collect(),
+        Step::Optimiser {
+            prologue_inputs,
+            nodes,
+            ..
+        } => prologue_inputs
+            .iter()
+            .copied()
+            .chain(nodes.iter().flat_map(|&id| {
+                let mut ins = g.inputs(id);
+                ins.remove(1);
+                ins
+            }))
+            .collect(),
+        Step::MatMul { a, b, .. } => vec![*a, *b],
+        Step::Nodes(ids) => ids.iter().flat_map(|&id| g.inputs(id)).collect(),
+    }
+}
