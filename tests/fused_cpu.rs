@@ -1,8 +1,8 @@
 //! The CPU executor on a program's fused kernels (`coopc_runtime::fused_cpu`)
 //! against the node-by-node executor: every output of the meta-step, bit
 //! for bit, over the bench pipelines in f32 and f64, every method and
-//! hypergradient, and the lower optimisers, loss aggregations and KL
-//! penalty that change the graph. Each program must run fused (no silent
+//! hypergradient, and the lower optimisers, loss aggregations, KL penalty
+//! and grouped-query attention that change the graph. Each program must run fused (no silent
 //! fallback to the node executor).
 
 use coopc_compiler::compile;
@@ -177,7 +177,7 @@ fn every_method_and_hypergradient_fused_equals_node_by_node() {
 }
 
 #[test]
-fn optimisers_aggregations_and_kl_fused_equal_node_by_node() {
+fn optimisers_aggregations_kl_and_gqa_fused_equal_node_by_node() {
     let t = text("benches/pipelines/tiny-truncated.toml");
     for (label, table, key, value) in [
         ("lower momentum", "optim.lower", "kind", "\"momentum\""),
@@ -185,6 +185,7 @@ fn optimisers_aggregations_and_kl_fused_equal_node_by_node() {
         ("seq_mean", "rl", "loss_agg", "\"seq_mean\""),
         ("Dr. GRPO", "rl", "loss_agg", "\"seq_mean_token_sum_norm\""),
         ("KL penalty", "rl", "kl_coef", "0.05"),
+        ("grouped-query attention", "model", "n_kv_heads", "2"),
     ] {
         assert!(
             check(label, &with(&t, table, key, value)) > 0,

@@ -19,7 +19,7 @@
 //! does not define) is reported by [`FusedPlan::new`], and the caller runs
 //! the program node by node instead.
 
-use crate::cpu::{optim, PAR_GRAIN, PAR_MIN_ELEMS};
+use crate::cpu::{attention, optim, PAR_GRAIN, PAR_MIN_ELEMS};
 use crate::exec::{
     bind_input, eval_node, matmul_transposed, missing_operand, print_profile, profile_key,
 };
@@ -28,7 +28,9 @@ use crate::value::Inputs;
 use crate::ExecError;
 use coopc_ir::kernel::{ElemInstr, ElemProgram, Index, Kernel, ReduceLayout};
 use coopc_ir::plan::Program;
-use coopc_ir::{clamp_value, BinaryOp, DType, Graph, NodeId, Op, ReduceKind, UnaryOp};
+use coopc_ir::{
+    clamp_value, AttentionOperand, BinaryOp, DType, Graph, NodeId, Op, ReduceKind, UnaryOp,
+};
 use num_traits::Float;
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -442,8 +444,10 @@ where
 
 /// Evaluates `p` over `n` elements into one new buffer per output.
 fn run_elementwise(p: &Typed, src: &[&Buffer], n: usize) -> Vec<Buffer> {
+    // Outputs are written chunk by chunk, every element once: allocated,
+    // not zeroed.
     let mut outs: Vec<Buffer> = (0..p.program.outputs.len())
-        .map(|j| Buffer::zeros(p.out_type(j), n))
+        .map(|j| with_type!(p.out_type(j), |T| T::into_buffer(Vec::with_capacity(n))))
         .collect();
     let ptrs: Vec<Shared<u8>> = outs.iter_mut().map(buffer_ptr).collect();
     for_each_chunk(
@@ -454,9 +458,9 @@ fn run_elementwise(p: &Typed, src: &[&Buffer], n: usize) -> Vec<Buffer> {
             for (j, &r) in p.program.outputs.iter().enumerate() {
                 with_type!(p.types[r as usize], |T| {
                     let col = &T::col(&regs.cols[r as usize])[..len];
-                    // SAFETY: output j holds n elements of T (made above);
-                    // this chunk's range start..start+len is written by this
-                    // call only.
+                    // SAFETY: output j has room for n elements of T (made
+                    // above); this chunk's range start..start+len is written
+                    // by this call only.
                     unsafe {
                         let dst = (ptrs[j].0 as *mut T).add(start);
                         std::ptr::copy_nonoverlapping(col.as_ptr(), dst, len);
@@ -465,6 +469,18 @@ fn run_elementwise(p: &Typed, src: &[&Buffer], n: usize) -> Vec<Buffer> {
             }
         },
     );
+    for b in &mut outs {
+        // SAFETY: the chunks of `for_each_chunk` cover 0..n, and each wrote
+        // its range of every output above.
+        unsafe {
+            match b {
+                Buffer::F32(v) => v.set_len(n),
+                Buffer::F64(v) => v.set_len(n),
+                Buffer::I32(v) => v.set_len(n),
+                Buffer::Bool(v) => v.set_len(n),
+            }
+        }
+    }
     outs
 }
 
@@ -628,6 +644,11 @@ enum Step<'p> {
         b: NodeId,
         trans: [bool; 2],
     },
+    /// The attention gradients asked for, from one pass over the heads.
+    AttentionGrads {
+        inputs: [NodeId; 5],
+        grads: Vec<(AttentionOperand, NodeId)>,
+    },
     /// Nodes computed one by one by the node executor's code.
     Nodes(Vec<NodeId>),
 }
@@ -737,9 +758,10 @@ impl<'p> FusedPlan<'p> {
                     }
                     Step::Nodes(vec![*id])
                 }
-                Kernel::AttentionGrads { grads, .. } => {
-                    Step::Nodes(grads.iter().map(|x| x.1).collect())
-                }
+                Kernel::AttentionGrads { inputs, grads, .. } => Step::AttentionGrads {
+                    inputs: *inputs,
+                    grads: grads.clone(),
+                },
                 Kernel::LogprobGrads { grads, .. } => {
                     Step::Nodes(grads.iter().map(|x| x.1).collect())
                 }
@@ -863,6 +885,46 @@ impl<'p> FusedPlan<'p> {
                     let t = matmul_transposed(g, *id, &args, trans[0], trans[1])?;
                     vec![(*id, Cow::Owned(t))]
                 }
+                Step::AttentionGrads { inputs: ins, grads } => {
+                    let args = ins
+                        .iter()
+                        .map(|&id| value(g, &values, id))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let dims = attention::Dims::of(&args[0].shape, &args[1].shape);
+                    let which = [
+                        AttentionOperand::Q,
+                        AttentionOperand::K,
+                        AttentionOperand::V,
+                    ];
+                    let wanted = which.map(|w| grads.iter().any(|x| x.0 == w));
+                    let bufs: Vec<Buffer> = with_float!(g.ty(ins[0]).dtype, |T| {
+                        let ops = args
+                            .iter()
+                            .map(|t| T::view(&t.data).ok_or_else(|| mismatch(g, grads[0].1)))
+                            .collect::<Result<Vec<&[T]>, _>>()?;
+                        let ops = [ops[0], ops[1], ops[2], ops[3], ops[4]];
+                        attention::grads(&dims, wanted, ops)
+                            .into_iter()
+                            .map(|x| T::into_buffer(x.unwrap_or_default()))
+                            .collect()
+                    });
+                    let mut bufs: Vec<Option<Buffer>> = bufs.into_iter().map(Some).collect();
+                    let mut res: Vec<(NodeId, Cow<'_, HostTensor>)> = Vec::new();
+                    for &(w, id) in grads {
+                        let i = which.iter().position(|&x| x == w).expect("q, k or v");
+                        let b = match bufs[i].take() {
+                            Some(b) => b,
+                            // A second node asking for the same gradient.
+                            None => res
+                                .iter()
+                                .find(|r| grads.iter().any(|x| x.1 == r.0 && x.0 == w))
+                                .map(|r| r.1.data.clone())
+                                .expect("taken by an earlier node"),
+                        };
+                        res.push((id, tensor(id, b)));
+                    }
+                    res
+                }
                 Step::Nodes(ids) => {
                     let mut res = Vec::with_capacity(ids.len());
                     for &id in ids {
@@ -897,10 +959,15 @@ impl<'p> FusedPlan<'p> {
             };
             if let (Some(p), Some(t0)) = (profile.as_mut(), t0) {
                 let key = match step {
+                    Step::Elementwise { program, numel, .. } if by_shape => format!(
+                        "fused elementwise {numel} × {} instrs",
+                        program.program.instrs.len()
+                    ),
                     Step::Elementwise { .. } => "fused elementwise".to_string(),
                     Step::Reduce { .. } => "fused reduce".to_string(),
                     Step::Optimiser { .. } => "optim_step (fused gradient)".to_string(),
                     Step::MatMul { id, trans, .. } => profile_key(g, *id, *trans, by_shape),
+                    Step::AttentionGrads { .. } => "causal_attention_grad (shared)".to_string(),
                     Step::Nodes(ids) => profile_key(g, ids[0], [false, false], by_shape),
                 };
                 let e = p.entry(key).or_default();
@@ -997,6 +1064,7 @@ fn step_reads(step: &Step<'_>, g: &Graph) -> Vec<NodeId> {
             }))
             .collect(),
         Step::MatMul { a, b, .. } => vec![*a, *b],
+        Step::AttentionGrads { inputs, .. } => inputs.to_vec(),
         Step::Nodes(ids) => ids.iter().flat_map(|&id| g.inputs(id)).collect(),
     }
 }

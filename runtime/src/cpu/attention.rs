@@ -217,3 +217,88 @@ pub fn grad<T: Gemm + Element>(
     });
     out
 }
+
+/// The gradients of [`grad`] for every operand in `wanted` (q, k, v) at
+/// once: each head's probabilities and score gradients are computed once
+/// and shared by the three, where [`grad`] recomputes them per operand.
+/// Each gradient is the value [`grad`] gives, bit for bit (the same
+/// operations in the same order); the ones not wanted are `None`.
+pub fn grads<T: Gemm + Element>(
+    d: &Dims,
+    wanted: [bool; 3],
+    [q, k, v, o, d_o]: [&[T]; 5],
+) -> [Option<Vec<T>>; 3] {
+    let (t, hd, hl) = (d.seq, d.head_dim, d.head_len().max(1));
+    let group = d.group().max(1);
+    let kv_rows = d.batch * d.kv_heads;
+    let work = d.batch * d.heads * t * t * hd;
+    let [want_q, want_k, want_v] = wanted;
+    let mut dq = vec![
+        T::zero();
+        if want_q {
+            d.batch * d.heads * d.head_len()
+        } else {
+            0
+        }
+    ];
+    let mut dk = vec![T::zero(); if want_k { kv_rows * d.head_len() } else { 0 }];
+    let mut dv = vec![T::zero(); if want_v { kv_rows * d.head_len() } else { 0 }];
+    // One task per key/value head: its query heads are the contiguous
+    // heads kvh·group … kvh·group + group − 1.
+    let one = |kvh: usize, dq: &mut [T], dk: &mut [T], dv: &mut [T]| {
+        let (b, kv) = (kvh / d.kv_heads, kvh % d.kv_heads);
+        for (g, qh) in (0..group).map(|g| (g, b * d.heads + kv * group + g)) {
+            let (qq, kh) = (d.q_head(q, qh), d.kv_of(k, qh));
+            let p = probs(d, qq, kh);
+            if want_v {
+                let add = matmul_t(&p, true, d.q_head(d_o, qh), false, 1, t, t, hd);
+                for (a, x) in dv.iter_mut().zip(add) {
+                    *a = *a + x;
+                }
+            }
+            if want_q || want_k {
+                let (vh, oh) = (d.kv_of(v, qh), d.q_head(o, qh));
+                let ds = score_grads(d, &p, vh, oh, d.q_head(d_o, qh));
+                if want_q {
+                    let x = matmul_t(&ds, false, kh, false, 1, t, t, hd);
+                    dq[g * hl..(g + 1) * hl].copy_from_slice(&x);
+                }
+                if want_k {
+                    let add = matmul_t(&ds, true, qq, false, 1, t, t, hd);
+                    for (a, x) in dk.iter_mut().zip(add) {
+                        *a = *a + x;
+                    }
+                }
+            }
+        }
+    };
+    // Each task's rows of each gradient (empty for one not asked for).
+    fn rows<T>(x: &mut [T], n: usize, tasks: usize) -> Vec<&mut [T]> {
+        if x.is_empty() {
+            (0..tasks).map(|_| &mut [][..]).collect()
+        } else {
+            x.chunks_mut(n).collect()
+        }
+    }
+    let parts: Vec<_> = rows(&mut dq, group * hl, kv_rows)
+        .into_iter()
+        .zip(rows(&mut dk, hl, kv_rows))
+        .zip(rows(&mut dv, hl, kv_rows))
+        .collect();
+    if work > 1 << 15 && kv_rows > 1 {
+        use rayon::prelude::*;
+        parts
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(kvh, ((a, b), c))| one(kvh, a, b, c));
+    } else {
+        for (kvh, ((a, b), c)) in parts.into_iter().enumerate() {
+            one(kvh, a, b, c);
+        }
+    }
+    [
+        want_q.then_some(dq),
+        want_k.then_some(dk),
+        want_v.then_some(dv),
+    ]
+}

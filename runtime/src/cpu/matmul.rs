@@ -6,6 +6,7 @@
 
 use num_traits::Float;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Float types with a GEMM: `C = A B` for `A [m,k]`, `B [k,n]` given by
 /// row and column strides, row-major `C [m,n]` (β = 0, so `C` is only
@@ -112,21 +113,41 @@ pub fn matmul_t<T: Gemm>(
 ) -> Vec<T> {
     assert_eq!(a.len(), batch * m * k, "lhs length");
     assert_eq!(b.len(), batch * k * n, "rhs length");
-    let mut out = vec![T::zero(); batch * m * n];
-    if out.is_empty() || k == 0 {
-        return out;
+    let len = batch * m * n;
+    if len == 0 || k == 0 {
+        return vec![T::zero(); len];
     }
+    // The GEMM writes every element with β = 0 without reading it, so the
+    // output is not zeroed first (a pass over memory per product).
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    let c_all = &mut out.spare_capacity_mut()[..len];
     let (m_, k_, n_) = (m as isize, k as isize, n as isize);
     let a_strides = if a_t { (1, m_) } else { (k_, 1) };
     let b_strides = if b_t { (1, k_) } else { (n_, 1) };
     let tasks = row_tasks(batch, m, k, n, rayon::current_num_threads());
     let rows = m.div_ceil(tasks);
     // Rows `r0..` of batch entry `i`, into `c` (those rows of the output).
-    let run = |i: usize, r0: usize, c: &mut [T]| {
+    let run = |i: usize, r0: usize, c: &mut [MaybeUninit<T>]| {
         let a = &a[i * m * k..(i + 1) * m * k];
         let b = &b[i * k * n..(i + 1) * k * n];
         let rows = c.len() / n;
         debug_assert!(r0 + rows <= m && c.len() == rows * n);
+        if let Some(kernel) = thin_kernel::<T>(rows, n) {
+            // SAFETY: as for the GEMM below; `c` holds rows*n elements.
+            unsafe {
+                kernel(
+                    rows,
+                    k,
+                    n,
+                    a.as_ptr().offset(r0 as isize * a_strides.0),
+                    a_strides,
+                    b,
+                    b_t,
+                    c.as_mut_ptr() as *mut T,
+                )
+            };
+            return;
+        }
         // SAFETY: `a` holds exactly m*k elements, which the strides address
         // (row-major, or its transpose); rows r0..r0 + rows start r0 rows
         // (r0 * a_strides.0 elements) in. `b` holds k*n; `c` is a distinct,
@@ -140,12 +161,12 @@ pub fn matmul_t<T: Gemm>(
                 a_strides,
                 b.as_ptr(),
                 b_strides,
-                c.as_mut_ptr(),
+                c.as_mut_ptr() as *mut T,
             )
         }
     };
     if batch * tasks > 1 {
-        out.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
+        c_all.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
             if tasks > 1 {
                 c.par_chunks_mut(rows * n)
                     .enumerate()
@@ -155,9 +176,149 @@ pub fn matmul_t<T: Gemm>(
             }
         });
     } else {
-        run(0, 0, &mut out);
+        run(0, 0, c_all);
     }
+    // SAFETY: the GEMMs above wrote all `len` elements (every row of every
+    // batch entry), with β = 0, which matrixmultiply documents as not
+    // reading C.
+    unsafe { out.set_len(len) };
     out
+}
+
+/// Products with at most this many output rows or columns skip the
+/// packing GEMM (LoRA's rank-r factors, the `Aᵀ` of their gradients).
+const THIN: usize = 16;
+/// Reduction length of one block of the GEMM's microkernel
+/// (`matrixmultiply`'s `KC` for f32 and f64).
+const KC: usize = 256;
+
+/// A product kernel: `(rows, k, n, a, a_strides, b, b_t, c)`.
+type ThinKernel<T> = unsafe fn(usize, usize, usize, *const T, (isize, isize), &[T], bool, *mut T);
+
+/// The no-packing kernel for a `rows × k × n` product, where it applies:
+/// thin shapes on a CPU with FMA and AVX2, the one on which
+/// `matrixmultiply` runs its FMA microkernel. Each output is computed with
+/// that microkernel's operations in its order — a fused multiply-add chain
+/// over each block of [`KC`] reduction steps from zero, the blocks added
+/// with `fma(1, block, c)` — so the two give the same bits; on other CPUs
+/// the GEMM runs every product.
+fn thin_kernel<T: Float>(rows: usize, n: usize) -> Option<ThinKernel<T>> {
+    if rows > THIN && n > THIN {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("avx2") {
+            return Some(thin_fma::<T>);
+        }
+    }
+    None
+}
+
+/// `C = A B` for `A` (`rows × k`, at `a` with strides `a_strides`) and `B`
+/// (`k × n`, or its `n × k` transpose when `b_t`), into row-major `C`
+/// (`rows × n`, written, not read).
+///
+/// # Safety
+/// The CPU has FMA and AVX2; `a` addresses `rows × k` valid elements at
+/// its strides; `c` points to `rows * n` writable elements not aliasing
+/// `a` or `b`; `b` holds `k * n` elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma,avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn thin_fma<T: Float>(
+    rows: usize,
+    k: usize,
+    n: usize,
+    a: *const T,
+    (rsa, csa): (isize, isize),
+    b: &[T],
+    b_t: bool,
+    c: *mut T,
+) {
+    // B row-major, so a row of outputs reads contiguous rows of B.
+    let bt;
+    let b: &[T] = if b_t && n > 1 {
+        bt = (0..k * n)
+            .map(|i| b[(i % n) * k + i / n])
+            .collect::<Vec<T>>();
+        &bt
+    } else {
+        b
+    };
+    // SAFETY: rows*n writable elements (the caller's contract), zeroed
+    // (0.0 in f32 and f64) before the slice is made.
+    let c = unsafe {
+        std::ptr::write_bytes(c, 0, rows * n);
+        std::slice::from_raw_parts_mut(c, rows * n)
+    };
+    // SAFETY: element (i, p) of A lies at i*rsa + p*csa (the contract).
+    let at = |i: usize, p: usize| unsafe { *a.offset(i as isize * rsa + p as isize * csa) };
+    // Blocks of 4 rows × 8 columns (four independent FMA chains per
+    // column group hide the FMA latency), then what is left.
+    let mut i = 0;
+    while i < rows {
+        let r = if rows - i >= 4 { 4 } else { 1 };
+        let mut j0 = 0;
+        while j0 < n {
+            let w = n - j0;
+            if r == 4 && w >= 8 {
+                thin_block::<T, 4, 8>(k, n, i, j0, &at, b, c);
+                j0 += 8;
+            } else if w >= 32 {
+                thin_block::<T, 1, 32>(k, n, i, j0, &at, b, c);
+                j0 += 32;
+            } else if w >= 8 {
+                for ii in i..i + r {
+                    thin_block::<T, 1, 8>(k, n, ii, j0, &at, b, c);
+                }
+                j0 += 8;
+            } else {
+                for ii in i..i + r {
+                    thin_block::<T, 1, 1>(k, n, ii, j0, &at, b, c);
+                }
+                j0 += 1;
+            }
+        }
+        i += r;
+    }
+}
+
+/// Rows `i0 .. i0 + R`, columns `j0 .. j0 + W` of `C`: per block of
+/// [`KC`] steps an FMA chain from zero for each element, the blocks summed
+/// as the GEMM sums them.
+#[inline(always)]
+fn thin_block<T: Float, const R: usize, const W: usize>(
+    k: usize,
+    n: usize,
+    i0: usize,
+    j0: usize,
+    at: &impl Fn(usize, usize) -> T,
+    b: &[T],
+    c: &mut [T],
+) {
+    let mut p0 = 0;
+    while p0 < k {
+        let p1 = (p0 + KC).min(k);
+        let mut acc = [[T::zero(); W]; R];
+        for p in p0..p1 {
+            let brow = &b[p * n + j0..p * n + j0 + W];
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let av = at(i0 + r, p);
+                for j in 0..W {
+                    acc[j] = av.mul_add(brow[j], acc[j]);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let out = &mut c[(i0 + r) * n + j0..(i0 + r) * n + j0 + W];
+            for (o, &x) in out.iter_mut().zip(acc) {
+                let prev = if p0 == 0 { T::zero() } else { *o };
+                *o = T::one().mul_add(x, prev);
+            }
+        }
+        p0 = p1;
+    }
 }
 
 #[cfg(test)]
@@ -172,6 +333,63 @@ mod tests {
             }
         }
         c
+    }
+
+    /// The GEMM called directly (`matrixmultiply`, packing).
+    fn packed<T: Gemm>(
+        a: &[T],
+        a_t: bool,
+        b: &[T],
+        b_t: bool,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Vec<T> {
+        let mut c = vec![T::zero(); m * n];
+        let (m_, k_, n_) = (m as isize, k as isize, n as isize);
+        let sa = if a_t { (1, m_) } else { (k_, 1) };
+        let sb = if b_t { (1, k_) } else { (n_, 1) };
+        // SAFETY: a holds m*k, b k*n, c m*n elements at these strides.
+        unsafe { T::gemm(m, k, n, a.as_ptr(), sa, b.as_ptr(), sb, c.as_mut_ptr()) };
+        c
+    }
+
+    fn thin_equals_packed<T: Gemm + std::fmt::Debug>(cast: fn(f64) -> T, bits: fn(T) -> u64) {
+        let shapes = [
+            (256, 128, 8),
+            (256, 384, 8),
+            (8, 256, 128),
+            (16, 300, 40),
+            (37, 257, 3),
+            (5, 1, 9),
+            (1, 600, 1),
+            (16, 256, 17),
+        ];
+        for (m, k, n) in shapes {
+            for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+                let a: Vec<T> = (0..m * k)
+                    .map(|i| cast(((i * 37 % 101) as f64 - 50.0) / 7.3))
+                    .collect();
+                let b: Vec<T> = (0..k * n)
+                    .map(|i| cast(((i * 53 % 89) as f64 - 44.0) / 3.1))
+                    .collect();
+                let want = packed(&a, a_t, &b, b_t, m, k, n);
+                let got = matmul_t(&a, a_t, &b, b_t, 1, m, k, n);
+                let (w, g): (Vec<u64>, Vec<u64>) = (
+                    want.iter().map(|&x| bits(x)).collect(),
+                    got.iter().map(|&x| bits(x)).collect(),
+                );
+                assert_eq!(w, g, "{m}×{k}×{n}, a_t {a_t}, b_t {b_t}");
+            }
+        }
+    }
+
+    #[test]
+    fn thin_products_equal_the_packed_gemm_bit_for_bit() {
+        // Where the no-packing kernel does not apply, both sides are the GEMM.
+        thin_equals_packed::<f32>(|x| x as f32, |x| x.to_bits() as u64);
+        thin_equals_packed::<f64>(|x| x, f64::to_bits);
+        assert!(thin_kernel::<f32>(17, 17).is_none());
     }
 
     #[test]
