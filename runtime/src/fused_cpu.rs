@@ -47,6 +47,9 @@ const CHUNK: usize = 512;
 struct Typed<'p> {
     program: &'p ElemProgram,
     types: Vec<DType>,
+    /// Per register: the input slot of a load at the kernel's own index
+    /// (read in place, never copied into a column).
+    direct: Vec<Option<u32>>,
 }
 
 impl<'p> Typed<'p> {
@@ -137,7 +140,22 @@ impl<'p> Typed<'p> {
             .iter()
             .zip(outputs)
             .all(|(&o, &t)| types[o as usize] == t);
-        ok.then_some(Typed { program, types })
+        let direct = program
+            .instrs
+            .iter()
+            .map(|ins| match ins {
+                ElemInstr::Load {
+                    input,
+                    index: Index::Same,
+                } => Some(*input),
+                _ => None,
+            })
+            .collect();
+        ok.then_some(Typed {
+            program,
+            types,
+            direct,
+        })
     }
 
     fn out_type(&self, j: usize) -> DType {
@@ -347,6 +365,8 @@ impl Regs {
             let t = p.types[i];
             match ins {
                 ElemInstr::Const(_) => {}
+                // Read in place by the instructions that use it.
+                ElemInstr::Load { .. } if p.direct[i].is_some() => {}
                 ElemInstr::Load { input, index } => with_type!(t, |T| load(
                     T::view(src[*input as usize]).expect("input type checked"),
                     index,
@@ -355,27 +375,33 @@ impl Regs {
                 )),
                 ElemInstr::Unary(op, a) => with_float!(t, |T| unary_into(
                     *op,
-                    &T::col(&prev[*a as usize])[..len],
+                    reg::<T>(p, prev, src, *a, start, len),
                     &mut T::col_mut(out)[..len]
                 )),
                 ElemInstr::Binary(op, a, b) => with_float!(t, |T| binary_into(
                     *op,
-                    &T::col(&prev[*a as usize])[..len],
-                    &T::col(&prev[*b as usize])[..len],
+                    reg::<T>(p, prev, src, *a, start, len),
+                    reg::<T>(p, prev, src, *b, start, len),
                     &mut T::col_mut(out)[..len]
                 )),
                 ElemInstr::Compare(op, a, b) => {
                     let o = &mut bool::col_mut(out)[..len];
                     with_type!(p.types[*a as usize], |T| {
-                        let (x, y) = (T::col(&prev[*a as usize]), T::col(&prev[*b as usize]));
+                        let (x, y) = (
+                            reg::<T>(p, prev, src, *a, start, len),
+                            reg::<T>(p, prev, src, *b, start, len),
+                        );
                         for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
                             *o = op.apply(x, y);
                         }
                     })
                 }
                 ElemInstr::Select(c, a, b) => with_type!(t, |T| {
-                    let cond = bool::col(&prev[*c as usize]);
-                    let (x, y) = (T::col(&prev[*a as usize]), T::col(&prev[*b as usize]));
+                    let cond = reg::<bool>(p, prev, src, *c, start, len);
+                    let (x, y) = (
+                        reg::<T>(p, prev, src, *a, start, len),
+                        reg::<T>(p, prev, src, *b, start, len),
+                    );
                     for (((o, &c), &x), &y) in
                         T::col_mut(out)[..len].iter_mut().zip(cond).zip(x).zip(y)
                     {
@@ -385,13 +411,13 @@ impl Regs {
                 ElemInstr::Clamp(a, lo, hi) => with_float!(t, |T| {
                     let lo = T::from_f64_as(f64::from_bits(*lo));
                     let hi = T::from_f64_as(f64::from_bits(*hi));
-                    let x = T::col(&prev[*a as usize]);
+                    let x = reg::<T>(p, prev, src, *a, start, len);
                     for (o, &v) in T::col_mut(out)[..len].iter_mut().zip(x) {
                         *o = clamp_value(v, lo, hi);
                     }
                 }),
                 ElemInstr::Cast(_, a) => with_type!(p.types[*a as usize], |S| {
-                    let x = &S::col(&prev[*a as usize])[..len];
+                    let x = reg::<S>(p, prev, src, *a, start, len);
                     with_type!(t, |D| {
                         for (o, &v) in D::col_mut(out)[..len].iter_mut().zip(x) {
                             *o = D::from_f64_as(v.to_f64_exact());
@@ -400,6 +426,24 @@ impl Regs {
                 }),
             }
         }
+    }
+}
+
+/// Register `r` over elements `start..start + len`: its column, or for a
+/// load of an input at the kernel's own index, that input's elements in
+/// place.
+#[inline]
+fn reg<'a, T: ColElem>(
+    p: &Typed<'_>,
+    cols: &'a [Col],
+    src: &[&'a Buffer],
+    r: u32,
+    start: usize,
+    len: usize,
+) -> &'a [T] {
+    match p.direct[r as usize] {
+        Some(s) => &T::view(src[s as usize]).expect("input type checked")[start..start + len],
+        None => &T::col(&cols[r as usize])[..len],
     }
 }
 
@@ -457,7 +501,7 @@ fn run_elementwise(p: &Typed, src: &[&Buffer], n: usize) -> Vec<Buffer> {
             regs.run(p, src, start, len);
             for (j, &r) in p.program.outputs.iter().enumerate() {
                 with_type!(p.types[r as usize], |T| {
-                    let col = &T::col(&regs.cols[r as usize])[..len];
+                    let col = reg::<T>(p, &regs.cols, src, r, start, len);
                     // SAFETY: output j has room for n elements of T (made
                     // above); this chunk's range start..start+len is written
                     // by this call only.
@@ -570,7 +614,7 @@ fn run_reduce<T: Float + ColElem>(
             while s < rest_in {
                 let len = CHUNK.min(rest_in - s);
                 regs.run(p, src, base + s, len);
-                let v = &T::col(&regs.cols[p.program.outputs[0] as usize])[..len];
+                let v = reg::<T>(p, &regs.cols, src, p.program.outputs[0], base + s, len);
                 if rows {
                     // Only one output per slice (rest_out == 1).
                     acc[0] = v.iter().fold(acc[0], |a, &x| combine(a, x));
