@@ -119,6 +119,12 @@ fn same(label: &str, program: &Program, inputs: &HashMap<String, HostTensor>) ->
         checked += a.len();
     }
     assert!(checked > 0, "{label}: no output values compared");
+    // Relabelings of values that live on are read in place.
+    let [_, aliased, _] = plan.relabel_counts();
+    assert!(
+        aliased > 0,
+        "{label}: no relabeling read its operand in place"
+    );
     let (e, r, _) = program.fused.count();
     (e, r)
 }

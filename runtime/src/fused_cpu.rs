@@ -702,10 +702,41 @@ enum Step<'p> {
 pub struct FusedPlan<'p> {
     program: &'p Program,
     steps: Vec<Step<'p>>,
-    /// Node index → the step of its last read (`usize::MAX`: never read,
-    /// or a graph output, kept to the end).
+    /// Node index → the step after which its buffer is dropped: its last
+    /// read, or its aliases' last read (`usize::MAX`: never read, or a
+    /// graph output, kept to the end).
     last_use: Vec<usize>,
+    /// Node index → the step of the node's own last read (for an alias
+    /// given a buffer of its own, see [`Relabel::Alias`]).
+    own_last_use: Vec<usize>,
+    /// Node index → the node whose buffer holds its values: itself, or for
+    /// an aliased relabeling the root of its operand.
+    root: Vec<NodeId>,
+    /// What each relabeling (reshape, stop-gradient, barrier) does.
+    relabel: HashMap<NodeId, Relabel>,
     outputs: Vec<NodeId>,
+}
+
+/// How a relabeling (`reshape`, `stop_gradient`, `barrier`: the same
+/// elements under another type) gets its buffer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Relabel {
+    /// Its operand's buffer dies here: taken over.
+    Move,
+    /// Its operand's buffer lives on: read in place (the root's lifetime
+    /// is extended to the alias's last read). Kernels that take only
+    /// buffers read it as it is; a node whose code reads its operands'
+    /// shapes gets a copy made on its first such read.
+    Alias,
+    /// A graph output whose operand lives on: copied.
+    Copy,
+}
+
+fn is_relabel(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Reshape { .. } | Op::StopGradient | Op::Barrier { .. }
+    )
 }
 
 impl<'p> FusedPlan<'p> {
@@ -813,22 +844,64 @@ impl<'p> FusedPlan<'p> {
             });
         }
         let bound = g.node_ids().map(|id| id.index() + 1).max().unwrap_or(0);
-        let mut last_use = vec![usize::MAX; bound];
+        let mut own = vec![usize::MAX; bound];
         for (s, step) in steps.iter().enumerate() {
             for r in step_reads(step, g) {
-                last_use[r.index()] = s;
+                own[r.index()] = s;
             }
         }
         let outputs: Vec<NodeId> = g.outputs().iter().map(|&(_, id)| id).collect();
+        let mut is_output = vec![false; bound];
         for o in &outputs {
-            last_use[o.index()] = usize::MAX;
+            own[o.index()] = usize::MAX;
+            is_output[o.index()] = true;
+        }
+        // Relabelings in step order: each takes over, aliases or copies its
+        // operand's root buffer, and an alias keeps its root alive until the
+        // alias's own last read.
+        let mut last_use = own.clone();
+        let mut root: Vec<NodeId> = (0..bound).map(NodeId::new).collect();
+        let mut relabel = HashMap::new();
+        for (s, step) in steps.iter().enumerate() {
+            let Step::Nodes(ids) = step else { continue };
+            for &id in ids.iter().filter(|&&id| is_relabel(g.op(id))) {
+                let ro = root[g.inputs(id)[0].index()];
+                let dies = last_use[ro.index()] == s && !is_output[ro.index()];
+                let how = if dies {
+                    Relabel::Move
+                } else if is_output[id.index()] {
+                    Relabel::Copy
+                } else {
+                    root[id.index()] = ro;
+                    if own[id.index()] != usize::MAX {
+                        let l = &mut last_use[ro.index()];
+                        *l = (*l).max(own[id.index()]);
+                    }
+                    Relabel::Alias
+                };
+                relabel.insert(id, how);
+            }
         }
         Ok(FusedPlan {
             program,
             steps,
             last_use,
+            own_last_use: own,
+            root,
+            relabel,
             outputs,
         })
+    }
+
+    /// How many relabelings take over their operand's buffer, read it in
+    /// place, and copy it (graph outputs), in that order.
+    pub fn relabel_counts(&self) -> [usize; 3] {
+        let count = |how| self.relabel.values().filter(|&&h| h == how).count();
+        [
+            count(Relabel::Move),
+            count(Relabel::Alias),
+            count(Relabel::Copy),
+        ]
     }
 
     /// Runs the program this plan was made from on `inputs` and returns its
@@ -859,7 +932,7 @@ impl<'p> FusedPlan<'p> {
                     inputs: ins,
                     outputs,
                 } => {
-                    let src = buffers(g, &values, ins)?;
+                    let src = self.buffers(&values, ins)?;
                     let outs = run_elementwise(p, &src, *numel);
                     outputs
                         .iter()
@@ -876,12 +949,12 @@ impl<'p> FusedPlan<'p> {
                     epilogue_inputs,
                     outputs,
                 } => {
-                    let src = buffers(g, &values, prologue_inputs)?;
+                    let src = self.buffers(&values, prologue_inputs)?;
                     let red = with_float!(prologue.out_type(0), |T| T::into_buffer(
                         run_reduce::<T>(*kind, layout, prologue, &src)
                     ));
                     let mut esrc = vec![&red];
-                    esrc.extend(buffers(g, &values, &epilogue_inputs[1..])?);
+                    esrc.extend(self.buffers(&values, &epilogue_inputs[1..])?);
                     let outs = run_elementwise(epilogue, &esrc, layout.out_numel());
                     outputs
                         .iter()
@@ -896,7 +969,7 @@ impl<'p> FusedPlan<'p> {
                     nodes,
                     gradient,
                 } => {
-                    let src = buffers(g, &values, prologue_inputs)?;
+                    let src = self.buffers(&values, prologue_inputs)?;
                     let grad = run_elementwise(prologue, &src, *numel)
                         .pop()
                         .expect("one output");
@@ -908,7 +981,7 @@ impl<'p> FusedPlan<'p> {
                         // θ, the gradient (the prologue's), the state.
                         let mut ins = g.inputs(id);
                         ins.remove(1);
-                        let mut ops = buffers(g, &values, &ins)?;
+                        let mut ops = self.buffers(&values, &ins)?;
                         ops.insert(1, &grad);
                         let data = with_float!(g.ty(id).dtype, |T| {
                             let ops = ops
@@ -925,14 +998,15 @@ impl<'p> FusedPlan<'p> {
                     res
                 }
                 Step::MatMul { id, a, b, trans } => {
-                    let args = [value(g, &values, *a)?, value(g, &values, *b)?];
+                    let args = [self.value(&values, *a)?, self.value(&values, *b)?];
                     let t = matmul_transposed(g, *id, &args, trans[0], trans[1])?;
                     vec![(*id, Cow::Owned(t))]
                 }
                 Step::AttentionGrads { inputs: ins, grads } => {
+                    self.own_buffers(&mut values, ins)?;
                     let args = ins
                         .iter()
-                        .map(|&id| value(g, &values, id))
+                        .map(|&id| self.shaped(&values, id))
                         .collect::<Result<Vec<_>, _>>()?;
                     let dims = attention::Dims::of(&args[0].shape, &args[1].shape);
                     let which = [
@@ -972,26 +1046,28 @@ impl<'p> FusedPlan<'p> {
                 Step::Nodes(ids) => {
                     let mut res = Vec::with_capacity(ids.len());
                     for &id in ids {
-                        let v = match g.op(id) {
-                            Op::Input { .. } => Cow::Borrowed(bind_input(g, id, inputs)?),
-                            // A relabeling takes over its operand's buffer
-                            // when this is the operand's last use.
-                            Op::Reshape { .. } | Op::StopGradient | Op::Barrier { .. }
-                                if self.last_use[g.inputs(id)[0].index()] == s =>
-                            {
-                                let o = g.inputs(id)[0];
-                                let mut t = values[o.index()]
-                                    .take()
-                                    .ok_or_else(|| missing_operand(g, id))?
-                                    .into_owned();
+                        let relabel = self.relabel.get(&id).copied();
+                        let v = match (g.op(id), relabel) {
+                            (Op::Input { .. }, _) => Cow::Borrowed(bind_input(g, id, inputs)?),
+                            (_, Some(Relabel::Alias)) => continue,
+                            (_, Some(how)) => {
+                                let ro = self.root[g.inputs(id)[0].index()];
+                                let mut t = match how {
+                                    Relabel::Move => values[ro.index()]
+                                        .take()
+                                        .ok_or_else(|| missing_operand(g, ro))?
+                                        .into_owned(),
+                                    _ => self.value(&values, ro)?.clone(),
+                                };
                                 t.shape = g.ty(id).shape.clone();
                                 Cow::Owned(t)
                             }
                             _ => {
+                                self.own_buffers(&mut values, &g.inputs(id))?;
                                 let args = g
                                     .inputs(id)
                                     .iter()
-                                    .map(|&o| value(g, &values, o))
+                                    .map(|&o| self.shaped(&values, o))
                                     .collect::<Result<Vec<_>, _>>()?;
                                 Cow::Owned(eval_node(g, id, &args)?)
                             }
@@ -1022,9 +1098,14 @@ impl<'p> FusedPlan<'p> {
             for (id, v) in results {
                 values[id.index()] = Some(v);
             }
-            // Drop what no later step reads.
+            // Drop what no later step reads: roots whose (extended) last
+            // read this was, and aliases' own copies.
             for r in step_reads(step, g) {
-                if self.last_use[r.index()] == s {
+                let ro = self.root[r.index()];
+                if self.last_use[ro.index()] == s {
+                    values[ro.index()] = None;
+                }
+                if ro != r && self.own_last_use[r.index()] == s {
                     values[r.index()] = None;
                 }
             }
@@ -1055,22 +1136,48 @@ impl<'p> FusedPlan<'p> {
 
 type Values<'i> = Vec<Option<Cow<'i, HostTensor>>>;
 
-/// The value of `id`, which an earlier step computed.
-fn value<'v>(g: &Graph, values: &'v Values<'_>, id: NodeId) -> Result<&'v HostTensor, ExecError> {
-    values[id.index()]
-        .as_deref()
-        .ok_or_else(|| missing_operand(g, id))
-}
+impl FusedPlan<'_> {
+    /// The buffer holding `id`'s values (its root's, for an alias), which
+    /// an earlier step computed.
+    fn value<'v>(&self, values: &'v Values<'_>, id: NodeId) -> Result<&'v HostTensor, ExecError> {
+        let ro = self.root[id.index()];
+        values[ro.index()]
+            .as_deref()
+            .ok_or_else(|| missing_operand(&self.program.graph, id))
+    }
 
-/// The buffers of `ids`, in order.
-fn buffers<'v>(
-    g: &Graph,
-    values: &'v Values<'_>,
-    ids: &[NodeId],
-) -> Result<Vec<&'v Buffer>, ExecError> {
-    ids.iter()
-        .map(|&id| value(g, values, id).map(|t| &t.data))
-        .collect()
+    /// The buffers of `ids`, in order.
+    fn buffers<'v>(
+        &self,
+        values: &'v Values<'_>,
+        ids: &[NodeId],
+    ) -> Result<Vec<&'v Buffer>, ExecError> {
+        ids.iter()
+            .map(|&id| self.value(values, id).map(|t| &t.data))
+            .collect()
+    }
+
+    /// Gives each alias among `ids` a tensor of its own type (a copy of its
+    /// root's elements), for code that reads its operands' shapes.
+    fn own_buffers(&self, values: &mut Values<'_>, ids: &[NodeId]) -> Result<(), ExecError> {
+        for &id in ids {
+            let ro = self.root[id.index()];
+            if ro != id && values[id.index()].is_none() {
+                let mut t = self.value(values, ro)?.clone();
+                t.shape = self.program.graph.ty(id).shape.clone();
+                values[id.index()] = Some(Cow::Owned(t));
+            }
+        }
+        Ok(())
+    }
+
+    /// `id`'s value with its own shape (after [`Self::own_buffers`]).
+    fn shaped<'v>(&self, values: &'v Values<'_>, id: NodeId) -> Result<&'v HostTensor, ExecError> {
+        match values[id.index()].as_deref() {
+            Some(t) => Ok(t),
+            None => self.value(values, id),
+        }
+    }
 }
 
 fn mismatch(g: &Graph, id: NodeId) -> ExecError {

@@ -252,8 +252,7 @@ unsafe fn thin_fma<T: Float>(
         std::ptr::write_bytes(c, 0, rows * n);
         std::slice::from_raw_parts_mut(c, rows * n)
     };
-    // SAFETY: element (i, p) of A lies at i*rsa + p*csa (the contract).
-    let at = |i: usize, p: usize| unsafe { *a.offset(i as isize * rsa + p as isize * csa) };
+    let at = A { a, rsa, csa };
     // Blocks of 4 rows × 8 columns (four independent FMA chains per
     // column group hide the FMA latency), then what is left.
     let mut i = 0;
@@ -284,6 +283,26 @@ unsafe fn thin_fma<T: Float>(
     }
 }
 
+/// The elements of `A` by row and column, at their strides.
+#[derive(Clone, Copy)]
+struct A<T> {
+    a: *const T,
+    rsa: isize,
+    csa: isize,
+}
+
+impl<T: Copy> A<T> {
+    /// Element (i, p).
+    ///
+    /// # Safety
+    /// It lies within the matrix the pointer and strides address.
+    #[inline(always)]
+    unsafe fn at(&self, i: usize, p: usize) -> T {
+        // SAFETY: forwarded from the caller.
+        unsafe { *self.a.offset(i as isize * self.rsa + p as isize * self.csa) }
+    }
+}
+
 /// Rows `i0 .. i0 + R`, columns `j0 .. j0 + W` of `C`: per block of
 /// [`KC`] steps an FMA chain from zero for each element, the blocks summed
 /// as the GEMM sums them.
@@ -293,7 +312,7 @@ fn thin_block<T: Float, const R: usize, const W: usize>(
     n: usize,
     i0: usize,
     j0: usize,
-    at: &impl Fn(usize, usize) -> T,
+    at: &A<T>,
     b: &[T],
     c: &mut [T],
 ) {
@@ -304,7 +323,10 @@ fn thin_block<T: Float, const R: usize, const W: usize>(
         for p in p0..p1 {
             let brow = &b[p * n + j0..p * n + j0 + W];
             for (r, acc) in acc.iter_mut().enumerate() {
-                let av = at(i0 + r, p);
+                // SAFETY: row i0 + r < rows and p < k, within the matrix
+                // that `thin_fma`'s caller vouches for (its contract on
+                // `a`).
+                let av = unsafe { at.at(i0 + r, p) };
                 for j in 0..W {
                     acc[j] = av.mul_add(brow[j], acc[j]);
                 }
