@@ -132,7 +132,7 @@ pub fn matmul_t<T: Gemm>(
         let b = &b[i * k * n..(i + 1) * k * n];
         let rows = c.len() / n;
         debug_assert!(r0 + rows <= m && c.len() == rows * n);
-        if let Some(kernel) = thin_kernel::<T>(rows, n) {
+        if let Some(kernel) = thin_kernel::<T>(rows, n, b_t) {
             // SAFETY: as for the GEMM below; `c` holds rows*n elements.
             unsafe {
                 kernel(
@@ -202,8 +202,11 @@ type ThinKernel<T> = unsafe fn(usize, usize, usize, *const T, (isize, isize), &[
 /// over each block of [`KC`] reduction steps from zero, the blocks added
 /// with `fma(1, block, c)` — so the two give the same bits; on other CPUs
 /// the GEMM runs every product.
-fn thin_kernel<T: Float>(rows: usize, n: usize) -> Option<ThinKernel<T>> {
-    if rows > THIN && n > THIN {
+fn thin_kernel<T: Float>(rows: usize, n: usize, b_t: bool) -> Option<ThinKernel<T>> {
+    // Few columns; or few rows of a B stored row-major (a B read
+    // transposed with many columns is better packed by the GEMM than
+    // transposed here: the decode step's weights).
+    if n > THIN && (rows > THIN || b_t) {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
@@ -239,9 +242,14 @@ unsafe fn thin_fma<T: Float>(
     // B row-major, so a row of outputs reads contiguous rows of B.
     let bt;
     let b: &[T] = if b_t && n > 1 {
-        bt = (0..k * n)
-            .map(|i| b[(i % n) * k + i / n])
-            .collect::<Vec<T>>();
+        // At most THIN columns here: a [k, n] copy of the [n, k] buffer.
+        let mut t = vec![T::zero(); k * n];
+        for (j, col) in b.chunks_exact(k).enumerate() {
+            for (p, &x) in col.iter().enumerate() {
+                t[p * n + j] = x;
+            }
+        }
+        bt = t;
         &bt
     } else {
         b
@@ -411,7 +419,8 @@ mod tests {
         // Where the no-packing kernel does not apply, both sides are the GEMM.
         thin_equals_packed::<f32>(|x| x as f32, |x| x.to_bits() as u64);
         thin_equals_packed::<f64>(|x| x, f64::to_bits);
-        assert!(thin_kernel::<f32>(17, 17).is_none());
+        assert!(thin_kernel::<f32>(17, 17, false).is_none());
+        assert!(thin_kernel::<f32>(8, 17, true).is_none());
     }
 
     #[test]
