@@ -1,5 +1,6 @@
 //! The fusion pass: a fused schedule, interpreted kernel by kernel on the
-//! host, computes what the CPU executor computes — on hand-built patterns
+//! host (and run by the CPU executor on its fused kernels, bit for bit),
+//! computes what the CPU executor computes — on hand-built patterns
 //! and on whole meta-step graphs (autodiff and the bilevel lowering,
 //! second-order ones included) — and it does fuse.
 
@@ -14,6 +15,7 @@ use coopc_compiler::schedule::schedule;
 use coopc_compiler::spec::{HypergradKind, OptimKind, PipelineSpec};
 use coopc_runtime::execute;
 use coopc_runtime::fused::execute_fused_host;
+use coopc_runtime::fused_cpu::FusedPlan;
 
 /// Fuses `g`, runs the kernels on the host and compares every output with
 /// the CPU executor. Returns the fused schedule.
@@ -25,6 +27,21 @@ fn check_fused_equals_executor(g: &Graph, inputs: &Inputs, tol: f64) -> FusedSch
     assert!(written <= sched.order.len());
     let host = execute_fused_host(g, &fused, inputs).expect("fused schedule runs");
     let want = execute(g, inputs).expect("executor runs");
+    // The CPU executor on the same kernels: the node executor's values, bit
+    // for bit. It declines (and runs node by node) only a schedule with a
+    // hand-written kernel standing for a matched subgraph.
+    match FusedPlan::for_schedule(g, &fused) {
+        Ok(plan) => {
+            let cpu = plan.run(inputs).expect("fused CPU run");
+            for ((name, got), (_, w)) in cpu.iter().zip(&want) {
+                assert_eq!(
+                    got.data, w.data,
+                    "output {name}: the fused CPU executor differs"
+                );
+            }
+        }
+        Err(e) => assert!(e.contains("matched subgraph"), "fused CPU executor: {e}"),
+    }
     for ((name, id), (_, w)) in g.outputs().iter().zip(&want) {
         let got = host
             .get(id)

@@ -26,7 +26,7 @@ use crate::exec::{
 use crate::tensor::{Buffer, Element, HostTensor};
 use crate::value::Inputs;
 use crate::ExecError;
-use coopc_ir::kernel::{ElemInstr, ElemProgram, Index, Kernel, ReduceLayout};
+use coopc_ir::kernel::{ElemInstr, ElemProgram, FusedSchedule, Index, Kernel, ReduceLayout};
 use coopc_ir::plan::Program;
 use coopc_ir::{
     clamp_value, AttentionOperand, BinaryOp, DType, Graph, NodeId, Op, ReduceKind, UnaryOp,
@@ -700,7 +700,7 @@ enum Step<'p> {
 /// A program's fused kernels, prepared for the CPU: register types, and
 /// the kernel after which each value is dropped.
 pub struct FusedPlan<'p> {
-    program: &'p Program,
+    graph: &'p Graph,
     steps: Vec<Step<'p>>,
     /// Node index → the step after which its buffer is dropped: its last
     /// read, or its aliases' last read (`usize::MAX`: never read, or a
@@ -743,7 +743,11 @@ impl<'p> FusedPlan<'p> {
     /// Prepares `program`'s fused kernels, or says why they cannot run as
     /// such on the CPU (the caller then runs the program node by node).
     pub fn new(program: &'p Program) -> Result<FusedPlan<'p>, String> {
-        let g = &program.graph;
+        FusedPlan::for_schedule(&program.graph, &program.fused)
+    }
+
+    /// As [`FusedPlan::new`], for a graph and a fusion of its schedule.
+    pub fn for_schedule(g: &'p Graph, fused: &'p FusedSchedule) -> Result<FusedPlan<'p>, String> {
         let dtypes = |ids: &[NodeId]| ids.iter().map(|&i| g.ty(i).dtype).collect::<Vec<_>>();
         fn typed<'p>(
             p: &'p ElemProgram,
@@ -754,8 +758,8 @@ impl<'p> FusedPlan<'p> {
                 "an elementwise program on element types the CPU executor does not define".into()
             })
         }
-        let mut steps = Vec::with_capacity(program.fused.kernels.len());
-        for k in &program.fused.kernels {
+        let mut steps = Vec::with_capacity(fused.kernels.len());
+        for k in &fused.kernels {
             steps.push(match k {
                 Kernel::Elementwise {
                     program,
@@ -883,7 +887,7 @@ impl<'p> FusedPlan<'p> {
             }
         }
         Ok(FusedPlan {
-            program,
+            graph: g,
             steps,
             last_use,
             own_last_use: own,
@@ -910,7 +914,7 @@ impl<'p> FusedPlan<'p> {
         &self,
         inputs: &I,
     ) -> Result<Vec<(String, HostTensor)>, ExecError> {
-        let g = &self.program.graph;
+        let g = self.graph;
         let profile_mode = std::env::var("COOPC_PROFILE").ok();
         let by_shape = profile_mode.as_deref() == Some("shapes");
         let mut profile: Option<HashMap<String, (usize, f64, usize)>> =
@@ -1143,7 +1147,7 @@ impl FusedPlan<'_> {
         let ro = self.root[id.index()];
         values[ro.index()]
             .as_deref()
-            .ok_or_else(|| missing_operand(&self.program.graph, id))
+            .ok_or_else(|| missing_operand(self.graph, id))
     }
 
     /// The buffers of `ids`, in order.
@@ -1164,7 +1168,7 @@ impl FusedPlan<'_> {
             let ro = self.root[id.index()];
             if ro != id && values[id.index()].is_none() {
                 let mut t = self.value(values, ro)?.clone();
-                t.shape = self.program.graph.ty(id).shape.clone();
+                t.shape = self.graph.ty(id).shape.clone();
                 values[id.index()] = Some(Cow::Owned(t));
             }
         }
