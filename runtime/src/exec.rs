@@ -547,6 +547,7 @@ macro_rules! any_dtype {
         }
     };
 }
+pub(crate) use any_dtype;
 
 /// As `any_dtype`, for ops defined on floats only; other dtypes are an error.
 macro_rules! float_dtype {

@@ -19,9 +19,11 @@
 //! does not define) is reported by [`FusedPlan::new`], and the caller runs
 //! the program node by node instead.
 
+use crate::cpu::elementwise::specialised;
 use crate::cpu::{attention, optim, PAR_GRAIN, PAR_MIN_ELEMS};
 use crate::exec::{
-    bind_input, eval_node, matmul_transposed, missing_operand, print_profile, profile_key,
+    any_dtype, bind_input, eval_node, matmul_transposed, missing_operand, print_profile,
+    profile_key,
 };
 use crate::tensor::{Buffer, Element, HostTensor};
 use crate::value::Inputs;
@@ -211,31 +213,7 @@ col_elem!(f64, F64);
 col_elem!(i32, I32);
 col_elem!(bool, Bool);
 
-/// Runs `$body` with `$T` the Rust type of `$dtype`.
-macro_rules! with_type {
-    ($dtype:expr, |$T:ident| $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $T = f32;
-                $body
-            }
-            DType::F64 => {
-                type $T = f64;
-                $body
-            }
-            DType::I32 => {
-                type $T = i32;
-                $body
-            }
-            DType::Bool => {
-                type $T = bool;
-                $body
-            }
-        }
-    };
-}
-
-/// As `with_type`, for float registers.
+/// As `any_dtype`, for float registers.
 macro_rules! with_float {
     ($dtype:expr, |$T:ident| $body:expr) => {
         match $dtype {
@@ -302,19 +280,6 @@ fn load<T: Copy>(src: &[T], index: &Index, start: usize, out: &mut [T]) {
     }
 }
 
-/// Runs `$body` with `$c` bound to the op as a constant (one copy of the
-/// loop per op, as the node executor's kernels do).
-macro_rules! specialised {
-    ($op:expr, $Enum:ident, [$($v:ident),*], |$c:ident| $body:expr) => {
-        match $op {
-            $($Enum::$v => {
-                const $c: $Enum = $Enum::$v;
-                $body
-            })*
-        }
-    };
-}
-
 fn unary_into<T: Float>(op: UnaryOp, x: &[T], out: &mut [T]) {
     specialised!(
         op,
@@ -349,7 +314,7 @@ impl Regs {
         for (i, ins) in p.program.instrs.iter().enumerate() {
             if let ElemInstr::Const(bits) = ins {
                 let v = f64::from_bits(*bits);
-                with_type!(p.types[i], |T| T::col_mut(&mut cols[i])
+                any_dtype!(p.types[i], |T| T::col_mut(&mut cols[i])
                     .fill(T::from_f64_as(v)));
             }
         }
@@ -367,7 +332,7 @@ impl Regs {
                 ElemInstr::Const(_) => {}
                 // Read in place by the instructions that use it.
                 ElemInstr::Load { .. } if p.direct[i].is_some() => {}
-                ElemInstr::Load { input, index } => with_type!(t, |T| load(
+                ElemInstr::Load { input, index } => any_dtype!(t, |T| load(
                     T::view(src[*input as usize]).expect("input type checked"),
                     index,
                     start,
@@ -386,7 +351,7 @@ impl Regs {
                 )),
                 ElemInstr::Compare(op, a, b) => {
                     let o = &mut bool::col_mut(out)[..len];
-                    with_type!(p.types[*a as usize], |T| {
+                    any_dtype!(p.types[*a as usize], |T| {
                         let (x, y) = (
                             reg::<T>(p, prev, src, *a, start, len),
                             reg::<T>(p, prev, src, *b, start, len),
@@ -396,7 +361,7 @@ impl Regs {
                         }
                     })
                 }
-                ElemInstr::Select(c, a, b) => with_type!(t, |T| {
+                ElemInstr::Select(c, a, b) => any_dtype!(t, |T| {
                     let cond = reg::<bool>(p, prev, src, *c, start, len);
                     let (x, y) = (
                         reg::<T>(p, prev, src, *a, start, len),
@@ -416,9 +381,9 @@ impl Regs {
                         *o = clamp_value(v, lo, hi);
                     }
                 }),
-                ElemInstr::Cast(_, a) => with_type!(p.types[*a as usize], |S| {
+                ElemInstr::Cast(_, a) => any_dtype!(p.types[*a as usize], |S| {
                     let x = reg::<S>(p, prev, src, *a, start, len);
-                    with_type!(t, |D| {
+                    any_dtype!(t, |D| {
                         for (o, &v) in D::col_mut(out)[..len].iter_mut().zip(x) {
                             *o = D::from_f64_as(v.to_f64_exact());
                         }
@@ -491,7 +456,7 @@ fn run_elementwise(p: &Typed, src: &[&Buffer], n: usize) -> Vec<Buffer> {
     // Outputs are written chunk by chunk, every element once: allocated,
     // not zeroed.
     let mut outs: Vec<Buffer> = (0..p.program.outputs.len())
-        .map(|j| with_type!(p.out_type(j), |T| T::into_buffer(Vec::with_capacity(n))))
+        .map(|j| any_dtype!(p.out_type(j), |T| T::into_buffer(Vec::with_capacity(n))))
         .collect();
     let ptrs: Vec<Shared<u8>> = outs.iter_mut().map(buffer_ptr).collect();
     for_each_chunk(
@@ -500,7 +465,7 @@ fn run_elementwise(p: &Typed, src: &[&Buffer], n: usize) -> Vec<Buffer> {
         |regs, start, len| {
             regs.run(p, src, start, len);
             for (j, &r) in p.program.outputs.iter().enumerate() {
-                with_type!(p.types[r as usize], |T| {
+                any_dtype!(p.types[r as usize], |T| {
                     let col = reg::<T>(p, &regs.cols, src, r, start, len);
                     // SAFETY: output j has room for n elements of T (made
                     // above); this chunk's range start..start+len is written
@@ -660,22 +625,22 @@ enum Step<'p> {
     Elementwise {
         program: Typed<'p>,
         numel: usize,
-        inputs: Vec<NodeId>,
-        outputs: Vec<NodeId>,
+        inputs: &'p [NodeId],
+        outputs: &'p [NodeId],
     },
     Reduce {
         kind: ReduceKind,
-        layout: ReduceLayout,
+        layout: &'p ReduceLayout,
         prologue: Typed<'p>,
-        prologue_inputs: Vec<NodeId>,
+        prologue_inputs: &'p [NodeId],
         epilogue: Typed<'p>,
-        epilogue_inputs: Vec<NodeId>,
-        outputs: Vec<NodeId>,
+        epilogue_inputs: &'p [NodeId],
+        outputs: &'p [NodeId],
     },
     Optimiser {
         numel: usize,
         prologue: Typed<'p>,
-        prologue_inputs: Vec<NodeId>,
+        prologue_inputs: &'p [NodeId],
         /// The `optim_step` nodes, each with its operands (θ, g, state…):
         /// `g` is replaced by the prologue's value.
         nodes: Vec<NodeId>,
@@ -690,8 +655,8 @@ enum Step<'p> {
     },
     /// The attention gradients asked for, from one pass over the heads.
     AttentionGrads {
-        inputs: [NodeId; 5],
-        grads: Vec<(AttentionOperand, NodeId)>,
+        inputs: &'p [NodeId; 5],
+        grads: &'p [(AttentionOperand, NodeId)],
     },
     /// Nodes computed one by one by the node executor's code.
     Nodes(Vec<NodeId>),
@@ -702,13 +667,12 @@ enum Step<'p> {
 pub struct FusedPlan<'p> {
     graph: &'p Graph,
     steps: Vec<Step<'p>>,
-    /// Node index → the step after which its buffer is dropped: its last
-    /// read, or its aliases' last read (`usize::MAX`: never read, or a
-    /// graph output, kept to the end).
-    last_use: Vec<usize>,
-    /// Node index → the step of the node's own last read (for an alias
-    /// given a buffer of its own, see [`Relabel::Alias`]).
-    own_last_use: Vec<usize>,
+    /// Per step: the values dropped after it — roots whose last read (or
+    /// whose aliases' last read) it is, and the copies of aliases read for
+    /// the last time (see [`Relabel::Alias`]). Graph outputs are kept.
+    drops: Vec<Vec<NodeId>>,
+    /// One past the largest node index.
+    bound: usize,
     /// Node index → the node whose buffer holds its values: itself, or for
     /// an aliased relabeling the root of its operand.
     root: Vec<NodeId>,
@@ -769,8 +733,8 @@ impl<'p> FusedPlan<'p> {
                 } => Step::Elementwise {
                     program: typed(program, &dtypes(inputs), &dtypes(outputs))?,
                     numel: *numel,
-                    inputs: inputs.clone(),
-                    outputs: outputs.clone(),
+                    inputs,
+                    outputs,
                 },
                 Kernel::Reduce {
                     kind,
@@ -789,12 +753,12 @@ impl<'p> FusedPlan<'p> {
                     }
                     Step::Reduce {
                         kind: *kind,
-                        layout: layout.clone(),
+                        layout,
                         prologue: typed(prologue, &dtypes(prologue_inputs), &[red])?,
-                        prologue_inputs: prologue_inputs.clone(),
+                        prologue_inputs,
                         epilogue: typed(epilogue, &dtypes(epilogue_inputs), &dtypes(outputs))?,
-                        epilogue_inputs: epilogue_inputs.clone(),
-                        outputs: outputs.clone(),
+                        epilogue_inputs,
+                        outputs,
                     }
                 }
                 Kernel::OptimStep {
@@ -810,7 +774,7 @@ impl<'p> FusedPlan<'p> {
                     Step::Optimiser {
                         numel: *numel,
                         prologue: typed(prologue, &dtypes(prologue_inputs), &[t])?,
-                        prologue_inputs: prologue_inputs.clone(),
+                        prologue_inputs,
                         nodes: outputs.iter().map(|o| o.1).collect(),
                         gradient: *gradient,
                     }
@@ -837,10 +801,9 @@ impl<'p> FusedPlan<'p> {
                     }
                     Step::Nodes(vec![*id])
                 }
-                Kernel::AttentionGrads { inputs, grads, .. } => Step::AttentionGrads {
-                    inputs: *inputs,
-                    grads: grads.clone(),
-                },
+                Kernel::AttentionGrads { inputs, grads, .. } => {
+                    Step::AttentionGrads { inputs, grads }
+                }
                 Kernel::LogprobGrads { grads, .. } => {
                     Step::Nodes(grads.iter().map(|x| x.1).collect())
                 }
@@ -886,11 +849,30 @@ impl<'p> FusedPlan<'p> {
                 relabel.insert(id, how);
             }
         }
+        let drops = steps
+            .iter()
+            .enumerate()
+            .map(|(s, step)| {
+                let mut d: Vec<NodeId> = vec![];
+                for r in step_reads(step, g) {
+                    let ro = root[r.index()];
+                    if last_use[ro.index()] == s {
+                        d.push(ro);
+                    }
+                    if ro != r && own[r.index()] == s {
+                        d.push(r);
+                    }
+                }
+                d.sort_unstable();
+                d.dedup();
+                d
+            })
+            .collect();
         Ok(FusedPlan {
             graph: g,
             steps,
-            last_use,
-            own_last_use: own,
+            drops,
+            bound,
             root,
             relabel,
             outputs,
@@ -919,8 +901,7 @@ impl<'p> FusedPlan<'p> {
         let by_shape = profile_mode.as_deref() == Some("shapes");
         let mut profile: Option<HashMap<String, (usize, f64, usize)>> =
             profile_mode.map(|_| HashMap::new());
-        let mut values: Vec<Option<Cow<'_, HostTensor>>> =
-            (0..self.last_use.len()).map(|_| None).collect();
+        let mut values: Vec<Option<Cow<'_, HostTensor>>> = (0..self.bound).map(|_| None).collect();
         for (s, step) in self.steps.iter().enumerate() {
             let t0 = profile.is_some().then(Instant::now);
             let tensor = |id: NodeId, data: Buffer| {
@@ -1007,7 +988,7 @@ impl<'p> FusedPlan<'p> {
                     vec![(*id, Cow::Owned(t))]
                 }
                 Step::AttentionGrads { inputs: ins, grads } => {
-                    self.own_buffers(&mut values, ins)?;
+                    self.own_buffers(&mut values, &ins[..])?;
                     let args = ins
                         .iter()
                         .map(|&id| self.shaped(&values, id))
@@ -1032,7 +1013,7 @@ impl<'p> FusedPlan<'p> {
                     });
                     let mut bufs: Vec<Option<Buffer>> = bufs.into_iter().map(Some).collect();
                     let mut res: Vec<(NodeId, Cow<'_, HostTensor>)> = Vec::new();
-                    for &(w, id) in grads {
+                    for &(w, id) in grads.iter() {
                         let i = which.iter().position(|&x| x == w).expect("q, k or v");
                         let b = match bufs[i].take() {
                             Some(b) => b,
@@ -1102,16 +1083,9 @@ impl<'p> FusedPlan<'p> {
             for (id, v) in results {
                 values[id.index()] = Some(v);
             }
-            // Drop what no later step reads: roots whose (extended) last
-            // read this was, and aliases' own copies.
-            for r in step_reads(step, g) {
-                let ro = self.root[r.index()];
-                if self.last_use[ro.index()] == s {
-                    values[ro.index()] = None;
-                }
-                if ro != r && self.own_last_use[r.index()] == s {
-                    values[r.index()] = None;
-                }
+            // Drop what no later step reads.
+            for r in &self.drops[s] {
+                values[r.index()] = None;
             }
         }
         if let Some(p) = profile {
@@ -1195,7 +1169,7 @@ fn mismatch(g: &Graph, id: NodeId) -> ExecError {
 /// The values a step reads.
 fn step_reads(step: &Step<'_>, g: &Graph) -> Vec<NodeId> {
     match step {
-        Step::Elementwise { inputs, .. } => inputs.clone(),
+        Step::Elementwise { inputs, .. } => inputs.to_vec(),
         Step::Reduce {
             prologue_inputs,
             epilogue_inputs,

@@ -87,6 +87,7 @@ macro_rules! specialised {
         }
     };
 }
+pub(crate) use specialised;
 
 pub fn unary<T: Float + Send + Sync>(op: UnaryOp, x: &[T]) -> Vec<T> {
     specialised!(
