@@ -632,6 +632,9 @@ fn input_cotangents(
             res.extend(operand_cotangents(g, r, gout, inputs));
         }
         Op::Barrier { .. } => res.push((0, gout)),
+        // Every process's objective reads the sum: the cotangent of each
+        // operand is the sum of the processes' cotangents.
+        Op::AllReduceSum => res.push((0, g.all_reduce_sum(gout))),
         Op::Cast { .. } => {
             let dt = g.ty(x).dtype;
             if dt.is_float() {

@@ -25,25 +25,46 @@ use std::path::Path;
 /// recorded: see [`compile_file`] for a plan that knows its file).
 pub fn compile(spec: PipelineSpec) -> Plan {
     let shapes = BatchShapes::from_spec(&spec);
+    compile_with_shapes(spec, shapes)
+}
+
+/// Compiles the plan of one process of a data-parallel run of `world`
+/// processes: its programs take the process's share of each batch (see
+/// [`BatchShapes::for_world`]) and sum gradients over the processes.
+/// `world = 1` is [`compile`]. Fails when the batches do not split evenly.
+pub fn compile_for_world(spec: PipelineSpec, world: usize) -> Result<Plan, String> {
+    let shapes = BatchShapes::for_world(&spec, world)?;
+    Ok(compile_with_shapes(spec, shapes))
+}
+
+fn compile_with_shapes(spec: PipelineSpec, shapes: BatchShapes) -> Plan {
     // The lowering runs the pass pipeline on the meta-step itself (its
     // memory plan is chosen on optimised graphs).
     let ms = lower_meta_step(&spec, shapes);
     let meta_signature = meta_step_signature(&spec, &ms.graph);
 
-    // The decode step samples the RL batch's rollouts.
-    let (decode, merge) = sampling_programs(&spec, spec.rl.batch_size(), spec.train.seq_len);
+    // The decode step samples (this process's share of) the RL batch's rollouts.
+    let (decode, merge) = sampling_programs(&spec, shapes.rl_batch, shapes.seq_len);
     let mut programs = vec![
         compile_program(ProgramKind::MetaStep, ms.graph, meta_signature),
-        compile_logprobs(&spec),
+        compile_logprobs_for(&spec, shapes),
         decode,
     ];
     programs.extend(merge);
+    let mut notes = ms.notes;
+    if shapes.world > 1 {
+        notes.push(format!(
+            "data parallel: {} processes, each with {} SFT and {} RL rows per batch; gradients summed over processes",
+            shapes.world, shapes.sft_batch, shapes.rl_batch
+        ));
+    }
     Plan {
         spec,
         pipeline_hash: String::new(),
         pipeline_path: String::new(),
         programs,
-        notes: ms.notes,
+        notes,
+        world: shapes.world,
     }
 }
 
@@ -63,7 +84,12 @@ fn meta_step_signature(spec: &PipelineSpec, graph: &Graph) -> Signature {
 /// `[rl batch, seq_len]` under (θ, w), and the entropies of the
 /// distributions they come from.
 pub fn compile_logprobs(spec: &PipelineSpec) -> Program {
-    let mut logprobs = lower_logprobs(spec, BatchShapes::from_spec(spec));
+    compile_logprobs_for(spec, BatchShapes::from_spec(spec))
+}
+
+/// The log-prob scorer of batches of `shapes.rl_batch` rows.
+pub fn compile_logprobs_for(spec: &PipelineSpec, shapes: BatchShapes) -> Program {
+    let mut logprobs = lower_logprobs(spec, shapes);
     Pipeline::standard().run(&mut logprobs);
     let sig = signature(
         &logprobs,

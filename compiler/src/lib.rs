@@ -28,7 +28,7 @@ pub use coopc_ir as ir;
 pub use coopc_ir::{params, plan, spec};
 
 pub use compile::{
-    compile, compile_file, compile_file_with, compile_gradients, compile_graph, compile_logprobs,
-    compile_program, parameter_ports, sampling_programs,
+    compile, compile_file, compile_file_with, compile_for_world, compile_gradients, compile_graph,
+    compile_logprobs, compile_program, parameter_ports, sampling_programs,
 };
 pub use ir::{DType, Graph, NodeId, Op, TensorType};

@@ -69,6 +69,37 @@ pub fn grpo_loss(g: &mut Graph, rl: &RlSpec, logp: NodeId, batch: &RlBatch) -> N
     g.token_loss(grpo(rl), &ops)
 }
 
+/// How many of this process's rows or tokens a loss aggregated with `agg`
+/// averages over (a scalar of the mask's dtype): the mask's sum for the
+/// token mean (and SFT), the rows with a response token for the sequence
+/// mean, all rows for Dr. GRPO's sequence sum.
+pub fn agg_count(g: &mut Graph, agg: TokenAgg, mask: NodeId) -> NodeId {
+    match agg {
+        TokenAgg::TokenMean => g.sum_all(mask),
+        TokenAgg::SeqMean => {
+            let (cnt, has, _) = row_counts(g, mask);
+            let hasf = g.cast(has, g.ty(cnt).dtype);
+            g.sum_all(hasf)
+        }
+        TokenAgg::SeqSum { .. } => {
+            let rows = g.ty(mask).shape[0] as f64;
+            let any = g.sum_all(mask);
+            g.full_like(rows, any)
+        }
+    }
+}
+
+/// This process's share of a loss averaged over every process's rows:
+/// `loss · n / Σ_ranks n`, where `loss` averages over this process's `n`
+/// rows or tokens (see [`agg_count`]). The sum over processes of the shares
+/// is the loss of the whole batch, so the sum of their gradients is its
+/// gradient; in one process the factor is exactly 1.
+pub fn share(g: &mut Graph, loss: NodeId, n: NodeId) -> NodeId {
+    let total = g.all_reduce_sum(n);
+    let ratio = g.div(n, total);
+    g.mul(loss, ratio)
+}
+
 /// Each sequence's mask sum `n_b` [B], whether it has a response token
 /// (`n_b > 0`), and `n_b` with 1 where it is 0 (a safe divisor).
 fn row_counts(g: &mut Graph, mask: NodeId) -> (NodeId, NodeId, NodeId) {

@@ -29,8 +29,8 @@
 //!   gain on the last step's batch.
 
 use crate::autodiff::{grad, vjp};
-use crate::ir::{DType, Graph, NodeId, Shape, StepOut, StepRule};
-use crate::losses::{aggregate_with, grpo, grpo_loss, sft_loss, RlBatch};
+use crate::ir::{DType, Graph, NodeId, Shape, StepOut, StepRule, TokenAgg};
+use crate::losses::{agg_count, aggregate_with, grpo, grpo_loss, sft_loss, share, RlBatch};
 use crate::model::{
     frozen_shapes, lora_shapes, lower_shapes, policy_theta_shapes, Decoder, Params,
 };
@@ -41,12 +41,18 @@ use crate::plan::{
 use crate::schedule::{human_bytes, schedule};
 use crate::spec::{HypergradKind, Method, OptimKind, OptimSpec, PipelineSpec, ShadowMode};
 
-/// Static batch shapes of one compiled meta-step.
+/// Static batch shapes of one compiled meta-step: one process's share of
+/// the batch, and how many processes share it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchShapes {
     pub sft_batch: usize,
     pub rl_batch: usize,
     pub seq_len: usize,
+    /// Processes of a data-parallel run, each with batches of the shapes
+    /// above; 1 for one process. With more than one, losses are shares of
+    /// the whole batch's and gradients are summed over the processes
+    /// (`Op::AllReduceSum`).
+    pub world: usize,
 }
 
 impl BatchShapes {
@@ -56,7 +62,42 @@ impl BatchShapes {
             sft_batch: spec.sft.batch_size,
             rl_batch: spec.rl.batch_size(),
             seq_len: spec.train.seq_len,
+            world: 1,
         }
+    }
+
+    /// One process's share when `world` processes split the pipeline's
+    /// batches: every mini-batch's rows are divided evenly, so each batch
+    /// must split into `world × rl.mini_batches` equal parts.
+    pub fn for_world(spec: &PipelineSpec, world: usize) -> Result<Self, String> {
+        let whole = Self::from_spec(spec);
+        if world <= 1 {
+            return Ok(whole);
+        }
+        let parts = world * spec.rl.mini_batches.max(1);
+        let split = |what: &str, n: usize| -> Result<usize, String> {
+            if n.is_multiple_of(parts) {
+                Ok(n / world)
+            } else {
+                Err(format!(
+                    "{what} is {n} rows, which {world} processes cannot share evenly{}: it must be a multiple of {parts}",
+                    if parts > world {
+                        format!(" in each of rl.mini_batches = {}", spec.rl.mini_batches)
+                    } else {
+                        String::new()
+                    }
+                ))
+            }
+        };
+        Ok(BatchShapes {
+            sft_batch: split("sft.batch_size", whole.sft_batch)?,
+            rl_batch: split(
+                "the RL batch (rl.prompts_per_step × rl.group_size)",
+                whole.rl_batch,
+            )?,
+            seq_len: whole.seq_len,
+            world,
+        })
     }
 }
 
@@ -183,6 +224,8 @@ struct Objective<'a> {
     lambda: NodeId,
     /// θ's tensors the lower level does not train (with a LoRA of θ).
     frozen: Params,
+    /// Processes sharing each batch (see `BatchShapes::world`).
+    world: usize,
 }
 
 struct LowerLosses {
@@ -191,6 +234,26 @@ struct LowerLosses {
 }
 
 impl Objective<'_> {
+    /// `Σ_ranks x` in a data-parallel run; `x` itself in one process.
+    fn sum_over_ranks(&self, g: &mut Graph, x: NodeId) -> NodeId {
+        if self.world > 1 {
+            g.all_reduce_sum(x)
+        } else {
+            x
+        }
+    }
+
+    /// This process's share of a loss that averages over `n` of its rows
+    /// or tokens (see `losses::share`); the loss itself in one process.
+    fn share(&self, g: &mut Graph, loss: NodeId, n: impl FnOnce(&mut Graph) -> NodeId) -> NodeId {
+        if self.world > 1 {
+            let n = n(g);
+            share(g, loss, n)
+        } else {
+            loss
+        }
+    }
+
     /// θ's trained tensors with the frozen ones.
     fn with_frozen(&self, theta: &Params) -> Params {
         let mut all = self.frozen.clone();
@@ -202,16 +265,19 @@ impl Objective<'_> {
         let b = &self.batches[k];
         let theta = self.with_frozen(theta);
         let lp = self.decoder.token_logprobs(g, &theta, w, b.sft_ids);
-        sft_loss(g, lp, b.sft_mask)
+        let loss = sft_loss(g, lp, b.sft_mask);
+        self.share(g, loss, |g| agg_count(g, TokenAgg::TokenMean, b.sft_mask))
     }
 
     fn rl(&self, g: &mut Graph, theta: &Params, w: &Params, k: usize) -> NodeId {
         let b = &self.batches[k];
         let theta = self.with_frozen(theta);
         let rl = &self.spec.rl;
+        let n = |g: &mut Graph| agg_count(g, grpo(rl).agg(), b.rl.loss_mask);
         if rl.entropy_coef == 0.0 {
             let lp = self.decoder.token_logprobs(g, &theta, w, b.rl.input_ids);
-            return grpo_loss(g, rl, lp, &b.rl);
+            let loss = grpo_loss(g, rl, lp, &b.rl);
+            return self.share(g, loss, n);
         }
         // The entropy bonus: −c × the entropy on response tokens, weighted
         // as the policy loss weighs its tokens.
@@ -221,7 +287,8 @@ impl Objective<'_> {
         let loss = grpo_loss(g, rl, lp, &b.rl);
         let h = aggregate_with(g, grpo(rl).agg(), entropy, b.rl.loss_mask);
         let bonus = g.scale(h, rl.entropy_coef);
-        g.sub(loss, bonus)
+        let loss = g.sub(loss, bonus);
+        self.share(g, loss, n)
     }
 
     /// Term `i` of the lower loss (1−λ) L_SFT + λ L_RL on step k's batch:
@@ -522,7 +589,9 @@ fn rule_step(
 struct StepRecord {
     /// stop_gradient(θ_k): the point the step's gradient was taken at.
     theta_in: Vec<NodeId>,
-    /// ∇θ of the step's loss at theta_in (before clipping).
+    /// This process's share of ∇θ of the step's loss at theta_in (before
+    /// the sum over processes and clipping): second-order products
+    /// differentiate it.
     grads: Vec<NodeId>,
     adjoint: StepAdjoint,
     /// The step's learning-rate multiplier and clip coefficient.
@@ -658,7 +727,12 @@ impl Lowering<'_> {
                 // `sft`: no RL term, whose loss reads as 0.
                 losses.push(g.full_like(0.0, self.obj.lambda));
             }
-            let grads = grads.expect("a chain has a term");
+            let local = grads.expect("a chain has a term");
+            // The gradient of the whole batch: the sum of the processes'.
+            let grads: Vec<NodeId> = local
+                .iter()
+                .map(|&x| self.obj.sum_over_ranks(g, x))
+                .collect();
             let step = opt_step(g, opt, &theta, &grads, &state, self.lower_scale);
             if k == 0 && chain == Chain::Lower {
                 let parts = LowerLosses {
@@ -670,7 +744,7 @@ impl Lowering<'_> {
             if k + record >= k_steps {
                 records.push(StepRecord {
                     theta_in,
-                    grads,
+                    grads: local,
                     adjoint: step.adjoint,
                     scale: step.scale,
                     clip: step.clip,
@@ -687,7 +761,10 @@ impl Lowering<'_> {
         }
     }
 
-    /// (∂²L/∂θ∂θ · u, ∂²L/∂w∂θ · u) for step k of a chain at the recorded point.
+    /// This process's share of (∂²L/∂θ∂θ · u, ∂²L/∂w∂θ · u) for step k of a
+    /// chain at the recorded point, where `u` is this process's share of
+    /// the direction (the direction is their sum, which each process's
+    /// products are taken along).
     fn second_order(
         &self,
         g: &mut Graph,
@@ -698,6 +775,8 @@ impl Lowering<'_> {
         kind: HypergradKind,
     ) -> (Vec<NodeId>, Vec<NodeId>) {
         let n = self.theta_names.len();
+        let u: Vec<NodeId> = u.iter().map(|&x| self.obj.sum_over_ranks(g, x)).collect();
+        let u = &u[..];
         match kind {
             HypergradKind::FiniteDifference { eps } => {
                 let norm = global_norm(g, u);
@@ -1045,6 +1124,7 @@ fn build_meta_step(
             batches,
             lambda,
             frozen,
+            world: shapes.world,
         },
         detach: !differentiable_unroll,
         recompute: memory == MemoryPlan::Recompute,
@@ -1082,8 +1162,11 @@ fn build_meta_step(
         backprop,
     );
     let (first_losses, first_grads, first_norm) = first.expect("at least one lower step");
-    g.set_output(Metric::SftLoss.name(), first_losses.sft);
-    g.set_output(Metric::RlLoss.name(), first_losses.rl);
+    // The losses of the whole batch: the sums of the processes' shares.
+    let sft_loss = low.obj.sum_over_ranks(&mut g, first_losses.sft);
+    g.set_output(Metric::SftLoss.name(), sft_loss);
+    let rl_loss = low.obj.sum_over_ranks(&mut g, first_losses.rl);
+    g.set_output(Metric::RlLoss.name(), rl_loss);
     if let Some(norm) = first_norm {
         g.set_output(Metric::LowerGradNorm.name(), norm);
     }
@@ -1172,9 +1255,11 @@ fn build_meta_step(
         d = add_lists(&mut g, Some(d), dc);
         let ab = g.add(a, b);
         let l_up = g.add(ab, c);
+        let l_up = low.obj.sum_over_ranks(&mut g, l_up);
         g.set_output(Metric::UpperLoss.name(), l_up);
         // J_RL(θ_K, w) − J_RL(θ̂_K, w): what joint training gained over RL alone.
         let gain = g.sub(rl_shadow, rl_theta);
+        let gain = low.obj.sum_over_ranks(&mut g, gain);
         g.set_output(Metric::Gain.name(), gain);
         let n = theta_k.len();
         let (v_theta, v_shadow, mut h) =
@@ -1199,6 +1284,12 @@ fn build_meta_step(
                 &mut h,
             );
         }
+        // Each process holds its share of the hypergradient; the update
+        // takes their sum.
+        let h: Vec<NodeId> = h
+            .iter()
+            .map(|&x| low.obj.sum_over_ranks(&mut g, x))
+            .collect();
         for (name, &hj) in low.w_names.iter().zip(&h) {
             g.set_output(format!("hyper.{name}"), hj);
         }

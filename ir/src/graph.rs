@@ -714,6 +714,12 @@ impl Graph {
         self.add_op(Op::StopGradient, &[x])
     }
 
+    /// The sum of `x` over the processes of a data-parallel run (see
+    /// `Op::AllReduceSum`).
+    pub fn all_reduce_sum(&mut self, x: NodeId) -> NodeId {
+        self.add_op(Op::AllReduceSum, &[x])
+    }
+
     /// An identity no pass merges or removes (see `Op::Barrier`).
     pub fn barrier(&mut self, x: NodeId, tag: u32) -> NodeId {
         self.add_op(Op::Barrier { tag }, &[x])

@@ -758,6 +758,14 @@ pub enum Op {
     Barrier {
         tag: u32,
     },
+    /// The sum of the operand over the processes of a data-parallel run
+    /// (every process holds the same result, summed in rank order); the
+    /// identity in a single process. Its gradient is the same sum of the
+    /// cotangent: each process holds its share of a cotangent, and the
+    /// objective is the sum of the processes' objectives (see
+    /// docs/semantics.md, "Data parallelism"). No pass folds, merges across
+    /// programs or removes it while its result is used.
+    AllReduceSum,
 }
 
 /// A node's operands or attributes do not fit its op.
@@ -815,6 +823,7 @@ impl Op {
             Op::CausalAttentionGrad { .. } => "causal_attention_grad",
             Op::StopGradient => "stop_gradient",
             Op::Barrier { .. } => "barrier",
+            Op::AllReduceSum => "all_reduce_sum",
         }
     }
 
@@ -1273,6 +1282,11 @@ impl Op {
             }
             Op::StopGradient | Op::Barrier { .. } => {
                 arity(1)?;
+                Ok(inputs[0].clone())
+            }
+            Op::AllReduceSum => {
+                arity(1)?;
+                float(inputs[0], "the operand")?;
                 Ok(inputs[0].clone())
             }
             Op::CausalAttention => {

@@ -40,7 +40,7 @@ pub const PLAN_MAGIC: &[u8; 10] = b"COOPCPLAN\n";
 /// the plan. Version 3: the policy loss carries its KL estimator,
 /// aggregation, ratio level and surrogate. Version 4: the linear entropy
 /// ops, and the log-prob scorer's entropy output.
-pub const PLAN_FORMAT_VERSION: u32 = 4;
+pub const PLAN_FORMAT_VERSION: u32 = 5;
 
 /// Bytes before the payload: magic, version, payload length, checksum.
 pub const PLAN_HEADER_LEN: usize = PLAN_MAGIC.len() + 4 + 8 + 32;
@@ -167,6 +167,15 @@ pub struct Plan {
     /// Decisions the compiler made that a user may want to know about
     /// (memory planning, recomputation, fallbacks).
     pub notes: Vec<String>,
+    /// Processes of the data-parallel run the plan was compiled for: its
+    /// programs take one process's share of each batch and sum gradients
+    /// over the processes. 1 for one process.
+    #[serde(default = "one_process")]
+    pub world: usize,
+}
+
+fn one_process() -> usize {
+    1
 }
 
 /// sha256 of a pipeline's source text, lower-case hex.
@@ -669,6 +678,7 @@ mod tests {
                 }),
             ],
             notes: vec!["recompute: nothing".into()],
+            world: 1,
         }
     }
 

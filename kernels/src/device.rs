@@ -1321,6 +1321,7 @@ impl<R: Runtime> Device<R> {
             Op::Reshape { .. }
             | Op::StopGradient
             | Op::Barrier { .. }
+            | Op::AllReduceSum
             | Op::Permute { .. }
             | Op::Slice { .. }
             | Op::Pad { .. }
@@ -1405,6 +1406,20 @@ impl<R: Runtime> Device<R> {
         Ok(match g.op(id) {
             // Relabelings share the operand's buffer.
             Op::Reshape { .. } | Op::StopGradient | Op::Barrier { .. } => get(&ops[0])?,
+            // A sum over processes: the identity in one process; otherwise
+            // through the host (an NCCL collective takes its place where
+            // the run has one).
+            Op::AllReduceSum => {
+                let c = coopc_runtime::collective::current();
+                if c.world() == 1 {
+                    get(&ops[0])?
+                } else {
+                    let mut v = self.download(get(&ops[0])?, n)?;
+                    c.all_reduce_sum_f32(&mut v)
+                        .map_err(|e| cx.unsupported(e.to_string()))?;
+                    self.upload(&v)
+                }
+            }
             Op::Permute { .. } | Op::Slice { .. } | Op::Pad { .. } | Op::Concat { .. } => {
                 let h = self.output(n);
                 if let Op::Pad { value, .. } = g.op(id) {

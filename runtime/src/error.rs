@@ -45,6 +45,14 @@ pub enum ExecError {
         bound: usize,
     },
 
+    /// A collective operation of a data-parallel run failed.
+    #[error("node %{node} ({op}): {source}")]
+    Collective {
+        node: usize,
+        op: &'static str,
+        source: Box<crate::collective::CollectiveError>,
+    },
+
     /// A node id that is not in the graph was requested.
     #[error("node %{node} is not in the graph")]
     UnknownNode { node: usize },

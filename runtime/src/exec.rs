@@ -591,6 +591,32 @@ pub(crate) fn matmul_transposed(
     HostTensor::new(out.shape.clone(), buffer)
 }
 
+/// `Σ_ranks data` over the current run's processes
+/// ([`crate::collective::current`]); `data` itself in a single process.
+fn all_reduce_sum(mut data: Buffer, cx: &Cx) -> Result<Buffer, ExecError> {
+    let c = crate::collective::current();
+    if c.world() == 1 {
+        return Ok(data);
+    }
+    let done = match &mut data {
+        Buffer::F64(v) => c.all_reduce_sum_f64(v),
+        Buffer::F32(v) => c.all_reduce_sum_f32(v),
+        other => {
+            return Err(ExecError::Unsupported {
+                node: cx.node,
+                op: cx.op,
+                message: format!("cannot sum {} values over processes", other.dtype()),
+            })
+        }
+    };
+    done.map_err(|source| ExecError::Collective {
+        node: cx.node,
+        op: cx.op,
+        source: Box::new(source),
+    })?;
+    Ok(data)
+}
+
 /// Computes the value of node `id` from its operand values (in slot order).
 pub(crate) fn eval_node(
     graph: &Graph,
@@ -609,6 +635,7 @@ fn eval(graph: &Graph, id: NodeId, args: &[&HostTensor]) -> Result<HostTensor, E
     let data: Buffer = match &node.op {
         Op::Input { .. } => return Err(missing_operand(graph, id)),
         Op::Reshape { .. } | Op::StopGradient | Op::Barrier { .. } => args[0].data.clone(),
+        Op::AllReduceSum => all_reduce_sum(args[0].data.clone(), &cx)?,
         Op::Full { value, ty } => any_dtype!(ty.dtype, |T| {
             T::into_buffer(vec![T::from_f64_as(value.get()); ty.numel()])
         }),

@@ -6,6 +6,7 @@
 //! It depends on the IR and the plan (`coopc_ir`) only, never on the
 //! compiler.
 
+pub mod collective;
 pub mod cpu;
 pub mod error;
 pub mod exec;
@@ -19,6 +20,7 @@ pub mod value;
 #[cfg(test)]
 mod tests;
 
+pub use collective::{Collective, CollectiveError};
 pub use error::ExecError;
 pub use exec::{
     execute, execute_nodes, execute_program, execute_program_nodes, Backend, CpuBackend,

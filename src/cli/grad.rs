@@ -84,6 +84,7 @@ pub fn load_batch(
         sft_batch: sft[0],
         rl_batch: rl[0],
         seq_len: sft[1],
+        world: 1,
     };
     if shapes.seq_len > spec.model.max_seq || shapes.seq_len < 2 {
         return Err(UserError(format!(
