@@ -438,7 +438,7 @@ mod tests {
             c.all_reduce_sum_f32(&mut w).unwrap();
             (v, w)
         });
-        let expect = [
+        let expect: [f64; 3] = [
             (1e16 + 0.0) + (0.0) + (-1e16),
             1.0 + 2.0 + 3.0,
             (0.1 + 0.2) + 0.30000000000000004,
