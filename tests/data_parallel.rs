@@ -15,7 +15,7 @@ use coopc_compiler::ir::plan::Program;
 use coopc_compiler::lowering::{lower_meta_step_with, BatchShapes, LowerOptions, MemoryPlan};
 use coopc_compiler::spec::{HypergradKind, LossAgg, OptimKind, PipelineSpec};
 use coopc_compiler::{compile_for_world, Op};
-use coopc_runtime::collective::{self, shard_rows, ThreadGroup};
+use coopc_runtime::collective::{self, shard_rows, Collective, ThreadGroup};
 use coopc_runtime::{Buffer, HostTensor};
 
 type Inputs = HashMap<String, HostTensor>;
@@ -268,6 +268,191 @@ fn batches_that_do_not_split_are_refused_naming_the_section() {
     let e = compile_for_world(spec, 4).expect_err("refused");
     assert!(
         e.contains("rl.mini_batches") && e.contains("multiple of 8"),
+        "{e}"
+    );
+}
+
+/// A tiny addition run in f64 whose batches split over two processes.
+const TRAIN: &str = r#"
+[model]
+d_model = 16
+n_layers = 1
+n_heads = 2
+n_kv_heads = 1
+d_ff = 32
+max_seq = 48
+[lora]
+rank = 2
+[rl]
+group_size = 2
+prompts_per_step = 2
+max_new_tokens = 32
+[sft]
+batch_size = 2
+cold_start_steps = 2
+[bilevel]
+method = "bridge"
+lambda = { start = 0.2, end = 0.8 }
+hypergradient = { kind = "truncated", unroll = 2, backprop = 2 }
+[optim.lower]
+kind = "adamw"
+lr = 1e-2
+[train]
+steps = 3
+eval_every = 2
+seed = 5
+[backend]
+dtype = "f64"
+"#;
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("coopc-dp-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run_options(dir: &std::path::Path) -> coopc_train::train::RunOptions {
+    coopc_train::train::RunOptions {
+        out_dir: dir.to_path_buf(),
+        resume: false,
+        progress: false,
+        eval_limit: 4,
+        stop_after: None,
+    }
+}
+
+type Trained = (
+    Vec<coopc_train::train::Metrics>,
+    std::collections::BTreeMap<String, HostTensor>,
+);
+
+/// Trains `spec` on `world` processes (threads), each with its own output
+/// folder; returns every rank's metrics and final state.
+fn train_on(spec: &PipelineSpec, world: usize, dir: &std::path::Path) -> Vec<Trained> {
+    use coopc_train::train::Trainer;
+    let handles = ThreadGroup::new(world, Duration::from_secs(300));
+    let plan = compile_for_world(spec.clone(), world).unwrap();
+    std::thread::scope(|s| {
+        let joins: Vec<_> = handles
+            .into_iter()
+            .map(|h| {
+                let plan = plan.clone();
+                let out = dir.join(format!("rank{}", h.rank()));
+                s.spawn(move || {
+                    collective::scope(Arc::new(h), || {
+                        let mut t = Trainer::new(plan, run_options(&out)).unwrap();
+                        let m = t.run(|_| {}).unwrap();
+                        (m, t.state().unwrap().tensors)
+                    })
+                })
+            })
+            .collect();
+        joins.into_iter().map(|j| j.join().unwrap()).collect()
+    })
+}
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    // Relative to the value, or to 1 for values near 0 (a loss of
+    // advantages that average to 0 is a sum that cancels).
+    (a.is_nan() && b.is_nan()) || (a - b).abs() <= tol * a.abs().max(b.abs()).max(1.0)
+}
+
+fn check_training(spec: &PipelineSpec, name: &str) {
+    let dir = tmpdir(name);
+    let single = train_on(spec, 1, &dir.join("one")).remove(0);
+    let ranks = train_on(spec, 2, &dir.join("two"));
+    // Rank 1 trained the same parameters and wrote nothing.
+    assert_eq!(
+        ranks[1].1, ranks[0].1,
+        "{name}: ranks hold different parameters"
+    );
+    let rank1 = dir.join("two").join("rank1");
+    assert!(!rank1.join("metrics.jsonl").exists() && !rank1.join("checkpoints").exists());
+    let rank0 = dir.join("two").join("rank0");
+    assert!(rank0.join("metrics.jsonl").exists() && rank0.join("checkpoints").exists());
+    let (m1, s1) = &single;
+    let (m2, s2) = &ranks[0];
+    assert_eq!(m1.len(), m2.len());
+    for (a, b) in m1.iter().zip(m2) {
+        let pairs = [
+            ("sft_loss", Some(a.sft_loss), Some(b.sft_loss)),
+            ("rl_loss", a.rl_loss, b.rl_loss),
+            ("reward_mean", a.reward_mean, b.reward_mean),
+            ("accuracy", a.accuracy, b.accuracy),
+            ("coop_gain", a.coop_gain, b.coop_gain),
+            ("kl", a.kl, b.kl),
+            ("entropy", a.entropy, b.entropy),
+            ("response_len", a.response_len, b.response_len),
+            ("truncated", a.truncated, b.truncated),
+            ("grad_norm_lower", a.grad_norm_lower, b.grad_norm_lower),
+            ("grad_norm_upper", a.grad_norm_upper, b.grad_norm_upper),
+            ("eval_accuracy", a.eval_accuracy, b.eval_accuracy),
+        ];
+        for (what, x, y) in pairs {
+            match (x, y) {
+                (Some(x), Some(y)) => assert!(
+                    close(x, y, 1e-10),
+                    "{name}, step {}: {what} {x} on one process, {y} on two",
+                    a.step
+                ),
+                (x, y) => assert_eq!(x.is_some(), y.is_some(), "{name}: {what}"),
+            }
+        }
+        assert!(a.sft_loss.is_finite() && a.reward_mean.is_some());
+    }
+    // Some step had an RL signal (rewards that differ within a group).
+    assert!(
+        m1.iter().any(|m| m.rl_loss.is_some_and(|l| l != 0.0)),
+        "{name}: no RL signal in {m1:?}"
+    );
+    let mut moved = 0;
+    for (n, t) in s1 {
+        let e = rel_err(&s2[n].to_f64_vec(), &t.to_f64_vec(), 1e-12);
+        // Three AdamW steps amplify the rounding of sums taken in another
+        // order (a meta-step itself agrees to 1e-12, see above).
+        assert!(
+            e <= 1e-9,
+            "{name}: `{n}` differs by {e:.3e} between one and two processes"
+        );
+        moved += (n.contains("lora_B") && t.to_f64_vec().iter().any(|&x| x != 0.0)) as usize;
+    }
+    assert!(moved > 0, "{name}: the adapter never moved");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn training_on_two_processes_equals_one_truncated_token_mean() {
+    let mut spec = pipeline(TRAIN);
+    // An untrained model answers nothing right: the KL penalty in the
+    // reward is what makes rewards, and so advantages, differ by row.
+    spec.rl.kl_coef = 0.5;
+    spec.rl.kl_in_reward = true;
+    check_training(&spec, "truncated");
+}
+
+#[test]
+fn training_on_two_processes_equals_one_first_order_seq_mean_with_kl() {
+    let mut spec = pipeline(TRAIN);
+    spec.bilevel.hypergradient.kind = HypergradKind::FirstOrder;
+    spec.rl.loss_agg = LossAgg::SeqMean;
+    spec.rl.kl_coef = 0.5;
+    spec.rl.kl_in_reward = true;
+    spec.rl.advantage = coopc_compiler::spec::Advantage::BatchStd;
+    check_training(&spec, "first-order");
+}
+
+#[test]
+fn a_plan_for_another_number_of_processes_is_refused() {
+    let spec = pipeline(TRAIN);
+    let plan = compile_for_world(spec, 2).unwrap();
+    let dir = tmpdir("mismatch");
+    let e = coopc_train::train::Trainer::new(plan, run_options(&dir))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("compiled for 2 process(es)") && e.contains("has 1"),
         "{e}"
     );
 }

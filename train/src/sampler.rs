@@ -216,11 +216,27 @@ impl Sampler {
         cfg: &SamplingConfig,
         rng: &mut StdRng,
     ) -> Result<Vec<Generation>, SampleError> {
-        self.check(prompts, cfg)?;
-        let mut streams: Vec<StdRng> = prompts
+        let streams: Vec<StdRng> = prompts
             .iter()
             .map(|_| StdRng::seed_from_u64(rng.gen()))
             .collect();
+        self.generate_with_streams(params, prompts, cfg, streams)
+    }
+
+    /// [`Sampler::generate`] with each prompt's own random stream: a
+    /// prompt's response depends on its stream alone, so a data-parallel
+    /// run that gives each process its share of the prompts, with the
+    /// streams one process would have drawn for them, samples what one
+    /// process would.
+    pub fn generate_with_streams<V: Clone + Into<Value>>(
+        &self,
+        params: &HashMap<String, V>,
+        prompts: &[Vec<i32>],
+        cfg: &SamplingConfig,
+        mut streams: Vec<StdRng>,
+    ) -> Result<Vec<Generation>, SampleError> {
+        assert_eq!(streams.len(), prompts.len(), "one random stream per prompt");
+        self.check(prompts, cfg)?;
         // The parameters enter the step's input map once per call; the
         // caches then move from each step's outputs to the next's inputs.
         let mut inputs: HashMap<String, Value> = HashMap::new();

@@ -13,9 +13,10 @@ use crate::tensorboard::{self, EventWriter};
 use coopc_ir::plan::{BatchField, Metric, Plan, Role, Signature, LAMBDA, TOKEN_IDS};
 use coopc_ir::spec::{Advantage, KlEstimator, Method, OnNonFinite, PipelineSpec};
 use coopc_ir::DType;
-use coopc_runtime::{Backend, CpuBackend, ExecError, HostTensor, Value};
+use coopc_runtime::collective::{self, shard_rows, Collective};
+use coopc_runtime::{Backend, CollectiveError, CpuBackend, ExecError, HostTensor, Value};
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -35,6 +36,8 @@ pub enum TrainError {
     Checkpoint(#[from] CheckpointError),
     #[error("{0}")]
     Io(String),
+    #[error("data parallel: {0}")]
+    Collective(#[from] CollectiveError),
     #[error(
         "meta-step {step}: {what} is {value}; stopping ({checkpoint}) — \
          lower optim.lower.lr / optim.upper.lr or check the data"
@@ -388,6 +391,9 @@ pub struct Trainer {
     metas_run: u64,
     /// Meta-steps skipped in a row for a non-finite value (`skip_step`).
     nonfinite_in_row: usize,
+    /// The processes of a data-parallel run (a single process by default):
+    /// each samples and trains on its share of every batch; rank 0 writes.
+    comm: Arc<dyn Collective>,
 }
 
 impl Trainer {
@@ -406,6 +412,19 @@ impl Trainer {
                     spec.task.kind.name()
                 )));
             }
+        }
+        let comm = collective::current();
+        if plan.world != comm.world() {
+            return Err(TrainError::Io(format!(
+                "the plan was compiled for {} process(es), and this run has {}: compile it for the run's processes (`coopc run` does so itself)",
+                plan.world,
+                comm.world()
+            )));
+        }
+        if comm.world() > 1 && spec.rl.dynamic_sampling {
+            return Err(TrainError::Io(
+                "rl.dynamic_sampling is not supported on more than one process yet: run it on one process, or set it to false".into(),
+            ));
         }
         let sampler = Sampler::from_plan(&plan)?;
         let initial = Self::initial_state(&spec, &plan.meta_step().signature)?;
@@ -446,7 +465,13 @@ impl Trainer {
             reference,
             opts,
             backend: Arc::new(CpuBackend),
+            comm,
         })
+    }
+
+    /// This process's rank and the number of processes of the run.
+    pub fn rank(&self) -> (usize, usize) {
+        (self.comm.rank(), self.comm.world())
     }
 
     /// The same trainer running every program (meta-step, scorer, decode
@@ -673,11 +698,27 @@ impl Trainer {
     }
 
     /// Runs meta-steps until `train.steps`, writing metrics and checkpoints.
-    pub fn run(&mut self, mut on_step: impl FnMut(&Metrics)) -> Result<Vec<Metrics>, TrainError> {
+    /// In a data-parallel run every process calls this; rank 0 evaluates
+    /// and writes metrics and checkpoints, and a process that fails tells
+    /// the others, which then stop with an error naming it.
+    pub fn run(&mut self, on_step: impl FnMut(&Metrics)) -> Result<Vec<Metrics>, TrainError> {
+        let out = self.run_inner(on_step);
+        if let Err(e) = &out {
+            if !matches!(e, TrainError::Collective(_)) {
+                self.comm.abort(&e.to_string());
+            }
+        }
+        out
+    }
+
+    fn run_inner(&mut self, mut on_step: impl FnMut(&Metrics)) -> Result<Vec<Metrics>, TrainError> {
+        let writes = self.comm.rank() == 0;
         let metrics_path = self.opts.out_dir.join("metrics.jsonl");
         let mut history = read_metrics(&metrics_path)?;
         history.retain(|m| m.step < self.step);
-        rewrite_metrics(&metrics_path, &history)?;
+        if writes {
+            rewrite_metrics(&metrics_path, &history)?;
+        }
         let wall0 = Instant::now();
         let wall_offset = history.last().map_or(0.0, |m| m.wall_time_s);
         let mut flops_total = history.last().and_then(|m| m.flops).unwrap_or(0.0);
@@ -685,10 +726,15 @@ impl Trainer {
         // event times count from the run's start.
         let started = tensorboard::now() - wall_offset;
         let dir = &self.opts.out_dir;
-        let mut events = EventWriter::create(dir).map_err(|e| io_err(dir, e))?;
-        for m in &history {
-            write_event(&mut events, m, started)?;
-        }
+        let mut events = if writes {
+            let mut events = EventWriter::create(dir).map_err(|e| io_err(dir, e))?;
+            for m in &history {
+                write_event(&mut events, m, started)?;
+            }
+            Some(events)
+        } else {
+            None
+        };
         let total = self.spec.train.steps;
         let mut out = Vec::new();
         let stop = self.opts.stop_after.map_or(total, |s| s.min(total));
@@ -697,7 +743,14 @@ impl Trainer {
             let before = self.backend.transfers();
             let work_before = self.work_done();
             let mut m = self.meta_step().map_err(|e| self.failed_at(self.step, e))?;
-            flops_total += (self.work_done() - work_before) as f64;
+            // Every process's work, and whether a process was asked to
+            // stop (a signal may reach them at different meta-steps).
+            let mut shared = [
+                (self.work_done() - work_before) as f64,
+                crate::interrupt::requested().is_some() as u8 as f64,
+            ];
+            self.comm.all_reduce_sum_f64(&mut shared)?;
+            flops_total += shared[0];
             m.flops = Some(flops_total);
             if let (Some(b), Some(a)) = (before, self.backend.transfers()) {
                 let d = a.since(b);
@@ -706,7 +759,8 @@ impl Trainer {
             }
             let step = m.step;
             let every = self.spec.train.eval_every;
-            if (every > 0 && (step + 1) % every == 0) || step + 1 == total {
+            let evaluates = (every > 0 && (step + 1) % every == 0) || step + 1 == total;
+            if evaluates && writes {
                 m.eval_accuracy = Some(self.evaluate().map_err(|e| self.failed_at(step, e))?);
                 let n = self.spec.train.eval_samples;
                 if n > 0 {
@@ -721,10 +775,13 @@ impl Trainer {
             }
             m.step_time_s = t0.elapsed().as_secs_f64();
             m.wall_time_s = wall_offset + wall0.elapsed().as_secs_f64();
-            append_metrics(&metrics_path, &m)?;
-            write_event(&mut events, &m, started)?;
-            let interrupted = crate::interrupt::requested();
-            if m.eval_accuracy.is_some() || self.step == stop || interrupted.is_some() {
+            if let Some(events) = events.as_mut() {
+                append_metrics(&metrics_path, &m)?;
+                write_event(events, &m, started)?;
+            }
+            let interrupted =
+                (shared[1] > 0.0).then(|| crate::interrupt::requested().unwrap_or(15));
+            if writes && (evaluates || self.step == stop || interrupted.is_some()) {
                 let saved = checkpoint::save(&self.opts.out_dir, &self.spec, &self.state()?);
                 if let Err(source) = saved {
                     return Err(TrainError::CheckpointWrite {
@@ -799,6 +856,13 @@ impl Trainer {
         let (t, bs) = (spec.train.seq_len, spec.sft.batch_size);
         let br = spec.rl.batch_size();
         let g = spec.rl.group_size;
+        // This process's rows of the whole batch (all of them on one).
+        let comm = self.comm.clone();
+        let (rank, world) = (comm.rank(), comm.world());
+        let minis = spec.rl.mini_batches.max(1);
+        let sft_mine = shard_rows(bs, minis, rank, world);
+        let rl_mine = shard_rows(br, minis, rank, world);
+        let (bs_l, br_l) = (sft_mine.len(), rl_mine.len());
         let policy = Self::policy_params(&self.plan, &self.values);
         let tok = self.task.tokenizer();
         let pad = tok.pad();
@@ -824,21 +888,23 @@ impl Trainer {
         let mut rl_signal = false;
         for k in 0..k_steps {
             let mut rng = step_rng(spec.train.seed, step, 1 + k as u64);
-            // SFT demonstrations.
-            let mut rows = Vec::with_capacity(bs);
+            // SFT demonstrations: every process draws the whole batch and
+            // keeps its rows.
+            let mut all_rows = Vec::with_capacity(bs);
             for _ in 0..bs {
                 let ex = self.task.sft_row(&mut rng)?;
-                rows.push((ex.tokens, ex.prompt_len, ex.response_len));
+                all_rows.push((ex.tokens, ex.prompt_len, ex.response_len));
             }
+            let rows: Vec<Row> = sft_mine.iter().map(|&i| all_rows[i].clone()).collect();
             let sft = pack(&rows, t, pad);
             let field = |f: BatchField| f.input_name(k);
             inputs.insert(
                 field(BatchField::SftInputIds),
-                host(HostTensor::i32(vec![bs, t], sft.ids.clone())),
+                host(HostTensor::i32(vec![bs_l, t], sft.ids.clone())),
             );
             inputs.insert(
                 field(BatchField::SftLossMask),
-                host(self.tensor(vec![bs, t], &sft.mask)),
+                host(self.tensor(vec![bs_l, t], &sft.mask)),
             );
             // RL rollouts: G completions of each prompt from the current policy.
             let (rl, adv, old, reference) = if needs_rollouts {
@@ -850,37 +916,56 @@ impl Trainer {
                 let mut round = 0;
                 loop {
                     round += 1;
+                    // Every process draws the whole batch's problems and
+                    // random streams, and samples its rows.
                     let problems: Vec<Problem> = (0..p_count)
                         .map(|_| self.task.rl_problem(&mut rng))
                         .collect();
-                    let mut prompts = Vec::with_capacity(br);
+                    let mut all_prompts = Vec::with_capacity(br);
                     for p in &problems {
                         let enc = self.task.encode_prompt(p)?;
                         for _ in 0..g {
-                            prompts.push(enc.clone());
+                            all_prompts.push(enc.clone());
                         }
                     }
-                    let gens: Vec<Generation> = self.sampler.generate(
+                    let seeds: Vec<u64> = all_prompts.iter().map(|_| rng.gen()).collect();
+                    let prompts: Vec<Vec<i32>> =
+                        rl_mine.iter().map(|&i| all_prompts[i].clone()).collect();
+                    let streams = rl_mine
+                        .iter()
+                        .map(|&i| StdRng::seed_from_u64(seeds[i]))
+                        .collect();
+                    let gens: Vec<Generation> = self.sampler.generate_with_streams(
                         &policy,
                         &prompts,
-                        &self.sampling(false, &prompts),
-                        &mut rng,
+                        &self.sampling(false, &all_prompts),
+                        streams,
                     )?;
-                    for (problem, group) in problems.iter().zip(gens.chunks(g)) {
-                        let mut rows = Vec::with_capacity(g);
-                        let mut rewards = Vec::with_capacity(g);
-                        for gen in group {
-                            let text = self.task.decode_response(gen.response());
-                            correct += self.task.is_correct(problem, &text) as usize;
-                            rewards.push(self.task.reward(problem, &text));
-                            lens.push(gen.response_len as f64);
-                            truncated += !gen.stopped as usize;
-                            rows.push((
-                                (gen.tokens.clone(), gen.prompt_len, gen.response_len),
-                                gen.stopped,
-                            ));
-                        }
-                        rewards_all.extend(&rewards);
+                    let mut round_rows = Vec::with_capacity(br_l);
+                    let mut round_rewards = Vec::with_capacity(br_l);
+                    for (gen, &i) in gens.iter().zip(&rl_mine) {
+                        let problem = &problems[i / g];
+                        let text = self.task.decode_response(gen.response());
+                        correct += self.task.is_correct(problem, &text) as usize;
+                        round_rewards.push(self.task.reward(problem, &text));
+                        lens.push(gen.response_len as f64);
+                        truncated += !gen.stopped as usize;
+                        round_rows.push((
+                            (gen.tokens.clone(), gen.prompt_len, gen.response_len),
+                            gen.stopped,
+                        ));
+                    }
+                    rewards_all.extend(&round_rewards);
+                    if world > 1 {
+                        // No dynamic sampling (refused in `new`): the
+                        // process's rows as they come.
+                        kept.push((round_rows, round_rewards));
+                        break;
+                    }
+                    let mut round_rows = round_rows.into_iter();
+                    for rewards in round_rewards.chunks(g) {
+                        let rows: Vec<_> = round_rows.by_ref().take(g).collect();
+                        let rewards = rewards.to_vec();
                         let flat = rewards.iter().all(|&r| r == rewards[0]);
                         if spec.rl.dynamic_sampling && flat {
                             dropped.push((rows, rewards));
@@ -944,7 +1029,15 @@ impl Trainer {
                     }
                     None => None,
                 };
-                let mut adv = advantages(&rewards, g, spec.rl.advantage);
+                // Advantages from the whole batch's rewards (group and
+                // batch statistics span processes).
+                let mut all_rewards = vec![0.0; br];
+                for (&i, &r) in rl_mine.iter().zip(&rewards) {
+                    all_rewards[i] = r;
+                }
+                comm.all_reduce_sum_f64(&mut all_rewards)?;
+                let all_adv = advantages(&all_rewards, g, spec.rl.advantage);
+                let mut adv: Vec<f64> = rl_mine.iter().map(|&i| all_adv[i]).collect();
                 if spec.rl.mask_truncated {
                     mask_truncated(&mut rows, &mut adv, &stopped);
                 }
@@ -962,30 +1055,50 @@ impl Trainer {
                 // λ = 0 and no upper level: the RL term has weight 0, so the
                 // SFT rows stand in (zero advantages) and nothing is sampled.
                 let reps: Vec<(Vec<i32>, usize, usize)> =
-                    (0..br).map(|i| rows[i % bs].clone()).collect();
+                    rl_mine.iter().map(|&i| all_rows[i % bs].clone()).collect();
                 let rl = pack(&reps, t, pad);
-                let zeros = host(self.tensor(vec![br, t], &vec![0.0; rl.ids.len()]));
-                (rl, vec![0.0; br], zeros.clone(), Some(zeros))
+                let zeros = host(self.tensor(vec![br_l, t], &vec![0.0; rl.ids.len()]));
+                (rl, vec![0.0; br_l], zeros.clone(), Some(zeros))
             };
             inputs.insert(
                 field(BatchField::RlInputIds),
-                host(HostTensor::i32(vec![br, t], rl.ids)),
+                host(HostTensor::i32(vec![br_l, t], rl.ids)),
             );
             inputs.insert(
                 field(BatchField::RlLossMask),
-                host(self.tensor(vec![br, t], &rl.mask)),
+                host(self.tensor(vec![br_l, t], &rl.mask)),
             );
             inputs.insert(
                 field(BatchField::RlAdvantages),
-                host(self.tensor(vec![br], &adv)),
+                host(self.tensor(vec![br_l], &adv)),
             );
             inputs.insert(field(BatchField::RlOldLogprobs), old);
             if let Some(r) = reference {
                 inputs.insert(field(BatchField::RlRefLogprobs), r);
             }
         }
-        let n = rewards_all.len();
-        let mean = |xs: &[f64]| (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64);
+        // The rollouts' statistics over every process's rows: sums and
+        // counts, added over processes.
+        let sum = |xs: &[f64]| xs.iter().sum::<f64>();
+        let mut stats = [
+            sum(&rewards_all),
+            rewards_all.len() as f64,
+            correct as f64,
+            sum(&kls),
+            kls.len() as f64,
+            sum(&entropies),
+            entropies.len() as f64,
+            sum(&lens),
+            lens.len() as f64,
+            truncated as f64,
+            rl_signal as u8 as f64,
+        ];
+        comm.all_reduce_sum_f64(&mut stats)?;
+        let [reward_sum, n, correct, kl_sum, kl_n, ent_sum, ent_n, len_sum, len_n, truncated, signal] =
+            stats;
+        let rl_signal = signal > 0.0;
+        let n = n as usize;
+        let mean = |total: f64, count: f64| (count > 0.0).then(|| total / count);
         // No signal: the lower objective is the RL term alone, without a KL
         // term or an entropy bonus, and every advantage is 0 — its gradient is exactly 0, and an
         // optimiser step would only let momentum and weight decay move θ.
@@ -1001,14 +1114,14 @@ impl Trainer {
             step,
             method: spec.bilevel.method.name().to_string(),
             lambda,
-            reward_mean: mean(&rewards_all),
-            accuracy: (n > 0).then(|| correct as f64 / n as f64),
+            reward_mean: mean(reward_sum, n as f64),
+            accuracy: (n > 0).then(|| correct / n as f64),
             sft_loss: f64::NAN,
             rl_loss: None,
-            kl: mean(&kls),
-            entropy: mean(&entropies),
+            kl: mean(kl_sum, kl_n),
+            entropy: mean(ent_sum, ent_n),
             coop_gain: None,
-            response_len: mean(&lens),
+            response_len: mean(len_sum, len_n),
             step_time_s: 0.0,
             wall_time_s: 0.0,
             eval_accuracy: None,
@@ -1020,7 +1133,7 @@ impl Trainer {
             grad_norm_lower: None,
             grad_norm_upper: None,
             skipped_nonfinite: false,
-            truncated: (n > 0).then(|| truncated as f64 / n as f64),
+            truncated: (n > 0).then(|| truncated / n as f64),
             sampling_rounds: (spec.rl.dynamic_sampling && n > 0).then_some(rounds),
             dropped_groups: (spec.rl.dynamic_sampling && n > 0).then_some(dropped_groups),
             eval_pass_at_1: None,
@@ -1046,11 +1159,11 @@ impl Trainer {
                 Some(Role::Metric(_))
             )
         };
-        let outputs: HashMap<String, Value> = self
-            .backend
-            .run_values(meta, &inputs, &on_host)?
-            .into_iter()
-            .collect();
+        let outputs: HashMap<String, Value> = collective::scope(comm.clone(), || {
+            self.backend.run_values(meta, &inputs, &on_host)
+        })?
+        .into_iter()
+        .collect();
         let scalar = |m: Metric| {
             outputs
                 .get(m.name())
