@@ -7,3 +7,5 @@
 //! docs/architecture.md.
 
 pub mod cli;
+#[cfg(feature = "mpi")]
+pub mod mpi_world;

@@ -41,6 +41,13 @@ fn main() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tune_allocator();
     let cli = Cli::parse();
+    let processes = match coopc::cli::start_processes() {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
     // The command runs on a thread of the pool the CPU executor's parallel
     // loops use, so that it takes part in them instead of handing each
     // loop to the pool and waiting (12 % of a CPU meta-step on 2 cores).
@@ -49,5 +56,11 @@ fn main() {
         Ok(pool) => pool.install(|| dispatch(cli)),
         Err(_) => dispatch(cli),
     };
+    let world = coopc_runtime::collective::current();
+    if code != 0 && world.world() > 1 {
+        // The other processes may be waiting for this one in a collective.
+        world.abort(&format!("stopped with exit status {code}"));
+    }
+    drop(processes);
     std::process::exit(code);
 }

@@ -282,6 +282,41 @@ pub enum Command {
 }
 
 /// Runs one command; returns the process's exit code.
+/// The processes of this run as the launcher started them: under an MPI
+/// launcher (`mpirun`, `srun --mpi=pmix`), MPI is initialised and its world
+/// installed as the process's collective (see
+/// `coopc_runtime::collective`); otherwise the run is one process. The
+/// returned guard finalises MPI when dropped, before the process exits.
+pub fn start_processes() -> Result<Option<Box<dyn std::any::Any>>, String> {
+    let var = |k: &str| std::env::var(k).ok();
+    let launched = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"]
+        .iter()
+        .any(|k| var(k).is_some());
+    if !launched {
+        return Ok(None);
+    }
+    #[cfg(feature = "mpi")]
+    {
+        let (universe, world) = crate::mpi_world::MpiWorld::init()?;
+        coopc_runtime::collective::install(std::sync::Arc::new(world));
+        Ok(Some(Box::new(universe)))
+    }
+    #[cfg(not(feature = "mpi"))]
+    {
+        let size = var("OMPI_COMM_WORLD_SIZE")
+            .or_else(|| var("PMI_SIZE"))
+            .or_else(|| var("SLURM_NTASKS"))
+            .and_then(|s| s.parse::<usize>().ok())
+            .unwrap_or(2);
+        if size > 1 {
+            return Err(format!(
+                "started by an MPI launcher with {size} processes, but this coopc was built without MPI: build it with `cargo build --release --features mpi` (needs the system's MPI, e.g. Debian's libopenmpi-dev and libclang-dev)"
+            ));
+        }
+        Ok(None)
+    }
+}
+
 pub fn dispatch(cli: Cli) -> i32 {
     match cli.command {
         Command::Run {

@@ -276,13 +276,18 @@ pub fn run(
     // A plan is used as compiled unless an override changed what it
     // computes; the overrides that do not (steps, seed, backend) take effect
     // through its spec.
+    // Under an MPI launcher each process compiles the plan of its share.
+    let world = coopc_runtime::collective::current();
     let plan = match plan {
-        Some(mut p) if spec.bilevel == before.bilevel => {
+        Some(mut p) if spec.bilevel == before.bilevel && p.world == world.world() => {
             p.spec = spec.clone();
             p
         }
-        _ => compile(spec.clone()),
+        _ => coopc_compiler::compile_for_world(spec.clone(), world.world())
+            .map_err(|e| UserError(format!("{} processes: {e}", world.world())))?,
     };
+    // Only rank 0 reports; the others work quietly.
+    let quiet = quiet || world.rank() > 0;
     let dir: PathBuf = match (resume, out) {
         (Some(d), _) => d.to_path_buf(),
         (None, Some(o)) => o.to_path_buf(),
@@ -298,9 +303,12 @@ pub fn run(
         }
     };
     std::fs::create_dir_all(&dir).map_err(|e| UserError(format!("{}: {e}", dir.display())))?;
-    let spec_json = serde_json::to_string_pretty(&spec).map_err(|e| UserError(e.to_string()))?;
-    coopc_compiler::ir::file::write_atomically(&dir.join(SPEC_FILE), spec_json.as_bytes())
-        .map_err(|e| UserError(format!("{}: {e}", dir.join(SPEC_FILE).display())))?;
+    if world.rank() == 0 {
+        let spec_json =
+            serde_json::to_string_pretty(&spec).map_err(|e| UserError(e.to_string()))?;
+        coopc_compiler::ir::file::write_atomically(&dir.join(SPEC_FILE), spec_json.as_bytes())
+            .map_err(|e| UserError(format!("{}: {e}", dir.join(SPEC_FILE).display())))?;
+    }
     let total = spec.train.steps;
     let opts = RunOptions {
         out_dir: dir.clone(),
@@ -350,6 +358,9 @@ pub fn run(
         bar.inc(1);
     })?;
     bar.finish();
+    if world.rank() > 0 {
+        return Ok(());
+    }
     let last = metrics.last();
     println!(
         "{} {} steps in {:.1?}: held-out accuracy {} · metrics {} · checkpoint {}",
