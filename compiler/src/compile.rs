@@ -53,9 +53,13 @@ fn compile_with_shapes(spec: PipelineSpec, shapes: BatchShapes) -> Plan {
     programs.extend(merge);
     let mut notes = ms.notes;
     if shapes.world > 1 {
+        let (sums, bytes) = all_reduce_volume(&programs[0].graph);
         notes.push(format!(
-            "data parallel: {} processes, each with {} SFT and {} RL rows per batch; gradients summed over processes",
-            shapes.world, shapes.sft_batch, shapes.rl_batch
+            "data parallel: {} processes, each with {} SFT and {} RL rows per batch; {sums} sums over processes per meta-step, {} each process sends and receives",
+            shapes.world,
+            shapes.sft_batch,
+            shapes.rl_batch,
+            crate::schedule::human_bytes(bytes)
         ));
     }
     Plan {
@@ -66,6 +70,18 @@ fn compile_with_shapes(spec: PipelineSpec, shapes: BatchShapes) -> Plan {
         notes,
         world: shapes.world,
     }
+}
+
+/// The sums over processes (`Op::AllReduceSum`) of a program and the bytes
+/// they carry, each counted once: what one process contributes to (and
+/// receives from) the collectives of one run of the program.
+pub fn all_reduce_volume(g: &Graph) -> (usize, usize) {
+    g.node_ids()
+        .filter(|&id| matches!(g.op(id), crate::ir::Op::AllReduceSum))
+        .fold((0, 0), |(n, b), id| {
+            let ty = g.ty(id);
+            (n + 1, b + ty.numel() * ty.dtype.size_bytes())
+        })
 }
 
 /// The meta-step's interface: θ and w in the parameter schema's order,

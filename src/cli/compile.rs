@@ -101,6 +101,7 @@ pub fn run(
     out: Option<&Path>,
     emit: Option<Emit>,
     dir: Option<&Path>,
+    world: usize,
 ) -> Result<(), UserError> {
     if emit == Some(Emit::Kernels) && dir.is_none() {
         return Err(UserError(
@@ -116,8 +117,18 @@ pub fn run(
     let options = coopc_compiler::frontend::Options {
         model_from: model.map(|m| m.display().to_string()),
     };
-    let plan =
-        coopc_compiler::compile_file_with(pipeline, &options).map_err(|e| UserError(e.render()))?;
+    let plan = if world <= 1 {
+        coopc_compiler::compile_file_with(pipeline, &options).map_err(|e| UserError(e.render()))?
+    } else {
+        // The plan of one process of a data-parallel run of `world`.
+        let (source, spec) = coopc_compiler::frontend::load_pipeline_with(pipeline, &options)
+            .map_err(|e| UserError(e.render()))?;
+        let mut plan = coopc_compiler::compile_for_world(spec, world)
+            .map_err(|e| UserError(format!("--world {world}: {e}")))?;
+        plan.pipeline_hash = coopc_compiler::plan::pipeline_hash(&source);
+        plan.pipeline_path = pipeline.display().to_string();
+        plan
+    };
     let elapsed = t0.elapsed();
     let meta = plan.meta_step();
     match emit {

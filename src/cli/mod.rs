@@ -230,6 +230,10 @@ pub enum Command {
         emit: Option<compile::Emit>,
         /// Folder for `--emit kernels`.
         dir: Option<PathBuf>,
+        /// Compile the plan of one process of a data-parallel run of N
+        /// processes (`mpirun -np N coopc run PLAN`).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        world: usize,
     },
     /// Describe a compiled plan: programs, op counts, buffer bytes, peak memory.
     Inspect { plan: PathBuf },
@@ -442,12 +446,14 @@ pub fn dispatch(cli: Cli) -> i32 {
             output,
             emit,
             dir,
+            world,
         } => user_result(compile::run(
             &pipeline,
             model.as_deref(),
             output.as_deref(),
             emit,
             dir.as_deref(),
+            world,
         )),
         Command::Init {
             pipeline,
