@@ -359,16 +359,30 @@ fn close(a: f64, b: f64, tol: f64) -> bool {
 }
 
 fn check_training(spec: &PipelineSpec, name: &str) {
+    check_split(spec, spec, 2, name);
+}
+
+/// `split` (micro-batches, processes) trains what `spec` trains on one
+/// process; `split` runs on `world` processes.
+fn check_split(spec: &PipelineSpec, split: &PipelineSpec, world: usize, name: &str) {
     let dir = tmpdir(name);
     let single = train_on(spec, 1, &dir.join("one")).remove(0);
-    let ranks = train_on(spec, 2, &dir.join("two"));
-    // Rank 1 trained the same parameters and wrote nothing.
-    assert_eq!(
-        ranks[1].1, ranks[0].1,
-        "{name}: ranks hold different parameters"
-    );
-    let rank1 = dir.join("two").join("rank1");
-    assert!(!rank1.join("metrics.jsonl").exists() && !rank1.join("checkpoints").exists());
+    let ranks = train_on(split, world, &dir.join("two"));
+    // The other ranks trained the same parameters and wrote nothing.
+    for (r, rank) in ranks.iter().enumerate().skip(1) {
+        let differ: Vec<&String> = rank
+            .1
+            .iter()
+            .filter(|(n, t)| ranks[0].1.get(*n) != Some(*t))
+            .map(|(n, _)| n)
+            .collect();
+        assert!(
+            differ.is_empty(),
+            "{name}: rank {r} holds other values of {differ:?}"
+        );
+        let dir = dir.join("two").join(format!("rank{r}"));
+        assert!(!dir.join("metrics.jsonl").exists() && !dir.join("checkpoints").exists());
+    }
     let rank0 = dir.join("two").join("rank0");
     assert!(rank0.join("metrics.jsonl").exists() && rank0.join("checkpoints").exists());
     let (m1, s1) = &single;
@@ -440,6 +454,54 @@ fn training_on_two_processes_equals_one_first_order_seq_mean_with_kl() {
     spec.rl.kl_in_reward = true;
     spec.rl.advantage = coopc_compiler::spec::Advantage::BatchStd;
     check_training(&spec, "first-order");
+}
+
+#[test]
+fn two_micro_batches_train_what_one_batch_trains() {
+    let mut spec = pipeline(TRAIN);
+    spec.rl.kl_coef = 0.5;
+    spec.rl.kl_in_reward = true;
+    spec.rl.advantage = coopc_compiler::spec::Advantage::BatchStd;
+    let mut micro = spec.clone();
+    micro.train.micro_batches = 2;
+    let plan = compile_for_world(micro.clone(), 1).unwrap();
+    assert_eq!(plan.world, 1);
+    // The meta-step takes one micro-batch's rows; the scorer the process's.
+    let rows = |prog: &Program| {
+        prog.signature
+            .inputs
+            .iter()
+            .find(|i| i.name.ends_with("rl.input_ids") || i.name == "input_ids")
+            .map(|i| i.ty.shape[0])
+    };
+    assert_eq!(rows(plan.meta_step()), Some(2));
+    assert_eq!(rows(plan.logprobs()), Some(4));
+    check_split(&spec, &micro, 1, "micro");
+}
+
+#[test]
+fn micro_batches_on_two_processes_train_what_one_process_trains() {
+    let mut spec = pipeline(TRAIN);
+    spec.sft.batch_size = 4;
+    spec.rl.kl_coef = 0.5;
+    spec.rl.kl_in_reward = true;
+    spec.bilevel.hypergradient.kind = HypergradKind::FirstOrder;
+    spec.rl.loss_agg = LossAgg::SeqMean;
+    let mut micro = spec.clone();
+    micro.train.micro_batches = 2;
+    check_split(&spec, &micro, 2, "micro-two");
+}
+
+#[test]
+fn micro_batches_that_do_not_split_the_batch_are_refused_in_the_pipeline() {
+    let text = TRAIN.replace("seed = 5", "seed = 5\nmicro_batches = 3");
+    let e = coopc_compiler::frontend::parse_pipeline(&text)
+        .expect_err("refused")
+        .render("p.toml", &text);
+    assert!(
+        e.contains("micro_batches") && e.contains("batch_size"),
+        "{e}"
+    );
 }
 
 #[test]

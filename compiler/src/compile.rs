@@ -25,7 +25,10 @@ use std::path::Path;
 /// recorded: see [`compile_file`] for a plan that knows its file).
 pub fn compile(spec: PipelineSpec) -> Plan {
     let shapes = BatchShapes::from_spec(&spec);
-    compile_with_shapes(spec, shapes)
+    match spec.train.micro_batches {
+        0 | 1 => compile_with_shapes(spec, shapes, shapes, 1),
+        _ => compile_for_world(spec, 1).unwrap_or_else(|e| panic!("{e}")),
+    }
 }
 
 /// Compiles the plan of one process of a data-parallel run of `world`
@@ -34,32 +37,42 @@ pub fn compile(spec: PipelineSpec) -> Plan {
 /// `world = 1` is [`compile`]. Fails when the batches do not split evenly.
 pub fn compile_for_world(spec: PipelineSpec, world: usize) -> Result<Plan, String> {
     let shapes = BatchShapes::for_world(&spec, world)?;
-    Ok(compile_with_shapes(spec, shapes))
+    let process = BatchShapes::per_process(&spec, world)?;
+    Ok(compile_with_shapes(spec, shapes, process, world.max(1)))
 }
 
-fn compile_with_shapes(spec: PipelineSpec, shapes: BatchShapes) -> Plan {
+/// The meta-step for one program instance's `shapes`; the sampler's and
+/// scorer's programs for one `process`'s rows.
+fn compile_with_shapes(
+    spec: PipelineSpec,
+    shapes: BatchShapes,
+    process: BatchShapes,
+    world: usize,
+) -> Plan {
     // The lowering runs the pass pipeline on the meta-step itself (its
     // memory plan is chosen on optimised graphs).
     let ms = lower_meta_step(&spec, shapes);
     let meta_signature = meta_step_signature(&spec, &ms.graph);
 
     // The decode step samples (this process's share of) the RL batch's rollouts.
-    let (decode, merge) = sampling_programs(&spec, shapes.rl_batch, shapes.seq_len);
+    let (decode, merge) = sampling_programs(&spec, process.rl_batch, process.seq_len);
     let mut programs = vec![
         compile_program(ProgramKind::MetaStep, ms.graph, meta_signature),
-        compile_logprobs_for(&spec, shapes),
+        compile_logprobs_for(&spec, process),
         decode,
     ];
     programs.extend(merge);
     let mut notes = ms.notes;
     if shapes.world > 1 {
         let (sums, bytes) = all_reduce_volume(&programs[0].graph);
+        let micro = shapes.world / world;
         notes.push(format!(
-            "data parallel: {} processes, each with {} SFT and {} RL rows per batch; {sums} sums over processes per meta-step, {} each process sends and receives",
-            shapes.world,
-            shapes.sft_batch,
-            shapes.rl_batch,
-            crate::schedule::human_bytes(bytes)
+            "data parallel: {world} process(es){}, each with {} SFT and {} RL rows per batch; {sums} sums per meta-step, {} each process sends and receives{}",
+            if micro > 1 { format!(" × {micro} micro-batches") } else { String::new() },
+            process.sft_batch,
+            process.rl_batch,
+            crate::schedule::human_bytes(bytes * micro),
+            if micro > 1 { " (counting each micro-batch's)" } else { "" }
         ));
     }
     Plan {
@@ -68,7 +81,7 @@ fn compile_with_shapes(spec: PipelineSpec, shapes: BatchShapes) -> Plan {
         pipeline_path: String::new(),
         programs,
         notes,
-        world: shapes.world,
+        world,
     }
 }
 

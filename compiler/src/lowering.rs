@@ -66,37 +66,64 @@ impl BatchShapes {
         }
     }
 
-    /// One process's share when `world` processes split the pipeline's
+    /// One program instance's share when `world` processes, each running
+    /// `train.micro_batches` instances in turn, split the pipeline's
     /// batches: every mini-batch's rows are divided evenly, so each batch
-    /// must split into `world × rl.mini_batches` equal parts.
+    /// must split into `world × train.micro_batches × rl.mini_batches`
+    /// equal parts. `world` of the result counts the instances.
     pub fn for_world(spec: &PipelineSpec, world: usize) -> Result<Self, String> {
+        Self::split(spec, world, spec.train.micro_batches.max(1))
+    }
+
+    /// One process's share (all its micro-batches) when `world` processes
+    /// split the batches: the shapes its sampler and scorer take.
+    pub fn per_process(spec: &PipelineSpec, world: usize) -> Result<Self, String> {
+        Self::split(spec, world, 1)
+    }
+
+    fn split(spec: &PipelineSpec, world: usize, micro: usize) -> Result<Self, String> {
         let whole = Self::from_spec(spec);
-        if world <= 1 {
+        let world = world.max(1);
+        let instances = world * micro;
+        if instances == 1 && spec.train.micro_batches <= 1 {
             return Ok(whole);
         }
-        let parts = world * spec.rl.mini_batches.max(1);
-        let split = |what: &str, n: usize| -> Result<usize, String> {
-            if n.is_multiple_of(parts) {
-                Ok(n / world)
+        let minis = spec.rl.mini_batches.max(1);
+        // Every part the batch is cut into, whatever `micro` asks for, so
+        // that the process's and its instances' shapes are checked alike.
+        let full = world * spec.train.micro_batches.max(1) * minis;
+        let check = |what: &str, n: usize| -> Result<usize, String> {
+            if n.is_multiple_of(full) {
+                Ok(n / instances)
             } else {
+                let mut by = vec![if world == 1 {
+                    "1 process".to_string()
+                } else {
+                    format!("{world} processes")
+                }];
+                if spec.train.micro_batches > 1 {
+                    by.push(format!(
+                        "train.micro_batches = {}",
+                        spec.train.micro_batches
+                    ));
+                }
+                if minis > 1 {
+                    by.push(format!("rl.mini_batches = {minis}"));
+                }
                 Err(format!(
-                    "{what} is {n} rows, which {world} processes cannot share evenly{}: it must be a multiple of {parts}",
-                    if parts > world {
-                        format!(" in each of rl.mini_batches = {}", spec.rl.mini_batches)
-                    } else {
-                        String::new()
-                    }
+                    "{what} is {n} rows, which {} cannot split evenly: it must be a multiple of {full}",
+                    by.join(" × ")
                 ))
             }
         };
         Ok(BatchShapes {
-            sft_batch: split("sft.batch_size", whole.sft_batch)?,
-            rl_batch: split(
+            sft_batch: check("sft.batch_size", whole.sft_batch)?,
+            rl_batch: check(
                 "the RL batch (rl.prompts_per_step × rl.group_size)",
                 whole.rl_batch,
             )?,
             seq_len: whole.seq_len,
-            world,
+            world: instances,
         })
     }
 }

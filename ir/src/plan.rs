@@ -626,6 +626,7 @@ mod tests {
                 max_nonfinite_in_row: 3,
                 eval_samples: 0,
                 eval_temperature: 1.0,
+                micro_batches: 1,
             },
             backend: BackendSpec {
                 kind: BackendKind::Auto,

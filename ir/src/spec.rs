@@ -876,6 +876,15 @@ pub struct TrainSpec {
     /// The temperature of those samples.
     #[serde(default = "one")]
     pub eval_temperature: f64,
+    /// Each process's share of a batch runs as this many micro-batches in
+    /// turn, their gradients summed (gradient accumulation): memory for
+    /// steps. 1 runs the share at once.
+    #[serde(default = "one_micro_batch")]
+    pub micro_batches: usize,
+}
+
+fn one_micro_batch() -> usize {
+    1
 }
 
 fn one() -> f64 {

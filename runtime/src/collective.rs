@@ -374,6 +374,246 @@ pub fn shard_rows(rows: usize, minis: usize, rank: usize, world: usize) -> Vec<u
         .collect()
 }
 
+/// State of one process's micro-batches (see [`MicroBatches`]).
+struct MicroState {
+    /// The instance allowed to compute.
+    turn: usize,
+    slots: Vec<Option<Slot>>,
+    /// The last operation's result, read by each instance in its turn.
+    result: Option<Slot>,
+    /// Operations completed.
+    op: u64,
+    failed: Option<String>,
+}
+
+struct MicroShared {
+    m: usize,
+    outer: Arc<dyn Collective>,
+    state: Mutex<MicroState>,
+    changed: Condvar,
+}
+
+/// The micro-batches of one process (`[train] micro_batches = M`): M
+/// instances of a program, each on its share of the process's rows, that
+/// take turns — one computes at a time, up to its next collective, so only
+/// one micro-batch's activations are being built at once. Their sums are
+/// taken in instance order and then over the processes (`outer`): M
+/// micro-batches on N processes compute what N·M processes would, and what
+/// one process computes on the whole batch, up to the rounding of the
+/// sums' order (the same on every process).
+/// Each instance runs on its own thread with its handle ([`MicroBatch`]).
+pub struct MicroBatches;
+
+impl MicroBatches {
+    /// Handles of instances `0..m` of this process, summing over `outer`.
+    pub fn handles(m: usize, outer: Arc<dyn Collective>) -> Vec<MicroBatch> {
+        assert!(m > 0, "at least one micro-batch");
+        let shared = Arc::new(MicroShared {
+            m,
+            outer,
+            state: Mutex::new(MicroState {
+                turn: 0,
+                slots: vec![None; m],
+                result: None,
+                op: 0,
+                failed: None,
+            }),
+            changed: Condvar::new(),
+        });
+        (0..m)
+            .map(|index| MicroBatch {
+                shared: shared.clone(),
+                index,
+            })
+            .collect()
+    }
+}
+
+/// One micro-batch's handle: its collective, and [`MicroBatch::run`], which
+/// runs the instance in its turn.
+#[derive(Clone)]
+pub struct MicroBatch {
+    shared: Arc<MicroShared>,
+    index: usize,
+}
+
+impl MicroBatch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MicroState> {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait_turn<'a>(
+        &self,
+        mut st: std::sync::MutexGuard<'a, MicroState>,
+        ready: impl Fn(&MicroState) -> bool,
+    ) -> Result<std::sync::MutexGuard<'a, MicroState>, CollectiveError> {
+        while !ready(&st) {
+            if let Some(reason) = &st.failed {
+                return Err(CollectiveError::PeerFailed {
+                    rank: self.index,
+                    world: self.shared.m,
+                    reason: format!("micro-batch: {reason}"),
+                });
+            }
+            st = self
+                .shared
+                .changed
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        Ok(st)
+    }
+
+    /// Runs `f` (the instance's program, with this handle as the thread's
+    /// collective) when this instance's turn comes, then hands the turn on.
+    /// An instance that fails stops the others.
+    pub fn run<R, E: std::fmt::Display>(
+        &self,
+        f: impl FnOnce() -> Result<R, E>,
+    ) -> Result<R, RunError<E>> {
+        let st = self.lock();
+        let i = self.index;
+        drop(
+            self.wait_turn(st, |s| s.turn == i)
+                .map_err(RunError::Collective)?,
+        );
+        let out = scope(Arc::new(self.clone()), f);
+        let mut st = self.lock();
+        match &out {
+            Ok(_) => st.turn = i + 1,
+            Err(e) => {
+                if st.failed.is_none() {
+                    st.failed = Some(format!("micro-batch {i} failed: {e}"));
+                }
+            }
+        }
+        self.shared.changed.notify_all();
+        out.map_err(RunError::Inner)
+    }
+
+    /// Deposits `mine`; the last instance to arrive combines the deposits
+    /// (in instance order, then over the processes); each instance reads
+    /// the result in its turn.
+    fn exchange(
+        &self,
+        mine: Slot,
+        combine: impl FnOnce(&[Option<Slot>], &dyn Collective) -> Result<Slot, CollectiveError>,
+    ) -> Result<Slot, CollectiveError> {
+        let (i, m) = (self.index, self.shared.m);
+        let mut st = self.lock();
+        if let Some(reason) = &st.failed {
+            return Err(CollectiveError::PeerFailed {
+                rank: i,
+                world: m,
+                reason: reason.clone(),
+            });
+        }
+        let op = st.op;
+        st.slots[i] = Some(mine);
+        if st.slots.iter().all(Option::is_some) {
+            let r = combine(&st.slots, self.shared.outer.as_ref());
+            match r {
+                Ok(r) => st.result = Some(r),
+                Err(e) => {
+                    st.failed = Some(e.to_string());
+                    self.shared.changed.notify_all();
+                    return Err(e);
+                }
+            }
+            st.slots.iter_mut().for_each(|s| *s = None);
+            st.op += 1;
+            st.turn = 0;
+        } else {
+            st.turn = i + 1;
+        }
+        self.shared.changed.notify_all();
+        let st = self.wait_turn(st, |s| s.op > op && s.turn == i)?;
+        Ok(st.result.clone().expect("a combined result"))
+    }
+}
+
+/// Why a micro-batch's run failed: its own error, or another's.
+#[derive(Debug)]
+pub enum RunError<E> {
+    Inner(E),
+    Collective(CollectiveError),
+}
+
+impl Collective for MicroBatch {
+    fn name(&self) -> &'static str {
+        "micro-batches"
+    }
+    fn rank(&self) -> usize {
+        self.shared.outer.rank() * self.shared.m + self.index
+    }
+    fn world(&self) -> usize {
+        self.shared.outer.world() * self.shared.m
+    }
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), CollectiveError> {
+        let len = buf.len();
+        let r = self.exchange(Slot::F64(buf.to_vec()), |slots, outer| {
+            let mut sum = sum_in_rank_order(slots, len, |s| match s {
+                Slot::F64(v) => v.as_slice(),
+                _ => unreachable!("one kind per operation"),
+            });
+            outer.all_reduce_sum_f64(&mut sum)?;
+            Ok(Slot::F64(sum))
+        })?;
+        match r {
+            Slot::F64(v) => buf.copy_from_slice(&v),
+            _ => unreachable!("an f64 sum"),
+        }
+        Ok(())
+    }
+    fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        let len = buf.len();
+        let r = self.exchange(Slot::F32(buf.to_vec()), |slots, outer| {
+            let mut sum = sum_in_rank_order(slots, len, |s| match s {
+                Slot::F32(v) => v.as_slice(),
+                _ => unreachable!("one kind per operation"),
+            });
+            outer.all_reduce_sum_f32(&mut sum)?;
+            Ok(Slot::F32(sum))
+        })?;
+        match r {
+            Slot::F32(v) => buf.copy_from_slice(&v),
+            _ => unreachable!("an f32 sum"),
+        }
+        Ok(())
+    }
+    fn broadcast(&self, root: usize, buf: &mut Vec<u8>) -> Result<(), CollectiveError> {
+        let m = self.shared.m;
+        let r = self.exchange(Slot::Bytes(buf.clone()), |slots, outer| {
+            let mut b = match &slots[root % m] {
+                Some(Slot::Bytes(b)) => b.clone(),
+                _ => unreachable!("one kind per operation"),
+            };
+            outer.broadcast(root / m, &mut b)?;
+            Ok(Slot::Bytes(b))
+        })?;
+        if let Slot::Bytes(b) = r {
+            *buf = b;
+        }
+        Ok(())
+    }
+    fn barrier(&self) -> Result<(), CollectiveError> {
+        self.exchange(Slot::Barrier, |_, outer| {
+            outer.barrier()?;
+            Ok(Slot::Barrier)
+        })
+        .map(|_| ())
+    }
+    fn abort(&self, reason: &str) {
+        let mut st = self.lock();
+        if st.failed.is_none() {
+            st.failed = Some(reason.to_string());
+        }
+        self.shared.changed.notify_all();
+        drop(st);
+        self.shared.outer.abort(reason);
+    }
+}
+
 static PROCESS: OnceLock<Arc<dyn Collective>> = OnceLock::new();
 
 thread_local! {
@@ -516,6 +756,83 @@ mod tests {
             Err(CollectiveError::Mismatch { .. }) | Err(CollectiveError::PeerFailed { .. })
         )));
         assert!(out.iter().all(Result::is_err));
+    }
+
+    #[test]
+    fn micro_batches_take_turns_and_sum_in_instance_order() {
+        // Two processes (threads) of three micro-batches each: the sums
+        // are those of six ranks, and only one micro-batch of a process
+        // computes at a time.
+        let running = std::sync::atomic::AtomicUsize::new(0);
+        let out = run_ranks(2, Duration::from_secs(20), |outer| {
+            let outer: Arc<dyn Collective> = Arc::new(outer);
+            let handles = MicroBatches::handles(3, outer);
+            std::thread::scope(|s| {
+                let joins: Vec<_> = handles
+                    .into_iter()
+                    .map(|h| {
+                        let running = &running;
+                        s.spawn(move || {
+                            h.run(|| -> Result<Vec<f64>, CollectiveError> {
+                                let c = current();
+                                let mut acc = vec![];
+                                for k in 0..4 {
+                                    let now =
+                                        running.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                    // At most one micro-batch per process.
+                                    assert!(now < 2, "{now} computing at once");
+                                    std::thread::sleep(Duration::from_millis(2));
+                                    running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                                    let mut v = vec![0.1 * (c.rank() + k) as f64];
+                                    c.all_reduce_sum_f64(&mut v)?;
+                                    acc.push(v[0]);
+                                }
+                                Ok(acc)
+                            })
+                            .map_err(|_| ())
+                            .unwrap()
+                        })
+                    })
+                    .collect();
+                joins
+                    .into_iter()
+                    .map(|j| j.join().unwrap())
+                    .collect::<Vec<_>>()
+            })
+        });
+        for k in 0..4 {
+            // Each process's three in order, then the two processes'.
+            let part = |p: usize| (0..3).fold(0.0, |a, i| a + 0.1 * (3 * p + i + k) as f64);
+            let expect = part(0) + part(1);
+            for process in &out {
+                for inst in process {
+                    assert_eq!(inst[k].to_bits(), expect.to_bits());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_failing_micro_batch_stops_the_others() {
+        let handles = MicroBatches::handles(2, Arc::new(Single));
+        let out: Vec<bool> = std::thread::scope(|s| {
+            let joins: Vec<_> = handles
+                .into_iter()
+                .map(|h| {
+                    s.spawn(move || {
+                        h.run(|| -> Result<(), String> {
+                            if current().rank() == 0 {
+                                return Err("bad batch".into());
+                            }
+                            current().barrier().map_err(|e| e.to_string())
+                        })
+                        .is_err()
+                    })
+                })
+                .collect();
+            joins.into_iter().map(|j| j.join().unwrap()).collect()
+        });
+        assert_eq!(out, vec![true, true]);
     }
 
     #[test]

@@ -178,6 +178,21 @@ pub struct HostTensor {
 }
 
 impl HostTensor {
+    /// Rows `start..end` of the leading axis (a copy).
+    pub fn slice_rows(&self, start: usize, end: usize) -> HostTensor {
+        let row: usize = self.shape[1..].iter().product();
+        let (a, b) = (start * row, end * row);
+        let data = match &self.data {
+            Buffer::F32(v) => Buffer::F32(v[a..b].to_vec()),
+            Buffer::F64(v) => Buffer::F64(v[a..b].to_vec()),
+            Buffer::I32(v) => Buffer::I32(v[a..b].to_vec()),
+            Buffer::Bool(v) => Buffer::Bool(v[a..b].to_vec()),
+        };
+        let mut shape = self.shape.clone();
+        shape[0] = end - start;
+        HostTensor { shape, data }
+    }
+
     /// A tensor from a shape and a buffer, or an error when the buffer length
     /// is not the element count of the shape.
     pub fn new(shape: impl Into<Vec<usize>>, data: Buffer) -> Result<Self, ExecError> {

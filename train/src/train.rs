@@ -846,6 +846,66 @@ impl Trainer {
             .saturating_add(metas.saturating_mul(self.meta_flops))
     }
 
+    /// The meta-step as `micro` instances, each on its slice of every
+    /// batch input's rows, taking turns on threads of their own (see
+    /// `collective::MicroBatches`); every instance ends with the same
+    /// outputs, and the first's are returned.
+    fn run_micro_batches(
+        &self,
+        meta: &coopc_ir::plan::Program,
+        inputs: &HashMap<String, Value>,
+        on_host: &(dyn Fn(&str) -> bool + Sync),
+        micro: usize,
+    ) -> Result<Vec<(String, Value)>, TrainError> {
+        let mut per: Vec<HashMap<String, Value>> = vec![inputs.clone(); micro];
+        for (name, v) in inputs {
+            if !matches!(
+                meta.signature.input(name).map(|p| &p.role),
+                Some(Role::Batch { .. })
+            ) {
+                continue;
+            }
+            let t = self.backend.to_host(v)?;
+            let rows = t.shape[0] / micro;
+            for (i, inp) in per.iter_mut().enumerate() {
+                inp.insert(
+                    name.clone(),
+                    Value::host(t.slice_rows(i * rows, (i + 1) * rows)),
+                );
+            }
+        }
+        let handles = collective::MicroBatches::handles(micro, self.comm.clone());
+        let backend = &self.backend;
+        let results: Vec<Result<Vec<(String, Value)>, TrainError>> = std::thread::scope(|s| {
+            let joins: Vec<_> = handles
+                .into_iter()
+                .zip(&per)
+                .map(|(h, inp)| {
+                    s.spawn(move || {
+                        h.run(|| backend.run_values(meta, inp, on_host))
+                            .map_err(|e| match e {
+                                collective::RunError::Inner(e) => TrainError::Exec(e),
+                                collective::RunError::Collective(e) => TrainError::Collective(e),
+                            })
+                    })
+                })
+                .collect();
+            joins
+                .into_iter()
+                .map(|j| {
+                    j.join()
+                        .unwrap_or_else(|_| Err(TrainError::Io("a micro-batch panicked".into())))
+                })
+                .collect()
+        });
+        let mut first = None;
+        for r in results {
+            let r = r?;
+            first.get_or_insert(r);
+        }
+        Ok(first.expect("at least one micro-batch"))
+    }
+
     /// One meta-step: build the K batches, run the program, adopt the new state.
     fn meta_step(&mut self) -> Result<Metrics, TrainError> {
         self.make_resident()?;
@@ -860,8 +920,16 @@ impl Trainer {
         let comm = self.comm.clone();
         let (rank, world) = (comm.rank(), comm.world());
         let minis = spec.rl.mini_batches.max(1);
-        let sft_mine = shard_rows(bs, minis, rank, world);
-        let rl_mine = shard_rows(br, minis, rank, world);
+        // With micro-batches, the process's rows are its instances' rows,
+        // instance by instance (instance i is rank · M + i of world · M).
+        let micro = spec.train.micro_batches.max(1);
+        let mine = |rows: usize| -> Vec<usize> {
+            (0..micro)
+                .flat_map(|i| shard_rows(rows, minis, rank * micro + i, world * micro))
+                .collect()
+        };
+        let sft_mine = mine(bs);
+        let rl_mine = mine(br);
         let (bs_l, br_l) = (sft_mine.len(), rl_mine.len());
         let policy = Self::policy_params(&self.plan, &self.values);
         let tok = self.task.tokenizer();
@@ -1159,9 +1227,13 @@ impl Trainer {
                 Some(Role::Metric(_))
             )
         };
-        let outputs: HashMap<String, Value> = collective::scope(comm.clone(), || {
-            self.backend.run_values(meta, &inputs, &on_host)
-        })?
+        let outputs: HashMap<String, Value> = if micro == 1 {
+            collective::scope(comm.clone(), || {
+                self.backend.run_values(meta, &inputs, &on_host)
+            })?
+        } else {
+            self.run_micro_batches(meta, &inputs, &on_host, micro)?
+        }
         .into_iter()
         .collect();
         let scalar = |m: Metric| {

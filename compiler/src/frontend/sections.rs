@@ -135,6 +135,7 @@ pub(super) const TRAIN_KEYS: &[&str] = &[
     "max_nonfinite_in_row",
     "eval_samples",
     "eval_temperature",
+    "micro_batches",
 ];
 pub(super) const ON_NONFINITE: &[(&str, OnNonFinite)] = &[
     ("stop", OnNonFinite::Stop),
@@ -1024,6 +1025,8 @@ pub(super) fn read_train(c: &mut Checker, sec: &Section, model: Option<&ModelSpe
     );
     let max_in_row = c.usize_or(sec, "max_nonfinite_in_row", 3);
     c.at_least_one(sec, "max_nonfinite_in_row", &max_in_row);
+    let micro_batches = c.usize_or(sec, "micro_batches", 1);
+    c.at_least_one(sec, "micro_batches", &micro_batches);
     Train {
         spec: TrainSpec {
             steps: steps.value,
@@ -1034,6 +1037,7 @@ pub(super) fn read_train(c: &mut Checker, sec: &Section, model: Option<&ModelSpe
             max_nonfinite_in_row: max_in_row.value,
             eval_samples: eval_samples.value,
             eval_temperature: eval_temperature.value,
+            micro_batches: micro_batches.value,
         },
         seq_len_span: seq_len.span,
         seq_len_known,
@@ -1154,19 +1158,27 @@ pub(super) fn read_rl(c: &mut Checker, sec: &Section, train: &Train) -> RlSpec {
     c.at_least_one(sec, "updates_per_batch", &epochs);
     let minis = c.usize_or(sec, "mini_batches", 1);
     let rl_rows = group_size.value * prompts.value;
+    let micro = train.spec.micro_batches.max(1);
     if c.at_least_one(sec, "mini_batches", &minis)
         && rl_rows > 0
-        && !rl_rows.is_multiple_of(minis.value)
+        && !rl_rows.is_multiple_of(minis.value * micro)
     {
         let path = sec.key_path("mini_batches");
+        let what = if micro > 1 {
+            format!(
+                "`{path}` × `train.micro_batches` ({} × {micro})",
+                minis.value
+            )
+        } else {
+            format!("`{path}` ({})", minis.value)
+        };
         c.error_help(
             &path,
             minis.span.clone(),
             format!(
-                "`{path}` ({}) must divide the rollouts per step, group_size × prompts_per_step = {rl_rows}",
-                minis.value
+                "{what} must divide the rollouts per step, group_size × prompts_per_step = {rl_rows}"
             ),
-            "each mini-batch is an equal slice of the rollout batch's rows".to_string(),
+            "each mini-batch (and each micro-batch of it) is an equal slice of the rollout batch's rows".to_string(),
         );
     }
     let max_rounds = c.usize_or(sec, "max_sampling_rounds", 4);
@@ -1206,13 +1218,16 @@ pub(super) fn read_sft(
 ) -> SftSpec {
     c.unknown_keys(sec, SFT_KEYS);
     let batch_size = c.usize_or(sec, "batch_size", 16);
-    if c.at_least_one(sec, "batch_size", &batch_size) && mini_batches > 1 {
+    let micro = train.spec.micro_batches.max(1);
+    if c.at_least_one(sec, "batch_size", &batch_size) && mini_batches * micro > 1 {
         c.check(
             sec,
             "batch_size",
             &batch_size,
-            batch_size.value.is_multiple_of(mini_batches),
-            &format!("be a multiple of `rl.mini_batches` ({mini_batches}): each update reads an equal slice"),
+            batch_size.value.is_multiple_of(mini_batches * micro),
+            &format!(
+                "be a multiple of `rl.mini_batches` × `train.micro_batches` ({mini_batches} × {micro}): each update, and each micro-batch of it, reads an equal slice"
+            ),
         );
     }
     let steps = train.spec.steps;
