@@ -89,17 +89,6 @@ pub fn agg_count(g: &mut Graph, agg: TokenAgg, mask: NodeId) -> NodeId {
     }
 }
 
-/// This process's share of a loss averaged over every process's rows:
-/// `loss · n / Σ_ranks n`, where `loss` averages over this process's `n`
-/// rows or tokens (see [`agg_count`]). The sum over processes of the shares
-/// is the loss of the whole batch, so the sum of their gradients is its
-/// gradient; in one process the factor is exactly 1.
-pub fn share(g: &mut Graph, loss: NodeId, n: NodeId) -> NodeId {
-    let total = g.all_reduce_sum(n);
-    let ratio = g.div(n, total);
-    g.mul(loss, ratio)
-}
-
 /// Each sequence's mask sum `n_b` [B], whether it has a response token
 /// (`n_b > 0`), and `n_b` with 1 where it is 0 (a safe divisor).
 fn row_counts(g: &mut Graph, mask: NodeId) -> (NodeId, NodeId, NodeId) {

@@ -30,7 +30,7 @@
 
 use crate::autodiff::{grad, vjp};
 use crate::ir::{DType, Graph, NodeId, Shape, StepOut, StepRule, TokenAgg};
-use crate::losses::{agg_count, aggregate_with, grpo, grpo_loss, sft_loss, share, RlBatch};
+use crate::losses::{agg_count, aggregate_with, grpo, grpo_loss, sft_loss, RlBatch};
 use crate::model::{
     frozen_shapes, lora_shapes, lower_shapes, policy_theta_shapes, Decoder, Params,
 };
@@ -253,6 +253,9 @@ struct Objective<'a> {
     frozen: Params,
     /// Processes sharing each batch (see `BatchShapes::world`).
     world: usize,
+    /// With more than one process: each batch's `(SFT, RL)` share factor
+    /// `n / Σ_ranks n` (see `losses::agg_count`), summed once at the start.
+    shares: Vec<(NodeId, NodeId)>,
 }
 
 struct LowerLosses {
@@ -260,24 +263,78 @@ struct LowerLosses {
     rl: NodeId,
 }
 
+/// `Σ_ranks` of each of `xs` in a data-parallel run of `world` processes,
+/// as one sum over processes of their concatenation (one collective, taken
+/// when the last of them is ready, rather than one per tensor in the middle
+/// of a backward pass); `xs` themselves in one process.
+fn sum_all_over_ranks(g: &mut Graph, world: usize, xs: &[NodeId]) -> Vec<NodeId> {
+    if world <= 1 || xs.is_empty() {
+        return xs.to_vec();
+    }
+    let flat: Vec<NodeId> = xs
+        .iter()
+        .map(|&x| {
+            let n = g.ty(x).numel();
+            g.reshape(x, vec![n])
+        })
+        .collect();
+    let cat = if flat.len() == 1 {
+        flat[0]
+    } else {
+        g.concat(&flat, 0)
+    };
+    let sum = g.all_reduce_sum(cat);
+    let mut off = 0;
+    xs.iter()
+        .map(|&x| {
+            let shape = g.ty(x).shape.clone();
+            let n = g.ty(x).numel();
+            let part = g.slice_axis(sum, 0, off, off + n);
+            off += n;
+            g.reshape(part, shape)
+        })
+        .collect()
+}
+
+/// Each batch's `(SFT, RL)` share factor `n / Σ_ranks n`, the counts summed
+/// in one collective (created before any forward pass, so that a process's
+/// micro-batches meet there holding no activations).
+fn share_factors(
+    g: &mut Graph,
+    world: usize,
+    spec: &PipelineSpec,
+    batches: &[StepBatch],
+) -> Vec<(NodeId, NodeId)> {
+    if world <= 1 {
+        return vec![];
+    }
+    let agg = grpo(&spec.rl).agg();
+    let counts: Vec<NodeId> = batches
+        .iter()
+        .flat_map(|b| [(TokenAgg::TokenMean, b.sft_mask), (agg, b.rl.loss_mask)])
+        .map(|(a, m)| agg_count(g, a, m))
+        .collect();
+    let totals = sum_all_over_ranks(g, world, &counts);
+    let ratios: Vec<NodeId> = counts
+        .iter()
+        .zip(&totals)
+        .map(|(&n, &t)| g.div(n, t))
+        .collect();
+    ratios.chunks(2).map(|c| (c[0], c[1])).collect()
+}
+
 impl Objective<'_> {
-    /// `Σ_ranks x` in a data-parallel run; `x` itself in one process.
-    fn sum_over_ranks(&self, g: &mut Graph, x: NodeId) -> NodeId {
-        if self.world > 1 {
-            g.all_reduce_sum(x)
-        } else {
-            x
-        }
+    /// `Σ_ranks` of each of `xs` (see [`sum_all_over_ranks`]).
+    fn sum_over_ranks(&self, g: &mut Graph, xs: &[NodeId]) -> Vec<NodeId> {
+        sum_all_over_ranks(g, self.world, xs)
     }
 
-    /// This process's share of a loss that averages over `n` of its rows
-    /// or tokens (see `losses::share`); the loss itself in one process.
-    fn share(&self, g: &mut Graph, loss: NodeId, n: impl FnOnce(&mut Graph) -> NodeId) -> NodeId {
-        if self.world > 1 {
-            let n = n(g);
-            share(g, loss, n)
-        } else {
-            loss
+    /// This process's share of batch `k`'s SFT (`rl = false`) or RL loss:
+    /// `loss · n / Σ_ranks n`; the loss itself in one process.
+    fn share(&self, g: &mut Graph, loss: NodeId, k: usize, rl: bool) -> NodeId {
+        match self.shares.get(k) {
+            Some(&(sft, rl_share)) => g.mul(loss, if rl { rl_share } else { sft }),
+            None => loss,
         }
     }
 
@@ -293,18 +350,17 @@ impl Objective<'_> {
         let theta = self.with_frozen(theta);
         let lp = self.decoder.token_logprobs(g, &theta, w, b.sft_ids);
         let loss = sft_loss(g, lp, b.sft_mask);
-        self.share(g, loss, |g| agg_count(g, TokenAgg::TokenMean, b.sft_mask))
+        self.share(g, loss, k, false)
     }
 
     fn rl(&self, g: &mut Graph, theta: &Params, w: &Params, k: usize) -> NodeId {
         let b = &self.batches[k];
         let theta = self.with_frozen(theta);
         let rl = &self.spec.rl;
-        let n = |g: &mut Graph| agg_count(g, grpo(rl).agg(), b.rl.loss_mask);
         if rl.entropy_coef == 0.0 {
             let lp = self.decoder.token_logprobs(g, &theta, w, b.rl.input_ids);
             let loss = grpo_loss(g, rl, lp, &b.rl);
-            return self.share(g, loss, n);
+            return self.share(g, loss, k, true);
         }
         // The entropy bonus: −c × the entropy on response tokens, weighted
         // as the policy loss weighs its tokens.
@@ -315,7 +371,7 @@ impl Objective<'_> {
         let h = aggregate_with(g, grpo(rl).agg(), entropy, b.rl.loss_mask);
         let bonus = g.scale(h, rl.entropy_coef);
         let loss = g.sub(loss, bonus);
-        self.share(g, loss, n)
+        self.share(g, loss, k, true)
     }
 
     /// Term `i` of the lower loss (1−λ) L_SFT + λ L_RL on step k's batch:
@@ -756,10 +812,7 @@ impl Lowering<'_> {
             }
             let local = grads.expect("a chain has a term");
             // The gradient of the whole batch: the sum of the processes'.
-            let grads: Vec<NodeId> = local
-                .iter()
-                .map(|&x| self.obj.sum_over_ranks(g, x))
-                .collect();
+            let grads = self.obj.sum_over_ranks(g, &local);
             let step = opt_step(g, opt, &theta, &grads, &state, self.lower_scale);
             if k == 0 && chain == Chain::Lower {
                 let parts = LowerLosses {
@@ -802,7 +855,7 @@ impl Lowering<'_> {
         kind: HypergradKind,
     ) -> (Vec<NodeId>, Vec<NodeId>) {
         let n = self.theta_names.len();
-        let u: Vec<NodeId> = u.iter().map(|&x| self.obj.sum_over_ranks(g, x)).collect();
+        let u = self.obj.sum_over_ranks(g, u);
         let u = &u[..];
         match kind {
             HypergradKind::FiniteDifference { eps } => {
@@ -1140,6 +1193,7 @@ fn build_meta_step(
         }
     }
     batches.push(steps[k_steps - 1]);
+    let shares = share_factors(&mut g, shapes.world, spec, &batches);
     let low = Lowering {
         obj: Objective {
             spec,
@@ -1152,6 +1206,7 @@ fn build_meta_step(
             lambda,
             frozen,
             world: shapes.world,
+            shares,
         },
         detach: !differentiable_unroll,
         recompute: memory == MemoryPlan::Recompute,
@@ -1190,10 +1245,11 @@ fn build_meta_step(
     );
     let (first_losses, first_grads, first_norm) = first.expect("at least one lower step");
     // The losses of the whole batch: the sums of the processes' shares.
-    let sft_loss = low.obj.sum_over_ranks(&mut g, first_losses.sft);
-    g.set_output(Metric::SftLoss.name(), sft_loss);
-    let rl_loss = low.obj.sum_over_ranks(&mut g, first_losses.rl);
-    g.set_output(Metric::RlLoss.name(), rl_loss);
+    let losses = low
+        .obj
+        .sum_over_ranks(&mut g, &[first_losses.sft, first_losses.rl]);
+    g.set_output(Metric::SftLoss.name(), losses[0]);
+    g.set_output(Metric::RlLoss.name(), losses[1]);
     if let Some(norm) = first_norm {
         g.set_output(Metric::LowerGradNorm.name(), norm);
     }
@@ -1282,12 +1338,11 @@ fn build_meta_step(
         d = add_lists(&mut g, Some(d), dc);
         let ab = g.add(a, b);
         let l_up = g.add(ab, c);
-        let l_up = low.obj.sum_over_ranks(&mut g, l_up);
-        g.set_output(Metric::UpperLoss.name(), l_up);
         // J_RL(θ_K, w) − J_RL(θ̂_K, w): what joint training gained over RL alone.
         let gain = g.sub(rl_shadow, rl_theta);
-        let gain = low.obj.sum_over_ranks(&mut g, gain);
-        g.set_output(Metric::Gain.name(), gain);
+        let sums = low.obj.sum_over_ranks(&mut g, &[l_up, gain]);
+        g.set_output(Metric::UpperLoss.name(), sums[0]);
+        g.set_output(Metric::Gain.name(), sums[1]);
         let n = theta_k.len();
         let (v_theta, v_shadow, mut h) =
             (d[..n].to_vec(), d[n..2 * n].to_vec(), d[2 * n..].to_vec());
@@ -1313,10 +1368,7 @@ fn build_meta_step(
         }
         // Each process holds its share of the hypergradient; the update
         // takes their sum.
-        let h: Vec<NodeId> = h
-            .iter()
-            .map(|&x| low.obj.sum_over_ranks(&mut g, x))
-            .collect();
+        let h = low.obj.sum_over_ranks(&mut g, &h);
         for (name, &hj) in low.w_names.iter().zip(&h) {
             g.set_output(format!("hyper.{name}"), hj);
         }
