@@ -518,3 +518,20 @@ fn a_plan_for_another_number_of_processes_is_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn dynamic_sampling_with_micro_batches_is_refused_clearly() {
+    let mut spec = pipeline(TRAIN);
+    spec.train.micro_batches = 2;
+    spec.rl.dynamic_sampling = true;
+    let dir = tmpdir("dynamic");
+    let e =
+        coopc_train::train::Trainer::new(compile_for_world(spec, 1).unwrap(), run_options(&dir))
+            .err()
+            .expect("refused")
+            .to_string();
+    assert!(
+        e.contains("rl.dynamic_sampling") && e.contains("micro_batches"),
+        "{e}"
+    );
+}

@@ -421,9 +421,9 @@ impl Trainer {
                 comm.world()
             )));
         }
-        if comm.world() > 1 && spec.rl.dynamic_sampling {
+        if (comm.world() > 1 || spec.train.micro_batches > 1) && spec.rl.dynamic_sampling {
             return Err(TrainError::Io(
-                "rl.dynamic_sampling is not supported on more than one process yet: run it on one process, or set it to false".into(),
+                "rl.dynamic_sampling is not supported on more than one process or with train.micro_batches > 1 yet: run it on one process without micro-batches, or set it to false".into(),
             ));
         }
         let sampler = Sampler::from_plan(&plan)?;
@@ -779,8 +779,13 @@ impl Trainer {
                 append_metrics(&metrics_path, &m)?;
                 write_event(events, &m, started)?;
             }
-            let interrupted =
-                (shared[1] > 0.0).then(|| crate::interrupt::requested().unwrap_or(15));
+            // One process stops on a signal that came at any moment up to
+            // now; several stop together, on one that came before the sum.
+            let interrupted = if self.comm.world() == 1 {
+                crate::interrupt::requested()
+            } else {
+                (shared[1] > 0.0).then(|| crate::interrupt::requested().unwrap_or(15))
+            };
             if writes && (evaluates || self.step == stop || interrupted.is_some()) {
                 let saved = checkpoint::save(&self.opts.out_dir, &self.spec, &self.state()?);
                 if let Err(source) = saved {
@@ -1024,7 +1029,7 @@ impl Trainer {
                         ));
                     }
                     rewards_all.extend(&round_rewards);
-                    if world > 1 {
+                    if world > 1 || micro > 1 {
                         // No dynamic sampling (refused in `new`): the
                         // process's rows as they come.
                         kept.push((round_rows, round_rewards));
