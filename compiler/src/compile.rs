@@ -24,11 +24,8 @@ use std::path::Path;
 /// Compiles a checked pipeline spec into a plan (with no pipeline source
 /// recorded: see [`compile_file`] for a plan that knows its file).
 pub fn compile(spec: PipelineSpec) -> Plan {
-    let shapes = BatchShapes::from_spec(&spec);
-    match spec.train.micro_batches {
-        0 | 1 => compile_with_shapes(spec, shapes, shapes, 1),
-        _ => compile_for_world(spec, 1).unwrap_or_else(|e| panic!("{e}")),
-    }
+    // The front end checked that the batches split into micro-batches.
+    compile_for_world(spec, 1).unwrap_or_else(|e| panic!("a checked pipeline: {e}"))
 }
 
 /// Compiles the plan of one process of a data-parallel run of `world`

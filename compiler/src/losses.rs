@@ -82,9 +82,9 @@ pub fn agg_count(g: &mut Graph, agg: TokenAgg, mask: NodeId) -> NodeId {
             g.sum_all(hasf)
         }
         TokenAgg::SeqSum { .. } => {
-            let rows = g.ty(mask).shape[0] as f64;
-            let any = g.sum_all(mask);
-            g.full_like(rows, any)
+            let ty = g.ty(mask);
+            let (rows, dtype) = (ty.shape[0] as f64, ty.dtype);
+            g.full(rows, dtype, vec![])
         }
     }
 }

@@ -141,8 +141,45 @@ impl Slot {
     }
 }
 
+/// The float types collectives sum, with their slot and their sum over
+/// another collective.
+trait Summed: Copy + std::ops::Add<Output = Self> + Sized {
+    fn slot(v: Vec<Self>) -> Slot;
+    fn values(s: &Slot) -> &[Self];
+    fn sum_over(c: &dyn Collective, buf: &mut [Self]) -> Result<(), CollectiveError>;
+}
+
+impl Summed for f64 {
+    fn slot(v: Vec<f64>) -> Slot {
+        Slot::F64(v)
+    }
+    fn values(s: &Slot) -> &[f64] {
+        match s {
+            Slot::F64(v) => v,
+            _ => unreachable!("one kind per operation (checked)"),
+        }
+    }
+    fn sum_over(c: &dyn Collective, buf: &mut [f64]) -> Result<(), CollectiveError> {
+        c.all_reduce_sum_f64(buf)
+    }
+}
+
+impl Summed for f32 {
+    fn slot(v: Vec<f32>) -> Slot {
+        Slot::F32(v)
+    }
+    fn values(s: &Slot) -> &[f32] {
+        match s {
+            Slot::F32(v) => v,
+            _ => unreachable!("one kind per operation (checked)"),
+        }
+    }
+    fn sum_over(c: &dyn Collective, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        c.all_reduce_sum_f32(buf)
+    }
+}
+
 struct GroupState {
-    world: usize,
     /// Operations completed; the one in progress is number `op`.
     op: u64,
     slots: Vec<Option<Slot>>,
@@ -152,6 +189,7 @@ struct GroupState {
 }
 
 struct Group {
+    world: usize,
     state: Mutex<GroupState>,
     changed: Condvar,
     timeout: Duration,
@@ -175,8 +213,8 @@ impl ThreadGroup {
     pub fn new(world: usize, timeout: Duration) -> Vec<ThreadGroup> {
         assert!(world > 0, "a group has at least one rank");
         let group = Arc::new(Group {
+            world,
             state: Mutex::new(GroupState {
-                world,
                 op: 0,
                 slots: vec![None; world],
                 read: 0,
@@ -208,7 +246,7 @@ impl ThreadGroup {
                 .as_ref()
                 .map(|(rank, reason)| CollectiveError::PeerFailed {
                     rank: *rank,
-                    world: st.world,
+                    world: g.world,
                     reason: reason.clone(),
                 })
         };
@@ -226,12 +264,12 @@ impl ThreadGroup {
             }
             let now = std::time::Instant::now();
             if now >= deadline {
-                let missing = (0..st.world).filter(|&r| st.slots[r].is_none()).collect();
+                let missing = (0..g.world).filter(|&r| st.slots[r].is_none()).collect();
                 return Err(CollectiveError::Timeout {
                     op,
                     what,
                     missing,
-                    world: st.world,
+                    world: g.world,
                     secs: g.timeout.as_secs(),
                 });
             }
@@ -260,7 +298,7 @@ impl ThreadGroup {
         }
         let out = finish(&st.slots);
         st.read += 1;
-        if st.read == st.world {
+        if st.read == g.world {
             // The last reader opens the next operation.
             st.slots.iter_mut().for_each(|s| *s = None);
             st.read = 0;
@@ -282,6 +320,16 @@ impl ThreadGroup {
     }
 }
 
+impl ThreadGroup {
+    fn sum<T: Summed>(&self, buf: &mut [T]) -> Result<(), CollectiveError> {
+        let sum = self.exchange(T::slot(buf.to_vec()), "all_reduce_sum", |slots| {
+            sum_in_rank_order::<T>(slots)
+        })?;
+        buf.copy_from_slice(&sum);
+        Ok(())
+    }
+}
+
 impl Collective for ThreadGroup {
     fn name(&self) -> &'static str {
         "threads"
@@ -290,31 +338,13 @@ impl Collective for ThreadGroup {
         self.rank
     }
     fn world(&self) -> usize {
-        self.group
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .world
+        self.group.world
     }
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), CollectiveError> {
-        let sum = self.exchange(Slot::F64(buf.to_vec()), "all_reduce_sum", |slots| {
-            sum_in_rank_order(slots, buf.len(), |s| match s {
-                Slot::F64(v) => v.as_slice(),
-                _ => unreachable!("kinds checked"),
-            })
-        })?;
-        buf.copy_from_slice(&sum);
-        Ok(())
+        self.sum(buf)
     }
     fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<(), CollectiveError> {
-        let sum = self.exchange(Slot::F32(buf.to_vec()), "all_reduce_sum", |slots| {
-            sum_in_rank_order(slots, buf.len(), |s| match s {
-                Slot::F32(v) => v.as_slice(),
-                _ => unreachable!("kinds checked"),
-            })
-        })?;
-        buf.copy_from_slice(&sum);
-        Ok(())
+        self.sum(buf)
     }
     fn broadcast(&self, root: usize, buf: &mut Vec<u8>) -> Result<(), CollectiveError> {
         let got = self.exchange(Slot::Bytes(buf.clone()), "broadcast", |slots| {
@@ -339,16 +369,11 @@ impl Collective for ThreadGroup {
 }
 
 /// `Σ_r slots[r]`, element by element, added in rank order from rank 0's.
-fn sum_in_rank_order<T: Copy + std::ops::Add<Output = T>>(
-    slots: &[Option<Slot>],
-    len: usize,
-    get: impl Fn(&Slot) -> &[T],
-) -> Vec<T> {
+fn sum_in_rank_order<T: Summed>(slots: &[Option<Slot>]) -> Vec<T> {
     let mut it = slots
         .iter()
-        .map(|s| get(s.as_ref().expect("all deposited")));
+        .map(|s| T::values(s.as_ref().expect("all deposited")));
     let mut acc = it.next().expect("a rank").to_vec();
-    debug_assert_eq!(acc.len(), len);
     for part in it {
         acc.iter_mut().zip(part).for_each(|(a, &b)| *a = *a + b);
     }
@@ -532,6 +557,19 @@ impl MicroBatch {
     }
 }
 
+impl MicroBatch {
+    /// The micro-batches' sum in instance order, then over the processes.
+    fn sum<T: Summed>(&self, buf: &mut [T]) -> Result<(), CollectiveError> {
+        let r = self.exchange(T::slot(buf.to_vec()), |slots, outer| {
+            let mut sum = sum_in_rank_order::<T>(slots);
+            T::sum_over(outer, &mut sum)?;
+            Ok(T::slot(sum))
+        })?;
+        buf.copy_from_slice(T::values(&r));
+        Ok(())
+    }
+}
+
 /// Why a micro-batch's run failed: its own error, or another's.
 #[derive(Debug)]
 pub enum RunError<E> {
@@ -550,36 +588,10 @@ impl Collective for MicroBatch {
         self.shared.outer.world() * self.shared.m
     }
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), CollectiveError> {
-        let len = buf.len();
-        let r = self.exchange(Slot::F64(buf.to_vec()), |slots, outer| {
-            let mut sum = sum_in_rank_order(slots, len, |s| match s {
-                Slot::F64(v) => v.as_slice(),
-                _ => unreachable!("one kind per operation"),
-            });
-            outer.all_reduce_sum_f64(&mut sum)?;
-            Ok(Slot::F64(sum))
-        })?;
-        match r {
-            Slot::F64(v) => buf.copy_from_slice(&v),
-            _ => unreachable!("an f64 sum"),
-        }
-        Ok(())
+        self.sum(buf)
     }
     fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<(), CollectiveError> {
-        let len = buf.len();
-        let r = self.exchange(Slot::F32(buf.to_vec()), |slots, outer| {
-            let mut sum = sum_in_rank_order(slots, len, |s| match s {
-                Slot::F32(v) => v.as_slice(),
-                _ => unreachable!("one kind per operation"),
-            });
-            outer.all_reduce_sum_f32(&mut sum)?;
-            Ok(Slot::F32(sum))
-        })?;
-        match r {
-            Slot::F32(v) => buf.copy_from_slice(&v),
-            _ => unreachable!("an f32 sum"),
-        }
-        Ok(())
+        self.sum(buf)
     }
     fn broadcast(&self, root: usize, buf: &mut Vec<u8>) -> Result<(), CollectiveError> {
         let m = self.shared.m;
@@ -676,6 +688,9 @@ mod tests {
             c.all_reduce_sum_f64(&mut v).unwrap();
             let mut w = vec![c.rank() as f32 + 0.5; 4];
             c.all_reduce_sum_f32(&mut w).unwrap();
+            let mut m = vec![c.rank() as f64];
+            c.all_reduce_mean_f64(&mut m).unwrap();
+            assert_eq!(m, vec![1.0], "(0 + 1 + 2) / 3");
             (v, w)
         });
         let expect: [f64; 3] = [

@@ -469,11 +469,6 @@ impl Trainer {
         })
     }
 
-    /// This process's rank and the number of processes of the run.
-    pub fn rank(&self) -> (usize, usize) {
-        (self.comm.rank(), self.comm.world())
-    }
-
     /// The same trainer running every program (meta-step, scorer, decode
     /// step) on `backend`.
     pub fn with_backend(mut self, backend: Arc<dyn Backend>) -> Trainer {
