@@ -199,6 +199,22 @@ PY
     fi
 done
 
+# 5b. A data-parallel run of one process through an NCCL rendezvous
+#    (no MPI): the process joins a communicator of one, which carries the
+#    trainer's sums; its metrics are the plain CUDA run's (the device's
+#    NCCL sums themselves are checked by the kernel suite, with one rank).
+if want train && [ "$GPU" = cuda ]; then
+    echo "== NCCL rendezvous, one process"
+    rm -f "$OUT/nccl-id"
+    if COOPC_NCCL_RENDEZVOUS="$OUT/nccl-id" RANK=0 WORLD_SIZE=1 timeout 600 "$COOPC" run "$ROOT/examples/addition.toml" \
+        --steps 5 --backend cuda --out "$OUT/run-nccl" -q >"$OUT/run-nccl.log" 2>&1; then
+        tail -1 "$OUT/run-nccl/metrics.jsonl" | sed "s/^/nccl: /"
+    else
+        status=1
+        tail -5 "$OUT/run-nccl.log"
+    fi
+fi
+
 # 6. The medium pipelines on CUDA (d_model 1024, 8 layers, vocab 32k); the
 #    truncated one also with the activations kept (memory budget 70 GiB).
 if want medium && [ "${MEDIUM:-1}" != 0 ]; then

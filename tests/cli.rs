@@ -349,3 +349,97 @@ fn grad_refuses_bad_inputs_with_exit_2_and_a_named_problem() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope.safetensors"));
 }
+
+/// Runs coopc with `env` set and the launchers' variables of the test's own
+/// environment removed.
+fn coopc_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_coopc"));
+    for var in [
+        "RANK",
+        "WORLD_SIZE",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_RANK",
+        "PMI_SIZE",
+        "PMIX_RANK",
+        "COOPC_NCCL_RENDEZVOUS",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run coopc")
+}
+
+/// A run started through an NCCL rendezvous file without MPI: a missing
+/// rank, a rank outside the world, or (on a machine without NCCL) the
+/// missing library, each stop it with exit status 2 and a message naming
+/// the problem and the file, before anything is written.
+#[test]
+fn an_nccl_rendezvous_that_cannot_start_says_why() {
+    let dir = tmpdir("nccl-rendezvous");
+    let id = dir.join("nccl-id");
+    let id_s = id.to_str().unwrap();
+    let pipeline = example("addition.toml");
+    let out = dir.join("run");
+    let args = [
+        "run",
+        pipeline.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (
+            vec![("COOPC_NCCL_RENDEZVOUS", id_s)],
+            "set RANK and WORLD_SIZE",
+        ),
+        (
+            vec![
+                ("COOPC_NCCL_RENDEZVOUS", id_s),
+                ("RANK", "3"),
+                ("WORLD_SIZE", "2"),
+            ],
+            "RANK = 3 is not a rank of WORLD_SIZE = 2",
+        ),
+        (
+            vec![("COOPC_NCCL_RENDEZVOUS", id_s), ("SLURM_PROCID", "1")],
+            "SLURM_PROCID is set but SLURM_NTASKS is not",
+        ),
+        (
+            vec![
+                ("COOPC_NCCL_RENDEZVOUS", id_s),
+                ("RANK", "x"),
+                ("WORLD_SIZE", "2"),
+            ],
+            "RANK = \"x\" is not a number",
+        ),
+    ];
+    let mut cases = cases;
+    if !coopc_kernels::nccl::nccl_present() {
+        cases.push((
+            vec![
+                ("COOPC_NCCL_RENDEZVOUS", id_s),
+                ("RANK", "0"),
+                ("WORLD_SIZE", "2"),
+            ],
+            "libnccl.so.2",
+        ));
+    }
+    for (env, want) in cases {
+        let o = coopc_env(&args, &env);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{env:?}: {err}");
+        assert!(err.contains(want), "{env:?}: expected {want:?} in: {err}");
+        assert!(
+            err.contains(id_s),
+            "{env:?}: the message names the file: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!id.exists() && !out.exists(), "{env:?}: nothing is written");
+    }
+}

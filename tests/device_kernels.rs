@@ -1755,3 +1755,52 @@ fn truncated_meta_step_device_memory_matches_the_estimate() {
         "the run held {peak} bytes, the estimate says {estimate}"
     );
 }
+
+/// CUDA only: an NCCL communicator of one process. Its host operations
+/// (sums, broadcast, barrier) return their operands, and a device with it
+/// attached sums `AllReduceSum` nodes through NCCL in device memory, into
+/// a fresh (poisoned) buffer the rest of the graph reads, leaving the
+/// operand as it was.
+#[test]
+fn all_reduce_sum_through_nccl_on_the_device_matches_the_cpu() {
+    use coopc_kernels::nccl::{new_unique_id, NcclComm};
+    use coopc_runtime::collective::Collective;
+    if !cuda_requested() {
+        eprintln!("skipped: NCCL runs on CUDA (COOPC_TEST_CUDA=1)");
+        return;
+    }
+    let ordinal = coopc_kernels::device::cuda_ordinal().expect("device ordinal");
+    let id = new_unique_id().expect("an NCCL unique id");
+    let comm = std::sync::Arc::new(NcclComm::new(&id, 0, 1, ordinal).expect("NCCL communicator"));
+    let mut v32 = vec![1.5f32, -2.25, 3.0e-3];
+    comm.all_reduce_sum_f32(&mut v32).unwrap();
+    assert_eq!(v32, [1.5f32, -2.25, 3.0e-3]);
+    let mut v64 = vec![0.1f64, -7.0];
+    comm.all_reduce_sum_f64(&mut v64).unwrap();
+    assert_eq!(v64, [0.1, -7.0]);
+    let mut bytes = vec![3u8, 1, 4, 1, 5];
+    comm.broadcast(0, &mut bytes).unwrap();
+    assert_eq!(bytes, [3, 1, 4, 1, 5]);
+    comm.barrier().unwrap();
+
+    let mut g = Graph::new();
+    let mut inputs = Inputs::new();
+    let x = f32_input(&mut g, &mut inputs, "x", &[37, 129], -1.0, 1.0, 91);
+    let e = g.exp(x);
+    let s = g.all_reduce_sum(e);
+    let m = g.mul(s, x);
+    g.set_output("exp", e);
+    g.set_output("sum", s);
+    g.set_output("product", m);
+    let want = execute(&g, &inputs).expect("cpu");
+    let prepared = Prepared::new(
+        &g,
+        coopc_compiler::fusion::fuse(&g, &coopc_compiler::schedule::schedule(&g).order),
+    );
+    let mut d = Device::cuda().expect("CUDA device");
+    d.poison = true;
+    d.attach_nccl(comm);
+    assert!(d.sums_on_device());
+    let got = d.execute(&g, &prepared, &inputs).expect("device run");
+    check_results(&want, got.iter().map(|(_, t)| f32s(t)), 1e-5);
+}

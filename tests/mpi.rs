@@ -162,6 +162,15 @@ fn two_mpi_processes_train_what_one_process_trains() {
         1
     );
     assert_close_runs(&one, &two, 1e-9);
+    // Commands other than `run` are one process's work: under the launcher
+    // rank 0 does it alone, as one process would.
+    let eval = ["eval", one.to_str().unwrap(), "--eval-limit", "4"];
+    let (e1, e2) = (coopc_on(0, &eval), coopc_on(2, &eval));
+    assert!(String::from_utf8_lossy(&e1.stdout).contains("held-out accuracy"));
+    assert_eq!(
+        String::from_utf8_lossy(&e1.stdout),
+        String::from_utf8_lossy(&e2.stdout)
+    );
     // A run started on two processes resumes on one, and on two again.
     let three = dir.join("three");
     let t = three.to_str().unwrap();

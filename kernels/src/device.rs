@@ -71,6 +71,13 @@ pub enum DeviceError {
     },
     #[error("device failure: {0}")]
     Device(String),
+    /// A sum over the run's processes failed (a peer stopped, or the
+    /// communication library reported an error).
+    #[error("node %{node} (all_reduce_sum): {source}")]
+    Collective {
+        node: usize,
+        source: coopc_runtime::collective::CollectiveError,
+    },
     #[error(
         "out of device memory at kernel {kernel} of {kernels} ({what}): it needs {bytes} bytes \
          with {in_use} in use, over the limit of {limit} bytes (COOPC_DEVICE_MEMORY_LIMIT)"
@@ -272,6 +279,22 @@ pub struct Device<R: Runtime> {
     /// buffers would pass it fails with [`DeviceError::OutOfMemory`]
     /// before it launches (`COOPC_DEVICE_MEMORY_LIMIT`).
     pub memory_limit: Option<u64>,
+    /// Sums `AllReduceSum` nodes in device memory (NCCL); without it they
+    /// go through the host and the process's collective.
+    device_sum: Option<Arc<dyn DeviceSum<R>>>,
+}
+
+/// A sum over the run's processes of buffers in device memory.
+pub trait DeviceSum<R: Runtime>: Send + Sync {
+    /// `dst ← Σ_ranks src`, both of `numel` f32 elements on `client`'s
+    /// device.
+    fn sum(
+        &self,
+        client: &ComputeClient<R>,
+        src: &Handle,
+        dst: &Handle,
+        numel: usize,
+    ) -> Result<(), coopc_runtime::collective::CollectiveError>;
 }
 
 /// Source of [`Device`] ids.
@@ -487,6 +510,7 @@ impl<R: Runtime> Device<R> {
             peak_in_use: AtomicU64::new(0),
             matmul_fallbacks: AtomicU64::new(0),
             memory_limit: None,
+            device_sum: None,
         }
     }
 }
@@ -536,12 +560,16 @@ impl Device<cubecl::cuda::CudaRuntime> {
             backend: "cuda",
             reason,
         })?;
+        let ordinal = cuda_ordinal().map_err(|reason| DeviceError::Unavailable {
+            backend: "cuda",
+            reason,
+        })?;
         let client = guarded(
             |reason| DeviceError::Unavailable {
                 backend: "cuda",
                 reason,
             },
-            || cubecl::cuda::CudaRuntime::client(&cubecl::cuda::CudaDevice::new(0)),
+            || cubecl::cuda::CudaRuntime::client(&cubecl::cuda::CudaDevice::new(ordinal)),
         )?;
         check_shared_memory("cuda", client.properties().hardware.max_shared_memory_size)?;
         let mut dev = Device::with_client(client, "cuda", matmul);
@@ -580,6 +608,56 @@ impl Device<cubecl::cuda::CudaRuntime> {
         dev.settle_matmul();
         Ok(dev)
     }
+}
+
+impl Device<cubecl::cuda::CudaRuntime> {
+    /// Sums the graphs' `AllReduceSum` nodes with `comm` in device memory
+    /// (it must be on this device).
+    pub fn attach_nccl(&mut self, comm: Arc<crate::nccl::NcclComm>) {
+        self.device_sum = Some(comm);
+    }
+
+    /// Whether `AllReduceSum` nodes are summed in device memory.
+    pub fn sums_on_device(&self) -> bool {
+        self.device_sum.is_some()
+    }
+}
+
+/// Environment variables in which launchers give a process its rank among
+/// the processes of its machine (Open MPI, MPICH/Intel MPI, Slurm,
+/// torchrun).
+const LOCAL_RANK_VARS: [&str; 4] = [
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MPI_LOCALRANKID",
+    "SLURM_LOCALID",
+    "LOCAL_RANK",
+];
+
+/// The CUDA device this process uses: `COOPC_CUDA_DEVICE` when set; else,
+/// in a run of several processes per machine, the process's local rank
+/// modulo the machine's device count (one process per GPU); else 0.
+pub fn cuda_ordinal() -> Result<usize, String> {
+    let parse = |var: &str, text: &str| {
+        text.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("{var} = {text:?} is not a device number"))
+    };
+    if let Ok(text) = std::env::var("COOPC_CUDA_DEVICE") {
+        return parse("COOPC_CUDA_DEVICE", &text);
+    }
+    let local = LOCAL_RANK_VARS
+        .iter()
+        .find_map(|var| std::env::var(var).ok().map(|text| (var, text)));
+    let Some((var, text)) = local else {
+        return Ok(0);
+    };
+    let local = parse(var, &text)?;
+    let count = cudarc::driver::CudaContext::device_count()
+        .map_err(|e| format!("counting CUDA devices: {e}"))?;
+    if count < 1 {
+        return Err("no CUDA device found".into());
+    }
+    Ok(local % count as usize)
 }
 
 /// Whether the NVIDIA driver library loads (a machine with an NVIDIA GPU).
@@ -1406,17 +1484,25 @@ impl<R: Runtime> Device<R> {
         Ok(match g.op(id) {
             // Relabelings share the operand's buffer.
             Op::Reshape { .. } | Op::StopGradient | Op::Barrier { .. } => get(&ops[0])?,
-            // A sum over processes: the identity in one process; otherwise
-            // through the host (an NCCL collective takes its place where
-            // the run has one).
+            // A sum over processes: in device memory where the device has
+            // an NCCL communicator; else the identity in one process, and
+            // through the host and the process's collective in several.
             Op::AllReduceSum => {
+                let collective = |source| DeviceError::Collective {
+                    node: id.index(),
+                    source,
+                };
                 let c = coopc_runtime::collective::current();
-                if c.world() == 1 {
+                if let Some(sum) = &self.device_sum {
+                    let h = self.output(n);
+                    sum.sum(&self.client, &get(&ops[0])?, &h, n)
+                        .map_err(collective)?;
+                    h
+                } else if c.world() == 1 {
                     get(&ops[0])?
                 } else {
                     let mut v = self.download(get(&ops[0])?, n)?;
-                    c.all_reduce_sum_f32(&mut v)
-                        .map_err(|e| cx.unsupported(e.to_string()))?;
+                    c.all_reduce_sum_f32(&mut v).map_err(collective)?;
                     self.upload(&v)
                 }
             }

@@ -16,6 +16,7 @@ pub mod elementwise;
 pub mod linear_logprob;
 pub mod matmul;
 pub mod movement;
+pub mod nccl;
 pub mod optim;
 pub(crate) mod program;
 pub mod reduce;

@@ -45,12 +45,14 @@ pub fn open(kind: BackendKind, spec: &BackendSpec) -> Result<Arc<dyn Backend>, U
             f32_only("cuda")?;
             let mut d = Device::cuda_with(matmul()?)?;
             d.memory_limit = limit;
+            attach_nccl(&mut d)?;
             Arc::new(d)
         }
         BackendKind::Auto if dtype == Precision::F64 => Arc::new(CpuBackend),
         BackendKind::Auto => match Device::cuda_with(matmul()?) {
             Ok(mut d) => {
                 d.memory_limit = limit;
+                attach_nccl(&mut d)?;
                 Arc::new(d)
             }
             Err(e) => {
@@ -64,4 +66,42 @@ pub fn open(kind: BackendKind, spec: &BackendSpec) -> Result<Arc<dyn Backend>, U
             }
         },
     })
+}
+
+/// In a run of several processes, gives the CUDA device an NCCL
+/// communicator so that its sums over the processes stay in device memory:
+/// the process's own when the run was started through an NCCL rendezvous,
+/// else a new one whose id rank 0 broadcasts over the run's collective
+/// (MPI). When some process has no NCCL library, or `COOPC_NCCL=0`, the
+/// sums go through the host and MPI instead (all processes agree on it).
+fn attach_nccl(d: &mut Device<coopc_kernels::CudaRuntime>) -> Result<(), UserError> {
+    use coopc_kernels::nccl;
+    if let Some(comm) = nccl::process_comm() {
+        d.attach_nccl(comm);
+        return Ok(());
+    }
+    let world = coopc_runtime::collective::current();
+    if world.world() == 1 {
+        return Ok(());
+    }
+    let wanted = std::env::var("COOPC_NCCL").map_or(true, |v| v != "0");
+    let mut able = [f64::from(u8::from(wanted && nccl::nccl_present()))];
+    world.all_reduce_sum_f64(&mut able)?;
+    if able[0] < world.world() as f64 {
+        if wanted && world.rank() == 0 {
+            eprintln!(
+                "warning: {} of {} processes have no NCCL library (libnccl.so.2): the device's \
+                 sums over the processes go through the host and {}",
+                world.world() - able[0] as usize,
+                world.world(),
+                world.name()
+            );
+        }
+        return Ok(());
+    }
+    let ordinal = coopc_kernels::device::cuda_ordinal().map_err(UserError)?;
+    let id = nccl::unique_id_over(world.as_ref(), nccl::new_unique_id)?;
+    let comm = nccl::NcclComm::new(&id, world.rank(), world.world(), ordinal)?;
+    d.attach_nccl(Arc::new(comm));
+    Ok(())
 }

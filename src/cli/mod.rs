@@ -285,43 +285,138 @@ pub enum Command {
     },
 }
 
-/// Runs one command; returns the process's exit code.
-/// The processes of this run as the launcher started them: under an MPI
-/// launcher (`mpirun`, `srun --mpi=pmix`), MPI is initialised and its world
-/// installed as the process's collective (see
-/// `coopc_runtime::collective`); otherwise the run is one process. The
-/// returned guard finalises MPI when dropped, before the process exits.
+/// The processes of this run as the launcher started them:
+/// - under an MPI launcher (`mpirun`, `srun --mpi=pmix`) in a build with
+///   MPI, MPI is initialised and its world installed as the process's
+///   collective (see `coopc_runtime::collective`); a CUDA backend adds an
+///   NCCL communicator for the device's sums (`backend::open`);
+/// - with `COOPC_NCCL_RENDEZVOUS` (a path on a file system every process
+///   sees) and the rank and size from the launcher's environment
+///   (`RANK`/`WORLD_SIZE`, Slurm's or an MPI launcher's), the processes join
+///   an NCCL communicator, which is the collective (GPUs, no MPI needed);
+/// - otherwise the run is one process.
+///
+/// The returned guard finalises MPI when dropped, before the process exits.
 pub fn start_processes() -> Result<Option<Box<dyn std::any::Any>>, String> {
     let var = |k: &str| std::env::var(k).ok();
     let launched = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"]
         .iter()
         .any(|k| var(k).is_some());
+    #[cfg(feature = "mpi")]
+    if launched {
+        let (universe, world) = crate::mpi_world::MpiWorld::init()?;
+        coopc_runtime::collective::install(std::sync::Arc::new(world));
+        return Ok(Some(Box::new(universe)));
+    }
+    if let Some(path) = var("COOPC_NCCL_RENDEZVOUS") {
+        return start_nccl(std::path::Path::new(&path)).map(|()| None);
+    }
     if !launched {
         return Ok(None);
     }
-    #[cfg(feature = "mpi")]
-    {
-        let (universe, world) = crate::mpi_world::MpiWorld::init()?;
-        coopc_runtime::collective::install(std::sync::Arc::new(world));
-        Ok(Some(Box::new(universe)))
+    let size = var("OMPI_COMM_WORLD_SIZE")
+        .or_else(|| var("PMI_SIZE"))
+        .or_else(|| var("SLURM_NTASKS"))
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or(2);
+    if size > 1 {
+        return Err(format!(
+            "started by an MPI launcher with {size} processes, but this coopc was built without MPI: build it with `cargo build --release --features mpi` (needs the system's MPI, e.g. Debian's libopenmpi-dev and libclang-dev), or give the processes an NCCL rendezvous file (COOPC_NCCL_RENDEZVOUS) to run on GPUs without MPI"
+        ));
     }
-    #[cfg(not(feature = "mpi"))]
-    {
-        let size = var("OMPI_COMM_WORLD_SIZE")
-            .or_else(|| var("PMI_SIZE"))
-            .or_else(|| var("SLURM_NTASKS"))
-            .and_then(|s| s.parse::<usize>().ok())
-            .unwrap_or(2);
-        if size > 1 {
-            return Err(format!(
-                "started by an MPI launcher with {size} processes, but this coopc was built without MPI: build it with `cargo build --release --features mpi` (needs the system's MPI, e.g. Debian's libopenmpi-dev and libclang-dev)"
-            ));
-        }
-        Ok(None)
-    }
+    Ok(None)
 }
 
+/// The rank and number of processes from the launcher's environment: the
+/// first pair of variables that is set, of torchrun's, Slurm's, Open MPI's
+/// and PMI's.
+pub fn launcher_rank_and_size() -> Result<(usize, usize), String> {
+    const PAIRS: [(&str, &str); 4] = [
+        ("RANK", "WORLD_SIZE"),
+        ("SLURM_PROCID", "SLURM_NTASKS"),
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+        ("PMI_RANK", "PMI_SIZE"),
+    ];
+    let number = |k: &str, text: String| {
+        text.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("{k} = {text:?} is not a number"))
+    };
+    for (rank_var, size_var) in PAIRS {
+        let (rank, size) = (std::env::var(rank_var).ok(), std::env::var(size_var).ok());
+        match (rank, size) {
+            (None, None) => continue,
+            (Some(rank), Some(size)) => {
+                let (rank, size) = (number(rank_var, rank)?, number(size_var, size)?);
+                if size == 0 || rank >= size {
+                    return Err(format!(
+                        "{rank_var} = {rank} is not a rank of {size_var} = {size} processes"
+                    ));
+                }
+                return Ok((rank, size));
+            }
+            (Some(_), None) => return Err(format!("{rank_var} is set but {size_var} is not")),
+            (None, Some(_)) => return Err(format!("{size_var} is set but {rank_var} is not")),
+        }
+    }
+    Err(
+        "COOPC_NCCL_RENDEZVOUS is set, but no launcher gave this process its rank and the number \
+         of processes: set RANK and WORLD_SIZE (or start it with srun or mpirun)"
+            .into(),
+    )
+}
+
+/// Joins the NCCL communicator of a run started without MPI, through the
+/// rendezvous file `path` (`COOPC_NCCL_RENDEZVOUS`), and installs it as
+/// the process's collective.
+fn start_nccl(path: &std::path::Path) -> Result<(), String> {
+    use coopc_kernels::nccl;
+    let fail = |e: String| format!("NCCL rendezvous through {}: {e}", path.display());
+    let (rank, world) = launcher_rank_and_size().map_err(fail)?;
+    if !nccl::nccl_present() {
+        return Err(fail(
+            "the NCCL library (libnccl.so.2) was not found: install NCCL, or run without \
+             COOPC_NCCL_RENDEZVOUS"
+                .into(),
+        ));
+    }
+    if !coopc_kernels::device::cuda_driver_present() {
+        return Err(fail("no NVIDIA driver library (libcuda.so) found".into()));
+    }
+    let ordinal = coopc_kernels::device::cuda_ordinal().map_err(fail)?;
+    let timeout = std::env::var("COOPC_NCCL_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(300);
+    let comm = nccl::NcclComm::from_file(
+        path,
+        rank,
+        world,
+        ordinal,
+        std::time::Duration::from_secs(timeout),
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    nccl::install_process_comm(std::sync::Arc::new(comm));
+    Ok(())
+}
+
+/// Runs one command; returns the process's exit code. Under a launcher of
+/// several processes, `run` trains on all of them; any other command is
+/// one process's work, which rank 0 does by itself while the others exit
+/// at once.
 pub fn dispatch(cli: Cli) -> i32 {
+    use coopc_runtime::collective::{self, Single};
+    let world = collective::current();
+    if world.world() > 1 && !matches!(cli.command, Command::Run { .. }) {
+        if world.rank() != 0 {
+            return 0;
+        }
+        return collective::scope(std::sync::Arc::new(Single), || dispatch_command(cli));
+    }
+    dispatch_command(cli)
+}
+
+fn dispatch_command(cli: Cli) -> i32 {
     match cli.command {
         Command::Run {
             pipeline,
