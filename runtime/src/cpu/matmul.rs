@@ -132,7 +132,7 @@ pub fn matmul_t<T: Gemm>(
         let b = &b[i * k * n..(i + 1) * k * n];
         let rows = c.len() / n;
         debug_assert!(r0 + rows <= m && c.len() == rows * n);
-        if let Some(kernel) = thin_kernel::<T>(rows, n, b_t) {
+        if let Some(kernel) = thin_kernel::<T>(rows, k, n, b_t) {
             // SAFETY: as for the GEMM below; `c` holds rows*n elements.
             unsafe {
                 kernel(
@@ -195,27 +195,173 @@ const KC: usize = 256;
 /// A product kernel: `(rows, k, n, a, a_strides, b, b_t, c)`.
 type ThinKernel<T> = unsafe fn(usize, usize, usize, *const T, (isize, isize), &[T], bool, *mut T);
 
-/// The no-packing kernel for a `rows × k × n` product, where it applies:
-/// thin shapes on a CPU with FMA and AVX2, the one on which
-/// `matrixmultiply` runs its FMA microkernel. Each output is computed with
-/// that microkernel's operations in its order — a fused multiply-add chain
-/// over each block of [`KC`] reduction steps from zero, the blocks added
-/// with `fma(1, block, c)` — so the two give the same bits; on other CPUs
-/// the GEMM runs every product.
-fn thin_kernel<T: Float>(rows: usize, n: usize, b_t: bool) -> Option<ThinKernel<T>> {
-    // Few columns; or few rows of a B stored row-major (a B read
-    // transposed with many columns is better packed by the GEMM than
-    // transposed here: the decode step's weights).
-    if n > THIN && (rows > THIN || b_t) {
-        return None;
-    }
+/// The no-packing kernel for a `rows × k × n` product, where one applies,
+/// on a CPU with FMA and AVX2, the one on which `matrixmultiply` runs its
+/// FMA microkernel: [`thin_fma`] for thin shapes, [`wide_fma512`] for f32
+/// products large enough on AVX-512. Each output is computed with that
+/// microkernel's operations in its order — a fused multiply-add chain over
+/// each block of [`KC`] reduction steps from zero, the blocks added with
+/// `fma(1, block, c)` — so the kernels and the GEMM give the same bits; on
+/// other CPUs the GEMM runs every product.
+fn thin_kernel<T: Float>(rows: usize, k: usize, n: usize, b_t: bool) -> Option<ThinKernel<T>> {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("avx2") {
+        if !(std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("avx2")) {
+            return None;
+        }
+        // Few columns; or few rows of a B stored row-major (a B read
+        // transposed with many columns and few rows, the decode step's
+        // weights, is better packed by the GEMM than transposed here).
+        if n <= THIN || (rows <= THIN && !b_t) {
             return Some(thin_fma::<T>);
         }
+        if wide_applies::<T>(rows, k) && std::is_x86_feature_detected!("avx512f") {
+            return Some(wide_fma512::<T>);
+        }
     }
+    let _ = (rows, k, n, b_t);
     None
+}
+
+/// Whether [`wide_fma512`] takes an f32 product of `rows` output rows and
+/// reduction length `k` (on AVX-512): shorter reductions or fewer rows
+/// stay with the packing GEMM (a tile's few steps do not pay for writing
+/// it; a transposed B is copied for too few rows).
+fn wide_applies<T>(rows: usize, k: usize) -> bool {
+    std::mem::size_of::<T>() == 4 && k >= 64 && rows >= 64
+}
+
+/// As [`thin_fma`], for any shape, on AVX-512: each block of the
+/// reduction is swept column panel by column panel, the panel of B kept in
+/// cache across all row tiles (a B stored transposed is copied a panel at
+/// a time, row-major, into a scratch buffer).
+///
+/// # Safety
+/// As [`thin_fma`], with AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma,avx2,avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn wide_fma512<T: Float>(
+    rows: usize,
+    k: usize,
+    n: usize,
+    a: *const T,
+    (rsa, csa): (isize, isize),
+    b: &[T],
+    b_t: bool,
+    c: *mut T,
+) {
+    const W: usize = 32;
+    const MC: usize = 256;
+    // SAFETY: rows*n writable elements (the caller's contract); every one
+    // is written by the first block before any is read.
+    let c = unsafe { std::slice::from_raw_parts_mut(c, rows * n) };
+    let at = A { a, rsa, csa };
+    let mut scratch = if b_t {
+        vec![T::zero(); KC * W]
+    } else {
+        Vec::new()
+    };
+    let mut p0 = 0;
+    while p0 < k {
+        let p1 = (p0 + KC).min(k);
+        let first = p0 == 0;
+        // Blocks of MC rows, whose part of A stays in cache across the
+        // column panels.
+        let mut ib = 0;
+        while ib < rows {
+            let ie = (ib + MC).min(rows);
+            let mut j0 = 0;
+            while j0 < n {
+                let w = n - j0;
+                let step = if w >= W {
+                    W
+                } else if w >= 8 {
+                    8
+                } else {
+                    1
+                };
+                // This panel of B: rows p0..p1, columns j0..j0 + step, as a
+                // row-major slice with row stride `bs` whose row p0 starts at
+                // `boff`.
+                let (bsl, bs, boff): (&[T], usize, usize) = if b_t {
+                    for jj in 0..step {
+                        let col = &b[(j0 + jj) * k + p0..(j0 + jj) * k + p1];
+                        for (pp, &x) in col.iter().enumerate() {
+                            scratch[pp * step + jj] = x;
+                        }
+                    }
+                    (&scratch, step, 0)
+                } else {
+                    (b, n, p0 * n + j0)
+                };
+                let mut i = ib;
+                while i < ie {
+                    let r = match ie - i {
+                        8.. => 8,
+                        4..=7 => 4,
+                        _ => 1,
+                    };
+                    match (r, step) {
+                        (8, W) => tile::<T, 8, W>(p0, p1, first, bsl, bs, boff, n, i, j0, &at, c),
+                        (8, 8) => tile::<T, 8, 8>(p0, p1, first, bsl, bs, boff, n, i, j0, &at, c),
+                        (8, _) => tile::<T, 8, 1>(p0, p1, first, bsl, bs, boff, n, i, j0, &at, c),
+                        (4, W) => tile::<T, 4, W>(p0, p1, first, bsl, bs, boff, n, i, j0, &at, c),
+                        (4, 8) => tile::<T, 4, 8>(p0, p1, first, bsl, bs, boff, n, i, j0, &at, c),
+                        (4, _) => tile::<T, 4, 1>(p0, p1, first, bsl, bs, boff, n, i, j0, &at, c),
+                        (_, W) => tile::<T, 1, W>(p0, p1, first, bsl, bs, boff, n, i, j0, &at, c),
+                        (_, 8) => tile::<T, 1, 8>(p0, p1, first, bsl, bs, boff, n, i, j0, &at, c),
+                        _ => tile::<T, 1, 1>(p0, p1, first, bsl, bs, boff, n, i, j0, &at, c),
+                    }
+                    i += r;
+                }
+                j0 += step;
+            }
+            ib = ie;
+        }
+        p0 = p1;
+    }
+}
+
+/// One block of the reduction, rows `p0..p1`, for the `R × W` tile of `C`
+/// at (`i0`, `j0`) (row stride `n`), B's rows read from `b` (row stride
+/// `bs`, row `p0` at `boff`): an FMA chain from zero per element, added to
+/// `c` with `fma(1, block, c)` (written when `first`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tile<T: Float, const R: usize, const W: usize>(
+    p0: usize,
+    p1: usize,
+    first: bool,
+    b: &[T],
+    bs: usize,
+    boff: usize,
+    n: usize,
+    i0: usize,
+    j0: usize,
+    at: &A<T>,
+    c: &mut [T],
+) {
+    let mut acc = [[T::zero(); W]; R];
+    for p in p0..p1 {
+        let o = boff + (p - p0) * bs;
+        let brow = &b[o..o + W];
+        for (r, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: row i0 + r < rows and p < k, within the matrix the
+            // caller's contract on `a` covers.
+            let av = unsafe { at.at(i0 + r, p) };
+            for j in 0..W {
+                acc[j] = av.mul_add(brow[j], acc[j]);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let row = (i0 + r) * n + j0;
+        for (o, &x) in c[row..row + W].iter_mut().zip(acc) {
+            let prev = if first { T::zero() } else { *o };
+            *o = T::one().mul_add(x, prev);
+        }
+    }
 }
 
 /// `C = A B` for `A` (`rows × k`, at `a` with strides `a_strides`) and `B`
@@ -419,8 +565,54 @@ mod tests {
         // Where the no-packing kernel does not apply, both sides are the GEMM.
         thin_equals_packed::<f32>(|x| x as f32, |x| x.to_bits() as u64);
         thin_equals_packed::<f64>(|x| x, f64::to_bits);
-        assert!(thin_kernel::<f32>(17, 17, false).is_none());
-        assert!(thin_kernel::<f32>(8, 17, true).is_none());
+        assert!(thin_kernel::<f32>(17, 17, 17, false).is_none());
+        assert!(thin_kernel::<f32>(8, 17, 17, true).is_none());
+    }
+
+    /// The AVX-512 kernel on whole tiles, row remainders of 4 and 1, column
+    /// remainders of 8 and 1, one and several reduction blocks, every
+    /// operand layout: the GEMM's bits.
+    #[test]
+    fn wide_products_equal_the_packed_gemm_bit_for_bit() {
+        let shapes = [
+            (64, 64, 32),
+            (77, 300, 45),
+            (640, 128, 384),
+            (100, 513, 70),
+            (69, 64, 33),
+        ];
+        #[cfg(target_arch = "x86_64")]
+        if !std::is_x86_feature_detected!("avx512f") {
+            eprintln!("no AVX-512 here: every one of these products is the GEMM's");
+        }
+        for (m, k, n) in shapes {
+            assert!(wide_applies::<f32>(m, k) && !wide_applies::<f64>(m, k));
+            for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+                let a: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.3)
+                    .collect();
+                let b: Vec<f32> = (0..k * n)
+                    .map(|i| ((i * 53 % 89) as f32 - 44.0) / 3.1)
+                    .collect();
+                let want = packed(&a, a_t, &b, b_t, m, k, n);
+                // One task (the kernel on all rows) and the executor's split.
+                let got = rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .unwrap()
+                    .install(|| matmul_t(&a, a_t, &b, b_t, 1, m, k, n));
+                let split = matmul_t(&a, a_t, &b, b_t, 1, m, k, n);
+                for got in [got, split] {
+                    let same = want
+                        .iter()
+                        .zip(&got)
+                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{m}×{k}×{n}, a_t {a_t}, b_t {b_t}");
+                }
+            }
+        }
+        // Below the thresholds: the GEMM.
+        assert!(!wide_applies::<f32>(63, 256) && !wide_applies::<f32>(256, 63));
     }
 
     #[test]
