@@ -273,43 +273,8 @@ fn batches_that_do_not_split_are_refused_naming_the_section() {
 }
 
 /// A tiny addition run in f64 whose batches split over two processes.
-const TRAIN: &str = r#"
-[model]
-d_model = 16
-n_layers = 1
-n_heads = 2
-n_kv_heads = 1
-d_ff = 32
-max_seq = 48
-[lora]
-rank = 2
-[rl]
-group_size = 2
-prompts_per_step = 2
-max_new_tokens = 32
-[sft]
-batch_size = 2
-cold_start_steps = 2
-[bilevel]
-method = "bridge"
-lambda = { start = 0.2, end = 0.8 }
-hypergradient = { kind = "truncated", unroll = 2, backprop = 2 }
-[optim.lower]
-kind = "adamw"
-lr = 1e-2
-[train]
-steps = 3
-eval_every = 2
-seed = 5
-[backend]
-dtype = "f64"
-"#;
-
-fn tmpdir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("coopc-dp-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn train_text() -> String {
+    tiny_addition_f64().replace("steps = 4", "steps = 3")
 }
 
 fn run_options(dir: &std::path::Path) -> coopc_train::train::RunOptions {
@@ -437,7 +402,7 @@ fn check_split(spec: &PipelineSpec, split: &PipelineSpec, world: usize, name: &s
 
 #[test]
 fn training_on_two_processes_equals_one_truncated_token_mean() {
-    let mut spec = pipeline(TRAIN);
+    let mut spec = pipeline(&train_text());
     // An untrained model answers nothing right: the KL penalty in the
     // reward is what makes rewards, and so advantages, differ by row.
     spec.rl.kl_coef = 0.5;
@@ -447,7 +412,7 @@ fn training_on_two_processes_equals_one_truncated_token_mean() {
 
 #[test]
 fn training_on_two_processes_equals_one_first_order_seq_mean_with_kl() {
-    let mut spec = pipeline(TRAIN);
+    let mut spec = pipeline(&train_text());
     spec.bilevel.hypergradient.kind = HypergradKind::FirstOrder;
     spec.rl.loss_agg = LossAgg::SeqMean;
     spec.rl.kl_coef = 0.5;
@@ -458,7 +423,7 @@ fn training_on_two_processes_equals_one_first_order_seq_mean_with_kl() {
 
 #[test]
 fn two_micro_batches_train_what_one_batch_trains() {
-    let mut spec = pipeline(TRAIN);
+    let mut spec = pipeline(&train_text());
     spec.rl.kl_coef = 0.5;
     spec.rl.kl_in_reward = true;
     spec.rl.advantage = coopc_compiler::spec::Advantage::BatchStd;
@@ -481,7 +446,7 @@ fn two_micro_batches_train_what_one_batch_trains() {
 
 #[test]
 fn micro_batches_on_two_processes_train_what_one_process_trains() {
-    let mut spec = pipeline(TRAIN);
+    let mut spec = pipeline(&train_text());
     spec.sft.batch_size = 4;
     spec.rl.kl_coef = 0.5;
     spec.rl.kl_in_reward = true;
@@ -494,7 +459,7 @@ fn micro_batches_on_two_processes_train_what_one_process_trains() {
 
 #[test]
 fn micro_batches_that_do_not_split_the_batch_are_refused_in_the_pipeline() {
-    let text = TRAIN.replace("seed = 5", "seed = 5\nmicro_batches = 3");
+    let text = train_text().replace("seed = 5", "seed = 5\nmicro_batches = 3");
     let e = coopc_compiler::frontend::parse_pipeline(&text)
         .expect_err("refused")
         .render("p.toml", &text);
@@ -506,7 +471,7 @@ fn micro_batches_that_do_not_split_the_batch_are_refused_in_the_pipeline() {
 
 #[test]
 fn a_plan_for_another_number_of_processes_is_refused() {
-    let spec = pipeline(TRAIN);
+    let spec = pipeline(&train_text());
     let plan = compile_for_world(spec, 2).unwrap();
     let dir = tmpdir("mismatch");
     let e = coopc_train::train::Trainer::new(plan, run_options(&dir))
@@ -521,7 +486,7 @@ fn a_plan_for_another_number_of_processes_is_refused() {
 
 #[test]
 fn dynamic_sampling_with_micro_batches_is_refused_clearly() {
-    let mut spec = pipeline(TRAIN);
+    let mut spec = pipeline(&train_text());
     spec.train.micro_batches = 2;
     spec.rl.dynamic_sampling = true;
     let dir = tmpdir("dynamic");

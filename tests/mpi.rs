@@ -5,52 +5,23 @@
 //! mpi` and run where `mpirun` is on the PATH (`.ci/run` installs Open MPI).
 #![cfg(feature = "mpi")]
 
+mod common;
+
+use common::{tiny_addition_f64, tmpdir};
 use coopc_train::checkpoint::load_latest;
 use coopc_train::train::{read_metrics, Metrics};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const PIPELINE: &str = r#"
-[model]
-d_model = 16
-n_layers = 1
-n_heads = 2
-n_kv_heads = 1
-d_ff = 32
-max_seq = 48
-[lora]
-rank = 2
-[rl]
-group_size = 2
-prompts_per_step = 2
-max_new_tokens = 32
-kl_coef = 0.5
-kl_in_reward = true
-advantage = "batch_std"
-[sft]
-batch_size = 2
-cold_start_steps = 2
-[bilevel]
-method = "bridge"
-lambda = { start = 0.2, end = 0.8 }
-hypergradient = { kind = "truncated", unroll = 2, backprop = 2 }
-[optim.lower]
-kind = "adamw"
-lr = 1e-2
-[train]
-steps = 4
-eval_every = 2
-seed = 5
-[backend]
-dtype = "f64"
-"#;
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("coopc-mpi-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// The tiny addition run in f64, its KL term in the reward and its
+/// advantages normalised over the whole batch (statistics that span the
+/// processes).
+fn pipeline_text() -> String {
+    tiny_addition_f64().replace(
+        "max_new_tokens = 32\n",
+        "max_new_tokens = 32\nkl_coef = 0.5\nkl_in_reward = true\nadvantage = \"batch_std\"\n",
+    )
 }
 
 /// `mpirun` with what Open MPI needs to start more processes than cores,
@@ -146,7 +117,7 @@ fn assert_close_runs(a: &Path, b: &Path, tol: f64) {
 fn two_mpi_processes_train_what_one_process_trains() {
     let dir = tmpdir("equal");
     let p = dir.join("p.toml");
-    std::fs::write(&p, PIPELINE).unwrap();
+    std::fs::write(&p, pipeline_text()).unwrap();
     let p = p.to_str().unwrap();
     let (one, two) = (dir.join("one"), dir.join("two"));
     let flags = ["-q", "--eval-limit", "4", "--out"];
@@ -198,7 +169,11 @@ fn two_mpi_processes_train_what_one_process_trains() {
 fn batches_that_do_not_split_over_the_processes_are_refused() {
     let dir = tmpdir("split");
     let p = dir.join("p.toml");
-    std::fs::write(&p, PIPELINE.replace("batch_size = 2", "batch_size = 3")).unwrap();
+    std::fs::write(
+        &p,
+        pipeline_text().replace("batch_size = 2", "batch_size = 3"),
+    )
+    .unwrap();
     let out = mpirun(2)
         .arg(env!("CARGO_BIN_EXE_coopc"))
         .args(["run", p.to_str().unwrap(), "-q", "--out"])
@@ -237,7 +212,7 @@ fn rank_pid(launcher: u32, rank: usize) -> Option<u32> {
 fn a_process_that_dies_ends_the_job_with_an_error_naming_it() {
     let dir = tmpdir("dies");
     let p = dir.join("p.toml");
-    std::fs::write(&p, PIPELINE.replace("steps = 4", "steps = 100000")).unwrap();
+    std::fs::write(&p, pipeline_text().replace("steps = 4", "steps = 100000")).unwrap();
     let mut child = mpirun(2)
         .env("COOPC_MPI_TEST", "1")
         .arg(env!("CARGO_BIN_EXE_coopc"))

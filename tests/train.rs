@@ -5,67 +5,16 @@
 use coopc_train::checkpoint::load_latest;
 use coopc_train::train::{read_metrics, Metrics};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-const TINY: &str = r#"
-[model]
-d_model = 16
-n_layers = 1
-n_heads = 2
-n_kv_heads = 1
-d_ff = 32
-max_seq = 48
-[lora]
-rank = 2
-[rl]
-group_size = 2
-prompts_per_step = 2
-max_new_tokens = 32
-[sft]
-batch_size = 2
-cold_start_steps = 2
-[bilevel]
-method = "bridge"
-lambda = { start = 0.2, end = 0.8 }
-hypergradient = { kind = "truncated", unroll = 2, backprop = 2 }
-[optim.lower]
-kind = "adamw"
-lr = 1e-2
-[train]
-steps = 4
-eval_every = 2
-seed = 5
-"#;
+mod common;
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("coopc-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn coopc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_coopc"))
-        .args(args)
-        .output()
-        .expect("run coopc")
-}
+use common::{coopc, coopc_ok as run, tmpdir, TINY_ADDITION as TINY};
 
 fn pipeline(dir: &Path, text: &str) -> String {
     let p = dir.join("pipeline.toml");
     std::fs::write(&p, text).unwrap();
     p.to_str().unwrap().to_string()
-}
-
-fn run(args: &[&str]) -> Output {
-    let out = coopc(args);
-    assert!(
-        out.status.success(),
-        "coopc {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 /// A run's metrics without what may differ between a resumed and an

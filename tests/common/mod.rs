@@ -1,5 +1,7 @@
 //! Shared helpers for the integration tests: seeded random data, evaluation
-//! through the CPU executor, and finite-difference gradient checks.
+//! through the CPU executor, finite-difference gradient checks, and for
+//! the tests that run the binary: scratch folders, the `coopc` command and
+//! the tiny addition pipeline they train.
 #![allow(dead_code)]
 
 use coopc_compiler::autodiff::{grad, vjp};
@@ -11,6 +13,8 @@ use coopc_runtime::{execute_nodes, HostTensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Command, Output};
 
 pub type Inputs = HashMap<String, HostTensor>;
 
@@ -577,4 +581,74 @@ pub fn token_loss_batch(
         }
     }
     [logp, mask, old, adv, reference]
+}
+
+/// A fresh, empty scratch folder for test `name`, distinct per test binary
+/// and process.
+pub fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "coopc-{}-{name}-{}",
+        env!("CARGO_CRATE_NAME"),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs the `coopc` binary with `args`.
+pub fn coopc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_coopc"))
+        .args(args)
+        .output()
+        .expect("run coopc")
+}
+
+/// Runs the `coopc` binary with `args`, which must succeed.
+pub fn coopc_ok(args: &[&str]) -> Output {
+    let out = coopc(args);
+    assert!(
+        out.status.success(),
+        "coopc {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The tiny addition pipeline the training tests run: a truncated BRIDGE
+/// meta-step, AdamW, 4 steps, held-out evaluation every 2.
+pub const TINY_ADDITION: &str = r#"
+[model]
+d_model = 16
+n_layers = 1
+n_heads = 2
+n_kv_heads = 1
+d_ff = 32
+max_seq = 48
+[lora]
+rank = 2
+[rl]
+group_size = 2
+prompts_per_step = 2
+max_new_tokens = 32
+[sft]
+batch_size = 2
+cold_start_steps = 2
+[bilevel]
+method = "bridge"
+lambda = { start = 0.2, end = 0.8 }
+hypergradient = { kind = "truncated", unroll = 2, backprop = 2 }
+[optim.lower]
+kind = "adamw"
+lr = 1e-2
+[train]
+steps = 4
+eval_every = 2
+seed = 5
+"#;
+
+/// [`TINY_ADDITION`] computed in f64.
+pub fn tiny_addition_f64() -> String {
+    format!("{TINY_ADDITION}[backend]\ndtype = \"f64\"\n")
 }
