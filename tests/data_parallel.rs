@@ -136,6 +136,18 @@ fn spec_for_world() -> PipelineSpec {
 }
 
 fn check(spec: &PipelineSpec, world: usize, seed: u64, tol: f64, what: &str) {
+    check_edited(spec, world, seed, tol, what, |_| {});
+}
+
+/// [`check`] on inputs changed by `edit` first.
+fn check_edited(
+    spec: &PipelineSpec,
+    world: usize,
+    seed: u64,
+    tol: f64,
+    what: &str,
+    edit: impl Fn(&mut Inputs),
+) {
     let whole_plan = compile_for_world(spec.clone(), 1).unwrap();
     let dp_plan = compile_for_world(spec.clone(), world).unwrap();
     assert_eq!(dp_plan.world, world);
@@ -153,7 +165,8 @@ fn check(spec: &PipelineSpec, world: usize, seed: u64, tol: f64, what: &str) {
         "{what}: a one-process plan sums over processes"
     );
     let ms = lower_meta_step_with(spec, BatchShapes::from_spec(spec), LowerOptions::default());
-    let inputs = meta_inputs(spec, &ms, seed);
+    let mut inputs = meta_inputs(spec, &ms, seed);
+    edit(&mut inputs);
     let single = coopc_runtime::execute_program(meta(&whole_plan), &inputs).unwrap();
     let shards: Vec<Inputs> = (0..world).map(|r| shard(spec, &inputs, r, world)).collect();
     let fused = run_ranks(meta(&dp_plan), &shards, false);
@@ -219,6 +232,41 @@ fn finite_differences_and_dr_grpo_on_four_processes_equal_one() {
         1e-9,
         "finite_difference, Dr. GRPO, 4 processes",
     );
+}
+
+/// Rank 1's share of every batch has no response token (all its rows
+/// masked out): its loss shares are 0, not 0/0, and the processes still
+/// compute what one process computes on the whole batch.
+#[test]
+fn a_process_whose_share_has_no_response_token_adds_nothing() {
+    for agg in [LossAgg::TokenMean, LossAgg::SeqMean] {
+        let mut spec = spec_for_world();
+        spec.rl.loss_agg = agg;
+        let minis = spec.rl.mini_batches.max(1);
+        let zeroed = std::cell::Cell::new(0);
+        check_edited(
+            &spec,
+            2,
+            29,
+            1e-12,
+            &format!("{agg:?}, rank 1 without tokens"),
+            |inputs| {
+                for (name, t) in inputs.iter_mut() {
+                    if name.starts_with("step") && name.ends_with("loss_mask") {
+                        let row: usize = t.shape[1..].iter().product();
+                        let mut v = t.to_f64_vec();
+                        for r in shard_rows(t.shape[0], minis, 1, 2) {
+                            v[r * row..(r + 1) * row].fill(0.0);
+                        }
+                        *t = HostTensor::from_f64(t.dtype(), t.shape.clone(), &v).unwrap();
+                        zeroed.set(zeroed.get() + 1);
+                    }
+                }
+            },
+        );
+        // The SFT and RL masks of every step batch.
+        assert!(zeroed.get() >= 2, "{agg:?}: no mask was edited");
+    }
 }
 
 #[test]

@@ -1418,8 +1418,9 @@ fn fused_linear_logprob_out_of_range_targets_are_nan_or_refused() {
 /// The policy losses and their gradients with respect to the log-probs:
 /// SFT, GRPO with and without the KL term (k1, k2, k3), the three
 /// aggregations, GSPO's sequence ratio and CISPO; a batch wider than a
-/// cube (several strided passes per sequence) and a small one with a
-/// sequence without response tokens; NaN at the masked positions of
+/// cube (several strided passes per sequence), a small one with a
+/// sequence without response tokens and one with no response token at
+/// all (loss and gradient 0); NaN at the masked positions of
 /// GRPO's inputs (dropped); gradients seeded with 0.7. The tolerance is
 /// 5e-5: GSPO's loss sums 2400 terms of ±s·A that largely cancel, summed
 /// in another order than the CPU's.
@@ -1432,9 +1433,16 @@ fn token_losses_match_the_cpu() {
     let mut g = Graph::new();
     let mut inp = Inputs::new();
     for (i, loss) in token_losses().into_iter().enumerate() {
-        for (j, (b, t, empty)) in [(8, 300, false), (3, 5, true)].into_iter().enumerate() {
+        for (j, (b, t, empty)) in [(8, 300, false), (3, 5, true), (2, 4, true)]
+            .into_iter()
+            .enumerate()
+        {
             let garbage = matches!(loss, TokenLoss::Grpo { .. });
-            let values = token_loss_batch(900 + 10 * i as u64 + j as u64, b, t, empty, garbage);
+            let mut values = token_loss_batch(900 + 10 * i as u64 + j as u64, b, t, empty, garbage);
+            if j == 2 {
+                // No response token at all: a mean over nothing, 0.
+                values[1].fill(0.0);
+            }
             let mut ops = Vec::new();
             for ((name, shape), v) in token_loss_operands(loss, b, t).into_iter().zip(values) {
                 let name = format!("{name}{i}_{j}");

@@ -301,3 +301,59 @@ fn sft_loss_is_the_masked_token_mean_of_negative_log_probs() {
     let v = eval(&g, &inputs, &[l])[0][0];
     assert!(close(v, 7.0 / 3.0), "{v}");
 }
+
+/// A batch without a response token (every completion masked out, as
+/// `mask_truncated` can make it, or a process's share of one): each
+/// aggregation's mean over nothing is 0 and so is its gradient — not 0/0 —
+/// in the op and in its reference lowering, the SFT loss too.
+#[test]
+fn a_batch_without_response_tokens_has_zero_loss_and_gradient() {
+    use coopc_compiler::losses::{grpo as grpo_op, grpo_operands, reference_grad, reference_loss};
+    let none = [0.0; 9];
+    for agg in [
+        LossAgg::TokenMean,
+        LossAgg::SeqMean,
+        LossAgg::SeqMeanTokenSumNorm,
+    ] {
+        for kl in [0.0, 0.1] {
+            let spec = rl_spec(kl, agg);
+            let (l, gr) = grpo(&spec, &LOGP, &old(), &[-1.0; 9], &ADV, &none, 3, 3);
+            assert_eq!(l, 0.0, "{agg:?}, kl {kl}: loss");
+            assert!(gr.iter().all(|&x| x == 0.0), "{agg:?}, kl {kl}: {gr:?}");
+            // The reference lowering (the op's definition) agrees.
+            let mut g = Graph::new();
+            let lp = g.input("logp", DType::F64, vec![3, 3]);
+            let batch = RlBatch {
+                input_ids: g.input("ids", DType::I32, vec![3, 3]),
+                loss_mask: g.input("mask", DType::F64, vec![3, 3]),
+                advantages: g.input("adv", DType::F64, vec![3]),
+                old_logprobs: g.input("old", DType::F64, vec![3, 3]),
+                ref_logprobs: Some(g.input("ref", DType::F64, vec![3, 3])),
+            };
+            let ops = grpo_operands(&spec, lp, &batch);
+            let rl = reference_loss(&mut g, grpo_op(&spec), &ops);
+            let one = g.full(1.0, DType::F64, vec![]);
+            let rg = reference_grad(&mut g, grpo_op(&spec), &ops, one);
+            let mut inputs = Inputs::new();
+            inputs.insert("logp".into(), f64_tensor(&[3, 3], &LOGP));
+            inputs.insert("mask".into(), f64_tensor(&[3, 3], &none));
+            inputs.insert("adv".into(), f64_tensor(&[3], &ADV));
+            inputs.insert("old".into(), f64_tensor(&[3, 3], &old()));
+            inputs.insert("ref".into(), f64_tensor(&[3, 3], &[-1.0; 9]));
+            let out = eval(&g, &inputs, &[rl, rg]);
+            assert_eq!(out[0][0], 0.0, "{agg:?}, kl {kl}: reference loss");
+            assert!(out[1].iter().all(|&x| x == 0.0), "{agg:?}: {:?}", out[1]);
+        }
+    }
+    let mut g = Graph::new();
+    let lp = g.input("logp", DType::F64, vec![2, 3]);
+    let m = g.input("mask", DType::F64, vec![2, 3]);
+    let l = sft_loss(&mut g, lp, m);
+    let gl = grad(&mut g, l, &[lp])[0];
+    let mut inputs = Inputs::new();
+    inputs.insert("logp".into(), f64_tensor(&[2, 3], &[-1.0; 6]));
+    inputs.insert("mask".into(), f64_tensor(&[2, 3], &[0.0; 6]));
+    let out = eval(&g, &inputs, &[l, gl]);
+    assert_eq!(out[0][0], 0.0);
+    assert!(out[1].iter().all(|&x| x == 0.0), "{:?}", out[1]);
+}

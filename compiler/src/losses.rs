@@ -89,6 +89,16 @@ pub fn agg_count(g: &mut Graph, agg: TokenAgg, mask: NodeId) -> NodeId {
     }
 }
 
+/// A count `n` (a mask's sum, or of sequences with a response token) as a
+/// divisor: 1 where it is 0, so that a mean over nothing is 0 (its sum is
+/// 0 too), not 0/0.
+pub fn safe_count(g: &mut Graph, n: NodeId) -> NodeId {
+    let zero = g.full_like(0.0, n);
+    let has = g.compare(CompareOp::Gt, n, zero);
+    let one = g.full_like(1.0, n);
+    g.select(has, n, one)
+}
+
 /// Each sequence's mask sum `n_b` [B], whether it has a response token
 /// (`n_b > 0`), and `n_b` with 1 where it is 0 (a safe divisor).
 fn row_counts(g: &mut Graph, mask: NodeId) -> (NodeId, NodeId, NodeId) {
@@ -223,6 +233,7 @@ fn token_weights(g: &mut Graph, agg: TokenAgg, mask: NodeId) -> NodeId {
     match agg {
         TokenAgg::TokenMean => {
             let den = g.sum_all(mask);
+            let den = safe_count(g, den);
             let den = g.broadcast(den, shape);
             g.div(mask, den)
         }
@@ -231,6 +242,7 @@ fn token_weights(g: &mut Graph, agg: TokenAgg, mask: NodeId) -> NodeId {
             let (cnt, has, safe) = row_counts(g, mask);
             let hasf = g.cast(has, g.ty(cnt).dtype);
             let n = g.sum_all(hasf);
+            let n = safe_count(g, n);
             let n = g.broadcast(n, vec![shape[0]]);
             let den = g.mul(safe, n);
             let per = g.div(hasf, den);
@@ -297,6 +309,7 @@ pub fn aggregate_with(g: &mut Graph, agg: TokenAgg, per_token: NodeId, mask: Nod
         TokenAgg::TokenMean => {
             let num = g.sum_all(weighted);
             let den = g.sum_all(mask);
+            let den = safe_count(g, den);
             g.div(num, den)
         }
         TokenAgg::SeqSum { norm } => {
@@ -313,6 +326,7 @@ pub fn aggregate_with(g: &mut Graph, agg: TokenAgg, per_token: NodeId, mask: Nod
             let per_seq = g.mul(per_seq, hasf);
             let total = g.sum_all(per_seq);
             let n = g.sum_all(hasf);
+            let n = safe_count(g, n);
             g.div(total, n)
         }
     }

@@ -30,7 +30,7 @@
 
 use crate::autodiff::{grad, vjp};
 use crate::ir::{DType, Graph, NodeId, Shape, StepOut, StepRule, TokenAgg};
-use crate::losses::{agg_count, aggregate_with, grpo, grpo_loss, sft_loss, RlBatch};
+use crate::losses::{agg_count, aggregate_with, grpo, grpo_loss, safe_count, sft_loss, RlBatch};
 use crate::model::{
     frozen_shapes, lora_shapes, lower_shapes, policy_theta_shapes, Decoder, Params,
 };
@@ -318,7 +318,12 @@ fn share_factors(
     let ratios: Vec<NodeId> = counts
         .iter()
         .zip(&totals)
-        .map(|(&n, &t)| g.div(n, t))
+        .map(|(&n, &t)| {
+            // A batch without tokens on any process: every share is 0, as
+            // the one process's mean over nothing is.
+            let t = safe_count(g, t);
+            g.div(n, t)
+        })
         .collect();
     ratios.chunks(2).map(|c| (c[0], c[1])).collect()
 }

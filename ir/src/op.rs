@@ -410,9 +410,11 @@ pub enum TokenLoss {
 /// mask sum of sequence `b`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum TokenAgg {
-    /// `w = mask / Σ mask`.
+    /// `w = mask / Σ mask` (0 where `Σ mask = 0`: a mean over no token
+    /// is 0).
     TokenMean,
-    /// `w = mask · [n_b > 0] / (n_b · #{b : n_b > 0})`.
+    /// `w = mask · [n_b > 0] / (n_b · #{b : n_b > 0})` (0 where no
+    /// sequence has a response token).
     SeqMean,
     /// `w = mask / (B · norm)` (Dr. GRPO's constant normaliser).
     SeqSum { norm: Scalar },

@@ -296,7 +296,8 @@ pub fn token_loss(
         b += 1usize;
     }
     if UNIT_POS == 0 {
-        let mut l = total / count;
+        // A mean over no token (or no sequence) is 0: its sum is 0 too.
+        let mut l = total / select(count > zero, count, zero + f32::new(1.0));
         if comptime!(spec.seq_sum) {
             l = total * scale;
         }
@@ -375,13 +376,15 @@ pub fn token_loss_grad(
             b += block;
         }
         let n = cube_sum(flags, &mut shared, UNIT_POS as usize);
+        let n = select(n > zero, n, one);
         let own = mask_sum(mask, row * cols, (row + 1) * cols, &mut shared, block);
         let has = own > zero;
         per = select(has, one, zero) / (select(has, own, one) * n);
     } else if comptime!(spec.seq_sum) {
         per = scale;
     } else {
-        den = mask_sum(mask, 0usize, rows * cols, &mut shared, block);
+        let s = mask_sum(mask, 0usize, rows * cols, &mut shared, block);
+        den = select(s > zero, s, one);
     }
     let mut srat = one;
     if comptime!(spec.seq_ratio) {

@@ -90,6 +90,16 @@ fn token<T: Float>(
 
 /// Each sequence's mask sum `n_b`, its "has a response token" flag as 0/1,
 /// and `n_b` or 1 where it is 0.
+/// `n` as a divisor: 1 where it is 0 (no token or sequence to average
+/// over: the sum it divides is then 0 too, and so is the mean).
+fn safe<T: Float>(n: T) -> T {
+    if n > T::zero() {
+        n
+    } else {
+        T::one()
+    }
+}
+
 fn sequences<T: Float>(mask: &[T], cols: usize) -> Vec<(T, T, T)> {
     mask.chunks(cols)
         .map(|row| {
@@ -114,11 +124,11 @@ pub fn loss<T: Float>(loss: TokenLoss, ops: &[&[T]], cols: usize) -> Vec<T> {
                 total = total + num / safe * flag;
                 n = n + flag;
             }
-            total / n
+            total / safe(n)
         }
         TokenAgg::TokenMean => {
             let num = (0..mask.len()).fold(T::zero(), |s, i| s + weighted(i));
-            num / mask.iter().fold(T::zero(), |s, &m| s + m)
+            num / safe(mask.iter().fold(T::zero(), |s, &m| s + m))
         }
         TokenAgg::SeqSum { norm } => {
             let num = (0..mask.len()).fold(T::zero(), |s, i| s + weighted(i));
@@ -137,14 +147,14 @@ pub fn grad<T: Float>(loss: TokenLoss, ops: &[&[T]], gout: T, cols: usize) -> Ve
     let weight: Box<dyn Fn(usize) -> T> = match loss.agg() {
         TokenAgg::SeqMean => {
             let seqs = sequences(mask, cols);
-            let n = seqs.iter().fold(T::zero(), |s, q| s + q.1);
+            let n = safe(seqs.iter().fold(T::zero(), |s, q| s + q.1));
             Box::new(move |i| {
                 let (_, flag, safe) = seqs[i / cols];
                 mask[i] * (flag / (safe * n))
             })
         }
         TokenAgg::TokenMean => {
-            let den = mask.iter().fold(T::zero(), |s, &m| s + m);
+            let den = safe(mask.iter().fold(T::zero(), |s, &m| s + m));
             Box::new(move |i| mask[i] / den)
         }
         TokenAgg::SeqSum { norm } => {
