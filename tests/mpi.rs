@@ -133,6 +133,27 @@ fn two_mpi_processes_train_what_one_process_trains() {
         1
     );
     assert_close_runs(&one, &two, 1e-9);
+    // Without -q, rank 0 says how the run is split.
+    let shown = coopc_on(
+        2,
+        &[
+            "run",
+            p,
+            "--eval-limit",
+            "4",
+            "--steps",
+            "1",
+            "--out",
+            dir.join("shown").to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&shown.stderr);
+    assert_eq!(
+        err.matches("data parallel over 2 processes (mpi), each with 1/2 of every batch")
+            .count(),
+        1,
+        "{err}"
+    );
     // Commands other than `run` are one process's work: under the launcher
     // rank 0 does it alone, as one process would.
     let eval = ["eval", one.to_str().unwrap(), "--eval-limit", "4"];

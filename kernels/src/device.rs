@@ -540,13 +540,16 @@ impl Device<cubecl::wgpu::WgpuRuntime> {
 }
 
 impl Device<cubecl::cuda::CudaRuntime> {
-    /// CUDA device 0 (needs libcuda and NVRTC at run time), its products
+    /// The process's CUDA device ([`cuda_ordinal`]: `COOPC_CUDA_DEVICE`,
+    /// else one per local rank, else 0; needs libcuda and NVRTC at run
+    /// time), its products
     /// run by CubeCL's f32 matmul (or what `COOPC_MATMUL` says).
     pub fn cuda() -> Result<Self, DeviceError> {
         Self::cuda_with(MatmulKernel::from_env_or(MatmulKernel::Cubecl)?)
     }
 
-    /// CUDA device 0, its products run by `matmul`.
+    /// The process's CUDA device ([`cuda_ordinal`]), its products run by
+    /// `matmul`.
     pub fn cuda_with(matmul: MatmulKernel) -> Result<Self, DeviceError> {
         // Look for the driver, NVRTC and the CUDA headers first: without
         // them CubeCL's device thread panics.

@@ -78,6 +78,7 @@ fn attach_nccl(d: &mut Device<coopc_kernels::CudaRuntime>) -> Result<(), UserErr
     use coopc_kernels::nccl;
     if let Some(comm) = nccl::process_comm() {
         d.attach_nccl(comm);
+        SUMS_ON_DEVICE.store(true, std::sync::atomic::Ordering::Relaxed);
         return Ok(());
     }
     let world = coopc_runtime::collective::current();
@@ -103,5 +104,16 @@ fn attach_nccl(d: &mut Device<coopc_kernels::CudaRuntime>) -> Result<(), UserErr
     let id = nccl::unique_id_over(world.as_ref(), nccl::new_unique_id)?;
     let comm = nccl::NcclComm::new(&id, world.rank(), world.world(), ordinal)?;
     d.attach_nccl(Arc::new(comm));
+    SUMS_ON_DEVICE.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(())
+}
+
+/// Whether a device this process opened sums over the processes through
+/// NCCL (see [`attach_nccl`]).
+static SUMS_ON_DEVICE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the backend opened sums over the processes in device memory
+/// (NCCL).
+pub fn sums_on_device() -> bool {
+    SUMS_ON_DEVICE.load(std::sync::atomic::Ordering::Relaxed)
 }

@@ -332,6 +332,19 @@ pub fn run(
             trainer.backend_name(),
             dir.display()
         );
+        if world.world() > 1 {
+            eprintln!(
+                "coopc run: data parallel over {} processes ({}{}), each with 1/{} of every batch",
+                world.world(),
+                world.name(),
+                if crate::cli::backend::sums_on_device() {
+                    "; the device's sums through NCCL"
+                } else {
+                    ""
+                },
+                world.world()
+            );
+        }
     }
     let bar = if quiet {
         indicatif::ProgressBar::hidden()
