@@ -266,30 +266,49 @@ impl NcclComm {
         count: usize,
         dtype: sys::ncclDataType_t,
     ) -> Result<(), CollectiveError> {
+        self.on_stream("ncclAllReduce", |comm, stream| {
+            // SAFETY: the caller's contract on `src` and `dst`.
+            unsafe {
+                nccl::all_reduce(
+                    src as *const _,
+                    dst as *mut _,
+                    count,
+                    dtype,
+                    sys::ncclRedOp_t::ncclSum,
+                    comm,
+                    stream,
+                )
+            }
+        })
+    }
+
+    /// Runs the NCCL call `what` (`call(comm, stream)`) on the
+    /// communicator, one call at a time with the device's context current,
+    /// and waits for it to finish.
+    fn on_stream(
+        &self,
+        what: &str,
+        call: impl FnOnce(
+            sys::ncclComm_t,
+            sys::cudaStream_t,
+        ) -> Result<nccl::NcclStatus, nccl::NcclError>,
+    ) -> Result<(), CollectiveError> {
         let raw = self.raw.lock().unwrap_or_else(|p| p.into_inner());
         self.ctx
             .bind_to_thread()
             .map_err(|e| cuda_error("binding the context", e))?;
-        nccl::all_reduce(
-            src as *const _,
-            dst as *mut _,
-            count,
-            dtype,
-            sys::ncclRedOp_t::ncclSum,
-            raw.0,
-            self.stream.cu_stream() as _,
-        )
-        .map_err(|e| nccl_error("ncclAllReduce", e))?;
+        call(raw.0, self.stream.cu_stream() as _).map_err(|e| nccl_error(what, e))?;
         self.stream
             .synchronize()
-            .map_err(|e| cuda_error("waiting for the sum", e))
+            .map_err(|e| cuda_error(&format!("waiting for {what}"), e))
     }
 
-    /// A host buffer summed through device memory.
-    fn sum_host<T: DeviceRepr + Copy>(
+    /// `buf` copied to device memory, replaced there by `op(address)`, and
+    /// copied back.
+    fn staged<T: DeviceRepr + Copy>(
         &self,
         buf: &mut [T],
-        dtype: sys::ncclDataType_t,
+        op: impl FnOnce(u64) -> Result<(), CollectiveError>,
     ) -> Result<(), CollectiveError> {
         if buf.is_empty() {
             return Ok(());
@@ -306,8 +325,7 @@ impl NcclComm {
             self.stream
                 .synchronize()
                 .map_err(|e| cuda_error("copying in", e))?;
-            // SAFETY: `dev` holds `buf.len()` elements, copied in above.
-            unsafe { self.sum_device(ptr, ptr, buf.len(), dtype)? };
+            op(ptr)?;
         }
         self.stream
             .memcpy_dtoh(&dev, buf)
@@ -317,49 +335,41 @@ impl NcclComm {
             .map_err(|e| cuda_error("copying out", e))
     }
 
-    /// `count` bytes at device address `ptr` replaced by rank `root`'s.
-    fn broadcast_device(&self, root: usize, ptr: u64, count: usize) -> Result<(), CollectiveError> {
-        let raw = self.raw.lock().unwrap_or_else(|p| p.into_inner());
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| cuda_error("binding the context", e))?;
-        // SAFETY: `ptr` holds `count` bytes on this device, written and
-        // synchronised by the caller.
-        unsafe {
-            nccl::broadcast(
-                ptr as *const _,
-                ptr as *mut _,
-                count,
-                sys::ncclDataType_t::ncclUint8,
-                root as i32,
-                raw.0,
-                self.stream.cu_stream() as _,
-            )
-            .map_err(|e| nccl_error("ncclBroadcast", e))?;
-        }
-        self.stream
-            .synchronize()
-            .map_err(|e| cuda_error("waiting for the broadcast", e))
+    /// A host buffer summed through device memory.
+    fn sum_host<T: DeviceRepr + Copy>(
+        &self,
+        buf: &mut [T],
+        dtype: sys::ncclDataType_t,
+    ) -> Result<(), CollectiveError> {
+        let count = buf.len();
+        // SAFETY: the staged buffer holds `count` elements, copied in and
+        // synchronised.
+        self.staged(buf, |ptr| unsafe {
+            self.sum_device(ptr, ptr, count, dtype)
+        })
     }
 
+    /// `buf` replaced by rank `root`'s (of the same length), through
+    /// device memory.
     fn broadcast_bytes(&self, root: usize, buf: &mut [u8]) -> Result<(), CollectiveError> {
-        let mut dev = self
-            .stream
-            .clone_htod(&*buf)
-            .map_err(|e| cuda_error("copying in", e))?;
-        {
-            let (ptr, _sync) = dev.device_ptr_mut(&self.stream);
-            self.stream
-                .synchronize()
-                .map_err(|e| cuda_error("copying in", e))?;
-            self.broadcast_device(root, ptr, buf.len())?;
-        }
-        self.stream
-            .memcpy_dtoh(&dev, buf)
-            .map_err(|e| cuda_error("copying out", e))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| cuda_error("copying out", e))
+        let count = buf.len();
+        self.staged(buf, |ptr| {
+            self.on_stream("ncclBroadcast", |comm, stream| {
+                // SAFETY: the staged buffer holds `count` bytes, copied in
+                // and synchronised.
+                unsafe {
+                    nccl::broadcast(
+                        ptr as *const _,
+                        ptr as *mut _,
+                        count,
+                        sys::ncclDataType_t::ncclUint8,
+                        root as i32,
+                        comm,
+                        stream,
+                    )
+                }
+            })
+        })
     }
 }
 

@@ -457,9 +457,8 @@ impl<T: Copy> A<T> {
     }
 }
 
-/// Rows `i0 .. i0 + R`, columns `j0 .. j0 + W` of `C`: per block of
-/// [`KC`] steps an FMA chain from zero for each element, the blocks summed
-/// as the GEMM sums them.
+/// Rows `i0 .. i0 + R`, columns `j0 .. j0 + W` of `C` (B row-major,
+/// `k × n`): [`tile`] on each block of [`KC`] steps in turn.
 #[inline(always)]
 fn thin_block<T: Float, const R: usize, const W: usize>(
     k: usize,
@@ -473,26 +472,7 @@ fn thin_block<T: Float, const R: usize, const W: usize>(
     let mut p0 = 0;
     while p0 < k {
         let p1 = (p0 + KC).min(k);
-        let mut acc = [[T::zero(); W]; R];
-        for p in p0..p1 {
-            let brow = &b[p * n + j0..p * n + j0 + W];
-            for (r, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: row i0 + r < rows and p < k, within the matrix
-                // that `thin_fma`'s caller vouches for (its contract on
-                // `a`).
-                let av = unsafe { at.at(i0 + r, p) };
-                for j in 0..W {
-                    acc[j] = av.mul_add(brow[j], acc[j]);
-                }
-            }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            let out = &mut c[(i0 + r) * n + j0..(i0 + r) * n + j0 + W];
-            for (o, &x) in out.iter_mut().zip(acc) {
-                let prev = if p0 == 0 { T::zero() } else { *o };
-                *o = T::one().mul_add(x, prev);
-            }
-        }
+        tile::<T, R, W>(p0, p1, p0 == 0, b, n, p0 * n + j0, n, i0, j0, at, c);
         p0 = p1;
     }
 }
