@@ -429,3 +429,83 @@ fn an_nccl_rendezvous_that_cannot_start_says_why() {
         assert!(!id.exists() && !out.exists(), "{env:?}: nothing is written");
     }
 }
+
+/// A bf16 run trains on the CPU executor (which emulates bf16): its first
+/// SFT loss is within bf16 rounding of the f32 run's and not equal to it,
+/// every metric is finite, and its checkpoint holds f32 master weights. The
+/// device backends refuse it before writing anything.
+#[test]
+fn a_bf16_run_trains_on_the_cpu_and_the_device_backends_refuse_it() {
+    let dir = tmpdir("bf16-run");
+    let losses = |dtype: &str| {
+        let pipeline = dir.join(format!("{dtype}.toml"));
+        std::fs::write(
+            &pipeline,
+            format!("{TINY_ADDITION}[backend]\ndtype = \"{dtype}\"\n"),
+        )
+        .unwrap();
+        let out = dir.join(format!("run-{dtype}"));
+        let o = coopc_ok(&[
+            "run",
+            pipeline.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--backend",
+            "cpu",
+        ]);
+        let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let rows: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(rows.len(), 4, "{dtype}: {text}");
+        for r in &rows {
+            for key in ["sft_loss", "rl_loss", "entropy", "reward_mean"] {
+                let v = r[key].as_f64().unwrap_or(f64::NAN);
+                assert!(v.is_finite(), "{dtype}: {key} = {v} in {r}");
+            }
+        }
+        (String::from_utf8_lossy(&o.stderr).into_owned(), rows, out)
+    };
+    let (_, f32_rows, _) = losses("f32");
+    let (stderr, bf16_rows, out) = losses("bf16");
+    assert!(stderr.contains("(bf16, f32 master weights)"), "{stderr}");
+    let first = |rows: &[serde_json::Value]| rows[0]["sft_loss"].as_f64().unwrap();
+    let (a, b) = (first(&bf16_rows), first(&f32_rows));
+    assert!(
+        a != b && (a - b).abs() < 2e-2 * b,
+        "first SFT loss: bf16 {a}, f32 {b}"
+    );
+    // The checkpoint's θ is f32.
+    let ckpt = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("model.safetensors").exists())
+        .expect("a checkpoint folder with model.safetensors");
+    let theta = read_tensors(&ckpt.join("model.safetensors")).unwrap();
+    assert!(!theta.is_empty());
+    assert!(theta.values().all(|t| t.dtype() == DType::F32));
+
+    let pipeline = dir.join("bf16.toml");
+    for backend in ["wgpu", "cuda"] {
+        let target = dir.join(format!("refused-{backend}"));
+        let o = coopc(&[
+            "run",
+            pipeline.to_str().unwrap(),
+            "--out",
+            target.to_str().unwrap(),
+            "--backend",
+            backend,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{backend}: {err}");
+        assert!(
+            err.contains("does not run bf16 programs yet") && !err.contains("panicked"),
+            "{backend}: {err}"
+        );
+        assert!(
+            !target.exists(),
+            "{backend}: a refused run wrote {target:?}"
+        );
+    }
+}

@@ -34,7 +34,7 @@ fn rows_of(t: &HostTensor, idx: &[usize]) -> HostTensor {
         Buffer::F64(v) => HostTensor::f64(shape, pick(v, idx, row)),
         Buffer::F32(v) => HostTensor::f32(shape, pick(v, idx, row)),
         Buffer::I32(v) => HostTensor::i32(shape, pick(v, idx, row)),
-        Buffer::Bool(_) => panic!("no boolean batch tensors"),
+        Buffer::Bool(_) | Buffer::Bf16(_) => panic!("batch tensors are never bool or bf16"),
     }
 }
 

@@ -443,6 +443,25 @@ fn tf32_products_are_opt_in() {
 }
 
 #[test]
+fn bf16_mixed_precision_parses_and_refuses_tf32_products() {
+    let src = format!("{MINIMAL}\n[backend]\ndtype = \"bf16\"\n");
+    let spec = parse_pipeline(&src).expect("valid");
+    assert_eq!(spec.backend.dtype, Precision::Bf16);
+    // Master copies, state and program inputs stay f32; the policy computes in bf16.
+    assert_eq!(spec.backend.dtype.dtype(), coopc_compiler::ir::DType::F32);
+    assert_eq!(
+        spec.backend.dtype.compute(),
+        coopc_compiler::ir::DType::Bf16
+    );
+    let src = format!("{MINIMAL}\n[backend]\ndtype = \"bf16\"\nmatmul = \"tf32\"\n");
+    let text = parse_pipeline(&src).unwrap_err().render("p.toml", &src);
+    assert!(
+        text.contains("`backend.matmul`") && text.contains("\"bf16\"") && text.contains("p.toml:"),
+        "{text}"
+    );
+}
+
+#[test]
 fn learning_rate_schedules_and_clipping_parse() {
     let src = format!(
         "{MINIMAL}\n[optim.lower]\nschedule = \"cosine\"\nwarmup_steps = 10\nmax_grad_norm = 1.0\n[optim.upper]\nschedule = \"linear\"\n"

@@ -1,6 +1,6 @@
 //! The CPU executor on a program's fused kernels (`coopc_runtime::fused_cpu`)
 //! against the node-by-node executor: every output of the meta-step, bit
-//! for bit, over the bench pipelines in f32 and f64, every method and
+//! for bit, over the bench pipelines in f32, f64 and bf16, every method and
 //! hypergradient, and the lower optimisers, loss aggregations, KL penalty
 //! and grouped-query attention that change the graph. Each program must run fused (no silent
 //! fallback to the node executor).
@@ -84,7 +84,7 @@ fn meta_inputs(
 
 fn bits(b: &Buffer) -> Vec<u64> {
     match b {
-        Buffer::F32(v) => v.iter().map(|x| x.to_bits() as u64).collect(),
+        Buffer::F32(v) | Buffer::Bf16(v) => v.iter().map(|x| x.to_bits() as u64).collect(),
         Buffer::F64(v) => v.iter().map(|x| x.to_bits()).collect(),
         Buffer::I32(v) => v.iter().map(|&x| x as u64).collect(),
         Buffer::Bool(v) => v.iter().map(|&x| x as u64).collect(),
@@ -141,14 +141,16 @@ fn check(label: &str, text: &str) -> usize {
 }
 
 #[test]
-fn bench_pipelines_fused_equal_node_by_node_in_f32_and_f64() {
+fn bench_pipelines_fused_equal_node_by_node_in_f32_f64_and_bf16() {
     for name in ["tiny-first-order", "tiny-truncated"] {
         let t = text(&format!("benches/pipelines/{name}.toml"));
         let r = check(&format!("{name} f32"), &t);
-        check(
-            &format!("{name} f64"),
-            &with(&t, "backend", "dtype", "\"f64\""),
-        );
+        for dtype in ["f64", "bf16"] {
+            check(
+                &format!("{name} {dtype}"),
+                &with(&t, "backend", "dtype", &format!("\"{dtype}\"")),
+            );
+        }
         // The truncated hypergradient's adjoint sums over broadcast axes.
         assert!(
             name != "tiny-truncated" || r > 0,

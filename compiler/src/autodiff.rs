@@ -170,6 +170,41 @@ pub fn update_slice_mask(g: &mut Graph, base: NodeId, index: NodeId, axis: usize
     g.broadcast(at, shape)
 }
 
+/// `build` over `xs`, each bf16 one cast to f32 first, and its result cast
+/// to `out`: how the derivative rules of the ops that compute in f32 from
+/// bf16 operands (attention, RMSNorm, the linear log-prob) write that
+/// computation with ordinary ops. Without bf16 operands, `build(xs)`.
+pub fn widened(
+    g: &mut Graph,
+    xs: &[NodeId],
+    out: DType,
+    build: impl FnOnce(&mut Graph, &[NodeId]) -> NodeId,
+) -> NodeId {
+    if xs
+        .iter()
+        .all(|&x| g.ty(x).dtype.accumulator() == g.ty(x).dtype)
+    {
+        return build(g, xs);
+    }
+    let wide: Vec<NodeId> = xs
+        .iter()
+        .map(|&x| {
+            let dt = g.ty(x).dtype;
+            if dt.accumulator() == dt {
+                x
+            } else {
+                g.cast(x, dt.accumulator())
+            }
+        })
+        .collect();
+    let r = build(g, &wide);
+    if g.ty(r).dtype == out {
+        r
+    } else {
+        g.cast(r, out)
+    }
+}
+
 /// Barrier tags of the row blocks of `linear_logprob_grad_vjp` (distinct
 /// from the memory plan's step tags).
 const LOGPROB_BLOCK_TAG: u32 = 1 << 24;
@@ -197,9 +232,12 @@ pub fn linear_logprob_grad_vjp(
     };
     let g_slot = inputs.len() - 1;
     let targets = (inputs.len() == 4).then(|| inputs[2]);
-    let reference = |g: &mut Graph, hc, yc: Option<NodeId>, gc| match yc {
-        Some(yc) => reference_grad(g, wrt, [hc, w, yc], gc),
-        None => reference_entropy_grad(g, wrt, [hc, w], gc),
+    let out = g.ty(inputs[wrt.slot()]).dtype;
+    let reference = |g: &mut Graph, hc, yc: Option<NodeId>, gc| {
+        widened(g, &[hc, w], out, |g, hw| match yc {
+            Some(yc) => reference_grad(g, wrt, [hw[0], hw[1], yc], gc),
+            None => reference_entropy_grad(g, wrt, [hw[0], hw[1]], gc),
+        })
     };
     let n = g.ty(h).shape[0];
     if rows >= n {
@@ -578,8 +616,10 @@ fn input_cotangents(
             // Differentiate the same computation written with ordinary ops,
             // built here so its [T, T] values live only while this node's
             // cotangents are computed.
-            let qkvo = [inputs[0], inputs[1], inputs[2], inputs[3]];
-            let r = crate::attention::reference_grad(g, wrt, qkvo, inputs[4]);
+            let out = g.ty(inputs[wrt.slot()]).dtype;
+            let r = widened(g, &inputs[..5], out, |g, x| {
+                crate::attention::reference_grad(g, wrt, [x[0], x[1], x[2], x[3]], x[4])
+            });
             res.extend(operand_cotangents(g, r, gout, inputs));
         }
         Op::RmsNorm { eps } => {
@@ -591,8 +631,10 @@ fn input_cotangents(
             }
         }
         Op::RmsNormGrad { wrt, eps } => {
-            let xw = [inputs[0], inputs[1]];
-            let r = crate::rms_norm::reference_grad(g, wrt, xw, inputs[2], eps.get());
+            let out = g.ty(inputs[wrt.slot()]).dtype;
+            let r = widened(g, &inputs[..3], out, |g, x| {
+                crate::rms_norm::reference_grad(g, wrt, [x[0], x[1]], x[2], eps.get())
+            });
             res.extend(operand_cotangents(g, r, gout, inputs));
         }
         Op::Rope { transpose } => {

@@ -216,7 +216,7 @@ impl DecodeStep<'_> {
     ) -> (NodeId, Vec<(NodeId, NodeId)>) {
         let m = self.model;
         let b = self.batch;
-        let embed = self.dec.p(theta, "model.embed_tokens.weight");
+        let embed = self.dec.p(g, theta, "model.embed_tokens.weight");
         let x = g.gather(embed, ids);
         let mut x = g.reshape(x, vec![b, 1, m.d_model]);
         let (cos, sin) = self.rope_at(g, pos);
@@ -229,12 +229,9 @@ impl DecodeStep<'_> {
                 g.cached_attention(q, k_all, v_all, pos)
             });
         }
-        let norm = self.dec.p(theta, "model.norm.weight");
+        let norm = self.dec.p(g, theta, "model.norm.weight");
         let h = self.dec.rms_norm(g, x, norm);
-        let head = match theta.get("lm_head.weight") {
-            Some(&hw) => hw,
-            None => embed,
-        };
+        let head = self.dec.get(g, theta, "lm_head.weight").unwrap_or(embed);
         let logits = matmul_t(g, h, head);
         let logits = g.reshape(logits, vec![b, m.vocab_size]);
         (logits, next)

@@ -1068,7 +1068,7 @@ pub fn lower_logprobs(spec: &PipelineSpec, shapes: BatchShapes) -> Graph {
     let dec = Decoder {
         model: &spec.model,
         lora: &spec.lora,
-        dtype: dt,
+        dtype: spec.backend.dtype.compute(),
     };
     let (lp, entropy) = dec.token_logprobs_and_entropy(&mut g, &theta, &w, ids);
     g.set_output(LOGPROBS, lp);
@@ -1205,7 +1205,7 @@ fn build_meta_step(
             decoder: Decoder {
                 model: &spec.model,
                 lora: &spec.lora,
-                dtype: dt,
+                dtype: spec.backend.dtype.compute(),
             },
             batches,
             lambda,

@@ -18,10 +18,22 @@ pub struct Decoder<'a> {
 }
 
 impl Decoder<'_> {
-    pub(crate) fn p(&self, params: &Params, name: &str) -> NodeId {
-        *params
-            .get(name)
+    /// Parameter `name` in the decoder's compute type: the node itself, or
+    /// (a bf16 decoder over f32 master copies) its cast, one per parameter
+    /// node once CSE has run.
+    pub(crate) fn p(&self, g: &mut Graph, params: &Params, name: &str) -> NodeId {
+        self.get(g, params, name)
             .unwrap_or_else(|| panic!("parameter `{name}` not provided to the decoder"))
+    }
+
+    /// As [`Decoder::p`], `None` when `params` has no `name`.
+    pub(crate) fn get(&self, g: &mut Graph, params: &Params, name: &str) -> Option<NodeId> {
+        let &id = params.get(name)?;
+        Some(if g.ty(id).dtype == self.dtype {
+            id
+        } else {
+            g.cast(id, self.dtype)
+        })
     }
 
     /// `x Wᵀ (+ b) (+ s_low · (x A_lowᵀ) B_lowᵀ) + s · (x Aᵀ) Bᵀ` on the
@@ -36,9 +48,9 @@ impl Decoder<'_> {
         p: Projection,
     ) -> NodeId {
         let path = module_path(layer, p);
-        let weight = self.p(theta, &format!("{path}.weight"));
+        let weight = self.p(g, theta, &format!("{path}.weight"));
         let mut y = matmul_t(g, x, weight);
-        if let Some(&b) = theta.get(&format!("{path}.bias")) {
+        if let Some(b) = self.get(g, theta, &format!("{path}.bias")) {
             let shape = g.ty(y).shape.clone();
             let bb = g.broadcast(b, shape);
             y = g.add(y, bb);
@@ -46,9 +58,9 @@ impl Decoder<'_> {
         // The lower level's LoRA of θ (`model.lower`), read from θ's params
         // when it is there (the decode step reads it merged instead).
         if let Some(lower) = &self.model.lower {
-            if let (Some(&a), Some(&b)) = (
-                theta.get(&lower_lora_name(layer, p, 'A')),
-                theta.get(&lower_lora_name(layer, p, 'B')),
+            if let (Some(a), Some(b)) = (
+                self.get(g, theta, &lower_lora_name(layer, p, 'A')),
+                self.get(g, theta, &lower_lora_name(layer, p, 'B')),
             ) {
                 let xa = matmul_t(g, x, a);
                 let xab = matmul_t(g, xa, b);
@@ -57,8 +69,8 @@ impl Decoder<'_> {
             }
         }
         if self.lora.targets.contains(&p) {
-            let a = self.p(w, &lora_name(layer, p, 'A'));
-            let b = self.p(w, &lora_name(layer, p, 'B'));
+            let a = self.p(g, w, &lora_name(layer, p, 'A'));
+            let b = self.p(g, w, &lora_name(layer, p, 'B'));
             let xa = matmul_t(g, x, a);
             let xab = matmul_t(g, xa, b);
             let xab = g.scale(xab, self.lora.scale());
@@ -134,7 +146,11 @@ impl Decoder<'_> {
         let m = self.model;
         let s = g.ty(x).shape.clone();
         let (b, t) = (s[0], s[1]);
-        let ln1 = self.p(theta, &format!("model.layers.{i}.input_layernorm.weight"));
+        let ln1 = self.p(
+            g,
+            theta,
+            &format!("model.layers.{i}.input_layernorm.weight"),
+        );
         let hn = self.rms_norm(g, x, ln1);
         let q = self.linear(g, hn, theta, w, i, Projection::QProj);
         let k = self.linear(g, hn, theta, w, i, Projection::KProj);
@@ -147,7 +163,11 @@ impl Decoder<'_> {
                 (&mut q, m.n_heads, "q_norm"),
                 (&mut k, m.n_kv_heads, "k_norm"),
             ] {
-                let weight = self.p(theta, &format!("model.layers.{i}.self_attn.{which}.weight"));
+                let weight = self.p(
+                    g,
+                    theta,
+                    &format!("model.layers.{i}.self_attn.{which}.weight"),
+                );
                 let r = g.reshape(*x, vec![b, t, heads, hd]);
                 let r = self.rms_norm(g, r, weight);
                 *x = g.reshape(r, vec![b, t, heads * hd]);
@@ -164,6 +184,7 @@ impl Decoder<'_> {
         let o = self.linear(g, a, theta, w, i, Projection::OProj);
         let x = g.add(x, o);
         let ln2 = self.p(
+            g,
             theta,
             &format!("model.layers.{i}.post_attention_layernorm.weight"),
         );
@@ -180,7 +201,7 @@ impl Decoder<'_> {
     pub fn hidden(&self, g: &mut Graph, theta: &Params, w: &Params, ids: NodeId) -> NodeId {
         let m = self.model;
         let t = g.ty(ids).shape[1];
-        let embed = self.p(theta, "model.embed_tokens.weight");
+        let embed = self.p(g, theta, "model.embed_tokens.weight");
         let mut x = g.gather(embed, ids);
         let (cos, sin) = self.rope_tables(g, t);
         for i in 0..m.n_layers {
@@ -188,22 +209,22 @@ impl Decoder<'_> {
                 g.causal_attention(q, k, v)
             });
         }
-        let norm = self.p(theta, "model.norm.weight");
+        let norm = self.p(g, theta, "model.norm.weight");
         self.rms_norm(g, x, norm)
     }
 
     /// Logits [B, T, vocab] for ids [B, T].
     pub fn logits(&self, g: &mut Graph, theta: &Params, w: &Params, ids: NodeId) -> NodeId {
         let h = self.hidden(g, theta, w, ids);
-        let head = self.head(theta);
+        let head = self.head(g, theta);
         matmul_t(g, h, head)
     }
 
     /// The LM head: `lm_head.weight`, or the embedding when tied.
-    fn head(&self, theta: &Params) -> NodeId {
-        match theta.get("lm_head.weight") {
-            Some(&hw) => hw,
-            None => self.p(theta, "model.embed_tokens.weight"),
+    fn head(&self, g: &mut Graph, theta: &Params) -> NodeId {
+        match self.get(g, theta, "lm_head.weight") {
+            Some(hw) => hw,
+            None => self.p(g, theta, "model.embed_tokens.weight"),
         }
     }
 
@@ -244,7 +265,8 @@ impl Decoder<'_> {
         let h = self.hidden(g, theta, w, ids);
         let d = self.model.d_model;
         let prev = g.slice(h, &[0, 0, 0], &[b, t - 1, d]);
-        (g.reshape(prev, vec![b * (t - 1), d]), self.head(theta))
+        let prev = g.reshape(prev, vec![b * (t - 1), d]);
+        (prev, self.head(g, theta))
     }
 
     fn token_logprobs_of(&self, g: &mut Graph, prev: NodeId, head: NodeId, ids: NodeId) -> NodeId {

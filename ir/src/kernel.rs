@@ -121,6 +121,7 @@ pub fn cast_value(to: DType, v: f64) -> f64 {
     match to {
         DType::F32 => v as f32 as f64,
         DType::F64 => v,
+        DType::Bf16 => crate::round_bf16(v as f32) as f64,
         DType::I32 => v as i32 as f64,
         DType::Bool => f64::from(u8::from(v != 0.0)),
     }

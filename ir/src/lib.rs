@@ -38,4 +38,4 @@ pub use op::{
 pub use order::{execution_order, order_calls};
 pub use print::{to_dot, to_text};
 pub use spec::{KlEstimator, PolicyLoss, RatioLevel};
-pub use types::{numel, strides, DType, Scalar, Shape, TensorType};
+pub use types::{numel, round_bf16, round_bf16_slice, strides, DType, Scalar, Shape, TensorType};

@@ -989,7 +989,7 @@ impl Op {
             if t.dtype.is_float() {
                 Ok(())
             } else {
-                Err(err(format!("{what} must be f32 or f64, got {t}")))
+                Err(err(format!("{what} must be f32, f64 or bf16, got {t}")))
             }
         };
         let axis_ok = |axis: usize, rank: usize| -> Result<(), TypeError> {
@@ -1323,16 +1323,19 @@ impl Op {
             Op::LinearLogprob => {
                 arity(3)?;
                 check_logprob(inputs[0], inputs[1], inputs[2]).map_err(err)?;
-                Ok(TensorType::new(inputs[0].dtype, vec![inputs[0].shape[0]]))
+                Ok(TensorType::new(
+                    inputs[0].dtype.accumulator(),
+                    vec![inputs[0].shape[0]],
+                ))
             }
             Op::LinearLogprobGrad { wrt } => {
                 arity(4)?;
                 let (h, g) = (inputs[0], inputs[3]);
                 check_logprob(h, inputs[1], inputs[2]).map_err(err)?;
-                if g.dtype != h.dtype || g.shape[..] != h.shape[..1] {
+                if g.dtype != h.dtype.accumulator() || g.shape[..] != h.shape[..1] {
                     return Err(err(format!(
                         "`g` {g} must be one {} per row of h {h}",
-                        h.dtype
+                        h.dtype.accumulator()
                     )));
                 }
                 Ok(inputs[wrt.slot()].clone())
@@ -1340,16 +1343,19 @@ impl Op {
             Op::LinearEntropy => {
                 arity(2)?;
                 check_entropy(inputs[0], inputs[1]).map_err(err)?;
-                Ok(TensorType::new(inputs[0].dtype, vec![inputs[0].shape[0]]))
+                Ok(TensorType::new(
+                    inputs[0].dtype.accumulator(),
+                    vec![inputs[0].shape[0]],
+                ))
             }
             Op::LinearEntropyGrad { wrt } => {
                 arity(3)?;
                 let (h, g) = (inputs[0], inputs[2]);
                 check_entropy(h, inputs[1]).map_err(err)?;
-                if g.dtype != h.dtype || g.shape[..] != h.shape[..1] {
+                if g.dtype != h.dtype.accumulator() || g.shape[..] != h.shape[..1] {
                     return Err(err(format!(
                         "`g` {g} must be one {} per row of h {h}",
-                        h.dtype
+                        h.dtype.accumulator()
                     )));
                 }
                 Ok(inputs[wrt.slot()].clone())

@@ -945,14 +945,37 @@ impl BackendKind {
 pub enum Precision {
     F32,
     F64,
+    /// Mixed precision: the policy's weights and activations in bf16 inside
+    /// the programs; θ, w, the optimiser state and every program input and
+    /// output in f32 (master copies); products, reductions, norms' statistics,
+    /// softmax and the losses accumulate in f32.
+    Bf16,
 }
 
 impl Precision {
-    /// The float type of every program's parameters, state and activations.
+    /// The float type of every program's parameters, optimiser state,
+    /// inputs and outputs (the master copies): f32 for bf16.
     pub fn dtype(self) -> crate::DType {
         match self {
-            Precision::F32 => crate::DType::F32,
+            Precision::F32 | Precision::Bf16 => crate::DType::F32,
             Precision::F64 => crate::DType::F64,
+        }
+    }
+
+    /// The float type the policy computes its activations in: bf16 for
+    /// bf16, else [`Precision::dtype`].
+    pub fn compute(self) -> crate::DType {
+        match self {
+            Precision::Bf16 => crate::DType::Bf16,
+            other => other.dtype(),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F64 => "f64",
+            Precision::Bf16 => "bf16",
         }
     }
 }

@@ -8,6 +8,11 @@ use std::fmt;
 pub enum DType {
     F32,
     F64,
+    /// bfloat16: f32's exponent with a 7-bit mantissa. A bf16 value is
+    /// stored rounded to nearest, ties to even ([`round_bf16`]); the ops
+    /// that produce one compute in f32 (products and reductions accumulate
+    /// in f32) and round what they store.
+    Bf16,
     /// Token ids and gather/scatter indices.
     I32,
     /// Results of comparisons; the condition of `select`.
@@ -16,13 +21,24 @@ pub enum DType {
 
 impl DType {
     pub fn is_float(self) -> bool {
-        matches!(self, DType::F32 | DType::F64)
+        matches!(self, DType::F32 | DType::F64 | DType::Bf16)
+    }
+
+    /// The type an op on this type computes and accumulates in: f32 for
+    /// bf16, the type itself otherwise. Log-probs and entropies of bf16
+    /// states are values of this type.
+    pub fn accumulator(self) -> DType {
+        match self {
+            DType::Bf16 => DType::F32,
+            other => other,
+        }
     }
 
     pub fn size_bytes(self) -> usize {
         match self {
             DType::F32 | DType::I32 => 4,
             DType::F64 => 8,
+            DType::Bf16 => 2,
             DType::Bool => 1,
         }
     }
@@ -31,6 +47,7 @@ impl DType {
         match self {
             DType::F32 => "f32",
             DType::F64 => "f64",
+            DType::Bf16 => "bf16",
             DType::I32 => "i32",
             DType::Bool => "bool",
         }
@@ -40,6 +57,29 @@ impl DType {
 impl fmt::Display for DType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// `x` rounded to the nearest bfloat16, ties to even, as an f32 (the upper
+/// 16 bits of the result are the bf16's bits, the lower 16 are zero).
+/// NaN stays NaN (quiet, sign kept); values beyond bf16's range round to
+/// ±∞ as IEEE rounding does; subnormals round like any other value.
+#[inline]
+pub fn round_bf16(x: f32) -> f32 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return f32::from_bits((bits | 0x0040_0000) & 0xffff_0000);
+    }
+    // Add half an ulp of bf16, less one unless the kept lsb is odd (ties
+    // to even); the carry may ripple into the exponent, up to ∞.
+    let lsb = (bits >> 16) & 1;
+    f32::from_bits(bits.wrapping_add(0x7fff + lsb) & 0xffff_0000)
+}
+
+/// Rounds every value of `xs` to bf16 in place ([`round_bf16`]).
+pub fn round_bf16_slice(xs: &mut [f32]) {
+    for x in xs {
+        *x = round_bf16(*x);
     }
 }
 

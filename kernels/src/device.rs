@@ -53,7 +53,7 @@ pub enum DeviceError {
         backend: &'static str,
         reason: String,
     },
-    #[error("the {backend} backend computes in f32; this graph is {dtype} (set backend.dtype = \"f32\")")]
+    #[error("the {backend} backend runs f32 programs only; this graph holds {dtype} values (set backend.dtype = \"f32\", or run it on the CPU executor)")]
     Precision { backend: &'static str, dtype: DType },
     #[error("missing input `{0}`")]
     MissingInput(String),
@@ -933,6 +933,17 @@ impl<R: Runtime> Device<R> {
         inputs: &I,
         to_host: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<(String, Value)>, DeviceError> {
+        // bf16 (emulated on the CPU) and f64 have no device kernels yet.
+        if let Some(dtype) = g
+            .node_ids()
+            .map(|id| g.ty(id).dtype)
+            .find(|&d| matches!(d, DType::F64 | DType::Bf16))
+        {
+            return Err(DeviceError::Precision {
+                backend: self.backend,
+                dtype,
+            });
+        }
         let kernels = prepared.fused.kernels.len();
         // The kernel running, so that a failure inside it is named.
         let at = Cell::new(None::<usize>);

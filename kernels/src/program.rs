@@ -334,8 +334,10 @@ pub(crate) fn expand_program(
                 let hi = expand_const(scope, f64::from_bits(*hi), i, &mut zero);
                 clamp_between::expand(scope, r(a), lo, hi)
             }
+            // bf16 graphs are refused before any kernel is built
+            // (`Device::execute_values`).
             ElemInstr::Cast(to, a) => match to {
-                DType::F32 | DType::F64 => r(a),
+                DType::F32 | DType::F64 | DType::Bf16 => r(a),
                 DType::I32 => cast_i32::expand(scope, r(a)),
                 DType::Bool => cast_bool::expand(scope, r(a)),
             },

@@ -536,6 +536,11 @@ macro_rules! any_dtype {
                 type $T = f64;
                 $body
             }
+            // bf16 values are held as f32 and computed on as f32.
+            DType::Bf16 => {
+                type $T = f32;
+                $body
+            }
             DType::I32 => {
                 type $T = i32;
                 $body
@@ -559,6 +564,10 @@ macro_rules! float_dtype {
             }
             DType::F64 => {
                 type $T = f64;
+                $body
+            }
+            DType::Bf16 => {
+                type $T = f32;
                 $body
             }
             other => return Err($cx.unsupported(other)),
@@ -588,7 +597,7 @@ pub(crate) fn matmul_transposed(
         let (x, y) = (cx.view::<T>(args[0])?, cx.view::<T>(args[1])?);
         T::into_buffer(matmul::matmul_t(x, a_t, y, b_t, batch, m, k, n))
     });
-    HostTensor::new(out.shape.clone(), buffer)
+    HostTensor::new(out.shape.clone(), buffer.stored_as(out.dtype))
 }
 
 /// `Σ_ranks data` over the current run's processes
@@ -601,6 +610,9 @@ fn all_reduce_sum(mut data: Buffer, cx: &Cx) -> Result<Buffer, ExecError> {
     let done = match &mut data {
         Buffer::F64(v) => c.all_reduce_sum_f64(v),
         Buffer::F32(v) => c.all_reduce_sum_f32(v),
+        Buffer::Bf16(v) => c
+            .all_reduce_sum_f32(v)
+            .map(|()| coopc_ir::round_bf16_slice(v)),
         other => {
             return Err(ExecError::Unsupported {
                 node: cx.node,
@@ -836,6 +848,8 @@ fn eval(graph: &Graph, id: NodeId, args: &[&HostTensor]) -> Result<HostTensor, E
             T::into_buffer(index::one_hot::<T>(cx.view::<i32>(args[0])?, *depth))
         }),
     };
+    // A bf16 value is computed in f32 and rounded where it is stored.
+    let data = data.stored_as(node.ty.dtype);
     debug_assert_eq!(data.len(), node.ty.numel(), "node %{} ({})", cx.node, cx.op);
     debug_assert_eq!(data.dtype(), node.ty.dtype, "node %{} ({})", cx.node, cx.op);
     Ok(HostTensor {

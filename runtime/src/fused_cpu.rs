@@ -31,7 +31,8 @@ use crate::ExecError;
 use coopc_ir::kernel::{ElemInstr, ElemProgram, FusedSchedule, Index, Kernel, ReduceLayout};
 use coopc_ir::plan::Program;
 use coopc_ir::{
-    clamp_value, AttentionOperand, BinaryOp, DType, Graph, NodeId, Op, ReduceKind, UnaryOp,
+    clamp_value, round_bf16_slice, AttentionOperand, BinaryOp, DType, Graph, NodeId, Op,
+    ReduceKind, UnaryOp,
 };
 use num_traits::Float;
 use rayon::prelude::*;
@@ -121,7 +122,7 @@ impl<'p> Typed<'p> {
         // A constant compared only with constants: f64, which represents
         // every value of the other types exactly.
         let types: Vec<DType> = ty.into_iter().map(|t| t.unwrap_or(DType::F64)).collect();
-        let float = |r: &u32| matches!(types[*r as usize], DType::F32 | DType::F64);
+        let float = |r: &u32| types[*r as usize].is_float();
         let ok = program.instrs.iter().enumerate().all(|(i, ins)| match ins {
             ElemInstr::Load { input, .. } => inputs.get(*input as usize) == Some(&types[i]),
             ElemInstr::Const(_) | ElemInstr::Cast(..) => true,
@@ -176,7 +177,8 @@ enum Col {
 impl Col {
     fn new(dtype: DType) -> Col {
         match dtype {
-            DType::F32 => Col::F32(vec![0.0; CHUNK]),
+            // bf16 registers hold f32 values rounded to bf16.
+            DType::F32 | DType::Bf16 => Col::F32(vec![0.0; CHUNK]),
             DType::F64 => Col::F64(vec![0.0; CHUNK]),
             DType::I32 => Col::I32(vec![0; CHUNK]),
             DType::Bool => Col::Bool(vec![false; CHUNK]),
@@ -223,6 +225,10 @@ macro_rules! with_float {
             }
             DType::F64 => {
                 type $T = f64;
+                $body
+            }
+            DType::Bf16 => {
+                type $T = f32;
                 $body
             }
             _ => unreachable!("a float register (checked when the program was typed)"),
@@ -316,6 +322,9 @@ impl Regs {
                 let v = f64::from_bits(*bits);
                 any_dtype!(p.types[i], |T| T::col_mut(&mut cols[i])
                     .fill(T::from_f64_as(v)));
+                if p.types[i] == DType::Bf16 {
+                    round_bf16_slice(f32::col_mut(&mut cols[i]));
+                }
             }
         }
         Regs { cols }
@@ -389,6 +398,11 @@ impl Regs {
                         }
                     })
                 }),
+            }
+            // A bf16 value is computed in f32 and rounded (loads and
+            // constants already are).
+            if t == DType::Bf16 && !matches!(ins, ElemInstr::Load { .. } | ElemInstr::Const(_)) {
+                round_bf16_slice(&mut f32::col_mut(out)[..len]);
             }
         }
     }
@@ -483,7 +497,7 @@ fn run_elementwise(p: &Typed, src: &[&Buffer], n: usize) -> Vec<Buffer> {
         // its range of every output above.
         unsafe {
             match b {
-                Buffer::F32(v) => v.set_len(n),
+                Buffer::F32(v) | Buffer::Bf16(v) => v.set_len(n),
                 Buffer::F64(v) => v.set_len(n),
                 Buffer::I32(v) => v.set_len(n),
                 Buffer::Bool(v) => v.set_len(n),
@@ -495,7 +509,7 @@ fn run_elementwise(p: &Typed, src: &[&Buffer], n: usize) -> Vec<Buffer> {
 
 fn buffer_ptr(b: &mut Buffer) -> Shared<u8> {
     Shared(match b {
-        Buffer::F32(v) => v.as_mut_ptr() as *mut u8,
+        Buffer::F32(v) | Buffer::Bf16(v) => v.as_mut_ptr() as *mut u8,
         Buffer::F64(v) => v.as_mut_ptr() as *mut u8,
         Buffer::I32(v) => v.as_mut_ptr() as *mut u8,
         Buffer::Bool(v) => v.as_mut_ptr() as *mut u8,
@@ -748,7 +762,7 @@ impl<'p> FusedPlan<'p> {
                 } => {
                     // The reduced value has the type of epilogue slot 0.
                     let red = g.ty(epilogue_inputs[0]).dtype;
-                    if !matches!(red, DType::F32 | DType::F64) {
+                    if !red.is_float() {
                         return Err(format!("a reduction of {red} values"));
                     }
                     Step::Reduce {
@@ -904,10 +918,11 @@ impl<'p> FusedPlan<'p> {
         let mut values: Vec<Option<Cow<'_, HostTensor>>> = (0..self.bound).map(|_| None).collect();
         for (s, step) in self.steps.iter().enumerate() {
             let t0 = profile.is_some().then(Instant::now);
+            // A bf16 value is rounded where it is stored.
             let tensor = |id: NodeId, data: Buffer| {
                 Cow::Owned(HostTensor {
                     shape: g.ty(id).shape.clone(),
-                    data,
+                    data: data.stored_as(g.ty(id).dtype),
                 })
             };
             let results: Vec<(NodeId, Cow<'_, HostTensor>)> = match step {
@@ -935,9 +950,11 @@ impl<'p> FusedPlan<'p> {
                     outputs,
                 } => {
                     let src = self.buffers(&values, prologue_inputs)?;
-                    let red = with_float!(prologue.out_type(0), |T| T::into_buffer(
-                        run_reduce::<T>(*kind, layout, prologue, &src)
-                    ));
+                    let red_type = prologue.out_type(0);
+                    let red = with_float!(red_type, |T| T::into_buffer(run_reduce::<T>(
+                        *kind, layout, prologue, &src
+                    )))
+                    .stored_as(red_type);
                     let mut esrc = vec![&red];
                     esrc.extend(self.buffers(&values, &epilogue_inputs[1..])?);
                     let outs = run_elementwise(epilogue, &esrc, layout.out_numel());

@@ -335,6 +335,13 @@ impl Encoded {
         let (dtype, bytes) = match &t.data {
             Buffer::F32(v) => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
             Buffer::F64(v) => (Dtype::F64, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            // Exact: the values are bf16's, held as f32.
+            Buffer::Bf16(v) => (
+                Dtype::BF16,
+                v.iter()
+                    .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                    .collect(),
+            ),
             Buffer::I32(v) => (Dtype::I32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
             Buffer::Bool(v) => (Dtype::BOOL, v.iter().map(|&x| u8::from(x)).collect()),
         };

@@ -10,6 +10,10 @@ use std::fmt::Debug;
 pub enum Buffer {
     F32(Vec<f32>),
     F64(Vec<f64>),
+    /// bf16 values, each held as the f32 it is exactly (rounded to bf16
+    /// when stored, [`coopc_ir::round_bf16`]): kernels read them as f32 and
+    /// compute in f32.
+    Bf16(Vec<f32>),
     I32(Vec<i32>),
     Bool(Vec<bool>),
 }
@@ -19,6 +23,7 @@ impl Buffer {
         match self {
             Buffer::F32(_) => DType::F32,
             Buffer::F64(_) => DType::F64,
+            Buffer::Bf16(_) => DType::Bf16,
             Buffer::I32(_) => DType::I32,
             Buffer::Bool(_) => DType::Bool,
         }
@@ -27,7 +32,7 @@ impl Buffer {
     /// Number of elements stored.
     pub fn len(&self) -> usize {
         match self {
-            Buffer::F32(v) => v.len(),
+            Buffer::F32(v) | Buffer::Bf16(v) => v.len(),
             Buffer::F64(v) => v.len(),
             Buffer::I32(v) => v.len(),
             Buffer::Bool(v) => v.len(),
@@ -43,15 +48,28 @@ impl Buffer {
         match dtype {
             DType::F32 => Buffer::F32(vec![0.0; n]),
             DType::F64 => Buffer::F64(vec![0.0; n]),
+            DType::Bf16 => Buffer::Bf16(vec![0.0; n]),
             DType::I32 => Buffer::I32(vec![0; n]),
             DType::Bool => Buffer::Bool(vec![false; n]),
+        }
+    }
+
+    /// The buffer as a value of type `dtype` is stored: an f32 buffer of a
+    /// bf16 value rounded to bf16 ([`Buffer::Bf16`]); anything else as it is.
+    pub fn stored_as(self, dtype: DType) -> Buffer {
+        match (self, dtype) {
+            (Buffer::F32(mut v), DType::Bf16) => {
+                coopc_ir::round_bf16_slice(&mut v);
+                Buffer::Bf16(v)
+            }
+            (b, _) => b,
         }
     }
 
     /// Every element converted to f64 (exact for all four types; bool → 0/1).
     pub fn to_f64_vec(&self) -> Vec<f64> {
         match self {
-            Buffer::F32(v) => v.iter().map(|&x| x.to_f64_exact()).collect(),
+            Buffer::F32(v) | Buffer::Bf16(v) => v.iter().map(|&x| x.to_f64_exact()).collect(),
             Buffer::F64(v) => v.clone(),
             Buffer::I32(v) => v.iter().map(|&x| x.to_f64_exact()).collect(),
             Buffer::Bool(v) => v.iter().map(|&x| x.to_f64_exact()).collect(),
@@ -88,9 +106,10 @@ impl Element for f32 {
     fn to_f64_exact(self) -> f64 {
         self as f64
     }
+    /// An f32 or a bf16 buffer (bf16 values are held as f32).
     fn view(b: &Buffer) -> Option<&[Self]> {
         match b {
-            Buffer::F32(v) => Some(v),
+            Buffer::F32(v) | Buffer::Bf16(v) => Some(v),
             _ => None,
         }
     }
@@ -184,6 +203,7 @@ impl HostTensor {
         let (a, b) = (start * row, end * row);
         let data = match &self.data {
             Buffer::F32(v) => Buffer::F32(v[a..b].to_vec()),
+            Buffer::Bf16(v) => Buffer::Bf16(v[a..b].to_vec()),
             Buffer::F64(v) => Buffer::F64(v[a..b].to_vec()),
             Buffer::I32(v) => Buffer::I32(v[a..b].to_vec()),
             Buffer::Bool(v) => Buffer::Bool(v[a..b].to_vec()),
@@ -259,6 +279,7 @@ impl HostTensor {
         let data = match dtype {
             DType::F32 => conv::<f32>(values),
             DType::F64 => conv::<f64>(values),
+            DType::Bf16 => conv::<f32>(values).stored_as(DType::Bf16),
             DType::I32 => conv::<i32>(values),
             DType::Bool => conv::<bool>(values),
         };
@@ -311,7 +332,7 @@ impl HostTensor {
             return Err(not_scalar());
         }
         Ok(match &self.data {
-            Buffer::F32(v) => v[0].to_f64_exact(),
+            Buffer::F32(v) | Buffer::Bf16(v) => v[0].to_f64_exact(),
             Buffer::F64(v) => v[0],
             Buffer::I32(v) => v[0].to_f64_exact(),
             Buffer::Bool(v) => v[0].to_f64_exact(),
@@ -322,6 +343,79 @@ impl HostTensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `round_bf16` is IEEE round-to-nearest-even to bf16 (the `half`
+    /// crate's conversion), on every 2^12-th bit pattern, a window around
+    /// every power of two (ties and carries into the exponent), and the
+    /// special values; NaN stays a quiet NaN with its sign.
+    #[test]
+    fn bf16_rounding_is_round_to_nearest_even() {
+        let same = |x: f32| {
+            let ours = coopc_ir::round_bf16(x);
+            if x.is_nan() {
+                assert!(ours.is_nan() && ours.is_sign_negative() == x.is_sign_negative());
+                assert_eq!(ours.to_bits() & 0xffff, 0, "{:#x}", x.to_bits());
+                return;
+            }
+            let want = half::bf16::from_f32(x).to_f32();
+            assert_eq!(
+                ours.to_bits(),
+                want.to_bits(),
+                "{x:e} ({:#010x}) → {ours:e}, IEEE gives {want:e}",
+                x.to_bits()
+            );
+        };
+        for hi in (0u32..=u32::MAX).step_by(1 << 12) {
+            same(f32::from_bits(hi | 0x0123));
+        }
+        for e in 0u32..256 {
+            for sign in [0, 1u32 << 31] {
+                for m in [
+                    0u32, 1, 0x7fff, 0x8000, 0x8001, 0x1_7fff, 0x1_8000, 0x7f_ffff,
+                ] {
+                    same(f32::from_bits(sign | e << 23 | m));
+                }
+            }
+        }
+        // Ties go to the even neighbour, both ways.
+        assert_eq!(
+            coopc_ir::round_bf16(f32::from_bits(0x3f80_8000)).to_bits(),
+            0x3f80_0000
+        );
+        assert_eq!(
+            coopc_ir::round_bf16(f32::from_bits(0x3f81_8000)).to_bits(),
+            0x3f82_0000
+        );
+        assert_eq!(coopc_ir::round_bf16(f32::MAX), f32::INFINITY);
+        assert_eq!(coopc_ir::round_bf16(-f32::MAX), f32::NEG_INFINITY);
+        assert_eq!(coopc_ir::round_bf16(f32::INFINITY), f32::INFINITY);
+        assert_eq!(coopc_ir::round_bf16(-0.0).to_bits(), (-0.0f32).to_bits());
+        same(f32::NAN);
+        same(-f32::NAN);
+        same(f32::from_bits(0x7f80_0001)); // a signalling NaN with a low payload
+    }
+
+    #[test]
+    fn a_bf16_value_is_stored_rounded() {
+        let b = Buffer::F32(vec![1.0 + 2f32.powi(-9), 3.0e-3]).stored_as(DType::Bf16);
+        assert_eq!(b.dtype(), DType::Bf16);
+        let Buffer::Bf16(v) = &b else { unreachable!() };
+        assert_eq!(v[0], 1.0);
+        assert_eq!(v[1].to_bits() & 0xffff, 0);
+        // Other types are left alone.
+        let f = Buffer::F32(vec![1.0 + 2f32.powi(-9)]).stored_as(DType::F32);
+        assert_eq!(f, Buffer::F32(vec![1.0 + 2f32.powi(-9)]));
+        let t = HostTensor::from_f64(DType::Bf16, vec![1], &[0.1]).unwrap();
+        assert_eq!(
+            t.data,
+            Buffer::Bf16(vec![half::bf16::from_f64(0.1).to_f32()])
+        );
+        // Kernels read bf16 values as f32.
+        assert_eq!(
+            t.as_slice::<f32>(),
+            Some(&[half::bf16::from_f64(0.1).to_f32()][..])
+        );
+    }
 
     #[test]
     fn new_checks_length() {

@@ -22,15 +22,16 @@ pub fn open(kind: BackendKind, spec: &BackendSpec) -> Result<Arc<dyn Backend>, U
             MatmulPrecision::Tf32 => MatmulKernel::CubeclTf32,
         })
     };
-    let f32_only = |name: &str| {
-        if dtype == Precision::F64 {
-            Err(UserError(format!(
-                "the {name} backend computes in f32; this pipeline sets backend.dtype = \"f64\" \
-                 (use \"f32\", or --backend cpu)"
-            )))
-        } else {
-            Ok(())
-        }
+    let f32_only = |name: &str| match dtype {
+        Precision::F32 => Ok(()),
+        Precision::F64 => Err(UserError(format!(
+            "the {name} backend computes in f32; this pipeline sets backend.dtype = \"f64\" \
+             (use \"f32\", or --backend cpu)"
+        ))),
+        Precision::Bf16 => Err(UserError(format!(
+            "the {name} backend does not run bf16 programs yet; this pipeline sets \
+             backend.dtype = \"bf16\" (use \"f32\", or --backend cpu, which emulates bf16)"
+        ))),
     };
     let limit = coopc_kernels::device::memory_limit_from_env().map_err(UserError)?;
     Ok(match kind {
@@ -49,6 +50,15 @@ pub fn open(kind: BackendKind, spec: &BackendSpec) -> Result<Arc<dyn Backend>, U
             Arc::new(d)
         }
         BackendKind::Auto if dtype == Precision::F64 => Arc::new(CpuBackend),
+        BackendKind::Auto if dtype == Precision::Bf16 => {
+            if coopc_kernels::device::cuda_driver_present() {
+                eprintln!(
+                    "warning: the device backends do not run bf16 programs yet; running on the \
+                     CPU executor, which emulates bf16 (backend.dtype = \"f32\" runs on the GPU)"
+                );
+            }
+            Arc::new(CpuBackend)
+        }
         BackendKind::Auto => match Device::cuda_with(matmul()?) {
             Ok(mut d) => {
                 d.memory_limit = limit;

@@ -8,7 +8,7 @@ use coopc_compiler::model::{lora_shapes, parameter_count, theta_shapes};
 use coopc_compiler::plan::{Plan, Program, PLAN_FORMAT_VERSION};
 use coopc_compiler::schedule::{human_bytes, peak_live, schedule};
 use coopc_compiler::spec::{
-    HypergradKind, Lambda, ModelSpec, OptimKind, OptimSpec, PipelineSpec, Precision, ShadowMode,
+    HypergradKind, Lambda, ModelSpec, OptimKind, OptimSpec, PipelineSpec, ShadowMode,
 };
 use std::fmt::Write;
 use std::path::Path;
@@ -90,10 +90,7 @@ pub fn report(plan: &Plan, path: &Path) -> String {
         spec.train.seq_len,
         spec.train.seed,
         spec.backend.kind.name(),
-        match spec.backend.dtype {
-            Precision::F32 => "f32",
-            Precision::F64 => "f64",
-        }
+        spec.backend.dtype.name()
     );
     if plan.notes.is_empty() {
         let _ = writeln!(s, "notes          none");

@@ -4,7 +4,7 @@
 use crate::cli::{Failure, UserError};
 use coopc_compiler::compile;
 use coopc_compiler::plan::Plan;
-use coopc_compiler::spec::{BackendKind, Method, PipelineSpec};
+use coopc_compiler::spec::{BackendKind, Method, PipelineSpec, Precision};
 use coopc_train::{Metrics, RunOptions, Trainer};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -325,11 +325,16 @@ pub fn run(
     let start = trainer.step();
     if !quiet {
         eprintln!(
-            "coopc run: {} on {} · {} meta-steps (from {start}) · backend {} · out {}",
+            "coopc run: {} on {} · {} meta-steps (from {start}) · backend {}{} · out {}",
             spec.bilevel.method.name(),
             spec.task.kind.name(),
             total,
             trainer.backend_name(),
+            match spec.backend.dtype {
+                Precision::F32 => "",
+                Precision::F64 => " (f64)",
+                Precision::Bf16 => " (bf16, f32 master weights)",
+            },
             dir.display()
         );
         if world.world() > 1 {

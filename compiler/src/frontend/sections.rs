@@ -191,7 +191,11 @@ pub(super) const OPTIMS: &[(&str, OptimChoice)] = &[
     ("momentum", OptimChoice::Momentum),
     ("adamw", OptimChoice::AdamW),
 ];
-pub(super) const DTYPES: &[(&str, Precision)] = &[("f32", Precision::F32), ("f64", Precision::F64)];
+pub(super) const DTYPES: &[(&str, Precision)] = &[
+    ("f32", Precision::F32),
+    ("f64", Precision::F64),
+    ("bf16", Precision::Bf16),
+];
 pub(super) const MATMULS: &[(&str, MatmulPrecision)] = &[
     ("f32", MatmulPrecision::F32),
     ("tf32", MatmulPrecision::Tf32),
@@ -1456,13 +1460,22 @@ pub(super) fn read_backend(c: &mut Checker, sec: &Section) -> BackendSpec {
     let kind = c.choice_or(sec, "kind", &backends, BackendKind::Auto);
     let dtype = c.choice_or(sec, "dtype", DTYPES, Precision::F32);
     let matmul = c.choice_or(sec, "matmul", MATMULS, MatmulPrecision::F32);
-    let tf32_with_f64 = matmul.value == MatmulPrecision::Tf32 && dtype.value == Precision::F64;
+    // TF32 rounds f32 operands: it means nothing for f64 and bf16 products.
+    let tf32_misplaced = matmul.value == MatmulPrecision::Tf32 && dtype.value != Precision::F32;
     c.check(
         sec,
         "matmul",
         &matmul,
-        !tf32_with_f64,
-        "be \"f32\" when `backend.dtype` is \"f64\" (TF32 rounds f32 operands)",
+        !tf32_misplaced,
+        &format!(
+            "be \"f32\" when `backend.dtype` is \"{}\" (TF32 rounds f32 operands; {})",
+            dtype.value.name(),
+            if dtype.value == Precision::F64 {
+                "f64 products stay f64"
+            } else {
+                "bf16 products already take bf16 operands"
+            }
+        ),
     );
     let memory_budget = c.float(sec, "memory_budget_gib").and_then(|gib| {
         let ok = gib.value > 0.0 && gib.value < 1e9;
@@ -1506,5 +1519,6 @@ mod tests {
         same(POLICY_LOSSES, PolicyLoss::name);
         same(KL_ESTIMATORS, KlEstimator::name);
         same(SCHEDULES, ScheduleKind::name);
+        same(DTYPES, Precision::name);
     }
 }

@@ -31,6 +31,7 @@ pub(crate) fn to_dtype(dt: DType, v: f64) -> f64 {
     match dt {
         DType::F32 => v as f32 as f64,
         DType::F64 => v,
+        DType::Bf16 => crate::ir::round_bf16(v as f32) as f64,
         DType::I32 => v as i32 as f64,
         DType::Bool => (v != 0.0) as i32 as f64,
     }
