@@ -19,7 +19,7 @@
 //! does not define) is reported by [`FusedPlan::new`], and the caller runs
 //! the program node by node instead.
 
-use crate::cpu::elementwise::specialised;
+use crate::cpu::elementwise::{exp_family_into, specialised, ExpSlice};
 use crate::cpu::{attention, optim, PAR_GRAIN, PAR_MIN_ELEMS};
 use crate::exec::{
     any_dtype, bind_input, eval_node, matmul_transposed, missing_operand, print_profile,
@@ -286,7 +286,10 @@ fn load<T: Copy>(src: &[T], index: &Index, start: usize, out: &mut [T]) {
     }
 }
 
-fn unary_into<T: Float>(op: UnaryOp, x: &[T], out: &mut [T]) {
+fn unary_into<T: ExpSlice>(op: UnaryOp, x: &[T], out: &mut [T]) {
+    if exp_family_into(op, x, out) {
+        return;
+    }
     specialised!(
         op,
         UnaryOp,

@@ -72,11 +72,11 @@ fn probs<T: Gemm + Element>(d: &Dims, q: &[T], k: &[T]) -> Vec<T> {
         let m = row[..=i]
             .iter()
             .fold(T::neg_infinity(), |a, &x| BinaryOp::Max.apply(a, x * scale));
-        let mut sum = T::zero();
         for x in &mut row[..=i] {
-            *x = (*x * scale - m).exp();
-            sum = sum + *x;
+            *x = *x * scale - m;
         }
+        T::exp_in_place(&mut row[..=i]);
+        let sum = row[..=i].iter().fold(T::zero(), |a, &x| a + x);
         for x in &mut row[..=i] {
             *x = *x / sum;
         }

@@ -89,7 +89,70 @@ macro_rules! specialised {
 }
 pub(crate) use specialised;
 
-pub fn unary<T: Float + Send + Sync>(op: UnaryOp, x: &[T]) -> Vec<T> {
+/// Float element types with a slice kernel for the exponential: f32 runs
+/// [`super::vexp`] (sixteen lanes, the same bits as `f32::exp`), f64 the
+/// scalar `exp`.
+pub trait ExpSlice: Float + Send + Sync {
+    fn exp_in_place(x: &mut [Self]);
+}
+
+impl ExpSlice for f32 {
+    fn exp_in_place(x: &mut [f32]) {
+        super::vexp::exp_f32_in_place(x)
+    }
+}
+
+impl ExpSlice for f64 {
+    fn exp_in_place(x: &mut [f64]) {
+        for v in x {
+            *v = v.exp();
+        }
+    }
+}
+
+/// `out[i] = op.apply(x[i])` for the ops whose cost is the exponential
+/// (exp, sigmoid, silu), bit for bit: the exponential's operands first, then
+/// one slice pass of it, then the rest of the op's rule. `false` (nothing
+/// written) for the other ops.
+pub fn exp_family_into<T: ExpSlice>(op: UnaryOp, x: &[T], out: &mut [T]) -> bool {
+    match op {
+        UnaryOp::Exp => {
+            out.copy_from_slice(x);
+            T::exp_in_place(out);
+        }
+        UnaryOp::Sigmoid | UnaryOp::Silu => {
+            // UnaryOp::apply's sigmoid: e = exp(−|x|), then 1/(1+e) or e/(1+e).
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = -v.abs();
+            }
+            T::exp_in_place(out);
+            let silu = op == UnaryOp::Silu;
+            for (o, &v) in out.iter_mut().zip(x) {
+                let e = *o;
+                let d = T::one() + e;
+                let s = if v >= T::zero() { T::one() / d } else { e / d };
+                *o = if silu { v * s } else { s };
+            }
+        }
+        _ => return false,
+    }
+    true
+}
+
+pub fn unary<T: ExpSlice>(op: UnaryOp, x: &[T]) -> Vec<T> {
+    if matches!(op, UnaryOp::Exp | UnaryOp::Sigmoid | UnaryOp::Silu) {
+        let mut out = vec![T::zero(); x.len()];
+        if x.len() >= PAR_MIN_ELEMS {
+            out.par_chunks_mut(PAR_GRAIN)
+                .zip(x.par_chunks(PAR_GRAIN))
+                .for_each(|(o, x)| {
+                    exp_family_into(op, x, o);
+                });
+        } else {
+            exp_family_into(op, x, &mut out);
+        }
+        return out;
+    }
     specialised!(
         op,
         UnaryOp,

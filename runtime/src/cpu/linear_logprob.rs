@@ -27,11 +27,17 @@ fn for_each_block<T: Gemm + Element>(
     for r0 in (0..n).step_by(b) {
         let rows = b.min(n - r0);
         let mut z = matmul_t(&h[r0 * d..(r0 + rows) * d], false, w, true, 1, rows, d, v);
+        let mut e = vec![T::zero(); v];
         for row in z.chunks_mut(v) {
             let m = row
                 .iter()
                 .fold(T::neg_infinity(), |a, &x| BinaryOp::Max.apply(a, x));
-            let lse = m + row.iter().fold(T::zero(), |a, &x| a + (x - m).exp()).ln();
+            // Σ exp(x − m) in order, the exponentials over the row at once.
+            for (e, &x) in e.iter_mut().zip(row.iter()) {
+                *e = x - m;
+            }
+            T::exp_in_place(&mut e);
+            let lse = m + e.iter().fold(T::zero(), |a, &x| a + x).ln();
             for x in row {
                 *x = *x - lse;
             }
@@ -71,8 +77,9 @@ pub fn grad<T: Gemm + Element>(
     check(targets, v)?;
     Ok(grad_with(wrt, h, w, d, |r0, row, i| {
         let gt = g[r0 + i];
+        T::exp_in_place(row);
         for x in row.iter_mut() {
-            *x = -(gt * x.exp());
+            *x = -(gt * *x);
         }
         let y = targets[r0 + i] as usize;
         row[y] = row[y] + gt;
@@ -113,17 +120,23 @@ fn grad_with<T: Gemm + Element>(
     out
 }
 
-/// `−Σ_v p log p` of one row of log-probabilities.
-fn row_entropy<T: Gemm + Element>(lp: &[T]) -> T {
-    -lp.iter().fold(T::zero(), |a, &x| a + x.exp() * x)
+/// `−Σ_v p log p` of one row of log-probabilities, with `p` (its
+/// exponentials) written to `p`.
+fn row_entropy<T: Gemm + Element>(lp: &[T], p: &mut [T]) -> T {
+    p.copy_from_slice(lp);
+    T::exp_in_place(p);
+    -lp.iter()
+        .zip(p.iter())
+        .fold(T::zero(), |a, (&x, &e)| a + e * x)
 }
 
 /// Each row's entropy of `softmax(h wᵀ)`.
 pub fn entropy<T: Gemm + Element>(h: &[T], w: &[T], d: usize) -> Vec<T> {
     let v = w.len() / d.max(1);
     let mut out = Vec::with_capacity(h.len() / d.max(1));
+    let mut p = vec![T::zero(); v];
     for_each_block(h, w, d, |_, _, lp| {
-        out.extend(lp.chunks(v).map(row_entropy))
+        out.extend(lp.chunks(v).map(|row| row_entropy(row, &mut p)))
     });
     out
 }
@@ -135,10 +148,12 @@ pub fn entropy_grad<T: Gemm + Element>(
     [h, w, g]: [&[T]; 3],
     d: usize,
 ) -> Vec<T> {
+    let v = w.len() / d.max(1);
+    let mut p = vec![T::zero(); v];
     grad_with(wrt, h, w, d, |r0, row, i| {
-        let (gt, ent) = (g[r0 + i], row_entropy(row));
-        for x in row.iter_mut() {
-            *x = -(gt * x.exp() * (*x + ent));
+        let (gt, ent) = (g[r0 + i], row_entropy(row, &mut p));
+        for (x, &e) in row.iter_mut().zip(p.iter()) {
+            *x = -(gt * e * (*x + ent));
         }
     })
 }

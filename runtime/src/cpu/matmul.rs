@@ -11,7 +11,7 @@ use std::mem::MaybeUninit;
 /// Float types with a GEMM: `C = A B` for `A [m,k]`, `B [k,n]` given by
 /// row and column strides, row-major `C [m,n]` (β = 0, so `C` is only
 /// written).
-pub trait Gemm: Float + Send + Sync {
+pub trait Gemm: Float + Send + Sync + super::elementwise::ExpSlice {
     /// # Safety
     /// `a` and `b` must point to matrices whose elements lie within valid
     /// memory at the given strides, `c` to `m*n` valid elements, and `c`

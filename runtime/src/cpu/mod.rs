@@ -16,6 +16,7 @@ pub mod optim;
 pub mod reduce;
 pub mod rms_norm;
 pub mod rope;
+pub mod vexp;
 
 use rayon::prelude::*;
 
