@@ -180,6 +180,65 @@ fn truncated_token_mean_on_two_processes_equals_one() {
     check(&spec_for_world(), 2, 1, 1e-12, "truncated, token_mean, sgd");
 }
 
+/// In bf16 a process rounds its share's sums (its weight gradients'
+/// products over its rows) before they are added over processes, so two
+/// processes give one process's meta-step to bf16's rounding, not bit for
+/// bit: the gradients of two processes may differ from one process's by no
+/// more than one process's bf16 gradients differ from f64's (on this
+/// pipeline, whose two SGD steps at lr 0.5 make the hypergradient
+/// ill-conditioned, f32 is 2e-5 from f64 and bf16 6e-1; two processes are
+/// 2e-1 from one). Every rank still holds the same bits.
+#[test]
+fn bf16_on_two_processes_equals_one_to_bf16_rounding() {
+    use coopc_compiler::ir::DType;
+    use coopc_compiler::spec::Precision;
+    let mut spec = spec_for_world();
+    spec.backend.dtype = Precision::Bf16;
+    let ms = lower_meta_step_with(
+        &spec,
+        BatchShapes::from_spec(&spec),
+        LowerOptions::default(),
+    );
+    let inputs = with_float_dtype(&meta_inputs(&spec, &ms, 3), DType::F32);
+    let gradients = |outs: &[(String, HostTensor)]| -> Vec<f64> {
+        let mut v: Vec<&(String, HostTensor)> = outs
+            .iter()
+            .filter(|(n, _)| n.starts_with("hyper.") || n.starts_with("lower."))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.iter().flat_map(|(_, t)| t.to_f64_vec()).collect()
+    };
+    let single =
+        coopc_runtime::execute_program(meta(&compile_for_world(spec.clone(), 1).unwrap()), &inputs)
+            .unwrap();
+    let mut wide = spec.clone();
+    wide.backend.dtype = Precision::F64;
+    let reference = coopc_runtime::execute_program(
+        meta(&compile_for_world(wide, 1).unwrap()),
+        &with_float_dtype(&inputs, DType::F64),
+    )
+    .unwrap();
+    let dp_plan = compile_for_world(spec.clone(), 2).unwrap();
+    let shards: Vec<Inputs> = (0..2).map(|r| shard(&spec, &inputs, r, 2)).collect();
+    let ranks = run_ranks(meta(&dp_plan), &shards, false);
+    for (name, t) in &ranks[1] {
+        let t0 = &ranks[0].iter().find(|(n, _)| n == name).unwrap().1;
+        assert_eq!(t.data, t0.data, "`{name}` differs between the ranks");
+    }
+    let want = gradients(&reference);
+    let one = gradients(&single);
+    let two = gradients(&ranks[0]);
+    assert!(want.len() > 100 && one.len() == want.len() && two.len() == want.len());
+    let bf16_error = rel_err(&one, &want, 1e-12);
+    let split = rel_err(&two, &one, 1e-12);
+    eprintln!("bf16 against f64 {bf16_error:.2e}; two processes against one {split:.2e}");
+    assert!(bf16_error > 1e-4, "no bf16 rounding? {bf16_error:.2e}");
+    assert!(
+        split <= 2.0 * bf16_error,
+        "two processes differ from one by {split:.2e}, more than bf16's own {bf16_error:.2e}"
+    );
+}
+
 #[test]
 fn first_order_seq_mean_with_kl_entropy_and_momentum_equals_one() {
     let mut spec = spec_for_world();

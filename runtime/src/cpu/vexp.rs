@@ -168,11 +168,8 @@ mod x86 {
         // T[k mod 32] by two two-register permutes (entries 0..16 and
         // 16..32, by bits 0..3) and a blend on bit 4: cheaper than a gather.
         let tab = TABLE.as_ptr() as *const __m512i;
-        let lo = _mm512_permutex2var_epi64(
-            _mm512_loadu_si512(tab),
-            ki,
-            _mm512_loadu_si512(tab.add(1)),
-        );
+        let lo =
+            _mm512_permutex2var_epi64(_mm512_loadu_si512(tab), ki, _mm512_loadu_si512(tab.add(1)));
         let hi = _mm512_permutex2var_epi64(
             _mm512_loadu_si512(tab.add(2)),
             ki,
