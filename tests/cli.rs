@@ -508,4 +508,16 @@ fn a_bf16_run_trains_on_the_cpu_and_the_device_backends_refuse_it() {
             "{backend}: a refused run wrote {target:?}"
         );
     }
+    // Nor are device kernels emitted for it.
+    let emitted = dir.join("kernels");
+    let o = coopc(&[
+        "compile",
+        pipeline.to_str().unwrap(),
+        "--emit",
+        "kernels",
+        emitted.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("no device kernels yet"), "{err}");
 }

@@ -29,7 +29,7 @@ use crate::rope::rope;
 use crate::sample::{sample_pick, sample_pick_ordered, sample_prepare, SAMPLE_BLOCK};
 use crate::token_loss::{token_loss, token_loss_grad, LossSpec, LOSS_BLOCK};
 use coopc_ir::kernel::{device_chunk, ElemProgram, FusedSchedule, Kernel, ReduceSplit};
-use coopc_ir::{AttentionOperand, Graph, LogprobOperand, NormOperand, Op};
+use coopc_ir::{AttentionOperand, DType, Graph, LogprobOperand, NormOperand, Op};
 use cubecl::prelude::*;
 use cubecl::Compiler as _;
 use std::collections::HashMap;
@@ -1087,6 +1087,15 @@ pub fn schedule_sources(
     g: &Graph,
     fused: &FusedSchedule,
 ) -> Result<Vec<(KernelSource, Vec<usize>)>, String> {
+    // The device kernels store f32; a bf16 program has none yet (the CPU
+    // executor emulates it), and emitting f32 ones for it would be wrong.
+    if g.node_ids().any(|id| g.ty(id).dtype == DType::Bf16) {
+        return Err(
+            "this program computes in bf16, which has no device kernels yet (the CPU executor \
+             emulates it): set backend.dtype = \"f32\" to emit the device kernels"
+                .into(),
+        );
+    }
     let mut seen: HashMap<String, usize> = HashMap::new();
     let mut out: Vec<(KernelSource, Vec<usize>)> = Vec::new();
     for (pos, k) in fused.kernels.iter().enumerate() {
