@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{tiny_addition_f64, tmpdir};
+use common::{coopc_ok, tiny_addition_f64, tmpdir};
 use coopc_train::checkpoint::load_latest;
 use coopc_train::train::{read_metrics, Metrics};
 use std::path::Path;
@@ -40,18 +40,16 @@ fn mpirun(np: usize) -> Command {
     c
 }
 
+/// `coopc args` under `mpirun -np np` (alone for 0), which must succeed.
 fn coopc_on(np: usize, args: &[&str]) -> Output {
-    let out = if np == 0 {
-        Command::new(env!("CARGO_BIN_EXE_coopc"))
-            .args(args)
-            .output()
-    } else {
-        mpirun(np)
-            .arg(env!("CARGO_BIN_EXE_coopc"))
-            .args(args)
-            .output()
+    if np == 0 {
+        return coopc_ok(args);
     }
-    .expect("start coopc");
+    let out = mpirun(np)
+        .arg(env!("CARGO_BIN_EXE_coopc"))
+        .args(args)
+        .output()
+        .expect("start coopc");
     assert!(
         out.status.success(),
         "coopc {args:?} on {np} processes failed:\n{}{}",

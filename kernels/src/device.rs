@@ -229,6 +229,9 @@ pub struct Prepared {
     /// Literal nodes already uploaded, so that a graph run again (every
     /// meta-step, every decoded token) does not copy its constants again.
     literals: Mutex<HashMap<NodeId, Handle>>,
+    /// An element type of the graph the device kernels do not compute in
+    /// (f64, or bf16, which the CPU executor emulates), found once here.
+    unsupported: Option<DType>,
 }
 
 impl Prepared {
@@ -239,6 +242,10 @@ impl Prepared {
             fused,
             outputs: g.outputs().to_vec(),
             literals: Mutex::default(),
+            unsupported: g
+                .node_ids()
+                .map(|id| g.ty(id).dtype)
+                .find(|&d| matches!(d, DType::F64 | DType::Bf16)),
         }
     }
 
@@ -934,11 +941,7 @@ impl<R: Runtime> Device<R> {
         to_host: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<(String, Value)>, DeviceError> {
         // bf16 (emulated on the CPU) and f64 have no device kernels yet.
-        if let Some(dtype) = g
-            .node_ids()
-            .map(|id| g.ty(id).dtype)
-            .find(|&d| matches!(d, DType::F64 | DType::Bf16))
-        {
+        if let Some(dtype) = prepared.unsupported {
             return Err(DeviceError::Precision {
                 backend: self.backend,
                 dtype,
@@ -1392,13 +1395,9 @@ impl<R: Runtime> Device<R> {
         inputs: &dyn Inputs,
         get: &dyn Fn(&NodeId) -> Result<Handle, DeviceError>,
     ) -> Result<Handle, DeviceError> {
+        // Graphs with f64 or bf16 nodes are refused before any kernel
+        // (`Prepared::unsupported`).
         let ty = g.ty(id);
-        if ty.dtype == DType::F64 {
-            return Err(DeviceError::Precision {
-                backend: self.backend,
-                dtype: DType::F64,
-            });
-        }
         let cx = NodeCx {
             g,
             id,
