@@ -33,12 +33,8 @@ fn outputs(spec: &PipelineSpec, inputs: &Inputs) -> BTreeMap<String, Vec<f64>> {
         .collect()
 }
 
-/// The hypergradient and lower-gradient outputs, concatenated in name order.
 fn gradients(out: &BTreeMap<String, Vec<f64>>) -> Vec<f64> {
-    out.iter()
-        .filter(|(n, _)| n.starts_with("hyper.") || n.starts_with("lower."))
-        .flat_map(|(_, v)| v.iter().copied())
-        .collect()
+    gradient_outputs(out.iter().map(|(n, v)| (n.as_str(), v.clone())))
 }
 
 fn spec_with(kind: HypergradKind, dtype: Precision) -> PipelineSpec {

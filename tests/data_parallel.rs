@@ -200,13 +200,8 @@ fn bf16_on_two_processes_equals_one_to_bf16_rounding() {
         LowerOptions::default(),
     );
     let inputs = with_float_dtype(&meta_inputs(&spec, &ms, 3), DType::F32);
-    let gradients = |outs: &[(String, HostTensor)]| -> Vec<f64> {
-        let mut v: Vec<&(String, HostTensor)> = outs
-            .iter()
-            .filter(|(n, _)| n.starts_with("hyper.") || n.starts_with("lower."))
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v.iter().flat_map(|(_, t)| t.to_f64_vec()).collect()
+    let gradients = |outs: &[(String, HostTensor)]| {
+        gradient_outputs(outs.iter().map(|(n, t)| (n.as_str(), t.to_f64_vec())))
     };
     let single =
         coopc_runtime::execute_program(meta(&compile_for_world(spec.clone(), 1).unwrap()), &inputs)

@@ -652,3 +652,14 @@ seed = 5
 pub fn tiny_addition_f64() -> String {
     format!("{TINY_ADDITION}[backend]\ndtype = \"f64\"\n")
 }
+
+/// The hypergradient and lower-gradient outputs (`hyper.*`, `lower.*`) of
+/// a meta-step, concatenated in name order.
+pub fn gradient_outputs<'a>(outs: impl IntoIterator<Item = (&'a str, Vec<f64>)>) -> Vec<f64> {
+    let mut v: Vec<(&str, Vec<f64>)> = outs
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("hyper.") || n.starts_with("lower."))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(b.0));
+    v.into_iter().flat_map(|(_, t)| t).collect()
+}
