@@ -16,6 +16,7 @@
 #
 # Environment (all optional):
 #   CONFIGS="a b"   pipeline names under benches/pipelines (default: the tiny pair)
+#   SEEDS="0 1 2"   `coopc init` seeds, one set of inputs each (default: 0)
 #   VENV=DIR        virtual environment with torch (default benches/.venv)
 #   WORK=DIR        scratch folder (default target/bench-bf16)
 #   SKIP_BUILD=1    use the existing target/release/coopc
@@ -26,6 +27,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 CONFIGS=${CONFIGS:-"tiny-first-order tiny-truncated"}
+SEEDS=${SEEDS:-0}
 VENV=${VENV:-benches/.venv}
 WORK=${WORK:-target/bench-bf16}
 PY="$VENV/bin/python"
@@ -54,26 +56,28 @@ echo "# bf16 against f64, $(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -m), torch $
 for cfg in $CONFIGS; do
     src="benches/pipelines/$cfg.toml"
     [ -f "$src" ] || die "no $src"
-    dir="$WORK/$cfg"
-    mkdir -p "$dir"
-    for d in f64 f32 bf16; do
-        pipeline_with "$src" "$d" "$dir/$d.toml"
-    done
-    "$COOPC" init "$dir/f64.toml" --params "$dir/P.safetensors" --batch "$dir/B.safetensors" >/dev/null 2>&1 ||
-        die "coopc init $cfg failed"
-    io=(--params "$dir/P.safetensors" --batch "$dir/B.safetensors")
-    for d in f64 f32 bf16; do
-        "$COOPC" grad "$dir/$d.toml" "${io[@]}" --out "$dir/G-coopc-$d.safetensors" >/dev/null 2>&1 ||
-            die "coopc grad $cfg $d failed"
-    done
-    for d in f32 bf16; do
-        "$PY" benches/peers/torch_meta_step.py "$dir/f64.toml" "${io[@]}" --dtype "$d" \
-            --out "$dir/G-torch-$d.safetensors" >/dev/null 2>&1 || die "the PyTorch peer failed on $cfg $d"
-    done
-    for other in coopc-f32 torch-f32 coopc-bf16 torch-bf16; do
-        echo
-        echo "## $cfg: $other against coopc f64"
-        "$PY" benches/peers/compare_grads.py "$dir/G-coopc-f64.safetensors" "$dir/G-$other.safetensors" \
-            --params "$dir/P.safetensors" --tol 1e9 | grep -E '^  [a-z_K]+ +[0-9]+ tensors' || true
+    for seed in $SEEDS; do
+        dir="$WORK/$cfg/seed$seed"
+        mkdir -p "$dir"
+        for d in f64 f32 bf16; do
+            pipeline_with "$src" "$d" "$dir/$d.toml"
+        done
+        "$COOPC" init "$dir/f64.toml" --seed "$seed" --params "$dir/P.safetensors" --batch "$dir/B.safetensors" >/dev/null 2>&1 ||
+            die "coopc init $cfg --seed $seed failed"
+        io=(--params "$dir/P.safetensors" --batch "$dir/B.safetensors")
+        for d in f64 f32 bf16; do
+            "$COOPC" grad "$dir/$d.toml" "${io[@]}" --out "$dir/G-coopc-$d.safetensors" >/dev/null 2>&1 ||
+                die "coopc grad $cfg $d failed"
+        done
+        for d in f32 bf16; do
+            "$PY" benches/peers/torch_meta_step.py "$dir/f64.toml" "${io[@]}" --dtype "$d" \
+                --out "$dir/G-torch-$d.safetensors" >/dev/null 2>&1 || die "the PyTorch peer failed on $cfg $d"
+        done
+        for other in coopc-f32 torch-f32 coopc-bf16 torch-bf16; do
+            echo
+            echo "## $cfg, seed $seed: $other against coopc f64"
+            "$PY" benches/peers/compare_grads.py "$dir/G-coopc-f64.safetensors" "$dir/G-$other.safetensors" \
+                --params "$dir/P.safetensors" --tol 1e9 | grep -E '^  [a-z_K]+ +[0-9]+ tensors' || true
+        done
     done
 done

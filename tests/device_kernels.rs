@@ -542,6 +542,197 @@ fn optimiser_step_kernels_match_the_cpu() {
     check(&g, &inp, 1e-4);
 }
 
+/// A dyadic f32 input: `k/16` for whole `k` in `[-64, 64]`, a bf16 number
+/// whose products and sums of a few dozen are exact in f32 in any order,
+/// so that only bf16 rounding can tell two executors apart.
+fn dyadic_input(
+    g: &mut Graph,
+    inputs: &mut Inputs,
+    name: &str,
+    shape: &[usize],
+    seed: u64,
+) -> coopc_compiler::NodeId {
+    let mut r = rng(seed);
+    let v: Vec<f64> = (0..shape.iter().product::<usize>())
+        .map(|_| f64::from(r.gen_range(-64i32..=64)) / 16.0)
+        .collect();
+    inputs.insert(
+        name.into(),
+        HostTensor::from_f64(DType::F32, shape.to_vec(), &v).unwrap(),
+    );
+    g.input(name, DType::F32, shape.to_vec())
+}
+
+/// bf16 on the device: values held in f32 buffers, rounded to nearest
+/// (ties to even) wherever one is stored — every register of a fused
+/// program, a bf16 constant, a reduction's result, a product's — bit for
+/// bit as the CPU executor rounds them. The inputs are dyadic, so every f32
+/// operation here is exact and only a missed or extra rounding shows; the
+/// f32 twin of the same graph (no rounding) must differ.
+#[test]
+fn bf16_values_are_rounded_where_stored_as_on_the_cpu() {
+    if device_missing() {
+        return;
+    }
+    let build = |dtype: DType| {
+        let mut g = Graph::new();
+        let mut inp = Inputs::new();
+        let x = dyadic_input(&mut g, &mut inp, "x", &[6, 40], 41);
+        let w = dyadic_input(&mut g, &mut inp, "w", &[40, 24], 42);
+        let (x, w) = (g.cast(x, dtype), g.cast(w, dtype));
+        // x² has up to 13 significant bits: rounded before the add.
+        let sq = g.mul(x, x);
+        let s = g.add(sq, x);
+        // 1.001 is not a bf16 number (it rounds to 1).
+        let c = g.scale(s, 1.001);
+        g.set_output("chain", c);
+        // A reduction of bf16 values (accumulated in f32) and its epilogue.
+        let r = g.reduce(ReduceKind::Sum, s, &[1], false);
+        let half = g.scale(r, 0.5);
+        let e = g.add(half, r);
+        g.set_output("sum.epilogue", e);
+        // A product, rounded after its kernel; then a fused use of it.
+        let p = g.matmul(x, w);
+        g.set_output("product", p);
+        let pp = g.mul(p, p);
+        let out = g.cast(pp, DType::F32);
+        g.set_output("product.squared.f32", out);
+        (g, inp)
+    };
+    let (g, inp) = build(DType::Bf16);
+    let want = execute(&g, &inp).expect("cpu");
+    let got = on_device(&g, &inp);
+    let (g32, inp32) = build(DType::F32);
+    let single = execute(&g32, &inp32).expect("cpu f32");
+    for (((name, w), (_, d)), (_, s)) in want.iter().zip(&got).zip(&single) {
+        assert_eq!(w.dtype(), d.dtype(), "{name}");
+        let bits = |t: &HostTensor| -> Vec<u32> {
+            t.to_f64_vec()
+                .iter()
+                .map(|&x| (x as f32).to_bits())
+                .collect()
+        };
+        let (w, d, s) = (bits(w), bits(d), bits(s));
+        let differ = w.iter().zip(&d).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            differ,
+            0,
+            "{name}: {differ} of {} elements differ from the CPU",
+            w.len()
+        );
+        assert!(
+            d.iter().all(|b| b & 0xffff == 0),
+            "{name}: a value that is not a bf16 number"
+        );
+        assert!(w != s, "{name}: bf16 equals f32, so the test tests nothing");
+    }
+}
+
+/// A bf16 meta-step on the device (first-order and truncated) against the
+/// CPU executor's bf16 one: the device's products and reductions may sum
+/// in other orders, so a value near a bf16 rounding boundary may round the
+/// other way; the two stay at most half as far apart as bf16 is from the
+/// f64 reference, and the device's bf16 is as far from f64 as the CPU's
+/// (and not the f32 result).
+#[test]
+fn bf16_meta_steps_on_the_device_match_the_cpu_to_bf16_rounding() {
+    if device_missing() {
+        return;
+    }
+    use coopc_compiler::spec::HypergradKind;
+    for kind in [HypergradKind::FirstOrder, HypergradKind::Truncated] {
+        let graph = |dtype: Precision| {
+            let mut spec = tiny_spec();
+            spec.bilevel.hypergradient.kind = kind;
+            spec.backend.dtype = dtype;
+            let ms = lower_meta_step(&spec, BatchShapes::from_spec(&spec));
+            let inputs = with_float_dtype(&meta_inputs(&spec, &ms, 33), DType::F32);
+            let mut g = ms.graph;
+            Pipeline::standard().run(&mut g);
+            (g, inputs)
+        };
+        let grads = |outs: Vec<(String, HostTensor)>| {
+            gradient_outputs(outs.iter().map(|(n, t)| (n.as_str(), t.to_f64_vec())))
+        };
+        let (g64, inputs) = graph(Precision::F64);
+        let reference = grads(execute(&g64, &with_float_dtype(&inputs, DType::F64)).unwrap());
+        let (g16, _) = graph(Precision::Bf16);
+        let cpu = grads(execute(&g16, &inputs).unwrap());
+        let device = grads(on_device(&g16, &inputs));
+        let (g32, _) = graph(Precision::F32);
+        let device32 = grads(on_device(&g32, &inputs));
+        let e_cpu = rel_err(&cpu, &reference, 1e-12);
+        let e_dev = rel_err(&device, &reference, 1e-12);
+        let e_split = rel_err(&device, &cpu, 1e-12);
+        let e32 = rel_err(&device32, &reference, 1e-12);
+        eprintln!(
+            "{kind:?}: bf16 vs f64: cpu {e_cpu:.2e}, device {e_dev:.2e}; device vs cpu {e_split:.2e}; \
+             device f32 vs f64 {e32:.2e}"
+        );
+        // (How far bf16 is from f64 depends on the inputs: the first-order
+        // hypergradient is a difference of two nearly equal gradients;
+        // tests/bf16.rs holds it to the reference.)
+        assert!(
+            e_split <= 0.5 * e_cpu,
+            "{kind:?}: device off the cpu by {e_split:.2e}, bf16 off f64 by {e_cpu:.2e}"
+        );
+        assert!(
+            e_dev <= 1.5 * e_cpu,
+            "{kind:?}: device bf16 off f64 by {e_dev:.2e}, cpu bf16 by {e_cpu:.2e}"
+        );
+        assert!(
+            e_dev > 20.0 * e32,
+            "{kind:?}: device bf16 ({e_dev:.2e}) no further from f64 than f32 ({e32:.2e})"
+        );
+    }
+}
+
+/// Every bf16 value of a bf16 meta-step, as the device stores it, is a
+/// bf16 number: each bf16 node is read through a cast to f32 (which does
+/// not round), so a kernel family that leaves f32 results behind shows.
+#[test]
+fn every_bf16_value_the_device_stores_is_a_bf16_number() {
+    if device_missing() {
+        return;
+    }
+    use coopc_compiler::spec::HypergradKind;
+    let mut spec = tiny_spec();
+    spec.bilevel.hypergradient.kind = HypergradKind::Truncated;
+    spec.backend.dtype = Precision::Bf16;
+    let ms = lower_meta_step(&spec, BatchShapes::from_spec(&spec));
+    let inputs = with_float_dtype(&meta_inputs(&spec, &ms, 34), DType::F32);
+    let mut g = ms.graph;
+    Pipeline::standard().run(&mut g);
+    let half: Vec<_> = g
+        .node_ids()
+        .filter(|&id| g.ty(id).dtype == DType::Bf16)
+        .collect();
+    let mut families = std::collections::BTreeSet::new();
+    for &id in &half {
+        families.insert(g.op(id).name());
+        let f = g.cast(id, DType::F32);
+        g.set_output(format!("bf16.{}", id.index()), f);
+    }
+    for op in ["matmul", "causal_attention", "rms_norm", "rope"] {
+        assert!(families.contains(op), "no bf16 {op} in {families:?}");
+    }
+    let got = on_device(&g, &inputs);
+    let mut checked = 0;
+    for (name, t) in got.iter().filter(|(n, _)| n.starts_with("bf16.")) {
+        let id: usize = name["bf16.".len()..].parse().unwrap();
+        for (i, x) in t.to_f64_vec().into_iter().enumerate() {
+            assert!(
+                (x as f32).to_bits() & 0xffff == 0,
+                "node %{id} ({}) element {i} = {x:e} is not a bf16 number",
+                g.op(half.iter().copied().find(|h| h.index() == id).unwrap())
+                    .name()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 1000, "only {checked} bf16 values");
+}
+
 #[test]
 fn truncated_meta_step_on_the_device_matches_the_cpu() {
     if device_missing() {

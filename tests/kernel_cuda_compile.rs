@@ -1,7 +1,8 @@
 //! The generated CUDA C++ of every kernel of the default example's
-//! programs (meta-step, scorer, decode step, and the sampler's kernels)
-//! and of the medium truncated bench pipeline's (d_model 1024, vocabulary
-//! 32k: the register-blocked and chunked variants), and of every policy
+//! programs (meta-step, scorer, decode step, and the sampler's kernels; the
+//! meta-step and scorer also in bf16) and of the medium truncated bench
+//! pipeline's (d_model 1024, vocabulary 32k: the register-blocked and
+//! chunked variants), and of every policy
 //! loss variant of the token-loss tests, compiled without a GPU in two
 //! ways:
 //!
@@ -145,6 +146,18 @@ fn kernel_units_of(text: fn(&KernelSource) -> &str) -> Vec<(String, String)> {
             spec.rl.batch_size(),
             spec.train.seq_len,
         ));
+    }
+    // The default example in bf16: the same programs with every stored
+    // bf16 value rounded in its f32 buffer (the scorer and meta-step; the
+    // decode step computes in f32).
+    {
+        let (_, mut spec) =
+            coopc_compiler::frontend::load_pipeline(&root.join("examples/addition.toml"))
+                .expect("examples/addition.toml");
+        spec.backend.dtype = coopc_compiler::spec::Precision::Bf16;
+        let shapes = BatchShapes::from_spec(&spec);
+        graphs.push(lower_meta_step(&spec, shapes).graph);
+        graphs.push(lower_logprobs(&spec, shapes));
     }
     // Every policy loss variant (surrogate, ratio level, KL estimator,
     // aggregation) and its gradient.

@@ -9,7 +9,7 @@ use std::process::Command;
 
 mod common;
 
-use common::{coopc, coopc_ok as run, tmpdir, TINY_ADDITION as TINY};
+use common::{coopc, coopc_ok as run, tmpdir, wgpu_present, TINY_ADDITION as TINY};
 
 fn pipeline(dir: &Path, text: &str) -> String {
     let p = dir.join("pipeline.toml");
@@ -481,14 +481,8 @@ fn a_null_loss_in_the_metrics_stops_neither_resume_nor_compare() {
 #[test]
 fn training_on_the_device_matches_the_cpu() {
     let cuda = std::env::var("COOPC_TEST_CUDA").is_ok_and(|v| v == "1");
-    let required = std::env::var("COOPC_REQUIRE_WGPU").is_ok_and(|v| v == "1");
-    if !cuda && !required {
-        if let Err(e) = coopc_kernels::device::Device::wgpu() {
-            eprintln!(
-                "skipped: no wgpu adapter ({e}); set COOPC_REQUIRE_WGPU=1 to make this a failure"
-            );
-            return;
-        }
+    if !cuda && !wgpu_present() {
+        return;
     }
     let dir = tmpdir("device");
     let p = pipeline(&dir, TINY);
@@ -867,14 +861,8 @@ fn a_resume_with_a_changed_specification_is_refused_with_the_keys_that_changed()
 /// the bytes it asked for; the last checkpoint is kept.
 #[test]
 fn a_device_out_of_memory_names_program_kernel_and_bytes_and_keeps_the_checkpoint() {
-    let required = std::env::var("COOPC_REQUIRE_WGPU").is_ok_and(|v| v == "1");
-    if !required {
-        if let Err(e) = coopc_kernels::device::Device::wgpu() {
-            eprintln!(
-                "skipped: no wgpu adapter ({e}); set COOPC_REQUIRE_WGPU=1 to make this a failure"
-            );
-            return;
-        }
+    if !wgpu_present() {
+        return;
     }
     let out_dir = two_of_four_steps("device-oom");
     let o = out_dir.to_str().unwrap();

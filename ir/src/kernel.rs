@@ -65,6 +65,148 @@ pub struct ElemProgram {
 }
 
 impl ElemProgram {
+    /// Each register's element type, from the types of the program's
+    /// inputs and outputs: a load has its input's type, an operation its
+    /// operands', a comparison is bool, a cast its target; a constant takes
+    /// the type of what it is combined with (or of the output it is), and a
+    /// constant combined only with constants is f64 (which represents every
+    /// value of the other types exactly). `None` when an instruction is on
+    /// types that do not fit together (an operation on mixed or non-float
+    /// types, a load or an output of the wrong type).
+    pub fn register_types(&self, inputs: &[DType], outputs: &[DType]) -> Option<Vec<DType>> {
+        let n = self.instrs.len();
+        let mut ty: Vec<Option<DType>> = vec![None; n];
+        for (&o, &t) in self.outputs.iter().zip(outputs) {
+            if matches!(self.instrs[o as usize], ElemInstr::Const(_)) {
+                ty[o as usize] = Some(t);
+            }
+        }
+        // Forward from loads and casts, backward into constants, until
+        // nothing changes (constants are the only registers that need the
+        // backward direction).
+        fn set(ty: &mut [Option<DType>], r: u32, t: Option<DType>, changed: &mut bool) {
+            if let (None, Some(t)) = (ty[r as usize], t) {
+                ty[r as usize] = Some(t);
+                *changed = true;
+            }
+        }
+        for _ in 0..=n {
+            let mut changed = false;
+            let c = &mut changed;
+            for (i, ins) in self.instrs.iter().enumerate() {
+                let i = i as u32;
+                let at = |ty: &[Option<DType>], r: &u32| ty[*r as usize];
+                match ins {
+                    ElemInstr::Load { input, .. } => {
+                        set(&mut ty, i, inputs.get(*input as usize).copied(), c)
+                    }
+                    ElemInstr::Const(_) => {}
+                    ElemInstr::Unary(_, a) | ElemInstr::Clamp(a, ..) => {
+                        let t = at(&ty, a);
+                        set(&mut ty, i, t, c);
+                        let t = at(&ty, &i);
+                        set(&mut ty, *a, t, c);
+                    }
+                    ElemInstr::Binary(_, a, b) | ElemInstr::Select(_, a, b) => {
+                        let t = at(&ty, a).or(at(&ty, b));
+                        set(&mut ty, i, t, c);
+                        let t = at(&ty, &i);
+                        set(&mut ty, *a, t, c);
+                        set(&mut ty, *b, t, c);
+                        if let ElemInstr::Select(cond, ..) = ins {
+                            set(&mut ty, *cond, Some(DType::Bool), c);
+                        }
+                    }
+                    ElemInstr::Compare(_, a, b) => {
+                        set(&mut ty, i, Some(DType::Bool), c);
+                        let t = at(&ty, b);
+                        set(&mut ty, *a, t, c);
+                        let t = at(&ty, a);
+                        set(&mut ty, *b, t, c);
+                    }
+                    ElemInstr::Cast(to, _) => set(&mut ty, i, Some(*to), c),
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        let types: Vec<DType> = ty.into_iter().map(|t| t.unwrap_or(DType::F64)).collect();
+        let float = |r: &u32| types[*r as usize].is_float();
+        let ok = self.instrs.iter().enumerate().all(|(i, ins)| match ins {
+            ElemInstr::Load { input, .. } => inputs.get(*input as usize) == Some(&types[i]),
+            ElemInstr::Const(_) | ElemInstr::Cast(..) => true,
+            ElemInstr::Unary(_, a) | ElemInstr::Clamp(a, ..) => {
+                float(a) && types[*a as usize] == types[i]
+            }
+            ElemInstr::Binary(_, a, b) => {
+                float(a) && types[*a as usize] == types[i] && types[*b as usize] == types[i]
+            }
+            ElemInstr::Compare(_, a, b) => types[*a as usize] == types[*b as usize],
+            ElemInstr::Select(c, a, b) => {
+                types[*c as usize] == DType::Bool
+                    && types[*a as usize] == types[i]
+                    && types[*b as usize] == types[i]
+            }
+        }) && self
+            .outputs
+            .iter()
+            .zip(outputs)
+            .all(|(&o, &t)| types[o as usize] == t);
+        ok.then_some(types)
+    }
+
+    /// This program with bf16 storage spelled out for an executor that
+    /// holds bf16 values as f32 (the CPU executor's rule, made explicit):
+    /// every bf16 register an instruction computes is followed by a
+    /// `Cast(Bf16)` (rounding to nearest, ties to even) that takes its
+    /// place, bf16 constants are rounded, and so are the loads of the
+    /// `round_loads` slot (an epilogue's reduced value, accumulated in f32).
+    /// Loads of other slots are bf16 values already. `types` are
+    /// [`ElemProgram::register_types`]; a program without bf16 registers
+    /// comes back unchanged.
+    pub fn rounding_bf16(&self, types: &[DType], round_loads: Option<u32>) -> ElemProgram {
+        if !types.contains(&DType::Bf16) {
+            return self.clone();
+        }
+        let mut instrs = Vec::with_capacity(self.instrs.len() * 2);
+        let mut map: Vec<Reg> = Vec::with_capacity(self.instrs.len());
+        for (ins, &t) in self.instrs.iter().zip(types) {
+            let m = |r: &Reg| map[*r as usize];
+            let (ins, round) = match ins {
+                ElemInstr::Load { input, index } => (
+                    ElemInstr::Load {
+                        input: *input,
+                        index: index.clone(),
+                    },
+                    round_loads == Some(*input),
+                ),
+                ElemInstr::Const(bits) if t == DType::Bf16 => {
+                    let v = crate::round_bf16(f64::from_bits(*bits) as f32);
+                    (ElemInstr::Const(f64::from(v).to_bits()), false)
+                }
+                ElemInstr::Const(bits) => (ElemInstr::Const(*bits), false),
+                ElemInstr::Unary(op, a) => (ElemInstr::Unary(*op, m(a)), true),
+                ElemInstr::Binary(op, a, b) => (ElemInstr::Binary(*op, m(a), m(b)), true),
+                ElemInstr::Compare(op, a, b) => (ElemInstr::Compare(*op, m(a), m(b)), true),
+                ElemInstr::Select(c, a, b) => (ElemInstr::Select(m(c), m(a), m(b)), true),
+                ElemInstr::Clamp(a, lo, hi) => (ElemInstr::Clamp(m(a), *lo, *hi), true),
+                // A cast to bf16 rounds by itself.
+                ElemInstr::Cast(to, a) => (ElemInstr::Cast(*to, m(a)), false),
+            };
+            instrs.push(ins);
+            if round && t == DType::Bf16 {
+                instrs.push(ElemInstr::Cast(DType::Bf16, instrs.len() as Reg - 1));
+            }
+            map.push(instrs.len() as Reg - 1);
+        }
+        ElemProgram {
+            n_inputs: self.n_inputs,
+            instrs,
+            outputs: self.outputs.iter().map(|o| map[*o as usize]).collect(),
+        }
+    }
+
     /// The program that loads input 0 (at the kernel's index).
     pub fn load() -> ElemProgram {
         ElemProgram {
@@ -453,6 +595,91 @@ pub struct FusedSchedule {
 }
 
 impl FusedSchedule {
+    /// This schedule with the bf16 storage of its elementwise programs
+    /// spelled out ([`ElemProgram::rounding_bf16`]): the programs of
+    /// elementwise kernels, and the prologues and epilogues of reductions
+    /// and optimiser steps, for an executor that holds bf16 values as f32.
+    /// The other kernels' bf16 results are that executor's to round. A
+    /// schedule without bf16 values comes back unchanged.
+    pub fn rounding_bf16(&self, g: &Graph) -> FusedSchedule {
+        let dtypes = |ids: &[NodeId]| ids.iter().map(|&i| g.ty(i).dtype).collect::<Vec<_>>();
+        let round = |p: &ElemProgram, ins: &[DType], outs: &[DType], slot: Option<u32>| match p
+            .register_types(ins, outs)
+        {
+            Some(types) => p.rounding_bf16(&types, slot),
+            None => p.clone(),
+        };
+        let kernels = self
+            .kernels
+            .iter()
+            .map(|k| match k {
+                Kernel::Elementwise {
+                    program,
+                    numel,
+                    inputs,
+                    outputs,
+                } => Kernel::Elementwise {
+                    program: round(program, &dtypes(inputs), &dtypes(outputs), None),
+                    numel: *numel,
+                    inputs: inputs.clone(),
+                    outputs: outputs.clone(),
+                },
+                Kernel::Reduce {
+                    kind,
+                    layout,
+                    split,
+                    prologue,
+                    prologue_inputs,
+                    epilogue,
+                    epilogue_inputs,
+                    outputs,
+                } => {
+                    // Epilogue slot 0 is the reduced value, accumulated in
+                    // f32 and rounded where it is stored.
+                    let red = g.ty(epilogue_inputs[0]).dtype;
+                    let slot = (red == DType::Bf16).then_some(0);
+                    Kernel::Reduce {
+                        kind: *kind,
+                        layout: layout.clone(),
+                        split: *split,
+                        prologue: round(prologue, &dtypes(prologue_inputs), &[red], None),
+                        prologue_inputs: prologue_inputs.clone(),
+                        epilogue: round(epilogue, &dtypes(epilogue_inputs), &dtypes(outputs), slot),
+                        epilogue_inputs: epilogue_inputs.clone(),
+                        outputs: outputs.clone(),
+                    }
+                }
+                Kernel::OptimStep {
+                    rule,
+                    numel,
+                    prologue,
+                    prologue_inputs,
+                    state,
+                    outputs,
+                    gradient,
+                } => Kernel::OptimStep {
+                    rule: *rule,
+                    numel: *numel,
+                    prologue: round(
+                        prologue,
+                        &dtypes(prologue_inputs),
+                        &[g.ty(state[0]).dtype],
+                        None,
+                    ),
+                    prologue_inputs: prologue_inputs.clone(),
+                    state: state.clone(),
+                    outputs: outputs.clone(),
+                    gradient: *gradient,
+                },
+                other => other.clone(),
+            })
+            .collect();
+        FusedSchedule {
+            kernels,
+            fused_nodes: self.fused_nodes,
+        }
+    }
+
     pub fn count(&self) -> (usize, usize, usize) {
         let mut c = (0, 0, 0);
         for k in &self.kernels {
@@ -699,4 +926,90 @@ pub fn forward_splits(n: usize, vocab: usize) -> (usize, usize) {
     let want = 256usize.div_ceil(token_blocks).clamp(1, tiles);
     let span = tiles.div_ceil(want) * 64;
     (span, vocab.max(1).div_ceil(span))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::round_bf16;
+
+    fn load(input: u32) -> ElemInstr {
+        ElemInstr::Load {
+            input,
+            index: Index::Same,
+        }
+    }
+
+    /// `x·x + x·c` of a bf16 input, `c` a constant that is not a bf16
+    /// number.
+    fn square_plus_scaled() -> ElemProgram {
+        ElemProgram {
+            n_inputs: 1,
+            instrs: vec![
+                load(0),
+                ElemInstr::Binary(BinaryOp::Mul, 0, 0),
+                ElemInstr::Const(1.001f64.to_bits()),
+                ElemInstr::Binary(BinaryOp::Mul, 0, 2),
+                ElemInstr::Binary(BinaryOp::Add, 1, 3),
+            ],
+            outputs: vec![4],
+        }
+    }
+
+    #[test]
+    fn register_types_follow_loads_casts_and_constants() {
+        let p = square_plus_scaled();
+        let t = p.register_types(&[DType::Bf16], &[DType::Bf16]).unwrap();
+        assert_eq!(t, vec![DType::Bf16; 5]);
+        // An output of the wrong type, or a load of one, is refused.
+        assert!(p.register_types(&[DType::Bf16], &[DType::F32]).is_none());
+        assert!(p.register_types(&[DType::I32], &[DType::I32]).is_none());
+    }
+
+    #[test]
+    fn rounding_bf16_rounds_each_computed_register_and_bf16_constants() {
+        let p = square_plus_scaled();
+        let t = p.register_types(&[DType::Bf16], &[DType::Bf16]).unwrap();
+        let r = p.rounding_bf16(&t, None);
+        // A rounding after each of the three operations; the load is not
+        // rounded again and the constant is rounded in place.
+        let casts = r
+            .instrs
+            .iter()
+            .filter(|i| matches!(i, ElemInstr::Cast(DType::Bf16, _)))
+            .count();
+        assert_eq!(casts, 3, "{r:?}");
+        assert!(r
+            .instrs
+            .contains(&ElemInstr::Const(f64::from(round_bf16(1.001)).to_bits())));
+        // 1 + 2⁻⁷ is a bf16 number whose square and product with 1.001 are
+        // not.
+        let x = 1.0 + 2f32.powi(-7);
+        let want = round_bf16(round_bf16(x * x) + round_bf16(x * round_bf16(1.001)));
+        assert_eq!(r.eval(0, |_, _| f64::from(x))[0], f64::from(want));
+        assert_ne!(p.eval(0, |_, _| f64::from(x))[0], f64::from(want));
+        // Without bf16 registers the program is unchanged.
+        let t32 = p.register_types(&[DType::F32], &[DType::F32]).unwrap();
+        assert_eq!(p.rounding_bf16(&t32, None), p);
+    }
+
+    #[test]
+    fn rounding_bf16_rounds_the_loads_of_a_reduced_slot() {
+        // An epilogue `red + b`: the reduced value (slot 0) arrives
+        // unrounded, and rounding it first changes the sum's rounding.
+        let p = ElemProgram {
+            n_inputs: 2,
+            instrs: vec![load(0), load(1), ElemInstr::Binary(BinaryOp::Add, 0, 1)],
+            outputs: vec![2],
+        };
+        let t = p
+            .register_types(&[DType::Bf16, DType::Bf16], &[DType::Bf16])
+            .unwrap();
+        // bf16's ulp at 1 is 2⁻⁷: red = 1 + 0.625 ulp, b = −0.25 ulp.
+        let (red, b) = (1.0 + 5.0 * 2f64.powi(-10), -(2f64.powi(-9)));
+        let at = |p: &ElemProgram| p.eval(0, |slot, _| if slot == 0 { red } else { b })[0];
+        let ulp = 2f64.powi(-7);
+        assert_eq!(at(&p.rounding_bf16(&t, Some(0))), 1.0 + ulp);
+        assert_eq!(at(&p.rounding_bf16(&t, None)), 1.0);
+    }
 }

@@ -4,8 +4,9 @@
 //! and only the requested outputs are read back.
 //!
 //! Every device tensor is f32: integer ids and booleans are stored as whole
-//! numbers (exact below 2²⁴), and a graph in f64 is refused — WGSL has no
-//! f64 and the GPU path computes in f32.
+//! numbers (exact below 2²⁴), bf16 values as f32 rounded to bf16 wherever
+//! one is stored, as the CPU executor holds them, and a graph in f64 is
+//! refused — WGSL has no f64 and the GPU path computes in f32.
 
 use crate::attention::AttentionShape;
 use crate::cached_attention::{cached_attention, CACHED_BLOCK, CACHED_CHUNK};
@@ -17,6 +18,7 @@ use crate::movement::{
     write_slice, CopySpec,
 };
 use crate::optim::{adamw_step, momentum_step, sgd_step, StepSpec};
+use crate::program::{bf16_rounding, rounds_bf16_itself};
 use crate::reduce::{reduce_program, reduce_program_rows, ReduceSpec};
 use crate::rms_norm::{
     rms_norm_backward_w, rms_norm_backward_x, rms_norm_forward, rms_norm_inv_rms, NORM_BLOCK,
@@ -230,7 +232,7 @@ pub struct Prepared {
     /// meta-step, every decoded token) does not copy its constants again.
     literals: Mutex<HashMap<NodeId, Handle>>,
     /// An element type of the graph the device kernels do not compute in
-    /// (f64, or bf16, which the CPU executor emulates), found once here.
+    /// (f64), found once here.
     unsupported: Option<DType>,
 }
 
@@ -239,13 +241,16 @@ impl Prepared {
     pub fn new(g: &Graph, fused: FusedSchedule) -> Prepared {
         Prepared {
             last_use: fused.last_uses(g),
-            fused,
+            // bf16 values live in f32 buffers: the fused programs round
+            // each one they compute (the other kernels' results are
+            // rounded after them, `Device::launch`).
+            fused: fused.rounding_bf16(g),
             outputs: g.outputs().to_vec(),
             literals: Mutex::default(),
             unsupported: g
                 .node_ids()
                 .map(|id| g.ty(id).dtype)
-                .find(|&d| matches!(d, DType::F64 | DType::Bf16)),
+                .find(|&d| d == DType::F64),
         }
     }
 
@@ -940,7 +945,7 @@ impl<R: Runtime> Device<R> {
         inputs: &I,
         to_host: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<(String, Value)>, DeviceError> {
-        // bf16 (emulated on the CPU) and f64 have no device kernels yet.
+        // f64 has no device kernels.
         if let Some(dtype) = prepared.unsupported {
             return Err(DeviceError::Precision {
                 backend: self.backend,
@@ -1032,8 +1037,46 @@ impl<R: Runtime> Device<R> {
         }
     }
 
-    /// Runs one kernel; returns the buffers it wrote.
+    /// Runs one kernel; returns the buffers it wrote, bf16 results
+    /// rounded to bf16.
     pub fn launch(
+        &self,
+        g: &Graph,
+        kernel: &Kernel,
+        inputs: &dyn Inputs,
+        values: &HashMap<NodeId, Handle>,
+    ) -> Result<Vec<(NodeId, Handle)>, DeviceError> {
+        let made = self.launch_unrounded(g, kernel, inputs, values)?;
+        Ok(self.round_bf16_results(g, kernel, made))
+    }
+
+    /// The bf16 results of `kernel` rounded to bf16, each into a new
+    /// buffer (a result may share its buffer with an operand), unless the
+    /// kernel rounds them itself.
+    fn round_bf16_results(
+        &self,
+        g: &Graph,
+        kernel: &Kernel,
+        made: Vec<(NodeId, Handle)>,
+    ) -> Vec<(NodeId, Handle)> {
+        if rounds_bf16_itself(g, kernel) {
+            return made;
+        }
+        made.into_iter()
+            .map(|(id, h)| {
+                if g.ty(id).dtype != DType::Bf16 {
+                    return (id, h);
+                }
+                let n = g.ty(id).numel();
+                let out = self.output(n);
+                self.elementwise(&bf16_rounding(), n, &[(h, n)], std::slice::from_ref(&out));
+                (id, out)
+            })
+            .collect()
+    }
+
+    /// [`Self::launch`] without rounding bf16 results.
+    fn launch_unrounded(
         &self,
         g: &Graph,
         kernel: &Kernel,
@@ -1395,7 +1438,7 @@ impl<R: Runtime> Device<R> {
         inputs: &dyn Inputs,
         get: &dyn Fn(&NodeId) -> Result<Handle, DeviceError>,
     ) -> Result<Handle, DeviceError> {
-        // Graphs with f64 or bf16 nodes are refused before any kernel
+        // Graphs with f64 nodes are refused before any kernel
         // (`Prepared::unsupported`).
         let ty = g.ty(id);
         let cx = NodeCx {

@@ -7,9 +7,49 @@
 //! Each instruction's semantics is a small `#[cube]` function below that
 //! mirrors the CPU executor's scalar rule (`UnaryOp::apply` and friends).
 
-use coopc_ir::kernel::{ElemInstr, ElemProgram, Index};
-use coopc_ir::{BinaryOp, CompareOp, DType, UnaryOp};
+use coopc_ir::kernel::{ElemInstr, ElemProgram, Index, Kernel};
+use coopc_ir::{BinaryOp, CompareOp, DType, Graph, Op, UnaryOp};
 use cubecl::prelude::*;
+
+/// Whether `kernel` leaves each bf16 result it writes rounded to bf16 in
+/// its f32 buffer: fused programs round what they compute
+/// (`FusedSchedule::rounding_bf16`) and data movement only moves bf16
+/// values. Every other kernel computes a bf16 result in f32, and
+/// [`bf16_rounding`] rounds it after it.
+pub(crate) fn rounds_bf16_itself(g: &Graph, kernel: &Kernel) -> bool {
+    match kernel {
+        Kernel::Elementwise { .. } | Kernel::Reduce { .. } | Kernel::OptimStep { .. } => true,
+        Kernel::Node(id) => matches!(
+            g.op(*id),
+            Op::Reshape { .. }
+                | Op::StopGradient
+                | Op::Barrier { .. }
+                | Op::Permute { .. }
+                | Op::Slice { .. }
+                | Op::Concat { .. }
+                | Op::UpdateSlice { .. }
+                | Op::TakeAlongAxis { .. }
+                | Op::Gather
+        ),
+        _ => false,
+    }
+}
+
+/// The program that rounds its input to bf16: run after a kernel that does
+/// not round its bf16 results itself ([`rounds_bf16_itself`]).
+pub(crate) fn bf16_rounding() -> ElemProgram {
+    ElemProgram {
+        n_inputs: 1,
+        instrs: vec![
+            ElemInstr::Load {
+                input: 0,
+                index: Index::Same,
+            },
+            ElemInstr::Cast(DType::Bf16, 0),
+        ],
+        outputs: vec![1],
+    }
+}
 
 type F = NativeExpand<f32>;
 type U = NativeExpand<usize>;
@@ -160,6 +200,20 @@ fn clamp_between(x: f32, lo: f32, hi: f32) -> f32 {
 fn cast_i32(x: f32) -> f32 {
     // Truncation toward zero; NaN → 0.
     select(x.is_nan(), f32::new(0.0), x.trunc())
+}
+
+/// Rounds to the nearest bf16, ties to even, as `coopc_ir::round_bf16`:
+/// a bf16 value held in f32 storage. NaN stays a quiet NaN; overflow goes
+/// to ±∞.
+#[cube]
+pub(crate) fn round_bf16(x: f32) -> f32 {
+    let bits = u32::reinterpret(x);
+    let lsb = (bits >> 16) & 1;
+    // Clearing the low 16 bits by shifts (a mask literal ≥ 2³¹ is not
+    // expressible here).
+    let rounded = ((bits + (u32::new(0x7fff) + lsb)) >> 16) << 16;
+    let nan = ((bits | u32::new(0x0040_0000)) >> 16) << 16;
+    f32::reinterpret(select(x.is_nan(), nan, rounded))
 }
 
 #[cube]
@@ -334,10 +388,11 @@ pub(crate) fn expand_program(
                 let hi = expand_const(scope, f64::from_bits(*hi), i, &mut zero);
                 clamp_between::expand(scope, r(a), lo, hi)
             }
-            // bf16 graphs are refused before any kernel is built
-            // (`Device::execute_values`).
+            // bf16 values are held in f32 storage, rounded where the
+            // program says (`FusedSchedule::rounding_bf16`).
             ElemInstr::Cast(to, a) => match to {
-                DType::F32 | DType::F64 | DType::Bf16 => r(a),
+                DType::F32 | DType::F64 => r(a),
+                DType::Bf16 => round_bf16::expand(scope, r(a)),
                 DType::I32 => cast_i32::expand(scope, r(a)),
                 DType::Bool => cast_bool::expand(scope, r(a)),
             },

@@ -20,6 +20,7 @@ use crate::movement::{
     write_slice, CopySpec,
 };
 use crate::optim::{adamw_step, momentum_step, sgd_step, StepKind, StepSpec};
+use crate::program::{bf16_rounding, rounds_bf16_itself};
 use crate::reduce::{reduce_program, reduce_program_rows, ReduceSpec};
 use crate::rms_norm::{
     rms_norm_backward_w, rms_norm_backward_x, rms_norm_forward, rms_norm_inv_rms, NORM_BLOCK,
@@ -1087,29 +1088,31 @@ pub fn schedule_sources(
     g: &Graph,
     fused: &FusedSchedule,
 ) -> Result<Vec<(KernelSource, Vec<usize>)>, String> {
-    // The device kernels store f32; a bf16 program has none yet (the CPU
-    // executor emulates it), and emitting f32 ones for it would be wrong.
-    if g.node_ids().any(|id| g.ty(id).dtype == DType::Bf16) {
-        return Err(
-            "this program computes in bf16, which has no device kernels yet (the CPU executor \
-             emulates it): set backend.dtype = \"f32\" to emit the device kernels"
-                .into(),
-        );
-    }
+    // bf16 values live in f32 buffers, rounded by the fused programs and,
+    // after any other kernel with a bf16 result, by one more program
+    // (`Device::launch`).
+    let fused = fused.rounding_bf16(g);
     let mut seen: HashMap<String, usize> = HashMap::new();
     let mut out: Vec<(KernelSource, Vec<usize>)> = Vec::new();
     for (pos, k) in fused.kernels.iter().enumerate() {
-        let Some((family, traced)) = trace(g, k) else {
-            continue;
-        };
-        let key = format!("{family}:{traced:?}");
-        if let Some(&i) = seen.get(&key) {
-            out[i].1.push(pos);
-            continue;
+        let rounding = (!rounds_bf16_itself(g, k)
+            && k.writes().iter().any(|&id| g.ty(id).dtype == DType::Bf16))
+        .then(|| {
+            (
+                "elementwise".to_string(),
+                Traced::Elementwise(bf16_rounding()),
+            )
+        });
+        for (family, traced) in trace(g, k).into_iter().chain(rounding) {
+            let key = format!("{family}:{traced:?}");
+            if let Some(&i) = seen.get(&key) {
+                out[i].1.push(pos);
+                continue;
+            }
+            let name = format!("k{:03}_{family}", out.len());
+            seen.insert(key, out.len());
+            out.push((traced.source(&name)?, vec![pos]));
         }
-        let name = format!("k{:03}_{family}", out.len());
-        seen.insert(key, out.len());
-        out.push((traced.source(&name)?, vec![pos]));
     }
     Ok(out)
 }

@@ -56,93 +56,10 @@ struct Typed<'p> {
 }
 
 impl<'p> Typed<'p> {
-    /// Infers each register's type from the program's inputs and outputs:
-    /// a load has its input's type, an operation its operands', a
-    /// comparison is bool, a cast its target; a constant takes the type of
-    /// what it is combined with (or of the output it is). `None` when an
-    /// operation is on types the node executor does not define.
+    /// Each register's type ([`ElemProgram::register_types`]); `None` when
+    /// an operation is on types the node executor does not define.
     fn new(program: &'p ElemProgram, inputs: &[DType], outputs: &[DType]) -> Option<Typed<'p>> {
-        let n = program.instrs.len();
-        let mut ty: Vec<Option<DType>> = vec![None; n];
-        for (&o, &t) in program.outputs.iter().zip(outputs) {
-            if matches!(program.instrs[o as usize], ElemInstr::Const(_)) {
-                ty[o as usize] = Some(t);
-            }
-        }
-        // Forward from loads and casts, backward into constants, until
-        // nothing changes (constants are the only registers that need the
-        // backward direction).
-        fn set(ty: &mut [Option<DType>], r: u32, t: Option<DType>, changed: &mut bool) {
-            if let (None, Some(t)) = (ty[r as usize], t) {
-                ty[r as usize] = Some(t);
-                *changed = true;
-            }
-        }
-        for _ in 0..=n {
-            let mut changed = false;
-            let c = &mut changed;
-            for (i, ins) in program.instrs.iter().enumerate() {
-                let i = i as u32;
-                let at = |ty: &[Option<DType>], r: &u32| ty[*r as usize];
-                match ins {
-                    ElemInstr::Load { input, .. } => {
-                        set(&mut ty, i, inputs.get(*input as usize).copied(), c)
-                    }
-                    ElemInstr::Const(_) => {}
-                    ElemInstr::Unary(_, a) | ElemInstr::Clamp(a, ..) => {
-                        let t = at(&ty, a);
-                        set(&mut ty, i, t, c);
-                        let t = at(&ty, &i);
-                        set(&mut ty, *a, t, c);
-                    }
-                    ElemInstr::Binary(_, a, b) | ElemInstr::Select(_, a, b) => {
-                        let t = at(&ty, a).or(at(&ty, b));
-                        set(&mut ty, i, t, c);
-                        let t = at(&ty, &i);
-                        set(&mut ty, *a, t, c);
-                        set(&mut ty, *b, t, c);
-                        if let ElemInstr::Select(cond, ..) = ins {
-                            set(&mut ty, *cond, Some(DType::Bool), c);
-                        }
-                    }
-                    ElemInstr::Compare(_, a, b) => {
-                        set(&mut ty, i, Some(DType::Bool), c);
-                        let t = at(&ty, b);
-                        set(&mut ty, *a, t, c);
-                        let t = at(&ty, a);
-                        set(&mut ty, *b, t, c);
-                    }
-                    ElemInstr::Cast(to, _) => set(&mut ty, i, Some(*to), c),
-                }
-            }
-            if !changed {
-                break;
-            }
-        }
-        // A constant compared only with constants: f64, which represents
-        // every value of the other types exactly.
-        let types: Vec<DType> = ty.into_iter().map(|t| t.unwrap_or(DType::F64)).collect();
-        let float = |r: &u32| types[*r as usize].is_float();
-        let ok = program.instrs.iter().enumerate().all(|(i, ins)| match ins {
-            ElemInstr::Load { input, .. } => inputs.get(*input as usize) == Some(&types[i]),
-            ElemInstr::Const(_) | ElemInstr::Cast(..) => true,
-            ElemInstr::Unary(_, a) | ElemInstr::Clamp(a, ..) => {
-                float(a) && types[*a as usize] == types[i]
-            }
-            ElemInstr::Binary(_, a, b) => {
-                float(a) && types[*a as usize] == types[i] && types[*b as usize] == types[i]
-            }
-            ElemInstr::Compare(_, a, b) => types[*a as usize] == types[*b as usize],
-            ElemInstr::Select(c, a, b) => {
-                types[*c as usize] == DType::Bool
-                    && types[*a as usize] == types[i]
-                    && types[*b as usize] == types[i]
-            }
-        }) && program
-            .outputs
-            .iter()
-            .zip(outputs)
-            .all(|(&o, &t)| types[o as usize] == t);
+        let types = program.register_types(inputs, outputs)?;
         let direct = program
             .instrs
             .iter()
@@ -154,7 +71,7 @@ impl<'p> Typed<'p> {
                 _ => None,
             })
             .collect();
-        ok.then_some(Typed {
+        Some(Typed {
             program,
             types,
             direct,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 /// Opens the backend `kind` for programs of a pipeline with backend
 /// settings `spec` (its element type and matmul precision; `spec.kind` is
 /// not read). `auto` takes CUDA when a device answers and the pipeline is
-/// f32, else the CPU executor. `COOPC_MATMUL` overrides `spec.matmul`.
+/// f32 or bf16, else the CPU executor. `COOPC_MATMUL` overrides `spec.matmul`.
 pub fn open(kind: BackendKind, spec: &BackendSpec) -> Result<Arc<dyn Backend>, UserError> {
     let dtype = spec.dtype;
     // Read only where a device is opened: the CPU executor has one matmul.
@@ -22,43 +22,32 @@ pub fn open(kind: BackendKind, spec: &BackendSpec) -> Result<Arc<dyn Backend>, U
             MatmulPrecision::Tf32 => MatmulKernel::CubeclTf32,
         })
     };
-    let f32_only = |name: &str| match dtype {
+    let device_dtype = |name: &str| match dtype {
         Precision::F32 => Ok(()),
         Precision::F64 => Err(UserError(format!(
             "the {name} backend computes in f32; this pipeline sets backend.dtype = \"f64\" \
              (use \"f32\", or --backend cpu)"
         ))),
-        Precision::Bf16 => Err(UserError(format!(
-            "the {name} backend does not run bf16 programs yet; this pipeline sets \
-             backend.dtype = \"bf16\" (use \"f32\", or --backend cpu, which emulates bf16)"
-        ))),
+        // bf16 values in f32 buffers, rounded where stored, as on the CPU.
+        Precision::Bf16 => Ok(()),
     };
     let limit = coopc_kernels::device::memory_limit_from_env().map_err(UserError)?;
     Ok(match kind {
         BackendKind::Cpu => Arc::new(CpuBackend),
         BackendKind::Wgpu => {
-            f32_only("wgpu")?;
+            device_dtype("wgpu")?;
             let mut d = Device::wgpu_with(matmul()?)?;
             d.memory_limit = limit;
             Arc::new(d)
         }
         BackendKind::Cuda => {
-            f32_only("cuda")?;
+            device_dtype("cuda")?;
             let mut d = Device::cuda_with(matmul()?)?;
             d.memory_limit = limit;
             attach_nccl(&mut d)?;
             Arc::new(d)
         }
         BackendKind::Auto if dtype == Precision::F64 => Arc::new(CpuBackend),
-        BackendKind::Auto if dtype == Precision::Bf16 => {
-            if coopc_kernels::device::cuda_driver_present() {
-                eprintln!(
-                    "warning: the device backends do not run bf16 programs yet; running on the \
-                     CPU executor, which emulates bf16 (backend.dtype = \"f32\" runs on the GPU)"
-                );
-            }
-            Arc::new(CpuBackend)
-        }
         BackendKind::Auto => match Device::cuda_with(matmul()?) {
             Ok(mut d) => {
                 d.memory_limit = limit;

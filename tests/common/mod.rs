@@ -663,3 +663,39 @@ pub fn gradient_outputs<'a>(outs: impl IntoIterator<Item = (&'a str, Vec<f64>)>)
     v.sort_by(|a, b| a.0.cmp(b.0));
     v.into_iter().flat_map(|(_, t)| t).collect()
 }
+
+/// Whether a test of a wgpu run can run here: a wgpu adapter answers, or
+/// `COOPC_REQUIRE_WGPU=1` (set by `.ci/run`, which installs lavapipe)
+/// demands one, so that a missing adapter fails the run instead of
+/// skipping it. Says why when it skips.
+pub fn wgpu_present() -> bool {
+    if std::env::var("COOPC_REQUIRE_WGPU").is_ok_and(|v| v == "1") {
+        return true;
+    }
+    match coopc_kernels::device::Device::wgpu() {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!(
+                "skipped: no wgpu adapter ({e}); set COOPC_REQUIRE_WGPU=1 to make this a failure"
+            );
+            false
+        }
+    }
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{d:?}: {e}")) {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
