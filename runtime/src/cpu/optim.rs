@@ -12,32 +12,18 @@ use num_traits::Float;
 pub fn step<T: Float + Send + Sync>(rule: StepRule, out: StepOut, ops: &[&[T]]) -> Vec<T> {
     let c = |v: f64| T::from(v).expect("a float constant");
     let (p, g) = (ops[0], ops[1]);
-    // `f` at every element.
-    let each = |f: &(dyn Fn(usize) -> T + Sync)| {
-        let mut res = vec![T::zero(); p.len()];
-        for_chunks(
-            &mut res,
-            PAR_GRAIN,
-            p.len() >= PAR_MIN_ELEMS,
-            |start, chunk| {
-                for (i, r) in chunk.iter_mut().enumerate() {
-                    *r = f(start + i);
-                }
-            },
-        );
-        res
-    };
+    let n = p.len();
     match rule {
         StepRule::Sgd { lr } => {
             let lr = c(lr.get());
-            each(&|i| p[i] - g[i] * lr)
+            each(n, |i| p[i] - g[i] * lr)
         }
         StepRule::Momentum { lr, mu } => {
             let (lr, mu, b) = (c(lr.get()), c(mu.get()), ops[2]);
             let buf = |i: usize| b[i] * mu + g[i];
             match out {
-                StepOut::MomentumBuffer => each(&buf),
-                _ => each(&|i| p[i] - buf(i) * lr),
+                StepOut::MomentumBuffer => each(n, buf),
+                _ => each(n, |i| p[i] - buf(i) * lr),
             }
         }
         StepRule::AdamW {
@@ -59,14 +45,26 @@ pub fn step<T: Float + Send + Sync>(rule: StepRule, out: StepOut, ops: &[&[T]]) 
             let v2 = |i: usize| v[i] * cb2 + g[i] * g[i] * cb2c;
             let d = |i: usize| lr_t / (((v2(i) / c2).sqrt() + eps) * c1);
             match out {
-                StepOut::ExpAvg => each(&m2),
-                StepOut::ExpAvgSq => each(&v2),
-                StepOut::Precond => each(&d),
-                _ => each(&|i| {
+                StepOut::ExpAvg => each(n, m2),
+                StepOut::ExpAvgSq => each(n, v2),
+                StepOut::Precond => each(n, d),
+                _ => each(n, |i| {
                     let decayed = decay.map_or(p[i], |k| p[i] * k);
                     decayed - d(i) * m2(i)
                 }),
             }
         }
     }
+}
+
+/// `f(i)` for every `i < n`, in parallel chunks for long tensors; `f` is
+/// a type parameter, so the loop is compiled (and vectorised) for each rule.
+fn each<T: Float + Send + Sync, F: Fn(usize) -> T + Sync>(n: usize, f: F) -> Vec<T> {
+    let mut res = vec![T::zero(); n];
+    for_chunks(&mut res, PAR_GRAIN, n >= PAR_MIN_ELEMS, |start, chunk| {
+        for (i, r) in chunk.iter_mut().enumerate() {
+            *r = f(start + i);
+        }
+    });
+    res
 }
