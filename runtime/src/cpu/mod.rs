@@ -21,14 +21,14 @@ pub mod vexp;
 use rayon::prelude::*;
 
 /// Below this many elements of work a kernel runs serially.
-pub const PAR_MIN_ELEMS: usize = 1 << 15;
+pub const PAR_MIN_ELEMS: usize = 1 << 14;
 
 /// Target amount of work (elements touched) of one parallel task.
 pub(crate) const PAR_GRAIN: usize = 1 << 13;
 
 /// Rows of `row_len` elements per parallel task of a row-wise kernel.
 pub(crate) fn rows_per_task(row_len: usize) -> usize {
-    (PAR_MIN_ELEMS / row_len.max(1)).max(1)
+    (PAR_GRAIN / row_len.max(1)).max(1)
 }
 
 /// Runs `f(start, chunk)` over `out` split into chunks of `chunk` elements
