@@ -84,7 +84,9 @@ fi
 
 # 3. One meta-step, CPU vs CUDA, on the same inputs: the tiny pipelines here,
 #    the medium ones (CUDA only, MEDIUM_REPEAT runs, default 2) last, as they
-#    take longest (MEDIUM=0 skips them).
+#    take longest (MEDIUM=0 skips them); first-order also in bf16 (bf16
+#    values in f32 buffers, rounded where stored: bf16's numbers, f32's
+#    memory).
 table="$OUT/timings.md"
 echo "| pipeline | backend | median ms/meta-step | min ms | memory |" >"$table"
 echo "|---|---|---|---|---|" >>"$table"
@@ -98,7 +100,7 @@ time_pipeline() { # PIPELINE REPEAT TIMEOUT_S
     # tensor-core routine (COOPC_MATMUL=tf32, backend.matmul = "tf32").
     for variant in cpu "$GPU" "$GPU:coopc" "$GPU:tf32"; do
         backend=${variant%%:*}
-        case "$name:$variant" in medium-*:cpu | medium-*:*:coopc) continue ;; esac
+        case "$name:$variant" in medium-*:cpu | medium-*:*:coopc | *-bf16:*:tf32) continue ;; esac
         matmul=cubecl
         [ "$variant" = "$GPU:coopc" ] && matmul=coopc
         [ "$variant" = "$GPU:tf32" ] && matmul=tf32
@@ -117,9 +119,17 @@ time_pipeline() { # PIPELINE REPEAT TIMEOUT_S
     done
     rm -f "$OUT/$name.P.safetensors" "$OUT/$name.B.safetensors" "$OUT/$name".*.G.safetensors
 }
+# bf16_copy PIPELINE: the pipeline with backend.dtype = "bf16", under $OUT
+# (bf16 values held in f32 buffers and rounded where stored).
+bf16_copy() {
+    local out="$OUT/$(basename "$1" .toml)-bf16.toml"
+    sed -E 's/^dtype = "f32"/dtype = "bf16"/' "$1" >"$out"
+    grep -q '^dtype = "bf16"' "$out" && echo "$out"
+}
 if want tiny; then
     echo "== meta-step timings (tiny)"
-    for p in "$ROOT"/benches/pipelines/tiny-first-order.toml "$ROOT"/benches/pipelines/tiny-truncated.toml; do
+    for p in "$ROOT"/benches/pipelines/tiny-first-order.toml "$ROOT"/benches/pipelines/tiny-truncated.toml \
+        "$(bf16_copy "$ROOT"/benches/pipelines/tiny-first-order.toml)"; do
         time_pipeline "$p" 5 300
     done
     cat "$table"
@@ -220,7 +230,8 @@ fi
 if want medium && [ "${MEDIUM:-1}" != 0 ]; then
     echo "== meta-step timings (medium, $GPU)"
     for p in "$ROOT"/benches/pipelines/medium-first-order.toml "$ROOT"/benches/pipelines/medium-truncated.toml \
-        "$ROOT"/benches/pipelines/medium-truncated-keep.toml; do
+        "$ROOT"/benches/pipelines/medium-truncated-keep.toml \
+        "$(bf16_copy "$ROOT"/benches/pipelines/medium-first-order.toml)"; do
         time_pipeline "$p" "${MEDIUM_REPEAT:-2}" "${MEDIUM_TIMEOUT:-300}"
     done
     cat "$table"
