@@ -2,13 +2,13 @@
 //! last axis of `x [rows, d]` with gain `w [d]`; each row's `r = 1 /
 //! √(mean(x²) + eps)` is recomputed, never read from the graph.
 
-use super::{for_chunks, lane_dot, rows_per_task, PAR_MIN_ELEMS};
+use super::{for_chunks, rows_per_task, PAR_MIN_ELEMS};
 use coopc_ir::NormOperand;
 use num_traits::Float;
 
-/// `1 / √(mean(row²) + eps)`, the squares summed in lanes ([`lane_dot`]).
+/// `1 / √(mean(row²) + eps)`.
 fn inv_rms<T: Float>(row: &[T], eps: T) -> T {
-    let ss = lane_dot(row, row);
+    let ss = row.iter().fold(T::zero(), |a, &v| a + v * v);
     let n = T::from(row.len()).unwrap();
     (ss / n + eps).sqrt().recip()
 }
@@ -36,7 +36,7 @@ pub fn forward<T: Float + Send + Sync>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
 }
 
 /// The gradient of `Σ dy ∘ forward(x, w)` with respect to `wrt`: `dx = r
-/// (dy ∘ w) − x r³ Σ(dy ∘ w ∘ x) / d` per row (the sum in lanes), or `dw = Σ_rows dy ∘ x · r`
+/// (dy ∘ w) − x r³ Σ(dy ∘ w ∘ x) / d` per row, or `dw = Σ_rows dy ∘ x · r`
 /// (rows summed in order).
 pub fn grad<T: Float + Send + Sync>(
     wrt: NormOperand,
@@ -57,13 +57,10 @@ pub fn grad<T: Float + Send + Sync>(
                     let o = start + i * d;
                     let (xr, dyr) = (&x[o..o + d], &dy[o..o + d]);
                     let r = inv_rms(xr, eps);
-                    // dx's own buffer holds dy ∘ w first.
+                    let dot = (0..d).fold(T::zero(), |a, j| a + dyr[j] * w[j] * xr[j]);
+                    let c = r * r * r * dot * inv_d;
                     for j in 0..d {
-                        dx[j] = dyr[j] * w[j];
-                    }
-                    let c = r * r * r * lane_dot(dx, xr) * inv_d;
-                    for j in 0..d {
-                        dx[j] = r * dx[j] - xr[j] * c;
+                        dx[j] = r * (dyr[j] * w[j]) - xr[j] * c;
                     }
                 }
             });
