@@ -153,12 +153,21 @@ fn f32_input(
     hi: f64,
     seed: u64,
 ) -> coopc_compiler::NodeId {
-    let mut r = rng(seed);
     let n: usize = shape.iter().product();
-    let v = uniform(&mut r, n, lo, hi);
+    f32_input_of(g, inputs, name, shape, &uniform(&mut rng(seed), n, lo, hi))
+}
+
+/// An f32 graph input `name` of `shape`, given the values `v`.
+fn f32_input_of(
+    g: &mut Graph,
+    inputs: &mut Inputs,
+    name: &str,
+    shape: &[usize],
+    v: &[f64],
+) -> coopc_compiler::NodeId {
     inputs.insert(
         name.into(),
-        HostTensor::from_f64(DType::F32, shape.to_vec(), &v).unwrap(),
+        HostTensor::from_f64(DType::F32, shape.to_vec(), v).unwrap(),
     );
     g.input(name, DType::F32, shape.to_vec())
 }
@@ -556,11 +565,7 @@ fn dyadic_input(
     let v: Vec<f64> = (0..shape.iter().product::<usize>())
         .map(|_| f64::from(r.gen_range(-64i32..=64)) / 16.0)
         .collect();
-    inputs.insert(
-        name.into(),
-        HostTensor::from_f64(DType::F32, shape.to_vec(), &v).unwrap(),
-    );
-    g.input(name, DType::F32, shape.to_vec())
+    f32_input_of(g, inputs, name, shape, &v)
 }
 
 /// bf16 on the device: values held in f32 buffers, rounded to nearest

@@ -609,75 +609,43 @@ impl FusedSchedule {
             Some(types) => p.rounding_bf16(&types, slot),
             None => p.clone(),
         };
-        let kernels = self
-            .kernels
-            .iter()
-            .map(|k| match k {
+        let mut rounded = self.clone();
+        for k in &mut rounded.kernels {
+            match k {
                 Kernel::Elementwise {
                     program,
-                    numel,
                     inputs,
                     outputs,
-                } => Kernel::Elementwise {
-                    program: round(program, &dtypes(inputs), &dtypes(outputs), None),
-                    numel: *numel,
-                    inputs: inputs.clone(),
-                    outputs: outputs.clone(),
-                },
+                    ..
+                } => *program = round(program, &dtypes(inputs), &dtypes(outputs), None),
                 Kernel::Reduce {
-                    kind,
-                    layout,
-                    split,
                     prologue,
                     prologue_inputs,
                     epilogue,
                     epilogue_inputs,
                     outputs,
+                    ..
                 } => {
                     // Epilogue slot 0 is the reduced value, accumulated in
                     // f32 and rounded where it is stored.
                     let red = g.ty(epilogue_inputs[0]).dtype;
                     let slot = (red == DType::Bf16).then_some(0);
-                    Kernel::Reduce {
-                        kind: *kind,
-                        layout: layout.clone(),
-                        split: *split,
-                        prologue: round(prologue, &dtypes(prologue_inputs), &[red], None),
-                        prologue_inputs: prologue_inputs.clone(),
-                        epilogue: round(epilogue, &dtypes(epilogue_inputs), &dtypes(outputs), slot),
-                        epilogue_inputs: epilogue_inputs.clone(),
-                        outputs: outputs.clone(),
-                    }
+                    *prologue = round(prologue, &dtypes(prologue_inputs), &[red], None);
+                    *epilogue = round(epilogue, &dtypes(epilogue_inputs), &dtypes(outputs), slot);
                 }
                 Kernel::OptimStep {
-                    rule,
-                    numel,
                     prologue,
                     prologue_inputs,
                     state,
-                    outputs,
-                    gradient,
-                } => Kernel::OptimStep {
-                    rule: *rule,
-                    numel: *numel,
-                    prologue: round(
-                        prologue,
-                        &dtypes(prologue_inputs),
-                        &[g.ty(state[0]).dtype],
-                        None,
-                    ),
-                    prologue_inputs: prologue_inputs.clone(),
-                    state: state.clone(),
-                    outputs: outputs.clone(),
-                    gradient: *gradient,
-                },
-                other => other.clone(),
-            })
-            .collect();
-        FusedSchedule {
-            kernels,
-            fused_nodes: self.fused_nodes,
+                    ..
+                } => {
+                    let t = g.ty(state[0]).dtype;
+                    *prologue = round(prologue, &dtypes(prologue_inputs), &[t], None);
+                }
+                _ => {}
+            }
         }
+        rounded
     }
 
     pub fn count(&self) -> (usize, usize, usize) {

@@ -163,18 +163,20 @@ fn describe(g: &Graph, kernel: &Kernel) -> String {
 /// scratch, and the rounded copies of bf16 results it does not round
 /// itself (`Device::launch`).
 fn kernel_bytes(g: &Graph, kernel: &Kernel) -> u64 {
-    let outputs: usize = kernel.writes().iter().map(|w| g.ty(*w).numel() * 4).sum();
-    let rounded: usize = if rounds_bf16_itself(g, kernel) {
-        0
-    } else {
-        kernel
-            .writes()
-            .iter()
-            .filter(|w| g.ty(**w).dtype == DType::Bf16)
-            .map(|w| g.ty(*w).numel() * 4)
-            .sum()
-    };
-    (outputs + rounded + kernel.scratch_bytes(g)) as u64
+    let rounds_itself = rounds_bf16_itself(g, kernel);
+    let outputs: usize = kernel
+        .writes()
+        .iter()
+        .map(|w| {
+            let copies = if !rounds_itself && g.ty(*w).dtype == DType::Bf16 {
+                2
+            } else {
+                1
+            };
+            copies * g.ty(*w).numel() * 4
+        })
+        .sum();
+    (outputs + kernel.scratch_bytes(g)) as u64
 }
 
 /// The first panic message of any thread since the last [`take_panic`]
