@@ -154,6 +154,7 @@ macro_rules! with_float {
 }
 
 /// `out[j] = src[index.map(start + j)]` for `j < out.len()`.
+#[inline(always)]
 fn load<T: Copy>(src: &[T], index: &Index, start: usize, out: &mut [T]) {
     match index {
         Index::Same => out.copy_from_slice(&src[start..start + out.len()]),
@@ -203,6 +204,7 @@ fn load<T: Copy>(src: &[T], index: &Index, start: usize, out: &mut [T]) {
     }
 }
 
+#[inline(always)]
 fn unary_into<T: ExpSlice>(op: UnaryOp, x: &[T], out: &mut [T]) {
     if exp_family_into(op, x, out) {
         return;
@@ -217,6 +219,7 @@ fn unary_into<T: ExpSlice>(op: UnaryOp, x: &[T], out: &mut [T]) {
     )
 }
 
+#[inline(always)]
 fn binary_into<T: Float>(op: BinaryOp, a: &[T], b: &[T], out: &mut [T]) {
     specialised!(
         op,
@@ -251,8 +254,37 @@ impl Regs {
     }
 
     /// Evaluates every instruction over elements `start..start + len`,
-    /// input slot s read from `src[s]`.
+    /// input slot s read from `src[s]`: compiled for the CPU's widest vector
+    /// unit as well as for the baseline, and run in the former where the
+    /// CPU has it. Every operation is an IEEE one (or a libm call) whose
+    /// result does not depend on the vector width, and no multiply-add is
+    /// contracted, so the two give the same bits.
     fn run(&mut self, p: &Typed, src: &[&Buffer], start: usize, len: usize) {
+        #[cfg(target_arch = "x86_64")]
+        match crate::cpu::simd_level() {
+            // SAFETY: the level's features were detected on this CPU.
+            crate::cpu::SimdLevel::Avx512 => unsafe { self.run_avx512(p, src, start, len) },
+            crate::cpu::SimdLevel::Avx2 => unsafe { self.run_avx2(p, src, start, len) },
+            crate::cpu::SimdLevel::Baseline => self.run_body(p, src, start, len),
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self.run_body(p, src, start, len)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
+    unsafe fn run_avx512(&mut self, p: &Typed, src: &[&Buffer], start: usize, len: usize) {
+        self.run_body(p, src, start, len)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&mut self, p: &Typed, src: &[&Buffer], start: usize, len: usize) {
+        self.run_body(p, src, start, len)
+    }
+
+    #[inline(always)]
+    fn run_body(&mut self, p: &Typed, src: &[&Buffer], start: usize, len: usize) {
         for (i, ins) in p.program.instrs.iter().enumerate() {
             let (prev, rest) = self.cols.split_at_mut(i);
             let out = &mut rest[0];
@@ -331,7 +363,7 @@ impl Regs {
 /// Register `r` over elements `start..start + len`: its column, or for a
 /// load of an input at the kernel's own index, that input's elements in
 /// place.
-#[inline]
+#[inline(always)]
 fn reg<'a, T: ColElem>(
     p: &Typed<'_>,
     cols: &'a [Col],
@@ -1132,5 +1164,175 @@ fn step_reads(step: &Step<'_>, g: &Graph) -> Vec<NodeId> {
         Step::MatMul { a, b, .. } => vec![*a, *b],
         Step::AttentionGrads { inputs, .. } => inputs.to_vec(),
         Step::Nodes(ids) => ids.iter().flat_map(|&id| g.inputs(id)).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coopc_ir::CompareOp;
+
+    /// A program with every kind of instruction and every unary, binary
+    /// and comparison op, on f32 (with a bf16 and an f64 lane), over
+    /// values that include NaN, ±∞, ±0 and subnormals.
+    fn every_instruction() -> (ElemProgram, Vec<DType>, Vec<DType>) {
+        let mut instrs = vec![
+            ElemInstr::Load {
+                input: 0,
+                index: Index::Same,
+            },
+            ElemInstr::Load {
+                input: 1,
+                index: Index::Broadcast {
+                    shape: vec![40, 37],
+                    strides: vec![0, 1],
+                },
+            },
+        ];
+        let mut outputs = vec![];
+        let push = |instrs: &mut Vec<ElemInstr>, ins: ElemInstr| {
+            instrs.push(ins);
+            (instrs.len() - 1) as u32
+        };
+        for op in UnaryOp::ALL {
+            let r = push(&mut instrs, ElemInstr::Unary(op, 0));
+            outputs.push(r);
+        }
+        for op in BinaryOp::ALL {
+            let r = push(&mut instrs, ElemInstr::Binary(op, 0, 1));
+            outputs.push(r);
+        }
+        let mut cmp = vec![];
+        for op in CompareOp::ALL {
+            let r = push(&mut instrs, ElemInstr::Compare(op, 0, 1));
+            cmp.push(r);
+            outputs.push(r);
+        }
+        let half = push(&mut instrs, ElemInstr::Const(0.5f64.to_bits()));
+        let sel = push(&mut instrs, ElemInstr::Select(cmp[0], 0, half));
+        let clamp = push(
+            &mut instrs,
+            ElemInstr::Clamp(1, (-0.75f64).to_bits(), 2.5f64.to_bits()),
+        );
+        let to_i32 = push(&mut instrs, ElemInstr::Cast(DType::I32, 0));
+        let to_f64 = push(&mut instrs, ElemInstr::Cast(DType::F64, 1));
+        let f64_exp = push(&mut instrs, ElemInstr::Unary(UnaryOp::Exp, to_f64));
+        let to_bf16 = push(&mut instrs, ElemInstr::Cast(DType::Bf16, 0));
+        let bf16_mul = push(
+            &mut instrs,
+            ElemInstr::Binary(BinaryOp::Mul, to_bf16, to_bf16),
+        );
+        outputs.extend([sel, clamp, to_i32, f64_exp, bf16_mul]);
+        let p = ElemProgram {
+            n_inputs: 2,
+            instrs,
+            outputs,
+        };
+        let inputs = vec![DType::F32, DType::F32];
+        let types = p.register_types(&inputs, &[]).expect("typed");
+        let out_types = p.outputs.iter().map(|&r| types[r as usize]).collect();
+        (p, inputs, out_types)
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let special = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            f32::MIN_POSITIVE / 4.0,
+            -1.0,
+            1.0,
+            88.5,
+            -104.0,
+        ];
+        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..n)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                if i % 7 == 0 {
+                    special[(s as usize) % special.len()]
+                } else {
+                    (s as f32 / u32::MAX as f32 - 0.5) * 12.0
+                }
+            })
+            .collect()
+    }
+
+    fn bits(b: &Buffer) -> Vec<u64> {
+        match b {
+            Buffer::F32(v) | Buffer::Bf16(v) => v.iter().map(|x| x.to_bits() as u64).collect(),
+            Buffer::F64(v) => v.iter().map(|x| x.to_bits()).collect(),
+            Buffer::I32(v) => v.iter().map(|&x| x as u32 as u64).collect(),
+            Buffer::Bool(v) => v.iter().map(|&x| x as u64).collect(),
+        }
+    }
+
+    /// Every vector level this CPU has computes the same bits as the
+    /// baseline build of the same program, chunk by chunk (a short last
+    /// chunk included).
+    #[test]
+    fn every_vector_level_gives_the_baseline_bits() {
+        let (p, inputs, outputs) = every_instruction();
+        let typed = Typed::new(&p, &inputs, &outputs).expect("typed");
+        let n = 40 * 37;
+        let a = Buffer::F32(values(n, 1));
+        let b = Buffer::F32(values(37, 2));
+        let src = [&a, &b];
+        type Run = fn(&mut Regs, &Typed, &[&Buffer], usize, usize);
+        let baseline: Run = |r, p, s, at, len| r.run_body(p, s, at, len);
+        let mut levels: Vec<(&str, Run)> =
+            vec![("dispatched", |r, p, s, at, len| r.run(p, s, at, len))];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::cpu::{simd_level, SimdLevel};
+            let level = simd_level();
+            if level == SimdLevel::Avx512 {
+                // SAFETY: AVX-512 was detected on this CPU.
+                levels.push(("avx512", |r, p, s, at, len| unsafe {
+                    r.run_avx512(p, s, at, len)
+                }));
+            }
+            if level != SimdLevel::Baseline {
+                // SAFETY: AVX2 and FMA were detected on this CPU.
+                levels.push(("avx2", |r, p, s, at, len| unsafe {
+                    r.run_avx2(p, s, at, len)
+                }));
+            } else {
+                eprintln!("no AVX2 here: only the baseline build runs");
+            }
+        }
+        let run_all = |run: Run| -> Vec<Vec<u64>> {
+            let mut regs = Regs::new(&typed);
+            let mut outs: Vec<Vec<u64>> = vec![vec![]; p.outputs.len()];
+            let mut start = 0;
+            while start < n {
+                let len = CHUNK.min(n - start);
+                run(&mut regs, &typed, &src, start, len);
+                for (j, &r) in p.outputs.iter().enumerate() {
+                    let col = any_dtype!(typed.types[r as usize], |T| T::into_buffer(
+                        reg::<T>(&typed, &regs.cols, &src, r, start, len).to_vec()
+                    ));
+                    outs[j].extend(bits(&col));
+                }
+                start += len;
+            }
+            outs
+        };
+        let want = run_all(baseline);
+        for (name, run) in levels {
+            let got = run_all(run);
+            for (j, (w, g)) in want.iter().zip(&got).enumerate() {
+                let at = w.iter().zip(g).position(|(a, b)| a != b);
+                assert!(
+                    at.is_none() && w.len() == g.len(),
+                    "{name}: output {j} ({:?}) differs at element {at:?}",
+                    p.instrs[p.outputs[j] as usize]
+                );
+            }
+        }
     }
 }

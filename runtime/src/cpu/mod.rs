@@ -52,6 +52,38 @@ where
     }
 }
 
+/// The widest vector unit of this CPU that kernels compiled for more than
+/// one may use (`fused_cpu`'s programs).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SimdLevel {
+    /// AVX-512 F/VL/DQ/BW with FMA.
+    Avx512,
+    /// AVX2 with FMA.
+    Avx2,
+    Baseline,
+}
+
+/// This CPU's [`SimdLevel`], detected once.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn simd_level() -> SimdLevel {
+    use std::sync::OnceLock;
+    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        use std::is_x86_feature_detected as has;
+        let avx2 = has!("avx2") && has!("fma");
+        let avx512 =
+            avx2 && has!("avx512f") && has!("avx512vl") && has!("avx512dq") && has!("avx512bw");
+        if avx512 {
+            SimdLevel::Avx512
+        } else if avx2 {
+            SimdLevel::Avx2
+        } else {
+            SimdLevel::Baseline
+        }
+    })
+}
+
 /// Row-major multi-index of flat position `flat` in `shape`.
 pub(crate) fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
     let mut idx = vec![0; shape.len()];

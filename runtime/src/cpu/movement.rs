@@ -3,6 +3,7 @@
 
 use super::{for_chunks, step_index, unravel, PAR_GRAIN, PAR_MIN_ELEMS};
 use coopc_ir::{numel, strides};
+use std::mem::MaybeUninit;
 
 /// Side of the square tiles of the transposing copy.
 const TILE: usize = 32;
@@ -39,20 +40,42 @@ fn coalesce(shape: &[usize], strides: &[usize]) -> (Vec<usize>, Vec<usize>) {
 /// second-to-last axis instead (a transpose) the copy goes tile by tile.
 pub fn strided_copy<T>(src: &[T], offset: usize, shape: &[usize], strides: &[usize]) -> Vec<T>
 where
-    T: Copy + Default + Send + Sync,
+    T: Copy + Send + Sync,
 {
     assert_eq!(shape.len(), strides.len());
     let n = numel(shape);
-    let mut out = vec![T::default(); n];
+    // Every element is written exactly once below: allocated, not zeroed.
+    let mut out: Vec<T> = Vec::with_capacity(n);
     if n == 0 {
         return out;
     }
     let (shape, strides) = coalesce(shape, strides);
     let nd = shape.len();
+    let dst = &mut out.spare_capacity_mut()[..n];
     if nd == 0 {
-        out[0] = src[offset];
-        return out;
+        dst[0].write(src[offset]);
+    } else {
+        copy_into(src, offset, &shape, &strides, dst);
     }
+    // SAFETY: `copy_into` wrote all n elements (each path covers every
+    // row-major index of `shape`, whose element count is n).
+    unsafe { out.set_len(n) };
+    out
+}
+
+/// The body of [`strided_copy`] for a coalesced shape of rank ≥ 1, into
+/// `dst` (`numel(shape)` elements, each written once).
+fn copy_into<T>(
+    src: &[T],
+    offset: usize,
+    shape: &[usize],
+    strides: &[usize],
+    dst: &mut [MaybeUninit<T>],
+) where
+    T: Copy + Send + Sync,
+{
+    let n = dst.len();
+    let nd = shape.len();
     let len = shape[nd - 1];
     let step = strides[nd - 1];
     let parallel = n >= PAR_MIN_ELEMS;
@@ -63,7 +86,7 @@ where
         let batch_shape = &shape[..nd - 2];
         let batch_strides = &strides[..nd - 2];
         let rows_per_task = (PAR_GRAIN / len).max(1).div_ceil(TILE) * TILE;
-        for_chunks(&mut out, rows_per_task * len, parallel, |start, chunk| {
+        for_chunks(dst, rows_per_task * len, parallel, |start, chunk| {
             let first = start / len;
             let count = chunk.len() / len;
             let mut r = first;
@@ -82,21 +105,21 @@ where
                     for a in a0..a1 {
                         let row = &mut dst[(a - a0) * len..(a - a0 + 1) * len];
                         for (c, o) in row[c0..c1].iter_mut().enumerate() {
-                            *o = src[base + a + (c0 + c) * step];
+                            o.write(src[base + a + (c0 + c) * step]);
                         }
                     }
                 }
                 r += a1 - a0;
             }
         });
-        return out;
+        return;
     }
 
     // Row by row along the last axis.
     let outer_shape = &shape[..nd - 1];
     let outer_strides = &strides[..nd - 1];
     let rows_per_task = (PAR_GRAIN / len).max(1);
-    for_chunks(&mut out, rows_per_task * len, parallel, |start, chunk| {
+    for_chunks(dst, rows_per_task * len, parallel, |start, chunk| {
         let mut idx = unravel(start / len, outer_shape);
         let mut base = offset
             + idx
@@ -106,18 +129,34 @@ where
                 .sum::<usize>();
         for row in chunk.chunks_exact_mut(len) {
             match step {
-                1 => row.copy_from_slice(&src[base..base + len]),
-                0 => row.fill(src[base]),
+                1 => {
+                    let from = &src[base..base + len];
+                    // SAFETY: `row` and `from` are `len` elements each and
+                    // do not overlap (`row` is in the new buffer);
+                    // `MaybeUninit<T>` has the layout of `T`.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            from.as_ptr(),
+                            row.as_mut_ptr() as *mut T,
+                            len,
+                        )
+                    }
+                }
+                0 => {
+                    let v = src[base];
+                    for o in row.iter_mut() {
+                        o.write(v);
+                    }
+                }
                 _ => {
                     for (j, o) in row.iter_mut().enumerate() {
-                        *o = src[base + j * step];
+                        o.write(src[base + j * step]);
                     }
                 }
             }
             step_index(&mut idx, outer_shape, outer_strides, &mut base);
         }
     });
-    out
 }
 
 /// NumPy broadcasting of `x` (shape `in_shape`, right-aligned) to `out_shape`.
