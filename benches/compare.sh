@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # coopc against PyTorch and burn on the CPU: one BRIDGE meta-step on fixed data.
 #
-# For each bench pipeline (default: benches/pipelines/tiny-first-order.toml
-# and tiny-truncated.toml) this script
+# For each bench pipeline (default: benches/pipelines/tiny-first-order.toml,
+# tiny-truncated.toml and tiny-truncated-keep.toml, the last with the PyTorch
+# peer's memory plan) this script
 #   1. makes inputs with `coopc init` and checks the PyTorch peer
 #      (benches/peers/torch_meta_step.py) and the burn peer
 #      (benches/peers/burn, first-order hypergradient only: burn has no
@@ -23,7 +24,7 @@
 # Environment (all optional):
 #   REPEAT=N        timed meta-steps per process (default 5)
 #   ROUNDS=N        alternating rounds of timing processes (default 3)
-#   CONFIGS="a b"   pipeline names under benches/pipelines (default: the tiny pair)
+#   CONFIGS="a b"   pipeline names under benches/pipelines (default: the tiny three)
 #   THREADS=N       threads for both sides (default: all CPUs; coopc's rayon pool
 #                   and GEMM, torch.set_num_threads)
 #   VENV=DIR        virtual environment to use or create (default benches/.venv)
@@ -49,7 +50,7 @@ cd "$ROOT"
 
 REPEAT=${REPEAT:-5}
 ROUNDS=${ROUNDS:-3}
-CONFIGS=${CONFIGS:-"tiny-first-order tiny-truncated"}
+CONFIGS=${CONFIGS:-"tiny-first-order tiny-truncated tiny-truncated-keep"}
 VENV=${VENV:-benches/.venv}
 PYTHON=${PYTHON:-python3}
 WORK=${WORK:-target/bench-compare}
