@@ -541,6 +541,39 @@ fn a_memory_budget_that_fits_keeps_the_activations() {
     };
     let (n, note) = plan_with(None);
     assert_eq!(n, re_nodes, "{note}");
+    // The note gives each plan's arithmetic (recomputing costs more) and
+    // the smallest budget, in hundredths of a GiB, that keeps.
+    let flops: Vec<f64> = note
+        .split("FLOP")
+        .filter_map(|part| {
+            let mut words = part.rsplit(' ');
+            let scale = match words.next()? {
+                "k" => 1e3,
+                "M" => 1e6,
+                "G" => 1e9,
+                "T" => 1e12,
+                _ => return None,
+            };
+            Some(words.next()?.parse::<f64>().ok()? * scale)
+        })
+        .collect();
+    assert!(
+        flops.len() == 2 && flops[1] > flops[0] && flops[0] > 0.0,
+        "{note}"
+    );
+    let hint: f64 = note
+        .split("memory_budget_gib = ")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no budget hint in: {note}"));
+    let bytes = |gib: f64| (gib * (1u64 << 30) as f64) as u64;
+    assert_eq!(plan_with(Some(bytes(hint))).0, keep_nodes, "{hint} GiB");
+    assert_eq!(
+        plan_with(Some(bytes(hint - 0.01))).0,
+        re_nodes,
+        "{hint} GiB"
+    );
     let (n, note) = plan_with(Some(keep_peak));
     assert_eq!(n, keep_nodes, "{note}");
     assert!(note.contains("within the budget"), "{note}");

@@ -38,7 +38,7 @@ use crate::passes::Pipeline;
 use crate::plan::{
     BatchField, Metric, Role, ENTROPY, LAMBDA, LOGPROBS, LR_SCALE_LOWER, LR_SCALE_UPPER, TOKEN_IDS,
 };
-use crate::schedule::{human_bytes, schedule};
+use crate::schedule::{human_bytes, human_flops, schedule};
 use crate::spec::{HypergradKind, Method, OptimKind, OptimSpec, PipelineSpec, ShadowMode};
 
 /// Static batch shapes of one compiled meta-step: one process's share of
@@ -1092,18 +1092,19 @@ pub fn lower_meta_step_with(
         && spec.bilevel.hypergradient.kind == HypergradKind::Truncated
         && spec.bilevel.hypergradient.backprop > 0
         && !opts.differentiable_unroll;
+    // The optimised meta-step, its estimated peak and its FLOPs.
     let optimised = |plan: MemoryPlan| {
         let mut ms = build_meta_step(spec, shapes, opts.differentiable_unroll, plan);
         Pipeline::standard().run(&mut ms.graph);
-        let peak = schedule(&ms.graph).peak_bytes;
-        (ms, peak)
+        let sc = schedule(&ms.graph);
+        (ms, sc.peak_bytes, sc.flops)
     };
     if !truncated {
         return optimised(MemoryPlan::Keep).0;
     }
     match opts.memory {
         Some(plan) => {
-            let (mut ms, peak) = optimised(plan);
+            let (mut ms, peak, _) = optimised(plan);
             ms.notes.push(format!(
                 "memory plan: {plan:?} (requested), estimated peak {}",
                 human_bytes(peak)
@@ -1111,7 +1112,7 @@ pub fn lower_meta_step_with(
             ms
         }
         None => {
-            let (keep, keep_peak) = optimised(MemoryPlan::Keep);
+            let (keep, keep_peak, keep_flops) = optimised(MemoryPlan::Keep);
             if let Some(budget) = spec
                 .backend
                 .memory_budget
@@ -1125,8 +1126,9 @@ pub fn lower_meta_step_with(
                 ));
                 return ms;
             }
-            let (re, re_peak) = optimised(MemoryPlan::Recompute);
-            let (mut ms, choice) = if re_peak < keep_peak {
+            let (re, re_peak, re_flops) = optimised(MemoryPlan::Recompute);
+            let recompute = re_peak < keep_peak;
+            let (mut ms, choice) = if recompute {
                 (
                     re,
                     "recompute each differentiated step's activations in the adjoint sweep",
@@ -1134,10 +1136,25 @@ pub fn lower_meta_step_with(
             } else {
                 (keep, "keep the forward activations for the adjoint sweep")
             };
+            // What keeping would take: the smallest budget, in hundredths
+            // of a GiB, that the kept peak fits.
+            let hint = if recompute {
+                let gib_bytes = (1u64 << 30) as f64;
+                let mut gib = (keep_peak as f64 / gib_bytes * 100.0).ceil() / 100.0;
+                // As the front end reads it: gib · 2³⁰ bytes, truncated.
+                while ((gib * gib_bytes) as u64) < keep_peak as u64 {
+                    gib += 0.01;
+                }
+                format!("; `[backend] memory_budget_gib = {gib:.2}` or more keeps them")
+            } else {
+                String::new()
+            };
             ms.notes.push(format!(
-                "memory plan: {choice} (estimated peak {} when kept, {} when recomputed)",
+                "memory plan: {choice} (estimated peak {} and {} when kept, {} and {} when recomputed{hint})",
                 human_bytes(keep_peak),
-                human_bytes(re_peak)
+                human_flops(keep_flops),
+                human_bytes(re_peak),
+                human_flops(re_flops),
             ));
             ms
         }

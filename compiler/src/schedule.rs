@@ -225,6 +225,21 @@ pub fn human_bytes(n: usize) -> String {
     format!("{v:.2} {}", UNITS[unit])
 }
 
+/// Floating-point operations in decimal units: `13.78 GFLOP`.
+pub fn human_flops(n: u64) -> String {
+    const UNITS: [&str; 6] = ["FLOP", "kFLOP", "MFLOP", "GFLOP", "TFLOP", "PFLOP"];
+    if n < 1000 {
+        return format!("{n} FLOP");
+    }
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1000.0 && unit + 1 < UNITS.len() {
+        v /= 1000.0;
+        unit += 1;
+    }
+    format!("{v:.2} {}", UNITS[unit])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,5 +446,13 @@ mod tests {
         assert_eq!(human_bytes(1024), "1.00 KiB");
         assert_eq!(human_bytes(1536 * 1024), "1.50 MiB");
         assert_eq!(human_bytes(3 << 30), "3.00 GiB");
+    }
+
+    #[test]
+    fn human_flops_uses_decimal_units() {
+        assert_eq!(human_flops(999), "999 FLOP");
+        assert_eq!(human_flops(1000), "1.00 kFLOP");
+        assert_eq!(human_flops(13_775_100_000), "13.78 GFLOP");
+        assert_eq!(human_flops(72_800_000_000_000), "72.80 TFLOP");
     }
 }
