@@ -234,6 +234,9 @@ fn binary_into<T: Float>(op: BinaryOp, a: &[T], b: &[T], out: &mut [T]) {
 /// The registers of one chunk of a program.
 struct Regs {
     cols: Vec<Col>,
+    /// Per register (or empty): the output buffer its instruction writes
+    /// straight into, at the chunk's own range, instead of its column.
+    sink: Vec<Option<Shared<u8>>>,
 }
 
 impl Regs {
@@ -250,7 +253,7 @@ impl Regs {
                 }
             }
         }
-        Regs { cols }
+        Regs { cols, sink: vec![] }
     }
 
     /// Evaluates every instruction over elements `start..start + len`,
@@ -285,9 +288,11 @@ impl Regs {
 
     #[inline(always)]
     fn run_body(&mut self, p: &Typed, src: &[&Buffer], start: usize, len: usize) {
+        let sink = &self.sink[..];
         for (i, ins) in p.program.instrs.iter().enumerate() {
             let (prev, rest) = self.cols.split_at_mut(i);
             let out = &mut rest[0];
+            let to = sink.get(i).copied().flatten();
             let t = p.types[i];
             match ins {
                 ElemInstr::Const(_) => {}
@@ -297,25 +302,25 @@ impl Regs {
                     T::view(src[*input as usize]).expect("input type checked"),
                     index,
                     start,
-                    &mut T::col_mut(out)[..len],
+                    dest::<T>(out, to, start, len),
                 )),
                 ElemInstr::Unary(op, a) => with_float!(t, |T| unary_into(
                     *op,
-                    reg::<T>(p, prev, src, *a, start, len),
-                    &mut T::col_mut(out)[..len]
+                    reg::<T>(p, prev, sink, src, *a, start, len),
+                    dest::<T>(out, to, start, len)
                 )),
                 ElemInstr::Binary(op, a, b) => with_float!(t, |T| binary_into(
                     *op,
-                    reg::<T>(p, prev, src, *a, start, len),
-                    reg::<T>(p, prev, src, *b, start, len),
-                    &mut T::col_mut(out)[..len]
+                    reg::<T>(p, prev, sink, src, *a, start, len),
+                    reg::<T>(p, prev, sink, src, *b, start, len),
+                    dest::<T>(out, to, start, len)
                 )),
                 ElemInstr::Compare(op, a, b) => {
-                    let o = &mut bool::col_mut(out)[..len];
+                    let o = dest::<bool>(out, to, start, len);
                     any_dtype!(p.types[*a as usize], |T| {
                         let (x, y) = (
-                            reg::<T>(p, prev, src, *a, start, len),
-                            reg::<T>(p, prev, src, *b, start, len),
+                            reg::<T>(p, prev, sink, src, *a, start, len),
+                            reg::<T>(p, prev, sink, src, *b, start, len),
                         );
                         for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
                             *o = op.apply(x, y);
@@ -323,13 +328,16 @@ impl Regs {
                     })
                 }
                 ElemInstr::Select(c, a, b) => any_dtype!(t, |T| {
-                    let cond = reg::<bool>(p, prev, src, *c, start, len);
+                    let cond = reg::<bool>(p, prev, sink, src, *c, start, len);
                     let (x, y) = (
-                        reg::<T>(p, prev, src, *a, start, len),
-                        reg::<T>(p, prev, src, *b, start, len),
+                        reg::<T>(p, prev, sink, src, *a, start, len),
+                        reg::<T>(p, prev, sink, src, *b, start, len),
                     );
-                    for (((o, &c), &x), &y) in
-                        T::col_mut(out)[..len].iter_mut().zip(cond).zip(x).zip(y)
+                    for (((o, &c), &x), &y) in dest::<T>(out, to, start, len)
+                        .iter_mut()
+                        .zip(cond)
+                        .zip(x)
+                        .zip(y)
                     {
                         *o = if c { x } else { y };
                     }
@@ -337,15 +345,15 @@ impl Regs {
                 ElemInstr::Clamp(a, lo, hi) => with_float!(t, |T| {
                     let lo = T::from_f64_as(f64::from_bits(*lo));
                     let hi = T::from_f64_as(f64::from_bits(*hi));
-                    let x = reg::<T>(p, prev, src, *a, start, len);
-                    for (o, &v) in T::col_mut(out)[..len].iter_mut().zip(x) {
+                    let x = reg::<T>(p, prev, sink, src, *a, start, len);
+                    for (o, &v) in dest::<T>(out, to, start, len).iter_mut().zip(x) {
                         *o = clamp_value(v, lo, hi);
                     }
                 }),
                 ElemInstr::Cast(_, a) => any_dtype!(p.types[*a as usize], |S| {
-                    let x = reg::<S>(p, prev, src, *a, start, len);
+                    let x = reg::<S>(p, prev, sink, src, *a, start, len);
                     any_dtype!(t, |D| {
-                        for (o, &v) in D::col_mut(out)[..len].iter_mut().zip(x) {
+                        for (o, &v) in dest::<D>(out, to, start, len).iter_mut().zip(x) {
                             *o = D::from_f64_as(v.to_f64_exact());
                         }
                     })
@@ -354,7 +362,7 @@ impl Regs {
             // A bf16 value is computed in f32 and rounded (loads and
             // constants already are).
             if t == DType::Bf16 && !matches!(ins, ElemInstr::Load { .. } | ElemInstr::Const(_)) {
-                round_bf16_slice(&mut f32::col_mut(out)[..len]);
+                round_bf16_slice(dest::<f32>(out, to, start, len));
             }
         }
     }
@@ -367,14 +375,37 @@ impl Regs {
 fn reg<'a, T: ColElem>(
     p: &Typed<'_>,
     cols: &'a [Col],
+    sink: &[Option<Shared<u8>>],
     src: &[&'a Buffer],
     r: u32,
     start: usize,
     len: usize,
 ) -> &'a [T] {
-    match p.direct[r as usize] {
-        Some(s) => &T::view(src[s as usize]).expect("input type checked")[start..start + len],
-        None => &T::col(&cols[r as usize])[..len],
+    match (
+        p.direct[r as usize],
+        sink.get(r as usize).copied().flatten(),
+    ) {
+        (Some(s), _) => &T::view(src[s as usize]).expect("input type checked")[start..start + len],
+        // SAFETY: as in `dest`, which wrote these elements earlier in this
+        // chunk; nothing writes them while the slice is read.
+        (None, Some(ptr)) => unsafe {
+            std::slice::from_raw_parts((ptr.0 as *const T).add(start), len)
+        },
+        (None, None) => &T::col(&cols[r as usize])[..len],
+    }
+}
+
+/// Where an instruction writes its values over `start..start + len`: its
+/// column, or the output buffer it is sunk into.
+#[inline(always)]
+fn dest<T: ColElem>(col: &mut Col, to: Option<Shared<u8>>, start: usize, len: usize) -> &mut [T] {
+    match to {
+        // SAFETY: `to` points at an output buffer of `T` with room for the
+        // kernel's n elements (`run_elementwise`); the chunk's range
+        // start..start+len is written by this task only, and no other
+        // register aliases it.
+        Some(ptr) => unsafe { std::slice::from_raw_parts_mut((ptr.0 as *mut T).add(start), len) },
+        None => &mut T::col_mut(col)[..len],
     }
 }
 
@@ -425,14 +456,32 @@ fn run_elementwise(p: &Typed, src: &[&Buffer], n: usize) -> Vec<Buffer> {
         .map(|j| any_dtype!(p.out_type(j), |T| T::into_buffer(Vec::with_capacity(n))))
         .collect();
     let ptrs: Vec<Shared<u8>> = outs.iter_mut().map(buffer_ptr).collect();
+    // A computed register that is an output is written straight into its
+    // (first) output buffer; loads read in place and constants are copied.
+    let mut sink: Vec<Option<Shared<u8>>> = vec![None; p.program.instrs.len()];
+    let mut sunk = vec![false; p.program.outputs.len()];
+    for (j, &r) in p.program.outputs.iter().enumerate() {
+        let r = r as usize;
+        let computed = !matches!(p.program.instrs[r], ElemInstr::Const(_)) && p.direct[r].is_none();
+        if computed && sink[r].is_none() {
+            sink[r] = Some(ptrs[j]);
+            sunk[j] = true;
+        }
+    }
     for_each_chunk(
         n,
-        || Regs::new(p),
+        || Regs {
+            sink: sink.clone(),
+            ..Regs::new(p)
+        },
         |regs, start, len| {
             regs.run(p, src, start, len);
             for (j, &r) in p.program.outputs.iter().enumerate() {
+                if sunk[j] {
+                    continue;
+                }
                 any_dtype!(p.types[r as usize], |T| {
-                    let col = reg::<T>(p, &regs.cols, src, r, start, len);
+                    let col = reg::<T>(p, &regs.cols, &regs.sink, src, r, start, len);
                     // SAFETY: output j has room for n elements of T (made
                     // above); this chunk's range start..start+len is written
                     // by this call only.
@@ -545,7 +594,15 @@ fn run_reduce<T: Float + ColElem>(
             while s < rest_in {
                 let len = CHUNK.min(rest_in - s);
                 regs.run(p, src, base + s, len);
-                let v = reg::<T>(p, &regs.cols, src, p.program.outputs[0], base + s, len);
+                let v = reg::<T>(
+                    p,
+                    &regs.cols,
+                    &regs.sink,
+                    src,
+                    p.program.outputs[0],
+                    base + s,
+                    len,
+                );
                 if rows {
                     // Only one output per slice (rest_out == 1).
                     acc[0] = v.iter().fold(acc[0], |a, &x| combine(a, x));
@@ -1314,7 +1371,7 @@ mod tests {
                 run(&mut regs, &typed, &src, start, len);
                 for (j, &r) in p.outputs.iter().enumerate() {
                     let col = any_dtype!(typed.types[r as usize], |T| T::into_buffer(
-                        reg::<T>(&typed, &regs.cols, &src, r, start, len).to_vec()
+                        reg::<T>(&typed, &regs.cols, &regs.sink, &src, r, start, len).to_vec()
                     ));
                     outs[j].extend(bits(&col));
                 }
